@@ -1,0 +1,133 @@
+//! Types, ports and map names shared by the eBPF programs and the node agent.
+//!
+//! Everything here is `#[repr(C)]` with explicit padding fields so the kernel and
+//! userspace agree on the layout byte for byte; `aya::Pod` impls live behind the
+//! `user` feature so the eBPF side stays `no_std` without aya.
+#![no_std]
+
+/// Admin endpoint (health, readiness, config dump).
+pub const ADMIN_PORT: u16 = 15000;
+/// In-pod listener that receives redirected outbound connections.
+pub const OUTBOUND_PORT: u16 = 15001;
+/// In-pod listener that receives redirected inbound connections.
+pub const INBOUND_PORT: u16 = 15003;
+/// Prometheus metrics.
+pub const METRICS_PORT: u16 = 15010;
+/// Health endpoint.
+pub const HEALTH_PORT: u16 = 15904;
+/// Probe-rewrite ports (FSM convention).
+pub const PROBE_PORTS: [u16; 3] = [15901, 15902, 15903];
+
+/// Socket mark carried by every socket the proxy opens upstream; the programs never
+/// redirect a socket with this mark, which is what keeps the proxy out of its own loop.
+pub const PROXY_MARK: u32 = 0x1500;
+/// UID the proxy may run as (FSM convention); reserved for the iptables fallback.
+pub const PROXY_UID: u32 = 1500;
+
+/// `SOL_IP` / `SO_ORIGINAL_DST` as netfilter defines them.
+pub const SOL_IP: i32 = 0;
+pub const SO_ORIGINAL_DST: i32 = 80;
+
+/// Map names, as the agent finds them in the loaded object and pins them.
+pub mod maps {
+    /// netns cookie -> [`crate::EnrolledPod`]: which network namespaces are intercepted.
+    pub const ENROLLED_NETNS: &str = "ENROLLED_NETNS";
+    /// socket cookie -> [`crate::OrigDst`]: written at connect, before the 4-tuple exists.
+    pub const ORIG_DST_BY_COOKIE: &str = "ORIG_DST_BY_COOKIE";
+    /// [`crate::FlowKey`] -> [`crate::OrigDst`]: what `SO_ORIGINAL_DST` answers from.
+    pub const ORIG_DST_BY_FLOW: &str = "ORIG_DST_BY_FLOW";
+    /// index -> u32 runtime settings (see [`crate::config`]).
+    pub const SETTINGS: &str = "SETTINGS";
+    /// index -> u64 per-CPU counters (see [`crate::counters`]).
+    pub const COUNTERS: &str = "COUNTERS";
+}
+
+/// Capacity of each map; LRU maps evict the oldest records instead of failing.
+pub mod capacity {
+    pub const ENROLLED_NETNS: u32 = 4096;
+    pub const ORIG_DST_BY_COOKIE: u32 = 65536;
+    pub const ORIG_DST_BY_FLOW: u32 = 65536;
+}
+
+/// Indices and bits of the `SETTINGS` array.
+pub mod config {
+    /// Index of the flags word.
+    pub const FLAGS_INDEX: u32 = 0;
+    /// Number of entries in the settings array.
+    pub const LEN: u32 = 1;
+    /// Emit `bpf_printk` lines to trace_pipe.
+    pub const FLAG_DEBUG: u32 = 1 << 0;
+}
+
+/// Indices of the `COUNTERS` per-CPU array.
+pub mod counters {
+    /// Outbound connects redirected to 15001.
+    pub const REDIRECTED: u32 = 0;
+    /// Flow records written on ESTABLISHED.
+    pub const FLOWS_RECORDED: u32 = 1;
+    /// `SO_ORIGINAL_DST` answers given.
+    pub const ORIG_DST_ANSWERED: u32 = 2;
+    /// Record writes that failed (map full or error): the flow passed unintercepted.
+    pub const RECORD_FAILED: u32 = 3;
+    pub const LEN: u32 = 4;
+}
+
+/// Prefix of every trace_pipe line the programs print, so `interceptor trace` can filter.
+pub const TRACE_PREFIX: &str = "icpt:";
+
+/// An enrolled network namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EnrolledPod {
+    /// Pod IPv4 address, network byte order. Redirects target this address so that the
+    /// resulting 4-tuple is unique on the node (loopback tuples repeat across netns).
+    pub ipv4: u32,
+    /// Bit flags, reserved.
+    pub flags: u32,
+}
+
+/// An original destination (IPv4), network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OrigDst {
+    pub ipv4: u32,
+    /// Port, network byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// A TCP connection as seen from the client side: the key is node-wide unique because
+/// the redirect targets the pod's own IP rather than loopback.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Client IPv4, network order.
+    pub src_ipv4: u32,
+    /// Server IPv4, network order.
+    pub dst_ipv4: u32,
+    /// Client port, host order.
+    pub src_port: u16,
+    /// Server port, host order.
+    pub dst_port: u16,
+}
+
+#[cfg(feature = "user")]
+mod pod_impls {
+    // SAFETY: all three are repr(C), made only of integers, with explicit padding.
+    unsafe impl aya::Pod for super::EnrolledPod {}
+    unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::FlowKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<EnrolledPod>(), 8);
+        assert_eq!(size_of::<OrigDst>(), 8);
+        assert_eq!(size_of::<FlowKey>(), 12);
+    }
+}

@@ -1,0 +1,88 @@
+//! The admin endpoint: `/healthz`, `/readyz`, `/config_dump`, and a runtime switch for
+//! the programs' trace_pipe output.
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use tokio::task::JoinHandle;
+
+use crate::agent::Agent;
+
+/// Facts about this agent that do not change while it runs.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct StaticInfo {
+    pub cgroup: PathBuf,
+    pub bpffs: PathBuf,
+    pub cni_socket: PathBuf,
+    pub manifests: Option<PathBuf>,
+}
+
+#[derive(Clone)]
+struct AdminState {
+    agent: Arc<Agent>,
+    info: StaticInfo,
+}
+
+pub async fn serve(
+    addr: SocketAddr,
+    agent: Arc<Agent>,
+    info: StaticInfo,
+) -> std::io::Result<JoinHandle<()>> {
+    let state = AdminState { agent, info };
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/config_dump", get(config_dump))
+        .route("/bpf_debug/on", post(debug_on))
+        .route("/bpf_debug/off", post(debug_off))
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    Ok(tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, app).await {
+            tracing::error!(%error, "admin server stopped");
+        }
+    }))
+}
+
+async fn readyz(State(state): State<AdminState>) -> (StatusCode, &'static str) {
+    if state.agent.is_ready() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+async fn config_dump(State(state): State<AdminState>) -> Json<serde_json::Value> {
+    let agent = &state.agent;
+    let (generation, last_error) = agent.source_state();
+    Json(serde_json::json!({
+        "mode": agent.datapath().mode(),
+        "ready": agent.is_ready(),
+        "node": state.info,
+        "source": { "kind": "manifests", "generation": generation, "last_error": last_error },
+        "pods": agent.pod_statuses(),
+        "datapath_counters": agent.datapath().counters(),
+        "service_ports": agent.service_ports(),
+        "connections": agent.connection_log(),
+        "model": *agent.model(),
+    }))
+}
+
+async fn debug_on(State(state): State<AdminState>) -> (StatusCode, String) {
+    set_debug(&state, true)
+}
+
+async fn debug_off(State(state): State<AdminState>) -> (StatusCode, String) {
+    set_debug(&state, false)
+}
+
+fn set_debug(state: &AdminState, on: bool) -> (StatusCode, String) {
+    match state.agent.datapath().set_debug(on) {
+        Ok(()) => (StatusCode::OK, format!("bpf debug {}\n", if on { "on" } else { "off" })),
+        Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{error}\n")),
+    }
+}

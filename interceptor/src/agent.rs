@@ -1,0 +1,424 @@
+//! The node agent's state: which pods the CNI plugin handed us, which are enrolled, the
+//! routing snapshot, and the enrollment logic the CNI server calls into.
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use interceptor_cni::protocol::{codes, AgentResponse, PodSandbox};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::datapath::{Datapath, DatapathError, PodDatapath};
+use crate::inpod::PodNetns;
+use crate::model::{Model, PodKey};
+use crate::source::manifests::ManifestState;
+use crate::proxy::outbound::{self, OutboundContext};
+use crate::proxy::{ConnectionLog, RouteTable};
+
+/// A pod the CNI plugin told us about.
+struct PodEntry {
+    container_id: String,
+    netns_path: PathBuf,
+    ipv4: Option<Ipv4Addr>,
+    reason: String,
+    enrolled: Option<EnrolledPod>,
+}
+
+/// The live interception of one pod; dropping it stops the listener and its connections.
+struct EnrolledPod {
+    /// Keeps the pod's netns thread (and so its socket factory) alive.
+    _netns: Arc<PodNetns>,
+    datapath: PodDatapath,
+    listener: JoinHandle<()>,
+}
+
+impl Drop for EnrolledPod {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
+/// One row of `/config_dump`'s pod list.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PodStatus {
+    pub pod: String,
+    pub container_id: String,
+    pub netns: PathBuf,
+    pub ip: Option<Ipv4Addr>,
+    pub enrolled: bool,
+    pub reason: String,
+    pub netns_cookie: Option<u64>,
+}
+
+pub struct Agent {
+    datapath: Arc<dyn Datapath>,
+    model: watch::Receiver<ManifestState>,
+    pods: Mutex<HashMap<PodKey, PodEntry>>,
+    routes: Arc<RwLock<Arc<RouteTable>>>,
+    log: Arc<ConnectionLog>,
+    ready: AtomicBool,
+}
+
+/// A failed CNI request, with the CNI error code to answer.
+#[derive(Debug)]
+pub struct CniFailure {
+    pub code: u32,
+    pub msg: String,
+    pub details: String,
+}
+
+impl CniFailure {
+    fn new(code: u32, msg: impl Into<String>) -> Self {
+        Self {
+            code,
+            msg: msg.into(),
+            details: String::new(),
+        }
+    }
+
+    fn with_details(mut self, details: impl Into<String>) -> Self {
+        self.details = details.into();
+        self
+    }
+
+    pub fn into_response(self) -> AgentResponse {
+        AgentResponse::Error {
+            code: self.code,
+            msg: self.msg,
+            details: self.details,
+        }
+    }
+}
+
+impl Agent {
+    pub fn new(datapath: Arc<dyn Datapath>, model: watch::Receiver<ManifestState>) -> Arc<Self> {
+        let agent = Arc::new(Self {
+            datapath,
+            model,
+            pods: Mutex::new(HashMap::new()),
+            routes: Arc::new(RwLock::new(Arc::new(RouteTable::default()))),
+            log: Arc::new(ConnectionLog::default()),
+            ready: AtomicBool::new(false),
+        });
+        agent.rebuild_routes();
+        agent
+    }
+
+    pub fn datapath(&self) -> &Arc<dyn Datapath> {
+        &self.datapath
+    }
+
+    pub fn model(&self) -> Arc<Model> {
+        self.model.borrow().model.clone()
+    }
+
+    /// Generation and last load error of the model source.
+    pub fn source_state(&self) -> (u64, Option<String>) {
+        let state = self.model.borrow();
+        (state.generation, state.last_error.clone())
+    }
+
+    pub fn connection_log(&self) -> Vec<outbound::ConnectionRecord> {
+        self.log.snapshot()
+    }
+
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    pub fn service_ports(&self) -> usize {
+        self.routes.read().unwrap_or_else(|p| p.into_inner()).service_ports()
+    }
+
+    /// Follow model changes: every new model means a new routing snapshot.
+    pub fn spawn_model_follower(self: &Arc<Self>) -> JoinHandle<()> {
+        let agent = Arc::clone(self);
+        let mut rx = self.model.clone();
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                agent.rebuild_routes();
+            }
+        })
+    }
+
+    fn rebuild_routes(&self) {
+        let pod_ips: HashMap<PodKey, Ipv4Addr> = {
+            let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+            pods.iter()
+                .filter_map(|(key, entry)| entry.ipv4.map(|ip| (key.clone(), ip)))
+                .collect()
+        };
+        let table = RouteTable::build(&self.model(), &pod_ips);
+        *self.routes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+    }
+
+    pub fn pod_statuses(&self) -> Vec<PodStatus> {
+        let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        let mut statuses: Vec<PodStatus> = pods
+            .iter()
+            .map(|(key, entry)| PodStatus {
+                pod: key.to_string(),
+                container_id: entry.container_id.clone(),
+                netns: entry.netns_path.clone(),
+                ip: entry.ipv4,
+                enrolled: entry.enrolled.is_some(),
+                reason: entry.reason.clone(),
+                netns_cookie: entry.enrolled.as_ref().map(|e| e.datapath.netns_cookie),
+            })
+            .collect();
+        statuses.sort_by(|a, b| a.pod.cmp(&b.pod));
+        statuses
+    }
+
+    /// CNI ADD: remember the pod and, when the model enrolls it, intercept it.
+    /// All-or-nothing: on error nothing of this pod stays in the data path.
+    pub async fn add(&self, sandbox: &PodSandbox) -> Result<AgentResponse, CniFailure> {
+        let key = pod_key(sandbox)?;
+        if sandbox.netns.is_empty() {
+            return Err(CniFailure::new(codes::INVALID_ENVIRONMENT, "CNI_NETNS is empty"));
+        }
+        let netns_path = PathBuf::from(&sandbox.netns);
+        if !netns_path.exists() {
+            return Err(CniFailure::new(
+                codes::UNKNOWN_CONTAINER,
+                format!("network namespace {} does not exist", sandbox.netns),
+            ));
+        }
+        let ipv4 = first_ipv4(&sandbox.ips)?;
+        let enrollment = self.model().enrollment(&key).ok_or_else(|| {
+            CniFailure::new(
+                codes::UNKNOWN_CONTAINER,
+                format!("pod {key} is not known to the agent"),
+            )
+            .with_details("the pod is in neither the manifests directory nor the cluster")
+        })?;
+
+        // Re-ADD of the same sandbox is idempotent; a new sandbox replaces the old one.
+        {
+            let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(existing) = pods.get(&key) {
+                if existing.container_id == sandbox.container_id
+                    && existing.netns_path == netns_path
+                {
+                    return Ok(AgentResponse::Ok {
+                        enrolled: existing.enrolled.is_some(),
+                        detail: format!("already added: {}", existing.reason),
+                    });
+                }
+            }
+        }
+        self.remove_pod(&key);
+
+        let enrolled = if enrollment.enrolled {
+            let ip = ipv4.ok_or_else(|| {
+                CniFailure::new(
+                    codes::INVALID_NETWORK_CONFIG,
+                    format!("pod {key} has no IPv4 address in prevResult"),
+                )
+                .with_details("IPv6-only pods are not intercepted yet")
+            })?;
+            Some(self.enroll(&key, &netns_path, ip).await?)
+        } else {
+            None
+        };
+        let is_enrolled = enrolled.is_some();
+        tracing::info!(pod = %key, enrolled = is_enrolled, reason = %enrollment.reason, ip = ?ipv4, "CNI ADD");
+        self.pods.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            key,
+            PodEntry {
+                container_id: sandbox.container_id.clone(),
+                netns_path,
+                ipv4,
+                reason: enrollment.reason.clone(),
+                enrolled,
+            },
+        );
+        self.rebuild_routes();
+        Ok(AgentResponse::Ok {
+            enrolled: is_enrolled,
+            detail: enrollment.reason,
+        })
+    }
+
+    async fn enroll(
+        &self,
+        key: &PodKey,
+        netns_path: &Path,
+        ip: Ipv4Addr,
+    ) -> Result<EnrolledPod, CniFailure> {
+        let io_failure = |what: &str, e: &dyn std::fmt::Display| {
+            CniFailure::new(codes::IO_FAILURE, format!("enrolling pod {key}: {what}: {e}"))
+        };
+        let netns = {
+            let path = netns_path.to_path_buf();
+            tokio::task::spawn_blocking(move || PodNetns::enter(&path))
+                .await
+                .map_err(|e| io_failure("netns thread", &e))?
+                .map_err(|e| io_failure("netns", &e))?
+        };
+        let netns = Arc::new(netns);
+        let listener = outbound::listen(&netns)
+            .await
+            .map_err(|e| io_failure("outbound listener", &e))?;
+        let datapath = PodDatapath {
+            netns_cookie: netns.cookie(),
+            ipv4: ip,
+        };
+        // The listener is up before the pod is in the map, so no redirected connect can
+        // arrive at a port nobody listens on.
+        self.datapath.enroll(datapath).map_err(|e| match e {
+            DatapathError::MapFull { .. } => {
+                CniFailure::new(codes::TRY_AGAIN_LATER, format!("enrolling pod {key}: {e}"))
+            }
+            other => io_failure("data path", &other),
+        })?;
+        let ctx = OutboundContext {
+            pod: key.to_string(),
+            netns: Arc::clone(&netns),
+            routes: Arc::clone(&self.routes),
+            log: Arc::clone(&self.log),
+        };
+        let listener = tokio::spawn(outbound::serve(listener, ctx));
+        Ok(EnrolledPod {
+            _netns: netns,
+            datapath,
+            listener,
+        })
+    }
+
+    /// CNI DEL: idempotent; unknown pods and missing netns are fine.
+    pub fn del(&self, sandbox: &PodSandbox) -> AgentResponse {
+        let Ok(key) = pod_key(sandbox) else {
+            return AgentResponse::Ok {
+                enrolled: false,
+                detail: "no pod name: nothing to delete".into(),
+            };
+        };
+        let same_sandbox = {
+            let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+            pods.get(&key).map(|entry| {
+                sandbox.container_id.is_empty() || entry.container_id == sandbox.container_id
+            })
+        };
+        let detail = match same_sandbox {
+            Some(true) => {
+                self.remove_pod(&key);
+                self.rebuild_routes();
+                format!("pod {key} removed")
+            }
+            Some(false) => format!("pod {key} belongs to another sandbox: kept"),
+            None => format!("pod {key} unknown: nothing to delete"),
+        };
+        tracing::info!(pod = %key, %detail, "CNI DEL");
+        AgentResponse::Ok {
+            enrolled: false,
+            detail,
+        }
+    }
+
+    fn remove_pod(&self, key: &PodKey) {
+        let entry = self.pods.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+        if let Some(enrolled) = entry.and_then(|e| e.enrolled) {
+            if let Err(error) = self.datapath.unenroll(enrolled.datapath) {
+                tracing::error!(pod = %key, %error, "unenrolling pod");
+            }
+        }
+    }
+
+    /// CNI CHECK: is the pod's data path in place?
+    pub fn check(&self, sandbox: &PodSandbox) -> Result<AgentResponse, CniFailure> {
+        let key = pod_key(sandbox)?;
+        let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = pods.get(&key).ok_or_else(|| {
+            CniFailure::new(codes::UNKNOWN_CONTAINER, format!("pod {key} was never added"))
+        })?;
+        match &entry.enrolled {
+            Some(enrolled) if enrolled.listener.is_finished() => Err(CniFailure::new(
+                codes::IO_FAILURE,
+                format!("pod {key}: outbound listener has stopped"),
+            )),
+            Some(_) => Ok(AgentResponse::Ok {
+                enrolled: true,
+                detail: entry.reason.clone(),
+            }),
+            None => Ok(AgentResponse::Ok {
+                enrolled: false,
+                detail: entry.reason.clone(),
+            }),
+        }
+    }
+
+    /// Stop intercepting every pod (graceful shutdown).
+    pub fn remove_all(&self) {
+        let keys: Vec<PodKey> = {
+            let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+            pods.keys().cloned().collect()
+        };
+        for key in keys {
+            self.remove_pod(&key);
+        }
+    }
+}
+
+fn pod_key(sandbox: &PodSandbox) -> Result<PodKey, CniFailure> {
+    if sandbox.pod_namespace.is_empty() || sandbox.pod_name.is_empty() {
+        return Err(CniFailure::new(
+            codes::INVALID_ENVIRONMENT,
+            "K8S_POD_NAMESPACE and K8S_POD_NAME must be set in CNI_ARGS",
+        ));
+    }
+    Ok(PodKey::new(&sandbox.pod_namespace, &sandbox.pod_name))
+}
+
+/// The first IPv4 address among `prevResult.ips[].address` (CIDR notation).
+fn first_ipv4(ips: &[String]) -> Result<Option<Ipv4Addr>, CniFailure> {
+    let mut first = None;
+    for raw in ips {
+        let net: ipnet::IpNet = raw.parse().map_err(|e| {
+            CniFailure::new(
+                codes::INVALID_NETWORK_CONFIG,
+                format!("prevResult address {raw:?} is not a CIDR: {e}"),
+            )
+        })?;
+        if let (None, std::net::IpAddr::V4(v4)) = (first, net.addr()) {
+            first = Some(v4);
+        }
+    }
+    Ok(first)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_ipv4_skips_v6_and_rejects_garbage() {
+        let ips = vec!["fd00::5/64".to_string(), "10.244.0.7/24".to_string()];
+        assert_eq!(first_ipv4(&ips).unwrap(), Some(Ipv4Addr::new(10, 244, 0, 7)));
+        assert_eq!(first_ipv4(&[]).unwrap(), None);
+        let err = first_ipv4(&["10.0.0.300/24".to_string()]).unwrap_err();
+        assert_eq!(err.code, codes::INVALID_NETWORK_CONFIG);
+        assert!(err.msg.contains("10.0.0.300/24"), "{}", err.msg);
+    }
+
+    #[test]
+    fn pod_key_requires_both_names() {
+        let mut sandbox = PodSandbox {
+            container_id: "c".into(),
+            netns: String::new(),
+            ifname: "eth0".into(),
+            pod_namespace: "demo".into(),
+            pod_name: String::new(),
+            ips: vec![],
+        };
+        assert_eq!(pod_key(&sandbox).unwrap_err().code, codes::INVALID_ENVIRONMENT);
+        sandbox.pod_name = "client".into();
+        assert_eq!(pod_key(&sandbox).unwrap().to_string(), "demo/client");
+    }
+}

@@ -1,0 +1,107 @@
+//! Start-up and shutdown of `interceptor agent`: attach the data path, load the model,
+//! serve the CNI socket and the admin endpoint, and undo all of it on SIGTERM/SIGINT.
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+
+use crate::admin::{self, StaticInfo};
+use crate::agent::Agent;
+use crate::cleanup::{self, PID_FILE};
+use crate::datapath::ebpf::EbpfDatapath;
+use crate::datapath::Datapath;
+use crate::source::manifests::{self, ManifestState};
+
+/// How often the manifests directory is polled for changes.
+const MANIFEST_POLL: Duration = Duration::from_millis(500);
+/// How long start-up waits for the first model before giving up.
+const FIRST_MODEL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Everything `interceptor agent` needs, already validated by the CLI layer.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub cgroup: PathBuf,
+    pub bpffs: PathBuf,
+    pub state_dir: PathBuf,
+    pub cni_socket: PathBuf,
+    pub manifests: PathBuf,
+    pub admin_addr: SocketAddr,
+    pub bpf_debug: bool,
+}
+
+pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    if let Some(pid) = cleanup::running_agent(&config.state_dir) {
+        bail!("another agent (pid {pid}) uses state dir {}", config.state_dir.display());
+    }
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
+    // Leftovers of an agent that was killed: its links died with it, pins did not.
+    crate::datapath::bpffs::remove_pin_dir(&config.bpffs)
+        .with_context(|| format!("removing stale pins in {}", config.bpffs.display()))?;
+    std::fs::write(config.state_dir.join(PID_FILE), std::process::id().to_string())
+        .context("writing the pid file")?;
+
+    let result = serve(&config).await;
+    let cleaned = cleanup::cleanup(&config.bpffs, &config.state_dir, &config.cni_socket);
+    match (&result, cleaned) {
+        (_, Ok(removed)) => tracing::info!(?removed, "cleaned up"),
+        (Ok(()), Err(error)) => return Err(error.context("cleaning up")),
+        (Err(_), Err(error)) => tracing::error!(%error, "cleaning up after a failure"),
+    }
+    result
+}
+
+async fn serve(config: &AgentConfig) -> anyhow::Result<()> {
+    let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+
+    let datapath: Arc<dyn Datapath> = Arc::new(
+        EbpfDatapath::attach(&config.cgroup, &config.bpffs, config.bpf_debug)
+            .context("attaching the eBPF data path")?,
+    );
+    tracing::info!(cgroup = %config.cgroup.display(), bpffs = %config.bpffs.display(),
+        debug = config.bpf_debug, "eBPF programs attached");
+
+    let (tx, mut rx) = watch::channel(ManifestState::default());
+    let watcher = manifests::watch_dir(config.manifests.clone(), MANIFEST_POLL, tx);
+    let loaded = tokio::time::timeout(FIRST_MODEL_TIMEOUT, rx.wait_for(|s| s.generation > 0))
+        .await
+        .is_ok_and(|r| r.is_ok());
+    if !loaded {
+        let error = rx.borrow().last_error.clone().unwrap_or_else(|| "no model loaded".into());
+        watcher.abort();
+        bail!("manifests in {} did not load: {error}", config.manifests.display());
+    }
+    let agent = Agent::new(Arc::clone(&datapath), rx);
+    let follower = agent.spawn_model_follower();
+    let cni = crate::cni::serve(&config.cni_socket, Arc::clone(&agent))?;
+    let info = StaticInfo {
+        cgroup: config.cgroup.clone(),
+        bpffs: config.bpffs.clone(),
+        cni_socket: config.cni_socket.clone(),
+        manifests: Some(config.manifests.clone()),
+    };
+    let admin = admin::serve(config.admin_addr, Arc::clone(&agent), info)
+        .await
+        .with_context(|| format!("admin endpoint on {}", config.admin_addr))?;
+    agent.set_ready();
+    tracing::info!(admin = %config.admin_addr, cni_socket = %config.cni_socket.display(), "agent ready");
+
+    tokio::select! {
+        _ = sigterm.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = sigint.recv() => tracing::info!("SIGINT: stopping"),
+    }
+    cni.abort();
+    agent.remove_all();
+    admin.abort();
+    follower.abort();
+    watcher.abort();
+    drop(agent);
+    // Last reference: detaches the programs.
+    drop(datapath);
+    Ok(())
+}

@@ -1,0 +1,77 @@
+//! The kernel side of interception as the agent sees it: load, attach, pin, and keep
+//! the pod maps. eBPF mode is the only implementation today; the iptables fallback will
+//! implement the same [`Datapath`] trait.
+pub mod bpffs;
+pub mod cgroup;
+pub mod ebpf;
+
+use std::net::Ipv4Addr;
+
+/// One pod's place in the data path: what the programs need to intercept it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodDatapath {
+    /// `SO_NETNS_COOKIE` of the pod's network namespace.
+    pub netns_cookie: u64,
+    /// The pod's IPv4 address; redirects go to `<ip>:15001`.
+    pub ipv4: Ipv4Addr,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("eBPF object failed to load: {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("program {name} not found in the eBPF object")]
+    MissingProgram { name: &'static str },
+    #[error("map {name} not found in the eBPF object")]
+    MissingMap { name: &'static str },
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("pinning {path}: {source}")]
+    Pin {
+        path: String,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("cgroup {path}: {source}")]
+    Cgroup {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("bpffs {path}: {reason}")]
+    Bpffs { path: String, reason: String },
+    #[error("map {map} is full ({capacity} entries): pod not enrolled")]
+    MapFull { map: &'static str, capacity: u32 },
+}
+
+/// Counters the programs keep, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct DatapathCounters {
+    pub redirected: u64,
+    pub flows_recorded: u64,
+    pub orig_dst_answered: u64,
+    pub record_failed: u64,
+}
+
+/// What every interception mode offers the agent.
+pub trait Datapath: Send + Sync {
+    /// Short mode name for logs and `/config_dump` (`ebpf`, `iptables`).
+    fn mode(&self) -> &'static str;
+    /// Start intercepting a pod. Must be all-or-nothing.
+    fn enroll(&self, pod: PodDatapath) -> Result<(), DatapathError>;
+    /// Stop intercepting a pod; unknown pods are not an error.
+    fn unenroll(&self, pod: PodDatapath) -> Result<(), DatapathError>;
+    /// Turn the programs' trace_pipe lines on or off.
+    fn set_debug(&self, on: bool) -> Result<(), DatapathError>;
+    fn counters(&self) -> DatapathCounters;
+}

@@ -1,0 +1,18 @@
+//! interceptor: the node agent and L4 proxy of a sidecar-less eBPF service mesh data plane.
+//!
+//! Modules follow the domain: `datapath` (kernel programs and maps), `inpod` (work inside
+//! pod network namespaces), `proxy` (listeners, original destination, routing,
+//! forwarding), `cni` (the agent side of the plugin protocol), `source` and `model` (what
+//! the cluster or the manifests say), `admin` (health, readiness, config dump), `daemon`
+//! (start-up and shutdown of the agent), `trace` and `cleanup` (operator commands).
+pub mod admin;
+pub mod agent;
+pub mod cleanup;
+pub mod cni;
+pub mod daemon;
+pub mod datapath;
+pub mod inpod;
+pub mod model;
+pub mod proxy;
+pub mod source;
+pub mod trace;

@@ -1,0 +1,146 @@
+//! `interceptor`: the node agent (`agent`), and the operator commands `cleanup` and
+//! `trace`.
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use interceptor::daemon::{self, AgentConfig};
+use interceptor::{cleanup, datapath, trace};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser, Debug)]
+#[command(name = "interceptor", version, about = "Sidecar-less eBPF traffic interceptor and node agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct Paths {
+    /// bpffs directory of this agent's pins (one per agent instance).
+    #[arg(long, default_value = "/sys/fs/bpf/interceptor")]
+    bpffs: PathBuf,
+    /// State directory (pid file, CNI socket).
+    #[arg(long, default_value = "/var/run/interceptor")]
+    state_dir: PathBuf,
+    /// Unix socket the CNI plugin talks to [default: <state-dir>/cni.sock].
+    #[arg(long)]
+    cni_socket: Option<PathBuf>,
+}
+
+impl Paths {
+    fn cni_socket(&self) -> PathBuf {
+        self.cni_socket.clone().unwrap_or_else(|| self.state_dir.join("cni.sock"))
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the node agent.
+    Agent {
+        /// cgroup v2 directory the programs attach to [default: the cgroup2 root].
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        #[command(flatten)]
+        paths: Paths,
+        /// Directory of Kubernetes YAML (Namespace, Pod, Service), watched for changes.
+        #[arg(long)]
+        manifests: PathBuf,
+        /// Admin endpoint (/healthz, /readyz, /config_dump).
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin_addr: SocketAddr,
+        /// Turn on the programs' trace_pipe lines (`interceptor trace` reads them).
+        #[arg(long)]
+        bpf_debug: bool,
+    },
+    /// Remove everything a stopped agent left behind (pins, socket, pid file).
+    Cleanup {
+        #[command(flatten)]
+        paths: Paths,
+    },
+    /// Follow the programs' trace lines, optionally for one pod.
+    Trace {
+        /// Only lines about this pod (NAMESPACE/NAME), looked up through the admin endpoint.
+        #[arg(long)]
+        pod: Option<String>,
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin_addr: SocketAddr,
+        /// Stop after this many lines.
+        #[arg(long)]
+        max_lines: Option<usize>,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Agent { cgroup, paths, manifests, admin_addr, bpf_debug } => {
+            let cgroup = match cgroup {
+                Some(path) => path,
+                None => datapath::cgroup::detect_cgroup2_root().context("detecting the cgroup2 root")?,
+            };
+            let config = AgentConfig {
+                cgroup,
+                cni_socket: paths.cni_socket(),
+                bpffs: paths.bpffs,
+                state_dir: paths.state_dir,
+                manifests,
+                admin_addr,
+                bpf_debug,
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the tokio runtime")?;
+            runtime.block_on(daemon::run(config))
+        }
+        Command::Cleanup { paths } => {
+            let removed = cleanup::cleanup(&paths.bpffs, &paths.state_dir, &paths.cni_socket())?;
+            for path in &removed {
+                println!("removed {path}");
+            }
+            if removed.is_empty() {
+                println!("nothing to clean up");
+            }
+            Ok(())
+        }
+        Command::Trace { pod, admin_addr, max_lines } => {
+            let filter = match pod {
+                Some(pod) => trace::pod_filter(&fetch_config_dump(admin_addr)?, &pod)?,
+                None => trace::TraceFilter::default(),
+            };
+            let pipe = trace::locate_trace_pipe()?;
+            trace::follow(&pipe, &filter, max_lines, &mut std::io::stdout().lock())
+        }
+    }
+}
+
+/// GET /config_dump from a running agent (plain HTTP/1.0, no client library needed for
+/// one request on loopback).
+fn fetch_config_dump(admin_addr: SocketAddr) -> anyhow::Result<serde_json::Value> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(admin_addr)
+        .with_context(|| format!("connecting to the agent's admin endpoint {admin_addr}"))?;
+    stream.write_all(b"GET /config_dump HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body)
+        .context("malformed HTTP response from the admin endpoint")?;
+    serde_json::from_str(body).context("config_dump is not JSON")
+}

@@ -1,0 +1,241 @@
+//! The agent's in-memory model of the Kubernetes objects it acts on (namespaces, pods,
+//! services), independent of the source that fed it (manifest directory or API server).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::str::FromStr;
+
+use serde::{Serialize, Serializer};
+
+mod enrollment;
+
+pub use enrollment::{Enrollment, ANNOTATION_SIDECAR_INJECTION, LABEL_DATAPLANE_MODE};
+
+/// Error of parsing a `namespace/name` key.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not of the form namespace/name")]
+pub struct ParseKeyError(pub String);
+
+macro_rules! object_key {
+    ($(#[$doc:meta])* $key:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub struct $key {
+            pub namespace: String,
+            pub name: String,
+        }
+
+        impl $key {
+            pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+                Self {
+                    namespace: namespace.into(),
+                    name: name.into(),
+                }
+            }
+        }
+
+        impl fmt::Display for $key {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}/{}", self.namespace, self.name)
+            }
+        }
+
+        impl FromStr for $key {
+            type Err = ParseKeyError;
+
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                match s.split_once('/') {
+                    Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                        Ok(Self::new(ns, name))
+                    }
+                    _ => Err(ParseKeyError(s.to_string())),
+                }
+            }
+        }
+
+        // As a string so that maps keyed by it become JSON objects on /config_dump.
+        impl Serialize for $key {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.collect_str(self)
+            }
+        }
+    };
+}
+
+object_key!(
+    /// Identity of a pod: namespace and name, displayed and serialized as `ns/name`.
+    PodKey
+);
+object_key!(
+    /// Identity of a service: namespace and name, displayed and serialized as `ns/name`.
+    ServiceKey
+);
+
+/// Everything the agent knows about the cluster, as of one load or watch event.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Model {
+    pub namespaces: BTreeMap<String, Namespace>,
+    pub pods: BTreeMap<PodKey, Pod>,
+    pub services: BTreeMap<ServiceKey, Service>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Namespace {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    /// `status.podIP`; absent for pods whose address the agent learns from the CNI plugin.
+    pub ip: Option<Ipv4Addr>,
+    /// `spec.serviceAccountName`, `"default"` when unset.
+    pub service_account: String,
+    /// Ports of `spec.containers[*].ports` (Kubernetes keeps their names unique per pod).
+    pub container_ports: Vec<NamedPort>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NamedPort {
+    pub name: Option<String>,
+    pub port: u16,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Service {
+    pub namespace: String,
+    pub name: String,
+    /// `spec.clusterIP`; `None` for headless (`"None"`) and ExternalName services.
+    pub cluster_ip: Option<Ipv4Addr>,
+    pub selector: BTreeMap<String, String>,
+    pub ports: Vec<ServicePort>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServicePort {
+    pub name: Option<String>,
+    pub port: u16,
+    pub target_port: TargetPort,
+    /// `TCP`, `UDP` or `SCTP`, as spelled in the manifest (`TCP` when unset).
+    pub protocol: String,
+}
+
+/// Where a service port sends traffic on the selected pods.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum TargetPort {
+    Number(u16),
+    /// A container port name, resolved per pod.
+    Name(String),
+}
+
+/// One backend of a service port: a selected pod and the address to reach it on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Endpoint {
+    pub pod: PodKey,
+    pub addr: SocketAddrV4,
+}
+
+impl Pod {
+    pub fn key(&self) -> PodKey {
+        PodKey::new(&self.namespace, &self.name)
+    }
+
+    /// The number of the container port called `name`.
+    pub fn container_port(&self, name: &str) -> Option<u16> {
+        self.container_ports
+            .iter()
+            .find(|p| p.name.as_deref() == Some(name))
+            .map(|p| p.port)
+    }
+}
+
+impl Service {
+    pub fn key(&self) -> ServiceKey {
+        ServiceKey::new(&self.namespace, &self.name)
+    }
+
+    /// Whether the service's selector picks `pod`. An empty selector picks nothing: such
+    /// services have hand-made endpoints in Kubernetes, not "every pod".
+    pub fn selects(&self, pod: &Pod) -> bool {
+        pod.namespace == self.namespace
+            && !self.selector.is_empty()
+            && self
+                .selector
+                .iter()
+                .all(|(k, v)| pod.labels.get(k) == Some(v))
+    }
+}
+
+impl ServicePort {
+    pub fn is_tcp(&self) -> bool {
+        self.protocol == "TCP"
+    }
+}
+
+impl Model {
+    pub fn pod(&self, key: &PodKey) -> Option<&Pod> {
+        self.pods.get(key)
+    }
+
+    pub fn service(&self, key: &ServiceKey) -> Option<&Service> {
+        self.services.get(key)
+    }
+
+    /// Whether the pod is to be intercepted and why (DESIGN.md section 5); `None` when the
+    /// pod is unknown.
+    pub fn enrollment(&self, key: &PodKey) -> Option<Enrollment> {
+        let pod = self.pods.get(key)?;
+        Some(enrollment::decide(pod, self.namespaces.get(&pod.namespace)))
+    }
+
+    /// The service whose cluster IP and TCP port are `ip:port`. When two services claim the
+    /// same address (an invalid cluster), the first by key wins so the answer is stable.
+    pub fn service_for(&self, ip: Ipv4Addr, port: u16) -> Option<(&Service, &ServicePort)> {
+        self.services
+            .values()
+            .filter(|svc| svc.cluster_ip == Some(ip))
+            .find_map(|svc| {
+                svc.ports
+                    .iter()
+                    .find(|sp| sp.port == port && sp.is_tcp())
+                    .map(|sp| (svc, sp))
+            })
+    }
+
+    /// The backends of `sp`, sorted by pod key. A pod's address comes from `extra_pod_ips`
+    /// (what the CNI plugin reported, fresher than any manifest) or else its `status.podIP`;
+    /// pods with neither, or lacking the named target port, are left out.
+    pub fn endpoints(
+        &self,
+        svc: &Service,
+        sp: &ServicePort,
+        extra_pod_ips: &HashMap<PodKey, Ipv4Addr>,
+    ) -> Vec<Endpoint> {
+        // BTreeMap iteration is already in key order, which keeps the result deterministic.
+        self.pods
+            .iter()
+            .filter(|(_, pod)| svc.selects(pod))
+            .filter_map(|(key, pod)| {
+                let ip = extra_pod_ips.get(key).copied().or(pod.ip)?;
+                let port = match &sp.target_port {
+                    TargetPort::Number(n) => *n,
+                    TargetPort::Name(name) => pod.container_port(name)?,
+                };
+                Some(Endpoint {
+                    pod: key.clone(),
+                    addr: SocketAddrV4::new(ip, port),
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;

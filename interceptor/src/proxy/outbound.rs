@@ -1,0 +1,188 @@
+//! The outbound listener (15001) inside one pod: accept, recover the original
+//! destination, pick the target, connect from inside the pod with the proxy mark, and
+//! forward.
+use std::collections::VecDeque;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use interceptor_common::{OUTBOUND_PORT, PROXY_MARK};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::task::JoinSet;
+
+use super::forward::{forward, reset_on_close, Forwarded};
+use super::orig_dst::original_dst;
+use super::routes::{RouteTable, Target};
+use crate::inpod::{InpodError, PodNetns};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connection records kept for `/config_dump`.
+const LOG_CAPACITY: usize = 256;
+
+/// What happened to one proxied connection, for operators and tests.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ConnectionRecord {
+    pub pod: String,
+    pub client: SocketAddr,
+    /// What the application dialled, as `SO_ORIGINAL_DST` reported it.
+    pub original_dst: Option<SocketAddrV4>,
+    pub target: Option<Target>,
+    pub outcome: String,
+    #[serde(flatten)]
+    pub bytes: Forwarded,
+    pub unix_ms: u64,
+}
+
+/// Recent connection records, bounded.
+#[derive(Debug, Default)]
+pub struct ConnectionLog {
+    records: Mutex<VecDeque<ConnectionRecord>>,
+}
+
+impl ConnectionLog {
+    pub fn push(&self, record: ConnectionRecord) {
+        let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        if records.len() == LOG_CAPACITY {
+            records.pop_front();
+        }
+        records.push_back(record);
+    }
+
+    pub fn snapshot(&self) -> Vec<ConnectionRecord> {
+        let records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        records.iter().cloned().collect()
+    }
+}
+
+/// Open the pod's outbound listener inside its netns.
+pub async fn listen(netns: &PodNetns) -> Result<TcpListener, InpodError> {
+    let path = netns.path().display().to_string();
+    let std_listener = netns
+        .run(|| -> std::io::Result<std::net::TcpListener> {
+            let socket = socket2::Socket::new(
+                socket2::Domain::IPV4,
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )?;
+            socket.set_reuse_address(true)?;
+            socket.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, OUTBOUND_PORT)).into())?;
+            socket.listen(1024)?;
+            socket.set_nonblocking(true)?;
+            Ok(socket.into())
+        })
+        .await?
+        .map_err(|source| InpodError::Io { path: path.clone(), source })?;
+    TcpListener::from_std(std_listener).map_err(|source| InpodError::Io { path, source })
+}
+
+/// Everything a pod's accept loop shares with the agent.
+#[derive(Clone)]
+pub struct OutboundContext {
+    pub pod: String,
+    pub netns: Arc<PodNetns>,
+    pub routes: Arc<RwLock<Arc<RouteTable>>>,
+    pub log: Arc<ConnectionLog>,
+}
+
+/// Accept until the task is aborted; aborting also aborts every open connection of
+/// this pod (they live in the JoinSet), so nothing keeps the pod's netns alive.
+pub async fn serve(listener: TcpListener, ctx: OutboundContext) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, client)) => {
+                    let ctx = ctx.clone();
+                    connections.spawn(async move { handle(stream, client, ctx).await });
+                }
+                Err(error) => {
+                    tracing::warn!(pod = %ctx.pod, %error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
+async fn handle(stream: TcpStream, client: SocketAddr, ctx: OutboundContext) {
+    let mut record = ConnectionRecord {
+        pod: ctx.pod.clone(),
+        client,
+        original_dst: None,
+        target: None,
+        outcome: String::new(),
+        bytes: Forwarded::default(),
+        unix_ms: SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+    };
+    let outcome = proxy_one(stream, &ctx, &mut record).await;
+    record.outcome = match outcome {
+        Ok(()) if record.bytes.reset => "reset".into(),
+        Ok(()) => "closed".into(),
+        Err(reason) => reason,
+    };
+    tracing::debug!(pod = %record.pod, client = %record.client, original_dst = ?record.original_dst,
+        target = ?record.target, outcome = %record.outcome, "connection done");
+    ctx.log.push(record);
+}
+
+async fn proxy_one(
+    stream: TcpStream,
+    ctx: &OutboundContext,
+    record: &mut ConnectionRecord,
+) -> Result<(), String> {
+    let original = match original_dst(&stream) {
+        Ok(addr) => addr,
+        Err(error) => {
+            reset_on_close(&stream);
+            return Err(format!("no original destination: {error}"));
+        }
+    };
+    record.original_dst = Some(original);
+    let table = ctx.routes.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let target = table.resolve(original);
+    record.target = Some(target.clone());
+    let addr = match target {
+        Target::Endpoint { addr, .. } | Target::Passthrough { addr } => addr,
+        Target::NoEndpoints { service } => {
+            reset_on_close(&stream);
+            return Err(format!("service {service} has no endpoints"));
+        }
+    };
+    let upstream = match connect_from_pod(&ctx.netns, addr).await {
+        Ok(upstream) => upstream,
+        Err(error) => {
+            reset_on_close(&stream);
+            return Err(format!("connect {addr}: {error}"));
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    record.bytes = forward(stream, upstream).await;
+    Ok(())
+}
+
+/// Connect to `addr` with a socket created inside the pod's netns and carrying the
+/// proxy mark, so the connect4 program lets it through untouched.
+pub async fn connect_from_pod(netns: &PodNetns, addr: SocketAddrV4) -> std::io::Result<TcpStream> {
+    let std_stream = netns
+        .run(|| -> std::io::Result<std::net::TcpStream> {
+            let socket = socket2::Socket::new(
+                socket2::Domain::IPV4,
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )?;
+            socket.set_mark(PROXY_MARK)?;
+            socket.set_nonblocking(true)?;
+            Ok(socket.into())
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+    let socket = TcpSocket::from_std_stream(std_stream);
+    tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(SocketAddr::V4(addr)))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+}

@@ -1,0 +1,106 @@
+//! `interceptor trace`: follow the kernel programs' `bpf_printk` lines in trace_pipe,
+//! optionally only those about one pod.
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use interceptor_common::TRACE_PREFIX;
+
+/// Where trace_pipe may be, newest convention first.
+const TRACE_PIPES: [&str; 2] = [
+    "/sys/kernel/tracing/trace_pipe",
+    "/sys/kernel/debug/tracing/trace_pipe",
+];
+
+/// Find trace_pipe, mounting tracefs on /sys/kernel/tracing if nothing is mounted.
+pub fn locate_trace_pipe() -> anyhow::Result<PathBuf> {
+    if let Some(found) = TRACE_PIPES.iter().map(PathBuf::from).find(|p| p.exists()) {
+        return Ok(found);
+    }
+    let mountpoint = Path::new("/sys/kernel/tracing");
+    nix::mount::mount(
+        Some("tracefs"),
+        mountpoint,
+        Some("tracefs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .with_context(|| format!("no trace_pipe found and mounting tracefs on {} failed", mountpoint.display()))?;
+    eprintln!("mounted tracefs on {}", mountpoint.display());
+    Ok(mountpoint.join("trace_pipe"))
+}
+
+/// Which lines to keep.
+#[derive(Clone, Debug, Default)]
+pub struct TraceFilter {
+    /// Substrings of which one must appear (the pod's netns cookie and IP); empty: all.
+    pub any_of: Vec<String>,
+}
+
+impl TraceFilter {
+    pub fn matches(&self, line: &str) -> bool {
+        line.contains(TRACE_PREFIX)
+            && (self.any_of.is_empty() || self.any_of.iter().any(|needle| line.contains(needle)))
+    }
+}
+
+/// The filter for one pod, from the agent's `/config_dump`.
+pub fn pod_filter(config_dump: &serde_json::Value, pod: &str) -> anyhow::Result<TraceFilter> {
+    let pods = config_dump["pods"].as_array().context("config_dump has no pods list")?;
+    let Some(entry) = pods.iter().find(|p| p["pod"] == pod) else {
+        bail!("pod {pod} is not known to the agent");
+    };
+    let mut any_of = Vec::new();
+    if let Some(cookie) = entry["netns_cookie"].as_u64() {
+        any_of.push(format!("netns={cookie} "));
+    }
+    if let Some(ip) = entry["ip"].as_str() {
+        any_of.push(format!("{ip}:"));
+    }
+    if any_of.is_empty() {
+        bail!("pod {pod} is not enrolled: the programs print nothing about it");
+    }
+    Ok(TraceFilter { any_of })
+}
+
+/// Copy matching lines to `out` until the pipe ends or `max_lines` were written.
+pub fn follow(
+    pipe: &Path,
+    filter: &TraceFilter,
+    max_lines: Option<usize>,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let file = std::fs::File::open(pipe).with_context(|| format!("opening {}", pipe.display()))?;
+    let mut written = 0;
+    for line in BufReader::new(file).lines() {
+        let line = line.with_context(|| format!("reading {}", pipe.display()))?;
+        if filter.matches(&line) {
+            writeln!(out, "{}", line.trim())?;
+            out.flush()?;
+            written += 1;
+            if max_lines.is_some_and(|max| written >= max) {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_filter_uses_cookie_and_ip() {
+        let dump = serde_json::json!({"pods": [
+            {"pod": "demo/client", "netns_cookie": 4101, "ip": "10.244.0.5"},
+            {"pod": "legacy/outsider", "netns_cookie": null, "ip": "10.244.0.6"}
+        ]});
+        let filter = pod_filter(&dump, "demo/client").unwrap();
+        assert!(filter.matches("curl-1 [000] icpt: connect4 netns=4101 orig=10.96.0.10:80 -> proxy 15001"));
+        assert!(filter.matches("x icpt: established 10.244.0.5:40000 orig=10.96.0.10"));
+        assert!(!filter.matches("x icpt: connect4 netns=41010 orig=1.2.3.4:80"));
+        assert!(!filter.matches("unrelated netns=4101 line"));
+        assert!(pod_filter(&dump, "demo/nobody").is_err());
+    }
+}

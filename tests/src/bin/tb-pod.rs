@@ -1,0 +1,374 @@
+//! `tb-pod`: the application run inside testbed pods. Servers print `READY <addr>` and one
+//! JSON line per event on stdout; the client prints one JSON report. Bad arguments exit
+//! 2 (clap's usage error); connection errors are reported in JSON with exit 0.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+#[derive(Parser)]
+#[command(
+    name = "tb-pod",
+    about = "Test application for interceptor testbed pods"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Echo server: echoes what it reads; on the client's FIN, flushes and sends FIN.
+    Echo {
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Sent as "<greeting>\n" right after accept.
+        #[arg(long)]
+        greeting: Option<String>,
+    },
+    /// Connects, sends pseudo-random bytes, reads until EOF and reports as JSON.
+    Client {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 0)]
+        send_bytes: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Shut down the write side right after sending (the default does the same;
+        /// the flag states the test's intent and is echoed in the report).
+        #[arg(long)]
+        half_close: bool,
+        /// Read one greeting line before sending.
+        #[arg(long)]
+        expect_greeting: bool,
+        #[arg(long, default_value_t = 10_000)]
+        connect_timeout_ms: u64,
+        /// Read timeout: a silent peer turns into a "timed out" error.
+        #[arg(long, default_value_t = 30_000)]
+        io_timeout_ms: u64,
+    },
+    /// Accepts, reads a few bytes, then closes with SO_LINGER 0 (sends RST).
+    ResetServer {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Accepts, reads until the client's FIN, then answers with the byte count.
+    HalfCloseServer {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Echo { listen, greeting } => serve(listen, move |s| echo(s, greeting.as_deref())),
+        Cmd::ResetServer { listen } => serve(listen, reset),
+        Cmd::HalfCloseServer { listen } => serve(listen, half_close),
+        Cmd::Client {
+            connect,
+            send_bytes,
+            seed,
+            half_close,
+            expect_greeting,
+            connect_timeout_ms,
+            io_timeout_ms,
+        } => {
+            let report = client(&ClientArgs {
+                connect,
+                send_bytes,
+                seed,
+                half_close,
+                expect_greeting,
+                connect_timeout: Duration::from_millis(connect_timeout_ms),
+                io_timeout: Duration::from_millis(io_timeout_ms),
+            });
+            emit(&report.to_string());
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tb-pod: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One line to stdout, flushed at once: tests read these while the process runs.
+fn emit(line: &str) {
+    let mut out = io::stdout().lock();
+    // A test that stopped reading is not this process's problem.
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn addr_string(r: io::Result<SocketAddr>) -> Option<String> {
+    r.ok().map(|a| a.to_string())
+}
+
+/// Binds, announces READY and hands each connection to `handle` on its own thread.
+fn serve<F>(listen: SocketAddr, handle: F) -> io::Result<()>
+where
+    F: Fn(TcpStream) + Send + Sync + Clone + 'static,
+{
+    let listener = TcpListener::bind(listen)?;
+    emit(&format!("READY {}", listener.local_addr()?));
+    loop {
+        let (stream, peer) = match listener.accept() {
+            Ok(c) => c,
+            // The peer may reset between SYN and accept; keep serving.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
+            Err(e) => return Err(e),
+        };
+        emit(
+            &json!({
+                "event": "accept",
+                "peer": peer.to_string(),
+                "local": addr_string(stream.local_addr()),
+            })
+            .to_string(),
+        );
+        let handle = handle.clone();
+        std::thread::spawn(move || handle(stream));
+    }
+}
+
+fn echo(mut s: TcpStream, greeting: Option<&str>) {
+    let peer = addr_string(s.peer_addr());
+    let mut total: u64 = 0;
+    let outcome = (|| -> io::Result<()> {
+        if let Some(g) = greeting {
+            s.write_all(format!("{g}\n").as_bytes())?;
+        }
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            s.write_all(&buf[..n])?;
+            total += n as u64;
+        }
+        // The client's FIN has arrived; everything is written, so pass the FIN on.
+        s.flush()?;
+        s.shutdown(Shutdown::Write)
+    })();
+    emit(
+        &json!({
+            "event": "close",
+            "peer": peer,
+            "bytes": total,
+            "error": outcome.err().map(|e| describe(&e)),
+        })
+        .to_string(),
+    );
+}
+
+fn reset(mut s: TcpStream) {
+    let peer = addr_string(s.peer_addr());
+    let mut buf = [0u8; 64];
+    let read = s.read(&mut buf).unwrap_or(0);
+    // Linger 0 makes close() send RST instead of FIN.
+    let linger = rustix::net::sockopt::set_socket_linger(&s, Some(Duration::ZERO));
+    drop(s);
+    emit(
+        &json!({
+            "event": "reset",
+            "peer": peer,
+            "read": read,
+            "error": linger.err().map(|e| e.to_string()),
+        })
+        .to_string(),
+    );
+}
+
+fn half_close(mut s: TcpStream) {
+    let peer = addr_string(s.peer_addr());
+    let mut got = Vec::new();
+    let outcome = s.read_to_end(&mut got).and_then(|n| {
+        s.write_all(format!("got {n} bytes after your FIN\n").as_bytes())?;
+        s.flush()?;
+        s.shutdown(Shutdown::Write)
+    });
+    emit(
+        &json!({
+            "event": "close",
+            "peer": peer,
+            "bytes": got.len(),
+            "error": outcome.err().map(|e| describe(&e)),
+        })
+        .to_string(),
+    );
+}
+
+/// Short, stable words for the errors tests assert on.
+fn describe(e: &io::Error) -> String {
+    use io::ErrorKind::*;
+    match e.kind() {
+        ConnectionRefused => "connection refused".into(),
+        ConnectionReset => "connection reset".into(),
+        ConnectionAborted => "connection aborted".into(),
+        BrokenPipe => "broken pipe".into(),
+        TimedOut | WouldBlock => "timed out".into(),
+        HostUnreachable => "host unreachable".into(),
+        NetworkUnreachable => "network unreachable".into(),
+        UnexpectedEof => "unexpected eof".into(),
+        _ => e.to_string(),
+    }
+}
+
+struct ClientArgs {
+    connect: SocketAddr,
+    send_bytes: u64,
+    seed: u64,
+    half_close: bool,
+    expect_greeting: bool,
+    connect_timeout: Duration,
+    io_timeout: Duration,
+}
+
+/// xorshift64*: deterministic bytes from a seed, so both ends can agree on content.
+struct XorShift(u64);
+
+impl XorShift {
+    fn new(seed: u64) -> Self {
+        // Zero is xorshift's fixed point.
+        Self(if seed == 0 {
+            0x9e37_79b9_7f4a_7c15
+        } else {
+            seed
+        })
+    }
+
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            let v = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+fn hex(d: impl AsRef<[u8]>) -> String {
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn client(a: &ClientArgs) -> serde_json::Value {
+    let start = Instant::now();
+    let mut report = json!({
+        "connect": a.connect.to_string(),
+        "local": null, "peer": null, "greeting": null,
+        "sent": 0, "received": 0,
+        "sent_sha256": hex(Sha256::digest(b"")),
+        "received_sha256": hex(Sha256::digest(b"")),
+        "half_close": a.half_close,
+        "error": null, "elapsed_ms": 0,
+    });
+    let error = run_client(a, &mut report).err();
+    report["error"] = json!(error.map(|e| describe(&e)));
+    report["elapsed_ms"] = json!(u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX));
+    report
+}
+
+fn run_client(a: &ClientArgs, report: &mut serde_json::Value) -> io::Result<()> {
+    let stream = TcpStream::connect_timeout(&a.connect, a.connect_timeout)?;
+    report["local"] = json!(addr_string(stream.local_addr()));
+    report["peer"] = json!(addr_string(stream.peer_addr()));
+    stream.set_read_timeout(Some(a.io_timeout))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    if a.expect_greeting {
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        report["greeting"] = json!(line.trim_end_matches('\n'));
+    }
+    // The writer runs on its own thread: a peer that echoes fills our receive buffer,
+    // and only concurrent reading keeps it from stalling the send.
+    let mut writer = stream;
+    let (send_bytes, seed) = (a.send_bytes, a.seed);
+    let sender = std::thread::spawn(move || {
+        let mut rng = XorShift::new(seed);
+        let mut hash = Sha256::new();
+        let mut sent: u64 = 0;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut result = Ok(());
+        while sent < send_bytes {
+            let n = usize::try_from((send_bytes - sent).min(buf.len() as u64)).unwrap_or(0);
+            rng.fill(&mut buf[..n]);
+            if let Err(e) = writer.write_all(&buf[..n]) {
+                result = Err(e);
+                break;
+            }
+            hash.update(&buf[..n]);
+            sent += n as u64;
+        }
+        if result.is_ok() {
+            result = writer.shutdown(Shutdown::Write);
+        }
+        (sent, hex(hash.finalize()), result)
+    });
+    let mut hash = Sha256::new();
+    let mut received: u64 = 0;
+    let mut buf = vec![0u8; 64 * 1024];
+    let read_result = loop {
+        match reader.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => {
+                hash.update(&buf[..n]);
+                received += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(e),
+        }
+    };
+    report["received"] = json!(received);
+    report["received_sha256"] = json!(hex(hash.finalize()));
+    if read_result.is_err() {
+        // Unblock a writer stuck on a peer that stopped reading.
+        let _ = reader.get_ref().shutdown(Shutdown::Both);
+    }
+    let (sent, sent_sha, write_result) = sender
+        .join()
+        .map_err(|_| io::Error::other("sender thread panicked"))?;
+    report["sent"] = json!(sent);
+    report["sent_sha256"] = json!(sent_sha);
+    // What the reader saw is the more telling error (a RST shows up there as a reset,
+    // on the writer only as a broken pipe).
+    read_result.and(write_result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xorshift_is_deterministic() {
+        let mut a = vec![0u8; 100];
+        XorShift::new(7).fill(&mut a);
+        let mut b = vec![0u8; 100];
+        XorShift::new(7).fill(&mut b);
+        assert_eq!(a, b);
+        let mut c = vec![0u8; 100];
+        XorShift::new(8).fill(&mut c);
+        assert_ne!(a, c);
+        assert!(a.iter().any(|&x| x != 0));
+    }
+
+    #[test]
+    fn describes_errors_in_stable_words() {
+        let e = io::Error::from(io::ErrorKind::ConnectionRefused);
+        assert_eq!(describe(&e), "connection refused");
+        let e = io::Error::from(io::ErrorKind::ConnectionReset);
+        assert_eq!(describe(&e), "connection reset");
+    }
+}

@@ -1,0 +1,838 @@
+//! Local testbed for the interceptor (DESIGN.md §8): a "node" network namespace holding
+//! the bridge and no route out, pods as network namespaces made by the real CNI chain,
+//! a cgroup for the agent and the pods' processes, and cleanup on every exit path,
+//! including leftovers of runs that were killed.
+//!
+//! Everything a testbed creates carries its id `<pid>-<n>`: netns `itb-<id>-*`, cgroup
+//! and bpffs dirs `interceptor-tb-<id>`, state dir `/run/interceptor-tb/<id>`.
+
+mod cgroup;
+mod cni;
+mod http;
+mod leftovers;
+mod names;
+mod netns;
+mod procs;
+
+use std::fs::{self, File};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::os::fd::AsFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{anyhow, bail, Context, Result};
+use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+pub use cni::{CniError, CniOutput, BRIDGE, CNI_VERSION, IFNAME, NETWORK_NAME, POD_SUBNET};
+pub use netns::{connect_in_netns, netns_path, with_netns};
+pub use procs::{AgentProcess, ClientReport, ServerProcess};
+
+use names::{BPFFS_ROOT, DIR_PREFIX, NETNS_PREFIX, STATE_ROOT};
+use procs::Owned;
+
+/// Where the agent's admin endpoint listens, inside the node netns.
+pub const ADMIN_ADDR: &str = "127.0.0.1:15000";
+/// The gateway address the bridge plugin gives the bridge in the node netns.
+pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
+
+const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(20);
+const SERVER_READY_TIMEOUT: Duration = Duration::from_secs(10);
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+const PLUGIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Shorter in Drop: a plugin stuck on a dead agent must not hold up the test run.
+const DROP_PLUGIN_TIMEOUT: Duration = Duration::from_secs(10);
+const BPF_FS_MAGIC: u32 = 0xcafe_4a11;
+/// Where distributions put the reference plugins (Debian first).
+const STANDARD_CNI_DIRS: &[&str] = &["/usr/lib/cni", "/opt/cni/bin"];
+
+static NEXT_TESTBED: AtomicU32 = AtomicU32::new(0);
+
+/// Finds a workspace binary (`interceptor`, `interceptor-cni`, `tb-pod`):
+/// `$INTERCEPTOR_BIN_DIR/<name>` if that variable is set and the file is there, else the
+/// newer of `<target>/release/<name>` and `<target>/debug/<name>`, where `<target>` is
+/// `$CARGO_TARGET_DIR` or `<workspace>/target`. When none exists, the debug path is
+/// returned so the caller's error names where it looked.
+pub fn bin_path(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("INTERCEPTOR_BIN_DIR") {
+        let p = PathBuf::from(dir).join(name);
+        if p.is_file() {
+            return p;
+        }
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap_or(Path::new("/"))
+        .to_path_buf();
+    let target = match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(t) => workspace.join(t),
+        None => workspace.join("target"),
+    };
+    let debug = target.join("debug").join(name);
+    [target.join("release").join(name), debug.clone()]
+        .into_iter()
+        .filter_map(|p| {
+            let modified = fs::metadata(&p).ok()?.modified().ok()?;
+            Some((modified, p))
+        })
+        .max_by_key(|(modified, _)| *modified)
+        .map_or(debug, |(_, p)| p)
+}
+
+/// Options for a [`Testbed`]; start with [`Testbed::builder`].
+#[derive(Clone, Debug)]
+pub struct TestbedBuilder {
+    label: String,
+    interceptor_cni: bool,
+    failure_policy: String,
+    tb_pod_bin: Option<PathBuf>,
+}
+
+impl TestbedBuilder {
+    /// Leaves interceptor-cni out of the chain (bridge + host-local only), for testing
+    /// the testbed itself or traffic without the agent.
+    pub fn without_interceptor_cni(mut self) -> Self {
+        self.interceptor_cni = false;
+        self
+    }
+
+    /// `failurePolicy` of the interceptor-cni entry (default `fail-closed`).
+    pub fn cni_failure_policy(mut self, policy: &str) -> Self {
+        self.failure_policy = policy.to_owned();
+        self
+    }
+
+    /// The `tb-pod` binary to run in pods (default [`bin_path`]`("tb-pod")`; integration
+    /// tests can pass `env!("CARGO_BIN_EXE_tb-pod")`).
+    pub fn tb_pod_bin(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tb_pod_bin = Some(path.into());
+        self
+    }
+
+    pub fn build(self) -> Result<Testbed> {
+        Testbed::create(self)
+    }
+}
+
+/// A pod: a network namespace that went through the CNI chain.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    /// Name of the pod's network namespace.
+    pub netns: String,
+    /// `/var/run/netns/<netns>`, what the runtime passed as `CNI_NETNS`.
+    pub netns_path: PathBuf,
+    pub container_id: String,
+    /// `ips[0]` of the chain's final result.
+    pub ip: Ipv4Addr,
+    /// The chain's final ADD result (what a runtime caches for DEL).
+    pub cni_result: Value,
+}
+
+/// One local node. Dropping it kills its processes and removes everything it created.
+#[derive(Debug)]
+pub struct Testbed {
+    id: String,
+    label: String,
+    node_netns: String,
+    cgroup_path: PathBuf,
+    state_dir: PathBuf,
+    bpffs_dir: PathBuf,
+    cni_bin_dir: PathBuf,
+    conflist_path: PathBuf,
+    conflist: Value,
+    plugin_types: Vec<String>,
+    tb_pod_bin: PathBuf,
+    tracker: Arc<procs::Tracker>,
+    pods: Vec<Pod>,
+    next_pod: u32,
+    next_log: AtomicU32,
+}
+
+impl Testbed {
+    /// A testbed with the full chain (bridge + host-local + interceptor-cni, fail-closed).
+    pub fn new(label: &str) -> Result<Testbed> {
+        Self::builder(label).build()
+    }
+
+    pub fn builder(label: &str) -> TestbedBuilder {
+        TestbedBuilder {
+            label: label.to_owned(),
+            interceptor_cni: true,
+            failure_policy: "fail-closed".to_owned(),
+            tb_pod_bin: None,
+        }
+    }
+
+    fn create(opts: TestbedBuilder) -> Result<Testbed> {
+        if !rustix::process::geteuid().is_root() {
+            bail!("privileged testbed requires root");
+        }
+        let interceptor_cni = if opts.interceptor_cni {
+            let p = bin_path("interceptor-cni");
+            if !p.is_file() {
+                bail!(
+                    "interceptor-cni binary not found at {} (build it, or set INTERCEPTOR_BIN_DIR)",
+                    p.display()
+                );
+            }
+            Some(p)
+        } else {
+            None
+        };
+        let std_cni_dir = STANDARD_CNI_DIRS
+            .iter()
+            .map(Path::new)
+            .find(|d| d.join("bridge").is_file() && d.join("host-local").is_file())
+            .context("bridge and host-local CNI plugins not found in /usr/lib/cni or /opt/cni/bin (install containernetworking-plugins)")?;
+
+        fs::create_dir_all(STATE_ROOT).with_context(|| format!("creating {STATE_ROOT}"))?;
+        // Serializes leftover cleanup and creation across processes, so one run never
+        // takes another's half-made testbed for a leftover.
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(Path::new(STATE_ROOT).join(".lock"))
+            .context("opening the testbed lock")?;
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
+            .context("locking the testbed lock")?;
+
+        let cgroup_root = cgroup::cgroup2_root()?;
+        leftovers::clean(&cgroup_root);
+        ensure_bpffs()?;
+
+        let pid = std::process::id();
+        let id = loop {
+            let id = format!("{pid}-{}", NEXT_TESTBED.fetch_add(1, Ordering::Relaxed));
+            let taken = netns::list()
+                .iter()
+                .any(|n| n.starts_with(&format!("{NETNS_PREFIX}{id}-")))
+                || cgroup_root.join(format!("{DIR_PREFIX}{id}")).exists()
+                || Path::new(STATE_ROOT).join(&id).exists();
+            if !taken {
+                break id;
+            }
+        };
+        names::register(&id);
+        let state_dir = Path::new(STATE_ROOT).join(&id);
+        let mut tb = Testbed {
+            label: opts.label.clone(),
+            node_netns: format!("{NETNS_PREFIX}{id}-node"),
+            cgroup_path: cgroup_root.join(format!("{DIR_PREFIX}{id}")),
+            bpffs_dir: Path::new(BPFFS_ROOT).join(format!("{DIR_PREFIX}{id}")),
+            cni_bin_dir: state_dir.join("cni-bin"),
+            conflist_path: state_dir.join("itb.conflist"),
+            state_dir,
+            id,
+            conflist: Value::Null,
+            plugin_types: Vec::new(),
+            tb_pod_bin: opts
+                .tb_pod_bin
+                .clone()
+                .unwrap_or_else(|| bin_path("tb-pod")),
+            tracker: Arc::default(),
+            pods: Vec::new(),
+            next_pod: 0,
+            next_log: AtomicU32::new(0),
+        };
+        // On error `tb` is dropped here, which removes whatever was made so far.
+        tb.setup(&opts, std_cni_dir, interceptor_cni.as_deref())
+            .with_context(|| format!("setting up testbed {} ({})", tb.id, tb.label))?;
+        drop(lock);
+        Ok(tb)
+    }
+
+    fn setup(
+        &mut self,
+        opts: &TestbedBuilder,
+        std_cni_dir: &Path,
+        interceptor_cni: Option<&Path>,
+    ) -> Result<()> {
+        fs::create_dir(&self.state_dir)
+            .with_context(|| format!("creating {}", self.state_dir.display()))?;
+        fs::write(self.state_dir.join("label"), format!("{}\n", self.label))?;
+        fs::create_dir(self.state_dir.join("agent"))?;
+        fs::create_dir(self.state_dir.join("logs"))?;
+
+        netns::create(&self.node_netns)?;
+        fs::create_dir(&self.cgroup_path)
+            .with_context(|| format!("creating cgroup {}", self.cgroup_path.display()))?;
+
+        // The runtime finds plugins by `type` in CNI_PATH; links keep the real binaries
+        // where they are installed.
+        fs::create_dir(&self.cni_bin_dir)?;
+        for plugin in ["bridge", "host-local"] {
+            std::os::unix::fs::symlink(std_cni_dir.join(plugin), self.cni_bin_dir.join(plugin))?;
+        }
+        let interceptor = match interceptor_cni {
+            Some(bin) => {
+                let bin = fs::canonicalize(bin)?;
+                std::os::unix::fs::symlink(bin, self.cni_bin_dir.join("interceptor-cni"))?;
+                Some(cni::InterceptorCni {
+                    agent_socket: self.agent_socket().display().to_string(),
+                    failure_policy: opts.failure_policy.clone(),
+                })
+            }
+            None => None,
+        };
+        let ipam_dir = self.state_dir.join("ipam");
+        self.conflist = cni::conflist(&ipam_dir.display().to_string(), interceptor.as_ref());
+        self.plugin_types = cni::plugin_types(&self.conflist);
+        fs::write(
+            &self.conflist_path,
+            serde_json::to_vec_pretty(&self.conflist)?,
+        )?;
+        Ok(())
+    }
+
+    /// `<pid>-<n>`, unique on this machine while this process lives.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// Name of the node network namespace (bridge, gateway, agent).
+    pub fn node_netns(&self) -> &str {
+        &self.node_netns
+    }
+
+    /// The testbed's cgroup v2 directory, what the agent gets as `--cgroup`.
+    pub fn cgroup_path(&self) -> &Path {
+        &self.cgroup_path
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// `/sys/fs/bpf/interceptor-tb-<id>`, the agent's `--bpffs` (the agent creates it).
+    pub fn bpffs_dir(&self) -> &Path {
+        &self.bpffs_dir
+    }
+
+    /// The agent's state dir, `<state>/agent`.
+    pub fn agent_state_dir(&self) -> PathBuf {
+        self.state_dir.join("agent")
+    }
+
+    /// The socket interceptor-cni is configured to call.
+    pub fn agent_socket(&self) -> PathBuf {
+        self.agent_state_dir().join("cni.sock")
+    }
+
+    /// Directory used as CNI_PATH: links named after each plugin `type`.
+    pub fn cni_bin_dir(&self) -> &Path {
+        &self.cni_bin_dir
+    }
+
+    pub fn conflist_path(&self) -> &Path {
+        &self.conflist_path
+    }
+
+    /// The conflist as written to [`Testbed::conflist_path`].
+    pub fn conflist(&self) -> &Value {
+        &self.conflist
+    }
+
+    /// Plugin `type`s in chain order.
+    pub fn plugin_types(&self) -> &[String] {
+        &self.plugin_types
+    }
+
+    /// Pods added and not deleted yet.
+    pub fn pods(&self) -> &[Pod] {
+        &self.pods
+    }
+
+    pub fn tb_pod_bin(&self) -> &Path {
+        &self.tb_pod_bin
+    }
+
+    /// Spawns `cmd` in network namespace `netns` and, if `in_cgroup`, in the testbed's
+    /// cgroup (joined before the namespace switch, from fds opened here, so the child
+    /// needs neither /sys nor `ip netns exec`). The child is killed when the testbed is
+    /// dropped; if the caller reaps it first, that kill is a no-op (pidfd).
+    pub fn spawn_in(&self, netns: &str, in_cgroup: bool, mut cmd: Command) -> Result<Child> {
+        let ns = netns::open(netns)?;
+        let procs = if in_cgroup {
+            let path = self.cgroup_path.join("cgroup.procs");
+            Some(
+                File::options()
+                    .write(true)
+                    .open(&path)
+                    .with_context(|| format!("opening {}", path.display()))?,
+            )
+        } else {
+            None
+        };
+        // SAFETY: the hook runs in the forked child before exec, where only
+        // async-signal-safe work is allowed. It makes two raw syscalls (write, setns)
+        // on descriptors opened before the fork, allocates nothing and takes no lock.
+        unsafe {
+            cmd.pre_exec(move || {
+                if let Some(procs) = &procs {
+                    // "0" moves the writing process itself.
+                    rustix::io::write(procs, b"0")?;
+                }
+                move_into_link_name_space(ns.as_fd(), Some(LinkNameSpaceType::Network))?;
+                Ok(())
+            });
+        }
+        let program = cmd.get_program().to_string_lossy().into_owned();
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {program} in {netns}"))?;
+        if let Err(e) = self.tracker.track(child.id()) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+        Ok(child)
+    }
+
+    /// [`Testbed::spawn_in`] the pod's netns and the testbed cgroup.
+    pub fn spawn_in_pod(&self, pod: &Pod, cmd: Command) -> Result<Child> {
+        self.spawn_in(&pod.netns, true, cmd)
+    }
+
+    /// Starts `interceptor agent` in the node netns and the testbed cgroup (output
+    /// appended to `<state>/agent.log`) and waits up to 20 s for `/readyz` to answer 200.
+    pub fn start_agent(&mut self, manifests: &Path, extra_args: &[&str]) -> Result<AgentProcess> {
+        let bin = bin_path("interceptor");
+        if !bin.is_file() {
+            bail!("interceptor binary not found at {}", bin.display());
+        }
+        let log_path = self.state_dir.join("agent.log");
+        let log = procs::log_file(&log_path)?;
+        let mut cmd = Command::new(&bin);
+        cmd.arg("agent")
+            .arg("--cgroup")
+            .arg(&self.cgroup_path)
+            .arg("--bpffs")
+            .arg(&self.bpffs_dir)
+            .arg("--state-dir")
+            .arg(self.agent_state_dir())
+            .arg("--manifests")
+            .arg(manifests)
+            .arg("--admin-addr")
+            .arg(ADMIN_ADDR)
+            .args(extra_args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let child = self.spawn_in(&self.node_netns, true, cmd)?;
+        let mut agent = AgentProcess {
+            proc: Owned::new(child, Arc::clone(&self.tracker))?,
+            log_path,
+        };
+        let deadline = Instant::now() + AGENT_READY_TIMEOUT;
+        let mut last = String::from("no attempt");
+        loop {
+            if let Some(status) = agent.try_wait()? {
+                bail!(
+                    "agent exited ({status}) before it was ready; last /readyz: {last}\nagent.log tail:\n{}",
+                    procs::tail(&agent.log_path, 40)
+                );
+            }
+            match self.admin_get("/readyz") {
+                Ok((200, _)) => return Ok(agent),
+                Ok((code, body)) => last = format!("{code} {}", body.trim()),
+                Err(e) => last = format!("{e:#}"),
+            }
+            if Instant::now() >= deadline {
+                let log_path = agent.log_path.clone();
+                agent.kill();
+                bail!(
+                    "agent not ready within {AGENT_READY_TIMEOUT:?}; last /readyz: {last}\nagent.log tail:\n{}",
+                    procs::tail(&log_path, 40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `GET path` on the admin endpoint (127.0.0.1:15000 in the node netns): status code
+    /// and body.
+    pub fn admin_get(&self, path: &str) -> Result<(u16, String)> {
+        let addr: SocketAddr = ADMIN_ADDR.parse()?;
+        let stream = connect_in_netns(&self.node_netns, addr)?;
+        http::get(stream, ADMIN_ADDR, path).with_context(|| format!("GET {path}"))
+    }
+
+    /// A TCP connection from the node netns (where the bridge's gateway address lives).
+    pub fn connect_from_node(&self, addr: SocketAddr) -> Result<TcpStream> {
+        connect_in_netns(&self.node_netns, addr)
+    }
+
+    /// Creates netns `itb-<id>-p<k>-<name>`, brings `lo` up and runs the chain's ADD the
+    /// way a runtime does. On a plugin failure the plugins attempted so far get a DEL
+    /// (reverse order, no prevResult), the netns is deleted, and the error (downcastable
+    /// to [`CniError`]) is returned.
+    pub fn add_pod(&mut self, namespace: &str, name: &str) -> Result<Pod> {
+        let k = self.next_pod;
+        self.next_pod += 1;
+        let short = names::short_name(name);
+        let netns = if short.is_empty() {
+            format!("{NETNS_PREFIX}{}-p{k}", self.id)
+        } else {
+            format!("{NETNS_PREFIX}{}-p{k}-{short}", self.id)
+        };
+        let container_id = self.container_id(&format!("pod-{k}"));
+        netns::create(&netns)?;
+        let mut pod = Pod {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            netns_path: netns_path(&netns),
+            netns,
+            container_id,
+            ip: Ipv4Addr::UNSPECIFIED,
+            cni_result: Value::Null,
+        };
+        let added = self.chain_add(&pod).and_then(|result| {
+            let ip = result_ip(&result)?;
+            Ok((result, ip))
+        });
+        match added {
+            Ok((result, ip)) => {
+                pod.cni_result = result;
+                pod.ip = ip;
+                self.pods.push(pod.clone());
+                Ok(pod)
+            }
+            Err(e) => {
+                if let Err(de) = netns::delete(&pod.netns) {
+                    eprintln!("interceptor-testbed {}: {de:#}", self.id);
+                }
+                Err(e.context(format!("adding pod {namespace}/{name}")))
+            }
+        }
+    }
+
+    /// CNI DEL for every plugin in reverse order with the cached ADD result as
+    /// `prevResult`, then deletes the netns. Every plugin gets its DEL even if an earlier
+    /// one failed; the first failure is returned. A pod already deleted is a no-op.
+    pub fn del_pod(&mut self, pod: &Pod) -> Result<()> {
+        let Some(pos) = self
+            .pods
+            .iter()
+            .position(|p| p.container_id == pod.container_id)
+        else {
+            return Ok(());
+        };
+        let pod = self.pods.remove(pos);
+        self.teardown_pod(&pod, PLUGIN_TIMEOUT)
+    }
+
+    fn teardown_pod(&self, pod: &Pod, timeout: Duration) -> Result<()> {
+        let last = self.plugin_types.len().saturating_sub(1);
+        let del = self.chain_del(last, pod, Some(&pod.cni_result), timeout);
+        let ns = netns::delete(&pod.netns);
+        del.and(ns)
+            .with_context(|| format!("deleting pod {}/{}", pod.namespace, pod.name))
+    }
+
+    /// Runs one plugin of the chain (`plugin_index` into the conflist) in the node netns
+    /// with arbitrary stdin. Defaults: CNI_COMMAND=`command`, CNI_PATH, CNI_IFNAME=eth0
+    /// and a fresh CNI_CONTAINERID; `env_overrides` then set (`Some`) or remove (`None`)
+    /// variables. A non-zero exit is not an error here.
+    pub fn cni_raw(
+        &self,
+        command: &str,
+        plugin_index: usize,
+        env_overrides: &[(&str, Option<&str>)],
+        stdin: &[u8],
+    ) -> Result<CniOutput> {
+        let container_id = self.container_id("raw");
+        let mut env: Vec<(&str, Option<&str>)> = vec![
+            ("CNI_IFNAME", Some(IFNAME)),
+            ("CNI_CONTAINERID", Some(&container_id)),
+        ];
+        env.extend_from_slice(env_overrides);
+        self.run_plugin(plugin_index, command, &env, stdin, PLUGIN_TIMEOUT)
+    }
+
+    /// The stdin a runtime would give plugin `index`: its conflist entry with
+    /// `cniVersion` and `name` injected, plus `prevResult` if given.
+    pub fn plugin_config(&self, index: usize, prev_result: Option<&Value>) -> Value {
+        cni::plugin_config(&self.conflist, index, prev_result)
+    }
+
+    /// The runtime's environment for `pod` (without CNI_COMMAND and CNI_PATH).
+    pub fn pod_cni_env(&self, pod: &Pod) -> Vec<(String, String)> {
+        vec![
+            ("CNI_CONTAINERID".into(), pod.container_id.clone()),
+            ("CNI_NETNS".into(), pod.netns_path.display().to_string()),
+            ("CNI_IFNAME".into(), IFNAME.into()),
+            (
+                "CNI_ARGS".into(),
+                cni::cni_args(&pod.namespace, &pod.name, &pod.container_id),
+            ),
+        ]
+    }
+
+    fn chain_add(&self, pod: &Pod) -> Result<Value> {
+        let env = self.pod_cni_env(pod);
+        let env: Vec<(&str, Option<&str>)> = env
+            .iter()
+            .map(|(k, v)| (k.as_str(), Some(v.as_str())))
+            .collect();
+        let mut prev: Option<Value> = None;
+        for (i, ty) in self.plugin_types.iter().enumerate() {
+            let conf = self.plugin_config(i, prev.as_ref());
+            let outcome = self
+                .run_plugin(i, "ADD", &env, &serde_json::to_vec(&conf)?, PLUGIN_TIMEOUT)
+                .and_then(|out| {
+                    if !out.status.success() {
+                        return Err(CniError::from_output(ty, "ADD", &out).into());
+                    }
+                    serde_json::from_str::<Value>(&out.stdout).with_context(|| {
+                        format!("plugin {ty} ADD printed no JSON result: {:?}", out.stdout)
+                    })
+                });
+            match outcome {
+                Ok(result) => prev = Some(result),
+                Err(e) => {
+                    // A runtime tears down what it attempted; the failing plugin too,
+                    // since it may have done part of its work.
+                    if let Err(de) = self.chain_del(i, pod, None, PLUGIN_TIMEOUT) {
+                        eprintln!(
+                            "interceptor-testbed {}: DEL after failed ADD: {de:#}",
+                            self.id
+                        );
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        prev.ok_or_else(|| anyhow!("the CNI chain is empty"))
+    }
+
+    fn chain_del(
+        &self,
+        last: usize,
+        pod: &Pod,
+        cached: Option<&Value>,
+        timeout: Duration,
+    ) -> Result<()> {
+        let env = self.pod_cni_env(pod);
+        let env: Vec<(&str, Option<&str>)> = env
+            .iter()
+            .map(|(k, v)| (k.as_str(), Some(v.as_str())))
+            .collect();
+        let mut first_err: Option<anyhow::Error> = None;
+        for i in (0..=last.min(self.plugin_types.len().saturating_sub(1))).rev() {
+            let conf = self.plugin_config(i, cached);
+            let err = match self.run_plugin(i, "DEL", &env, &serde_json::to_vec(&conf)?, timeout) {
+                Ok(out) if out.status.success() => continue,
+                Ok(out) => CniError::from_output(&self.plugin_types[i], "DEL", &out).into(),
+                Err(e) => e,
+            };
+            first_err.get_or_insert(err);
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    fn run_plugin(
+        &self,
+        index: usize,
+        command: &str,
+        env: &[(&str, Option<&str>)],
+        stdin: &[u8],
+        timeout: Duration,
+    ) -> Result<CniOutput> {
+        let ty = self
+            .plugin_types
+            .get(index)
+            .with_context(|| format!("no plugin {index} in the chain {:?}", self.plugin_types))?;
+        let mut cmd = Command::new(self.cni_bin_dir.join(ty));
+        for var in cni::CNI_VARS {
+            cmd.env_remove(var);
+        }
+        cmd.env("CNI_COMMAND", command)
+            .env("CNI_PATH", &self.cni_bin_dir);
+        for (k, v) in env {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = self.spawn_in(&self.node_netns, false, cmd)?;
+        let collected = procs::collect(
+            Owned::new(child, Arc::clone(&self.tracker))?,
+            stdin,
+            timeout,
+        )
+        .with_context(|| format!("running CNI plugin {ty} {command}"))?;
+        Ok(CniOutput {
+            status: collected.status,
+            stdout: String::from_utf8_lossy(&collected.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&collected.stderr).into_owned(),
+        })
+    }
+
+    /// 64 hex digits, like a runtime's sandbox id, unique per call.
+    fn container_id(&self, what: &str) -> String {
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let n = self.next_log.fetch_add(1, Ordering::Relaxed);
+        let digest = Sha256::digest(format!("{}/{what}/{n}/{nanos}", self.id));
+        digest.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn tb_pod_command(&self, args: &[&str]) -> Result<Command> {
+        if !self.tb_pod_bin.is_file() {
+            bail!("tb-pod binary not found at {}", self.tb_pod_bin.display());
+        }
+        let mut cmd = Command::new(&self.tb_pod_bin);
+        cmd.args(args);
+        Ok(cmd)
+    }
+
+    /// Runs `tb-pod <args>` in the pod (e.g. `["echo", "--listen", "0.0.0.0:9000"]`) and
+    /// waits up to 10 s for its READY line. Stderr goes to `<state>/logs/`.
+    pub fn spawn_server(&self, pod: &Pod, args: &[&str]) -> Result<ServerProcess> {
+        let mut cmd = self.tb_pod_command(args)?;
+        let n = self.next_log.fetch_add(1, Ordering::Relaxed);
+        let stderr_path = self
+            .state_dir
+            .join("logs")
+            .join(format!("{}-server-{n}.stderr", pod.name));
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(procs::log_file(&stderr_path)?);
+        let child = self.spawn_in_pod(pod, cmd)?;
+        let proc = Owned::new(child, Arc::clone(&self.tracker))?;
+        ServerProcess::start(proc, stderr_path, SERVER_READY_TIMEOUT)
+            .with_context(|| format!("starting tb-pod {args:?} in pod {}", pod.name))
+    }
+
+    /// Runs `tb-pod client <args>` in the pod, waits up to 60 s and parses its report.
+    /// Connection errors are in the report; a non-zero exit is an error.
+    pub fn run_client(&self, pod: &Pod, args: &[&str]) -> Result<ClientReport> {
+        let mut cmd = self.tb_pod_command(&[])?;
+        cmd.arg("client")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = self.spawn_in_pod(pod, cmd)?;
+        let out = procs::collect(
+            Owned::new(child, Arc::clone(&self.tracker))?,
+            &[],
+            CLIENT_TIMEOUT,
+        )
+        .with_context(|| format!("tb-pod client {args:?} in pod {}", pod.name))?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            bail!(
+                "tb-pod client {args:?} exited with {}: {}",
+                out.status,
+                stderr.trim()
+            );
+        }
+        let line = stdout
+            .lines()
+            .rfind(|l| !l.trim().is_empty())
+            .with_context(|| format!("tb-pod client printed nothing; stderr: {stderr}"))?;
+        serde_json::from_str(line).with_context(|| format!("parsing client report {line:?}"))
+    }
+
+    fn cleanup(&mut self) {
+        let id = self.id.clone();
+        let warn = |what: &str, e: anyhow::Error| {
+            eprintln!("interceptor-testbed {id}: cleanup {what}: {e:#}");
+        };
+        self.tracker.kill_all(Duration::from_secs(5));
+        // Descendants the tracker never saw (the agent's helpers, daemonized children).
+        cgroup::kill_all(&self.cgroup_path);
+        let pods: Vec<Pod> = self.pods.drain(..).rev().collect();
+        for pod in &pods {
+            if let Err(e) = self.teardown_pod(pod, DROP_PLUGIN_TIMEOUT) {
+                warn("pod", e);
+            }
+        }
+        if let Err(e) = netns::delete(&self.node_netns) {
+            warn("node netns", e);
+        }
+        if let Err(e) = cgroup::remove(&self.cgroup_path, Duration::from_secs(5)) {
+            warn("cgroup", e);
+        }
+        for dir in [&self.bpffs_dir, &self.state_dir] {
+            if dir.exists() {
+                if let Err(e) = fs::remove_dir_all(dir) {
+                    warn(&dir.display().to_string(), e.into());
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        self.cleanup();
+        names::unregister(&self.id);
+    }
+}
+
+/// `ips[0].address` of a CNI result, e.g. "10.244.0.2/24".
+fn result_ip(result: &Value) -> Result<Ipv4Addr> {
+    let addr = result["ips"][0]["address"]
+        .as_str()
+        .with_context(|| format!("CNI result without ips[0].address: {result}"))?;
+    let ip = addr.split('/').next().unwrap_or_default();
+    ip.parse()
+        .with_context(|| format!("CNI result ips[0].address {addr:?} is not IPv4"))
+}
+
+/// Mounts bpffs at /sys/fs/bpf unless one is there already (the agent pins below it).
+fn ensure_bpffs() -> Result<()> {
+    let root = Path::new(BPFFS_ROOT);
+    let is_bpffs = |p: &Path| {
+        // f_type is a signed long; the magic only fits when read back as u32.
+        rustix::fs::statfs(p).is_ok_and(|st| st.f_type as u32 == BPF_FS_MAGIC)
+    };
+    if is_bpffs(root) {
+        return Ok(());
+    }
+    fs::create_dir_all(root).with_context(|| format!("creating {BPFFS_ROOT}"))?;
+    rustix::mount::mount("bpf", root, "bpf", rustix::mount::MountFlags::empty(), None)
+        .with_context(|| format!("mounting bpffs at {BPFFS_ROOT}"))?;
+    if !is_bpffs(root) {
+        bail!("{BPFFS_ROOT} is not bpffs after mounting it");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn ip_from_result() {
+        let r = json!({"cniVersion":"1.0.0","ips":[{"address":"10.244.0.7/24","gateway":"10.244.0.1"}]});
+        assert_eq!(result_ip(&r).unwrap(), Ipv4Addr::new(10, 244, 0, 7));
+        assert!(result_ip(&json!({"ips":[]})).is_err());
+        assert!(result_ip(&json!({"ips":[{"address":"fd00::2/64"}]})).is_err());
+    }
+
+    #[test]
+    fn missing_binary_names_the_debug_path() {
+        assert!(bin_path("no-such-binary").ends_with("debug/no-such-binary"));
+    }
+}

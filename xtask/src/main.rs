@@ -1,0 +1,123 @@
+//! `cargo xtask`: setup, build, test and demo tasks for the interceptor workspace.
+
+mod cmd;
+mod setup;
+
+use std::env;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Development tasks for the interceptor workspace")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what this machine lacks (nightly + rust-src, bpf-linker, Debian packages,
+    /// bpffs); fast when nothing is missing. Needs root to install packages or mount bpffs.
+    Setup,
+    /// Build the whole workspace in release mode (the eBPF object is built by
+    /// interceptor/build.rs and embedded).
+    Build,
+    /// Setup, build, then run the unit tests and the privileged end-to-end tests.
+    /// Arguments after `--` are passed to `cargo test` (e.g. `-- -p interceptor -- --nocapture`).
+    Test {
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Setup, build, then run the testbed demo (target/release/tb-demo).
+    Demo {
+        /// Arguments passed to tb-demo.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Run clippy on every crate and target, denying warnings.
+    Clippy {
+        /// Skip building the eBPF object (AYA_BUILD_SKIP=1), for machines without bpf-linker.
+        #[arg(long)]
+        skip_ebpf: bool,
+    },
+    /// Benchmarks (not implemented yet).
+    Bench,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    put_cargo_bin_on_path()?;
+    match cli.task {
+        Task::Setup => setup::setup(),
+        Task::Build => build(),
+        Task::Test { args } => {
+            setup::setup()?;
+            build()?;
+            cmd::run(
+                cmd::cargo()
+                    .args(["test", "--release", "--workspace"])
+                    .args(args),
+            )
+        }
+        Task::Demo { args } => {
+            setup::setup()?;
+            build()?;
+            let demo = target_dir().join("release/tb-demo");
+            if !demo.exists() {
+                bail!(
+                    "{} does not exist: the workspace has no tb-demo binary yet \
+                     (it belongs in the interceptor-testbed crate under tests/)",
+                    demo.display()
+                );
+            }
+            cmd::run(cmd::new(&demo.to_string_lossy()).args(args))
+        }
+        Task::Clippy { skip_ebpf } => {
+            let mut clippy = cmd::cargo();
+            clippy.args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]);
+            if skip_ebpf {
+                clippy.env("AYA_BUILD_SKIP", "1");
+            }
+            cmd::run(&mut clippy)
+        }
+        Task::Bench => {
+            eprintln!("bench: not implemented yet (issue #3)");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn build() -> Result<()> {
+    cmd::run(cmd::cargo().args(["build", "--release", "--workspace"]))
+}
+
+fn target_dir() -> PathBuf {
+    env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cmd::workspace_root().join("target"))
+}
+
+/// Puts cargo's bin directory first on PATH for every child: aya-build's nested nightly
+/// cargo links with `bpf-linker`, which `cargo install` put there, and a fresh shell
+/// (CI, sudo) may not have it on PATH. First, so the bpf-linker setup built for the
+/// nightly's LLVM wins over any other copy.
+fn put_cargo_bin_on_path() -> Result<()> {
+    let bin = cmd::cargo_home()?.join("bin");
+    let path = env::var_os("PATH").unwrap_or_default();
+    let mut dirs: Vec<PathBuf> = env::split_paths(&path).collect();
+    if dirs.first() != Some(&bin) {
+        dirs.retain(|d| d != &bin);
+        dirs.insert(0, bin);
+        env::set_var("PATH", env::join_paths(dirs).context("cannot build PATH")?);
+    }
+    Ok(())
+}
