@@ -18,8 +18,10 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 use aya_ebpf::{
-    bindings::{bpf_sock, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
+    bindings::{
+        bpf_sock, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+    },
     bpf_printk,
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, cgroup_sockopt, map, sock_ops},
@@ -29,8 +31,8 @@ use aya_ebpf::{
 };
 use core::ptr::{read_volatile, write_volatile};
 use interceptor_common::{
-    capacity, config, counters, EnrolledPod, FlowKey, OrigDst, OUTBOUND_PORT, PROXY_MARK,
-    SOL_IP, SO_ORIGINAL_DST,
+    capacity, config, counters, EnrolledPod, FlowKey, OrigDst, OUTBOUND_PORT, PROXY_MARK, SOL_IP,
+    SO_ORIGINAL_DST,
 };
 
 const AF_INET: u32 = 2;
@@ -112,7 +114,11 @@ fn redirect_connect4(ctx: &SockAddrContext) {
     }
     // SAFETY: the socket cookie helper accepts the sock_addr context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let orig = OrigDst { ipv4: dst_ip, port: dst_port_be, _pad: 0 };
+    let orig = OrigDst {
+        ipv4: dst_ip,
+        port: dst_port_be,
+        _pad: 0,
+    };
     if ORIG_DST_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
         // Without a record the proxy could not recover the destination: let it pass.
         count(counters::RECORD_FAILED);

@@ -13,9 +13,9 @@ use tokio::task::JoinHandle;
 use crate::datapath::{Datapath, DatapathError, PodDatapath};
 use crate::inpod::PodNetns;
 use crate::model::{Model, PodKey};
-use crate::source::manifests::ManifestState;
 use crate::proxy::outbound::{self, OutboundContext};
 use crate::proxy::{ConnectionLog, RouteTable};
+use crate::source::manifests::ManifestState;
 
 /// A pod the CNI plugin told us about.
 struct PodEntry {
@@ -133,7 +133,10 @@ impl Agent {
     }
 
     pub fn service_ports(&self) -> usize {
-        self.routes.read().unwrap_or_else(|p| p.into_inner()).service_ports()
+        self.routes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .service_ports()
     }
 
     /// Follow model changes: every new model means a new routing snapshot.
@@ -181,7 +184,10 @@ impl Agent {
     pub async fn add(&self, sandbox: &PodSandbox) -> Result<AgentResponse, CniFailure> {
         let key = pod_key(sandbox)?;
         if sandbox.netns.is_empty() {
-            return Err(CniFailure::new(codes::INVALID_ENVIRONMENT, "CNI_NETNS is empty"));
+            return Err(CniFailure::new(
+                codes::INVALID_ENVIRONMENT,
+                "CNI_NETNS is empty",
+            ));
         }
         let netns_path = PathBuf::from(&sandbox.netns);
         if !netns_path.exists() {
@@ -253,7 +259,10 @@ impl Agent {
         ip: Ipv4Addr,
     ) -> Result<EnrolledPod, CniFailure> {
         let io_failure = |what: &str, e: &dyn std::fmt::Display| {
-            CniFailure::new(codes::IO_FAILURE, format!("enrolling pod {key}: {what}: {e}"))
+            CniFailure::new(
+                codes::IO_FAILURE,
+                format!("enrolling pod {key}: {what}: {e}"),
+            )
         };
         let netns = {
             let path = netns_path.to_path_buf();
@@ -323,7 +332,11 @@ impl Agent {
     }
 
     fn remove_pod(&self, key: &PodKey) {
-        let entry = self.pods.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+        let entry = self
+            .pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
         if let Some(enrolled) = entry.and_then(|e| e.enrolled) {
             if let Err(error) = self.datapath.unenroll(enrolled.datapath) {
                 tracing::error!(pod = %key, %error, "unenrolling pod");
@@ -336,7 +349,10 @@ impl Agent {
         let key = pod_key(sandbox)?;
         let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
         let entry = pods.get(&key).ok_or_else(|| {
-            CniFailure::new(codes::UNKNOWN_CONTAINER, format!("pod {key} was never added"))
+            CniFailure::new(
+                codes::UNKNOWN_CONTAINER,
+                format!("pod {key} was never added"),
+            )
         })?;
         match &entry.enrolled {
             Some(enrolled) if enrolled.listener.is_finished() => Err(CniFailure::new(
@@ -400,7 +416,10 @@ mod tests {
     #[test]
     fn first_ipv4_skips_v6_and_rejects_garbage() {
         let ips = vec!["fd00::5/64".to_string(), "10.244.0.7/24".to_string()];
-        assert_eq!(first_ipv4(&ips).unwrap(), Some(Ipv4Addr::new(10, 244, 0, 7)));
+        assert_eq!(
+            first_ipv4(&ips).unwrap(),
+            Some(Ipv4Addr::new(10, 244, 0, 7))
+        );
         assert_eq!(first_ipv4(&[]).unwrap(), None);
         let err = first_ipv4(&["10.0.0.300/24".to_string()]).unwrap_err();
         assert_eq!(err.code, codes::INVALID_NETWORK_CONFIG);
@@ -417,7 +436,10 @@ mod tests {
             pod_name: String::new(),
             ips: vec![],
         };
-        assert_eq!(pod_key(&sandbox).unwrap_err().code, codes::INVALID_ENVIRONMENT);
+        assert_eq!(
+            pod_key(&sandbox).unwrap_err().code,
+            codes::INVALID_ENVIRONMENT
+        );
         sandbox.pod_name = "client".into();
         assert_eq!(pod_key(&sandbox).unwrap().to_string(), "demo/client");
     }

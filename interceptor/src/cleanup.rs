@@ -10,13 +10,18 @@ use crate::datapath::bpffs;
 pub const PID_FILE: &str = "agent.pid";
 
 /// Refuses while the agent that wrote the state dir is still running.
-pub fn cleanup(bpffs_dir: &Path, state_dir: &Path, cni_socket: &Path) -> anyhow::Result<Vec<String>> {
+pub fn cleanup(
+    bpffs_dir: &Path,
+    state_dir: &Path,
+    cni_socket: &Path,
+) -> anyhow::Result<Vec<String>> {
     if let Some(pid) = running_agent(state_dir) {
         bail!("agent pid {pid} is still running: stop it (SIGTERM) before cleaning up");
     }
     let mut removed = Vec::new();
     if bpffs_dir.exists() {
-        bpffs::remove_pin_dir(bpffs_dir).with_context(|| format!("removing {}", bpffs_dir.display()))?;
+        bpffs::remove_pin_dir(bpffs_dir)
+            .with_context(|| format!("removing {}", bpffs_dir.display()))?;
         removed.push(bpffs_dir.display().to_string());
     }
     for path in [cni_socket.to_path_buf(), state_dir.join(PID_FILE)] {
@@ -35,7 +40,11 @@ pub fn cleanup(bpffs_dir: &Path, state_dir: &Path, cni_socket: &Path) -> anyhow:
 
 /// The PID recorded in the state dir, if that process is alive and is an interceptor.
 pub fn running_agent(state_dir: &Path) -> Option<i32> {
-    let pid: i32 = std::fs::read_to_string(state_dir.join(PID_FILE)).ok()?.trim().parse().ok()?;
+    let pid: i32 = std::fs::read_to_string(state_dir.join(PID_FILE))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
     (comm.trim() == "interceptor" && pid != std::process::id() as i32).then_some(pid)
 }

@@ -35,15 +35,21 @@ pub struct AgentConfig {
 
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     if let Some(pid) = cleanup::running_agent(&config.state_dir) {
-        bail!("another agent (pid {pid}) uses state dir {}", config.state_dir.display());
+        bail!(
+            "another agent (pid {pid}) uses state dir {}",
+            config.state_dir.display()
+        );
     }
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
     // Leftovers of an agent that was killed: its links died with it, pins did not.
     crate::datapath::bpffs::remove_pin_dir(&config.bpffs)
         .with_context(|| format!("removing stale pins in {}", config.bpffs.display()))?;
-    std::fs::write(config.state_dir.join(PID_FILE), std::process::id().to_string())
-        .context("writing the pid file")?;
+    std::fs::write(
+        config.state_dir.join(PID_FILE),
+        std::process::id().to_string(),
+    )
+    .context("writing the pid file")?;
 
     let result = serve(&config).await;
     let cleaned = cleanup::cleanup(&config.bpffs, &config.state_dir, &config.cni_socket);
@@ -72,9 +78,16 @@ async fn serve(config: &AgentConfig) -> anyhow::Result<()> {
         .await
         .is_ok_and(|r| r.is_ok());
     if !loaded {
-        let error = rx.borrow().last_error.clone().unwrap_or_else(|| "no model loaded".into());
+        let error = rx
+            .borrow()
+            .last_error
+            .clone()
+            .unwrap_or_else(|| "no model loaded".into());
         watcher.abort();
-        bail!("manifests in {} did not load: {error}", config.manifests.display());
+        bail!(
+            "manifests in {} did not load: {error}",
+            config.manifests.display()
+        );
     }
     let agent = Agent::new(Arc::clone(&datapath), rx);
     let follower = agent.spawn_model_follower();

@@ -10,7 +10,11 @@ use interceptor::{cleanup, datapath, trace};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
-#[command(name = "interceptor", version, about = "Sidecar-less eBPF traffic interceptor and node agent")]
+#[command(
+    name = "interceptor",
+    version,
+    about = "Sidecar-less eBPF traffic interceptor and node agent"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -31,7 +35,9 @@ struct Paths {
 
 impl Paths {
     fn cni_socket(&self) -> PathBuf {
-        self.cni_socket.clone().unwrap_or_else(|| self.state_dir.join("cni.sock"))
+        self.cni_socket
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("cni.sock"))
     }
 }
 
@@ -74,7 +80,9 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .init();
     match run(Cli::parse()) {
@@ -88,10 +96,18 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Agent { cgroup, paths, manifests, admin_addr, bpf_debug } => {
+        Command::Agent {
+            cgroup,
+            paths,
+            manifests,
+            admin_addr,
+            bpf_debug,
+        } => {
             let cgroup = match cgroup {
                 Some(path) => path,
-                None => datapath::cgroup::detect_cgroup2_root().context("detecting the cgroup2 root")?,
+                None => {
+                    datapath::cgroup::detect_cgroup2_root().context("detecting the cgroup2 root")?
+                }
             };
             let config = AgentConfig {
                 cgroup,
@@ -118,7 +134,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Trace { pod, admin_addr, max_lines } => {
+        Command::Trace {
+            pod,
+            admin_addr,
+            max_lines,
+        } => {
             let filter = match pod {
                 Some(pod) => trace::pod_filter(&fetch_config_dump(admin_addr)?, &pod)?,
                 None => trace::TraceFilter::default(),

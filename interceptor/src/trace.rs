@@ -25,7 +25,12 @@ pub fn locate_trace_pipe() -> anyhow::Result<PathBuf> {
         nix::mount::MsFlags::empty(),
         None::<&str>,
     )
-    .with_context(|| format!("no trace_pipe found and mounting tracefs on {} failed", mountpoint.display()))?;
+    .with_context(|| {
+        format!(
+            "no trace_pipe found and mounting tracefs on {} failed",
+            mountpoint.display()
+        )
+    })?;
     eprintln!("mounted tracefs on {}", mountpoint.display());
     Ok(mountpoint.join("trace_pipe"))
 }
@@ -46,7 +51,9 @@ impl TraceFilter {
 
 /// The filter for one pod, from the agent's `/config_dump`.
 pub fn pod_filter(config_dump: &serde_json::Value, pod: &str) -> anyhow::Result<TraceFilter> {
-    let pods = config_dump["pods"].as_array().context("config_dump has no pods list")?;
+    let pods = config_dump["pods"]
+        .as_array()
+        .context("config_dump has no pods list")?;
     let Some(entry) = pods.iter().find(|p| p["pod"] == pod) else {
         bail!("pod {pod} is not known to the agent");
     };
@@ -97,7 +104,8 @@ mod tests {
             {"pod": "legacy/outsider", "netns_cookie": null, "ip": "10.244.0.6"}
         ]});
         let filter = pod_filter(&dump, "demo/client").unwrap();
-        assert!(filter.matches("curl-1 [000] icpt: connect4 netns=4101 orig=10.96.0.10:80 -> proxy 15001"));
+        assert!(filter
+            .matches("curl-1 [000] icpt: connect4 netns=4101 orig=10.96.0.10:80 -> proxy 15001"));
         assert!(filter.matches("x icpt: established 10.244.0.5:40000 orig=10.96.0.10"));
         assert!(!filter.matches("x icpt: connect4 netns=41010 orig=1.2.3.4:80"));
         assert!(!filter.matches("unrelated netns=4101 line"));

@@ -82,7 +82,10 @@ async fn debug_off(State(state): State<AdminState>) -> (StatusCode, String) {
 
 fn set_debug(state: &AdminState, on: bool) -> (StatusCode, String) {
     match state.agent.datapath().set_debug(on) {
-        Ok(()) => (StatusCode::OK, format!("bpf debug {}\n", if on { "on" } else { "off" })),
+        Ok(()) => (
+            StatusCode::OK,
+            format!("bpf debug {}\n", if on { "on" } else { "off" }),
+        ),
         Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{error}\n")),
     }
 }

@@ -27,7 +27,10 @@ pub enum CniServerError {
 
 /// Bind the socket (replacing a stale one) and serve until aborted.
 pub fn serve(path: &Path, agent: Arc<Agent>) -> Result<JoinHandle<()>, CniServerError> {
-    let bind_err = |source| CniServerError::Bind { path: path.to_path_buf(), source };
+    let bind_err = |source| CniServerError::Bind {
+        path: path.to_path_buf(),
+        source,
+    };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(bind_err)?;
     }
@@ -67,7 +70,9 @@ async fn handle(stream: UnixStream, agent: Arc<Agent>) {
     }
 }
 
-async fn read_request(read: tokio::net::unix::OwnedReadHalf) -> Result<AgentRequest, AgentResponse> {
+async fn read_request(
+    read: tokio::net::unix::OwnedReadHalf,
+) -> Result<AgentRequest, AgentResponse> {
     // One byte over the cap tells an oversized request from one exactly at the cap.
     let mut reader = BufReader::new(read).take(MAX_MESSAGE_BYTES as u64 + 1);
     let mut buf = Vec::new();

@@ -10,7 +10,9 @@ use super::DatapathError;
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
 
 fn is_bpffs(path: &Path) -> bool {
-    statfs(path).map(|s| s.filesystem_type() == BPF_FS_MAGIC).unwrap_or(false)
+    statfs(path)
+        .map(|s| s.filesystem_type() == BPF_FS_MAGIC)
+        .unwrap_or(false)
 }
 
 /// Make sure `pin_dir` exists on a bpffs. On a host that never mounted bpffs at
@@ -30,8 +32,14 @@ pub fn ensure_pin_dir(pin_dir: &Path) -> Result<(), DatapathError> {
             return Err(err(format!("{} is not a bpf filesystem", parent.display())));
         }
         std::fs::create_dir_all(parent).map_err(|e| err(e.to_string()))?;
-        mount(Some("bpffs"), parent, Some("bpf"), MsFlags::empty(), None::<&str>)
-            .map_err(|e| err(format!("mounting bpffs on {}: {e}", parent.display())))?;
+        mount(
+            Some("bpffs"),
+            parent,
+            Some("bpf"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| err(format!("mounting bpffs on {}: {e}", parent.display())))?;
     }
     std::fs::create_dir_all(pin_dir).map_err(|e| err(e.to_string()))?;
     if !is_bpffs(pin_dir) {

@@ -11,7 +11,9 @@ pub fn cgroup2_root_from_mountinfo(mountinfo: &str) -> Option<PathBuf> {
         if fstype != "cgroup2" {
             return None;
         }
-        left.split_whitespace().nth(4).map(|p| PathBuf::from(unescape_mount_path(p)))
+        left.split_whitespace()
+            .nth(4)
+            .map(|p| PathBuf::from(unescape_mount_path(p)))
     })
 }
 
@@ -71,8 +73,14 @@ mod tests {
 
     #[test]
     fn none_without_cgroup2_and_escapes_are_decoded() {
-        assert_eq!(cgroup2_root_from_mountinfo("1 0 0:1 / / rw - ext4 /dev/vda rw\n"), None);
+        assert_eq!(
+            cgroup2_root_from_mountinfo("1 0 0:1 / / rw - ext4 /dev/vda rw\n"),
+            None
+        );
         let line = "31 30 0:27 / /mnt/my\\040cg rw - cgroup2 cgroup2 rw\n";
-        assert_eq!(cgroup2_root_from_mountinfo(line), Some(PathBuf::from("/mnt/my cg")));
+        assert_eq!(
+            cgroup2_root_from_mountinfo(line),
+            Some(PathBuf::from("/mnt/my cg"))
+        );
     }
 }

@@ -58,23 +58,35 @@ impl EbpfDatapath {
         {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, PROG_CONNECT4)?;
             prog.load().map_err(prog_err(PROG_CONNECT4))?;
-            prog.attach(&cgroup_file, CgroupAttachMode::AllowMultiple)
+            prog.attach(&cgroup_file, attach_mode())
                 .map_err(prog_err(PROG_CONNECT4))?;
-            pin_program(prog.pin(pin_dir.join(PROG_CONNECT4)), pin_dir, PROG_CONNECT4)?;
+            pin_program(
+                prog.pin(pin_dir.join(PROG_CONNECT4)),
+                pin_dir,
+                PROG_CONNECT4,
+            )?;
         }
         {
             let prog: &mut SockOps = program(&mut ebpf, PROG_SOCK_OPS)?;
             prog.load().map_err(prog_err(PROG_SOCK_OPS))?;
-            prog.attach(&cgroup_file, CgroupAttachMode::AllowMultiple)
+            prog.attach(&cgroup_file, attach_mode())
                 .map_err(prog_err(PROG_SOCK_OPS))?;
-            pin_program(prog.pin(pin_dir.join(PROG_SOCK_OPS)), pin_dir, PROG_SOCK_OPS)?;
+            pin_program(
+                prog.pin(pin_dir.join(PROG_SOCK_OPS)),
+                pin_dir,
+                PROG_SOCK_OPS,
+            )?;
         }
         {
             let prog: &mut CgroupSockopt = program(&mut ebpf, PROG_GETSOCKOPT)?;
             prog.load().map_err(prog_err(PROG_GETSOCKOPT))?;
-            prog.attach(&cgroup_file, CgroupAttachMode::AllowMultiple)
+            prog.attach(&cgroup_file, attach_mode())
                 .map_err(prog_err(PROG_GETSOCKOPT))?;
-            pin_program(prog.pin(pin_dir.join(PROG_GETSOCKOPT)), pin_dir, PROG_GETSOCKOPT)?;
+            pin_program(
+                prog.pin(pin_dir.join(PROG_GETSOCKOPT)),
+                pin_dir,
+                PROG_GETSOCKOPT,
+            )?;
         }
         for name in [
             maps::ENROLLED_NETNS,
@@ -91,12 +103,26 @@ impl EbpfDatapath {
             })?;
         }
 
-        let enrolled = HashMap::try_from(take_map(&mut ebpf, maps::ENROLLED_NETNS)?)
-            .map_err(|source| DatapathError::Map { name: maps::ENROLLED_NETNS, source })?;
-        let settings = Array::try_from(take_map(&mut ebpf, maps::SETTINGS)?)
-            .map_err(|source| DatapathError::Map { name: maps::SETTINGS, source })?;
-        let counters = PerCpuArray::try_from(take_map(&mut ebpf, maps::COUNTERS)?)
-            .map_err(|source| DatapathError::Map { name: maps::COUNTERS, source })?;
+        let enrolled =
+            HashMap::try_from(take_map(&mut ebpf, maps::ENROLLED_NETNS)?).map_err(|source| {
+                DatapathError::Map {
+                    name: maps::ENROLLED_NETNS,
+                    source,
+                }
+            })?;
+        let settings = Array::try_from(take_map(&mut ebpf, maps::SETTINGS)?).map_err(|source| {
+            DatapathError::Map {
+                name: maps::SETTINGS,
+                source,
+            }
+        })?;
+        let counters =
+            PerCpuArray::try_from(take_map(&mut ebpf, maps::COUNTERS)?).map_err(|source| {
+                DatapathError::Map {
+                    name: maps::COUNTERS,
+                    source,
+                }
+            })?;
         let datapath = Self {
             _ebpf: ebpf,
             enrolled: Mutex::new(enrolled),
@@ -124,6 +150,18 @@ impl EbpfDatapath {
     }
 }
 
+/// bpf_link cgroup attachments (kernel ≥ 5.7, what aya uses there) are always
+/// multi-attach and reject any flag; older kernels fall back to BPF_PROG_ATTACH, where
+/// we must ask for multi-attach so we coexist with other programs on the cgroup.
+fn attach_mode() -> CgroupAttachMode {
+    use aya::util::KernelVersion;
+    if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(5, 7, 0)) {
+        CgroupAttachMode::Single
+    } else {
+        CgroupAttachMode::AllowMultiple
+    }
+}
+
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
@@ -135,7 +173,8 @@ where
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, DatapathError> {
-    ebpf.take_map(name).ok_or(DatapathError::MissingMap { name })
+    ebpf.take_map(name)
+        .ok_or(DatapathError::MissingMap { name })
 }
 
 fn pin_program(
@@ -160,17 +199,21 @@ impl Datapath for EbpfDatapath {
             ipv4: u32::from_ne_bytes(pod.ipv4.octets()),
             flags: 0,
         };
-        map.insert(pod.netns_cookie, value, 0).map_err(|source| match &source {
-            aya::maps::MapError::SyscallError(e)
-                if e.io_error.raw_os_error() == Some(libc::E2BIG) =>
-            {
-                DatapathError::MapFull {
-                    map: maps::ENROLLED_NETNS,
-                    capacity: capacity::ENROLLED_NETNS,
+        map.insert(pod.netns_cookie, value, 0)
+            .map_err(|source| match &source {
+                aya::maps::MapError::SyscallError(e)
+                    if e.io_error.raw_os_error() == Some(libc::E2BIG) =>
+                {
+                    DatapathError::MapFull {
+                        map: maps::ENROLLED_NETNS,
+                        capacity: capacity::ENROLLED_NETNS,
+                    }
                 }
-            }
-            _ => DatapathError::Map { name: maps::ENROLLED_NETNS, source },
-        })
+                _ => DatapathError::Map {
+                    name: maps::ENROLLED_NETNS,
+                    source,
+                },
+            })
     }
 
     fn unenroll(&self, pod: PodDatapath) -> Result<(), DatapathError> {
@@ -182,7 +225,10 @@ impl Datapath for EbpfDatapath {
             {
                 Ok(())
             }
-            Err(source) => Err(DatapathError::Map { name: maps::ENROLLED_NETNS, source }),
+            Err(source) => Err(DatapathError::Map {
+                name: maps::ENROLLED_NETNS,
+                source,
+            }),
         }
     }
 
@@ -191,7 +237,10 @@ impl Datapath for EbpfDatapath {
         let flags = if on { config::FLAG_DEBUG } else { 0 };
         settings
             .set(config::FLAGS_INDEX, flags, 0)
-            .map_err(|source| DatapathError::Map { name: maps::SETTINGS, source })
+            .map_err(|source| DatapathError::Map {
+                name: maps::SETTINGS,
+                source,
+            })
     }
 
     fn counters(&self) -> DatapathCounters {

@@ -43,10 +43,15 @@ impl PodNetns {
             .name(format!("netns:{}", short_name(path)))
             .spawn(move || {
                 let entered = setns(&file, CloneFlags::CLONE_NEWNET)
-                    .map_err(|source| InpodError::Enter { path: thread_path.clone(), source })
+                    .map_err(|source| InpodError::Enter {
+                        path: thread_path.clone(),
+                        source,
+                    })
                     .and_then(|()| {
-                        netns_cookie_of_current()
-                            .map_err(|source| InpodError::Io { path: thread_path, source })
+                        netns_cookie_of_current().map_err(|source| InpodError::Io {
+                            path: thread_path,
+                            source,
+                        })
                     });
                 let ok = entered.is_ok();
                 let _ = ready_tx.send(entered);
@@ -58,10 +63,13 @@ impl PodNetns {
                     job();
                 }
             })
-            .map_err(|source| InpodError::Io { path: shown.clone(), source })?;
-        let cookie = ready_rx
-            .recv()
-            .map_err(|_| InpodError::ThreadGone { path: shown.clone() })??;
+            .map_err(|source| InpodError::Io {
+                path: shown.clone(),
+                source,
+            })?;
+        let cookie = ready_rx.recv().map_err(|_| InpodError::ThreadGone {
+            path: shown.clone(),
+        })??;
         Ok(Self {
             path: path.to_path_buf(),
             jobs,
@@ -116,8 +124,17 @@ impl PodNetns {
 }
 
 fn short_name(path: &Path) -> String {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    name.chars().rev().take(8).collect::<Vec<_>>().into_iter().rev().collect()
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    name.chars()
+        .rev()
+        .take(8)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect()
 }
 
 /// `SO_NETNS_COOKIE` (Linux 5.14) of the calling thread's network namespace.

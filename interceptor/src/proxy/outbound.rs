@@ -71,7 +71,10 @@ pub async fn listen(netns: &PodNetns) -> Result<TcpListener, InpodError> {
             Ok(socket.into())
         })
         .await?
-        .map_err(|source| InpodError::Io { path: path.clone(), source })?;
+        .map_err(|source| InpodError::Io {
+            path: path.clone(),
+            source,
+        })?;
     TcpListener::from_std(std_listener).map_err(|source| InpodError::Io { path, source })
 }
 

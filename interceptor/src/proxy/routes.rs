@@ -40,7 +40,9 @@ impl RouteTable {
     pub fn build(model: &Model, pod_ips: &HashMap<PodKey, Ipv4Addr>) -> Self {
         let mut services = HashMap::new();
         for service in model.services.values() {
-            let Some(cluster_ip) = service.cluster_ip else { continue };
+            let Some(cluster_ip) = service.cluster_ip else {
+                continue;
+            };
             for port in &service.ports {
                 if !port.protocol.eq_ignore_ascii_case("TCP") {
                     continue;

@@ -1,0 +1,147 @@
+//! Shared helpers for the privileged end-to-end tests: the root guard, the manifests
+//! the tests run the agent on, and a testbed with a running agent.
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::path::{Path, PathBuf};
+
+use interceptor_testbed::{AgentProcess, Pod, Testbed};
+
+/// ClusterIP of the `echo` Service in [`MANIFESTS`].
+pub const ECHO_CLUSTER_IP: &str = "10.96.0.10";
+pub const ECHO_SERVICE_PORT: u16 = 80;
+pub const ECHO_TARGET_PORT: u16 = 9000;
+
+/// `demo` is enrolled (ambient label), `legacy` is not.
+pub const MANIFESTS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: demo
+  labels:
+    istio.io/dataplane-mode: ambient
+---
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: legacy
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: demo, labels: {app: client}}
+spec:
+  containers: [{name: main, image: busybox}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: server, namespace: demo, labels: {app: echo}}
+spec:
+  containers:
+  - name: main
+    image: busybox
+    ports: [{name: tcp-echo, containerPort: 9000}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: outsider, namespace: legacy, labels: {app: outsider}}
+spec:
+  containers: [{name: main, image: busybox}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: legacy-server, namespace: legacy, labels: {app: legacy-echo}}
+spec:
+  containers: [{name: main, image: busybox}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: demo}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: echo}
+  ports: [{name: tcp, port: 80, targetPort: tcp-echo}]
+"#;
+
+/// True when the test may run; under `CI=true` a non-root run is a failure, never a skip.
+pub fn privileged() -> bool {
+    if rustix::process::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("privileged end-to-end tests need root, and CI=true forbids skipping them");
+    }
+    eprintln!("skipping privileged end-to-end test: not root");
+    false
+}
+
+/// A testbed with the full CNI chain and a running agent on [`MANIFESTS`].
+pub struct Node {
+    pub agent: Option<AgentProcess>,
+    pub manifests: PathBuf,
+    // Declared last: dropped after the agent, so the agent stops before the netns go.
+    pub tb: Testbed,
+}
+
+impl Node {
+    pub fn start(label: &str, agent_args: &[&str]) -> Node {
+        let mut tb = Testbed::builder(label)
+            .tb_pod_bin(env!("CARGO_BIN_EXE_tb-pod"))
+            .build()
+            .expect("testbed");
+        let manifests = tb.state_dir().join("manifests");
+        std::fs::create_dir_all(&manifests).expect("manifests dir");
+        std::fs::write(manifests.join("mesh.yaml"), MANIFESTS).expect("manifests");
+        let agent = tb
+            .start_agent(&manifests, agent_args)
+            .expect("agent starts");
+        Node {
+            agent: Some(agent),
+            manifests,
+            tb,
+        }
+    }
+
+    pub fn pod(&mut self, namespace: &str, name: &str) -> Pod {
+        self.tb.add_pod(namespace, name).unwrap_or_else(|e| {
+            panic!(
+                "adding pod {namespace}/{name}: {e:#}\nagent log:\n{}",
+                self.agent_log()
+            )
+        })
+    }
+
+    pub fn agent_log(&self) -> String {
+        self.agent.as_ref().map(|a| a.log()).unwrap_or_default()
+    }
+
+    pub fn config_dump(&self) -> serde_json::Value {
+        let (status, body) = self.tb.admin_get("/config_dump").expect("GET /config_dump");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).expect("config_dump JSON")
+    }
+
+    /// Connection records the proxy logged for `client` (ip:port).
+    pub fn connections_from(&self, client: &str) -> Vec<serde_json::Value> {
+        let dump = self.config_dump();
+        dump["connections"]
+            .as_array()
+            .map(|c| {
+                c.iter()
+                    .filter(|r| r["client"] == client)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn stop_agent(&mut self) -> std::process::ExitStatus {
+        self.agent
+            .take()
+            .expect("agent running")
+            .stop()
+            .expect("agent stops on SIGTERM")
+    }
+}
+
+pub fn manifests_path(node: &Node) -> &Path {
+    &node.manifests
+}

@@ -1,0 +1,255 @@
+//! Outbound interception end to end: an enrolled pod's connect to a Service ClusterIP is
+//! redirected in the kernel to the proxy in its netns, which recovers the original
+//! destination and forwards to an endpoint; unenrolled pods are left alone.
+mod common;
+
+use std::time::Duration;
+
+use common::{Node, ECHO_CLUSTER_IP, ECHO_SERVICE_PORT, ECHO_TARGET_PORT};
+
+const MIB: u64 = 1024 * 1024;
+
+fn service_addr() -> String {
+    format!("{ECHO_CLUSTER_IP}:{ECHO_SERVICE_PORT}")
+}
+
+/// Retry briefly: the proxy writes its connection record after the client sees EOF.
+fn wait_for_record(node: &Node, client: &str) -> serde_json::Value {
+    for _ in 0..50 {
+        if let Some(record) = node.connections_from(client).into_iter().next() {
+            return record;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!(
+        "no connection record for {client}; agent log:\n{}",
+        node.agent_log()
+    );
+}
+
+#[test]
+fn enrolled_client_reaches_service_endpoint_through_proxy() {
+    if !common::privileged() {
+        return;
+    }
+    let mut node = Node::start("outbound", &[]);
+    let server = node.pod("demo", "server");
+    let client = node.pod("demo", "client");
+    let echo = node
+        .tb
+        .spawn_server(
+            &server,
+            &["echo", "--listen", "0.0.0.0:9000", "--greeting", "hello-v1"],
+        )
+        .expect("echo server");
+
+    let report = node
+        .tb
+        .run_client(
+            &client,
+            &[
+                "--connect",
+                &service_addr(),
+                "--send-bytes",
+                "4096",
+                "--expect-greeting",
+            ],
+        )
+        .expect("client runs");
+    assert_eq!(
+        report.error,
+        None,
+        "client failed: {report:?}\nagent log:\n{}",
+        node.agent_log()
+    );
+    assert_eq!(report.greeting.as_deref(), Some("hello-v1"));
+    assert!(report.echoed_all(), "{report:?}");
+    // The application still believes it talks to the Service (connect4 rewrote the
+    // kernel's destination, not the app's idea of it, except for getpeername).
+    let local = report.local.clone().expect("local address");
+
+    let record = wait_for_record(&node, &local);
+    assert_eq!(record["original_dst"], service_addr(), "{record}");
+    assert_eq!(record["target"]["kind"], "endpoint", "{record}");
+    assert_eq!(record["target"]["pod"], "demo/server", "{record}");
+    assert_eq!(
+        record["target"]["addr"],
+        format!("{}:{ECHO_TARGET_PORT}", server.ip),
+        "{record}"
+    );
+    assert_eq!(record["upstream_bytes"], 4096, "{record}");
+
+    // The server saw the connection come from the client pod's IP (the proxy dials from
+    // inside the client's netns), on the endpoint port.
+    let accepts = echo
+        .wait_for_events("accept", 1, Duration::from_secs(5))
+        .expect("accept event");
+    let peer = accepts[0]["peer"].as_str().expect("peer");
+    assert!(
+        peer.starts_with(&format!("{}:", client.ip)),
+        "server saw {peer}"
+    );
+
+    let dump = node.config_dump();
+    assert_eq!(dump["mode"], "ebpf");
+    assert!(
+        dump["datapath_counters"]["redirected"].as_u64() >= Some(1),
+        "{}",
+        dump["datapath_counters"]
+    );
+    assert!(dump["datapath_counters"]["orig_dst_answered"].as_u64() >= Some(1));
+    let pods = dump["pods"].as_array().expect("pods");
+    let client_row = pods
+        .iter()
+        .find(|p| p["pod"] == "demo/client")
+        .expect("client row");
+    assert_eq!(client_row["enrolled"], true);
+    assert!(client_row["netns_cookie"].as_u64().is_some());
+}
+
+#[test]
+fn unenrolled_pod_is_not_touched() {
+    if !common::privileged() {
+        return;
+    }
+    let mut node = Node::start("unenrolled", &[]);
+    let server = node.pod("legacy", "legacy-server");
+    let outsider = node.pod("legacy", "outsider");
+    let echo = node
+        .tb
+        .spawn_server(&server, &["echo", "--listen", "0.0.0.0:9000"])
+        .expect("echo server");
+
+    // Direct pod-to-pod works and the server sees the outsider's own socket.
+    let direct = format!("{}:9000", server.ip);
+    let report = node
+        .tb
+        .run_client(&outsider, &["--connect", &direct, "--send-bytes", "1000"])
+        .expect("client");
+    assert_eq!(report.error, None, "{report:?}");
+    assert!(report.echoed_all());
+    let local = report.local.clone().expect("local");
+    let accepts = echo
+        .wait_for_events("accept", 1, Duration::from_secs(5))
+        .expect("accept");
+    assert_eq!(
+        accepts[0]["peer"].as_str(),
+        Some(local.as_str()),
+        "server saw a different peer"
+    );
+    assert!(
+        node.connections_from(&local).is_empty(),
+        "proxy saw an unenrolled pod's connection"
+    );
+
+    // A ClusterIP means nothing without the mesh: the node has no route for it.
+    let report = node
+        .tb
+        .run_client(
+            &outsider,
+            &["--connect", &service_addr(), "--connect-timeout-ms", "1000"],
+        )
+        .expect("client");
+    assert!(
+        report.error.is_some(),
+        "unenrolled pod reached a ClusterIP: {report:?}"
+    );
+
+    let dump = node.config_dump();
+    let pods = dump["pods"].as_array().expect("pods");
+    let row = pods
+        .iter()
+        .find(|p| p["pod"] == "legacy/outsider")
+        .expect("outsider row");
+    assert_eq!(row["enrolled"], false);
+    assert_eq!(dump["datapath_counters"]["redirected"], 0);
+}
+
+#[test]
+fn bulk_transfer_both_ways_with_checksum_and_half_close() {
+    if !common::privileged() {
+        return;
+    }
+    let mut node = Node::start("bulk", &[]);
+    let server = node.pod("demo", "server");
+    let client = node.pod("demo", "client");
+    let _echo = node
+        .tb
+        .spawn_server(&server, &["echo", "--listen", "0.0.0.0:9000"])
+        .expect("echo");
+
+    let bytes = (64 * MIB).to_string();
+    let report = node
+        .tb
+        .run_client(
+            &client,
+            &[
+                "--connect",
+                &service_addr(),
+                "--send-bytes",
+                &bytes,
+                "--half-close",
+                "--seed",
+                "7",
+            ],
+        )
+        .expect("client");
+    assert_eq!(report.error, None, "{report:?}");
+    assert_eq!(report.sent, 64 * MIB);
+    assert_eq!(report.received, 64 * MIB);
+    assert_eq!(
+        report.sent_sha256, report.received_sha256,
+        "bytes changed in flight"
+    );
+
+    // Half-close: the client's FIN reaches the server through the proxy while the
+    // server-to-client direction stays open for the answer.
+    drop(_echo);
+    let _hc = node
+        .tb
+        .spawn_server(&server, &["half-close-server", "--listen", "0.0.0.0:9000"])
+        .expect("half-close server");
+    let report = node
+        .tb
+        .run_client(
+            &client,
+            &[
+                "--connect",
+                &service_addr(),
+                "--send-bytes",
+                "12345",
+                "--half-close",
+            ],
+        )
+        .expect("client");
+    assert_eq!(report.error, None, "{report:?}");
+    assert_eq!(report.sent, 12345);
+    let answer = b"got 12345 bytes after your FIN\n";
+    assert_eq!(report.received, answer.len() as u64, "{report:?}");
+}
+
+#[test]
+fn reset_is_propagated() {
+    if !common::privileged() {
+        return;
+    }
+    let mut node = Node::start("reset", &[]);
+    let server = node.pod("demo", "server");
+    let client = node.pod("demo", "client");
+    let _rst = node
+        .tb
+        .spawn_server(&server, &["reset-server", "--listen", "0.0.0.0:9000"])
+        .expect("reset server");
+    let report = node
+        .tb
+        .run_client(
+            &client,
+            &["--connect", &service_addr(), "--send-bytes", "100000"],
+        )
+        .expect("client");
+    assert_eq!(
+        report.error.as_deref(),
+        Some("connection reset"),
+        "{report:?}"
+    );
+}
