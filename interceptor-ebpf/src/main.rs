@@ -99,7 +99,7 @@ fn redirect_connect4(ctx: &SockAddrContext) {
     // SAFETY: bpf_get_netns_cookie accepts the sock_addr context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: plain-old-data value, copied out immediately.
-    let Some(pod) = (unsafe { ENROLLED_NETNS.get(&netns) }).copied() else {
+    let Some(pod) = (unsafe { ENROLLED_NETNS.get(netns) }).copied() else {
         return;
     };
     // SAFETY: sk is a valid PTR_TO_SOCKET for sock_addr programs.
@@ -119,7 +119,7 @@ fn redirect_connect4(ctx: &SockAddrContext) {
         port: dst_port_be,
         _pad: 0,
     };
-    if ORIG_DST_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
+    if ORIG_DST_BY_COOKIE.insert(cookie, orig, 0).is_err() {
         // Without a record the proxy could not recover the destination: let it pass.
         count(counters::RECORD_FAILED);
         return;
@@ -163,7 +163,7 @@ fn record_flow(ctx: &SockOpsContext) {
     // SAFETY: sock_ops context accepted by the cookie helper.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: plain-old-data value, copied out immediately.
-    let Some(orig) = (unsafe { ORIG_DST_BY_COOKIE.get(&cookie) }).copied() else {
+    let Some(orig) = (unsafe { ORIG_DST_BY_COOKIE.get(cookie) }).copied() else {
         return;
     };
     let key = FlowKey {
@@ -172,8 +172,8 @@ fn record_flow(ctx: &SockOpsContext) {
         src_port: ctx.local_port() as u16,
         dst_port: remote_port(ctx),
     };
-    let _ = ORIG_DST_BY_COOKIE.remove(&cookie);
-    if ORIG_DST_BY_FLOW.insert(&key, &orig, 0).is_err() {
+    let _ = ORIG_DST_BY_COOKIE.remove(cookie);
+    if ORIG_DST_BY_FLOW.insert(key, orig, 0).is_err() {
         count(counters::RECORD_FAILED);
         return;
     }
@@ -213,7 +213,7 @@ fn forget_flow(ctx: &SockOpsContext) {
         src_port: remote_port(ctx),
         dst_port: OUTBOUND_PORT,
     };
-    let _ = ORIG_DST_BY_FLOW.remove(&key);
+    let _ = ORIG_DST_BY_FLOW.remove(key);
 }
 
 /// `remote_port` carries the network-order port in its upper 16 bits on little-endian.
@@ -254,7 +254,7 @@ fn answer_original_dst(ctx: &SockoptContext) -> bool {
         }
     };
     // SAFETY: plain-old-data value, copied out immediately.
-    let Some(orig) = (unsafe { ORIG_DST_BY_FLOW.get(&key) }).copied() else {
+    let Some(orig) = (unsafe { ORIG_DST_BY_FLOW.get(key) }).copied() else {
         // Not ours: under iptables REDIRECT the kernel's conntrack answer passes through.
         return false;
     };

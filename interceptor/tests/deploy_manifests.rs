@@ -1,0 +1,536 @@
+//! Checks the Kubernetes manifests in `deploy/`: each parses into its k8s-openapi type with no
+//! unknown fields, the kustomization lists them all, and the DaemonSet, RBAC and ConfigMaps
+//! say what the agent needs (privileges, host mounts, read-only RBAC, FSM config fields).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, Namespace, PodSpec, ServiceAccount, Volume, VolumeMount,
+};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+const NAMESPACE: &str = "interceptor-system";
+
+/// One object of a deploy file, typed by its `kind`.
+#[derive(Debug)]
+enum Object {
+    Namespace(Namespace),
+    ServiceAccount(ServiceAccount),
+    ClusterRole(ClusterRole),
+    ClusterRoleBinding(ClusterRoleBinding),
+    ConfigMap(ConfigMap),
+    DaemonSet(Box<DaemonSet>),
+}
+
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+fn kustomization() -> serde_yaml::Value {
+    let path = deploy_dir().join("kustomization.yaml");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The file names under `resources:` in kustomization.yaml.
+fn resources() -> Vec<String> {
+    let kustomization = kustomization();
+    let list = kustomization["resources"]
+        .as_sequence()
+        .expect("kustomization.yaml has a resources list");
+    list.iter()
+        .map(|r| {
+            r.as_str()
+                .unwrap_or_else(|| panic!("resource entry {r:?} is not a string"))
+                .to_owned()
+        })
+        .collect()
+}
+
+/// Deserialize into `T`, and fail when serializing it back loses anything: k8s-openapi
+/// ignores unknown fields, so a misspelt `mountPropogation` would otherwise pass silently.
+fn typed<T: DeserializeOwned + Serialize>(file: &str, value: &serde_yaml::Value) -> T {
+    let object: T = serde_yaml::from_value(value.clone())
+        .unwrap_or_else(|e| panic!("{file}: {} does not parse: {e}", describe(value)));
+    let original = serde_json::to_value(value).expect("YAML to JSON");
+    let round_trip = serde_json::to_value(&object).expect("typed object to JSON");
+    assert_eq!(
+        round_trip,
+        original,
+        "{file}: {} has fields its type does not know (or mistyped values)",
+        describe(value)
+    );
+    object
+}
+
+fn describe(value: &serde_yaml::Value) -> String {
+    format!(
+        "{} {}",
+        value["kind"].as_str().unwrap_or("<no kind>"),
+        value["metadata"]["name"].as_str().unwrap_or("<no name>")
+    )
+}
+
+fn parse_object(file: &str, value: &serde_yaml::Value) -> Object {
+    match value["kind"].as_str() {
+        Some("Namespace") => Object::Namespace(typed(file, value)),
+        Some("ServiceAccount") => Object::ServiceAccount(typed(file, value)),
+        Some("ClusterRole") => Object::ClusterRole(typed(file, value)),
+        Some("ClusterRoleBinding") => Object::ClusterRoleBinding(typed(file, value)),
+        Some("ConfigMap") => Object::ConfigMap(typed(file, value)),
+        Some("DaemonSet") => Object::DaemonSet(Box::new(typed(file, value))),
+        other => panic!("{file}: unexpected kind {other:?}"),
+    }
+}
+
+/// Every object of every file the kustomization lists, with the file it came from.
+fn load_all() -> Vec<(String, Object)> {
+    let mut objects = Vec::new();
+    for file in resources() {
+        let path = deploy_dir().join(&file);
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        let mut in_file = 0;
+        for document in serde_yaml::Deserializer::from_str(&text) {
+            let value = serde_yaml::Value::deserialize(document)
+                .unwrap_or_else(|e| panic!("{file}: not YAML: {e}"));
+            if value.is_null() {
+                continue; // an empty document, e.g. after a trailing `---`
+            }
+            objects.push((file.clone(), parse_object(&file, &value)));
+            in_file += 1;
+        }
+        assert!(in_file > 0, "{file} holds no object");
+    }
+    objects
+}
+
+fn daemonset() -> DaemonSet {
+    let mut found: Vec<DaemonSet> = load_all()
+        .into_iter()
+        .filter_map(|(_, o)| match o {
+            Object::DaemonSet(ds) => Some(*ds),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(found.len(), 1, "exactly one DaemonSet");
+    found.remove(0)
+}
+
+fn pod_spec(ds: &DaemonSet) -> &PodSpec {
+    ds.spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .expect("DaemonSet has a pod template spec")
+}
+
+fn agent_container(spec: &PodSpec) -> &Container {
+    assert_eq!(spec.containers.len(), 1, "one container");
+    let container = &spec.containers[0];
+    assert_eq!(container.name, "agent");
+    container
+}
+
+fn config_maps() -> Vec<ConfigMap> {
+    load_all()
+        .into_iter()
+        .filter_map(|(_, o)| match o {
+            Object::ConfigMap(cm) => Some(cm),
+            _ => None,
+        })
+        .collect()
+}
+
+fn config_map(name: &str) -> ConfigMap {
+    config_maps()
+        .into_iter()
+        .find(|cm| cm.metadata.name.as_deref() == Some(name))
+        .unwrap_or_else(|| panic!("ConfigMap {name} is deployed"))
+}
+
+/// The value following `flag` in the container's args.
+fn arg_value<'a>(args: &'a [String], flag: &str) -> &'a str {
+    let at = args
+        .iter()
+        .position(|a| a == flag)
+        .unwrap_or_else(|| panic!("args {args:?} have {flag}"));
+    args.get(at + 1)
+        .unwrap_or_else(|| panic!("{flag} has a value"))
+}
+
+fn mount<'a>(container: &'a Container, path: &str) -> &'a VolumeMount {
+    container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == path)
+        .unwrap_or_else(|| panic!("the agent mounts {path}"))
+}
+
+fn volume<'a>(spec: &'a PodSpec, name: &str) -> &'a Volume {
+    spec.volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == name)
+        .unwrap_or_else(|| panic!("volume {name} exists"))
+}
+
+/// The host path behind the mount at `path`.
+fn host_path_of(spec: &PodSpec, container: &Container, path: &str) -> String {
+    let volume = volume(spec, &mount(container, path).name);
+    volume
+        .host_path
+        .as_ref()
+        .unwrap_or_else(|| panic!("the mount at {path} is a hostPath"))
+        .path
+        .clone()
+}
+
+#[test]
+fn every_listed_file_parses_into_its_kind() {
+    let objects = load_all();
+    let kinds: BTreeSet<&str> = objects
+        .iter()
+        .map(|(_, o)| match o {
+            Object::Namespace(_) => "Namespace",
+            Object::ServiceAccount(_) => "ServiceAccount",
+            Object::ClusterRole(_) => "ClusterRole",
+            Object::ClusterRoleBinding(_) => "ClusterRoleBinding",
+            Object::ConfigMap(_) => "ConfigMap",
+            Object::DaemonSet(_) => "DaemonSet",
+        })
+        .collect();
+    let expected: BTreeSet<&str> = [
+        "Namespace",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ConfigMap",
+        "DaemonSet",
+    ]
+    .into();
+    assert_eq!(kinds, expected);
+
+    // Namespaced objects say their namespace themselves, so they also apply without -k.
+    for (file, object) in &objects {
+        let namespace = match object {
+            Object::ServiceAccount(o) => &o.metadata.namespace,
+            Object::ConfigMap(o) => &o.metadata.namespace,
+            Object::DaemonSet(o) => &o.metadata.namespace,
+            Object::Namespace(o) => {
+                assert_eq!(o.metadata.name.as_deref(), Some(NAMESPACE), "{file}");
+                continue;
+            }
+            Object::ClusterRole(_) | Object::ClusterRoleBinding(_) => continue,
+        };
+        assert_eq!(namespace.as_deref(), Some(NAMESPACE), "{file}");
+    }
+}
+
+#[test]
+fn kustomization_lists_every_manifest() {
+    assert_eq!(kustomization()["namespace"].as_str(), Some(NAMESPACE));
+    let listed = resources();
+    let unique: BTreeSet<&String> = listed.iter().collect();
+    assert_eq!(
+        unique.len(),
+        listed.len(),
+        "duplicate resources: {listed:?}"
+    );
+
+    let mut on_disk = BTreeSet::new();
+    for entry in std::fs::read_dir(deploy_dir()).expect("deploy/ exists") {
+        let name = entry.expect("deploy/ entry").file_name();
+        let name = name.to_string_lossy().into_owned();
+        if (name.ends_with(".yaml") || name.ends_with(".yml")) && name != "kustomization.yaml" {
+            on_disk.insert(name);
+        }
+    }
+    let listed: BTreeSet<String> = listed.into_iter().collect();
+    let orphans: Vec<&String> = on_disk.difference(&listed).collect();
+    assert!(orphans.is_empty(), "not in kustomization.yaml: {orphans:?}");
+    let missing: Vec<&String> = listed.difference(&on_disk).collect();
+    assert!(missing.is_empty(), "listed but absent: {missing:?}");
+}
+
+#[test]
+fn daemonset_runs_a_privileged_agent_in_the_host_namespaces() {
+    let ds = daemonset();
+    assert_eq!(ds.metadata.name.as_deref(), Some("interceptor-node"));
+    let spec = pod_spec(&ds);
+    assert_eq!(spec.host_network, Some(true));
+    assert_eq!(spec.host_pid, Some(true));
+    assert_eq!(spec.dns_policy.as_deref(), Some("ClusterFirstWithHostNet"));
+    assert_eq!(
+        spec.priority_class_name.as_deref(),
+        Some("system-node-critical")
+    );
+    assert_eq!(
+        spec.service_account_name.as_deref(),
+        Some("interceptor-node")
+    );
+    assert!(
+        spec.tolerations
+            .iter()
+            .flatten()
+            .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none()),
+        "tolerates every taint"
+    );
+
+    let container = agent_container(spec);
+    let privileged = container
+        .security_context
+        .as_ref()
+        .and_then(|s| s.privileged);
+    assert_eq!(privileged, Some(true));
+
+    let node_name = container
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "NODE_NAME")
+        .expect("NODE_NAME is set");
+    let field = node_name
+        .value_from
+        .as_ref()
+        .and_then(|v| v.field_ref.as_ref())
+        .expect("NODE_NAME comes from a fieldRef");
+    assert_eq!(field.field_path, "spec.nodeName");
+}
+
+#[test]
+fn daemonset_args_match_the_agent_cli_and_the_mounts() {
+    let ds = daemonset();
+    let spec = pod_spec(&ds);
+    let container = agent_container(spec);
+    let args = container.args.as_deref().expect("the agent has args");
+    assert_eq!(args.first().map(String::as_str), Some("agent"));
+    assert_eq!(arg_value(args, "--cgroup"), "/sys/fs/cgroup");
+    assert_eq!(arg_value(args, "--admin-addr"), "127.0.0.1:15000");
+
+    // --manifests points at the mounted interceptor-manifests ConfigMap.
+    let manifests = arg_value(args, "--manifests");
+    let manifests_volume = volume(spec, &mount(container, manifests).name);
+    let source = manifests_volume
+        .config_map
+        .as_ref()
+        .expect("the manifests mount is a ConfigMap");
+    assert_eq!(source.name, "interceptor-manifests");
+
+    // The state dir (pid file, cni.sock) is the host's, so the host's CNI plugin reaches it.
+    let state_dir = arg_value(args, "--state-dir");
+    assert_eq!(host_path_of(spec, container, state_dir), state_dir);
+
+    // The pins land in the host's bpffs.
+    let bpffs = arg_value(args, "--bpffs");
+    assert!(
+        Path::new(bpffs).starts_with("/sys/fs/bpf"),
+        "--bpffs {bpffs} is under the /sys/fs/bpf mount"
+    );
+
+    let config = volume(spec, &mount(container, "/etc/interceptor/config").name);
+    assert_eq!(
+        config.config_map.as_ref().map(|c| c.name.as_str()),
+        Some("interceptor-config")
+    );
+}
+
+#[test]
+fn daemonset_mounts_the_host_paths_the_agent_needs() {
+    let ds = daemonset();
+    let spec = pod_spec(&ds);
+    let container = agent_container(spec);
+
+    for path in [
+        "/sys/fs/bpf",
+        "/sys/fs/cgroup",
+        "/var/run/netns",
+        "/etc/cni/net.d",
+        "/opt/cni/bin",
+        "/var/run/interceptor",
+    ] {
+        assert_eq!(host_path_of(spec, container, path), path);
+    }
+    assert_eq!(
+        mount(container, "/sys/fs/bpf").mount_propagation.as_deref(),
+        Some("Bidirectional")
+    );
+    assert_eq!(
+        mount(container, "/var/run/netns")
+            .mount_propagation
+            .as_deref(),
+        Some("HostToContainer")
+    );
+    let proc = mount(container, "/host/proc");
+    assert_eq!(proc.read_only, Some(true));
+    assert_eq!(host_path_of(spec, container, "/host/proc"), "/proc");
+
+    // Every mount has a volume and every volume is mounted.
+    let volumes: BTreeSet<&str> = spec
+        .volumes
+        .iter()
+        .flatten()
+        .map(|v| v.name.as_str())
+        .collect();
+    let mounted: BTreeSet<&str> = container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| m.name.as_str())
+        .collect();
+    assert_eq!(volumes, mounted);
+}
+
+#[test]
+fn daemonset_probes_hit_the_admin_endpoint() {
+    let ds = daemonset();
+    let container = agent_container(pod_spec(&ds));
+    for (which, probe, path) in [
+        ("readiness", &container.readiness_probe, "/readyz"),
+        ("liveness", &container.liveness_probe, "/healthz"),
+    ] {
+        let get = probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .unwrap_or_else(|| panic!("{which} probe is an httpGet"));
+        assert_eq!(get.port, IntOrString::Int(15000), "{which} probe port");
+        assert_eq!(get.host.as_deref(), Some("127.0.0.1"), "{which} probe host");
+        assert_eq!(get.path.as_deref(), Some(path), "{which} probe path");
+    }
+}
+
+#[test]
+fn cluster_role_only_reads_the_model_objects() {
+    let roles: Vec<ClusterRole> = load_all()
+        .into_iter()
+        .filter_map(|(_, o)| match o {
+            Object::ClusterRole(r) => Some(r),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(roles.len(), 1);
+    let allowed_verbs: BTreeSet<&str> = ["get", "list", "watch"].into();
+    let allowed_resources: BTreeSet<&str> =
+        ["pods", "namespaces", "services", "endpointslices"].into();
+    let rules = roles[0]
+        .rules
+        .as_deref()
+        .expect("the ClusterRole has rules");
+    assert!(!rules.is_empty());
+    for rule in rules {
+        for verb in &rule.verbs {
+            assert!(allowed_verbs.contains(verb.as_str()), "verb {verb}");
+        }
+        let resources = rule.resources.as_deref().expect("rules name resources");
+        for resource in resources {
+            assert!(
+                allowed_resources.contains(resource.as_str()),
+                "resource {resource}"
+            );
+        }
+        for group in rule.api_groups.iter().flatten() {
+            assert!(
+                group.is_empty() || group == "discovery.k8s.io",
+                "API group {group}"
+            );
+        }
+        assert!(rule.non_resource_urls.is_none(), "no non-resource URLs");
+        assert!(rule.resource_names.is_none(), "no resourceNames tricks");
+    }
+}
+
+#[test]
+fn cluster_role_binding_binds_the_service_account() {
+    let objects = load_all();
+    let account = objects
+        .iter()
+        .find_map(|(_, o)| match o {
+            Object::ServiceAccount(sa) => Some(sa),
+            _ => None,
+        })
+        .expect("a ServiceAccount");
+    let role = objects
+        .iter()
+        .find_map(|(_, o)| match o {
+            Object::ClusterRole(r) => Some(r),
+            _ => None,
+        })
+        .expect("a ClusterRole");
+    let binding = objects
+        .iter()
+        .find_map(|(_, o)| match o {
+            Object::ClusterRoleBinding(b) => Some(b),
+            _ => None,
+        })
+        .expect("a ClusterRoleBinding");
+
+    assert_eq!(binding.role_ref.kind, "ClusterRole");
+    assert_eq!(binding.role_ref.api_group, "rbac.authorization.k8s.io");
+    assert_eq!(Some(&binding.role_ref.name), role.metadata.name.as_ref());
+    let subjects = binding
+        .subjects
+        .as_deref()
+        .expect("the binding has subjects");
+    assert_eq!(subjects.len(), 1);
+    assert_eq!(subjects[0].kind, "ServiceAccount");
+    assert_eq!(Some(&subjects[0].name), account.metadata.name.as_ref());
+    assert_eq!(subjects[0].namespace.as_deref(), Some(NAMESPACE));
+
+    let ds = daemonset();
+    assert_eq!(
+        pod_spec(&ds).service_account_name.as_ref(),
+        account.metadata.name.as_ref()
+    );
+}
+
+#[test]
+fn config_map_holds_the_fsm_mesh_config_fields() {
+    let cm = config_map("interceptor-config");
+    let text = cm
+        .data
+        .as_ref()
+        .and_then(|d| d.get("config.yaml"))
+        .expect("interceptor-config has config.yaml");
+    let config: serde_yaml::Value = serde_yaml::from_str(text).expect("config.yaml is YAML");
+    for field in [
+        "outboundIPRangeExclusionList",
+        "outboundIPRangeInclusionList",
+        "outboundPortExclusionList",
+        "inboundPortExclusionList",
+    ] {
+        assert!(
+            config[field].is_sequence(),
+            "config.yaml has {field} as a list: {config:?}"
+        );
+    }
+    assert_eq!(config["bpfDebug"].as_bool(), Some(false));
+}
+
+#[test]
+fn manifests_config_map_holds_objects_the_agent_reads() {
+    let cm = config_map("interceptor-manifests");
+    let data = cm.data.expect("interceptor-manifests has data");
+    assert!(!data.is_empty());
+    for (key, text) in &data {
+        assert!(
+            key.ends_with(".yaml"),
+            "{key}: the agent reads *.yaml files"
+        );
+        for document in serde_yaml::Deserializer::from_str(text) {
+            let value = serde_yaml::Value::deserialize(document)
+                .unwrap_or_else(|e| panic!("{key}: not YAML: {e}"));
+            match value["kind"].as_str() {
+                Some("Namespace") => {
+                    typed::<Namespace>(key, &value);
+                }
+                other => panic!("{key}: unexpected kind {other:?} in the example"),
+            }
+        }
+    }
+}
