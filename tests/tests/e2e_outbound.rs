@@ -253,3 +253,75 @@ fn reset_is_propagated() {
         "{report:?}"
     );
 }
+
+#[test]
+fn trace_shows_the_redirect_of_one_pod() {
+    if !common::privileged() {
+        return;
+    }
+    let mut node = Node::start("trace", &["--bpf-debug"]);
+    let server = node.pod("demo", "server");
+    let client = node.pod("demo", "client");
+    let _echo = node
+        .tb
+        .spawn_server(&server, &["echo", "--listen", "0.0.0.0:9000"])
+        .expect("echo");
+
+    let mut trace = std::process::Command::new(interceptor_testbed::bin_path("interceptor"));
+    trace
+        .args(["trace", "--pod", "demo/client", "--max-lines", "2"])
+        .args(["--admin-addr", interceptor_testbed::ADMIN_ADDR])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let trace = node
+        .tb
+        .spawn_in(node.tb.node_netns(), false, trace)
+        .expect("interceptor trace");
+    std::thread::sleep(Duration::from_millis(300));
+    // Lines written before trace opened the pipe wait in the ring buffer, so the sleep
+    // above is not needed for correctness, only to show the pipe being followed live.
+    let report = node
+        .tb
+        .run_client(
+            &client,
+            &["--connect", &service_addr(), "--send-bytes", "10"],
+        )
+        .expect("client");
+    assert_eq!(report.error, None, "{report:?}");
+    let output = wait_with_timeout(trace, Duration::from_secs(10));
+    let lines: Vec<&str> = output.lines().collect();
+    assert_eq!(lines.len(), 2, "trace output: {output}");
+    assert!(
+        lines[0].contains("icpt: connect4") && lines[0].contains("orig=10.96.0.10:80"),
+        "{output}"
+    );
+    let local = report.local.expect("local");
+    assert!(
+        lines[1].contains(&format!("established {local}")),
+        "{output}"
+    );
+}
+
+/// Wait for a child that should end by itself; kill it and fail if it does not.
+fn wait_with_timeout(mut child: std::process::Child, timeout: Duration) -> String {
+    use std::io::Read;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if child.try_wait().expect("try_wait").is_some() {
+            let mut out = String::new();
+            child
+                .stdout
+                .take()
+                .expect("stdout")
+                .read_to_string(&mut out)
+                .expect("read");
+            return out;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("process did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -18,6 +18,23 @@ pub const PROG_CONNECT4: &str = "intercept_connect4";
 pub const PROG_SOCK_OPS: &str = "intercept_sock_ops";
 pub const PROG_GETSOCKOPT: &str = "intercept_getsockopt";
 
+/// Load, attach at the cgroup, and pin one program. A macro because aya's program
+/// types share `load`/`attach`/`pin` by name, not through a trait.
+macro_rules! attach_cgroup_program {
+    ($ebpf:expr, $kind:ty, $name:expr, $cgroup:expr, $pin_dir:expr) => {{
+        let name: &'static str = $name;
+        let err = |source| DatapathError::Program { name, source };
+        let prog: &mut $kind = program(&mut $ebpf, name)?;
+        prog.load().map_err(err)?;
+        prog.attach($cgroup, attach_mode()).map_err(err)?;
+        let path = $pin_dir.join(name);
+        prog.pin(&path).map_err(|source| DatapathError::Pin {
+            path: path.display().to_string(),
+            source,
+        })?;
+    }};
+}
+
 /// Programs loaded and attached; dropping it detaches them (the links are owned here).
 pub struct EbpfDatapath {
     /// Keeps programs and their links alive.
@@ -54,40 +71,9 @@ impl EbpfDatapath {
         let cgroup_file = File::open(cgroup).map_err(cgroup_err)?;
         let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(DatapathError::Load)?;
 
-        let prog_err = |name| move |source| DatapathError::Program { name, source };
-        {
-            let prog: &mut CgroupSockAddr = program(&mut ebpf, PROG_CONNECT4)?;
-            prog.load().map_err(prog_err(PROG_CONNECT4))?;
-            prog.attach(&cgroup_file, attach_mode())
-                .map_err(prog_err(PROG_CONNECT4))?;
-            pin_program(
-                prog.pin(pin_dir.join(PROG_CONNECT4)),
-                pin_dir,
-                PROG_CONNECT4,
-            )?;
-        }
-        {
-            let prog: &mut SockOps = program(&mut ebpf, PROG_SOCK_OPS)?;
-            prog.load().map_err(prog_err(PROG_SOCK_OPS))?;
-            prog.attach(&cgroup_file, attach_mode())
-                .map_err(prog_err(PROG_SOCK_OPS))?;
-            pin_program(
-                prog.pin(pin_dir.join(PROG_SOCK_OPS)),
-                pin_dir,
-                PROG_SOCK_OPS,
-            )?;
-        }
-        {
-            let prog: &mut CgroupSockopt = program(&mut ebpf, PROG_GETSOCKOPT)?;
-            prog.load().map_err(prog_err(PROG_GETSOCKOPT))?;
-            prog.attach(&cgroup_file, attach_mode())
-                .map_err(prog_err(PROG_GETSOCKOPT))?;
-            pin_program(
-                prog.pin(pin_dir.join(PROG_GETSOCKOPT)),
-                pin_dir,
-                PROG_GETSOCKOPT,
-            )?;
-        }
+        attach_cgroup_program!(ebpf, CgroupSockAddr, PROG_CONNECT4, &cgroup_file, pin_dir);
+        attach_cgroup_program!(ebpf, SockOps, PROG_SOCK_OPS, &cgroup_file, pin_dir);
+        attach_cgroup_program!(ebpf, CgroupSockopt, PROG_GETSOCKOPT, &cgroup_file, pin_dir);
         for name in [
             maps::ENROLLED_NETNS,
             maps::ORIG_DST_BY_COOKIE,
@@ -175,17 +161,6 @@ where
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, DatapathError> {
     ebpf.take_map(name)
         .ok_or(DatapathError::MissingMap { name })
-}
-
-fn pin_program(
-    result: Result<(), aya::pin::PinError>,
-    pin_dir: &Path,
-    name: &'static str,
-) -> Result<(), DatapathError> {
-    result.map_err(|source| DatapathError::Pin {
-        path: pin_dir.join(name).display().to_string(),
-        source,
-    })
 }
 
 impl Datapath for EbpfDatapath {

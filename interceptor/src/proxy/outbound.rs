@@ -59,15 +59,10 @@ pub async fn listen(netns: &PodNetns) -> Result<TcpListener, InpodError> {
     let path = netns.path().display().to_string();
     let std_listener = netns
         .run(|| -> std::io::Result<std::net::TcpListener> {
-            let socket = socket2::Socket::new(
-                socket2::Domain::IPV4,
-                socket2::Type::STREAM,
-                Some(socket2::Protocol::TCP),
-            )?;
+            let socket = nonblocking_tcp_socket()?;
             socket.set_reuse_address(true)?;
             socket.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, OUTBOUND_PORT)).into())?;
             socket.listen(1024)?;
-            socket.set_nonblocking(true)?;
             Ok(socket.into())
         })
         .await?
@@ -173,13 +168,8 @@ async fn proxy_one(
 pub async fn connect_from_pod(netns: &PodNetns, addr: SocketAddrV4) -> std::io::Result<TcpStream> {
     let std_stream = netns
         .run(|| -> std::io::Result<std::net::TcpStream> {
-            let socket = socket2::Socket::new(
-                socket2::Domain::IPV4,
-                socket2::Type::STREAM,
-                Some(socket2::Protocol::TCP),
-            )?;
+            let socket = nonblocking_tcp_socket()?;
             socket.set_mark(PROXY_MARK)?;
-            socket.set_nonblocking(true)?;
             Ok(socket.into())
         })
         .await
@@ -188,4 +178,15 @@ pub async fn connect_from_pod(netns: &PodNetns, addr: SocketAddrV4) -> std::io::
     tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(SocketAddr::V4(addr)))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+/// An IPv4 TCP socket in the calling thread's netns, ready for tokio.
+fn nonblocking_tcp_socket() -> std::io::Result<socket2::Socket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_nonblocking(true)?;
+    Ok(socket)
 }
