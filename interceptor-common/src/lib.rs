@@ -17,6 +17,17 @@ pub const METRICS_PORT: u16 = 15010;
 pub const HEALTH_PORT: u16 = 15904;
 /// Probe-rewrite ports (FSM convention).
 pub const PROBE_PORTS: [u16; 3] = [15901, 15902, 15903];
+/// Ports never intercepted inbound: the mesh's own (DESIGN.md §5).
+pub const RESERVED_PORTS: [u16; 8] = [
+    ADMIN_PORT,
+    OUTBOUND_PORT,
+    INBOUND_PORT,
+    METRICS_PORT,
+    PROBE_PORTS[0],
+    PROBE_PORTS[1],
+    PROBE_PORTS[2],
+    HEALTH_PORT,
+];
 
 /// Socket mark carried by every socket the proxy opens upstream; the programs never
 /// redirect a socket with this mark, which is what keeps the proxy out of its own loop.
@@ -32,7 +43,8 @@ pub const SO_ORIGINAL_DST: i32 = 80;
 pub mod maps {
     /// netns cookie -> [`crate::EnrolledPod`]: which network namespaces are intercepted.
     pub const ENROLLED_NETNS: &str = "ENROLLED_NETNS";
-    /// socket cookie -> [`crate::OrigDst`]: written at connect, before the 4-tuple exists.
+    /// socket cookie -> [`crate::PendingConnect`]: written at connect, before the
+    /// 4-tuple exists.
     pub const ORIG_DST_BY_COOKIE: &str = "ORIG_DST_BY_COOKIE";
     /// [`crate::FlowKey`] -> [`crate::OrigDst`]: what `SO_ORIGINAL_DST` answers from.
     pub const ORIG_DST_BY_FLOW: &str = "ORIG_DST_BY_FLOW";
@@ -40,6 +52,14 @@ pub mod maps {
     pub const SETTINGS: &str = "SETTINGS";
     /// index -> u64 per-CPU counters (see [`crate::counters`]).
     pub const COUNTERS: &str = "COUNTERS";
+    /// pod IPv4 (network order) -> netns cookie, for every enrolled pod on this node.
+    pub const POD_BY_IP: &str = "POD_BY_IP";
+    /// [`crate::InboundKey`] -> [`crate::InboundFlow`]: connections tc steered to 15003.
+    pub const INBOUND_FLOWS: &str = "INBOUND_FLOWS";
+    /// port (host order) -> 1: destination ports tc never steers inbound.
+    pub const INBOUND_PORT_EXCLUSIONS: &str = "INBOUND_PORT_EXCLUSIONS";
+    /// [`crate::FlowKey`] -> socket: local connection endpoints for sk_msg redirects.
+    pub const SOCK_PAIRS: &str = "SOCK_PAIRS";
 }
 
 /// Capacity of each map; LRU maps evict the oldest records instead of failing.
@@ -47,6 +67,12 @@ pub mod capacity {
     pub const ENROLLED_NETNS: u32 = 4096;
     pub const ORIG_DST_BY_COOKIE: u32 = 65536;
     pub const ORIG_DST_BY_FLOW: u32 = 65536;
+    pub const POD_BY_IP: u32 = 4096;
+    /// A plain hash, not LRU: eviction would break live flows mid-stream, while a full
+    /// map only leaves new flows unintercepted (counted).
+    pub const INBOUND_FLOWS: u32 = 65536;
+    pub const INBOUND_PORT_EXCLUSIONS: u32 = 1024;
+    pub const SOCK_PAIRS: u32 = 65536;
 }
 
 /// Indices and bits of the `SETTINGS` array.
@@ -57,6 +83,8 @@ pub mod config {
     pub const LEN: u32 = 1;
     /// Emit `bpf_printk` lines to trace_pipe.
     pub const FLAG_DEBUG: u32 = 1 << 0;
+    /// Put local connection pairs in the SOCKHASH so sk_msg can short-circuit them.
+    pub const FLAG_SOCKMAP: u32 = 1 << 1;
 }
 
 /// Indices of the `COUNTERS` per-CPU array.
@@ -69,7 +97,19 @@ pub mod counters {
     pub const ORIG_DST_ANSWERED: u32 = 2;
     /// Record writes that failed (map full or error): the flow passed unintercepted.
     pub const RECORD_FAILED: u32 = 3;
-    pub const LEN: u32 = 4;
+    /// Proxy connects to a pod on this node steered to its inbound listener.
+    pub const SAME_NODE_INBOUND: u32 = 4;
+    /// New inbound flows tc steered to 15003.
+    pub const INBOUND_REDIRECTED: u32 = 5;
+    /// New inbound flows left alone because INBOUND_FLOWS was full.
+    pub const INBOUND_RECORD_FAILED: u32 = 6;
+    /// IPv6 packets tc saw and left alone (IPv6 is not intercepted yet).
+    pub const IPV6_PASSED: u32 = 7;
+    /// Sockets added to the SOCKHASH.
+    pub const SOCKMAP_ADDED: u32 = 8;
+    /// Messages sk_msg redirected straight to the peer socket.
+    pub const SOCKMAP_REDIRECTED: u32 = 9;
+    pub const LEN: u32 = 10;
 }
 
 /// Prefix of every trace_pipe line the programs print, so `interceptor trace` can filter.
@@ -96,6 +136,15 @@ pub struct OrigDst {
     pub _pad: u16,
 }
 
+/// What connect4 leaves for sock_ops, keyed by socket cookie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PendingConnect {
+    pub orig: OrigDst,
+    /// The connecting socket's netns cookie, so later trace lines name the pod.
+    pub netns_cookie: u64,
+}
+
 /// A TCP connection as seen from the client side: the key is node-wide unique because
 /// the redirect targets the pod's own IP rather than loopback.
 #[repr(C)]
@@ -111,12 +160,38 @@ pub struct FlowKey {
     pub dst_port: u16,
 }
 
+/// An inbound connection as tc sees it arriving at a pod.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct InboundKey {
+    /// Client IPv4, network order.
+    pub client_ipv4: u32,
+    /// Pod IPv4, network order.
+    pub pod_ipv4: u32,
+    /// Client port, host order.
+    pub client_port: u16,
+    pub _pad: u16,
+}
+
+/// What tc remembers about an inbound flow it steered to 15003.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InboundFlow {
+    /// The destination port the client dialled, host order.
+    pub orig_port: u16,
+    pub _pad: u16,
+    pub _pad2: u32,
+}
+
 #[cfg(feature = "user")]
 mod pod_impls {
     // SAFETY: all three are repr(C), made only of integers, with explicit padding.
     unsafe impl aya::Pod for super::EnrolledPod {}
     unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::PendingConnect {}
     unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::InboundKey {}
+    unsafe impl aya::Pod for super::InboundFlow {}
 }
 
 #[cfg(test)]
@@ -128,6 +203,9 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<EnrolledPod>(), 8);
         assert_eq!(size_of::<OrigDst>(), 8);
+        assert_eq!(size_of::<PendingConnect>(), 16);
         assert_eq!(size_of::<FlowKey>(), 12);
+        assert_eq!(size_of::<InboundKey>(), 12);
+        assert_eq!(size_of::<InboundFlow>(), 8);
     }
 }

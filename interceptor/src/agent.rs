@@ -13,8 +13,8 @@ use tokio::task::JoinHandle;
 use crate::datapath::{Datapath, DatapathError, PodDatapath};
 use crate::inpod::PodNetns;
 use crate::model::{Model, PodKey};
-use crate::proxy::outbound::{self, OutboundContext};
-use crate::proxy::{ConnectionLog, RouteTable};
+use crate::proxy::listener::{self, ListenerContext};
+use crate::proxy::{ConnectionLog, Direction, RouteTable};
 use crate::source::manifests::ManifestState;
 
 /// A pod the CNI plugin told us about.
@@ -26,17 +26,19 @@ struct PodEntry {
     enrolled: Option<EnrolledPod>,
 }
 
-/// The live interception of one pod; dropping it stops the listener and its connections.
+/// The live interception of one pod; dropping it stops the listeners and their
+/// connections.
 struct EnrolledPod {
-    /// Keeps the pod's netns thread (and so its socket factory) alive.
-    _netns: Arc<PodNetns>,
+    netns: Arc<PodNetns>,
     datapath: PodDatapath,
-    listener: JoinHandle<()>,
+    listeners: [JoinHandle<()>; 2],
 }
 
 impl Drop for EnrolledPod {
     fn drop(&mut self) {
-        self.listener.abort();
+        for listener in &self.listeners {
+            listener.abort();
+        }
     }
 }
 
@@ -120,7 +122,7 @@ impl Agent {
         (state.generation, state.last_error.clone())
     }
 
-    pub fn connection_log(&self) -> Vec<outbound::ConnectionRecord> {
+    pub fn connection_log(&self) -> Vec<listener::ConnectionRecord> {
         self.log.snapshot()
     }
 
@@ -229,7 +231,12 @@ impl Agent {
                 )
                 .with_details("IPv6-only pods are not intercepted yet")
             })?;
-            Some(self.enroll(&key, &netns_path, ip).await?)
+            let ifname = if sandbox.ifname.is_empty() {
+                "eth0"
+            } else {
+                &sandbox.ifname
+            };
+            Some(self.enroll(&key, &netns_path, ip, ifname).await?)
         } else {
             None
         };
@@ -257,6 +264,7 @@ impl Agent {
         key: &PodKey,
         netns_path: &Path,
         ip: Ipv4Addr,
+        ifname: &str,
     ) -> Result<EnrolledPod, CniFailure> {
         let io_failure = |what: &str, e: &dyn std::fmt::Display| {
             CniFailure::new(
@@ -272,32 +280,45 @@ impl Agent {
                 .map_err(|e| io_failure("netns", &e))?
         };
         let netns = Arc::new(netns);
-        let listener = outbound::listen(&netns)
+        let outbound = listener::listen(&netns, Direction::Outbound)
             .await
             .map_err(|e| io_failure("outbound listener", &e))?;
+        let inbound = listener::listen(&netns, Direction::Inbound)
+            .await
+            .map_err(|e| io_failure("inbound listener", &e))?;
         let datapath = PodDatapath {
             netns_cookie: netns.cookie(),
             ipv4: ip,
+            ifname: ifname.to_string(),
         };
-        // The listener is up before the pod is in the map, so no redirected connect can
-        // arrive at a port nobody listens on.
-        self.datapath.enroll(datapath).map_err(|e| match e {
-            DatapathError::MapFull { .. } => {
-                CniFailure::new(codes::TRY_AGAIN_LATER, format!("enrolling pod {key}: {e}"))
-            }
-            other => io_failure("data path", &other),
-        })?;
-        let ctx = OutboundContext {
-            pod: key.to_string(),
-            netns: Arc::clone(&netns),
-            routes: Arc::clone(&self.routes),
-            log: Arc::clone(&self.log),
+        // The listeners are up before the pod is in the maps, so no redirected connection
+        // can arrive at a port nobody listens on.
+        self.datapath
+            .enroll(&datapath, &netns)
+            .map_err(|e| match e {
+                DatapathError::MapFull { .. } => {
+                    CniFailure::new(codes::TRY_AGAIN_LATER, format!("enrolling pod {key}: {e}"))
+                }
+                other => io_failure("data path", &other),
+            })?;
+        let serve = |listener, direction| {
+            let ctx = ListenerContext {
+                pod: key.to_string(),
+                direction,
+                netns: Arc::clone(&netns),
+                routes: Arc::clone(&self.routes),
+                log: Arc::clone(&self.log),
+            };
+            tokio::spawn(listener::serve(listener, ctx))
         };
-        let listener = tokio::spawn(outbound::serve(listener, ctx));
+        let listeners = [
+            serve(outbound, Direction::Outbound),
+            serve(inbound, Direction::Inbound),
+        ];
         Ok(EnrolledPod {
-            _netns: netns,
+            netns,
             datapath,
-            listener,
+            listeners,
         })
     }
 
@@ -338,7 +359,7 @@ impl Agent {
             .unwrap_or_else(|p| p.into_inner())
             .remove(key);
         if let Some(enrolled) = entry.and_then(|e| e.enrolled) {
-            if let Err(error) = self.datapath.unenroll(enrolled.datapath) {
+            if let Err(error) = self.datapath.unenroll(&enrolled.datapath, &enrolled.netns) {
                 tracing::error!(pod = %key, %error, "unenrolling pod");
             }
         }
@@ -355,10 +376,12 @@ impl Agent {
             )
         })?;
         match &entry.enrolled {
-            Some(enrolled) if enrolled.listener.is_finished() => Err(CniFailure::new(
-                codes::IO_FAILURE,
-                format!("pod {key}: outbound listener has stopped"),
-            )),
+            Some(enrolled) if enrolled.listeners.iter().any(JoinHandle::is_finished) => {
+                Err(CniFailure::new(
+                    codes::IO_FAILURE,
+                    format!("pod {key}: a proxy listener has stopped"),
+                ))
+            }
             Some(_) => Ok(AgentResponse::Ok {
                 enrolled: true,
                 detail: entry.reason.clone(),

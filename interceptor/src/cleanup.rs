@@ -5,6 +5,7 @@ use std::path::Path;
 use anyhow::{bail, Context};
 
 use crate::datapath::bpffs;
+use crate::datapath::ebpf::PIN_NAMES;
 
 /// File in the state dir that holds the running agent's PID.
 pub const PID_FILE: &str = "agent.pid";
@@ -20,7 +21,7 @@ pub fn cleanup(
     }
     let mut removed = Vec::new();
     if bpffs_dir.exists() {
-        bpffs::remove_pin_dir(bpffs_dir)
+        bpffs::remove_pin_dir(bpffs_dir, &PIN_NAMES)
             .with_context(|| format!("removing {}", bpffs_dir.display()))?;
         removed.push(bpffs_dir.display().to_string());
     }

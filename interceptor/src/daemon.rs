@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use crate::admin::{self, StaticInfo};
 use crate::agent::Agent;
 use crate::cleanup::{self, PID_FILE};
-use crate::datapath::ebpf::EbpfDatapath;
+use crate::datapath::ebpf::{EbpfDatapath, EbpfOptions};
 use crate::datapath::Datapath;
 use crate::source::manifests::{self, ManifestState};
 
@@ -31,6 +31,8 @@ pub struct AgentConfig {
     pub manifests: PathBuf,
     pub admin_addr: SocketAddr,
     pub bpf_debug: bool,
+    /// Short-circuit local connection pairs with sockmap + sk_msg.
+    pub sockmap: bool,
 }
 
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
@@ -43,7 +45,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
     // Leftovers of an agent that was killed: its links died with it, pins did not.
-    crate::datapath::bpffs::remove_pin_dir(&config.bpffs)
+    crate::datapath::bpffs::remove_pin_dir(&config.bpffs, &crate::datapath::ebpf::PIN_NAMES)
         .with_context(|| format!("removing stale pins in {}", config.bpffs.display()))?;
     std::fs::write(
         config.state_dir.join(PID_FILE),
@@ -66,11 +68,18 @@ async fn serve(config: &AgentConfig) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
 
     let datapath: Arc<dyn Datapath> = Arc::new(
-        EbpfDatapath::attach(&config.cgroup, &config.bpffs, config.bpf_debug)
-            .context("attaching the eBPF data path")?,
+        EbpfDatapath::attach(
+            &config.cgroup,
+            &config.bpffs,
+            EbpfOptions {
+                debug: config.bpf_debug,
+                sockmap: config.sockmap,
+            },
+        )
+        .context("attaching the eBPF data path")?,
     );
     tracing::info!(cgroup = %config.cgroup.display(), bpffs = %config.bpffs.display(),
-        debug = config.bpf_debug, "eBPF programs attached");
+        debug = config.bpf_debug, sockmap = config.sockmap, "eBPF programs attached");
 
     let (tx, mut rx) = watch::channel(ManifestState::default());
     let watcher = manifests::watch_dir(config.manifests.clone(), MANIFEST_POLL, tx);

@@ -59,6 +59,10 @@ enum Command {
         /// Turn on the programs' trace_pipe lines (`interceptor trace` reads them).
         #[arg(long)]
         bpf_debug: bool,
+        /// Accelerate connections between local pods with sockmap + sk_msg (opt-in:
+        /// lower small-message latency, lower bulk throughput).
+        #[arg(long)]
+        sockmap: bool,
     },
     /// Remove everything a stopped agent left behind (pins, socket, pid file).
     Cleanup {
@@ -102,6 +106,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             manifests,
             admin_addr,
             bpf_debug,
+            sockmap,
         } => {
             let cgroup = match cgroup {
                 Some(path) => path,
@@ -117,6 +122,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 manifests,
                 admin_addr,
                 bpf_debug,
+                sockmap,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

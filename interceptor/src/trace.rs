@@ -38,7 +38,7 @@ pub fn locate_trace_pipe() -> anyhow::Result<PathBuf> {
 /// Which lines to keep.
 #[derive(Clone, Debug, Default)]
 pub struct TraceFilter {
-    /// Substrings of which one must appear (the pod's netns cookie and IP); empty: all.
+    /// Substrings of which one must appear (the pod's netns cookie); empty: all.
     pub any_of: Vec<String>,
 }
 
@@ -57,17 +57,14 @@ pub fn pod_filter(config_dump: &serde_json::Value, pod: &str) -> anyhow::Result<
     let Some(entry) = pods.iter().find(|p| p["pod"] == pod) else {
         bail!("pod {pod} is not known to the agent");
     };
-    let mut any_of = Vec::new();
-    if let Some(cookie) = entry["netns_cookie"].as_u64() {
-        any_of.push(format!("netns={cookie} "));
-    }
-    if let Some(ip) = entry["ip"].as_str() {
-        any_of.push(format!("{ip}:"));
-    }
-    if any_of.is_empty() {
+    // Every line names the netns cookie, which is unique for the life of the kernel; IPs
+    // are not (pod addresses are reused, and parallel testbeds overlap).
+    let Some(cookie) = entry["netns_cookie"].as_u64() else {
         bail!("pod {pod} is not enrolled: the programs print nothing about it");
-    }
-    Ok(TraceFilter { any_of })
+    };
+    Ok(TraceFilter {
+        any_of: vec![format!("netns={cookie} ")],
+    })
 }
 
 /// Copy matching lines to `out` until the pipe ends or `max_lines` were written.
@@ -106,7 +103,8 @@ mod tests {
         let filter = pod_filter(&dump, "demo/client").unwrap();
         assert!(filter
             .matches("curl-1 [000] icpt: connect4 netns=4101 orig=10.96.0.10:80 -> proxy 15001"));
-        assert!(filter.matches("x icpt: established 10.244.0.5:40000 orig=10.96.0.10"));
+        assert!(filter.matches("x icpt: established netns=4101 port=40000 orig=10.96.0.10"));
+        assert!(!filter.matches("x icpt: established netns=4102 port=40000 orig=10.96.0.10"));
         assert!(!filter.matches("x icpt: connect4 netns=41010 orig=1.2.3.4:80"));
         assert!(!filter.matches("unrelated netns=4101 line"));
         assert!(pod_filter(&dump, "demo/nobody").is_err());

@@ -936,10 +936,15 @@ fn two_nodes_with_overlapping_pod_addresses_stay_apart() {
             Duration::from_secs(5),
             &format!("{} records in {label}", locals.len()),
             || {
-                let records = node.config_dump()["connections"]
+                // Each connection is logged twice: by the client's outbound listener and
+                // by the server's inbound one (same node); the outbound ones are counted.
+                let records: Vec<serde_json::Value> = node.config_dump()["connections"]
                     .as_array()
                     .cloned()
-                    .unwrap_or_default();
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|r| r["direction"] == "outbound")
+                    .collect();
                 (records.len() >= locals.len()).then_some(records)
             },
         );

@@ -27,6 +27,33 @@ fn wait_for_record(node: &Node, client: &str) -> serde_json::Value {
     );
 }
 
+/// The inbound record in `pod`'s listener for a connection from `client_ip`.
+fn wait_for_inbound(node: &Node, pod: &str, client_ip: &str) -> serde_json::Value {
+    for _ in 0..50 {
+        let dump = node.config_dump();
+        let found = dump["connections"].as_array().and_then(|records| {
+            records
+                .iter()
+                .find(|r| {
+                    r["direction"] == "inbound"
+                        && r["pod"] == pod
+                        && r["client"]
+                            .as_str()
+                            .is_some_and(|c| c.starts_with(&format!("{client_ip}:")))
+                })
+                .cloned()
+        });
+        if let Some(record) = found {
+            return record;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!(
+        "no inbound record in {pod} from {client_ip}; agent log:\n{}",
+        node.agent_log()
+    );
+}
+
 #[test]
 fn enrolled_client_reaches_service_endpoint_through_proxy() {
     if !common::privileged() {
@@ -79,15 +106,24 @@ fn enrolled_client_reaches_service_endpoint_through_proxy() {
     );
     assert_eq!(record["upstream_bytes"], 4096, "{record}");
 
-    // The server saw the connection come from the client pod's IP (the proxy dials from
-    // inside the client's netns), on the endpoint port.
+    // Same node, both pods enrolled: the client's proxy dial was steered by connect4 to
+    // the server pod's inbound listener (15003), which recovered the original port and
+    // delivered to the application from inside the server pod.
+    let inbound = wait_for_inbound(&node, "demo/server", &client.ip.to_string());
+    assert_eq!(
+        inbound["original_dst"],
+        format!("{}:{ECHO_TARGET_PORT}", server.ip),
+        "{inbound}"
+    );
+    assert_eq!(inbound["target"]["kind"], "local", "{inbound}");
+    assert_eq!(inbound["upstream_bytes"], 4096, "{inbound}");
     let accepts = echo
         .wait_for_events("accept", 1, Duration::from_secs(5))
         .expect("accept event");
     let peer = accepts[0]["peer"].as_str().expect("peer");
     assert!(
-        peer.starts_with(&format!("{}:", client.ip)),
-        "server saw {peer}"
+        peer.starts_with(&format!("{}:", server.ip)),
+        "the inbound proxy dials from the server pod's own IP; server saw {peer}"
     );
 
     let dump = node.config_dump();
@@ -97,7 +133,8 @@ fn enrolled_client_reaches_service_endpoint_through_proxy() {
         "{}",
         dump["datapath_counters"]
     );
-    assert!(dump["datapath_counters"]["orig_dst_answered"].as_u64() >= Some(1));
+    assert!(dump["datapath_counters"]["orig_dst_answered"].as_u64() >= Some(2));
+    assert!(dump["datapath_counters"]["same_node_inbound"].as_u64() >= Some(1));
     let pods = dump["pods"].as_array().expect("pods");
     let client_row = pods
         .iter()
@@ -296,8 +333,9 @@ fn trace_shows_the_redirect_of_one_pod() {
         "{output}"
     );
     let local = report.local.expect("local");
+    let port = local.rsplit(':').next().expect("port");
     assert!(
-        lines[1].contains(&format!("established {local}")),
+        lines[1].contains("icpt: established") && lines[1].contains(&format!("port={port} ")),
         "{output}"
     );
 }

@@ -48,10 +48,67 @@ pub fn ensure_pin_dir(pin_dir: &Path) -> Result<(), DatapathError> {
     Ok(())
 }
 
-/// Remove every pin under `pin_dir` and the directory itself. Missing is fine.
-pub fn remove_pin_dir(pin_dir: &Path) -> std::io::Result<()> {
-    match std::fs::remove_dir_all(pin_dir) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        other => other,
+/// Remove the agent's pins from `pin_dir`, then the directory. Only names in
+/// `known_pins` are removed: a directory holding anything else (another tool's pins, or
+/// a mistaken `--bpffs` such as the bpffs root) is refused, never emptied. Missing is fine.
+pub fn remove_pin_dir(pin_dir: &Path, known_pins: &[&str]) -> std::io::Result<()> {
+    let refuse = |why: String| std::io::Error::new(std::io::ErrorKind::PermissionDenied, why);
+    let entries = match std::fs::read_dir(pin_dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        other => other?,
+    };
+    if is_mount_point(pin_dir)? {
+        return Err(refuse(format!(
+            "{} is a mount point, not a pin directory of the agent's own",
+            pin_dir.display()
+        )));
+    }
+    let mut ours = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !known_pins.contains(&name.as_str()) {
+            return Err(refuse(format!(
+                "{} holds {name:?}, which this agent does not make: not removing it",
+                pin_dir.display()
+            )));
+        }
+        ours.push(entry.path());
+    }
+    for path in ours {
+        std::fs::remove_file(path)?;
+    }
+    std::fs::remove_dir(pin_dir)
+}
+
+fn is_mount_point(path: &Path) -> std::io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let Some(parent) = path.parent() else {
+        return Ok(true);
+    };
+    Ok(std::fs::metadata(path)?.dev() != std::fs::metadata(parent)?.dev())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn removes_only_known_pins_and_refuses_strangers() {
+        let dir = tempfile::tempdir().unwrap();
+        let pins = dir.path().join("pins");
+        std::fs::create_dir(&pins).unwrap();
+        std::fs::write(pins.join("ENROLLED_NETNS"), b"").unwrap();
+        std::fs::write(pins.join("cilium_lxc"), b"").unwrap();
+        let err = remove_pin_dir(&pins, &["ENROLLED_NETNS"]).unwrap_err();
+        assert!(err.to_string().contains("cilium_lxc"), "{err}");
+        assert!(
+            pins.join("ENROLLED_NETNS").exists(),
+            "nothing may be removed on refusal"
+        );
+        std::fs::remove_file(pins.join("cilium_lxc")).unwrap();
+        remove_pin_dir(&pins, &["ENROLLED_NETNS"]).unwrap();
+        assert!(!pins.exists());
+        remove_pin_dir(&pins, &["ENROLLED_NETNS"]).unwrap();
     }
 }

@@ -1,15 +1,24 @@
 //! eBPF mode: the embedded Aya object, attached at a cgroup v2 path and pinned under the
-//! agent's own bpffs directory.
+//! agent's own bpffs directory; tc programs attached per pod inside its netns.
+use std::collections::HashMap as StdHashMap;
 use std::fs::File;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use aya::maps::{Array, HashMap, MapData, PerCpuArray};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SockOps};
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, SockHash};
+use aya::programs::tc::{self, SchedClassifierLinkId, TcAttachType};
+use aya::programs::{
+    CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SchedClassifier, SkMsg, SockOps,
+};
 use aya::Ebpf;
-use interceptor_common::{capacity, config, counters, maps, EnrolledPod};
+use interceptor_common::{
+    capacity, config, counters, maps, EnrolledPod, FlowKey, InboundFlow, InboundKey, OrigDst,
+    RESERVED_PORTS,
+};
 
 use super::{Datapath, DatapathCounters, DatapathError, PodDatapath};
+use crate::inpod::PodNetns;
 
 /// The object built from `interceptor-ebpf` by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/interceptor"));
@@ -17,6 +26,41 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 pub const PROG_CONNECT4: &str = "intercept_connect4";
 pub const PROG_SOCK_OPS: &str = "intercept_sock_ops";
 pub const PROG_GETSOCKOPT: &str = "intercept_getsockopt";
+pub const PROG_TC_INGRESS: &str = "intercept_tc_ingress";
+pub const PROG_TC_EGRESS: &str = "intercept_tc_egress";
+pub const PROG_SK_MSG: &str = "intercept_sk_msg";
+
+/// Every map, pinned by these names.
+const MAP_NAMES: [&str; 9] = [
+    maps::ENROLLED_NETNS,
+    maps::POD_BY_IP,
+    maps::ORIG_DST_BY_COOKIE,
+    maps::ORIG_DST_BY_FLOW,
+    maps::INBOUND_FLOWS,
+    maps::INBOUND_PORT_EXCLUSIONS,
+    maps::SOCK_PAIRS,
+    maps::SETTINGS,
+    maps::COUNTERS,
+];
+
+/// Every pin the agent makes in its bpffs directory; cleanup removes these and no other.
+pub const PIN_NAMES: [&str; 15] = [
+    PROG_CONNECT4,
+    PROG_SOCK_OPS,
+    PROG_GETSOCKOPT,
+    PROG_TC_INGRESS,
+    PROG_TC_EGRESS,
+    PROG_SK_MSG,
+    maps::ENROLLED_NETNS,
+    maps::POD_BY_IP,
+    maps::ORIG_DST_BY_COOKIE,
+    maps::ORIG_DST_BY_FLOW,
+    maps::INBOUND_FLOWS,
+    maps::INBOUND_PORT_EXCLUSIONS,
+    maps::SOCK_PAIRS,
+    maps::SETTINGS,
+    maps::COUNTERS,
+];
 
 /// Load, attach at the cgroup, and pin one program. A macro because aya's program
 /// types share `load`/`attach`/`pin` by name, not through a trait.
@@ -27,29 +71,59 @@ macro_rules! attach_cgroup_program {
         let prog: &mut $kind = program(&mut $ebpf, name)?;
         prog.load().map_err(err)?;
         prog.attach($cgroup, attach_mode()).map_err(err)?;
-        let path = $pin_dir.join(name);
-        prog.pin(&path).map_err(|source| DatapathError::Pin {
-            path: path.display().to_string(),
-            source,
-        })?;
+        pin(prog.pin($pin_dir.join(name)), $pin_dir, name)?;
     }};
+}
+
+/// Options of the eBPF data path.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EbpfOptions {
+    /// `bpf_printk` lines on.
+    pub debug: bool,
+    /// Local connection pairs short-circuited by sk_msg.
+    pub sockmap: bool,
+}
+
+/// The maps the agent writes, behind one lock so enrollment is a single critical section.
+struct Maps {
+    enrolled: HashMap<MapData, u64, EnrolledPod>,
+    pod_by_ip: HashMap<MapData, u32, u64>,
+    orig_dst_by_flow: HashMap<MapData, FlowKey, OrigDst>,
+    inbound_flows: HashMap<MapData, InboundKey, InboundFlow>,
+    settings: Array<MapData, u32>,
 }
 
 /// Programs loaded and attached; dropping it detaches them (the links are owned here).
 pub struct EbpfDatapath {
-    /// Keeps programs and their links alive.
-    _ebpf: Ebpf,
-    enrolled: Mutex<HashMap<MapData, u64, EnrolledPod>>,
-    settings: Mutex<Array<MapData, u32>>,
+    /// Shared with netns threads, which attach the tc programs inside pods.
+    ebpf: Arc<Mutex<Ebpf>>,
+    maps: Mutex<Maps>,
     counters: PerCpuArray<MapData, u64>,
+    /// Held so the sk_msg attachment's map outlives every socket in it.
+    _sock_pairs: SockHash<MapData, FlowKey>,
+    /// tc links per pod (netns cookie): ingress, egress.
+    tc_links: Mutex<StdHashMap<u64, (SchedClassifierLinkId, SchedClassifierLinkId)>>,
+    options: Mutex<EbpfOptions>,
     pin_dir: PathBuf,
     cgroup: PathBuf,
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn ip_key(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
 impl EbpfDatapath {
-    /// Load the programs, attach them at `cgroup`, and pin programs and maps in
-    /// `pin_dir` (which must not be in use by another agent).
-    pub fn attach(cgroup: &Path, pin_dir: &Path, debug: bool) -> Result<Self, DatapathError> {
+    /// Load the programs, attach the cgroup ones at `cgroup`, and pin programs and maps
+    /// in `pin_dir` (which must not be in use by another agent).
+    pub fn attach(
+        cgroup: &Path,
+        pin_dir: &Path,
+        options: EbpfOptions,
+    ) -> Result<Self, DatapathError> {
         if EBPF_OBJECT.is_empty() {
             return Err(DatapathError::Bpffs {
                 path: pin_dir.display().to_string(),
@@ -74,13 +148,13 @@ impl EbpfDatapath {
         attach_cgroup_program!(ebpf, CgroupSockAddr, PROG_CONNECT4, &cgroup_file, pin_dir);
         attach_cgroup_program!(ebpf, SockOps, PROG_SOCK_OPS, &cgroup_file, pin_dir);
         attach_cgroup_program!(ebpf, CgroupSockopt, PROG_GETSOCKOPT, &cgroup_file, pin_dir);
-        for name in [
-            maps::ENROLLED_NETNS,
-            maps::ORIG_DST_BY_COOKIE,
-            maps::ORIG_DST_BY_FLOW,
-            maps::SETTINGS,
-            maps::COUNTERS,
-        ] {
+        for name in [PROG_TC_INGRESS, PROG_TC_EGRESS] {
+            let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
+            prog.load()
+                .map_err(|source| DatapathError::Program { name, source })?;
+            pin(prog.pin(pin_dir.join(name)), pin_dir, name)?;
+        }
+        for name in MAP_NAMES {
             let map = ebpf.map(name).ok_or(DatapathError::MissingMap { name })?;
             let path = pin_dir.join(name);
             map.pin(&path).map_err(|source| DatapathError::Pin {
@@ -88,36 +162,49 @@ impl EbpfDatapath {
                 source,
             })?;
         }
-
-        let enrolled =
-            HashMap::try_from(take_map(&mut ebpf, maps::ENROLLED_NETNS)?).map_err(|source| {
-                DatapathError::Map {
-                    name: maps::ENROLLED_NETNS,
-                    source,
-                }
-            })?;
-        let settings = Array::try_from(take_map(&mut ebpf, maps::SETTINGS)?).map_err(|source| {
-            DatapathError::Map {
-                name: maps::SETTINGS,
+        let sock_pairs: SockHash<MapData, FlowKey> = typed(&mut ebpf, maps::SOCK_PAIRS)?;
+        {
+            let prog: &mut SkMsg = program(&mut ebpf, PROG_SK_MSG)?;
+            let err = |source| DatapathError::Program {
+                name: PROG_SK_MSG,
                 source,
-            }
-        })?;
-        let counters =
-            PerCpuArray::try_from(take_map(&mut ebpf, maps::COUNTERS)?).map_err(|source| {
-                DatapathError::Map {
-                    name: maps::COUNTERS,
+            };
+            prog.load().map_err(err)?;
+            // Attached to the map whether or not sockmap is on: with the flag off,
+            // sock_ops adds no socket and sk_msg never runs.
+            prog.attach(sock_pairs.fd()).map_err(err)?;
+            pin(prog.pin(pin_dir.join(PROG_SK_MSG)), pin_dir, PROG_SK_MSG)?;
+        }
+
+        let mut exclusions: HashMap<MapData, u16, u8> =
+            typed(&mut ebpf, maps::INBOUND_PORT_EXCLUSIONS)?;
+        for port in RESERVED_PORTS {
+            exclusions
+                .insert(port, 1, 0)
+                .map_err(|source| DatapathError::Map {
+                    name: maps::INBOUND_PORT_EXCLUSIONS,
                     source,
-                }
-            })?;
+                })?;
+        }
+        let maps = Maps {
+            enrolled: typed(&mut ebpf, maps::ENROLLED_NETNS)?,
+            pod_by_ip: typed(&mut ebpf, maps::POD_BY_IP)?,
+            orig_dst_by_flow: typed(&mut ebpf, maps::ORIG_DST_BY_FLOW)?,
+            inbound_flows: typed(&mut ebpf, maps::INBOUND_FLOWS)?,
+            settings: typed(&mut ebpf, maps::SETTINGS)?,
+        };
+        let counters = typed(&mut ebpf, maps::COUNTERS)?;
         let datapath = Self {
-            _ebpf: ebpf,
-            enrolled: Mutex::new(enrolled),
-            settings: Mutex::new(settings),
+            ebpf: Arc::new(Mutex::new(ebpf)),
+            maps: Mutex::new(maps),
             counters,
+            _sock_pairs: sock_pairs,
+            tc_links: Mutex::new(StdHashMap::new()),
+            options: Mutex::new(options),
             pin_dir: pin_dir.to_path_buf(),
             cgroup: cgroup.to_path_buf(),
         };
-        datapath.set_debug(debug)?;
+        datapath.write_flags()?;
         Ok(datapath)
     }
 
@@ -129,10 +216,128 @@ impl EbpfDatapath {
         &self.cgroup
     }
 
-    /// netns cookies currently in the enrolled map (for the config dump and tests).
-    pub fn enrolled_cookies(&self) -> Vec<u64> {
-        let map = self.enrolled.lock().unwrap_or_else(|p| p.into_inner());
-        map.keys().filter_map(Result::ok).collect()
+    fn write_flags(&self) -> Result<(), DatapathError> {
+        let options = *lock(&self.options);
+        let mut flags = 0;
+        if options.debug {
+            flags |= config::FLAG_DEBUG;
+        }
+        if options.sockmap {
+            flags |= config::FLAG_SOCKMAP;
+        }
+        lock(&self.maps)
+            .settings
+            .set(config::FLAGS_INDEX, flags, 0)
+            .map_err(|source| DatapathError::Map {
+                name: maps::SETTINGS,
+                source,
+            })
+    }
+
+    /// Attach both tc programs to `ifname` inside the pod's netns.
+    fn attach_tc(
+        &self,
+        netns: &PodNetns,
+        ifname: &str,
+    ) -> Result<(SchedClassifierLinkId, SchedClassifierLinkId), DatapathError> {
+        let ebpf = Arc::clone(&self.ebpf);
+        let iface = ifname.to_string();
+        let attached = netns
+            .run_blocking(move || -> Result<_, String> {
+                // clsact is only needed for netlink attachment (kernels before TCX, 6.6);
+                // an existing qdisc is fine.
+                if let Err(error) = tc::qdisc_add_clsact(&iface) {
+                    if !matches!(&error, tc::TcError::AlreadyAttached) {
+                        tracing::debug!(%error, iface, "adding clsact qdisc");
+                    }
+                }
+                let mut ebpf = lock(&ebpf);
+                let mut attach =
+                    |name: &'static str, kind| -> Result<SchedClassifierLinkId, String> {
+                        let prog: &mut SchedClassifier = ebpf
+                            .program_mut(name)
+                            .ok_or_else(|| format!("program {name} missing"))?
+                            .try_into()
+                            .map_err(|e| format!("{name}: {e}"))?;
+                        prog.attach(&iface, kind)
+                            .map_err(|e| format!("{name}: {e}"))
+                    };
+                let ingress = attach(PROG_TC_INGRESS, TcAttachType::Ingress)?;
+                match attach(PROG_TC_EGRESS, TcAttachType::Egress) {
+                    Ok(egress) => Ok((ingress, egress)),
+                    Err(error) => {
+                        detach_tc_in_netns(&mut ebpf, ingress, None);
+                        Err(error)
+                    }
+                }
+            })
+            .map_err(|e| DatapathError::Tc {
+                ifname: ifname.into(),
+                reason: e.to_string(),
+            })?;
+        attached.map_err(|reason| DatapathError::Tc {
+            ifname: ifname.into(),
+            reason,
+        })
+    }
+
+    fn detach_tc(&self, netns: &PodNetns, cookie: u64) {
+        let Some((ingress, egress)) = lock(&self.tc_links).remove(&cookie) else {
+            return;
+        };
+        let ebpf = Arc::clone(&self.ebpf);
+        // Netlink-attached filters are addressed by ifindex in the pod's netns.
+        let _ = netns.run_blocking(move || {
+            detach_tc_in_netns(&mut lock(&ebpf), ingress, Some(egress));
+        });
+    }
+
+    /// Forget every flow record that involves `ip`: a deleted pod leaves nothing behind.
+    fn sweep_flows(maps: &mut Maps, ip: u32) {
+        let stale: Vec<InboundKey> = maps
+            .inbound_flows
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.pod_ipv4 == ip || k.client_ipv4 == ip)
+            .collect();
+        for key in stale {
+            let _ = maps.inbound_flows.remove(&key);
+        }
+        let stale: Vec<FlowKey> = maps
+            .orig_dst_by_flow
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.src_ipv4 == ip || k.dst_ipv4 == ip)
+            .collect();
+        for key in stale {
+            let _ = maps.orig_dst_by_flow.remove(&key);
+        }
+    }
+
+    /// Entries currently in INBOUND_FLOWS (for tests and the config dump).
+    pub fn inbound_flow_count(&self) -> usize {
+        lock(&self.maps)
+            .inbound_flows
+            .keys()
+            .filter(Result::is_ok)
+            .count()
+    }
+}
+
+fn detach_tc_in_netns(
+    ebpf: &mut Ebpf,
+    ingress: SchedClassifierLinkId,
+    egress: Option<SchedClassifierLinkId>,
+) {
+    for (name, link) in [(PROG_TC_INGRESS, Some(ingress)), (PROG_TC_EGRESS, egress)] {
+        let Some(link) = link else { continue };
+        if let Some(prog) = ebpf.program_mut(name) {
+            let prog: Result<&mut SchedClassifier, _> = prog.try_into();
+            if let Ok(prog) = prog {
+                // The interface may be gone with the pod: nothing left to detach then.
+                let _ = prog.detach(link);
+            }
+        }
     }
 }
 
@@ -158,9 +363,45 @@ where
         .map_err(|source| DatapathError::Program { name, source })
 }
 
-fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, DatapathError> {
-    ebpf.take_map(name)
-        .ok_or(DatapathError::MissingMap { name })
+fn typed<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or(DatapathError::MissingMap { name })?;
+    T::try_from(map).map_err(|source| DatapathError::Map { name, source })
+}
+
+fn pin(
+    result: Result<(), aya::pin::PinError>,
+    pin_dir: &Path,
+    name: &str,
+) -> Result<(), DatapathError> {
+    result.map_err(|source| DatapathError::Pin {
+        path: pin_dir.join(name).display().to_string(),
+        source,
+    })
+}
+
+fn map_full_or(name: &'static str, capacity: u32) -> impl Fn(MapError) -> DatapathError {
+    move |source| match &source {
+        MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
+            DatapathError::MapFull {
+                map: name,
+                capacity,
+            }
+        }
+        _ => DatapathError::Map { name, source },
+    }
+}
+
+fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
 }
 
 impl Datapath for EbpfDatapath {
@@ -168,54 +409,59 @@ impl Datapath for EbpfDatapath {
         "ebpf"
     }
 
-    fn enroll(&self, pod: PodDatapath) -> Result<(), DatapathError> {
-        let mut map = self.enrolled.lock().unwrap_or_else(|p| p.into_inner());
-        let value = EnrolledPod {
-            ipv4: u32::from_ne_bytes(pod.ipv4.octets()),
-            flags: 0,
-        };
-        map.insert(pod.netns_cookie, value, 0)
-            .map_err(|source| match &source {
-                aya::maps::MapError::SyscallError(e)
-                    if e.io_error.raw_os_error() == Some(libc::E2BIG) =>
-                {
-                    DatapathError::MapFull {
-                        map: maps::ENROLLED_NETNS,
-                        capacity: capacity::ENROLLED_NETNS,
-                    }
-                }
-                _ => DatapathError::Map {
-                    name: maps::ENROLLED_NETNS,
-                    source,
-                },
-            })
-    }
-
-    fn unenroll(&self, pod: PodDatapath) -> Result<(), DatapathError> {
-        let mut map = self.enrolled.lock().unwrap_or_else(|p| p.into_inner());
-        match map.remove(&pod.netns_cookie) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(aya::maps::MapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
-            {
+    fn enroll(&self, pod: &PodDatapath, netns: &PodNetns) -> Result<(), DatapathError> {
+        let ip = ip_key(pod.ipv4);
+        {
+            let mut maps = lock(&self.maps);
+            maps.pod_by_ip
+                .insert(ip, pod.netns_cookie, 0)
+                .map_err(map_full_or(maps::POD_BY_IP, capacity::POD_BY_IP))?;
+            let value = EnrolledPod { ipv4: ip, flags: 0 };
+            if let Err(error) = maps.enrolled.insert(pod.netns_cookie, value, 0) {
+                let _ = maps.pod_by_ip.remove(&ip);
+                return Err(map_full_or(maps::ENROLLED_NETNS, capacity::ENROLLED_NETNS)(
+                    error,
+                ));
+            }
+        }
+        match self.attach_tc(netns, &pod.ifname) {
+            Ok(links) => {
+                lock(&self.tc_links).insert(pod.netns_cookie, links);
                 Ok(())
             }
-            Err(source) => Err(DatapathError::Map {
-                name: maps::ENROLLED_NETNS,
-                source,
-            }),
+            Err(error) => {
+                let mut maps = lock(&self.maps);
+                let _ = maps.enrolled.remove(&pod.netns_cookie);
+                let _ = maps.pod_by_ip.remove(&ip);
+                Err(error)
+            }
         }
     }
 
-    fn set_debug(&self, on: bool) -> Result<(), DatapathError> {
-        let mut settings = self.settings.lock().unwrap_or_else(|p| p.into_inner());
-        let flags = if on { config::FLAG_DEBUG } else { 0 };
-        settings
-            .set(config::FLAGS_INDEX, flags, 0)
-            .map_err(|source| DatapathError::Map {
-                name: maps::SETTINGS,
+    fn unenroll(&self, pod: &PodDatapath, netns: &PodNetns) -> Result<(), DatapathError> {
+        self.detach_tc(netns, pod.netns_cookie);
+        let ip = ip_key(pod.ipv4);
+        let mut maps = lock(&self.maps);
+        ignore_missing(maps.enrolled.remove(&pod.netns_cookie)).map_err(|source| {
+            DatapathError::Map {
+                name: maps::ENROLLED_NETNS,
                 source,
-            })
+            }
+        })?;
+        // Another pod may have taken the IP since; only remove our own entry.
+        if maps.pod_by_ip.get(&ip, 0).ok() == Some(pod.netns_cookie) {
+            ignore_missing(maps.pod_by_ip.remove(&ip)).map_err(|source| DatapathError::Map {
+                name: maps::POD_BY_IP,
+                source,
+            })?;
+        }
+        Self::sweep_flows(&mut maps, ip);
+        Ok(())
+    }
+
+    fn set_debug(&self, on: bool) -> Result<(), DatapathError> {
+        lock(&self.options).debug = on;
+        self.write_flags()
     }
 
     fn counters(&self) -> DatapathCounters {
@@ -230,6 +476,12 @@ impl Datapath for EbpfDatapath {
             flows_recorded: sum(counters::FLOWS_RECORDED),
             orig_dst_answered: sum(counters::ORIG_DST_ANSWERED),
             record_failed: sum(counters::RECORD_FAILED),
+            same_node_inbound: sum(counters::SAME_NODE_INBOUND),
+            inbound_redirected: sum(counters::INBOUND_REDIRECTED),
+            inbound_record_failed: sum(counters::INBOUND_RECORD_FAILED),
+            ipv6_passed: sum(counters::IPV6_PASSED),
+            sockmap_added: sum(counters::SOCKMAP_ADDED),
+            sockmap_redirected: sum(counters::SOCKMAP_REDIRECTED),
         }
     }
 }

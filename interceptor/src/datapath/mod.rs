@@ -7,13 +7,17 @@ pub mod ebpf;
 
 use std::net::Ipv4Addr;
 
+use crate::inpod::PodNetns;
+
 /// One pod's place in the data path: what the programs need to intercept it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodDatapath {
     /// `SO_NETNS_COOKIE` of the pod's network namespace.
     pub netns_cookie: u64,
-    /// The pod's IPv4 address; redirects go to `<ip>:15001`.
+    /// The pod's IPv4 address; redirects go to `<ip>:15001` and `<ip>:15003`.
     pub ipv4: Ipv4Addr,
+    /// The pod's interface inside its netns (`CNI_IFNAME`), where tc attaches.
+    pub ifname: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +56,8 @@ pub enum DatapathError {
     Bpffs { path: String, reason: String },
     #[error("map {map} is full ({capacity} entries): pod not enrolled")]
     MapFull { map: &'static str, capacity: u32 },
+    #[error("tc on {ifname} in the pod netns: {reason}")]
+    Tc { ifname: String, reason: String },
 }
 
 /// Counters the programs keep, summed over CPUs.
@@ -61,16 +67,23 @@ pub struct DatapathCounters {
     pub flows_recorded: u64,
     pub orig_dst_answered: u64,
     pub record_failed: u64,
+    pub same_node_inbound: u64,
+    pub inbound_redirected: u64,
+    pub inbound_record_failed: u64,
+    pub ipv6_passed: u64,
+    pub sockmap_added: u64,
+    pub sockmap_redirected: u64,
 }
 
 /// What every interception mode offers the agent.
 pub trait Datapath: Send + Sync {
     /// Short mode name for logs and `/config_dump` (`ebpf`, `iptables`).
     fn mode(&self) -> &'static str;
-    /// Start intercepting a pod. Must be all-or-nothing.
-    fn enroll(&self, pod: PodDatapath) -> Result<(), DatapathError>;
-    /// Stop intercepting a pod; unknown pods are not an error.
-    fn unenroll(&self, pod: PodDatapath) -> Result<(), DatapathError>;
+    /// Start intercepting a pod; `netns` runs what must happen inside the pod's netns.
+    /// All-or-nothing: on error nothing of the pod is left in the data path.
+    fn enroll(&self, pod: &PodDatapath, netns: &PodNetns) -> Result<(), DatapathError>;
+    /// Stop intercepting a pod and forget its flows; unknown pods are not an error.
+    fn unenroll(&self, pod: &PodDatapath, netns: &PodNetns) -> Result<(), DatapathError>;
     /// Turn the programs' trace_pipe lines on or off.
     fn set_debug(&self, on: bool) -> Result<(), DatapathError>;
     fn counters(&self) -> DatapathCounters;

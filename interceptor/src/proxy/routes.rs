@@ -34,6 +34,8 @@ pub enum Target {
     NoEndpoints { service: String },
     /// Not a Service address: forward to where the application was going.
     Passthrough { addr: SocketAddrV4 },
+    /// Inbound: deliver to the application inside the pod.
+    Local { addr: SocketAddrV4 },
 }
 
 impl RouteTable {

@@ -1,12 +1,12 @@
-//! The outbound listener (15001) inside one pod: accept, recover the original
-//! destination, pick the target, connect from inside the pod with the proxy mark, and
-//! forward.
+//! The in-pod listeners: outbound (15001) and inbound (15003). Accept, recover the
+//! original destination, pick the target, connect from inside the pod with the proxy
+//! mark (which the programs skip), and forward.
 use std::collections::VecDeque;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
-use interceptor_common::{OUTBOUND_PORT, PROXY_MARK};
+use interceptor_common::{INBOUND_PORT, OUTBOUND_PORT, PROXY_MARK};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinSet;
 
@@ -19,10 +19,30 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connection records kept for `/config_dump`.
 const LOG_CAPACITY: usize = 256;
 
+/// Which of a pod's two listeners accepted a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// The pod's application dialled out (15001).
+    Outbound,
+    /// Someone dialled the pod (15003).
+    Inbound,
+}
+
+impl Direction {
+    pub fn port(self) -> u16 {
+        match self {
+            Direction::Outbound => OUTBOUND_PORT,
+            Direction::Inbound => INBOUND_PORT,
+        }
+    }
+}
+
 /// What happened to one proxied connection, for operators and tests.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct ConnectionRecord {
     pub pod: String,
+    pub direction: Direction,
     pub client: SocketAddr,
     /// What the application dialled, as `SO_ORIGINAL_DST` reported it.
     pub original_dst: Option<SocketAddrV4>,
@@ -54,14 +74,15 @@ impl ConnectionLog {
     }
 }
 
-/// Open the pod's outbound listener inside its netns.
-pub async fn listen(netns: &PodNetns) -> Result<TcpListener, InpodError> {
+/// Open one of the pod's listeners inside its netns.
+pub async fn listen(netns: &PodNetns, direction: Direction) -> Result<TcpListener, InpodError> {
+    let port = direction.port();
     let path = netns.path().display().to_string();
     let std_listener = netns
-        .run(|| -> std::io::Result<std::net::TcpListener> {
+        .run(move || -> std::io::Result<std::net::TcpListener> {
             let socket = nonblocking_tcp_socket()?;
             socket.set_reuse_address(true)?;
-            socket.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, OUTBOUND_PORT)).into())?;
+            socket.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
             socket.listen(1024)?;
             Ok(socket.into())
         })
@@ -75,8 +96,9 @@ pub async fn listen(netns: &PodNetns) -> Result<TcpListener, InpodError> {
 
 /// Everything a pod's accept loop shares with the agent.
 #[derive(Clone)]
-pub struct OutboundContext {
+pub struct ListenerContext {
     pub pod: String,
+    pub direction: Direction,
     pub netns: Arc<PodNetns>,
     pub routes: Arc<RwLock<Arc<RouteTable>>>,
     pub log: Arc<ConnectionLog>,
@@ -84,7 +106,7 @@ pub struct OutboundContext {
 
 /// Accept until the task is aborted; aborting also aborts every open connection of
 /// this pod (they live in the JoinSet), so nothing keeps the pod's netns alive.
-pub async fn serve(listener: TcpListener, ctx: OutboundContext) {
+pub async fn serve(listener: TcpListener, ctx: ListenerContext) {
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
@@ -103,9 +125,10 @@ pub async fn serve(listener: TcpListener, ctx: OutboundContext) {
     }
 }
 
-async fn handle(stream: TcpStream, client: SocketAddr, ctx: OutboundContext) {
+async fn handle(stream: TcpStream, client: SocketAddr, ctx: ListenerContext) {
     let mut record = ConnectionRecord {
         pod: ctx.pod.clone(),
+        direction: ctx.direction,
         client,
         original_dst: None,
         target: None,
@@ -129,7 +152,7 @@ async fn handle(stream: TcpStream, client: SocketAddr, ctx: OutboundContext) {
 
 async fn proxy_one(
     stream: TcpStream,
-    ctx: &OutboundContext,
+    ctx: &ListenerContext,
     record: &mut ConnectionRecord,
 ) -> Result<(), String> {
     let original = match original_dst(&stream) {
@@ -140,11 +163,19 @@ async fn proxy_one(
         }
     };
     record.original_dst = Some(original);
-    let table = ctx.routes.read().unwrap_or_else(|p| p.into_inner()).clone();
-    let target = table.resolve(original);
+    let target = match ctx.direction {
+        Direction::Outbound => {
+            let table = ctx.routes.read().unwrap_or_else(|p| p.into_inner()).clone();
+            table.resolve(original)
+        }
+        // Inbound traffic is for the application in this pod, on the port it was sent to.
+        Direction::Inbound => Target::Local { addr: original },
+    };
     record.target = Some(target.clone());
     let addr = match target {
-        Target::Endpoint { addr, .. } | Target::Passthrough { addr } => addr,
+        Target::Endpoint { addr, .. } | Target::Passthrough { addr } | Target::Local { addr } => {
+            addr
+        }
         Target::NoEndpoints { service } => {
             reset_on_close(&stream);
             return Err(format!("service {service} has no endpoints"));

@@ -1,0 +1,141 @@
+//! `sock_ops`: re-key original-destination records by 4-tuple once connections exist,
+//! forget them when the proxy's side closes, and feed the SOCKHASH.
+use aya_ebpf::{
+    bindings::{
+        BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+    },
+    bpf_printk,
+    helpers::bpf_get_socket_cookie,
+    macros::sock_ops,
+    programs::SockOpsContext,
+    EbpfContext,
+};
+use interceptor_common::{counters, FlowKey, InboundKey, INBOUND_PORT, OUTBOUND_PORT};
+
+use crate::maps::{
+    count, debug_enabled, local_pod, sockmap_enabled, INBOUND_FLOWS, ORIG_DST_BY_COOKIE,
+    ORIG_DST_BY_FLOW, SOCK_PAIRS,
+};
+
+const AF_INET: u32 = 2;
+const TCP_CLOSE: u32 = 7;
+
+#[sock_ops]
+pub fn intercept_sock_ops(ctx: SockOpsContext) -> u32 {
+    if ctx.family() == AF_INET {
+        match ctx.op() {
+            BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+                record_flow(&ctx);
+                add_local_pair(&ctx);
+            }
+            BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+                watch_proxy_side(&ctx);
+                add_local_pair(&ctx);
+            }
+            BPF_SOCK_OPS_STATE_CB => forget_flow(&ctx),
+            _ => {}
+        }
+    }
+    0
+}
+
+/// The connect side reached ESTABLISHED: its 4-tuple now exists, re-key the record.
+#[inline(always)]
+fn record_flow(ctx: &SockOpsContext) {
+    // SAFETY: sock_ops context accepted by the cookie helper.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: plain-old-data value, copied out immediately.
+    let Some(pending) = (unsafe { ORIG_DST_BY_COOKIE.get(cookie) }).copied() else {
+        return;
+    };
+    let orig = pending.orig;
+    let key = own_key(ctx);
+    let _ = ORIG_DST_BY_COOKIE.remove(cookie);
+    if ORIG_DST_BY_FLOW.insert(key, orig, 0).is_err() {
+        count(counters::RECORD_FAILED);
+        return;
+    }
+    count(counters::FLOWS_RECORDED);
+    if debug_enabled() {
+        // SAFETY: format and arguments match.
+        unsafe {
+            bpf_printk!(
+                c"icpt: established netns=%llu port=%u orig=%pI4",
+                pending.netns_cookie,
+                key.src_port as u32,
+                &orig.ipv4 as *const u32
+            );
+        }
+    }
+}
+
+/// The proxy accepted a redirected connection: ask for a callback when it closes, so
+/// the records go away with the connection.
+#[inline(always)]
+fn watch_proxy_side(ctx: &SockOpsContext) {
+    let port = ctx.local_port();
+    if port == u32::from(OUTBOUND_PORT) || port == u32::from(INBOUND_PORT) {
+        let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+    }
+}
+
+#[inline(always)]
+fn forget_flow(ctx: &SockOpsContext) {
+    let port = ctx.local_port();
+    if ctx.arg(1) != TCP_CLOSE
+        || (port != u32::from(OUTBOUND_PORT) && port != u32::from(INBOUND_PORT))
+    {
+        return;
+    }
+    // Seen from the proxy's accepted socket: the client is the remote end.
+    let key = FlowKey {
+        src_ipv4: ctx.remote_ip4(),
+        dst_ipv4: ctx.local_ip4(),
+        src_port: remote_port(ctx),
+        dst_port: port as u16,
+    };
+    let _ = ORIG_DST_BY_FLOW.remove(key);
+    if port == u32::from(INBOUND_PORT) {
+        let inbound = InboundKey {
+            client_ipv4: key.src_ipv4,
+            pod_ipv4: key.dst_ipv4,
+            client_port: key.src_port,
+            _pad: 0,
+        };
+        let _ = INBOUND_FLOWS.remove(inbound);
+    }
+}
+
+/// With sockmap on, both ends of a connection between local pods go into the SOCKHASH
+/// so sk_msg can hand bytes from one straight to the other. Only peers that are pods
+/// on this node qualify: anything else would only add a lookup to every send.
+#[inline(always)]
+fn add_local_pair(ctx: &SockOpsContext) {
+    if !sockmap_enabled() || local_pod(ctx.remote_ip4()).is_none() {
+        return;
+    }
+    let key = own_key(ctx);
+    // SAFETY: ctx.ops is the live bpf_sock_ops of this callback.
+    let ops = unsafe { &mut *ctx.ops };
+    if SOCK_PAIRS.update(key, ops, BPF_ANY.into()).is_ok() {
+        count(counters::SOCKMAP_ADDED);
+    }
+}
+
+/// This socket's 4-tuple, local end first.
+#[inline(always)]
+fn own_key(ctx: &SockOpsContext) -> FlowKey {
+    FlowKey {
+        src_ipv4: ctx.local_ip4(),
+        dst_ipv4: ctx.remote_ip4(),
+        src_port: ctx.local_port() as u16,
+        dst_port: remote_port(ctx),
+    }
+}
+
+/// `remote_port` carries the network-order port in its upper 16 bits on little-endian.
+#[inline(always)]
+fn remote_port(ctx: &SockOpsContext) -> u16 {
+    u16::from_be((ctx.remote_port() >> 16) as u16)
+}

@@ -1,0 +1,191 @@
+//! tc ingress and egress on an enrolled pod's interface (attached inside its netns):
+//! steer new TCP connections from outside the pod to the inbound listener 15003, and
+//! give the replies their original source port back.
+//!
+//! Only a SYN starts a flow, so connections that began before enrollment are never
+//! rewritten mid-stream. IP options are honoured (IHL), fragments after the first and
+//! every non-TCP packet pass untouched, and IPv6 is passed untouched and counted: it is
+//! not intercepted yet.
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    bpf_printk,
+    macros::classifier,
+    programs::TcContext,
+};
+use interceptor_common::{counters, InboundFlow, InboundKey, INBOUND_PORT};
+
+use crate::maps::{count, debug_enabled, inbound_port_excluded, local_pod, INBOUND_FLOWS};
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const IPPROTO_TCP: u8 = 6;
+const TCP_FLAG_RST: u8 = 0x04;
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_ACK: u8 = 0x10;
+/// Offsets inside the TCP header.
+const TCP_DPORT: usize = 2;
+const TCP_FLAGS: usize = 13;
+const TCP_CHECKSUM: usize = 16;
+/// `BPF_F_HDR_FIELD_MASK` size for a 2-byte field in `bpf_l4_csum_replace`.
+const CSUM_FIELD_2: u64 = 2;
+
+/// The parts of an IPv4/TCP packet the classifiers look at.
+struct TcpPacket {
+    saddr: u32,
+    daddr: u32,
+    /// Offset of the TCP header.
+    l4: usize,
+    sport: u16,
+    dport: u16,
+    flags: u8,
+}
+
+#[inline(always)]
+fn parse(ctx: &TcContext) -> Option<TcpPacket> {
+    let proto = u16::from_be(ctx.load::<u16>(12).ok()?);
+    if proto == ETH_P_IPV6 {
+        count(counters::IPV6_PASSED);
+        return None;
+    }
+    if proto != ETH_P_IP {
+        return None;
+    }
+    let version_ihl: u8 = ctx.load(ETH_HLEN).ok()?;
+    let ihl = usize::from(version_ihl & 0x0f) * 4;
+    if version_ihl >> 4 != 4 || ihl < 20 {
+        return None;
+    }
+    if ctx.load::<u8>(ETH_HLEN + 9).ok()? != IPPROTO_TCP {
+        return None;
+    }
+    // Later fragments carry no TCP header.
+    if u16::from_be(ctx.load::<u16>(ETH_HLEN + 6).ok()?) & 0x1fff != 0 {
+        return None;
+    }
+    let l4 = ETH_HLEN + ihl;
+    Some(TcpPacket {
+        saddr: ctx.load(ETH_HLEN + 12).ok()?,
+        daddr: ctx.load(ETH_HLEN + 16).ok()?,
+        l4,
+        sport: u16::from_be(ctx.load::<u16>(l4).ok()?),
+        dport: u16::from_be(ctx.load::<u16>(l4 + TCP_DPORT).ok()?),
+        flags: ctx.load(l4 + TCP_FLAGS).ok()?,
+    })
+}
+
+/// Rewrite the 2-byte port at `offset` (inside the TCP header) and fix the checksum.
+#[inline(always)]
+fn rewrite_port(ctx: &mut TcContext, l4: usize, offset: usize, from: u16, to: u16) -> bool {
+    let (from_be, to_be) = (from.to_be(), to.to_be());
+    ctx.l4_csum_replace(
+        l4 + TCP_CHECKSUM,
+        u64::from(from_be),
+        u64::from(to_be),
+        CSUM_FIELD_2,
+    )
+    .is_ok()
+        && ctx.store(l4 + offset, &to_be, 0).is_ok()
+}
+
+#[classifier]
+pub fn intercept_tc_ingress(mut ctx: TcContext) -> i32 {
+    match steer_ingress(&mut ctx) {
+        // A packet half-rewritten (port without checksum) must not be delivered.
+        Err(()) => TC_ACT_SHOT,
+        Ok(()) => TC_ACT_OK,
+    }
+}
+
+#[inline(always)]
+fn steer_ingress(ctx: &mut TcContext) -> Result<(), ()> {
+    let Some(packet) = parse(ctx) else {
+        return Ok(());
+    };
+    let Some(netns) = local_pod(packet.daddr) else {
+        return Ok(());
+    };
+    let key = InboundKey {
+        client_ipv4: packet.saddr,
+        pod_ipv4: packet.daddr,
+        client_port: packet.sport,
+        _pad: 0,
+    };
+    let new_flow = packet.flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
+    if new_flow {
+        if inbound_port_excluded(packet.dport) {
+            return Ok(());
+        }
+        let flow = InboundFlow {
+            orig_port: packet.dport,
+            _pad: 0,
+            _pad2: 0,
+        };
+        // Never overwrite (BPF_NOEXIST would refuse a SYN retransmit): a plain insert
+        // replaces the record of an older connection that reused this client port.
+        if INBOUND_FLOWS.insert(key, flow, 0).is_err() {
+            count(counters::INBOUND_RECORD_FAILED);
+            return Ok(());
+        }
+        count(counters::INBOUND_REDIRECTED);
+        if debug_enabled() {
+            // SAFETY: format and arguments match.
+            unsafe {
+                bpf_printk!(
+                    c"icpt: tc inbound netns=%llu port=%u -> 15003 from %pI4",
+                    netns,
+                    packet.dport as u32,
+                    &packet.saddr as *const u32
+                );
+            }
+        }
+    } else {
+        // SAFETY: plain-old-data value, copied out immediately.
+        match unsafe { INBOUND_FLOWS.get(key) } {
+            Some(flow) if flow.orig_port == packet.dport => {}
+            _ => return Ok(()),
+        }
+    }
+    if !rewrite_port(ctx, packet.l4, TCP_DPORT, packet.dport, INBOUND_PORT) {
+        return Err(());
+    }
+    if packet.flags & TCP_FLAG_RST != 0 {
+        let _ = INBOUND_FLOWS.remove(key);
+    }
+    Ok(())
+}
+
+#[classifier]
+pub fn intercept_tc_egress(mut ctx: TcContext) -> i32 {
+    match restore_egress(&mut ctx) {
+        Err(()) => TC_ACT_SHOT,
+        Ok(()) => TC_ACT_OK,
+    }
+}
+
+#[inline(always)]
+fn restore_egress(ctx: &mut TcContext) -> Result<(), ()> {
+    let Some(packet) = parse(ctx) else {
+        return Ok(());
+    };
+    if packet.sport != INBOUND_PORT {
+        return Ok(());
+    }
+    let key = InboundKey {
+        client_ipv4: packet.daddr,
+        pod_ipv4: packet.saddr,
+        client_port: packet.dport,
+        _pad: 0,
+    };
+    // SAFETY: plain-old-data value, copied out immediately.
+    let Some(flow) = (unsafe { INBOUND_FLOWS.get(key) }).copied() else {
+        return Ok(());
+    };
+    if !rewrite_port(ctx, packet.l4, 0, INBOUND_PORT, flow.orig_port) {
+        return Err(());
+    }
+    if packet.flags & TCP_FLAG_RST != 0 {
+        let _ = INBOUND_FLOWS.remove(key);
+    }
+    Ok(())
+}

@@ -1,0 +1,118 @@
+//! `cgroup/connect4`: where redirection starts.
+use aya_ebpf::{
+    bindings::bpf_sock,
+    bpf_printk,
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+    EbpfContext,
+};
+use core::ptr::write_volatile;
+use interceptor_common::{
+    counters, OrigDst, PendingConnect, INBOUND_PORT, OUTBOUND_PORT, PROXY_MARK,
+};
+
+use crate::maps::{
+    count, debug_enabled, inbound_port_excluded, local_pod, ENROLLED_NETNS, ORIG_DST_BY_COOKIE,
+};
+
+const IPPROTO_TCP: u32 = 6;
+
+#[cgroup_sock_addr(connect4)]
+pub fn intercept_connect4(ctx: SockAddrContext) -> i32 {
+    redirect_connect4(&ctx);
+    // Never refuse a connect: interception is best-effort routing, not policy.
+    1
+}
+
+#[inline(always)]
+fn redirect_connect4(ctx: &SockAddrContext) {
+    let sa = ctx.sock_addr;
+    // SAFETY: the verifier guarantees ctx points at a bpf_sock_addr for this program.
+    let (protocol, dst_ip, dst_port_be, sk) = unsafe {
+        (
+            (*sa).protocol,
+            (*sa).user_ip4,
+            (*sa).user_port as u16,
+            (*sa).__bindgen_anon_1.sk,
+        )
+    };
+    if protocol != IPPROTO_TCP || sk.is_null() {
+        return;
+    }
+    // SAFETY: bpf_get_netns_cookie accepts the sock_addr context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: sk is a valid PTR_TO_SOCKET for sock_addr programs.
+    let mark = unsafe { (*(sk as *const bpf_sock)).mark };
+    let (new_ip, new_port) = if mark == PROXY_MARK {
+        // The proxy dialling a pod on this node: hand it to that pod's inbound listener,
+        // unless it is the inbound proxy reaching the application in its own pod.
+        match local_pod(dst_ip) {
+            Some(owner) if owner != netns && !inbound_port_excluded(u16::from_be(dst_port_be)) => {
+                (dst_ip, INBOUND_PORT)
+            }
+            _ => return,
+        }
+    } else {
+        // SAFETY: plain-old-data value, copied out immediately.
+        let Some(pod) = (unsafe { ENROLLED_NETNS.get(netns) }).copied() else {
+            return;
+        };
+        // Loopback and the pod's own address stay inside the pod: never ours to route.
+        let first_octet = dst_ip.to_ne_bytes()[0];
+        if first_octet == 127 || dst_ip == pod.ipv4 || dst_ip == 0 {
+            return;
+        }
+        // Redirect to the pod IP, not loopback, so the 4-tuple is unique on the node.
+        (pod.ipv4, OUTBOUND_PORT)
+    };
+    // SAFETY: the socket cookie helper accepts the sock_addr context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let pending = PendingConnect {
+        orig: OrigDst {
+            ipv4: dst_ip,
+            port: dst_port_be,
+            _pad: 0,
+        },
+        netns_cookie: netns,
+    };
+    if ORIG_DST_BY_COOKIE.insert(cookie, pending, 0).is_err() {
+        // Without a record the proxy could not recover the destination: let it pass.
+        count(counters::RECORD_FAILED);
+        return;
+    }
+    // SAFETY: user_ip4/user_port are writable for connect4; volatile keeps LLVM from
+    // merging the two 4-byte stores into one 8-byte store the verifier rejects.
+    unsafe {
+        write_volatile(&mut (*sa).user_ip4, new_ip);
+        write_volatile(&mut (*sa).user_port, u32::from(new_port.to_be()));
+    }
+    count(if new_port == OUTBOUND_PORT {
+        counters::REDIRECTED
+    } else {
+        counters::SAME_NODE_INBOUND
+    });
+    if debug_enabled() {
+        let port = u16::from_be(dst_port_be) as u32;
+        let orig_ip = &dst_ip as *const u32;
+        // Three arguments at most: bpf_trace_printk takes no more before 5.16.
+        // SAFETY: formats and arguments match; %pI4 reads 4 bytes behind the pointer.
+        unsafe {
+            if new_port == OUTBOUND_PORT {
+                bpf_printk!(
+                    c"icpt: connect4 netns=%llu orig=%pI4:%u -> proxy 15001",
+                    netns,
+                    orig_ip,
+                    port
+                );
+            } else {
+                bpf_printk!(
+                    c"icpt: connect4 netns=%llu orig=%pI4:%u -> inbound 15003",
+                    netns,
+                    orig_ip,
+                    port
+                );
+            }
+        }
+    }
+}
