@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 use crate::datapath::{Datapath, DatapathError, PodDatapath};
 use crate::inpod::PodNetns;
 use crate::model::{Model, PodKey};
+use crate::proxy::forward::CopyMode;
 use crate::proxy::listener::{self, ListenerContext};
 use crate::proxy::{ConnectionLog, Direction, RouteTable};
 use crate::source::manifests::ManifestState;
@@ -60,6 +61,7 @@ pub struct Agent {
     pods: Mutex<HashMap<PodKey, PodEntry>>,
     routes: Arc<RwLock<Arc<RouteTable>>>,
     log: Arc<ConnectionLog>,
+    copy_mode: CopyMode,
     ready: AtomicBool,
 }
 
@@ -95,13 +97,18 @@ impl CniFailure {
 }
 
 impl Agent {
-    pub fn new(datapath: Arc<dyn Datapath>, model: watch::Receiver<ManifestState>) -> Arc<Self> {
+    pub fn new(
+        datapath: Arc<dyn Datapath>,
+        model: watch::Receiver<ManifestState>,
+        copy_mode: CopyMode,
+    ) -> Arc<Self> {
         let agent = Arc::new(Self {
             datapath,
             model,
             pods: Mutex::new(HashMap::new()),
             routes: Arc::new(RwLock::new(Arc::new(RouteTable::default()))),
             log: Arc::new(ConnectionLog::default()),
+            copy_mode,
             ready: AtomicBool::new(false),
         });
         agent.rebuild_routes();
@@ -308,6 +315,7 @@ impl Agent {
                 netns: Arc::clone(&netns),
                 routes: Arc::clone(&self.routes),
                 log: Arc::clone(&self.log),
+                copy_mode: self.copy_mode,
             };
             tokio::spawn(listener::serve(listener, ctx))
         };

@@ -11,7 +11,10 @@ use serde_json::{json, Map, Value};
 pub const NETWORK_NAME: &str = "itb";
 pub const CNI_VERSION: &str = "1.0.0";
 pub const BRIDGE: &str = "itb0";
+/// Node a's pod subnet (node `k` has `10.244.<k>.0/24`).
 pub const POD_SUBNET: &str = "10.244.0.0/24";
+/// Every node's pod subnet: the one route a pod gets (via its node's gateway).
+pub const CLUSTER_POD_CIDR: &str = "10.244.0.0/16";
 pub const IFNAME: &str = "eth0";
 
 /// Variables a runtime sets; cleared from the inherited environment so a stray one in
@@ -32,14 +35,32 @@ pub(crate) struct InterceptorCni {
     pub failure_policy: String,
 }
 
-/// The conflist: bridge + host-local, then interceptor-cni when enabled.
+/// The conflist of the first node: bridge + host-local on [`POD_SUBNET`], then
+/// interceptor-cni when enabled.
+#[cfg(test)]
 pub(crate) fn conflist(ipam_dir: &str, interceptor: Option<&InterceptorCni>) -> Value {
+    conflist_with_subnet(ipam_dir, POD_SUBNET, interceptor)
+}
+
+/// The conflist of a node whose pods get addresses from `subnet`.
+pub(crate) fn conflist_with_subnet(
+    ipam_dir: &str,
+    subnet: &str,
+    interceptor: Option<&InterceptorCni>,
+) -> Value {
     let mut plugins = vec![json!({
         "type": "bridge",
         "bridge": BRIDGE,
         "isGateway": true,
         "ipMasq": false,
-        "ipam": {"type": "host-local", "subnet": POD_SUBNET, "dataDir": ipam_dir},
+        "ipam": {
+            "type": "host-local",
+            "subnet": subnet,
+            "dataDir": ipam_dir,
+            // Pods reach the other nodes' pod subnets through their node (the gateway);
+            // anything else stays unreachable.
+            "routes": [{"dst": CLUSTER_POD_CIDR}],
+        },
     })];
     if let Some(i) = interceptor {
         plugins.push(json!({
@@ -187,7 +208,8 @@ mod tests {
             l,
             json!({"cniVersion":"1.0.0","name":"itb","plugins":[
                 {"type":"bridge","bridge":"itb0","isGateway":true,"ipMasq":false,
-                 "ipam":{"type":"host-local","subnet":"10.244.0.0/24","dataDir":"/s/ipam"}},
+                 "ipam":{"type":"host-local","subnet":"10.244.0.0/24","dataDir":"/s/ipam",
+                         "routes":[{"dst":"10.244.0.0/16"}]}},
                 {"type":"interceptor-cni","agentSocket":"/s/agent/cni.sock",
                  "failurePolicy":"fail-closed"}]})
         );

@@ -12,7 +12,8 @@ fn warn(what: &str, e: impl std::fmt::Display) {
     eprintln!("interceptor-testbed: removing leftover {what}: {e}");
 }
 
-/// Entries of `dir` named `<prefix><pid>-<n>` exactly, for dead owners.
+/// Entries of `dir` named `<prefix><pid>-<n>` (node a, state dirs) or
+/// `<prefix><pid>-<n>-<node>` (the other nodes' cgroups and bpffs dirs), for dead owners.
 fn leftover_dirs(dir: &Path, prefix: &str) -> Vec<std::path::PathBuf> {
     let Ok(rd) = fs::read_dir(dir) else {
         return Vec::new();
@@ -20,8 +21,9 @@ fn leftover_dirs(dir: &Path, prefix: &str) -> Vec<std::path::PathBuf> {
     rd.filter_map(|e| {
         let e = e.ok()?;
         let name = e.file_name().into_string().ok()?;
-        let (pid, id, rest) = names::parse_id(name.strip_prefix(prefix)?)?;
-        (rest.is_empty() && names::is_leftover(pid, id)).then(|| e.path())
+        // The rest after the id is empty or `-<node>` (parse_id checks).
+        let (pid, id, _) = names::parse_id(name.strip_prefix(prefix)?)?;
+        names::is_leftover(pid, id).then(|| e.path())
     })
     .collect()
 }

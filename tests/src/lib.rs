@@ -5,6 +5,12 @@
 //!
 //! Everything a testbed creates carries its id `<pid>-<n>`: netns `itb-<id>-*`, cgroup
 //! and bpffs dirs `interceptor-tb-<id>`, state dir `/run/interceptor-tb/<id>`.
+//!
+//! A testbed starts with one node, "a" ([`NodeId::A`]); [`Testbed::add_node`] adds more,
+//! each with its own node netns, bridge, pod subnet, conflist, cgroup, bpffs and state
+//! dirs (`itb-<id>-node-<name>`, `interceptor-tb-<id>-<name>`, `<state>/nodes/<name>`),
+//! routed to node a over a veth pair (see the `node` module). Functions without `_on`
+//! work on node a.
 
 mod cgroup;
 mod cni;
@@ -12,6 +18,7 @@ mod http;
 mod leftovers;
 mod names;
 mod netns;
+mod node;
 mod procs;
 
 use std::fs::{self, File};
@@ -29,8 +36,11 @@ use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-pub use cni::{CniError, CniOutput, BRIDGE, CNI_VERSION, IFNAME, NETWORK_NAME, POD_SUBNET};
+pub use cni::{
+    CniError, CniOutput, BRIDGE, CLUSTER_POD_CIDR, CNI_VERSION, IFNAME, NETWORK_NAME, POD_SUBNET,
+};
 pub use netns::{connect_in_netns, netns_path, with_netns};
+pub use node::{ip_forward, link_addrs, link_name, NodeId, TestbedNode};
 pub use procs::{AgentProcess, ClientReport, ServerProcess};
 
 use names::{BPFFS_ROOT, DIR_PREFIX, NETNS_PREFIX, STATE_ROOT};
@@ -38,7 +48,8 @@ use procs::Owned;
 
 /// Where the agent's admin endpoint listens, inside the node netns.
 pub const ADMIN_ADDR: &str = "127.0.0.1:15000";
-/// The gateway address the bridge plugin gives the bridge in the node netns.
+/// The gateway address the bridge plugin gives the bridge in node a's netns (node `k`
+/// has `10.244.<k>.1`, see [`TestbedNode::gateway`]).
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
 
 const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -119,7 +130,7 @@ impl TestbedBuilder {
     }
 }
 
-/// A pod: a network namespace that went through the CNI chain.
+/// A pod: a network namespace that went through the CNI chain of its node.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Pod {
     pub namespace: String,
@@ -133,21 +144,21 @@ pub struct Pod {
     pub ip: Ipv4Addr,
     /// The chain's final ADD result (what a runtime caches for DEL).
     pub cni_result: Value,
+    /// The node whose chain made the pod (and whose cgroup its processes join).
+    pub node: NodeId,
 }
 
-/// One local node. Dropping it kills its processes and removes everything it created.
+/// Local nodes (node a, plus any [`Testbed::add_node`] made). Dropping it kills its
+/// processes and removes everything it created.
 #[derive(Debug)]
 pub struct Testbed {
     id: String,
     label: String,
-    node_netns: String,
-    cgroup_path: PathBuf,
+    /// `nodes[0]` is node a; `nodes[k].id == NodeId(k)`.
+    nodes: Vec<TestbedNode>,
     state_dir: PathBuf,
-    bpffs_dir: PathBuf,
     cni_bin_dir: PathBuf,
-    conflist_path: PathBuf,
-    conflist: Value,
-    plugin_types: Vec<String>,
+    failure_policy: String,
     tb_pod_bin: PathBuf,
     tracker: Arc<procs::Tracker>,
     pods: Vec<Pod>,
@@ -174,18 +185,6 @@ impl Testbed {
         if !rustix::process::geteuid().is_root() {
             bail!("privileged testbed requires root");
         }
-        let interceptor_cni = if opts.interceptor_cni {
-            let p = bin_path("interceptor-cni");
-            if !p.is_file() {
-                bail!(
-                    "interceptor-cni binary not found at {} (build it, or set INTERCEPTOR_BIN_DIR)",
-                    p.display()
-                );
-            }
-            Some(p)
-        } else {
-            None
-        };
         let std_cni_dir = STANDARD_CNI_DIRS
             .iter()
             .map(Path::new)
@@ -222,17 +221,24 @@ impl Testbed {
         };
         names::register(&id);
         let state_dir = Path::new(STATE_ROOT).join(&id);
-        let mut tb = Testbed {
-            label: opts.label.clone(),
-            node_netns: format!("{NETNS_PREFIX}{id}-node"),
+        let node_a = TestbedNode {
+            id: NodeId::A,
+            name: "a".to_owned(),
+            netns: format!("{NETNS_PREFIX}{id}-node"),
             cgroup_path: cgroup_root.join(format!("{DIR_PREFIX}{id}")),
             bpffs_dir: Path::new(BPFFS_ROOT).join(format!("{DIR_PREFIX}{id}")),
-            cni_bin_dir: state_dir.join("cni-bin"),
             conflist_path: state_dir.join("itb.conflist"),
-            state_dir,
-            id,
+            state_dir: state_dir.clone(),
             conflist: Value::Null,
             plugin_types: Vec::new(),
+        };
+        let mut tb = Testbed {
+            label: opts.label.clone(),
+            nodes: vec![node_a],
+            cni_bin_dir: state_dir.join("cni-bin"),
+            state_dir,
+            id,
+            failure_policy: opts.failure_policy.clone(),
             tb_pod_bin: opts
                 .tb_pod_bin
                 .clone()
@@ -243,53 +249,148 @@ impl Testbed {
             next_log: AtomicU32::new(0),
         };
         // On error `tb` is dropped here, which removes whatever was made so far.
-        tb.setup(&opts, std_cni_dir, interceptor_cni.as_deref())
+        tb.setup(&opts, std_cni_dir)
             .with_context(|| format!("setting up testbed {} ({})", tb.id, tb.label))?;
         drop(lock);
         Ok(tb)
     }
 
-    fn setup(
-        &mut self,
-        opts: &TestbedBuilder,
-        std_cni_dir: &Path,
-        interceptor_cni: Option<&Path>,
-    ) -> Result<()> {
+    fn setup(&mut self, opts: &TestbedBuilder, std_cni_dir: &Path) -> Result<()> {
         fs::create_dir(&self.state_dir)
             .with_context(|| format!("creating {}", self.state_dir.display()))?;
         fs::write(self.state_dir.join("label"), format!("{}\n", self.label))?;
-        fs::create_dir(self.state_dir.join("agent"))?;
         fs::create_dir(self.state_dir.join("logs"))?;
-
-        netns::create(&self.node_netns)?;
-        fs::create_dir(&self.cgroup_path)
-            .with_context(|| format!("creating cgroup {}", self.cgroup_path.display()))?;
-
         // The runtime finds plugins by `type` in CNI_PATH; links keep the real binaries
         // where they are installed.
         fs::create_dir(&self.cni_bin_dir)?;
         for plugin in ["bridge", "host-local"] {
             std::os::unix::fs::symlink(std_cni_dir.join(plugin), self.cni_bin_dir.join(plugin))?;
         }
-        let interceptor = match interceptor_cni {
-            Some(bin) => {
-                let bin = fs::canonicalize(bin)?;
-                std::os::unix::fs::symlink(bin, self.cni_bin_dir.join("interceptor-cni"))?;
-                Some(cni::InterceptorCni {
-                    agent_socket: self.agent_socket().display().to_string(),
-                    failure_policy: opts.failure_policy.clone(),
-                })
-            }
-            None => None,
-        };
-        let ipam_dir = self.state_dir.join("ipam");
-        self.conflist = cni::conflist(&ipam_dir.display().to_string(), interceptor.as_ref());
-        self.plugin_types = cni::plugin_types(&self.conflist);
-        fs::write(
-            &self.conflist_path,
-            serde_json::to_vec_pretty(&self.conflist)?,
-        )?;
+        let conflist = self.make_node(&self.nodes[0], opts.interceptor_cni)?;
+        let a = &mut self.nodes[0];
+        a.plugin_types = cni::plugin_types(&conflist);
+        a.conflist = conflist;
         Ok(())
+    }
+
+    /// Makes what every node has (state and agent dirs, netns, cgroup, conflist file)
+    /// and returns the conflist. What it made is removed by [`Testbed::remove_node`].
+    fn make_node(&self, node: &TestbedNode, with_interceptor_cni: bool) -> Result<Value> {
+        fs::create_dir_all(&node.state_dir)
+            .with_context(|| format!("creating {}", node.state_dir.display()))?;
+        fs::create_dir(node.agent_state_dir())?;
+        netns::create(&node.netns)?;
+        fs::create_dir(&node.cgroup_path)
+            .with_context(|| format!("creating cgroup {}", node.cgroup_path.display()))?;
+        let interceptor = if with_interceptor_cni {
+            self.link_interceptor_cni()?;
+            Some(cni::InterceptorCni {
+                agent_socket: node.agent_socket().display().to_string(),
+                failure_policy: self.failure_policy.clone(),
+            })
+        } else {
+            None
+        };
+        let ipam_dir = node.state_dir.join("ipam");
+        let conflist = cni::conflist_with_subnet(
+            &ipam_dir.display().to_string(),
+            &node.pod_subnet(),
+            interceptor.as_ref(),
+        );
+        fs::write(&node.conflist_path, serde_json::to_vec_pretty(&conflist)?)?;
+        Ok(conflist)
+    }
+
+    /// Links `interceptor-cni` into CNI_PATH (once; the nodes share the directory).
+    fn link_interceptor_cni(&self) -> Result<()> {
+        let link = self.cni_bin_dir.join("interceptor-cni");
+        if link.symlink_metadata().is_ok() {
+            return Ok(());
+        }
+        let bin = bin_path("interceptor-cni");
+        if !bin.is_file() {
+            bail!(
+                "interceptor-cni binary not found at {} (build it, or set INTERCEPTOR_BIN_DIR)",
+                bin.display()
+            );
+        }
+        std::os::unix::fs::symlink(fs::canonicalize(bin)?, link)?;
+        Ok(())
+    }
+
+    /// Adds node `name` (1 to 8 of `[a-z0-9-]`, unique): netns `itb-<id>-node-<name>`
+    /// with forwarding on, a veth pair to node a (`itbl<k>` there, `itbl0` here;
+    /// 192.168.255.<4k+1>/30 and <4k+2>/30), pod subnet `10.244.<k>.0/24` on its own
+    /// bridge `itb0` (made by the first pod's ADD), routes between every node's pod
+    /// subnet (through node a), and its own conflist, host-local data, cgroup
+    /// `interceptor-tb-<id>-<name>`, bpffs dir and state dir `<state>/nodes/<name>`.
+    /// The chain is bridge + host-local, plus interceptor-cni (calling this node's agent
+    /// socket, the builder's failure policy) when `with_interceptor_cni`. On error,
+    /// whatever was made is removed again.
+    pub fn add_node(&mut self, name: &str, with_interceptor_cni: bool) -> Result<NodeId> {
+        node::validate_name(name, &self.nodes)?;
+        let id = NodeId(self.nodes.len());
+        let a = &self.nodes[0];
+        let cgroup_root = a
+            .cgroup_path
+            .parent()
+            .context("node a's cgroup has no parent")?;
+        let state_dir = self.state_dir.join("nodes").join(name);
+        let mut node = TestbedNode {
+            id,
+            name: name.to_owned(),
+            netns: format!("{}-{name}", a.netns),
+            cgroup_path: cgroup_root.join(format!("{DIR_PREFIX}{}-{name}", self.id)),
+            bpffs_dir: Path::new(BPFFS_ROOT).join(format!("{DIR_PREFIX}{}-{name}", self.id)),
+            conflist_path: state_dir.join("itb.conflist"),
+            state_dir,
+            conflist: Value::Null,
+            plugin_types: Vec::new(),
+        };
+        let others: Vec<&TestbedNode> = self.nodes[1..].iter().collect();
+        let made = self
+            .make_node(&node, with_interceptor_cni)
+            .and_then(|conflist| {
+                node::wire(&self.nodes[0], &node, &others)?;
+                Ok(conflist)
+            });
+        match made {
+            Ok(conflist) => {
+                node.plugin_types = cni::plugin_types(&conflist);
+                node.conflist = conflist;
+            }
+            Err(e) => {
+                node::unroute(&node, &others);
+                self.remove_node(&node);
+                return Err(e.context(format!("adding node {name} to testbed {}", self.id)));
+            }
+        }
+        self.nodes.push(node);
+        Ok(id)
+    }
+
+    /// Removes what [`Testbed::make_node`] made (best effort, warnings on stderr). The
+    /// node's processes must be gone or in its cgroup.
+    fn remove_node(&self, node: &TestbedNode) {
+        let warn = |what: &str, e: anyhow::Error| {
+            eprintln!(
+                "interceptor-testbed {}: cleanup node {} {what}: {e:#}",
+                self.id, node.name
+            );
+        };
+        if let Err(e) = netns::delete(&node.netns) {
+            warn("netns", e);
+        }
+        if let Err(e) = cgroup::remove(&node.cgroup_path, Duration::from_secs(5)) {
+            warn("cgroup", e);
+        }
+        for dir in [&node.bpffs_dir, &node.state_dir] {
+            if dir.exists() {
+                if let Err(e) = fs::remove_dir_all(dir) {
+                    warn(&dir.display().to_string(), e.into());
+                }
+            }
+        }
     }
 
     /// `<pid>-<n>`, unique on this machine while this process lives.
@@ -301,55 +402,71 @@ impl Testbed {
         &self.label
     }
 
-    /// Name of the node network namespace (bridge, gateway, agent).
+    /// The testbed's nodes, node a first (`nodes()[k].id() == NodeId` of index `k`).
+    pub fn nodes(&self) -> &[TestbedNode] {
+        &self.nodes
+    }
+
+    /// One node. Panics on a `NodeId` from another testbed that has more nodes.
+    pub fn node(&self, node: NodeId) -> &TestbedNode {
+        &self.nodes[node.0]
+    }
+
+    fn node_a(&self) -> &TestbedNode {
+        &self.nodes[0]
+    }
+
+    /// Name of node a's network namespace (bridge, gateway, agent).
     pub fn node_netns(&self) -> &str {
-        &self.node_netns
+        &self.node_a().netns
     }
 
-    /// The testbed's cgroup v2 directory, what the agent gets as `--cgroup`.
+    /// Node a's cgroup v2 directory, what its agent gets as `--cgroup`.
     pub fn cgroup_path(&self) -> &Path {
-        &self.cgroup_path
+        &self.node_a().cgroup_path
     }
 
+    /// `/run/interceptor-tb/<id>`: node a's state, and the other nodes' below `nodes/`.
     pub fn state_dir(&self) -> &Path {
         &self.state_dir
     }
 
-    /// `/sys/fs/bpf/interceptor-tb-<id>`, the agent's `--bpffs` (the agent creates it).
+    /// `/sys/fs/bpf/interceptor-tb-<id>`, node a's agent's `--bpffs` (the agent creates it).
     pub fn bpffs_dir(&self) -> &Path {
-        &self.bpffs_dir
+        &self.node_a().bpffs_dir
     }
 
-    /// The agent's state dir, `<state>/agent`.
+    /// Node a's agent state dir, `<state>/agent`.
     pub fn agent_state_dir(&self) -> PathBuf {
-        self.state_dir.join("agent")
+        self.node_a().agent_state_dir()
     }
 
-    /// The socket interceptor-cni is configured to call.
+    /// The socket node a's interceptor-cni is configured to call.
     pub fn agent_socket(&self) -> PathBuf {
-        self.agent_state_dir().join("cni.sock")
+        self.node_a().agent_socket()
     }
 
-    /// Directory used as CNI_PATH: links named after each plugin `type`.
+    /// Directory used as CNI_PATH (all nodes): links named after each plugin `type`.
     pub fn cni_bin_dir(&self) -> &Path {
         &self.cni_bin_dir
     }
 
+    /// Node a's conflist file.
     pub fn conflist_path(&self) -> &Path {
-        &self.conflist_path
+        &self.node_a().conflist_path
     }
 
-    /// The conflist as written to [`Testbed::conflist_path`].
+    /// Node a's conflist as written to [`Testbed::conflist_path`].
     pub fn conflist(&self) -> &Value {
-        &self.conflist
+        &self.node_a().conflist
     }
 
-    /// Plugin `type`s in chain order.
+    /// Node a's plugin `type`s in chain order.
     pub fn plugin_types(&self) -> &[String] {
-        &self.plugin_types
+        &self.node_a().plugin_types
     }
 
-    /// Pods added and not deleted yet.
+    /// Pods added and not deleted yet, on all nodes.
     pub fn pods(&self) -> &[Pod] {
         &self.pods
     }
@@ -358,14 +475,25 @@ impl Testbed {
         &self.tb_pod_bin
     }
 
-    /// Spawns `cmd` in network namespace `netns` and, if `in_cgroup`, in the testbed's
-    /// cgroup (joined before the namespace switch, from fds opened here, so the child
-    /// needs neither /sys nor `ip netns exec`). The child is killed when the testbed is
+    /// [`Testbed::spawn_on`] node a.
+    pub fn spawn_in(&self, netns: &str, in_cgroup: bool, cmd: Command) -> Result<Child> {
+        self.spawn_on(NodeId::A, netns, in_cgroup, cmd)
+    }
+
+    /// Spawns `cmd` in network namespace `netns` and, if `in_cgroup`, in `node`'s cgroup
+    /// (joined before the namespace switch, from fds opened here, so the child needs
+    /// neither /sys nor `ip netns exec`). The child is killed when the testbed is
     /// dropped; if the caller reaps it first, that kill is a no-op (pidfd).
-    pub fn spawn_in(&self, netns: &str, in_cgroup: bool, mut cmd: Command) -> Result<Child> {
+    pub fn spawn_on(
+        &self,
+        node: NodeId,
+        netns: &str,
+        in_cgroup: bool,
+        mut cmd: Command,
+    ) -> Result<Child> {
         let ns = netns::open(netns)?;
         let procs = if in_cgroup {
-            let path = self.cgroup_path.join("cgroup.procs");
+            let path = self.node(node).cgroup_path.join("cgroup.procs");
             Some(
                 File::options()
                     .write(true)
@@ -400,28 +528,40 @@ impl Testbed {
         Ok(child)
     }
 
-    /// [`Testbed::spawn_in`] the pod's netns and the testbed cgroup.
+    /// Spawns `cmd` in the pod's netns and the cgroup of the pod's node.
     pub fn spawn_in_pod(&self, pod: &Pod, cmd: Command) -> Result<Child> {
-        self.spawn_in(&pod.netns, true, cmd)
+        self.spawn_on(pod.node, &pod.netns, true, cmd)
     }
 
-    /// Starts `interceptor agent` in the node netns and the testbed cgroup (output
-    /// appended to `<state>/agent.log`) and waits up to 20 s for `/readyz` to answer 200.
+    /// [`Testbed::start_agent_on`] node a.
     pub fn start_agent(&mut self, manifests: &Path, extra_args: &[&str]) -> Result<AgentProcess> {
+        self.start_agent_on(NodeId::A, manifests, extra_args)
+    }
+
+    /// Starts `interceptor agent` in `node`'s netns and cgroup, with that node's bpffs
+    /// and state dirs (output appended to [`TestbedNode::agent_log_path`]), and waits
+    /// up to 20 s for `/readyz` on 127.0.0.1:15000 in that netns to answer 200.
+    pub fn start_agent_on(
+        &mut self,
+        node: NodeId,
+        manifests: &Path,
+        extra_args: &[&str],
+    ) -> Result<AgentProcess> {
         let bin = bin_path("interceptor");
         if !bin.is_file() {
             bail!("interceptor binary not found at {}", bin.display());
         }
-        let log_path = self.state_dir.join("agent.log");
+        let n = self.node(node);
+        let log_path = n.agent_log_path();
         let log = procs::log_file(&log_path)?;
         let mut cmd = Command::new(&bin);
         cmd.arg("agent")
             .arg("--cgroup")
-            .arg(&self.cgroup_path)
+            .arg(&n.cgroup_path)
             .arg("--bpffs")
-            .arg(&self.bpffs_dir)
+            .arg(&n.bpffs_dir)
             .arg("--state-dir")
-            .arg(self.agent_state_dir())
+            .arg(n.agent_state_dir())
             .arg("--manifests")
             .arg(manifests)
             .arg("--admin-addr")
@@ -430,7 +570,7 @@ impl Testbed {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        let child = self.spawn_in(&self.node_netns, true, cmd)?;
+        let child = self.spawn_on(node, &n.netns, true, cmd)?;
         let mut agent = AgentProcess {
             proc: Owned::new(child, Arc::clone(&self.tracker))?,
             log_path,
@@ -440,11 +580,12 @@ impl Testbed {
         loop {
             if let Some(status) = agent.try_wait()? {
                 bail!(
-                    "agent exited ({status}) before it was ready; last /readyz: {last}\nagent.log tail:\n{}",
+                    "agent on node {} exited ({status}) before it was ready; last /readyz: {last}\nagent.log tail:\n{}",
+                    self.node(node).name,
                     procs::tail(&agent.log_path, 40)
                 );
             }
-            match self.admin_get("/readyz") {
+            match self.admin_get_on(node, "/readyz") {
                 Ok((200, _)) => return Ok(agent),
                 Ok((code, body)) => last = format!("{code} {}", body.trim()),
                 Err(e) => last = format!("{e:#}"),
@@ -453,7 +594,8 @@ impl Testbed {
                 let log_path = agent.log_path.clone();
                 agent.kill();
                 bail!(
-                    "agent not ready within {AGENT_READY_TIMEOUT:?}; last /readyz: {last}\nagent.log tail:\n{}",
+                    "agent on node {} not ready within {AGENT_READY_TIMEOUT:?}; last /readyz: {last}\nagent.log tail:\n{}",
+                    self.node(node).name,
                     procs::tail(&log_path, 40)
                 );
             }
@@ -461,24 +603,42 @@ impl Testbed {
         }
     }
 
-    /// `GET path` on the admin endpoint (127.0.0.1:15000 in the node netns): status code
-    /// and body.
+    /// `GET path` on node a's admin endpoint: status code and body.
     pub fn admin_get(&self, path: &str) -> Result<(u16, String)> {
+        self.admin_get_on(NodeId::A, path)
+    }
+
+    /// `GET path` on `node`'s admin endpoint (127.0.0.1:15000 in that node's netns):
+    /// status code and body.
+    pub fn admin_get_on(&self, node: NodeId, path: &str) -> Result<(u16, String)> {
         let addr: SocketAddr = ADMIN_ADDR.parse()?;
-        let stream = connect_in_netns(&self.node_netns, addr)?;
+        let stream = connect_in_netns(&self.node(node).netns, addr)?;
         http::get(stream, ADMIN_ADDR, path).with_context(|| format!("GET {path}"))
     }
 
-    /// A TCP connection from the node netns (where the bridge's gateway address lives).
+    /// A TCP connection from node a's netns (where the bridge's gateway address lives).
     pub fn connect_from_node(&self, addr: SocketAddr) -> Result<TcpStream> {
-        connect_in_netns(&self.node_netns, addr)
+        self.connect_from_node_on(NodeId::A, addr)
     }
 
-    /// Creates netns `itb-<id>-p<k>-<name>`, brings `lo` up and runs the chain's ADD the
-    /// way a runtime does. On a plugin failure the plugins attempted so far get a DEL
-    /// (reverse order, no prevResult), the netns is deleted, and the error (downcastable
-    /// to [`CniError`]) is returned.
+    /// A TCP connection from `node`'s netns.
+    pub fn connect_from_node_on(&self, node: NodeId, addr: SocketAddr) -> Result<TcpStream> {
+        connect_in_netns(&self.node(node).netns, addr)
+    }
+
+    /// [`Testbed::add_pod_on`] node a.
     pub fn add_pod(&mut self, namespace: &str, name: &str) -> Result<Pod> {
+        self.add_pod_on(NodeId::A, namespace, name)
+    }
+
+    /// Creates netns `itb-<id>-p<k>-<name>`, brings `lo` up and runs `node`'s chain ADD
+    /// the way a runtime does. On a plugin failure the plugins attempted so far get a
+    /// DEL (reverse order, no prevResult), the netns is deleted, and the error
+    /// (downcastable to [`CniError`]) is returned.
+    pub fn add_pod_on(&mut self, node: NodeId, namespace: &str, name: &str) -> Result<Pod> {
+        if node.0 >= self.nodes.len() {
+            bail!("testbed {} has no node {node:?}", self.id);
+        }
         let k = self.next_pod;
         self.next_pod += 1;
         let short = names::short_name(name);
@@ -497,6 +657,7 @@ impl Testbed {
             container_id,
             ip: Ipv4Addr::UNSPECIFIED,
             cni_result: Value::Null,
+            node,
         };
         let added = self.chain_add(&pod).and_then(|result| {
             let ip = result_ip(&result)?;
@@ -518,9 +679,10 @@ impl Testbed {
         }
     }
 
-    /// CNI DEL for every plugin in reverse order with the cached ADD result as
-    /// `prevResult`, then deletes the netns. Every plugin gets its DEL even if an earlier
-    /// one failed; the first failure is returned. A pod already deleted is a no-op.
+    /// CNI DEL (with the chain of the pod's node) for every plugin in reverse order with
+    /// the cached ADD result as `prevResult`, then deletes the netns. Every plugin gets
+    /// its DEL even if an earlier one failed; the first failure is returned. A pod
+    /// already deleted is a no-op.
     pub fn del_pod(&mut self, pod: &Pod) -> Result<()> {
         let Some(pos) = self
             .pods
@@ -534,17 +696,18 @@ impl Testbed {
     }
 
     fn teardown_pod(&self, pod: &Pod, timeout: Duration) -> Result<()> {
-        let last = self.plugin_types.len().saturating_sub(1);
-        let del = self.chain_del(last, pod, Some(&pod.cni_result), timeout);
+        let node = self.node(pod.node);
+        let last = node.plugin_types.len().saturating_sub(1);
+        let del = self.chain_del(node, last, pod, Some(&pod.cni_result), timeout);
         let ns = netns::delete(&pod.netns);
         del.and(ns)
             .with_context(|| format!("deleting pod {}/{}", pod.namespace, pod.name))
     }
 
-    /// Runs one plugin of the chain (`plugin_index` into the conflist) in the node netns
-    /// with arbitrary stdin. Defaults: CNI_COMMAND=`command`, CNI_PATH, CNI_IFNAME=eth0
-    /// and a fresh CNI_CONTAINERID; `env_overrides` then set (`Some`) or remove (`None`)
-    /// variables. A non-zero exit is not an error here.
+    /// Runs one plugin of node a's chain (`plugin_index` into the conflist) in node a's
+    /// netns with arbitrary stdin. Defaults: CNI_COMMAND=`command`, CNI_PATH,
+    /// CNI_IFNAME=eth0 and a fresh CNI_CONTAINERID; `env_overrides` then set (`Some`) or
+    /// remove (`None`) variables. A non-zero exit is not an error here.
     pub fn cni_raw(
         &self,
         command: &str,
@@ -558,13 +721,20 @@ impl Testbed {
             ("CNI_CONTAINERID", Some(&container_id)),
         ];
         env.extend_from_slice(env_overrides);
-        self.run_plugin(plugin_index, command, &env, stdin, PLUGIN_TIMEOUT)
+        self.run_plugin(
+            self.node_a(),
+            plugin_index,
+            command,
+            &env,
+            stdin,
+            PLUGIN_TIMEOUT,
+        )
     }
 
-    /// The stdin a runtime would give plugin `index`: its conflist entry with
-    /// `cniVersion` and `name` injected, plus `prevResult` if given.
+    /// The stdin a runtime would give plugin `index` of node a's chain: its conflist
+    /// entry with `cniVersion` and `name` injected, plus `prevResult` if given.
     pub fn plugin_config(&self, index: usize, prev_result: Option<&Value>) -> Value {
-        cni::plugin_config(&self.conflist, index, prev_result)
+        cni::plugin_config(&self.node_a().conflist, index, prev_result)
     }
 
     /// The runtime's environment for `pod` (without CNI_COMMAND and CNI_PATH).
@@ -581,16 +751,24 @@ impl Testbed {
     }
 
     fn chain_add(&self, pod: &Pod) -> Result<Value> {
+        let node = self.node(pod.node);
         let env = self.pod_cni_env(pod);
         let env: Vec<(&str, Option<&str>)> = env
             .iter()
             .map(|(k, v)| (k.as_str(), Some(v.as_str())))
             .collect();
         let mut prev: Option<Value> = None;
-        for (i, ty) in self.plugin_types.iter().enumerate() {
-            let conf = self.plugin_config(i, prev.as_ref());
+        for (i, ty) in node.plugin_types.iter().enumerate() {
+            let conf = cni::plugin_config(&node.conflist, i, prev.as_ref());
             let outcome = self
-                .run_plugin(i, "ADD", &env, &serde_json::to_vec(&conf)?, PLUGIN_TIMEOUT)
+                .run_plugin(
+                    node,
+                    i,
+                    "ADD",
+                    &env,
+                    &serde_json::to_vec(&conf)?,
+                    PLUGIN_TIMEOUT,
+                )
                 .and_then(|out| {
                     if !out.status.success() {
                         return Err(CniError::from_output(ty, "ADD", &out).into());
@@ -604,7 +782,7 @@ impl Testbed {
                 Err(e) => {
                     // A runtime tears down what it attempted; the failing plugin too,
                     // since it may have done part of its work.
-                    if let Err(de) = self.chain_del(i, pod, None, PLUGIN_TIMEOUT) {
+                    if let Err(de) = self.chain_del(node, i, pod, None, PLUGIN_TIMEOUT) {
                         eprintln!(
                             "interceptor-testbed {}: DEL after failed ADD: {de:#}",
                             self.id
@@ -619,6 +797,7 @@ impl Testbed {
 
     fn chain_del(
         &self,
+        node: &TestbedNode,
         last: usize,
         pod: &Pod,
         cached: Option<&Value>,
@@ -630,11 +809,12 @@ impl Testbed {
             .map(|(k, v)| (k.as_str(), Some(v.as_str())))
             .collect();
         let mut first_err: Option<anyhow::Error> = None;
-        for i in (0..=last.min(self.plugin_types.len().saturating_sub(1))).rev() {
-            let conf = self.plugin_config(i, cached);
-            let err = match self.run_plugin(i, "DEL", &env, &serde_json::to_vec(&conf)?, timeout) {
+        for i in (0..=last.min(node.plugin_types.len().saturating_sub(1))).rev() {
+            let conf = cni::plugin_config(&node.conflist, i, cached);
+            let stdin = serde_json::to_vec(&conf)?;
+            let err = match self.run_plugin(node, i, "DEL", &env, &stdin, timeout) {
                 Ok(out) if out.status.success() => continue,
-                Ok(out) => CniError::from_output(&self.plugin_types[i], "DEL", &out).into(),
+                Ok(out) => CniError::from_output(&node.plugin_types[i], "DEL", &out).into(),
                 Err(e) => e,
             };
             first_err.get_or_insert(err);
@@ -644,16 +824,17 @@ impl Testbed {
 
     fn run_plugin(
         &self,
+        node: &TestbedNode,
         index: usize,
         command: &str,
         env: &[(&str, Option<&str>)],
         stdin: &[u8],
         timeout: Duration,
     ) -> Result<CniOutput> {
-        let ty = self
+        let ty = node
             .plugin_types
             .get(index)
-            .with_context(|| format!("no plugin {index} in the chain {:?}", self.plugin_types))?;
+            .with_context(|| format!("no plugin {index} in the chain {:?}", node.plugin_types))?;
         let mut cmd = Command::new(self.cni_bin_dir.join(ty));
         for var in cni::CNI_VARS {
             cmd.env_remove(var);
@@ -669,13 +850,13 @@ impl Testbed {
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let child = self.spawn_in(&self.node_netns, false, cmd)?;
+        let child = self.spawn_on(node.id, &node.netns, false, cmd)?;
         let collected = procs::collect(
             Owned::new(child, Arc::clone(&self.tracker))?,
             stdin,
             timeout,
         )
-        .with_context(|| format!("running CNI plugin {ty} {command}"))?;
+        .with_context(|| format!("running CNI plugin {ty} {command} on node {}", node.name))?;
         Ok(CniOutput {
             status: collected.status,
             stdout: String::from_utf8_lossy(&collected.stdout).into_owned(),
@@ -723,24 +904,35 @@ impl Testbed {
     /// Runs `tb-pod client <args>` in the pod, waits up to 60 s and parses its report.
     /// Connection errors are in the report; a non-zero exit is an error.
     pub fn run_client(&self, pod: &Pod, args: &[&str]) -> Result<ClientReport> {
-        let mut cmd = self.tb_pod_command(&[])?;
-        cmd.arg("client")
-            .args(args)
-            .stdin(Stdio::null())
+        let mut full = vec!["client"];
+        full.extend_from_slice(args);
+        let line = self.run_tb_pod_line(pod, &full, CLIENT_TIMEOUT)?;
+        serde_json::from_str(&line).with_context(|| format!("parsing client report {line:?}"))
+    }
+
+    /// Runs `tb-pod <args>` in the pod to completion (killed after `timeout`) and parses
+    /// the last line it printed as JSON: for `connrate` and `rr`, e.g.
+    /// `["rr", "--connect", "10.244.1.2:9000", "--size", "64", "--duration-ms", "2000"]`.
+    /// A non-zero exit is an error.
+    pub fn run_tb_pod(&self, pod: &Pod, args: &[&str], timeout: Duration) -> Result<Value> {
+        let line = self.run_tb_pod_line(pod, args, timeout)?;
+        serde_json::from_str(&line).with_context(|| format!("parsing tb-pod output {line:?}"))
+    }
+
+    /// The last non-empty stdout line of `tb-pod <args>` run in the pod.
+    fn run_tb_pod_line(&self, pod: &Pod, args: &[&str], timeout: Duration) -> Result<String> {
+        let mut cmd = self.tb_pod_command(args)?;
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let child = self.spawn_in_pod(pod, cmd)?;
-        let out = procs::collect(
-            Owned::new(child, Arc::clone(&self.tracker))?,
-            &[],
-            CLIENT_TIMEOUT,
-        )
-        .with_context(|| format!("tb-pod client {args:?} in pod {}", pod.name))?;
+        let out = procs::collect(Owned::new(child, Arc::clone(&self.tracker))?, &[], timeout)
+            .with_context(|| format!("tb-pod {args:?} in pod {}", pod.name))?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
         if !out.status.success() {
             bail!(
-                "tb-pod client {args:?} exited with {}: {}",
+                "tb-pod {args:?} exited with {}: {}",
                 out.status,
                 stderr.trim()
             );
@@ -748,8 +940,8 @@ impl Testbed {
         let line = stdout
             .lines()
             .rfind(|l| !l.trim().is_empty())
-            .with_context(|| format!("tb-pod client printed nothing; stderr: {stderr}"))?;
-        serde_json::from_str(line).with_context(|| format!("parsing client report {line:?}"))
+            .with_context(|| format!("tb-pod {args:?} printed nothing; stderr: {stderr}"))?;
+        Ok(line.to_owned())
     }
 
     fn cleanup(&mut self) {
@@ -758,25 +950,23 @@ impl Testbed {
             eprintln!("interceptor-testbed {id}: cleanup {what}: {e:#}");
         };
         self.tracker.kill_all(Duration::from_secs(5));
-        // Descendants the tracker never saw (the agent's helpers, daemonized children).
-        cgroup::kill_all(&self.cgroup_path);
+        // Descendants the tracker never saw (the agents' helpers, daemonized children).
+        for node in &self.nodes {
+            cgroup::kill_all(&node.cgroup_path);
+        }
         let pods: Vec<Pod> = self.pods.drain(..).rev().collect();
         for pod in &pods {
             if let Err(e) = self.teardown_pod(pod, DROP_PLUGIN_TIMEOUT) {
                 warn("pod", e);
             }
         }
-        if let Err(e) = netns::delete(&self.node_netns) {
-            warn("node netns", e);
+        // The extra nodes first (their veth pairs go with their netns), node a last.
+        for node in self.nodes.iter().rev() {
+            self.remove_node(node);
         }
-        if let Err(e) = cgroup::remove(&self.cgroup_path, Duration::from_secs(5)) {
-            warn("cgroup", e);
-        }
-        for dir in [&self.bpffs_dir, &self.state_dir] {
-            if dir.exists() {
-                if let Err(e) = fs::remove_dir_all(dir) {
-                    warn(&dir.display().to_string(), e.into());
-                }
+        if self.state_dir.exists() {
+            if let Err(e) = fs::remove_dir_all(&self.state_dir) {
+                warn(&self.state_dir.display().to_string(), e.into());
             }
         }
     }

@@ -49,7 +49,7 @@ pub(crate) fn list() -> Vec<String> {
         .collect()
 }
 
-fn ip(args: &[&str]) -> Result<()> {
+pub(crate) fn ip(args: &[&str]) -> Result<()> {
     let out = Command::new("ip")
         .args(args)
         .output()

@@ -455,6 +455,9 @@ pub struct ClientReport {
     /// `None` on success; else e.g. "connection refused", "connection reset".
     pub error: Option<String>,
     pub elapsed_ms: u64,
+    /// The client ran with `--ip-options` (every packet it sent carried IP options).
+    #[serde(default)]
+    pub ip_options: bool,
 }
 
 impl ClientReport {

@@ -56,10 +56,19 @@ fn wait_for_inbound(node: &Node, pod: &str, client_ip: &str) -> serde_json::Valu
 
 #[test]
 fn enrolled_client_reaches_service_endpoint_through_proxy() {
+    enrolled_client_reaches_service_endpoint_through_proxy_with(&[]);
+}
+
+#[test]
+fn enrolled_client_reaches_service_endpoint_through_proxy_with_sockmap() {
+    enrolled_client_reaches_service_endpoint_through_proxy_with(&["--sockmap"]);
+}
+
+fn enrolled_client_reaches_service_endpoint_through_proxy_with(agent_args: &[&str]) {
     if !common::privileged() {
         return;
     }
-    let mut node = Node::start("outbound", &[]);
+    let mut node = Node::start("outbound", agent_args);
     let server = node.pod("demo", "server");
     let client = node.pod("demo", "client");
     let echo = node
@@ -135,6 +144,22 @@ fn enrolled_client_reaches_service_endpoint_through_proxy() {
     );
     assert!(dump["datapath_counters"]["orig_dst_answered"].as_u64() >= Some(2));
     assert!(dump["datapath_counters"]["same_node_inbound"].as_u64() >= Some(1));
+    let sockmap_redirected = dump["datapath_counters"]["sockmap_redirected"].as_u64();
+    if agent_args.contains(&"--sockmap") {
+        // app <-> outbound proxy, proxy <-> inbound listener, inbound proxy <-> app: all
+        // local pairs, so sends were handed straight to the peer socket.
+        assert!(
+            sockmap_redirected >= Some(3),
+            "{}",
+            dump["datapath_counters"]
+        );
+    } else {
+        assert_eq!(
+            sockmap_redirected,
+            Some(0),
+            "sockmap must stay off unless asked for"
+        );
+    }
     let pods = dump["pods"].as_array().expect("pods");
     let client_row = pods
         .iter()
@@ -204,10 +229,19 @@ fn unenrolled_pod_is_not_touched() {
 
 #[test]
 fn bulk_transfer_both_ways_with_checksum_and_half_close() {
+    bulk_transfer_both_ways_with_checksum_and_half_close_with(&[]);
+}
+
+#[test]
+fn bulk_transfer_both_ways_with_checksum_and_half_close_with_sockmap() {
+    bulk_transfer_both_ways_with_checksum_and_half_close_with(&["--sockmap"]);
+}
+
+fn bulk_transfer_both_ways_with_checksum_and_half_close_with(agent_args: &[&str]) {
     if !common::privileged() {
         return;
     }
-    let mut node = Node::start("bulk", &[]);
+    let mut node = Node::start("bulk", agent_args);
     let server = node.pod("demo", "server");
     let client = node.pod("demo", "client");
     let _echo = node
@@ -267,10 +301,19 @@ fn bulk_transfer_both_ways_with_checksum_and_half_close() {
 
 #[test]
 fn reset_is_propagated() {
+    reset_is_propagated_with(&[]);
+}
+
+#[test]
+fn reset_is_propagated_with_sockmap() {
+    reset_is_propagated_with(&["--sockmap"]);
+}
+
+fn reset_is_propagated_with(agent_args: &[&str]) {
     if !common::privileged() {
         return;
     }
-    let mut node = Node::start("reset", &[]);
+    let mut node = Node::start("reset", agent_args);
     let server = node.pod("demo", "server");
     let client = node.pod("demo", "client");
     let _rst = node

@@ -66,6 +66,7 @@ async fn config_dump(State(state): State<AdminState>) -> Json<serde_json::Value>
         "source": { "kind": "manifests", "generation": generation, "last_error": last_error },
         "pods": agent.pod_statuses(),
         "datapath_counters": agent.datapath().counters(),
+        "datapath_records": agent.datapath().live_records(),
         "service_ports": agent.service_ports(),
         "connections": agent.connection_log(),
         "model": *agent.model(),

@@ -17,7 +17,7 @@ use interceptor_common::{
     RESERVED_PORTS,
 };
 
-use super::{Datapath, DatapathCounters, DatapathError, PodDatapath};
+use super::{Datapath, DatapathCounters, DatapathError, LiveRecords, PodDatapath};
 use crate::inpod::PodNetns;
 
 /// The object built from `interceptor-ebpf` by build.rs.
@@ -313,15 +313,6 @@ impl EbpfDatapath {
             let _ = maps.orig_dst_by_flow.remove(&key);
         }
     }
-
-    /// Entries currently in INBOUND_FLOWS (for tests and the config dump).
-    pub fn inbound_flow_count(&self) -> usize {
-        lock(&self.maps)
-            .inbound_flows
-            .keys()
-            .filter(Result::is_ok)
-            .count()
-    }
 }
 
 fn detach_tc_in_netns(
@@ -482,6 +473,15 @@ impl Datapath for EbpfDatapath {
             ipv6_passed: sum(counters::IPV6_PASSED),
             sockmap_added: sum(counters::SOCKMAP_ADDED),
             sockmap_redirected: sum(counters::SOCKMAP_REDIRECTED),
+        }
+    }
+
+    fn live_records(&self) -> LiveRecords {
+        let maps = lock(&self.maps);
+        LiveRecords {
+            inbound_flows: maps.inbound_flows.keys().filter(Result::is_ok).count(),
+            orig_dst_by_flow: maps.orig_dst_by_flow.keys().filter(Result::is_ok).count(),
+            enrolled_netns: maps.enrolled.keys().filter(Result::is_ok).count(),
         }
     }
 }

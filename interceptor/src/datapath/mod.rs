@@ -75,6 +75,17 @@ pub struct DatapathCounters {
     pub sockmap_redirected: u64,
 }
 
+/// Records the kernel holds right now, for the config dump and leak checks.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct LiveRecords {
+    /// Inbound flows tc steered to 15003 and not yet closed.
+    pub inbound_flows: usize,
+    /// Original destinations of established connections not yet closed.
+    pub orig_dst_by_flow: usize,
+    /// Enrolled network namespaces.
+    pub enrolled_netns: usize,
+}
+
 /// What every interception mode offers the agent.
 pub trait Datapath: Send + Sync {
     /// Short mode name for logs and `/config_dump` (`ebpf`, `iptables`).
@@ -87,4 +98,5 @@ pub trait Datapath: Send + Sync {
     /// Turn the programs' trace_pipe lines on or off.
     fn set_debug(&self, on: bool) -> Result<(), DatapathError>;
     fn counters(&self) -> DatapathCounters;
+    fn live_records(&self) -> LiveRecords;
 }

@@ -10,7 +10,7 @@ use interceptor_common::{INBOUND_PORT, OUTBOUND_PORT, PROXY_MARK};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinSet;
 
-use super::forward::{forward, reset_on_close, Forwarded};
+use super::forward::{forward, reset_on_close, CopyMode, Forwarded};
 use super::orig_dst::original_dst;
 use super::routes::{RouteTable, Target};
 use crate::inpod::{InpodError, PodNetns};
@@ -102,6 +102,7 @@ pub struct ListenerContext {
     pub netns: Arc<PodNetns>,
     pub routes: Arc<RwLock<Arc<RouteTable>>>,
     pub log: Arc<ConnectionLog>,
+    pub copy_mode: CopyMode,
 }
 
 /// Accept until the task is aborted; aborting also aborts every open connection of
@@ -190,7 +191,7 @@ async fn proxy_one(
     };
     let _ = stream.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
-    record.bytes = forward(stream, upstream).await;
+    record.bytes = forward(stream, upstream, ctx.copy_mode).await;
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 //! `tb-pod`: the application run inside testbed pods. Servers print `READY <addr>` and one
-//! JSON line per event on stdout; the client prints one JSON report. Bad arguments exit
-//! 2 (clap's usage error); connection errors are reported in JSON with exit 0.
+//! JSON line per event on stdout; the client, `connrate` and `rr` print one JSON report.
+//! Bad arguments exit 2 (clap's usage error); connection errors are reported in JSON with
+//! exit 0.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -51,6 +52,44 @@ enum Cmd {
         /// Read timeout: a silent peer turns into a "timed out" error.
         #[arg(long, default_value_t = 30_000)]
         io_timeout_ms: u64,
+        /// Set IP_OPTIONS (three NOOPs and END) before connecting, so every packet the
+        /// client sends carries 4 bytes of IP options (IHL 6). IPv4 only.
+        #[arg(long)]
+        ip_options: bool,
+    },
+    /// Connection rate against an echo server: each exchange connects, writes 1 byte,
+    /// reads it back and closes. Prints {"connections", "errors", "per_second", ...}.
+    Connrate {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        duration_ms: u64,
+        /// Threads, each running exchanges back to back.
+        #[arg(long, default_value_t = 1)]
+        concurrency: u32,
+        #[arg(long, default_value_t = 5_000)]
+        connect_timeout_ms: u64,
+        #[arg(long, default_value_t = 5_000)]
+        io_timeout_ms: u64,
+        /// Close with SO_LINGER 0 (RST, no TIME_WAIT), for long runs that would otherwise
+        /// run out of ephemeral ports.
+        #[arg(long)]
+        linger_zero: bool,
+    },
+    /// Request/response latency over one persistent connection to an echo server:
+    /// writes `size` bytes, reads them back, repeats. Prints {"round_trips", "p50_us",
+    /// "p99_us", "mean_us", ...}.
+    Rr {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long)]
+        duration_ms: u64,
+        #[arg(long, default_value_t = 5_000)]
+        connect_timeout_ms: u64,
+        #[arg(long, default_value_t = 5_000)]
+        io_timeout_ms: u64,
     },
     /// Accepts, reads a few bytes, then closes with SO_LINGER 0 (sends RST).
     ResetServer {
@@ -78,6 +117,7 @@ fn main() -> ExitCode {
             expect_greeting,
             connect_timeout_ms,
             io_timeout_ms,
+            ip_options,
         } => {
             let report = client(&ClientArgs {
                 connect,
@@ -87,7 +127,44 @@ fn main() -> ExitCode {
                 expect_greeting,
                 connect_timeout: Duration::from_millis(connect_timeout_ms),
                 io_timeout: Duration::from_millis(io_timeout_ms),
+                ip_options,
             });
+            emit(&report.to_string());
+            Ok(())
+        }
+        Cmd::Connrate {
+            connect,
+            duration_ms,
+            concurrency,
+            connect_timeout_ms,
+            io_timeout_ms,
+            linger_zero,
+        } => {
+            let report = connrate(&ConnrateArgs {
+                connect,
+                duration: Duration::from_millis(duration_ms),
+                concurrency: concurrency.max(1),
+                connect_timeout: Duration::from_millis(connect_timeout_ms),
+                io_timeout: Duration::from_millis(io_timeout_ms),
+                linger_zero,
+            });
+            emit(&report.to_string());
+            Ok(())
+        }
+        Cmd::Rr {
+            connect,
+            size,
+            duration_ms,
+            connect_timeout_ms,
+            io_timeout_ms,
+        } => {
+            let report = rr(
+                connect,
+                size.max(1),
+                Duration::from_millis(duration_ms),
+                Duration::from_millis(connect_timeout_ms),
+                Duration::from_millis(io_timeout_ms),
+            );
             emit(&report.to_string());
             Ok(())
         }
@@ -234,6 +311,7 @@ struct ClientArgs {
     expect_greeting: bool,
     connect_timeout: Duration,
     io_timeout: Duration,
+    ip_options: bool,
 }
 
 /// xorshift64*: deterministic bytes from a seed, so both ends can agree on content.
@@ -273,6 +351,7 @@ fn client(a: &ClientArgs) -> serde_json::Value {
         "sent_sha256": hex(Sha256::digest(b"")),
         "received_sha256": hex(Sha256::digest(b"")),
         "half_close": a.half_close,
+        "ip_options": a.ip_options,
         "error": null, "elapsed_ms": 0,
     });
     let error = run_client(a, &mut report).err();
@@ -282,7 +361,11 @@ fn client(a: &ClientArgs) -> serde_json::Value {
 }
 
 fn run_client(a: &ClientArgs, report: &mut serde_json::Value) -> io::Result<()> {
-    let stream = TcpStream::connect_timeout(&a.connect, a.connect_timeout)?;
+    let stream = if a.ip_options {
+        connect_with_ip_options(a.connect, a.connect_timeout)?
+    } else {
+        TcpStream::connect_timeout(&a.connect, a.connect_timeout)?
+    };
     report["local"] = json!(addr_string(stream.local_addr()));
     report["peer"] = json!(addr_string(stream.peer_addr()));
     stream.set_read_timeout(Some(a.io_timeout))?;
@@ -347,6 +430,184 @@ fn run_client(a: &ClientArgs, report: &mut serde_json::Value) -> io::Result<()> 
     read_result.and(write_result)
 }
 
+/// Three IPOPT_NOOP and IPOPT_END: 4 bytes of valid options that mean nothing.
+const NOOP_OPTIONS: [u8; 4] = [1, 1, 1, 0];
+
+/// Linux's `IP_OPTIONS` (level `IPPROTO_IP`, 0).
+const IP_OPTIONS: std::os::raw::c_int = 4;
+
+extern "C" {
+    // From the C library std already links; rustix has no IP_OPTIONS setter.
+    fn setsockopt(
+        fd: std::os::raw::c_int,
+        level: std::os::raw::c_int,
+        name: std::os::raw::c_int,
+        value: *const std::os::raw::c_void,
+        len: u32,
+    ) -> std::os::raw::c_int;
+}
+
+fn set_ip_options(fd: std::os::fd::BorrowedFd<'_>, options: &[u8]) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let len = u32::try_from(options.len()).map_err(|_| io::Error::other("options too long"))?;
+    // SAFETY: `fd` is a live socket for the duration of the call, and the kernel reads
+    // exactly `len` bytes from `options`, which is that long.
+    let rc = unsafe { setsockopt(fd.as_raw_fd(), 0, IP_OPTIONS, options.as_ptr().cast(), len) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A TCP connection whose packets all carry [`NOOP_OPTIONS`]: the option is set before
+/// connect, so the SYN has it too. The connect timeout is SO_SNDTIMEO, which a blocking
+/// connect honours (it then fails with EINPROGRESS).
+fn connect_with_ip_options(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    use rustix::net::{sockopt, AddressFamily, SocketType};
+    use std::os::fd::AsFd;
+    let SocketAddr::V4(v4) = addr else {
+        return Err(io::Error::other("--ip-options needs an IPv4 address"));
+    };
+    let fd = rustix::net::socket(AddressFamily::INET, SocketType::STREAM, None)?;
+    set_ip_options(fd.as_fd(), &NOOP_OPTIONS)?;
+    if !timeout.is_zero() {
+        sockopt::set_socket_timeout(&fd, sockopt::Timeout::Send, Some(timeout))?;
+    }
+    match rustix::net::connect(&fd, &v4) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::INPROGRESS) => return Err(io::ErrorKind::TimedOut.into()),
+        Err(e) => return Err(e.into()),
+    }
+    sockopt::set_socket_timeout(&fd, sockopt::Timeout::Send, None)?;
+    Ok(TcpStream::from(fd))
+}
+
+struct ConnrateArgs {
+    connect: SocketAddr,
+    duration: Duration,
+    concurrency: u32,
+    connect_timeout: Duration,
+    io_timeout: Duration,
+    linger_zero: bool,
+}
+
+/// One connection: connect, 1 byte out, the same byte back, close.
+fn one_exchange(a: &ConnrateArgs) -> io::Result<()> {
+    let mut s = TcpStream::connect_timeout(&a.connect, a.connect_timeout)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(a.io_timeout))?;
+    s.write_all(b"x")?;
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b)?;
+    if b != *b"x" {
+        return Err(io::Error::other("echoed byte differs"));
+    }
+    if a.linger_zero {
+        rustix::net::sockopt::set_socket_linger(&s, Some(Duration::ZERO))?;
+    }
+    Ok(())
+}
+
+fn connrate(a: &ConnrateArgs) -> serde_json::Value {
+    let start = Instant::now();
+    let deadline = start + a.duration;
+    let per_thread: Vec<(u64, u64, Option<String>)> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..a.concurrency)
+            .map(|_| {
+                s.spawn(|| {
+                    let (mut ok, mut errors, mut first_error) = (0u64, 0u64, None);
+                    while Instant::now() < deadline {
+                        match one_exchange(a) {
+                            Ok(()) => ok += 1,
+                            Err(e) => {
+                                errors += 1;
+                                first_error.get_or_insert_with(|| describe(&e));
+                            }
+                        }
+                    }
+                    (ok, errors, first_error)
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap_or((0, 1, Some("worker panicked".into()))))
+            .collect()
+    });
+    let elapsed = start.elapsed();
+    let connections: u64 = per_thread.iter().map(|t| t.0).sum();
+    let errors: u64 = per_thread.iter().map(|t| t.1).sum();
+    let first_error = per_thread.into_iter().find_map(|t| t.2);
+    json!({
+        "connect": a.connect.to_string(),
+        "concurrency": a.concurrency,
+        "connections": connections,
+        "errors": errors,
+        "first_error": first_error,
+        "per_second": connections as f64 / elapsed.as_secs_f64().max(1e-9),
+        "elapsed_ms": u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+    })
+}
+
+/// Nearest-rank percentile of sorted samples (`p` in 0..=100).
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn rr(
+    connect: SocketAddr,
+    size: usize,
+    duration: Duration,
+    connect_timeout: Duration,
+    io_timeout: Duration,
+) -> serde_json::Value {
+    let start = Instant::now();
+    let mut samples: Vec<u64> = Vec::new();
+    let outcome = (|| -> io::Result<()> {
+        let mut s = TcpStream::connect_timeout(&connect, connect_timeout)?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(io_timeout))?;
+        let mut request = vec![0u8; size];
+        XorShift::new(size as u64).fill(&mut request);
+        let mut response = vec![0u8; size];
+        let deadline = Instant::now() + duration;
+        while Instant::now() < deadline {
+            let t0 = Instant::now();
+            s.write_all(&request)?;
+            s.read_exact(&mut response)?;
+            samples.push(u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX));
+            if response != request {
+                return Err(io::Error::other("echoed bytes differ"));
+            }
+        }
+        s.shutdown(Shutdown::Write)
+    })();
+    let elapsed = start.elapsed();
+    samples.sort_unstable();
+    let us = |ns: u64| ns as f64 / 1000.0;
+    let mean = if samples.is_empty() {
+        0.0
+    } else {
+        samples.iter().map(|&n| n as f64).sum::<f64>() / samples.len() as f64 / 1000.0
+    };
+    json!({
+        "connect": connect.to_string(),
+        "size": size,
+        "round_trips": samples.len(),
+        "p50_us": us(percentile(&samples, 50.0)),
+        "p99_us": us(percentile(&samples, 99.0)),
+        "mean_us": mean,
+        "min_us": us(samples.first().copied().unwrap_or(0)),
+        "max_us": us(samples.last().copied().unwrap_or(0)),
+        "error": outcome.err().map(|e| describe(&e)),
+        "elapsed_ms": u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -362,6 +623,16 @@ mod tests {
         XorShift::new(8).fill(&mut c);
         assert_ne!(a, c);
         assert!(a.iter().any(|&x| x != 0));
+    }
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(percentile(&v, 50.0), 50);
+        assert_eq!(percentile(&v, 99.0), 99);
+        assert_eq!(percentile(&v, 100.0), 100);
+        assert_eq!(percentile(&[7], 99.0), 7);
+        assert_eq!(percentile(&[], 50.0), 0);
     }
 
     #[test]

@@ -1,0 +1,280 @@
+//! Nodes of a testbed: node "a", which every testbed has, and the ones
+//! [`crate::Testbed::add_node`] adds. Each node is a network namespace with its own bridge
+//! and pod subnet (`10.244.<k>.0/24`), conflist, host-local data, cgroup, bpffs dir and
+//! state dir, so an agent can run on each. Node `k > 0` is joined to node a by a veth pair
+//! (`itbl<k>` in a, `itbl0` in node k; `192.168.255.<4k+1>/30` and `<4k+2>/30`), with
+//! routes for the other nodes' pod subnets through a and forwarding on. Nothing routes
+//! out of the testbed: there is no default route anywhere.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use crate::netns;
+
+/// Most nodes a testbed can have (the link /30s must fit in 192.168.255.0/24).
+pub(crate) const MAX_NODES: usize = 64;
+/// Longest extra node name (it ends up in netns, cgroup and bpffs names).
+const MAX_NAME_LEN: usize = 8;
+
+/// A node of a testbed. [`NodeId::A`] is the node every testbed starts with; the others
+/// come from [`crate::Testbed::add_node`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId(pub(crate) usize);
+
+impl NodeId {
+    /// The first node, the one every function without `_on` works on.
+    pub const A: NodeId = NodeId(0);
+
+    /// `k`: the node's pod subnet is `10.244.<k>.0/24`.
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
+
+/// What the testbed made for one node.
+#[derive(Debug)]
+pub struct TestbedNode {
+    pub(crate) id: NodeId,
+    pub(crate) name: String,
+    pub(crate) netns: String,
+    pub(crate) cgroup_path: PathBuf,
+    pub(crate) state_dir: PathBuf,
+    pub(crate) bpffs_dir: PathBuf,
+    pub(crate) conflist_path: PathBuf,
+    pub(crate) conflist: Value,
+    pub(crate) plugin_types: Vec<String>,
+}
+
+impl TestbedNode {
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// "a" for the first node, else the name given to `add_node`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The node netns: `itb-<id>-node` for node a, `itb-<id>-node-<name>` for the others.
+    pub fn netns(&self) -> &str {
+        &self.netns
+    }
+
+    /// The node's cgroup: `interceptor-tb-<id>` for a, `interceptor-tb-<id>-<name>` for
+    /// the others (siblings under the cgroup2 root, so one node's agent never sees the
+    /// other node's pods).
+    pub fn cgroup_path(&self) -> &Path {
+        &self.cgroup_path
+    }
+
+    /// The testbed's state dir for node a, `<state>/nodes/<name>` for the others.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// `/sys/fs/bpf/interceptor-tb-<id>` for a, `...-<name>` for the others.
+    pub fn bpffs_dir(&self) -> &Path {
+        &self.bpffs_dir
+    }
+
+    /// The agent's `--state-dir`, `<node state>/agent`.
+    pub fn agent_state_dir(&self) -> PathBuf {
+        self.state_dir.join("agent")
+    }
+
+    /// The socket this node's interceptor-cni is configured to call.
+    pub fn agent_socket(&self) -> PathBuf {
+        self.agent_state_dir().join("cni.sock")
+    }
+
+    /// Where the agent's stdout and stderr go, `<node state>/agent.log`.
+    pub fn agent_log_path(&self) -> PathBuf {
+        self.state_dir.join("agent.log")
+    }
+
+    pub fn conflist_path(&self) -> &Path {
+        &self.conflist_path
+    }
+
+    pub fn conflist(&self) -> &Value {
+        &self.conflist
+    }
+
+    /// Plugin `type`s in chain order.
+    pub fn plugin_types(&self) -> &[String] {
+        &self.plugin_types
+    }
+
+    /// `10.244.<k>.0/24`.
+    pub fn pod_subnet(&self) -> String {
+        pod_subnet(self.id)
+    }
+
+    /// `10.244.<k>.1`, the bridge's address.
+    pub fn gateway(&self) -> Ipv4Addr {
+        gateway(self.id)
+    }
+}
+
+pub(crate) fn pod_subnet(node: NodeId) -> String {
+    format!("10.244.{}.0/24", node.0)
+}
+
+pub(crate) fn gateway(node: NodeId) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, subnet_octet(node), 1)
+}
+
+fn subnet_octet(node: NodeId) -> u8 {
+    u8::try_from(node.0).expect("node index checked against MAX_NODES")
+}
+
+/// The interface that leads to node `to`, in a node netns it is wired to.
+pub fn link_name(to: NodeId) -> String {
+    format!("itbl{}", to.0)
+}
+
+/// Addresses of the two ends of node `k`'s link to node a: (a's end, node k's end),
+/// `192.168.255.<4k+1>` and `<4k+2>`, both /30.
+pub fn link_addrs(node: NodeId) -> (Ipv4Addr, Ipv4Addr) {
+    let base = subnet_octet(node) * 4;
+    (
+        Ipv4Addr::new(192, 168, 255, base + 1),
+        Ipv4Addr::new(192, 168, 255, base + 2),
+    )
+}
+
+/// Names are short, lower-case alphanumeric or `-`, unique, and not "a".
+pub(crate) fn validate_name(name: &str, existing: &[TestbedNode]) -> Result<()> {
+    let ok_chars = name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if name.is_empty() || name.len() > MAX_NAME_LEN || !ok_chars || name.starts_with('-') {
+        bail!("node name {name:?}: use 1 to {MAX_NAME_LEN} of [a-z0-9-], not starting with '-'");
+    }
+    if existing.iter().any(|n| n.name == name) {
+        bail!("the testbed already has a node named {name:?}");
+    }
+    if existing.len() >= MAX_NODES {
+        bail!("a testbed has at most {MAX_NODES} nodes");
+    }
+    Ok(())
+}
+
+/// Joins `new` to node a: the veth pair, its addresses, routes both ways, routes between
+/// `new` and the other extra nodes through a, and forwarding on in a and `new`. On error
+/// the caller deletes `new`'s netns (which takes the veth pair and the routes through
+/// it) and calls [`unroute`].
+pub(crate) fn wire(a: &TestbedNode, new: &TestbedNode, others: &[&TestbedNode]) -> Result<()> {
+    let in_a = link_name(new.id);
+    let in_new = link_name(NodeId::A);
+    let (a_addr, new_addr) = link_addrs(new.id);
+    netns::ip(&[
+        "-n", &a.netns, "link", "add", &in_a, "type", "veth", "peer", "name", &in_new, "netns",
+        &new.netns,
+    ])?;
+    for (ns, dev, addr) in [(&a.netns, &in_a, a_addr), (&new.netns, &in_new, new_addr)] {
+        netns::ip(&["-n", ns, "addr", "add", &format!("{addr}/30"), "dev", dev])?;
+        netns::ip(&["-n", ns, "link", "set", dev, "up"])?;
+    }
+    let new_subnet = new.pod_subnet();
+    netns::ip(&[
+        "-n",
+        &a.netns,
+        "route",
+        "add",
+        &new_subnet,
+        "via",
+        &new_addr.to_string(),
+        "dev",
+        &in_a,
+    ])?;
+    for node in std::iter::once(a).chain(others.iter().copied()) {
+        netns::ip(&[
+            "-n",
+            &new.netns,
+            "route",
+            "add",
+            &node.pod_subnet(),
+            "via",
+            &a_addr.to_string(),
+            "dev",
+            &in_new,
+        ])?;
+    }
+    for other in others {
+        let (a_side, _) = link_addrs(other.id);
+        netns::ip(&[
+            "-n",
+            &other.netns,
+            "route",
+            "add",
+            &new_subnet,
+            "via",
+            &a_side.to_string(),
+            "dev",
+            &in_new,
+        ])?;
+    }
+    for ns in [&a.netns, &new.netns] {
+        set_ip_forward(ns)?;
+    }
+    Ok(())
+}
+
+/// Best effort: removes the routes to `new`'s pod subnet that [`wire`] added in `others`.
+pub(crate) fn unroute(new: &TestbedNode, others: &[&TestbedNode]) {
+    for other in others {
+        let _ = netns::ip(&["-n", &other.netns, "route", "del", &new.pod_subnet()]);
+    }
+}
+
+/// `net.ipv4.ip_forward=1` in `netns` only: /proc/sys/net resolves to the namespace of
+/// the thread that opens it.
+fn set_ip_forward(ns: &str) -> Result<()> {
+    netns::with_netns(ns, || std::fs::write("/proc/sys/net/ipv4/ip_forward", "1"))
+        .with_context(|| format!("turning on ip_forward in {ns}"))
+}
+
+/// `net.ipv4.ip_forward` of `netns`, as the thread that entered it reads it.
+pub fn ip_forward(ns: &str) -> Result<bool> {
+    let v = netns::with_netns(ns, || {
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
+    })?;
+    Ok(v.trim() == "1")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_addresses_and_subnets() {
+        assert_eq!(
+            link_addrs(NodeId(1)),
+            (
+                Ipv4Addr::new(192, 168, 255, 5),
+                Ipv4Addr::new(192, 168, 255, 6)
+            )
+        );
+        assert_eq!(
+            link_addrs(NodeId(MAX_NODES - 1)).1,
+            Ipv4Addr::new(192, 168, 255, 254)
+        );
+        assert_eq!(pod_subnet(NodeId::A), crate::POD_SUBNET);
+        assert_eq!(gateway(NodeId::A), crate::GATEWAY);
+        assert_eq!(pod_subnet(NodeId(1)), "10.244.1.0/24");
+        assert_eq!(link_name(NodeId(1)), "itbl1");
+    }
+
+    #[test]
+    fn node_names() {
+        assert!(validate_name("b", &[]).is_ok());
+        assert!(validate_name("node-2", &[]).is_ok());
+        for bad in ["", "B", "-b", "a/b", "waytoolongname"] {
+            assert!(validate_name(bad, &[]).is_err(), "{bad:?}");
+        }
+    }
+}
