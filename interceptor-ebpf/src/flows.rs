@@ -11,7 +11,7 @@ use aya_ebpf::{
     programs::SockOpsContext,
     EbpfContext,
 };
-use interceptor_common::{counters, FlowKey, InboundKey, INBOUND_PORT, OUTBOUND_PORT};
+use interceptor_common::{counters, FlowKey, InboundKey, INBOUND_PORT, OUTBOUND_PORT, PROXY_MARK};
 
 use crate::maps::{
     count, debug_enabled, local_pod, sockmap_enabled, INBOUND_FLOWS, ORIG_DST_BY_COOKIE,
@@ -27,11 +27,15 @@ pub fn intercept_sock_ops(ctx: SockOpsContext) -> u32 {
         match ctx.op() {
             BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
                 record_flow(&ctx);
-                add_local_pair(&ctx);
+                if remote_port(&ctx) == INBOUND_PORT && is_proxy_socket(&ctx) {
+                    add_local_pair(&ctx);
+                }
             }
             BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
                 watch_proxy_side(&ctx);
-                add_local_pair(&ctx);
+                if ctx.local_port() == u32::from(INBOUND_PORT) {
+                    add_local_pair(&ctx);
+                }
             }
             BPF_SOCK_OPS_STATE_CB => forget_flow(&ctx),
             _ => {}
@@ -107,9 +111,14 @@ fn forget_flow(ctx: &SockOpsContext) {
     }
 }
 
-/// With sockmap on, both ends of a connection between local pods go into the SOCKHASH
-/// so sk_msg can hand bytes from one straight to the other. Only peers that are pods
-/// on this node qualify: anything else would only add a lookup to every send.
+/// With sockmap on, both ends of a proxy-to-proxy connection between pods on this node
+/// (an outbound proxy's upstream socket and the peer pod's inbound listener socket) go
+/// into the SOCKHASH so sk_msg hands bytes from one straight to the other.
+///
+/// Application sockets are deliberately left out: a socket in a SOCKHASH reads through
+/// tcp_bpf, where (seen on 6.18) a blocking reader woken by its own writer thread gets a
+/// spurious EAGAIN, and a sender whose peer reads slowly gets ENOMEM instead of
+/// backpressure. The proxy copes with both; applications should never see them.
 #[inline(always)]
 fn add_local_pair(ctx: &SockOpsContext) {
     if !sockmap_enabled() || local_pod(ctx.remote_ip4()).is_none() {
@@ -120,6 +129,16 @@ fn add_local_pair(ctx: &SockOpsContext) {
     let ops = unsafe { &mut *ctx.ops };
     if SOCK_PAIRS.update(key, ops, BPF_ANY.into()).is_ok() {
         count(counters::SOCKMAP_ADDED);
+    }
+}
+
+/// Whether this socket carries the proxy's mark (its upstream sockets do).
+#[inline(always)]
+fn is_proxy_socket(ctx: &SockOpsContext) -> bool {
+    // SAFETY: ctx.ops is valid; sk may be NULL for request sockets, checked before use.
+    unsafe {
+        let sk = (*ctx.ops).__bindgen_anon_2.sk;
+        !sk.is_null() && (*sk).mark == PROXY_MARK
     }
 }
 

@@ -1,6 +1,6 @@
 //! The node agent's state: which pods the CNI plugin handed us, which are enrolled, the
 //! routing snapshot, and the enrollment logic the CNI server calls into.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,7 +13,6 @@ use tokio::task::JoinHandle;
 use crate::datapath::{Datapath, DatapathError, PodDatapath};
 use crate::inpod::PodNetns;
 use crate::model::{Model, PodKey};
-use crate::proxy::forward::CopyMode;
 use crate::proxy::listener::{self, ListenerContext};
 use crate::proxy::{ConnectionLog, Direction, RouteTable};
 use crate::source::manifests::ManifestState;
@@ -61,7 +60,8 @@ pub struct Agent {
     pods: Mutex<HashMap<PodKey, PodEntry>>,
     routes: Arc<RwLock<Arc<RouteTable>>>,
     log: Arc<ConnectionLog>,
-    copy_mode: CopyMode,
+    /// Whether sockmap is on (proxy-to-proxy sockets then need the userspace copy).
+    sockmap: bool,
     ready: AtomicBool,
 }
 
@@ -100,7 +100,7 @@ impl Agent {
     pub fn new(
         datapath: Arc<dyn Datapath>,
         model: watch::Receiver<ManifestState>,
-        copy_mode: CopyMode,
+        sockmap: bool,
     ) -> Arc<Self> {
         let agent = Arc::new(Self {
             datapath,
@@ -108,7 +108,7 @@ impl Agent {
             pods: Mutex::new(HashMap::new()),
             routes: Arc::new(RwLock::new(Arc::new(RouteTable::default()))),
             log: Arc::new(ConnectionLog::default()),
-            copy_mode,
+            sockmap,
             ready: AtomicBool::new(false),
         });
         agent.rebuild_routes();
@@ -160,13 +160,20 @@ impl Agent {
     }
 
     fn rebuild_routes(&self) {
-        let pod_ips: HashMap<PodKey, Ipv4Addr> = {
+        let (pod_ips, enrolled): (HashMap<PodKey, Ipv4Addr>, HashSet<Ipv4Addr>) = {
             let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
-            pods.iter()
+            let ips = pods
+                .iter()
                 .filter_map(|(key, entry)| entry.ipv4.map(|ip| (key.clone(), ip)))
-                .collect()
+                .collect();
+            let enrolled = pods
+                .values()
+                .filter(|entry| entry.enrolled.is_some())
+                .filter_map(|entry| entry.ipv4)
+                .collect();
+            (ips, enrolled)
         };
-        let table = RouteTable::build(&self.model(), &pod_ips);
+        let table = RouteTable::build(&self.model(), &pod_ips, enrolled);
         *self.routes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
     }
 
@@ -315,7 +322,7 @@ impl Agent {
                 netns: Arc::clone(&netns),
                 routes: Arc::clone(&self.routes),
                 log: Arc::clone(&self.log),
-                copy_mode: self.copy_mode,
+                sockmap: self.sockmap,
             };
             tokio::spawn(listener::serve(listener, ctx))
         };

@@ -14,7 +14,6 @@ use crate::agent::Agent;
 use crate::cleanup::{self, PID_FILE};
 use crate::datapath::ebpf::{EbpfDatapath, EbpfOptions};
 use crate::datapath::Datapath;
-use crate::proxy::forward::CopyMode;
 use crate::source::manifests::{self, ManifestState};
 
 /// How often the manifests directory is polled for changes.
@@ -99,13 +98,7 @@ async fn serve(config: &AgentConfig) -> anyhow::Result<()> {
             config.manifests.display()
         );
     }
-    // sk_msg redirects land in a queue splice(2) does not read: copy in userspace then.
-    let copy_mode = if config.sockmap {
-        CopyMode::Userspace
-    } else {
-        CopyMode::Splice
-    };
-    let agent = Agent::new(Arc::clone(&datapath), rx, copy_mode);
+    let agent = Agent::new(Arc::clone(&datapath), rx, config.sockmap);
     let follower = agent.spawn_model_follower();
     let cni = crate::cni::serve(&config.cni_socket, Arc::clone(&agent))?;
     let info = StaticInfo {

@@ -416,6 +416,13 @@ impl Testbed {
         &self.nodes[0]
     }
 
+    /// [`Testbed::node`] as an error instead of a panic.
+    fn get_node(&self, node: NodeId) -> Result<&TestbedNode> {
+        self.nodes
+            .get(node.0)
+            .with_context(|| format!("testbed {} has no node {}", self.id, node.0))
+    }
+
     /// Name of node a's network namespace (bridge, gateway, agent).
     pub fn node_netns(&self) -> &str {
         &self.node_a().netns
@@ -493,7 +500,7 @@ impl Testbed {
     ) -> Result<Child> {
         let ns = netns::open(netns)?;
         let procs = if in_cgroup {
-            let path = self.node(node).cgroup_path.join("cgroup.procs");
+            let path = self.get_node(node)?.cgroup_path.join("cgroup.procs");
             Some(
                 File::options()
                     .write(true)
@@ -551,7 +558,7 @@ impl Testbed {
         if !bin.is_file() {
             bail!("interceptor binary not found at {}", bin.display());
         }
-        let n = self.node(node);
+        let n = self.get_node(node)?;
         let log_path = n.agent_log_path();
         let log = procs::log_file(&log_path)?;
         let mut cmd = Command::new(&bin);
@@ -612,7 +619,7 @@ impl Testbed {
     /// status code and body.
     pub fn admin_get_on(&self, node: NodeId, path: &str) -> Result<(u16, String)> {
         let addr: SocketAddr = ADMIN_ADDR.parse()?;
-        let stream = connect_in_netns(&self.node(node).netns, addr)?;
+        let stream = connect_in_netns(&self.get_node(node)?.netns, addr)?;
         http::get(stream, ADMIN_ADDR, path).with_context(|| format!("GET {path}"))
     }
 
@@ -623,7 +630,7 @@ impl Testbed {
 
     /// A TCP connection from `node`'s netns.
     pub fn connect_from_node_on(&self, node: NodeId, addr: SocketAddr) -> Result<TcpStream> {
-        connect_in_netns(&self.node(node).netns, addr)
+        connect_in_netns(&self.get_node(node)?.netns, addr)
     }
 
     /// [`Testbed::add_pod_on`] node a.
@@ -636,9 +643,7 @@ impl Testbed {
     /// DEL (reverse order, no prevResult), the netns is deleted, and the error
     /// (downcastable to [`CniError`]) is returned.
     pub fn add_pod_on(&mut self, node: NodeId, namespace: &str, name: &str) -> Result<Pod> {
-        if node.0 >= self.nodes.len() {
-            bail!("testbed {} has no node {node:?}", self.id);
-        }
+        self.get_node(node)?;
         let k = self.next_pod;
         self.next_pod += 1;
         let short = names::short_name(name);

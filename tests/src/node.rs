@@ -136,7 +136,7 @@ pub fn link_name(to: NodeId) -> String {
     format!("itbl{}", to.0)
 }
 
-/// Addresses of the two ends of node `k`'s link to node a: (a's end, node k's end),
+/// Addresses of the two ends of node `k`'s (`k >= 1`) link to node a: (a's end, node k's end),
 /// `192.168.255.<4k+1>` and `<4k+2>`, both /30.
 pub fn link_addrs(node: NodeId) -> (Ipv4Addr, Ipv4Addr) {
     let base = subnet_octet(node) * 4;

@@ -557,3 +557,46 @@ fn leftovers_of_a_dead_runs_extra_node_are_removed() {
     assert!(!state.exists(), "leftover state dir survived");
     assert!(!sleeper.wait().unwrap().success());
 }
+
+#[test]
+fn a_third_node_reaches_node_b_through_node_a() {
+    if !privileged() {
+        return;
+    }
+    let footprint;
+    {
+        let (mut tb, b) = two_nodes("three-nodes");
+        let c = tb.add_node("c", false).expect("node c");
+        assert_eq!(c.index(), 2);
+        assert!(tb.add_node("c", false).is_err(), "names are unique");
+        assert!(tb.add_node("a", false).is_err(), "a is taken");
+        assert!(tb.add_node("Bad/Name", false).is_err());
+        assert_eq!(tb.nodes().len(), 3, "failed adds leave no node behind");
+        let routes_b = ip_output(&["-4", "-n", tb.node(b).netns(), "route", "show"]);
+        assert!(
+            routes_b.contains("10.244.2.0/24 via 192.168.255.5 dev itbl0"),
+            "{routes_b}"
+        );
+        let server_pod = tb.add_pod_on(b, "default", "server").expect("pod on b");
+        let client_pod = tb.add_pod_on(c, "default", "client").expect("pod on c");
+        assert_eq!(client_pod.ip.octets()[..3], [10, 244, 2]);
+        let _server = tb
+            .spawn_server(&server_pod, &["echo", "--listen", "0.0.0.0:9000"])
+            .expect("echo server on b");
+        let report = tb
+            .run_client(
+                &client_pod,
+                &[
+                    "--connect",
+                    &format!("{}:9000", server_pod.ip),
+                    "--send-bytes",
+                    "100000",
+                ],
+            )
+            .expect("client on c");
+        assert!(report.echoed_all(), "{report:?}");
+        assert_eq!(report.local_ip(), Some(IpAddr::V4(client_pod.ip)));
+        footprint = Footprint::of(&tb);
+    }
+    footprint.assert_gone();
+}

@@ -4,8 +4,9 @@
 //! or error on either side resets both, so neither peer mistakes a failure for a clean end.
 //!
 //! Two copy paths: `splice(2)` through a pipe per direction keeps the bytes in the
-//! kernel (the default), and a userspace copy for sockets whose data may arrive through
-//! sockmap (`sk_msg` redirects land in a queue that `splice` does not read).
+//! kernel (the default), and a userspace copy for sockets that may be in the SOCKHASH
+//! (`sk_msg` redirects land in a queue that `splice` does not read, and a redirected send
+//! fails with ENOMEM instead of blocking when the peer reads slowly: retried here).
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;
@@ -38,11 +39,7 @@ pub struct Forwarded {
     pub reset: bool,
 }
 
-pub async fn forward(
-    mut downstream: TcpStream,
-    mut upstream: TcpStream,
-    mode: CopyMode,
-) -> Forwarded {
+pub async fn forward(downstream: TcpStream, upstream: TcpStream, mode: CopyMode) -> Forwarded {
     let result = match mode {
         CopyMode::Splice => {
             let up = splice_one_way(&downstream, &upstream);
@@ -50,13 +47,9 @@ pub async fn forward(
             tokio::try_join!(up, down)
         }
         CopyMode::Userspace => {
-            tokio::io::copy_bidirectional_with_sizes(
-                &mut downstream,
-                &mut upstream,
-                BUFFER_BYTES,
-                BUFFER_BYTES,
-            )
-            .await
+            let up = copy_one_way(&downstream, &upstream);
+            let down = copy_one_way(&upstream, &downstream);
+            tokio::try_join!(up, down)
         }
     };
     match result {
@@ -124,6 +117,47 @@ async fn splice_one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
                 }
                 Ok(n) => left -= n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        total += filled as u64;
+    }
+}
+
+/// Userspace buffer copy from `from` to `to` until EOF, then half-close `to`.
+async fn copy_one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
+    /// How long to wait before retrying a send the kernel refused with ENOMEM.
+    const ENOMEM_BACKOFF: Duration = Duration::from_micros(200);
+    let mut buf = vec![0u8; BUFFER_BYTES];
+    let mut total = 0u64;
+    loop {
+        let filled = loop {
+            from.readable().await?;
+            match from.try_read(&mut buf) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        };
+        if filled == 0 {
+            socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)?;
+            return Ok(total);
+        }
+        let mut sent = 0;
+        while sent < filled {
+            to.writable().await?;
+            match to.try_write(&buf[sent..filled]) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "peer took no bytes",
+                    ))
+                }
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.raw_os_error() == Some(libc::ENOMEM) => {
+                    tokio::time::sleep(ENOMEM_BACKOFF).await;
+                }
                 Err(e) => return Err(e),
             }
         }

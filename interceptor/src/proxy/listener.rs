@@ -48,6 +48,7 @@ pub struct ConnectionRecord {
     pub original_dst: Option<SocketAddrV4>,
     pub target: Option<Target>,
     pub outcome: String,
+    pub copy_mode: CopyMode,
     #[serde(flatten)]
     pub bytes: Forwarded,
     pub unix_ms: u64,
@@ -102,7 +103,8 @@ pub struct ListenerContext {
     pub netns: Arc<PodNetns>,
     pub routes: Arc<RwLock<Arc<RouteTable>>>,
     pub log: Arc<ConnectionLog>,
-    pub copy_mode: CopyMode,
+    /// With sockmap on, proxy-to-proxy sockets on this node are in the SOCKHASH.
+    pub sockmap: bool,
 }
 
 /// Accept until the task is aborted; aborting also aborts every open connection of
@@ -134,6 +136,7 @@ async fn handle(stream: TcpStream, client: SocketAddr, ctx: ListenerContext) {
         original_dst: None,
         target: None,
         outcome: String::new(),
+        copy_mode: CopyMode::default(),
         bytes: Forwarded::default(),
         unix_ms: SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -164,11 +167,9 @@ async fn proxy_one(
         }
     };
     record.original_dst = Some(original);
+    let table = ctx.routes.read().unwrap_or_else(|p| p.into_inner()).clone();
     let target = match ctx.direction {
-        Direction::Outbound => {
-            let table = ctx.routes.read().unwrap_or_else(|p| p.into_inner()).clone();
-            table.resolve(original)
-        }
+        Direction::Outbound => table.resolve(original),
         // Inbound traffic is for the application in this pod, on the port it was sent to.
         Direction::Inbound => Target::Local { addr: original },
     };
@@ -191,7 +192,22 @@ async fn proxy_one(
     };
     let _ = stream.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
-    record.bytes = forward(stream, upstream, ctx.copy_mode).await;
+    // Proxy-to-proxy connections between pods of this node are in the SOCKHASH when
+    // sockmap is on, and their bytes arrive where splice(2) cannot read them.
+    let peer = match ctx.direction {
+        Direction::Outbound => *addr.ip(),
+        Direction::Inbound => match record.client {
+            SocketAddr::V4(client) => *client.ip(),
+            SocketAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
+        },
+    };
+    let mode = if ctx.sockmap && table.is_local_enrolled(&peer) {
+        CopyMode::Userspace
+    } else {
+        CopyMode::Splice
+    };
+    record.copy_mode = mode;
+    record.bytes = forward(stream, upstream, mode).await;
     Ok(())
 }
 

@@ -1,6 +1,6 @@
 //! Where a connection goes: Service ClusterIP:port to one of its endpoints (round-robin),
 //! anything else passed through to the original destination.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -11,6 +11,8 @@ use crate::model::{Endpoint, Model, PodKey};
 #[derive(Debug, Default)]
 pub struct RouteTable {
     services: HashMap<SocketAddrV4, ServiceRoute>,
+    /// Addresses of the pods enrolled on this node.
+    local_enrolled: HashSet<Ipv4Addr>,
 }
 
 #[derive(Debug)]
@@ -39,7 +41,11 @@ pub enum Target {
 }
 
 impl RouteTable {
-    pub fn build(model: &Model, pod_ips: &HashMap<PodKey, Ipv4Addr>) -> Self {
+    pub fn build(
+        model: &Model,
+        pod_ips: &HashMap<PodKey, Ipv4Addr>,
+        local_enrolled: HashSet<Ipv4Addr>,
+    ) -> Self {
         let mut services = HashMap::new();
         for service in model.services.values() {
             let Some(cluster_ip) = service.cluster_ip else {
@@ -59,7 +65,10 @@ impl RouteTable {
                 );
             }
         }
-        Self { services }
+        Self {
+            services,
+            local_enrolled,
+        }
     }
 
     pub fn resolve(&self, original: SocketAddrV4) -> Target {
@@ -78,6 +87,11 @@ impl RouteTable {
             pod: endpoint.pod.to_string(),
             addr: endpoint.addr,
         }
+    }
+
+    /// Whether `ip` is a pod enrolled on this node (its inbound listener is local).
+    pub fn is_local_enrolled(&self, ip: &Ipv4Addr) -> bool {
+        self.local_enrolled.contains(ip)
     }
 
     /// Number of Service ports known, for the config dump.
