@@ -1,4 +1,4 @@
-//! `cgroup/connect4`: where redirection starts.
+//! `cgroup/connect4`: where redirection starts; `cgroup/getpeername4`: hiding it again.
 use aya_ebpf::{
     bindings::bpf_sock,
     bpf_printk,
@@ -9,11 +9,12 @@ use aya_ebpf::{
 };
 use core::ptr::write_volatile;
 use interceptor_common::{
-    counters, OrigDst, PendingConnect, INBOUND_PORT, OUTBOUND_PORT, PROXY_MARK,
+    counters, FlowKey, OrigDst, PendingConnect, INBOUND_PORT, OUTBOUND_PORT, PROXY_MARK,
 };
 
 use crate::maps::{
     count, debug_enabled, inbound_port_excluded, local_pod, ENROLLED_NETNS, ORIG_DST_BY_COOKIE,
+    ORIG_DST_BY_FLOW,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -114,5 +115,49 @@ fn redirect_connect4(ctx: &SockAddrContext) {
                 );
             }
         }
+    }
+}
+
+/// `cgroup/getpeername4` (5.8): an application whose connect was redirected asks who
+/// its peer is; answer with the original destination, not the proxy's listener, so
+/// redirection stays invisible to it.
+#[cgroup_sock_addr(getpeername4)]
+pub fn intercept_getpeername4(ctx: SockAddrContext) -> i32 {
+    restore_peer(&ctx);
+    1
+}
+
+#[inline(always)]
+fn restore_peer(ctx: &SockAddrContext) {
+    let sa = ctx.sock_addr;
+    // SAFETY: the verifier guarantees ctx points at a bpf_sock_addr for this program.
+    let (peer_ip, peer_port, sk) = unsafe {
+        (
+            (*sa).user_ip4,
+            u16::from_be((*sa).user_port as u16),
+            (*sa).__bindgen_anon_1.sk,
+        )
+    };
+    if (peer_port != OUTBOUND_PORT && peer_port != INBOUND_PORT) || sk.is_null() {
+        return;
+    }
+    // SAFETY: sk is a valid PTR_TO_SOCKET for sock_addr programs.
+    let key = unsafe {
+        let sk = sk as *const bpf_sock;
+        FlowKey {
+            src_ipv4: (*sk).src_ip4,
+            dst_ipv4: peer_ip,
+            src_port: (*sk).src_port as u16,
+            dst_port: peer_port,
+        }
+    };
+    // SAFETY: plain-old-data value, copied out immediately.
+    let Some(orig) = (unsafe { ORIG_DST_BY_FLOW.get(key) }).copied() else {
+        return;
+    };
+    // SAFETY: user_ip4/user_port are writable for getpeername4; volatile as in connect4.
+    unsafe {
+        write_volatile(&mut (*sa).user_ip4, orig.ipv4);
+        write_volatile(&mut (*sa).user_port, u32::from(orig.port));
     }
 }

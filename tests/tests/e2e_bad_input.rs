@@ -21,19 +21,28 @@ const BPFTOOL: &str = "/usr/sbin/bpftool";
 /// `MAX_MESSAGE_BYTES` of the plugin/agent protocol.
 const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// Programs the agent attaches to its cgroup.
-const ATTACH_TYPES: [&str; 3] = [
+const ATTACH_TYPES: [&str; 4] = [
     "cgroup_inet4_connect",
+    "cgroup_inet4_getpeername",
     "cgroup_sock_ops",
     "cgroup_getsockopt",
 ];
 /// What the agent pins under its bpffs directory.
-const PINS: [&str; 8] = [
+const PINS: [&str; 16] = [
     "intercept_connect4",
+    "intercept_getpeername4",
     "intercept_sock_ops",
     "intercept_getsockopt",
+    "intercept_tc_ingress",
+    "intercept_tc_egress",
+    "intercept_sk_msg",
     "ENROLLED_NETNS",
+    "POD_BY_IP",
     "ORIG_DST_BY_COOKIE",
     "ORIG_DST_BY_FLOW",
+    "INBOUND_FLOWS",
+    "INBOUND_PORT_EXCLUSIONS",
+    "SOCK_PAIRS",
     "SETTINGS",
     "COUNTERS",
 ];

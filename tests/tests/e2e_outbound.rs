@@ -100,8 +100,13 @@ fn enrolled_client_reaches_service_endpoint_through_proxy_with(agent_args: &[&st
     );
     assert_eq!(report.greeting.as_deref(), Some("hello-v1"));
     assert!(report.echoed_all(), "{report:?}");
-    // The application still believes it talks to the Service (connect4 rewrote the
-    // kernel's destination, not the app's idea of it, except for getpeername).
+    // The application still believes it talks to the Service: getpeername4 answers with
+    // the original destination, not the proxy's listener.
+    assert_eq!(
+        report.peer.as_deref(),
+        Some(service_addr().as_str()),
+        "{report:?}"
+    );
     let local = report.local.clone().expect("local address");
 
     let record = wait_for_record(&node, &local);

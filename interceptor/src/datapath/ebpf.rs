@@ -26,6 +26,7 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 pub const PROG_CONNECT4: &str = "intercept_connect4";
 pub const PROG_SOCK_OPS: &str = "intercept_sock_ops";
 pub const PROG_GETSOCKOPT: &str = "intercept_getsockopt";
+pub const PROG_GETPEERNAME4: &str = "intercept_getpeername4";
 pub const PROG_TC_INGRESS: &str = "intercept_tc_ingress";
 pub const PROG_TC_EGRESS: &str = "intercept_tc_egress";
 pub const PROG_SK_MSG: &str = "intercept_sk_msg";
@@ -44,8 +45,9 @@ const MAP_NAMES: [&str; 9] = [
 ];
 
 /// Every pin the agent makes in its bpffs directory; cleanup removes these and no other.
-pub const PIN_NAMES: [&str; 15] = [
+pub const PIN_NAMES: [&str; 16] = [
     PROG_CONNECT4,
+    PROG_GETPEERNAME4,
     PROG_SOCK_OPS,
     PROG_GETSOCKOPT,
     PROG_TC_INGRESS,
@@ -148,6 +150,13 @@ impl EbpfDatapath {
         attach_cgroup_program!(ebpf, CgroupSockAddr, PROG_CONNECT4, &cgroup_file, pin_dir);
         attach_cgroup_program!(ebpf, SockOps, PROG_SOCK_OPS, &cgroup_file, pin_dir);
         attach_cgroup_program!(ebpf, CgroupSockopt, PROG_GETSOCKOPT, &cgroup_file, pin_dir);
+        attach_cgroup_program!(
+            ebpf,
+            CgroupSockAddr,
+            PROG_GETPEERNAME4,
+            &cgroup_file,
+            pin_dir
+        );
         for name in [PROG_TC_INGRESS, PROG_TC_EGRESS] {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
             prog.load()

@@ -1,0 +1,190 @@
+//! Inbound interception across nodes: a client on node b dials an enrolled pod on node a;
+//! tc on the pod's interface steers the flow to the pod's inbound listener (15003) and
+//! restores the source port of the replies. The wire in between is the testbed's
+//! node-to-node link, so packets really are parsed, rewritten and checksummed by tc.
+mod common;
+
+use std::time::Duration;
+
+use common::{Node, ECHO_TARGET_PORT, MANIFESTS};
+use interceptor_testbed::{AgentProcess, NodeId, Pod};
+
+const MIB: u64 = 1024 * 1024;
+
+/// Node a with the agent (from [`Node`]) and node b with the plain chain, no agent.
+fn two_nodes(label: &str, agent_args: &[&str]) -> (Node, NodeId) {
+    let mut node = Node::start(label, agent_args);
+    let b = node.tb.add_node("b", false).expect("node b");
+    (node, b)
+}
+
+fn inbound_records(dump: &serde_json::Value, pod: &str) -> Vec<serde_json::Value> {
+    dump["connections"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["direction"] == "inbound" && r["pod"] == pod)
+        .cloned()
+        .collect()
+}
+
+fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    for _ in 0..100 {
+        if let Some(value) = probe() {
+            return value;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn transfer(
+    node: &Node,
+    client: &Pod,
+    server: &Pod,
+    extra: &[&str],
+) -> interceptor_testbed::ClientReport {
+    let target = format!("{}:{ECHO_TARGET_PORT}", server.ip);
+    let bytes = (64 * MIB).to_string();
+    let mut args = vec!["--connect", &target, "--send-bytes", &bytes, "--seed", "5"];
+    args.extend_from_slice(extra);
+    let report = node.tb.run_client(client, &args).expect("client");
+    assert_eq!(
+        report.error,
+        None,
+        "{report:?}\nagent log:\n{}",
+        node.agent_log()
+    );
+    assert_eq!(report.received, 64 * MIB, "{report:?}");
+    assert_eq!(
+        report.sent_sha256, report.received_sha256,
+        "bytes changed in flight"
+    );
+    assert_eq!(
+        report.peer.as_deref(),
+        Some(target.as_str()),
+        "egress must restore the port"
+    );
+    report
+}
+
+fn client_on_b_reaches_server_on_a(agent_args: &[&str], client_args: &[&str]) {
+    if !common::privileged() {
+        return;
+    }
+    let (mut node, b) = two_nodes("xnode", agent_args);
+    let server = node.pod("demo", "server");
+    let outsider = node
+        .tb
+        .add_pod_on(b, "legacy", "outsider")
+        .expect("pod on b");
+    assert_eq!(
+        outsider.ip.octets()[2],
+        1,
+        "the client lives in node b's subnet"
+    );
+    let _echo = node
+        .tb
+        .spawn_server(&server, &["echo", "--listen", "0.0.0.0:9000"])
+        .expect("echo");
+
+    let report = transfer(&node, &outsider, &server, client_args);
+    if client_args.contains(&"--ip-options") {
+        assert!(report.ip_options, "{report:?}");
+    }
+    let local = report.local.expect("local");
+    let record = wait_for("the inbound record", || {
+        inbound_records(&node.config_dump(), "demo/server")
+            .into_iter()
+            .find(|r| r["client"] == local.as_str())
+    });
+    assert_eq!(
+        record["original_dst"],
+        format!("{}:{ECHO_TARGET_PORT}", server.ip)
+    );
+    assert_eq!(record["upstream_bytes"], 64 * MIB);
+    let dump = node.config_dump();
+    assert!(dump["datapath_counters"]["inbound_redirected"].as_u64() >= Some(1));
+    wait_for("INBOUND_FLOWS to empty", || {
+        (node.config_dump()["datapath_records"]["inbound_flows"] == 0).then_some(())
+    });
+}
+
+#[test]
+fn client_on_another_node_reaches_enrolled_pod_through_inbound_listener() {
+    client_on_b_reaches_server_on_a(&[], &[]);
+}
+
+#[test]
+fn cross_node_inbound_with_ip_options() {
+    client_on_b_reaches_server_on_a(&[], &["--ip-options"]);
+}
+
+#[test]
+fn cross_node_inbound_with_sockmap() {
+    client_on_b_reaches_server_on_a(&["--sockmap"], &[]);
+}
+
+/// Agents on both nodes: the enrolled client's outbound proxy on b dials the enrolled
+/// server on a, whose tc steers the flow to its inbound proxy.
+#[test]
+fn enrolled_pods_on_two_nodes_go_through_both_proxies() {
+    if !common::privileged() {
+        return;
+    }
+    let mut node = Node::start("xagents", &[]);
+    let b = node.tb.add_node("b", true).expect("node b");
+    let manifests_b = node.tb.node(b).state_dir().join("manifests");
+    std::fs::create_dir_all(&manifests_b).expect("dir");
+    std::fs::write(manifests_b.join("mesh.yaml"), MANIFESTS).expect("manifests");
+    let agent_b: AgentProcess = node
+        .tb
+        .start_agent_on(b, &manifests_b, &[])
+        .expect("agent on b");
+    let server = node.pod("demo", "server");
+    let client = node
+        .tb
+        .add_pod_on(b, "demo", "client")
+        .expect("client on b");
+    let _echo = node
+        .tb
+        .spawn_server(&server, &["echo", "--listen", "0.0.0.0:9000"])
+        .expect("echo");
+
+    let report = transfer(&node, &client, &server, &[]);
+    let local = report.local.expect("local");
+
+    let (_, body) = node.tb.admin_get_on(b, "/config_dump").expect("dump b");
+    let dump_b: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let outbound = dump_b["connections"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r["direction"] == "outbound" && r["client"] == local.as_str())
+        .unwrap_or_else(|| {
+            panic!(
+                "no outbound record on b: {}\n{}",
+                dump_b["connections"],
+                agent_b.log()
+            )
+        })
+        .clone();
+    assert_eq!(
+        outbound["original_dst"],
+        format!("{}:{ECHO_TARGET_PORT}", server.ip)
+    );
+    assert_eq!(outbound["target"]["kind"], "passthrough");
+    // On a, the connection arrives from b's proxy, which dials from the client pod's IP.
+    let client_ip = client.ip.to_string();
+    let inbound = wait_for("the inbound record on a", || {
+        inbound_records(&node.config_dump(), "demo/server")
+            .into_iter()
+            .find(|r| {
+                r["client"]
+                    .as_str()
+                    .is_some_and(|c| c.starts_with(&format!("{client_ip}:")))
+            })
+    });
+    assert_eq!(inbound["upstream_bytes"], 64 * MIB, "{inbound}");
+    drop(agent_b);
+}
