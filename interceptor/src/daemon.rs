@@ -33,6 +33,8 @@ pub struct AgentConfig {
     pub bpf_debug: bool,
     /// Short-circuit local connection pairs with sockmap + sk_msg.
     pub sockmap: bool,
+    /// Size of the inbound flow map, when not the default.
+    pub inbound_flow_capacity: Option<u32>,
 }
 
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
@@ -74,6 +76,7 @@ async fn serve(config: &AgentConfig) -> anyhow::Result<()> {
             EbpfOptions {
                 debug: config.bpf_debug,
                 sockmap: config.sockmap,
+                inbound_flow_capacity: config.inbound_flow_capacity,
             },
         )
         .context("attaching the eBPF data path")?,
@@ -100,6 +103,7 @@ async fn serve(config: &AgentConfig) -> anyhow::Result<()> {
     }
     let agent = Agent::new(Arc::clone(&datapath), rx, config.sockmap);
     let follower = agent.spawn_model_follower();
+    let watcher_counters = spawn_counter_watch(Arc::clone(&datapath));
     let cni = crate::cni::serve(&config.cni_socket, Arc::clone(&agent))?;
     let info = StaticInfo {
         cgroup: config.cgroup.clone(),
@@ -122,8 +126,39 @@ async fn serve(config: &AgentConfig) -> anyhow::Result<()> {
     admin.abort();
     follower.abort();
     watcher.abort();
+    watcher_counters.abort();
     drop(agent);
     // Last reference: detaches the programs.
     drop(datapath);
     Ok(())
+}
+
+/// How often the kernel counters are checked for flows that passed unintercepted.
+const COUNTER_WATCH: Duration = Duration::from_secs(1);
+
+/// Log, once per check, when records could not be written (a full map): those flows
+/// passed unintercepted, which an operator must hear about.
+fn spawn_counter_watch(datapath: Arc<dyn Datapath>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut seen = datapath.counters();
+        let mut ticker = tokio::time::interval(COUNTER_WATCH);
+        loop {
+            ticker.tick().await;
+            let now = datapath.counters();
+            let outbound = now.record_failed.saturating_sub(seen.record_failed);
+            let inbound = now
+                .inbound_record_failed
+                .saturating_sub(seen.inbound_record_failed);
+            if outbound > 0 || inbound > 0 {
+                tracing::warn!(
+                    outbound,
+                    inbound,
+                    total_outbound = now.record_failed,
+                    total_inbound = now.inbound_record_failed,
+                    "flows passed unintercepted: a kernel map was full"
+                );
+            }
+            seen = now;
+        }
+    })
 }

@@ -63,6 +63,10 @@ enum Command {
         /// lower small-message latency, lower bulk throughput).
         #[arg(long)]
         sockmap: bool,
+        /// Entries in the inbound flow map; when full, new inbound flows pass
+        /// unintercepted (counted and logged) and existing ones are unaffected.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        inbound_flow_capacity: Option<u32>,
     },
     /// Remove everything a stopped agent left behind (pins, socket, pid file).
     Cleanup {
@@ -107,6 +111,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             admin_addr,
             bpf_debug,
             sockmap,
+            inbound_flow_capacity,
         } => {
             let cgroup = match cgroup {
                 Some(path) => path,
@@ -123,6 +128,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 admin_addr,
                 bpf_debug,
                 sockmap,
+                inbound_flow_capacity,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

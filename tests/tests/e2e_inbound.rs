@@ -190,3 +190,77 @@ fn deleting_a_pod_with_open_connections_leaves_no_records() {
     let _ = holder.kill();
     let _ = holder.wait();
 }
+
+#[test]
+fn a_full_flow_map_leaves_new_flows_unintercepted_and_old_ones_working() {
+    if !common::privileged() {
+        return;
+    }
+    let mut node = Node::start("fullmap", &["--inbound-flow-capacity", "1"]);
+    let server = node.pod("demo", "server");
+    let outsider = node.pod("legacy", "outsider");
+    let echo = node
+        .tb
+        .spawn_server(&server, &["echo", "--listen", "0.0.0.0:9000"])
+        .expect("echo");
+    // The first connection takes the only slot and stays open; after the second one it
+    // must still carry bytes.
+    let script = format!(
+        "import socket,time\n\
+         s=socket.create_connection(('{}',9000))\n\
+         print('up',flush=True)\n\
+         time.sleep(2)\n\
+         s.sendall(b'ping')\n\
+         print(s.recv(4).decode(),flush=True)\n",
+        server.ip
+    );
+    let mut holder = std::process::Command::new("python3");
+    holder
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::piped());
+    let mut holder = node.tb.spawn_in_pod(&outsider, holder).expect("holder");
+    let mut holder_out = std::io::BufReader::new(holder.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    use std::io::BufRead;
+    holder_out.read_line(&mut line).expect("holder up");
+    assert_eq!(line.trim(), "up");
+    wait_for("the first flow record", || {
+        (records(&node)["inbound_flows"] == 1).then_some(())
+    });
+
+    let target = format!("{}:9000", server.ip);
+    let report = node
+        .tb
+        .run_client(&outsider, &["--connect", &target, "--send-bytes", "1000"])
+        .expect("client");
+    assert_eq!(
+        report.error, None,
+        "a full map must not break new flows: {report:?}"
+    );
+    assert!(report.echoed_all());
+    // Unintercepted: the application saw the client itself, not the inbound proxy.
+    let local = report.local.expect("local");
+    let accepts = echo
+        .wait_for_events("accept", 2, Duration::from_secs(5))
+        .expect("two accepts");
+    assert!(
+        accepts.iter().any(|a| a["peer"] == local.as_str()),
+        "the second connection should reach the app directly: {accepts:?}"
+    );
+    let dump = node.config_dump();
+    assert!(
+        dump["datapath_counters"]["inbound_record_failed"].as_u64() >= Some(1),
+        "{}",
+        dump["datapath_counters"]
+    );
+
+    line.clear();
+    holder_out.read_line(&mut line).expect("holder echo");
+    assert_eq!(line.trim(), "ping", "the first connection broke");
+    let _ = holder.wait();
+    wait_for("the warning in the agent log", || {
+        node.agent_log()
+            .contains("flows passed unintercepted")
+            .then_some(())
+    });
+}

@@ -84,6 +84,8 @@ pub struct EbpfOptions {
     pub debug: bool,
     /// Local connection pairs short-circuited by sk_msg.
     pub sockmap: bool,
+    /// Size of INBOUND_FLOWS (default [`capacity::INBOUND_FLOWS`]).
+    pub inbound_flow_capacity: Option<u32>,
 }
 
 /// The maps the agent writes, behind one lock so enrollment is a single critical section.
@@ -145,7 +147,11 @@ impl EbpfDatapath {
             )));
         }
         let cgroup_file = File::open(cgroup).map_err(cgroup_err)?;
-        let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(DatapathError::Load)?;
+        let mut loader = aya::EbpfLoader::new();
+        if let Some(capacity) = options.inbound_flow_capacity {
+            loader.map_max_entries(maps::INBOUND_FLOWS, capacity);
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(DatapathError::Load)?;
 
         attach_cgroup_program!(ebpf, CgroupSockAddr, PROG_CONNECT4, &cgroup_file, pin_dir);
         attach_cgroup_program!(ebpf, SockOps, PROG_SOCK_OPS, &cgroup_file, pin_dir);
