@@ -264,3 +264,119 @@ fn a_full_flow_map_leaves_new_flows_unintercepted_and_old_ones_working() {
             .then_some(())
     });
 }
+
+/// Enrolling a pod that already has an open connection: tc only starts flows on a SYN,
+/// so the established connection's packets are never rewritten mid-stream.
+#[test]
+fn connections_made_before_enrollment_keep_working() {
+    if !common::privileged() {
+        return;
+    }
+    let mut node = Node::start("late", &[]);
+    let late_pod = |annotation: &str| {
+        format!(
+            "{}\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: late\n  namespace: legacy\n{annotation}spec:\n  containers: [{{name: main, image: busybox}}]\n",
+            common::MANIFESTS
+        )
+    };
+    let manifest = node.manifests.join("mesh.yaml");
+    std::fs::write(&manifest, late_pod("")).expect("manifest");
+    wait_for("the model with pod late", || {
+        let dump = node.config_dump();
+        dump["model"]["pods"].get("legacy/late").map(|_| ())
+    });
+    let server = node.pod("legacy", "late");
+    let outsider = node.pod("legacy", "outsider");
+    let _echo = node
+        .tb
+        .spawn_server(&server, &["echo", "--listen", "0.0.0.0:9000"])
+        .expect("echo");
+    let script = format!(
+        "import socket,sys\n\
+         s=socket.create_connection(('{}',9000))\n\
+         print('up',flush=True)\n\
+         sys.stdin.readline()\n\
+         s.sendall(b'ping')\n\
+         print(s.recv(4).decode(),flush=True)\n",
+        server.ip
+    );
+    let mut holder = std::process::Command::new("python3");
+    holder
+        .args(["-c", &script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    let mut holder = node.tb.spawn_in_pod(&outsider, holder).expect("holder");
+    let mut holder_out = std::io::BufReader::new(holder.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    use std::io::{BufRead, Write};
+    holder_out.read_line(&mut line).expect("holder up");
+    assert_eq!(line.trim(), "up");
+
+    // Now the pod is annotated into the mesh, and the runtime re-runs the plugin.
+    let generation = node.config_dump()["source"]["generation"].as_u64();
+    std::fs::write(
+        &manifest,
+        late_pod("  annotations: {flomesh.io/sidecar-injection: enabled}\n"),
+    )
+    .expect("manifest");
+    wait_for("the new model", || {
+        (node.config_dump()["source"]["generation"].as_u64() > generation).then_some(())
+    });
+    let env = node.tb.pod_cni_env(&server);
+    let env: Vec<(&str, Option<&str>)> = env
+        .iter()
+        .map(|(k, v)| (k.as_str(), Some(v.as_str())))
+        .collect();
+    for command in ["DEL", "ADD"] {
+        let config = node.tb.plugin_config(1, Some(&server.cni_result));
+        let mut vars = env.clone();
+        vars.push(("CNI_COMMAND", Some(command)));
+        let out = node
+            .tb
+            .cni_raw(command, 1, &vars, config.to_string().as_bytes())
+            .expect("plugin runs");
+        assert!(
+            out.status.success(),
+            "{command}: {}{}",
+            out.stdout,
+            out.stderr
+        );
+    }
+    let dump = node.config_dump();
+    let row = dump["pods"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["pod"] == "legacy/late")
+        .cloned()
+        .expect("pod row");
+    assert_eq!(row["enrolled"], true, "{row}");
+
+    // The old connection still works, and was not diverted.
+    holder
+        .stdin
+        .as_mut()
+        .expect("stdin")
+        .write_all(b"go\n")
+        .expect("poke");
+    line.clear();
+    holder_out.read_line(&mut line).expect("holder echo");
+    assert_eq!(
+        line.trim(),
+        "ping",
+        "the connection from before enrollment broke"
+    );
+    let _ = holder.wait();
+    // A new connection goes through the inbound listener.
+    let target = format!("{}:9000", server.ip);
+    let report = node
+        .tb
+        .run_client(&outsider, &["--connect", &target, "--send-bytes", "10"])
+        .expect("client");
+    assert_eq!(report.error, None, "{report:?}");
+    wait_for("an inbound record for the new connection", || {
+        inbound_records(&node, "legacy/late", &outsider.ip.to_string())
+            .into_iter()
+            .next()
+    });
+}
