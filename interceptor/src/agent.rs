@@ -19,6 +19,8 @@ use crate::source::manifests::ManifestState;
 
 /// A pod the CNI plugin told us about.
 struct PodEntry {
+    /// The CNI request that added the pod, kept to re-adopt it after a restart.
+    sandbox: PodSandbox,
     container_id: String,
     netns_path: PathBuf,
     ipv4: Option<Ipv4Addr>,
@@ -60,6 +62,8 @@ pub struct Agent {
     pods: Mutex<HashMap<PodKey, PodEntry>>,
     routes: Arc<RwLock<Arc<RouteTable>>>,
     log: Arc<ConnectionLog>,
+    /// Where the pods handed over by CNI are remembered across restarts.
+    pods_file: Option<PathBuf>,
     /// Whether sockmap is on (proxy-to-proxy sockets then need the userspace copy).
     sockmap: bool,
     ready: AtomicBool,
@@ -101,6 +105,7 @@ impl Agent {
         datapath: Arc<dyn Datapath>,
         model: watch::Receiver<ManifestState>,
         sockmap: bool,
+        pods_file: Option<PathBuf>,
     ) -> Arc<Self> {
         let agent = Arc::new(Self {
             datapath,
@@ -108,6 +113,7 @@ impl Agent {
             pods: Mutex::new(HashMap::new()),
             routes: Arc::new(RwLock::new(Arc::new(RouteTable::default()))),
             log: Arc::new(ConnectionLog::default()),
+            pods_file,
             sockmap,
             ready: AtomicBool::new(false),
         });
@@ -259,6 +265,7 @@ impl Agent {
         self.pods.lock().unwrap_or_else(|p| p.into_inner()).insert(
             key,
             PodEntry {
+                sandbox: sandbox.clone(),
                 container_id: sandbox.container_id.clone(),
                 netns_path,
                 ipv4,
@@ -267,6 +274,7 @@ impl Agent {
             },
         );
         self.rebuild_routes();
+        self.persist();
         Ok(AgentResponse::Ok {
             enrolled: is_enrolled,
             detail: enrollment.reason,
@@ -355,6 +363,7 @@ impl Agent {
             Some(true) => {
                 self.remove_pod(&key);
                 self.rebuild_routes();
+                self.persist();
                 format!("pod {key} removed")
             }
             Some(false) => format!("pod {key} belongs to another sandbox: kept"),
@@ -378,6 +387,66 @@ impl Agent {
                 tracing::error!(pod = %key, %error, "unenrolling pod");
             }
         }
+    }
+
+    /// Write the pods handed over by CNI to the state dir (temp file + rename), so a
+    /// restarted agent can adopt them again. A failure is logged: interception goes on.
+    fn persist(&self) {
+        let Some(path) = &self.pods_file else { return };
+        let sandboxes: Vec<PodSandbox> = {
+            let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+            let mut list: Vec<_> = pods.values().map(|entry| entry.sandbox.clone()).collect();
+            list.sort_by(|a, b| {
+                (&a.pod_namespace, &a.pod_name).cmp(&(&b.pod_namespace, &b.pod_name))
+            });
+            list
+        };
+        let write = || -> std::io::Result<()> {
+            let tmp = path.with_extension("json.tmp");
+            std::fs::write(&tmp, serde_json::to_vec_pretty(&sandboxes)?)?;
+            std::fs::rename(&tmp, path)
+        };
+        if let Err(error) = write() {
+            tracing::error!(path = %path.display(), %error, "remembering pods");
+        }
+    }
+
+    /// Adopt the pods a previous agent was handed, as if CNI ADD came again: pods whose
+    /// netns is gone or that the model no longer knows are dropped, with a log line.
+    /// Returns how many were adopted.
+    pub async fn restore(&self) -> usize {
+        let Some(path) = &self.pods_file else {
+            return 0;
+        };
+        let sandboxes: Vec<PodSandbox> = match std::fs::read(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return 0,
+            Err(error) => {
+                tracing::error!(path = %path.display(), %error, "reading remembered pods");
+                return 0;
+            }
+            Ok(bytes) => match serde_json::from_slice(&bytes) {
+                Ok(list) => list,
+                Err(error) => {
+                    tracing::error!(path = %path.display(), %error, "remembered pods are not valid JSON: ignored");
+                    return 0;
+                }
+            },
+        };
+        let mut adopted = 0;
+        for sandbox in &sandboxes {
+            let pod = format!("{}/{}", sandbox.pod_namespace, sandbox.pod_name);
+            match self.add(sandbox).await {
+                Ok(_) => adopted += 1,
+                Err(failure) => tracing::warn!(%pod, msg = %failure.msg, "not adopting pod"),
+            }
+        }
+        self.persist();
+        tracing::info!(
+            adopted,
+            remembered = sandboxes.len(),
+            "pods adopted after restart"
+        );
+        adopted
     }
 
     /// CNI CHECK: is the pod's data path in place?

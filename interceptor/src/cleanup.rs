@@ -9,12 +9,25 @@ use crate::datapath::ebpf::PIN_NAMES;
 
 /// File in the state dir that holds the running agent's PID.
 pub const PID_FILE: &str = "agent.pid";
+/// File in the state dir that remembers the pods handed over by CNI, across restarts.
+pub const PODS_FILE: &str = "pods.json";
+
+/// What to remove.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// What a stopping agent removes: pins, socket, pid file. The pod list stays, so the
+    /// next agent adopts the pods.
+    Shutdown,
+    /// Everything, the pod list included (`interceptor cleanup`).
+    Everything,
+}
 
 /// Refuses while the agent that wrote the state dir is still running.
 pub fn cleanup(
     bpffs_dir: &Path,
     state_dir: &Path,
     cni_socket: &Path,
+    scope: Scope,
 ) -> anyhow::Result<Vec<String>> {
     if let Some(pid) = running_agent(state_dir) {
         bail!("agent pid {pid} is still running: stop it (SIGTERM) before cleaning up");
@@ -25,7 +38,11 @@ pub fn cleanup(
             .with_context(|| format!("removing {}", bpffs_dir.display()))?;
         removed.push(bpffs_dir.display().to_string());
     }
-    for path in [cni_socket.to_path_buf(), state_dir.join(PID_FILE)] {
+    let mut files = vec![cni_socket.to_path_buf(), state_dir.join(PID_FILE)];
+    if scope == Scope::Everything {
+        files.push(state_dir.join(PODS_FILE));
+    }
+    for path in files {
         match std::fs::remove_file(&path) {
             Ok(()) => removed.push(path.display().to_string()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

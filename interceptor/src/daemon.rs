@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use crate::admin::{self, StaticInfo};
 use crate::agent::Agent;
-use crate::cleanup::{self, PID_FILE};
+use crate::cleanup::{self, PID_FILE, PODS_FILE};
 use crate::datapath::ebpf::{EbpfDatapath, EbpfOptions};
 use crate::datapath::Datapath;
 use crate::source::manifests::{self, ManifestState};
@@ -56,7 +56,12 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     .context("writing the pid file")?;
 
     let result = serve(&config).await;
-    let cleaned = cleanup::cleanup(&config.bpffs, &config.state_dir, &config.cni_socket);
+    let cleaned = cleanup::cleanup(
+        &config.bpffs,
+        &config.state_dir,
+        &config.cni_socket,
+        cleanup::Scope::Shutdown,
+    );
     match (&result, cleaned) {
         (_, Ok(removed)) => tracing::info!(?removed, "cleaned up"),
         (Ok(()), Err(error)) => return Err(error.context("cleaning up")),
@@ -101,9 +106,13 @@ async fn serve(config: &AgentConfig) -> anyhow::Result<()> {
             config.manifests.display()
         );
     }
-    let agent = Agent::new(Arc::clone(&datapath), rx, config.sockmap);
+    let pods_file = config.state_dir.join(PODS_FILE);
+    let agent = Agent::new(Arc::clone(&datapath), rx, config.sockmap, Some(pods_file));
     let follower = agent.spawn_model_follower();
     let watcher_counters = spawn_counter_watch(Arc::clone(&datapath));
+    // Pods enrolled before a restart get their listeners and maps back before CNI
+    // requests are taken and before the agent says it is ready.
+    agent.restore().await;
     let cni = crate::cni::serve(&config.cni_socket, Arc::clone(&agent))?;
     let info = StaticInfo {
         cgroup: config.cgroup.clone(),

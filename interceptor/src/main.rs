@@ -137,7 +137,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime.block_on(daemon::run(config))
         }
         Command::Cleanup { paths } => {
-            let removed = cleanup::cleanup(&paths.bpffs, &paths.state_dir, &paths.cni_socket())?;
+            let removed = cleanup::cleanup(
+                &paths.bpffs,
+                &paths.state_dir,
+                &paths.cni_socket(),
+                cleanup::Scope::Everything,
+            )?;
             for path in &removed {
                 println!("removed {path}");
             }

@@ -762,7 +762,18 @@ fn sigterm_removes_pins_socket_and_links() {
     let log = std::fs::read_to_string(node.tb.state_dir().join("agent.log")).unwrap();
     assert!(log.contains("SIGTERM"), "{log}");
 
-    // Nothing left for cleanup to do.
+    // What a stop keeps on purpose is the list of pods for the next agent to adopt;
+    // cleanup removes it (and the emptied state dir), then has nothing left to do.
+    let pods_file = node.tb.agent_state_dir().join("pods.json");
+    assert!(
+        pods_file.exists(),
+        "the pod list is kept for the next agent"
+    );
+    let out = run_cleanup(&node.tb);
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("pods.json"), "{stdout}");
+    assert!(!pods_file.exists());
     let out = run_cleanup(&node.tb);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(
@@ -846,10 +857,15 @@ fn agent_restarts_over_a_killed_agents_leftovers() {
             expected_attach_types(),
             "stale or duplicate programs on the cgroup"
         );
-        assert_eq!(enrolled_map_len(bpftool, &node.tb), 0, "stale map content");
+        // Fresh maps, holding only the pod the new agent adopted from the state dir.
+        assert_eq!(
+            enrolled_map_len(bpftool, &node.tb),
+            1,
+            "stale or missing map content"
+        );
     }
-    // The pod of the killed agent goes away (DEL of a sandbox the new agent never saw)
-    // and comes back; pods added after the restart are enrolled and intercepted.
+    // The pod of the killed agent goes away and comes back; pods added after the restart
+    // are enrolled and intercepted.
     node.tb
         .del_pod(&before)
         .expect("DEL of a pod the new agent does not know");
@@ -859,12 +875,10 @@ fn agent_restarts_over_a_killed_agents_leftovers() {
     assert_intercepted(&node, &client, &server);
 }
 
-/// DESIGN.md §4 "Restart": the data path outlives the agent and a new agent reconciles
-/// pins, pods and listeners. Today a restarted agent forgets every pod it was told about
-/// (and wipes the pins at start), so a Service whose endpoints were added before the
-/// restart has no endpoints afterwards and its clients get a reset.
+/// DESIGN.md §4 "Restart": a new agent adopts the pods the killed one was handed (from
+/// its state dir), reopening their listeners and maps before it reports ready, so a
+/// Service whose endpoints were added before the restart still has them.
 #[test]
-#[ignore = "the agent does not reconcile pods on restart yet (DESIGN.md §4 Restart)"]
 fn pods_added_before_a_restart_are_still_served() {
     if !common::privileged() {
         return;
