@@ -419,7 +419,7 @@ impl Agent {
             return 0;
         };
         let sandboxes: Vec<PodSandbox> = match std::fs::read(path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return 0,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(error) => {
                 tracing::error!(path = %path.display(), %error, "reading remembered pods");
                 return 0;
@@ -441,6 +441,14 @@ impl Agent {
             }
         }
         self.persist();
+        let cookies: HashSet<u64> = {
+            let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+            pods.values()
+                .filter_map(|entry| entry.enrolled.as_ref().map(|e| e.datapath.netns_cookie))
+                .collect()
+        };
+        // Entries a previous agent left in the reused maps for pods not adopted now.
+        self.datapath.retain_pods(&cookies);
         tracing::info!(
             adopted,
             remembered = sandboxes.len(),

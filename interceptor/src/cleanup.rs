@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::{bail, Context};
 
 use crate::datapath::bpffs;
-use crate::datapath::ebpf::PIN_NAMES;
+use crate::datapath::ebpf::is_our_pin;
 
 /// File in the state dir that holds the running agent's PID.
 pub const PID_FILE: &str = "agent.pid";
@@ -15,10 +15,11 @@ pub const PODS_FILE: &str = "pods.json";
 /// What to remove.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scope {
-    /// What a stopping agent removes: pins, socket, pid file. The pod list stays, so the
-    /// next agent adopts the pods.
+    /// What a stopping agent removes: socket and pid file. Pins are the data path's
+    /// business (`--on-exit`), and the pod list stays, so the next agent adopts the pods.
     Shutdown,
-    /// Everything, the pod list included (`interceptor cleanup`).
+    /// Everything: pins (which detaches pinned links), socket, pid file, pod list
+    /// (`interceptor cleanup`).
     Everything,
 }
 
@@ -33,8 +34,8 @@ pub fn cleanup(
         bail!("agent pid {pid} is still running: stop it (SIGTERM) before cleaning up");
     }
     let mut removed = Vec::new();
-    if bpffs_dir.exists() {
-        bpffs::remove_pin_dir(bpffs_dir, &PIN_NAMES)
+    if scope == Scope::Everything && bpffs_dir.exists() {
+        bpffs::remove_pin_dir(bpffs_dir, &is_our_pin)
             .with_context(|| format!("removing {}", bpffs_dir.display()))?;
         removed.push(bpffs_dir.display().to_string());
     }

@@ -21,6 +21,17 @@ const MANIFEST_POLL: Duration = Duration::from_millis(500);
 /// How long start-up waits for the first model before giving up.
 const FIRST_MODEL_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// What a stopping agent does with the data path.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnExit {
+    /// Unenroll every pod and remove programs, links and pins: pods are left alone.
+    #[default]
+    Remove,
+    /// Keep pinned links and maps: enrolled pods' new connections fail closed (nobody
+    /// listens on 15001/15003) until the next agent adopts them. For rolling updates.
+    Keep,
+}
+
 /// Everything `interceptor agent` needs, already validated by the CLI layer.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
@@ -35,6 +46,11 @@ pub struct AgentConfig {
     pub sockmap: bool,
     /// Size of the inbound flow map, when not the default.
     pub inbound_flow_capacity: Option<u32>,
+    /// What to do with the data path on SIGTERM/SIGINT.
+    pub on_exit: OnExit,
+    /// Install the CNI plugin at start and keep it installed; uninstalled on exit with
+    /// `OnExit::Remove` (with `Keep`, new pods keep failing closed until the next agent).
+    pub install_cni: Option<crate::cni::install::InstallConfig>,
 }
 
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
@@ -46,9 +62,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
-    // Leftovers of an agent that was killed: its links died with it, pins did not.
-    crate::datapath::bpffs::remove_pin_dir(&config.bpffs, &crate::datapath::ebpf::PIN_NAMES)
-        .with_context(|| format!("removing stale pins in {}", config.bpffs.display()))?;
+    // Pins a previous agent left are not removed here: the data path reuses its maps
+    // and replaces its links (see EbpfDatapath::attach).
     std::fs::write(
         config.state_dir.join(PID_FILE),
         std::process::id().to_string(),
@@ -123,6 +138,13 @@ async fn serve(config: &AgentConfig) -> anyhow::Result<()> {
     let admin = admin::serve(config.admin_addr, Arc::clone(&agent), info)
         .await
         .with_context(|| format!("admin endpoint on {}", config.admin_addr))?;
+    let cni_install = match &config.install_cni {
+        Some(install) => Some(
+            crate::cni::install::start(install, crate::cni::install::DEFAULT_WATCH_INTERVAL)
+                .context("installing the CNI plugin")?,
+        ),
+        None => None,
+    };
     agent.set_ready();
     tracing::info!(admin = %config.admin_addr, cni_socket = %config.cni_socket.display(), "agent ready");
 
@@ -130,16 +152,33 @@ async fn serve(config: &AgentConfig) -> anyhow::Result<()> {
         _ = sigterm.recv() => tracing::info!("SIGTERM: stopping"),
         _ = sigint.recv() => tracing::info!("SIGINT: stopping"),
     }
+    if let (Some(watch), Some(install)) = (cni_install, &config.install_cni) {
+        let uninstall = config.on_exit == OnExit::Remove;
+        if let Err(error) = crate::cni::install::stop(watch, install, uninstall).await {
+            tracing::error!(%error, "uninstalling the CNI plugin");
+        }
+    }
     cni.abort();
-    agent.remove_all();
     admin.abort();
     follower.abort();
     watcher.abort();
     watcher_counters.abort();
+    let result = match config.on_exit {
+        OnExit::Remove => {
+            agent.remove_all();
+            datapath.teardown().context("removing the data path")
+        }
+        OnExit::Keep => {
+            tracing::info!(
+                "keeping the data path: enrolled pods fail closed until the next agent adopts them"
+            );
+            Ok(())
+        }
+    };
     drop(agent);
-    // Last reference: detaches the programs.
+    // Last reference: detaches what was not pinned.
     drop(datapath);
-    Ok(())
+    result
 }
 
 /// How often the kernel counters are checked for flows that passed unintercepted.

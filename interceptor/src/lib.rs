@@ -9,6 +9,7 @@ pub mod admin;
 pub mod agent;
 pub mod cleanup;
 pub mod cni;
+pub mod config;
 pub mod daemon;
 pub mod datapath;
 pub mod inpod;

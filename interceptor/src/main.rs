@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use interceptor::cni::install::{self, InstallConfig};
 use interceptor::daemon::{self, AgentConfig};
 use interceptor::{cleanup, datapath, trace};
 use tracing_subscriber::EnvFilter;
@@ -41,6 +42,16 @@ impl Paths {
     }
 }
 
+#[derive(clap::Args, Debug, Clone)]
+struct CniDirs {
+    /// CNI bin dir the plugin is copied into.
+    #[arg(long, default_value = install::DEFAULT_CNI_BIN_DIR)]
+    cni_bin_dir: PathBuf,
+    /// CNI conf dir holding the node's primary network config.
+    #[arg(long, default_value = install::DEFAULT_CNI_CONF_DIR)]
+    cni_conf_dir: PathBuf,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the node agent.
@@ -67,6 +78,16 @@ enum Command {
         /// unintercepted (counted and logged) and existing ones are unaffected.
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         inbound_flow_capacity: Option<u32>,
+        /// On SIGTERM/SIGINT: `remove` the data path (pods are left alone), or `keep` it
+        /// so enrolled pods fail closed until the next agent adopts them (rolling updates).
+        #[arg(long, value_enum, default_value = "remove")]
+        on_exit: daemon::OnExit,
+        /// Install interceptor-cni (the one next to this executable) at start, keep it
+        /// in the primary CNI config while running, and uninstall it on exit.
+        #[arg(long)]
+        install_cni: bool,
+        #[command(flatten)]
+        cni_dirs: CniDirs,
     },
     /// Remove everything a stopped agent left behind (pins, socket, pid file).
     Cleanup {
@@ -83,6 +104,26 @@ enum Command {
         /// Stop after this many lines.
         #[arg(long)]
         max_lines: Option<usize>,
+    },
+    /// Copy interceptor-cni into the CNI bin dir and append it to the node's primary CNI
+    /// config (a single-plugin .conf is wrapped into a .conflist).
+    InstallCni {
+        #[command(flatten)]
+        dirs: CniDirs,
+        /// The plugin to copy [default: interceptor-cni next to this executable].
+        #[arg(long)]
+        plugin_binary: Option<PathBuf>,
+        /// `agentSocket` of the entry: the agent's CNI socket.
+        #[arg(long, default_value = install::DEFAULT_AGENT_SOCKET)]
+        agent_socket: PathBuf,
+        /// `failurePolicy` of the entry: fail-closed or fail-open.
+        #[arg(long, default_value = "fail-closed", value_parser = install::parse_failure_policy)]
+        failure_policy: interceptor_cni::FailurePolicy,
+    },
+    /// Remove interceptor-cni from the CNI configs and the CNI bin dir.
+    UninstallCni {
+        #[command(flatten)]
+        dirs: CniDirs,
     },
 }
 
@@ -112,12 +153,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             bpf_debug,
             sockmap,
             inbound_flow_capacity,
+            on_exit,
+            install_cni,
+            cni_dirs,
         } => {
             let cgroup = match cgroup {
                 Some(path) => path,
                 None => {
                     datapath::cgroup::detect_cgroup2_root().context("detecting the cgroup2 root")?
                 }
+            };
+            let install_cni = match install_cni {
+                true => Some(InstallConfig {
+                    bin_dir: cni_dirs.cni_bin_dir,
+                    conf_dir: cni_dirs.cni_conf_dir,
+                    plugin_binary: install::default_plugin_binary()
+                        .context("locating interceptor-cni next to this executable")?,
+                    agent_socket: std::path::absolute(paths.cni_socket())
+                        .context("resolving the CNI socket path")?,
+                    failure_policy: interceptor_cni::FailurePolicy::FailClosed,
+                }),
+                false => None,
             };
             let config = AgentConfig {
                 cgroup,
@@ -129,6 +185,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 bpf_debug,
                 sockmap,
                 inbound_flow_capacity,
+                on_exit,
+                install_cni,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -162,6 +220,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let pipe = trace::locate_trace_pipe()?;
             trace::follow(&pipe, &filter, max_lines, &mut std::io::stdout().lock())
+        }
+        Command::InstallCni {
+            dirs,
+            plugin_binary,
+            agent_socket,
+            failure_policy,
+        } => {
+            let plugin_binary = match plugin_binary {
+                Some(path) => path,
+                None => install::default_plugin_binary()
+                    .context("locating interceptor-cni next to this executable")?,
+            };
+            let report = install::install(&InstallConfig {
+                bin_dir: dirs.cni_bin_dir,
+                conf_dir: dirs.cni_conf_dir,
+                plugin_binary,
+                agent_socket,
+                failure_policy,
+            })?;
+            println!("{report}");
+            Ok(())
+        }
+        Command::UninstallCni { dirs } => {
+            let report = install::uninstall(&dirs.cni_bin_dir, &dirs.cni_conf_dir)?;
+            println!("{report}");
+            Ok(())
         }
     }
 }

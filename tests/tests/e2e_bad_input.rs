@@ -27,6 +27,12 @@ const ATTACH_TYPES: [&str; 4] = [
     "cgroup_sock_ops",
     "cgroup_getsockopt",
 ];
+/// Links the agent pins so that interception outlives it (fail closed).
+const LINK_PINS: [&str; 3] = [
+    "link_intercept_connect4",
+    "link_intercept_getpeername4",
+    "link_intercept_sock_ops",
+];
 /// What the agent pins under its bpffs directory.
 const PINS: [&str; 16] = [
     "intercept_connect4",
@@ -788,7 +794,9 @@ fn sigkill_leaves_pins_that_cleanup_removes() {
         return;
     }
     let mut node = Node::start("sigkill", &[]);
-    let _client = node.pod("demo", "client");
+    let server = node.pod("demo", "server");
+    let client = node.pod("demo", "client");
+    let echo = echo_server(&node, &server);
     let pid = node.agent.as_ref().expect("agent").pid();
     let socket = node.tb.agent_socket();
 
@@ -797,13 +805,38 @@ fn sigkill_leaves_pins_that_cleanup_removes() {
         !interceptor_process_alive(pid),
         "agent pid {pid} still runs"
     );
-    // The pins outlive the process; the links do not.
-    for pin in PINS {
+    // The pins outlive the process, and so do the pinned links: connect4 keeps
+    // redirecting enrolled pods to 15001, where nobody listens any more.
+    for pin in PINS.iter().chain(LINK_PINS.iter()) {
         let path = node.tb.bpffs_dir().join(pin);
         assert!(path.exists(), "{} gone after SIGKILL", path.display());
     }
+    let tc_links = std::fs::read_dir(node.tb.bpffs_dir())
+        .expect("pin dir")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("link_tc_"))
+        .count();
+    assert_eq!(tc_links, 4, "ingress and egress tc links of both pods stay pinned");
     assert!(socket.exists(), "socket vanished without a cleanup");
-    assert_no_programs_attached(&node.tb);
+    if let Some(bpftool) = bpftool() {
+        let mut kept: Vec<String> = ATTACH_TYPES
+            .iter()
+            .filter(|t| **t != "cgroup_getsockopt")
+            .map(|t| t.to_string())
+            .collect();
+        kept.sort();
+        assert_eq!(attached_programs(bpftool, node.tb.cgroup_path()), kept);
+    }
+    // Fail closed: with the agent gone, an enrolled pod's new connection is refused in
+    // its own netns and never reaches the server past the mesh.
+    let target = format!("{}:9000", server.ip);
+    let report = node
+        .tb
+        .run_client(&client, &["--connect", &target, "--send-bytes", "10"])
+        .expect("client");
+    assert_eq!(report.error.as_deref(), Some("connection refused"), "{report:?}");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(echo.events().is_empty(), "the connection leaked past the mesh: {:?}", echo.events());
 
     let out = run_cleanup(&node.tb);
     assert!(out.status.success(), "cleanup failed: {out:?}");

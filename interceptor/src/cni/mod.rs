@@ -1,5 +1,7 @@
 //! The agent side of the CNI plugin protocol: a unix socket (mode 0600) answering one
 //! JSON request per connection.
+pub mod install;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -48,10 +48,10 @@ pub fn ensure_pin_dir(pin_dir: &Path) -> Result<(), DatapathError> {
     Ok(())
 }
 
-/// Remove the agent's pins from `pin_dir`, then the directory. Only names in
-/// `known_pins` are removed: a directory holding anything else (another tool's pins, or
+/// Remove the agent's pins from `pin_dir`, then the directory. Only names `is_known`
+/// accepts are removed: a directory holding anything else (another tool's pins, or
 /// a mistaken `--bpffs` such as the bpffs root) is refused, never emptied. Missing is fine.
-pub fn remove_pin_dir(pin_dir: &Path, known_pins: &[&str]) -> std::io::Result<()> {
+pub fn remove_pin_dir(pin_dir: &Path, is_known: &dyn Fn(&str) -> bool) -> std::io::Result<()> {
     let refuse = |why: String| std::io::Error::new(std::io::ErrorKind::PermissionDenied, why);
     let entries = match std::fs::read_dir(pin_dir) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -67,7 +67,7 @@ pub fn remove_pin_dir(pin_dir: &Path, known_pins: &[&str]) -> std::io::Result<()
     for entry in entries {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if !known_pins.contains(&name.as_str()) {
+        if !is_known(&name) {
             return Err(refuse(format!(
                 "{} holds {name:?}, which this agent does not make: not removing it",
                 pin_dir.display()
@@ -100,15 +100,15 @@ mod tests {
         std::fs::create_dir(&pins).unwrap();
         std::fs::write(pins.join("ENROLLED_NETNS"), b"").unwrap();
         std::fs::write(pins.join("cilium_lxc"), b"").unwrap();
-        let err = remove_pin_dir(&pins, &["ENROLLED_NETNS"]).unwrap_err();
+        let err = remove_pin_dir(&pins, &|n| n == "ENROLLED_NETNS").unwrap_err();
         assert!(err.to_string().contains("cilium_lxc"), "{err}");
         assert!(
             pins.join("ENROLLED_NETNS").exists(),
             "nothing may be removed on refusal"
         );
         std::fs::remove_file(pins.join("cilium_lxc")).unwrap();
-        remove_pin_dir(&pins, &["ENROLLED_NETNS"]).unwrap();
+        remove_pin_dir(&pins, &|n| n == "ENROLLED_NETNS").unwrap();
         assert!(!pins.exists());
-        remove_pin_dir(&pins, &["ENROLLED_NETNS"]).unwrap();
+        remove_pin_dir(&pins, &|n| n == "ENROLLED_NETNS").unwrap();
     }
 }

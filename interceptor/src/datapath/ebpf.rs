@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, SockHash};
-use aya::programs::tc::{self, SchedClassifierLinkId, TcAttachType};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::{self, TcAttachType};
 use aya::programs::{
     CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SchedClassifier, SkMsg, SockOps,
 };
@@ -44,7 +45,19 @@ const MAP_NAMES: [&str; 9] = [
     maps::COUNTERS,
 ];
 
-/// Every pin the agent makes in its bpffs directory; cleanup removes these and no other.
+/// Prefix of pinned links: cgroup links by program name, tc links by netns cookie.
+pub const LINK_PREFIX: &str = "link_";
+/// Prefix of a pod's pinned tc links (`link_tc_<netns cookie>_ingress|egress`).
+pub const TC_LINK_PREFIX: &str = "link_tc_";
+/// Whether `name` is a pin this agent makes (cleanup removes these and no other).
+pub fn is_our_pin(name: &str) -> bool {
+    PIN_NAMES.contains(&name)
+        || name
+            .strip_prefix(LINK_PREFIX)
+            .is_some_and(|rest| PIN_NAMES.contains(&rest) || rest.starts_with("tc_"))
+}
+
+/// Every program and map pin the agent makes in its bpffs directory.
 pub const PIN_NAMES: [&str; 16] = [
     PROG_CONNECT4,
     PROG_GETPEERNAME4,
@@ -64,16 +77,34 @@ pub const PIN_NAMES: [&str; 16] = [
     maps::COUNTERS,
 ];
 
-/// Load, attach at the cgroup, and pin one program. A macro because aya's program
-/// types share `load`/`attach`/`pin` by name, not through a trait.
+/// Load, attach at the cgroup, and pin one program; with `pin_link`, also take its
+/// link and pin it (replacing the link a previous agent pinned, after the new one is
+/// attached, so there is no moment without interception). A macro because aya's
+/// program types share `load`/`attach`/`take_link` by name, not through a trait.
 macro_rules! attach_cgroup_program {
     ($ebpf:expr, $kind:ty, $name:expr, $cgroup:expr, $pin_dir:expr) => {{
         let name: &'static str = $name;
         let err = |source| DatapathError::Program { name, source };
         let prog: &mut $kind = program(&mut $ebpf, name)?;
         prog.load().map_err(err)?;
-        prog.attach($cgroup, attach_mode()).map_err(err)?;
-        pin(prog.pin($pin_dir.join(name)), $pin_dir, name)?;
+        let link_id = prog.attach($cgroup, attach_mode()).map_err(err)?;
+        replace_pin($pin_dir, name, |path| prog.pin(path))?;
+        (prog, link_id)
+    }};
+    ($ebpf:expr, $kind:ty, $name:expr, $cgroup:expr, $pin_dir:expr, pin link into $links:expr) => {{
+        let name: &'static str = $name;
+        let (prog, link_id) = attach_cgroup_program!($ebpf, $kind, name, $cgroup, $pin_dir);
+        let link = prog
+            .take_link(link_id)
+            .map_err(|source| DatapathError::Program { name, source })?;
+        match FdLink::try_from(link) {
+            Ok(link) => {
+                let link_name = format!("{LINK_PREFIX}{name}");
+                $links.push(pin_link($pin_dir, &link_name, link)?);
+            }
+            // Kernels before 5.7 attach without bpf_link: nothing to pin.
+            Err(error) => tracing::debug!(%error, name, "link not pinnable"),
+        }
     }};
 }
 
@@ -105,8 +136,10 @@ pub struct EbpfDatapath {
     counters: PerCpuArray<MapData, u64>,
     /// Held so the sk_msg attachment's map outlives every socket in it.
     _sock_pairs: SockHash<MapData, FlowKey>,
-    /// tc links per pod (netns cookie): ingress, egress.
-    tc_links: Mutex<StdHashMap<u64, (SchedClassifierLinkId, SchedClassifierLinkId)>>,
+    /// tc attachments per pod (netns cookie).
+    tc_links: Mutex<StdHashMap<u64, Vec<TcAttachment>>>,
+    /// The cgroup links pinned in the pin dir (they outlive the agent).
+    pinned_links: Mutex<Vec<PinnedLink>>,
     options: Mutex<EbpfOptions>,
     pin_dir: PathBuf,
     cgroup: PathBuf,
@@ -147,35 +180,46 @@ impl EbpfDatapath {
             )));
         }
         let cgroup_file = File::open(cgroup).map_err(cgroup_err)?;
+        let capacity_of = |name: &str| match name {
+            maps::INBOUND_FLOWS => options.inbound_flow_capacity,
+            _ => None,
+        };
+        // Maps pinned by a previous agent are reused when their layout matches, so enrolled
+        // pods and live flows carry over a restart; anything else starts from scratch.
+        if !pinned_maps_reusable(pin_dir, &capacity_of) {
+            super::bpffs::remove_pin_dir(pin_dir, &is_our_pin).map_err(|e| {
+                DatapathError::Bpffs {
+                    path: pin_dir.display().to_string(),
+                    reason: format!("removing incompatible pins: {e}"),
+                }
+            })?;
+            super::bpffs::ensure_pin_dir(pin_dir)?;
+        }
         let mut loader = aya::EbpfLoader::new();
         if let Some(capacity) = options.inbound_flow_capacity {
             loader.map_max_entries(maps::INBOUND_FLOWS, capacity);
         }
+        let map_paths: Vec<(&str, PathBuf)> =
+            MAP_NAMES.iter().map(|n| (*n, pin_dir.join(n))).collect();
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(DatapathError::Load)?;
+        let mut links = Vec::new();
 
-        attach_cgroup_program!(ebpf, CgroupSockAddr, PROG_CONNECT4, &cgroup_file, pin_dir);
-        attach_cgroup_program!(ebpf, SockOps, PROG_SOCK_OPS, &cgroup_file, pin_dir);
-        attach_cgroup_program!(ebpf, CgroupSockopt, PROG_GETSOCKOPT, &cgroup_file, pin_dir);
-        attach_cgroup_program!(
-            ebpf,
-            CgroupSockAddr,
-            PROG_GETPEERNAME4,
-            &cgroup_file,
-            pin_dir
-        );
+        // connect4, getpeername4 and sock_ops links are pinned, so they outlive the agent:
+        // while it is away, enrolled pods' connects still go to 15001, where nobody
+        // listens, and fail closed. (aya 0.14 cannot turn a getsockopt link into a
+        // pinnable one; it is only needed while the proxy runs anyway.)
+        attach_cgroup_program!(ebpf, CgroupSockAddr, PROG_CONNECT4, &cgroup_file, pin_dir, pin link into links);
+        attach_cgroup_program!(ebpf, SockOps, PROG_SOCK_OPS, &cgroup_file, pin_dir, pin link into links);
+        attach_cgroup_program!(ebpf, CgroupSockAddr, PROG_GETPEERNAME4, &cgroup_file, pin_dir, pin link into links);
+        let _ = attach_cgroup_program!(ebpf, CgroupSockopt, PROG_GETSOCKOPT, &cgroup_file, pin_dir);
         for name in [PROG_TC_INGRESS, PROG_TC_EGRESS] {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
             prog.load()
                 .map_err(|source| DatapathError::Program { name, source })?;
-            pin(prog.pin(pin_dir.join(name)), pin_dir, name)?;
-        }
-        for name in MAP_NAMES {
-            let map = ebpf.map(name).ok_or(DatapathError::MissingMap { name })?;
-            let path = pin_dir.join(name);
-            map.pin(&path).map_err(|source| DatapathError::Pin {
-                path: path.display().to_string(),
-                source,
-            })?;
+            replace_pin(pin_dir, name, |path| prog.pin(path))?;
         }
         let sock_pairs: SockHash<MapData, FlowKey> = typed(&mut ebpf, maps::SOCK_PAIRS)?;
         {
@@ -186,9 +230,10 @@ impl EbpfDatapath {
             };
             prog.load().map_err(err)?;
             // Attached to the map whether or not sockmap is on: with the flag off,
-            // sock_ops adds no socket and sk_msg never runs.
+            // sock_ops adds no socket and sk_msg never runs. On a reused map this
+            // replaces the previous agent's program.
             prog.attach(sock_pairs.fd()).map_err(err)?;
-            pin(prog.pin(pin_dir.join(PROG_SK_MSG)), pin_dir, PROG_SK_MSG)?;
+            replace_pin(pin_dir, PROG_SK_MSG, |path| prog.pin(path))?;
         }
 
         let mut exclusions: HashMap<MapData, u16, u8> =
@@ -215,6 +260,7 @@ impl EbpfDatapath {
             counters,
             _sock_pairs: sock_pairs,
             tc_links: Mutex::new(StdHashMap::new()),
+            pinned_links: Mutex::new(links),
             options: Mutex::new(options),
             pin_dir: pin_dir.to_path_buf(),
             cgroup: cgroup.to_path_buf(),
@@ -249,16 +295,20 @@ impl EbpfDatapath {
             })
     }
 
-    /// Attach both tc programs to `ifname` inside the pod's netns.
+    /// Attach both tc programs to `ifname` inside the pod's netns and pin their links
+    /// (TCX, kernel ≥ 6.6) as `link_tc_<cookie>_{ingress,egress}`, replacing the links a
+    /// previous agent pinned for the same netns.
     fn attach_tc(
         &self,
         netns: &PodNetns,
         ifname: &str,
-    ) -> Result<(SchedClassifierLinkId, SchedClassifierLinkId), DatapathError> {
+        cookie: u64,
+    ) -> Result<Vec<TcAttachment>, DatapathError> {
         let ebpf = Arc::clone(&self.ebpf);
         let iface = ifname.to_string();
+        let pin_dir = self.pin_dir.clone();
         let attached = netns
-            .run_blocking(move || -> Result<_, String> {
+            .run_blocking(move || -> Result<Vec<TcAttachment>, String> {
                 // clsact is only needed for netlink attachment (kernels before TCX, 6.6);
                 // an existing qdisc is fine.
                 if let Err(error) = tc::qdisc_add_clsact(&iface) {
@@ -267,24 +317,33 @@ impl EbpfDatapath {
                     }
                 }
                 let mut ebpf = lock(&ebpf);
-                let mut attach =
-                    |name: &'static str, kind| -> Result<SchedClassifierLinkId, String> {
-                        let prog: &mut SchedClassifier = ebpf
-                            .program_mut(name)
-                            .ok_or_else(|| format!("program {name} missing"))?
-                            .try_into()
-                            .map_err(|e| format!("{name}: {e}"))?;
-                        prog.attach(&iface, kind)
-                            .map_err(|e| format!("{name}: {e}"))
-                    };
-                let ingress = attach(PROG_TC_INGRESS, TcAttachType::Ingress)?;
-                match attach(PROG_TC_EGRESS, TcAttachType::Egress) {
-                    Ok(egress) => Ok((ingress, egress)),
-                    Err(error) => {
-                        detach_tc_in_netns(&mut ebpf, ingress, None);
-                        Err(error)
+                let mut attachments = Vec::new();
+                for (name, kind, side) in [
+                    (PROG_TC_INGRESS, TcAttachType::Ingress, "ingress"),
+                    (PROG_TC_EGRESS, TcAttachType::Egress, "egress"),
+                ] {
+                    let attached = attach_one_tc(&mut ebpf, name, &iface, kind).and_then(|link| {
+                        match FdLink::try_from(link) {
+                            Ok(fd_link) => {
+                                let pin_name = format!("{TC_LINK_PREFIX}{cookie}_{side}");
+                                pin_link(&pin_dir, &pin_name, fd_link)
+                                    .map(TcAttachment::Pinned)
+                                    .map_err(|e| e.to_string())
+                            }
+                            Err(_) => Err(format!("{name}: link is not a bpf_link")),
+                        }
+                    });
+                    match attached {
+                        Ok(attachment) => attachments.push(attachment),
+                        Err(error) => {
+                            for attachment in attachments {
+                                attachment.detach();
+                            }
+                            return Err(error);
+                        }
                     }
                 }
+                Ok(attachments)
             })
             .map_err(|e| DatapathError::Tc {
                 ifname: ifname.into(),
@@ -297,14 +356,61 @@ impl EbpfDatapath {
     }
 
     fn detach_tc(&self, netns: &PodNetns, cookie: u64) {
-        let Some((ingress, egress)) = lock(&self.tc_links).remove(&cookie) else {
+        let Some(attachments) = lock(&self.tc_links).remove(&cookie) else {
             return;
         };
-        let ebpf = Arc::clone(&self.ebpf);
-        // Netlink-attached filters are addressed by ifindex in the pod's netns.
+        // Run in the pod's netns, where a netlink-attached filter would be addressed.
         let _ = netns.run_blocking(move || {
-            detach_tc_in_netns(&mut lock(&ebpf), ingress, Some(egress));
+            for attachment in attachments {
+                attachment.detach();
+            }
         });
+    }
+
+    /// Remove every pin, which detaches the pinned links: interception ends. For a
+    /// shutdown that should not leave pods failing closed.
+    fn remove_pins(&self) -> std::io::Result<()> {
+        for link in lock(&self.pinned_links).drain(..) {
+            let _ = link.unpin();
+        }
+        for (_, attachments) in lock(&self.tc_links).drain() {
+            for attachment in attachments {
+                attachment.detach();
+            }
+        }
+        super::bpffs::remove_pin_dir(&self.pin_dir, &is_our_pin)
+    }
+
+    /// Forget enrolled pods that were not adopted again after a restart (their entries
+    /// and tc link pins came from a previous agent through the reused maps).
+    fn retain_pods_impl(&self, cookies: &std::collections::HashSet<u64>) {
+        let mut maps = lock(&self.maps);
+        let stale: Vec<(u64, EnrolledPod)> = maps
+            .enrolled
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(cookie, _)| !cookies.contains(cookie))
+            .collect();
+        for (cookie, pod) in stale {
+            let _ = maps.enrolled.remove(&cookie);
+            if maps.pod_by_ip.get(&pod.ipv4, 0).ok() == Some(cookie) {
+                let _ = maps.pod_by_ip.remove(&pod.ipv4);
+            }
+            Self::sweep_flows(&mut maps, pod.ipv4);
+        }
+        drop(maps);
+        if let Ok(entries) = std::fs::read_dir(&self.pin_dir) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let Some(rest) = name.strip_prefix(TC_LINK_PREFIX) else {
+                    continue;
+                };
+                let cookie = rest.split('_').next().and_then(|c| c.parse::<u64>().ok());
+                if cookie.is_some_and(|c| !cookies.contains(&c)) {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
     }
 
     /// Forget every flow record that involves `ip`: a deleted pod leaves nothing behind.
@@ -330,21 +436,118 @@ impl EbpfDatapath {
     }
 }
 
-fn detach_tc_in_netns(
-    ebpf: &mut Ebpf,
-    ingress: SchedClassifierLinkId,
-    egress: Option<SchedClassifierLinkId>,
-) {
-    for (name, link) in [(PROG_TC_INGRESS, Some(ingress)), (PROG_TC_EGRESS, egress)] {
-        let Some(link) = link else { continue };
-        if let Some(prog) = ebpf.program_mut(name) {
-            let prog: Result<&mut SchedClassifier, _> = prog.try_into();
-            if let Ok(prog) = prog {
-                // The interface may be gone with the pod: nothing left to detach then.
-                let _ = prog.detach(link);
+/// One tc program attached to a pod's interface.
+enum TcAttachment {
+    /// A TCX bpf_link pinned in the pin dir: unpinning detaches it.
+    Pinned(PinnedLink),
+}
+
+impl TcAttachment {
+    fn detach(self) {
+        match self {
+            // The interface may be gone with the pod: the link is defunct then, and
+            // removing its pin is all there is to do.
+            TcAttachment::Pinned(link) => {
+                let _ = link.unpin();
             }
         }
     }
+}
+
+fn attach_one_tc(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    iface: &str,
+    kind: TcAttachType,
+) -> Result<aya::programs::tc::SchedClassifierLink, String> {
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .ok_or_else(|| format!("program {name} missing"))?
+        .try_into()
+        .map_err(|e| format!("{name}: {e}"))?;
+    let id = prog
+        .attach(iface, kind)
+        .map_err(|e| format!("{name}: {e}"))?;
+    prog.take_link(id).map_err(|e| format!("{name}: {e}"))
+}
+
+/// Pin `link` as `name` in `pin_dir`. An existing pin of that name (a previous agent's
+/// link) is removed first, which detaches it: the new link is already attached.
+fn pin_link(pin_dir: &Path, name: &str, link: FdLink) -> Result<PinnedLink, DatapathError> {
+    let path = pin_dir.join(name);
+    let _ = std::fs::remove_file(&path);
+    link.pin(&path).map_err(|source| DatapathError::Pin {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Pin a program (or anything pinned through a closure) as `name`, replacing an old pin.
+fn replace_pin(
+    pin_dir: &Path,
+    name: &str,
+    pin_at: impl FnOnce(PathBuf) -> Result<(), aya::pin::PinError>,
+) -> Result<(), DatapathError> {
+    let path = pin_dir.join(name);
+    let _ = std::fs::remove_file(&path);
+    pin_at(path.clone()).map_err(|source| DatapathError::Pin {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Whether every map pinned in `pin_dir` has the key size, value size and capacity this
+/// build expects (a missing pin is fine: it is created). Anything else means another
+/// build's layout, which must not be reused.
+fn pinned_maps_reusable(pin_dir: &Path, capacity_of: &dyn Fn(&str) -> Option<u32>) -> bool {
+    use std::mem::size_of;
+    let expected = |name: &str| -> (usize, usize, u32) {
+        match name {
+            maps::ENROLLED_NETNS => (
+                size_of::<u64>(),
+                size_of::<EnrolledPod>(),
+                capacity::ENROLLED_NETNS,
+            ),
+            maps::POD_BY_IP => (size_of::<u32>(), size_of::<u64>(), capacity::POD_BY_IP),
+            maps::ORIG_DST_BY_COOKIE => (
+                size_of::<u64>(),
+                size_of::<interceptor_common::PendingConnect>(),
+                capacity::ORIG_DST_BY_COOKIE,
+            ),
+            maps::ORIG_DST_BY_FLOW => (
+                size_of::<FlowKey>(),
+                size_of::<OrigDst>(),
+                capacity::ORIG_DST_BY_FLOW,
+            ),
+            maps::INBOUND_FLOWS => (
+                size_of::<InboundKey>(),
+                size_of::<InboundFlow>(),
+                capacity::INBOUND_FLOWS,
+            ),
+            maps::INBOUND_PORT_EXCLUSIONS => (
+                size_of::<u16>(),
+                size_of::<u8>(),
+                capacity::INBOUND_PORT_EXCLUSIONS,
+            ),
+            maps::SOCK_PAIRS => (size_of::<FlowKey>(), size_of::<u32>(), capacity::SOCK_PAIRS),
+            maps::SETTINGS => (size_of::<u32>(), size_of::<u32>(), config::LEN),
+            _ => (size_of::<u32>(), size_of::<u64>(), counters::LEN),
+        }
+    };
+    MAP_NAMES.iter().all(|name| {
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            return true;
+        }
+        let Ok(info) = MapData::from_pin(&path).and_then(|map| map.info()) else {
+            return false;
+        };
+        let (key, value, default_capacity) = expected(name);
+        let capacity = capacity_of(name).unwrap_or(default_capacity);
+        info.key_size() as usize == key
+            && info.value_size() as usize == value
+            && info.max_entries() == capacity
+    })
 }
 
 /// bpf_link cgroup attachments (kernel ≥ 5.7, what aya uses there) are always
@@ -377,17 +580,6 @@ where
         .take_map(name)
         .ok_or(DatapathError::MissingMap { name })?;
     T::try_from(map).map_err(|source| DatapathError::Map { name, source })
-}
-
-fn pin(
-    result: Result<(), aya::pin::PinError>,
-    pin_dir: &Path,
-    name: &str,
-) -> Result<(), DatapathError> {
-    result.map_err(|source| DatapathError::Pin {
-        path: pin_dir.join(name).display().to_string(),
-        source,
-    })
 }
 
 fn map_full_or(name: &'static str, capacity: u32) -> impl Fn(MapError) -> DatapathError {
@@ -430,7 +622,7 @@ impl Datapath for EbpfDatapath {
                 ));
             }
         }
-        match self.attach_tc(netns, &pod.ifname) {
+        match self.attach_tc(netns, &pod.ifname, pod.netns_cookie) {
             Ok(links) => {
                 lock(&self.tc_links).insert(pod.netns_cookie, links);
                 Ok(())
@@ -498,5 +690,16 @@ impl Datapath for EbpfDatapath {
             orig_dst_by_flow: maps.orig_dst_by_flow.keys().filter(Result::is_ok).count(),
             enrolled_netns: maps.enrolled.keys().filter(Result::is_ok).count(),
         }
+    }
+
+    fn retain_pods(&self, netns_cookies: &std::collections::HashSet<u64>) {
+        self.retain_pods_impl(netns_cookies);
+    }
+
+    fn teardown(&self) -> Result<(), DatapathError> {
+        self.remove_pins().map_err(|e| DatapathError::Bpffs {
+            path: self.pin_dir.display().to_string(),
+            reason: e.to_string(),
+        })
     }
 }

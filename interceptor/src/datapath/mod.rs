@@ -5,6 +5,7 @@ pub mod bpffs;
 pub mod cgroup;
 pub mod ebpf;
 
+use std::collections::HashSet;
 use std::net::Ipv4Addr;
 
 use crate::inpod::PodNetns;
@@ -99,4 +100,9 @@ pub trait Datapath: Send + Sync {
     fn set_debug(&self, on: bool) -> Result<(), DatapathError>;
     fn counters(&self) -> DatapathCounters;
     fn live_records(&self) -> LiveRecords;
+    /// After a restart: forget pods (by netns cookie) a previous agent enrolled that were
+    /// not adopted again.
+    fn retain_pods(&self, netns_cookies: &HashSet<u64>);
+    /// Remove everything the data path made (pins, pinned links): interception ends.
+    fn teardown(&self) -> Result<(), DatapathError>;
 }

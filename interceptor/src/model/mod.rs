@@ -78,6 +78,11 @@ pub struct Model {
     pub namespaces: BTreeMap<String, Namespace>,
     pub pods: BTreeMap<PodKey, Pod>,
     pub services: BTreeMap<ServiceKey, Service>,
+    /// What the EndpointSlices (`discovery.k8s.io/v1`) of each service say, merged across
+    /// the service's slices. A service with an entry here (even an empty one) takes its
+    /// endpoints from it rather than from its selector; see [`Model::endpoints`].
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub endpoint_slices: BTreeMap<ServiceKey, Vec<SlicePort>>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -133,6 +138,30 @@ pub enum TargetPort {
     Number(u16),
     /// A container port name, resolved per pod.
     Name(String),
+}
+
+/// One port of one EndpointSlice with the slice's ready IPv4 endpoints. Slices group
+/// endpoints by their port numbers, so one service port (`name`) may appear several times
+/// with different numbers when a named target port resolves differently per pod.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SlicePort {
+    /// The service port's name; `None` for the unnamed port of a single-port service.
+    pub name: Option<String>,
+    /// The port number on the endpoints (the resolved target port).
+    pub port: u16,
+    /// `TCP`, `UDP` or `SCTP` (`TCP` when unset).
+    pub protocol: String,
+    /// The ready endpoints (`conditions.ready` true or unset), in slice order.
+    pub endpoints: Vec<SliceEndpoint>,
+}
+
+/// One ready endpoint of an EndpointSlice: its first address.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SliceEndpoint {
+    pub ip: Ipv4Addr,
+    /// `targetRef` when it names a Pod; `None` for hand-made endpoints (e.g. an external
+    /// database behind a selector-less service).
+    pub pod: Option<PodKey>,
 }
 
 /// One backend of a service port: a selected pod and the address to reach it on.
@@ -209,15 +238,26 @@ impl Model {
             })
     }
 
-    /// The backends of `sp`, sorted by pod key. A pod's address comes from `extra_pod_ips`
-    /// (what the CNI plugin reported, fresher than any manifest) or else its `status.podIP`;
-    /// pods with neither, or lacking the named target port, are left out.
+    /// The backends of `sp`, sorted by pod key.
+    ///
+    /// When the model has EndpointSlices for the service (`endpoint_slices`, always the
+    /// case with the Kubernetes source), they are the answer: the ready endpoints of the
+    /// slice ports with `sp`'s name and protocol, each once, including pods of other nodes.
+    /// An endpoint without a Pod `targetRef` is named `<service namespace>/<address>`.
+    ///
+    /// Otherwise the service's selector picks pods from the model. A pod's address comes
+    /// from `extra_pod_ips` (what the CNI plugin reported, fresher than any manifest) or
+    /// else its `status.podIP`; pods with neither, or lacking the named target port, are
+    /// left out.
     pub fn endpoints(
         &self,
         svc: &Service,
         sp: &ServicePort,
         extra_pod_ips: &HashMap<PodKey, Ipv4Addr>,
     ) -> Vec<Endpoint> {
+        if let Some(slice_ports) = self.endpoint_slices.get(&svc.key()) {
+            return slice_endpoints(svc, sp, slice_ports);
+        }
         // BTreeMap iteration is already in key order, which keeps the result deterministic.
         self.pods
             .iter()
@@ -235,6 +275,26 @@ impl Model {
             })
             .collect()
     }
+}
+
+fn slice_endpoints(svc: &Service, sp: &ServicePort, slice_ports: &[SlicePort]) -> Vec<Endpoint> {
+    let mut endpoints: Vec<Endpoint> = slice_ports
+        .iter()
+        .filter(|p| p.name == sp.name && p.protocol == sp.protocol)
+        .flat_map(|p| {
+            p.endpoints.iter().map(move |e| Endpoint {
+                pod: e
+                    .pod
+                    .clone()
+                    .unwrap_or_else(|| PodKey::new(&svc.namespace, e.ip.to_string())),
+                addr: SocketAddrV4::new(e.ip, p.port),
+            })
+        })
+        .collect();
+    endpoints.sort_by(|a, b| (&a.pod, a.addr).cmp(&(&b.pod, b.addr)));
+    // The same endpoint may sit in two slices for a moment while the controller moves it.
+    endpoints.dedup();
+    endpoints
 }
 
 #[cfg(test)]

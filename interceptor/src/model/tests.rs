@@ -35,6 +35,7 @@ fn model(namespaces: Vec<Namespace>, pods: Vec<Pod>, services: Vec<Service>) -> 
             .collect(),
         pods: pods.into_iter().map(|p| (p.key(), p)).collect(),
         services: services.into_iter().map(|s| (s.key(), s)).collect(),
+        ..Model::default()
     }
 }
 
@@ -378,4 +379,100 @@ fn selector_needs_every_pair() {
     assert!(svc.selects(&v1));
     assert!(!svc.selects(&v2));
     assert!(!svc.selects(&bare));
+}
+
+fn slice_port(
+    name: Option<&str>,
+    port: u16,
+    protocol: &str,
+    eps: &[(&str, Option<&str>)],
+) -> SlicePort {
+    SlicePort {
+        name: name.map(str::to_string),
+        port,
+        protocol: protocol.into(),
+        endpoints: eps
+            .iter()
+            .map(|(ip, pod)| SliceEndpoint {
+                ip: ip.parse().unwrap(),
+                pod: pod.map(|name| PodKey::new("demo", name)),
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn endpoint_slices_win_over_the_selector() {
+    let svc = echo_service();
+    // A local pod the selector would pick: with slices present it is not consulted.
+    let mut m = model(
+        vec![],
+        vec![server(
+            "local",
+            &[("app", "echo")],
+            Some([10, 0, 0, 2]),
+            Some(9000),
+        )],
+        vec![svc.clone()],
+    );
+    m.endpoint_slices.insert(
+        svc.key(),
+        vec![
+            // Two slices: the named port resolves to 9000 on some pods, 9002 on others.
+            slice_port(
+                Some("tcp"),
+                9000,
+                "TCP",
+                &[
+                    ("10.244.1.7", Some("remote-b")),
+                    ("10.244.0.2", Some("local")),
+                ],
+            ),
+            slice_port(
+                Some("admin"),
+                9001,
+                "TCP",
+                &[("10.244.1.7", Some("remote-b"))],
+            ),
+            slice_port(
+                Some("tcp"),
+                9002,
+                "TCP",
+                // A hand-made endpoint, and a duplicate of one of the first slice.
+                &[("192.168.5.5", None), ("10.244.0.2", Some("local"))],
+            ),
+            slice_port(Some("tcp"), 9002, "TCP", &[("10.244.0.2", Some("local"))]),
+            // Same name, other protocol: not this port.
+            slice_port(Some("tcp"), 9003, "UDP", &[("10.244.9.9", Some("udp"))]),
+        ],
+    );
+    let got: Vec<String> = m
+        .endpoints(&svc, &svc.ports[1], &HashMap::new())
+        .iter()
+        .map(|e| format!("{} {}", e.pod, e.addr))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            "demo/192.168.5.5 192.168.5.5:9002",
+            "demo/local 10.244.0.2:9000",
+            "demo/local 10.244.0.2:9002",
+            "demo/remote-b 10.244.1.7:9000",
+        ]
+    );
+    // The CNI plugin's addresses do not override what the slices say.
+    let extra = HashMap::from([(PodKey::new("demo", "local"), Ipv4Addr::new(10, 9, 9, 9))]);
+    assert_eq!(m.endpoints(&svc, &svc.ports[2], &extra).len(), 1);
+
+    // An empty entry means "no endpoints", not "fall back to the selector".
+    m.endpoint_slices.insert(svc.key(), Vec::new());
+    assert!(m.endpoints(&svc, &svc.ports[1], &HashMap::new()).is_empty());
+    // Without an entry the selector applies again.
+    m.endpoint_slices.clear();
+    assert_eq!(m.endpoints(&svc, &svc.ports[1], &HashMap::new()).len(), 1);
+    // No slices, no change to the config dump.
+    assert!(serde_json::to_value(&m)
+        .unwrap()
+        .get("endpoint_slices")
+        .is_none());
 }

@@ -4,8 +4,12 @@
 //! Every `*.yaml`, `*.yml` and `*.json` file directly in the directory is read, in name
 //! order, skipping hidden files (which also skips the `..data` links of a mounted
 //! ConfigMap). A file may hold several `---`-separated documents. `v1` Namespace, Pod and
-//! Service objects, and `v1` List objects holding them (`kubectl get -o yaml`), go into
-//! the model; other kinds are skipped. Errors name the file, line and column.
+//! Service objects, `discovery.k8s.io/v1` EndpointSlices, and `v1` List objects holding
+//! them (`kubectl get -o yaml`), go into the model; other kinds are skipped. Errors name
+//! the file, line and column.
+//!
+//! The Kubernetes source (`source::kube`) converts the objects it watches with the same
+//! functions (`*_from_api`), so both sources build the same model from the same objects.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -18,6 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1 as k8s;
+use k8s_openapi::api::discovery::v1 as discovery;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::de::{self, DeserializeOwned, DeserializeSeed, IgnoredAny, Visitor};
@@ -27,7 +32,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::model::{Model, NamedPort, Namespace, Pod, Service, ServicePort, TargetPort};
+use crate::model::{
+    Model, NamedPort, Namespace, Pod, PodKey, Service, ServiceKey, ServicePort, SliceEndpoint,
+    SlicePort, TargetPort,
+};
 
 /// Where in the manifests something is: a file and, when known, a 1-based line and column
 /// (absolute in the file, whatever document they fall in).
@@ -342,6 +350,10 @@ impl Doc<'_> {
 
     /// The position of the node at `path`, or of its nearest ancestor that exists.
     fn locate(&self, path: &[Seg]) -> Location {
+        // An object from the API server: no text to point into.
+        if self.text.is_empty() {
+            return self.at(None);
+        }
         for len in (0..=path.len()).rev() {
             let Some(de) = self.reparse() else { break };
             // The walk fails on purpose when it reaches the node, so that serde_yaml
@@ -579,6 +591,7 @@ impl Loader {
             Item::Namespace(ns) => ("Namespace", ns.name.clone()),
             Item::Pod(pod) => ("Pod", pod.key().to_string()),
             Item::Service(svc) => ("Service", svc.key().to_string()),
+            Item::EndpointSlice(slice) => ("EndpointSlice", slice.key()),
         };
         let origin = Origin {
             file: file_idx,
@@ -603,6 +616,18 @@ impl Loader {
             Item::Service(svc) => {
                 self.model.services.insert(svc.key(), svc);
             }
+            Item::EndpointSlice(slice) => match slice.service {
+                Some(svc) => self
+                    .model
+                    .endpoint_slices
+                    .entry(svc)
+                    .or_default()
+                    .extend(slice.ports),
+                None => debug!(
+                    slice = %slice.key(),
+                    "skipping an EndpointSlice without the {SERVICE_NAME_LABEL} label"
+                ),
+            },
         }
         Ok(())
     }
@@ -624,6 +649,7 @@ enum Item {
     Namespace(Namespace),
     Pod(Pod),
     Service(Service),
+    EndpointSlice(Slice),
 }
 
 struct Object {
@@ -675,6 +701,10 @@ fn collect_objects(
         ("v1", "Service") => {
             let svc: k8s::Service = doc.typed(Value::Mapping(map), &path)?;
             Item::Service(service(doc, &path, svc)?)
+        }
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            let slice: discovery::EndpointSlice = doc.typed(Value::Mapping(map), &path)?;
+            Item::EndpointSlice(endpoint_slice(doc, &path, slice)?)
         }
         ("v1", "List") => {
             let items = match map.remove("items") {
@@ -906,6 +936,153 @@ fn service(doc: &Doc<'_>, path: &[Seg], s: k8s::Service) -> Result<Service, Mani
         selector: spec.selector.unwrap_or_default(),
         ports,
     })
+}
+
+/// The label that ties an EndpointSlice to its service.
+pub(crate) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// One EndpointSlice in model terms, before the slices of a service are merged into
+/// [`Model::endpoint_slices`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Slice {
+    pub namespace: String,
+    pub name: String,
+    /// From the `kubernetes.io/service-name` label; `None` for a slice of no service.
+    pub service: Option<ServiceKey>,
+    /// Ports with their ready endpoints; empty for slices of addresses other than IPv4.
+    pub ports: Vec<SlicePort>,
+}
+
+impl Slice {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+fn endpoint_slice(
+    doc: &Doc<'_>,
+    path: &[Seg],
+    s: discovery::EndpointSlice,
+) -> Result<Slice, ManifestError> {
+    let (namespace, name) = name_and_namespace(doc, path, "EndpointSlice", &s.metadata)?;
+    let invalid = Invalid {
+        doc,
+        path,
+        object: format!("EndpointSlice {namespace}/{name}"),
+    };
+    let service = s
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        .filter(|n| !n.is_empty())
+        .map(|n| ServiceKey::new(&namespace, n));
+    // The agent speaks IPv4 only: the IPv6 slices of a dual-stack service add nothing, and
+    // FQDN slices have no defined meaning.
+    if s.address_type != "IPv4" {
+        debug!(
+            slice = %format!("{namespace}/{name}"),
+            address_type = s.address_type,
+            "skipping the endpoints of a slice that is not IPv4"
+        );
+        return Ok(Slice {
+            namespace,
+            name,
+            service,
+            ports: Vec::new(),
+        });
+    }
+    let mut endpoints = Vec::new();
+    for (i, ep) in s.endpoints.into_iter().enumerate() {
+        // Unset means ready; not-ready endpoints (starting, terminating) get no traffic.
+        if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+            continue;
+        }
+        // The controller writes exactly one address; no meaning is defined for more.
+        let Some(address) = ep.addresses.first() else {
+            continue;
+        };
+        let ip = address.parse::<Ipv4Addr>().map_err(|_| {
+            invalid.at(
+                &[
+                    Seg::Key("endpoints"),
+                    Seg::Index(i),
+                    Seg::Key("addresses"),
+                    Seg::Index(0),
+                ],
+                format!("{address:?} is not an IPv4 address"),
+            )
+        })?;
+        let pod = ep.target_ref.and_then(|r| {
+            let is_pod = r.kind.as_deref() == Some("Pod");
+            let name = r.name.filter(|n| !n.is_empty())?;
+            let ns = r
+                .namespace
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| namespace.clone());
+            is_pod.then(|| PodKey::new(ns, name))
+        });
+        endpoints.push(SliceEndpoint { ip, pod });
+    }
+    let mut ports = Vec::new();
+    for (i, p) in s.ports.unwrap_or_default().into_iter().enumerate() {
+        // No number means "all ports", which only selector-less headless services use.
+        let Some(number) = p.port else { continue };
+        let port = port_number(number).ok_or_else(|| {
+            invalid.at(
+                &[Seg::Key("ports"), Seg::Index(i), Seg::Key("port")],
+                format!("{number} is not a port number (1-65535)"),
+            )
+        })?;
+        ports.push(SlicePort {
+            name: p.name.filter(|n| !n.is_empty()),
+            port,
+            protocol: p
+                .protocol
+                .filter(|p| !p.is_empty())
+                .unwrap_or_else(|| "TCP".to_string()),
+            endpoints: endpoints.clone(),
+        });
+    }
+    Ok(Slice {
+        namespace,
+        name,
+        service,
+        ports,
+    })
+}
+
+/// Stands in for a manifest file when converting objects from the API server: they have no
+/// text to point into, so errors carry this name and no line; `object`, `field` and
+/// `message` of [`ManifestError::InvalidValue`] say what is wrong.
+const API_ORIGIN: &str = "<api-server>";
+
+fn api_doc() -> Doc<'static> {
+    Doc {
+        file: Path::new(API_ORIGIN),
+        text: "",
+        index: 0,
+    }
+}
+
+/// A Namespace from the API server, converted as a manifest would be.
+pub(crate) fn namespace_from_api(ns: k8s::Namespace) -> Result<Namespace, ManifestError> {
+    namespace(&api_doc(), &[], ns)
+}
+
+/// A Pod from the API server, converted as a manifest would be.
+pub(crate) fn pod_from_api(p: k8s::Pod) -> Result<Pod, ManifestError> {
+    pod(&api_doc(), &[], p)
+}
+
+/// A Service from the API server, converted as a manifest would be.
+pub(crate) fn service_from_api(s: k8s::Service) -> Result<Service, ManifestError> {
+    service(&api_doc(), &[], s)
+}
+
+/// An EndpointSlice from the API server, converted as a manifest would be.
+pub(crate) fn endpoint_slice_from_api(s: discovery::EndpointSlice) -> Result<Slice, ManifestError> {
+    endpoint_slice(&api_doc(), &[], s)
 }
 
 #[cfg(test)]
@@ -1527,6 +1704,133 @@ status:
                 "demo/server-v2 10.244.0.12:9000"
             ]
         );
+    }
+
+    const SLICES: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: demo}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: echo}
+  ports: [{name: tcp, port: 80, targetPort: tcp-echo}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: echo-abcde
+  namespace: demo
+  labels: {kubernetes.io/service-name: echo}
+addressType: IPv4
+ports: [{name: tcp, port: 9000, protocol: TCP}]
+endpoints:
+  - addresses: [10.244.1.7]
+    conditions: {ready: true}
+    targetRef: {kind: Pod, name: server-v2, namespace: demo}
+  - addresses: [10.244.1.8]
+    conditions: {ready: false, terminating: true}
+    targetRef: {kind: Pod, name: server-old, namespace: demo}
+  - addresses: [192.168.9.9]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: echo-v6
+  namespace: demo
+  labels: {kubernetes.io/service-name: echo}
+addressType: IPv6
+ports: [{name: tcp, port: 9000}]
+endpoints: [{addresses: ['fd00::7']}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: orphan, namespace: demo}
+addressType: IPv4
+endpoints: [{addresses: [10.0.0.1]}]
+";
+
+    #[test]
+    fn endpoint_slices_feed_the_endpoints() {
+        let m = load_one(SLICES).unwrap();
+        let key = ServiceKey::new("demo", "echo");
+        assert_eq!(
+            m.endpoint_slices[&key],
+            vec![SlicePort {
+                name: Some("tcp".into()),
+                port: 9000,
+                protocol: "TCP".into(),
+                endpoints: vec![
+                    SliceEndpoint {
+                        ip: Ipv4Addr::new(10, 244, 1, 7),
+                        pod: Some(PodKey::new("demo", "server-v2")),
+                    },
+                    SliceEndpoint {
+                        ip: Ipv4Addr::new(192, 168, 9, 9),
+                        pod: None,
+                    },
+                ],
+            }]
+        );
+        assert_eq!(m.endpoint_slices.len(), 1, "the orphan slice is skipped");
+        let (svc, sp) = m.service_for(Ipv4Addr::new(10, 96, 0, 10), 80).unwrap();
+        let eps: Vec<String> = m
+            .endpoints(svc, sp, &HashMap::new())
+            .iter()
+            .map(|e| format!("{} {}", e.pod, e.addr))
+            .collect();
+        assert_eq!(
+            eps,
+            [
+                "demo/192.168.9.9 192.168.9.9:9000",
+                "demo/server-v2 10.244.1.7:9000"
+            ]
+        );
+
+        let err = err_of(&SLICES.replace("192.168.9.9", "192.168.9.300"));
+        assert_eq!(
+            invalid(&err),
+            ("EndpointSlice demo/echo-abcde", "endpoints[2].addresses[0]")
+        );
+        assert_eq!(line_col(&err), ("m.yaml".into(), Some(24), Some(17)));
+        let err = err_of(&SLICES.replace("port: 9000, protocol", "port: 0, protocol"));
+        assert_eq!(
+            invalid(&err),
+            ("EndpointSlice demo/echo-abcde", "ports[0].port")
+        );
+        let err = err_of(&SLICES.replacen("name: echo-abcde", "name: echo-v6", 1));
+        assert!(
+            err.to_string()
+                .starts_with("EndpointSlice demo/echo-v6 is defined twice"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn api_objects_convert_like_manifests() {
+        let pod: k8s::Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "n"},
+            "status": {"podIP": "fd00::1"}
+        }))
+        .unwrap();
+        let err = pod_from_api(pod).unwrap_err();
+        match &err {
+            ManifestError::InvalidValue {
+                at,
+                object,
+                field,
+                message,
+            } => {
+                assert_eq!(at.file, Path::new(API_ORIGIN));
+                assert_eq!((at.line, at.column), (None, None));
+                assert_eq!(object, "Pod n/p");
+                assert_eq!(field, "status.podIP");
+                assert_eq!(message, "\"fd00::1\" is not an IPv4 address");
+            }
+            other => panic!("not an invalid value: {other:?}"),
+        }
+        let ns: k8s::Namespace =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "demo"}})).unwrap();
+        assert_eq!(namespace_from_api(ns).unwrap().name, "demo");
     }
 
     async fn wait_for(

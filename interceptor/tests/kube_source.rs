@@ -1,0 +1,761 @@
+//! The Kubernetes source against a mock API server: real HTTP on 127.0.0.1, list bodies
+//! and newline-delimited watch streams from `tests/fixtures/kube/` (shaped like a real API
+//! server's, see the README there), a kube-rs client built with `kube::Config::new`.
+//!
+//! Covered: initial lists -> generation 1 (and the same model the manifest source builds
+//! from the same objects), the node's pod field selector and watch bookmarks on every
+//! request, watch events -> new generations, an ERROR 410 -> re-list, a watch the server
+//! ends -> resumed from the last bookmark without a re-list, a watch connection torn down
+//! -> error then recovery, readiness only after all four lists, a failing list reported
+//! in `last_error` until it recovers.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{StatusCode, Uri};
+use axum::response::Response;
+use axum::Router;
+use futures::channel::mpsc;
+use interceptor::model::{Model, PodKey, ServiceKey};
+use interceptor::source::kube::{self as kube_source, KubeSourceConfig, KubeSourceError};
+use interceptor::source::manifests::{self, ManifestState};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+const NAMESPACES: &str = "/api/v1/namespaces";
+const PODS: &str = "/api/v1/pods";
+const SERVICES: &str = "/api/v1/services";
+const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
+const KINDS: [&str; 4] = [NAMESPACES, PODS, SERVICES, SLICES];
+
+const NODE: &str = "node-a";
+const WAIT: Duration = Duration::from_secs(20);
+
+fn fixture_path(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/kube")
+        .join(name)
+}
+
+fn fixture(name: &str) -> String {
+    std::fs::read_to_string(fixture_path(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// The events of a `.jsonl` watch fixture, one per line.
+fn events(name: &str) -> Vec<String> {
+    fixture(name)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// One request the mock received.
+#[derive(Clone, Debug)]
+struct Seen {
+    watch: bool,
+    query: BTreeMap<String, String>,
+}
+
+#[derive(Default)]
+struct Collection {
+    /// The body of a successful list.
+    list: String,
+    /// Answers to give to the next list requests before succeeding: status and body.
+    list_failures: VecDeque<(StatusCode, String)>,
+    /// While set and false, list requests wait.
+    gate: Option<watch::Receiver<bool>>,
+    seen: Vec<Seen>,
+    /// The open watch of this collection, if any: lines sent here reach the client.
+    watch: Option<mpsc::UnboundedSender<Result<Bytes, io::Error>>>,
+    watches_opened: usize,
+}
+
+#[derive(Default)]
+struct Mock {
+    collections: Mutex<HashMap<&'static str, Collection>>,
+}
+
+impl Mock {
+    fn with<R>(&self, path: &str, f: impl FnOnce(&mut Collection) -> R) -> R {
+        let mut all = self.collections.lock().unwrap();
+        f(all.get_mut(path).expect("a known collection"))
+    }
+
+    fn set_list(&self, path: &str, body: String) {
+        self.with(path, |c| c.list = body);
+    }
+
+    fn lists(&self, path: &str) -> Vec<Seen> {
+        self.with(path, |c| {
+            c.seen.iter().filter(|s| !s.watch).cloned().collect()
+        })
+    }
+
+    fn watches(&self, path: &str) -> Vec<Seen> {
+        self.with(path, |c| {
+            c.seen.iter().filter(|s| s.watch).cloned().collect()
+        })
+    }
+
+    fn watches_opened(&self, path: &str) -> usize {
+        self.with(path, |c| c.watches_opened)
+    }
+
+    /// Sends one event line on the open watch of `path`.
+    fn send(&self, path: &str, line: &str) {
+        self.with(path, |c| {
+            let tx = c.watch.as_ref().expect("an open watch");
+            tx.unbounded_send(Ok(Bytes::from(format!("{line}\n"))))
+                .expect("the watch is still being read");
+        });
+    }
+
+    /// Ends the watch response of `path` cleanly, as an API server does at its timeout.
+    fn end_watch(&self, path: &str) {
+        self.with(path, |c| c.watch = None);
+    }
+
+    /// Tears down the connection of the watch of `path` mid-response.
+    fn break_watch(&self, path: &str) {
+        self.with(path, |c| {
+            if let Some(tx) = c.watch.take() {
+                let _ = tx.unbounded_send(Err(io::Error::other("connection torn down")));
+            }
+        });
+    }
+}
+
+fn status_body(code: u16, reason: &str, message: &str) -> String {
+    serde_json::json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": message, "reason": reason, "code": code,
+    })
+    .to_string()
+}
+
+fn json_response(status: StatusCode, body: impl Into<Body>) -> Response {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(body.into())
+        .unwrap()
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap();
+                out.push(u8::from_str_radix(hex, 16).unwrap());
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+fn parse_query(uri: &Uri) -> BTreeMap<String, String> {
+    uri.query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+async fn api(State(mock): State<Arc<Mock>>, uri: Uri) -> Response {
+    let path = uri.path().to_string();
+    let Some(path) = KINDS.into_iter().find(|k| *k == path) else {
+        return json_response(
+            StatusCode::NOT_FOUND,
+            status_body(
+                404,
+                "NotFound",
+                &format!("the server could not find {path}"),
+            ),
+        );
+    };
+    let query = parse_query(&uri);
+    let watch = query.get("watch").map(String::as_str) == Some("true");
+    mock.with(path, |c| {
+        c.seen.push(Seen {
+            watch,
+            query: query.clone(),
+        })
+    });
+    // The agent must only ever see the pods of its node.
+    let selector = format!("spec.nodeName={NODE}");
+    if path == PODS && query.get("fieldSelector") != Some(&selector) {
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            status_body(
+                400,
+                "BadRequest",
+                "pods requested without the node's field selector",
+            ),
+        );
+    }
+    if watch {
+        let (tx, rx) = mpsc::unbounded();
+        mock.with(path, |c| {
+            c.watch = Some(tx);
+            c.watches_opened += 1;
+        });
+        return json_response(StatusCode::OK, Body::from_stream(rx));
+    }
+    let gate = mock.with(path, |c| c.gate.clone());
+    if let Some(mut gate) = gate {
+        let _ = gate.wait_for(|open| *open).await;
+    }
+    mock.with(path, |c| match c.list_failures.pop_front() {
+        Some((status, body)) => json_response(status, body),
+        None => json_response(StatusCode::OK, c.list.clone()),
+    })
+}
+
+/// Starts a mock API server holding the fixture lists; returns it and its address.
+async fn start_mock(configure: impl FnOnce(&Mock)) -> (Arc<Mock>, SocketAddr) {
+    let mock = Arc::new(Mock::default());
+    {
+        let mut all = mock.collections.lock().unwrap();
+        for (path, file) in [
+            (NAMESPACES, "namespaces-list.json"),
+            (PODS, "pods-list.json"),
+            (SERVICES, "services-list.json"),
+            (SLICES, "endpointslices-list.json"),
+        ] {
+            all.insert(
+                path,
+                Collection {
+                    list: fixture(file),
+                    ..Collection::default()
+                },
+            );
+        }
+    }
+    configure(&mock);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = Router::new().fallback(api).with_state(Arc::clone(&mock));
+    tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    (mock, addr)
+}
+
+fn client(addr: SocketAddr) -> kube::Client {
+    let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+    kube::Client::try_from(config).unwrap()
+}
+
+struct Source {
+    rx: watch::Receiver<ManifestState>,
+    task: JoinHandle<Result<(), KubeSourceError>>,
+    _abort: AbortOnDrop,
+}
+
+/// Stops the source when a test ends, passed or failed.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn start_source(addr: SocketAddr) -> Source {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "interceptor=debug".into()),
+        )
+        .try_init();
+    let (tx, rx) = watch::channel(ManifestState::default());
+    let task = kube_source::spawn(
+        client(addr),
+        KubeSourceConfig {
+            node_name: NODE.into(),
+        },
+        tx,
+    );
+    let abort = AbortOnDrop(task.abort_handle());
+    Source {
+        rx,
+        task,
+        _abort: abort,
+    }
+}
+
+impl Source {
+    async fn wait(&mut self, what: &str, f: impl FnMut(&ManifestState) -> bool) -> ManifestState {
+        let waited = tokio::time::timeout(WAIT, self.rx.wait_for(f))
+            .await
+            .map(|r| r.map(|state| state.clone()));
+        match waited {
+            Ok(Ok(state)) => state,
+            Ok(Err(e)) => panic!("channel closed waiting for {what}: {e}"),
+            Err(_) => panic!("timed out waiting for {what}: {:#?}", *self.rx.borrow()),
+        }
+    }
+
+    fn now(&self) -> ManifestState {
+        self.rx.borrow().clone()
+    }
+}
+
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn keys<K: ToString, V>(map: &BTreeMap<K, V>) -> Vec<String> {
+    map.keys().map(ToString::to_string).collect()
+}
+
+/// `pod address` of each endpoint of the TCP service port `ip:port`.
+fn endpoints(model: &Model, ip: [u8; 4], port: u16) -> Vec<String> {
+    let (svc, sp) = model
+        .service_for(Ipv4Addr::from(ip), port)
+        .unwrap_or_else(|| panic!("a service at {ip:?}:{port}"));
+    model
+        .endpoints(svc, sp, &HashMap::new())
+        .iter()
+        .map(|e| format!("{} {}", e.pod, e.addr))
+        .collect()
+}
+
+/// The fixture lists rewritten as manifests (`kind: List`, items with apiVersion and kind),
+/// for the manifest source to load.
+fn fixtures_as_manifests(dir: &Path) {
+    for (file, api_version, kind) in [
+        ("namespaces-list.json", "v1", "Namespace"),
+        ("pods-list.json", "v1", "Pod"),
+        ("services-list.json", "v1", "Service"),
+        (
+            "endpointslices-list.json",
+            "discovery.k8s.io/v1",
+            "EndpointSlice",
+        ),
+    ] {
+        let list: serde_json::Value = serde_json::from_str(&fixture(file)).unwrap();
+        let items: Vec<serde_json::Value> = list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|item| {
+                let mut item = item.clone();
+                item["apiVersion"] = api_version.into();
+                item["kind"] = kind.into();
+                item
+            })
+            .collect();
+        let manifest = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items});
+        std::fs::write(dir.join(file), manifest.to_string()).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn initial_lists_make_generation_one() {
+    let (mock, addr) = start_mock(|_| {}).await;
+    let mut source = start_source(addr);
+    let state = source.wait("the first model", |s| s.generation > 0).await;
+    assert_eq!(state.generation, 1);
+    assert_eq!(state.last_error, None);
+
+    let m = &*state.model;
+    assert_eq!(
+        keys(&m.namespaces),
+        ["default", "demo", "kube-system", "legacy"]
+    );
+    assert_eq!(
+        keys(&m.pods),
+        ["demo/client", "demo/server-v1", "legacy/outsider"]
+    );
+    assert_eq!(
+        keys(&m.services),
+        ["default/kubernetes", "demo/echo", "kube-system/kube-dns"]
+    );
+
+    // Enrollment through the model, from the namespace label.
+    let client = m.enrollment(&PodKey::new("demo", "client")).unwrap();
+    assert!(client.enrolled, "{}", client.reason);
+    assert_eq!(
+        client.reason,
+        "namespace demo label istio.io/dataplane-mode=ambient"
+    );
+    let outsider = m.enrollment(&PodKey::new("legacy", "outsider")).unwrap();
+    assert!(!outsider.enrolled, "{}", outsider.reason);
+
+    let server = m.pod(&PodKey::new("demo", "server-v1")).unwrap();
+    assert_eq!(server.ip, Some(Ipv4Addr::new(10, 244, 0, 11)));
+    assert_eq!(server.service_account, "echo");
+    assert_eq!(server.container_port("tcp-echo"), Some(9000));
+
+    // Endpoints come from the slices: the pod on node-b too, not the unready one.
+    assert_eq!(
+        endpoints(m, [10, 96, 120, 7], 80),
+        [
+            "demo/server-v1 10.244.0.11:9000",
+            "demo/server-v2 10.244.1.12:9000"
+        ]
+    );
+    assert_eq!(
+        endpoints(m, [10, 96, 0, 10], 53),
+        ["kube-system/coredns-7db6d8ff4d-2xk9p 10.244.1.2:53"]
+    );
+    assert_eq!(
+        endpoints(m, [10, 96, 0, 1], 443),
+        ["default/172.18.0.2 172.18.0.2:6443"]
+    );
+
+    // The manifest source makes the same model of the same objects.
+    let dir = tempfile::tempdir().unwrap();
+    fixtures_as_manifests(dir.path());
+    let from_manifests = manifests::load_dir(dir.path()).unwrap();
+    assert_eq!(*m, from_manifests);
+
+    // What was asked of the API server.
+    until("the four watches", || {
+        KINDS.iter().all(|k| mock.watches_opened(k) == 1)
+    })
+    .await;
+    let selector = format!("spec.nodeName={NODE}");
+    for (path, list_version) in [
+        (NAMESPACES, "1000"),
+        (PODS, "1001"),
+        (SERVICES, "1002"),
+        (SLICES, "1003"),
+    ] {
+        let lists = mock.lists(path);
+        assert_eq!(lists.len(), 1, "{path}: {lists:?}");
+        assert_eq!(lists[0].query.get("limit").map(String::as_str), Some("500"));
+        let watch = &mock.watches(path)[0];
+        assert_eq!(watch.query["allowWatchBookmarks"], "true", "{path}");
+        assert_eq!(watch.query["resourceVersion"], list_version, "{path}");
+        let selected = path == PODS;
+        for seen in [&lists[0], watch] {
+            assert_eq!(
+                seen.query.get("fieldSelector") == Some(&selector),
+                selected,
+                "{path}: {seen:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn watch_events_make_new_generations() {
+    let (mock, addr) = start_mock(|_| {}).await;
+    let mut source = start_source(addr);
+    source.wait("the first model", |s| s.generation > 0).await;
+    until("the pods watch", || mock.watches_opened(PODS) == 1).await;
+
+    let pod_events = events("pods-watch.jsonl");
+    let v3 = PodKey::new("demo", "server-v3");
+    mock.send(PODS, &pod_events[0]);
+    let added = source
+        .wait("the ADDED pod", |s| s.model.pods.contains_key(&v3))
+        .await;
+    assert_eq!(added.generation, 2);
+    assert!(added.model.enrollment(&v3).unwrap().enrolled);
+    assert_eq!(
+        added.model.pods[&v3].ip,
+        Some(Ipv4Addr::new(10, 244, 0, 12))
+    );
+
+    // A pod the model cannot hold (IPv6 podIP) is left out, a bookmark changes nothing,
+    // a DELETED pod goes.
+    for line in &pod_events[1..] {
+        mock.send(PODS, line);
+    }
+    let outsider = PodKey::new("legacy", "outsider");
+    let deleted = source
+        .wait("the DELETED pod", |s| !s.model.pods.contains_key(&outsider))
+        .await;
+    assert_eq!(deleted.generation, 3);
+    assert_eq!(deleted.last_error, None);
+    assert_eq!(
+        keys(&deleted.model.pods),
+        ["demo/client", "demo/server-v1", "demo/server-v3"]
+    );
+
+    // A MODIFIED EndpointSlice: server-v3 joins, the canary became ready.
+    until("the slices watch", || mock.watches_opened(SLICES) == 1).await;
+    mock.send(SLICES, &events("endpointslices-watch.jsonl")[0]);
+    let modified = source
+        .wait("the MODIFIED slice", |s| s.generation == 4)
+        .await;
+    assert_eq!(
+        endpoints(&modified.model, [10, 96, 120, 7], 80),
+        [
+            "demo/server-v1 10.244.0.11:9000",
+            "demo/server-v2 10.244.1.12:9000",
+            "demo/server-v2-canary 10.244.1.13:9000",
+            "demo/server-v3 10.244.0.12:9000",
+        ]
+    );
+    // Nothing was listed twice.
+    for path in KINDS {
+        assert_eq!(mock.lists(path).len(), 1, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn gone_410_relists() {
+    let (mock, addr) = start_mock(|_| {}).await;
+    let mut source = start_source(addr);
+    let first = source.wait("the first model", |s| s.generation > 0).await;
+    until("the services watch", || mock.watches_opened(SERVICES) == 1).await;
+
+    // While the watch was away, demo/echo was deleted and demo/echo-canary created; the
+    // server says the agent's resource version is too old.
+    mock.set_list(SERVICES, fixture("services-list-after-gone.json"));
+    mock.send(SERVICES, &events("services-watch-gone.jsonl")[0]);
+
+    let failed = source
+        .wait("the 410 error", |s| s.last_error.is_some())
+        .await;
+    let error = failed.last_error.unwrap();
+    assert!(error.starts_with("watch services: "), "{error}");
+    assert!(error.contains("too old resource version"), "{error}");
+    assert_eq!(failed.generation, 1, "the last model stays in force");
+    assert!(Arc::ptr_eq(&failed.model, &first.model));
+
+    let relisted = source
+        .wait("the re-listed model", |s| s.generation > 1)
+        .await;
+    assert_eq!(
+        relisted.generation, 2,
+        "the re-list lands as one generation"
+    );
+    assert_eq!(relisted.last_error, None);
+    assert_eq!(
+        keys(&relisted.model.services),
+        [
+            "default/kubernetes",
+            "demo/echo-canary",
+            "kube-system/kube-dns"
+        ]
+    );
+    // The new service has no slice yet: no endpoints, not its selector's local pods.
+    let canary = ServiceKey::new("demo", "echo-canary");
+    assert_eq!(relisted.model.endpoint_slices[&canary], []);
+    assert!(!relisted
+        .model
+        .endpoint_slices
+        .contains_key(&ServiceKey::new("demo", "echo")));
+    // Everything else is as it was.
+    assert_eq!(relisted.model.pods, first.model.pods);
+    assert_eq!(relisted.model.namespaces, first.model.namespaces);
+
+    assert_eq!(mock.lists(SERVICES).len(), 2);
+    until("the services watch again", || {
+        mock.watches_opened(SERVICES) == 2
+    })
+    .await;
+    assert_eq!(mock.watches(SERVICES)[1].query["resourceVersion"], "2000");
+    for path in [NAMESPACES, PODS, SLICES] {
+        assert_eq!(mock.lists(path).len(), 1, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn dropped_watch_resumes_from_the_last_bookmark() {
+    let (mock, addr) = start_mock(|_| {}).await;
+    let mut source = start_source(addr);
+    source.wait("the first model", |s| s.generation > 0).await;
+    until("the pods watch", || mock.watches_opened(PODS) == 1).await;
+
+    // A bookmark, then the server ends the response (as at its watch timeout).
+    mock.send(PODS, &events("pods-watch-bookmark.jsonl")[0]);
+    mock.end_watch(PODS);
+    until("the pods watch to reopen", || {
+        mock.watches_opened(PODS) == 2
+    })
+    .await;
+    let resumed = &mock.watches(PODS)[1];
+    assert_eq!(resumed.query["resourceVersion"], "1500", "{resumed:?}");
+    assert_eq!(mock.lists(PODS).len(), 1, "no re-list");
+    assert_eq!(source.now().last_error, None);
+
+    // Events on the new watch arrive.
+    let v3 = PodKey::new("demo", "server-v3");
+    mock.send(PODS, &events("pods-watch.jsonl")[0]);
+    let added = source
+        .wait("the pod on the resumed watch", |s| {
+            s.model.pods.contains_key(&v3)
+        })
+        .await;
+    assert_eq!(added.generation, 2);
+
+    // The connection breaks mid-response: an error until the watch is back.
+    mock.break_watch(PODS);
+    let failed = source
+        .wait("the broken watch", |s| s.last_error.is_some())
+        .await;
+    let error = failed.last_error.unwrap();
+    assert!(error.starts_with("watch pods: "), "{error}");
+    assert_eq!(failed.generation, 2);
+    let recovered = source
+        .wait("the recovery", |s| s.last_error.is_none())
+        .await;
+    assert_eq!(recovered.generation, 2);
+    assert!(mock.watches_opened(PODS) >= 3);
+    // Resumed from the last event seen, still without a re-list.
+    assert_eq!(mock.watches(PODS)[2].query["resourceVersion"], "1101");
+    assert_eq!(mock.lists(PODS).len(), 1);
+}
+
+#[tokio::test]
+async fn ready_only_after_all_four_lists() {
+    let (open_slices, gate) = watch::channel(false);
+    let (mock, addr) = start_mock(|mock| mock.with(SLICES, |c| c.gate = Some(gate))).await;
+    let source = start_source(addr);
+
+    until("the other lists and watches", || {
+        [NAMESPACES, PODS, SERVICES]
+            .iter()
+            .all(|k| mock.watches_opened(k) == 1)
+            && mock.lists(SLICES).len() == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let waiting = source.now();
+    assert_eq!(
+        waiting.generation, 0,
+        "not ready without the EndpointSlices"
+    );
+    assert_eq!(*waiting.model, Model::default());
+    assert_eq!(waiting.last_error, None);
+
+    open_slices.send(true).unwrap();
+    let mut source = source;
+    let ready = source.wait("readiness", |s| s.generation > 0).await;
+    assert_eq!(ready.generation, 1);
+    assert_eq!(ready.model.pods.len(), 3);
+    assert_eq!(
+        endpoints(&ready.model, [10, 96, 120, 7], 80).len(),
+        2,
+        "{:?}",
+        ready.model.endpoint_slices
+    );
+}
+
+#[tokio::test]
+async fn failing_list_is_reported_until_it_recovers() {
+    let (mock, addr) = start_mock(|mock| {
+        mock.with(NAMESPACES, |c| {
+            c.list_failures
+                .push_back((StatusCode::FORBIDDEN, fixture("namespaces-forbidden.json")));
+        })
+    })
+    .await;
+    let mut source = start_source(addr);
+    let failed = source
+        .wait("the list error", |s| s.last_error.is_some())
+        .await;
+    let error = failed.last_error.unwrap();
+    assert!(
+        error.starts_with("watch namespaces: failed to perform initial object list: "),
+        "{error}"
+    );
+    assert!(error.contains("namespaces is forbidden"), "{error}");
+    assert_eq!(failed.generation, 0);
+
+    // Retried after the watcher's backoff.
+    let ready = source.wait("readiness", |s| s.generation > 0).await;
+    assert_eq!(ready.generation, 1);
+    assert_eq!(ready.last_error, None);
+    assert_eq!(ready.model.namespaces.len(), 4);
+    assert_eq!(mock.lists(NAMESPACES).len(), 2);
+}
+
+#[tokio::test]
+async fn no_node_name_is_an_error() {
+    let (tx, _rx) = watch::channel(ManifestState::default());
+    let client = client("127.0.0.1:9".parse().unwrap());
+    let result = kube_source::run(client, KubeSourceConfig::default(), tx).await;
+    assert!(
+        matches!(result, Err(KubeSourceError::NoNodeName)),
+        "{result:?}"
+    );
+}
+
+#[tokio::test]
+async fn stops_when_nobody_listens() {
+    let (_mock, addr) = start_mock(|_| {}).await;
+    let mut source = start_source(addr);
+    source.wait("the first model", |s| s.generation > 0).await;
+    let Source { rx, task, .. } = source;
+    drop(rx);
+    let result = tokio::time::timeout(WAIT, task)
+        .await
+        .expect("the source stops")
+        .expect("no panic");
+    assert!(result.is_ok(), "{result:?}");
+}
+
+/// `client_from_env` goes through `kube::Config::infer`; this builds the same kind of client
+/// from a kubeconfig with an https server, which needs the rustls (ring) connector that the
+/// features chosen in Cargo.toml provide. No TLS handshake happens here (no server).
+#[tokio::test]
+async fn https_kubeconfig_builds_a_client() {
+    let kubeconfig = kube::config::Kubeconfig::from_yaml(
+        "\
+apiVersion: v1
+kind: Config
+clusters:
+- name: c
+  cluster: {server: 'https://127.0.0.1:1', insecure-skip-tls-verify: true}
+users:
+- name: u
+  user: {token: not-a-real-token}
+contexts:
+- name: x
+  context: {cluster: c, user: u}
+current-context: x
+",
+    )
+    .unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap();
+    let client = kube::Client::try_from(config).expect("an https client");
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::all(client);
+    let err = pods
+        .list(&Default::default())
+        .await
+        .expect_err("nothing listens on port 1");
+    assert!(
+        err.to_string().contains("(Connect)"),
+        "a connection error, not a TLS setup error: {err}"
+    );
+}
