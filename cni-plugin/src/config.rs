@@ -53,8 +53,31 @@ pub struct NetConf {
     pub failure_policy: FailurePolicy,
 }
 
-/// The wire shape; unknown fields (`runtimeConfig`, `args`, ...) are ignored on purpose
-/// because runtimes add them freely.
+/// Keys a network configuration may carry: the CNI 1.1.0 spec's (runtimes inject
+/// `runtimeConfig`, `args`, `capabilities`, ...) and this plugin's own. Anything else,
+/// typically a misspelt `agentSocket`, is refused with code 2 rather than silently
+/// falling back to a default.
+const KNOWN_KEYS: [&str; 17] = [
+    "cniVersion",
+    "cniVersions",
+    "name",
+    "type",
+    "disableCheck",
+    "disableGC",
+    "args",
+    "ipMasq",
+    "ipam",
+    "dns",
+    "prevResult",
+    "runtimeConfig",
+    "capabilities",
+    "cni.dev/valid-attachments",
+    "agentSocket",
+    "timeoutMs",
+    "failurePolicy",
+];
+
+/// The wire shape.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct RawNetConf {
@@ -80,6 +103,18 @@ pub fn parse_config(stdin: &[u8]) -> Result<NetConf, CniError> {
     let raw: RawNetConf = serde_json::from_slice(stdin).map_err(|e| {
         CniError::decoding_failure(format!("cannot decode network configuration: {e}"))
     })?;
+
+    if let Ok(serde_json::Value::Object(fields)) = serde_json::from_slice::<Value>(stdin) {
+        if let Some((key, value)) = fields
+            .iter()
+            .find(|(k, _)| !KNOWN_KEYS.contains(&k.as_str()))
+        {
+            return Err(CniError::unsupported_field(format!(
+                "unsupported field {key:?} = {value} in the interceptor-cni configuration"
+            ))
+            .with_details(format!("known fields: {}", KNOWN_KEYS.join(", "))));
+        }
+    }
 
     if !is_supported_version(&raw.cni_version) {
         return Err(CniError::incompatible_version(format!(
@@ -220,11 +255,11 @@ mod tests {
     }
 
     #[test]
-    fn our_fields_and_unknown_fields() {
+    fn our_fields_and_runtime_fields() {
         let conf = parse(json!({
             "cniVersion":"1.1.0","name":"k8s","type":"interceptor-cni",
             "agentSocket":"/run/x.sock","timeoutMs":250,"failurePolicy":"fail-open",
-            "runtimeConfig":{"portMappings":[]},"args":{"cni":{}},"somethingNew":1,
+            "runtimeConfig":{"portMappings":[]},"args":{"cni":{}},
             "prevResult":{"cniVersion":"1.1.0","ips":[{"address":"10.0.0.5/24"}]}
         }))
         .unwrap();
@@ -312,5 +347,30 @@ mod tests {
             prev_result_ips(&json!([1])).unwrap_err().code,
             codes::DECODING_FAILURE
         );
+    }
+}
+
+#[cfg(test)]
+mod unknown_field_tests {
+    use super::*;
+
+    #[test]
+    fn a_misspelt_field_is_refused_with_code_2_naming_it() {
+        let conf =
+            br#"{"cniVersion":"1.0.0","name":"n","type":"interceptor-cni","agentSocet":"/x.sock"}"#;
+        let err = parse_config(conf).unwrap_err();
+        assert_eq!(err.code, 2);
+        assert!(
+            err.msg.contains("agentSocet") && err.msg.contains("/x.sock"),
+            "{}",
+            err.msg
+        );
+    }
+
+    #[test]
+    fn runtime_injected_fields_are_fine() {
+        let conf = br#"{"cniVersion":"1.0.0","name":"n","type":"interceptor-cni",
+            "runtimeConfig":{"portMappings":[]},"args":{"cni":{}},"capabilities":{}}"#;
+        parse_config(conf).unwrap();
     }
 }

@@ -38,6 +38,10 @@ impl CniError {
         Self::new(codes::DECODING_FAILURE, msg)
     }
 
+    pub fn unsupported_field(msg: impl Into<String>) -> Self {
+        Self::new(codes::UNSUPPORTED_FIELD, msg)
+    }
+
     pub fn invalid_network_config(msg: impl Into<String>) -> Self {
         Self::new(codes::INVALID_NETWORK_CONFIG, msg)
     }
