@@ -5,6 +5,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use interceptor_cni::protocol::{codes, AgentResponse, PodSandbox};
 use tokio::sync::watch;
@@ -56,6 +57,28 @@ pub struct PodStatus {
     pub netns_cookie: Option<u64>,
 }
 
+/// What CNI ADD does for a pod the model still lacks after the wait.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum UnknownPod {
+    /// Fail the ADD (code 3): kubelet retries, and the pod never runs unintercepted.
+    #[default]
+    Reject,
+    /// Let the pod start, not intercepted (logged).
+    Admit,
+}
+
+/// How an [`Agent`] behaves.
+#[derive(Clone, Debug, Default)]
+pub struct AgentOptions {
+    /// Whether sockmap is on (proxy-to-proxy sockets then need the userspace copy).
+    pub sockmap: bool,
+    /// Where the pods handed over by CNI are remembered across restarts.
+    pub pods_file: Option<PathBuf>,
+    /// How long an ADD for a pod the model does not have yet waits for it.
+    pub unknown_pod_wait: Duration,
+    pub unknown_pod: UnknownPod,
+}
+
 pub struct Agent {
     datapath: Arc<dyn Datapath>,
     model: watch::Receiver<ManifestState>,
@@ -64,6 +87,9 @@ pub struct Agent {
     log: Arc<ConnectionLog>,
     /// Where the pods handed over by CNI are remembered across restarts.
     pods_file: Option<PathBuf>,
+    /// How long an ADD for a pod the model does not have yet waits for it to appear.
+    unknown_pod_wait: Duration,
+    unknown_pod: UnknownPod,
     /// Whether sockmap is on (proxy-to-proxy sockets then need the userspace copy).
     sockmap: bool,
     ready: AtomicBool,
@@ -104,8 +130,7 @@ impl Agent {
     pub fn new(
         datapath: Arc<dyn Datapath>,
         model: watch::Receiver<ManifestState>,
-        sockmap: bool,
-        pods_file: Option<PathBuf>,
+        options: AgentOptions,
     ) -> Arc<Self> {
         let agent = Arc::new(Self {
             datapath,
@@ -113,8 +138,10 @@ impl Agent {
             pods: Mutex::new(HashMap::new()),
             routes: Arc::new(RwLock::new(Arc::new(RouteTable::default()))),
             log: Arc::new(ConnectionLog::default()),
-            pods_file,
-            sockmap,
+            pods_file: options.pods_file,
+            sockmap: options.sockmap,
+            unknown_pod_wait: options.unknown_pod_wait,
+            unknown_pod: options.unknown_pod,
             ready: AtomicBool::new(false),
         });
         agent.rebuild_routes();
@@ -219,13 +246,38 @@ impl Agent {
             ));
         }
         let ipv4 = first_ipv4(&sandbox.ips)?;
-        let enrollment = self.model().enrollment(&key).ok_or_else(|| {
-            CniFailure::new(
-                codes::UNKNOWN_CONTAINER,
-                format!("pod {key} is not known to the agent"),
+        // The watch may lag the runtime: a pod created a moment ago may not be in the
+        // model yet.
+        if self.model().enrollment(&key).is_none() && !self.unknown_pod_wait.is_zero() {
+            let mut rx = self.model.clone();
+            let _ = tokio::time::timeout(
+                self.unknown_pod_wait,
+                rx.wait_for(|state| state.model.enrollment(&key).is_some()),
             )
-            .with_details("the pod is in neither the manifests directory nor the cluster")
-        })?;
+            .await;
+        }
+        let enrollment = match (self.model().enrollment(&key), self.unknown_pod) {
+            (Some(enrollment), _) => enrollment,
+            (None, UnknownPod::Admit) => {
+                tracing::warn!(pod = %key, "pod unknown to the model: admitted, not intercepted");
+                crate::model::Enrollment {
+                    enrolled: false,
+                    reason:
+                        "pod unknown to the model: admitted, not intercepted (--unknown-pod admit)"
+                            .into(),
+                }
+            }
+            (None, UnknownPod::Reject) => {
+                return Err(CniFailure::new(
+                    codes::UNKNOWN_CONTAINER,
+                    format!("pod {key} is not known to the agent"),
+                )
+                .with_details(format!(
+                    "the pod did not appear in the model within {:?}; kubelet will retry",
+                    self.unknown_pod_wait
+                )));
+            }
+        };
 
         // Re-ADD of the same sandbox is idempotent; a new sandbox replaces the old one.
         {

@@ -10,16 +10,35 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
 use crate::admin::{self, StaticInfo};
-use crate::agent::Agent;
+use crate::agent::{Agent, AgentOptions, UnknownPod};
 use crate::cleanup::{self, PID_FILE, PODS_FILE};
 use crate::datapath::ebpf::{EbpfDatapath, EbpfOptions};
 use crate::datapath::Datapath;
+use crate::source::kube;
 use crate::source::manifests::{self, ManifestState};
 
 /// How often the manifests directory is polled for changes.
 const MANIFEST_POLL: Duration = Duration::from_millis(500);
 /// How long start-up waits for the first model before giving up.
 const FIRST_MODEL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where the agent's model (pods, namespaces, services) comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A directory of Kubernetes YAML, polled (standalone).
+    Manifests(PathBuf),
+    /// The Kubernetes API (in-cluster config or KUBECONFIG), Pods of this node only.
+    Kube { node_name: String },
+}
+
+impl ModelSource {
+    fn kind(&self) -> &'static str {
+        match self {
+            ModelSource::Manifests(_) => "manifests",
+            ModelSource::Kube { .. } => "kube",
+        }
+    }
+}
 
 /// What a stopping agent does with the data path.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -39,7 +58,8 @@ pub struct AgentConfig {
     pub bpffs: PathBuf,
     pub state_dir: PathBuf,
     pub cni_socket: PathBuf,
-    pub manifests: PathBuf,
+    /// Where the model comes from.
+    pub source: ModelSource,
     pub admin_addr: SocketAddr,
     pub bpf_debug: bool,
     /// Short-circuit local connection pairs with sockmap + sk_msg.
@@ -48,6 +68,10 @@ pub struct AgentConfig {
     pub inbound_flow_capacity: Option<u32>,
     /// What to do with the data path on SIGTERM/SIGINT.
     pub on_exit: OnExit,
+    /// How long CNI ADD waits for a pod the model does not have yet.
+    pub unknown_pod_wait: Duration,
+    /// What CNI ADD does for a pod still unknown after the wait.
+    pub unknown_pod: UnknownPod,
     /// Install the CNI plugin at start and keep it installed; uninstalled on exit with
     /// `OnExit::Remove` (with `Keep`, new pods keep failing closed until the next agent).
     pub install_cni: Option<crate::cni::install::InstallConfig>,
@@ -105,7 +129,18 @@ async fn serve(config: &AgentConfig) -> anyhow::Result<()> {
         debug = config.bpf_debug, sockmap = config.sockmap, "eBPF programs attached");
 
     let (tx, mut rx) = watch::channel(ManifestState::default());
-    let watcher = manifests::watch_dir(config.manifests.clone(), MANIFEST_POLL, tx);
+    let watcher = match &config.source {
+        ModelSource::Manifests(dir) => {
+            manifests::watch_dir(dir.clone(), MANIFEST_POLL, tx).abort_handle()
+        }
+        ModelSource::Kube { node_name } => {
+            let client = kube::client_from_env().await.context("Kubernetes client")?;
+            let source = kube::KubeSourceConfig {
+                node_name: node_name.clone(),
+            };
+            kube::spawn(client, source, tx).abort_handle()
+        }
+    };
     let loaded = tokio::time::timeout(FIRST_MODEL_TIMEOUT, rx.wait_for(|s| s.generation > 0))
         .await
         .is_ok_and(|r| r.is_ok());
@@ -116,13 +151,16 @@ async fn serve(config: &AgentConfig) -> anyhow::Result<()> {
             .clone()
             .unwrap_or_else(|| "no model loaded".into());
         watcher.abort();
-        bail!(
-            "manifests in {} did not load: {error}",
-            config.manifests.display()
-        );
+        bail!("the {} source did not load: {error}", config.source.kind());
     }
     let pods_file = config.state_dir.join(PODS_FILE);
-    let agent = Agent::new(Arc::clone(&datapath), rx, config.sockmap, Some(pods_file));
+    let options = AgentOptions {
+        sockmap: config.sockmap,
+        pods_file: Some(pods_file),
+        unknown_pod_wait: config.unknown_pod_wait,
+        unknown_pod: config.unknown_pod,
+    };
+    let agent = Agent::new(Arc::clone(&datapath), rx, options);
     let follower = agent.spawn_model_follower();
     let watcher_counters = spawn_counter_watch(Arc::clone(&datapath));
     // Pods enrolled before a restart get their listeners and maps back before CNI
@@ -133,7 +171,11 @@ async fn serve(config: &AgentConfig) -> anyhow::Result<()> {
         cgroup: config.cgroup.clone(),
         bpffs: config.bpffs.clone(),
         cni_socket: config.cni_socket.clone(),
-        manifests: Some(config.manifests.clone()),
+        source: config.source.kind(),
+        manifests: match &config.source {
+            ModelSource::Manifests(dir) => Some(dir.clone()),
+            ModelSource::Kube { .. } => None,
+        },
     };
     let admin = admin::serve(config.admin_addr, Arc::clone(&agent), info)
         .await

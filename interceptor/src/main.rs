@@ -3,10 +3,10 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use interceptor::cni::install::{self, InstallConfig};
-use interceptor::daemon::{self, AgentConfig};
+use interceptor::daemon::{self, AgentConfig, ModelSource};
 use interceptor::{cleanup, datapath, trace};
 use tracing_subscriber::EnvFilter;
 
@@ -52,6 +52,12 @@ struct CniDirs {
     cni_conf_dir: PathBuf,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum SourceKind {
+    Manifests,
+    Kube,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the node agent.
@@ -61,9 +67,18 @@ enum Command {
         cgroup: Option<PathBuf>,
         #[command(flatten)]
         paths: Paths,
-        /// Directory of Kubernetes YAML (Namespace, Pod, Service), watched for changes.
-        #[arg(long)]
-        manifests: PathBuf,
+        /// Where the model comes from: a directory of manifests (standalone) or the
+        /// Kubernetes API.
+        #[arg(long, value_enum, default_value = "manifests")]
+        source: SourceKind,
+        /// Directory of Kubernetes YAML (Namespace, Pod, Service, EndpointSlice), watched
+        /// for changes; required with `--source manifests`.
+        #[arg(long, required_if_eq("source", "manifests"))]
+        manifests: Option<PathBuf>,
+        /// This node's name (the DaemonSet passes spec.nodeName); required with
+        /// `--source kube`: only Pods scheduled here are watched.
+        #[arg(long, env = "NODE_NAME", required_if_eq("source", "kube"))]
+        node_name: Option<String>,
         /// Admin endpoint (/healthz, /readyz, /config_dump).
         #[arg(long, default_value = "127.0.0.1:15000")]
         admin_addr: SocketAddr,
@@ -82,6 +97,13 @@ enum Command {
         /// so enrolled pods fail closed until the next agent adopts them (rolling updates).
         #[arg(long, value_enum, default_value = "remove")]
         on_exit: daemon::OnExit,
+        /// How long CNI ADD waits for a pod the model does not know yet (milliseconds).
+        #[arg(long, default_value_t = 2000)]
+        unknown_pod_wait_ms: u64,
+        /// What CNI ADD does for a pod still unknown after the wait: `reject` (code 3,
+        /// kubelet retries) or `admit` (the pod starts unintercepted, logged).
+        #[arg(long, value_enum, default_value = "reject")]
+        unknown_pod: interceptor::agent::UnknownPod,
         /// Install interceptor-cni (the one next to this executable) at start, keep it
         /// in the primary CNI config while running, and uninstall it on exit.
         #[arg(long)]
@@ -148,12 +170,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent {
             cgroup,
             paths,
+            source,
             manifests,
+            node_name,
             admin_addr,
             bpf_debug,
             sockmap,
             inbound_flow_capacity,
             on_exit,
+            unknown_pod_wait_ms,
+            unknown_pod,
             install_cni,
             cni_dirs,
         } => {
@@ -180,12 +206,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 cni_socket: paths.cni_socket(),
                 bpffs: paths.bpffs,
                 state_dir: paths.state_dir,
-                manifests,
+                source: match (source, manifests, node_name) {
+                    (SourceKind::Manifests, Some(dir), _) => ModelSource::Manifests(dir),
+                    (SourceKind::Kube, _, Some(node_name)) if !node_name.is_empty() => {
+                        ModelSource::Kube { node_name }
+                    }
+                    (SourceKind::Manifests, None, _) => {
+                        bail!("--source manifests needs --manifests DIR")
+                    }
+                    (SourceKind::Kube, _, _) => {
+                        bail!("--source kube needs --node-name (or NODE_NAME)")
+                    }
+                },
                 admin_addr,
                 bpf_debug,
                 sockmap,
                 inbound_flow_capacity,
                 on_exit,
+                unknown_pod_wait: std::time::Duration::from_millis(unknown_pod_wait_ms),
+                unknown_pod,
                 install_cni,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()

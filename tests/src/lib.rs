@@ -84,15 +84,19 @@ pub fn bin_path(name: &str) -> PathBuf {
         Some(t) => workspace.join(t),
         None => workspace.join("target"),
     };
-    let debug = target.join("debug").join(name);
-    [target.join("release").join(name), debug.clone()]
-        .into_iter()
-        .filter_map(|p| {
-            let modified = fs::metadata(&p).ok()?.modified().ok()?;
-            Some((modified, p))
-        })
-        .max_by_key(|(modified, _)| *modified)
-        .map_or(debug, |(_, p)| p)
+    // The profile this crate was built with, first: `cargo test --release` runs against
+    // release binaries even when a newer debug build (say, one made without the eBPF
+    // object for clippy) sits beside them.
+    let (own, other) = if cfg!(debug_assertions) {
+        ("debug", "release")
+    } else {
+        ("release", "debug")
+    };
+    let own = target.join(own).join(name);
+    if own.is_file() {
+        return own;
+    }
+    target.join(other).join(name)
 }
 
 /// Options for a [`Testbed`]; start with [`Testbed::builder`].

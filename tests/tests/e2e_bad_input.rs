@@ -816,7 +816,10 @@ fn sigkill_leaves_pins_that_cleanup_removes() {
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().starts_with("link_tc_"))
         .count();
-    assert_eq!(tc_links, 4, "ingress and egress tc links of both pods stay pinned");
+    assert_eq!(
+        tc_links, 4,
+        "ingress and egress tc links of both pods stay pinned"
+    );
     assert!(socket.exists(), "socket vanished without a cleanup");
     if let Some(bpftool) = bpftool() {
         let mut kept: Vec<String> = ATTACH_TYPES
@@ -834,9 +837,17 @@ fn sigkill_leaves_pins_that_cleanup_removes() {
         .tb
         .run_client(&client, &["--connect", &target, "--send-bytes", "10"])
         .expect("client");
-    assert_eq!(report.error.as_deref(), Some("connection refused"), "{report:?}");
+    assert_eq!(
+        report.error.as_deref(),
+        Some("connection refused"),
+        "{report:?}"
+    );
     std::thread::sleep(std::time::Duration::from_millis(200));
-    assert!(echo.events().is_empty(), "the connection leaked past the mesh: {:?}", echo.events());
+    assert!(
+        echo.events().is_empty(),
+        "the connection leaked past the mesh: {:?}",
+        echo.events()
+    );
 
     let out = run_cleanup(&node.tb);
     assert!(out.status.success(), "cleanup failed: {out:?}");
@@ -1034,4 +1045,50 @@ fn two_nodes_with_overlapping_pod_addresses_stay_apart() {
     }
     assert_agent_alive(&mut a);
     assert_agent_alive(&mut b);
+}
+
+/// The runtime may call ADD before the watch delivered the pod: the agent waits briefly.
+#[test]
+fn an_add_waits_briefly_for_a_pod_the_model_lacks() {
+    if !common::privileged() {
+        return;
+    }
+    let mut node = Node::start("latecomer", &["--unknown-pod-wait-ms", "5000"]);
+    let manifest = node.manifests.join("mesh.yaml");
+    let late = format!(
+        "{}\n---\napiVersion: v1\nkind: Pod\nmetadata: {{name: latecomer, namespace: demo}}\nspec:\n  containers: [{{name: main, image: busybox}}]\n",
+        common::MANIFESTS
+    );
+    let writer = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        std::fs::write(manifest, late).expect("manifest");
+    });
+    let pod = node.pod("demo", "latecomer");
+    writer.join().expect("writer");
+    let dump = node.config_dump();
+    let row = pod_row(&dump, "demo/latecomer").expect("row");
+    assert_eq!(row["enrolled"], true, "{row}");
+    assert_eq!(row["ip"], pod.ip.to_string());
+}
+
+#[test]
+fn unknown_pods_can_be_admitted_unintercepted() {
+    if !common::privileged() {
+        return;
+    }
+    let mut node = Node::start(
+        "admit",
+        &["--unknown-pod", "admit", "--unknown-pod-wait-ms", "100"],
+    );
+    let _ghost = node.pod("demo", "ghost");
+    let dump = node.config_dump();
+    let row = pod_row(&dump, "demo/ghost").expect("row");
+    assert_eq!(row["enrolled"], false, "{row}");
+    assert!(
+        row["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("admitted")),
+        "{row}"
+    );
+    assert!(node.agent_log().contains("admitted, not intercepted"));
 }

@@ -18,6 +18,8 @@ pub struct StaticInfo {
     pub cgroup: PathBuf,
     pub bpffs: PathBuf,
     pub cni_socket: PathBuf,
+    /// `manifests` or `kube`.
+    pub source: &'static str,
     pub manifests: Option<PathBuf>,
 }
 
@@ -63,7 +65,7 @@ async fn config_dump(State(state): State<AdminState>) -> Json<serde_json::Value>
         "mode": agent.datapath().mode(),
         "ready": agent.is_ready(),
         "node": state.info,
-        "source": { "kind": "manifests", "generation": generation, "last_error": last_error },
+        "source": { "kind": state.info.source, "generation": generation, "last_error": last_error },
         "pods": agent.pod_statuses(),
         "datapath_counters": agent.datapath().counters(),
         "datapath_records": agent.datapath().live_records(),

@@ -84,18 +84,18 @@ pub fn parse_failure_policy(s: &str) -> Result<FailurePolicy, String> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
-    #[error("{}: {action}: {source}", path.display())]
+    // The cause is part of the message (one line in logs and on the CLI), not a
+    // separate `source`, so that `{:#}` does not print it twice.
+    #[error("{}: {action}: {error}", path.display())]
     Io {
         path: PathBuf,
         action: &'static str,
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
-    #[error("CNI config {} is not valid JSON, left untouched: {source}", path.display())]
+    #[error("CNI config {} is not valid JSON, left untouched: {error}", path.display())]
     NotJson {
         path: PathBuf,
-        #[source]
-        source: serde_json::Error,
+        error: serde_json::Error,
     },
     #[error("CNI config {}, left untouched: {reason}", path.display())]
     Invalid { path: PathBuf, reason: String },
@@ -123,10 +123,10 @@ pub enum InstallError {
 
 impl InstallError {
     fn io<'a>(path: &'a Path, action: &'static str) -> impl FnOnce(io::Error) -> InstallError + 'a {
-        move |source| InstallError::Io {
+        move |error| InstallError::Io {
             path: path.to_path_buf(),
             action,
-            source,
+            error,
         }
     }
 
@@ -497,9 +497,9 @@ fn is_conflist(path: &Path) -> bool {
 }
 
 fn parse_config(path: &Path, bytes: &[u8]) -> Result<(String, Value), InstallError> {
-    let value: Value = serde_json::from_slice(bytes).map_err(|source| InstallError::NotJson {
+    let value: Value = serde_json::from_slice(bytes).map_err(|error| InstallError::NotJson {
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
     let text = String::from_utf8(bytes.to_vec())
         .map_err(|_| InstallError::invalid(path, "is not UTF-8"))?;
