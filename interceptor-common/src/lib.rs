@@ -56,8 +56,15 @@ pub mod maps {
     pub const POD_BY_IP: &str = "POD_BY_IP";
     /// [`crate::InboundKey`] -> [`crate::InboundFlow`]: connections tc steered to 15003.
     pub const INBOUND_FLOWS: &str = "INBOUND_FLOWS";
-    /// port (host order) -> 1: destination ports tc never steers inbound.
-    pub const INBOUND_PORT_EXCLUSIONS: &str = "INBOUND_PORT_EXCLUSIONS";
+    /// [`crate::PortRuleKey`] -> 1: ports never intercepted, per scope and direction.
+    pub const PORT_EXCLUSIONS: &str = "PORT_EXCLUSIONS";
+    /// LPM [`crate::CidrKey`] -> 1: destination ranges never intercepted outbound.
+    pub const OUT_EXCLUDED_CIDRS: &str = "OUT_EXCLUDED_CIDRS";
+    /// LPM [`crate::CidrKey`] -> 1: when a scope has an inclusion list, only these
+    /// destination ranges are intercepted outbound.
+    pub const OUT_INCLUDED_CIDRS: &str = "OUT_INCLUDED_CIDRS";
+    /// scope -> [`crate::rules`] flags.
+    pub const SCOPE_FLAGS: &str = "SCOPE_FLAGS";
     /// [`crate::FlowKey`] -> socket: local connection endpoints for sk_msg redirects.
     pub const SOCK_PAIRS: &str = "SOCK_PAIRS";
 }
@@ -71,7 +78,10 @@ pub mod capacity {
     /// A plain hash, not LRU: eviction would break live flows mid-stream, while a full
     /// map only leaves new flows unintercepted (counted).
     pub const INBOUND_FLOWS: u32 = 65536;
-    pub const INBOUND_PORT_EXCLUSIONS: u32 = 1024;
+    pub const PORT_EXCLUSIONS: u32 = 16384;
+    /// Enough for the benchmark's 10,000 ranges plus per-pod rules.
+    pub const CIDRS: u32 = 65536;
+    pub const SCOPE_FLAGS: u32 = 8192;
     pub const SOCK_PAIRS: u32 = 65536;
 }
 
@@ -85,6 +95,16 @@ pub mod config {
     pub const FLAG_DEBUG: u32 = 1 << 0;
     /// Put local connection pairs in the SOCKHASH so sk_msg can short-circuit them.
     pub const FLAG_SOCKMAP: u32 = 1 << 1;
+}
+
+/// Exclusion and inclusion rules: scopes and flags.
+pub mod rules {
+    /// The scope of the global rules (agent config); a pod's scope is its netns cookie.
+    pub const GLOBAL_SCOPE: u64 = 0;
+    /// The scope has an outbound inclusion list (possibly empty: then nothing matches).
+    pub const FLAG_HAS_INCLUSION: u32 = 1 << 0;
+    pub const DIRECTION_OUTBOUND: u8 = 0;
+    pub const DIRECTION_INBOUND: u8 = 1;
 }
 
 /// Indices of the `COUNTERS` per-CPU array.
@@ -160,6 +180,53 @@ pub struct FlowKey {
     pub dst_port: u16,
 }
 
+/// A port rule: scope (0 global, else a pod's netns cookie, split in two words so the
+/// struct has no padding), port in host order, direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PortRuleKey {
+    pub scope_hi: u32,
+    pub scope_lo: u32,
+    pub port: u16,
+    pub direction: u8,
+    pub _pad: u8,
+}
+
+impl PortRuleKey {
+    pub const fn new(scope: u64, port: u16, direction: u8) -> Self {
+        Self {
+            scope_hi: (scope >> 32) as u32,
+            scope_lo: scope as u32,
+            port,
+            direction,
+            _pad: 0,
+        }
+    }
+}
+
+/// The data of an LPM trie key: the scope must match exactly (its 64 bits come first
+/// in the prefix), then the first `prefix_len - 64` bits of the address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CidrKey {
+    /// Scope, big-endian bytes, so the trie compares it bit by bit from the top.
+    pub scope: [u8; 8],
+    /// IPv4 address, network order.
+    pub ipv4: u32,
+}
+
+impl CidrKey {
+    /// Bits of scope in front of the address bits.
+    pub const SCOPE_BITS: u32 = 64;
+
+    pub const fn new(scope: u64, ipv4: u32) -> Self {
+        Self {
+            scope: scope.to_be_bytes(),
+            ipv4,
+        }
+    }
+}
+
 /// An inbound connection as tc sees it arriving at a pod.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -191,6 +258,8 @@ mod pod_impls {
     unsafe impl aya::Pod for super::PendingConnect {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::InboundKey {}
+    unsafe impl aya::Pod for super::PortRuleKey {}
+    unsafe impl aya::Pod for super::CidrKey {}
     unsafe impl aya::Pod for super::InboundFlow {}
 }
 
@@ -206,6 +275,8 @@ mod tests {
         assert_eq!(size_of::<PendingConnect>(), 16);
         assert_eq!(size_of::<FlowKey>(), 12);
         assert_eq!(size_of::<InboundKey>(), 12);
+        assert_eq!(size_of::<PortRuleKey>(), 12);
+        assert_eq!(size_of::<CidrKey>(), 12);
         assert_eq!(size_of::<InboundFlow>(), 8);
     }
 }

@@ -113,7 +113,7 @@ fn steer_ingress(ctx: &mut TcContext) -> Result<(), ()> {
     };
     let new_flow = packet.flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
     if new_flow {
-        if inbound_port_excluded(packet.dport) {
+        if inbound_port_excluded(netns, packet.dport) {
             return Ok(());
         }
         let flow = InboundFlow {

@@ -1,11 +1,11 @@
 //! Every map the programs share, and the small helpers around the settings and counters.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
 };
 use interceptor_common::{
-    capacity, config, counters, EnrolledPod, FlowKey, InboundFlow, InboundKey, OrigDst,
-    PendingConnect,
+    capacity, config, counters, rules, CidrKey, EnrolledPod, FlowKey, InboundFlow, InboundKey,
+    OrigDst, PendingConnect, PortRuleKey,
 };
 
 #[map(name = "ENROLLED_NETNS")]
@@ -29,9 +29,23 @@ pub static ORIG_DST_BY_FLOW: LruHashMap<FlowKey, OrigDst> =
 pub static INBOUND_FLOWS: HashMap<InboundKey, InboundFlow> =
     HashMap::with_max_entries(capacity::INBOUND_FLOWS, 0);
 
-#[map(name = "INBOUND_PORT_EXCLUSIONS")]
-pub static INBOUND_PORT_EXCLUSIONS: HashMap<u16, u8> =
-    HashMap::with_max_entries(capacity::INBOUND_PORT_EXCLUSIONS, 0);
+#[map(name = "PORT_EXCLUSIONS")]
+pub static PORT_EXCLUSIONS: HashMap<PortRuleKey, u8> =
+    HashMap::with_max_entries(capacity::PORT_EXCLUSIONS, 0);
+
+/// LPM tries must be created with BPF_F_NO_PREALLOC.
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+#[map(name = "OUT_EXCLUDED_CIDRS")]
+pub static OUT_EXCLUDED_CIDRS: LpmTrie<CidrKey, u8> =
+    LpmTrie::with_max_entries(capacity::CIDRS, BPF_F_NO_PREALLOC);
+
+#[map(name = "OUT_INCLUDED_CIDRS")]
+pub static OUT_INCLUDED_CIDRS: LpmTrie<CidrKey, u8> =
+    LpmTrie::with_max_entries(capacity::CIDRS, BPF_F_NO_PREALLOC);
+
+#[map(name = "SCOPE_FLAGS")]
+pub static SCOPE_FLAGS: HashMap<u64, u32> = HashMap::with_max_entries(capacity::SCOPE_FLAGS, 0);
 
 #[map(name = "SOCK_PAIRS")]
 pub static SOCK_PAIRS: SockHash<FlowKey> = SockHash::with_max_entries(capacity::SOCK_PAIRS, 0);
@@ -74,9 +88,48 @@ pub fn local_pod(ipv4: u32) -> Option<u64> {
     unsafe { POD_BY_IP.get(ipv4) }.copied()
 }
 
-/// Whether tc must leave inbound connections to this port alone.
 #[inline(always)]
-pub fn inbound_port_excluded(port: u16) -> bool {
+fn port_excluded_in(scope: u64, port: u16, direction: u8) -> bool {
     // SAFETY: plain-old-data value, only tested for presence.
-    unsafe { INBOUND_PORT_EXCLUSIONS.get(port) }.is_some()
+    unsafe { PORT_EXCLUSIONS.get(PortRuleKey::new(scope, port, direction)) }.is_some()
+}
+
+/// Whether inbound connections to `port` of the pod whose netns cookie is `scope` are
+/// left alone (global rules, the reserved ports among them, or the pod's own).
+#[inline(always)]
+pub fn inbound_port_excluded(scope: u64, port: u16) -> bool {
+    port_excluded_in(rules::GLOBAL_SCOPE, port, rules::DIRECTION_INBOUND)
+        || port_excluded_in(scope, port, rules::DIRECTION_INBOUND)
+}
+
+#[inline(always)]
+fn cidr_match(trie: &LpmTrie<CidrKey, u8>, scope: u64, ipv4: u32) -> bool {
+    let key = Key::new(CidrKey::SCOPE_BITS + 32, CidrKey::new(scope, ipv4));
+    trie.get(&key).is_some()
+}
+
+#[inline(always)]
+fn has_inclusion(scope: u64) -> bool {
+    // SAFETY: plain-old-data value, copied out immediately.
+    unsafe { SCOPE_FLAGS.get(scope) }.is_some_and(|flags| flags & rules::FLAG_HAS_INCLUSION != 0)
+}
+
+/// FSM's semantics: exclusions win; when the global or the pod's rules name an inclusion
+/// list, only destinations in one of them are intercepted; pod rules add to global ones.
+/// At most eight lookups, whatever the number of rules.
+#[inline(always)]
+pub fn outbound_intercepted(scope: u64, ipv4: u32, port: u16) -> bool {
+    let global = rules::GLOBAL_SCOPE;
+    if port_excluded_in(global, port, rules::DIRECTION_OUTBOUND)
+        || port_excluded_in(scope, port, rules::DIRECTION_OUTBOUND)
+        || cidr_match(&OUT_EXCLUDED_CIDRS, global, ipv4)
+        || cidr_match(&OUT_EXCLUDED_CIDRS, scope, ipv4)
+    {
+        return false;
+    }
+    if has_inclusion(global) || has_inclusion(scope) {
+        return cidr_match(&OUT_INCLUDED_CIDRS, global, ipv4)
+            || cidr_match(&OUT_INCLUDED_CIDRS, scope, ipv4);
+    }
+    true
 }

@@ -13,8 +13,8 @@ use interceptor_common::{
 };
 
 use crate::maps::{
-    count, debug_enabled, inbound_port_excluded, local_pod, ENROLLED_NETNS, ORIG_DST_BY_COOKIE,
-    ORIG_DST_BY_FLOW,
+    count, debug_enabled, inbound_port_excluded, local_pod, outbound_intercepted, ENROLLED_NETNS,
+    ORIG_DST_BY_COOKIE, ORIG_DST_BY_FLOW,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -49,7 +49,9 @@ fn redirect_connect4(ctx: &SockAddrContext) {
         // The proxy dialling a pod on this node: hand it to that pod's inbound listener,
         // unless it is the inbound proxy reaching the application in its own pod.
         match local_pod(dst_ip) {
-            Some(owner) if owner != netns && !inbound_port_excluded(u16::from_be(dst_port_be)) => {
+            Some(owner)
+                if owner != netns && !inbound_port_excluded(owner, u16::from_be(dst_port_be)) =>
+            {
                 (dst_ip, INBOUND_PORT)
             }
             _ => return,
@@ -62,6 +64,10 @@ fn redirect_connect4(ctx: &SockAddrContext) {
         // Loopback and the pod's own address stay inside the pod: never ours to route.
         let first_octet = dst_ip.to_ne_bytes()[0];
         if first_octet == 127 || dst_ip == pod.ipv4 || dst_ip == 0 {
+            return;
+        }
+        // Exclusions are applied before any record is written.
+        if !outbound_intercepted(netns, dst_ip, u16::from_be(dst_port_be)) {
             return;
         }
         // Redirect to the pod IP, not loopback, so the 4-tuple is unique on the node.

@@ -35,6 +35,10 @@ struct EnrolledPod {
     netns: Arc<PodNetns>,
     datapath: PodDatapath,
     listeners: [JoinHandle<()>; 2],
+    /// The pod's own exclusion/inclusion rules, from its annotations.
+    rules: crate::config::MeshConfig,
+    /// Annotation entries that were invalid and skipped.
+    rule_warnings: Vec<String>,
 }
 
 impl Drop for EnrolledPod {
@@ -55,6 +59,10 @@ pub struct PodStatus {
     pub enrolled: bool,
     pub reason: String,
     pub netns_cookie: Option<u64>,
+    /// The pod's own rules (from annotations), added to the global ones.
+    pub rules: Option<crate::config::MeshConfig>,
+    /// Annotation entries that were invalid and skipped: pod, key, value, why.
+    pub rule_warnings: Vec<String>,
 }
 
 /// What CNI ADD does for a pod the model still lacks after the wait.
@@ -222,6 +230,12 @@ impl Agent {
                 enrolled: entry.enrolled.is_some(),
                 reason: entry.reason.clone(),
                 netns_cookie: entry.enrolled.as_ref().map(|e| e.datapath.netns_cookie),
+                rules: entry.enrolled.as_ref().map(|e| e.rules.clone()),
+                rule_warnings: entry
+                    .enrolled
+                    .as_ref()
+                    .map(|e| e.rule_warnings.clone())
+                    .unwrap_or_default(),
             })
             .collect();
         statuses.sort_by(|a, b| a.pod.cmp(&b.pod));
@@ -365,16 +379,33 @@ impl Agent {
             ipv4: ip,
             ifname: ifname.to_string(),
         };
+        // The pod's own exclusions are in the kernel before the pod is enrolled, so none
+        // of its connections is ever intercepted against them.
+        let rules = self
+            .model()
+            .pod(key)
+            .map(|pod| crate::config::pod_rules(&key.to_string(), &pod.annotations))
+            .unwrap_or_default();
+        for warning in &rules.warnings {
+            tracing::warn!(pod = %key, "{warning}");
+        }
+        self.datapath
+            .set_rules(datapath.netns_cookie, &rules.config)
+            .map_err(|e| io_failure("exclusion rules", &e))?;
         // The listeners are up before the pod is in the maps, so no redirected connection
         // can arrive at a port nobody listens on.
-        self.datapath
-            .enroll(&datapath, &netns)
-            .map_err(|e| match e {
-                DatapathError::MapFull { .. } => {
-                    CniFailure::new(codes::TRY_AGAIN_LATER, format!("enrolling pod {key}: {e}"))
-                }
+        if let Err(error) = self.datapath.enroll(&datapath, &netns) {
+            let _ = self
+                .datapath
+                .set_rules(datapath.netns_cookie, &crate::config::MeshConfig::default());
+            return Err(match error {
+                DatapathError::MapFull { .. } => CniFailure::new(
+                    codes::TRY_AGAIN_LATER,
+                    format!("enrolling pod {key}: {error}"),
+                ),
                 other => io_failure("data path", &other),
-            })?;
+            });
+        }
         let serve = |listener, direction| {
             let ctx = ListenerContext {
                 pod: key.to_string(),
@@ -394,6 +425,8 @@ impl Agent {
             netns,
             datapath,
             listeners,
+            rules: rules.config,
+            rule_warnings: rules.warnings,
         })
     }
 
@@ -435,6 +468,10 @@ impl Agent {
             .unwrap_or_else(|p| p.into_inner())
             .remove(key);
         if let Some(enrolled) = entry.and_then(|e| e.enrolled) {
+            let cookie = enrolled.datapath.netns_cookie;
+            let _ = self
+                .datapath
+                .set_rules(cookie, &crate::config::MeshConfig::default());
             if let Err(error) = self.datapath.unenroll(&enrolled.datapath, &enrolled.netns) {
                 tracing::error!(pod = %key, %error, "unenrolling pod");
             }

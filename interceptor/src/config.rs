@@ -324,6 +324,75 @@ fn ports(key: &str, entries: Vec<Value>, warnings: &mut Vec<String>) -> Vec<u16>
     out
 }
 
+/// Per-pod annotations (FSM's and Istio's names for the same four lists). A pod's rules
+/// add to the global ones.
+pub const POD_OUTBOUND_EXCLUDE_CIDRS: [&str; 2] = [
+    "flomesh.io/outbound-ip-range-exclusion-list",
+    "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+];
+pub const POD_OUTBOUND_INCLUDE_CIDRS: [&str; 2] = [
+    "flomesh.io/outbound-ip-range-inclusion-list",
+    "traffic.sidecar.istio.io/includeOutboundIPRanges",
+];
+pub const POD_OUTBOUND_EXCLUDE_PORTS: [&str; 2] = [
+    "flomesh.io/outbound-port-exclusion-list",
+    "traffic.sidecar.istio.io/excludeOutboundPorts",
+];
+pub const POD_INBOUND_EXCLUDE_PORTS: [&str; 2] = [
+    "flomesh.io/inbound-port-exclusion-list",
+    "traffic.sidecar.istio.io/excludeInboundPorts",
+];
+
+/// The rules a pod's annotations ask for (comma-separated lists), and one warning per
+/// bad entry naming the pod, the annotation and the value; bad entries are skipped, so a
+/// typo never widens interception beyond what the valid entries say. Istio's
+/// `includeOutboundIPRanges: "*"` means every destination (no inclusion list).
+pub fn pod_rules(pod: &str, annotations: &std::collections::BTreeMap<String, String>) -> Loaded {
+    let mut warnings = Vec::new();
+    let mut config = MeshConfig::default();
+    let entries = |text: &str| -> Vec<Value> {
+        text.split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .map(|e| Value::String(e.to_owned()))
+            .collect()
+    };
+    for (key, text) in annotations {
+        let key = key.as_str();
+        let mut local = Vec::new();
+        if POD_OUTBOUND_EXCLUDE_CIDRS.contains(&key) {
+            for net in nets(key, entries(text), &mut local) {
+                if !config.outbound_ip_range_exclusion_list.contains(&net) {
+                    config.outbound_ip_range_exclusion_list.push(net);
+                }
+            }
+        } else if POD_OUTBOUND_INCLUDE_CIDRS.contains(&key) {
+            if text.trim() == "*" {
+                continue;
+            }
+            let included = nets(key, entries(text), &mut local);
+            config
+                .outbound_ip_range_inclusion_list
+                .get_or_insert_with(Vec::new)
+                .extend(included);
+        } else if POD_OUTBOUND_EXCLUDE_PORTS.contains(&key) {
+            config
+                .outbound_port_exclusion_list
+                .extend(ports(key, entries(text), &mut local));
+        } else if POD_INBOUND_EXCLUDE_PORTS.contains(&key) {
+            config
+                .inbound_port_exclusion_list
+                .extend(ports(key, entries(text), &mut local));
+        }
+        warnings.extend(
+            local
+                .into_iter()
+                .map(|w| format!("pod {pod}: annotation {w}")),
+        );
+    }
+    Loaded { config, warnings }
+}
+
 /// What [`watch_file`] publishes, in the manner of the sources' state.
 #[derive(Clone, Debug, Default)]
 pub struct ConfigState {
@@ -702,5 +771,58 @@ bpfDebug: false
         assert!(swapped.warnings.is_empty());
 
         task.abort();
+    }
+}
+
+#[cfg(test)]
+mod pod_rule_tests {
+    use super::*;
+
+    #[test]
+    fn annotations_give_rules_and_bad_values_are_named_and_skipped() {
+        let annotations: std::collections::BTreeMap<String, String> = [
+            (
+                "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+                "10.1.0.0/16, 300.1.1.1/8",
+            ),
+            ("flomesh.io/outbound-port-exclusion-list", "9000,abc"),
+            ("traffic.sidecar.istio.io/excludeInboundPorts", "8080"),
+            ("traffic.sidecar.istio.io/includeOutboundIPRanges", "*"),
+            ("unrelated", "x"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let loaded = pod_rules("demo/client", &annotations);
+        assert_eq!(
+            loaded.config.outbound_ip_range_exclusion_list,
+            vec!["10.1.0.0/16".parse().unwrap()]
+        );
+        assert_eq!(loaded.config.outbound_port_exclusion_list, vec![9000]);
+        assert_eq!(loaded.config.inbound_port_exclusion_list, vec![8080]);
+        assert_eq!(
+            loaded.config.outbound_ip_range_inclusion_list, None,
+            "* means everything"
+        );
+        assert_eq!(loaded.warnings.len(), 2, "{:?}", loaded.warnings);
+        assert!(loaded.warnings.iter().any(|w| w.contains("demo/client")
+            && w.contains("excludeOutboundIPRanges")
+            && w.contains("300.1.1.1/8")));
+        assert!(loaded
+            .warnings
+            .iter()
+            .any(|w| w.contains("outbound-port-exclusion-list") && w.contains("abc")));
+    }
+
+    #[test]
+    fn an_inclusion_list_of_only_bad_entries_includes_nothing() {
+        let annotations = [(
+            "flomesh.io/outbound-ip-range-inclusion-list".to_owned(),
+            "nope".to_owned(),
+        )]
+        .into_iter()
+        .collect();
+        let loaded = pod_rules("demo/x", &annotations);
+        assert_eq!(loaded.config.outbound_ip_range_inclusion_list, Some(vec![]));
     }
 }

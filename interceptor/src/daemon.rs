@@ -68,6 +68,8 @@ pub struct AgentConfig {
     pub inbound_flow_capacity: Option<u32>,
     /// What to do with the data path on SIGTERM/SIGINT.
     pub on_exit: OnExit,
+    /// The global mesh config file (FSM MeshConfig names), watched.
+    pub mesh_config: Option<PathBuf>,
     /// How long CNI ADD waits for a pod the model does not have yet.
     pub unknown_pod_wait: Duration,
     /// What CNI ADD does for a pod still unknown after the wait.
@@ -153,6 +155,12 @@ async fn serve(config: &AgentConfig) -> anyhow::Result<()> {
         watcher.abort();
         bail!("the {} source did not load: {error}", config.source.kind());
     }
+    let mesh_config = match &config.mesh_config {
+        Some(path) => {
+            Some(follow_mesh_config(path.clone(), Arc::clone(&datapath), config.bpf_debug).await)
+        }
+        None => None,
+    };
     let pods_file = config.state_dir.join(PODS_FILE);
     let options = AgentOptions {
         sockmap: config.sockmap,
@@ -205,6 +213,9 @@ async fn serve(config: &AgentConfig) -> anyhow::Result<()> {
     follower.abort();
     watcher.abort();
     watcher_counters.abort();
+    if let Some(handle) = &mesh_config {
+        handle.abort();
+    }
     let result = match config.on_exit {
         OnExit::Remove => {
             agent.remove_all();
@@ -251,4 +262,58 @@ fn spawn_counter_watch(datapath: Arc<dyn Datapath>) -> tokio::task::JoinHandle<(
             seen = now;
         }
     })
+}
+
+/// How often the mesh config file is checked.
+const MESH_CONFIG_POLL: Duration = Duration::from_secs(1);
+
+/// Watch the global mesh config and apply it to the data path (global scope) whenever it
+/// changes; the last good config stays in force while the file is broken. Waits briefly
+/// for the first load, so pods enrolled at start already see the global rules.
+async fn follow_mesh_config(
+    path: PathBuf,
+    datapath: Arc<dyn Datapath>,
+    cli_debug: bool,
+) -> tokio::task::AbortHandle {
+    use crate::config::{watch_file, ConfigState};
+    use interceptor_common::rules::GLOBAL_SCOPE;
+    let (tx, mut rx) = watch::channel(ConfigState::default());
+    let watcher = watch_file(path.clone(), MESH_CONFIG_POLL, tx);
+    let first =
+        tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| s.generation > 0)).await;
+    if !first.is_ok_and(|r| r.is_ok()) {
+        let error = rx
+            .borrow()
+            .last_error
+            .clone()
+            .unwrap_or_else(|| "not loaded".into());
+        tracing::error!(path = %path.display(), %error, "mesh config: running without global rules until it loads");
+    }
+    let apply = move |state: &ConfigState| {
+        for warning in &state.warnings {
+            tracing::warn!(path = %path.display(), "mesh config: {warning}");
+        }
+        if let Err(error) = datapath.set_rules(GLOBAL_SCOPE, &state.config) {
+            tracing::error!(%error, "applying the global mesh config");
+        }
+        if let Err(error) = datapath.set_debug(cli_debug || state.config.bpf_debug) {
+            tracing::error!(%error, "applying bpfDebug");
+        }
+    };
+    let mut seen = 0;
+    let task = tokio::spawn(async move {
+        loop {
+            let state = rx.borrow_and_update().clone();
+            if state.generation != seen {
+                seen = state.generation;
+                apply(&state);
+                tracing::info!(generation = seen, "mesh config applied");
+            }
+            if rx.changed().await.is_err() {
+                break;
+            }
+        }
+        drop(watcher);
+    });
+    task.abort_handle()
 }

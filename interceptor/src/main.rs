@@ -97,6 +97,11 @@ enum Command {
         /// so enrolled pods fail closed until the next agent adopts them (rolling updates).
         #[arg(long, value_enum, default_value = "remove")]
         on_exit: daemon::OnExit,
+        /// The global mesh config (YAML with FSM MeshConfig names:
+        /// outboundIPRangeExclusionList, outboundIPRangeInclusionList,
+        /// outboundPortExclusionList, inboundPortExclusionList, bpfDebug), watched.
+        #[arg(long)]
+        mesh_config: Option<PathBuf>,
         /// How long CNI ADD waits for a pod the model does not know yet (milliseconds).
         #[arg(long, default_value_t = 2000)]
         unknown_pod_wait_ms: u64,
@@ -178,6 +183,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             sockmap,
             inbound_flow_capacity,
             on_exit,
+            mesh_config,
             unknown_pod_wait_ms,
             unknown_pod,
             install_cni,
@@ -223,6 +229,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 sockmap,
                 inbound_flow_capacity,
                 on_exit,
+                mesh_config,
                 unknown_pod_wait: std::time::Duration::from_millis(unknown_pod_wait_ms),
                 unknown_pod,
                 install_cni,

@@ -1,5 +1,5 @@
 //! Checks the Kubernetes manifests in `deploy/`: each parses into its k8s-openapi type with no
-//! unknown fields, the kustomization lists them all, and the DaemonSet, RBAC and ConfigMaps
+//! unknown fields, the kustomization lists them all, and the DaemonSet, RBAC and ConfigMap
 //! say what the agent needs (privileges, host mounts, read-only RBAC, FSM config fields).
 
 use std::collections::BTreeSet;
@@ -314,14 +314,30 @@ fn daemonset_args_match_the_agent_cli_and_the_mounts() {
     assert_eq!(arg_value(args, "--cgroup"), "/sys/fs/cgroup");
     assert_eq!(arg_value(args, "--admin-addr"), "127.0.0.1:15000");
 
-    // --manifests points at the mounted interceptor-manifests ConfigMap.
-    let manifests = arg_value(args, "--manifests");
-    let manifests_volume = volume(spec, &mount(container, manifests).name);
-    let source = manifests_volume
-        .config_map
-        .as_ref()
-        .expect("the manifests mount is a ConfigMap");
-    assert_eq!(source.name, "interceptor-manifests");
+    // The model comes from the API server, not from a manifests directory.
+    assert_eq!(arg_value(args, "--source"), "kube");
+    assert!(
+        !args.iter().any(|a| a.starts_with("--manifests")),
+        "no --manifests in a cluster: {args:?}"
+    );
+
+    // A rolling update keeps the pinned data path so enrolled pods fail closed meanwhile.
+    assert_eq!(arg_value(args, "--on-exit"), "keep");
+
+    // --install-cni writes into the host's CNI dirs: the flags name the (writable) mounts
+    // of exactly those host paths.
+    assert!(
+        args.iter().any(|a| a == "--install-cni"),
+        "args {args:?} have --install-cni"
+    );
+    for (flag, host) in [
+        ("--cni-bin-dir", "/opt/cni/bin"),
+        ("--cni-conf-dir", "/etc/cni/net.d"),
+    ] {
+        let dir = arg_value(args, flag);
+        assert_eq!(host_path_of(spec, container, dir), host, "{flag} {dir}");
+        assert_ne!(mount(container, dir).read_only, Some(true), "{flag} {dir}");
+    }
 
     // The state dir (pid file, cni.sock) is the host's, so the host's CNI plugin reaches it.
     let state_dir = arg_value(args, "--state-dir");
@@ -491,6 +507,13 @@ fn cluster_role_binding_binds_the_service_account() {
 
 #[test]
 fn config_map_holds_the_fsm_mesh_config_fields() {
+    // The only ConfigMap: the model comes from the API server, not from a mounted one.
+    let names: Vec<Option<String>> = config_maps()
+        .into_iter()
+        .map(|cm| cm.metadata.name)
+        .collect();
+    assert_eq!(names, [Some("interceptor-config".to_owned())]);
+
     let cm = config_map("interceptor-config");
     let text = cm
         .data
@@ -510,27 +533,4 @@ fn config_map_holds_the_fsm_mesh_config_fields() {
         );
     }
     assert_eq!(config["bpfDebug"].as_bool(), Some(false));
-}
-
-#[test]
-fn manifests_config_map_holds_objects_the_agent_reads() {
-    let cm = config_map("interceptor-manifests");
-    let data = cm.data.expect("interceptor-manifests has data");
-    assert!(!data.is_empty());
-    for (key, text) in &data {
-        assert!(
-            key.ends_with(".yaml"),
-            "{key}: the agent reads *.yaml files"
-        );
-        for document in serde_yaml::Deserializer::from_str(text) {
-            let value = serde_yaml::Value::deserialize(document)
-                .unwrap_or_else(|e| panic!("{key}: not YAML: {e}"));
-            match value["kind"].as_str() {
-                Some("Namespace") => {
-                    typed::<Namespace>(key, &value);
-                }
-                other => panic!("{key}: unexpected kind {other:?} in the example"),
-            }
-        }
-    }
 }

@@ -34,7 +34,7 @@ const LINK_PINS: [&str; 3] = [
     "link_intercept_sock_ops",
 ];
 /// What the agent pins under its bpffs directory.
-const PINS: [&str; 16] = [
+const PINS: [&str; 19] = [
     "intercept_connect4",
     "intercept_getpeername4",
     "intercept_sock_ops",
@@ -47,7 +47,10 @@ const PINS: [&str; 16] = [
     "ORIG_DST_BY_COOKIE",
     "ORIG_DST_BY_FLOW",
     "INBOUND_FLOWS",
-    "INBOUND_PORT_EXCLUSIONS",
+    "PORT_EXCLUSIONS",
+    "OUT_EXCLUDED_CIDRS",
+    "OUT_INCLUDED_CIDRS",
+    "SCOPE_FLAGS",
     "SOCK_PAIRS",
     "SETTINGS",
     "COUNTERS",

@@ -22,6 +22,7 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     "runc",
     "busybox-static",
+    "podman",
 ];
 
 const BPFFS: &str = "/sys/fs/bpf";

@@ -6,6 +6,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, SockHash};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{self, TcAttachType};
@@ -14,8 +15,8 @@ use aya::programs::{
 };
 use aya::Ebpf;
 use interceptor_common::{
-    capacity, config, counters, maps, EnrolledPod, FlowKey, InboundFlow, InboundKey, OrigDst,
-    RESERVED_PORTS,
+    capacity, config, counters, maps, rules, CidrKey, EnrolledPod, FlowKey, InboundFlow,
+    InboundKey, OrigDst, PortRuleKey, RESERVED_PORTS,
 };
 
 use super::{Datapath, DatapathCounters, DatapathError, LiveRecords, PodDatapath};
@@ -33,13 +34,16 @@ pub const PROG_TC_EGRESS: &str = "intercept_tc_egress";
 pub const PROG_SK_MSG: &str = "intercept_sk_msg";
 
 /// Every map, pinned by these names.
-const MAP_NAMES: [&str; 9] = [
+const MAP_NAMES: [&str; 12] = [
     maps::ENROLLED_NETNS,
     maps::POD_BY_IP,
     maps::ORIG_DST_BY_COOKIE,
     maps::ORIG_DST_BY_FLOW,
     maps::INBOUND_FLOWS,
-    maps::INBOUND_PORT_EXCLUSIONS,
+    maps::PORT_EXCLUSIONS,
+    maps::OUT_EXCLUDED_CIDRS,
+    maps::OUT_INCLUDED_CIDRS,
+    maps::SCOPE_FLAGS,
     maps::SOCK_PAIRS,
     maps::SETTINGS,
     maps::COUNTERS,
@@ -58,7 +62,7 @@ pub fn is_our_pin(name: &str) -> bool {
 }
 
 /// Every program and map pin the agent makes in its bpffs directory.
-pub const PIN_NAMES: [&str; 16] = [
+pub const PIN_NAMES: [&str; 19] = [
     PROG_CONNECT4,
     PROG_GETPEERNAME4,
     PROG_SOCK_OPS,
@@ -71,7 +75,10 @@ pub const PIN_NAMES: [&str; 16] = [
     maps::ORIG_DST_BY_COOKIE,
     maps::ORIG_DST_BY_FLOW,
     maps::INBOUND_FLOWS,
-    maps::INBOUND_PORT_EXCLUSIONS,
+    maps::PORT_EXCLUSIONS,
+    maps::OUT_EXCLUDED_CIDRS,
+    maps::OUT_INCLUDED_CIDRS,
+    maps::SCOPE_FLAGS,
     maps::SOCK_PAIRS,
     maps::SETTINGS,
     maps::COUNTERS,
@@ -121,6 +128,13 @@ pub struct EbpfOptions {
 
 /// The maps the agent writes, behind one lock so enrollment is a single critical section.
 struct Maps {
+    port_exclusions: HashMap<MapData, PortRuleKey, u8>,
+    out_excluded: LpmTrie<MapData, CidrKey, u8>,
+    out_included: LpmTrie<MapData, CidrKey, u8>,
+    scope_flags: HashMap<MapData, u64, u32>,
+    /// What [`EbpfDatapath::apply_rules`] wrote per scope, so a change removes exactly
+    /// the old entries.
+    rule_keys: StdHashMap<u64, ScopeRules>,
     enrolled: HashMap<MapData, u64, EnrolledPod>,
     pod_by_ip: HashMap<MapData, u32, u64>,
     orig_dst_by_flow: HashMap<MapData, FlowKey, OrigDst>,
@@ -236,17 +250,23 @@ impl EbpfDatapath {
             replace_pin(pin_dir, PROG_SK_MSG, |path| prog.pin(path))?;
         }
 
-        let mut exclusions: HashMap<MapData, u16, u8> =
-            typed(&mut ebpf, maps::INBOUND_PORT_EXCLUSIONS)?;
+        let mut port_exclusions: HashMap<MapData, PortRuleKey, u8> =
+            typed(&mut ebpf, maps::PORT_EXCLUSIONS)?;
         for port in RESERVED_PORTS {
-            exclusions
-                .insert(port, 1, 0)
+            let key = PortRuleKey::new(rules::GLOBAL_SCOPE, port, rules::DIRECTION_INBOUND);
+            port_exclusions
+                .insert(key, 1, 0)
                 .map_err(|source| DatapathError::Map {
-                    name: maps::INBOUND_PORT_EXCLUSIONS,
+                    name: maps::PORT_EXCLUSIONS,
                     source,
                 })?;
         }
         let maps = Maps {
+            port_exclusions,
+            out_excluded: typed(&mut ebpf, maps::OUT_EXCLUDED_CIDRS)?,
+            out_included: typed(&mut ebpf, maps::OUT_INCLUDED_CIDRS)?,
+            scope_flags: typed(&mut ebpf, maps::SCOPE_FLAGS)?,
+            rule_keys: StdHashMap::new(),
             enrolled: typed(&mut ebpf, maps::ENROLLED_NETNS)?,
             pod_by_ip: typed(&mut ebpf, maps::POD_BY_IP)?,
             orig_dst_by_flow: typed(&mut ebpf, maps::ORIG_DST_BY_FLOW)?,
@@ -413,6 +433,68 @@ impl EbpfDatapath {
         }
     }
 
+    /// Replace the rules of `scope` (0: global; else a pod's netns cookie). New entries
+    /// go in before old ones come out, so a change never opens a moment with neither.
+    fn apply_rules(
+        &self,
+        scope: u64,
+        config: &crate::config::MeshConfig,
+    ) -> Result<(), DatapathError> {
+        let new = ScopeRules::from_config(scope, config);
+        let mut maps = lock(&self.maps);
+        let map_err = |name: &'static str| move |source| DatapathError::Map { name, source };
+        for key in &new.ports {
+            maps.port_exclusions
+                .insert(*key, 1, 0)
+                .map_err(map_err(maps::PORT_EXCLUSIONS))?;
+        }
+        for key in &new.excluded {
+            maps.out_excluded
+                .insert(key, 1, 0)
+                .map_err(map_err(maps::OUT_EXCLUDED_CIDRS))?;
+        }
+        for key in &new.included {
+            maps.out_included
+                .insert(key, 1, 0)
+                .map_err(map_err(maps::OUT_INCLUDED_CIDRS))?;
+        }
+        if config.outbound_ip_range_inclusion_list.is_some() {
+            maps.scope_flags
+                .insert(scope, rules::FLAG_HAS_INCLUSION, 0)
+                .map_err(map_err(maps::SCOPE_FLAGS))?;
+        } else {
+            let _ = maps.scope_flags.remove(&scope);
+        }
+        let old = maps
+            .rule_keys
+            .insert(scope, new.clone())
+            .unwrap_or_default();
+        for key in old.ports.iter().filter(|k| !new.ports.contains(k)) {
+            // The reserved ports are global inbound rules of their own: never removed.
+            if !(scope == rules::GLOBAL_SCOPE
+                && key.direction == rules::DIRECTION_INBOUND
+                && RESERVED_PORTS.contains(&key.port))
+            {
+                let _ = maps.port_exclusions.remove(key);
+            }
+        }
+        for key in old.excluded.iter().filter(|k| {
+            !new.excluded
+                .iter()
+                .any(|n| n.prefix_len() == k.prefix_len() && n.data() == k.data())
+        }) {
+            let _ = maps.out_excluded.remove(key);
+        }
+        for key in old.included.iter().filter(|k| {
+            !new.included
+                .iter()
+                .any(|n| n.prefix_len() == k.prefix_len() && n.data() == k.data())
+        }) {
+            let _ = maps.out_included.remove(key);
+        }
+        Ok(())
+    }
+
     /// Forget every flow record that involves `ip`: a deleted pod leaves nothing behind.
     fn sweep_flows(maps: &mut Maps, ip: u32) {
         let stale: Vec<InboundKey> = maps
@@ -432,6 +514,52 @@ impl EbpfDatapath {
             .collect();
         for key in stale {
             let _ = maps.orig_dst_by_flow.remove(&key);
+        }
+    }
+}
+
+/// The kernel entries of one scope's rules.
+#[derive(Clone, Default)]
+struct ScopeRules {
+    ports: Vec<PortRuleKey>,
+    excluded: Vec<Key<CidrKey>>,
+    included: Vec<Key<CidrKey>>,
+}
+
+fn cidr_key(scope: u64, net: &ipnet::Ipv4Net) -> Key<CidrKey> {
+    let ip = u32::from_ne_bytes(net.network().octets());
+    Key::new(
+        CidrKey::SCOPE_BITS + u32::from(net.prefix_len()),
+        CidrKey::new(scope, ip),
+    )
+}
+
+impl ScopeRules {
+    fn from_config(scope: u64, rules: &crate::config::MeshConfig) -> Self {
+        let mut ports: Vec<PortRuleKey> = rules
+            .outbound_port_exclusion_list
+            .iter()
+            .map(|p| PortRuleKey::new(scope, *p, rules::DIRECTION_OUTBOUND))
+            .collect();
+        ports.extend(
+            rules
+                .inbound_port_exclusion_list
+                .iter()
+                .map(|p| PortRuleKey::new(scope, *p, rules::DIRECTION_INBOUND)),
+        );
+        Self {
+            ports,
+            excluded: rules
+                .outbound_ip_range_exclusion_list
+                .iter()
+                .map(|n| cidr_key(scope, n))
+                .collect(),
+            included: rules
+                .outbound_ip_range_inclusion_list
+                .iter()
+                .flatten()
+                .map(|n| cidr_key(scope, n))
+                .collect(),
         }
     }
 }
@@ -524,11 +652,18 @@ fn pinned_maps_reusable(pin_dir: &Path, capacity_of: &dyn Fn(&str) -> Option<u32
                 size_of::<InboundFlow>(),
                 capacity::INBOUND_FLOWS,
             ),
-            maps::INBOUND_PORT_EXCLUSIONS => (
-                size_of::<u16>(),
+            maps::PORT_EXCLUSIONS => (
+                size_of::<PortRuleKey>(),
                 size_of::<u8>(),
-                capacity::INBOUND_PORT_EXCLUSIONS,
+                capacity::PORT_EXCLUSIONS,
             ),
+            // An LPM trie key is its prefix length (u32) followed by the data.
+            maps::OUT_EXCLUDED_CIDRS | maps::OUT_INCLUDED_CIDRS => (
+                size_of::<u32>() + size_of::<CidrKey>(),
+                size_of::<u8>(),
+                capacity::CIDRS,
+            ),
+            maps::SCOPE_FLAGS => (size_of::<u64>(), size_of::<u32>(), capacity::SCOPE_FLAGS),
             maps::SOCK_PAIRS => (size_of::<FlowKey>(), size_of::<u32>(), capacity::SOCK_PAIRS),
             maps::SETTINGS => (size_of::<u32>(), size_of::<u32>(), config::LEN),
             _ => (size_of::<u32>(), size_of::<u64>(), counters::LEN),
@@ -701,5 +836,13 @@ impl Datapath for EbpfDatapath {
             path: self.pin_dir.display().to_string(),
             reason: e.to_string(),
         })
+    }
+
+    fn set_rules(
+        &self,
+        scope: u64,
+        rules: &crate::config::MeshConfig,
+    ) -> Result<(), DatapathError> {
+        self.apply_rules(scope, rules)
     }
 }

@@ -103,6 +103,10 @@ pub trait Datapath: Send + Sync {
     /// After a restart: forget pods (by netns cookie) a previous agent enrolled that were
     /// not adopted again.
     fn retain_pods(&self, netns_cookies: &HashSet<u64>);
+    /// Replace the exclusion/inclusion rules of a scope: 0 for the global rules, a pod's
+    /// netns cookie for its own (which add to the global ones).
+    fn set_rules(&self, scope: u64, rules: &crate::config::MeshConfig)
+        -> Result<(), DatapathError>;
     /// Remove everything the data path made (pins, pinned links): interception ends.
     fn teardown(&self) -> Result<(), DatapathError>;
 }

@@ -83,13 +83,18 @@ pub struct Node {
 
 impl Node {
     pub fn start(label: &str, agent_args: &[&str]) -> Node {
+        Self::start_with_manifests(label, agent_args, MANIFESTS)
+    }
+
+    /// Like [`Node::start`], with other manifests.
+    pub fn start_with_manifests(label: &str, agent_args: &[&str], manifests_yaml: &str) -> Node {
         let mut tb = Testbed::builder(label)
             .tb_pod_bin(env!("CARGO_BIN_EXE_tb-pod"))
             .build()
             .expect("testbed");
         let manifests = tb.state_dir().join("manifests");
         std::fs::create_dir_all(&manifests).expect("manifests dir");
-        std::fs::write(manifests.join("mesh.yaml"), MANIFESTS).expect("manifests");
+        std::fs::write(manifests.join("mesh.yaml"), manifests_yaml).expect("manifests");
         let agent = tb
             .start_agent(&manifests, agent_args)
             .expect("agent starts");

@@ -1,0 +1,277 @@
+//! Exclusions and inclusions in eBPF mode (FSM semantics): global rules from the mesh
+//! config file, per-pod rules from annotations, enforced in the kernel before any record
+//! is written. "Intercepted" is read off the server: a proxied connection arrives from
+//! the proxy's socket, a direct one from the client's own.
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::Node;
+use interceptor_testbed::{Pod, ServerProcess, Testbed};
+
+const MANIFESTS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: legacy}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: demo}
+spec: {containers: [{name: c, image: x}]}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: annotated
+  namespace: demo
+  annotations:
+    flomesh.io/outbound-port-exclusion-list: "9001"
+    traffic.sidecar.istio.io/excludeOutboundPorts: "9002,notaport"
+spec: {containers: [{name: c, image: x}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: server, namespace: demo}
+spec: {containers: [{name: c, image: x}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: legacy}
+spec: {containers: [{name: c, image: x}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: legacy}
+spec: {containers: [{name: c, image: x}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: outsider, namespace: legacy}
+spec: {containers: [{name: c, image: x}]}
+"#;
+
+fn start(label: &str) -> (Node, PathBuf) {
+    let mesh_config = PathBuf::from(format!(
+        "/run/interceptor-tb/mesh-config-{}-{label}.yaml",
+        std::process::id()
+    ));
+    std::fs::write(&mesh_config, "outboundIPRangeExclusionList: []\n").expect("mesh config");
+    let config_arg = mesh_config.display().to_string();
+    let node = Node::start_with_manifests(label, &["--mesh-config", &config_arg], MANIFESTS);
+    (node, mesh_config)
+}
+
+/// Echo servers on 9000, 9001 and 9002 in `pod`.
+fn servers(tb: &Testbed, pod: &Pod) -> Vec<ServerProcess> {
+    ["9000", "9001", "9002"]
+        .iter()
+        .map(|port| {
+            tb.spawn_server(pod, &["echo", "--listen", &format!("0.0.0.0:{port}")])
+                .expect("echo")
+        })
+        .collect()
+}
+
+/// Connect from `client` to `server:port`; whether the proxy was in the way.
+fn intercepted(node: &Node, client: &Pod, server: &Pod, echo: &ServerProcess, port: u16) -> bool {
+    let before = echo
+        .events()
+        .iter()
+        .filter(|e| e["event"] == "accept")
+        .count();
+    let target = format!("{}:{port}", server.ip);
+    let report = node
+        .tb
+        .run_client(client, &["--connect", &target, "--send-bytes", "10"])
+        .expect("client");
+    assert_eq!(report.error, None, "{report:?}");
+    let local = report.local.expect("local");
+    let accepts = echo
+        .wait_for_events("accept", before + 1, Duration::from_secs(5))
+        .expect("accept");
+    let peer = accepts.last().expect("accept")["peer"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    peer != local
+}
+
+/// Poll until the agent applied a rewritten mesh config.
+fn until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < deadline {
+        if check() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("timed out: {what}");
+}
+
+#[test]
+fn global_outbound_ip_range_exclusion() {
+    if !common::privileged() {
+        return;
+    }
+    let (mut node, config) = start("exclip");
+    let a = node.pod("legacy", "a");
+    let b = node.pod("legacy", "b");
+    let client = node.pod("demo", "client");
+    let echo_a = servers(&node.tb, &a);
+    let echo_b = servers(&node.tb, &b);
+    assert!(intercepted(&node, &client, &a, &echo_a[0], 9000));
+    std::fs::write(
+        &config,
+        format!("outboundIPRangeExclusionList: [\"{}/32\"]\n", a.ip),
+    )
+    .unwrap();
+    until("a excluded", || {
+        !intercepted(&node, &client, &a, &echo_a[0], 9000)
+    });
+    assert!(
+        intercepted(&node, &client, &b, &echo_b[0], 9000),
+        "b is not excluded"
+    );
+    let _ = std::fs::remove_file(config);
+}
+
+#[test]
+fn global_inclusion_list_means_only_those_ranges() {
+    if !common::privileged() {
+        return;
+    }
+    let (mut node, config) = start("inclip");
+    let a = node.pod("legacy", "a");
+    let b = node.pod("legacy", "b");
+    let client = node.pod("demo", "client");
+    let echo_a = servers(&node.tb, &a);
+    let echo_b = servers(&node.tb, &b);
+    std::fs::write(
+        &config,
+        format!(
+            "outboundIPRangeInclusionList: [\"{}/32\"]\noutboundIPRangeExclusionList: []\n",
+            b.ip
+        ),
+    )
+    .unwrap();
+    until("only b included", || {
+        !intercepted(&node, &client, &a, &echo_a[0], 9000)
+    });
+    assert!(
+        intercepted(&node, &client, &b, &echo_b[0], 9000),
+        "b is included"
+    );
+    // Exclusions win over inclusions.
+    std::fs::write(
+        &config,
+        format!(
+            "outboundIPRangeInclusionList: [\"{0}/32\"]\noutboundIPRangeExclusionList: [\"{0}/32\"]\n",
+            b.ip
+        ),
+    )
+    .unwrap();
+    until("b excluded though included", || {
+        !intercepted(&node, &client, &b, &echo_b[0], 9000)
+    });
+    let _ = std::fs::remove_file(config);
+}
+
+#[test]
+fn global_outbound_port_exclusion() {
+    if !common::privileged() {
+        return;
+    }
+    let (mut node, config) = start("exclport");
+    let a = node.pod("legacy", "a");
+    let client = node.pod("demo", "client");
+    let echo = servers(&node.tb, &a);
+    std::fs::write(&config, "outboundPortExclusionList: [9000]\n").unwrap();
+    until("9000 excluded", || {
+        !intercepted(&node, &client, &a, &echo[0], 9000)
+    });
+    assert!(
+        intercepted(&node, &client, &a, &echo[1], 9001),
+        "9001 is not excluded"
+    );
+    let _ = std::fs::remove_file(config);
+}
+
+#[test]
+fn global_inbound_port_exclusion() {
+    if !common::privileged() {
+        return;
+    }
+    let (mut node, config) = start("inport");
+    let server = node.pod("demo", "server");
+    let outsider = node.pod("legacy", "outsider");
+    let echo = servers(&node.tb, &server);
+    assert!(
+        intercepted(&node, &outsider, &server, &echo[0], 9000),
+        "tc steers 9000"
+    );
+    std::fs::write(&config, "inboundPortExclusionList: [9000]\n").unwrap();
+    until("9000 excluded inbound", || {
+        !intercepted(&node, &outsider, &server, &echo[0], 9000)
+    });
+    assert!(
+        intercepted(&node, &outsider, &server, &echo[1], 9001),
+        "9001 still steered"
+    );
+    let _ = std::fs::remove_file(config);
+}
+
+#[test]
+fn pod_annotations_add_to_global_rules_and_bad_values_are_reported() {
+    if !common::privileged() {
+        return;
+    }
+    let (mut node, config) = start("annot");
+    let a = node.pod("legacy", "a");
+    let annotated = node.pod("demo", "annotated");
+    let plain = node.pod("demo", "client");
+    let echo = servers(&node.tb, &a);
+    std::fs::write(&config, "outboundPortExclusionList: [9000]\n").unwrap();
+    until("global 9000 excluded", || {
+        !intercepted(&node, &plain, &a, &echo[0], 9000)
+    });
+    // The annotated pod: global 9000 plus its own 9001 and 9002; the plain pod: 9000 only.
+    assert!(!intercepted(&node, &annotated, &a, &echo[0], 9000));
+    assert!(!intercepted(&node, &annotated, &a, &echo[1], 9001));
+    assert!(
+        !intercepted(&node, &annotated, &a, &echo[2], 9002),
+        "the valid entry of a half-bad list holds"
+    );
+    assert!(
+        intercepted(&node, &plain, &a, &echo[1], 9001),
+        "annotations are per pod"
+    );
+    let dump = node.config_dump();
+    let row = dump["pods"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["pod"] == "demo/annotated")
+        .cloned()
+        .expect("row");
+    assert_eq!(
+        row["enrolled"], true,
+        "a bad annotation does not stop enrollment: {row}"
+    );
+    let warnings = row["rule_warnings"].to_string();
+    assert!(
+        warnings.contains("demo/annotated")
+            && warnings.contains("excludeOutboundPorts")
+            && warnings.contains("notaport"),
+        "{warnings}"
+    );
+    assert!(
+        node.agent_log().contains("notaport"),
+        "the bad value is logged"
+    );
+    let _ = std::fs::remove_file(config);
+}
