@@ -97,14 +97,24 @@ fn main() -> Result<()> {
     let (_, body) = tb.admin_get("/config_dump")?;
     let dump: serde_json::Value = serde_json::from_str(&body)?;
     for record in dump["connections"].as_array().into_iter().flatten() {
+        let target = match record["target"]["kind"].as_str() {
+            Some("endpoint") => format!(
+                "endpoint {} ({})",
+                record["target"]["pod"].as_str().unwrap_or("?"),
+                record["target"]["addr"].as_str().unwrap_or("?")
+            ),
+            Some("local") => format!(
+                "the app in the pod ({})",
+                record["target"]["addr"].as_str().unwrap_or("?")
+            ),
+            other => format!("{} {}", other.unwrap_or("?"), record["target"]["addr"]),
+        };
         println!(
-            "   {} from {}: original dst {} -> {} {} ({}), {} B up / {} B down, {}",
+            "   {} {} from {}: original dst {} -> {target}, {} B up / {} B down, {}",
+            record["direction"].as_str().unwrap_or("?"),
             record["pod"].as_str().unwrap_or("?"),
             record["client"].as_str().unwrap_or("?"),
             record["original_dst"].as_str().unwrap_or("?"),
-            record["target"]["kind"].as_str().unwrap_or("?"),
-            record["target"]["pod"].as_str().unwrap_or(""),
-            record["target"]["addr"].as_str().unwrap_or(""),
             record["upstream_bytes"],
             record["downstream_bytes"],
             record["outcome"].as_str().unwrap_or("?"),
