@@ -68,6 +68,8 @@ pub struct AgentConfig {
     pub inbound_flow_capacity: Option<u32>,
     /// What to do with the data path on SIGTERM/SIGINT.
     pub on_exit: OnExit,
+    /// `--mode`: auto picks eBPF when the kernel has what it needs.
+    pub mode: crate::datapath::probe::Mode,
     /// The global mesh config file (FSM MeshConfig names), watched.
     pub mesh_config: Option<PathBuf>,
     /// How long CNI ADD waits for a pod the model does not have yet.
@@ -115,6 +117,10 @@ async fn serve(config: &AgentConfig) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
 
+    let probe = crate::datapath::probe::probe();
+    let (mode, mode_reason) = crate::datapath::probe::choose(config.mode, &probe)
+        .context("choosing the interception mode")?;
+    tracing::info!(mode, reason = %mode_reason, kernel = %probe.kernel, "interception mode");
     let datapath: Arc<dyn Datapath> = Arc::new(
         EbpfDatapath::attach(
             &config.cgroup,
@@ -180,6 +186,8 @@ async fn serve(config: &AgentConfig) -> anyhow::Result<()> {
         bpffs: config.bpffs.clone(),
         cni_socket: config.cni_socket.clone(),
         source: config.source.kind(),
+        mode_reason,
+        probe,
         manifests: match &config.source {
             ModelSource::Manifests(dir) => Some(dir.clone()),
             ModelSource::Kube { .. } => None,

@@ -97,6 +97,10 @@ enum Command {
         /// so enrolled pods fail closed until the next agent adopts them (rolling updates).
         #[arg(long, value_enum, default_value = "remove")]
         on_exit: daemon::OnExit,
+        /// Interception mode: `auto` probes the kernel and picks eBPF when everything it
+        /// needs is there (the iptables fallback is not implemented yet).
+        #[arg(long, value_enum, default_value = "auto")]
+        mode: interceptor::datapath::probe::Mode,
         /// The global mesh config (YAML with FSM MeshConfig names:
         /// outboundIPRangeExclusionList, outboundIPRangeInclusionList,
         /// outboundPortExclusionList, inboundPortExclusionList, bpfDebug), watched.
@@ -183,6 +187,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             sockmap,
             inbound_flow_capacity,
             on_exit,
+            mode,
             mesh_config,
             unknown_pod_wait_ms,
             unknown_pod,
@@ -229,6 +234,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 sockmap,
                 inbound_flow_capacity,
                 on_exit,
+                mode,
                 mesh_config,
                 unknown_pod_wait: std::time::Duration::from_millis(unknown_pod_wait_ms),
                 unknown_pod,

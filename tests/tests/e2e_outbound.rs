@@ -411,3 +411,51 @@ fn wait_with_timeout(mut child: std::process::Child, timeout: Duration) -> Strin
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn the_mode_is_probed_and_explained() {
+    if !common::privileged() {
+        return;
+    }
+    let node = Node::start("mode", &["--mode", "auto"]);
+    let dump = node.config_dump();
+    assert_eq!(dump["mode"], "ebpf");
+    assert!(
+        dump["mode_reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("auto")),
+        "{}",
+        dump["mode_reason"]
+    );
+    let features = dump["node"]["probe"]["features"]
+        .as_array()
+        .expect("features");
+    assert!(features.len() >= 15, "{features:?}");
+    let missing: Vec<_> = features.iter().filter(|f| f["supported"] != true).collect();
+    assert!(
+        missing.is_empty(),
+        "this kernel should have every feature: {missing:?}"
+    );
+}
+
+#[test]
+fn the_iptables_mode_is_refused_with_a_reason() {
+    if !common::privileged() {
+        return;
+    }
+    let mut tb = interceptor_testbed::Testbed::builder("iptmode")
+        .tb_pod_bin(env!("CARGO_BIN_EXE_tb-pod"))
+        .build()
+        .expect("testbed");
+    let manifests = tb.state_dir().join("manifests");
+    std::fs::create_dir_all(&manifests).expect("dir");
+    std::fs::write(manifests.join("mesh.yaml"), common::MANIFESTS).expect("manifests");
+    let error = match tb.start_agent(&manifests, &["--mode", "iptables"]) {
+        Ok(_) => panic!("the agent started in a mode it does not implement"),
+        Err(error) => format!("{error:#}"),
+    };
+    assert!(
+        error.contains("iptables mode is not implemented yet"),
+        "{error}"
+    );
+}

@@ -20,6 +20,10 @@ pub struct StaticInfo {
     pub cni_socket: PathBuf,
     /// `manifests` or `kube`.
     pub source: &'static str,
+    /// Why this interception mode was chosen.
+    pub mode_reason: String,
+    /// What the kernel offers, as probed at start-up.
+    pub probe: crate::datapath::probe::Probe,
     pub manifests: Option<PathBuf>,
 }
 
@@ -63,6 +67,7 @@ async fn config_dump(State(state): State<AdminState>) -> Json<serde_json::Value>
     let (generation, last_error) = agent.source_state();
     Json(serde_json::json!({
         "mode": agent.datapath().mode(),
+        "mode_reason": state.info.mode_reason,
         "ready": agent.is_ready(),
         "node": state.info,
         "source": { "kind": state.info.source, "generation": generation, "last_error": last_error },

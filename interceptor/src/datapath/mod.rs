@@ -4,6 +4,7 @@
 pub mod bpffs;
 pub mod cgroup;
 pub mod ebpf;
+pub mod probe;
 
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
