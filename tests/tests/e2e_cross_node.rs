@@ -4,9 +4,8 @@
 //! node-to-node link, so packets really are parsed, rewritten and checksummed by tc.
 mod common;
 
-use std::time::Duration;
 
-use common::{Node, ECHO_TARGET_PORT, MANIFESTS};
+use common::{wait_for, Node, ECHO_TARGET_PORT, MANIFESTS};
 use interceptor_testbed::{AgentProcess, NodeId, Pod};
 
 const MIB: u64 = 1024 * 1024;
@@ -26,16 +25,6 @@ fn inbound_records(dump: &serde_json::Value, pod: &str) -> Vec<serde_json::Value
         .filter(|r| r["direction"] == "inbound" && r["pod"] == pod)
         .cloned()
         .collect()
-}
-
-fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
-    for _ in 0..100 {
-        if let Some(value) = probe() {
-            return value;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("timed out waiting for {what}");
 }
 
 fn transfer(

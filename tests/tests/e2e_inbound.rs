@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Node, ECHO_TARGET_PORT};
+use common::{wait_for, Node, ECHO_TARGET_PORT};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -25,16 +25,6 @@ fn inbound_records(node: &Node, pod: &str, client_ip: &str) -> Vec<serde_json::V
         })
         .cloned()
         .collect()
-}
-
-fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
-    for _ in 0..100 {
-        if let Some(value) = probe() {
-            return value;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("timed out waiting for {what}");
 }
 
 fn records(node: &Node) -> serde_json::Value {

@@ -42,8 +42,15 @@ enum Task {
         #[arg(long)]
         skip_ebpf: bool,
     },
-    /// Benchmarks (not implemented yet).
-    Bench,
+    /// Setup, build, then run the benchmark (target/release/tb-bench) on the local
+    /// testbed: one table of direct, HAProxy, ztunnel (with ZTUNNEL_BIN) and ours,
+    /// same-node and cross-node, saved under bench/results/. Needs root. Arguments are
+    /// passed to tb-bench (e.g. `cargo xtask bench --quick`, `-- --repeat 5`; its options:
+    /// `cargo xtask bench -- --help`).
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -89,9 +96,17 @@ fn main() -> Result<()> {
             }
             cmd::run(&mut clippy)
         }
-        Task::Bench => {
-            eprintln!("bench: not implemented yet (issue #3)");
-            std::process::exit(1);
+        Task::Bench { args } => {
+            setup::setup()?;
+            build()?;
+            let bench = target_dir().join("release/tb-bench");
+            if !bench.exists() {
+                bail!(
+                    "{} does not exist after the build (it is tests/src/bin/tb-bench.rs)",
+                    bench.display()
+                );
+            }
+            cmd::run(cmd::new(&bench.to_string_lossy()).args(args))
         }
     }
 }

@@ -55,14 +55,15 @@ pub const LINK_PREFIX: &str = "link_";
 pub const TC_LINK_PREFIX: &str = "link_tc_";
 /// Whether `name` is a pin this agent makes (cleanup removes these and no other).
 pub fn is_our_pin(name: &str) -> bool {
-    PIN_NAMES.contains(&name)
+    PROGRAM_PINS.contains(&name)
+        || MAP_NAMES.contains(&name)
         || name
             .strip_prefix(LINK_PREFIX)
-            .is_some_and(|rest| PIN_NAMES.contains(&rest) || rest.starts_with("tc_"))
+            .is_some_and(|rest| PROGRAM_PINS.contains(&rest) || rest.starts_with("tc_"))
 }
 
-/// Every program and map pin the agent makes in its bpffs directory.
-pub const PIN_NAMES: [&str; 19] = [
+/// Every program the agent pins in its bpffs directory.
+pub const PROGRAM_PINS: [&str; 7] = [
     PROG_CONNECT4,
     PROG_GETPEERNAME4,
     PROG_SOCK_OPS,
@@ -70,18 +71,6 @@ pub const PIN_NAMES: [&str; 19] = [
     PROG_TC_INGRESS,
     PROG_TC_EGRESS,
     PROG_SK_MSG,
-    maps::ENROLLED_NETNS,
-    maps::POD_BY_IP,
-    maps::ORIG_DST_BY_COOKIE,
-    maps::ORIG_DST_BY_FLOW,
-    maps::INBOUND_FLOWS,
-    maps::PORT_EXCLUSIONS,
-    maps::OUT_EXCLUDED_CIDRS,
-    maps::OUT_INCLUDED_CIDRS,
-    maps::SCOPE_FLAGS,
-    maps::SOCK_PAIRS,
-    maps::SETTINGS,
-    maps::COUNTERS,
 ];
 
 /// Load, attach at the cgroup, and pin one program; with `pin_link`, also take its

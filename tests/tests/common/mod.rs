@@ -150,3 +150,14 @@ impl Node {
 pub fn manifests_path(node: &Node) -> &Path {
     &node.manifests
 }
+
+/// Poll `probe` every 50 ms for up to 5 s; panics naming `what` when it never answers.
+pub fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    for _ in 0..100 {
+        if let Some(value) = probe() {
+            return value;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("timed out waiting for {what}");
+}

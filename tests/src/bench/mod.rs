@@ -1,0 +1,10 @@
+//! The pieces of `tb-bench`: processes in pods ([`proc`]), the tools that measure
+//! ([`measure`]), the HAProxy baseline ([`haproxy`]), the scenarios on each topology
+//! ([`scenario`]), machine facts ([`facts`]) and the table and result files ([`report`]).
+
+pub mod facts;
+pub mod haproxy;
+pub mod measure;
+pub mod proc;
+pub mod report;
+pub mod scenario;

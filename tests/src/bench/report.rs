@@ -1,0 +1,457 @@
+//! The table (markdown), the targets of the issue, and the result files.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde_json::{json, Value};
+
+use super::facts::Facts;
+use super::scenario::{Cell, Figures, Outcome, Row, Scenario, Topology};
+
+/// Everything one run produced.
+pub struct Report<'a> {
+    pub facts: &'a Facts,
+    pub secs: u64,
+    pub rounds: usize,
+    pub args: &'a [String],
+    pub rows: &'a [Row],
+    pub wall_s: f64,
+    pub loadavg_at_end: String,
+    /// The `--note` given on the command line.
+    pub note: Option<String>,
+}
+
+/// Longest error text put in a table cell (the notes have it whole).
+const CELL_ERROR_CHARS: usize = 140;
+
+/// One line, no `|`, at most `max` characters.
+fn cell_text(s: &str, max: usize) -> String {
+    let one_line: String = s
+        .chars()
+        .map(|c| match c {
+            '\n' | '\r' | '\t' => ' ',
+            '|' => '/',
+            c => c,
+        })
+        .collect();
+    if one_line.chars().count() > max {
+        let cut: String = one_line.chars().take(max).collect();
+        format!("{cut}…")
+    } else {
+        one_line
+    }
+}
+
+fn direct_of(rows: &[Row], topology: Topology) -> Option<&Figures> {
+    rows.iter()
+        .find(|r| r.topology == topology && r.scenario == Scenario::Direct)
+        .and_then(Row::figures)
+}
+
+fn ratio(cell: &Cell, direct: Option<&Cell>) -> Option<f64> {
+    let v = cell.value?;
+    let d = direct?.value?;
+    (d != 0.0).then(|| v / d)
+}
+
+fn format_value(v: f64, decimals: usize) -> String {
+    format!("{v:.decimals$}")
+}
+
+fn figure(cell: &Cell, direct: Option<&Cell>, decimals: usize) -> String {
+    let Some(v) = cell.value else {
+        return match cell.errors.first() {
+            Some(e) => format!("failed: {}", cell_text(e, CELL_ERROR_CHARS)),
+            None => "—".into(),
+        };
+    };
+    let mut s = format_value(v, decimals);
+    match ratio(cell, direct) {
+        Some(r) => write!(s, " ({r:.2}×)").unwrap_or(()),
+        None => s.push_str(" (n/a)"),
+    }
+    if !cell.errors.is_empty() {
+        let runs = cell.errors.len() + cell.samples.len();
+        write!(s, " [{}/{runs} runs failed]", cell.errors.len()).unwrap_or(());
+    }
+    s
+}
+
+/// The results table: rows = topology × scenario.
+pub fn table(rows: &[Row]) -> String {
+    let mut t = String::from(
+        "| topology | scenario | p50 µs (ratio) | p99 µs (ratio) | bulk Gbit/s (ratio) | conn/s (ratio) | CPU s/GB (ratio) |\n\
+         |---|---|---|---|---|---|---|\n",
+    );
+    for row in rows {
+        let direct = direct_of(rows, row.topology);
+        let mut name = row.scenario.name().to_owned();
+        if !row.warnings.is_empty() {
+            name.push_str(" ⚠");
+        }
+        let cells: [String; 5] = match &row.outcome {
+            Outcome::Measured { figures: f } => {
+                let rr = f.latency_tools.iter().any(|t| t != "sockperf");
+                let tag = if rr { " [rr]" } else { "" };
+                let mut conn = figure(&f.conn_per_s, direct.map(|d| &d.conn_per_s), 0);
+                if f.connrate_errors > 0 {
+                    write!(conn, " [{} failed exchanges]", f.connrate_errors).unwrap_or(());
+                }
+                [
+                    figure(&f.p50_us, direct.map(|d| &d.p50_us), 1) + tag,
+                    figure(&f.p99_us, direct.map(|d| &d.p99_us), 1) + tag,
+                    figure(&f.bulk_gbit_per_s, direct.map(|d| &d.bulk_gbit_per_s), 2),
+                    conn,
+                    figure(&f.cpu_s_per_gb, direct.map(|d| &d.cpu_s_per_gb), 2),
+                ]
+            }
+            Outcome::Skipped { reason } => [
+                format!("skipped ({})", cell_text(reason, CELL_ERROR_CHARS)),
+                "—".into(),
+                "—".into(),
+                "—".into(),
+                "—".into(),
+            ],
+            Outcome::Failed { error } => [
+                format!("failed: {}", cell_text(error, CELL_ERROR_CHARS)),
+                "—".into(),
+                "—".into(),
+                "—".into(),
+                "—".into(),
+            ],
+        };
+        writeln!(
+            t,
+            "| {} | {} | {} |",
+            row.topology.name(),
+            name,
+            cells.join(" | ")
+        )
+        .unwrap_or(());
+    }
+    t
+}
+
+/// One target check: `(text, met)`; `met` is `None` when it could not be judged.
+fn check(r: Option<f64>, target: f64, at_least: bool) -> (String, Option<bool>) {
+    let Some(r) = r else {
+        return ("n/a (no figure)".into(), None);
+    };
+    let met = if at_least { r >= target } else { r <= target };
+    if met {
+        (format!("{r:.2}× met"), Some(true))
+    } else {
+        let by = (r - target).abs();
+        (format!("{r:.2}× **missed** by {by:.2}×"), Some(false))
+    }
+}
+
+/// Target results of our rows, as JSON (for the result file) and markdown.
+pub fn targets(rows: &[Row]) -> (Value, String) {
+    let mut md = String::from(
+        "| topology | scenario | bulk ≥ 0.8× direct | p50 ≤ 1.8× direct (≤ 1.5× with sockmap) |\n|---|---|---|---|\n",
+    );
+    let mut out = Vec::new();
+    for row in rows.iter().filter(|r| r.scenario.is_ours()) {
+        let direct = direct_of(rows, row.topology);
+        let (bulk, p50) = match row.figures() {
+            Some(f) => (
+                ratio(&f.bulk_gbit_per_s, direct.map(|d| &d.bulk_gbit_per_s)),
+                ratio(&f.p50_us, direct.map(|d| &d.p50_us)),
+            ),
+            None => (None, None),
+        };
+        let bulk_target = row.scenario.bulk_target().unwrap_or(0.8);
+        let p50_target = row.scenario.p50_target().unwrap_or(1.8);
+        let (bulk_text, bulk_met) = check(bulk, bulk_target, true);
+        let (p50_text, p50_met) = check(p50, p50_target, false);
+        writeln!(
+            md,
+            "| {} | {} | {bulk_text} | {p50_text} (target ≤ {p50_target}×) |",
+            row.topology.name(),
+            row.scenario.name()
+        )
+        .unwrap_or(());
+        out.push(json!({
+            "topology": row.topology,
+            "scenario": row.scenario,
+            "bulk_ratio": bulk,
+            "bulk_target": bulk_target,
+            "bulk_met": bulk_met,
+            "p50_ratio": p50,
+            "p50_target": p50_target,
+            "p50_met": p50_met,
+        }));
+    }
+    (Value::Array(out), md)
+}
+
+/// Full errors, warnings and fallbacks, one bullet each.
+pub fn notes(rows: &[Row]) -> String {
+    let mut n = String::new();
+    for row in rows {
+        let who = format!("{} / {}", row.topology.name(), row.scenario.name());
+        match &row.outcome {
+            Outcome::Failed { error } => writeln!(n, "- {who}: failed: {}", cell_text(error, 4000)),
+            Outcome::Skipped { reason } => writeln!(n, "- {who}: skipped: {reason}"),
+            Outcome::Measured { figures } => {
+                let mut r = Ok(());
+                for (what, cell) in [
+                    ("latency", &figures.p50_us),
+                    ("bulk", &figures.bulk_gbit_per_s),
+                    ("connection rate", &figures.conn_per_s),
+                ] {
+                    for e in &cell.errors {
+                        r = r.and(writeln!(
+                            n,
+                            "- {who}: {what} run failed: {}",
+                            cell_text(e, 4000)
+                        ));
+                    }
+                }
+                if figures.latency_tools.iter().any(|t| t != "sockperf") {
+                    let why: Vec<&str> = figures
+                        .raw
+                        .iter()
+                        .filter_map(|r| r["latency"]["sockperf_error"].as_str())
+                        .collect();
+                    r = r.and(writeln!(
+                        n,
+                        "- {who}: latency from {} (sockperf failed: {})",
+                        figures.latency_tools.join(", "),
+                        cell_text(&why.join("; "), 4000)
+                    ));
+                }
+                if figures.connrate_errors > 0 {
+                    r = r.and(writeln!(
+                        n,
+                        "- {who}: {} connection-rate exchanges failed (counted out of conn/s)",
+                        figures.connrate_errors
+                    ));
+                }
+                r
+            }
+        }
+        .unwrap_or(());
+        for w in &row.warnings {
+            writeln!(n, "- {who}: ⚠ {w}").unwrap_or(());
+        }
+    }
+    n
+}
+
+fn machine(f: &Facts, loadavg_at_end: &str) -> String {
+    format!(
+        "- host: {} · kernel {} · {} × {} · memory {}\n\
+         - load average at start: {} · at end: {loadavg_at_end}\n\
+         - tools: {} · {} · {}\n\
+         - workspace: commit {}{}\n",
+        f.hostname,
+        f.kernel,
+        f.cpus,
+        f.cpu_model,
+        f.memory,
+        f.loadavg_at_start,
+        f.sockperf,
+        f.iperf3,
+        f.haproxy,
+        f.git_commit,
+        match f.git_dirty {
+            Some(true) => " (with uncommitted changes)",
+            _ => "",
+        }
+    )
+}
+
+fn raw_numbers(rows: &[Row]) -> String {
+    let mut s = String::new();
+    for row in rows {
+        let Some(f) = row.figures() else { continue };
+        writeln!(s, "- {} / {}:", row.topology.name(), row.scenario.name()).unwrap_or(());
+        for run in &f.raw {
+            let round = run["run"].as_u64().unwrap_or(0) + 1;
+            if let Some(e) = run["scenario_error"].as_str() {
+                writeln!(
+                    s,
+                    "  - round {round}: scenario failed: {}",
+                    cell_text(e, 600)
+                )
+                .unwrap_or(());
+                continue;
+            }
+            let l = &run["latency"];
+            let lat = if l["error"].is_string() {
+                format!("error {}", l["error"])
+            } else if l["tool"] == "sockperf" {
+                format!(
+                    "sockperf p50 {} µs p99 {} µs over {} round trips",
+                    l["p50_us"], l["p99_us"], l["observations"]
+                )
+            } else {
+                let r = &l["report"];
+                format!(
+                    "tb-pod rr p50 {} µs p99 {} µs over {} round trips",
+                    r["p50_us"], r["p99_us"], r["round_trips"]
+                )
+            };
+            let b = &run["bulk"];
+            let bulk = if b["error"].is_string() {
+                format!("error {}", b["error"])
+            } else {
+                let machine = b["machine_cpu_s"]
+                    .as_f64()
+                    .map(|m| format!(" (whole machine {m:.2} CPU s)"))
+                    .unwrap_or_default();
+                format!(
+                    "iperf3 {:.3} Gbit/s, {} bytes received, {:.3} CPU s in the node cgroups{machine}",
+                    b["gbit_per_s"].as_f64().unwrap_or(0.0),
+                    b["bytes"],
+                    b["cpu_s"].as_f64().unwrap_or(0.0)
+                )
+            };
+            let c = &run["connrate"];
+            let conn = if c["error"].is_string() {
+                format!("error {}", c["error"])
+            } else {
+                let r = &c["report"];
+                format!(
+                    "connrate {} connections, {} errors in {} ms",
+                    r["connections"], r["errors"], r["elapsed_ms"]
+                )
+            };
+            writeln!(
+                s,
+                "  - round {round}: {} · {} · {}",
+                cell_text(&lat, 300),
+                cell_text(&bulk, 300),
+                cell_text(&conn, 300)
+            )
+            .unwrap_or(());
+        }
+        if !row.evidence.is_null() {
+            writeln!(s, "  - evidence per round: `{}`", row.evidence).unwrap_or(());
+        }
+    }
+    s
+}
+
+const HOW_TO_READ: &str =
+    "Ratios are to `direct` of the same topology in this run. Latency is the \
+round trip of a 64-byte request and its 64-byte response on one persistent connection (sockperf \
+ping-pong `--full-rtt`; `[rr]` marks `tb-pod rr` used as the fallback); bulk is one iperf3 stream; \
+conn/s is `tb-pod connrate` (connect, 1 byte each way, RST close, one thread); CPU s/GB is the CPU \
+time of the node cgroups (pods, proxies, agents) during the iperf3 run per 10^9 bytes received. \
+Lower is better for latency and CPU, higher for bulk and conn/s. See bench/README.md.";
+
+/// The summary printed on stdout: table, targets, notes.
+pub fn summary(report: &Report<'_>) -> String {
+    let (_, targets_md) = targets(report.rows);
+    let notes = notes(report.rows);
+    let mut s = String::new();
+    writeln!(
+        s,
+        "## Results ({} s per figure, median of {} round{})\n\n{}\n{HOW_TO_READ}\n\n\
+         ## Targets (ours vs direct, same topology)\n\n{targets_md}",
+        report.secs,
+        report.rounds,
+        if report.rounds == 1 { "" } else { "s" },
+        table(report.rows)
+    )
+    .unwrap_or(());
+    if !notes.is_empty() {
+        writeln!(s, "\n## Notes\n\n{notes}").unwrap_or(());
+    }
+    s
+}
+
+pub fn markdown(report: &Report<'_>) -> String {
+    let f = report.facts;
+    format!(
+        "# interceptor bench, {} on {}\n\n\
+         `tb-bench {}` started {}, took {:.0} s.{}\n\n{}\n## Machine\n\n{}\n\
+         ## Raw numbers\n\nEvery round of every figure (the JSON file beside this one has each tool's \
+         full figures).\n\n{}",
+        f.date_utc,
+        f.hostname,
+        report.args.join(" "),
+        f.started_utc,
+        report.wall_s,
+        report
+            .note
+            .as_ref()
+            .map(|n| format!("\n\nNote: {n}"))
+            .unwrap_or_default(),
+        summary(report),
+        machine(f, &report.loadavg_at_end),
+        raw_numbers(report.rows)
+    )
+}
+
+pub fn json(report: &Report<'_>, markdown: &str) -> Value {
+    let (targets, _) = targets(report.rows);
+    json!({
+        "facts": report.facts,
+        "args": report.args,
+        "seconds_per_figure": report.secs,
+        "rounds": report.rounds,
+        "wall_s": report.wall_s,
+        "loadavg_at_end": report.loadavg_at_end,
+        "note": report.note,
+        "rows": report.rows,
+        "targets": targets,
+        "table_markdown": table(report.rows),
+        "markdown": markdown,
+    })
+}
+
+/// Writes `<dir>/<stem>.md` and `<dir>/<stem>.json`.
+pub fn save(dir: &Path, stem: &str, markdown: &str, json: &Value) -> Result<(PathBuf, PathBuf)> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let md = dir.join(format!("{stem}.md"));
+    let js = dir.join(format!("{stem}.json"));
+    std::fs::write(&md, markdown).with_context(|| format!("writing {}", md.display()))?;
+    let mut text = serde_json::to_string_pretty(json)?;
+    text.push('\n');
+    std::fs::write(&js, text).with_context(|| format!("writing {}", js.display()))?;
+    Ok((md, js))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cell(v: f64) -> Cell {
+        Cell {
+            value: Some(v),
+            samples: vec![v],
+            errors: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn figure_shows_value_and_ratio() {
+        assert_eq!(figure(&cell(20.0), Some(&cell(10.0)), 1), "20.0 (2.00×)");
+        assert_eq!(figure(&cell(20.0), None, 1), "20.0 (n/a)");
+        let failed = Cell {
+            value: None,
+            samples: Vec::new(),
+            errors: vec!["a | b\nc".into()],
+        };
+        assert_eq!(figure(&failed, Some(&cell(1.0)), 1), "failed: a / b c");
+    }
+
+    #[test]
+    fn checks_say_by_how_much_a_target_is_missed() {
+        assert_eq!(check(Some(0.9), 0.8, true).0, "0.90× met");
+        assert_eq!(check(Some(0.5), 0.8, true).0, "0.50× **missed** by 0.30×");
+        assert_eq!(check(Some(2.0), 1.8, false).1, Some(false));
+        assert_eq!(check(None, 1.8, false).1, None);
+    }
+
+    #[test]
+    fn long_errors_are_cut_for_cells() {
+        let s = cell_text(&"x".repeat(200), 10);
+        assert_eq!(s.chars().count(), 11);
+    }
+}

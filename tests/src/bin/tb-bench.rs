@@ -1,0 +1,137 @@
+//! `tb-bench` (`cargo xtask bench`): the interceptor against the direct path and the
+//! classic sidecar on the local testbed. Same-node and cross-node; direct, HAProxy behind
+//! iptables REDIRECT, ztunnel (when `ZTUNNEL_BIN` is set), our agent with the client
+//! enrolled, with both enrolled, and with sockmap. For each: 64-byte request/response
+//! latency (p50, p99), bulk throughput, new connections per second and CPU seconds per
+//! GB, all measured in the same run and shown as ratios to direct. Prints one markdown
+//! table and saves it with the raw numbers and machine facts under `bench/results/`.
+//! Needs root. See bench/README.md for how to read the table.
+
+#[path = "../bench/mod.rs"]
+mod bench;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use clap::{Parser, ValueEnum};
+
+use bench::report::{self, Report};
+use bench::scenario::{self, Options, Topology};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Which {
+    Both,
+    SameNode,
+    CrossNode,
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tb-bench",
+    about = "Benchmark the interceptor against direct, HAProxy and ztunnel on the local testbed"
+)]
+struct Cli {
+    /// A smoke run: 2 s per figure instead of 5, one run instead of 3 (its result files
+    /// get a `-quick` suffix).
+    #[arg(long)]
+    quick: bool,
+    /// Seconds per figure [default: 5, or 2 with --quick].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=600))]
+    seconds: Option<u64>,
+    /// Rounds: each measures every scenario once (fresh testbeds), and the table shows
+    /// each figure's median over the rounds [default: 3, or 1 with --quick].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=50))]
+    repeat: Option<u64>,
+    /// Which topologies to measure.
+    #[arg(long, value_enum, default_value_t = Which::Both)]
+    topology: Which,
+    /// Where the result files go [default: <workspace>/bench/results].
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+    /// Print the table only; write no result files.
+    #[arg(long)]
+    no_save: bool,
+    /// Free text saved with the results, e.g. what build was measured.
+    #[arg(long)]
+    note: Option<String>,
+}
+
+fn workspace() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    if !rustix::process::geteuid().is_root() {
+        bail!("tb-bench builds network namespaces and attaches eBPF programs: run it as root");
+    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let secs = cli.seconds.unwrap_or(if cli.quick { 2 } else { 5 });
+    let rounds = usize::try_from(cli.repeat.unwrap_or(if cli.quick { 1 } else { 3 }))?;
+    let topologies: Vec<Topology> = match cli.topology {
+        Which::Both => vec![Topology::SameNode, Topology::CrossNode],
+        Which::SameNode => vec![Topology::SameNode],
+        Which::CrossNode => vec![Topology::CrossNode],
+    };
+    let facts = bench::facts::collect(&workspace());
+    eprintln!(
+        "tb-bench: {} s per figure, {} run(s) each, topologies {:?}; kernel {}, {} CPUs, load {}",
+        secs,
+        rounds,
+        topologies.iter().map(|t| t.name()).collect::<Vec<_>>(),
+        facts.kernel,
+        facts.cpus,
+        facts.loadavg_at_start
+    );
+    let start = Instant::now();
+    // Round-robin: every round measures every scenario once, so load from elsewhere on
+    // the machine falls on all of them alike; the table takes the median over rounds.
+    let mut rounds_rows = Vec::new();
+    for round in 0..rounds {
+        let opts = Options {
+            secs,
+            round,
+            rounds,
+        };
+        let mut rows = Vec::new();
+        for &topology in &topologies {
+            rows.extend(scenario::run(topology, opts));
+        }
+        rounds_rows.push(rows);
+    }
+    let rows = scenario::merge(rounds_rows);
+    let report = Report {
+        facts: &facts,
+        secs,
+        rounds,
+        args: &args,
+        rows: &rows,
+        wall_s: start.elapsed().as_secs_f64(),
+        loadavg_at_end: bench::facts::loadavg(),
+        note: cli.note.clone(),
+    };
+    println!("{}", report::summary(&report));
+    if !cli.no_save {
+        let markdown = report::markdown(&report);
+        let json = report::json(&report, &markdown);
+        let mut stem = format!("{}-{}", facts.date_utc, facts.hostname);
+        if cli.quick {
+            stem.push_str("-quick");
+        }
+        if cli.topology != Which::Both {
+            stem.push_str(if cli.topology == Which::SameNode {
+                "-same-node"
+            } else {
+                "-cross-node"
+            });
+        }
+        let dir = cli
+            .out_dir
+            .unwrap_or_else(|| workspace().join("bench").join("results"));
+        let (md, js) = report::save(&dir, &stem, &markdown, &json)?;
+        println!("Saved {} and {}", md.display(), js.display());
+    }
+    Ok(())
+}
