@@ -355,6 +355,11 @@ fn daemonset_args_match_the_agent_cli_and_the_mounts() {
         config.config_map.as_ref().map(|c| c.name.as_str()),
         Some("interceptor-config")
     );
+    // The mesh config the agent watches is the ConfigMap's config.yaml key.
+    assert_eq!(
+        arg_value(args, "--mesh-config"),
+        "/etc/interceptor/config/config.yaml"
+    );
 }
 
 #[test]
