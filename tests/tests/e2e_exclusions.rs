@@ -55,12 +55,28 @@ metadata: {name: outsider, namespace: legacy}
 spec: {containers: [{name: c, image: x}]}
 "#;
 
-fn start(label: &str) -> (Node, PathBuf) {
-    let mesh_config = PathBuf::from(format!(
+/// The mesh config file of one test, removed however the test ends.
+struct MeshConfigFile(PathBuf);
+
+impl Drop for MeshConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl std::ops::Deref for MeshConfigFile {
+    type Target = PathBuf;
+    fn deref(&self) -> &PathBuf {
+        &self.0
+    }
+}
+
+fn start(label: &str) -> (Node, MeshConfigFile) {
+    let mesh_config = MeshConfigFile(PathBuf::from(format!(
         "/run/interceptor-tb/mesh-config-{}-{label}.yaml",
         std::process::id()
-    ));
-    std::fs::write(&mesh_config, "outboundIPRangeExclusionList: []\n").expect("mesh config");
+    )));
+    std::fs::write(&*mesh_config, "outboundIPRangeExclusionList: []\n").expect("mesh config");
     let config_arg = mesh_config.display().to_string();
     let node = Node::start_with_manifests(label, &["--mesh-config", &config_arg], MANIFESTS);
     (node, mesh_config)
@@ -126,7 +142,7 @@ fn global_outbound_ip_range_exclusion() {
     let echo_b = servers(&node.tb, &b);
     assert!(intercepted(&node, &client, &a, &echo_a[0], 9000));
     std::fs::write(
-        &config,
+        &*config,
         format!("outboundIPRangeExclusionList: [\"{}/32\"]\n", a.ip),
     )
     .unwrap();
@@ -137,7 +153,6 @@ fn global_outbound_ip_range_exclusion() {
         intercepted(&node, &client, &b, &echo_b[0], 9000),
         "b is not excluded"
     );
-    let _ = std::fs::remove_file(config);
 }
 
 #[test]
@@ -152,7 +167,7 @@ fn global_inclusion_list_means_only_those_ranges() {
     let echo_a = servers(&node.tb, &a);
     let echo_b = servers(&node.tb, &b);
     std::fs::write(
-        &config,
+        &*config,
         format!(
             "outboundIPRangeInclusionList: [\"{}/32\"]\noutboundIPRangeExclusionList: []\n",
             b.ip
@@ -168,7 +183,7 @@ fn global_inclusion_list_means_only_those_ranges() {
     );
     // Exclusions win over inclusions.
     std::fs::write(
-        &config,
+        &*config,
         format!(
             "outboundIPRangeInclusionList: [\"{0}/32\"]\noutboundIPRangeExclusionList: [\"{0}/32\"]\n",
             b.ip
@@ -178,7 +193,6 @@ fn global_inclusion_list_means_only_those_ranges() {
     until("b excluded though included", || {
         !intercepted(&node, &client, &b, &echo_b[0], 9000)
     });
-    let _ = std::fs::remove_file(config);
 }
 
 #[test]
@@ -190,7 +204,7 @@ fn global_outbound_port_exclusion() {
     let a = node.pod("legacy", "a");
     let client = node.pod("demo", "client");
     let echo = servers(&node.tb, &a);
-    std::fs::write(&config, "outboundPortExclusionList: [9000]\n").unwrap();
+    std::fs::write(&*config, "outboundPortExclusionList: [9000]\n").unwrap();
     until("9000 excluded", || {
         !intercepted(&node, &client, &a, &echo[0], 9000)
     });
@@ -198,7 +212,6 @@ fn global_outbound_port_exclusion() {
         intercepted(&node, &client, &a, &echo[1], 9001),
         "9001 is not excluded"
     );
-    let _ = std::fs::remove_file(config);
 }
 
 #[test]
@@ -214,7 +227,7 @@ fn global_inbound_port_exclusion() {
         intercepted(&node, &outsider, &server, &echo[0], 9000),
         "tc steers 9000"
     );
-    std::fs::write(&config, "inboundPortExclusionList: [9000]\n").unwrap();
+    std::fs::write(&*config, "inboundPortExclusionList: [9000]\n").unwrap();
     until("9000 excluded inbound", || {
         !intercepted(&node, &outsider, &server, &echo[0], 9000)
     });
@@ -222,7 +235,6 @@ fn global_inbound_port_exclusion() {
         intercepted(&node, &outsider, &server, &echo[1], 9001),
         "9001 still steered"
     );
-    let _ = std::fs::remove_file(config);
 }
 
 #[test]
@@ -235,7 +247,7 @@ fn pod_annotations_add_to_global_rules_and_bad_values_are_reported() {
     let annotated = node.pod("demo", "annotated");
     let plain = node.pod("demo", "client");
     let echo = servers(&node.tb, &a);
-    std::fs::write(&config, "outboundPortExclusionList: [9000]\n").unwrap();
+    std::fs::write(&*config, "outboundPortExclusionList: [9000]\n").unwrap();
     until("global 9000 excluded", || {
         !intercepted(&node, &plain, &a, &echo[0], 9000)
     });
@@ -273,5 +285,4 @@ fn pod_annotations_add_to_global_rules_and_bad_values_are_reported() {
         node.agent_log().contains("notaport"),
         "the bad value is logged"
     );
-    let _ = std::fs::remove_file(config);
 }
