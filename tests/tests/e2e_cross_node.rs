@@ -4,7 +4,6 @@
 //! node-to-node link, so packets really are parsed, rewritten and checksummed by tc.
 mod common;
 
-
 use common::{wait_for, Node, ECHO_TARGET_PORT, MANIFESTS};
 use interceptor_testbed::{AgentProcess, NodeId, Pod};
 
