@@ -5,6 +5,8 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+
+use crate::sync::{lock, read, write};
 use std::time::Duration;
 
 use interceptor_cni::protocol::{codes, AgentResponse, PodSandbox};
@@ -183,10 +185,7 @@ impl Agent {
     }
 
     pub fn service_ports(&self) -> usize {
-        self.routes
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .service_ports()
+        read(&self.routes).service_ports()
     }
 
     /// Follow model changes: every new model means a new routing snapshot.
@@ -202,7 +201,7 @@ impl Agent {
 
     fn rebuild_routes(&self) {
         let (pod_ips, enrolled): (HashMap<PodKey, Ipv4Addr>, HashSet<Ipv4Addr>) = {
-            let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+            let pods = lock(&self.pods);
             let ips = pods
                 .iter()
                 .filter_map(|(key, entry)| entry.ipv4.map(|ip| (key.clone(), ip)))
@@ -215,11 +214,11 @@ impl Agent {
             (ips, enrolled)
         };
         let table = RouteTable::build(&self.model(), &pod_ips, enrolled);
-        *self.routes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+        *write(&self.routes) = Arc::new(table);
     }
 
     pub fn pod_statuses(&self) -> Vec<PodStatus> {
-        let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        let pods = lock(&self.pods);
         let mut statuses: Vec<PodStatus> = pods
             .iter()
             .map(|(key, entry)| PodStatus {
@@ -295,7 +294,7 @@ impl Agent {
 
         // Re-ADD of the same sandbox is idempotent; a new sandbox replaces the old one.
         {
-            let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+            let pods = lock(&self.pods);
             if let Some(existing) = pods.get(&key) {
                 if existing.container_id == sandbox.container_id
                     && existing.netns_path == netns_path
@@ -328,7 +327,7 @@ impl Agent {
         };
         let is_enrolled = enrolled.is_some();
         tracing::info!(pod = %key, enrolled = is_enrolled, reason = %enrollment.reason, ip = ?ipv4, "CNI ADD");
-        self.pods.lock().unwrap_or_else(|p| p.into_inner()).insert(
+        lock(&self.pods).insert(
             key,
             PodEntry {
                 sandbox: sandbox.clone(),
@@ -439,7 +438,7 @@ impl Agent {
             };
         };
         let same_sandbox = {
-            let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+            let pods = lock(&self.pods);
             pods.get(&key).map(|entry| {
                 sandbox.container_id.is_empty() || entry.container_id == sandbox.container_id
             })
@@ -462,11 +461,7 @@ impl Agent {
     }
 
     fn remove_pod(&self, key: &PodKey) {
-        let entry = self
-            .pods
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(key);
+        let entry = lock(&self.pods).remove(key);
         if let Some(enrolled) = entry.and_then(|e| e.enrolled) {
             let cookie = enrolled.datapath.netns_cookie;
             let _ = self
@@ -483,7 +478,7 @@ impl Agent {
     fn persist(&self) {
         let Some(path) = &self.pods_file else { return };
         let sandboxes: Vec<PodSandbox> = {
-            let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+            let pods = lock(&self.pods);
             let mut list: Vec<_> = pods.values().map(|entry| entry.sandbox.clone()).collect();
             list.sort_by(|a, b| {
                 (&a.pod_namespace, &a.pod_name).cmp(&(&b.pod_namespace, &b.pod_name))
@@ -531,7 +526,7 @@ impl Agent {
         }
         self.persist();
         let cookies: HashSet<u64> = {
-            let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+            let pods = lock(&self.pods);
             pods.values()
                 .filter_map(|entry| entry.enrolled.as_ref().map(|e| e.datapath.netns_cookie))
                 .collect()
@@ -549,7 +544,7 @@ impl Agent {
     /// CNI CHECK: is the pod's data path in place?
     pub fn check(&self, sandbox: &PodSandbox) -> Result<AgentResponse, CniFailure> {
         let key = pod_key(sandbox)?;
-        let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        let pods = lock(&self.pods);
         let entry = pods.get(&key).ok_or_else(|| {
             CniFailure::new(
                 codes::UNKNOWN_CONTAINER,
@@ -577,7 +572,7 @@ impl Agent {
     /// Stop intercepting every pod (graceful shutdown).
     pub fn remove_all(&self) {
         let keys: Vec<PodKey> = {
-            let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+            let pods = lock(&self.pods);
             pods.keys().cloned().collect()
         };
         for key in keys {

@@ -16,4 +16,5 @@ pub mod inpod;
 pub mod model;
 pub mod proxy;
 pub mod source;
+pub(crate) mod sync;
 pub mod trace;

@@ -4,7 +4,9 @@ use std::collections::HashMap as StdHashMap;
 use std::fs::File;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
+
+use crate::sync::lock;
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, SockHash};
@@ -121,7 +123,7 @@ struct Maps {
     out_excluded: LpmTrie<MapData, CidrKey, u8>,
     out_included: LpmTrie<MapData, CidrKey, u8>,
     scope_flags: HashMap<MapData, u64, u32>,
-    /// What [`EbpfDatapath::apply_rules`] wrote per scope, so a change removes exactly
+    /// What `set_rules` wrote per scope, so a change removes exactly
     /// the old entries.
     rule_keys: StdHashMap<u64, ScopeRules>,
     enrolled: HashMap<MapData, u64, EnrolledPod>,
@@ -146,10 +148,6 @@ pub struct EbpfDatapath {
     options: Mutex<EbpfOptions>,
     pin_dir: PathBuf,
     cgroup: PathBuf,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn ip_key(ip: Ipv4Addr) -> u32 {
@@ -376,114 +374,6 @@ impl EbpfDatapath {
         });
     }
 
-    /// Remove every pin, which detaches the pinned links: interception ends. For a
-    /// shutdown that should not leave pods failing closed.
-    fn remove_pins(&self) -> std::io::Result<()> {
-        for link in lock(&self.pinned_links).drain(..) {
-            let _ = link.unpin();
-        }
-        for (_, attachments) in lock(&self.tc_links).drain() {
-            for attachment in attachments {
-                attachment.detach();
-            }
-        }
-        super::bpffs::remove_pin_dir(&self.pin_dir, &is_our_pin)
-    }
-
-    /// Forget enrolled pods that were not adopted again after a restart (their entries
-    /// and tc link pins came from a previous agent through the reused maps).
-    fn retain_pods_impl(&self, cookies: &std::collections::HashSet<u64>) {
-        let mut maps = lock(&self.maps);
-        let stale: Vec<(u64, EnrolledPod)> = maps
-            .enrolled
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(cookie, _)| !cookies.contains(cookie))
-            .collect();
-        for (cookie, pod) in stale {
-            let _ = maps.enrolled.remove(&cookie);
-            if maps.pod_by_ip.get(&pod.ipv4, 0).ok() == Some(cookie) {
-                let _ = maps.pod_by_ip.remove(&pod.ipv4);
-            }
-            Self::sweep_flows(&mut maps, pod.ipv4);
-        }
-        drop(maps);
-        if let Ok(entries) = std::fs::read_dir(&self.pin_dir) {
-            for entry in entries.flatten() {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                let Some(rest) = name.strip_prefix(TC_LINK_PREFIX) else {
-                    continue;
-                };
-                let cookie = rest.split('_').next().and_then(|c| c.parse::<u64>().ok());
-                if cookie.is_some_and(|c| !cookies.contains(&c)) {
-                    let _ = std::fs::remove_file(entry.path());
-                }
-            }
-        }
-    }
-
-    /// Replace the rules of `scope` (0: global; else a pod's netns cookie). New entries
-    /// go in before old ones come out, so a change never opens a moment with neither.
-    fn apply_rules(
-        &self,
-        scope: u64,
-        config: &crate::config::MeshConfig,
-    ) -> Result<(), DatapathError> {
-        let new = ScopeRules::from_config(scope, config);
-        let mut maps = lock(&self.maps);
-        let map_err = |name: &'static str| move |source| DatapathError::Map { name, source };
-        for key in &new.ports {
-            maps.port_exclusions
-                .insert(*key, 1, 0)
-                .map_err(map_err(maps::PORT_EXCLUSIONS))?;
-        }
-        for key in &new.excluded {
-            maps.out_excluded
-                .insert(key, 1, 0)
-                .map_err(map_err(maps::OUT_EXCLUDED_CIDRS))?;
-        }
-        for key in &new.included {
-            maps.out_included
-                .insert(key, 1, 0)
-                .map_err(map_err(maps::OUT_INCLUDED_CIDRS))?;
-        }
-        if config.outbound_ip_range_inclusion_list.is_some() {
-            maps.scope_flags
-                .insert(scope, rules::FLAG_HAS_INCLUSION, 0)
-                .map_err(map_err(maps::SCOPE_FLAGS))?;
-        } else {
-            let _ = maps.scope_flags.remove(&scope);
-        }
-        let old = maps
-            .rule_keys
-            .insert(scope, new.clone())
-            .unwrap_or_default();
-        for key in old.ports.iter().filter(|k| !new.ports.contains(k)) {
-            // The reserved ports are global inbound rules of their own: never removed.
-            if !(scope == rules::GLOBAL_SCOPE
-                && key.direction == rules::DIRECTION_INBOUND
-                && RESERVED_PORTS.contains(&key.port))
-            {
-                let _ = maps.port_exclusions.remove(key);
-            }
-        }
-        for key in old.excluded.iter().filter(|k| {
-            !new.excluded
-                .iter()
-                .any(|n| n.prefix_len() == k.prefix_len() && n.data() == k.data())
-        }) {
-            let _ = maps.out_excluded.remove(key);
-        }
-        for key in old.included.iter().filter(|k| {
-            !new.included
-                .iter()
-                .any(|n| n.prefix_len() == k.prefix_len() && n.data() == k.data())
-        }) {
-            let _ = maps.out_included.remove(key);
-        }
-        Ok(())
-    }
-
     /// Forget every flow record that involves `ip`: a deleted pod leaves nothing behind.
     fn sweep_flows(maps: &mut Maps, ip: u32) {
         let stale: Vec<InboundKey> = maps
@@ -516,7 +406,7 @@ struct ScopeRules {
 }
 
 fn cidr_key(scope: u64, net: &ipnet::Ipv4Net) -> Key<CidrKey> {
-    let ip = u32::from_ne_bytes(net.network().octets());
+    let ip = ip_key(net.network());
     Key::new(
         CidrKey::SCOPE_BITS + u32::from(net.prefix_len()),
         CidrKey::new(scope, ip),
@@ -816,22 +706,114 @@ impl Datapath for EbpfDatapath {
         }
     }
 
-    fn retain_pods(&self, netns_cookies: &std::collections::HashSet<u64>) {
-        self.retain_pods_impl(netns_cookies);
+    /// Forget enrolled pods that were not adopted again after a restart (their entries
+    /// and tc link pins came from a previous agent through the reused maps).
+    fn retain_pods(&self, cookies: &std::collections::HashSet<u64>) {
+        let mut maps = lock(&self.maps);
+        let stale: Vec<(u64, EnrolledPod)> = maps
+            .enrolled
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(cookie, _)| !cookies.contains(cookie))
+            .collect();
+        for (cookie, pod) in stale {
+            let _ = maps.enrolled.remove(&cookie);
+            if maps.pod_by_ip.get(&pod.ipv4, 0).ok() == Some(cookie) {
+                let _ = maps.pod_by_ip.remove(&pod.ipv4);
+            }
+            Self::sweep_flows(&mut maps, pod.ipv4);
+        }
+        drop(maps);
+        if let Ok(entries) = std::fs::read_dir(&self.pin_dir) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let Some(rest) = name.strip_prefix(TC_LINK_PREFIX) else {
+                    continue;
+                };
+                let cookie = rest.split('_').next().and_then(|c| c.parse::<u64>().ok());
+                if cookie.is_some_and(|c| !cookies.contains(&c)) {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
     }
 
+    /// Remove every pin, which detaches the pinned links: interception ends. For a
+    /// shutdown that should not leave pods failing closed.
     fn teardown(&self) -> Result<(), DatapathError> {
-        self.remove_pins().map_err(|e| DatapathError::Bpffs {
+        for link in lock(&self.pinned_links).drain(..) {
+            let _ = link.unpin();
+        }
+        for (_, attachments) in lock(&self.tc_links).drain() {
+            for attachment in attachments {
+                attachment.detach();
+            }
+        }
+        super::bpffs::remove_pin_dir(&self.pin_dir, &is_our_pin).map_err(|e| DatapathError::Bpffs {
             path: self.pin_dir.display().to_string(),
             reason: e.to_string(),
         })
     }
 
+    /// Replace the rules of `scope` (0: global; else a pod's netns cookie). New entries
+    /// go in before old ones come out, so a change never opens a moment with neither.
     fn set_rules(
         &self,
         scope: u64,
-        rules: &crate::config::MeshConfig,
+        config: &crate::config::MeshConfig,
     ) -> Result<(), DatapathError> {
-        self.apply_rules(scope, rules)
+        let new = ScopeRules::from_config(scope, config);
+        let mut maps = lock(&self.maps);
+        let map_err = |name: &'static str| move |source| DatapathError::Map { name, source };
+        for key in &new.ports {
+            maps.port_exclusions
+                .insert(*key, 1, 0)
+                .map_err(map_err(maps::PORT_EXCLUSIONS))?;
+        }
+        for key in &new.excluded {
+            maps.out_excluded
+                .insert(key, 1, 0)
+                .map_err(map_err(maps::OUT_EXCLUDED_CIDRS))?;
+        }
+        for key in &new.included {
+            maps.out_included
+                .insert(key, 1, 0)
+                .map_err(map_err(maps::OUT_INCLUDED_CIDRS))?;
+        }
+        if config.outbound_ip_range_inclusion_list.is_some() {
+            maps.scope_flags
+                .insert(scope, rules::FLAG_HAS_INCLUSION, 0)
+                .map_err(map_err(maps::SCOPE_FLAGS))?;
+        } else {
+            let _ = maps.scope_flags.remove(&scope);
+        }
+        let old = maps
+            .rule_keys
+            .insert(scope, new.clone())
+            .unwrap_or_default();
+        for key in old.ports.iter().filter(|k| !new.ports.contains(k)) {
+            // The reserved ports are global inbound rules of their own: never removed.
+            if !(scope == rules::GLOBAL_SCOPE
+                && key.direction == rules::DIRECTION_INBOUND
+                && RESERVED_PORTS.contains(&key.port))
+            {
+                let _ = maps.port_exclusions.remove(key);
+            }
+        }
+        for key in old.excluded.iter().filter(|k| {
+            !new.excluded
+                .iter()
+                .any(|n| n.prefix_len() == k.prefix_len() && n.data() == k.data())
+        }) {
+            let _ = maps.out_excluded.remove(key);
+        }
+        for key in old.included.iter().filter(|k| {
+            !new.included
+                .iter()
+                .any(|n| n.prefix_len() == k.prefix_len() && n.data() == k.data())
+        }) {
+            let _ = maps.out_included.remove(key);
+        }
+        Ok(())
     }
 }

@@ -4,6 +4,8 @@
 use std::collections::VecDeque;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex, RwLock};
+
+use crate::sync::{lock, read};
 use std::time::{Duration, SystemTime};
 
 use interceptor_common::{INBOUND_PORT, OUTBOUND_PORT, PROXY_MARK};
@@ -62,7 +64,7 @@ pub struct ConnectionLog {
 
 impl ConnectionLog {
     pub fn push(&self, record: ConnectionRecord) {
-        let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        let mut records = lock(&self.records);
         if records.len() == LOG_CAPACITY {
             records.pop_front();
         }
@@ -70,7 +72,7 @@ impl ConnectionLog {
     }
 
     pub fn snapshot(&self) -> Vec<ConnectionRecord> {
-        let records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        let records = lock(&self.records);
         records.iter().cloned().collect()
     }
 }
@@ -167,7 +169,7 @@ async fn proxy_one(
         }
     };
     record.original_dst = Some(original);
-    let table = ctx.routes.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let table = read(&ctx.routes).clone();
     let target = match ctx.direction {
         Direction::Outbound => table.resolve(original),
         // Inbound traffic is for the application in this pod, on the port it was sent to.
