@@ -4,7 +4,7 @@
 //! node-to-node link, so packets really are parsed, rewritten and checksummed by tc.
 mod common;
 
-use common::{wait_for, Node, ECHO_TARGET_PORT, MANIFESTS};
+use common::{inbound_records, wait_for, Node, ECHO_TARGET_PORT, MANIFESTS};
 use interceptor_testbed::{AgentProcess, NodeId, Pod};
 
 const MIB: u64 = 1024 * 1024;
@@ -14,16 +14,6 @@ fn two_nodes(label: &str, agent_args: &[&str]) -> (Node, NodeId) {
     let mut node = Node::start(label, agent_args);
     let b = node.tb.add_node("b", false).expect("node b");
     (node, b)
-}
-
-fn inbound_records(dump: &serde_json::Value, pod: &str) -> Vec<serde_json::Value> {
-    dump["connections"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|r| r["direction"] == "inbound" && r["pod"] == pod)
-        .cloned()
-        .collect()
 }
 
 fn transfer(
@@ -82,7 +72,7 @@ fn client_on_b_reaches_server_on_a(agent_args: &[&str], client_args: &[&str]) {
     }
     let local = report.local.expect("local");
     let record = wait_for("the inbound record", || {
-        inbound_records(&node.config_dump(), "demo/server")
+        inbound_records(&node.config_dump(), "demo/server", None)
             .into_iter()
             .find(|r| r["client"] == local.as_str())
     });
@@ -165,7 +155,7 @@ fn enrolled_pods_on_two_nodes_go_through_both_proxies() {
     // On a, the connection arrives from b's proxy, which dials from the client pod's IP.
     let client_ip = client.ip.to_string();
     let inbound = wait_for("the inbound record on a", || {
-        inbound_records(&node.config_dump(), "demo/server")
+        inbound_records(&node.config_dump(), "demo/server", None)
             .into_iter()
             .find(|r| {
                 r["client"]

@@ -5,27 +5,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{wait_for, Node, ECHO_TARGET_PORT};
+use common::{inbound_records, wait_for, Node, ECHO_TARGET_PORT};
 
 const MIB: u64 = 1024 * 1024;
-
-/// Inbound records in `pod` from a client at `client_ip`.
-fn inbound_records(node: &Node, pod: &str, client_ip: &str) -> Vec<serde_json::Value> {
-    let dump = node.config_dump();
-    dump["connections"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|r| {
-            r["direction"] == "inbound"
-                && r["pod"] == pod
-                && r["client"]
-                    .as_str()
-                    .is_some_and(|c| c.starts_with(&format!("{client_ip}:")))
-        })
-        .cloned()
-        .collect()
-}
 
 fn records(node: &Node) -> serde_json::Value {
     node.config_dump()["datapath_records"].clone()
@@ -79,7 +61,7 @@ fn inbound_through_tc(agent_args: &[&str], client_args: &[&str]) {
 
     let outsider_ip = outsider.ip.to_string();
     let record = wait_for("the inbound record", || {
-        inbound_records(&node, "demo/server", &outsider_ip)
+        inbound_records(&node.config_dump(), "demo/server", Some(&outsider_ip))
             .into_iter()
             .next()
     });
@@ -135,7 +117,12 @@ fn reserved_ports_are_never_steered_inbound() {
         "{}",
         dump["datapath_counters"]
     );
-    assert!(inbound_records(&node, "demo/server", &outsider.ip.to_string()).is_empty());
+    assert!(inbound_records(
+        &node.config_dump(),
+        "demo/server",
+        Some(&outsider.ip.to_string())
+    )
+    .is_empty());
 }
 
 #[test]
@@ -365,8 +352,12 @@ fn connections_made_before_enrollment_keep_working() {
         .expect("client");
     assert_eq!(report.error, None, "{report:?}");
     wait_for("an inbound record for the new connection", || {
-        inbound_records(&node, "legacy/late", &outsider.ip.to_string())
-            .into_iter()
-            .next()
+        inbound_records(
+            &node.config_dump(),
+            "legacy/late",
+            Some(&outsider.ip.to_string()),
+        )
+        .into_iter()
+        .next()
     });
 }

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Node, ECHO_CLUSTER_IP, ECHO_SERVICE_PORT, ECHO_TARGET_PORT};
+use common::{inbound_records, Node, ECHO_CLUSTER_IP, ECHO_SERVICE_PORT, ECHO_TARGET_PORT};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -30,20 +30,10 @@ fn wait_for_record(node: &Node, client: &str) -> serde_json::Value {
 /// The inbound record in `pod`'s listener for a connection from `client_ip`.
 fn wait_for_inbound(node: &Node, pod: &str, client_ip: &str) -> serde_json::Value {
     for _ in 0..50 {
-        let dump = node.config_dump();
-        let found = dump["connections"].as_array().and_then(|records| {
-            records
-                .iter()
-                .find(|r| {
-                    r["direction"] == "inbound"
-                        && r["pod"] == pod
-                        && r["client"]
-                            .as_str()
-                            .is_some_and(|c| c.starts_with(&format!("{client_ip}:")))
-                })
-                .cloned()
-        });
-        if let Some(record) = found {
+        if let Some(record) = inbound_records(&node.config_dump(), pod, Some(client_ip))
+            .into_iter()
+            .next()
+        {
             return record;
         }
         std::thread::sleep(Duration::from_millis(100));

@@ -161,3 +161,26 @@ pub fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
     }
     panic!("timed out waiting for {what}");
 }
+
+/// Inbound connection records of `pod` in a `/config_dump`, optionally only those from a
+/// client at `client_ip`.
+pub fn inbound_records(
+    dump: &serde_json::Value,
+    pod: &str,
+    client_ip: Option<&str>,
+) -> Vec<serde_json::Value> {
+    dump["connections"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["direction"] == "inbound" && r["pod"] == pod)
+        .filter(|r| {
+            client_ip.is_none_or(|ip| {
+                r["client"]
+                    .as_str()
+                    .is_some_and(|c| c.starts_with(&format!("{ip}:")))
+            })
+        })
+        .cloned()
+        .collect()
+}
