@@ -13,6 +13,8 @@ use crate::admin::{self, StaticInfo};
 use crate::agent::{Agent, AgentOptions, UnknownPod};
 use crate::cleanup::{self, PID_FILE, PODS_FILE};
 use crate::datapath::ebpf::{EbpfDatapath, EbpfOptions};
+use crate::datapath::iptables::IptablesDatapath;
+use crate::datapath::probe::Chosen;
 use crate::datapath::Datapath;
 use crate::source::kube;
 use crate::source::manifests::{self, ManifestState};
@@ -70,6 +72,10 @@ pub struct AgentConfig {
     pub on_exit: OnExit,
     /// `--mode`: auto picks eBPF when the kernel has what it needs.
     pub mode: crate::datapath::probe::Mode,
+    /// Probed features to treat as missing (exercises the fallback).
+    pub simulate_missing_features: Vec<String>,
+    /// `--iptables-backend` for the iptables mode.
+    pub iptables_backend: crate::datapath::iptables::BackendChoice,
     /// The global mesh config file (FSM MeshConfig names), watched.
     pub mesh_config: Option<PathBuf>,
     /// How long CNI ADD waits for a pod the model does not have yet.
@@ -117,24 +123,40 @@ async fn serve(config: &AgentConfig) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
 
-    let probe = crate::datapath::probe::probe();
-    let (mode, mode_reason) = crate::datapath::probe::choose(config.mode, &probe)
+    let mut probe = crate::datapath::probe::probe();
+    for name in &config.simulate_missing_features {
+        probe.simulate_missing(name)?;
+    }
+    let (mode, mut mode_reason) = crate::datapath::probe::choose(config.mode, &probe)
         .context("choosing the interception mode")?;
-    tracing::info!(mode, reason = %mode_reason, kernel = %probe.kernel, "interception mode");
-    let datapath: Arc<dyn Datapath> = Arc::new(
-        EbpfDatapath::attach(
-            &config.cgroup,
-            &config.bpffs,
-            EbpfOptions {
-                debug: config.bpf_debug,
-                sockmap: config.sockmap,
-                inbound_flow_capacity: config.inbound_flow_capacity,
-            },
-        )
-        .context("attaching the eBPF data path")?,
-    );
-    tracing::info!(cgroup = %config.cgroup.display(), bpffs = %config.bpffs.display(),
-        debug = config.bpf_debug, sockmap = config.sockmap, "eBPF programs attached");
+    let (datapath, iptables_backend): (Arc<dyn Datapath>, _) = match mode {
+        Chosen::Ebpf => (
+            Arc::new(
+                EbpfDatapath::attach(
+                    &config.cgroup,
+                    &config.bpffs,
+                    EbpfOptions {
+                        debug: config.bpf_debug,
+                        sockmap: config.sockmap,
+                        inbound_flow_capacity: config.inbound_flow_capacity,
+                    },
+                )
+                .context("attaching the eBPF data path")?,
+            ),
+            None,
+        ),
+        Chosen::Iptables => {
+            if config.sockmap {
+                bail!("--sockmap needs the eBPF mode; this agent runs iptables ({mode_reason})");
+            }
+            let (backend, why) = crate::datapath::iptables::detect(config.iptables_backend)
+                .context("choosing the iptables backend")?;
+            mode_reason = format!("{mode_reason}; iptables-{}: {why}", backend.name());
+            (Arc::new(IptablesDatapath::new(backend)), Some(backend))
+        }
+    };
+    tracing::info!(mode = datapath.mode(), reason = %mode_reason, kernel = %probe.kernel,
+        cgroup = %config.cgroup.display(), "interception mode");
 
     let (tx, mut rx) = watch::channel(ManifestState::default());
     let watcher = match &config.source {
@@ -187,6 +209,7 @@ async fn serve(config: &AgentConfig) -> anyhow::Result<()> {
         cni_socket: config.cni_socket.clone(),
         source: config.source.kind(),
         mode_reason,
+        iptables_backend,
         probe,
         manifests: match &config.source {
             ModelSource::Manifests(dir) => Some(dir.clone()),
@@ -249,11 +272,14 @@ const COUNTER_WATCH: Duration = Duration::from_secs(1);
 /// passed unintercepted, which an operator must hear about.
 fn spawn_counter_watch(datapath: Arc<dyn Datapath>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut seen = datapath.counters();
+        // A mode without kernel counters has no maps to fill up.
+        let Some(mut seen) = datapath.counters() else {
+            return;
+        };
         let mut ticker = tokio::time::interval(COUNTER_WATCH);
         loop {
             ticker.tick().await;
-            let now = datapath.counters();
+            let now = datapath.counters().unwrap_or(seen);
             let outbound = now.record_failed.saturating_sub(seen.record_failed);
             let inbound = now
                 .inbound_record_failed

@@ -98,9 +98,16 @@ enum Command {
         #[arg(long, value_enum, default_value = "remove")]
         on_exit: daemon::OnExit,
         /// Interception mode: `auto` probes the kernel and picks eBPF when everything it
-        /// needs is there (the iptables fallback is not implemented yet).
+        /// needs is there, the iptables fallback otherwise.
         #[arg(long, value_enum, default_value = "auto")]
         mode: interceptor::datapath::probe::Mode,
+        /// Treat a probed feature (by its name in /config_dump) as missing: shows what
+        /// `--mode auto` does on an older kernel. Repeatable.
+        #[arg(long = "simulate-missing-feature", value_name = "FEATURE")]
+        simulate_missing_features: Vec<String>,
+        /// iptables mode: `legacy` or `nft`; `auto` picks the one the node already uses.
+        #[arg(long, value_enum, default_value = "auto")]
+        iptables_backend: interceptor::datapath::iptables::BackendChoice,
         /// The global mesh config (YAML with FSM MeshConfig names:
         /// outboundIPRangeExclusionList, outboundIPRangeInclusionList,
         /// outboundPortExclusionList, inboundPortExclusionList, bpfDebug), watched.
@@ -188,6 +195,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             inbound_flow_capacity,
             on_exit,
             mode,
+            simulate_missing_features,
+            iptables_backend,
             mesh_config,
             unknown_pod_wait_ms,
             unknown_pod,
@@ -235,6 +244,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 inbound_flow_capacity,
                 on_exit,
                 mode,
+                simulate_missing_features,
+                iptables_backend,
                 mesh_config,
                 unknown_pod_wait: std::time::Duration::from_millis(unknown_pod_wait_ms),
                 unknown_pod,

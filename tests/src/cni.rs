@@ -15,6 +15,10 @@ pub const BRIDGE: &str = "itb0";
 pub const POD_SUBNET: &str = "10.244.0.0/24";
 /// Every node's pod subnet: the one route a pod gets (via its node's gateway).
 pub const CLUSTER_POD_CIDR: &str = "10.244.0.0/16";
+/// The Service (ClusterIP) range. Pods route it to their gateway, as a cluster's default
+/// route would: netfilter (iptables mode) rewrites a connect only after routing found a
+/// way, while eBPF mode rewrites it before. The nodes themselves have no route for it.
+pub const CLUSTER_SERVICE_CIDR: &str = "10.96.0.0/12";
 pub const IFNAME: &str = "eth0";
 
 /// Variables a runtime sets; cleared from the inherited environment so a stray one in
@@ -59,7 +63,7 @@ pub(crate) fn conflist_with_subnet(
             "dataDir": ipam_dir,
             // Pods reach the other nodes' pod subnets through their node (the gateway);
             // anything else stays unreachable.
-            "routes": [{"dst": CLUSTER_POD_CIDR}],
+            "routes": [{"dst": CLUSTER_POD_CIDR}, {"dst": CLUSTER_SERVICE_CIDR}],
         },
     })];
     if let Some(i) = interceptor {
@@ -209,7 +213,7 @@ mod tests {
             json!({"cniVersion":"1.0.0","name":"itb","plugins":[
                 {"type":"bridge","bridge":"itb0","isGateway":true,"ipMasq":false,
                  "ipam":{"type":"host-local","subnet":"10.244.0.0/24","dataDir":"/s/ipam",
-                         "routes":[{"dst":"10.244.0.0/16"}]}},
+                         "routes":[{"dst":"10.244.0.0/16"},{"dst":"10.96.0.0/12"}]}},
                 {"type":"interceptor-cni","agentSocket":"/s/agent/cni.sock",
                  "failurePolicy":"fail-closed"}]})
         );

@@ -647,6 +647,18 @@ impl Testbed {
     /// DEL (reverse order, no prevResult), the netns is deleted, and the error
     /// (downcastable to [`CniError`]) is returned.
     pub fn add_pod_on(&mut self, node: NodeId, namespace: &str, name: &str) -> Result<Pod> {
+        self.add_prepared_pod_on(node, namespace, name, |_| Ok(()))
+    }
+
+    /// Like [`Testbed::add_pod_on`], with `prepare` run on the new netns (by name) before
+    /// the chain ADD: what a runtime or an earlier tenant may have left in it.
+    pub fn add_prepared_pod_on(
+        &mut self,
+        node: NodeId,
+        namespace: &str,
+        name: &str,
+        prepare: impl FnOnce(&str) -> Result<()>,
+    ) -> Result<Pod> {
         self.get_node(node)?;
         let k = self.next_pod;
         self.next_pod += 1;
@@ -658,6 +670,12 @@ impl Testbed {
         };
         let container_id = self.container_id(&format!("pod-{k}"));
         netns::create(&netns)?;
+        if let Err(e) = prepare(&netns) {
+            if let Err(de) = netns::delete(&netns) {
+                eprintln!("interceptor-testbed {}: {de:#}", self.id);
+            }
+            return Err(e.context(format!("preparing the netns of {namespace}/{name}")));
+        }
         let mut pod = Pod {
             namespace: namespace.to_owned(),
             name: name.to_owned(),

@@ -2,9 +2,17 @@
 //! tc on the pod's interface steers the flow to the pod's inbound listener (15003) and
 //! restores the source port of the replies. The wire in between is the testbed's
 //! node-to-node link, so packets really are parsed, rewritten and checksummed by tc.
+//! Run in eBPF and iptables mode (`ebpf::`/`iptables::`).
+#[macro_use]
 mod common;
 
-use common::{inbound_records, wait_for, Node, ECHO_TARGET_PORT, MANIFESTS};
+use common::{inbound_records, wait_for, Mode, Node, ECHO_TARGET_PORT, MANIFESTS};
+
+in_both_modes!(
+    client_on_another_node_reaches_enrolled_pod_through_inbound_listener,
+    cross_node_inbound_with_ip_options,
+    enrolled_pods_on_two_nodes_go_through_both_proxies,
+);
 use interceptor_testbed::{AgentProcess, NodeId, Pod};
 
 const MIB: u64 = 1024 * 1024;
@@ -81,6 +89,9 @@ fn client_on_b_reaches_server_on_a(agent_args: &[&str], client_args: &[&str]) {
         format!("{}:{ECHO_TARGET_PORT}", server.ip)
     );
     assert_eq!(record["upstream_bytes"], 64 * MIB);
+    if agent_args.contains(&"iptables") {
+        return;
+    }
     let dump = node.config_dump();
     assert!(dump["datapath_counters"]["inbound_redirected"].as_u64() >= Some(1));
     wait_for("INBOUND_FLOWS to empty", || {
@@ -88,36 +99,33 @@ fn client_on_b_reaches_server_on_a(agent_args: &[&str], client_args: &[&str]) {
     });
 }
 
-#[test]
-fn client_on_another_node_reaches_enrolled_pod_through_inbound_listener() {
-    client_on_b_reaches_server_on_a(&[], &[]);
+fn client_on_another_node_reaches_enrolled_pod_through_inbound_listener(mode: Mode) {
+    client_on_b_reaches_server_on_a(&mode.args(&[]), &[]);
 }
 
-#[test]
-fn cross_node_inbound_with_ip_options() {
-    client_on_b_reaches_server_on_a(&[], &["--ip-options"]);
+fn cross_node_inbound_with_ip_options(mode: Mode) {
+    client_on_b_reaches_server_on_a(&mode.args(&[]), &["--ip-options"]);
 }
 
 #[test]
 fn cross_node_inbound_with_sockmap() {
-    client_on_b_reaches_server_on_a(&["--sockmap"], &[]);
+    client_on_b_reaches_server_on_a(&Mode::Ebpf.args(&["--sockmap"]), &[]);
 }
 
 /// Agents on both nodes: the enrolled client's outbound proxy on b dials the enrolled
-/// server on a, whose tc steers the flow to its inbound proxy.
-#[test]
-fn enrolled_pods_on_two_nodes_go_through_both_proxies() {
+/// server on a, whose tc (or PREROUTING chain) steers the flow to its inbound proxy.
+fn enrolled_pods_on_two_nodes_go_through_both_proxies(mode: Mode) {
     if !common::privileged() {
         return;
     }
-    let mut node = Node::start("xagents", &[]);
+    let mut node = Node::start("xagents", &mode.args(&[]));
     let b = node.tb.add_node("b", true).expect("node b");
     let manifests_b = node.tb.node(b).state_dir().join("manifests");
     std::fs::create_dir_all(&manifests_b).expect("dir");
     std::fs::write(manifests_b.join("mesh.yaml"), MANIFESTS).expect("manifests");
     let agent_b: AgentProcess = node
         .tb
-        .start_agent_on(b, &manifests_b, &[])
+        .start_agent_on(b, &manifests_b, &mode.args(&[]))
         .expect("agent on b");
     let server = node.pod("demo", "server");
     let client = node

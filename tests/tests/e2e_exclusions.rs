@@ -1,13 +1,23 @@
-//! Exclusions and inclusions in eBPF mode (FSM semantics): global rules from the mesh
-//! config file, per-pod rules from annotations, enforced in the kernel before any record
-//! is written. "Intercepted" is read off the server: a proxied connection arrives from
+//! Exclusions and inclusions (FSM semantics), in eBPF and iptables mode alike
+//! (`ebpf::`/`iptables::`): global rules from the mesh config file, per-pod rules from
+//! annotations; in eBPF mode enforced in the kernel before any record is written, in
+//! iptables mode as RETURN rules ahead of the REDIRECT. "Intercepted" is read off the server: a proxied connection arrives from
 //! the proxy's socket, a direct one from the client's own.
+#[macro_use]
 mod common;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::Node;
+use common::{Mode, Node};
+
+in_both_modes!(
+    global_outbound_ip_range_exclusion,
+    global_inclusion_list_means_only_those_ranges,
+    global_outbound_port_exclusion,
+    global_inbound_port_exclusion,
+    pod_annotations_add_to_global_rules_and_bad_values_are_reported,
+);
 use interceptor_testbed::{Pod, ServerProcess, Testbed};
 
 const MANIFESTS: &str = r#"
@@ -71,14 +81,19 @@ impl std::ops::Deref for MeshConfigFile {
     }
 }
 
-fn start(label: &str) -> (Node, MeshConfigFile) {
+fn start(label: &str, mode: Mode) -> (Node, MeshConfigFile) {
     let mesh_config = MeshConfigFile(PathBuf::from(format!(
-        "/run/interceptor-tb/mesh-config-{}-{label}.yaml",
-        std::process::id()
+        "/run/interceptor-tb/mesh-config-{}-{label}-{}.yaml",
+        std::process::id(),
+        mode.name()
     )));
     std::fs::write(&*mesh_config, "outboundIPRangeExclusionList: []\n").expect("mesh config");
     let config_arg = mesh_config.display().to_string();
-    let node = Node::start_with_manifests(label, &["--mesh-config", &config_arg], MANIFESTS);
+    let node = Node::start_with_manifests(
+        label,
+        &mode.args(&["--mesh-config", &config_arg]),
+        MANIFESTS,
+    );
     (node, mesh_config)
 }
 
@@ -129,12 +144,11 @@ fn until(what: &str, mut check: impl FnMut() -> bool) {
     panic!("timed out: {what}");
 }
 
-#[test]
-fn global_outbound_ip_range_exclusion() {
+fn global_outbound_ip_range_exclusion(mode: Mode) {
     if !common::privileged() {
         return;
     }
-    let (mut node, config) = start("exclip");
+    let (mut node, config) = start("exclip", mode);
     let a = node.pod("legacy", "a");
     let b = node.pod("legacy", "b");
     let client = node.pod("demo", "client");
@@ -155,12 +169,11 @@ fn global_outbound_ip_range_exclusion() {
     );
 }
 
-#[test]
-fn global_inclusion_list_means_only_those_ranges() {
+fn global_inclusion_list_means_only_those_ranges(mode: Mode) {
     if !common::privileged() {
         return;
     }
-    let (mut node, config) = start("inclip");
+    let (mut node, config) = start("inclip", mode);
     let a = node.pod("legacy", "a");
     let b = node.pod("legacy", "b");
     let client = node.pod("demo", "client");
@@ -195,12 +208,11 @@ fn global_inclusion_list_means_only_those_ranges() {
     });
 }
 
-#[test]
-fn global_outbound_port_exclusion() {
+fn global_outbound_port_exclusion(mode: Mode) {
     if !common::privileged() {
         return;
     }
-    let (mut node, config) = start("exclport");
+    let (mut node, config) = start("exclport", mode);
     let a = node.pod("legacy", "a");
     let client = node.pod("demo", "client");
     let echo = servers(&node.tb, &a);
@@ -214,12 +226,11 @@ fn global_outbound_port_exclusion() {
     );
 }
 
-#[test]
-fn global_inbound_port_exclusion() {
+fn global_inbound_port_exclusion(mode: Mode) {
     if !common::privileged() {
         return;
     }
-    let (mut node, config) = start("inport");
+    let (mut node, config) = start("inport", mode);
     let server = node.pod("demo", "server");
     let outsider = node.pod("legacy", "outsider");
     let echo = servers(&node.tb, &server);
@@ -237,12 +248,11 @@ fn global_inbound_port_exclusion() {
     );
 }
 
-#[test]
-fn pod_annotations_add_to_global_rules_and_bad_values_are_reported() {
+fn pod_annotations_add_to_global_rules_and_bad_values_are_reported(mode: Mode) {
     if !common::privileged() {
         return;
     }
-    let (mut node, config) = start("annot");
+    let (mut node, config) = start("annot", mode);
     let a = node.pod("legacy", "a");
     let annotated = node.pod("demo", "annotated");
     let plain = node.pod("demo", "client");

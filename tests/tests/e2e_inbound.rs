@@ -1,11 +1,20 @@
 //! Inbound interception on one node: a client outside the mesh dials an enrolled pod's
 //! IP directly, tc on the pod's interface steers the new flow to the pod's inbound
 //! listener (15003), which recovers the original port and delivers to the application.
+//! In iptables mode the pod's PREROUTING chain does what tc does (`ebpf::`/`iptables::`).
+#[macro_use]
 mod common;
 
 use std::time::Duration;
 
-use common::{inbound_records, wait_for, Node, ECHO_TARGET_PORT};
+use common::{inbound_records, wait_for, Mode, Node, ECHO_TARGET_PORT};
+
+in_both_modes!(
+    unenrolled_client_reaches_enrolled_pod_through_its_inbound_listener,
+    inbound_with_ip_options,
+    reserved_ports_are_never_steered_inbound,
+    connections_made_before_enrollment_keep_working,
+);
 
 const MIB: u64 = 1024 * 1024;
 
@@ -13,26 +22,24 @@ fn records(node: &Node) -> serde_json::Value {
     node.config_dump()["datapath_records"].clone()
 }
 
-#[test]
-fn unenrolled_client_reaches_enrolled_pod_through_its_inbound_listener() {
-    inbound_through_tc(&[], &[]);
+fn unenrolled_client_reaches_enrolled_pod_through_its_inbound_listener(mode: Mode) {
+    inbound_through_tc(mode, &[], &[]);
 }
 
-#[test]
-fn inbound_with_ip_options() {
-    inbound_through_tc(&[], &["--ip-options"]);
+fn inbound_with_ip_options(mode: Mode) {
+    inbound_through_tc(mode, &[], &["--ip-options"]);
 }
 
 #[test]
 fn inbound_with_sockmap() {
-    inbound_through_tc(&["--sockmap"], &[]);
+    inbound_through_tc(Mode::Ebpf, &["--sockmap"], &[]);
 }
 
-fn inbound_through_tc(agent_args: &[&str], client_args: &[&str]) {
+fn inbound_through_tc(mode: Mode, agent_args: &[&str], client_args: &[&str]) {
     if !common::privileged() {
         return;
     }
-    let mut node = Node::start("inbound", agent_args);
+    let mut node = Node::start("inbound", &mode.args(agent_args));
     let server = node.pod("demo", "server");
     let outsider = node.pod("legacy", "outsider");
     let echo = node
@@ -83,6 +90,9 @@ fn inbound_through_tc(agent_args: &[&str], client_args: &[&str]) {
         "the application is reached by the inbound proxy from inside its pod: {}",
         accepts[0]
     );
+    if mode == Mode::Iptables {
+        return;
+    }
     let dump = node.config_dump();
     assert!(dump["datapath_counters"]["inbound_redirected"].as_u64() >= Some(1));
     // The flow record goes away with the connection.
@@ -91,12 +101,11 @@ fn inbound_through_tc(agent_args: &[&str], client_args: &[&str]) {
     });
 }
 
-#[test]
-fn reserved_ports_are_never_steered_inbound() {
+fn reserved_ports_are_never_steered_inbound(mode: Mode) {
     if !common::privileged() {
         return;
     }
-    let mut node = Node::start("reserved", &[]);
+    let mut node = Node::start("reserved", &mode.args(&[]));
     let server = node.pod("demo", "server");
     let outsider = node.pod("legacy", "outsider");
     // The application itself listens on a reserved port: the mesh must leave it alone.
@@ -112,11 +121,13 @@ fn reserved_ports_are_never_steered_inbound() {
     assert_eq!(report.error, None, "{report:?}");
     assert!(report.echoed_all());
     let dump = node.config_dump();
-    assert_eq!(
-        dump["datapath_counters"]["inbound_redirected"], 0,
-        "{}",
-        dump["datapath_counters"]
-    );
+    if mode == Mode::Ebpf {
+        assert_eq!(
+            dump["datapath_counters"]["inbound_redirected"], 0,
+            "{}",
+            dump["datapath_counters"]
+        );
+    }
     assert!(inbound_records(
         &node.config_dump(),
         "demo/server",
@@ -244,12 +255,11 @@ fn a_full_flow_map_leaves_new_flows_unintercepted_and_old_ones_working() {
 
 /// Enrolling a pod that already has an open connection: tc only starts flows on a SYN,
 /// so the established connection's packets are never rewritten mid-stream.
-#[test]
-fn connections_made_before_enrollment_keep_working() {
+fn connections_made_before_enrollment_keep_working(mode: Mode) {
     if !common::privileged() {
         return;
     }
-    let mut node = Node::start("late", &[]);
+    let mut node = Node::start("late", &mode.args(&[]));
     let late_pod = |annotation: &str| {
         format!(
             "{}\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: late\n  namespace: legacy\n{annotation}spec:\n  containers: [{{name: main, image: busybox}}]\n",
@@ -299,25 +309,8 @@ fn connections_made_before_enrollment_keep_working() {
     wait_for("the new model", || {
         (node.config_dump()["source"]["generation"].as_u64() > generation).then_some(())
     });
-    let env = node.tb.pod_cni_env(&server);
-    let env: Vec<(&str, Option<&str>)> = env
-        .iter()
-        .map(|(k, v)| (k.as_str(), Some(v.as_str())))
-        .collect();
     for command in ["DEL", "ADD"] {
-        let config = node.tb.plugin_config(1, Some(&server.cni_result));
-        let mut vars = env.clone();
-        vars.push(("CNI_COMMAND", Some(command)));
-        let out = node
-            .tb
-            .cni_raw(command, 1, &vars, config.to_string().as_bytes())
-            .expect("plugin runs");
-        assert!(
-            out.status.success(),
-            "{command}: {}{}",
-            out.stdout,
-            out.stderr
-        );
+        common::rerun_interceptor_cni(&node, &server, command);
     }
     let dump = node.config_dump();
     let row = dump["pods"]

@@ -1,11 +1,23 @@
 //! Outbound interception end to end: an enrolled pod's connect to a Service ClusterIP is
 //! redirected in the kernel to the proxy in its netns, which recovers the original
-//! destination and forwards to an endpoint; unenrolled pods are left alone.
+//! destination and forwards to an endpoint; unenrolled pods are left alone. The same
+//! tests run in eBPF mode and in iptables mode (`ebpf::` and `iptables::`).
+#[macro_use]
 mod common;
 
 use std::time::Duration;
 
-use common::{inbound_records, Node, ECHO_CLUSTER_IP, ECHO_SERVICE_PORT, ECHO_TARGET_PORT};
+use common::{
+    assert_pod_rules, inbound_records, Mode, Node, ECHO_CLUSTER_IP, ECHO_SERVICE_PORT,
+    ECHO_TARGET_PORT,
+};
+
+in_both_modes!(
+    enrolled_client_reaches_service_endpoint_through_proxy,
+    unenrolled_pod_is_not_touched,
+    bulk_transfer_both_ways_with_checksum_and_half_close,
+    reset_is_propagated,
+);
 
 const MIB: u64 = 1024 * 1024;
 
@@ -44,21 +56,20 @@ fn wait_for_inbound(node: &Node, pod: &str, client_ip: &str) -> serde_json::Valu
     );
 }
 
-#[test]
-fn enrolled_client_reaches_service_endpoint_through_proxy() {
-    enrolled_client_reaches_service_endpoint_through_proxy_with(&[]);
+fn enrolled_client_reaches_service_endpoint_through_proxy(mode: Mode) {
+    enrolled_client_reaches_service_endpoint_through_proxy_with(mode, &[]);
 }
 
 #[test]
 fn enrolled_client_reaches_service_endpoint_through_proxy_with_sockmap() {
-    enrolled_client_reaches_service_endpoint_through_proxy_with(&["--sockmap"]);
+    enrolled_client_reaches_service_endpoint_through_proxy_with(Mode::Ebpf, &["--sockmap"]);
 }
 
-fn enrolled_client_reaches_service_endpoint_through_proxy_with(agent_args: &[&str]) {
+fn enrolled_client_reaches_service_endpoint_through_proxy_with(mode: Mode, agent_args: &[&str]) {
     if !common::privileged() {
         return;
     }
-    let mut node = Node::start("outbound", agent_args);
+    let mut node = Node::start("outbound", &mode.args(agent_args));
     let server = node.pod("demo", "server");
     let client = node.pod("demo", "client");
     let echo = node
@@ -90,8 +101,8 @@ fn enrolled_client_reaches_service_endpoint_through_proxy_with(agent_args: &[&st
     );
     assert_eq!(report.greeting.as_deref(), Some("hello-v1"));
     assert!(report.echoed_all(), "{report:?}");
-    // The application still believes it talks to the Service: getpeername4 answers with
-    // the original destination, not the proxy's listener.
+    // The application still believes it talks to the Service: getpeername4 (eBPF) or
+    // conntrack's reverse NAT (iptables) shows the original destination, not the proxy.
     assert_eq!(
         report.peer.as_deref(),
         Some(service_addr().as_str()),
@@ -110,9 +121,10 @@ fn enrolled_client_reaches_service_endpoint_through_proxy_with(agent_args: &[&st
     );
     assert_eq!(record["upstream_bytes"], 4096, "{record}");
 
-    // Same node, both pods enrolled: the client's proxy dial was steered by connect4 to
-    // the server pod's inbound listener (15003), which recovered the original port and
-    // delivered to the application from inside the server pod.
+    // Same node, both pods enrolled: the client's proxy dial was steered (by connect4 in
+    // eBPF mode, by the server pod's PREROUTING chain in iptables mode) to the server
+    // pod's inbound listener (15003), which recovered the original port and delivered to
+    // the application from inside the server pod.
     let inbound = wait_for_inbound(&node, "demo/server", &client.ip.to_string());
     assert_eq!(
         inbound["original_dst"],
@@ -131,7 +143,20 @@ fn enrolled_client_reaches_service_endpoint_through_proxy_with(agent_args: &[&st
     );
 
     let dump = node.config_dump();
-    assert_eq!(dump["mode"], "ebpf");
+    assert_eq!(dump["mode"], mode.name());
+    assert_pod_rules(&client, mode);
+    assert_pod_rules(&server, mode);
+    let pods = dump["pods"].as_array().expect("pods");
+    let client_row = pods
+        .iter()
+        .find(|p| p["pod"] == "demo/client")
+        .expect("client row");
+    assert_eq!(client_row["enrolled"], true);
+    assert!(client_row["netns_cookie"].as_u64().is_some());
+    if mode == Mode::Iptables {
+        assert_eq!(dump["datapath_counters"], serde_json::Value::Null);
+        return;
+    }
     assert!(
         dump["datapath_counters"]["redirected"].as_u64() >= Some(1),
         "{}",
@@ -155,21 +180,13 @@ fn enrolled_client_reaches_service_endpoint_through_proxy_with(agent_args: &[&st
             "sockmap must stay off unless asked for"
         );
     }
-    let pods = dump["pods"].as_array().expect("pods");
-    let client_row = pods
-        .iter()
-        .find(|p| p["pod"] == "demo/client")
-        .expect("client row");
-    assert_eq!(client_row["enrolled"], true);
-    assert!(client_row["netns_cookie"].as_u64().is_some());
 }
 
-#[test]
-fn unenrolled_pod_is_not_touched() {
+fn unenrolled_pod_is_not_touched(mode: Mode) {
     if !common::privileged() {
         return;
     }
-    let mut node = Node::start("unenrolled", &[]);
+    let mut node = Node::start("unenrolled", &mode.args(&[]));
     let server = node.pod("legacy", "legacy-server");
     let outsider = node.pod("legacy", "outsider");
     let echo = node
@@ -219,17 +236,21 @@ fn unenrolled_pod_is_not_touched() {
         .find(|p| p["pod"] == "legacy/outsider")
         .expect("outsider row");
     assert_eq!(row["enrolled"], false);
-    assert_eq!(dump["datapath_counters"]["redirected"], 0);
+    // Neither mode touched the unenrolled pods' nat tables.
+    assert_pod_rules(&outsider, Mode::Ebpf);
+    assert_pod_rules(&server, Mode::Ebpf);
+    if mode == Mode::Ebpf {
+        assert_eq!(dump["datapath_counters"]["redirected"], 0);
+    }
 }
 
-#[test]
-fn bulk_transfer_both_ways_with_checksum_and_half_close() {
-    bulk_transfer_both_ways_with_checksum_and_half_close_with(&[]);
+fn bulk_transfer_both_ways_with_checksum_and_half_close(mode: Mode) {
+    bulk_transfer_both_ways_with_checksum_and_half_close_with(&mode.args(&[]));
 }
 
 #[test]
 fn bulk_transfer_both_ways_with_checksum_and_half_close_with_sockmap() {
-    bulk_transfer_both_ways_with_checksum_and_half_close_with(&["--sockmap"]);
+    bulk_transfer_both_ways_with_checksum_and_half_close_with(&Mode::Ebpf.args(&["--sockmap"]));
 }
 
 fn bulk_transfer_both_ways_with_checksum_and_half_close_with(agent_args: &[&str]) {
@@ -294,14 +315,13 @@ fn bulk_transfer_both_ways_with_checksum_and_half_close_with(agent_args: &[&str]
     assert_eq!(report.received, answer.len() as u64, "{report:?}");
 }
 
-#[test]
-fn reset_is_propagated() {
-    reset_is_propagated_with(&[]);
+fn reset_is_propagated(mode: Mode) {
+    reset_is_propagated_with(&mode.args(&[]));
 }
 
 #[test]
 fn reset_is_propagated_with_sockmap() {
-    reset_is_propagated_with(&["--sockmap"]);
+    reset_is_propagated_with(&Mode::Ebpf.args(&["--sockmap"]));
 }
 
 fn reset_is_propagated_with(agent_args: &[&str]) {
@@ -428,24 +448,73 @@ fn the_mode_is_probed_and_explained() {
     );
 }
 
+/// `--mode auto` on a kernel that lacks one probed feature (simulated) falls back to
+/// iptables, says which feature decided, and intercepts.
 #[test]
-fn the_iptables_mode_is_refused_with_a_reason() {
+fn auto_falls_back_to_iptables_when_a_feature_is_missing() {
     if !common::privileged() {
         return;
     }
-    let mut tb = interceptor_testbed::Testbed::builder("iptmode")
+    let missing = "helper get_netns_cookie in sock_addr";
+    let mut node = Node::start(
+        "fallback",
+        &["--mode", "auto", "--simulate-missing-feature", missing],
+    );
+    let dump = node.config_dump();
+    assert_eq!(dump["mode"], "iptables");
+    let reason = dump["mode_reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with("auto") && reason.contains(missing) && reason.contains("5.7"),
+        "{reason}"
+    );
+    assert_eq!(dump["node"]["iptables_backend"], "nft", "{}", dump["node"]);
+    let server = node.pod("demo", "server");
+    let client = node.pod("demo", "client");
+    assert_pod_rules(&client, Mode::Iptables);
+    let _echo = node
+        .tb
+        .spawn_server(
+            &server,
+            &["echo", "--listen", "0.0.0.0:9000", "--greeting", "hello-v1"],
+        )
+        .expect("echo server");
+    let report = node
+        .tb
+        .run_client(
+            &client,
+            &["--connect", &service_addr(), "--expect-greeting"],
+        )
+        .expect("client");
+    assert_eq!(report.error, None, "{report:?}\n{}", node.agent_log());
+    assert_eq!(report.greeting.as_deref(), Some("hello-v1"));
+    let record = wait_for_record(&node, &report.local.expect("local"));
+    assert_eq!(record["target"]["pod"], "demo/server", "{record}");
+}
+
+#[test]
+fn forcing_ebpf_on_a_kernel_without_a_feature_is_refused_with_the_reason() {
+    if !common::privileged() {
+        return;
+    }
+    let mut tb = interceptor_testbed::Testbed::builder("ebpfrefused")
         .tb_pod_bin(env!("CARGO_BIN_EXE_tb-pod"))
         .build()
         .expect("testbed");
     let manifests = tb.state_dir().join("manifests");
     std::fs::create_dir_all(&manifests).expect("dir");
     std::fs::write(manifests.join("mesh.yaml"), common::MANIFESTS).expect("manifests");
-    let error = match tb.start_agent(&manifests, &["--mode", "iptables"]) {
-        Ok(_) => panic!("the agent started in a mode it does not implement"),
+    let args = [
+        "--mode",
+        "ebpf",
+        "--simulate-missing-feature",
+        "program sk_msg",
+    ];
+    let error = match tb.start_agent(&manifests, &args) {
+        Ok(_) => panic!("the agent started in eBPF mode without a feature it needs"),
         Err(error) => format!("{error:#}"),
     };
     assert!(
-        error.contains("iptables mode is not implemented yet"),
+        error.contains("eBPF mode needs program sk_msg (kernel 4.17)"),
         "{error}"
     );
 }

@@ -22,6 +22,8 @@ pub struct StaticInfo {
     pub source: &'static str,
     /// Why this interception mode was chosen.
     pub mode_reason: String,
+    /// `legacy` or `nft` in iptables mode.
+    pub iptables_backend: Option<crate::datapath::iptables::Backend>,
     /// What the kernel offers, as probed at start-up.
     pub probe: crate::datapath::probe::Probe,
     pub manifests: Option<PathBuf>,

@@ -621,7 +621,7 @@ impl Datapath for EbpfDatapath {
         "ebpf"
     }
 
-    fn enroll(&self, pod: &PodDatapath, netns: &PodNetns) -> Result<(), DatapathError> {
+    fn enroll(&self, pod: &PodDatapath, netns: &Arc<PodNetns>) -> Result<(), DatapathError> {
         let ip = ip_key(pod.ipv4);
         {
             let mut maps = lock(&self.maps);
@@ -650,7 +650,7 @@ impl Datapath for EbpfDatapath {
         }
     }
 
-    fn unenroll(&self, pod: &PodDatapath, netns: &PodNetns) -> Result<(), DatapathError> {
+    fn unenroll(&self, pod: &PodDatapath, netns: &Arc<PodNetns>) -> Result<(), DatapathError> {
         self.detach_tc(netns, pod.netns_cookie);
         let ip = ip_key(pod.ipv4);
         let mut maps = lock(&self.maps);
@@ -676,14 +676,14 @@ impl Datapath for EbpfDatapath {
         self.write_flags()
     }
 
-    fn counters(&self) -> DatapathCounters {
+    fn counters(&self) -> Option<DatapathCounters> {
         let sum = |index: u32| -> u64 {
             self.counters
                 .get(&index, 0)
                 .map(|per_cpu| per_cpu.iter().sum())
                 .unwrap_or(0)
         };
-        DatapathCounters {
+        Some(DatapathCounters {
             redirected: sum(counters::REDIRECTED),
             flows_recorded: sum(counters::FLOWS_RECORDED),
             orig_dst_answered: sum(counters::ORIG_DST_ANSWERED),
@@ -694,7 +694,7 @@ impl Datapath for EbpfDatapath {
             ipv6_passed: sum(counters::IPV6_PASSED),
             sockmap_added: sum(counters::SOCKMAP_ADDED),
             sockmap_redirected: sum(counters::SOCKMAP_REDIRECTED),
-        }
+        })
     }
 
     fn live_records(&self) -> LiveRecords {

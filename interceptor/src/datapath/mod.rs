@@ -1,13 +1,15 @@
 //! The kernel side of interception as the agent sees it: load, attach, pin, and keep
-//! the pod maps. eBPF mode is the only implementation today; the iptables fallback will
-//! implement the same [`Datapath`] trait.
+//! the pod maps. Two implementations of [`Datapath`]: eBPF (the default) and the iptables
+//! fallback for kernels that lack what eBPF mode needs.
 pub mod bpffs;
 pub mod cgroup;
 pub mod ebpf;
+pub mod iptables;
 pub mod probe;
 
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use crate::inpod::PodNetns;
 
@@ -60,6 +62,13 @@ pub enum DatapathError {
     MapFull { map: &'static str, capacity: u32 },
     #[error("tc on {ifname} in the pod netns: {reason}")]
     Tc { ifname: String, reason: String },
+    #[error("iptables: {what}: {reason}")]
+    Iptables { what: String, reason: String },
+    #[error("{what} is not available in {mode} mode")]
+    Unsupported {
+        what: &'static str,
+        mode: &'static str,
+    },
 }
 
 /// Counters the programs keep, summed over CPUs.
@@ -94,12 +103,13 @@ pub trait Datapath: Send + Sync {
     fn mode(&self) -> &'static str;
     /// Start intercepting a pod; `netns` runs what must happen inside the pod's netns.
     /// All-or-nothing: on error nothing of the pod is left in the data path.
-    fn enroll(&self, pod: &PodDatapath, netns: &PodNetns) -> Result<(), DatapathError>;
+    fn enroll(&self, pod: &PodDatapath, netns: &Arc<PodNetns>) -> Result<(), DatapathError>;
     /// Stop intercepting a pod and forget its flows; unknown pods are not an error.
-    fn unenroll(&self, pod: &PodDatapath, netns: &PodNetns) -> Result<(), DatapathError>;
+    fn unenroll(&self, pod: &PodDatapath, netns: &Arc<PodNetns>) -> Result<(), DatapathError>;
     /// Turn the programs' trace_pipe lines on or off.
     fn set_debug(&self, on: bool) -> Result<(), DatapathError>;
-    fn counters(&self) -> DatapathCounters;
+    /// The programs' counters; `None` in a mode without them.
+    fn counters(&self) -> Option<DatapathCounters>;
     fn live_records(&self) -> LiveRecords;
     /// After a restart: forget pods (by netns cookie) a previous agent enrolled that were
     /// not adopted again.

@@ -143,42 +143,79 @@ pub fn probe() -> Probe {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
-    /// eBPF when the kernel has everything it needs.
+    /// eBPF when the kernel has everything it needs, iptables otherwise.
     #[default]
     Auto,
     Ebpf,
-    /// The iptables fallback (not implemented yet).
+    /// The iptables fallback: FSM's nat chains in each pod's netns.
+    Iptables,
+}
+
+/// The mode the agent runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Chosen {
+    Ebpf,
     Iptables,
 }
 
 /// Why a mode cannot be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ModeError {
-    #[error("eBPF mode needs {missing}, which this kernel ({kernel}) lacks; the iptables fallback is not implemented yet")]
+    #[error("eBPF mode needs {missing}, which this kernel ({kernel}) lacks; use --mode auto or --mode iptables")]
     EbpfUnavailable { missing: String, kernel: String },
-    #[error("the iptables mode is not implemented yet; use --mode ebpf (kernel ≥ 5.14)")]
-    IptablesNotImplemented,
+    #[error("--simulate-missing-feature {name:?} names no probed feature; known: {known}")]
+    UnknownFeature { name: String, known: String },
+}
+
+impl Probe {
+    /// Mark a probed feature as missing, to exercise the fallback on a kernel that has
+    /// everything (`--simulate-missing-feature`).
+    pub fn simulate_missing(&mut self, name: &str) -> Result<(), ModeError> {
+        match self.features.iter_mut().find(|f| f.name == name) {
+            Some(feature) => {
+                feature.supported = false;
+                Ok(())
+            }
+            None => Err(ModeError::UnknownFeature {
+                name: name.to_owned(),
+                known: self
+                    .features
+                    .iter()
+                    .map(|f| format!("{:?}", f.name))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
+        }
+    }
 }
 
 /// The mode to run and why, from what was asked and what the kernel has.
-pub fn choose(requested: Mode, probe: &Probe) -> Result<(&'static str, String), ModeError> {
+pub fn choose(requested: Mode, probe: &Probe) -> Result<(Chosen, String), ModeError> {
     let missing: Vec<String> = probe
         .missing()
         .iter()
         .map(|f| format!("{} (kernel {})", f.name, f.since))
         .collect();
     match requested {
-        Mode::Iptables => Err(ModeError::IptablesNotImplemented),
-        Mode::Ebpf | Mode::Auto if !missing.is_empty() => Err(ModeError::EbpfUnavailable {
+        Mode::Iptables => Ok((Chosen::Iptables, "requested with --mode iptables".into())),
+        Mode::Ebpf if !missing.is_empty() => Err(ModeError::EbpfUnavailable {
             missing: missing.join(", "),
             kernel: probe.kernel.clone(),
         }),
+        Mode::Auto if !missing.is_empty() => Ok((
+            Chosen::Iptables,
+            format!(
+                "auto: eBPF mode needs {}, which this kernel ({}) lacks: iptables fallback",
+                missing.join(", "),
+                probe.kernel
+            ),
+        )),
         Mode::Ebpf => Ok((
-            "ebpf",
+            Chosen::Ebpf,
             "requested with --mode ebpf; every feature probed is present".into(),
         )),
         Mode::Auto => Ok((
-            "ebpf",
+            Chosen::Ebpf,
             format!(
                 "auto: all {} features the eBPF path uses are present",
                 probe.features.len()
@@ -208,27 +245,41 @@ mod tests {
     #[test]
     fn auto_picks_ebpf_when_everything_is_there() {
         let (mode, why) = choose(Mode::Auto, &probe_with(&[])).unwrap();
-        assert_eq!(mode, "ebpf");
+        assert_eq!(mode, Chosen::Ebpf);
         assert!(why.starts_with("auto"), "{why}");
     }
 
     #[test]
-    fn a_missing_feature_is_named_with_its_kernel() {
+    fn auto_falls_back_to_iptables_naming_the_missing_feature_and_its_kernel() {
         let probe = probe_with(&["helper get_netns_cookie in sock_addr"]);
-        let err = choose(Mode::Auto, &probe).unwrap_err();
-        let text = err.to_string();
+        let (mode, why) = choose(Mode::Auto, &probe).unwrap();
+        assert_eq!(mode, Chosen::Iptables);
         assert!(
-            text.contains("get_netns_cookie") && text.contains("5.7"),
-            "{text}"
+            why.contains("get_netns_cookie") && why.contains("5.7"),
+            "{why}"
         );
-        assert_eq!(choose(Mode::Ebpf, &probe).unwrap_err(), err);
+        let forced = choose(Mode::Ebpf, &probe).unwrap_err().to_string();
+        assert!(forced.contains("get_netns_cookie"), "{forced}");
     }
 
     #[test]
-    fn iptables_is_refused_plainly() {
-        assert_eq!(
-            choose(Mode::Iptables, &probe_with(&[])).unwrap_err(),
-            ModeError::IptablesNotImplemented
+    fn iptables_can_be_forced_on_a_kernel_with_everything() {
+        let (mode, _) = choose(Mode::Iptables, &probe_with(&[])).unwrap();
+        assert_eq!(mode, Chosen::Iptables);
+    }
+
+    #[test]
+    fn simulating_a_missing_feature_takes_only_probed_names() {
+        let mut probe = probe_with(&[]);
+        probe.simulate_missing("program sk_msg").unwrap();
+        assert_eq!(choose(Mode::Auto, &probe).unwrap().0, Chosen::Iptables);
+        let err = probe
+            .simulate_missing("warp drive")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("warp drive") && err.contains("program sk_msg"),
+            "{err}"
         );
     }
 }

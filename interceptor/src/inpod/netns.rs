@@ -137,8 +137,20 @@ fn short_name(path: &Path) -> String {
         .collect()
 }
 
-/// `SO_NETNS_COOKIE` (Linux 5.14) of the calling thread's network namespace.
+/// `SO_NETNS_COOKIE` (Linux 5.14) of the calling thread's network namespace. Older
+/// kernels (iptables mode) get the namespace's inode number instead: it only keys the
+/// agent's own tables there, where no eBPF program compares it with a cookie.
 pub fn netns_cookie_of_current() -> std::io::Result<u64> {
+    match so_netns_cookie() {
+        Err(error) if error.raw_os_error() == Some(libc::ENOPROTOOPT) => {
+            use std::os::unix::fs::MetadataExt;
+            Ok(std::fs::metadata("/proc/thread-self/ns/net")?.ino())
+        }
+        other => other,
+    }
+}
+
+fn so_netns_cookie() -> std::io::Result<u64> {
     const SO_NETNS_COOKIE: libc::c_int = 71;
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
     let mut cookie: u64 = 0;

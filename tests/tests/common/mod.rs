@@ -184,3 +184,121 @@ pub fn inbound_records(
         .cloned()
         .collect()
 }
+
+/// The interception mode a test runs the agent in; the e2e suites run in both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Ebpf,
+    Iptables,
+}
+
+impl Mode {
+    /// The agent arguments that select this mode, followed by `extra`.
+    pub fn args<'a>(self, extra: &[&'a str]) -> Vec<&'a str> {
+        let mut args = match self {
+            Mode::Ebpf => vec!["--mode", "ebpf"],
+            Mode::Iptables => vec!["--mode", "iptables"],
+        };
+        args.extend_from_slice(extra);
+        args
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Ebpf => "ebpf",
+            Mode::Iptables => "iptables",
+        }
+    }
+}
+
+/// `#[test]` wrappers `ebpf::<name>` and `iptables::<name>` for each `fn <name>(Mode)`.
+#[allow(
+    unused_macros,
+    reason = "only the suites that run in both modes use it"
+)]
+macro_rules! in_both_modes {
+    ($($name:ident),* $(,)?) => {
+        mod ebpf {
+            $( #[test] fn $name() { super::$name(super::common::Mode::Ebpf) } )*
+        }
+        mod iptables {
+            $( #[test] fn $name() { super::$name(super::common::Mode::Iptables) } )*
+        }
+    };
+}
+
+/// Run `cmd` inside the named netns; its stdout (panics when it fails).
+pub fn run_in_netns(netns: &str, cmd: &[&str]) -> String {
+    let output = std::process::Command::new("ip")
+        .args(["netns", "exec", netns])
+        .args(cmd)
+        .output()
+        .expect("ip netns exec");
+    assert!(
+        output.status.success(),
+        "{cmd:?} in {netns}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The nat table of `netns` as `iptables-<backend>-save` prints it.
+pub fn nat_rules(netns: &str, backend: &str) -> String {
+    run_in_netns(netns, &[&format!("iptables-{backend}-save"), "-t", "nat"])
+}
+
+/// Whether the pod's netns holds the interception chains, checked the way `mode` would
+/// have installed them (eBPF mode must leave the nat table alone).
+pub fn assert_pod_rules(pod: &Pod, mode: Mode) {
+    let nat = nat_rules(&pod.netns, "nft");
+    let has_chains = [
+        "PROXY_INBOUND",
+        "PROXY_IN_REDIRECT",
+        "PROXY_OUTPUT",
+        "PROXY_REDIRECT",
+    ]
+    .iter()
+    .all(|chain| nat.contains(&format!(":{chain} ")));
+    match mode {
+        Mode::Iptables => {
+            assert!(
+                has_chains,
+                "pod {}: nat table lacks our chains:\n{nat}",
+                pod.name
+            );
+            assert_eq!(
+                nat.matches("-A PREROUTING -p tcp -j PROXY_INBOUND").count(),
+                1,
+                "{nat}"
+            );
+            assert_eq!(
+                nat.matches("-A OUTPUT -p tcp -j PROXY_OUTPUT").count(),
+                1,
+                "{nat}"
+            );
+        }
+        Mode::Ebpf => assert!(!nat.contains("PROXY_"), "eBPF mode touched nat:\n{nat}"),
+    }
+}
+
+/// Run CNI `command` (ADD/DEL) for `pod` through interceptor-cni alone (plugin 1 of the
+/// chain), the way a runtime re-runs a chain; panics when the plugin fails.
+pub fn rerun_interceptor_cni(node: &Node, pod: &Pod, command: &str) {
+    let env = node.tb.pod_cni_env(pod);
+    let mut vars: Vec<(&str, Option<&str>)> = env
+        .iter()
+        .map(|(k, v)| (k.as_str(), Some(v.as_str())))
+        .collect();
+    vars.push(("CNI_COMMAND", Some(command)));
+    let config = node.tb.plugin_config(1, Some(&pod.cni_result));
+    let out = node
+        .tb
+        .cni_raw(command, 1, &vars, config.to_string().as_bytes())
+        .expect("plugin runs");
+    assert!(
+        out.status.success(),
+        "{command}: {}{}",
+        out.stdout,
+        out.stderr
+    );
+}

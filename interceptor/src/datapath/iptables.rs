@@ -1,0 +1,560 @@
+//! The iptables fallback for kernels the eBPF path cannot use: FSM's nat chains in each
+//! enrolled pod's netns, written with one atomic `iptables-restore --noflush` per change.
+//! The proxy is the same; `SO_ORIGINAL_DST` is answered by conntrack instead of eBPF.
+use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+use interceptor_common::{INBOUND_PORT, OUTBOUND_PORT, PROXY_MARK, RESERVED_PORTS};
+
+use super::{Datapath, DatapathCounters, DatapathError, LiveRecords, PodDatapath};
+use crate::config::MeshConfig;
+use crate::inpod::PodNetns;
+use crate::sync::lock;
+
+/// Inbound: `PREROUTING` jumps here; reserved and excluded ports return.
+pub const CHAIN_INBOUND: &str = "PROXY_INBOUND";
+/// Inbound: REDIRECT to the inbound listener (15003).
+pub const CHAIN_IN_REDIRECT: &str = "PROXY_IN_REDIRECT";
+/// Outbound: `OUTPUT` jumps here; the proxy's own sockets, loopback and exclusions return.
+pub const CHAIN_OUTPUT: &str = "PROXY_OUTPUT";
+/// Outbound: REDIRECT to the outbound listener (15001).
+pub const CHAIN_REDIRECT: &str = "PROXY_REDIRECT";
+const CHAINS: [&str; 4] = [
+    CHAIN_INBOUND,
+    CHAIN_IN_REDIRECT,
+    CHAIN_OUTPUT,
+    CHAIN_REDIRECT,
+];
+/// The jumps from the built-in chains into ours, exactly as `iptables-save` prints them.
+const JUMP_INBOUND: &str = "-A PREROUTING -p tcp -j PROXY_INBOUND";
+const JUMP_OUTPUT: &str = "-A OUTPUT -p tcp -j PROXY_OUTPUT";
+/// How long `iptables-restore` waits for the xtables lock another writer holds.
+const LOCK_WAIT_SECS: &str = "5";
+
+/// Which iptables a node uses: the two must never be mixed on one node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Legacy,
+    Nft,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Legacy => "legacy",
+            Backend::Nft => "nft",
+        }
+    }
+
+    fn tool(self, what: &str) -> String {
+        format!("iptables-{}-{what}", self.name())
+    }
+}
+
+/// `--iptables-backend`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// The one whose tables already hold rules on this node (nft when neither does).
+    #[default]
+    Auto,
+    Legacy,
+    Nft,
+}
+
+/// Pick the backend for this node, the way kube-proxy's iptables-wrapper does: the one
+/// whose tables already hold more rules in the node's netns (where the agent runs),
+/// nft when there is a tie. Returns the backend and why.
+pub fn detect(choice: BackendChoice) -> Result<(Backend, String), DatapathError> {
+    let forced = match choice {
+        BackendChoice::Legacy => Some(Backend::Legacy),
+        BackendChoice::Nft => Some(Backend::Nft),
+        BackendChoice::Auto => None,
+    };
+    if let Some(backend) = forced {
+        rule_count(backend)?;
+        return Ok((
+            backend,
+            format!("requested with --iptables-backend {}", backend.name()),
+        ));
+    }
+    match (rule_count(Backend::Legacy), rule_count(Backend::Nft)) {
+        (Ok(legacy), Ok(nft)) if legacy > nft => Ok((
+            Backend::Legacy,
+            format!(
+                "auto: the node has {legacy} iptables-legacy rules and {nft} iptables-nft rules"
+            ),
+        )),
+        (Ok(legacy), Ok(nft)) => Ok((
+            Backend::Nft,
+            format!(
+                "auto: the node has {legacy} iptables-legacy rules and {nft} iptables-nft rules"
+            ),
+        )),
+        (Ok(_), Err(nft)) => Ok((Backend::Legacy, format!("auto: {nft}"))),
+        (Err(_), Ok(_)) => Ok((Backend::Nft, "auto: iptables-legacy is not usable".into())),
+        (Err(legacy), Err(nft)) => Err(DatapathError::Iptables {
+            what: "detecting the iptables backend".into(),
+            reason: format!("{legacy}; {nft}"),
+        }),
+    }
+}
+
+/// Rules (`-A` lines) in every table of `backend` in the calling thread's netns.
+fn rule_count(backend: Backend) -> Result<usize, DatapathError> {
+    let save = run(&backend.tool("save"), &[], None)?;
+    Ok(save.lines().filter(|line| line.starts_with("-A ")).count())
+}
+
+/// Run an iptables tool, feeding `stdin`; its stdout, or its stderr as the error.
+fn run(tool: &str, args: &[&str], stdin: Option<&str>) -> Result<String, DatapathError> {
+    let failed = |reason: String| DatapathError::Iptables {
+        what: format!("{tool} {}", args.join(" ")).trim_end().to_owned(),
+        reason,
+    };
+    let mut child = Command::new(resolve(tool))
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| failed(e.to_string()))?;
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(text.as_bytes())
+            .map_err(|e| failed(format!("writing the rules: {e}")))?;
+    }
+    let output = child
+        .wait_with_output()
+        .map_err(|e| failed(e.to_string()))?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+        return Err(failed(format!("{}: {stderr}", output.status)));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// The tool in `PATH`, or in the sbin directories a minimal `PATH` may lack.
+fn resolve(tool: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(tool))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| PathBuf::from(tool))
+}
+
+/// What of ours a pod netns's nat table holds now.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Installed {
+    chains: Vec<&'static str>,
+    inbound_jumps: usize,
+    output_jumps: usize,
+}
+
+impl Installed {
+    fn parse(nat_save: &str) -> Installed {
+        let mut installed = Installed::default();
+        for line in nat_save.lines().map(str::trim_end) {
+            if line == JUMP_INBOUND {
+                installed.inbound_jumps += 1;
+            } else if line == JUMP_OUTPUT {
+                installed.output_jumps += 1;
+            } else if let Some(declared) = line.strip_prefix(':') {
+                let name = declared.split_whitespace().next().unwrap_or_default();
+                if let Some(chain) = CHAINS.iter().find(|c| **c == name) {
+                    installed.chains.push(chain);
+                }
+            }
+        }
+        installed
+    }
+}
+
+/// The `iptables-restore --noflush` input that installs (or replaces) a pod's chains.
+/// Declaring a chain flushes it, so re-applying gives the same rules, never duplicates;
+/// the jumps from `PREROUTING`/`OUTPUT` are only added when missing.
+fn install_script(rules: &[&MeshConfig], installed: &Installed) -> String {
+    let mut s = String::from("*nat\n");
+    for chain in CHAINS {
+        let _ = writeln!(s, ":{chain} - [0:0]");
+    }
+    // Only a SYN starts an intercepted flow, as in eBPF mode: connections open before
+    // the chains existed have no conntrack entry yet, and conntrack picks them up
+    // mid-stream; redirecting such a packet would reset a working connection.
+    let _ = writeln!(
+        s,
+        "-A {CHAIN_IN_REDIRECT} -p tcp --syn -j REDIRECT --to-ports {INBOUND_PORT}"
+    );
+    let mut inbound_skip: Vec<u16> = RESERVED_PORTS.to_vec();
+    inbound_skip.extend(rules.iter().flat_map(|r| &r.inbound_port_exclusion_list));
+    for port in dedup(inbound_skip) {
+        let _ = writeln!(s, "-A {CHAIN_INBOUND} -p tcp --dport {port} -j RETURN");
+    }
+    let _ = writeln!(s, "-A {CHAIN_INBOUND} -p tcp -j {CHAIN_IN_REDIRECT}");
+
+    let _ = writeln!(
+        s,
+        "-A {CHAIN_REDIRECT} -p tcp --syn -j REDIRECT --to-ports {OUTBOUND_PORT}"
+    );
+    // The proxy's own upstream sockets carry the mark: never back into the proxy.
+    let _ = writeln!(
+        s,
+        "-A {CHAIN_OUTPUT} -m mark --mark {PROXY_MARK:#x} -j RETURN"
+    );
+    // Loopback and the pod's own address stay inside the pod, as in eBPF mode.
+    let _ = writeln!(s, "-A {CHAIN_OUTPUT} -o lo -j RETURN");
+    let ports = dedup(
+        rules
+            .iter()
+            .flat_map(|r| r.outbound_port_exclusion_list.iter().copied())
+            .collect(),
+    );
+    for port in ports {
+        let _ = writeln!(s, "-A {CHAIN_OUTPUT} -p tcp --dport {port} -j RETURN");
+    }
+    for net in rules
+        .iter()
+        .flat_map(|r| &r.outbound_ip_range_exclusion_list)
+    {
+        let _ = writeln!(s, "-A {CHAIN_OUTPUT} -d {net} -j RETURN");
+    }
+    let inclusions: Vec<_> = rules
+        .iter()
+        .filter_map(|r| r.outbound_ip_range_inclusion_list.as_ref())
+        .collect();
+    if inclusions.is_empty() {
+        let _ = writeln!(s, "-A {CHAIN_OUTPUT} -j {CHAIN_REDIRECT}");
+    } else {
+        // An inclusion list means only those ranges; an empty one (every entry was
+        // invalid) means none.
+        for net in inclusions.into_iter().flatten() {
+            let _ = writeln!(s, "-A {CHAIN_OUTPUT} -d {net} -j {CHAIN_REDIRECT}");
+        }
+    }
+    if installed.inbound_jumps == 0 {
+        let _ = writeln!(s, "{JUMP_INBOUND}");
+    }
+    if installed.output_jumps == 0 {
+        let _ = writeln!(s, "{JUMP_OUTPUT}");
+    }
+    s.push_str("COMMIT\n");
+    s
+}
+
+/// The input that removes whatever of ours a pod netns holds; `None` when nothing.
+fn remove_script(installed: &Installed) -> Option<String> {
+    if *installed == Installed::default() {
+        return None;
+    }
+    let mut s = String::from("*nat\n");
+    for _ in 0..installed.inbound_jumps {
+        let _ = writeln!(s, "{}", JUMP_INBOUND.replacen("-A", "-D", 1));
+    }
+    for _ in 0..installed.output_jumps {
+        let _ = writeln!(s, "{}", JUMP_OUTPUT.replacen("-A", "-D", 1));
+    }
+    // Flush all first, then delete: a chain still referenced cannot be deleted.
+    for chain in &installed.chains {
+        let _ = writeln!(s, ":{chain} - [0:0]");
+    }
+    for chain in &installed.chains {
+        let _ = writeln!(s, "-X {chain}");
+    }
+    s.push_str("COMMIT\n");
+    Some(s)
+}
+
+fn dedup(mut ports: Vec<u16>) -> Vec<u16> {
+    let mut seen = HashSet::new();
+    ports.retain(|p| seen.insert(*p));
+    ports
+}
+
+struct Enrolled {
+    pod: PodDatapath,
+    netns: Arc<PodNetns>,
+}
+
+#[derive(Default)]
+struct State {
+    global: MeshConfig,
+    /// Per-pod rules by netns cookie; they add to the global ones.
+    scoped: HashMap<u64, MeshConfig>,
+    pods: HashMap<u64, Enrolled>,
+}
+
+/// The iptables data path of one node.
+pub struct IptablesDatapath {
+    backend: Backend,
+    state: Mutex<State>,
+}
+
+impl IptablesDatapath {
+    pub fn new(backend: Backend) -> Self {
+        Self {
+            backend,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Install the pod's chains for `rules` inside its netns, in one transaction.
+    fn apply(
+        &self,
+        netns: &PodNetns,
+        ip: std::net::Ipv4Addr,
+        rules: &[&MeshConfig],
+    ) -> Result<(), DatapathError> {
+        let backend = self.backend;
+        let rules: Vec<MeshConfig> = rules.iter().map(|r| (*r).clone()).collect();
+        self.in_netns(netns, ip, move || {
+            let installed = Installed::parse(&run(&backend.tool("save"), &["-t", "nat"], None)?);
+            let refs: Vec<&MeshConfig> = rules.iter().collect();
+            let script = install_script(&refs, &installed);
+            run(
+                &backend.tool("restore"),
+                &["--noflush", "-w", LOCK_WAIT_SECS],
+                Some(&script),
+            )
+            .map(drop)
+        })
+    }
+
+    fn remove(&self, netns: &PodNetns, ip: std::net::Ipv4Addr) -> Result<(), DatapathError> {
+        let backend = self.backend;
+        self.in_netns(netns, ip, move || {
+            let installed = Installed::parse(&run(&backend.tool("save"), &["-t", "nat"], None)?);
+            match remove_script(&installed) {
+                Some(script) => run(
+                    &backend.tool("restore"),
+                    &["--noflush", "-w", LOCK_WAIT_SECS],
+                    Some(&script),
+                )
+                .map(drop),
+                None => Ok(()),
+            }
+        })
+    }
+
+    /// Run `job` on the pod's netns thread: the tools it starts inherit that netns.
+    fn in_netns(
+        &self,
+        netns: &PodNetns,
+        ip: std::net::Ipv4Addr,
+        job: impl FnOnce() -> Result<(), DatapathError> + Send + 'static,
+    ) -> Result<(), DatapathError> {
+        netns
+            .run_blocking(job)
+            .map_err(|e| DatapathError::Iptables {
+                what: format!("pod {ip}"),
+                reason: e.to_string(),
+            })?
+            .map_err(|e| match e {
+                DatapathError::Iptables { what, reason } => DatapathError::Iptables {
+                    what: format!("pod {ip}: {what}"),
+                    reason,
+                },
+                other => other,
+            })
+    }
+}
+
+impl Datapath for IptablesDatapath {
+    fn mode(&self) -> &'static str {
+        "iptables"
+    }
+
+    fn enroll(&self, pod: &PodDatapath, netns: &Arc<PodNetns>) -> Result<(), DatapathError> {
+        let mut state = lock(&self.state);
+        let scoped = state.scoped.get(&pod.netns_cookie).cloned();
+        let mut rules = vec![&state.global];
+        rules.extend(scoped.as_ref());
+        self.apply(netns, pod.ipv4, &rules)?;
+        state.pods.insert(
+            pod.netns_cookie,
+            Enrolled {
+                pod: pod.clone(),
+                netns: Arc::clone(netns),
+            },
+        );
+        Ok(())
+    }
+
+    fn unenroll(&self, pod: &PodDatapath, netns: &Arc<PodNetns>) -> Result<(), DatapathError> {
+        lock(&self.state).pods.remove(&pod.netns_cookie);
+        self.remove(netns, pod.ipv4)
+    }
+
+    fn set_debug(&self, on: bool) -> Result<(), DatapathError> {
+        match on {
+            false => Ok(()),
+            true => Err(DatapathError::Unsupported {
+                what: "kernel trace lines (bpf debug)",
+                mode: "iptables",
+            }),
+        }
+    }
+
+    fn counters(&self) -> Option<DatapathCounters> {
+        None
+    }
+
+    fn live_records(&self) -> LiveRecords {
+        LiveRecords {
+            enrolled_netns: lock(&self.state).pods.len(),
+            ..LiveRecords::default()
+        }
+    }
+
+    fn retain_pods(&self, _netns_cookies: &HashSet<u64>) {
+        // Rules live in each pod's netns and go with it; a pod not adopted again is one
+        // whose netns is gone or that the model dropped, so nothing is left to reach.
+    }
+
+    fn set_rules(&self, scope: u64, rules: &MeshConfig) -> Result<(), DatapathError> {
+        let mut state = lock(&self.state);
+        if scope == interceptor_common::rules::GLOBAL_SCOPE {
+            state.global = rules.clone();
+        } else if *rules == MeshConfig::default() {
+            state.scoped.remove(&scope);
+        } else {
+            state.scoped.insert(scope, rules.clone());
+        }
+        let affected: Vec<u64> = if scope == interceptor_common::rules::GLOBAL_SCOPE {
+            state.pods.keys().copied().collect()
+        } else {
+            state
+                .pods
+                .contains_key(&scope)
+                .then_some(scope)
+                .into_iter()
+                .collect()
+        };
+        // Every enrolled pod gets the new rules even when one of them fails.
+        let mut first_error = None;
+        for cookie in affected {
+            let pod = &state.pods[&cookie];
+            let mut layered = vec![&state.global];
+            layered.extend(state.scoped.get(&cookie));
+            if let Err(error) = self.apply(&pod.netns, pod.pod.ipv4, &layered) {
+                tracing::error!(pod = %pod.pod.ipv4, %error, "re-applying iptables rules");
+                first_error.get_or_insert(error);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    fn teardown(&self) -> Result<(), DatapathError> {
+        let pods: Vec<Enrolled> = lock(&self.state).pods.drain().map(|(_, p)| p).collect();
+        let mut first_error = None;
+        for pod in pods {
+            if let Err(error) = self.remove(&pod.netns, pod.pod.ipv4) {
+                first_error.get_or_insert(error);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(yaml: &str) -> MeshConfig {
+        crate::config::parse(std::path::Path::new("test.yaml"), yaml)
+            .expect("config")
+            .config
+    }
+
+    #[test]
+    fn a_fresh_netns_gets_the_four_chains_and_both_jumps() {
+        let global = MeshConfig::default();
+        let script = install_script(&[&global], &Installed::default());
+        for chain in CHAINS {
+            assert!(script.contains(&format!(":{chain} - [0:0]\n")), "{script}");
+        }
+        assert!(script.contains("-A PROXY_IN_REDIRECT -p tcp --syn -j REDIRECT --to-ports 15003\n"));
+        assert!(script.contains("-A PROXY_REDIRECT -p tcp --syn -j REDIRECT --to-ports 15001\n"));
+        assert!(script.contains("-A PROXY_OUTPUT -m mark --mark 0x1500 -j RETURN\n"));
+        assert!(script.contains("-A PROXY_INBOUND -p tcp --dport 15003 -j RETURN\n"));
+        assert!(script.contains("-A PROXY_OUTPUT -j PROXY_REDIRECT\n"));
+        assert!(script.contains(&format!("{JUMP_INBOUND}\n")));
+        assert!(script.contains(&format!("{JUMP_OUTPUT}\n")));
+        assert!(script.ends_with("COMMIT\n"));
+    }
+
+    #[test]
+    fn re_applying_never_duplicates_the_jumps() {
+        let saved = "*nat\n:PREROUTING ACCEPT [0:0]\n:PROXY_INBOUND - [0:0]\n:PROXY_OUTPUT - [0:0]\n\
+                     -A PREROUTING -p tcp -j PROXY_INBOUND\n-A OUTPUT -p tcp -j PROXY_OUTPUT\nCOMMIT\n";
+        let installed = Installed::parse(saved);
+        assert_eq!(installed.inbound_jumps, 1);
+        assert_eq!(installed.output_jumps, 1);
+        assert_eq!(installed.chains, vec![CHAIN_INBOUND, CHAIN_OUTPUT]);
+        let script = install_script(&[&MeshConfig::default()], &installed);
+        assert!(!script.contains("-A PREROUTING"), "{script}");
+        assert!(!script.contains("-A OUTPUT"), "{script}");
+    }
+
+    #[test]
+    fn inclusions_replace_the_catch_all_and_exclusions_come_first() {
+        let global = config(
+            "outboundIPRangeInclusionList: [10.96.0.0/12]\noutboundPortExclusionList: [9001]\n",
+        );
+        let pod = config(
+            "outboundIPRangeExclusionList: [10.96.0.10/32]\ninboundPortExclusionList: [8080]\n",
+        );
+        let script = install_script(&[&global, &pod], &Installed::default());
+        let at = |needle: &str| {
+            script
+                .find(needle)
+                .unwrap_or_else(|| panic!("{needle} not in\n{script}"))
+        };
+        assert!(at("-d 10.96.0.10/32 -j RETURN") < at("-d 10.96.0.0/12 -j PROXY_REDIRECT"));
+        assert!(at("--dport 9001 -j RETURN") < at("-d 10.96.0.0/12 -j PROXY_REDIRECT"));
+        assert!(
+            !script.contains("-A PROXY_OUTPUT -j PROXY_REDIRECT"),
+            "{script}"
+        );
+        assert!(script.contains("-A PROXY_INBOUND -p tcp --dport 8080 -j RETURN\n"));
+    }
+
+    #[test]
+    fn an_inclusion_list_left_empty_by_bad_entries_redirects_nothing() {
+        let global = MeshConfig {
+            outbound_ip_range_inclusion_list: Some(Vec::new()),
+            ..MeshConfig::default()
+        };
+        let script = install_script(&[&global], &Installed::default());
+        assert!(!script.contains("-j PROXY_REDIRECT\n"), "{script}");
+    }
+
+    #[test]
+    fn removal_deletes_jumps_before_chains_and_nothing_when_clean() {
+        assert_eq!(remove_script(&Installed::default()), None);
+        let installed = Installed {
+            chains: CHAINS.to_vec(),
+            inbound_jumps: 1,
+            output_jumps: 2,
+        };
+        let script = remove_script(&installed).expect("script");
+        assert_eq!(
+            script.matches("-D OUTPUT -p tcp -j PROXY_OUTPUT").count(),
+            2
+        );
+        assert!(script.find("-D PREROUTING").unwrap() < script.find("-X PROXY_INBOUND").unwrap());
+        assert_eq!(script.matches("-X ").count(), 4);
+    }
+}
