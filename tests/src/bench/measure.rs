@@ -119,6 +119,8 @@ pub struct Bulk {
 #[derive(Clone, Debug, Serialize)]
 pub struct ConnRate {
     pub per_s: f64,
+    /// Median time `connect` took (the handshake the client sees).
+    pub connect_p50_us: f64,
     pub connections: u64,
     pub errors: u64,
     pub raw: Value,
@@ -423,8 +425,12 @@ pub fn connrate(tb: &Testbed, client: &Pod, ip: Ipv4Addr, secs: u64) -> Result<C
     let per_s = report["per_second"]
         .as_f64()
         .with_context(|| format!("connrate report without per_second: {report}"))?;
+    let connect_p50_us = report["connect_p50_us"]
+        .as_f64()
+        .with_context(|| format!("connrate report without connect_p50_us: {report}"))?;
     Ok(ConnRate {
         per_s,
+        connect_p50_us,
         connections,
         errors,
         raw: json!({ "tool": "tb-pod connrate", "report": report }),

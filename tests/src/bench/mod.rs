@@ -1,10 +1,11 @@
 //! The pieces of `tb-bench`: processes in pods ([`proc`]), the tools that measure
 //! ([`measure`]), the HAProxy baseline ([`haproxy`]), the scenarios on each topology
-//! ([`scenario`]), machine facts ([`facts`]) and the table and result files ([`report`]).
+//! ([`scenario`]), the exclusion scale check ([`scale`]), machine facts ([`facts`]) and the table and result files ([`report`]).
 
 pub mod facts;
 pub mod haproxy;
 pub mod measure;
 pub mod proc;
 pub mod report;
+pub mod scale;
 pub mod scenario;

@@ -16,6 +16,8 @@ pub struct Report<'a> {
     pub rounds: usize,
     pub args: &'a [String],
     pub rows: &'a [Row],
+    /// The exclusion scale check (empty when not run).
+    pub scale: &'a [super::scale::ScaleRow],
     pub wall_s: f64,
     pub loadavg_at_end: String,
     /// The `--note` given on the command line.
@@ -349,21 +351,41 @@ pub fn summary(report: &Report<'_>) -> String {
     let (_, targets_md) = targets(report.rows);
     let notes = notes(report.rows);
     let mut s = String::new();
-    writeln!(
-        s,
-        "## Results ({} s per figure, median of {} round{})\n\n{}\n{HOW_TO_READ}\n\n\
+    if !report.rows.is_empty() {
+        writeln!(
+            s,
+            "## Results ({} s per figure, median of {} round{})\n\n{}\n{HOW_TO_READ}\n\n\
          ## Targets (ours vs direct, same topology)\n\n{targets_md}",
-        report.secs,
-        report.rounds,
-        if report.rounds == 1 { "" } else { "s" },
-        table(report.rows)
-    )
-    .unwrap_or(());
+            report.secs,
+            report.rounds,
+            if report.rounds == 1 { "" } else { "s" },
+            table(report.rows)
+        )
+        .unwrap_or(());
+    }
     if !notes.is_empty() {
         writeln!(s, "\n## Notes\n\n{notes}").unwrap_or(());
     }
+    if !report.scale.is_empty() {
+        writeln!(
+            s,
+            "\n## Exclusion scale (enrolled client to an unexcluded pod; median of {} round{})\n\n{}\n\n\
+             {SCALE_HOW_TO_READ}",
+            report.rounds,
+            if report.rounds == 1 { "" } else { "s" },
+            super::scale::table(report.scale)
+        )
+        .unwrap_or(());
+    }
     s
 }
+
+const SCALE_HOW_TO_READ: &str = "Ratios are to the same mode with one CIDR. \
+connect p50: how long the client's connect() takes (the handshake with the local proxy, \
+after every exclusion was consulted). conn/s: one connection at a time, one byte each way, \
+through the proxy to the server. ADD ms: the client's whole CNI chain ADD, which installs \
+the rules in iptables mode. eBPF mode looks exclusions up in LPM tries; iptables mode \
+walks one RETURN rule per CIDR for the first packet of every connection.";
 
 pub fn markdown(report: &Report<'_>) -> String {
     let f = report.facts;
@@ -401,6 +423,7 @@ pub fn json(report: &Report<'_>, markdown: &str) -> Value {
         "rows": report.rows,
         "targets": targets,
         "table_markdown": table(report.rows),
+        "scale": report.scale,
         "markdown": markdown,
     })
 }

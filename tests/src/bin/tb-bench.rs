@@ -3,8 +3,10 @@
 //! iptables REDIRECT, ztunnel (when `ZTUNNEL_BIN` is set), our agent with the client
 //! enrolled, with both enrolled, and with sockmap. For each: 64-byte request/response
 //! latency (p50, p99), bulk throughput, new connections per second and CPU seconds per
-//! GB, all measured in the same run and shown as ratios to direct. Prints one markdown
-//! table and saves it with the raw numbers and machine facts under `bench/results/`.
+//! GB, all measured in the same run and shown as ratios to direct. Then the exclusion
+//! scale check: connect p50 and connections per second with 1 to 10,000 exclusion CIDRs,
+//! eBPF vs iptables mode. Prints markdown tables and saves them with the raw numbers and
+//! machine facts under `bench/results/`.
 //! Needs root. See bench/README.md for how to read the table.
 
 #[path = "../bench/mod.rs"]
@@ -24,6 +26,16 @@ enum Which {
     Both,
     SameNode,
     CrossNode,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Part {
+    /// The topology table and the exclusion scale check.
+    All,
+    /// Only the topology table.
+    Topologies,
+    /// Only the exclusion scale check.
+    Scale,
 }
 
 #[derive(Parser, Debug)]
@@ -46,6 +58,9 @@ struct Cli {
     /// Which topologies to measure.
     #[arg(long, value_enum, default_value_t = Which::Both)]
     topology: Which,
+    /// What to measure.
+    #[arg(long, value_enum, default_value_t = Part::All)]
+    part: Part,
     /// Where the result files go [default: <workspace>/bench/results].
     #[arg(long)]
     out_dir: Option<PathBuf>,
@@ -89,25 +104,33 @@ fn main() -> Result<()> {
     // Round-robin: every round measures every scenario once, so load from elsewhere on
     // the machine falls on all of them alike; the table takes the median over rounds.
     let mut rounds_rows = Vec::new();
+    let mut rounds_scale = Vec::new();
     for round in 0..rounds {
         let opts = Options {
             secs,
             round,
             rounds,
         };
-        let mut rows = Vec::new();
-        for &topology in &topologies {
-            rows.extend(scenario::run(topology, opts));
+        if cli.part != Part::Scale {
+            let mut rows = Vec::new();
+            for &topology in &topologies {
+                rows.extend(scenario::run(topology, opts));
+            }
+            rounds_rows.push(rows);
         }
-        rounds_rows.push(rows);
+        if cli.part != Part::Topologies {
+            rounds_scale.push(bench::scale::run(opts));
+        }
     }
     let rows = scenario::merge(rounds_rows);
+    let scale = bench::scale::merge(rounds_scale);
     let report = Report {
         facts: &facts,
         secs,
         rounds,
         args: &args,
         rows: &rows,
+        scale: &scale,
         wall_s: start.elapsed().as_secs_f64(),
         loadavg_at_end: bench::facts::loadavg(),
         note: cli.note.clone(),
@@ -120,7 +143,9 @@ fn main() -> Result<()> {
         if cli.quick {
             stem.push_str("-quick");
         }
-        if cli.topology != Which::Both {
+        if cli.part == Part::Scale {
+            stem.push_str("-scale");
+        } else if cli.topology != Which::Both {
             stem.push_str(if cli.topology == Which::SameNode {
                 "-same-node"
             } else {

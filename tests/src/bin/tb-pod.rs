@@ -492,8 +492,11 @@ struct ConnrateArgs {
 }
 
 /// One connection: connect, 1 byte out, the same byte back, close.
-fn one_exchange(a: &ConnrateArgs) -> io::Result<()> {
+/// One connection, one byte each way; returns how long `connect` took (nanoseconds).
+fn one_exchange(a: &ConnrateArgs) -> io::Result<u64> {
+    let t0 = Instant::now();
     let mut s = TcpStream::connect_timeout(&a.connect, a.connect_timeout)?;
+    let connect_ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(a.io_timeout))?;
     s.write_all(b"x")?;
@@ -505,45 +508,70 @@ fn one_exchange(a: &ConnrateArgs) -> io::Result<()> {
     if a.linger_zero {
         rustix::net::sockopt::set_socket_linger(&s, Some(Duration::ZERO))?;
     }
-    Ok(())
+    Ok(connect_ns)
+}
+
+/// What one connrate worker saw.
+#[derive(Default)]
+struct ConnrateWorker {
+    ok: u64,
+    errors: u64,
+    first_error: Option<String>,
+    connect_ns: Vec<u64>,
 }
 
 fn connrate(a: &ConnrateArgs) -> serde_json::Value {
     let start = Instant::now();
     let deadline = start + a.duration;
-    let per_thread: Vec<(u64, u64, Option<String>)> = std::thread::scope(|s| {
+    let per_thread: Vec<ConnrateWorker> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..a.concurrency)
             .map(|_| {
                 s.spawn(|| {
-                    let (mut ok, mut errors, mut first_error) = (0u64, 0u64, None);
+                    let mut w = ConnrateWorker::default();
                     while Instant::now() < deadline {
                         match one_exchange(a) {
-                            Ok(()) => ok += 1,
+                            Ok(connect_ns) => {
+                                w.ok += 1;
+                                w.connect_ns.push(connect_ns);
+                            }
                             Err(e) => {
-                                errors += 1;
-                                first_error.get_or_insert_with(|| describe(&e));
+                                w.errors += 1;
+                                w.first_error.get_or_insert_with(|| describe(&e));
                             }
                         }
                     }
-                    (ok, errors, first_error)
+                    w
                 })
             })
             .collect();
         workers
             .into_iter()
-            .map(|w| w.join().unwrap_or((0, 1, Some("worker panicked".into()))))
+            .map(|w| {
+                w.join().unwrap_or_else(|_| ConnrateWorker {
+                    errors: 1,
+                    first_error: Some("worker panicked".into()),
+                    ..ConnrateWorker::default()
+                })
+            })
             .collect()
     });
     let elapsed = start.elapsed();
-    let connections: u64 = per_thread.iter().map(|t| t.0).sum();
-    let errors: u64 = per_thread.iter().map(|t| t.1).sum();
-    let first_error = per_thread.into_iter().find_map(|t| t.2);
+    let connections: u64 = per_thread.iter().map(|t| t.ok).sum();
+    let errors: u64 = per_thread.iter().map(|t| t.errors).sum();
+    let mut connect_ns: Vec<u64> = per_thread
+        .iter()
+        .flat_map(|t| t.connect_ns.iter().copied())
+        .collect();
+    connect_ns.sort_unstable();
+    let first_error = per_thread.into_iter().find_map(|t| t.first_error);
     json!({
         "connect": a.connect.to_string(),
         "concurrency": a.concurrency,
         "connections": connections,
         "errors": errors,
         "first_error": first_error,
+        "connect_p50_us": percentile(&connect_ns, 50.0) as f64 / 1000.0,
+        "connect_p99_us": percentile(&connect_ns, 99.0) as f64 / 1000.0,
         "per_second": connections as f64 / elapsed.as_secs_f64().max(1e-9),
         "elapsed_ms": u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
     })
