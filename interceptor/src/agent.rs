@@ -388,15 +388,18 @@ impl Agent {
         for warning in &rules.warnings {
             tracing::warn!(pod = %key, "{warning}");
         }
-        self.datapath
-            .set_rules(datapath.netns_cookie, &rules.config)
+        let cookie = datapath.netns_cookie;
+        let config = rules.config.clone();
+        self.blocking(move |dp| dp.set_rules(cookie, &config))
+            .await
             .map_err(|e| io_failure("exclusion rules", &e))?;
         // The listeners are up before the pod is in the maps, so no redirected connection
         // can arrive at a port nobody listens on.
-        if let Err(error) = self.datapath.enroll(&datapath, &netns) {
+        let (pod, pod_netns) = (datapath.clone(), Arc::clone(&netns));
+        if let Err(error) = self.blocking(move |dp| dp.enroll(&pod, &pod_netns)).await {
             let _ = self
-                .datapath
-                .set_rules(datapath.netns_cookie, &crate::config::MeshConfig::default());
+                .blocking(move |dp| dp.set_rules(cookie, &crate::config::MeshConfig::default()))
+                .await;
             return Err(match error {
                 DatapathError::MapFull { .. } => CniFailure::new(
                     codes::TRY_AGAIN_LATER,
@@ -427,6 +430,17 @@ impl Agent {
             rules: rules.config,
             rule_warnings: rules.warnings,
         })
+    }
+
+    /// Run a data path call off the async workers: it may wait for tools or the kernel.
+    async fn blocking<R: Send + 'static>(
+        &self,
+        call: impl FnOnce(&dyn Datapath) -> Result<R, DatapathError> + Send + 'static,
+    ) -> Result<R, DatapathError> {
+        let datapath = Arc::clone(&self.datapath);
+        tokio::task::spawn_blocking(move || call(datapath.as_ref()))
+            .await
+            .unwrap_or_else(|e| Err(DatapathError::Interrupted(e.to_string())))
     }
 
     /// CNI DEL: idempotent; unknown pods and missing netns are fine.
@@ -463,13 +477,14 @@ impl Agent {
     fn remove_pod(&self, key: &PodKey) {
         let entry = lock(&self.pods).remove(key);
         if let Some(enrolled) = entry.and_then(|e| e.enrolled) {
+            // Out of the data path first, then its rules: never enrolled without them.
+            if let Err(error) = self.datapath.unenroll(&enrolled.datapath, &enrolled.netns) {
+                tracing::error!(pod = %key, %error, "unenrolling pod");
+            }
             let cookie = enrolled.datapath.netns_cookie;
             let _ = self
                 .datapath
                 .set_rules(cookie, &crate::config::MeshConfig::default());
-            if let Err(error) = self.datapath.unenroll(&enrolled.datapath, &enrolled.netns) {
-                tracing::error!(pod = %key, %error, "unenrolling pod");
-            }
         }
     }
 
@@ -519,9 +534,23 @@ impl Agent {
         let mut adopted = 0;
         for sandbox in &sandboxes {
             let pod = format!("{}/{}", sandbox.pod_namespace, sandbox.pod_name);
-            match self.add(sandbox).await {
-                Ok(_) => adopted += 1,
-                Err(failure) => tracing::warn!(%pod, msg = %failure.msg, "not adopting pod"),
+            let enrolled = match self.add(sandbox).await {
+                Ok(response) => {
+                    adopted += 1;
+                    matches!(response, AgentResponse::Ok { enrolled: true, .. })
+                }
+                Err(failure) => {
+                    tracing::warn!(%pod, msg = %failure.msg, "not adopting pod");
+                    false
+                }
+            };
+            // An earlier agent may have enrolled it: what that agent left inside the
+            // pod's netns must not outlive the enrollment.
+            let netns = PathBuf::from(&sandbox.netns);
+            if !enrolled && netns.exists() {
+                if let Err(error) = self.blocking(move |dp| dp.release_netns(&netns)).await {
+                    tracing::error!(%pod, %error, "removing what an earlier agent left in the pod");
+                }
             }
         }
         self.persist();

@@ -41,7 +41,11 @@ pub fn cleanup(
     }
     let mut files = vec![cni_socket.to_path_buf(), state_dir.join(PID_FILE)];
     if scope == Scope::Everything {
+        // iptables mode leaves its chains in the pods' netns (and with them, pods that
+        // fail closed): remove them while the pod list still says where they are.
+        removed.extend(remove_pod_chains(&state_dir.join(PODS_FILE))?);
         files.push(state_dir.join(PODS_FILE));
+        files.push(state_dir.join(crate::datapath::iptables::BACKEND_FILE));
     }
     for path in files {
         match std::fs::remove_file(&path) {
@@ -53,6 +57,37 @@ pub fn cleanup(
     // The state dir itself only if we emptied it: it may be shared with the operator.
     if std::fs::remove_dir(state_dir).is_ok() {
         removed.push(state_dir.display().to_string());
+    }
+    Ok(removed)
+}
+
+/// Remove the iptables chains from every remembered pod netns that still exists.
+fn remove_pod_chains(pods_file: &Path) -> anyhow::Result<Vec<String>> {
+    let sandboxes: Vec<interceptor_cni::protocol::PodSandbox> = match std::fs::read(pods_file) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", pods_file.display())),
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .with_context(|| format!("{} is not a pod list", pods_file.display()))?,
+    };
+    let mut removed = Vec::new();
+    for sandbox in sandboxes {
+        let netns = Path::new(&sandbox.netns);
+        if sandbox.netns.is_empty() || !netns.exists() {
+            continue;
+        }
+        let held = crate::datapath::iptables::remove_from_netns(netns).with_context(|| {
+            format!(
+                "removing the iptables chains of pod {}/{}",
+                sandbox.pod_namespace, sandbox.pod_name
+            )
+        })?;
+        for backend in held {
+            removed.push(format!(
+                "iptables-{} chains in {}",
+                backend.name(),
+                netns.display()
+            ));
+        }
     }
     Ok(removed)
 }

@@ -149,8 +149,9 @@ async fn serve(config: &AgentConfig) -> anyhow::Result<()> {
             if config.sockmap {
                 bail!("--sockmap needs the eBPF mode; this agent runs iptables ({mode_reason})");
             }
-            let (backend, why) = crate::datapath::iptables::detect(config.iptables_backend)
-                .context("choosing the iptables backend")?;
+            let (backend, why) =
+                crate::datapath::iptables::detect(config.iptables_backend, &config.state_dir)
+                    .context("choosing the iptables backend")?;
             mode_reason = format!("{mode_reason}; iptables-{}: {why}", backend.name());
             (Arc::new(IptablesDatapath::new(backend)), Some(backend))
         }
@@ -327,7 +328,10 @@ async fn follow_mesh_config(
         for warning in &state.warnings {
             tracing::warn!(path = %path.display(), "mesh config: {warning}");
         }
-        if let Err(error) = datapath.set_rules(GLOBAL_SCOPE, &state.config) {
+        // iptables mode re-writes every enrolled pod: off the async workers' hands.
+        let applied =
+            tokio::task::block_in_place(|| datapath.set_rules(GLOBAL_SCOPE, &state.config));
+        if let Err(error) = applied {
             tracing::error!(%error, "applying the global mesh config");
         }
         if let Err(error) = datapath.set_debug(cli_debug || state.config.bpf_debug) {

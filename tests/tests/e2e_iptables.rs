@@ -45,29 +45,76 @@ fn chains_are_installed_once_and_removed_on_del() {
         before.contains("-A PROXY_OUTPUT -m mark --mark 0x1500 -j RETURN"),
         "{before}"
     );
+    echo_through_service(&node, &client);
 
-    // The runtime re-runs ADD: same rules, no second jump.
-    rerun_interceptor_cni(&node, &client, "ADD");
-    assert_pod_rules(&client, Mode::Iptables);
-
-    // An agent restart that keeps the data path: the new agent adopts the pods; rules
-    // are re-applied in place, never duplicated, and traffic flows.
+    // An agent restart that keeps the data path, while the client opted out of the mesh:
+    // the new agent re-applies the server's chains in place (no second jump), and removes
+    // what the old agent left in the client, which it no longer enrolls.
     node.stop_agent();
     assert_pod_rules(&client, Mode::Iptables);
+    let opted_out = common::MANIFESTS.replace(
+        "labels: {app: client}",
+        "labels: {app: client, istio.io/dataplane-mode: none}",
+    );
+    assert_ne!(opted_out, common::MANIFESTS);
+    std::fs::write(node.manifests.join("mesh.yaml"), opted_out).expect("manifests");
     let manifests = node.manifests.clone();
     node.agent = Some(
         node.tb
             .start_agent(&manifests, &Mode::Iptables.args(&[]))
             .expect("second agent"),
     );
-    assert_pod_rules(&client, Mode::Iptables);
-    echo_through_service(&node, &client);
-
-    // DEL removes every chain and jump, and the pod talks directly again.
-    rerun_interceptor_cni(&node, &client, "DEL");
-    let after = nat_rules(&client.netns, "nft");
-    assert!(!after.contains("PROXY_"), "{after}");
     assert_pod_rules(&server, Mode::Iptables);
+    assert_pod_rules(&client, Mode::Ebpf);
+    // The client now dials the server directly; the server's chains steer it inbound.
+    let target = format!("{}:{}", server.ip, common::ECHO_TARGET_PORT);
+    let report = node
+        .tb
+        .run_client(&client, &["--connect", &target, "--send-bytes", "10"])
+        .expect("client");
+    assert_eq!(report.error, None, "{report:?}\n{}", node.agent_log());
+    common::wait_for("the inbound record", || {
+        common::inbound_records(
+            &node.config_dump(),
+            "demo/server",
+            Some(&client.ip.to_string()),
+        )
+        .into_iter()
+        .next()
+    });
+
+    // DEL removes every chain and jump.
+    rerun_interceptor_cni(&node, &server, "DEL");
+    assert_pod_rules(&server, Mode::Ebpf);
+}
+
+/// `interceptor cleanup` after an agent stopped with `--on-exit keep` takes the chains out
+/// of the pods it had enrolled: nothing is left failing closed.
+#[test]
+fn cleanup_removes_the_chains_a_kept_data_path_left() {
+    if !common::privileged() {
+        return;
+    }
+    let mut node = Node::start("iptclean", &Mode::Iptables.args(&["--on-exit", "keep"]));
+    let client = node.pod("demo", "client");
+    node.stop_agent();
+    assert_pod_rules(&client, Mode::Iptables);
+    let out = std::process::Command::new(interceptor_testbed::bin_path("interceptor"))
+        .arg("cleanup")
+        .arg("--bpffs")
+        .arg(node.tb.bpffs_dir())
+        .arg("--state-dir")
+        .arg(node.tb.agent_state_dir())
+        .output()
+        .expect("interceptor cleanup");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("iptables-nft chains in"), "{stdout}");
+    assert_pod_rules(&client, Mode::Ebpf);
 }
 
 #[test]
@@ -96,8 +143,10 @@ fn a_forced_legacy_backend_writes_legacy_tables_only() {
     );
     assert!(!nat_rules(&client.netns, "nft").contains("PROXY_"));
     echo_through_service(&node, &client);
-    // Cleaned up from the legacy tables too.
-    node.tb.del_pod(&client).expect("del");
+    // DEL cleans the legacy tables; the other pod keeps its chains.
+    rerun_interceptor_cni(&node, &client, "DEL");
+    let legacy_client = nat_rules(&client.netns, "legacy");
+    assert!(!legacy_client.contains("PROXY_"), "{legacy_client}");
     let legacy_server = nat_rules(&server.netns, "legacy");
     assert!(legacy_server.contains(":PROXY_INBOUND"), "{legacy_server}");
 }
@@ -131,7 +180,7 @@ fn auto_backend_follows_the_tables_the_node_already_uses() {
     let manifests = tb.state_dir().join("manifests");
     std::fs::create_dir_all(&manifests).expect("dir");
     std::fs::write(manifests.join("mesh.yaml"), common::MANIFESTS).expect("manifests");
-    let _agent = tb
+    let agent = tb
         .start_agent(&manifests, &Mode::Iptables.args(&[]))
         .expect("agent");
     let (_, body) = tb.admin_get("/config_dump").expect("dump");
@@ -148,6 +197,29 @@ fn auto_backend_follows_the_tables_the_node_already_uses() {
     );
     let client = tb.add_pod("demo", "client").expect("client");
     assert!(nat_rules(&client.netns, "legacy").contains(":PROXY_OUTPUT"));
+
+    // The node's legacy rule goes (0 to 0 would now say nft), and the agent restarts: it
+    // keeps the backend it wrote the pods' chains with, and finds them again.
+    agent.stop().expect("agent stops");
+    run_in_netns(
+        tb.node_netns(),
+        &["iptables-legacy", "-t", "filter", "-F", "INPUT"],
+    );
+    let _agent = tb
+        .start_agent(&manifests, &Mode::Iptables.args(&[]))
+        .expect("second agent");
+    let (_, body) = tb.admin_get("/config_dump").expect("dump");
+    let dump: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(dump["node"]["iptables_backend"], "legacy");
+    let reason = dump["mode_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("the previous agent used it"), "{reason}");
+    let legacy = nat_rules(&client.netns, "legacy");
+    assert_eq!(
+        legacy.matches("-A OUTPUT -p tcp -j PROXY_OUTPUT").count(),
+        1,
+        "{legacy}"
+    );
+    assert!(!nat_rules(&client.netns, "nft").contains("PROXY_"));
 }
 
 #[test]

@@ -67,10 +67,30 @@ pub enum BackendChoice {
     Nft,
 }
 
-/// Pick the backend for this node, the way kube-proxy's iptables-wrapper does: the one
-/// whose tables already hold more rules in the node's netns (where the agent runs),
-/// nft when there is a tie. Returns the backend and why.
-pub fn detect(choice: BackendChoice) -> Result<(Backend, String), DatapathError> {
+/// File in the agent's state dir naming the backend in use, so a restarted agent keeps
+/// writing (and removing) where the previous one wrote.
+pub const BACKEND_FILE: &str = "iptables-backend";
+
+/// Pick the backend for this node: the one a previous agent used (from `state_dir`), else
+/// the way kube-proxy's iptables-wrapper does: the one whose tables already hold more rules
+/// in the node's netns (where the agent runs), nft on a tie. Remembers the choice.
+/// Returns the backend and why.
+pub fn detect(
+    choice: BackendChoice,
+    state_dir: &std::path::Path,
+) -> Result<(Backend, String), DatapathError> {
+    let file = state_dir.join(BACKEND_FILE);
+    let (backend, why) = choose_backend(choice, &file)?;
+    if let Err(error) = std::fs::write(&file, backend.name()) {
+        tracing::warn!(path = %file.display(), %error, "remembering the iptables backend");
+    }
+    Ok((backend, why))
+}
+
+fn choose_backend(
+    choice: BackendChoice,
+    file: &std::path::Path,
+) -> Result<(Backend, String), DatapathError> {
     let forced = match choice {
         BackendChoice::Legacy => Some(Backend::Legacy),
         BackendChoice::Nft => Some(Backend::Nft),
@@ -83,15 +103,24 @@ pub fn detect(choice: BackendChoice) -> Result<(Backend, String), DatapathError>
             format!("requested with --iptables-backend {}", backend.name()),
         ));
     }
+    let remembered = match std::fs::read_to_string(file).as_deref().map(str::trim) {
+        Ok("legacy") => Some(Backend::Legacy),
+        Ok("nft") => Some(Backend::Nft),
+        _ => None,
+    };
+    if let Some(backend) = remembered.filter(|b| rule_count(*b).is_ok()) {
+        return Ok((
+            backend,
+            format!("auto: the previous agent used it ({})", file.display()),
+        ));
+    }
     match (rule_count(Backend::Legacy), rule_count(Backend::Nft)) {
-        (Ok(legacy), Ok(nft)) if legacy > nft => Ok((
-            Backend::Legacy,
-            format!(
-                "auto: the node has {legacy} iptables-legacy rules and {nft} iptables-nft rules"
-            ),
-        )),
         (Ok(legacy), Ok(nft)) => Ok((
-            Backend::Nft,
+            if legacy > nft {
+                Backend::Legacy
+            } else {
+                Backend::Nft
+            },
             format!(
                 "auto: the node has {legacy} iptables-legacy rules and {nft} iptables-nft rules"
             ),
@@ -128,15 +157,20 @@ fn run(tool: &str, args: &[&str], stdin: Option<&str>) -> Result<String, Datapat
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| failed(e.to_string()))?;
-    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(text.as_bytes())
-            .map_err(|e| failed(format!("writing the rules: {e}")))?;
-    }
+    // The tool is always waited for, so a failed write leaves no zombie and its stderr
+    // (which says why it stopped reading) is kept.
+    let written = match (stdin, child.stdin.take()) {
+        (Some(text), Some(mut pipe)) => pipe.write_all(text.as_bytes()),
+        _ => Ok(()),
+    };
     let output = child
         .wait_with_output()
         .map_err(|e| failed(e.to_string()))?;
+    let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+    if let Err(e) = written {
+        return Err(failed(format!("writing the rules: {e}; {stderr}")));
+    }
     if !output.status.success() {
-        let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
         return Err(failed(format!("{}: {stderr}", output.status)));
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
@@ -156,24 +190,41 @@ fn resolve(tool: &str) -> PathBuf {
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Installed {
     chains: Vec<&'static str>,
+    /// Our exact jumps from `PREROUTING` / `OUTPUT`.
     inbound_jumps: usize,
     output_jumps: usize,
+    /// Every rule outside our chains that jumps (or goes) to one of them, as saved: our
+    /// two jumps and anything else, which would keep a chain from being deleted.
+    references: Vec<String>,
 }
 
 impl Installed {
     fn parse(nat_save: &str) -> Installed {
         let mut installed = Installed::default();
         for line in nat_save.lines().map(str::trim_end) {
-            if line == JUMP_INBOUND {
-                installed.inbound_jumps += 1;
-            } else if line == JUMP_OUTPUT {
-                installed.output_jumps += 1;
-            } else if let Some(declared) = line.strip_prefix(':') {
+            if let Some(declared) = line.strip_prefix(':') {
                 let name = declared.split_whitespace().next().unwrap_or_default();
                 if let Some(chain) = CHAINS.iter().find(|c| **c == name) {
                     installed.chains.push(chain);
                 }
+                continue;
             }
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let (Some(&"-A"), Some(chain)) = (words.first(), words.get(1)) else {
+                continue;
+            };
+            let targets_ours = words
+                .windows(2)
+                .any(|w| (w[0] == "-j" || w[0] == "-g") && CHAINS.contains(&w[1]));
+            if CHAINS.contains(chain) || !targets_ours {
+                continue;
+            }
+            if line == JUMP_INBOUND {
+                installed.inbound_jumps += 1;
+            } else if line == JUMP_OUTPUT {
+                installed.output_jumps += 1;
+            }
+            installed.references.push(line.to_owned());
         }
         installed
     }
@@ -252,15 +303,12 @@ fn install_script(rules: &[&MeshConfig], installed: &Installed) -> String {
 
 /// The input that removes whatever of ours a pod netns holds; `None` when nothing.
 fn remove_script(installed: &Installed) -> Option<String> {
-    if *installed == Installed::default() {
+    if installed.chains.is_empty() && installed.references.is_empty() {
         return None;
     }
     let mut s = String::from("*nat\n");
-    for _ in 0..installed.inbound_jumps {
-        let _ = writeln!(s, "{}", JUMP_INBOUND.replacen("-A", "-D", 1));
-    }
-    for _ in 0..installed.output_jumps {
-        let _ = writeln!(s, "{}", JUMP_OUTPUT.replacen("-A", "-D", 1));
+    for reference in &installed.references {
+        let _ = writeln!(s, "-D{}", &reference[2..]);
     }
     // Flush all first, then delete: a chain still referenced cannot be deleted.
     for chain in &installed.chains {
@@ -271,6 +319,48 @@ fn remove_script(installed: &Installed) -> Option<String> {
     }
     s.push_str("COMMIT\n");
     Some(s)
+}
+
+/// Remove our chains and every reference to them from the calling thread's netns,
+/// with `backend`'s tools. Returns whether there was anything to remove.
+fn remove_here(backend: Backend) -> Result<bool, DatapathError> {
+    let installed = Installed::parse(&run(&backend.tool("save"), &["-t", "nat"], None)?);
+    match remove_script(&installed) {
+        Some(script) => run(
+            &backend.tool("restore"),
+            &["--noflush", "-w", LOCK_WAIT_SECS],
+            Some(&script),
+        )
+        .map(|_| true),
+        None => Ok(false),
+    }
+}
+
+/// Remove what any agent wrote into the netns at `path`, in both backends (a backend
+/// whose tools are not installed holds nothing). For `interceptor cleanup` and for pods
+/// a restarted agent no longer enrolls. Returns the backends that held something.
+pub fn remove_from_netns(path: &std::path::Path) -> Result<Vec<Backend>, DatapathError> {
+    let netns = PodNetns::enter(path).map_err(|e| DatapathError::Iptables {
+        what: format!("netns {}", path.display()),
+        reason: e.to_string(),
+    })?;
+    netns
+        .run_blocking(|| {
+            let mut held = Vec::new();
+            for backend in [Backend::Legacy, Backend::Nft] {
+                if !resolve(&backend.tool("save")).is_file() {
+                    continue;
+                }
+                if remove_here(backend)? {
+                    held.push(backend);
+                }
+            }
+            Ok(held)
+        })
+        .map_err(|e| DatapathError::Iptables {
+            what: format!("netns {}", path.display()),
+            reason: e.to_string(),
+        })?
 }
 
 fn dedup(mut ports: Vec<u16>) -> Vec<u16> {
@@ -292,10 +382,23 @@ struct State {
     pods: HashMap<u64, Enrolled>,
 }
 
+impl State {
+    /// The rules of one pod: the global ones, then its own.
+    fn layered(&self, cookie: u64) -> Vec<MeshConfig> {
+        let mut rules = vec![self.global.clone()];
+        rules.extend(self.scoped.get(&cookie).cloned());
+        rules
+    }
+}
+
 /// The iptables data path of one node.
 pub struct IptablesDatapath {
     backend: Backend,
+    /// Held only briefly: readers (`/config_dump`) never wait for a tool to run.
     state: Mutex<State>,
+    /// Held while the tools run: one writer at a time, each reading the latest state, so
+    /// an older rule set never lands after a newer one.
+    writes: Mutex<()>,
 }
 
 impl IptablesDatapath {
@@ -303,6 +406,7 @@ impl IptablesDatapath {
         Self {
             backend,
             state: Mutex::new(State::default()),
+            writes: Mutex::new(()),
         }
     }
 
@@ -315,10 +419,9 @@ impl IptablesDatapath {
         &self,
         netns: &PodNetns,
         ip: std::net::Ipv4Addr,
-        rules: &[&MeshConfig],
+        rules: Vec<MeshConfig>,
     ) -> Result<(), DatapathError> {
         let backend = self.backend;
-        let rules: Vec<MeshConfig> = rules.iter().map(|r| (*r).clone()).collect();
         self.in_netns(netns, ip, move || {
             let installed = Installed::parse(&run(&backend.tool("save"), &["-t", "nat"], None)?);
             let refs: Vec<&MeshConfig> = rules.iter().collect();
@@ -334,18 +437,7 @@ impl IptablesDatapath {
 
     fn remove(&self, netns: &PodNetns, ip: std::net::Ipv4Addr) -> Result<(), DatapathError> {
         let backend = self.backend;
-        self.in_netns(netns, ip, move || {
-            let installed = Installed::parse(&run(&backend.tool("save"), &["-t", "nat"], None)?);
-            match remove_script(&installed) {
-                Some(script) => run(
-                    &backend.tool("restore"),
-                    &["--noflush", "-w", LOCK_WAIT_SECS],
-                    Some(&script),
-                )
-                .map(drop),
-                None => Ok(()),
-            }
-        })
+        self.in_netns(netns, ip, move || remove_here(backend).map(drop))
     }
 
     /// Run `job` on the pod's netns thread: the tools it starts inherit that netns.
@@ -377,12 +469,10 @@ impl Datapath for IptablesDatapath {
     }
 
     fn enroll(&self, pod: &PodDatapath, netns: &Arc<PodNetns>) -> Result<(), DatapathError> {
-        let mut state = lock(&self.state);
-        let scoped = state.scoped.get(&pod.netns_cookie).cloned();
-        let mut rules = vec![&state.global];
-        rules.extend(scoped.as_ref());
-        self.apply(netns, pod.ipv4, &rules)?;
-        state.pods.insert(
+        let _writing = lock(&self.writes);
+        let rules = lock(&self.state).layered(pod.netns_cookie);
+        self.apply(netns, pod.ipv4, rules)?;
+        lock(&self.state).pods.insert(
             pod.netns_cookie,
             Enrolled {
                 pod: pod.clone(),
@@ -393,8 +483,19 @@ impl Datapath for IptablesDatapath {
     }
 
     fn unenroll(&self, pod: &PodDatapath, netns: &Arc<PodNetns>) -> Result<(), DatapathError> {
+        let _writing = lock(&self.writes);
+        self.remove(netns, pod.ipv4)?;
+        // Only once the rules are gone: a pod whose removal failed is retried at teardown.
         lock(&self.state).pods.remove(&pod.netns_cookie);
-        self.remove(netns, pod.ipv4)
+        Ok(())
+    }
+
+    fn release_netns(&self, path: &std::path::Path) -> Result<(), DatapathError> {
+        let held = remove_from_netns(path)?;
+        if !held.is_empty() {
+            tracing::info!(netns = %path.display(), ?held, "removed chains an earlier agent left");
+        }
+        Ok(())
     }
 
     fn set_debug(&self, on: bool) -> Result<(), DatapathError> {
@@ -419,37 +520,35 @@ impl Datapath for IptablesDatapath {
     }
 
     fn retain_pods(&self, _netns_cookies: &HashSet<u64>) {
-        // Rules live in each pod's netns and go with it; a pod not adopted again is one
-        // whose netns is gone or that the model dropped, so nothing is left to reach.
+        // Nothing is shared between pods here: rules live in each pod's netns, and those
+        // of pods not adopted again are removed through `release_netns`.
     }
 
     fn set_rules(&self, scope: u64, rules: &MeshConfig) -> Result<(), DatapathError> {
-        let mut state = lock(&self.state);
-        if scope == interceptor_common::rules::GLOBAL_SCOPE {
-            state.global = rules.clone();
-        } else if *rules == MeshConfig::default() {
-            state.scoped.remove(&scope);
-        } else {
-            state.scoped.insert(scope, rules.clone());
-        }
-        let affected: Vec<u64> = if scope == interceptor_common::rules::GLOBAL_SCOPE {
-            state.pods.keys().copied().collect()
-        } else {
+        let _writing = lock(&self.writes);
+        let targets: Vec<(Arc<PodNetns>, std::net::Ipv4Addr, Vec<MeshConfig>)> = {
+            let mut state = lock(&self.state);
+            if scope == interceptor_common::rules::GLOBAL_SCOPE {
+                state.global = rules.clone();
+            } else if *rules == MeshConfig::default() {
+                state.scoped.remove(&scope);
+            } else {
+                state.scoped.insert(scope, rules.clone());
+            }
             state
                 .pods
-                .contains_key(&scope)
-                .then_some(scope)
-                .into_iter()
+                .iter()
+                .filter(|(cookie, _)| {
+                    scope == interceptor_common::rules::GLOBAL_SCOPE || **cookie == scope
+                })
+                .map(|(cookie, pod)| (Arc::clone(&pod.netns), pod.pod.ipv4, state.layered(*cookie)))
                 .collect()
         };
         // Every enrolled pod gets the new rules even when one of them fails.
         let mut first_error = None;
-        for cookie in affected {
-            let pod = &state.pods[&cookie];
-            let mut layered = vec![&state.global];
-            layered.extend(state.scoped.get(&cookie));
-            if let Err(error) = self.apply(&pod.netns, pod.pod.ipv4, &layered) {
-                tracing::error!(pod = %pod.pod.ipv4, %error, "re-applying iptables rules");
+        for (netns, ip, layered) in targets {
+            if let Err(error) = self.apply(&netns, ip, layered) {
+                tracing::error!(pod = %ip, %error, "re-applying iptables rules");
                 first_error.get_or_insert(error);
             }
         }
@@ -457,6 +556,7 @@ impl Datapath for IptablesDatapath {
     }
 
     fn teardown(&self) -> Result<(), DatapathError> {
+        let _writing = lock(&self.writes);
         let pods: Vec<Enrolled> = lock(&self.state).pods.drain().map(|(_, p)| p).collect();
         let mut first_error = None;
         for pod in pods {
@@ -503,6 +603,7 @@ mod tests {
         assert_eq!(installed.inbound_jumps, 1);
         assert_eq!(installed.output_jumps, 1);
         assert_eq!(installed.chains, vec![CHAIN_INBOUND, CHAIN_OUTPUT]);
+        assert_eq!(installed.references.len(), 2);
         let script = install_script(&[&MeshConfig::default()], &installed);
         assert!(!script.contains("-A PREROUTING"), "{script}");
         assert!(!script.contains("-A OUTPUT"), "{script}");
@@ -542,18 +643,27 @@ mod tests {
     }
 
     #[test]
-    fn removal_deletes_jumps_before_chains_and_nothing_when_clean() {
+    fn removal_deletes_every_reference_before_the_chains_and_nothing_when_clean() {
         assert_eq!(remove_script(&Installed::default()), None);
-        let installed = Installed {
-            chains: CHAINS.to_vec(),
-            inbound_jumps: 1,
-            output_jumps: 2,
-        };
+        let saved = "*nat\n:PREROUTING ACCEPT [0:0]\n:PROXY_INBOUND - [0:0]\n:PROXY_IN_REDIRECT - [0:0]\n\
+                     :PROXY_OUTPUT - [0:0]\n:PROXY_REDIRECT - [0:0]\n\
+                     -A PREROUTING -p tcp -j PROXY_INBOUND\n-A OUTPUT -p tcp -j PROXY_OUTPUT\n\
+                     -A OUTPUT -p tcp -j PROXY_OUTPUT\n-A OUTPUT -d 10.0.0.1/32 -g PROXY_REDIRECT\n\
+                     -A POSTROUTING -j MASQUERADE\n-A PROXY_INBOUND -p tcp -j PROXY_IN_REDIRECT\nCOMMIT\n";
+        let installed = Installed::parse(saved);
+        assert_eq!(installed.output_jumps, 2);
+        assert_eq!(installed.references.len(), 4, "{installed:?}");
         let script = remove_script(&installed).expect("script");
         assert_eq!(
-            script.matches("-D OUTPUT -p tcp -j PROXY_OUTPUT").count(),
+            script.matches("-D OUTPUT -p tcp -j PROXY_OUTPUT\n").count(),
             2
         );
+        // A reference someone else added is removed too, word for word, or -X would fail.
+        assert!(
+            script.contains("-D OUTPUT -d 10.0.0.1/32 -g PROXY_REDIRECT\n"),
+            "{script}"
+        );
+        assert!(!script.contains("MASQUERADE"), "{script}");
         assert!(script.find("-D PREROUTING").unwrap() < script.find("-X PROXY_INBOUND").unwrap());
         assert_eq!(script.matches("-X ").count(), 4);
     }

@@ -64,6 +64,8 @@ pub enum DatapathError {
     Tc { ifname: String, reason: String },
     #[error("iptables: {what}: {reason}")]
     Iptables { what: String, reason: String },
+    #[error("a data path call did not complete: {0}")]
+    Interrupted(String),
     #[error("{what} is not available in {mode} mode")]
     Unsupported {
         what: &'static str,
@@ -106,6 +108,12 @@ pub trait Datapath: Send + Sync {
     fn enroll(&self, pod: &PodDatapath, netns: &Arc<PodNetns>) -> Result<(), DatapathError>;
     /// Stop intercepting a pod and forget its flows; unknown pods are not an error.
     fn unenroll(&self, pod: &PodDatapath, netns: &Arc<PodNetns>) -> Result<(), DatapathError>;
+    /// A pod netns this agent does not enroll (after a restart): remove what an earlier
+    /// agent left inside it. eBPF mode keeps nothing inside a pod's netns that outlives
+    /// [`Datapath::retain_pods`], so the default does nothing.
+    fn release_netns(&self, _path: &std::path::Path) -> Result<(), DatapathError> {
+        Ok(())
+    }
     /// Turn the programs' trace_pipe lines on or off.
     fn set_debug(&self, on: bool) -> Result<(), DatapathError>;
     /// The programs' counters; `None` in a mode without them.

@@ -247,25 +247,26 @@ pub fn nat_rules(netns: &str, backend: &str) -> String {
     run_in_netns(netns, &[&format!("iptables-{backend}-save"), "-t", "nat"])
 }
 
-/// Whether the pod's netns holds the interception chains, checked the way `mode` would
-/// have installed them (eBPF mode must leave the nat table alone).
+/// Whether the pod's netns holds the interception chains: `Mode::Iptables` expects them
+/// once in the nft tables (the backend the testbed's nodes get), `Mode::Ebpf` expects no
+/// trace of them in either backend (what eBPF mode, unenrolled pods and removed pods
+/// must look like).
 pub fn assert_pod_rules(pod: &Pod, mode: Mode) {
-    let nat = nat_rules(&pod.netns, "nft");
-    let has_chains = [
-        "PROXY_INBOUND",
-        "PROXY_IN_REDIRECT",
-        "PROXY_OUTPUT",
-        "PROXY_REDIRECT",
-    ]
-    .iter()
-    .all(|chain| nat.contains(&format!(":{chain} ")));
     match mode {
         Mode::Iptables => {
-            assert!(
-                has_chains,
-                "pod {}: nat table lacks our chains:\n{nat}",
-                pod.name
-            );
+            let nat = nat_rules(&pod.netns, "nft");
+            for chain in [
+                "PROXY_INBOUND",
+                "PROXY_IN_REDIRECT",
+                "PROXY_OUTPUT",
+                "PROXY_REDIRECT",
+            ] {
+                assert!(
+                    nat.contains(&format!(":{chain} ")),
+                    "pod {}: no {chain}:\n{nat}",
+                    pod.name
+                );
+            }
             assert_eq!(
                 nat.matches("-A PREROUTING -p tcp -j PROXY_INBOUND").count(),
                 1,
@@ -277,7 +278,16 @@ pub fn assert_pod_rules(pod: &Pod, mode: Mode) {
                 "{nat}"
             );
         }
-        Mode::Ebpf => assert!(!nat.contains("PROXY_"), "eBPF mode touched nat:\n{nat}"),
+        Mode::Ebpf => {
+            for backend in ["nft", "legacy"] {
+                let nat = nat_rules(&pod.netns, backend);
+                assert!(
+                    !nat.contains("PROXY_"),
+                    "pod {}: {backend} nat has our chains:\n{nat}",
+                    pod.name
+                );
+            }
+        }
     }
 }
 
