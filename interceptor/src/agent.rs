@@ -188,6 +188,11 @@ impl Agent {
         read(&self.routes).service_ports()
     }
 
+    /// Whether each routing object is in force, and why not.
+    pub fn route_statuses(&self) -> Vec<crate::proxy::RouteStatus> {
+        read(&self.routes).statuses().to_vec()
+    }
+
     /// Follow model changes: every new model means a new routing snapshot.
     pub fn spawn_model_follower(self: &Arc<Self>) -> JoinHandle<()> {
         let agent = Arc::clone(self);

@@ -77,6 +77,7 @@ async fn config_dump(State(state): State<AdminState>) -> Json<serde_json::Value>
         "datapath_counters": agent.datapath().counters(),
         "datapath_records": agent.datapath().live_records(),
         "service_ports": agent.service_ports(),
+        "routes": agent.route_statuses(),
         "connections": agent.connection_log(),
         "model": *agent.model(),
     }))

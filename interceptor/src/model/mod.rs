@@ -9,8 +9,10 @@ use std::str::FromStr;
 use serde::{Serialize, Serializer};
 
 mod enrollment;
+pub mod routing;
 
 pub use enrollment::{Enrollment, ANNOTATION_SIDECAR_INJECTION, LABEL_DATAPLANE_MODE};
+pub use routing::RoutingObjects;
 
 /// Error of parsing a `namespace/name` key.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -83,6 +85,9 @@ pub struct Model {
     /// endpoints from it rather than from its selector; see [`Model::endpoints`].
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub endpoint_slices: BTreeMap<ServiceKey, Vec<SlicePort>>,
+    /// VirtualServices, DestinationRules, TCPRoutes and TrafficSplits.
+    #[serde(skip_serializing_if = "RoutingObjects::is_empty")]
+    pub routing: RoutingObjects,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]

@@ -14,7 +14,7 @@ use tokio::task::JoinSet;
 
 use super::forward::{forward, reset_on_close, CopyMode, Forwarded};
 use super::orig_dst::original_dst;
-use super::routes::{RouteTable, Target};
+use super::routes::{ConnectionSource, RouteTable, Target};
 use crate::inpod::{InpodError, PodNetns};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -171,7 +171,14 @@ async fn proxy_one(
     record.original_dst = Some(original);
     let table = read(&ctx.routes).clone();
     let target = match ctx.direction {
-        Direction::Outbound => table.resolve(original),
+        Direction::Outbound => {
+            let pod = ctx.pod.parse::<crate::model::PodKey>().ok();
+            let source = ConnectionSource {
+                pod: pod.as_ref(),
+                gateway: None,
+            };
+            table.resolve(original, source)
+        }
         // Inbound traffic is for the application in this pod, on the port it was sent to.
         Direction::Inbound => Target::Local { addr: original },
     };
@@ -180,9 +187,21 @@ async fn proxy_one(
         Target::Endpoint { addr, .. } | Target::Passthrough { addr } | Target::Local { addr } => {
             addr
         }
-        Target::NoEndpoints { service } => {
+        Target::NoEndpoints {
+            service, backend, ..
+        } => {
             reset_on_close(&stream);
-            return Err(format!("service {service} has no endpoints"));
+            return Err(format!(
+                "service {service}: backend {backend} has no endpoints"
+            ));
+        }
+        Target::Refused {
+            service,
+            route,
+            reason,
+        } => {
+            reset_on_close(&stream);
+            return Err(format!("service {service}: {route}: {reason}"));
         }
     };
     let upstream = match connect_from_pod(&ctx.netns, addr).await {

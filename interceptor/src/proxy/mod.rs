@@ -6,4 +6,4 @@ pub mod orig_dst;
 pub mod routes;
 
 pub use listener::{ConnectionLog, ConnectionRecord, Direction};
-pub use routes::{RouteTable, Target};
+pub use routes::{ConnectionSource, RouteStatus, RouteTable, Target};

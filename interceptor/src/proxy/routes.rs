@@ -1,25 +1,114 @@
-//! Where a connection goes: Service ClusterIP:port to one of its endpoints (round-robin),
-//! anything else passed through to the original destination.
-use std::collections::{HashMap, HashSet};
+//! Where a connection goes. An immutable snapshot, rebuilt and swapped whenever the model
+//! or the pod addresses change (new connections see the new table, open ones keep their
+//! upstream). A Service ClusterIP:port goes to the backends its routing policy names
+//! (an Istio VirtualService `tcp` rule, a Gateway API TCPRoute with the Service as parent,
+//! or an SMI TrafficSplit), else round-robin to its own endpoints; anything else is passed
+//! through to the original destination.
+mod compile;
+mod split;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::model::{Endpoint, Model, PodKey};
+use ipnet::Ipv4Net;
 
-/// An immutable routing snapshot; rebuilt and swapped whenever the model or the set
-/// of pod addresses changes.
+use crate::model::{Endpoint, Model, PodKey};
+pub use compile::RouteStatus;
+use split::Split;
+
+/// The gateway name of the mesh's own traffic in VirtualService `gateways` lists.
+pub const MESH_GATEWAY: &str = "mesh";
+
+/// An immutable routing snapshot.
 #[derive(Debug, Default)]
 pub struct RouteTable {
     services: HashMap<SocketAddrV4, ServiceRoute>,
     /// Addresses of the pods enrolled on this node.
     local_enrolled: HashSet<Ipv4Addr>,
+    /// Namespace and labels of the model's pods, for source matches.
+    sources: HashMap<PodKey, Source>,
+    /// Whether each routing object was accepted, and why not.
+    statuses: Vec<RouteStatus>,
+}
+
+#[derive(Debug, Clone)]
+struct Source {
+    namespace: String,
+    labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug)]
 struct ServiceRoute {
+    /// `namespace/name:port`.
     service: String,
+    /// The Service's own endpoints, used when no policy (or no rule) applies.
+    default: Backend,
+    policy: Option<Policy>,
+}
+
+/// The routing object that owns a Service port.
+#[derive(Debug)]
+struct Policy {
+    /// `Kind namespace/name`.
+    route: String,
+    /// Tried in order; the first that matches decides. A policy without conditions has
+    /// one rule that always matches.
+    rules: Vec<Rule>,
+}
+
+#[derive(Debug)]
+struct Rule {
+    /// ORed; empty matches everything.
+    matches: Vec<Match>,
+    split: Split,
+}
+
+/// One Istio `match` entry: every condition set must hold.
+#[derive(Debug, Default)]
+struct Match {
+    port: Option<u16>,
+    destination_subnets: Vec<Ipv4Net>,
+    source_labels: BTreeMap<String, String>,
+    source_namespace: Option<String>,
+    /// Empty: the VirtualService's own gateways.
+    gateways: Vec<String>,
+}
+
+/// One destination: a Service port, or a subset of it, and its endpoints.
+#[derive(Debug)]
+struct Backend {
+    /// `namespace/name:port`, with ` subset <name>` for a subset.
+    name: String,
     endpoints: Vec<Endpoint>,
     next: AtomicUsize,
+}
+
+impl Backend {
+    fn new(name: String, endpoints: Vec<Endpoint>) -> Self {
+        Self {
+            name,
+            endpoints,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    fn pick(&self) -> Option<&Endpoint> {
+        if self.endpoints.is_empty() {
+            return None;
+        }
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
+        Some(&self.endpoints[index])
+    }
+}
+
+/// Who opened a connection, as far as routing cares.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConnectionSource<'a> {
+    /// The enrolled pod whose outbound listener accepted it.
+    pub pod: Option<&'a PodKey>,
+    /// The gateway that accepted it (`namespace/name`), or `None` for mesh traffic.
+    pub gateway: Option<&'a str>,
 }
 
 /// The decision for one connection.
@@ -29,11 +118,26 @@ pub enum Target {
     /// A Service endpoint.
     Endpoint {
         service: String,
+        /// The routing object that chose the backend, when one did.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        route: Option<String>,
+        backend: String,
         pod: String,
         addr: SocketAddrV4,
     },
-    /// A Service with no ready endpoint: the connection is refused.
-    NoEndpoints { service: String },
+    /// The chosen backend has no ready endpoint: the connection is refused.
+    NoEndpoints {
+        service: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        route: Option<String>,
+        backend: String,
+    },
+    /// The matching rule gives every backend weight zero: the connection is refused.
+    Refused {
+        service: String,
+        route: String,
+        reason: String,
+    },
     /// Not a Service address: forward to where the application was going.
     Passthrough { addr: SocketAddrV4 },
     /// Inbound: deliver to the application inside the pod.
@@ -46,47 +150,91 @@ impl RouteTable {
         pod_ips: &HashMap<PodKey, Ipv4Addr>,
         local_enrolled: HashSet<Ipv4Addr>,
     ) -> Self {
-        let mut services = HashMap::new();
-        for service in model.services.values() {
-            let Some(cluster_ip) = service.cluster_ip else {
-                continue;
-            };
-            for port in &service.ports {
-                if !port.protocol.eq_ignore_ascii_case("TCP") {
-                    continue;
-                }
-                services.insert(
-                    SocketAddrV4::new(cluster_ip, port.port),
-                    ServiceRoute {
-                        service: format!("{}/{}:{}", service.namespace, service.name, port.port),
-                        endpoints: model.endpoints(service, port, pod_ips),
-                        next: AtomicUsize::new(0),
+        let compiled = compile::compile(model, pod_ips);
+        let sources = model
+            .pods
+            .iter()
+            .map(|(key, pod)| {
+                (
+                    key.clone(),
+                    Source {
+                        namespace: pod.namespace.clone(),
+                        labels: pod.labels.clone(),
                     },
-                );
-            }
-        }
+                )
+            })
+            .collect();
         Self {
-            services,
+            services: compiled.services,
             local_enrolled,
+            sources,
+            statuses: compiled.statuses,
         }
     }
 
-    pub fn resolve(&self, original: SocketAddrV4) -> Target {
+    pub fn resolve(&self, original: SocketAddrV4, source: ConnectionSource<'_>) -> Target {
         let Some(route) = self.services.get(&original) else {
             return Target::Passthrough { addr: original };
         };
-        if route.endpoints.is_empty() {
-            return Target::NoEndpoints {
+        let chosen = route.policy.as_ref().and_then(|policy| {
+            policy
+                .rules
+                .iter()
+                .find(|rule| {
+                    rule.matches.is_empty()
+                        || rule.matches.iter().any(|m| self.holds(m, original, source))
+                })
+                .map(|rule| (policy, rule))
+        });
+        let (route_name, backend) = match chosen {
+            None => (None, &route.default),
+            Some((policy, rule)) => match rule.split.pick() {
+                Some(backend) => (Some(policy.route.clone()), backend),
+                None => {
+                    return Target::Refused {
+                        service: route.service.clone(),
+                        route: policy.route.clone(),
+                        reason: "every backend of the matching rule has weight 0".into(),
+                    }
+                }
+            },
+        };
+        match backend.pick() {
+            Some(endpoint) => Target::Endpoint {
                 service: route.service.clone(),
-            };
+                route: route_name,
+                backend: backend.name.clone(),
+                pod: endpoint.pod.to_string(),
+                addr: endpoint.addr,
+            },
+            None => Target::NoEndpoints {
+                service: route.service.clone(),
+                route: route_name,
+                backend: backend.name.clone(),
+            },
         }
-        let index = route.next.fetch_add(1, Ordering::Relaxed) % route.endpoints.len();
-        let endpoint = &route.endpoints[index];
-        Target::Endpoint {
-            service: route.service.clone(),
-            pod: endpoint.pod.to_string(),
-            addr: endpoint.addr,
-        }
+    }
+
+    fn holds(&self, m: &Match, original: SocketAddrV4, source: ConnectionSource<'_>) -> bool {
+        let pod = source.pod.and_then(|key| self.sources.get(key));
+        m.port.is_none_or(|port| port == original.port())
+            && (m.destination_subnets.is_empty()
+                || m.destination_subnets
+                    .iter()
+                    .any(|net| net.contains(original.ip())))
+            && (m.source_labels.is_empty()
+                || pod.is_some_and(|p| {
+                    m.source_labels
+                        .iter()
+                        .all(|(k, v)| p.labels.get(k) == Some(v))
+                }))
+            && m.source_namespace
+                .as_ref()
+                .is_none_or(|ns| pod.is_some_and(|p| &p.namespace == ns))
+            && (m.gateways.is_empty() || {
+                let gateway = source.gateway.unwrap_or(MESH_GATEWAY);
+                m.gateways.iter().any(|g| gateway_matches(g, gateway))
+            })
     }
 
     /// Whether `ip` is a pod enrolled on this node (its inbound listener is local).
@@ -98,4 +246,22 @@ impl RouteTable {
     pub fn service_ports(&self) -> usize {
         self.services.len()
     }
+
+    /// Every routing object and whether it is in force, for the config dump.
+    pub fn statuses(&self) -> &[RouteStatus] {
+        &self.statuses
+    }
 }
+
+/// A `gateways` entry (`name` or `namespace/name`) against the gateway that accepted the
+/// connection (`namespace/name`, or `mesh`).
+fn gateway_matches(entry: &str, gateway: &str) -> bool {
+    entry == gateway
+        || (!entry.contains('/')
+            && gateway
+                .split_once('/')
+                .is_some_and(|(_, name)| name == entry))
+}
+
+#[cfg(test)]
+mod tests;

@@ -4,9 +4,10 @@
 //! Every `*.yaml`, `*.yml` and `*.json` file directly in the directory is read, in name
 //! order, skipping hidden files (which also skips the `..data` links of a mounted
 //! ConfigMap). A file may hold several `---`-separated documents. `v1` Namespace, Pod and
-//! Service objects, `discovery.k8s.io/v1` EndpointSlices, and `v1` List objects holding
-//! them (`kubectl get -o yaml`), go into the model; other kinds are skipped. Errors name
-//! the file, line and column.
+//! Service objects, `discovery.k8s.io/v1` EndpointSlices, the L4 routing objects (Istio
+//! VirtualService and DestinationRule, Gateway API TCPRoute, SMI TrafficSplit), and `v1`
+//! List objects holding them (`kubectl get -o yaml`), go into the model; other kinds are
+//! skipped. Errors name the file, line and column.
 //!
 //! The Kubernetes source (`source::kube`) converts the objects it watches with the same
 //! functions (`*_from_api`), so both sources build the same model from the same objects.
@@ -32,6 +33,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+use crate::model::routing::{
+    DestinationRuleSpec, Routed, TcpRouteSpec, TrafficSplitSpec, VirtualServiceSpec,
+};
 use crate::model::{
     Model, NamedPort, Namespace, Pod, PodKey, Service, ServiceKey, ServicePort, SliceEndpoint,
     SlicePort, TargetPort,
@@ -592,6 +596,10 @@ impl Loader {
             Item::Pod(pod) => ("Pod", pod.key().to_string()),
             Item::Service(svc) => ("Service", svc.key().to_string()),
             Item::EndpointSlice(slice) => ("EndpointSlice", slice.key()),
+            Item::VirtualService(o) => ("VirtualService", o.key()),
+            Item::DestinationRule(o) => ("DestinationRule", o.key()),
+            Item::TcpRoute(o) => ("TCPRoute", o.key()),
+            Item::TrafficSplit(o) => ("TrafficSplit", o.key()),
         };
         let origin = Origin {
             file: file_idx,
@@ -628,6 +636,22 @@ impl Loader {
                     "skipping an EndpointSlice without the {SERVICE_NAME_LABEL} label"
                 ),
             },
+            Item::VirtualService(mut o) => {
+                o.order = self.seen.len();
+                self.model.routing.virtual_services.insert(o.key(), o);
+            }
+            Item::DestinationRule(mut o) => {
+                o.order = self.seen.len();
+                self.model.routing.destination_rules.insert(o.key(), o);
+            }
+            Item::TcpRoute(mut o) => {
+                o.order = self.seen.len();
+                self.model.routing.tcp_routes.insert(o.key(), o);
+            }
+            Item::TrafficSplit(mut o) => {
+                o.order = self.seen.len();
+                self.model.routing.traffic_splits.insert(o.key(), o);
+            }
         }
         Ok(())
     }
@@ -650,6 +674,10 @@ enum Item {
     Pod(Pod),
     Service(Service),
     EndpointSlice(Slice),
+    VirtualService(Routed<VirtualServiceSpec>),
+    DestinationRule(Routed<DestinationRuleSpec>),
+    TcpRoute(Routed<TcpRouteSpec>),
+    TrafficSplit(Routed<TrafficSplitSpec>),
 }
 
 struct Object {
@@ -706,6 +734,27 @@ fn collect_objects(
             let slice: discovery::EndpointSlice = doc.typed(Value::Mapping(map), &path)?;
             Item::EndpointSlice(endpoint_slice(doc, &path, slice)?)
         }
+        (
+            "networking.istio.io/v1alpha3"
+            | "networking.istio.io/v1beta1"
+            | "networking.istio.io/v1",
+            "VirtualService",
+        ) => Item::VirtualService(routed(doc, &path, "VirtualService", map)?),
+        (
+            "networking.istio.io/v1alpha3"
+            | "networking.istio.io/v1beta1"
+            | "networking.istio.io/v1",
+            "DestinationRule",
+        ) => Item::DestinationRule(routed(doc, &path, "DestinationRule", map)?),
+        ("gateway.networking.k8s.io/v1alpha2", "TCPRoute") => {
+            Item::TcpRoute(routed(doc, &path, "TCPRoute", map)?)
+        }
+        (
+            "split.smi-spec.io/v1alpha4"
+            | "split.smi-spec.io/v1alpha3"
+            | "split.smi-spec.io/v1alpha2",
+            "TrafficSplit",
+        ) => Item::TrafficSplit(routed(doc, &path, "TrafficSplit", map)?),
         ("v1", "List") => {
             let items = match map.remove("items") {
                 None | Some(Value::Null) => Vec::new(),
@@ -743,6 +792,32 @@ fn collect_objects(
         item,
     });
     Ok(())
+}
+
+/// A routing object: its metadata and spec, typed (a field of the wrong type is an error
+/// with its location); what the spec means is judged when routes are compiled.
+fn routed<T: DeserializeOwned + Default>(
+    doc: &Doc<'_>,
+    path: &[Seg],
+    kind: &str,
+    map: serde_yaml::Mapping,
+) -> Result<Routed<T>, ManifestError> {
+    #[derive(Deserialize)]
+    struct Object<T> {
+        #[serde(default)]
+        metadata: ObjectMeta,
+        #[serde(default)]
+        spec: T,
+    }
+    let object: Object<T> = doc.typed(Value::Mapping(map), path)?;
+    let (namespace, name) = name_and_namespace(doc, path, kind, &object.metadata)?;
+    Ok(Routed {
+        namespace,
+        name,
+        created: object.metadata.creation_timestamp.map(|t| t.0.to_string()),
+        order: 0,
+        spec: object.spec,
+    })
 }
 
 /// Reports a bad value of the object at `path` in `doc`.

@@ -1,0 +1,185 @@
+//! The L4 routing objects as their APIs spell them: Istio `VirtualService` (`tcp` routes)
+//! and `DestinationRule` (subsets), Gateway API `TCPRoute` and SMI `TrafficSplit`. Only the
+//! fields L4 routing reads are kept; the others (http, tls, ...) are ignored. What the
+//! objects mean together is compiled by `proxy::routes`, which also judges them.
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// One routing object with its identity and load order (older first: conflicts between
+/// Gateway API routes go to the oldest).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Routed<T> {
+    pub namespace: String,
+    pub name: String,
+    /// `metadata.creationTimestamp` when the object has one (the API server sets it).
+    pub created: Option<String>,
+    /// Position in the order the source delivered objects (file order for manifests).
+    pub order: usize,
+    pub spec: T,
+}
+
+impl<T> Routed<T> {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Oldest first: creation time, then load order, then name.
+    pub fn age_key(&self) -> (Option<&str>, usize, String) {
+        (
+            // Objects without a timestamp sort after those with one.
+            self.created.as_deref().or(Some("\u{10ffff}")),
+            self.order,
+            self.key(),
+        )
+    }
+}
+
+/// Every routing object of the model, by `namespace/name`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RoutingObjects {
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub virtual_services: BTreeMap<String, Routed<VirtualServiceSpec>>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub destination_rules: BTreeMap<String, Routed<DestinationRuleSpec>>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub tcp_routes: BTreeMap<String, Routed<TcpRouteSpec>>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub traffic_splits: BTreeMap<String, Routed<TrafficSplitSpec>>,
+}
+
+impl RoutingObjects {
+    pub fn is_empty(&self) -> bool {
+        self == &RoutingObjects::default()
+    }
+}
+
+/// `networking.istio.io` `VirtualService` (v1alpha3, v1beta1, v1).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct VirtualServiceSpec {
+    pub hosts: Vec<String>,
+    /// Empty means `["mesh"]`: the routes apply to the mesh's own traffic.
+    pub gateways: Vec<String>,
+    pub tcp: Vec<IstioTcpRoute>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct IstioTcpRoute {
+    /// ORed; an empty list matches every connection.
+    #[serde(rename = "match")]
+    pub matches: Vec<L4MatchAttributes>,
+    pub route: Vec<RouteDestination>,
+}
+
+/// One `match` entry: every field set must hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct L4MatchAttributes {
+    pub destination_subnets: Vec<String>,
+    pub port: Option<u32>,
+    pub source_labels: BTreeMap<String, String>,
+    pub source_namespace: Option<String>,
+    pub gateways: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct RouteDestination {
+    pub destination: Destination,
+    /// Absent: an equal share of what the explicit weights leave.
+    pub weight: Option<i64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Destination {
+    pub host: String,
+    pub subset: Option<String>,
+    pub port: Option<PortSelector>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct PortSelector {
+    pub number: Option<u32>,
+}
+
+/// `networking.istio.io` `DestinationRule`: only its subsets matter at L4 here.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct DestinationRuleSpec {
+    pub host: String,
+    pub subsets: Vec<Subset>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Subset {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// `gateway.networking.k8s.io/v1alpha2` `TCPRoute`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TcpRouteSpec {
+    pub parent_refs: Vec<ParentReference>,
+    pub rules: Vec<TcpRouteRule>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ParentReference {
+    /// Unset means `gateway.networking.k8s.io`; `""` is the core group (a Service).
+    pub group: Option<String>,
+    /// Unset means `Gateway`.
+    pub kind: Option<String>,
+    pub namespace: Option<String>,
+    pub name: String,
+    pub section_name: Option<String>,
+    pub port: Option<u32>,
+}
+
+impl ParentReference {
+    /// A Service parent (GAMMA: the route applies to traffic for that Service).
+    pub fn is_service(&self) -> bool {
+        self.kind.as_deref() == Some("Service") && self.group.as_deref().unwrap_or("").is_empty()
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TcpRouteRule {
+    pub backend_refs: Vec<BackendRef>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct BackendRef {
+    pub group: Option<String>,
+    /// Unset means `Service`.
+    pub kind: Option<String>,
+    pub name: String,
+    pub namespace: Option<String>,
+    pub port: Option<u32>,
+    /// Unset means 1.
+    pub weight: Option<i64>,
+}
+
+/// `split.smi-spec.io` `TrafficSplit` (v1alpha4, also read from v1alpha2/v1alpha3).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TrafficSplitSpec {
+    /// The root service clients dial.
+    pub service: String,
+    pub backends: Vec<TrafficSplitBackend>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TrafficSplitBackend {
+    pub service: String,
+    pub weight: i64,
+}

@@ -1,0 +1,571 @@
+//! From the model's routing objects to the policies of the route table, judging each
+//! object on the way: one that names a missing Service, subset or port, or carries an
+//! invalid value, is rejected whole with its reasons (and the Services it would have
+//! routed keep their default routing); the others are compiled. When two objects claim
+//! the same Service port, a VirtualService wins over a TCPRoute, which wins over a
+//! TrafficSplit, and between two of one kind the older wins (Gateway API's rule); the loser
+//! says so in its status.
+use std::collections::{BTreeMap, HashMap};
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use ipnet::Ipv4Net;
+
+use super::split::{istio_weights, Split};
+use super::{Backend, Match, Policy, Rule, ServiceRoute, MESH_GATEWAY};
+use crate::model::routing::{
+    BackendRef, Destination, IstioTcpRoute, L4MatchAttributes, Routed, TcpRouteSpec,
+    TrafficSplitSpec, VirtualServiceSpec,
+};
+use crate::model::{Model, PodKey, Service, ServiceKey, ServicePort};
+
+/// Whether one routing object is in force, for `/config_dump` and the logs.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct RouteStatus {
+    pub kind: &'static str,
+    /// `namespace/name`.
+    pub name: String,
+    /// In force for at least one Service port.
+    pub accepted: bool,
+    /// The Service ports it routes (`namespace/name:port`).
+    pub routes: Vec<String>,
+    /// Why it is rejected, or what of it is not in force.
+    pub reasons: Vec<String>,
+}
+
+pub(super) struct Compiled {
+    pub services: HashMap<SocketAddrV4, ServiceRoute>,
+    pub statuses: Vec<RouteStatus>,
+}
+
+/// One object's policies before conflicts are settled.
+struct Candidate {
+    /// VirtualService 0, TCPRoute 1, TrafficSplit 2.
+    rank: u8,
+    age: (Option<String>, usize, String),
+    status: RouteStatus,
+    policies: Vec<(SocketAddrV4, String, Policy)>,
+}
+
+struct Ctx<'a> {
+    model: &'a Model,
+    pod_ips: &'a HashMap<PodKey, Ipv4Addr>,
+}
+
+pub(super) fn compile(model: &Model, pod_ips: &HashMap<PodKey, Ipv4Addr>) -> Compiled {
+    let ctx = Ctx { model, pod_ips };
+    let mut services = HashMap::new();
+    for svc in model.services.values() {
+        let Some(ip) = svc.cluster_ip else { continue };
+        for sp in svc.ports.iter().filter(|sp| sp.is_tcp()) {
+            let name = port_name(svc, sp);
+            services.insert(
+                SocketAddrV4::new(ip, sp.port),
+                ServiceRoute {
+                    service: name.clone(),
+                    default: Backend::new(name, model.endpoints(svc, sp, pod_ips)),
+                    policy: None,
+                },
+            );
+        }
+    }
+
+    let routing = &model.routing;
+    let mut candidates: Vec<Candidate> = Vec::new();
+    for vs in routing.virtual_services.values() {
+        candidates.push(candidate(0, "VirtualService", vs, |r| {
+            ctx.virtual_service(r)
+        }));
+    }
+    for route in routing.tcp_routes.values() {
+        candidates.push(candidate(1, "TCPRoute", route, |r| ctx.tcp_route(r)));
+    }
+    for split in routing.traffic_splits.values() {
+        candidates.push(candidate(2, "TrafficSplit", split, |r| {
+            ctx.traffic_split(r)
+        }));
+    }
+    candidates.sort_by(|a, b| (a.rank, &a.age).cmp(&(b.rank, &b.age)));
+
+    let mut owners: HashMap<SocketAddrV4, String> = HashMap::new();
+    let mut statuses = Vec::new();
+    for mut candidate in candidates {
+        let owner = format!("{} {}", candidate.status.kind, candidate.status.name);
+        for (addr, service, policy) in candidate.policies {
+            if let Some(first) = owners.get(&addr) {
+                candidate.status.reasons.push(format!(
+                    "{service} is routed by {first}, which takes precedence"
+                ));
+                continue;
+            }
+            if let Some(route) = services.get_mut(&addr) {
+                route.policy = Some(policy);
+                owners.insert(addr, owner.clone());
+                candidate.status.routes.push(service);
+            }
+        }
+        candidate.status.accepted = !candidate.status.routes.is_empty();
+        statuses.push(candidate.status);
+    }
+    statuses.sort_by(|a, b| (a.kind, &a.name).cmp(&(b.kind, &b.name)));
+    for status in statuses.iter().filter(|s| !s.reasons.is_empty()) {
+        tracing::warn!(kind = status.kind, name = %status.name, accepted = status.accepted,
+            reasons = ?status.reasons, "routing object not (fully) in force");
+    }
+    Compiled { services, statuses }
+}
+
+type Compiled1 = Result<(Vec<(SocketAddrV4, String, Policy)>, Vec<String>), Vec<String>>;
+
+fn candidate<T>(
+    rank: u8,
+    kind: &'static str,
+    object: &Routed<T>,
+    compile: impl FnOnce(&Routed<T>) -> Compiled1,
+) -> Candidate {
+    let (policies, reasons) = match compile(object) {
+        Ok(compiled) => compiled,
+        Err(reasons) => (Vec::new(), reasons),
+    };
+    let (created, order, key) = object.age_key();
+    Candidate {
+        rank,
+        age: (created.map(str::to_owned), order, key),
+        status: RouteStatus {
+            kind,
+            name: object.key(),
+            accepted: false,
+            routes: Vec::new(),
+            reasons,
+        },
+        policies,
+    }
+}
+
+fn port_name(svc: &Service, sp: &ServicePort) -> String {
+    format!("{}/{}:{}", svc.namespace, svc.name, sp.port)
+}
+
+/// Collects the errors of a whole object: it is in force only if there are none.
+#[derive(Default)]
+struct Errors(Vec<String>);
+
+impl Errors {
+    fn take<T>(&mut self, r: Result<T, String>) -> Option<T> {
+        r.map_err(|e| self.0.push(e)).ok()
+    }
+}
+
+impl Ctx<'_> {
+    /// A host as Istio and SMI spell it: `name`, `name.ns`, `name.ns.svc[.cluster.local]`,
+    /// short names relative to `namespace`.
+    fn service(&self, host: &str, namespace: &str) -> Result<&Service, String> {
+        let trimmed = host
+            .strip_suffix(".svc.cluster.local")
+            .or_else(|| host.strip_suffix(".svc"))
+            .unwrap_or(host);
+        let key = match trimmed.split('.').collect::<Vec<_>>()[..] {
+            [name] => ServiceKey::new(namespace, name),
+            [name, ns] => ServiceKey::new(ns, name),
+            _ => return Err(format!("host {host:?} is not a Service name")),
+        };
+        self.model
+            .service(&key)
+            .ok_or_else(|| format!("host {host:?}: Service {key} does not exist"))
+    }
+
+    /// The port of `svc` a destination means: `number` if given, else the port the
+    /// client dialled when `svc` has it, else `svc`'s only TCP port.
+    fn port<'s>(
+        &self,
+        svc: &'s Service,
+        number: Option<u32>,
+        dialled: u16,
+    ) -> Result<&'s ServicePort, String> {
+        let tcp: Vec<&ServicePort> = svc.ports.iter().filter(|p| p.is_tcp()).collect();
+        let found = match number {
+            Some(n) => tcp.iter().find(|p| u32::from(p.port) == n).copied(),
+            None => tcp
+                .iter()
+                .find(|p| p.port == dialled)
+                .or(if tcp.len() == 1 { tcp.first() } else { None })
+                .copied(),
+        };
+        found.ok_or_else(|| match number {
+            Some(n) => format!("Service {} has no TCP port {n}", svc.key()),
+            None => format!(
+                "Service {} has several TCP ports and none is {dialled}: name the port",
+                svc.key()
+            ),
+        })
+    }
+
+    /// A subset's labels, from the oldest DestinationRule for `svc` that defines it.
+    fn subset(&self, svc: &Service, subset: &str) -> Result<BTreeMap<String, String>, String> {
+        let mut rules: Vec<_> = self
+            .model
+            .routing
+            .destination_rules
+            .values()
+            .filter(|dr| {
+                self.service(&dr.spec.host, &dr.namespace)
+                    .is_ok_and(|s| s.key() == svc.key())
+            })
+            .collect();
+        rules.sort_by(|a, b| a.age_key().cmp(&b.age_key()));
+        if rules.is_empty() {
+            return Err(format!(
+                "subset {subset:?}: no DestinationRule for Service {}",
+                svc.key()
+            ));
+        }
+        rules
+            .iter()
+            .flat_map(|dr| &dr.spec.subsets)
+            .find(|s| s.name == subset)
+            .map(|s| s.labels.clone())
+            .ok_or_else(|| {
+                format!(
+                    "subset {subset:?} is not defined by the DestinationRules of Service {}",
+                    svc.key()
+                )
+            })
+    }
+
+    fn backend(
+        &self,
+        svc: &Service,
+        sp: &ServicePort,
+        subset: Option<(&str, BTreeMap<String, String>)>,
+    ) -> Backend {
+        let mut endpoints = self.model.endpoints(svc, sp, self.pod_ips);
+        let mut name = port_name(svc, sp);
+        if let Some((subset, labels)) = subset {
+            endpoints.retain(|e| {
+                self.model
+                    .pod(&e.pod)
+                    .is_some_and(|pod| labels.iter().all(|(k, v)| pod.labels.get(k) == Some(v)))
+            });
+            name.push_str(&format!(" subset {subset}"));
+        }
+        Backend::new(name, endpoints)
+    }
+
+    fn virtual_service(&self, vs: &Routed<VirtualServiceSpec>) -> Compiled1 {
+        let spec = &vs.spec;
+        let gateways: Vec<String> = if spec.gateways.is_empty() {
+            vec![MESH_GATEWAY.into()]
+        } else {
+            spec.gateways.clone()
+        };
+        let mut notes = Vec::new();
+        if !gateways.iter().any(|g| g == MESH_GATEWAY) {
+            notes.push(format!(
+                "bound to gateways {gateways:?} only: served by `interceptor gateway`, not the mesh"
+            ));
+            return Ok((Vec::new(), notes));
+        }
+        if spec.tcp.is_empty() {
+            notes.push("no tcp routes".into());
+            return Ok((Vec::new(), notes));
+        }
+        let mut hosts = Vec::new();
+        for host in &spec.hosts {
+            if host.starts_with('*') {
+                notes.push(format!("host {host:?}: wildcard hosts route gateways only"));
+                continue;
+            }
+            match self.service(host, &vs.namespace) {
+                Ok(svc) => hosts.push(svc),
+                Err(e) => notes.push(e),
+            }
+        }
+        let mut errors = Errors::default();
+        let mut policies = Vec::new();
+        for svc in hosts {
+            let Some(ip) = svc.cluster_ip else {
+                notes.push(format!("Service {} has no cluster IP", svc.key()));
+                continue;
+            };
+            for sp in svc.ports.iter().filter(|p| p.is_tcp()) {
+                let rules: Vec<Rule> = spec
+                    .tcp
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, route)| {
+                        errors.take(self.istio_rule(vs, i, route, &gateways, sp.port))
+                    })
+                    .collect();
+                policies.push((
+                    SocketAddrV4::new(ip, sp.port),
+                    port_name(svc, sp),
+                    Policy {
+                        route: format!("VirtualService {}", vs.key()),
+                        rules,
+                    },
+                ));
+            }
+        }
+        if !errors.0.is_empty() {
+            errors.0.dedup();
+            return Err(errors.0);
+        }
+        Ok((policies, notes))
+    }
+
+    fn istio_rule(
+        &self,
+        vs: &Routed<VirtualServiceSpec>,
+        index: usize,
+        route: &IstioTcpRoute,
+        vs_gateways: &[String],
+        dialled: u16,
+    ) -> Result<Rule, String> {
+        let at = |e: String| format!("tcp[{index}]: {e}");
+        let matches = route
+            .matches
+            .iter()
+            .enumerate()
+            .map(|(j, m)| istio_match(m, vs_gateways).map_err(|e| at(format!("match[{j}]: {e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        if route.route.is_empty() {
+            return Err(at("no route destinations".into()));
+        }
+        let mut explicit = Vec::new();
+        let mut backends = Vec::new();
+        for (j, rd) in route.route.iter().enumerate() {
+            let at = |e: String| at(format!("route[{j}]: {e}"));
+            explicit.push(match rd.weight {
+                None => None,
+                Some(w) => Some(
+                    u32::try_from(w)
+                        .map_err(|_| at(format!("weight {w} is negative or too large")))?,
+                ),
+            });
+            backends.push(
+                self.istio_destination(&rd.destination, &vs.namespace, dialled)
+                    .map_err(at)?,
+            );
+        }
+        let weights = istio_weights(&explicit);
+        Ok(Rule {
+            matches,
+            split: Split::new(backends.into_iter().zip(weights).collect()),
+        })
+    }
+
+    fn istio_destination(
+        &self,
+        d: &Destination,
+        namespace: &str,
+        dialled: u16,
+    ) -> Result<Backend, String> {
+        let svc = self.service(&d.host, namespace)?;
+        let sp = self.port(svc, d.port.as_ref().and_then(|p| p.number), dialled)?;
+        let subset = match &d.subset {
+            Some(name) => Some((name.as_str(), self.subset(svc, name)?)),
+            None => None,
+        };
+        Ok(self.backend(svc, sp, subset))
+    }
+
+    fn tcp_route(&self, route: &Routed<TcpRouteSpec>) -> Compiled1 {
+        let mut notes = Vec::new();
+        let parents: Vec<_> = route
+            .spec
+            .parent_refs
+            .iter()
+            .filter(|p| p.is_service())
+            .collect();
+        if parents.len() < route.spec.parent_refs.len() {
+            notes.push("Gateway parents are served by `interceptor gateway`, not the mesh".into());
+        }
+        if parents.is_empty() {
+            return Ok((Vec::new(), notes));
+        }
+        let refs: Vec<&BackendRef> = route
+            .spec
+            .rules
+            .iter()
+            .flat_map(|r| &r.backend_refs)
+            .collect();
+        if refs.is_empty() {
+            return Err(vec!["no backendRefs".into()]);
+        }
+        let mut errors = Errors::default();
+        let mut backends = Vec::new();
+        for (i, backend) in refs.iter().enumerate() {
+            if let Some(b) = errors.take(
+                self.gateway_backend(backend, &route.namespace)
+                    .map_err(|e| format!("backendRefs[{i}] {}: {e}", backend.name)),
+            ) {
+                backends.push(b);
+            }
+        }
+        let mut policies = Vec::new();
+        for parent in parents {
+            let namespace = parent.namespace.as_deref().unwrap_or(&route.namespace);
+            let key = ServiceKey::new(namespace, &parent.name);
+            let Some(svc) = self.model.service(&key) else {
+                errors
+                    .0
+                    .push(format!("parentRef Service {key} does not exist"));
+                continue;
+            };
+            let Some(ip) = svc.cluster_ip else {
+                errors
+                    .0
+                    .push(format!("parentRef Service {key} has no cluster IP"));
+                continue;
+            };
+            let ports: Vec<&ServicePort> = svc
+                .ports
+                .iter()
+                .filter(|p| p.is_tcp() && parent.port.is_none_or(|n| u32::from(p.port) == n))
+                .collect();
+            if ports.is_empty() {
+                errors.0.push(format!(
+                    "parentRef Service {key} has no TCP port {}",
+                    parent.port.unwrap_or_default()
+                ));
+            }
+            for sp in ports {
+                let split = backends
+                    .iter()
+                    .map(|(svc, sp, weight)| (self.backend(svc, sp, None), *weight))
+                    .collect();
+                policies.push((
+                    SocketAddrV4::new(ip, sp.port),
+                    port_name(svc, sp),
+                    Policy {
+                        route: format!("TCPRoute {}", route.key()),
+                        rules: vec![Rule {
+                            matches: Vec::new(),
+                            split: Split::new(split),
+                        }],
+                    },
+                ));
+            }
+        }
+        if !errors.0.is_empty() {
+            return Err(errors.0);
+        }
+        Ok((policies, notes))
+    }
+
+    /// A Gateway API backendRef: a Service in the route's namespace with a port.
+    fn gateway_backend<'s>(
+        &'s self,
+        b: &BackendRef,
+        namespace: &str,
+    ) -> Result<(&'s Service, &'s ServicePort, u32), String> {
+        let kind = b.kind.as_deref().unwrap_or("Service");
+        if kind != "Service" || !b.group.as_deref().unwrap_or("").is_empty() {
+            return Err(format!("kind {kind} is not supported (only Service)"));
+        }
+        if b.namespace.as_deref().is_some_and(|ns| ns != namespace) {
+            return Err(
+                "a backend in another namespace needs a ReferenceGrant, which is not supported"
+                    .into(),
+            );
+        }
+        let Some(port) = b.port else {
+            return Err("port is required for a Service backend".into());
+        };
+        let weight = b.weight.unwrap_or(1);
+        let weight = u32::try_from(weight)
+            .map_err(|_| format!("weight {weight} is negative or too large"))?;
+        let key = ServiceKey::new(namespace, &b.name);
+        let svc = self
+            .model
+            .service(&key)
+            .ok_or_else(|| format!("Service {key} does not exist"))?;
+        let sp = self.port(svc, Some(port), 0)?;
+        Ok((svc, sp, weight))
+    }
+
+    fn traffic_split(&self, ts: &Routed<TrafficSplitSpec>) -> Compiled1 {
+        let root = self
+            .service(&ts.spec.service, &ts.namespace)
+            .map_err(|e| vec![format!("service: {e}")])?;
+        let Some(ip) = root.cluster_ip else {
+            return Err(vec![format!(
+                "root Service {} has no cluster IP",
+                root.key()
+            )]);
+        };
+        if ts.spec.backends.is_empty() {
+            return Err(vec!["no backends".into()]);
+        }
+        let mut errors = Errors::default();
+        let mut policies = Vec::new();
+        for sp in root.ports.iter().filter(|p| p.is_tcp()) {
+            let mut split = Vec::new();
+            for (i, b) in ts.spec.backends.iter().enumerate() {
+                let backend = (|| {
+                    let weight = u32::try_from(b.weight)
+                        .map_err(|_| format!("weight {} is negative or too large", b.weight))?;
+                    let svc = self.service(&b.service, &ts.namespace)?;
+                    let bsp = self.port(svc, None, sp.port)?;
+                    Ok((self.backend(svc, bsp, None), weight))
+                })();
+                if let Some(b) =
+                    errors.take(backend.map_err(|e: String| format!("backends[{i}]: {e}")))
+                {
+                    split.push(b);
+                }
+            }
+            policies.push((
+                SocketAddrV4::new(ip, sp.port),
+                port_name(root, sp),
+                Policy {
+                    route: format!("TrafficSplit {}", ts.key()),
+                    rules: vec![Rule {
+                        matches: Vec::new(),
+                        split: Split::new(split),
+                    }],
+                },
+            ));
+        }
+        if !errors.0.is_empty() {
+            errors.0.dedup();
+            return Err(errors.0);
+        }
+        Ok((policies, Vec::new()))
+    }
+}
+
+fn istio_match(m: &L4MatchAttributes, vs_gateways: &[String]) -> Result<Match, String> {
+    let port = match m.port {
+        None => None,
+        Some(p) => Some(
+            u16::try_from(p)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("port {p} is not a TCP port"))?,
+        ),
+    };
+    let destination_subnets = m
+        .destination_subnets
+        .iter()
+        .map(|s| {
+            s.parse::<Ipv4Net>()
+                .or_else(|_| s.parse::<Ipv4Addr>().map(Ipv4Net::from))
+                .map(|n| n.trunc())
+                .map_err(|_| format!("destinationSubnets: {s:?} is not an IPv4 address or CIDR"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    // A match's gateways default to the VirtualService's; only mesh traffic reaches here
+    // when those are `mesh`, so an explicit list without `mesh` never matches mesh traffic.
+    let gateways = if m.gateways.is_empty() {
+        vs_gateways.to_vec()
+    } else {
+        m.gateways.clone()
+    };
+    Ok(Match {
+        port,
+        destination_subnets,
+        source_labels: m.source_labels.clone(),
+        source_namespace: m.source_namespace.clone(),
+        gateways,
+    })
+}

@@ -1,0 +1,357 @@
+//! The route table from manifests as users write them.
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddrV4;
+
+use super::*;
+use crate::source::manifests::load_str;
+
+const BASE: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: default}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: echo-v1, labels: {app: echo-server, version: v1}}
+spec: {containers: [{name: s, image: x, ports: [{containerPort: 9000}]}]}
+status: {podIP: 10.244.0.11}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: echo-v2, labels: {app: echo-server, version: v2}}
+spec: {containers: [{name: s, image: x, ports: [{containerPort: 9000}]}]}
+status: {podIP: 10.244.0.12}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: echo-2, labels: {app: echo-server-2}}
+spec: {containers: [{name: s, image: x}]}
+status: {podIP: 10.244.0.13}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, labels: {app: telnet-client}}
+spec: {containers: [{name: c, image: x}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client-2, labels: {app: telnet-client-2}}
+spec: {containers: [{name: c, image: x}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo-server}
+spec:
+  clusterIP: 10.96.0.20
+  selector: {app: echo-server}
+  ports: [{name: tcp, port: 19000, targetPort: 9000}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo-server-2}
+spec:
+  clusterIP: 10.96.0.21
+  selector: {app: echo-server-2}
+  ports: [{name: tcp, port: 19000, targetPort: 9000}]
+"#;
+
+const ECHO: SocketAddrV4 = SocketAddrV4::new(std::net::Ipv4Addr::new(10, 96, 0, 20), 19000);
+
+fn table(extra: &str) -> RouteTable {
+    let text = format!("{BASE}---\n{extra}");
+    let model = load_str(std::path::Path::new("t.yaml"), &text).expect("manifests");
+    RouteTable::build(&model, &HashMap::new(), HashSet::new())
+}
+
+fn from(table: &RouteTable, pod: &str) -> String {
+    let key: PodKey = format!("default/{pod}").parse().unwrap();
+    match table.resolve(
+        ECHO,
+        ConnectionSource {
+            pod: Some(&key),
+            gateway: None,
+        },
+    ) {
+        Target::Endpoint { pod, .. } => pod,
+        other => format!("{other:?}"),
+    }
+}
+
+fn status<'a>(table: &'a RouteTable, kind: &str) -> &'a RouteStatus {
+    table
+        .statuses()
+        .iter()
+        .find(|s| s.kind == kind)
+        .expect("status")
+}
+
+#[test]
+fn without_policy_the_service_round_robins_its_endpoints() {
+    let t = table("");
+    let picks: HashSet<String> = (0..4).map(|_| from(&t, "client")).collect();
+    assert_eq!(
+        picks,
+        HashSet::from(["default/echo-v1".into(), "default/echo-v2".into()])
+    );
+}
+
+#[test]
+fn source_labels_match_only_the_labelled_client() {
+    let t = table(
+        r#"apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: echo, namespace: default}
+spec:
+  hosts: [echo-server.default.svc.cluster.local]
+  tcp:
+  - match:
+    - sourceLabels: {app: telnet-client}
+    route:
+    - destination: {host: echo-server-2.default.svc.cluster.local}
+"#,
+    );
+    assert_eq!(from(&t, "client"), "default/echo-2");
+    assert_ne!(from(&t, "client-2"), "default/echo-2");
+    let s = status(&t, "VirtualService");
+    assert!(s.accepted, "{s:?}");
+    assert_eq!(s.routes, vec!["default/echo-server:19000"]);
+}
+
+#[test]
+fn matches_are_ored_and_fields_anded_and_the_first_rule_wins() {
+    let t = table(
+        r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: echo}
+spec:
+  hosts: [echo-server]
+  tcp:
+  - match:
+    - {port: 19000, sourceNamespace: elsewhere}
+    - {port: 19001}
+    route: [{destination: {host: echo-server, subset: v1}}]
+  - match:
+    - {port: 19000, destinationSubnets: [10.96.0.0/16]}
+    route: [{destination: {host: echo-server-2}}]
+  - route: [{destination: {host: echo-server, subset: v2}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: echo}
+spec:
+  host: echo-server
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+"#,
+    );
+    assert_eq!(from(&t, "client"), "default/echo-2");
+}
+
+#[test]
+fn subsets_and_weights_split_as_istio_says() {
+    let t = table(
+        r#"apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata: {name: tcp-echo}
+spec:
+  hosts: [echo-server]
+  tcp:
+  - match: [{port: 19000}]
+    route:
+    - destination: {host: echo-server, port: {number: 19000}, subset: v1}
+      weight: 80
+    - destination: {host: echo-server, port: {number: 19000}, subset: v2}
+      weight: 20
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: DestinationRule
+metadata: {name: tcp-echo-destination}
+spec:
+  host: echo-server
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+"#,
+    );
+    let picks: Vec<String> = (0..1000).map(|_| from(&t, "client")).collect();
+    assert_eq!(
+        picks.iter().filter(|p| *p == "default/echo-v1").count(),
+        800
+    );
+    assert_eq!(
+        picks.iter().filter(|p| *p == "default/echo-v2").count(),
+        200
+    );
+}
+
+#[test]
+fn a_missing_subset_or_service_rejects_the_object_and_others_keep_working() {
+    let t = table(
+        r#"apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: broken}
+spec:
+  hosts: [echo-server]
+  tcp:
+  - route: [{destination: {host: echo-server, subset: nope}}]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: to-nowhere}
+spec:
+  hosts: [echo-server-2]
+  tcp:
+  - route: [{destination: {host: ghost}}]
+---
+apiVersion: split.smi-spec.io/v1alpha4
+kind: TrafficSplit
+metadata: {name: split}
+spec:
+  service: echo-server-2
+  backends: [{service: echo-server, weight: 1}]
+"#,
+    );
+    let broken = t
+        .statuses()
+        .iter()
+        .find(|s| s.name == "default/broken")
+        .unwrap();
+    assert!(!broken.accepted);
+    assert!(
+        broken.reasons[0].contains("no DestinationRule"),
+        "{broken:?}"
+    );
+    let nowhere = t
+        .statuses()
+        .iter()
+        .find(|s| s.name == "default/to-nowhere")
+        .unwrap();
+    assert!(
+        nowhere.reasons[0].contains("Service default/ghost does not exist"),
+        "{nowhere:?}"
+    );
+    // The broken VirtualService left echo-server on its default routing...
+    assert!(from(&t, "client").starts_with("default/echo-v"));
+    // ...and the rejected one on echo-server-2 left room for the TrafficSplit.
+    let echo2 = SocketAddrV4::new(std::net::Ipv4Addr::new(10, 96, 0, 21), 19000);
+    match t.resolve(echo2, ConnectionSource::default()) {
+        Target::Endpoint { route, pod, .. } => {
+            assert_eq!(route.as_deref(), Some("TrafficSplit default/split"));
+            assert!(pod.starts_with("default/echo-v"), "{pod}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn zero_weights_everywhere_refuse_the_connection() {
+    let t = table(
+        r#"apiVersion: split.smi-spec.io/v1alpha4
+kind: TrafficSplit
+metadata: {name: split}
+spec:
+  service: echo-server
+  backends: [{service: echo-server, weight: 0}, {service: echo-server-2, weight: 0}]
+"#,
+    );
+    assert!(matches!(
+        t.resolve(ECHO, ConnectionSource::default()),
+        Target::Refused { .. }
+    ));
+}
+
+#[test]
+fn a_virtual_service_wins_over_a_tcp_route_and_the_older_tcp_route_wins() {
+    let t = table(
+        r#"apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata: {name: older}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo-server-2, port: 19000}]
+  rules: [{backendRefs: [{name: echo-server, port: 19000}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata: {name: newer}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo-server-2}]
+  rules: [{backendRefs: [{name: echo-server-2, port: 19000}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata: {name: loses-to-vs}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo-server}]
+  rules: [{backendRefs: [{name: echo-server-2, port: 19000}]}]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: echo}
+spec:
+  hosts: [echo-server]
+  tcp: [{route: [{destination: {host: echo-server}}]}]
+"#,
+    );
+    let by_name = |n: &str| t.statuses().iter().find(|s| s.name == n).unwrap().clone();
+    assert!(by_name("default/older").accepted);
+    let newer = by_name("default/newer");
+    assert!(!newer.accepted);
+    assert!(
+        newer.reasons[0].contains("TCPRoute default/older"),
+        "{newer:?}"
+    );
+    let loser = by_name("default/loses-to-vs");
+    assert!(
+        loser.reasons[0].contains("VirtualService default/echo"),
+        "{loser:?}"
+    );
+    let echo2 = SocketAddrV4::new(std::net::Ipv4Addr::new(10, 96, 0, 21), 19000);
+    match t.resolve(echo2, ConnectionSource::default()) {
+        Target::Endpoint { route, .. } => {
+            assert_eq!(route.as_deref(), Some("TCPRoute default/older"))
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn bad_values_are_reasons_not_load_errors() {
+    let t = table(
+        r#"apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: bad}
+spec:
+  hosts: [echo-server]
+  tcp:
+  - match: [{destinationSubnets: [banana]}, {port: 70000}]
+    route: [{destination: {host: echo-server-2}, weight: -5}]
+"#,
+    );
+    let s = status(&t, "VirtualService");
+    assert!(!s.accepted);
+    assert!(
+        s.reasons[0].contains("\"banana\" is not an IPv4 address or CIDR"),
+        "{s:?}"
+    );
+}
+
+#[test]
+fn gateway_bound_objects_stay_out_of_the_mesh() {
+    let t = table(
+        r#"apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata: {name: tcp-echo}
+spec:
+  hosts: ["*"]
+  gateways: [tcp-echo-gateway]
+  tcp: [{match: [{port: 31400}], route: [{destination: {host: echo-server, port: {number: 19000}}}]}]
+"#,
+    );
+    let s = status(&t, "VirtualService");
+    assert!(
+        s.routes.is_empty() && s.reasons[0].contains("bound to gateways"),
+        "{s:?}"
+    );
+    assert!(from(&t, "client").starts_with("default/echo-v"));
+}
