@@ -91,6 +91,29 @@ enum Cmd {
         #[arg(long, default_value_t = 5_000)]
         io_timeout_ms: u64,
     },
+    /// What istio/tcp-echo-server does: answers every line it reads with
+    /// "<prefix> <line>", so a client sees which version answered.
+    TcpEcho {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        prefix: String,
+    },
+    /// `count` connections one after another, each sending "<message>\n" and reading one
+    /// line back; counts the replies by their first word. Prints {"replies": {word: n},
+    /// "errors", "first_error"}.
+    Tally {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        #[arg(long, default_value = "test")]
+        message: String,
+        #[arg(long, default_value_t = 5_000)]
+        connect_timeout_ms: u64,
+        #[arg(long, default_value_t = 5_000)]
+        io_timeout_ms: u64,
+    },
     /// Accepts, reads a few bytes, then closes with SO_LINGER 0 (sends RST).
     ResetServer {
         #[arg(long)]
@@ -107,6 +130,24 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Echo { listen, greeting } => serve(listen, move |s| echo(s, greeting.as_deref())),
+        Cmd::TcpEcho { listen, prefix } => serve(listen, move |s| tcp_echo(s, &prefix)),
+        Cmd::Tally {
+            connect,
+            count,
+            message,
+            connect_timeout_ms,
+            io_timeout_ms,
+        } => {
+            let report = tally(
+                connect,
+                count,
+                &message,
+                Duration::from_millis(connect_timeout_ms),
+                Duration::from_millis(io_timeout_ms),
+            );
+            println!("{report}");
+            Ok(())
+        }
         Cmd::ResetServer { listen } => serve(listen, reset),
         Cmd::HalfCloseServer { listen } => serve(listen, half_close),
         Cmd::Client {
@@ -215,6 +256,57 @@ where
         let handle = handle.clone();
         std::thread::spawn(move || handle(stream));
     }
+}
+
+fn tcp_echo(s: TcpStream, prefix: &str) {
+    let Ok(mut writer) = s.try_clone() else {
+        return;
+    };
+    for line in BufReader::new(s).lines() {
+        let Ok(line) = line else { return };
+        if writer
+            .write_all(format!("{prefix} {line}\n").as_bytes())
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+fn tally(
+    connect: SocketAddr,
+    count: u32,
+    message: &str,
+    connect_timeout: Duration,
+    io_timeout: Duration,
+) -> serde_json::Value {
+    let mut replies: std::collections::BTreeMap<String, u64> = Default::default();
+    let (mut errors, mut first_error) = (0u64, None);
+    for _ in 0..count {
+        let one = (|| -> io::Result<String> {
+            let mut s = TcpStream::connect_timeout(&connect, connect_timeout)?;
+            s.set_read_timeout(Some(io_timeout))?;
+            s.write_all(format!("{message}\n").as_bytes())?;
+            let mut line = String::new();
+            BufReader::new(&mut s).read_line(&mut line)?;
+            if line.is_empty() {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "no reply"));
+            }
+            Ok(line
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_owned())
+        })();
+        match one {
+            Ok(word) => *replies.entry(word).or_default() += 1,
+            Err(e) => {
+                errors += 1;
+                first_error.get_or_insert_with(|| describe(&e));
+            }
+        }
+    }
+    json!({ "replies": replies, "errors": errors, "first_error": first_error })
 }
 
 fn echo(mut s: TcpStream, greeting: Option<&str>) {
