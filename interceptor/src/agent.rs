@@ -172,6 +172,11 @@ impl Agent {
         (state.generation, state.last_error.clone())
     }
 
+    /// The proxy's metrics as Prometheus text.
+    pub fn metrics_text(&self) -> String {
+        self.log.metrics().encode()
+    }
+
     pub fn connection_log(&self) -> Vec<listener::ConnectionRecord> {
         self.log.snapshot()
     }

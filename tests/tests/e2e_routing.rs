@@ -221,6 +221,17 @@ impl Mesh {
     }
 }
 
+/// The sum of the samples of `name` whose labels contain every fragment.
+fn metric(mesh: &Mesh, name: &str, fragments: &[&str]) -> i64 {
+    let (status, body) = mesh.node.tb.admin_get("/metrics").expect("GET /metrics");
+    assert_eq!(status, 200, "{body}");
+    body.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| fragments.iter().all(|f| l.contains(f)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<i64>().ok())
+        .sum()
+}
+
 fn count(report: &serde_json::Value, word: &str) -> i64 {
     report["replies"][word].as_i64().unwrap_or(0)
 }
@@ -447,6 +458,27 @@ spec:
     assert_eq!(report["errors"], 0, "{report}");
     assert_share(count(&report, "hello-gray"), 1000, 0.2, "gray");
     assert_share(count(&report, "hello"), 1000, 0.8, "prod");
+    // Per route and backend in /metrics: every connection, and its bytes ("test\n" up).
+    let gray = [
+        "route=\"VirtualService default/echo\"",
+        "backend=\"default/echo-server:19000 subset gray\"",
+    ];
+    let counted = wait_for("the metrics of every connection", || {
+        let n = metric(&mesh, "interceptor_proxy_connections_total", &gray);
+        let prod = metric(
+            &mesh,
+            "interceptor_proxy_connections_total",
+            &["backend=\"default/echo-server:19000 subset prod\""],
+        );
+        (n + prod == 1000).then_some(n)
+    });
+    assert_eq!(counted, count(&report, "hello-gray"));
+    let up = metric(
+        &mesh,
+        "interceptor_proxy_bytes_total",
+        &[gray[0], gray[1], "flow=\"upstream\""],
+    );
+    assert_eq!(up, counted * 5, "5 bytes per connection");
 }
 
 #[test]
@@ -585,5 +617,13 @@ spec:
     let refused = mesh.tally("telnet-client", BOOKSTORE, 3);
     assert_eq!(refused["errors"], 3, "{refused}");
     assert!(refused["replies"].as_object().is_some_and(|r| r.is_empty()));
+    wait_for("the refusals in /metrics", || {
+        let n = metric(
+            &mesh,
+            "interceptor_proxy_refused_total",
+            &["route=\"TrafficSplit default/nothing\""],
+        );
+        (n == 3).then_some(())
+    });
     assert!(mesh.node.agent_log().contains("missing-subset"));
 }

@@ -1,4 +1,4 @@
-//! The admin endpoint: `/healthz`, `/readyz`, `/config_dump`, and a runtime switch for
+//! The admin endpoint: `/healthz`, `/readyz`, `/config_dump`, `/metrics`, and a runtime switch for
 //! the programs' trace_pipe output.
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -45,6 +45,7 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/config_dump", get(config_dump))
+        .route("/metrics", get(metrics))
         .route("/bpf_debug/on", post(debug_on))
         .route("/bpf_debug/off", post(debug_off))
         .with_state(state);
@@ -81,6 +82,16 @@ async fn config_dump(State(state): State<AdminState>) -> Json<serde_json::Value>
         "connections": agent.connection_log(),
         "model": *agent.model(),
     }))
+}
+
+async fn metrics(State(state): State<AdminState>) -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.agent.metrics_text(),
+    )
 }
 
 async fn debug_on(State(state): State<AdminState>) -> (StatusCode, String) {

@@ -56,14 +56,20 @@ pub struct ConnectionRecord {
     pub unix_ms: u64,
 }
 
-/// Recent connection records, bounded.
+/// Recent connection records, bounded, and the metrics every record adds to.
 #[derive(Debug, Default)]
 pub struct ConnectionLog {
     records: Mutex<VecDeque<ConnectionRecord>>,
+    metrics: super::metrics::ProxyMetrics,
 }
 
 impl ConnectionLog {
+    pub fn metrics(&self) -> &super::metrics::ProxyMetrics {
+        &self.metrics
+    }
+
     pub fn push(&self, record: ConnectionRecord) {
+        self.metrics.observe(&record);
         let mut records = lock(&self.records);
         if records.len() == LOG_CAPACITY {
             records.pop_front();

@@ -1,7 +1,9 @@
-//! The L4 proxy: in-pod listeners (outbound 15001, inbound 15003), original-destination recovery, routing to Service
-//! endpoints, and the byte-forwarding loop.
+//! The L4 proxy: in-pod listeners (outbound 15001, inbound 15003), original-destination
+//! recovery, routing (Service endpoints and the L4 routing objects), the byte-forwarding
+//! loop, and its metrics.
 pub mod forward;
 pub mod listener;
+pub mod metrics;
 pub mod orig_dst;
 pub mod routes;
 
