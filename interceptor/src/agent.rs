@@ -103,6 +103,8 @@ pub struct Agent {
     /// Whether sockmap is on (proxy-to-proxy sockets then need the userspace copy).
     sockmap: bool,
     ready: AtomicBool,
+    /// FSM's permissive traffic policy mode (the default); off is SMI mode.
+    permissive: AtomicBool,
 }
 
 /// A failed CNI request, with the CNI error code to answer.
@@ -153,6 +155,7 @@ impl Agent {
             unknown_pod_wait: options.unknown_pod_wait,
             unknown_pod: options.unknown_pod,
             ready: AtomicBool::new(false),
+            permissive: AtomicBool::new(true),
         });
         agent.rebuild_routes();
         agent
@@ -170,6 +173,14 @@ impl Agent {
     pub fn source_state(&self) -> (u64, Option<String>) {
         let state = self.model.borrow();
         (state.generation, state.last_error.clone())
+    }
+
+    /// Switch between permissive and SMI traffic policy mode; new connections follow.
+    pub fn set_permissive(&self, permissive: bool) {
+        if self.permissive.swap(permissive, Ordering::SeqCst) != permissive {
+            tracing::info!(permissive, "traffic policy mode changed");
+            self.rebuild_routes();
+        }
     }
 
     /// The proxy's metrics as Prometheus text.
@@ -223,7 +234,8 @@ impl Agent {
                 .collect();
             (ips, enrolled)
         };
-        let table = RouteTable::build(&self.model(), &pod_ips, enrolled);
+        let permissive = self.permissive.load(Ordering::SeqCst);
+        let table = RouteTable::build(&self.model(), &pod_ips, enrolled, permissive);
         *write(&self.routes) = Arc::new(table);
     }
 

@@ -53,8 +53,11 @@ pub const OUTBOUND_PORT_EXCLUSION_LIST: &str = "outboundPortExclusionList";
 pub const INBOUND_PORT_EXCLUSION_LIST: &str = "inboundPortExclusionList";
 /// `bpfDebug`
 pub const BPF_DEBUG: &str = "bpfDebug";
+/// FSM's `spec.traffic.enablePermissiveTrafficPolicyMode`: `false` is SMI mode.
+pub const ENABLE_PERMISSIVE_TRAFFIC_POLICY_MODE: &str = "enablePermissiveTrafficPolicyMode";
 
-const KNOWN_FIELDS: [&str; 5] = [
+const KNOWN_FIELDS: [&str; 6] = [
+    ENABLE_PERMISSIVE_TRAFFIC_POLICY_MODE,
     OUTBOUND_IP_RANGE_EXCLUSION_LIST,
     OUTBOUND_IP_RANGE_INCLUSION_LIST,
     OUTBOUND_PORT_EXCLUSION_LIST,
@@ -88,6 +91,20 @@ pub struct MeshConfig {
     /// Whether the eBPF programs write `bpf_printk` lines.
     #[serde(rename = "bpfDebug")]
     pub bpf_debug: bool,
+    /// `None` (unset) and `Some(true)`: permissive mode, all mesh traffic allowed;
+    /// `Some(false)`: SMI mode, denied unless an SMI TrafficTarget allows it.
+    #[serde(
+        rename = "enablePermissiveTrafficPolicyMode",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub enable_permissive_traffic_policy_mode: Option<bool>,
+}
+
+impl MeshConfig {
+    /// Whether all mesh traffic is allowed (FSM's default) rather than SMI policy.
+    pub fn permissive(&self) -> bool {
+        self.enable_permissive_traffic_policy_mode.unwrap_or(true)
+    }
 }
 
 fn serialize_nets<S: Serializer>(nets: &[Ipv4Net], s: S) -> Result<S::Ok, S::Error> {
@@ -208,17 +225,10 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
                 let entries = list(&key, value).map_err(invalid)?;
                 config.inbound_port_exclusion_list = ports(&key, entries, warnings);
             }
-            BPF_DEBUG => {
-                config.bpf_debug = match value {
-                    Value::Null => false,
-                    Value::Bool(b) => b,
-                    other => {
-                        return Err(invalid(format!(
-                            "{key}: expected true or false, found {}",
-                            describe(&other)
-                        )))
-                    }
-                }
+            BPF_DEBUG => config.bpf_debug = boolean(&key, value).map_err(invalid)?.unwrap_or(false),
+            ENABLE_PERMISSIVE_TRAFFIC_POLICY_MODE => {
+                config.enable_permissive_traffic_policy_mode =
+                    boolean(&key, value).map_err(invalid)?;
             }
             _ => {
                 let hint = KNOWN_FIELDS
@@ -243,6 +253,17 @@ fn describe(value: &Value) -> String {
         Value::Sequence(_) => "a list".into(),
         Value::Mapping(_) => "a mapping".into(),
         Value::Tagged(t) => format!("a value tagged {}", t.tag),
+    }
+}
+
+fn boolean(key: &str, value: Value) -> Result<Option<bool>, String> {
+    match value {
+        Value::Null => Ok(None),
+        Value::Bool(b) => Ok(Some(b)),
+        other => Err(format!(
+            "{key}: expected true or false, found {}",
+            describe(&other)
+        )),
     }
 }
 

@@ -184,11 +184,13 @@ async fn serve(config: &AgentConfig) -> anyhow::Result<()> {
         watcher.abort();
         bail!("the {} source did not load: {error}", config.source.kind());
     }
-    let mesh_config = match &config.mesh_config {
+    let (mesh_config, mesh_config_rx) = match &config.mesh_config {
         Some(path) => {
-            Some(follow_mesh_config(path.clone(), Arc::clone(&datapath), config.bpf_debug).await)
+            let (handle, rx) =
+                follow_mesh_config(path.clone(), Arc::clone(&datapath), config.bpf_debug).await;
+            (Some(handle), Some(rx))
         }
-        None => None,
+        None => (None, None),
     };
     let pods_file = config.state_dir.join(PODS_FILE);
     let options = AgentOptions {
@@ -199,6 +201,11 @@ async fn serve(config: &AgentConfig) -> anyhow::Result<()> {
     };
     let agent = Agent::new(Arc::clone(&datapath), rx, options);
     let follower = agent.spawn_model_follower();
+    // In force before the agent is ready: no connection is judged in the wrong mode.
+    let policy_follower = mesh_config_rx.map(|rx| {
+        agent.set_permissive(rx.borrow().config.permissive());
+        follow_policy_mode(rx, Arc::clone(&agent))
+    });
     let watcher_counters = spawn_counter_watch(Arc::clone(&datapath));
     // Pods enrolled before a restart get their listeners and maps back before CNI
     // requests are taken and before the agent says it is ready.
@@ -246,6 +253,9 @@ async fn serve(config: &AgentConfig) -> anyhow::Result<()> {
     watcher.abort();
     watcher_counters.abort();
     if let Some(handle) = &mesh_config {
+        handle.abort();
+    }
+    if let Some(handle) = &policy_follower {
         handle.abort();
     }
     let result = match config.on_exit {
@@ -309,7 +319,10 @@ async fn follow_mesh_config(
     path: PathBuf,
     datapath: Arc<dyn Datapath>,
     cli_debug: bool,
-) -> tokio::task::AbortHandle {
+) -> (
+    tokio::task::AbortHandle,
+    watch::Receiver<crate::config::ConfigState>,
+) {
     use crate::config::{watch_file, ConfigState};
     use interceptor_common::rules::GLOBAL_SCOPE;
     let (tx, mut rx) = watch::channel(ConfigState::default());
@@ -339,6 +352,7 @@ async fn follow_mesh_config(
         }
     };
     let mut seen = 0;
+    let for_agent = rx.clone();
     let task = tokio::spawn(async move {
         loop {
             let state = rx.borrow_and_update().clone();
@@ -353,5 +367,22 @@ async fn follow_mesh_config(
         }
         drop(watcher);
     });
-    task.abort_handle()
+    (task.abort_handle(), for_agent)
+}
+
+/// Apply the mesh config's traffic policy mode (permissive or SMI) to the proxy.
+fn follow_policy_mode(
+    mut rx: watch::Receiver<crate::config::ConfigState>,
+    agent: Arc<Agent>,
+) -> tokio::task::AbortHandle {
+    tokio::spawn(async move {
+        loop {
+            let permissive = rx.borrow_and_update().config.permissive();
+            agent.set_permissive(permissive);
+            if rx.changed().await.is_err() {
+                break;
+            }
+        }
+    })
+    .abort_handle()
 }

@@ -139,7 +139,11 @@ struct Mesh {
 
 impl Mesh {
     fn start(label: &str) -> Mesh {
-        let mut node = Node::start_with_manifests(label, &[], APPS);
+        Self::start_with(label, &[])
+    }
+
+    fn start_with(label: &str, agent_args: &[&str]) -> Mesh {
+        let mut node = Node::start_with_manifests(label, agent_args, APPS);
         let servers = [
             ("echo-server", "hello", 9000),
             ("echo-server-gray", "hello-gray", 9000),
@@ -626,4 +630,88 @@ spec:
         (n == 3).then_some(())
     });
     assert!(mesh.node.agent_log().contains("missing-subset"));
+}
+
+/// The mesh config file of one test, removed however the test ends.
+struct MeshConfigFile(std::path::PathBuf);
+
+impl Drop for MeshConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn smi_mode_denies_what_no_traffic_target_allows() {
+    if !common::privileged() {
+        return;
+    }
+    let config = MeshConfigFile(std::path::PathBuf::from(format!(
+        "/run/interceptor-tb/mesh-config-{}-smi.yaml",
+        std::process::id()
+    )));
+    std::fs::write(&config.0, "enablePermissiveTrafficPolicyMode: false\n").expect("config");
+    let config_arg = config.0.display().to_string();
+    let mesh = Mesh::start_with("rt-smi", &["--mesh-config", &config_arg]);
+    // The SMI specification's example, with this testbed's ServiceAccounts and port.
+    let status = mesh.apply(
+        r#"kind: TCPRoute
+apiVersion: specs.smi-spec.io/v1alpha4
+metadata:
+  name: the-routes
+spec:
+  matches:
+    ports:
+    - 9000
+---
+kind: TrafficTarget
+apiVersion: access.smi-spec.io/v1alpha3
+metadata:
+  name: path-specific
+  namespace: default
+spec:
+  destination:
+    kind: ServiceAccount
+    name: echo-server
+    namespace: default
+  rules:
+  - kind: TCPRoute
+    name: the-routes
+  sources:
+  - kind: ServiceAccount
+    name: telnet-client
+    namespace: default
+"#,
+        "default/path-specific",
+    );
+    assert_eq!(status["accepted"], true, "{status}");
+    let allowed = mesh.tally("telnet-client", ECHO_SERVER, 4);
+    assert_eq!(allowed["errors"], 0, "{allowed}\n{}", mesh.node.agent_log());
+    let denied = mesh.tally("telnet-client-2", ECHO_SERVER, 4);
+    assert_eq!(denied["errors"], 4, "{denied}");
+    // A pod dialled directly is judged the same way (echo-server-2 has its own account).
+    let direct = format!(
+        "{}:9000",
+        mesh.node
+            .tb
+            .pods()
+            .iter()
+            .find(|p| p.name == "echo-server-2")
+            .expect("pod")
+            .ip
+    );
+    assert_eq!(mesh.tally("telnet-client", &direct, 2)["errors"], 2);
+    wait_for("the denials in /metrics", || {
+        let n = metric(
+            &mesh,
+            "interceptor_proxy_refused_total",
+            &["route=\"SMI access policy\""],
+        );
+        (n == 6).then_some(())
+    });
+    // Permissive mode (FSM's default) lets everyone through again.
+    std::fs::write(&config.0, "enablePermissiveTrafficPolicyMode: true\n").expect("config");
+    wait_for("permissive mode", || {
+        (mesh.tally("telnet-client-2", ECHO_SERVER, 1)["errors"] == 0).then_some(())
+    });
 }

@@ -1,5 +1,6 @@
 //! The L4 routing objects as their APIs spell them: Istio `VirtualService` (`tcp` routes)
-//! and `DestinationRule` (subsets), Gateway API `TCPRoute` and SMI `TrafficSplit`. Only the
+//! and `DestinationRule` (subsets), Gateway API `TCPRoute`, SMI `TrafficSplit`, and the SMI
+//! access objects (`TrafficTarget` and the `TCPRoute` of specs.smi-spec.io). Only the
 //! fields L4 routing reads are kept; the others (http, tls, ...) are ignored. What the
 //! objects mean together is compiled by `proxy::routes`, which also judges them.
 use std::collections::BTreeMap;
@@ -46,6 +47,11 @@ pub struct RoutingObjects {
     pub tcp_routes: BTreeMap<String, Routed<TcpRouteSpec>>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub traffic_splits: BTreeMap<String, Routed<TrafficSplitSpec>>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub traffic_targets: BTreeMap<String, Routed<TrafficTargetSpec>>,
+    /// `specs.smi-spec.io` TCPRoutes (port lists for TrafficTarget rules).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub smi_tcp_routes: BTreeMap<String, Routed<SmiTcpRouteSpec>>,
 }
 
 impl RoutingObjects {
@@ -182,4 +188,47 @@ pub struct TrafficSplitSpec {
 pub struct TrafficSplitBackend {
     pub service: String,
     pub weight: i64,
+}
+
+/// `access.smi-spec.io` `TrafficTarget` (v1alpha3, also read from v1alpha2): sources
+/// (ServiceAccounts) allowed to reach a destination ServiceAccount, on what the rules name.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TrafficTargetSpec {
+    pub destination: IdentityBinding,
+    pub rules: Vec<TrafficTargetRule>,
+    pub sources: Vec<IdentityBinding>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct IdentityBinding {
+    /// Only `ServiceAccount`.
+    pub kind: String,
+    pub name: String,
+    /// Unset: the TrafficTarget's namespace.
+    pub namespace: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TrafficTargetRule {
+    /// `TCPRoute` (ports) or `HTTPRouteGroup` (L7; at L4 it allows the connection).
+    pub kind: String,
+    pub name: String,
+    pub matches: Vec<String>,
+}
+
+/// `specs.smi-spec.io` `TCPRoute` (v1alpha4): the destination ports a rule allows.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct SmiTcpRouteSpec {
+    pub matches: SmiTcpMatch,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct SmiTcpMatch {
+    /// Empty: every port.
+    pub ports: Vec<u32>,
 }

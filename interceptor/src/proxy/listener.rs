@@ -185,8 +185,26 @@ async fn proxy_one(
             };
             table.resolve(original, source)
         }
-        // Inbound traffic is for the application in this pod, on the port it was sent to.
-        Direction::Inbound => Target::Local { addr: original },
+        // Inbound traffic is for the application in this pod, on the port it was sent to,
+        // if the traffic policy lets the client reach it.
+        Direction::Inbound => {
+            let client = match record.client {
+                SocketAddr::V4(client) => *client.ip(),
+                SocketAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
+            };
+            let admitted = match ctx.pod.parse::<crate::model::PodKey>() {
+                Ok(pod) => table.admit_inbound(client, &pod, original.port()),
+                Err(e) => Err(e.to_string()),
+            };
+            match admitted {
+                Ok(()) => Target::Local { addr: original },
+                Err(reason) => Target::Refused {
+                    service: ctx.pod.clone(),
+                    route: "inbound".into(),
+                    reason,
+                },
+            }
+        }
     };
     record.target = Some(target.clone());
     let addr = match target {

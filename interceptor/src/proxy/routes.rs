@@ -3,7 +3,9 @@
 //! upstream). A Service ClusterIP:port goes to the backends its routing policy names
 //! (an Istio VirtualService `tcp` rule, a Gateway API TCPRoute with the Service as parent,
 //! or an SMI TrafficSplit), else round-robin to its own endpoints; anything else is passed
-//! through to the original destination.
+//! through to the original destination. In SMI traffic policy mode, a connection between
+//! mesh workloads must also be allowed by a TrafficTarget (see `access`).
+mod access;
 mod compile;
 mod split;
 
@@ -30,13 +32,21 @@ pub struct RouteTable {
     sources: HashMap<PodKey, Source>,
     /// Whether each routing object was accepted, and why not.
     statuses: Vec<RouteStatus>,
+    /// SMI traffic policy mode; `None` is permissive mode.
+    access: Option<access::AccessPolicy>,
+    /// Which pod has an address: what CNI reported, then `status.podIP`.
+    pods_by_ip: HashMap<Ipv4Addr, PodKey>,
 }
 
 #[derive(Debug, Clone)]
 struct Source {
     namespace: String,
     labels: BTreeMap<String, String>,
+    service_account: String,
 }
+
+/// Why SMI mode turns a connection away.
+const ACCESS_POLICY: &str = "SMI access policy";
 
 #[derive(Debug)]
 struct ServiceRoute {
@@ -145,12 +155,22 @@ pub enum Target {
 }
 
 impl RouteTable {
+    /// `permissive`: FSM's permissive traffic policy mode; `false` is SMI mode.
     pub fn build(
         model: &Model,
         pod_ips: &HashMap<PodKey, Ipv4Addr>,
         local_enrolled: HashSet<Ipv4Addr>,
+        permissive: bool,
     ) -> Self {
-        let compiled = compile::compile(model, pod_ips);
+        let mut compiled = compile::compile(model, pod_ips);
+        let (policy, access_statuses) = access::build(model, !permissive);
+        compiled.statuses.extend(access_statuses);
+        let mut pods_by_ip: HashMap<Ipv4Addr, PodKey> = model
+            .pods
+            .iter()
+            .filter_map(|(key, pod)| Some((pod.ip?, key.clone())))
+            .collect();
+        pods_by_ip.extend(pod_ips.iter().map(|(key, ip)| (*ip, key.clone())));
         let sources = model
             .pods
             .iter()
@@ -160,6 +180,7 @@ impl RouteTable {
                     Source {
                         namespace: pod.namespace.clone(),
                         labels: pod.labels.clone(),
+                        service_account: pod.service_account.clone(),
                     },
                 )
             })
@@ -169,10 +190,77 @@ impl RouteTable {
             local_enrolled,
             sources,
             statuses: compiled.statuses,
+            access: (!permissive).then_some(policy),
+            pods_by_ip,
         }
     }
 
+    /// Where a connection goes, and in SMI mode whether it may.
     pub fn resolve(&self, original: SocketAddrV4, source: ConnectionSource<'_>) -> Target {
+        let target = self.route(original, source);
+        let (service, destination) = match &target {
+            Target::Endpoint {
+                service, pod, addr, ..
+            } => (service.clone(), Some((pod.parse::<PodKey>().ok(), *addr))),
+            // A pod dialled directly is still a mesh workload; anything else is not.
+            Target::Passthrough { addr } => (
+                addr.to_string(),
+                self.pods_by_ip
+                    .get(addr.ip())
+                    .map(|pod| (Some(pod.clone()), *addr)),
+            ),
+            _ => return target,
+        };
+        let Some((pod, addr)) = destination else {
+            return target;
+        };
+        match self.check_access(source.pod, pod.as_ref(), addr.port()) {
+            Ok(()) => target,
+            Err(reason) => Target::Refused {
+                service,
+                route: ACCESS_POLICY.into(),
+                reason,
+            },
+        }
+    }
+
+    /// Inbound, in SMI mode: whether the client at `client` may reach `pod` on `port`.
+    pub fn admit_inbound(&self, client: Ipv4Addr, pod: &PodKey, port: u16) -> Result<(), String> {
+        if self.access.is_none() {
+            return Ok(());
+        }
+        let Some(source) = self.pods_by_ip.get(&client) else {
+            return Err(format!("{ACCESS_POLICY}: {client} is not a mesh workload"));
+        };
+        self.check_access(Some(source), Some(pod), port)
+    }
+
+    fn check_access(
+        &self,
+        source: Option<&PodKey>,
+        destination: Option<&PodKey>,
+        port: u16,
+    ) -> Result<(), String> {
+        let Some(policy) = &self.access else {
+            return Ok(());
+        };
+        let identity = |key: Option<&PodKey>, what: &str| {
+            key.and_then(|k| self.sources.get(k))
+                .map(|s| (s.namespace.clone(), s.service_account.clone()))
+                .ok_or_else(|| format!("the {what} is not a known mesh workload"))
+        };
+        let from = identity(source, "source")?;
+        let to = identity(destination, "destination")?;
+        if policy.allows(&from, &to, port) {
+            return Ok(());
+        }
+        Err(format!(
+            "no TrafficTarget lets ServiceAccount {}/{} reach ServiceAccount {}/{} on port {port}",
+            from.0, from.1, to.0, to.1
+        ))
+    }
+
+    fn route(&self, original: SocketAddrV4, source: ConnectionSource<'_>) -> Target {
         let Some(route) = self.services.get(&original) else {
             return Target::Passthrough { addr: original };
         };

@@ -34,7 +34,8 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::model::routing::{
-    DestinationRuleSpec, Routed, TcpRouteSpec, TrafficSplitSpec, VirtualServiceSpec,
+    DestinationRuleSpec, Routed, SmiTcpRouteSpec, TcpRouteSpec, TrafficSplitSpec,
+    TrafficTargetSpec, VirtualServiceSpec,
 };
 use crate::model::{
     Model, NamedPort, Namespace, Pod, PodKey, Service, ServiceKey, ServicePort, SliceEndpoint,
@@ -600,6 +601,8 @@ impl Loader {
             Item::DestinationRule(o) => ("DestinationRule", o.key()),
             Item::TcpRoute(o) => ("TCPRoute", o.key()),
             Item::TrafficSplit(o) => ("TrafficSplit", o.key()),
+            Item::TrafficTarget(o) => ("TrafficTarget", o.key()),
+            Item::SmiTcpRoute(o) => ("TCPRoute (specs.smi-spec.io)", o.key()),
         };
         let origin = Origin {
             file: file_idx,
@@ -652,6 +655,14 @@ impl Loader {
                 o.order = self.seen.len();
                 self.model.routing.traffic_splits.insert(o.key(), o);
             }
+            Item::TrafficTarget(mut o) => {
+                o.order = self.seen.len();
+                self.model.routing.traffic_targets.insert(o.key(), o);
+            }
+            Item::SmiTcpRoute(mut o) => {
+                o.order = self.seen.len();
+                self.model.routing.smi_tcp_routes.insert(o.key(), o);
+            }
         }
         Ok(())
     }
@@ -678,6 +689,8 @@ enum Item {
     DestinationRule(Routed<DestinationRuleSpec>),
     TcpRoute(Routed<TcpRouteSpec>),
     TrafficSplit(Routed<TrafficSplitSpec>),
+    TrafficTarget(Routed<TrafficTargetSpec>),
+    SmiTcpRoute(Routed<SmiTcpRouteSpec>),
 }
 
 struct Object {
@@ -755,6 +768,12 @@ fn collect_objects(
             | "split.smi-spec.io/v1alpha2",
             "TrafficSplit",
         ) => Item::TrafficSplit(routed(doc, &path, "TrafficSplit", map)?),
+        ("access.smi-spec.io/v1alpha3" | "access.smi-spec.io/v1alpha2", "TrafficTarget") => {
+            Item::TrafficTarget(routed(doc, &path, "TrafficTarget", map)?)
+        }
+        ("specs.smi-spec.io/v1alpha4" | "specs.smi-spec.io/v1alpha3", "TCPRoute") => {
+            Item::SmiTcpRoute(routed(doc, &path, "TCPRoute", map)?)
+        }
         ("v1", "List") => {
             let items = match map.remove("items") {
                 None | Some(Value::Null) => Vec::new(),

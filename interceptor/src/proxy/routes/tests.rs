@@ -60,7 +60,7 @@ const ECHO: SocketAddrV4 = SocketAddrV4::new(std::net::Ipv4Addr::new(10, 96, 0, 
 fn table(extra: &str) -> RouteTable {
     let text = format!("{BASE}---\n{extra}");
     let model = load_str(std::path::Path::new("t.yaml"), &text).expect("manifests");
-    RouteTable::build(&model, &HashMap::new(), HashSet::new())
+    RouteTable::build(&model, &HashMap::new(), HashSet::new(), true)
 }
 
 fn from(table: &RouteTable, pod: &str) -> String {
@@ -354,4 +354,91 @@ spec:
         "{s:?}"
     );
     assert!(from(&t, "client").starts_with("default/echo-v"));
+}
+
+const SMI: &str = r#"apiVersion: specs.smi-spec.io/v1alpha4
+kind: TCPRoute
+metadata: {name: echo-port}
+spec: {matches: {ports: [9000]}}
+---
+apiVersion: access.smi-spec.io/v1alpha3
+kind: TrafficTarget
+metadata: {name: client-to-echo, namespace: default}
+spec:
+  destination: {kind: ServiceAccount, name: default, namespace: default}
+  rules: [{kind: TCPRoute, name: echo-port}]
+  sources: [{kind: ServiceAccount, name: telnet-client, namespace: default}]
+"#;
+
+fn smi_table(extra: &str, permissive: bool) -> RouteTable {
+    let text = format!("{BASE}---\n{extra}").replace(
+        "metadata: {name: client, labels: {app: telnet-client}}\nspec: {",
+        "metadata: {name: client, labels: {app: telnet-client}}\nspec: {serviceAccountName: telnet-client, ",
+    );
+    let model = load_str(std::path::Path::new("t.yaml"), &text).expect("manifests");
+    RouteTable::build(&model, &HashMap::new(), HashSet::new(), permissive)
+}
+
+#[test]
+fn smi_mode_allows_only_what_a_traffic_target_grants() {
+    let t = smi_table(SMI, false);
+    assert!(
+        from(&t, "client").starts_with("default/echo-v"),
+        "{}",
+        from(&t, "client")
+    );
+    let denied = from(&t, "client-2");
+    assert!(
+        denied.contains("Refused")
+            && denied.contains("no TrafficTarget lets ServiceAccount default/default"),
+        "{denied}"
+    );
+    // Inbound: the same rule from the server's side, by the client's address.
+    let echo: PodKey = "default/echo-v1".parse().unwrap();
+    let client_2_ip = std::net::Ipv4Addr::new(10, 244, 0, 99);
+    assert!(t
+        .admit_inbound(client_2_ip, &echo, 9000)
+        .unwrap_err()
+        .contains("not a mesh workload"));
+    let status = t
+        .statuses()
+        .iter()
+        .find(|s| s.kind == "TrafficTarget")
+        .unwrap();
+    assert!(status.accepted, "{status:?}");
+    assert_eq!(
+        status.routes,
+        vec!["ServiceAccount default/telnet-client -> ServiceAccount default/default"]
+    );
+}
+
+#[test]
+fn permissive_mode_ignores_traffic_targets_and_says_so() {
+    let t = smi_table(SMI, true);
+    assert!(from(&t, "client-2").starts_with("default/echo-v"));
+    let status = t
+        .statuses()
+        .iter()
+        .find(|s| s.kind == "TrafficTarget")
+        .unwrap();
+    assert!(
+        status.reasons.iter().any(|r| r.contains("not enforced")),
+        "{status:?}"
+    );
+}
+
+#[test]
+fn a_traffic_target_naming_a_missing_route_grants_nothing() {
+    let t = smi_table(&SMI.replace("name: echo-port}]", "name: ghost}]"), false);
+    let status = t
+        .statuses()
+        .iter()
+        .find(|s| s.kind == "TrafficTarget")
+        .unwrap();
+    assert!(!status.accepted);
+    assert!(
+        status.reasons[0].contains("TCPRoute default/ghost (specs.smi-spec.io) does not exist"),
+        "{status:?}"
+    );
+    assert!(from(&t, "client").contains("Refused"));
 }
