@@ -4,7 +4,8 @@
 //! pod network namespaces), `proxy` (listeners, original destination, routing,
 //! forwarding), `cni` (the agent side of the plugin protocol), `source` and `model` (what
 //! the cluster or the manifests say), `admin` (health, readiness, config dump), `daemon`
-//! (start-up and shutdown of the agent), `trace` and `cleanup` (operator commands).
+//! (start-up and shutdown of the agent), `gateway` (the TCP gateway process), `trace` and
+//! `cleanup` (operator commands).
 pub mod admin;
 pub mod agent;
 pub mod cleanup;
@@ -12,6 +13,7 @@ pub mod cni;
 pub mod config;
 pub mod daemon;
 pub mod datapath;
+pub mod gateway;
 pub mod inpod;
 pub mod model;
 pub mod proxy;

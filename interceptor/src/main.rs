@@ -1,5 +1,5 @@
-//! `interceptor`: the node agent (`agent`), and the operator commands `cleanup` and
-//! `trace`.
+//! `interceptor`: the node agent (`agent`), the TCP gateway (`gateway`), and the operator
+//! commands `cleanup` and `trace`.
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -126,6 +126,23 @@ enum Command {
         install_cni: bool,
         #[command(flatten)]
         cni_dirs: CniDirs,
+    },
+    /// Serve one Gateway (Gateway API or Istio) as a TCP gateway, from inside the gateway
+    /// pod's network namespace.
+    Gateway {
+        /// The Gateway to serve, NAMESPACE/NAME: a gateway.networking.k8s.io Gateway, or
+        /// else a networking.istio.io Gateway of that name.
+        #[arg(long)]
+        gateway: String,
+        /// Serve a Gateway API Gateway only when its gatewayClassName is this.
+        #[arg(long)]
+        gateway_class: Option<String>,
+        /// Directory of manifests (the standalone source).
+        #[arg(long)]
+        manifests: PathBuf,
+        /// Admin endpoint: /healthz, /readyz, /config_dump, /metrics.
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin_addr: SocketAddr,
     },
     /// Remove everything a stopped agent left behind (pins, socket, pid file).
     Cleanup {
@@ -256,6 +273,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .build()
                 .context("starting the tokio runtime")?;
             runtime.block_on(daemon::run(config))
+        }
+        Command::Gateway {
+            gateway,
+            gateway_class,
+            manifests,
+            admin_addr,
+        } => {
+            let config = interceptor::gateway::GatewayConfig {
+                gateway,
+                class: gateway_class,
+                manifests,
+                admin_addr,
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("tokio runtime")?
+                .block_on(interceptor::gateway::run(config))
         }
         Command::Cleanup { paths } => {
             let removed = cleanup::cleanup(

@@ -627,6 +627,19 @@ impl Testbed {
         http::get(stream, ADMIN_ADDR, path).with_context(|| format!("GET {path}"))
     }
 
+    /// `GET path` from an HTTP endpoint listening at `addr` inside the pod's netns (a
+    /// gateway's admin port).
+    pub fn http_get_in_pod(
+        &self,
+        pod: &Pod,
+        addr: SocketAddr,
+        path: &str,
+    ) -> Result<(u16, String)> {
+        let stream = connect_in_netns(&pod.netns, addr)?;
+        http::get(stream, &addr.to_string(), path)
+            .with_context(|| format!("GET {path} in {}", pod.name))
+    }
+
     /// A TCP connection from node a's netns (where the bridge's gateway address lives).
     pub fn connect_from_node(&self, addr: SocketAddr) -> Result<TcpStream> {
         self.connect_from_node_on(NodeId::A, addr)

@@ -52,6 +52,12 @@ pub struct RoutingObjects {
     /// `specs.smi-spec.io` TCPRoutes (port lists for TrafficTarget rules).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub smi_tcp_routes: BTreeMap<String, Routed<SmiTcpRouteSpec>>,
+    /// Gateway API Gateways (served by `interceptor gateway`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub gateways: BTreeMap<String, Routed<GatewaySpec>>,
+    /// Istio Gateways (served by `interceptor gateway`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub istio_gateways: BTreeMap<String, Routed<IstioGatewaySpec>>,
 }
 
 impl RoutingObjects {
@@ -231,4 +237,104 @@ pub struct SmiTcpRouteSpec {
 pub struct SmiTcpMatch {
     /// Empty: every port.
     pub ports: Vec<u32>,
+}
+
+/// `gateway.networking.k8s.io` `Gateway` (v1, v1beta1).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct GatewaySpec {
+    pub gateway_class_name: String,
+    pub listeners: Vec<Listener>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Listener {
+    pub name: String,
+    pub port: u32,
+    pub protocol: String,
+    pub allowed_routes: Option<AllowedRoutes>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct AllowedRoutes {
+    pub namespaces: Option<RouteNamespaces>,
+    /// Empty: the kinds the listener's protocol supports (TCPRoute for TCP).
+    pub kinds: Vec<RouteGroupKind>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct RouteNamespaces {
+    /// `Same` (default), `All` or `Selector`.
+    pub from: Option<String>,
+    pub selector: Option<LabelSelector>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct LabelSelector {
+    pub match_labels: BTreeMap<String, String>,
+    pub match_expressions: Vec<LabelSelectorRequirement>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct LabelSelectorRequirement {
+    pub key: String,
+    /// `In`, `NotIn`, `Exists`, `DoesNotExist`.
+    pub operator: String,
+    pub values: Vec<String>,
+}
+
+impl LabelSelector {
+    /// Whether `labels` satisfy the selector (Kubernetes semantics; an unknown operator
+    /// matches nothing).
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+            && self.match_expressions.iter().all(|e| {
+                let value = labels.get(&e.key);
+                match e.operator.as_str() {
+                    "In" => value.is_some_and(|v| e.values.contains(v)),
+                    "NotIn" => value.is_none_or(|v| !e.values.contains(v)),
+                    "Exists" => value.is_some(),
+                    "DoesNotExist" => value.is_none(),
+                    _ => false,
+                }
+            })
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct RouteGroupKind {
+    pub group: Option<String>,
+    pub kind: String,
+}
+
+/// `networking.istio.io` `Gateway`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct IstioGatewaySpec {
+    /// In a cluster, the gateway pods it configures; standalone, `--gateway` names it.
+    pub selector: BTreeMap<String, String>,
+    pub servers: Vec<IstioServer>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct IstioServer {
+    pub port: IstioPort,
+    pub hosts: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct IstioPort {
+    pub number: u32,
+    pub name: String,
+    pub protocol: String,
 }

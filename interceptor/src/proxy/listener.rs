@@ -29,13 +29,17 @@ pub enum Direction {
     Outbound,
     /// Someone dialled the pod (15003).
     Inbound,
+    /// A client dialled a gateway listener (`interceptor gateway`).
+    Gateway,
 }
 
 impl Direction {
-    pub fn port(self) -> u16 {
+    /// The in-pod listener's port; a gateway listens on its Gateway's ports instead.
+    pub fn port(self) -> Option<u16> {
         match self {
-            Direction::Outbound => OUTBOUND_PORT,
-            Direction::Inbound => INBOUND_PORT,
+            Direction::Outbound => Some(OUTBOUND_PORT),
+            Direction::Inbound => Some(INBOUND_PORT),
+            Direction::Gateway => None,
         }
     }
 }
@@ -85,8 +89,11 @@ impl ConnectionLog {
 
 /// Open one of the pod's listeners inside its netns.
 pub async fn listen(netns: &PodNetns, direction: Direction) -> Result<TcpListener, InpodError> {
-    let port = direction.port();
     let path = netns.path().display().to_string();
+    let port = direction.port().ok_or_else(|| InpodError::Io {
+        path: path.clone(),
+        source: std::io::Error::other("a gateway has no in-pod listener"),
+    })?;
     let std_listener = netns
         .run(move || -> std::io::Result<std::net::TcpListener> {
             let socket = nonblocking_tcp_socket()?;
@@ -187,7 +194,7 @@ async fn proxy_one(
         }
         // Inbound traffic is for the application in this pod, on the port it was sent to,
         // if the traffic policy lets the client reach it.
-        Direction::Inbound => {
+        Direction::Inbound | Direction::Gateway => {
             let client = match record.client {
                 SocketAddr::V4(client) => *client.ip(),
                 SocketAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
@@ -241,7 +248,7 @@ async fn proxy_one(
     // sockmap is on, and their bytes arrive where splice(2) cannot read them.
     let peer = match ctx.direction {
         Direction::Outbound => *addr.ip(),
-        Direction::Inbound => match record.client {
+        Direction::Inbound | Direction::Gateway => match record.client {
             SocketAddr::V4(client) => *client.ip(),
             SocketAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
         },

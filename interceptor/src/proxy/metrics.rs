@@ -13,7 +13,7 @@ use super::routes::Target;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
-    /// `outbound` or `inbound`.
+    /// `outbound`, `inbound` or `gateway`.
     direction: &'static str,
     /// The routing object that chose the backend; `service` for a Service's own
     /// round-robin, `passthrough` or `inbound` otherwise.
@@ -82,6 +82,7 @@ impl ProxyMetrics {
         let direction = match record.direction {
             Direction::Outbound => "outbound",
             Direction::Inbound => "inbound",
+            Direction::Gateway => "gateway",
         };
         let (route, backend) = match &record.target {
             Some(Target::Endpoint { route, backend, .. })

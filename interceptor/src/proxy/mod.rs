@@ -8,4 +8,4 @@ pub mod orig_dst;
 pub mod routes;
 
 pub use listener::{ConnectionLog, ConnectionRecord, Direction};
-pub use routes::{ConnectionSource, RouteStatus, RouteTable, Target};
+pub use routes::{ConnectionSource, GatewayTable, ListenerStatus, RouteStatus, RouteTable, Target};

@@ -7,6 +7,7 @@
 //! mesh workloads must also be allowed by a TrafficTarget (see `access`).
 mod access;
 mod compile;
+mod gateway;
 mod split;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -16,7 +17,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use ipnet::Ipv4Net;
 
 use crate::model::{Endpoint, Model, PodKey};
-pub use compile::RouteStatus;
+pub use compile::{Condition, RouteStatus};
+pub use gateway::{GatewayTable, ListenerStatus};
 use split::Split;
 
 /// The gateway name of the mesh's own traffic in VirtualService `gateways` lists.
@@ -270,7 +272,10 @@ impl RouteTable {
                 .iter()
                 .find(|rule| {
                     rule.matches.is_empty()
-                        || rule.matches.iter().any(|m| self.holds(m, original, source))
+                        || rule.matches.iter().any(|m| {
+                            let pod = source.pod.and_then(|key| self.sources.get(key));
+                            holds(m, original, pod, source.gateway)
+                        })
                 })
                 .map(|rule| (policy, rule))
         });
@@ -303,28 +308,6 @@ impl RouteTable {
         }
     }
 
-    fn holds(&self, m: &Match, original: SocketAddrV4, source: ConnectionSource<'_>) -> bool {
-        let pod = source.pod.and_then(|key| self.sources.get(key));
-        m.port.is_none_or(|port| port == original.port())
-            && (m.destination_subnets.is_empty()
-                || m.destination_subnets
-                    .iter()
-                    .any(|net| net.contains(original.ip())))
-            && (m.source_labels.is_empty()
-                || pod.is_some_and(|p| {
-                    m.source_labels
-                        .iter()
-                        .all(|(k, v)| p.labels.get(k) == Some(v))
-                }))
-            && m.source_namespace
-                .as_ref()
-                .is_none_or(|ns| pod.is_some_and(|p| &p.namespace == ns))
-            && (m.gateways.is_empty() || {
-                let gateway = source.gateway.unwrap_or(MESH_GATEWAY);
-                m.gateways.iter().any(|g| gateway_matches(g, gateway))
-            })
-    }
-
     /// Whether `ip` is a pod enrolled on this node (its inbound listener is local).
     pub fn is_local_enrolled(&self, ip: &Ipv4Addr) -> bool {
         self.local_enrolled.contains(ip)
@@ -339,6 +322,29 @@ impl RouteTable {
     pub fn statuses(&self) -> &[RouteStatus] {
         &self.statuses
     }
+}
+
+/// Whether one Istio `match` entry holds for a connection to `original` from `pod` (when
+/// known), accepted by `gateway` (`None`: the mesh).
+fn holds(m: &Match, original: SocketAddrV4, pod: Option<&Source>, gateway: Option<&str>) -> bool {
+    m.port.is_none_or(|port| port == original.port())
+        && (m.destination_subnets.is_empty()
+            || m.destination_subnets
+                .iter()
+                .any(|net| net.contains(original.ip())))
+        && (m.source_labels.is_empty()
+            || pod.is_some_and(|p| {
+                m.source_labels
+                    .iter()
+                    .all(|(k, v)| p.labels.get(k) == Some(v))
+            }))
+        && m.source_namespace
+            .as_ref()
+            .is_none_or(|ns| pod.is_some_and(|p| &p.namespace == ns))
+        && (m.gateways.is_empty() || {
+            let gateway = gateway.unwrap_or(MESH_GATEWAY);
+            m.gateways.iter().any(|g| gateway_matches(g, gateway))
+        })
 }
 
 /// A `gateways` entry (`name` or `namespace/name`) against the gateway that accepted the

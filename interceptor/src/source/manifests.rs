@@ -34,8 +34,8 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::model::routing::{
-    DestinationRuleSpec, Routed, SmiTcpRouteSpec, TcpRouteSpec, TrafficSplitSpec,
-    TrafficTargetSpec, VirtualServiceSpec,
+    DestinationRuleSpec, GatewaySpec, IstioGatewaySpec, Routed, SmiTcpRouteSpec, TcpRouteSpec,
+    TrafficSplitSpec, TrafficTargetSpec, VirtualServiceSpec,
 };
 use crate::model::{
     Model, NamedPort, Namespace, Pod, PodKey, Service, ServiceKey, ServicePort, SliceEndpoint,
@@ -603,6 +603,8 @@ impl Loader {
             Item::TrafficSplit(o) => ("TrafficSplit", o.key()),
             Item::TrafficTarget(o) => ("TrafficTarget", o.key()),
             Item::SmiTcpRoute(o) => ("TCPRoute (specs.smi-spec.io)", o.key()),
+            Item::Gateway(o) => ("Gateway", o.key()),
+            Item::IstioGateway(o) => ("Gateway (networking.istio.io)", o.key()),
         };
         let origin = Origin {
             file: file_idx,
@@ -663,6 +665,14 @@ impl Loader {
                 o.order = self.seen.len();
                 self.model.routing.smi_tcp_routes.insert(o.key(), o);
             }
+            Item::Gateway(mut o) => {
+                o.order = self.seen.len();
+                self.model.routing.gateways.insert(o.key(), o);
+            }
+            Item::IstioGateway(mut o) => {
+                o.order = self.seen.len();
+                self.model.routing.istio_gateways.insert(o.key(), o);
+            }
         }
         Ok(())
     }
@@ -691,6 +701,8 @@ enum Item {
     TrafficSplit(Routed<TrafficSplitSpec>),
     TrafficTarget(Routed<TrafficTargetSpec>),
     SmiTcpRoute(Routed<SmiTcpRouteSpec>),
+    Gateway(Routed<GatewaySpec>),
+    IstioGateway(Routed<IstioGatewaySpec>),
 }
 
 struct Object {
@@ -759,6 +771,15 @@ fn collect_objects(
             | "networking.istio.io/v1",
             "DestinationRule",
         ) => Item::DestinationRule(routed(doc, &path, "DestinationRule", map)?),
+        ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "Gateway") => {
+            Item::Gateway(routed(doc, &path, "Gateway", map)?)
+        }
+        (
+            "networking.istio.io/v1alpha3"
+            | "networking.istio.io/v1beta1"
+            | "networking.istio.io/v1",
+            "Gateway",
+        ) => Item::IstioGateway(routed(doc, &path, "Gateway", map)?),
         ("gateway.networking.k8s.io/v1alpha2", "TCPRoute") => {
             Item::TcpRoute(routed(doc, &path, "TCPRoute", map)?)
         }

@@ -37,6 +37,7 @@ pub(super) fn build(model: &Model, enforced: bool) -> (AccessPolicy, Vec<RouteSt
             accepted: false,
             routes: Vec::new(),
             reasons: Vec::new(),
+            conditions: Vec::new(),
         };
         match grants(model, target) {
             Ok((pairs, ports, notes)) => {

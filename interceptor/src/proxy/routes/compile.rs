@@ -24,12 +24,26 @@ pub struct RouteStatus {
     pub kind: &'static str,
     /// `namespace/name`.
     pub name: String,
-    /// In force for at least one Service port.
+    /// In force for at least one Service port (or gateway listener).
     pub accepted: bool,
-    /// The Service ports it routes (`namespace/name:port`).
+    /// What it routes: Service ports (`namespace/name:port`) or gateway listeners.
     pub routes: Vec<String>,
     /// Why it is rejected, or what of it is not in force.
     pub reasons: Vec<String>,
+    /// Gateway API route conditions (`Accepted`, `ResolvedRefs`) at a gateway.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// A Gateway API status condition.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// `True` or `False`.
+    pub status: &'static str,
+    pub reason: &'static str,
+    pub message: String,
 }
 
 pub(super) struct Compiled {
@@ -46,9 +60,9 @@ struct Candidate {
     policies: Vec<(SocketAddrV4, String, Policy)>,
 }
 
-struct Ctx<'a> {
-    model: &'a Model,
-    pod_ips: &'a HashMap<PodKey, Ipv4Addr>,
+pub(super) struct Ctx<'a> {
+    pub model: &'a Model,
+    pub pod_ips: &'a HashMap<PodKey, Ipv4Addr>,
 }
 
 pub(super) fn compile(model: &Model, pod_ips: &HashMap<PodKey, Ipv4Addr>) -> Compiled {
@@ -136,21 +150,22 @@ fn candidate<T>(
             accepted: false,
             routes: Vec::new(),
             reasons,
+            conditions: Vec::new(),
         },
         policies,
     }
 }
 
-fn port_name(svc: &Service, sp: &ServicePort) -> String {
+pub(super) fn port_name(svc: &Service, sp: &ServicePort) -> String {
     format!("{}/{}:{}", svc.namespace, svc.name, sp.port)
 }
 
 /// Collects the errors of a whole object: it is in force only if there are none.
 #[derive(Default)]
-struct Errors(Vec<String>);
+pub(super) struct Errors(pub Vec<String>);
 
 impl Errors {
-    fn take<T>(&mut self, r: Result<T, String>) -> Option<T> {
+    pub(super) fn take<T>(&mut self, r: Result<T, String>) -> Option<T> {
         r.map_err(|e| self.0.push(e)).ok()
     }
 }
@@ -158,7 +173,7 @@ impl Errors {
 impl Ctx<'_> {
     /// A host as Istio and SMI spell it: `name`, `name.ns`, `name.ns.svc[.cluster.local]`,
     /// short names relative to `namespace`.
-    fn service(&self, host: &str, namespace: &str) -> Result<&Service, String> {
+    pub(super) fn service(&self, host: &str, namespace: &str) -> Result<&Service, String> {
         let trimmed = host
             .strip_suffix(".svc.cluster.local")
             .or_else(|| host.strip_suffix(".svc"))
@@ -175,7 +190,7 @@ impl Ctx<'_> {
 
     /// The port of `svc` a destination means: `number` if given, else the port the
     /// client dialled when `svc` has it, else `svc`'s only TCP port.
-    fn port<'s>(
+    pub(super) fn port<'s>(
         &self,
         svc: &'s Service,
         number: Option<u32>,
@@ -200,7 +215,11 @@ impl Ctx<'_> {
     }
 
     /// A subset's labels, from the oldest DestinationRule for `svc` that defines it.
-    fn subset(&self, svc: &Service, subset: &str) -> Result<BTreeMap<String, String>, String> {
+    pub(super) fn subset(
+        &self,
+        svc: &Service,
+        subset: &str,
+    ) -> Result<BTreeMap<String, String>, String> {
         let mut rules: Vec<_> = self
             .model
             .routing
@@ -231,7 +250,7 @@ impl Ctx<'_> {
             })
     }
 
-    fn backend(
+    pub(super) fn backend(
         &self,
         svc: &Service,
         sp: &ServicePort,
@@ -312,7 +331,7 @@ impl Ctx<'_> {
         Ok((policies, notes))
     }
 
-    fn istio_rule(
+    pub(super) fn istio_rule(
         &self,
         vs: &Routed<VirtualServiceSpec>,
         index: usize,
@@ -353,7 +372,7 @@ impl Ctx<'_> {
         })
     }
 
-    fn istio_destination(
+    pub(super) fn istio_destination(
         &self,
         d: &Destination,
         namespace: &str,
@@ -453,7 +472,7 @@ impl Ctx<'_> {
     }
 
     /// A Gateway API backendRef: a Service in the route's namespace with a port.
-    fn gateway_backend<'s>(
+    pub(super) fn gateway_backend<'s>(
         &'s self,
         b: &BackendRef,
         namespace: &str,

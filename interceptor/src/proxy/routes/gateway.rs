@@ -1,0 +1,530 @@
+//! The routes of one gateway (`interceptor gateway --gateway NS/NAME`): a Gateway API
+//! `Gateway` with its TCP listeners and the `TCPRoute`s attached to them, or an Istio
+//! `Gateway` with its TCP servers and the `VirtualService`s bound to it. Compiled from the
+//! model like the mesh's table, judged with Gateway API conditions (`Accepted`,
+//! `ResolvedRefs`) or reasons.
+use std::collections::{BTreeMap, HashMap};
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use super::compile::{Condition, Ctx, Errors, RouteStatus};
+use super::split::Split;
+use super::{holds, Policy, Rule, Source, Target};
+use crate::model::routing::{GatewaySpec, IstioGatewaySpec, ParentReference, Routed, TcpRouteSpec};
+use crate::model::Model;
+
+const GATEWAY_API_GROUP: &str = "gateway.networking.k8s.io";
+
+/// One listener (Gateway API) or server (Istio) of the gateway.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ListenerStatus {
+    pub name: String,
+    pub port: u32,
+    pub protocol: String,
+    /// Served: the gateway listens on the port.
+    pub accepted: bool,
+    pub attached_routes: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug)]
+struct GatewayListener {
+    name: String,
+    policy: Option<Policy>,
+    /// The object each rule of `policy` came from (Istio: several VirtualServices may
+    /// bind one server).
+    owners: Vec<String>,
+}
+
+/// The routing of one gateway: what each listening port does with a connection.
+#[derive(Debug, Default)]
+pub struct GatewayTable {
+    /// `namespace/name` of the gateway.
+    gateway: String,
+    /// Why the gateway itself is not served (missing, another class, ...).
+    error: Option<String>,
+    listeners: BTreeMap<u16, GatewayListener>,
+    listener_statuses: Vec<ListenerStatus>,
+    statuses: Vec<RouteStatus>,
+    sources: HashMap<Ipv4Addr, Source>,
+}
+
+impl GatewayTable {
+    /// The table of gateway `key` (`namespace/name`): a Gateway API Gateway of that name,
+    /// else an Istio Gateway. `class`: serve a Gateway API Gateway only of this class.
+    pub fn build(model: &Model, key: &str, class: Option<&str>) -> Self {
+        let pod_ips = HashMap::new();
+        let ctx = Ctx {
+            model,
+            pod_ips: &pod_ips,
+        };
+        let mut table = GatewayTable {
+            gateway: key.to_owned(),
+            sources: model
+                .pods
+                .values()
+                .filter_map(|pod| {
+                    Some((
+                        pod.ip?,
+                        Source {
+                            namespace: pod.namespace.clone(),
+                            labels: pod.labels.clone(),
+                            service_account: pod.service_account.clone(),
+                        },
+                    ))
+                })
+                .collect(),
+            ..GatewayTable::default()
+        };
+        if let Some(gateway) = model.routing.gateways.get(key) {
+            match class {
+                Some(class) if gateway.spec.gateway_class_name != class => {
+                    table.error = Some(format!(
+                        "Gateway {key} has gatewayClassName {:?}, not {class:?}: not served",
+                        gateway.spec.gateway_class_name
+                    ));
+                }
+                _ => table.gateway_api(&ctx, gateway),
+            }
+        } else if let Some(gateway) = model.routing.istio_gateways.get(key) {
+            table.istio(&ctx, gateway);
+        } else {
+            table.error = Some(format!(
+                "no Gateway {key} (gateway.networking.k8s.io or networking.istio.io)"
+            ));
+        }
+        table
+    }
+
+    /// The ports to listen on.
+    pub fn ports(&self) -> Vec<u16> {
+        self.listeners.keys().copied().collect()
+    }
+
+    pub fn error(&self) -> Option<&str> {
+        self.error.as_deref()
+    }
+
+    pub fn statuses(&self) -> &[RouteStatus] {
+        &self.statuses
+    }
+
+    pub fn listener_statuses(&self) -> &[ListenerStatus] {
+        &self.listener_statuses
+    }
+
+    /// Where a connection accepted on `local` from `client` goes.
+    pub fn resolve(&self, local: SocketAddrV4, client: Ipv4Addr) -> Target {
+        let service = format!("gateway {} port {}", self.gateway, local.port());
+        let Some(policy) = self
+            .listeners
+            .get(&local.port())
+            .and_then(|l| l.policy.as_ref())
+        else {
+            return Target::Refused {
+                service,
+                route: "none".into(),
+                reason: "no route is attached to this listener".into(),
+            };
+        };
+        let source = self.sources.get(&client);
+        let listener = &self.listeners[&local.port()];
+        let found = policy.rules.iter().enumerate().find(|(_, rule)| {
+            rule.matches.is_empty()
+                || rule
+                    .matches
+                    .iter()
+                    .any(|m| holds(m, local, source, Some(&self.gateway)))
+        });
+        let Some((index, rule)) = found else {
+            return Target::Refused {
+                service,
+                route: policy.route.clone(),
+                reason: "no rule matches".into(),
+            };
+        };
+        let route = listener
+            .owners
+            .get(index)
+            .cloned()
+            .unwrap_or_else(|| policy.route.clone());
+        let Some(backend) = rule.split.pick() else {
+            return Target::Refused {
+                service,
+                route,
+                reason: "every backend of the matching rule has weight 0".into(),
+            };
+        };
+        match backend.pick() {
+            Some(endpoint) => Target::Endpoint {
+                service,
+                route: Some(route),
+                backend: backend.name.clone(),
+                pod: endpoint.pod.to_string(),
+                addr: endpoint.addr,
+            },
+            None => Target::NoEndpoints {
+                service,
+                route: Some(route),
+                backend: backend.name.clone(),
+            },
+        }
+    }
+
+    fn gateway_api(&mut self, ctx: &Ctx<'_>, gateway: &Routed<GatewaySpec>) {
+        let gw_namespace = &gateway.namespace;
+        // Listeners first: which ports are served.
+        for listener in &gateway.spec.listeners {
+            let mut status = ListenerStatus {
+                name: listener.name.clone(),
+                port: listener.port,
+                protocol: listener.protocol.clone(),
+                accepted: false,
+                attached_routes: 0,
+                reason: None,
+            };
+            let port = u16::try_from(listener.port).ok().filter(|p| *p != 0);
+            status.reason = match (listener.protocol.as_str(), port) {
+                ("TCP", Some(port)) if self.listeners.contains_key(&port) => {
+                    Some(format!("port {port} is taken by an earlier listener"))
+                }
+                ("TCP", Some(port)) => {
+                    self.listeners.insert(
+                        port,
+                        GatewayListener {
+                            name: listener.name.clone(),
+                            policy: None,
+                            owners: Vec::new(),
+                        },
+                    );
+                    status.accepted = true;
+                    None
+                }
+                ("TCP", None) => Some(format!("port {} is not a TCP port", listener.port)),
+                (other, _) => Some(format!("protocol {other:?} is not served (only TCP)")),
+            };
+            self.listener_statuses.push(status);
+        }
+        let mut routes: Vec<_> = ctx.model.routing.tcp_routes.values().collect();
+        routes.sort_by(|a, b| a.age_key().cmp(&b.age_key()));
+        for route in routes {
+            let parents: Vec<&ParentReference> = route
+                .spec
+                .parent_refs
+                .iter()
+                .filter(|p| {
+                    p.kind.as_deref().unwrap_or("Gateway") == "Gateway"
+                        && p.group.as_deref().unwrap_or(GATEWAY_API_GROUP) == GATEWAY_API_GROUP
+                        && p.name == gateway.name
+                        && p.namespace.as_deref().unwrap_or(&route.namespace) == gw_namespace
+                })
+                .collect();
+            if parents.is_empty() {
+                continue;
+            }
+            let status = self.attach(ctx, gateway, route, &parents);
+            self.statuses.push(status);
+        }
+    }
+
+    /// Attach one TCPRoute to the listeners its parentRefs select.
+    fn attach(
+        &mut self,
+        ctx: &Ctx<'_>,
+        gateway: &Routed<GatewaySpec>,
+        route: &Routed<TcpRouteSpec>,
+        parents: &[&ParentReference],
+    ) -> RouteStatus {
+        let mut status = RouteStatus {
+            kind: "TCPRoute",
+            name: route.key(),
+            accepted: false,
+            routes: Vec::new(),
+            reasons: Vec::new(),
+            conditions: Vec::new(),
+        };
+        let route_ns = ctx
+            .model
+            .namespaces
+            .get(&route.namespace)
+            .map(|ns| ns.labels.clone())
+            .unwrap_or_default();
+        // The listeners this route may attach to, by sectionName / port and allowedRoutes.
+        let mut selected: Vec<(u16, String)> = Vec::new();
+        let mut refusals = Vec::new();
+        for parent in parents {
+            for listener in &gateway.spec.listeners {
+                let Some(port) = u16::try_from(listener.port).ok() else {
+                    continue;
+                };
+                if parent
+                    .section_name
+                    .as_ref()
+                    .is_some_and(|s| s != &listener.name)
+                    || parent.port.is_some_and(|p| p != listener.port)
+                {
+                    continue;
+                }
+                if self
+                    .listeners
+                    .get(&port)
+                    .is_none_or(|l| l.name != listener.name)
+                {
+                    continue;
+                }
+                let allowed = listener.allowed_routes.as_ref();
+                let from = allowed
+                    .and_then(|a| a.namespaces.as_ref())
+                    .and_then(|n| n.from.as_deref())
+                    .unwrap_or("Same");
+                let namespace_ok = match from {
+                    "All" => true,
+                    "Same" => route.namespace == gateway.namespace,
+                    "Selector" => allowed
+                        .and_then(|a| a.namespaces.as_ref())
+                        .and_then(|n| n.selector.as_ref())
+                        .is_some_and(|sel| sel.matches(&route_ns)),
+                    _ => false,
+                };
+                let kind_ok = allowed.is_none_or(|a| {
+                    a.kinds.is_empty()
+                        || a.kinds.iter().any(|k| {
+                            k.kind == "TCPRoute"
+                                && k.group.as_deref().unwrap_or(GATEWAY_API_GROUP)
+                                    == GATEWAY_API_GROUP
+                        })
+                });
+                if namespace_ok && kind_ok {
+                    selected.push((port, listener.name.clone()));
+                } else {
+                    refusals.push(format!(
+                        "listener {} does not allow {} from namespace {}",
+                        listener.name,
+                        if kind_ok { "routes" } else { "TCPRoutes" },
+                        route.namespace
+                    ));
+                }
+            }
+        }
+        selected.dedup();
+        if selected.is_empty() {
+            let (reason, message) = if refusals.is_empty() {
+                (
+                    "NoMatchingParent",
+                    "no listener matches the parentRefs".to_owned(),
+                )
+            } else {
+                ("NotAllowedByListeners", refusals.join("; "))
+            };
+            status.reasons.push(message.clone());
+            status.conditions.push(Condition {
+                kind: "Accepted",
+                status: "False",
+                reason,
+                message,
+            });
+            return status;
+        }
+        let refs: Vec<_> = route
+            .spec
+            .rules
+            .iter()
+            .flat_map(|r| &r.backend_refs)
+            .collect();
+        let mut errors = Errors::default();
+        let mut backends = Vec::new();
+        for (i, b) in refs.iter().enumerate() {
+            if let Some(found) = errors.take(
+                ctx.gateway_backend(b, &route.namespace)
+                    .map_err(|e| format!("backendRefs[{i}] {}: {e}", b.name)),
+            ) {
+                backends.push(found);
+            }
+        }
+        if refs.is_empty() {
+            errors.0.push("no backendRefs".into());
+        }
+        if !errors.0.is_empty() {
+            let message = errors.0.join("; ");
+            status.reasons = errors.0;
+            status.conditions.push(Condition {
+                kind: "Accepted",
+                status: "True",
+                reason: "Accepted",
+                message: String::new(),
+            });
+            status.conditions.push(Condition {
+                kind: "ResolvedRefs",
+                status: "False",
+                reason: if message.contains("is not supported") {
+                    "InvalidKind"
+                } else if message.contains("ReferenceGrant") {
+                    "RefNotPermitted"
+                } else {
+                    "BackendNotFound"
+                },
+                message,
+            });
+            return status;
+        }
+        for (port, name) in selected {
+            let listener = self
+                .listeners
+                .get_mut(&port)
+                .expect("selected listeners exist");
+            if let Some(owner) = &listener.policy {
+                status.reasons.push(format!(
+                    "listener {name} is taken by the older {}",
+                    owner.route
+                ));
+                continue;
+            }
+            listener.policy = Some(Policy {
+                route: format!("TCPRoute {}", route.key()),
+                rules: vec![Rule {
+                    matches: Vec::new(),
+                    split: Split::new(
+                        backends
+                            .iter()
+                            .map(|(svc, sp, w)| (ctx.backend(svc, sp, None), *w))
+                            .collect(),
+                    ),
+                }],
+            });
+            status.routes.push(format!("listener {name} (port {port})"));
+            if let Some(l) = self.listener_statuses.iter_mut().find(|l| l.name == name) {
+                l.attached_routes += 1;
+            }
+        }
+        status.accepted = !status.routes.is_empty();
+        status.conditions.push(if status.accepted {
+            Condition {
+                kind: "Accepted",
+                status: "True",
+                reason: "Accepted",
+                message: String::new(),
+            }
+        } else {
+            Condition {
+                kind: "Accepted",
+                status: "False",
+                reason: "NotAllowedByListeners",
+                message: status.reasons.join("; "),
+            }
+        });
+        status.conditions.push(Condition {
+            kind: "ResolvedRefs",
+            status: "True",
+            reason: "ResolvedRefs",
+            message: String::new(),
+        });
+        status
+    }
+
+    fn istio(&mut self, ctx: &Ctx<'_>, gateway: &Routed<IstioGatewaySpec>) {
+        for (i, server) in gateway.spec.servers.iter().enumerate() {
+            let name = if server.port.name.is_empty() {
+                format!("servers[{i}]")
+            } else {
+                server.port.name.clone()
+            };
+            let mut status = ListenerStatus {
+                name: name.clone(),
+                port: server.port.number,
+                protocol: server.port.protocol.clone(),
+                accepted: false,
+                attached_routes: 0,
+                reason: None,
+            };
+            let port = u16::try_from(server.port.number).ok().filter(|p| *p != 0);
+            status.reason = match (server.port.protocol.to_ascii_uppercase().as_str(), port) {
+                ("TCP", Some(port)) if !self.listeners.contains_key(&port) => {
+                    self.listeners.insert(
+                        port,
+                        GatewayListener {
+                            name,
+                            policy: None,
+                            owners: Vec::new(),
+                        },
+                    );
+                    status.accepted = true;
+                    None
+                }
+                ("TCP", Some(port)) => Some(format!("port {port} is taken by an earlier server")),
+                ("TCP", None) => Some(format!("port {} is not a TCP port", server.port.number)),
+                (other, _) => Some(format!("protocol {other:?} is not served (only TCP)")),
+            };
+            self.listener_statuses.push(status);
+        }
+        let mut services: Vec<_> = ctx.model.routing.virtual_services.values().collect();
+        services.sort_by(|a, b| a.age_key().cmp(&b.age_key()));
+        let ports = self.ports();
+        let mut rules: BTreeMap<u16, Vec<(String, Rule)>> = BTreeMap::new();
+        for vs in services {
+            let binds = vs.spec.gateways.iter().any(|g| {
+                g == &format!("{}/{}", gateway.namespace, gateway.name)
+                    || (g == &gateway.name && vs.namespace == gateway.namespace)
+            });
+            if !binds {
+                continue;
+            }
+            let mut status = RouteStatus {
+                kind: "VirtualService",
+                name: vs.key(),
+                accepted: false,
+                routes: Vec::new(),
+                reasons: Vec::new(),
+                conditions: Vec::new(),
+            };
+            if vs.spec.tcp.is_empty() {
+                status.reasons.push("no tcp routes".into());
+            }
+            let gateways: Vec<String> = vs.spec.gateways.clone();
+            let mut errors = Errors::default();
+            let mut compiled: Vec<(u16, Rule)> = Vec::new();
+            for &port in &ports {
+                for (i, route) in vs.spec.tcp.iter().enumerate() {
+                    if let Some(rule) = errors.take(ctx.istio_rule(vs, i, route, &gateways, port)) {
+                        compiled.push((port, rule));
+                    }
+                }
+            }
+            if !errors.0.is_empty() {
+                errors.0.dedup();
+                status.reasons = errors.0;
+            } else {
+                for (port, rule) in compiled {
+                    let label = format!("port {port}");
+                    if !status.routes.contains(&label) {
+                        status.routes.push(label);
+                    }
+                    rules
+                        .entry(port)
+                        .or_default()
+                        .push((format!("VirtualService {}", vs.key()), rule));
+                }
+                status.accepted = !status.routes.is_empty();
+            }
+            self.statuses.push(status);
+        }
+        for (port, port_rules) in rules {
+            let names: Vec<String> = port_rules.iter().map(|(n, _)| n.clone()).collect();
+            if let Some(listener) = self.listeners.get_mut(&port) {
+                listener.policy = Some(Policy {
+                    route: names.first().cloned().unwrap_or_default(),
+                    rules: port_rules.into_iter().map(|(_, r)| r).collect(),
+                });
+                listener.owners = names.clone();
+            }
+            if let Some(l) = self
+                .listener_statuses
+                .iter_mut()
+                .find(|l| l.port == u32::from(port))
+            {
+                let mut distinct = names.clone();
+                distinct.dedup();
+                l.attached_routes = distinct.len();
+            }
+        }
+    }
+}
