@@ -427,7 +427,7 @@ fn daemonset_probes_hit_the_admin_endpoint() {
 }
 
 #[test]
-fn cluster_role_only_reads_the_model_objects() {
+fn cluster_role_only_reads_the_model_objects_and_covers_every_watch() {
     let roles: Vec<ClusterRole> = load_all()
         .into_iter()
         .filter_map(|(_, o)| match o {
@@ -437,32 +437,56 @@ fn cluster_role_only_reads_the_model_objects() {
         .collect();
     assert_eq!(roles.len(), 1);
     let allowed_verbs: BTreeSet<&str> = ["get", "list", "watch"].into();
-    let allowed_resources: BTreeSet<&str> =
-        ["pods", "namespaces", "services", "endpointslices"].into();
+    // (API group, resource) of every collection the kube source watches.
+    let watched: BTreeSet<(&str, &str)> = [
+        ("", "pods"),
+        ("", "namespaces"),
+        ("", "services"),
+        ("discovery.k8s.io", "endpointslices"),
+        ("networking.istio.io", "virtualservices"),
+        ("networking.istio.io", "destinationrules"),
+        ("networking.istio.io", "gateways"),
+        ("gateway.networking.k8s.io", "gateways"),
+        ("gateway.networking.k8s.io", "tcproutes"),
+        ("split.smi-spec.io", "trafficsplits"),
+        ("access.smi-spec.io", "traffictargets"),
+        ("specs.smi-spec.io", "tcproutes"),
+    ]
+    .into();
     let rules = roles[0]
         .rules
         .as_deref()
         .expect("the ClusterRole has rules");
-    assert!(!rules.is_empty());
+    let mut granted = BTreeSet::new();
     for rule in rules {
         for verb in &rule.verbs {
             assert!(allowed_verbs.contains(verb.as_str()), "verb {verb}");
         }
+        assert!(
+            ["list", "watch"]
+                .iter()
+                .all(|v| rule.verbs.iter().any(|r| r == v)),
+            "{rule:?}"
+        );
         let resources = rule.resources.as_deref().expect("rules name resources");
-        for resource in resources {
-            assert!(
-                allowed_resources.contains(resource.as_str()),
-                "resource {resource}"
-            );
-        }
         for group in rule.api_groups.iter().flatten() {
-            assert!(
-                group.is_empty() || group == "discovery.k8s.io",
-                "API group {group}"
-            );
+            for resource in resources {
+                let pair = (group.as_str(), resource.as_str());
+                assert!(
+                    watched.iter().any(|w| *w == pair),
+                    "grants {group}/{resource}, which the agent does not read"
+                );
+                granted.insert((group.clone(), resource.clone()));
+            }
         }
         assert!(rule.non_resource_urls.is_none(), "no non-resource URLs");
         assert!(rule.resource_names.is_none(), "no resourceNames tricks");
+    }
+    for (group, resource) in watched {
+        assert!(
+            granted.contains(&(group.to_owned(), resource.to_owned())),
+            "no rule lets the agent watch {group}/{resource}"
+        );
     }
 }
 

@@ -7,7 +7,9 @@
 //! request, watch events -> new generations, an ERROR 410 -> re-list, a watch the server
 //! ends -> resumed from the last bookmark without a re-list, a watch connection torn down
 //! -> error then recovery, readiness only after all four lists, a failing list reported
-//! in `last_error` until it recovers.
+//! in `last_error` until it recovers; routing CRDs: listed into the model, a missing CRD
+//! (404, as every test but one has it) is an empty kind, a forbidden one (403) is reported
+//! without holding the model back, and watch events add routing objects.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
@@ -186,7 +188,14 @@ fn parse_query(uri: &Uri) -> BTreeMap<String, String> {
 
 async fn api(State(mock): State<Arc<Mock>>, uri: Uri) -> Response {
     let path = uri.path().to_string();
-    let Some(path) = KINDS.into_iter().find(|k| *k == path) else {
+    let known = mock
+        .collections
+        .lock()
+        .unwrap()
+        .keys()
+        .copied()
+        .find(|k| *k == path);
+    let Some(path) = known else {
         return json_response(
             StatusCode::NOT_FOUND,
             status_body(
@@ -758,4 +767,134 @@ current-context: x
         err.to_string().contains("(Connect)"),
         "a connection error, not a TLS setup error: {err}"
     );
+}
+
+const VIRTUAL_SERVICES: &str = "/apis/networking.istio.io/v1beta1/virtualservices";
+const DESTINATION_RULES: &str = "/apis/networking.istio.io/v1beta1/destinationrules";
+const TRAFFIC_TARGETS: &str = "/apis/access.smi-spec.io/v1alpha3/traffictargets";
+const TCP_ROUTES: &str = "/apis/gateway.networking.k8s.io/v1alpha2/tcproutes";
+
+fn list_body(api_version: &str, kind: &str, version: &str, items: &str) -> String {
+    format!(
+        r#"{{"apiVersion":"{api_version}","kind":"{kind}List","metadata":{{"resourceVersion":"{version}"}},"items":[{items}]}}"#
+    )
+}
+
+#[tokio::test]
+async fn routing_crds_are_listed_watched_and_may_be_missing_or_forbidden() {
+    let (mock, addr) = start_mock(|mock| {
+        let mut all = mock.collections.lock().unwrap();
+        all.insert(
+            VIRTUAL_SERVICES,
+            Collection {
+                list: list_body(
+                    "networking.istio.io/v1beta1",
+                    "VirtualService",
+                    "2000",
+                    r#"{"apiVersion":"networking.istio.io/v1beta1","kind":"VirtualService",
+                        "metadata":{"name":"echo","namespace":"demo","resourceVersion":"1990",
+                                    "creationTimestamp":"2026-11-20T10:00:00Z"},
+                        "spec":{"hosts":["echo"],"tcp":[{"match":[{"port":80}],
+                                "route":[{"destination":{"host":"echo","subset":"v1"},"weight":100}]}]}}"#,
+                ),
+                ..Collection::default()
+            },
+        );
+        all.insert(
+            DESTINATION_RULES,
+            Collection {
+                list: list_body(
+                    "networking.istio.io/v1beta1",
+                    "DestinationRule",
+                    "2001",
+                    r#"{"apiVersion":"networking.istio.io/v1beta1","kind":"DestinationRule",
+                        "metadata":{"name":"echo","namespace":"demo","resourceVersion":"1991"},
+                        "spec":{"host":"echo","subsets":[{"name":"v1","labels":{"version":"v1"}}]}}"#,
+                ),
+                ..Collection::default()
+            },
+        );
+        let forbidden = status_body(
+            403,
+            "Forbidden",
+            "traffictargets.access.smi-spec.io is forbidden: User \"system:serviceaccount:interceptor:interceptor\" cannot list resource",
+        );
+        all.insert(
+            TRAFFIC_TARGETS,
+            Collection {
+                list_failures: (0..1000).map(|_| (StatusCode::FORBIDDEN, forbidden.clone())).collect(),
+                ..Collection::default()
+            },
+        );
+        all.insert(
+            TCP_ROUTES,
+            Collection {
+                list: list_body("gateway.networking.k8s.io/v1alpha2", "TCPRoute", "2002", ""),
+                ..Collection::default()
+            },
+        );
+    })
+    .await;
+    let mut source = start_source(addr);
+    let state = source.wait("the first model", |s| s.generation > 0).await;
+    let routing = &state.model.routing;
+    let vs = &routing.virtual_services["demo/echo"];
+    assert_eq!(vs.spec.hosts, ["echo"]);
+    assert_eq!(
+        vs.spec.tcp[0].route[0].destination.subset.as_deref(),
+        Some("v1")
+    );
+    assert_eq!(vs.created.as_deref(), Some("2026-11-20 10:00:00 UTC"));
+    assert_eq!(
+        routing.destination_rules["demo/echo"].spec.subsets[0].name,
+        "v1"
+    );
+    assert!(
+        routing.traffic_splits.is_empty(),
+        "a missing CRD is an empty kind"
+    );
+    let error = state.last_error.clone().unwrap_or_default();
+    assert!(
+        error.contains("traffictargets.access.smi-spec.io") && error.contains("forbidden"),
+        "{error}"
+    );
+    // The same objects from a directory give the same routing objects.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("routing.yaml"),
+        "apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\n\
+         metadata: {name: echo, namespace: demo, creationTimestamp: \"2026-11-20T10:00:00Z\"}\n\
+         spec: {hosts: [echo], tcp: [{match: [{port: 80}], route: [{destination: {host: echo, subset: v1}, weight: 100}]}]}\n",
+    )
+    .unwrap();
+    let from_manifests = manifests::load_dir(dir.path()).unwrap();
+    assert_eq!(
+        from_manifests.routing.virtual_services["demo/echo"].spec,
+        vs.spec
+    );
+
+    // A TCPRoute arrives by watch: a new generation holds it.
+    until("the tcproutes watch", || {
+        mock.watches_opened(TCP_ROUTES) == 1
+    })
+    .await;
+    let generation = state.generation;
+    mock.send(
+        TCP_ROUTES,
+        r#"{"type":"ADDED","object":{"apiVersion":"gateway.networking.k8s.io/v1alpha2","kind":"TCPRoute",
+            "metadata":{"name":"gamma","namespace":"demo","resourceVersion":"2003"},
+            "spec":{"parentRefs":[{"group":"","kind":"Service","name":"echo"}],
+                    "rules":[{"backendRefs":[{"name":"echo","port":80}]}]}}}"#
+            .replace('\n', " ")
+            .as_str(),
+    );
+    let state = source
+        .wait("the TCPRoute", |s| {
+            s.generation > generation && !s.model.routing.tcp_routes.is_empty()
+        })
+        .await;
+    assert!(state.model.routing.tcp_routes["demo/gamma"]
+        .spec
+        .parent_refs[0]
+        .is_service());
 }

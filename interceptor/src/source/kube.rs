@@ -3,7 +3,9 @@
 //! does not care which source runs.
 //!
 //! Four watches: the Pods of this node (field selector `spec.nodeName=<node>`), and all
-//! Namespaces, Services and EndpointSlices (`discovery.k8s.io/v1`). Each runs through
+//! Namespaces, Services and EndpointSlices (`discovery.k8s.io/v1`); and one per routing
+//! CRD (`routing`: Istio, Gateway API, SMI), where a CRD the cluster lacks counts as
+//! listed and empty. Each runs through
 //! [`kube::runtime::watcher()`] with the standard configuration (watch bookmarks requested,
 //! consistent lists in pages of 500) and its default backoff: a dropped watch is resumed
 //! from the last resource version seen (bookmarks included), a `410 Gone` starts over with
@@ -48,6 +50,9 @@ use tracing::{debug, info, warn};
 
 use super::manifests::{self, ManifestError, ManifestState, Slice};
 use crate::model::{Model, Namespace, Pod, Service};
+
+mod routing;
+use routing::{RoutingItem, RoutingKind};
 
 /// What the Kubernetes source needs besides a client.
 #[derive(Clone, Debug, Default)]
@@ -107,9 +112,18 @@ pub async fn run(
         }),
         watch_stream(&client, pods_config, |r| Msg::Pod(Box::new(r))),
         watch_stream(&client, watch_config.clone(), |r| Msg::Service(Box::new(r))),
-        watch_stream(&client, watch_config, |r| Msg::Slice(Box::new(r))),
+        watch_stream(&client, watch_config.clone(), |r| Msg::Slice(Box::new(r))),
         opened_rx.map(Msg::WatchOpened).boxed(),
-    ];
+    ]
+    .into_iter()
+    .chain(RoutingKind::ALL.into_iter().map(|kind| {
+        let api: Api<kube::api::DynamicObject> = Api::all_with(client.clone(), &kind.resource());
+        watcher(api, watch_config.clone())
+            .default_backoff()
+            .map(move |r| Msg::Routing(kind, Box::new(r)))
+            .boxed()
+    }))
+    .collect();
     let mut messages = stream::select_all(streams);
     info!(node, "watching the Kubernetes API server");
 
@@ -154,22 +168,30 @@ where
 
 type WatchResult<K> = Result<watcher::Event<K>, watcher::Error>;
 
-/// The four kinds the source watches, in the order errors are listed.
+/// The kinds the source watches, in the order errors are listed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Kind {
     Namespaces,
     Pods,
     Services,
     EndpointSlices,
+    Routing(RoutingKind),
 }
 
 impl Kind {
-    const ALL: [Kind; 4] = [
+    /// The four core kinds.
+    const CORE: [Kind; 4] = [
         Kind::Namespaces,
         Kind::Pods,
         Kind::Services,
         Kind::EndpointSlices,
     ];
+
+    fn all() -> impl Iterator<Item = Kind> {
+        Kind::CORE
+            .into_iter()
+            .chain(RoutingKind::ALL.into_iter().map(Kind::Routing))
+    }
 
     /// The collection's path on the API server, as kube-rs requests it.
     fn path(self) -> &'static str {
@@ -178,6 +200,7 @@ impl Kind {
             Kind::Pods => "/api/v1/pods",
             Kind::Services => "/api/v1/services",
             Kind::EndpointSlices => "/apis/discovery.k8s.io/v1/endpointslices",
+            Kind::Routing(kind) => kind.path(),
         }
     }
 }
@@ -189,6 +212,7 @@ impl fmt::Display for Kind {
             Kind::Pods => "pods",
             Kind::Services => "services",
             Kind::EndpointSlices => "endpointslices",
+            Kind::Routing(kind) => kind.name(),
         })
     }
 }
@@ -199,6 +223,7 @@ enum Msg {
     Pod(Box<WatchResult<k8s::Pod>>),
     Service(Box<WatchResult<k8s::Service>>),
     Slice(Box<WatchResult<discovery::EndpointSlice>>),
+    Routing(RoutingKind, Box<WatchResult<kube::api::DynamicObject>>),
     /// The API server answered a watch request of this kind with success.
     WatchOpened(Kind),
 }
@@ -238,9 +263,7 @@ impl tower_service::Service<http::Request<kube::client::Body>> for Observed {
             .query()
             .is_some_and(|q| q.split('&').any(|pair| pair == "watch=true"));
         let path = request.uri().path();
-        let kind = Kind::ALL
-            .into_iter()
-            .find(|kind| is_watch && kind.path() == path);
+        let kind = Kind::all().find(|kind| is_watch && kind.path() == path);
         let client = self.inner.clone();
         let opened = self.opened.clone();
         Box::pin(async move {
@@ -285,7 +308,7 @@ impl<T: PartialEq> Store<T> {
         &mut self,
         kind: Kind,
         event: watcher::Event<O>,
-        convert: fn(O) -> Result<T, ManifestError>,
+        convert: impl Fn(O) -> Result<T, ManifestError>,
     ) -> bool {
         match event {
             watcher::Event::Init => {
@@ -296,7 +319,7 @@ impl<T: PartialEq> Store<T> {
             }
             watcher::Event::InitApply(obj) => {
                 let key = object_key(&obj);
-                match self.convert(kind, &key, obj, convert) {
+                match self.convert(kind, &key, obj, &convert) {
                     Some(item) => {
                         self.relist.get_or_insert_default().insert(key, item);
                     }
@@ -318,7 +341,7 @@ impl<T: PartialEq> Store<T> {
             }
             watcher::Event::Apply(obj) => {
                 let key = object_key(&obj);
-                match self.convert(kind, &key, obj, convert) {
+                match self.convert(kind, &key, obj, &convert) {
                     Some(item) if self.items.get(&key) == Some(&item) => false,
                     Some(item) => {
                         self.items.insert(key, item);
@@ -342,7 +365,7 @@ impl<T: PartialEq> Store<T> {
         kind: Kind,
         key: &str,
         obj: O,
-        convert: fn(O) -> Result<T, ManifestError>,
+        convert: &impl Fn(O) -> Result<T, ManifestError>,
     ) -> Option<T> {
         match convert(obj) {
             Ok(item) => {
@@ -383,16 +406,36 @@ fn describe(err: &ManifestError) -> String {
     }
 }
 
-#[derive(Default)]
 struct State {
     namespaces: Store<Namespace>,
     pods: Store<Pod>,
     services: Store<Service>,
     slices: Store<Slice>,
+    routing: BTreeMap<RoutingKind, Store<RoutingItem>>,
+    /// Routing CRDs the API server does not have (404), logged once.
+    absent: BTreeSet<RoutingKind>,
     /// The error of each failing watch, as published.
     errors: BTreeMap<Kind, String>,
     /// Whether the objects changed since the last model was built.
     dirty: bool,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            namespaces: Store::default(),
+            pods: Store::default(),
+            services: Store::default(),
+            slices: Store::default(),
+            routing: RoutingKind::ALL
+                .into_iter()
+                .map(|kind| (kind, Store::default()))
+                .collect(),
+            absent: BTreeSet::new(),
+            errors: BTreeMap::new(),
+            dirty: false,
+        }
+    }
 }
 
 impl State {
@@ -421,16 +464,77 @@ impl State {
                 |s| &mut s.slices,
                 manifests::endpoint_slice_from_api,
             ),
+            Msg::Routing(kind, r) => self.routing_event(kind, *r),
         };
         self.dirty |= changed;
+    }
+
+    /// A routing CRD's event; a 404 means the cluster lacks the CRD: listed, empty.
+    fn routing_event(
+        &mut self,
+        kind: RoutingKind,
+        result: WatchResult<kube::api::DynamicObject>,
+    ) -> bool {
+        let missing = matches!(
+            &result,
+            Err(watcher::Error::InitialListFailed(kube::Error::Api(response)))
+                if response.code == 404
+        );
+        if missing {
+            self.recovered(Kind::Routing(kind));
+            if self.absent.insert(kind) {
+                info!(
+                    kind = kind.name(),
+                    "not installed in this cluster: none of them"
+                );
+            }
+            let store = self
+                .routing
+                .get_mut(&kind)
+                .expect("every routing kind has a store");
+            let had = !store.items.is_empty();
+            store.items.clear();
+            let first = !store.synced;
+            store.synced = true;
+            return had || first;
+        }
+        if result.is_ok() {
+            self.absent.remove(&kind);
+        }
+        // Not allowed to list it (RBAC without the CRD's rules): the error is published,
+        // and the rest of the model must not wait for a list that will not come.
+        let forbidden = matches!(
+            &result,
+            Err(watcher::Error::InitialListFailed(kube::Error::Api(response)))
+                if response.code == 403
+        );
+        let store = self
+            .routing
+            .get_mut(&kind)
+            .expect("every routing kind has a store");
+        let first = forbidden && !store.synced;
+        if forbidden {
+            store.synced = true;
+        }
+        first
+            | self.event(
+                Kind::Routing(kind),
+                result,
+                |s| {
+                    s.routing
+                        .get_mut(&kind)
+                        .expect("every routing kind has a store")
+                },
+                move |obj| routing::convert(kind, obj),
+            )
     }
 
     fn event<O: Resource, T: PartialEq>(
         &mut self,
         kind: Kind,
         result: WatchResult<O>,
-        store: fn(&mut State) -> &mut Store<T>,
-        convert: fn(O) -> Result<T, ManifestError>,
+        store: impl FnOnce(&mut State) -> &mut Store<T>,
+        convert: impl Fn(O) -> Result<T, ManifestError>,
     ) -> bool {
         match result {
             Ok(event) => {
@@ -462,7 +566,11 @@ impl State {
     }
 
     fn synced(&self) -> bool {
-        self.namespaces.synced && self.pods.synced && self.services.synced && self.slices.synced
+        self.namespaces.synced
+            && self.pods.synced
+            && self.services.synced
+            && self.slices.synced
+            && self.routing.values().all(|store| store.synced)
     }
 
     fn build(&self) -> Model {
@@ -501,6 +609,11 @@ impl State {
                 .and_then(|svc| model.endpoint_slices.get_mut(svc))
             {
                 ports.extend(slice.ports.iter().cloned());
+            }
+        }
+        for store in self.routing.values() {
+            for item in store.items.values() {
+                routing::insert(&mut model.routing, item);
             }
         }
         model

@@ -1,0 +1,196 @@
+//! The routing objects in a cluster: the CRDs of Istio, the Gateway API and SMI, watched
+//! as dynamic objects and converted into the same types the manifest source reads. A CRD
+//! the cluster does not have (the API server answers 404) counts as listed and empty, so
+//! the agent runs in clusters with some, all or none of them, and picks a CRD's objects up
+//! when it is installed later (the watcher keeps retrying with backoff).
+use kube::api::{ApiResource, DynamicObject};
+use serde::de::DeserializeOwned;
+
+use crate::model::routing::{
+    DestinationRuleSpec, GatewaySpec, IstioGatewaySpec, Routed, RoutingObjects, SmiTcpRouteSpec,
+    TcpRouteSpec, TrafficSplitSpec, TrafficTargetSpec, VirtualServiceSpec,
+};
+use crate::source::manifests::ManifestError;
+
+/// One routing CRD, at the version the agent reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum RoutingKind {
+    VirtualServices,
+    DestinationRules,
+    IstioGateways,
+    Gateways,
+    TcpRoutes,
+    TrafficSplits,
+    TrafficTargets,
+    SmiTcpRoutes,
+}
+
+impl RoutingKind {
+    pub(crate) const ALL: [RoutingKind; 8] = [
+        RoutingKind::VirtualServices,
+        RoutingKind::DestinationRules,
+        RoutingKind::IstioGateways,
+        RoutingKind::Gateways,
+        RoutingKind::TcpRoutes,
+        RoutingKind::TrafficSplits,
+        RoutingKind::TrafficTargets,
+        RoutingKind::SmiTcpRoutes,
+    ];
+
+    /// (group, version, kind, plural).
+    fn gvkp(self) -> (&'static str, &'static str, &'static str, &'static str) {
+        match self {
+            RoutingKind::VirtualServices => (
+                "networking.istio.io",
+                "v1beta1",
+                "VirtualService",
+                "virtualservices",
+            ),
+            RoutingKind::DestinationRules => (
+                "networking.istio.io",
+                "v1beta1",
+                "DestinationRule",
+                "destinationrules",
+            ),
+            RoutingKind::IstioGateways => ("networking.istio.io", "v1beta1", "Gateway", "gateways"),
+            RoutingKind::Gateways => ("gateway.networking.k8s.io", "v1", "Gateway", "gateways"),
+            RoutingKind::TcpRoutes => (
+                "gateway.networking.k8s.io",
+                "v1alpha2",
+                "TCPRoute",
+                "tcproutes",
+            ),
+            RoutingKind::TrafficSplits => (
+                "split.smi-spec.io",
+                "v1alpha4",
+                "TrafficSplit",
+                "trafficsplits",
+            ),
+            RoutingKind::TrafficTargets => (
+                "access.smi-spec.io",
+                "v1alpha3",
+                "TrafficTarget",
+                "traffictargets",
+            ),
+            RoutingKind::SmiTcpRoutes => ("specs.smi-spec.io", "v1alpha4", "TCPRoute", "tcproutes"),
+        }
+    }
+
+    pub(crate) fn resource(self) -> ApiResource {
+        let (group, version, kind, plural) = self.gvkp();
+        ApiResource {
+            group: group.into(),
+            version: version.into(),
+            api_version: format!("{group}/{version}"),
+            kind: kind.into(),
+            plural: plural.into(),
+        }
+    }
+
+    /// The collection's path on the API server, as kube-rs requests it.
+    pub(crate) fn path(self) -> &'static str {
+        match self {
+            RoutingKind::VirtualServices => "/apis/networking.istio.io/v1beta1/virtualservices",
+            RoutingKind::DestinationRules => "/apis/networking.istio.io/v1beta1/destinationrules",
+            RoutingKind::IstioGateways => "/apis/networking.istio.io/v1beta1/gateways",
+            RoutingKind::Gateways => "/apis/gateway.networking.k8s.io/v1/gateways",
+            RoutingKind::TcpRoutes => "/apis/gateway.networking.k8s.io/v1alpha2/tcproutes",
+            RoutingKind::TrafficSplits => "/apis/split.smi-spec.io/v1alpha4/trafficsplits",
+            RoutingKind::TrafficTargets => "/apis/access.smi-spec.io/v1alpha3/traffictargets",
+            RoutingKind::SmiTcpRoutes => "/apis/specs.smi-spec.io/v1alpha4/tcproutes",
+        }
+    }
+
+    /// `plural.group`, as kubectl names the resource.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            RoutingKind::VirtualServices => "virtualservices.networking.istio.io",
+            RoutingKind::DestinationRules => "destinationrules.networking.istio.io",
+            RoutingKind::IstioGateways => "gateways.networking.istio.io",
+            RoutingKind::Gateways => "gateways.gateway.networking.k8s.io",
+            RoutingKind::TcpRoutes => "tcproutes.gateway.networking.k8s.io",
+            RoutingKind::TrafficSplits => "trafficsplits.split.smi-spec.io",
+            RoutingKind::TrafficTargets => "traffictargets.access.smi-spec.io",
+            RoutingKind::SmiTcpRoutes => "tcproutes.specs.smi-spec.io",
+        }
+    }
+}
+
+/// One converted routing object.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum RoutingItem {
+    VirtualService(Routed<VirtualServiceSpec>),
+    DestinationRule(Routed<DestinationRuleSpec>),
+    IstioGateway(Routed<IstioGatewaySpec>),
+    Gateway(Routed<GatewaySpec>),
+    TcpRoute(Routed<TcpRouteSpec>),
+    TrafficSplit(Routed<TrafficSplitSpec>),
+    TrafficTarget(Routed<TrafficTargetSpec>),
+    SmiTcpRoute(Routed<SmiTcpRouteSpec>),
+}
+
+fn routed<T: DeserializeOwned + Default>(
+    kind: RoutingKind,
+    obj: DynamicObject,
+) -> Result<Routed<T>, ManifestError> {
+    let namespace = obj
+        .metadata
+        .namespace
+        .clone()
+        .filter(|ns| !ns.is_empty())
+        .unwrap_or_else(|| "default".into());
+    let name = obj.metadata.name.clone().unwrap_or_default();
+    let invalid = |message: String| ManifestError::InvalidValue {
+        at: crate::source::manifests::Location {
+            file: "<api server>".into(),
+            line: None,
+            column: None,
+        },
+        object: format!("{} {namespace}/{name}", kind.gvkp().2),
+        field: "spec".into(),
+        message,
+    };
+    let spec = match obj.data.get("spec") {
+        None | Some(serde_json::Value::Null) => T::default(),
+        Some(spec) => serde_json::from_value(spec.clone()).map_err(|e| invalid(e.to_string()))?,
+    };
+    Ok(Routed {
+        created: obj
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.to_string()),
+        order: 0,
+        namespace,
+        name,
+        spec,
+    })
+}
+
+/// The routing object of `kind` from a watched dynamic object.
+pub(crate) fn convert(kind: RoutingKind, obj: DynamicObject) -> Result<RoutingItem, ManifestError> {
+    Ok(match kind {
+        RoutingKind::VirtualServices => RoutingItem::VirtualService(routed(kind, obj)?),
+        RoutingKind::DestinationRules => RoutingItem::DestinationRule(routed(kind, obj)?),
+        RoutingKind::IstioGateways => RoutingItem::IstioGateway(routed(kind, obj)?),
+        RoutingKind::Gateways => RoutingItem::Gateway(routed(kind, obj)?),
+        RoutingKind::TcpRoutes => RoutingItem::TcpRoute(routed(kind, obj)?),
+        RoutingKind::TrafficSplits => RoutingItem::TrafficSplit(routed(kind, obj)?),
+        RoutingKind::TrafficTargets => RoutingItem::TrafficTarget(routed(kind, obj)?),
+        RoutingKind::SmiTcpRoutes => RoutingItem::SmiTcpRoute(routed(kind, obj)?),
+    })
+}
+
+/// Put a converted object into the model.
+pub(crate) fn insert(objects: &mut RoutingObjects, item: &RoutingItem) {
+    match item.clone() {
+        RoutingItem::VirtualService(o) => drop(objects.virtual_services.insert(o.key(), o)),
+        RoutingItem::DestinationRule(o) => drop(objects.destination_rules.insert(o.key(), o)),
+        RoutingItem::IstioGateway(o) => drop(objects.istio_gateways.insert(o.key(), o)),
+        RoutingItem::Gateway(o) => drop(objects.gateways.insert(o.key(), o)),
+        RoutingItem::TcpRoute(o) => drop(objects.tcp_routes.insert(o.key(), o)),
+        RoutingItem::TrafficSplit(o) => drop(objects.traffic_splits.insert(o.key(), o)),
+        RoutingItem::TrafficTarget(o) => drop(objects.traffic_targets.insert(o.key(), o)),
+        RoutingItem::SmiTcpRoute(o) => drop(objects.smi_tcp_routes.insert(o.key(), o)),
+    }
+}
