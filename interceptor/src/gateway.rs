@@ -1,8 +1,11 @@
 //! `interceptor gateway`: a TCP gateway run in a gateway pod's network namespace. It
 //! serves one Gateway API `Gateway` (its TCP listeners and attached `TCPRoute`s) or one
-//! Istio `Gateway` (its TCP servers and the `VirtualService`s bound to it), from a
-//! directory of manifests; routes follow the manifests as they change, listeners open and
-//! close with the Gateway's. Its admin port has `/healthz`, `/readyz`, `/config_dump`
+//! Istio `Gateway` (its TCP servers and the `VirtualService`s bound to it), named with
+//! `--gateway` or, in a cluster, the Istio Gateway whose `selector` matches the gateway
+//! pod's labels; from a directory of manifests or from the API server. Routes follow the
+//! objects as they change, listeners open and close with the Gateway's. In a cluster the
+//! TCPRoutes' `status.parents` conditions are written back (server-side apply on the
+//! status subresource). Its admin port has `/healthz`, `/readyz`, `/config_dump`
 //! (listeners, route conditions, recent connections) and `/metrics`.
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -29,18 +32,81 @@ const MANIFEST_POLL: Duration = Duration::from_millis(500);
 const FIRST_MODEL_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The `controllerName` the gateway writes in route status.
+pub const CONTROLLER_NAME: &str = "interceptor.dev/gateway";
+
+/// Where the gateway's objects come from.
+#[derive(Clone, Debug)]
+pub enum GatewaySource {
+    Manifests(PathBuf),
+    /// The API server; the node name scopes the Pods watched (the gateway pod's node).
+    Kube {
+        node_name: String,
+    },
+}
+
 #[derive(Clone, Debug)]
 pub struct GatewayConfig {
-    /// `namespace/name` of the Gateway to serve.
-    pub gateway: String,
+    /// `namespace/name` of the Gateway to serve; `None`: the Istio Gateway whose selector
+    /// matches the labels of `pod`.
+    pub gateway: Option<String>,
+    /// The gateway pod (`namespace/name`), for selector matching.
+    pub pod: Option<String>,
     /// Serve a Gateway API Gateway only of this class.
     pub class: Option<String>,
-    pub manifests: PathBuf,
+    pub source: GatewaySource,
     pub admin_addr: SocketAddr,
+}
+
+impl GatewayConfig {
+    fn source_text(&self) -> String {
+        match &self.source {
+            GatewaySource::Manifests(dir) => format!("manifests in {}", dir.display()),
+            GatewaySource::Kube { .. } => "API server".into(),
+        }
+    }
+}
+
+/// The Gateway to serve: `--gateway`, else the oldest Istio Gateway selecting the pod.
+pub fn pick_gateway(model: &crate::model::Model, config: &GatewayConfig) -> Result<String, String> {
+    if let Some(gateway) = &config.gateway {
+        return Ok(gateway.clone());
+    }
+    let Some(pod) = &config.pod else {
+        return Err("neither --gateway nor --pod: nothing to serve".into());
+    };
+    let key: crate::model::PodKey = pod.parse().map_err(|e| format!("--pod: {e}"))?;
+    let labels = &model
+        .pod(&key)
+        .ok_or_else(|| format!("pod {key} is not in the model (yet)"))?
+        .labels;
+    let mut selecting: Vec<_> = model
+        .routing
+        .istio_gateways
+        .values()
+        .filter(|gw| {
+            !gw.spec.selector.is_empty()
+                && gw
+                    .spec
+                    .selector
+                    .iter()
+                    .all(|(k, v)| labels.get(k) == Some(v))
+        })
+        .collect();
+    selecting.sort_by(|a, b| a.age_key().cmp(&b.age_key()));
+    let first = selecting
+        .first()
+        .ok_or_else(|| format!("no Istio Gateway selects pod {key} (labels {labels:?})"))?;
+    for other in &selecting[1..] {
+        tracing::warn!(gateway = %other.key(), served = %first.key(), "also selects this pod: not served, one Gateway per gateway process");
+    }
+    Ok(first.key())
 }
 
 struct Shared {
     config: GatewayConfig,
+    /// The Gateway served now (`namespace/name`), or why none is.
+    serving: RwLock<Result<String, String>>,
     table: RwLock<Arc<GatewayTable>>,
     log: ConnectionLog,
     model: watch::Receiver<ManifestState>,
@@ -49,25 +115,40 @@ struct Shared {
 }
 
 pub async fn run(config: GatewayConfig) -> anyhow::Result<()> {
-    if !config.gateway.contains('/') {
-        bail!("--gateway {:?}: expected NAMESPACE/NAME", config.gateway);
+    if let Some(gateway) = &config.gateway {
+        if gateway.parse::<crate::model::PodKey>().is_err() {
+            bail!("--gateway {gateway:?}: expected NAMESPACE/NAME");
+        }
     }
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let (tx, mut rx) = watch::channel(ManifestState::default());
-    let watcher = manifests::watch_dir(config.manifests.clone(), MANIFEST_POLL, tx);
+    let mut status_writer = None;
+    let watcher = match &config.source {
+        GatewaySource::Manifests(dir) => {
+            manifests::watch_dir(dir.clone(), MANIFEST_POLL, tx).abort_handle()
+        }
+        GatewaySource::Kube { node_name } => {
+            let client = crate::source::kube::client_from_env()
+                .await
+                .context("Kubernetes client")?;
+            status_writer = Some(StatusWriter::new(client.clone()));
+            let source = crate::source::kube::KubeSourceConfig {
+                node_name: node_name.clone(),
+            };
+            crate::source::kube::spawn(client, source, tx).abort_handle()
+        }
+    };
     let loaded = tokio::time::timeout(FIRST_MODEL_TIMEOUT, rx.wait_for(|s| s.generation > 0))
         .await
         .is_ok_and(|r| r.is_ok());
     if !loaded {
         let error = rx.borrow().last_error.clone().unwrap_or_default();
         watcher.abort();
-        bail!(
-            "the manifests in {} did not load: {error}",
-            config.manifests.display()
-        );
+        bail!("the {} did not load: {error}", config.source_text());
     }
     let shared = Arc::new(Shared {
+        serving: RwLock::new(Err("not started".into())),
         config: config.clone(),
         table: RwLock::new(Arc::new(GatewayTable::default())),
         log: ConnectionLog::default(),
@@ -75,7 +156,7 @@ pub async fn run(config: GatewayConfig) -> anyhow::Result<()> {
         bind_errors: std::sync::Mutex::new(HashMap::new()),
     });
     let mut listeners: HashMap<u16, JoinHandle<()>> = HashMap::new();
-    reconcile(&shared, &mut listeners).await;
+    reconcile(&shared, &mut listeners, status_writer.as_mut()).await;
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(|| async { "ready\n" }))
@@ -90,12 +171,12 @@ pub async fn run(config: GatewayConfig) -> anyhow::Result<()> {
             tracing::error!(%error, "admin endpoint");
         }
     });
-    tracing::info!(gateway = %config.gateway, ports = ?read(&shared.table).ports(), "gateway ready");
+    tracing::info!(gateway = ?*read(&shared.serving), ports = ?read(&shared.table).ports(), "gateway ready");
     loop {
         tokio::select! {
             changed = rx.changed() => {
                 if changed.is_err() { break; }
-                reconcile(&shared, &mut listeners).await;
+                reconcile(&shared, &mut listeners, status_writer.as_mut()).await;
             }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
             _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break; }
@@ -111,16 +192,24 @@ pub async fn run(config: GatewayConfig) -> anyhow::Result<()> {
 
 /// Rebuild the table from the current model, then open the listeners it has and close
 /// those it no longer has (their open connections end with them).
-async fn reconcile(shared: &Arc<Shared>, listeners: &mut HashMap<u16, JoinHandle<()>>) {
+async fn reconcile(
+    shared: &Arc<Shared>,
+    listeners: &mut HashMap<u16, JoinHandle<()>>,
+    status_writer: Option<&mut StatusWriter>,
+) {
     let model = shared.model.borrow().model.clone();
-    let table = Arc::new(GatewayTable::build(
-        &model,
-        &shared.config.gateway,
-        shared.config.class.as_deref(),
-    ));
-    if let Some(error) = table.error() {
-        tracing::error!(gateway = %shared.config.gateway, "{error}");
+    let serving = pick_gateway(&model, &shared.config);
+    let table = Arc::new(match &serving {
+        Ok(key) => GatewayTable::build(&model, key, shared.config.class.as_deref()),
+        Err(_) => GatewayTable::default(),
+    });
+    if let Some(error) = serving.as_ref().err().map(String::as_str).or(table.error()) {
+        tracing::error!("gateway not served: {error}");
     }
+    if let (Some(writer), Ok(key)) = (status_writer, &serving) {
+        writer.write(key, table.statuses()).await;
+    }
+    *write(&shared.serving) = serving;
     for status in table.statuses().iter().filter(|s| !s.reasons.is_empty()) {
         tracing::warn!(kind = status.kind, name = %status.name, accepted = status.accepted,
             reasons = ?status.reasons, "route not (fully) in force at the gateway");
@@ -185,8 +274,9 @@ async fn handle(stream: TcpStream, client: SocketAddr, shared: Arc<Shared>) {
         SocketAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
     };
     let target = read(&shared.table).resolve(local, client_ip);
+    let gateway = read(&shared.serving).clone().unwrap_or_default();
     let mut record = ConnectionRecord {
-        pod: shared.config.gateway.clone(),
+        pod: gateway,
         direction: Direction::Gateway,
         client,
         original_dst: Some(local),
@@ -242,16 +332,19 @@ async fn handle(stream: TcpStream, client: SocketAddr, shared: Arc<Shared>) {
 async fn config_dump(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
     let table = read(&shared.table).clone();
     let state = shared.model.borrow().clone();
+    let serving = read(&shared.serving).clone();
     Json(serde_json::json!({
-        "gateway": shared.config.gateway,
+        "gateway": serving.as_ref().ok(),
         "gateway_class": shared.config.class,
-        "error": table.error(),
+        "error": serving.as_ref().err().map(String::as_str).or(table.error()),
         "listeners": table.listener_statuses(),
         "bind_errors": *lock(&shared.bind_errors),
         "routes": table.statuses(),
         "source": {
-            "kind": "manifests",
-            "dir": shared.config.manifests,
+            "kind": match &shared.config.source {
+                GatewaySource::Manifests(_) => "manifests",
+                GatewaySource::Kube { .. } => "kube",
+            },
             "generation": state.generation,
             "last_error": state.last_error,
         },
@@ -267,4 +360,160 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl axum::response::Into
         )],
         shared.log.metrics().encode(),
     )
+}
+
+/// Writes the TCPRoutes' conditions at this gateway to their `status.parents` in the
+/// cluster (server-side apply of the status subresource, field manager
+/// `interceptor-gateway`), only when they changed since the last write.
+pub struct StatusWriter {
+    client: kube::Client,
+    written: HashMap<String, serde_json::Value>,
+}
+
+impl StatusWriter {
+    pub fn new(client: kube::Client) -> Self {
+        Self {
+            client,
+            written: HashMap::new(),
+        }
+    }
+
+    /// The status of every TCPRoute judged at `gateway` (`namespace/name`).
+    pub async fn write(&mut self, gateway: &str, statuses: &[crate::proxy::RouteStatus]) {
+        use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
+        let Some((gw_namespace, gw_name)) = gateway.split_once('/') else {
+            return;
+        };
+        let resource = ApiResource {
+            group: "gateway.networking.k8s.io".into(),
+            version: "v1alpha2".into(),
+            api_version: "gateway.networking.k8s.io/v1alpha2".into(),
+            kind: "TCPRoute".into(),
+            plural: "tcproutes".into(),
+        };
+        for status in statuses
+            .iter()
+            .filter(|s| s.kind == "TCPRoute" && !s.conditions.is_empty())
+        {
+            let Some((namespace, name)) = status.name.split_once('/') else {
+                continue;
+            };
+            let conditions: Vec<serde_json::Value> = status
+                .conditions
+                .iter()
+                .map(|c| {
+                    serde_json::json!({
+                        "type": c.kind,
+                        "status": c.status,
+                        "reason": c.reason,
+                        "message": c.message,
+                    })
+                })
+                .collect();
+            if self.written.get(&status.name) == Some(&serde_json::Value::Array(conditions.clone()))
+            {
+                continue;
+            }
+            let now = rfc3339_now();
+            let stamped: Vec<serde_json::Value> = conditions
+                .iter()
+                .map(|c| {
+                    let mut c = c.clone();
+                    c["lastTransitionTime"] = serde_json::Value::String(now.clone());
+                    c
+                })
+                .collect();
+            let patch = serde_json::json!({
+                "apiVersion": "gateway.networking.k8s.io/v1alpha2",
+                "kind": "TCPRoute",
+                "metadata": {"name": name, "namespace": namespace},
+                "status": {"parents": [{
+                    "parentRef": {
+                        "group": "gateway.networking.k8s.io",
+                        "kind": "Gateway",
+                        "namespace": gw_namespace,
+                        "name": gw_name,
+                    },
+                    "controllerName": CONTROLLER_NAME,
+                    "conditions": stamped,
+                }]},
+            });
+            let api: Api<DynamicObject> =
+                Api::namespaced_with(self.client.clone(), namespace, &resource);
+            let params = PatchParams::apply("interceptor-gateway").force();
+            match api.patch_status(name, &params, &Patch::Apply(&patch)).await {
+                Ok(_) => {
+                    self.written
+                        .insert(status.name.clone(), serde_json::Value::Array(conditions));
+                }
+                Err(error) => {
+                    tracing::warn!(route = %status.name, %error, "writing the TCPRoute status");
+                }
+            }
+        }
+    }
+}
+
+/// Now, as the API server writes times (RFC 3339, UTC).
+fn rfc3339_now() -> String {
+    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::chrono::Utc::now());
+    serde_json::to_value(now)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(gateway: Option<&str>, pod: Option<&str>) -> GatewayConfig {
+        GatewayConfig {
+            gateway: gateway.map(str::to_owned),
+            pod: pod.map(str::to_owned),
+            class: None,
+            source: GatewaySource::Manifests(PathBuf::from("/nonexistent")),
+            admin_addr: "127.0.0.1:0".parse().unwrap(),
+        }
+    }
+
+    const OBJECTS: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: ingressgateway-2-abc, namespace: istio-system, labels: {istio: ingressgateway-2}}
+spec: {containers: [{name: gw, image: x}]}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: Gateway
+metadata: {name: ingressgateway-1, namespace: istio-system}
+spec: {selector: {istio: ingressgateway-1}, servers: [{port: {number: 19000, name: tcp, protocol: TCP}, hosts: ['*']}]}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: Gateway
+metadata: {name: ingressgateway-2, namespace: istio-system}
+spec: {selector: {istio: ingressgateway-2}, servers: [{port: {number: 19000, name: tcp, protocol: TCP}, hosts: ['*']}]}
+"#;
+
+    #[test]
+    fn the_istio_gateway_selecting_the_pod_is_served_unless_one_is_named() {
+        let model =
+            crate::source::manifests::load_str(std::path::Path::new("g.yaml"), OBJECTS).unwrap();
+        let by_pod = config(None, Some("istio-system/ingressgateway-2-abc"));
+        assert_eq!(
+            pick_gateway(&model, &by_pod).unwrap(),
+            "istio-system/ingressgateway-2"
+        );
+        let named = config(
+            Some("istio-system/ingressgateway-1"),
+            Some("istio-system/ingressgateway-2-abc"),
+        );
+        assert_eq!(
+            pick_gateway(&model, &named).unwrap(),
+            "istio-system/ingressgateway-1"
+        );
+        let stranger = config(None, Some("istio-system/nobody"));
+        assert!(pick_gateway(&model, &stranger)
+            .unwrap_err()
+            .contains("not in the model"));
+    }
 }

@@ -131,15 +131,25 @@ enum Command {
     /// pod's network namespace.
     Gateway {
         /// The Gateway to serve, NAMESPACE/NAME: a gateway.networking.k8s.io Gateway, or
-        /// else a networking.istio.io Gateway of that name.
+        /// else a networking.istio.io Gateway of that name. Without it, the Istio Gateway
+        /// whose selector matches the labels of --pod.
         #[arg(long)]
-        gateway: String,
+        gateway: Option<String>,
+        /// The gateway pod, NAMESPACE/NAME (the Deployment passes its own name).
+        #[arg(long, env = "POD_NAME_NAMESPACED")]
+        pod: Option<String>,
         /// Serve a Gateway API Gateway only when its gatewayClassName is this.
         #[arg(long)]
         gateway_class: Option<String>,
-        /// Directory of manifests (the standalone source).
+        /// Where the objects come from.
+        #[arg(long, value_enum, default_value = "manifests")]
+        source: SourceKind,
+        /// Directory of manifests (with --source manifests).
         #[arg(long)]
-        manifests: PathBuf,
+        manifests: Option<PathBuf>,
+        /// The gateway pod's node (with --source kube).
+        #[arg(long, env = "NODE_NAME")]
+        node_name: Option<String>,
         /// Admin endpoint: /healthz, /readyz, /config_dump, /metrics.
         #[arg(long, default_value = "127.0.0.1:15000")]
         admin_addr: SocketAddr,
@@ -276,14 +286,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Gateway {
             gateway,
+            pod,
             gateway_class,
+            source,
             manifests,
+            node_name,
             admin_addr,
         } => {
-            let config = interceptor::gateway::GatewayConfig {
+            use interceptor::gateway::{GatewayConfig, GatewaySource};
+            let source = match (source, manifests, node_name) {
+                (SourceKind::Manifests, Some(dir), _) => GatewaySource::Manifests(dir),
+                (SourceKind::Kube, _, Some(node_name)) if !node_name.is_empty() => {
+                    GatewaySource::Kube { node_name }
+                }
+                (SourceKind::Manifests, None, _) => {
+                    bail!("--source manifests needs --manifests DIR")
+                }
+                (SourceKind::Kube, _, _) => bail!("--source kube needs --node-name (or NODE_NAME)"),
+            };
+            if gateway.is_none() && pod.is_none() {
+                bail!("name the Gateway with --gateway NS/NAME, or the gateway pod with --pod NS/NAME");
+            }
+            let config = GatewayConfig {
                 gateway,
+                pod,
                 class: gateway_class,
-                manifests,
+                source,
                 admin_addr,
             };
             tokio::runtime::Builder::new_multi_thread()
