@@ -510,11 +510,10 @@ fn agent_installs_at_start_keeps_it_installed_and_uninstalls_on_sigterm() {
     wait_until("the entry to be put back", Duration::from_secs(10), || {
         our_entries(&read_json(&conflist_path)).len() == 1
     });
-    assert!(
-        node.agent_log().contains("CNI config re-applied"),
-        "{}",
-        node.agent_log()
-    );
+    // The agent logs after it wrote the file back: the line may trail the file.
+    wait_until("the re-apply to be logged", Duration::from_secs(5), || {
+        node.agent_log().contains("CNI config re-applied")
+    });
 
     let status = node.stop_agent();
     assert!(status.success(), "{status}\n{}", node.agent_log());
