@@ -105,6 +105,9 @@ pub struct Agent {
     ready: AtomicBool,
     /// FSM's permissive traffic policy mode (the default); off is SMI mode.
     permissive: AtomicBool,
+    /// Held from reading the inputs of a route table to storing it: a build that read an
+    /// older mode or model never lands after a newer one.
+    rebuild: Mutex<()>,
 }
 
 /// A failed CNI request, with the CNI error code to answer.
@@ -156,6 +159,7 @@ impl Agent {
             unknown_pod: options.unknown_pod,
             ready: AtomicBool::new(false),
             permissive: AtomicBool::new(true),
+            rebuild: Mutex::new(()),
         });
         agent.rebuild_routes();
         agent
@@ -221,6 +225,7 @@ impl Agent {
     }
 
     fn rebuild_routes(&self) {
+        let _building = lock(&self.rebuild);
         let (pod_ips, enrolled): (HashMap<PodKey, Ipv4Addr>, HashSet<Ipv4Addr>) = {
             let pods = lock(&self.pods);
             let ips = pods

@@ -206,16 +206,14 @@ async fn reconcile(
     if let Some(error) = serving.as_ref().err().map(String::as_str).or(table.error()) {
         tracing::error!("gateway not served: {error}");
     }
-    if let (Some(writer), Ok(key)) = (status_writer, &serving) {
-        writer.write(key, table.statuses()).await;
-    }
+    let status_for = serving.clone().ok();
     *write(&shared.serving) = serving;
     for status in table.statuses().iter().filter(|s| !s.reasons.is_empty()) {
         tracing::warn!(kind = status.kind, name = %status.name, accepted = status.accepted,
             reasons = ?status.reasons, "route not (fully) in force at the gateway");
     }
     let ports = table.ports();
-    *write(&shared.table) = table;
+    *write(&shared.table) = Arc::clone(&table);
     listeners.retain(|port, task| {
         let keep = ports.contains(port);
         if !keep {
@@ -242,6 +240,10 @@ async fn reconcile(
                 lock(&shared.bind_errors).insert(port, error.to_string());
             }
         }
+    }
+    // Last: the new routes already serve while the API server is being told.
+    if let (Some(writer), Some(key)) = (status_writer, status_for) {
+        writer.write(&key, table.statuses()).await;
     }
 }
 

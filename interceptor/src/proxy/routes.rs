@@ -98,10 +98,13 @@ struct Backend {
 
 impl Backend {
     fn new(name: String, endpoints: Vec<Endpoint>) -> Self {
+        // From a random endpoint: a rebuilt table must not send its first connections to
+        // the first endpoint every time.
+        let start = split::random_below(endpoints.len() as u64) as usize;
         Self {
             name,
             endpoints,
-            next: AtomicUsize::new(0),
+            next: AtomicUsize::new(start),
         }
     }
 
@@ -206,7 +209,8 @@ impl RouteTable {
             } => (service.clone(), Some((pod.parse::<PodKey>().ok(), *addr))),
             // A pod dialled directly is still a mesh workload; anything else is not.
             Target::Passthrough { addr } => (
-                addr.to_string(),
+                // Not the address: it would make one metric series per destination.
+                "passthrough".to_owned(),
                 self.pods_by_ip
                     .get(addr.ip())
                     .map(|pod| (Some(pod.clone()), *addr)),
@@ -347,14 +351,10 @@ fn holds(m: &Match, original: SocketAddrV4, pod: Option<&Source>, gateway: Optio
         })
 }
 
-/// A `gateways` entry (`name` or `namespace/name`) against the gateway that accepted the
-/// connection (`namespace/name`, or `mesh`).
+/// A match's `gateways` entry (qualified as `namespace/name`, or `mesh`) against the
+/// gateway that accepted the connection (`namespace/name`, or `mesh`).
 fn gateway_matches(entry: &str, gateway: &str) -> bool {
     entry == gateway
-        || (!entry.contains('/')
-            && gateway
-                .split_once('/')
-                .is_some_and(|(_, name)| name == entry))
 }
 
 #[cfg(test)]

@@ -90,7 +90,20 @@ fn grants(model: &Model, target: &Routed<TrafficTargetSpec>) -> Result<Grants, V
             b.name.clone(),
         ))
     };
-    let destination = identity(&spec.destination, "destination").map_err(|e| errors.push(e));
+    let destination = identity(&spec.destination, "destination")
+        .and_then(|d| {
+            // As FSM and OSM do: a TrafficTarget lives in its destination's namespace, so
+            // one namespace can never grant access to another's workloads.
+            if d.0 == target.namespace {
+                Ok(d)
+            } else {
+                Err(format!(
+                    "destination namespace {} is not the TrafficTarget's namespace {}",
+                    d.0, target.namespace
+                ))
+            }
+        })
+        .map_err(|e| errors.push(e));
     let sources: Vec<Identity> = spec
         .sources
         .iter()

@@ -310,6 +310,7 @@ impl Ctx<'_> {
                     .tcp
                     .iter()
                     .enumerate()
+                    .filter(|(_, route)| applies_to_port(route, sp.port))
                     .filter_map(|(i, route)| {
                         errors.take(self.istio_rule(vs, i, route, &gateways, sp.port))
                     })
@@ -344,7 +345,10 @@ impl Ctx<'_> {
             .matches
             .iter()
             .enumerate()
-            .map(|(j, m)| istio_match(m, vs_gateways).map_err(|e| at(format!("match[{j}]: {e}"))))
+            .map(|(j, m)| {
+                istio_match(m, vs_gateways, &vs.namespace)
+                    .map_err(|e| at(format!("match[{j}]: {e}")))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         if route.route.is_empty() {
             return Err(at("no route destinations".into()));
@@ -357,7 +361,9 @@ impl Ctx<'_> {
                 None => None,
                 Some(w) => Some(
                     u32::try_from(w)
-                        .map_err(|_| at(format!("weight {w} is negative or too large")))?,
+                        .ok()
+                        .filter(|w| *w <= 100)
+                        .ok_or_else(|| at(format!("weight {w} is not within 0..=100")))?,
                 ),
             });
             backends.push(
@@ -423,6 +429,15 @@ impl Ctx<'_> {
         let mut policies = Vec::new();
         for parent in parents {
             let namespace = parent.namespace.as_deref().unwrap_or(&route.namespace);
+            if namespace != route.namespace {
+                // A route for another namespace's Service would redirect every client of
+                // it (GAMMA "consumer routes" are not supported): producer routes only.
+                errors.0.push(format!(
+                    "parentRef Service {namespace}/{}: a route may only attach to Services of its own namespace",
+                    parent.name
+                ));
+                continue;
+            }
             let key = ServiceKey::new(namespace, &parent.name);
             let Some(svc) = self.model.service(&key) else {
                 errors
@@ -439,12 +454,19 @@ impl Ctx<'_> {
             let ports: Vec<&ServicePort> = svc
                 .ports
                 .iter()
-                .filter(|p| p.is_tcp() && parent.port.is_none_or(|n| u32::from(p.port) == n))
+                .filter(|p| {
+                    p.is_tcp()
+                        && parent.port.is_none_or(|n| u32::from(p.port) == n)
+                        && parent
+                            .section_name
+                            .as_ref()
+                            .is_none_or(|s| p.name.as_ref() == Some(s))
+                })
                 .collect();
             if ports.is_empty() {
                 errors.0.push(format!(
-                    "parentRef Service {key} has no TCP port {}",
-                    parent.port.unwrap_or_default()
+                    "parentRef Service {key} has no TCP port matching port {:?} sectionName {:?}",
+                    parent.port, parent.section_name
                 ));
             }
             for sp in ports {
@@ -503,9 +525,21 @@ impl Ctx<'_> {
     }
 
     fn traffic_split(&self, ts: &Routed<TrafficSplitSpec>) -> Compiled1 {
+        let same_namespace = |svc: &Service, what: &str| {
+            if svc.namespace == ts.namespace {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{what} Service {} is not in the TrafficSplit's namespace {}",
+                    svc.key(),
+                    ts.namespace
+                ))
+            }
+        };
         let root = self
             .service(&ts.spec.service, &ts.namespace)
             .map_err(|e| vec![format!("service: {e}")])?;
+        same_namespace(root, "root").map_err(|e| vec![e])?;
         let Some(ip) = root.cluster_ip else {
             return Err(vec![format!(
                 "root Service {} has no cluster IP",
@@ -524,6 +558,7 @@ impl Ctx<'_> {
                     let weight = u32::try_from(b.weight)
                         .map_err(|_| format!("weight {} is negative or too large", b.weight))?;
                     let svc = self.service(&b.service, &ts.namespace)?;
+                    same_namespace(svc, "backend")?;
                     let bsp = self.port(svc, None, sp.port)?;
                     Ok((self.backend(svc, bsp, None), weight))
                 })();
@@ -553,7 +588,31 @@ impl Ctx<'_> {
     }
 }
 
-fn istio_match(m: &L4MatchAttributes, vs_gateways: &[String]) -> Result<Match, String> {
+/// A VirtualService's gateway reference as `namespace/name` (short names are in the
+/// VirtualService's namespace); `mesh` stays `mesh`.
+pub(super) fn qualify_gateway(gateway: &str, vs_namespace: &str) -> String {
+    if gateway == MESH_GATEWAY || gateway.contains('/') {
+        gateway.to_owned()
+    } else {
+        format!("{vs_namespace}/{gateway}")
+    }
+}
+
+/// Whether any match of `route` can hold for connections on `port` (a rule whose every
+/// match names another port is not compiled for this one).
+pub(super) fn applies_to_port(route: &IstioTcpRoute, port: u16) -> bool {
+    route.matches.is_empty()
+        || route
+            .matches
+            .iter()
+            .any(|m| m.port.is_none_or(|p| p == u32::from(port)))
+}
+
+fn istio_match(
+    m: &L4MatchAttributes,
+    vs_gateways: &[String],
+    vs_namespace: &str,
+) -> Result<Match, String> {
     let port = match m.port {
         None => None,
         Some(p) => Some(
@@ -576,10 +635,13 @@ fn istio_match(m: &L4MatchAttributes, vs_gateways: &[String]) -> Result<Match, S
     // A match's gateways default to the VirtualService's; only mesh traffic reaches here
     // when those are `mesh`, so an explicit list without `mesh` never matches mesh traffic.
     let gateways = if m.gateways.is_empty() {
-        vs_gateways.to_vec()
+        vs_gateways
     } else {
-        m.gateways.clone()
-    };
+        &m.gateways
+    }
+    .iter()
+    .map(|g| qualify_gateway(g, vs_namespace))
+    .collect();
     Ok(Match {
         port,
         destination_subnets,

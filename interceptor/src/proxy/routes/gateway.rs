@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use super::compile::{Condition, Ctx, Errors, RouteStatus};
+use super::compile::{applies_to_port, Condition, Ctx, Errors, RouteStatus};
 use super::split::Split;
 use super::{holds, Policy, Rule, Source, Target};
 use crate::model::routing::{GatewaySpec, IstioGatewaySpec, ParentReference, Routed, TcpRouteSpec};
@@ -468,6 +468,30 @@ impl GatewayTable {
             if !binds {
                 continue;
             }
+            // `servers[].hosts` say which namespaces' VirtualServices may bind: `*` or
+            // `*/host` any, `./host` the Gateway's own, `ns/host` that one.
+            let admitted = gateway.spec.servers.iter().flat_map(|s| &s.hosts).any(|h| {
+                match h.split_once('/') {
+                    None | Some(("*", _)) => true,
+                    Some((".", _)) => vs.namespace == gateway.namespace,
+                    Some((ns, _)) => vs.namespace == ns,
+                }
+            });
+            if !admitted {
+                self.statuses.push(RouteStatus {
+                    kind: "VirtualService",
+                    name: vs.key(),
+                    accepted: false,
+                    routes: Vec::new(),
+                    reasons: vec![format!(
+                        "the hosts of Gateway {} do not admit VirtualServices of namespace {}",
+                        gateway.key(),
+                        vs.namespace
+                    )],
+                    conditions: Vec::new(),
+                });
+                continue;
+            }
             let mut status = RouteStatus {
                 kind: "VirtualService",
                 name: vs.key(),
@@ -484,6 +508,9 @@ impl GatewayTable {
             let mut compiled: Vec<(u16, Rule)> = Vec::new();
             for &port in &ports {
                 for (i, route) in vs.spec.tcp.iter().enumerate() {
+                    if !applies_to_port(route, port) {
+                        continue;
+                    }
                     if let Some(rule) = errors.take(ctx.istio_rule(vs, i, route, &gateways, port)) {
                         compiled.push((port, rule));
                     }

@@ -15,8 +15,17 @@ pub(super) struct Split {
 
 impl Split {
     pub(super) fn new(backends: Vec<(Backend, u32)>) -> Self {
-        let current = Mutex::new(vec![0; backends.len()]);
-        Self { backends, current }
+        let split = Self {
+            current: Mutex::new(vec![0; backends.len()]),
+            backends,
+        };
+        // A table is rebuilt on every model change and starts its sequence afresh; from a
+        // random point of the cycle, so a small share is not starved by frequent rebuilds.
+        let total: u64 = split.backends.iter().map(|(_, w)| u64::from(*w)).sum();
+        for _ in 0..random_below(total.min(1_000)) {
+            split.pick();
+        }
+        split
     }
 
     /// The backend for the next connection; `None` when every weight is zero.
@@ -38,11 +47,26 @@ impl Split {
     }
 }
 
+/// A number in `0..n` (0 when `n` is 0), from the standard library's per-process random
+/// hash keys: spreading start points needs no stronger randomness.
+pub(super) fn random_below(n: u64) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    if n == 0 {
+        return 0;
+    }
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(n);
+    hasher.finish() % n
+}
+
 /// Istio's weights: destinations without a weight share what the explicit ones leave of
 /// 100 equally (the first ones take the remainder of the division); a lone destination
 /// without a weight takes everything.
 pub(super) fn istio_weights(explicit: &[Option<u32>]) -> Vec<u32> {
-    let given: u32 = explicit.iter().flatten().sum();
+    let given: u32 = explicit
+        .iter()
+        .flatten()
+        .fold(0u32, |a, w| a.saturating_add(*w));
     let unset = explicit.iter().filter(|w| w.is_none()).count() as u32;
     let left = 100u32.saturating_sub(given);
     let (share, mut extra) = match unset {
@@ -77,6 +101,7 @@ mod tests {
 
     #[test]
     fn every_window_follows_the_weights_and_backends_interleave() {
+        // Whatever random point the cycle starts from.
         let s = split(&[80, 20]);
         let picks: Vec<String> = (0..100).map(|_| s.pick().unwrap().name.clone()).collect();
         assert_eq!(picks.iter().filter(|n| *n == "b1").count(), 20);
