@@ -3,8 +3,8 @@
 //! server's, see the README there), a kube-rs client built with `kube::Config::new`.
 //!
 //! Covered: initial lists -> generation 1 (and the same model the manifest source builds
-//! from the same objects), the node's pod field selector and watch bookmarks on every
-//! request, watch events -> new generations, an ERROR 410 -> re-list, a watch the server
+//! from the same objects), every node's pods (no field selector) and watch bookmarks on
+//! every request, watch events -> new generations, an ERROR 410 -> re-list, a watch the server
 //! ends -> resumed from the last bookmark without a re-list, a watch connection torn down
 //! -> error then recovery, readiness only after all four lists, a failing list reported
 //! in `last_error` until it recovers; routing CRDs: listed into the model, a missing CRD
@@ -213,18 +213,7 @@ async fn api(State(mock): State<Arc<Mock>>, uri: Uri) -> Response {
             query: query.clone(),
         })
     });
-    // The agent must only ever see the pods of its node.
-    let selector = format!("spec.nodeName={NODE}");
-    if path == PODS && query.get("fieldSelector") != Some(&selector) {
-        return json_response(
-            StatusCode::BAD_REQUEST,
-            status_body(
-                400,
-                "BadRequest",
-                "pods requested without the node's field selector",
-            ),
-        );
-    }
+
     if watch {
         let (tx, rx) = mpsc::unbounded();
         mock.with(path, |c| {
@@ -456,7 +445,6 @@ async fn initial_lists_make_generation_one() {
         KINDS.iter().all(|k| mock.watches_opened(k) == 1)
     })
     .await;
-    let selector = format!("spec.nodeName={NODE}");
     for (path, list_version) in [
         (NAMESPACES, "1000"),
         (PODS, "1001"),
@@ -469,13 +457,9 @@ async fn initial_lists_make_generation_one() {
         let watch = &mock.watches(path)[0];
         assert_eq!(watch.query["allowWatchBookmarks"], "true", "{path}");
         assert_eq!(watch.query["resourceVersion"], list_version, "{path}");
-        let selected = path == PODS;
+        // Every node's pods: remote identities matter to SMI policy and subsets.
         for seen in [&lists[0], watch] {
-            assert_eq!(
-                seen.query.get("fieldSelector") == Some(&selector),
-                selected,
-                "{path}: {seen:?}"
-            );
+            assert_eq!(seen.query.get("fieldSelector"), None, "{path}: {seen:?}");
         }
     }
 }

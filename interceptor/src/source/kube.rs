@@ -2,8 +2,9 @@
 //! [`ManifestState`] channel as the manifest directory (DESIGN.md section 4), so the agent
 //! does not care which source runs.
 //!
-//! Four watches: the Pods of this node (field selector `spec.nodeName=<node>`), and all
-//! Namespaces, Services and EndpointSlices (`discovery.k8s.io/v1`); and one per routing
+//! Four watches: all Pods (every node's: the routing needs the identity and labels of
+//! remote workloads for SMI policy and DestinationRule subsets), Namespaces, Services and
+//! EndpointSlices (`discovery.k8s.io/v1`); and one per routing
 //! CRD (`routing`: Istio, Gateway API, SMI), where a CRD the cluster lacks counts as
 //! listed and empty. Each runs through
 //! [`kube::runtime::watcher()`] with the standard configuration (watch bookmarks requested,
@@ -14,8 +15,8 @@
 //! Objects are converted by the functions of the manifest source (`*_from_api`), so the
 //! model is the one a directory of the same objects would give, with one addition: every
 //! Service gets an entry in [`Model::endpoint_slices`], empty until its slices arrive, so
-//! that endpoints come from the slices only and never from the selector (the model holds
-//! this node's pods only; the selector would find the local backends alone). An object the
+//! that endpoints come from the slices only and never from the selector (slices say which
+//! endpoints are ready; the selector does not). An object the
 //! conversion rejects (an IPv6 `podIP`, a port out of range) is left out of the model with
 //! a warning naming it, the field and the value.
 //!
@@ -57,8 +58,8 @@ use routing::{RoutingItem, RoutingKind};
 /// What the Kubernetes source needs besides a client.
 #[derive(Clone, Debug, Default)]
 pub struct KubeSourceConfig {
-    /// The node the agent runs on (the DaemonSet passes `spec.nodeName` as `NODE_NAME`):
-    /// only the Pods scheduled there are watched.
+    /// The node the agent runs on (the DaemonSet passes `spec.nodeName` as `NODE_NAME`),
+    /// named in its logs.
     pub node_name: String,
 }
 
@@ -105,12 +106,11 @@ pub async fn run(
     let client = observed(client, opened_tx);
 
     let watch_config = watcher::Config::default();
-    let pods_config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
     let streams: Vec<BoxStream<'static, Msg>> = vec![
         watch_stream(&client, watch_config.clone(), |r| {
             Msg::Namespace(Box::new(r))
         }),
-        watch_stream(&client, pods_config, |r| Msg::Pod(Box::new(r))),
+        watch_stream(&client, watch_config.clone(), |r| Msg::Pod(Box::new(r))),
         watch_stream(&client, watch_config.clone(), |r| Msg::Service(Box::new(r))),
         watch_stream(&client, watch_config.clone(), |r| Msg::Slice(Box::new(r))),
         opened_rx.map(Msg::WatchOpened).boxed(),
@@ -595,8 +595,8 @@ impl State {
                 .collect(),
             ..Model::default()
         };
-        // Every service has an entry, so that the selector (which would see this node's
-        // pods only) is never the answer; slices of unknown services are left out.
+        // Every service has an entry, so that the selector (which ignores readiness) is
+        // never the answer; slices of unknown services are left out.
         model.endpoint_slices = model
             .services
             .keys()
