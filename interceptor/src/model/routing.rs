@@ -66,6 +66,76 @@ impl RoutingObjects {
     }
 }
 
+/// One routing object of any kind, as a source delivers it (both the manifest directory
+/// and the API server go through this).
+#[derive(Clone, Debug, PartialEq)]
+pub enum RoutingObject {
+    VirtualService(Routed<VirtualServiceSpec>),
+    DestinationRule(Routed<DestinationRuleSpec>),
+    IstioGateway(Routed<IstioGatewaySpec>),
+    Gateway(Routed<GatewaySpec>),
+    TcpRoute(Routed<TcpRouteSpec>),
+    TrafficSplit(Routed<TrafficSplitSpec>),
+    TrafficTarget(Routed<TrafficTargetSpec>),
+    SmiTcpRoute(Routed<SmiTcpRouteSpec>),
+}
+
+/// `$body` for the `Routed` inside any variant of a [`RoutingObject`], bound to `$o`.
+macro_rules! each_routed {
+    ($object:expr, $o:ident => $body:expr) => {
+        match $object {
+            RoutingObject::VirtualService($o) => $body,
+            RoutingObject::DestinationRule($o) => $body,
+            RoutingObject::IstioGateway($o) => $body,
+            RoutingObject::Gateway($o) => $body,
+            RoutingObject::TcpRoute($o) => $body,
+            RoutingObject::TrafficSplit($o) => $body,
+            RoutingObject::TrafficTarget($o) => $body,
+            RoutingObject::SmiTcpRoute($o) => $body,
+        }
+    };
+}
+
+impl RoutingObject {
+    /// The kind, told apart where two APIs share a name (for duplicate reports).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RoutingObject::VirtualService(_) => "VirtualService",
+            RoutingObject::DestinationRule(_) => "DestinationRule",
+            RoutingObject::IstioGateway(_) => "Gateway (networking.istio.io)",
+            RoutingObject::Gateway(_) => "Gateway",
+            RoutingObject::TcpRoute(_) => "TCPRoute",
+            RoutingObject::TrafficSplit(_) => "TrafficSplit",
+            RoutingObject::TrafficTarget(_) => "TrafficTarget",
+            RoutingObject::SmiTcpRoute(_) => "TCPRoute (specs.smi-spec.io)",
+        }
+    }
+
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        each_routed!(self, o => o.key())
+    }
+
+    /// Set the position in the source's delivery order.
+    pub fn set_order(&mut self, order: usize) {
+        each_routed!(self, o => o.order = order)
+    }
+
+    /// Put it into the model's objects (replacing one of the same kind and key).
+    pub fn insert_into(self, objects: &mut RoutingObjects) {
+        match self {
+            RoutingObject::VirtualService(o) => drop(objects.virtual_services.insert(o.key(), o)),
+            RoutingObject::DestinationRule(o) => drop(objects.destination_rules.insert(o.key(), o)),
+            RoutingObject::IstioGateway(o) => drop(objects.istio_gateways.insert(o.key(), o)),
+            RoutingObject::Gateway(o) => drop(objects.gateways.insert(o.key(), o)),
+            RoutingObject::TcpRoute(o) => drop(objects.tcp_routes.insert(o.key(), o)),
+            RoutingObject::TrafficSplit(o) => drop(objects.traffic_splits.insert(o.key(), o)),
+            RoutingObject::TrafficTarget(o) => drop(objects.traffic_targets.insert(o.key(), o)),
+            RoutingObject::SmiTcpRoute(o) => drop(objects.smi_tcp_routes.insert(o.key(), o)),
+        }
+    }
+}
+
 /// `networking.istio.io` `VirtualService` (v1alpha3, v1beta1, v1).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]

@@ -53,7 +53,8 @@ use super::manifests::{self, ManifestError, ManifestState, Slice};
 use crate::model::{Model, Namespace, Pod, Service};
 
 mod routing;
-use routing::{RoutingItem, RoutingKind};
+use crate::model::routing::RoutingObject;
+use routing::RoutingKind;
 
 /// What the Kubernetes source needs besides a client.
 #[derive(Clone, Debug, Default)]
@@ -411,7 +412,7 @@ struct State {
     pods: Store<Pod>,
     services: Store<Service>,
     slices: Store<Slice>,
-    routing: BTreeMap<RoutingKind, Store<RoutingItem>>,
+    routing: BTreeMap<RoutingKind, Store<RoutingObject>>,
     /// Routing CRDs the API server does not have (404), logged once.
     absent: BTreeSet<RoutingKind>,
     /// The error of each failing watch, as published.
@@ -612,8 +613,8 @@ impl State {
             }
         }
         for store in self.routing.values() {
-            for item in store.items.values() {
-                routing::insert(&mut model.routing, item);
+            for object in store.items.values() {
+                object.clone().insert_into(&mut model.routing);
             }
         }
         model

@@ -33,10 +33,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::model::routing::{
-    DestinationRuleSpec, GatewaySpec, IstioGatewaySpec, Routed, SmiTcpRouteSpec, TcpRouteSpec,
-    TrafficSplitSpec, TrafficTargetSpec, VirtualServiceSpec,
-};
+use crate::model::routing::{Routed, RoutingObject};
 use crate::model::{
     Model, NamedPort, Namespace, Pod, PodKey, Service, ServiceKey, ServicePort, SliceEndpoint,
     SlicePort, TargetPort,
@@ -597,14 +594,7 @@ impl Loader {
             Item::Pod(pod) => ("Pod", pod.key().to_string()),
             Item::Service(svc) => ("Service", svc.key().to_string()),
             Item::EndpointSlice(slice) => ("EndpointSlice", slice.key()),
-            Item::VirtualService(o) => ("VirtualService", o.key()),
-            Item::DestinationRule(o) => ("DestinationRule", o.key()),
-            Item::TcpRoute(o) => ("TCPRoute", o.key()),
-            Item::TrafficSplit(o) => ("TrafficSplit", o.key()),
-            Item::TrafficTarget(o) => ("TrafficTarget", o.key()),
-            Item::SmiTcpRoute(o) => ("TCPRoute (specs.smi-spec.io)", o.key()),
-            Item::Gateway(o) => ("Gateway", o.key()),
-            Item::IstioGateway(o) => ("Gateway (networking.istio.io)", o.key()),
+            Item::Routing(o) => (o.kind(), o.key()),
         };
         let origin = Origin {
             file: file_idx,
@@ -641,37 +631,9 @@ impl Loader {
                     "skipping an EndpointSlice without the {SERVICE_NAME_LABEL} label"
                 ),
             },
-            Item::VirtualService(mut o) => {
-                o.order = self.seen.len();
-                self.model.routing.virtual_services.insert(o.key(), o);
-            }
-            Item::DestinationRule(mut o) => {
-                o.order = self.seen.len();
-                self.model.routing.destination_rules.insert(o.key(), o);
-            }
-            Item::TcpRoute(mut o) => {
-                o.order = self.seen.len();
-                self.model.routing.tcp_routes.insert(o.key(), o);
-            }
-            Item::TrafficSplit(mut o) => {
-                o.order = self.seen.len();
-                self.model.routing.traffic_splits.insert(o.key(), o);
-            }
-            Item::TrafficTarget(mut o) => {
-                o.order = self.seen.len();
-                self.model.routing.traffic_targets.insert(o.key(), o);
-            }
-            Item::SmiTcpRoute(mut o) => {
-                o.order = self.seen.len();
-                self.model.routing.smi_tcp_routes.insert(o.key(), o);
-            }
-            Item::Gateway(mut o) => {
-                o.order = self.seen.len();
-                self.model.routing.gateways.insert(o.key(), o);
-            }
-            Item::IstioGateway(mut o) => {
-                o.order = self.seen.len();
-                self.model.routing.istio_gateways.insert(o.key(), o);
+            Item::Routing(mut o) => {
+                o.set_order(self.seen.len());
+                o.insert_into(&mut self.model.routing);
             }
         }
         Ok(())
@@ -695,14 +657,7 @@ enum Item {
     Pod(Pod),
     Service(Service),
     EndpointSlice(Slice),
-    VirtualService(Routed<VirtualServiceSpec>),
-    DestinationRule(Routed<DestinationRuleSpec>),
-    TcpRoute(Routed<TcpRouteSpec>),
-    TrafficSplit(Routed<TrafficSplitSpec>),
-    TrafficTarget(Routed<TrafficTargetSpec>),
-    SmiTcpRoute(Routed<SmiTcpRouteSpec>),
-    Gateway(Routed<GatewaySpec>),
-    IstioGateway(Routed<IstioGatewaySpec>),
+    Routing(RoutingObject),
 }
 
 struct Object {
@@ -764,37 +719,59 @@ fn collect_objects(
             | "networking.istio.io/v1beta1"
             | "networking.istio.io/v1",
             "VirtualService",
-        ) => Item::VirtualService(routed(doc, &path, "VirtualService", map)?),
+        ) => Item::Routing(RoutingObject::VirtualService(routed(
+            doc,
+            &path,
+            "VirtualService",
+            map,
+        )?)),
         (
             "networking.istio.io/v1alpha3"
             | "networking.istio.io/v1beta1"
             | "networking.istio.io/v1",
             "DestinationRule",
-        ) => Item::DestinationRule(routed(doc, &path, "DestinationRule", map)?),
+        ) => Item::Routing(RoutingObject::DestinationRule(routed(
+            doc,
+            &path,
+            "DestinationRule",
+            map,
+        )?)),
         ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "Gateway") => {
-            Item::Gateway(routed(doc, &path, "Gateway", map)?)
+            Item::Routing(RoutingObject::Gateway(routed(doc, &path, "Gateway", map)?))
         }
         (
             "networking.istio.io/v1alpha3"
             | "networking.istio.io/v1beta1"
             | "networking.istio.io/v1",
             "Gateway",
-        ) => Item::IstioGateway(routed(doc, &path, "Gateway", map)?),
-        ("gateway.networking.k8s.io/v1alpha2", "TCPRoute") => {
-            Item::TcpRoute(routed(doc, &path, "TCPRoute", map)?)
-        }
+        ) => Item::Routing(RoutingObject::IstioGateway(routed(
+            doc, &path, "Gateway", map,
+        )?)),
+        ("gateway.networking.k8s.io/v1alpha2", "TCPRoute") => Item::Routing(
+            RoutingObject::TcpRoute(routed(doc, &path, "TCPRoute", map)?),
+        ),
         (
             "split.smi-spec.io/v1alpha4"
             | "split.smi-spec.io/v1alpha3"
             | "split.smi-spec.io/v1alpha2",
             "TrafficSplit",
-        ) => Item::TrafficSplit(routed(doc, &path, "TrafficSplit", map)?),
+        ) => Item::Routing(RoutingObject::TrafficSplit(routed(
+            doc,
+            &path,
+            "TrafficSplit",
+            map,
+        )?)),
         ("access.smi-spec.io/v1alpha3" | "access.smi-spec.io/v1alpha2", "TrafficTarget") => {
-            Item::TrafficTarget(routed(doc, &path, "TrafficTarget", map)?)
+            Item::Routing(RoutingObject::TrafficTarget(routed(
+                doc,
+                &path,
+                "TrafficTarget",
+                map,
+            )?))
         }
-        ("specs.smi-spec.io/v1alpha4" | "specs.smi-spec.io/v1alpha3", "TCPRoute") => {
-            Item::SmiTcpRoute(routed(doc, &path, "TCPRoute", map)?)
-        }
+        ("specs.smi-spec.io/v1alpha4" | "specs.smi-spec.io/v1alpha3", "TCPRoute") => Item::Routing(
+            RoutingObject::SmiTcpRoute(routed(doc, &path, "TCPRoute", map)?),
+        ),
         ("v1", "List") => {
             let items = match map.remove("items") {
                 None | Some(Value::Null) => Vec::new(),

@@ -6,10 +6,7 @@
 use kube::api::{ApiResource, DynamicObject};
 use serde::de::DeserializeOwned;
 
-use crate::model::routing::{
-    DestinationRuleSpec, GatewaySpec, IstioGatewaySpec, Routed, RoutingObjects, SmiTcpRouteSpec,
-    TcpRouteSpec, TrafficSplitSpec, TrafficTargetSpec, VirtualServiceSpec,
-};
+use crate::model::routing::{Routed, RoutingObject};
 use crate::source::manifests::ManifestError;
 
 /// One routing CRD, at the version the agent reads.
@@ -116,19 +113,6 @@ impl RoutingKind {
     }
 }
 
-/// One converted routing object.
-#[derive(Clone, Debug, PartialEq)]
-pub(crate) enum RoutingItem {
-    VirtualService(Routed<VirtualServiceSpec>),
-    DestinationRule(Routed<DestinationRuleSpec>),
-    IstioGateway(Routed<IstioGatewaySpec>),
-    Gateway(Routed<GatewaySpec>),
-    TcpRoute(Routed<TcpRouteSpec>),
-    TrafficSplit(Routed<TrafficSplitSpec>),
-    TrafficTarget(Routed<TrafficTargetSpec>),
-    SmiTcpRoute(Routed<SmiTcpRouteSpec>),
-}
-
 fn routed<T: DeserializeOwned + Default>(
     kind: RoutingKind,
     obj: DynamicObject,
@@ -168,29 +152,18 @@ fn routed<T: DeserializeOwned + Default>(
 }
 
 /// The routing object of `kind` from a watched dynamic object.
-pub(crate) fn convert(kind: RoutingKind, obj: DynamicObject) -> Result<RoutingItem, ManifestError> {
+pub(crate) fn convert(
+    kind: RoutingKind,
+    obj: DynamicObject,
+) -> Result<RoutingObject, ManifestError> {
     Ok(match kind {
-        RoutingKind::VirtualServices => RoutingItem::VirtualService(routed(kind, obj)?),
-        RoutingKind::DestinationRules => RoutingItem::DestinationRule(routed(kind, obj)?),
-        RoutingKind::IstioGateways => RoutingItem::IstioGateway(routed(kind, obj)?),
-        RoutingKind::Gateways => RoutingItem::Gateway(routed(kind, obj)?),
-        RoutingKind::TcpRoutes => RoutingItem::TcpRoute(routed(kind, obj)?),
-        RoutingKind::TrafficSplits => RoutingItem::TrafficSplit(routed(kind, obj)?),
-        RoutingKind::TrafficTargets => RoutingItem::TrafficTarget(routed(kind, obj)?),
-        RoutingKind::SmiTcpRoutes => RoutingItem::SmiTcpRoute(routed(kind, obj)?),
+        RoutingKind::VirtualServices => RoutingObject::VirtualService(routed(kind, obj)?),
+        RoutingKind::DestinationRules => RoutingObject::DestinationRule(routed(kind, obj)?),
+        RoutingKind::IstioGateways => RoutingObject::IstioGateway(routed(kind, obj)?),
+        RoutingKind::Gateways => RoutingObject::Gateway(routed(kind, obj)?),
+        RoutingKind::TcpRoutes => RoutingObject::TcpRoute(routed(kind, obj)?),
+        RoutingKind::TrafficSplits => RoutingObject::TrafficSplit(routed(kind, obj)?),
+        RoutingKind::TrafficTargets => RoutingObject::TrafficTarget(routed(kind, obj)?),
+        RoutingKind::SmiTcpRoutes => RoutingObject::SmiTcpRoute(routed(kind, obj)?),
     })
-}
-
-/// Put a converted object into the model.
-pub(crate) fn insert(objects: &mut RoutingObjects, item: &RoutingItem) {
-    match item.clone() {
-        RoutingItem::VirtualService(o) => drop(objects.virtual_services.insert(o.key(), o)),
-        RoutingItem::DestinationRule(o) => drop(objects.destination_rules.insert(o.key(), o)),
-        RoutingItem::IstioGateway(o) => drop(objects.istio_gateways.insert(o.key(), o)),
-        RoutingItem::Gateway(o) => drop(objects.gateways.insert(o.key(), o)),
-        RoutingItem::TcpRoute(o) => drop(objects.tcp_routes.insert(o.key(), o)),
-        RoutingItem::TrafficSplit(o) => drop(objects.traffic_splits.insert(o.key(), o)),
-        RoutingItem::TrafficTarget(o) => drop(objects.traffic_targets.insert(o.key(), o)),
-        RoutingItem::SmiTcpRoute(o) => drop(objects.smi_tcp_routes.insert(o.key(), o)),
-    }
 }
