@@ -69,6 +69,19 @@ struct Policy {
     rules: Vec<Rule>,
 }
 
+impl Policy {
+    /// A policy of one unconditional rule: `route` splits over `backends` by weight.
+    fn single(route: String, backends: Vec<(Backend, u32)>) -> Self {
+        Self {
+            route,
+            rules: vec![Rule {
+                matches: Vec::new(),
+                split: Split::new(backends),
+            }],
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Rule {
     /// ORed; empty matches everything.

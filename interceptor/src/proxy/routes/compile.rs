@@ -407,24 +407,9 @@ impl Ctx<'_> {
         if parents.is_empty() {
             return Ok((Vec::new(), notes));
         }
-        let refs: Vec<&BackendRef> = route
-            .spec
-            .rules
-            .iter()
-            .flat_map(|r| &r.backend_refs)
-            .collect();
-        if refs.is_empty() {
-            return Err(vec!["no backendRefs".into()]);
-        }
-        let mut errors = Errors::default();
-        let mut backends = Vec::new();
-        for (i, backend) in refs.iter().enumerate() {
-            if let Some(b) = errors.take(
-                self.gateway_backend(backend, &route.namespace)
-                    .map_err(|e| format!("backendRefs[{i}] {}: {e}", backend.name)),
-            ) {
-                backends.push(b);
-            }
+        let (backends, mut errors) = self.gateway_backends(route);
+        if route.spec.rules.iter().all(|r| r.backend_refs.is_empty()) {
+            return Err(errors.0);
         }
         let mut policies = Vec::new();
         for parent in parents {
@@ -477,13 +462,7 @@ impl Ctx<'_> {
                 policies.push((
                     SocketAddrV4::new(ip, sp.port),
                     port_name(svc, sp),
-                    Policy {
-                        route: format!("TCPRoute {}", route.key()),
-                        rules: vec![Rule {
-                            matches: Vec::new(),
-                            split: Split::new(split),
-                        }],
-                    },
+                    Policy::single(format!("TCPRoute {}", route.key()), split),
                 ));
             }
         }
@@ -491,6 +470,35 @@ impl Ctx<'_> {
             return Err(errors.0);
         }
         Ok((policies, notes))
+    }
+
+    /// Every rule's backendRefs of a TCPRoute, resolved; each bad one (and an empty list)
+    /// is an error naming it.
+    pub(super) fn gateway_backends<'s>(
+        &'s self,
+        route: &Routed<TcpRouteSpec>,
+    ) -> (Vec<(&'s Service, &'s ServicePort, u32)>, Errors) {
+        let refs: Vec<&BackendRef> = route
+            .spec
+            .rules
+            .iter()
+            .flat_map(|r| &r.backend_refs)
+            .collect();
+        let mut errors = Errors::default();
+        if refs.is_empty() {
+            errors.0.push("no backendRefs".into());
+        }
+        let backends = refs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| {
+                errors.take(
+                    self.gateway_backend(b, &route.namespace)
+                        .map_err(|e| format!("backendRefs[{i}] {}: {e}", b.name)),
+                )
+            })
+            .collect();
+        (backends, errors)
     }
 
     /// A Gateway API backendRef: a Service in the route's namespace with a port.
@@ -571,13 +579,7 @@ impl Ctx<'_> {
             policies.push((
                 SocketAddrV4::new(ip, sp.port),
                 port_name(root, sp),
-                Policy {
-                    route: format!("TrafficSplit {}", ts.key()),
-                    rules: vec![Rule {
-                        matches: Vec::new(),
-                        split: Split::new(split),
-                    }],
-                },
+                Policy::single(format!("TrafficSplit {}", ts.key()), split),
             ));
         }
         if !errors.0.is_empty() {

@@ -7,7 +7,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use super::compile::{applies_to_port, Condition, Ctx, Errors, RouteStatus};
-use super::split::Split;
 use super::{holds, Policy, Rule, Source, Target};
 use crate::model::routing::{GatewaySpec, IstioGatewaySpec, ParentReference, Routed, TcpRouteSpec};
 use crate::model::Model;
@@ -325,25 +324,7 @@ impl GatewayTable {
             });
             return status;
         }
-        let refs: Vec<_> = route
-            .spec
-            .rules
-            .iter()
-            .flat_map(|r| &r.backend_refs)
-            .collect();
-        let mut errors = Errors::default();
-        let mut backends = Vec::new();
-        for (i, b) in refs.iter().enumerate() {
-            if let Some(found) = errors.take(
-                ctx.gateway_backend(b, &route.namespace)
-                    .map_err(|e| format!("backendRefs[{i}] {}: {e}", b.name)),
-            ) {
-                backends.push(found);
-            }
-        }
-        if refs.is_empty() {
-            errors.0.push("no backendRefs".into());
-        }
+        let (backends, errors) = ctx.gateway_backends(route);
         if !errors.0.is_empty() {
             let message = errors.0.join("; ");
             status.reasons = errors.0;
@@ -379,18 +360,13 @@ impl GatewayTable {
                 ));
                 continue;
             }
-            listener.policy = Some(Policy {
-                route: format!("TCPRoute {}", route.key()),
-                rules: vec![Rule {
-                    matches: Vec::new(),
-                    split: Split::new(
-                        backends
-                            .iter()
-                            .map(|(svc, sp, w)| (ctx.backend(svc, sp, None), *w))
-                            .collect(),
-                    ),
-                }],
-            });
+            listener.policy = Some(Policy::single(
+                format!("TCPRoute {}", route.key()),
+                backends
+                    .iter()
+                    .map(|(svc, sp, w)| (ctx.backend(svc, sp, None), *w))
+                    .collect(),
+            ));
             status.routes.push(format!("listener {name} (port {port})"));
             if let Some(l) = self.listener_statuses.iter_mut().find(|l| l.name == name) {
                 l.attached_routes += 1;
