@@ -187,9 +187,9 @@ impl Agent {
         }
     }
 
-    /// The proxy's metrics as Prometheus text.
-    pub fn metrics_text(&self) -> String {
-        self.log.metrics().encode()
+    /// The proxy's metrics.
+    pub fn metrics(&self) -> &crate::proxy::metrics::ProxyMetrics {
+        self.log.metrics()
     }
 
     pub fn connection_log(&self) -> Vec<listener::ConnectionRecord> {

@@ -355,13 +355,7 @@ async fn config_dump(State(shared): State<Arc<Shared>>) -> Json<serde_json::Valu
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl axum::response::IntoResponse {
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        shared.log.metrics().encode(),
-    )
+    shared.log.metrics().response()
 }
 
 /// Writes the TCPRoutes' conditions at this gateway to their `status.parents` in the

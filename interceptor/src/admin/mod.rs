@@ -85,13 +85,7 @@ async fn config_dump(State(state): State<AdminState>) -> Json<serde_json::Value>
 }
 
 async fn metrics(State(state): State<AdminState>) -> impl axum::response::IntoResponse {
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        state.agent.metrics_text(),
-    )
+    state.agent.metrics().response()
 }
 
 async fn debug_on(State(state): State<AdminState>) -> (StatusCode, String) {

@@ -120,6 +120,17 @@ impl ProxyMetrics {
         }
     }
 
+    /// `/metrics` as an HTTP response (the agent's and the gateway's admin ports).
+    pub fn response(&self) -> impl axum::response::IntoResponse {
+        (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            self.encode(),
+        )
+    }
+
     /// The OpenMetrics text of every metric.
     pub fn encode(&self) -> String {
         let mut text = String::new();

@@ -47,6 +47,17 @@ struct Source {
     service_account: String,
 }
 
+impl Source {
+    /// What routing and access policy need to know of a pod.
+    fn of(pod: &crate::model::Pod) -> Self {
+        Self {
+            namespace: pod.namespace.clone(),
+            labels: pod.labels.clone(),
+            service_account: pod.service_account.clone(),
+        }
+    }
+}
+
 /// Why SMI mode turns a connection away.
 const ACCESS_POLICY: &str = "SMI access policy";
 
@@ -192,16 +203,7 @@ impl RouteTable {
         let sources = model
             .pods
             .iter()
-            .map(|(key, pod)| {
-                (
-                    key.clone(),
-                    Source {
-                        namespace: pod.namespace.clone(),
-                        labels: pod.labels.clone(),
-                        service_account: pod.service_account.clone(),
-                    },
-                )
-            })
+            .map(|(key, pod)| (key.clone(), Source::of(pod)))
             .collect();
         Self {
             services: compiled.services,

@@ -62,16 +62,7 @@ impl GatewayTable {
             sources: model
                 .pods
                 .values()
-                .filter_map(|pod| {
-                    Some((
-                        pod.ip?,
-                        Source {
-                            namespace: pod.namespace.clone(),
-                            labels: pod.labels.clone(),
-                            service_account: pod.service_account.clone(),
-                        },
-                    ))
-                })
+                .filter_map(|pod| Some((pod.ip?, Source::of(pod))))
                 .collect(),
             ..GatewayTable::default()
         };
