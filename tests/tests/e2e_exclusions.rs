@@ -6,10 +6,9 @@
 #[macro_use]
 mod common;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::{Mode, Node};
+use common::{MeshConfigFile, Mode, Node};
 
 in_both_modes!(
     global_outbound_ip_range_exclusion,
@@ -65,30 +64,12 @@ metadata: {name: outsider, namespace: legacy}
 spec: {containers: [{name: c, image: x}]}
 "#;
 
-/// The mesh config file of one test, removed however the test ends.
-struct MeshConfigFile(PathBuf);
-
-impl Drop for MeshConfigFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-impl std::ops::Deref for MeshConfigFile {
-    type Target = PathBuf;
-    fn deref(&self) -> &PathBuf {
-        &self.0
-    }
-}
-
 fn start(label: &str, mode: Mode) -> (Node, MeshConfigFile) {
-    let mesh_config = MeshConfigFile(PathBuf::from(format!(
-        "/run/interceptor-tb/mesh-config-{}-{label}-{}.yaml",
-        std::process::id(),
-        mode.name()
-    )));
-    std::fs::write(&*mesh_config, "outboundIPRangeExclusionList: []\n").expect("mesh config");
-    let config_arg = mesh_config.display().to_string();
+    let mesh_config = MeshConfigFile::new(
+        &format!("{label}-{}", mode.name()),
+        "outboundIPRangeExclusionList: []\n",
+    );
+    let config_arg = mesh_config.arg();
     let node = Node::start_with_manifests(
         label,
         &mode.args(&["--mesh-config", &config_arg]),

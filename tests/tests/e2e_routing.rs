@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{wait_for, Node};
+use common::{wait_for, MeshConfigFile, Node};
 use interceptor_testbed::{Pod, ServerProcess};
 
 /// The ASM document's applications, as Pods, plus the FSM bookstore services.
@@ -642,26 +642,13 @@ spec:
     assert!(mesh.node.agent_log().contains("missing-subset"));
 }
 
-/// The mesh config file of one test, removed however the test ends.
-struct MeshConfigFile(std::path::PathBuf);
-
-impl Drop for MeshConfigFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 #[test]
 fn smi_mode_denies_what_no_traffic_target_allows() {
     if !common::privileged() {
         return;
     }
-    let config = MeshConfigFile(std::path::PathBuf::from(format!(
-        "/run/interceptor-tb/mesh-config-{}-smi.yaml",
-        std::process::id()
-    )));
-    std::fs::write(&config.0, "enablePermissiveTrafficPolicyMode: false\n").expect("config");
-    let config_arg = config.0.display().to_string();
+    let config = MeshConfigFile::new("smi", "enablePermissiveTrafficPolicyMode: false\n");
+    let config_arg = config.arg();
     let mesh = Mesh::start_with("rt-smi", &["--mesh-config", &config_arg]);
     // The SMI specification's example, with this testbed's ServiceAccounts and port.
     let status = mesh.apply(
@@ -720,7 +707,7 @@ spec:
         (n == 6).then_some(())
     });
     // Permissive mode (FSM's default) lets everyone through again.
-    std::fs::write(&config.0, "enablePermissiveTrafficPolicyMode: true\n").expect("config");
+    std::fs::write(&*config, "enablePermissiveTrafficPolicyMode: true\n").expect("config");
     wait_for("permissive mode", || {
         (mesh.tally("telnet-client-2", ECHO_SERVER, 1)["errors"] == 0).then_some(())
     });

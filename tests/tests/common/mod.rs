@@ -312,3 +312,37 @@ pub fn rerun_interceptor_cni(node: &Node, pod: &Pod, command: &str) {
         out.stderr
     );
 }
+
+/// A mesh config file (`--mesh-config`) of one test under the testbeds' run directory,
+/// removed however the test ends.
+pub struct MeshConfigFile(PathBuf);
+
+impl MeshConfigFile {
+    /// `/run/interceptor-tb/mesh-config-<pid>-<label>.yaml`, holding `contents`.
+    pub fn new(label: &str, contents: &str) -> Self {
+        let file = MeshConfigFile(PathBuf::from(format!(
+            "/run/interceptor-tb/mesh-config-{}-{label}.yaml",
+            std::process::id()
+        )));
+        std::fs::write(&file.0, contents).expect("mesh config");
+        file
+    }
+
+    /// The `--mesh-config` argument.
+    pub fn arg(&self) -> String {
+        self.0.display().to_string()
+    }
+}
+
+impl Drop for MeshConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl std::ops::Deref for MeshConfigFile {
+    type Target = PathBuf;
+    fn deref(&self) -> &PathBuf {
+        &self.0
+    }
+}
