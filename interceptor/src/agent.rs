@@ -437,7 +437,7 @@ impl Agent {
         }
         let serve = |listener, direction| {
             let ctx = ListenerContext {
-                pod: key.to_string(),
+                pod: key.clone(),
                 direction,
                 netns: Arc::clone(&netns),
                 routes: Arc::clone(&self.routes),

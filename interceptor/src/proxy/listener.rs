@@ -113,7 +113,7 @@ pub async fn listen(netns: &PodNetns, direction: Direction) -> Result<TcpListene
 /// Everything a pod's accept loop shares with the agent.
 #[derive(Clone)]
 pub struct ListenerContext {
-    pub pod: String,
+    pub pod: crate::model::PodKey,
     pub direction: Direction,
     pub netns: Arc<PodNetns>,
     pub routes: Arc<RwLock<Arc<RouteTable>>>,
@@ -145,7 +145,7 @@ pub async fn serve(listener: TcpListener, ctx: ListenerContext) {
 
 async fn handle(stream: TcpStream, client: SocketAddr, ctx: ListenerContext) {
     let mut record = ConnectionRecord {
-        pod: ctx.pod.clone(),
+        pod: ctx.pod.to_string(),
         direction: ctx.direction,
         client,
         original_dst: None,
@@ -185,9 +185,8 @@ async fn proxy_one(
     let table = read(&ctx.routes).clone();
     let target = match ctx.direction {
         Direction::Outbound => {
-            let pod = ctx.pod.parse::<crate::model::PodKey>().ok();
             let source = ConnectionSource {
-                pod: pod.as_ref(),
+                pod: Some(&ctx.pod),
                 gateway: None,
             };
             table.resolve(original, source)
@@ -199,14 +198,10 @@ async fn proxy_one(
                 SocketAddr::V4(client) => *client.ip(),
                 SocketAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
             };
-            let admitted = match ctx.pod.parse::<crate::model::PodKey>() {
-                Ok(pod) => table.admit_inbound(client, &pod, original.port()),
-                Err(e) => Err(e.to_string()),
-            };
-            match admitted {
+            match table.admit_inbound(client, &ctx.pod, original.port()) {
                 Ok(()) => Target::Local { addr: original },
                 Err(reason) => Target::Refused {
-                    service: ctx.pod.clone(),
+                    service: ctx.pod.to_string(),
                     route: "inbound".into(),
                     reason,
                 },
