@@ -17,7 +17,7 @@ use crate::datapath::{Datapath, DatapathError, PodDatapath};
 use crate::inpod::PodNetns;
 use crate::model::{Model, PodKey};
 use crate::proxy::listener::{self, ListenerContext};
-use crate::proxy::{ConnectionLog, Direction, RouteTable};
+use crate::proxy::{ConnectionLog, Direction, RouteTable, Upstreams};
 use crate::source::manifests::ManifestState;
 
 /// A pod the CNI plugin told us about.
@@ -95,6 +95,8 @@ pub struct Agent {
     pods: Mutex<HashMap<PodKey, PodEntry>>,
     routes: Arc<RwLock<Arc<RouteTable>>>,
     log: Arc<ConnectionLog>,
+    /// Circuit breakers, rate-limit buckets and endpoint health of every pod's listeners.
+    upstreams: Arc<Upstreams>,
     /// Where the pods handed over by CNI are remembered across restarts.
     pods_file: Option<PathBuf>,
     /// How long an ADD for a pod the model does not have yet waits for it to appear.
@@ -147,12 +149,14 @@ impl Agent {
         model: watch::Receiver<ManifestState>,
         options: AgentOptions,
     ) -> Arc<Self> {
+        let log = Arc::new(ConnectionLog::default());
         let agent = Arc::new(Self {
             datapath,
             model,
             pods: Mutex::new(HashMap::new()),
             routes: Arc::new(RwLock::new(Arc::new(RouteTable::default()))),
-            log: Arc::new(ConnectionLog::default()),
+            upstreams: Arc::new(Upstreams::new(log.metrics().upstream())),
+            log,
             pods_file: options.pods_file,
             sockmap: options.sockmap,
             unknown_pod_wait: options.unknown_pod_wait,
@@ -213,14 +217,28 @@ impl Agent {
         read(&self.routes).statuses().to_vec()
     }
 
-    /// Follow model changes: every new model means a new routing snapshot.
+    /// The state of every endpoint the proxy has connected to, for `/config_dump`.
+    pub fn upstream_endpoints(&self) -> Vec<crate::proxy::upstream::EndpointSnapshot> {
+        self.upstreams.snapshot()
+    }
+
+    /// Follow model changes (every new model means a new routing snapshot) and run the
+    /// active health checks the snapshot asks for.
     pub fn spawn_model_follower(self: &Arc<Self>) -> JoinHandle<()> {
         let agent = Arc::clone(self);
         let mut rx = self.model.clone();
-        tokio::spawn(async move {
+        let follow = async move {
             while rx.changed().await.is_ok() {
                 agent.rebuild_routes();
             }
+        };
+        let routes = Arc::clone(&self.routes);
+        let checks = crate::proxy::upstream::run_health_checks(
+            Arc::clone(&self.upstreams),
+            move || read(&routes).checked_endpoints(),
+        );
+        tokio::spawn(async move {
+            tokio::join!(follow, checks);
         })
     }
 
@@ -240,7 +258,13 @@ impl Agent {
             (ips, enrolled)
         };
         let permissive = self.permissive.load(Ordering::SeqCst);
-        let table = RouteTable::build(&self.model(), &pod_ips, enrolled, permissive);
+        let table = RouteTable::build(
+            &self.model(),
+            &pod_ips,
+            enrolled,
+            permissive,
+            &mut self.upstreams.last_valid(),
+        );
         *write(&self.routes) = Arc::new(table);
     }
 
@@ -442,6 +466,7 @@ impl Agent {
                 netns: Arc::clone(&netns),
                 routes: Arc::clone(&self.routes),
                 log: Arc::clone(&self.log),
+                upstreams: Arc::clone(&self.upstreams),
                 sockmap: self.sockmap,
             };
             tokio::spawn(listener::serve(listener, ctx))

@@ -24,13 +24,13 @@ use tokio::task::JoinHandle;
 
 use crate::proxy::forward::{forward, reset_on_close, CopyMode, Forwarded};
 use crate::proxy::listener::{ConnectionLog, ConnectionRecord, Direction};
+use crate::proxy::upstream::{self, Upstreams};
 use crate::proxy::{GatewayTable, Target};
 use crate::source::manifests::{self, ManifestState};
 use crate::sync::{lock, read, write};
 
 const MANIFEST_POLL: Duration = Duration::from_millis(500);
 const FIRST_MODEL_TIMEOUT: Duration = Duration::from_secs(10);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The `controllerName` the gateway writes in route status.
 pub const CONTROLLER_NAME: &str = "interceptor.dev/gateway";
@@ -109,6 +109,7 @@ struct Shared {
     serving: RwLock<Result<String, String>>,
     table: RwLock<Arc<GatewayTable>>,
     log: ConnectionLog,
+    upstreams: Arc<Upstreams>,
     model: watch::Receiver<ManifestState>,
     /// Ports that could not be bound, with the error.
     bind_errors: std::sync::Mutex<HashMap<u16, String>>,
@@ -147,16 +148,23 @@ pub async fn run(config: GatewayConfig) -> anyhow::Result<()> {
         watcher.abort();
         bail!("the {} did not load: {error}", config.source_text());
     }
+    let log = ConnectionLog::default();
     let shared = Arc::new(Shared {
         serving: RwLock::new(Err("not started".into())),
         config: config.clone(),
         table: RwLock::new(Arc::new(GatewayTable::default())),
-        log: ConnectionLog::default(),
+        upstreams: Arc::new(Upstreams::new(log.metrics().upstream())),
+        log,
         model: rx.clone(),
         bind_errors: std::sync::Mutex::new(HashMap::new()),
     });
     let mut listeners: HashMap<u16, JoinHandle<()>> = HashMap::new();
     reconcile(&shared, &mut listeners, status_writer.as_mut()).await;
+    let checked = Arc::clone(&shared);
+    let health_checks = tokio::spawn(upstream::run_health_checks(
+        Arc::clone(&shared.upstreams),
+        move || read(&checked.table).checked_endpoints(),
+    ));
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(|| async { "ready\n" }))
@@ -186,6 +194,7 @@ pub async fn run(config: GatewayConfig) -> anyhow::Result<()> {
         task.abort();
     }
     admin.abort();
+    health_checks.abort();
     watcher.abort();
     Ok(())
 }
@@ -200,7 +209,12 @@ async fn reconcile(
     let model = shared.model.borrow().model.clone();
     let serving = pick_gateway(&model, &shared.config);
     let table = Arc::new(match &serving {
-        Ok(key) => GatewayTable::build(&model, key, shared.config.class.as_deref()),
+        Ok(key) => GatewayTable::build(
+            &model,
+            key,
+            shared.config.class.as_deref(),
+            &mut shared.upstreams.last_valid(),
+        ),
         Err(_) => GatewayTable::default(),
     });
     if let Some(error) = serving.as_ref().err().map(String::as_str).or(table.error()) {
@@ -275,14 +289,26 @@ async fn handle(stream: TcpStream, client: SocketAddr, shared: Arc<Shared>) {
         SocketAddr::V4(c) => *c.ip(),
         SocketAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
     };
-    let target = read(&shared.table).resolve(local, client_ip);
+    let table = read(&shared.table).clone();
+    let (target, opened) = upstream::open(
+        &shared.upstreams,
+        &format!("gateway {}", table.gateway()),
+        |pick| table.resolve_with(local, client_ip, pick),
+        Some(client_ip),
+        |addr, timeout| async move {
+            tokio::time::timeout(timeout, TcpStream::connect(addr))
+                .await
+                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+        },
+    )
+    .await;
     let gateway = read(&shared.serving).clone().unwrap_or_default();
     let mut record = ConnectionRecord {
         pod: gateway,
         direction: Direction::Gateway,
         client,
         original_dst: Some(local),
-        target: Some(target.clone()),
+        target: Some(target),
         outcome: String::new(),
         copy_mode: CopyMode::Splice,
         bytes: Forwarded::default(),
@@ -291,41 +317,21 @@ async fn handle(stream: TcpStream, client: SocketAddr, shared: Arc<Shared>) {
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0),
     };
-    record.outcome = match target {
-        Target::Endpoint { addr, .. } => {
-            match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-                Ok(Ok(upstream)) => {
-                    let _ = stream.set_nodelay(true);
-                    let _ = upstream.set_nodelay(true);
-                    record.bytes = forward(stream, upstream, CopyMode::Splice).await;
-                    if record.bytes.reset {
-                        "reset"
-                    } else {
-                        "closed"
-                    }
-                    .into()
-                }
-                Ok(Err(error)) => {
-                    reset_on_close(&stream);
-                    format!("connect {addr}: {error}")
-                }
-                Err(_) => {
-                    reset_on_close(&stream);
-                    format!("connect {addr}: timed out")
-                }
-            }
-        }
-        Target::NoEndpoints { backend, .. } => {
-            reset_on_close(&stream);
-            format!("backend {backend} has no endpoints")
-        }
-        Target::Refused { route, reason, .. } => {
-            reset_on_close(&stream);
-            format!("{route}: {reason}")
-        }
-        Target::Passthrough { .. } | Target::Local { .. } => {
+    record.outcome = match opened {
+        // A gateway only forwards to Service endpoints; anything else has no route.
+        Ok(_) if !matches!(record.target, Some(Target::Endpoint { .. })) => {
             reset_on_close(&stream);
             "no route".into()
+        }
+        Ok((upstream, _leases)) => {
+            let _ = stream.set_nodelay(true);
+            let _ = upstream.set_nodelay(true);
+            record.bytes = forward(stream, upstream, CopyMode::Splice).await;
+            if record.bytes.reset { "reset" } else { "closed" }.into()
+        }
+        Err(why) => {
+            reset_on_close(&stream);
+            why
         }
     };
     shared.log.push(record);
@@ -342,6 +348,8 @@ async fn config_dump(State(shared): State<Arc<Shared>>) -> Json<serde_json::Valu
         "listeners": table.listener_statuses(),
         "bind_errors": *lock(&shared.bind_errors),
         "routes": table.statuses(),
+        "upstream_settings": table.settings_statuses(),
+        "upstream_endpoints": shared.upstreams.snapshot(),
         "source": {
             "kind": match &shared.config.source {
                 GatewaySource::Manifests(_) => "manifests",

@@ -451,6 +451,9 @@ fn cluster_role_only_reads_the_model_objects_and_covers_every_watch() {
         ("split.smi-spec.io", "trafficsplits"),
         ("access.smi-spec.io", "traffictargets"),
         ("specs.smi-spec.io", "tcproutes"),
+        ("policy.flomesh.io", "upstreamtrafficsettings"),
+        ("gateway.flomesh.io", "loadbalancerpolicies"),
+        ("gateway.flomesh.io", "healthcheckpolicies"),
     ]
     .into();
     let rules = roles[0]

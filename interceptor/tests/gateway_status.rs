@@ -9,6 +9,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, Method, Uri};
 use axum::Router;
 use interceptor::gateway::{StatusWriter, CONTROLLER_NAME};
+use interceptor::proxy::routes::LastValid;
 use interceptor::proxy::GatewayTable;
 use interceptor::source::manifests::load_str;
 
@@ -91,7 +92,12 @@ async fn route_conditions_are_applied_to_the_status_subresource_once() {
     let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
     let mut writer = StatusWriter::new(kube::Client::try_from(config).unwrap());
     let model = load_str(Path::new("gw.yaml"), OBJECTS).unwrap();
-    let table = GatewayTable::build(&model, "httpbin/simple-fsm-gateway", None);
+    let table = GatewayTable::build(
+        &model,
+        "httpbin/simple-fsm-gateway",
+        None,
+        &mut LastValid::default(),
+    );
     writer
         .write("httpbin/simple-fsm-gateway", table.statuses())
         .await;

@@ -79,6 +79,7 @@ async fn config_dump(State(state): State<AdminState>) -> Json<serde_json::Value>
         "datapath_records": agent.datapath().live_records(),
         "service_ports": agent.service_ports(),
         "routes": agent.route_statuses(),
+        "upstream_endpoints": agent.upstream_endpoints(),
         "connections": agent.connection_log(),
         "model": *agent.model(),
     }))

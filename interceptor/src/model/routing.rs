@@ -58,6 +58,15 @@ pub struct RoutingObjects {
     /// Istio Gateways (served by `interceptor gateway`).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub istio_gateways: BTreeMap<String, Routed<IstioGatewaySpec>>,
+    /// FSM UpstreamTrafficSettings: circuit breaking and connection rate limits per host.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub upstream_traffic_settings: BTreeMap<String, Routed<UpstreamTrafficSettingSpec>>,
+    /// FSM LoadBalancerPolicies: the balancing algorithm per Service port.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub load_balancer_policies: BTreeMap<String, Routed<LoadBalancerPolicySpec>>,
+    /// FSM HealthCheckPolicies: outlier detection and active TCP checks per Service port.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub health_check_policies: BTreeMap<String, Routed<HealthCheckPolicySpec>>,
 }
 
 impl RoutingObjects {
@@ -78,6 +87,9 @@ pub enum RoutingObject {
     TrafficSplit(Routed<TrafficSplitSpec>),
     TrafficTarget(Routed<TrafficTargetSpec>),
     SmiTcpRoute(Routed<SmiTcpRouteSpec>),
+    UpstreamTrafficSetting(Routed<UpstreamTrafficSettingSpec>),
+    LoadBalancerPolicy(Routed<LoadBalancerPolicySpec>),
+    HealthCheckPolicy(Routed<HealthCheckPolicySpec>),
 }
 
 /// `$body` for the `Routed` inside any variant of a [`RoutingObject`], bound to `$o`.
@@ -92,6 +104,9 @@ macro_rules! each_routed {
             RoutingObject::TrafficSplit($o) => $body,
             RoutingObject::TrafficTarget($o) => $body,
             RoutingObject::SmiTcpRoute($o) => $body,
+            RoutingObject::UpstreamTrafficSetting($o) => $body,
+            RoutingObject::LoadBalancerPolicy($o) => $body,
+            RoutingObject::HealthCheckPolicy($o) => $body,
         }
     };
 }
@@ -108,6 +123,9 @@ impl RoutingObject {
             RoutingObject::TrafficSplit(_) => "TrafficSplit",
             RoutingObject::TrafficTarget(_) => "TrafficTarget",
             RoutingObject::SmiTcpRoute(_) => "TCPRoute (specs.smi-spec.io)",
+            RoutingObject::UpstreamTrafficSetting(_) => "UpstreamTrafficSetting",
+            RoutingObject::LoadBalancerPolicy(_) => "LoadBalancerPolicy",
+            RoutingObject::HealthCheckPolicy(_) => "HealthCheckPolicy",
         }
     }
 
@@ -132,6 +150,15 @@ impl RoutingObject {
             RoutingObject::TrafficSplit(o) => drop(objects.traffic_splits.insert(o.key(), o)),
             RoutingObject::TrafficTarget(o) => drop(objects.traffic_targets.insert(o.key(), o)),
             RoutingObject::SmiTcpRoute(o) => drop(objects.smi_tcp_routes.insert(o.key(), o)),
+            RoutingObject::UpstreamTrafficSetting(o) => {
+                drop(objects.upstream_traffic_settings.insert(o.key(), o))
+            }
+            RoutingObject::LoadBalancerPolicy(o) => {
+                drop(objects.load_balancer_policies.insert(o.key(), o))
+            }
+            RoutingObject::HealthCheckPolicy(o) => {
+                drop(objects.health_check_policies.insert(o.key(), o))
+            }
         }
     }
 }
@@ -407,4 +434,126 @@ pub struct IstioPort {
     pub number: u32,
     pub name: String,
     pub protocol: String,
+}
+
+/// `policy.flomesh.io` `UpstreamTrafficSetting` (v1alpha1): settings for the traffic to
+/// one upstream host. Numbers are read signed so that a negative limit is rejected with a
+/// reason by the compiler instead of failing to parse; the HTTP settings are ignored (L4).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct UpstreamTrafficSettingSpec {
+    /// `name.namespace.svc.cluster.local` of a Service in the object's namespace.
+    pub host: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connection_settings: Option<ConnectionSettings>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitSpec>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ConnectionSettings {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpConnectionSettings>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TcpConnectionSettings {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<i64>,
+    /// A Go duration (`5s`, `250ms`, `1m30s`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct RateLimitSpec {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local: Option<LocalRateLimitSpec>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct LocalRateLimitSpec {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpLocalRateLimitSpec>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TcpLocalRateLimitSpec {
+    pub connections: i64,
+    /// `second`, `minute` or `hour`.
+    pub unit: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub burst: Option<i64>,
+}
+
+/// The object an FSM policy attaches to (a core Service).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct PolicyTargetRef {
+    pub group: String,
+    pub kind: String,
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+/// `gateway.flomesh.io` `LoadBalancerPolicy` (v1alpha1).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct LoadBalancerPolicySpec {
+    pub target_ref: PolicyTargetRef,
+    pub ports: Vec<PortLoadBalancer>,
+    /// The algorithm of the ports not listed.
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub default_type: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct PortLoadBalancer {
+    pub port: i64,
+    /// `RoundRobinLoadBalancer`, `HashingLoadBalancer` or `LeastConnectionLoadBalancer`.
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub algorithm: Option<String>,
+}
+
+/// `gateway.flomesh.io` `HealthCheckPolicy` (v1alpha1).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct HealthCheckPolicySpec {
+    pub target_ref: PolicyTargetRef,
+    pub ports: Vec<PortHealthCheck>,
+    /// The check of the ports not listed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config: Option<HealthCheckConfig>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct PortHealthCheck {
+    pub port: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config: Option<HealthCheckConfig>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct HealthCheckConfig {
+    /// Seconds between active checks.
+    pub interval: i64,
+    /// Consecutive failures that eject an endpoint.
+    pub max_fails: i64,
+    /// Seconds an ejected endpoint stays out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fail_timeout: Option<i64>,
+    /// HTTP checks: refused with a reason (an L4 proxy checks TCP only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<serde_json::Value>,
 }

@@ -1,12 +1,13 @@
 //! The in-pod listeners: outbound (15001) and inbound (15003). Accept, recover the
-//! original destination, pick the target, connect from inside the pod with the proxy
-//! mark (which the programs skip), and forward.
+//! original destination, pick the target (outbound: within the upstream policies, with
+//! one retry on a connect failure; inbound: within the Service's rate limit), connect from
+//! inside the pod with the proxy mark (which the programs skip), and forward.
 use std::collections::VecDeque;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::sync::{lock, read};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use interceptor_common::{INBOUND_PORT, OUTBOUND_PORT, PROXY_MARK};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -14,10 +15,10 @@ use tokio::task::JoinSet;
 
 use super::forward::{forward, reset_on_close, CopyMode, Forwarded};
 use super::orig_dst::original_dst;
-use super::routes::{ConnectionSource, RouteTable, Target};
+use super::routes::{ConnectionSource, RouteTable, Target, DEFAULT_CONNECT_TIMEOUT};
+use super::upstream::{self, Upstreams};
 use crate::inpod::{InpodError, PodNetns};
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connection records kept for `/config_dump`.
 const LOG_CAPACITY: usize = 256;
 
@@ -118,6 +119,7 @@ pub struct ListenerContext {
     pub netns: Arc<PodNetns>,
     pub routes: Arc<RwLock<Arc<RouteTable>>>,
     pub log: Arc<ConnectionLog>,
+    pub upstreams: Arc<Upstreams>,
     /// With sockmap on, proxy-to-proxy sockets on this node are in the SOCKHASH.
     pub sockmap: bool,
 }
@@ -183,58 +185,33 @@ async fn proxy_one(
     };
     record.original_dst = Some(original);
     let table = read(&ctx.routes).clone();
-    let target = match ctx.direction {
+    let client_ip = match record.client {
+        SocketAddr::V4(client) => *client.ip(),
+        SocketAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
+    };
+    let (target, opened) = match ctx.direction {
         Direction::Outbound => {
             let source = ConnectionSource {
                 pod: Some(&ctx.pod),
                 gateway: None,
             };
-            table.resolve(original, source)
+            upstream::open(
+                &ctx.upstreams,
+                &ctx.pod.to_string(),
+                |pick| table.resolve_with(original, source, pick),
+                Some(client_ip),
+                |addr, timeout| connect_from_pod(&ctx.netns, addr, timeout),
+            )
+            .await
         }
-        // Inbound traffic is for the application in this pod, on the port it was sent to,
-        // if the traffic policy lets the client reach it.
-        Direction::Inbound | Direction::Gateway => {
-            let client = match record.client {
-                SocketAddr::V4(client) => *client.ip(),
-                SocketAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
-            };
-            match table.admit_inbound(client, &ctx.pod, original.port()) {
-                Ok(()) => Target::Local { addr: original },
-                Err(reason) => Target::Refused {
-                    service: ctx.pod.to_string(),
-                    route: "inbound".into(),
-                    reason,
-                },
-            }
-        }
+        Direction::Inbound | Direction::Gateway => inbound(ctx, &table, original, client_ip).await,
     };
-    record.target = Some(target.clone());
-    let addr = match target {
-        Target::Endpoint { addr, .. } | Target::Passthrough { addr } | Target::Local { addr } => {
-            addr
-        }
-        Target::NoEndpoints {
-            service, backend, ..
-        } => {
+    record.target = Some(target);
+    let (upstream, _leases) = match opened {
+        Ok(opened) => opened,
+        Err(why) => {
             reset_on_close(&stream);
-            return Err(format!(
-                "service {service}: backend {backend} has no endpoints"
-            ));
-        }
-        Target::Refused {
-            service,
-            route,
-            reason,
-        } => {
-            reset_on_close(&stream);
-            return Err(format!("service {service}: {route}: {reason}"));
-        }
-    };
-    let upstream = match connect_from_pod(&ctx.netns, addr).await {
-        Ok(upstream) => upstream,
-        Err(error) => {
-            reset_on_close(&stream);
-            return Err(format!("connect {addr}: {error}"));
+            return Err(why);
         }
     };
     let _ = stream.set_nodelay(true);
@@ -242,11 +219,11 @@ async fn proxy_one(
     // Proxy-to-proxy connections between pods of this node are in the SOCKHASH when
     // sockmap is on, and their bytes arrive where splice(2) cannot read them.
     let peer = match ctx.direction {
-        Direction::Outbound => *addr.ip(),
-        Direction::Inbound | Direction::Gateway => match record.client {
-            SocketAddr::V4(client) => *client.ip(),
-            SocketAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
+        Direction::Outbound => match upstream.peer_addr() {
+            Ok(SocketAddr::V4(peer)) => *peer.ip(),
+            _ => Ipv4Addr::UNSPECIFIED,
         },
+        Direction::Inbound | Direction::Gateway => client_ip,
     };
     let mode = if ctx.sockmap && table.is_local_enrolled(&peer) {
         CopyMode::Userspace
@@ -258,9 +235,63 @@ async fn proxy_one(
     Ok(())
 }
 
+/// Inbound traffic is for the application in this pod, on the port it was sent to, if
+/// the traffic policy lets the client reach it and the Service's rate limit has a token.
+/// A failed connect to the application counts against the pod as an endpoint.
+async fn inbound(
+    ctx: &ListenerContext,
+    table: &RouteTable,
+    original: SocketAddrV4,
+    client: Ipv4Addr,
+) -> (Target, Result<(TcpStream, upstream::Leases), String>) {
+    let refuse = |route: &str, reason: String| {
+        let target = Target::Refused {
+            service: ctx.pod.to_string(),
+            route: route.into(),
+            reason,
+        };
+        let why = upstream::why_not(&target);
+        (target, Err(why))
+    };
+    if let Err(reason) = table.admit_inbound(client, &ctx.pod, original.port()) {
+        return refuse("inbound", reason);
+    }
+    let settings = table.endpoint_settings(&original);
+    if let Some((settings, limit)) = settings.and_then(|s| Some((s, s.rate_limit?))) {
+        let pod = ctx.pod.to_string();
+        if !ctx
+            .upstreams
+            .take_token(&pod, original, settings, &limit, Instant::now())
+        {
+            let reason = format!(
+                "no token left for {} ({} per {} s, burst {})",
+                settings.host,
+                limit.connections,
+                limit.per.as_secs(),
+                limit.burst
+            );
+            return refuse("rate limit", reason);
+        }
+    }
+    let target = Target::Local { addr: original };
+    match connect_from_pod(&ctx.netns, original, DEFAULT_CONNECT_TIMEOUT).await {
+        Ok(stream) => (target, Ok((stream, upstream::Leases::default()))),
+        Err(error) => {
+            if let Some(settings) = settings {
+                ctx.upstreams.failed(original, settings, Instant::now());
+            }
+            (target, Err(format!("connect {original}: {error}")))
+        }
+    }
+}
+
 /// Connect to `addr` with a socket created inside the pod's netns and carrying the
 /// proxy mark, so the connect4 program lets it through untouched.
-pub async fn connect_from_pod(netns: &PodNetns, addr: SocketAddrV4) -> std::io::Result<TcpStream> {
+pub async fn connect_from_pod(
+    netns: &PodNetns,
+    addr: SocketAddrV4,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
     let std_stream = netns
         .run(|| -> std::io::Result<std::net::TcpStream> {
             let socket = nonblocking_tcp_socket()?;
@@ -270,7 +301,7 @@ pub async fn connect_from_pod(netns: &PodNetns, addr: SocketAddrV4) -> std::io::
         .await
         .map_err(std::io::Error::other)??;
     let socket = TcpSocket::from_std_stream(std_stream);
-    tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(SocketAddr::V4(addr)))
+    tokio::time::timeout(timeout, socket.connect(SocketAddr::V4(addr)))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
 }

@@ -1,8 +1,8 @@
 //! Prometheus metrics of the proxy, per route and backend, counted as each connection
 //! ends (from its [`ConnectionRecord`]): connections, bytes each way, errors (no
 //! endpoint, connect failure, no original destination) and refusals (a rule whose weights
-//! are all zero, or a policy that denies the connection). Served as text on the admin
-//! port's `/metrics`.
+//! are all zero, or a policy that denies the connection), and the upstream families of
+//! [`super::upstream`]. Served as text on the admin port's `/metrics`.
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -10,6 +10,7 @@ use prometheus_client::registry::Registry;
 
 use super::listener::{ConnectionRecord, Direction};
 use super::routes::Target;
+use super::upstream::UpstreamMetrics;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
@@ -38,6 +39,7 @@ pub struct ProxyMetrics {
     bytes: Family<ByteLabels, Counter>,
     errors: Family<RouteLabels, Counter>,
     refused: Family<RouteLabels, Counter>,
+    upstream: UpstreamMetrics,
 }
 
 impl Default for ProxyMetrics {
@@ -67,17 +69,26 @@ impl Default for ProxyMetrics {
             "Connections refused on purpose: every weight of the matching rule is zero, or a policy denies them",
             refused.clone(),
         );
+        let upstream = UpstreamMetrics::default();
+        upstream.register(&mut registry);
         Self {
             registry,
             connections,
             bytes,
             errors,
             refused,
+            upstream,
         }
     }
 }
 
 impl ProxyMetrics {
+    /// The upstream families (refusals, failures, ejections per host and endpoint), for
+    /// the [`super::Upstreams`] that counts into them.
+    pub fn upstream(&self) -> UpstreamMetrics {
+        self.upstream.clone()
+    }
+
     pub fn observe(&self, record: &ConnectionRecord) {
         let direction = match record.direction {
             Direction::Outbound => "outbound",

@@ -8,17 +8,23 @@
 mod access;
 mod compile;
 mod gateway;
+mod settings;
 mod split;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
 
 use ipnet::Ipv4Net;
 
 use crate::model::{Endpoint, Model, PodKey};
 pub use compile::{Condition, RouteStatus};
 pub use gateway::{GatewayTable, ListenerStatus};
+pub use settings::{
+    Balancer, Health, LastValid, RateLimit, UpstreamSettings, DEFAULT_CONNECT_TIMEOUT,
+};
 use split::Split;
 
 /// The gateway name of the mesh's own traffic in VirtualService `gateways` lists.
@@ -38,6 +44,8 @@ pub struct RouteTable {
     access: Option<access::AccessPolicy>,
     /// Which pod has an address: what CNI reported, then `status.podIP`.
     pods_by_ip: HashMap<Ipv4Addr, PodKey>,
+    /// The upstream settings of the Service port each endpoint address serves.
+    endpoint_settings: HashMap<SocketAddrV4, Arc<UpstreamSettings>>,
 }
 
 #[derive(Debug, Clone)]
@@ -118,10 +126,29 @@ struct Backend {
     name: String,
     endpoints: Vec<Endpoint>,
     next: AtomicUsize,
+    settings: Arc<UpstreamSettings>,
+}
+
+/// What choosing an endpoint needs besides the table.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Pick<'a> {
+    /// The client's address, for source IP hashing.
+    pub client: Option<Ipv4Addr>,
+    /// Open connections and ejections; without it every endpoint is healthy and idle.
+    pub upstreams: Option<&'a crate::proxy::upstream::Upstreams>,
+    /// An endpoint not to choose (the one a retry moves away from).
+    pub avoid: Option<SocketAddrV4>,
+}
+
+/// A decision and, for a Service endpoint, the settings of its Service port.
+#[derive(Debug)]
+pub struct Resolved {
+    pub target: Target,
+    pub settings: Option<Arc<UpstreamSettings>>,
 }
 
 impl Backend {
-    fn new(name: String, endpoints: Vec<Endpoint>) -> Self {
+    fn new(name: String, endpoints: Vec<Endpoint>, settings: Arc<UpstreamSettings>) -> Self {
         // From a random endpoint: a rebuilt table must not send its first connections to
         // the first endpoint every time.
         let start = split::random_below(endpoints.len() as u64) as usize;
@@ -129,16 +156,79 @@ impl Backend {
             name,
             endpoints,
             next: AtomicUsize::new(start),
+            settings,
         }
     }
 
-    fn pick(&self) -> Option<&Endpoint> {
-        if self.endpoints.is_empty() {
+    /// An endpoint by the Service port's balancer, among those not ejected (all of them
+    /// when every one is: better a doubtful endpoint than none) and not avoided.
+    fn pick(&self, pick: &Pick<'_>) -> Option<&Endpoint> {
+        let n = self.endpoints.len();
+        let views = match pick.upstreams {
+            Some(upstreams) => upstreams.view(&self.endpoints, Instant::now()),
+            None => vec![Default::default(); n],
+        };
+        let allowed = |i: &usize| Some(self.endpoints[*i].addr) != pick.avoid;
+        let mut candidates: Vec<usize> = (0..n)
+            .filter(allowed)
+            .filter(|i| !views[*i].ejected)
+            .collect();
+        if candidates.is_empty() {
+            candidates = (0..n).filter(allowed).collect();
+        }
+        if candidates.is_empty() {
             return None;
         }
-        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
-        Some(&self.endpoints[index])
+        let balancer = match (self.settings.balancer, pick.client) {
+            (Balancer::SourceIpHash, None) => Balancer::RoundRobin,
+            (balancer, _) => balancer,
+        };
+        let chosen = match balancer {
+            Balancer::RoundRobin => self.in_turn(&candidates),
+            Balancer::LeastConnections => {
+                let fewest = candidates.iter().map(|i| views[*i].open).min()?;
+                let least: Vec<usize> = candidates
+                    .into_iter()
+                    .filter(|i| views[*i].open == fewest)
+                    .collect();
+                self.in_turn(&least)
+            }
+            Balancer::SourceIpHash => {
+                let client = u32::from(pick.client?);
+                candidates
+                    .into_iter()
+                    .max_by_key(|i| rendezvous(client, self.endpoints[*i].addr))?
+            }
+        };
+        Some(&self.endpoints[chosen])
     }
+
+    /// The next of `candidates` (indices in ascending order) in round-robin order.
+    fn in_turn(&self, candidates: &[usize]) -> usize {
+        let n = self.endpoints.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        candidates
+            .iter()
+            .copied()
+            .find(|i| *i >= start)
+            .unwrap_or(candidates[0])
+    }
+}
+
+/// Rendezvous (highest random weight) score of an endpoint for a client: the client goes
+/// to the endpoint with the highest score, so removing an endpoint moves only its clients.
+fn rendezvous(client: u32, endpoint: SocketAddrV4) -> u64 {
+    let endpoint = (u64::from(u32::from(*endpoint.ip())) << 16) | u64::from(endpoint.port());
+    splitmix64(splitmix64(u64::from(client)) ^ endpoint)
+}
+
+/// SplitMix64's finalizer: a fixed, well-mixed 64-bit hash (the same on every node and
+/// every restart, so every proxy sends a client to the same endpoint).
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// Who opened a connection, as far as routing cares.
@@ -185,13 +275,21 @@ pub enum Target {
 
 impl RouteTable {
     /// `permissive`: FSM's permissive traffic policy mode; `false` is SMI mode.
+    /// `memory`: the last valid upstream settings objects, kept across builds.
     pub fn build(
         model: &Model,
         pod_ips: &HashMap<PodKey, Ipv4Addr>,
         local_enrolled: HashSet<Ipv4Addr>,
         permissive: bool,
+        memory: &mut LastValid,
     ) -> Self {
-        let mut compiled = compile::compile(model, pod_ips);
+        let upstream = settings::compile(model, memory);
+        let mut compiled = compile::compile(model, pod_ips, &upstream.by_port);
+        compiled.statuses.extend(upstream.statuses);
+        compiled
+            .statuses
+            .sort_by(|a, b| (a.kind, &a.name).cmp(&(b.kind, &b.name)));
+        let endpoint_settings = settings::by_endpoint(model, pod_ips, &upstream.by_port);
         let (policy, access_statuses) = access::build(model, !permissive);
         compiled.statuses.extend(access_statuses);
         let mut pods_by_ip: HashMap<Ipv4Addr, PodKey> = model
@@ -212,12 +310,45 @@ impl RouteTable {
             statuses: compiled.statuses,
             access: (!permissive).then_some(policy),
             pods_by_ip,
+            endpoint_settings,
         }
     }
 
-    /// Where a connection goes, and in SMI mode whether it may.
+    /// Where a connection goes, and in SMI mode whether it may, with every endpoint
+    /// healthy and idle.
     pub fn resolve(&self, original: SocketAddrV4, source: ConnectionSource<'_>) -> Target {
-        let target = self.route(original, source);
+        self.resolve_with(original, source, &Pick::default()).target
+    }
+
+    /// Where a connection goes, choosing the endpoint as `pick` allows.
+    pub fn resolve_with(
+        &self,
+        original: SocketAddrV4,
+        source: ConnectionSource<'_>,
+        pick: &Pick<'_>,
+    ) -> Resolved {
+        let (target, settings) = self.route(original, source, pick);
+        let target = self.check_target(target, source);
+        let settings = settings.filter(|_| matches!(target, Target::Endpoint { .. }));
+        Resolved { target, settings }
+    }
+
+    /// The upstream settings of the Service port `addr` (a pod's address and port) serves.
+    pub fn endpoint_settings(&self, addr: &SocketAddrV4) -> Option<&Arc<UpstreamSettings>> {
+        self.endpoint_settings.get(addr)
+    }
+
+    /// Endpoints with an active check, for the health checker.
+    pub fn checked_endpoints(&self) -> Vec<(SocketAddrV4, Arc<UpstreamSettings>)> {
+        self.endpoint_settings
+            .iter()
+            .filter(|(_, s)| s.health.interval.is_some())
+            .map(|(addr, s)| (*addr, Arc::clone(s)))
+            .collect()
+    }
+
+    /// In SMI mode, whether the source may reach the endpoint or pod the route chose.
+    fn check_target(&self, target: Target, source: ConnectionSource<'_>) -> Target {
         let (service, destination) = match &target {
             Target::Endpoint {
                 service, pod, addr, ..
@@ -281,9 +412,14 @@ impl RouteTable {
         ))
     }
 
-    fn route(&self, original: SocketAddrV4, source: ConnectionSource<'_>) -> Target {
+    fn route(
+        &self,
+        original: SocketAddrV4,
+        source: ConnectionSource<'_>,
+        pick: &Pick<'_>,
+    ) -> (Target, Option<Arc<UpstreamSettings>>) {
         let Some(route) = self.services.get(&original) else {
-            return Target::Passthrough { addr: original };
+            return (Target::Passthrough { addr: original }, None);
         };
         let chosen = route.policy.as_ref().and_then(|policy| {
             policy
@@ -303,15 +439,16 @@ impl RouteTable {
             Some((policy, rule)) => match rule.split.pick() {
                 Some(backend) => (Some(policy.route.clone()), backend),
                 None => {
-                    return Target::Refused {
+                    let target = Target::Refused {
                         service: route.service.clone(),
                         route: policy.route.clone(),
                         reason: "every backend of the matching rule has weight 0".into(),
-                    }
+                    };
+                    return (target, None);
                 }
             },
         };
-        match backend.pick() {
+        let target = match backend.pick(pick) {
             Some(endpoint) => Target::Endpoint {
                 service: route.service.clone(),
                 route: route_name,
@@ -324,7 +461,8 @@ impl RouteTable {
                 route: route_name,
                 backend: backend.name.clone(),
             },
-        }
+        };
+        (target, Some(Arc::clone(&backend.settings)))
     }
 
     /// Whether `ip` is a pod enrolled on this node (its inbound listener is local).

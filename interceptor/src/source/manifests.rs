@@ -772,6 +772,21 @@ fn collect_objects(
         ("specs.smi-spec.io/v1alpha4" | "specs.smi-spec.io/v1alpha3", "TCPRoute") => Item::Routing(
             RoutingObject::SmiTcpRoute(routed(doc, &path, "TCPRoute", map)?),
         ),
+        (
+            "policy.flomesh.io/v1alpha1" | "policy.openservicemesh.io/v1alpha1",
+            "UpstreamTrafficSetting",
+        ) => Item::Routing(RoutingObject::UpstreamTrafficSetting(routed(
+            doc,
+            &path,
+            "UpstreamTrafficSetting",
+            map,
+        )?)),
+        ("gateway.flomesh.io/v1alpha1", "LoadBalancerPolicy") => Item::Routing(
+            RoutingObject::LoadBalancerPolicy(routed(doc, &path, "LoadBalancerPolicy", map)?),
+        ),
+        ("gateway.flomesh.io/v1alpha1", "HealthCheckPolicy") => Item::Routing(
+            RoutingObject::HealthCheckPolicy(routed(doc, &path, "HealthCheckPolicy", map)?),
+        ),
         ("v1", "List") => {
             let items = match map.remove("items") {
                 None | Some(Value::Null) => Vec::new(),

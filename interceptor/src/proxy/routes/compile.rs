@@ -7,11 +7,12 @@
 //! says so in its status.
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 
 use super::split::{istio_weights, Split};
-use super::{Backend, Match, Policy, Rule, ServiceRoute, MESH_GATEWAY};
+use super::{Backend, Match, Policy, Rule, ServiceRoute, UpstreamSettings, MESH_GATEWAY};
 use crate::model::routing::{
     BackendRef, Destination, IstioTcpRoute, L4MatchAttributes, Routed, TcpRouteSpec,
     TrafficSplitSpec, VirtualServiceSpec,
@@ -63,20 +64,29 @@ struct Candidate {
 pub(super) struct Ctx<'a> {
     pub model: &'a Model,
     pub pod_ips: &'a HashMap<PodKey, Ipv4Addr>,
+    /// Upstream settings per (Service `namespace/name`, port).
+    pub settings: &'a HashMap<(String, u16), Arc<UpstreamSettings>>,
 }
 
-pub(super) fn compile(model: &Model, pod_ips: &HashMap<PodKey, Ipv4Addr>) -> Compiled {
-    let ctx = Ctx { model, pod_ips };
+pub(super) fn compile(
+    model: &Model,
+    pod_ips: &HashMap<PodKey, Ipv4Addr>,
+    settings: &HashMap<(String, u16), Arc<UpstreamSettings>>,
+) -> Compiled {
+    let ctx = Ctx {
+        model,
+        pod_ips,
+        settings,
+    };
     let mut services = HashMap::new();
     for svc in model.services.values() {
         let Some(ip) = svc.cluster_ip else { continue };
         for sp in svc.ports.iter().filter(|sp| sp.is_tcp()) {
-            let name = port_name(svc, sp);
             services.insert(
                 SocketAddrV4::new(ip, sp.port),
                 ServiceRoute {
-                    service: name.clone(),
-                    default: Backend::new(name, model.endpoints(svc, sp, pod_ips)),
+                    service: port_name(svc, sp),
+                    default: ctx.backend(svc, sp, None),
                     policy: None,
                 },
             );
@@ -266,7 +276,12 @@ impl Ctx<'_> {
             });
             name.push_str(&format!(" subset {subset}"));
         }
-        Backend::new(name, endpoints)
+        let settings = self
+            .settings
+            .get(&(svc.key().to_string(), sp.port))
+            .cloned()
+            .unwrap_or_else(|| Arc::new(UpstreamSettings::default_for(svc.key().to_string())));
+        Backend::new(name, endpoints, settings)
     }
 
     fn virtual_service(&self, vs: &Routed<VirtualServiceSpec>) -> Compiled1 {

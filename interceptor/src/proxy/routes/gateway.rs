@@ -5,9 +5,11 @@
 //! `ResolvedRefs`) or reasons.
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::Arc;
 
 use super::compile::{applies_to_port, Condition, Ctx, Errors, RouteStatus};
-use super::{holds, Policy, Rule, Source, Target};
+use super::settings::{self, LastValid, UpstreamSettings};
+use super::{holds, Pick, Policy, Resolved, Rule, Source, Target};
 use crate::model::routing::{GatewaySpec, IstioGatewaySpec, ParentReference, Routed, TcpRouteSpec};
 use crate::model::Model;
 
@@ -46,19 +48,28 @@ pub struct GatewayTable {
     listener_statuses: Vec<ListenerStatus>,
     statuses: Vec<RouteStatus>,
     sources: HashMap<Ipv4Addr, Source>,
+    /// The FSM upstream settings objects and whether each is in force.
+    settings_statuses: Vec<RouteStatus>,
+    /// The upstream settings of the Service port each endpoint address serves.
+    endpoint_settings: HashMap<SocketAddrV4, Arc<UpstreamSettings>>,
 }
 
 impl GatewayTable {
     /// The table of gateway `key` (`namespace/name`): a Gateway API Gateway of that name,
     /// else an Istio Gateway. `class`: serve a Gateway API Gateway only of this class.
-    pub fn build(model: &Model, key: &str, class: Option<&str>) -> Self {
+    /// `memory`: the last valid upstream settings objects, kept across builds.
+    pub fn build(model: &Model, key: &str, class: Option<&str>, memory: &mut LastValid) -> Self {
         let pod_ips = HashMap::new();
+        let upstream = settings::compile(model, memory);
         let ctx = Ctx {
             model,
             pod_ips: &pod_ips,
+            settings: &upstream.by_port,
         };
         let mut table = GatewayTable {
             gateway: key.to_owned(),
+            endpoint_settings: settings::by_endpoint(model, &pod_ips, &upstream.by_port),
+            settings_statuses: upstream.statuses,
             sources: model
                 .pods
                 .values()
@@ -86,6 +97,11 @@ impl GatewayTable {
         table
     }
 
+    /// `namespace/name` of the gateway.
+    pub fn gateway(&self) -> &str {
+        &self.gateway
+    }
+
     /// The ports to listen on.
     pub fn ports(&self) -> Vec<u16> {
         self.listeners.keys().copied().collect()
@@ -99,23 +115,48 @@ impl GatewayTable {
         &self.statuses
     }
 
+    /// The FSM upstream settings objects and whether each is in force.
+    pub fn settings_statuses(&self) -> &[RouteStatus] {
+        &self.settings_statuses
+    }
+
+    /// Endpoints with an active check, for the health checker.
+    pub fn checked_endpoints(&self) -> Vec<(SocketAddrV4, Arc<UpstreamSettings>)> {
+        self.endpoint_settings
+            .iter()
+            .filter(|(_, s)| s.health.interval.is_some())
+            .map(|(addr, s)| (*addr, Arc::clone(s)))
+            .collect()
+    }
+
     pub fn listener_statuses(&self) -> &[ListenerStatus] {
         &self.listener_statuses
     }
 
-    /// Where a connection accepted on `local` from `client` goes.
+    /// Where a connection accepted on `local` from `client` goes, with every endpoint
+    /// healthy and idle.
     pub fn resolve(&self, local: SocketAddrV4, client: Ipv4Addr) -> Target {
+        self.resolve_with(local, client, &Pick::default()).target
+    }
+
+    /// Where a connection accepted on `local` from `client` goes, choosing the endpoint
+    /// as `pick` allows.
+    pub fn resolve_with(&self, local: SocketAddrV4, client: Ipv4Addr, pick: &Pick<'_>) -> Resolved {
+        let target = |target| Resolved {
+            target,
+            settings: None,
+        };
         let service = format!("gateway {} port {}", self.gateway, local.port());
         let Some(policy) = self
             .listeners
             .get(&local.port())
             .and_then(|l| l.policy.as_ref())
         else {
-            return Target::Refused {
+            return target(Target::Refused {
                 service,
                 route: "none".into(),
                 reason: "no route is attached to this listener".into(),
-            };
+            });
         };
         let source = self.sources.get(&client);
         let listener = &self.listeners[&local.port()];
@@ -127,11 +168,11 @@ impl GatewayTable {
                     .any(|m| holds(m, local, source, Some(&self.gateway)))
         });
         let Some((index, rule)) = found else {
-            return Target::Refused {
+            return target(Target::Refused {
                 service,
                 route: policy.route.clone(),
                 reason: "no rule matches".into(),
-            };
+            });
         };
         let route = listener
             .owners
@@ -139,25 +180,32 @@ impl GatewayTable {
             .cloned()
             .unwrap_or_else(|| policy.route.clone());
         let Some(backend) = rule.split.pick() else {
-            return Target::Refused {
+            return target(Target::Refused {
                 service,
                 route,
                 reason: "every backend of the matching rule has weight 0".into(),
-            };
+            });
         };
-        match backend.pick() {
-            Some(endpoint) => Target::Endpoint {
+        let pick = Pick {
+            client: Some(client),
+            ..*pick
+        };
+        match backend.pick(&pick) {
+            Some(endpoint) => Resolved {
+                target: Target::Endpoint {
+                    service,
+                    route: Some(route),
+                    backend: backend.name.clone(),
+                    pod: endpoint.pod.to_string(),
+                    addr: endpoint.addr,
+                },
+                settings: Some(Arc::clone(&backend.settings)),
+            },
+            None => target(Target::NoEndpoints {
                 service,
                 route: Some(route),
                 backend: backend.name.clone(),
-                pod: endpoint.pod.to_string(),
-                addr: endpoint.addr,
-            },
-            None => Target::NoEndpoints {
-                service,
-                route: Some(route),
-                backend: backend.name.clone(),
-            },
+            }),
         }
     }
 

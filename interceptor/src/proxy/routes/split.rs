@@ -88,13 +88,20 @@ pub(super) fn istio_weights(explicit: &[Option<u32>]) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::routes::UpstreamSettings;
 
     fn split(weights: &[u32]) -> Split {
         Split::new(
             weights
                 .iter()
                 .enumerate()
-                .map(|(i, w)| (Backend::new(format!("b{i}"), Vec::new()), *w))
+                .map(|(i, w)| {
+                    let settings = UpstreamSettings::default_for(format!("test/b{i}"));
+                    (
+                        Backend::new(format!("b{i}"), Vec::new(), settings.into()),
+                        *w,
+                    )
+                })
                 .collect(),
         )
     }

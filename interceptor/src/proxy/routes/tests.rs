@@ -60,7 +60,13 @@ const ECHO: SocketAddrV4 = SocketAddrV4::new(std::net::Ipv4Addr::new(10, 96, 0, 
 fn table(extra: &str) -> RouteTable {
     let text = format!("{BASE}---\n{extra}");
     let model = load_str(std::path::Path::new("t.yaml"), &text).expect("manifests");
-    RouteTable::build(&model, &HashMap::new(), HashSet::new(), true)
+    RouteTable::build(
+        &model,
+        &HashMap::new(),
+        HashSet::new(),
+        true,
+        &mut LastValid::default(),
+    )
 }
 
 fn from(table: &RouteTable, pod: &str) -> String {
@@ -507,7 +513,13 @@ fn smi_table(extra: &str, permissive: bool) -> RouteTable {
              spec: {containers: [{name: c, image: x}]}\nstatus: {podIP: 10.244.0.32}",
         );
     let model = load_str(std::path::Path::new("t.yaml"), &text).expect("manifests");
-    RouteTable::build(&model, &HashMap::new(), HashSet::new(), permissive)
+    RouteTable::build(
+        &model,
+        &HashMap::new(),
+        HashSet::new(),
+        permissive,
+        &mut LastValid::default(),
+    )
 }
 
 #[test]

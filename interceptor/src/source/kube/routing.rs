@@ -1,4 +1,4 @@
-//! The routing objects in a cluster: the CRDs of Istio, the Gateway API and SMI, watched
+//! The routing objects in a cluster: the CRDs of Istio, the Gateway API, SMI and FSM, watched
 //! as dynamic objects and converted into the same types the manifest source reads. A CRD
 //! the cluster does not have (the API server answers 404) counts as listed and empty, so
 //! the agent runs in clusters with some, all or none of them, and picks a CRD's objects up
@@ -20,10 +20,13 @@ pub(crate) enum RoutingKind {
     TrafficSplits,
     TrafficTargets,
     SmiTcpRoutes,
+    UpstreamTrafficSettings,
+    LoadBalancerPolicies,
+    HealthCheckPolicies,
 }
 
 impl RoutingKind {
-    pub(crate) const ALL: [RoutingKind; 8] = [
+    pub(crate) const ALL: [RoutingKind; 11] = [
         RoutingKind::VirtualServices,
         RoutingKind::DestinationRules,
         RoutingKind::IstioGateways,
@@ -32,6 +35,9 @@ impl RoutingKind {
         RoutingKind::TrafficSplits,
         RoutingKind::TrafficTargets,
         RoutingKind::SmiTcpRoutes,
+        RoutingKind::UpstreamTrafficSettings,
+        RoutingKind::LoadBalancerPolicies,
+        RoutingKind::HealthCheckPolicies,
     ];
 
     /// (group, version, kind, plural).
@@ -70,6 +76,24 @@ impl RoutingKind {
                 "traffictargets",
             ),
             RoutingKind::SmiTcpRoutes => ("specs.smi-spec.io", "v1alpha4", "TCPRoute", "tcproutes"),
+            RoutingKind::UpstreamTrafficSettings => (
+                "policy.flomesh.io",
+                "v1alpha1",
+                "UpstreamTrafficSetting",
+                "upstreamtrafficsettings",
+            ),
+            RoutingKind::LoadBalancerPolicies => (
+                "gateway.flomesh.io",
+                "v1alpha1",
+                "LoadBalancerPolicy",
+                "loadbalancerpolicies",
+            ),
+            RoutingKind::HealthCheckPolicies => (
+                "gateway.flomesh.io",
+                "v1alpha1",
+                "HealthCheckPolicy",
+                "healthcheckpolicies",
+            ),
         }
     }
 
@@ -95,6 +119,15 @@ impl RoutingKind {
             RoutingKind::TrafficSplits => "/apis/split.smi-spec.io/v1alpha4/trafficsplits",
             RoutingKind::TrafficTargets => "/apis/access.smi-spec.io/v1alpha3/traffictargets",
             RoutingKind::SmiTcpRoutes => "/apis/specs.smi-spec.io/v1alpha4/tcproutes",
+            RoutingKind::UpstreamTrafficSettings => {
+                "/apis/policy.flomesh.io/v1alpha1/upstreamtrafficsettings"
+            }
+            RoutingKind::LoadBalancerPolicies => {
+                "/apis/gateway.flomesh.io/v1alpha1/loadbalancerpolicies"
+            }
+            RoutingKind::HealthCheckPolicies => {
+                "/apis/gateway.flomesh.io/v1alpha1/healthcheckpolicies"
+            }
         }
     }
 
@@ -109,6 +142,9 @@ impl RoutingKind {
             RoutingKind::TrafficSplits => "trafficsplits.split.smi-spec.io",
             RoutingKind::TrafficTargets => "traffictargets.access.smi-spec.io",
             RoutingKind::SmiTcpRoutes => "tcproutes.specs.smi-spec.io",
+            RoutingKind::UpstreamTrafficSettings => "upstreamtrafficsettings.policy.flomesh.io",
+            RoutingKind::LoadBalancerPolicies => "loadbalancerpolicies.gateway.flomesh.io",
+            RoutingKind::HealthCheckPolicies => "healthcheckpolicies.gateway.flomesh.io",
         }
     }
 }
@@ -165,5 +201,10 @@ pub(crate) fn convert(
         RoutingKind::TrafficSplits => RoutingObject::TrafficSplit(routed(kind, obj)?),
         RoutingKind::TrafficTargets => RoutingObject::TrafficTarget(routed(kind, obj)?),
         RoutingKind::SmiTcpRoutes => RoutingObject::SmiTcpRoute(routed(kind, obj)?),
+        RoutingKind::UpstreamTrafficSettings => {
+            RoutingObject::UpstreamTrafficSetting(routed(kind, obj)?)
+        }
+        RoutingKind::LoadBalancerPolicies => RoutingObject::LoadBalancerPolicy(routed(kind, obj)?),
+        RoutingKind::HealthCheckPolicies => RoutingObject::HealthCheckPolicy(routed(kind, obj)?),
     })
 }

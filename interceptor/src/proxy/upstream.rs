@@ -1,0 +1,681 @@
+//! Upstream state shared by every listener of one process (the agent's pods, or a
+//! gateway), kept across route table rebuilds: open connections per client and host
+//! (circuit breaking), a token bucket per endpoint pod and host (connection rate limits),
+//! and per endpoint its open connections (least connections), consecutive failures and
+//! ejection (outlier detection). Also how a connection to a Service is opened: limits
+//! first, then one connect, and on a connect failure one retry on another endpoint, before
+//! any byte of the client has been read.
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpStream;
+
+use super::routes::{LastValid, Pick, RateLimit, Resolved, Target, UpstreamSettings};
+use crate::model::Endpoint;
+use crate::sync::lock;
+
+/// How long an active check waits, once connected, for a reset from an inbound listener
+/// whose application is down.
+const CHECK_SETTLE: Duration = Duration::from_millis(100);
+/// How often the active checker looks for endpoints that are due.
+const CHECK_TICK: Duration = Duration::from_millis(200);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabels {
+    /// The Service, `namespace/name`.
+    host: String,
+    /// `ip:port`.
+    endpoint: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabels {
+    host: String,
+    endpoint: String,
+    /// `max_connections` or `rate_limit`.
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CheckLabels {
+    host: String,
+    endpoint: String,
+    /// `success` or `failure`.
+    result: &'static str,
+}
+
+/// The upstream metric families, registered with the proxy's other metrics.
+#[derive(Clone, Debug, Default)]
+pub struct UpstreamMetrics {
+    refused: Family<RefusedLabels, Counter>,
+    connect_failures: Family<EndpointLabels, Counter>,
+    retries: Family<EndpointLabels, Counter>,
+    ejections: Family<EndpointLabels, Counter>,
+    checks: Family<CheckLabels, Counter>,
+    open: Family<EndpointLabels, Gauge>,
+}
+
+impl UpstreamMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "upstream_refused",
+            "Connections refused by an UpstreamTrafficSetting: maxConnections reached or no rate-limit token",
+            self.refused.clone(),
+        );
+        registry.register(
+            "upstream_connect_failures",
+            "Connects to an endpoint that were refused or timed out (and inbound connects to the local application)",
+            self.connect_failures.clone(),
+        );
+        registry.register(
+            "upstream_retries",
+            "Connections retried on another endpoint after the labelled endpoint failed to connect",
+            self.retries.clone(),
+        );
+        registry.register(
+            "upstream_ejections",
+            "Times an endpoint was ejected after consecutive failures",
+            self.ejections.clone(),
+        );
+        registry.register(
+            "upstream_health_checks",
+            "Active TCP checks by result",
+            self.checks.clone(),
+        );
+        registry.register(
+            "upstream_open_connections",
+            "Open proxied connections per endpoint",
+            self.open.clone(),
+        );
+    }
+}
+
+fn labels(host: &str, endpoint: SocketAddrV4) -> EndpointLabels {
+    EndpointLabels {
+        host: host.to_owned(),
+        endpoint: endpoint.to_string(),
+    }
+}
+
+/// The shared state; see the module doc.
+#[derive(Debug)]
+pub struct Upstreams {
+    state: Mutex<State>,
+    metrics: UpstreamMetrics,
+    /// The last valid version of each settings object, for route table rebuilds.
+    last_valid: Mutex<LastValid>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Open connections per (client, host), counted only for hosts with a limit.
+    open: HashMap<(String, String), u32>,
+    /// Token buckets per (endpoint pod, host).
+    buckets: HashMap<(String, String), Bucket>,
+    endpoints: HashMap<SocketAddrV4, EndpointState>,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+    limit: RateLimit,
+}
+
+#[derive(Debug, Default)]
+struct EndpointState {
+    open: u32,
+    failures: u32,
+    ejected_until: Option<Instant>,
+}
+
+/// What one endpoint looks like to the balancer.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EndpointView {
+    pub ejected: bool,
+    pub open: u32,
+}
+
+/// A connection counted against its client's `maxConnections` for a host; uncounted on
+/// drop.
+#[derive(Debug)]
+pub struct HostLease {
+    upstreams: Arc<Upstreams>,
+    key: Option<(String, String)>,
+}
+
+impl Drop for HostLease {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            let mut state = lock(&self.upstreams.state);
+            if let Some(n) = state.open.get_mut(&key) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    state.open.remove(&key);
+                }
+            }
+        }
+    }
+}
+
+/// An open connection to an endpoint, for least connections; uncounted on drop.
+#[derive(Debug)]
+pub struct EndpointLease {
+    upstreams: Arc<Upstreams>,
+    addr: SocketAddrV4,
+    host: String,
+}
+
+impl Drop for EndpointLease {
+    fn drop(&mut self) {
+        let mut state = lock(&self.upstreams.state);
+        if let Some(endpoint) = state.endpoints.get_mut(&self.addr) {
+            endpoint.open = endpoint.open.saturating_sub(1);
+        }
+        drop(state);
+        self.upstreams
+            .metrics
+            .open
+            .get_or_create(&labels(&self.host, self.addr))
+            .dec();
+    }
+}
+
+/// What a proxied connection holds until it ends.
+#[derive(Debug, Default)]
+pub struct Leases {
+    _host: Option<HostLease>,
+    _endpoint: Option<EndpointLease>,
+}
+
+/// One endpoint's state, for `/config_dump`.
+#[derive(Debug, serde::Serialize)]
+pub struct EndpointSnapshot {
+    pub endpoint: SocketAddrV4,
+    pub open: u32,
+    pub consecutive_failures: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ejected_for_ms: Option<u64>,
+}
+
+impl Upstreams {
+    pub fn new(metrics: UpstreamMetrics) -> Self {
+        Self {
+            state: Mutex::default(),
+            metrics,
+            last_valid: Mutex::default(),
+        }
+    }
+
+    /// The memory of valid settings objects that route table builds use and update.
+    pub fn last_valid(&self) -> std::sync::MutexGuard<'_, LastValid> {
+        lock(&self.last_valid)
+    }
+
+    /// Count a new connection from `client` to the host of `settings`, or refuse it when
+    /// the host's `maxConnections` are open. `endpoint` labels the refusal.
+    pub fn admit(
+        self: &Arc<Self>,
+        client: &str,
+        settings: &UpstreamSettings,
+        endpoint: SocketAddrV4,
+    ) -> Result<HostLease, String> {
+        let Some(limit) = settings.max_connections else {
+            return Ok(HostLease {
+                upstreams: Arc::clone(self),
+                key: None,
+            });
+        };
+        let key = (client.to_owned(), settings.host.clone());
+        let mut state = lock(&self.state);
+        let open = state.open.entry(key.clone()).or_insert(0);
+        if *open >= limit {
+            drop(state);
+            self.metrics
+                .refused
+                .get_or_create(&RefusedLabels {
+                    host: settings.host.clone(),
+                    endpoint: endpoint.to_string(),
+                    reason: "max_connections",
+                })
+                .inc();
+            return Err(format!(
+                "{client} has maxConnections ({limit}) open to {}",
+                settings.host
+            ));
+        }
+        *open += 1;
+        Ok(HostLease {
+            upstreams: Arc::clone(self),
+            key: Some(key),
+        })
+    }
+
+    /// Take a token from the bucket of (`pod`, host of `settings`), refilled continuously at
+    /// the limit's rate. `false` (and counted) when it is empty.
+    pub fn take_token(
+        &self,
+        pod: &str,
+        endpoint: SocketAddrV4,
+        settings: &UpstreamSettings,
+        limit: &RateLimit,
+        now: Instant,
+    ) -> bool {
+        let mut state = lock(&self.state);
+        let bucket = state
+            .buckets
+            .entry((pod.to_owned(), settings.host.clone()))
+            .or_insert_with(|| Bucket {
+                tokens: limit.capacity(),
+                last: now,
+                limit: *limit,
+            });
+        if bucket.limit != *limit {
+            // A changed setting keeps the tokens already earned, up to the new capacity.
+            bucket.limit = *limit;
+            bucket.tokens = bucket.tokens.min(limit.capacity());
+        }
+        let elapsed = now.saturating_duration_since(bucket.last).as_secs_f64();
+        bucket.tokens = (bucket.tokens + elapsed * limit.rate()).min(limit.capacity());
+        bucket.last = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            return true;
+        }
+        drop(state);
+        self.metrics
+            .refused
+            .get_or_create(&RefusedLabels {
+                host: settings.host.clone(),
+                endpoint: endpoint.to_string(),
+                reason: "rate_limit",
+            })
+            .inc();
+        false
+    }
+
+    /// How each of `endpoints` looks to a balancer at `now`.
+    pub fn view(&self, endpoints: &[Endpoint], now: Instant) -> Vec<EndpointView> {
+        let state = lock(&self.state);
+        endpoints
+            .iter()
+            .map(|e| match state.endpoints.get(&e.addr) {
+                Some(s) => EndpointView {
+                    ejected: s.ejected_until.is_some_and(|until| until > now),
+                    open: s.open,
+                },
+                None => EndpointView::default(),
+            })
+            .collect()
+    }
+
+    /// A connect to `addr` succeeded: its failure streak ends and it has one more
+    /// open connection until the lease drops.
+    pub fn connected(self: &Arc<Self>, addr: SocketAddrV4, host: &str) -> EndpointLease {
+        let mut state = lock(&self.state);
+        let endpoint = state.endpoints.entry(addr).or_default();
+        endpoint.open += 1;
+        endpoint.failures = 0;
+        drop(state);
+        self.metrics.open.get_or_create(&labels(host, addr)).inc();
+        EndpointLease {
+            upstreams: Arc::clone(self),
+            addr,
+            host: host.to_owned(),
+        }
+    }
+
+    /// A connect to `addr` (or an active check of it) failed: after `max_fails` in a row
+    /// it is ejected for `fail_timeout`.
+    pub fn failed(&self, addr: SocketAddrV4, settings: &UpstreamSettings, now: Instant) {
+        let health = settings.health;
+        let mut state = lock(&self.state);
+        let endpoint = state.endpoints.entry(addr).or_default();
+        if endpoint.ejected_until.is_some_and(|until| until > now) {
+            // Already out (a connection chosen before the ejection, or a check).
+            return;
+        }
+        endpoint.failures += 1;
+        let ejected = endpoint.failures >= health.max_fails;
+        if ejected {
+            endpoint.failures = 0;
+            endpoint.ejected_until = Some(now + health.fail_timeout);
+        }
+        drop(state);
+        let labels = labels(&settings.host, addr);
+        self.metrics.connect_failures.get_or_create(&labels).inc();
+        if ejected {
+            self.metrics.ejections.get_or_create(&labels).inc();
+            tracing::warn!(host = %settings.host, endpoint = %addr, failures = health.max_fails,
+                for_ms = health.fail_timeout.as_millis() as u64, "endpoint ejected");
+        }
+    }
+
+    /// An active check of `addr` passed: its failure streak ends (an ejection still runs
+    /// its course, as FSM's `failTimeout` says).
+    pub fn check_passed(&self, addr: SocketAddrV4) {
+        if let Some(endpoint) = lock(&self.state).endpoints.get_mut(&addr) {
+            endpoint.failures = 0;
+        }
+    }
+
+    /// Every endpoint the proxy has seen, for `/config_dump`.
+    pub fn snapshot(&self) -> Vec<EndpointSnapshot> {
+        let now = Instant::now();
+        let state = lock(&self.state);
+        let mut out: Vec<EndpointSnapshot> = state
+            .endpoints
+            .iter()
+            .map(|(addr, s)| EndpointSnapshot {
+                endpoint: *addr,
+                open: s.open,
+                consecutive_failures: s.failures,
+                ejected_for_ms: s
+                    .ejected_until
+                    .filter(|until| *until > now)
+                    .map(|until| (until - now).as_millis() as u64),
+            })
+            .collect();
+        out.sort_by_key(|s| s.endpoint);
+        out
+    }
+}
+
+/// Open the upstream connection for a resolved Service connection: the host's
+/// `maxConnections`, then a connect within its `connectTimeout`; a connect that fails is
+/// counted against the endpoint and retried once on another endpoint. Nothing has been
+/// read from the client yet, so a retry never sends application bytes twice. Returns the
+/// target finally used and the connection with what it holds, or why there is none.
+pub async fn open<F, Fut>(
+    upstreams: &Arc<Upstreams>,
+    client: &str,
+    resolve: impl Fn(&Pick<'_>) -> Resolved,
+    client_ip: Option<Ipv4Addr>,
+    connect: F,
+) -> (Target, Result<(TcpStream, Leases), String>)
+where
+    F: Fn(SocketAddrV4, Duration) -> Fut,
+    Fut: Future<Output = std::io::Result<TcpStream>>,
+{
+    let mut pick = Pick {
+        client: client_ip,
+        upstreams: Some(upstreams),
+        avoid: None,
+    };
+    let first = resolve(&pick);
+    let Some(settings) = first.settings.clone() else {
+        return plain(first.target, connect).await;
+    };
+    let Target::Endpoint { addr, .. } = first.target else {
+        return plain(first.target, connect).await;
+    };
+    let mut host = match upstreams.admit(client, &settings, addr) {
+        Ok(lease) => lease,
+        Err(reason) => return refused(first.target, reason),
+    };
+    let error = match connect(addr, settings.connect_timeout).await {
+        Ok(stream) => {
+            let endpoint = upstreams.connected(addr, &settings.host);
+            return (first.target, Ok((stream, leases(host, endpoint))));
+        }
+        Err(error) => error,
+    };
+    upstreams.failed(addr, &settings, Instant::now());
+    pick.avoid = Some(addr);
+    let second = resolve(&pick);
+    let (Some(retry_settings), Target::Endpoint { addr: retry, .. }) =
+        (second.settings.clone(), &second.target)
+    else {
+        return (first.target, Err(format!("connect {addr}: {error}")));
+    };
+    let retry = *retry;
+    if retry == addr {
+        return (first.target, Err(format!("connect {addr}: {error}")));
+    }
+    upstreams
+        .metrics
+        .retries
+        .get_or_create(&labels(&settings.host, addr))
+        .inc();
+    if retry_settings.host != settings.host {
+        host = match upstreams.admit(client, &retry_settings, retry) {
+            Ok(lease) => lease,
+            Err(reason) => return refused(second.target, reason),
+        };
+    }
+    match connect(retry, retry_settings.connect_timeout).await {
+        Ok(stream) => {
+            let endpoint = upstreams.connected(retry, &retry_settings.host);
+            (second.target, Ok((stream, leases(host, endpoint))))
+        }
+        Err(retry_error) => {
+            upstreams.failed(retry, &retry_settings, Instant::now());
+            (
+                second.target,
+                Err(format!(
+                    "connect {addr}: {error}; retry on {retry}: {retry_error}"
+                )),
+            )
+        }
+    }
+}
+
+fn leases(host: HostLease, endpoint: EndpointLease) -> Leases {
+    Leases {
+        _host: Some(host),
+        _endpoint: Some(endpoint),
+    }
+}
+
+/// The target refused by the circuit breaker for `reason`.
+fn refused(target: Target, reason: String) -> (Target, Result<(TcpStream, Leases), String>) {
+    let service = match target {
+        Target::Endpoint { service, .. } | Target::NoEndpoints { service, .. } => service,
+        Target::Refused { service, .. } => service,
+        Target::Passthrough { addr } | Target::Local { addr } => addr.to_string(),
+    };
+    let target = Target::Refused {
+        service,
+        route: "circuit breaker".into(),
+        reason,
+    };
+    let why = why_not(&target);
+    (target, Err(why))
+}
+
+/// Why a target that is not an address gets no connection.
+pub fn why_not(target: &Target) -> String {
+    match target {
+        Target::NoEndpoints {
+            service, backend, ..
+        } => format!("service {service}: backend {backend} has no endpoints"),
+        Target::Refused {
+            service,
+            route,
+            reason,
+        } => format!("service {service}: {route}: {reason}"),
+        Target::Endpoint { addr, .. } | Target::Passthrough { addr } | Target::Local { addr } => {
+            format!("{addr} is an address")
+        }
+    }
+}
+
+/// A target without upstream settings: passthrough or local delivery, or no connection.
+async fn plain<F, Fut>(target: Target, connect: F) -> (Target, Result<(TcpStream, Leases), String>)
+where
+    F: Fn(SocketAddrV4, Duration) -> Fut,
+    Fut: Future<Output = std::io::Result<TcpStream>>,
+{
+    let addr = match &target {
+        Target::Endpoint { addr, .. } | Target::Passthrough { addr } | Target::Local { addr } => {
+            *addr
+        }
+        Target::NoEndpoints { .. } | Target::Refused { .. } => {
+            let why = why_not(&target);
+            return (target, Err(why));
+        }
+    };
+    match connect(addr, super::routes::DEFAULT_CONNECT_TIMEOUT).await {
+        Ok(stream) => (target, Ok((stream, Leases::default()))),
+        Err(error) => (target, Err(format!("connect {addr}: {error}"))),
+    }
+}
+
+/// Active TCP checks: every endpoint whose Service port has a HealthCheckPolicy is
+/// connected to every `interval` from this process's netns. A check fails when the connect
+/// is refused or times out, or when the connection is reset within a moment (what an
+/// enrolled pod's inbound listener does when its application does not answer).
+pub async fn run_health_checks(
+    upstreams: Arc<Upstreams>,
+    due: impl Fn() -> Vec<(SocketAddrV4, Arc<UpstreamSettings>)>,
+) {
+    let mut next: HashMap<SocketAddrV4, Instant> = HashMap::new();
+    let mut checks = tokio::task::JoinSet::new();
+    let mut ticker = tokio::time::interval(CHECK_TICK);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            Some(_) = checks.join_next(), if !checks.is_empty() => continue,
+        }
+        let now = Instant::now();
+        let endpoints = due();
+        next.retain(|addr, _| endpoints.iter().any(|(a, _)| a == addr));
+        for (addr, settings) in endpoints {
+            let Some(interval) = settings.health.interval else {
+                continue;
+            };
+            if next.get(&addr).is_some_and(|at| *at > now) {
+                continue;
+            }
+            next.insert(addr, now + interval);
+            let upstreams = Arc::clone(&upstreams);
+            checks.spawn(async move {
+                let timeout = settings.connect_timeout.min(interval);
+                let healthy = check(addr, timeout).await;
+                let result = if healthy { "success" } else { "failure" };
+                upstreams
+                    .metrics
+                    .checks
+                    .get_or_create(&CheckLabels {
+                        host: settings.host.clone(),
+                        endpoint: addr.to_string(),
+                        result,
+                    })
+                    .inc();
+                if healthy {
+                    upstreams.check_passed(addr);
+                } else {
+                    upstreams.failed(addr, &settings, Instant::now());
+                }
+            });
+        }
+    }
+}
+
+async fn check(addr: SocketAddrV4, timeout: Duration) -> bool {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(SocketAddr::V4(addr))).await
+    {
+        Ok(Ok(stream)) => stream,
+        _ => return false,
+    };
+    // Readable within the moment: data or EOF is a live application, a reset is not.
+    match tokio::time::timeout(CHECK_SETTLE, stream.readable()).await {
+        Err(_) => true,
+        Ok(Err(_)) => false,
+        Ok(Ok(())) => {
+            let mut byte = [0u8; 1];
+            !matches!(stream.try_read(&mut byte), Err(e) if e.kind() != std::io::ErrorKind::WouldBlock)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::routes::Balancer;
+
+    fn settings(max_connections: Option<u32>) -> UpstreamSettings {
+        UpstreamSettings {
+            max_connections,
+            ..UpstreamSettings::default_for("demo/fortio".into())
+        }
+    }
+
+    #[test]
+    fn max_connections_admits_exactly_the_limit_and_frees_on_drop() {
+        let upstreams = Arc::new(Upstreams::new(UpstreamMetrics::default()));
+        let s = settings(Some(3));
+        let addr: SocketAddrV4 = "10.0.0.1:80".parse().unwrap();
+        let leases: Vec<_> = (0..3)
+            .map(|_| upstreams.admit("demo/client", &s, addr).unwrap())
+            .collect();
+        let refused = upstreams.admit("demo/client", &s, addr).unwrap_err();
+        assert!(refused.contains("maxConnections (3)"), "{refused}");
+        // Another client has its own count, as each Envoy sidecar has.
+        assert!(upstreams.admit("demo/other", &s, addr).is_ok());
+        drop(leases);
+        assert!(upstreams.admit("demo/client", &s, addr).is_ok());
+    }
+
+    #[test]
+    fn a_bucket_gives_its_capacity_at_once_then_its_rate() {
+        let upstreams = Upstreams::new(UpstreamMetrics::default());
+        let s = settings(None);
+        let limit = RateLimit {
+            connections: 10,
+            per: Duration::from_secs(1),
+            burst: 5,
+        };
+        let addr: SocketAddrV4 = "10.0.0.1:80".parse().unwrap();
+        let t0 = Instant::now();
+        let taken = (0..100)
+            .filter(|_| upstreams.take_token("demo/server", addr, &s, &limit, t0))
+            .count();
+        assert_eq!(taken, 15, "connections + burst at once");
+        // 10 per second: 5 tokens after half a second.
+        let t1 = t0 + Duration::from_millis(500);
+        let taken = (0..100)
+            .filter(|_| upstreams.take_token("demo/server", addr, &s, &limit, t1))
+            .count();
+        assert_eq!(taken, 5);
+        // Never more than the capacity, however long it rested.
+        let t2 = t1 + Duration::from_secs(3600);
+        let taken = (0..100)
+            .filter(|_| upstreams.take_token("demo/server", addr, &s, &limit, t2))
+            .count();
+        assert_eq!(taken, 15);
+    }
+
+    #[test]
+    fn consecutive_failures_eject_for_the_fail_timeout_and_success_resets_the_streak() {
+        let upstreams = Arc::new(Upstreams::new(UpstreamMetrics::default()));
+        let mut s = settings(None);
+        s.health.max_fails = 3;
+        s.health.fail_timeout = Duration::from_secs(2);
+        s.balancer = Balancer::RoundRobin;
+        let addr: SocketAddrV4 = "10.0.0.1:80".parse().unwrap();
+        let endpoints = [Endpoint {
+            pod: "demo/fortio-1".parse().unwrap(),
+            addr,
+        }];
+        let t0 = Instant::now();
+        upstreams.failed(addr, &s, t0);
+        upstreams.failed(addr, &s, t0);
+        drop(upstreams.connected(addr, &s.host));
+        upstreams.failed(addr, &s, t0);
+        upstreams.failed(addr, &s, t0);
+        assert!(!upstreams.view(&endpoints, t0)[0].ejected, "the streak was broken");
+        upstreams.failed(addr, &s, t0);
+        assert!(upstreams.view(&endpoints, t0)[0].ejected);
+        assert!(upstreams.view(&endpoints, t0 + Duration::from_millis(1999))[0].ejected);
+        assert!(!upstreams.view(&endpoints, t0 + Duration::from_secs(2))[0].ejected);
+    }
+}
