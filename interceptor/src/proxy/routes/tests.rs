@@ -594,3 +594,263 @@ fn a_traffic_target_naming_a_missing_route_grants_nothing() {
     );
     assert!(from(&t, "client").contains("Refused"));
 }
+
+/// The status of the settings object `name`.
+fn settings_status<'t>(table: &'t RouteTable, kind: &str, name: &str) -> &'t RouteStatus {
+    table
+        .statuses()
+        .iter()
+        .find(|s| s.kind == kind && s.name == name)
+        .unwrap_or_else(|| panic!("no status of {kind} {name}: {:?}", table.statuses()))
+}
+
+fn echo_settings(table: &RouteTable) -> Arc<UpstreamSettings> {
+    let addr: SocketAddrV4 = "10.244.0.11:9000".parse().unwrap();
+    Arc::clone(table.endpoint_settings(&addr).expect("echo-v1 serves echo-server"))
+}
+
+const UTS: &str = r#"
+apiVersion: policy.flomesh.io/v1alpha1
+kind: UpstreamTrafficSetting
+metadata: {name: echo-limits, namespace: default}
+spec:
+  host: echo-server.default.svc.cluster.local
+  connectionSettings:
+    tcp: {maxConnections: 50, connectTimeout: 250ms}
+  rateLimit:
+    local:
+      tcp: {connections: 10, unit: second, burst: 5}
+"#;
+
+#[test]
+fn an_upstream_traffic_setting_applies_to_every_port_of_its_host() {
+    let table = table(UTS);
+    let settings = echo_settings(&table);
+    assert_eq!(settings.host, "default/echo-server");
+    assert_eq!(settings.max_connections, Some(50));
+    assert_eq!(settings.connect_timeout, std::time::Duration::from_millis(250));
+    let limit = settings.rate_limit.expect("rate limit");
+    assert_eq!((limit.connections, limit.burst), (10, 5));
+    assert_eq!(limit.capacity(), 15.0);
+    let status = settings_status(&table, "UpstreamTrafficSetting", "default/echo-limits");
+    assert!(status.accepted, "{status:?}");
+    assert_eq!(status.routes, ["default/echo-server:19000"]);
+    // The other Service keeps the defaults.
+    let other: SocketAddrV4 = "10.244.0.13:9000".parse().unwrap();
+    assert_eq!(table.endpoint_settings(&other).unwrap().max_connections, None);
+}
+
+#[test]
+fn an_invalid_setting_is_rejected_with_reasons_and_the_previous_valid_one_stays() {
+    let mut memory = LastValid::default();
+    let build = |extra: &str, memory: &mut LastValid| {
+        let text = format!("{BASE}---\n{extra}");
+        let model = load_str(std::path::Path::new("t.yaml"), &text).expect("manifests");
+        RouteTable::build(&model, &HashMap::new(), HashSet::new(), true, memory)
+    };
+    let valid = build(UTS, &mut memory);
+    assert_eq!(echo_settings(&valid).max_connections, Some(50));
+    for (change, reason) in [
+        ("maxConnections: 50", "maxConnections must be at least 1, got 0"),
+        ("maxConnections: 50", "maxConnections must be at least 1, got -3"),
+        ("unit: second", "unit \"fortnight\" is not one of second, minute, hour"),
+        ("connections: 10", "rateLimit.local.tcp.connections must be at least 1, got 0"),
+        (
+            "host: echo-server.default.svc.cluster.local",
+            "outside the object's namespace default",
+        ),
+        ("connectTimeout: 250ms", "connectTimeout \"soon\""),
+    ] {
+        let replacement = match reason {
+            r if r.contains("got 0") && change.starts_with("max") => "maxConnections: 0",
+            r if r.contains("got -3") => "maxConnections: -3",
+            r if r.contains("fortnight") => "unit: fortnight",
+            r if r.contains("connections must") => "connections: 0",
+            r if r.contains("outside") => "host: echo-server.other.svc.cluster.local",
+            _ => "connectTimeout: soon",
+        };
+        let invalid = build(&UTS.replace(change, replacement), &mut memory);
+        let status = settings_status(&invalid, "UpstreamTrafficSetting", "default/echo-limits");
+        assert!(
+            status.reasons.iter().any(|r| r.contains(reason)),
+            "{replacement}: {status:?}"
+        );
+        assert!(
+            status.reasons.iter().any(|r| r.contains("previous valid version stays")),
+            "{status:?}"
+        );
+        let settings = echo_settings(&invalid);
+        assert_eq!(settings.max_connections, Some(50), "{replacement}");
+        assert_eq!(settings.rate_limit.unwrap().connections, 10, "{replacement}");
+    }
+    // Without a valid version to fall back to, an invalid object sets nothing.
+    let fresh = build(&UTS.replace("maxConnections: 50", "maxConnections: 0"), &mut LastValid::default());
+    assert_eq!(echo_settings(&fresh).max_connections, None);
+    assert!(!settings_status(&fresh, "UpstreamTrafficSetting", "default/echo-limits").accepted);
+}
+
+#[test]
+fn load_balancer_and_health_check_policies_set_their_ports() {
+    let table = table(
+        r#"
+apiVersion: gateway.flomesh.io/v1alpha1
+kind: LoadBalancerPolicy
+metadata: {name: lb-policy-sample, namespace: default}
+spec:
+  targetRef: {group: "", kind: Service, name: echo-server, namespace: default}
+  ports:
+    - port: 19000
+      type: LeastConnectionLoadBalancer
+---
+apiVersion: gateway.flomesh.io/v1alpha1
+kind: HealthCheckPolicy
+metadata: {name: health-check-policy-sample, namespace: default}
+spec:
+  targetRef: {group: "", kind: Service, name: echo-server, namespace: default}
+  ports:
+  - port: 19000
+    config: {interval: 10, maxFails: 3, failTimeout: 1}
+---
+apiVersion: gateway.flomesh.io/v1alpha1
+kind: LoadBalancerPolicy
+metadata: {name: bad-type, namespace: default}
+spec:
+  targetRef: {group: "", kind: Service, name: echo-server-2}
+  ports: [{port: 19000, type: RandomLoadBalancer}]
+---
+apiVersion: gateway.flomesh.io/v1alpha1
+kind: HealthCheckPolicy
+metadata: {name: http-check, namespace: default}
+spec:
+  targetRef: {group: "", kind: Service, name: echo-server-2}
+  ports:
+  - port: 19000
+    config: {interval: 10, maxFails: 3, path: /healthz, matches: [{statusCodes: [200]}]}
+"#,
+    );
+    let settings = echo_settings(&table);
+    assert_eq!(settings.balancer, Balancer::LeastConnections);
+    assert_eq!(settings.health.max_fails, 3);
+    assert_eq!(settings.health.fail_timeout, std::time::Duration::from_secs(1));
+    assert_eq!(settings.health.interval, Some(std::time::Duration::from_secs(10)));
+    assert_eq!(table.checked_endpoints().len(), 2, "echo-v1 and echo-v2");
+    let bad = settings_status(&table, "LoadBalancerPolicy", "default/bad-type");
+    assert!(!bad.accepted);
+    assert!(bad.reasons[0].contains("\"RandomLoadBalancer\" is not one of"), "{bad:?}");
+    let http = settings_status(&table, "HealthCheckPolicy", "default/http-check");
+    assert!(!http.accepted);
+    assert!(http.reasons[0].contains("HTTP checks (path, matches) are not supported"), "{http:?}");
+    let other: SocketAddrV4 = "10.244.0.13:9000".parse().unwrap();
+    let other = table.endpoint_settings(&other).unwrap();
+    assert_eq!(other.balancer, Balancer::RoundRobin);
+    assert_eq!(other.health.interval, None);
+}
+
+/// Endpoints `10.244.1.{1..=n}:9000` of one backend with `balancer`.
+fn backend(n: u8, balancer: Balancer) -> Backend {
+    let endpoints = (1..=n)
+        .map(|i| Endpoint {
+            pod: format!("default/echo-{i}").parse().unwrap(),
+            addr: SocketAddrV4::new(std::net::Ipv4Addr::new(10, 244, 1, i), 9000),
+        })
+        .collect();
+    let settings = UpstreamSettings {
+        balancer,
+        ..UpstreamSettings::default_for("default/echo".into())
+    };
+    Backend::new("default/echo:80".into(), endpoints, Arc::new(settings))
+}
+
+#[test]
+fn least_connections_fills_the_idle_endpoint_and_round_robins_between_equals() {
+    use crate::proxy::upstream::{UpstreamMetrics, Upstreams};
+    let upstreams = Arc::new(Upstreams::new(UpstreamMetrics::default()));
+    let backend = backend(2, Balancer::LeastConnections);
+    let pick = Pick {
+        upstreams: Some(&upstreams),
+        ..Pick::default()
+    };
+    let a = backend.endpoints[0].addr;
+    let b = backend.endpoints[1].addr;
+    // Three open on a: the next three go to b, then they alternate.
+    let held: Vec<_> = (0..3).map(|_| upstreams.connected(a, "default/echo")).collect();
+    let mut chosen = Vec::new();
+    let mut on_b = 0;
+    for _ in 0..5 {
+        let addr = backend.pick(&pick).unwrap().addr;
+        on_b += usize::from(addr == b);
+        chosen.push(upstreams.connected(addr, "default/echo"));
+    }
+    assert_eq!(on_b, 4, "b gets 3 to catch up, then one of the two equal picks");
+    drop(held);
+    // a now has 1 open, b 4: the next three all go to a.
+    for _ in 0..3 {
+        assert_eq!(backend.pick(&pick).unwrap().addr, a);
+        chosen.push(upstreams.connected(a, "default/echo"));
+    }
+}
+
+#[test]
+fn source_ip_hashing_keeps_each_client_and_moves_only_a_removed_endpoints_clients() {
+    let three = backend(3, Balancer::SourceIpHash);
+    let clients: Vec<std::net::Ipv4Addr> =
+        (1..=200).map(|i| std::net::Ipv4Addr::new(10, 244, 7, i)).collect();
+    let pick = |backend: &Backend, client| {
+        let pick = Pick {
+            client: Some(client),
+            ..Pick::default()
+        };
+        backend.pick(&pick).unwrap().addr
+    };
+    let first: Vec<_> = clients.iter().map(|c| pick(&three, *c)).collect();
+    for (c, addr) in clients.iter().zip(&first) {
+        for _ in 0..5 {
+            assert_eq!(pick(&three, *c), *addr, "client {c} moved");
+        }
+    }
+    // Every endpoint gets a fair share of 200 clients (expected 66.7 each).
+    for e in &three.endpoints {
+        let n = first.iter().filter(|a| **a == e.addr).count();
+        assert!((40..=95).contains(&n), "{} has {n} of 200 clients", e.addr);
+    }
+    // Without endpoint 3, only its clients move.
+    let two = backend(2, Balancer::SourceIpHash);
+    let removed = three.endpoints[2].addr;
+    for (c, addr) in clients.iter().zip(&first) {
+        if *addr != removed {
+            assert_eq!(pick(&two, *c), *addr, "client {c} moved needlessly");
+        }
+    }
+}
+
+#[test]
+fn an_ejected_endpoint_is_skipped_unless_every_endpoint_is_ejected() {
+    use crate::proxy::upstream::{UpstreamMetrics, Upstreams};
+    let upstreams = Arc::new(Upstreams::new(UpstreamMetrics::default()));
+    let backend = backend(2, Balancer::RoundRobin);
+    let (a, b) = (backend.endpoints[0].addr, backend.endpoints[1].addr);
+    let pick = Pick {
+        upstreams: Some(&upstreams),
+        ..Pick::default()
+    };
+    let now = Instant::now();
+    for _ in 0..DEFAULT_MAX_FAILS_FOR_TESTS {
+        upstreams.failed(b, &backend.settings, now);
+    }
+    for _ in 0..10 {
+        assert_eq!(backend.pick(&pick).unwrap().addr, a);
+    }
+    // Avoiding a (a retry) leaves only the ejected b: better it than nothing.
+    let retry = Pick {
+        avoid: Some(a),
+        ..pick
+    };
+    assert_eq!(backend.pick(&retry).unwrap().addr, b);
+    for _ in 0..DEFAULT_MAX_FAILS_FOR_TESTS {
+        upstreams.failed(a, &backend.settings, now);
+    }
+    let both: HashSet<_> = (0..10).map(|_| backend.pick(&pick).unwrap().addr).collect();
+    assert_eq!(both.len(), 2, "all ejected: round-robin over all");
+}
+
+const DEFAULT_MAX_FAILS_FOR_TESTS: u32 = settings::DEFAULT_MAX_FAILS;
