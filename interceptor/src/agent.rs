@@ -217,6 +217,26 @@ impl Agent {
         read(&self.routes).statuses().to_vec()
     }
 
+    /// The endpoints to check actively, with the netns of those enrolled on this node.
+    fn check_targets(&self) -> Vec<crate::proxy::upstream::CheckTarget> {
+        let endpoints = read(&self.routes).checked_endpoints();
+        let local: HashMap<Ipv4Addr, Arc<PodNetns>> = lock(&self.pods)
+            .values()
+            .filter_map(|entry| {
+                let enrolled = entry.enrolled.as_ref()?;
+                Some((entry.ipv4?, Arc::clone(&enrolled.netns)))
+            })
+            .collect();
+        endpoints
+            .into_iter()
+            .map(|(addr, settings)| crate::proxy::upstream::CheckTarget {
+                netns: local.get(addr.ip()).cloned(),
+                addr,
+                settings,
+            })
+            .collect()
+    }
+
     /// The state of every endpoint the proxy has connected to, for `/config_dump`.
     pub fn upstream_endpoints(&self) -> Vec<crate::proxy::upstream::EndpointSnapshot> {
         self.upstreams.snapshot()
@@ -232,10 +252,10 @@ impl Agent {
                 agent.rebuild_routes();
             }
         };
-        let routes = Arc::clone(&self.routes);
+        let checker = Arc::clone(self);
         let checks = crate::proxy::upstream::run_health_checks(
             Arc::clone(&self.upstreams),
-            move || read(&routes).checked_endpoints(),
+            move || checker.check_targets(),
         );
         tokio::spawn(async move {
             tokio::join!(follow, checks);

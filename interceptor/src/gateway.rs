@@ -163,7 +163,17 @@ pub async fn run(config: GatewayConfig) -> anyhow::Result<()> {
     let checked = Arc::clone(&shared);
     let health_checks = tokio::spawn(upstream::run_health_checks(
         Arc::clone(&shared.upstreams),
-        move || read(&checked.table).checked_endpoints(),
+        move || {
+            let endpoints = read(&checked.table).checked_endpoints();
+            endpoints
+                .into_iter()
+                .map(|(addr, settings)| upstream::CheckTarget {
+                    addr,
+                    settings,
+                    netns: None,
+                })
+                .collect()
+        },
     ));
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))

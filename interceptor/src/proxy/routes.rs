@@ -340,11 +340,7 @@ impl RouteTable {
 
     /// Endpoints with an active check, for the health checker.
     pub fn checked_endpoints(&self) -> Vec<(SocketAddrV4, Arc<UpstreamSettings>)> {
-        self.endpoint_settings
-            .iter()
-            .filter(|(_, s)| s.health.interval.is_some())
-            .map(|(addr, s)| (*addr, Arc::clone(s)))
-            .collect()
+        settings::checked(&self.endpoint_settings)
     }
 
     /// In SMI mode, whether the source may reach the endpoint or pod the route chose.

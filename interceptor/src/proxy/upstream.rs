@@ -19,6 +19,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpStream;
 
 use super::routes::{LastValid, Pick, RateLimit, Resolved, Target, UpstreamSettings};
+use crate::inpod::PodNetns;
 use crate::model::Endpoint;
 use crate::sync::lock;
 
@@ -529,14 +530,21 @@ where
     }
 }
 
+/// One endpoint to check actively.
+pub struct CheckTarget {
+    pub addr: SocketAddrV4,
+    pub settings: Arc<UpstreamSettings>,
+    /// The netns of a pod enrolled on this node: its application is checked from inside,
+    /// not through its inbound listener.
+    pub netns: Option<Arc<PodNetns>>,
+}
+
 /// Active TCP checks: every endpoint whose Service port has a HealthCheckPolicy is
-/// connected to every `interval` from this process's netns. A check fails when the connect
-/// is refused or times out, or when the connection is reset within a moment (what an
-/// enrolled pod's inbound listener does when its application does not answer).
-pub async fn run_health_checks(
-    upstreams: Arc<Upstreams>,
-    due: impl Fn() -> Vec<(SocketAddrV4, Arc<UpstreamSettings>)>,
-) {
+/// connected to every `interval`: a pod enrolled on this node from inside its netns,
+/// others from this process's netns. A check fails when the connect is refused or times
+/// out, or when the connection is reset within a moment (what the inbound listener of a
+/// pod on another node does when its application does not answer).
+pub async fn run_health_checks(upstreams: Arc<Upstreams>, due: impl Fn() -> Vec<CheckTarget>) {
     let mut next: HashMap<SocketAddrV4, Instant> = HashMap::new();
     let mut checks = tokio::task::JoinSet::new();
     let mut ticker = tokio::time::interval(CHECK_TICK);
@@ -547,8 +555,13 @@ pub async fn run_health_checks(
         }
         let now = Instant::now();
         let endpoints = due();
-        next.retain(|addr, _| endpoints.iter().any(|(a, _)| a == addr));
-        for (addr, settings) in endpoints {
+        next.retain(|addr, _| endpoints.iter().any(|e| e.addr == *addr));
+        for CheckTarget {
+            addr,
+            settings,
+            netns,
+        } in endpoints
+        {
             let Some(interval) = settings.health.interval else {
                 continue;
             };
@@ -559,7 +572,7 @@ pub async fn run_health_checks(
             let upstreams = Arc::clone(&upstreams);
             checks.spawn(async move {
                 let timeout = settings.connect_timeout.min(interval);
-                let healthy = check(addr, timeout).await;
+                let healthy = check(addr, timeout, netns.as_deref()).await;
                 let result = if healthy { "success" } else { "failure" };
                 upstreams
                     .metrics
@@ -580,11 +593,15 @@ pub async fn run_health_checks(
     }
 }
 
-async fn check(addr: SocketAddrV4, timeout: Duration) -> bool {
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(SocketAddr::V4(addr))).await
-    {
-        Ok(Ok(stream)) => stream,
-        _ => return false,
+async fn check(addr: SocketAddrV4, timeout: Duration, netns: Option<&PodNetns>) -> bool {
+    let connected = match netns {
+        Some(netns) => super::listener::connect_from_pod(netns, addr, timeout).await,
+        None => tokio::time::timeout(timeout, TcpStream::connect(SocketAddr::V4(addr)))
+            .await
+            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())),
+    };
+    let Ok(stream) = connected else {
+        return false;
     };
     // Readable within the moment: data or EOF is a live application, a reset is not.
     match tokio::time::timeout(CHECK_SETTLE, stream.readable()).await {

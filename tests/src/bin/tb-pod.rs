@@ -101,7 +101,7 @@ enum Cmd {
     },
     /// `count` connections one after another, each sending "<message>\n" and reading one
     /// line back; counts the replies by their first word. Prints {"replies": {word: n},
-    /// "errors", "first_error"}.
+    /// "errors", "first_error", "elapsed_ms", "max_ms"}.
     Tally {
         #[arg(long)]
         connect: SocketAddr,
@@ -111,6 +111,28 @@ enum Cmd {
         message: String,
         #[arg(long, default_value_t = 5_000)]
         connect_timeout_ms: u64,
+        #[arg(long, default_value_t = 5_000)]
+        io_timeout_ms: u64,
+        /// Wait this long after each connection closed before the next.
+        #[arg(long, default_value_t = 0)]
+        pause_ms: u64,
+    },
+    /// `count` connections, each sending "<message>\n" and reading one line back, all kept
+    /// open until every attempt has finished and `hold_ms` have passed since the start.
+    /// Opened one after another, or all at once with `--concurrent`. Prints {"replies":
+    /// {word: n}, "open" (connections that got a reply and stayed open), "errors",
+    /// "first_error"}.
+    Hold {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        count: u32,
+        #[arg(long, default_value = "test")]
+        message: String,
+        #[arg(long)]
+        concurrent: bool,
+        #[arg(long, default_value_t = 0)]
+        hold_ms: u64,
         #[arg(long, default_value_t = 5_000)]
         io_timeout_ms: u64,
     },
@@ -137,12 +159,33 @@ fn main() -> ExitCode {
             message,
             connect_timeout_ms,
             io_timeout_ms,
+            pause_ms,
         } => {
             let report = tally(
                 connect,
                 count,
                 &message,
                 Duration::from_millis(connect_timeout_ms),
+                Duration::from_millis(io_timeout_ms),
+                Duration::from_millis(pause_ms),
+            );
+            println!("{report}");
+            Ok(())
+        }
+        Cmd::Hold {
+            connect,
+            count,
+            message,
+            concurrent,
+            hold_ms,
+            io_timeout_ms,
+        } => {
+            let report = hold(
+                connect,
+                count,
+                &message,
+                concurrent,
+                Duration::from_millis(hold_ms),
                 Duration::from_millis(io_timeout_ms),
             );
             println!("{report}");
@@ -279,25 +322,19 @@ fn tally(
     message: &str,
     connect_timeout: Duration,
     io_timeout: Duration,
+    pause: Duration,
 ) -> serde_json::Value {
     let mut replies: std::collections::BTreeMap<String, u64> = Default::default();
     let (mut errors, mut first_error) = (0u64, None);
-    for _ in 0..count {
-        let one = (|| -> io::Result<String> {
-            let mut s = TcpStream::connect_timeout(&connect, connect_timeout)?;
-            s.set_read_timeout(Some(io_timeout))?;
-            s.write_all(format!("{message}\n").as_bytes())?;
-            let mut line = String::new();
-            BufReader::new(&mut s).read_line(&mut line)?;
-            if line.is_empty() {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "no reply"));
-            }
-            Ok(line
-                .split_whitespace()
-                .next()
-                .unwrap_or_default()
-                .to_owned())
-        })();
+    let start = Instant::now();
+    let mut slowest = Duration::ZERO;
+    for i in 0..count {
+        if i > 0 && !pause.is_zero() {
+            std::thread::sleep(pause);
+        }
+        let began = Instant::now();
+        let one = ask(connect, message, connect_timeout, io_timeout).map(|(word, _)| word);
+        slowest = slowest.max(began.elapsed());
         match one {
             Ok(word) => *replies.entry(word).or_default() += 1,
             Err(e) => {
@@ -306,7 +343,107 @@ fn tally(
             }
         }
     }
-    json!({ "replies": replies, "errors": errors, "first_error": first_error })
+    json!({
+        "replies": replies,
+        "errors": errors,
+        "first_error": first_error,
+        "elapsed_ms": start.elapsed().as_secs_f64() * 1000.0,
+        "max_ms": slowest.as_secs_f64() * 1000.0,
+    })
+}
+
+/// One connection that sent "<message>\n" and read a line back: the line's first word,
+/// and the still open connection.
+fn ask(
+    connect: SocketAddr,
+    message: &str,
+    connect_timeout: Duration,
+    io_timeout: Duration,
+) -> io::Result<(String, TcpStream)> {
+    let mut s = TcpStream::connect_timeout(&connect, connect_timeout)?;
+    s.set_read_timeout(Some(io_timeout))?;
+    s.write_all(format!("{message}\n").as_bytes())?;
+    let mut line = String::new();
+    // One byte at a time: nothing past the line is consumed, and the stream stays ours.
+    let mut byte = [0u8; 1];
+    loop {
+        match s.read(&mut byte)? {
+            0 => break,
+            _ if byte[0] == b'\n' => break,
+            _ => line.push(byte[0] as char),
+        }
+    }
+    if line.is_empty() {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "no reply"));
+    }
+    let word = line.split_whitespace().next().unwrap_or_default().to_owned();
+    Ok((word, s))
+}
+
+fn hold(
+    connect: SocketAddr,
+    count: u32,
+    message: &str,
+    concurrent: bool,
+    hold: Duration,
+    io_timeout: Duration,
+) -> serde_json::Value {
+    let start = Instant::now();
+    let results: Vec<io::Result<(String, TcpStream)>> = if concurrent {
+        let barrier = std::sync::Barrier::new(count as usize);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..count)
+                .map(|_| {
+                    let barrier = &barrier;
+                    scope.spawn(move || {
+                        // Every thread is ready before any connects: the attempts overlap.
+                        barrier.wait();
+                        ask(connect, message, io_timeout, io_timeout)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(io::Error::other("thread panicked"))))
+                .collect()
+        })
+    } else {
+        (0..count)
+            .map(|_| ask(connect, message, io_timeout, io_timeout))
+            .collect()
+    };
+    let mut replies: std::collections::BTreeMap<String, u64> = Default::default();
+    let (mut errors, mut first_error) = (0u64, None);
+    let mut open = Vec::new();
+    for result in results {
+        match result {
+            Ok((word, stream)) => {
+                *replies.entry(word).or_default() += 1;
+                open.push(stream);
+            }
+            Err(e) => {
+                errors += 1;
+                first_error.get_or_insert_with(|| describe(&e));
+            }
+        }
+    }
+    // Still open: a connection the proxy reset after its reply would fail to write now.
+    let mut still_open = 0u64;
+    for stream in &mut open {
+        if stream.write_all(b"x\n").is_ok() && stream.flush().is_ok() {
+            still_open += 1;
+        }
+    }
+    if let Some(rest) = hold.checked_sub(start.elapsed()) {
+        std::thread::sleep(rest);
+    }
+    json!({
+        "replies": replies,
+        "open": still_open,
+        "errors": errors,
+        "first_error": first_error,
+        "elapsed_ms": start.elapsed().as_secs_f64() * 1000.0,
+    })
 }
 
 fn echo(mut s: TcpStream, greeting: Option<&str>) {

@@ -263,6 +263,17 @@ pub(super) fn by_endpoint(
     out
 }
 
+/// The endpoints whose settings ask for an active check.
+pub(super) fn checked(
+    by_endpoint: &HashMap<SocketAddrV4, Arc<UpstreamSettings>>,
+) -> Vec<(SocketAddrV4, Arc<UpstreamSettings>)> {
+    by_endpoint
+        .iter()
+        .filter(|(_, s)| s.health.interval.is_some())
+        .map(|(addr, s)| (*addr, Arc::clone(s)))
+        .collect()
+}
+
 fn finish(mut status: RouteStatus) -> RouteStatus {
     status.accepted = !status.routes.is_empty();
     if !status.reasons.is_empty() {
