@@ -697,3 +697,137 @@ spec:
     assert_eq!(bed.answer("ingressgateway-1", 19000), "hello");
     assert_eq!(bed.answer("ingressgateway-2", 19000), "hello-2");
 }
+
+/// The status of the FSM upstream settings object `name` at the gateway, once accepted.
+fn upstream_setting(bed: &Bed, gateway_pod: &str, name: &str) -> serde_json::Value {
+    wait_for(&format!("{name} in force at the gateway"), || {
+        let dump = bed.dump(bed.gateway_pod(gateway_pod))?;
+        dump["upstream_settings"]
+            .as_array()?
+            .iter()
+            .find(|s| s["name"] == name && s["accepted"] == true)
+            .cloned()
+    })
+}
+
+#[test]
+fn fsm_gateway_load_balancing_and_circuit_breaking() {
+    if !common::privileged() {
+        return;
+    }
+    // FSM Gateway's load balancing document: Service pipy with two endpoints.
+    let apps = [
+        App {
+            name: "pipy-1",
+            namespace: "server",
+            labels: "app: pipy",
+            port: 8080,
+            prefix: "pipy-1",
+        },
+        App {
+            name: "pipy-2",
+            namespace: "server",
+            labels: "app: pipy",
+            port: 8080,
+            prefix: "pipy-2",
+        },
+    ];
+    let bed = Bed::start("gw-lb", &apps, &[("server", "fsm-gateway")]);
+    bed.write(
+        "services.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: pipy, namespace: server}\n\
+         spec: {selector: {app: pipy}, ports: [{protocol: TCP, port: 8080, targetPort: 8080}]}\n",
+    );
+    bed.write(
+        "gateway.yaml",
+        r#"apiVersion: gateway.networking.k8s.io/v1beta1
+kind: Gateway
+metadata:
+  name: simple-fsm-gateway
+  namespace: server
+spec:
+  gatewayClassName: fsm-gateway-cls
+  listeners:
+  - protocol: TCP
+    port: 8000
+    name: tcp
+    allowedRoutes:
+      namespaces:
+        from: Same
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata:
+  name: tcp-route-sample
+  namespace: server
+spec:
+  parentRefs:
+  - name: simple-fsm-gateway
+    port: 8000
+  rules:
+  - backendRefs:
+    - name: pipy
+      port: 8080
+"#,
+    );
+    bed.serve("fsm-gateway", "server/simple-fsm-gateway", &[], &[8000]);
+    // Round-robin by default: an even split.
+    let report = bed.tally("fsm-gateway", 8000, 20);
+    assert_eq!(report["replies"]["pipy-1"], 10, "{report}");
+    assert_eq!(report["replies"]["pipy-2"], 10, "{report}");
+    // The document's LoadBalancerPolicy: every connection of this client to one endpoint.
+    bed.write(
+        "policy.yaml",
+        r#"apiVersion: gateway.flomesh.io/v1alpha1
+kind: LoadBalancerPolicy
+metadata:
+  name: lb-policy-sample
+  namespace: server
+spec:
+  targetRef:
+    group: ""
+    kind: Service
+    name: pipy
+    namespace: server
+  ports:
+    - port: 8080
+      type: HashingLoadBalancer
+"#,
+    );
+    upstream_setting(&bed, "fsm-gateway", "server/lb-policy-sample");
+    let report = bed.tally("fsm-gateway", 8000, 20);
+    assert_eq!(report["errors"], 0, "{report}");
+    assert_eq!(
+        report["replies"].as_object().map(|r| r.len()),
+        Some(1),
+        "hashing keeps the client on one endpoint: {report}"
+    );
+    // Circuit breaking at the gateway: at most 5 open connections to pipy.
+    bed.write(
+        "settings.yaml",
+        r#"apiVersion: policy.flomesh.io/v1alpha1
+kind: UpstreamTrafficSetting
+metadata:
+  name: pipy-circuit-breaking
+  namespace: server
+spec:
+  host: pipy.server.svc.cluster.local
+  connectionSettings:
+    tcp:
+      maxConnections: 5
+"#,
+    );
+    upstream_setting(&bed, "fsm-gateway", "server/pipy-circuit-breaking");
+    let target = format!("{}:8000", bed.gateway_pod("fsm-gateway").ip);
+    let held = bed
+        .node
+        .tb
+        .run_tb_pod(
+            &bed.client,
+            &["hold", "--connect", &target, "--count", "20", "--concurrent"],
+            Duration::from_secs(60),
+        )
+        .expect("hold");
+    assert_eq!(held["open"], 5, "{held}");
+    assert_eq!(held["errors"], 15, "{held}");
+}

@@ -3,12 +3,13 @@
 //! `LoadBalancerPolicy`; `HealthCheckPolicy`), adapted in names and addresses only. The
 //! servers answer like istio/tcp-echo-server ("<prefix> <line>"), so every reply says which
 //! endpoint answered.
+#[macro_use]
 mod common;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{run_in_netns, wait_for, Node};
+use common::{run_in_netns, wait_for, Mode, Node};
 use interceptor_testbed::{Pod, ServerProcess};
 
 /// FSM's `demo` namespace in the mesh: Service `fortio` (three endpoints), `limited` (one
@@ -85,6 +86,15 @@ const LIMITED: &str = "10.96.2.11:8078";
 const BACKEND: &str = "10.96.2.12:8078";
 const CLIENTS: usize = 8;
 
+// What depends on interception (the inbound side's rate limit and a check through the
+// inbound listener) runs in both modes; the balancing and the client-side limits are the
+// proxy's alone.
+in_both_modes!(
+    max_connections_holds_exactly_under_200_concurrent_attempts,
+    connection_rate_limit_gives_the_burst_then_the_rate,
+    an_active_check_ejects_a_dead_endpoint_before_clients_meet_it,
+);
+
 fn apps(fortio_3_serves: bool) -> String {
     let clients: String = (1..=CLIENTS)
         .map(|i| {
@@ -104,8 +114,8 @@ struct Demo {
 }
 
 impl Demo {
-    fn start(label: &str) -> Demo {
-        let mut node = Node::start_with_manifests(label, &[], &apps(true));
+    fn start(label: &str, mode: Mode) -> Demo {
+        let mut node = Node::start_with_manifests(label, &mode.args(&[]), &apps(true));
         let mut servers = BTreeMap::new();
         for name in ["fortio-1", "fortio-2", "fortio-3", "limited-1", "backend-1", "backend-2"] {
             let pod = node.pod("demo", name);
@@ -238,12 +248,11 @@ fn replies(report: &serde_json::Value) -> BTreeMap<String, i64> {
         .collect()
 }
 
-#[test]
-fn max_connections_holds_exactly_under_200_concurrent_attempts() {
+fn max_connections_holds_exactly_under_200_concurrent_attempts(mode: Mode) {
     if !common::privileged() {
         return;
     }
-    let demo = Demo::start("ups-maxconn");
+    let demo = Demo::start("ups-maxconn", mode);
     // FSM's circuit-breaking setting with the issue's limit.
     demo.apply(
         r#"
@@ -294,12 +303,11 @@ spec:
     assert_eq!(other["open"], 50, "{other}");
 }
 
-#[test]
-fn connection_rate_limit_gives_the_burst_then_the_rate() {
+fn connection_rate_limit_gives_the_burst_then_the_rate(mode: Mode) {
     if !common::privileged() {
         return;
     }
-    let mut demo = Demo::start("ups-ratelimit");
+    let mut demo = Demo::start("ups-ratelimit", mode);
     // FSM's "local rate limiting of L4 connections" demo, burst variant.
     let fsm_burst = r#"
 apiVersion: policy.flomesh.io/v1alpha1
@@ -361,7 +369,7 @@ fn least_connections_sends_new_connections_to_the_least_loaded_endpoint() {
     if !common::privileged() {
         return;
     }
-    let demo = Demo::start("ups-leastconn");
+    let demo = Demo::start("ups-leastconn", Mode::Ebpf);
     // FSM's LoadBalancerPolicy sample, for the fortio Service.
     demo.apply(
         r#"
@@ -418,7 +426,7 @@ fn source_ip_hashing_keeps_each_client_on_one_endpoint() {
     if !common::privileged() {
         return;
     }
-    let demo = Demo::start("ups-hashing");
+    let demo = Demo::start("ups-hashing", Mode::Ebpf);
     demo.apply(
         r#"
 apiVersion: gateway.flomesh.io/v1alpha1
@@ -472,7 +480,7 @@ fn a_refusing_endpoint_is_retried_around_ejected_and_comes_back() {
     if !common::privileged() {
         return;
     }
-    let mut demo = Demo::start("ups-eject");
+    let mut demo = Demo::start("ups-eject", Mode::Ebpf);
     let backend_2 = format!("{}:8078", demo.ip("backend-2"));
     demo.stop("backend-2");
     // Defaults: 5 refused connects in a row eject for 10 s. Every connection that tries
@@ -499,12 +507,11 @@ fn a_refusing_endpoint_is_retried_around_ejected_and_comes_back() {
     assert_eq!(demo.metric("interceptor_upstream_connect_failures_total", &[&on]), 5);
 }
 
-#[test]
-fn an_active_check_ejects_a_dead_endpoint_before_clients_meet_it() {
+fn an_active_check_ejects_a_dead_endpoint_before_clients_meet_it(mode: Mode) {
     if !common::privileged() {
         return;
     }
-    let mut demo = Demo::start("ups-active");
+    let mut demo = Demo::start("ups-active", mode);
     // FSM's HealthCheckPolicy sample without its HTTP fields (an L4 proxy checks that a
     // TCP connection opens), and a faster interval.
     demo.apply(
@@ -557,7 +564,7 @@ fn connect_timeout_is_honoured_and_the_connection_retried() {
     if !common::privileged() {
         return;
     }
-    let demo = Demo::start("ups-timeout");
+    let demo = Demo::start("ups-timeout", Mode::Ebpf);
     demo.apply(
         r#"
 apiVersion: policy.flomesh.io/v1alpha1
@@ -597,7 +604,7 @@ fn an_invalid_setting_is_rejected_and_the_previous_one_stays_in_force() {
     if !common::privileged() {
         return;
     }
-    let demo = Demo::start("ups-invalid");
+    let demo = Demo::start("ups-invalid", Mode::Ebpf);
     let valid = r#"
 apiVersion: policy.flomesh.io/v1alpha1
 kind: UpstreamTrafficSetting
