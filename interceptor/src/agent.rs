@@ -253,10 +253,10 @@ impl Agent {
             }
         };
         let checker = Arc::clone(self);
-        let checks = crate::proxy::upstream::run_health_checks(
-            Arc::clone(&self.upstreams),
-            move || checker.check_targets(),
-        );
+        let checks =
+            crate::proxy::upstream::run_health_checks(Arc::clone(&self.upstreams), move || {
+                checker.check_targets()
+            });
         tokio::spawn(async move {
             tokio::join!(follow, checks);
         })

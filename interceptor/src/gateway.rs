@@ -308,7 +308,9 @@ async fn handle(stream: TcpStream, client: SocketAddr, shared: Arc<Shared>) {
         |addr, timeout| async move {
             tokio::time::timeout(timeout, TcpStream::connect(addr))
                 .await
-                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+                .map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+                })?
         },
     )
     .await;
@@ -337,7 +339,12 @@ async fn handle(stream: TcpStream, client: SocketAddr, shared: Arc<Shared>) {
             let _ = stream.set_nodelay(true);
             let _ = upstream.set_nodelay(true);
             record.bytes = forward(stream, upstream, CopyMode::Splice).await;
-            if record.bytes.reset { "reset" } else { "closed" }.into()
+            if record.bytes.reset {
+                "reset"
+            } else {
+                "closed"
+            }
+            .into()
         }
         Err(why) => {
             reset_on_close(&stream);

@@ -824,7 +824,14 @@ spec:
         .tb
         .run_tb_pod(
             &bed.client,
-            &["hold", "--connect", &target, "--count", "20", "--concurrent"],
+            &[
+                "hold",
+                "--connect",
+                &target,
+                "--count",
+                "20",
+                "--concurrent",
+            ],
             Duration::from_secs(60),
         )
         .expect("hold");

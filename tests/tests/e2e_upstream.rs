@@ -117,7 +117,14 @@ impl Demo {
     fn start(label: &str, mode: Mode) -> Demo {
         let mut node = Node::start_with_manifests(label, &mode.args(&[]), &apps(true));
         let mut servers = BTreeMap::new();
-        for name in ["fortio-1", "fortio-2", "fortio-3", "limited-1", "backend-1", "backend-2"] {
+        for name in [
+            "fortio-1",
+            "fortio-2",
+            "fortio-3",
+            "limited-1",
+            "backend-1",
+            "backend-2",
+        ] {
             let pod = node.pod("demo", name);
             servers.insert(name.to_string(), (pod, None));
         }
@@ -307,7 +314,7 @@ fn connection_rate_limit_gives_the_burst_then_the_rate(mode: Mode) {
     if !common::privileged() {
         return;
     }
-    let mut demo = Demo::start("ups-ratelimit", mode);
+    let demo = Demo::start("ups-ratelimit", mode);
     // FSM's "local rate limiting of L4 connections" demo, burst variant.
     let fsm_burst = r#"
 apiVersion: policy.flomesh.io/v1alpha1
@@ -396,12 +403,22 @@ spec:
         let held = scope.spawn(|| {
             demo.tb_pod(
                 0,
-                &["hold", "--connect", FORTIO, "--count", "5", "--hold-ms", "8000"],
+                &[
+                    "hold",
+                    "--connect",
+                    FORTIO,
+                    "--count",
+                    "5",
+                    "--hold-ms",
+                    "8000",
+                ],
             )
         });
         wait_for("five connections open", || {
-            (demo.metric("interceptor_upstream_open_connections", &["host=\"demo/fortio\""])
-                == 5)
+            (demo.metric(
+                "interceptor_upstream_open_connections",
+                &["host=\"demo/fortio\""],
+            ) == 5)
                 .then_some(())
         });
         let short = demo.tally(1, FORTIO, 30, 20);
@@ -470,7 +487,11 @@ spec:
         let replies = replies(&report);
         assert_eq!(replies.len(), 1, "client-{} moved: {report}", client + 1);
         if before != "fortio-3" {
-            assert!(replies.contains_key(before), "client-{} left {before}: {report}", client + 1);
+            assert!(
+                replies.contains_key(before),
+                "client-{} left {before}: {report}",
+                client + 1
+            );
         }
     }
 }
@@ -489,22 +510,41 @@ fn a_refusing_endpoint_is_retried_around_ejected_and_comes_back() {
     assert_eq!(report["errors"], 0, "{report}\n{}", demo.node.agent_log());
     assert_eq!(replies(&report), BTreeMap::from([("backend-1".into(), 20)]));
     let on = format!("endpoint=\"{backend_2}\"");
-    assert_eq!(demo.metric("interceptor_upstream_connect_failures_total", &[&on]), 5);
+    assert_eq!(
+        demo.metric("interceptor_upstream_connect_failures_total", &[&on]),
+        5
+    );
     assert_eq!(demo.metric("interceptor_upstream_retries_total", &[&on]), 5);
-    assert_eq!(demo.metric("interceptor_upstream_ejections_total", &[&on]), 1);
+    assert_eq!(
+        demo.metric("interceptor_upstream_ejections_total", &[&on]),
+        1
+    );
     let left = demo.ejected_for_ms(&backend_2).expect("backend-2 ejected");
-    assert!((5_000..=10_000).contains(&left), "ejected for 10 s: {left} ms left");
+    assert!(
+        (5_000..=10_000).contains(&left),
+        "ejected for 10 s: {left} ms left"
+    );
     // Back up, but ejected until its time is over: no connection tries it meanwhile.
     demo.serve("backend-2");
     let still_out = demo.tally(0, BACKEND, 10, 0);
-    assert_eq!(replies(&still_out), BTreeMap::from([("backend-1".into(), 10)]));
+    assert_eq!(
+        replies(&still_out),
+        BTreeMap::from([("backend-1".into(), 10)])
+    );
     let left = demo.ejected_for_ms(&backend_2).unwrap_or(0);
     std::thread::sleep(Duration::from_millis(left + 100));
     assert!(!demo.ejected(&backend_2), "the ejection ended");
     let back = demo.tally(0, BACKEND, 20, 0);
     assert_eq!(back["errors"], 0, "{back}");
-    assert_eq!(replies(&back).get("backend-2"), Some(&10), "round-robin again: {back}");
-    assert_eq!(demo.metric("interceptor_upstream_connect_failures_total", &[&on]), 5);
+    assert_eq!(
+        replies(&back).get("backend-2"),
+        Some(&10),
+        "round-robin again: {back}"
+    );
+    assert_eq!(
+        demo.metric("interceptor_upstream_connect_failures_total", &[&on]),
+        5
+    );
 }
 
 fn an_active_check_ejects_a_dead_endpoint_before_clients_meet_it(mode: Mode) {
@@ -540,12 +580,22 @@ spec:
     let fortio_3 = format!("{}:8078", demo.ip("fortio-3"));
     let on = format!("endpoint=\"{fortio_3}\"");
     wait_for("passing checks of fortio-3", || {
-        (demo.metric("interceptor_upstream_health_checks_total", &[&on, "result=\"success\""]) >= 2)
+        (demo.metric(
+            "interceptor_upstream_health_checks_total",
+            &[&on, "result=\"success\""],
+        ) >= 2)
             .then_some(())
     });
     demo.stop("fortio-3");
-    wait_for("fortio-3 ejected by its checks", || demo.ejected(&fortio_3).then_some(()));
-    assert!(demo.metric("interceptor_upstream_health_checks_total", &[&on, "result=\"failure\""]) >= 2);
+    wait_for("fortio-3 ejected by its checks", || {
+        demo.ejected(&fortio_3).then_some(())
+    });
+    assert!(
+        demo.metric(
+            "interceptor_upstream_health_checks_total",
+            &[&on, "result=\"failure\""]
+        ) >= 2
+    );
     let report = demo.tally(0, FORTIO, 30, 0);
     assert_eq!(report["errors"], 0, "{report}\n{}", demo.node.agent_log());
     assert!(!replies(&report).contains_key("fortio-3"), "{report}");
@@ -585,7 +635,9 @@ spec:
     let backend_2 = &demo.servers["backend-2"].0;
     run_in_netns(
         &backend_2.netns,
-        &["iptables", "-w", "5", "-A", "INPUT", "-p", "tcp", "--dport", "8078", "-j", "DROP"],
+        &[
+            "iptables", "-w", "5", "-A", "INPUT", "-p", "tcp", "--dport", "8078", "-j", "DROP",
+        ],
     );
     let report = demo.tally(0, BACKEND, 4, 0);
     assert_eq!(report["errors"], 0, "{report}\n{}", demo.node.agent_log());
@@ -617,10 +669,22 @@ spec:
     tcp:
       maxConnections: 3
 "#;
-    demo.apply(valid, "UpstreamTrafficSetting", "demo/fortio-circuit-breaking");
+    demo.apply(
+        valid,
+        "UpstreamTrafficSetting",
+        "demo/fortio-circuit-breaking",
+    );
     for (from, to, reason) in [
-        ("maxConnections: 3", "maxConnections: 0", "must be at least 1, got 0"),
-        ("maxConnections: 3", "maxConnections: -1", "must be at least 1, got -1"),
+        (
+            "maxConnections: 3",
+            "maxConnections: 0",
+            "must be at least 1, got 0",
+        ),
+        (
+            "maxConnections: 3",
+            "maxConnections: -1",
+            "must be at least 1, got -1",
+        ),
         (
             "fortio.demo.svc",
             "fortio.other.svc",
@@ -632,14 +696,21 @@ spec:
             valid.replace(from, to),
         )
         .expect("policy.yaml");
-        let status = demo.status("UpstreamTrafficSetting", "demo/fortio-circuit-breaking", |s| {
-            s["reasons"].to_string().contains(reason)
-        });
+        let status = demo.status(
+            "UpstreamTrafficSetting",
+            "demo/fortio-circuit-breaking",
+            |s| s["reasons"].to_string().contains(reason),
+        );
         assert!(
-            status["reasons"].to_string().contains("previous valid version stays in force"),
+            status["reasons"]
+                .to_string()
+                .contains("previous valid version stays in force"),
             "{status}"
         );
-        let held = demo.tb_pod(0, &["hold", "--connect", FORTIO, "--count", "6", "--concurrent"]);
+        let held = demo.tb_pod(
+            0,
+            &["hold", "--connect", FORTIO, "--count", "6", "--concurrent"],
+        );
         assert_eq!(held["open"], 3, "{to}: the previous limit holds: {held}");
     }
     // An unknown unit in a rate limit is rejected the same way.
@@ -647,10 +718,15 @@ spec:
         "{valid}  rateLimit:\n    local:\n      tcp: {{connections: 5, unit: fortnight}}\n"
     );
     std::fs::write(demo.node.manifests.join("policy.yaml"), &with_rate).expect("policy.yaml");
-    let status = demo.status("UpstreamTrafficSetting", "demo/fortio-circuit-breaking", |s| {
-        s["reasons"].to_string().contains("fortnight")
-    });
-    assert!(status["accepted"] == true, "the previous version is in force: {status}");
+    let status = demo.status(
+        "UpstreamTrafficSetting",
+        "demo/fortio-circuit-breaking",
+        |s| s["reasons"].to_string().contains("fortnight"),
+    );
+    assert!(
+        status["accepted"] == true,
+        "the previous version is in force: {status}"
+    );
     // The rest of the mesh kept working throughout.
     let report = demo.tally(1, FORTIO, 6, 0);
     assert_eq!(report["errors"], 0, "{report}");

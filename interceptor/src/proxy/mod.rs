@@ -10,5 +10,5 @@ pub mod routes;
 pub mod upstream;
 
 pub use listener::{ConnectionLog, ConnectionRecord, Direction};
-pub use upstream::Upstreams;
 pub use routes::{ConnectionSource, GatewayTable, ListenerStatus, RouteStatus, RouteTable, Target};
+pub use upstream::Upstreams;

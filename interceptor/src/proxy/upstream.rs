@@ -689,7 +689,10 @@ mod tests {
         drop(upstreams.connected(addr, &s.host));
         upstreams.failed(addr, &s, t0);
         upstreams.failed(addr, &s, t0);
-        assert!(!upstreams.view(&endpoints, t0)[0].ejected, "the streak was broken");
+        assert!(
+            !upstreams.view(&endpoints, t0)[0].ejected,
+            "the streak was broken"
+        );
         upstreams.failed(addr, &s, t0);
         assert!(upstreams.view(&endpoints, t0)[0].ejected);
         assert!(upstreams.view(&endpoints, t0 + Duration::from_millis(1999))[0].ejected);

@@ -376,7 +376,11 @@ fn ask(
     if line.is_empty() {
         return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "no reply"));
     }
-    let word = line.split_whitespace().next().unwrap_or_default().to_owned();
+    let word = line
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
     Ok((word, s))
 }
 
@@ -404,7 +408,10 @@ fn hold(
                 .collect();
             handles
                 .into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| Err(io::Error::other("thread panicked"))))
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(io::Error::other("thread panicked")))
+                })
                 .collect()
         })
     } else {

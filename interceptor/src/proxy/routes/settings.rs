@@ -141,6 +141,12 @@ pub(super) struct Compiled {
     pub statuses: Vec<RouteStatus>,
 }
 
+/// A Service port: (`namespace/name`, port).
+pub(super) type PortKey = (String, u16);
+
+/// A value for each of some Service ports.
+type PerPort<V> = Vec<(PortKey, V)>;
+
 /// What one valid object sets.
 struct Traffic {
     host: String,
@@ -208,7 +214,14 @@ pub(super) fn compile(model: &Model, memory: &mut LastValid) -> Compiled {
             |spec| validate_balancer(model, &object.namespace, spec),
         );
         if let Some(ports) = valid {
-            claim(&mut by_port, &mut balanced, &object.key(), &mut status, ports, |s, b| s.balancer = b);
+            claim(
+                &mut by_port,
+                &mut balanced,
+                &object.key(),
+                &mut status,
+                ports,
+                |s, b| s.balancer = b,
+            );
         }
         statuses.push(finish(status));
     }
@@ -217,22 +230,32 @@ pub(super) fn compile(model: &Model, memory: &mut LastValid) -> Compiled {
     checks.sort_by(|a, b| a.age_key().cmp(&b.age_key()));
     let mut checked: HashMap<(String, u16), String> = HashMap::new();
     for object in checks {
-        let (valid, mut status) = judge(
-            "HealthCheckPolicy",
-            object,
-            &mut memory.health,
-            |spec| validate_health(model, &object.namespace, spec),
-        );
+        let (valid, mut status) = judge("HealthCheckPolicy", object, &mut memory.health, |spec| {
+            validate_health(model, &object.namespace, spec)
+        });
         if let Some(ports) = valid {
-            claim(&mut by_port, &mut checked, &object.key(), &mut status, ports, |s, h| s.health = h);
+            claim(
+                &mut by_port,
+                &mut checked,
+                &object.key(),
+                &mut status,
+                ports,
+                |s, h| s.health = h,
+            );
         }
         statuses.push(finish(status));
     }
 
     // Forget deleted objects: re-created with an invalid spec, nothing of old stays.
-    memory.traffic.retain(|k, _| routing.upstream_traffic_settings.contains_key(k));
-    memory.balancers.retain(|k, _| routing.load_balancer_policies.contains_key(k));
-    memory.health.retain(|k, _| routing.health_check_policies.contains_key(k));
+    memory
+        .traffic
+        .retain(|k, _| routing.upstream_traffic_settings.contains_key(k));
+    memory
+        .balancers
+        .retain(|k, _| routing.load_balancer_policies.contains_key(k));
+    memory
+        .health
+        .retain(|k, _| routing.health_check_policies.contains_key(k));
 
     Compiled {
         by_port: by_port.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
@@ -289,7 +312,7 @@ fn claim<V: Copy>(
     owners: &mut HashMap<(String, u16), String>,
     owner: &str,
     status: &mut RouteStatus,
-    ports: Vec<((String, u16), V)>,
+    ports: PerPort<V>,
     set: impl Fn(&mut UpstreamSettings, V),
 ) {
     for (port, value) in ports {
@@ -377,8 +400,9 @@ fn validate_traffic(
     let max_connections = tcp
         .and_then(|t| t.max_connections)
         .and_then(|n| positive(n, "connectionSettings.tcp.maxConnections", &mut reasons));
-    let connect_timeout = tcp.and_then(|t| t.connect_timeout.as_deref()).and_then(|d| {
-        match parse_duration(d) {
+    let connect_timeout = tcp
+        .and_then(|t| t.connect_timeout.as_deref())
+        .and_then(|d| match parse_duration(d) {
             Ok(d) if !d.is_zero() => Some(d),
             Ok(_) => {
                 reasons.push("connectionSettings.tcp.connectTimeout must be longer than 0".into());
@@ -388,16 +412,18 @@ fn validate_traffic(
                 reasons.push(format!("connectionSettings.tcp.connectTimeout {d:?}: {e}"));
                 None
             }
-        }
-    });
+        });
     let rate_limit = spec
         .rate_limit
         .as_ref()
         .and_then(|r| r.local.as_ref())
         .and_then(|l| l.tcp.as_ref())
         .and_then(|tcp| {
-            let connections =
-                positive(tcp.connections, "rateLimit.local.tcp.connections", &mut reasons);
+            let connections = positive(
+                tcp.connections,
+                "rateLimit.local.tcp.connections",
+                &mut reasons,
+            );
             let per = match tcp.unit.as_str() {
                 "second" => Some(Duration::from_secs(1)),
                 "minute" => Some(Duration::from_secs(60)),
@@ -411,7 +437,9 @@ fn validate_traffic(
             };
             let burst = match tcp.burst.unwrap_or(0) {
                 n if n < 0 => {
-                    reasons.push(format!("rateLimit.local.tcp.burst must not be negative, got {n}"));
+                    reasons.push(format!(
+                        "rateLimit.local.tcp.burst must not be negative, got {n}"
+                    ));
                     None
                 }
                 n => u32::try_from(n).ok().or_else(|| {
@@ -512,7 +540,7 @@ fn per_port<C, V: Copy>(
     ports: Vec<(i64, Option<&C>)>,
     default: Option<&C>,
     value: impl Fn(&C, &mut Vec<String>) -> Option<V>,
-) -> Result<Vec<((String, u16), V)>, Invalid> {
+) -> Result<PerPort<V>, Invalid> {
     let mut reasons = Vec::new();
     let svc = target_service(model, namespace, target).map_err(|r| Invalid::Spec(vec![r]))?;
     let mut listed: BTreeMap<u16, Option<V>> = BTreeMap::new();
@@ -554,7 +582,7 @@ fn validate_balancer(
     model: &Model,
     namespace: &str,
     spec: &LoadBalancerPolicySpec,
-) -> Result<Vec<((String, u16), Balancer)>, Invalid> {
+) -> Result<PerPort<Balancer>, Invalid> {
     let algorithm = |name: &String, reasons: &mut Vec<String>| match name.as_str() {
         "RoundRobinLoadBalancer" => Some(Balancer::RoundRobin),
         "LeastConnectionLoadBalancer" => Some(Balancer::LeastConnections),
@@ -587,7 +615,7 @@ fn validate_health(
     model: &Model,
     namespace: &str,
     spec: &HealthCheckPolicySpec,
-) -> Result<Vec<((String, u16), Health)>, Invalid> {
+) -> Result<PerPort<Health>, Invalid> {
     let health = |c: &HealthCheckConfig, reasons: &mut Vec<String>| {
         let before = reasons.len();
         if c.path.is_some() || !c.matches.is_empty() {
@@ -597,10 +625,16 @@ fn validate_health(
             );
         }
         if c.interval < 1 {
-            reasons.push(format!("interval must be at least 1 second, got {}", c.interval));
+            reasons.push(format!(
+                "interval must be at least 1 second, got {}",
+                c.interval
+            ));
         }
         if c.max_fails < 0 {
-            reasons.push(format!("maxFails must not be negative, got {}", c.max_fails));
+            reasons.push(format!(
+                "maxFails must not be negative, got {}",
+                c.max_fails
+            ));
         }
         let fail_timeout = match c.fail_timeout {
             Some(s) if s < 0 => {
@@ -661,7 +695,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             "s" => 1.0,
             "m" => 60.0,
             "h" => 3600.0,
-            unit => return Err(format!("{text:?}: unknown unit {unit:?} (ns, us, ms, s, m, h)")),
+            unit => {
+                return Err(format!(
+                    "{text:?}: unknown unit {unit:?} (ns, us, ms, s, m, h)"
+                ))
+            }
         };
         total += value * seconds;
         rest = &rest[unit_len..];
@@ -691,7 +729,10 @@ mod tests {
         );
         assert_eq!(host_service("fortio", "demo"), Ok("demo/fortio".into()));
         let outside = host_service("fortio.other.svc.cluster.local", "demo").unwrap_err();
-        assert!(outside.contains("outside the object's namespace demo"), "{outside}");
+        assert!(
+            outside.contains("outside the object's namespace demo"),
+            "{outside}"
+        );
         assert!(host_service("a.b.c", "demo").is_err());
     }
 }

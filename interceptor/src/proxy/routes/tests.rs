@@ -606,7 +606,11 @@ fn settings_status<'t>(table: &'t RouteTable, kind: &str, name: &str) -> &'t Rou
 
 fn echo_settings(table: &RouteTable) -> Arc<UpstreamSettings> {
     let addr: SocketAddrV4 = "10.244.0.11:9000".parse().unwrap();
-    Arc::clone(table.endpoint_settings(&addr).expect("echo-v1 serves echo-server"))
+    Arc::clone(
+        table
+            .endpoint_settings(&addr)
+            .expect("echo-v1 serves echo-server"),
+    )
 }
 
 const UTS: &str = r#"
@@ -628,7 +632,10 @@ fn an_upstream_traffic_setting_applies_to_every_port_of_its_host() {
     let settings = echo_settings(&table);
     assert_eq!(settings.host, "default/echo-server");
     assert_eq!(settings.max_connections, Some(50));
-    assert_eq!(settings.connect_timeout, std::time::Duration::from_millis(250));
+    assert_eq!(
+        settings.connect_timeout,
+        std::time::Duration::from_millis(250)
+    );
     let limit = settings.rate_limit.expect("rate limit");
     assert_eq!((limit.connections, limit.burst), (10, 5));
     assert_eq!(limit.capacity(), 15.0);
@@ -637,7 +644,10 @@ fn an_upstream_traffic_setting_applies_to_every_port_of_its_host() {
     assert_eq!(status.routes, ["default/echo-server:19000"]);
     // The other Service keeps the defaults.
     let other: SocketAddrV4 = "10.244.0.13:9000".parse().unwrap();
-    assert_eq!(table.endpoint_settings(&other).unwrap().max_connections, None);
+    assert_eq!(
+        table.endpoint_settings(&other).unwrap().max_connections,
+        None
+    );
 }
 
 #[test]
@@ -651,10 +661,22 @@ fn an_invalid_setting_is_rejected_with_reasons_and_the_previous_valid_one_stays(
     let valid = build(UTS, &mut memory);
     assert_eq!(echo_settings(&valid).max_connections, Some(50));
     for (change, reason) in [
-        ("maxConnections: 50", "maxConnections must be at least 1, got 0"),
-        ("maxConnections: 50", "maxConnections must be at least 1, got -3"),
-        ("unit: second", "unit \"fortnight\" is not one of second, minute, hour"),
-        ("connections: 10", "rateLimit.local.tcp.connections must be at least 1, got 0"),
+        (
+            "maxConnections: 50",
+            "maxConnections must be at least 1, got 0",
+        ),
+        (
+            "maxConnections: 50",
+            "maxConnections must be at least 1, got -3",
+        ),
+        (
+            "unit: second",
+            "unit \"fortnight\" is not one of second, minute, hour",
+        ),
+        (
+            "connections: 10",
+            "rateLimit.local.tcp.connections must be at least 1, got 0",
+        ),
         (
             "host: echo-server.default.svc.cluster.local",
             "outside the object's namespace default",
@@ -676,15 +698,25 @@ fn an_invalid_setting_is_rejected_with_reasons_and_the_previous_valid_one_stays(
             "{replacement}: {status:?}"
         );
         assert!(
-            status.reasons.iter().any(|r| r.contains("previous valid version stays")),
+            status
+                .reasons
+                .iter()
+                .any(|r| r.contains("previous valid version stays")),
             "{status:?}"
         );
         let settings = echo_settings(&invalid);
         assert_eq!(settings.max_connections, Some(50), "{replacement}");
-        assert_eq!(settings.rate_limit.unwrap().connections, 10, "{replacement}");
+        assert_eq!(
+            settings.rate_limit.unwrap().connections,
+            10,
+            "{replacement}"
+        );
     }
     // Without a valid version to fall back to, an invalid object sets nothing.
-    let fresh = build(&UTS.replace("maxConnections: 50", "maxConnections: 0"), &mut LastValid::default());
+    let fresh = build(
+        &UTS.replace("maxConnections: 50", "maxConnections: 0"),
+        &mut LastValid::default(),
+    );
     assert_eq!(echo_settings(&fresh).max_connections, None);
     assert!(!settings_status(&fresh, "UpstreamTrafficSetting", "default/echo-limits").accepted);
 }
@@ -731,15 +763,27 @@ spec:
     let settings = echo_settings(&table);
     assert_eq!(settings.balancer, Balancer::LeastConnections);
     assert_eq!(settings.health.max_fails, 3);
-    assert_eq!(settings.health.fail_timeout, std::time::Duration::from_secs(1));
-    assert_eq!(settings.health.interval, Some(std::time::Duration::from_secs(10)));
+    assert_eq!(
+        settings.health.fail_timeout,
+        std::time::Duration::from_secs(1)
+    );
+    assert_eq!(
+        settings.health.interval,
+        Some(std::time::Duration::from_secs(10))
+    );
     assert_eq!(table.checked_endpoints().len(), 2, "echo-v1 and echo-v2");
     let bad = settings_status(&table, "LoadBalancerPolicy", "default/bad-type");
     assert!(!bad.accepted);
-    assert!(bad.reasons[0].contains("\"RandomLoadBalancer\" is not one of"), "{bad:?}");
+    assert!(
+        bad.reasons[0].contains("\"RandomLoadBalancer\" is not one of"),
+        "{bad:?}"
+    );
     let http = settings_status(&table, "HealthCheckPolicy", "default/http-check");
     assert!(!http.accepted);
-    assert!(http.reasons[0].contains("HTTP checks (path, matches) are not supported"), "{http:?}");
+    assert!(
+        http.reasons[0].contains("HTTP checks (path, matches) are not supported"),
+        "{http:?}"
+    );
     let other: SocketAddrV4 = "10.244.0.13:9000".parse().unwrap();
     let other = table.endpoint_settings(&other).unwrap();
     assert_eq!(other.balancer, Balancer::RoundRobin);
@@ -773,7 +817,9 @@ fn least_connections_fills_the_idle_endpoint_and_round_robins_between_equals() {
     let a = backend.endpoints[0].addr;
     let b = backend.endpoints[1].addr;
     // Three open on a: the next three go to b, then they alternate.
-    let held: Vec<_> = (0..3).map(|_| upstreams.connected(a, "default/echo")).collect();
+    let held: Vec<_> = (0..3)
+        .map(|_| upstreams.connected(a, "default/echo"))
+        .collect();
     let mut chosen = Vec::new();
     let mut on_b = 0;
     for _ in 0..5 {
@@ -781,7 +827,10 @@ fn least_connections_fills_the_idle_endpoint_and_round_robins_between_equals() {
         on_b += usize::from(addr == b);
         chosen.push(upstreams.connected(addr, "default/echo"));
     }
-    assert_eq!(on_b, 4, "b gets 3 to catch up, then one of the two equal picks");
+    assert_eq!(
+        on_b, 4,
+        "b gets 3 to catch up, then one of the two equal picks"
+    );
     drop(held);
     // a now has 1 open, b 4: the next three all go to a.
     for _ in 0..3 {
@@ -793,8 +842,9 @@ fn least_connections_fills_the_idle_endpoint_and_round_robins_between_equals() {
 #[test]
 fn source_ip_hashing_keeps_each_client_and_moves_only_a_removed_endpoints_clients() {
     let three = backend(3, Balancer::SourceIpHash);
-    let clients: Vec<std::net::Ipv4Addr> =
-        (1..=200).map(|i| std::net::Ipv4Addr::new(10, 244, 7, i)).collect();
+    let clients: Vec<std::net::Ipv4Addr> = (1..=200)
+        .map(|i| std::net::Ipv4Addr::new(10, 244, 7, i))
+        .collect();
     let pick = |backend: &Backend, client| {
         let pick = Pick {
             client: Some(client),
