@@ -112,6 +112,15 @@ pub struct Agent {
     rebuild: Mutex<()>,
 }
 
+/// A task that is aborted when this handle is dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// A failed CNI request, with the CNI error code to answer.
 #[derive(Debug)]
 pub struct CniFailure {
@@ -217,9 +226,12 @@ impl Agent {
         read(&self.routes).statuses().to_vec()
     }
 
-    /// The endpoints to check actively, with the netns of those enrolled on this node.
+    /// The endpoints to check actively: pods enrolled on this node from inside their
+    /// netns, endpoints outside the mesh directly. A mesh pod on another node is checked by
+    /// its own node's agent: a check through its inbound listener would meet the mesh's
+    /// policies (SMI access, rate limits) as a client from the node's address.
     fn check_targets(&self) -> Vec<crate::proxy::upstream::CheckTarget> {
-        let endpoints = read(&self.routes).checked_endpoints();
+        let table = read(&self.routes).clone();
         let local: HashMap<Ipv4Addr, Arc<PodNetns>> = lock(&self.pods)
             .values()
             .filter_map(|entry| {
@@ -227,12 +239,16 @@ impl Agent {
                 Some((entry.ipv4?, Arc::clone(&enrolled.netns)))
             })
             .collect();
-        endpoints
-            .into_iter()
-            .map(|(addr, settings)| crate::proxy::upstream::CheckTarget {
-                netns: local.get(addr.ip()).cloned(),
-                addr,
-                settings,
+        table
+            .checked_endpoints()
+            .iter()
+            .filter_map(|c| {
+                let netns = local.get(c.addr.ip()).cloned();
+                (netns.is_some() || !c.in_mesh).then(|| crate::proxy::upstream::CheckTarget {
+                    addr: c.addr,
+                    settings: Arc::clone(&c.settings),
+                    netns,
+                })
             })
             .collect()
     }
@@ -257,8 +273,12 @@ impl Agent {
             crate::proxy::upstream::run_health_checks(Arc::clone(&self.upstreams), move || {
                 checker.check_targets()
             });
+        // Its own task: whatever happens to the checker, routes keep following the model;
+        // it ends with the follower (aborted or not).
+        let checks = AbortOnDrop(tokio::spawn(checks));
         tokio::spawn(async move {
-            tokio::join!(follow, checks);
+            let _checks = checks;
+            follow.await;
         })
     }
 
@@ -285,6 +305,7 @@ impl Agent {
             permissive,
             &mut self.upstreams.last_valid(),
         );
+        self.upstreams.retain(|addr| table.is_endpoint(addr));
         *write(&self.routes) = Arc::new(table);
     }
 

@@ -164,12 +164,15 @@ pub async fn run(config: GatewayConfig) -> anyhow::Result<()> {
     let health_checks = tokio::spawn(upstream::run_health_checks(
         Arc::clone(&shared.upstreams),
         move || {
-            let endpoints = read(&checked.table).checked_endpoints();
-            endpoints
-                .into_iter()
-                .map(|(addr, settings)| upstream::CheckTarget {
-                    addr,
-                    settings,
+            // A gateway is a client like any other: it checks mesh endpoints through their
+            // inbound listeners, under the mesh's policies.
+            let table = read(&checked.table).clone();
+            table
+                .checked_endpoints()
+                .iter()
+                .map(|c| upstream::CheckTarget {
+                    addr: c.addr,
+                    settings: Arc::clone(&c.settings),
                     netns: None,
                 })
                 .collect()
@@ -237,6 +240,7 @@ async fn reconcile(
             reasons = ?status.reasons, "route not (fully) in force at the gateway");
     }
     let ports = table.ports();
+    shared.upstreams.retain(|addr| table.is_endpoint(addr));
     *write(&shared.table) = Arc::clone(&table);
     listeners.retain(|port, task| {
         let keep = ports.contains(port);
@@ -335,10 +339,11 @@ async fn handle(stream: TcpStream, client: SocketAddr, shared: Arc<Shared>) {
             reset_on_close(&stream);
             "no route".into()
         }
-        Ok((upstream, _leases)) => {
+        Ok((upstream, leases)) => {
             let _ = stream.set_nodelay(true);
             let _ = upstream.set_nodelay(true);
             record.bytes = forward(stream, upstream, CopyMode::Splice).await;
+            leases.served(record.bytes.downstream_bytes > 0);
             if record.bytes.reset {
                 "reset"
             } else {

@@ -225,15 +225,8 @@ impl Mesh {
     }
 }
 
-/// The sum of the samples of `name` whose labels contain every fragment.
 fn metric(mesh: &Mesh, name: &str, fragments: &[&str]) -> i64 {
-    let (status, body) = mesh.node.tb.admin_get("/metrics").expect("GET /metrics");
-    assert_eq!(status, 200, "{body}");
-    body.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .filter(|l| fragments.iter().all(|f| l.contains(f)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<i64>().ok())
-        .sum()
+    common::metric(&mesh.node, name, fragments)
 }
 
 fn count(report: &serde_json::Value, word: &str) -> i64 {

@@ -207,7 +207,7 @@ async fn proxy_one(
         Direction::Inbound | Direction::Gateway => inbound(ctx, &table, original, client_ip).await,
     };
     record.target = Some(target);
-    let (upstream, _leases) = match opened {
+    let (upstream, leases) = match opened {
         Ok(opened) => opened,
         Err(why) => {
             reset_on_close(&stream);
@@ -232,6 +232,7 @@ async fn proxy_one(
     };
     record.copy_mode = mode;
     record.bytes = forward(stream, upstream, mode).await;
+    leases.served(record.bytes.downstream_bytes > 0);
     Ok(())
 }
 
@@ -258,10 +259,9 @@ async fn inbound(
     }
     let settings = table.endpoint_settings(&original);
     if let Some((settings, limit)) = settings.and_then(|s| Some((s, s.rate_limit?))) {
-        let pod = ctx.pod.to_string();
         if !ctx
             .upstreams
-            .take_token(&pod, original, settings, &limit, Instant::now())
+            .take_token(original, settings, &limit, Instant::now())
         {
             let reason = format!(
                 "no token left for {} ({} per {} s, burst {})",

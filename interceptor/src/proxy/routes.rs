@@ -23,7 +23,7 @@ use crate::model::{Endpoint, Model, PodKey};
 pub use compile::{Condition, RouteStatus};
 pub use gateway::{GatewayTable, ListenerStatus};
 pub use settings::{
-    Balancer, Health, LastValid, RateLimit, UpstreamSettings, DEFAULT_CONNECT_TIMEOUT,
+    Balancer, Checked, Health, LastValid, RateLimit, UpstreamSettings, DEFAULT_CONNECT_TIMEOUT,
 };
 use split::Split;
 
@@ -44,8 +44,10 @@ pub struct RouteTable {
     access: Option<access::AccessPolicy>,
     /// Which pod has an address: what CNI reported, then `status.podIP`.
     pods_by_ip: HashMap<Ipv4Addr, PodKey>,
-    /// The upstream settings of the Service port each endpoint address serves.
-    endpoint_settings: HashMap<SocketAddrV4, Arc<UpstreamSettings>>,
+    /// The upstream settings of the Service port each endpoint address serves, and its pod.
+    endpoint_settings: HashMap<SocketAddrV4, (Arc<UpstreamSettings>, PodKey)>,
+    /// The endpoints with an active check.
+    checked: Vec<Checked>,
 }
 
 #[derive(Debug, Clone)]
@@ -290,6 +292,7 @@ impl RouteTable {
             .statuses
             .sort_by(|a, b| (a.kind, &a.name).cmp(&(b.kind, &b.name)));
         let endpoint_settings = settings::by_endpoint(model, pod_ips, &upstream.by_port);
+        let checked = settings::checked(model, &endpoint_settings);
         let (policy, access_statuses) = access::build(model, !permissive);
         compiled.statuses.extend(access_statuses);
         let mut pods_by_ip: HashMap<Ipv4Addr, PodKey> = model
@@ -311,6 +314,7 @@ impl RouteTable {
             access: (!permissive).then_some(policy),
             pods_by_ip,
             endpoint_settings,
+            checked,
         }
     }
 
@@ -335,12 +339,17 @@ impl RouteTable {
 
     /// The upstream settings of the Service port `addr` (a pod's address and port) serves.
     pub fn endpoint_settings(&self, addr: &SocketAddrV4) -> Option<&Arc<UpstreamSettings>> {
-        self.endpoint_settings.get(addr)
+        self.endpoint_settings.get(addr).map(|(s, _)| s)
+    }
+
+    /// Whether `addr` is an endpoint of a Service now.
+    pub fn is_endpoint(&self, addr: &SocketAddrV4) -> bool {
+        self.endpoint_settings.contains_key(addr)
     }
 
     /// Endpoints with an active check, for the health checker.
-    pub fn checked_endpoints(&self) -> Vec<(SocketAddrV4, Arc<UpstreamSettings>)> {
-        settings::checked(&self.endpoint_settings)
+    pub fn checked_endpoints(&self) -> &[Checked] {
+        &self.checked
     }
 
     /// In SMI mode, whether the source may reach the endpoint or pod the route chose.

@@ -119,8 +119,8 @@ pub struct Upstreams {
 struct State {
     /// Open connections per (client, host), counted only for hosts with a limit.
     open: HashMap<(String, String), u32>,
-    /// Token buckets per (endpoint pod, host).
-    buckets: HashMap<(String, String), Bucket>,
+    /// Token buckets per (endpoint, host): one per instance, as FSM's local rate limit.
+    buckets: HashMap<(SocketAddrV4, String), Bucket>,
     endpoints: HashMap<SocketAddrV4, EndpointState>,
 }
 
@@ -194,7 +194,17 @@ impl Drop for EndpointLease {
 #[derive(Debug, Default)]
 pub struct Leases {
     _host: Option<HostLease>,
-    _endpoint: Option<EndpointLease>,
+    endpoint: Option<EndpointLease>,
+}
+
+impl Leases {
+    /// The connection is over: bytes came back from the endpoint (`answered`), so its
+    /// application is alive and its failure streak ends.
+    pub fn served(&self, answered: bool) {
+        if let (true, Some(lease)) = (answered, &self.endpoint) {
+            lease.upstreams.healthy(lease.addr);
+        }
+    }
 }
 
 /// One endpoint's state, for `/config_dump`.
@@ -260,11 +270,10 @@ impl Upstreams {
         })
     }
 
-    /// Take a token from the bucket of (`pod`, host of `settings`), refilled continuously at
-    /// the limit's rate. `false` (and counted) when it is empty.
+    /// Take a token from the bucket of (`endpoint`, host of `settings`), refilled
+    /// continuously at the limit's rate. `false` (and counted) when it is empty.
     pub fn take_token(
         &self,
-        pod: &str,
         endpoint: SocketAddrV4,
         settings: &UpstreamSettings,
         limit: &RateLimit,
@@ -273,7 +282,7 @@ impl Upstreams {
         let mut state = lock(&self.state);
         let bucket = state
             .buckets
-            .entry((pod.to_owned(), settings.host.clone()))
+            .entry((endpoint, settings.host.clone()))
             .or_insert_with(|| Bucket {
                 tokens: limit.capacity(),
                 last: now,
@@ -286,7 +295,8 @@ impl Upstreams {
         }
         let elapsed = now.saturating_duration_since(bucket.last).as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * limit.rate()).min(limit.capacity());
-        bucket.last = now;
+        // Callers read the clock before the lock: never step back and refill twice.
+        bucket.last = bucket.last.max(now);
         if bucket.tokens >= 1.0 {
             bucket.tokens -= 1.0;
             return true;
@@ -318,13 +328,12 @@ impl Upstreams {
             .collect()
     }
 
-    /// A connect to `addr` succeeded: its failure streak ends and it has one more
-    /// open connection until the lease drops.
+    /// A connect to `addr` succeeded: it has one more open connection until the lease
+    /// drops. Its failure streak goes on: the connect may have reached the inbound listener
+    /// of a mesh pod whose application is down (see [`Leases::served`]).
     pub fn connected(self: &Arc<Self>, addr: SocketAddrV4, host: &str) -> EndpointLease {
         let mut state = lock(&self.state);
-        let endpoint = state.endpoints.entry(addr).or_default();
-        endpoint.open += 1;
-        endpoint.failures = 0;
+        state.endpoints.entry(addr).or_default().open += 1;
         drop(state);
         self.metrics.open.get_or_create(&labels(host, addr)).inc();
         EndpointLease {
@@ -338,6 +347,8 @@ impl Upstreams {
     /// it is ejected for `fail_timeout`.
     pub fn failed(&self, addr: SocketAddrV4, settings: &UpstreamSettings, now: Instant) {
         let health = settings.health;
+        let labels = labels(&settings.host, addr);
+        self.metrics.connect_failures.get_or_create(&labels).inc();
         let mut state = lock(&self.state);
         let endpoint = state.endpoints.entry(addr).or_default();
         if endpoint.ejected_until.is_some_and(|until| until > now) {
@@ -348,11 +359,9 @@ impl Upstreams {
         let ejected = endpoint.failures >= health.max_fails;
         if ejected {
             endpoint.failures = 0;
-            endpoint.ejected_until = Some(now + health.fail_timeout);
+            endpoint.ejected_until = now.checked_add(health.fail_timeout);
         }
         drop(state);
-        let labels = labels(&settings.host, addr);
-        self.metrics.connect_failures.get_or_create(&labels).inc();
         if ejected {
             self.metrics.ejections.get_or_create(&labels).inc();
             tracing::warn!(host = %settings.host, endpoint = %addr, failures = health.max_fails,
@@ -360,12 +369,20 @@ impl Upstreams {
         }
     }
 
-    /// An active check of `addr` passed: its failure streak ends (an ejection still runs
-    /// its course, as FSM's `failTimeout` says).
-    pub fn check_passed(&self, addr: SocketAddrV4) {
+    /// `addr` answered (an active check passed, or a connection got bytes back): its
+    /// failure streak ends. An ejection still runs its course, as FSM's `failTimeout` says.
+    pub fn healthy(&self, addr: SocketAddrV4) {
         if let Some(endpoint) = lock(&self.state).endpoints.get_mut(&addr) {
             endpoint.failures = 0;
         }
+    }
+
+    /// Forget the endpoints `keep` does not keep (they left every Service), unless a
+    /// connection to them is still open; a pod that later reuses an address starts afresh.
+    pub fn retain(&self, keep: impl Fn(&SocketAddrV4) -> bool) {
+        let mut state = lock(&self.state);
+        state.endpoints.retain(|addr, s| s.open > 0 || keep(addr));
+        state.buckets.retain(|(addr, _), _| keep(addr));
     }
 
     /// Every endpoint the proxy has seen, for `/config_dump`.
@@ -429,7 +446,7 @@ where
         }
         Err(error) => error,
     };
-    upstreams.failed(addr, &settings, Instant::now());
+    count_failure(upstreams, addr, &settings, &error);
     pick.avoid = Some(addr);
     let second = resolve(&pick);
     let (Some(retry_settings), Target::Endpoint { addr: retry, .. }) =
@@ -458,7 +475,7 @@ where
             (second.target, Ok((stream, leases(host, endpoint))))
         }
         Err(retry_error) => {
-            upstreams.failed(retry, &retry_settings, Instant::now());
+            count_failure(upstreams, retry, &retry_settings, &retry_error);
             (
                 second.target,
                 Err(format!(
@@ -469,10 +486,24 @@ where
     }
 }
 
+/// Count a failed connect against the endpoint, unless it was reset: then a listener took
+/// it (a mesh pod's inbound listener whose application refused, which that listener counts
+/// itself, or which refused by policy) and the endpoint's host is not what failed.
+fn count_failure(
+    upstreams: &Upstreams,
+    addr: SocketAddrV4,
+    settings: &UpstreamSettings,
+    error: &std::io::Error,
+) {
+    if error.kind() != std::io::ErrorKind::ConnectionReset {
+        upstreams.failed(addr, settings, Instant::now());
+    }
+}
+
 fn leases(host: HostLease, endpoint: EndpointLease) -> Leases {
     Leases {
         _host: Some(host),
-        _endpoint: Some(endpoint),
+        endpoint: Some(endpoint),
     }
 }
 
@@ -568,7 +599,7 @@ pub async fn run_health_checks(upstreams: Arc<Upstreams>, due: impl Fn() -> Vec<
             if next.get(&addr).is_some_and(|at| *at > now) {
                 continue;
             }
-            next.insert(addr, now + interval);
+            next.insert(addr, now.checked_add(interval).unwrap_or(now));
             let upstreams = Arc::clone(&upstreams);
             checks.spawn(async move {
                 let timeout = settings.connect_timeout.min(interval);
@@ -584,7 +615,7 @@ pub async fn run_health_checks(upstreams: Arc<Upstreams>, due: impl Fn() -> Vec<
                     })
                     .inc();
                 if healthy {
-                    upstreams.check_passed(addr);
+                    upstreams.healthy(addr);
                 } else {
                     upstreams.failed(addr, &settings, Instant::now());
                 }
@@ -654,19 +685,19 @@ mod tests {
         let addr: SocketAddrV4 = "10.0.0.1:80".parse().unwrap();
         let t0 = Instant::now();
         let taken = (0..100)
-            .filter(|_| upstreams.take_token("demo/server", addr, &s, &limit, t0))
+            .filter(|_| upstreams.take_token(addr, &s, &limit, t0))
             .count();
         assert_eq!(taken, 15, "connections + burst at once");
         // 10 per second: 5 tokens after half a second.
         let t1 = t0 + Duration::from_millis(500);
         let taken = (0..100)
-            .filter(|_| upstreams.take_token("demo/server", addr, &s, &limit, t1))
+            .filter(|_| upstreams.take_token(addr, &s, &limit, t1))
             .count();
         assert_eq!(taken, 5);
         // Never more than the capacity, however long it rested.
         let t2 = t1 + Duration::from_secs(3600);
         let taken = (0..100)
-            .filter(|_| upstreams.take_token("demo/server", addr, &s, &limit, t2))
+            .filter(|_| upstreams.take_token(addr, &s, &limit, t2))
             .count();
         assert_eq!(taken, 15);
     }
@@ -686,7 +717,15 @@ mod tests {
         let t0 = Instant::now();
         upstreams.failed(addr, &s, t0);
         upstreams.failed(addr, &s, t0);
+        // A connect alone proves nothing (it may reach a mesh pod's inbound listener);
+        // bytes back do.
         drop(upstreams.connected(addr, &s.host));
+        upstreams.failed(addr, &s, t0);
+        assert!(upstreams.view(&endpoints, t0)[0].ejected, "3 in a row");
+        let t0 = t0 + Duration::from_secs(2);
+        upstreams.failed(addr, &s, t0);
+        upstreams.failed(addr, &s, t0);
+        upstreams.healthy(addr);
         upstreams.failed(addr, &s, t0);
         upstreams.failed(addr, &s, t0);
         assert!(

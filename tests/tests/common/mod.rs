@@ -151,6 +151,18 @@ pub fn manifests_path(node: &Node) -> &Path {
     &node.manifests
 }
 
+/// The sum of the samples of metric `name` on the agent's `/metrics` whose labels contain
+/// every fragment.
+pub fn metric(node: &Node, name: &str, fragments: &[&str]) -> i64 {
+    let (status, body) = node.tb.admin_get("/metrics").expect("GET /metrics");
+    assert_eq!(status, 200, "{body}");
+    body.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| fragments.iter().all(|f| l.contains(f)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<i64>().ok())
+        .sum()
+}
+
 /// Poll `probe` every 50 ms for up to 5 s; panics naming `what` when it never answers.
 pub fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
     for _ in 0..100 {

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 
+use super::settings::PortKey;
 use super::split::{istio_weights, Split};
 use super::{Backend, Match, Policy, Rule, ServiceRoute, UpstreamSettings, MESH_GATEWAY};
 use crate::model::routing::{
@@ -65,13 +66,13 @@ pub(super) struct Ctx<'a> {
     pub model: &'a Model,
     pub pod_ips: &'a HashMap<PodKey, Ipv4Addr>,
     /// Upstream settings per (Service `namespace/name`, port).
-    pub settings: &'a HashMap<(String, u16), Arc<UpstreamSettings>>,
+    pub settings: &'a HashMap<PortKey, Arc<UpstreamSettings>>,
 }
 
 pub(super) fn compile(
     model: &Model,
     pod_ips: &HashMap<PodKey, Ipv4Addr>,
-    settings: &HashMap<(String, u16), Arc<UpstreamSettings>>,
+    settings: &HashMap<PortKey, Arc<UpstreamSettings>>,
 ) -> Compiled {
     let ctx = Ctx {
         model,

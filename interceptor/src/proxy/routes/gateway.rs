@@ -8,7 +8,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 
 use super::compile::{applies_to_port, Condition, Ctx, Errors, RouteStatus};
-use super::settings::{self, LastValid, UpstreamSettings};
+use super::settings::{self, Checked, LastValid};
 use super::{holds, Pick, Policy, Resolved, Rule, Source, Target};
 use crate::model::routing::{GatewaySpec, IstioGatewaySpec, ParentReference, Routed, TcpRouteSpec};
 use crate::model::Model;
@@ -50,8 +50,10 @@ pub struct GatewayTable {
     sources: HashMap<Ipv4Addr, Source>,
     /// The FSM upstream settings objects and whether each is in force.
     settings_statuses: Vec<RouteStatus>,
-    /// The upstream settings of the Service port each endpoint address serves.
-    endpoint_settings: HashMap<SocketAddrV4, Arc<UpstreamSettings>>,
+    /// The endpoints with an active check.
+    checked: Vec<Checked>,
+    /// Every endpoint of a Service.
+    endpoints: std::collections::HashSet<SocketAddrV4>,
 }
 
 impl GatewayTable {
@@ -61,6 +63,7 @@ impl GatewayTable {
     pub fn build(model: &Model, key: &str, class: Option<&str>, memory: &mut LastValid) -> Self {
         let pod_ips = HashMap::new();
         let upstream = settings::compile(model, memory);
+        let by_endpoint = settings::by_endpoint(model, &pod_ips, &upstream.by_port);
         let ctx = Ctx {
             model,
             pod_ips: &pod_ips,
@@ -68,7 +71,8 @@ impl GatewayTable {
         };
         let mut table = GatewayTable {
             gateway: key.to_owned(),
-            endpoint_settings: settings::by_endpoint(model, &pod_ips, &upstream.by_port),
+            checked: settings::checked(model, &by_endpoint),
+            endpoints: by_endpoint.keys().copied().collect(),
             settings_statuses: upstream.statuses,
             sources: model
                 .pods
@@ -121,8 +125,13 @@ impl GatewayTable {
     }
 
     /// Endpoints with an active check, for the health checker.
-    pub fn checked_endpoints(&self) -> Vec<(SocketAddrV4, Arc<UpstreamSettings>)> {
-        settings::checked(&self.endpoint_settings)
+    pub fn checked_endpoints(&self) -> &[Checked] {
+        &self.checked
+    }
+
+    /// Whether `addr` is an endpoint of a Service now.
+    pub fn is_endpoint(&self, addr: &SocketAddrV4) -> bool {
+        self.endpoints.contains(addr)
     }
 
     pub fn listener_statuses(&self) -> &[ListenerStatus] {

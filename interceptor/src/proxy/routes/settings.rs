@@ -135,9 +135,12 @@ pub struct LastValid {
     health: HashMap<String, HealthCheckPolicySpec>,
 }
 
+/// The longest check interval or ejection accepted: a day.
+const MAX_SECONDS: i64 = 86_400;
+
 /// Settings per (Service `namespace/name`, port), and the objects' statuses.
 pub(super) struct Compiled {
-    pub by_port: HashMap<(String, u16), Arc<UpstreamSettings>>,
+    pub by_port: HashMap<PortKey, Arc<UpstreamSettings>>,
     pub statuses: Vec<RouteStatus>,
 }
 
@@ -158,7 +161,7 @@ struct Traffic {
 pub(super) fn compile(model: &Model, memory: &mut LastValid) -> Compiled {
     let routing = &model.routing;
     let mut statuses = Vec::new();
-    let mut by_port: HashMap<(String, u16), UpstreamSettings> = HashMap::new();
+    let mut by_port: HashMap<PortKey, UpstreamSettings> = HashMap::new();
     for svc in model.services.values() {
         for sp in svc.ports.iter().filter(|sp| sp.is_tcp()) {
             by_port.insert(
@@ -168,11 +171,8 @@ pub(super) fn compile(model: &Model, memory: &mut LastValid) -> Compiled {
         }
     }
 
-    // Oldest first: the first object to claim a host or port keeps it.
-    let mut traffic: Vec<_> = routing.upstream_traffic_settings.values().collect();
-    traffic.sort_by(|a, b| a.age_key().cmp(&b.age_key()));
     let mut hosts: HashMap<String, String> = HashMap::new();
-    for object in traffic {
+    for object in oldest_first(&routing.upstream_traffic_settings) {
         let (valid, mut status) = judge(
             "UpstreamTrafficSetting",
             object,
@@ -203,48 +203,24 @@ pub(super) fn compile(model: &Model, memory: &mut LastValid) -> Compiled {
         statuses.push(finish(status));
     }
 
-    let mut balancers: Vec<_> = routing.load_balancer_policies.values().collect();
-    balancers.sort_by(|a, b| a.age_key().cmp(&b.age_key()));
-    let mut balanced: HashMap<(String, u16), String> = HashMap::new();
-    for object in balancers {
-        let (valid, mut status) = judge(
-            "LoadBalancerPolicy",
-            object,
-            &mut memory.balancers,
-            |spec| validate_balancer(model, &object.namespace, spec),
-        );
-        if let Some(ports) = valid {
-            claim(
-                &mut by_port,
-                &mut balanced,
-                &object.key(),
-                &mut status,
-                ports,
-                |s, b| s.balancer = b,
-            );
-        }
-        statuses.push(finish(status));
-    }
-
-    let mut checks: Vec<_> = routing.health_check_policies.values().collect();
-    checks.sort_by(|a, b| a.age_key().cmp(&b.age_key()));
-    let mut checked: HashMap<(String, u16), String> = HashMap::new();
-    for object in checks {
-        let (valid, mut status) = judge("HealthCheckPolicy", object, &mut memory.health, |spec| {
-            validate_health(model, &object.namespace, spec)
-        });
-        if let Some(ports) = valid {
-            claim(
-                &mut by_port,
-                &mut checked,
-                &object.key(),
-                &mut status,
-                ports,
-                |s, h| s.health = h,
-            );
-        }
-        statuses.push(finish(status));
-    }
+    per_port(
+        "LoadBalancerPolicy",
+        &routing.load_balancer_policies,
+        &mut memory.balancers,
+        &mut by_port,
+        &mut statuses,
+        |object, spec| validate_balancer(model, &object.namespace, spec),
+        |s, balancer| s.balancer = balancer,
+    );
+    per_port(
+        "HealthCheckPolicy",
+        &routing.health_check_policies,
+        &mut memory.health,
+        &mut by_port,
+        &mut statuses,
+        |object, spec| validate_health(model, &object.namespace, spec),
+        |s, health| s.health = health,
+    );
 
     // Forget deleted objects: re-created with an invalid spec, nothing of old stays.
     memory
@@ -269,8 +245,8 @@ pub(super) fn compile(model: &Model, memory: &mut LastValid) -> Compiled {
 pub(super) fn by_endpoint(
     model: &Model,
     pod_ips: &HashMap<PodKey, Ipv4Addr>,
-    by_port: &HashMap<(String, u16), Arc<UpstreamSettings>>,
-) -> HashMap<SocketAddrV4, Arc<UpstreamSettings>> {
+    by_port: &HashMap<PortKey, Arc<UpstreamSettings>>,
+) -> HashMap<SocketAddrV4, (Arc<UpstreamSettings>, PodKey)> {
     let mut out = HashMap::new();
     for svc in model.services.values() {
         for sp in svc.ports.iter().filter(|sp| sp.is_tcp()) {
@@ -279,22 +255,36 @@ pub(super) fn by_endpoint(
             };
             for endpoint in model.endpoints(svc, sp, pod_ips) {
                 out.entry(endpoint.addr)
-                    .or_insert_with(|| Arc::clone(settings));
+                    .or_insert_with(|| (Arc::clone(settings), endpoint.pod));
             }
         }
     }
     out
 }
 
-/// The endpoints whose settings ask for an active check.
+/// The endpoints whose settings ask for an active check, each with whether its pod is in
+/// the mesh (a check through its inbound listener would meet the mesh's policies).
 pub(super) fn checked(
-    by_endpoint: &HashMap<SocketAddrV4, Arc<UpstreamSettings>>,
-) -> Vec<(SocketAddrV4, Arc<UpstreamSettings>)> {
+    model: &Model,
+    by_endpoint: &HashMap<SocketAddrV4, (Arc<UpstreamSettings>, PodKey)>,
+) -> Vec<Checked> {
     by_endpoint
         .iter()
-        .filter(|(_, s)| s.health.interval.is_some())
-        .map(|(addr, s)| (*addr, Arc::clone(s)))
+        .filter(|(_, (s, _))| s.health.interval.is_some())
+        .map(|(addr, (s, pod))| Checked {
+            addr: *addr,
+            settings: Arc::clone(s),
+            in_mesh: model.enrollment(pod).is_some_and(|e| e.enrolled),
+        })
         .collect()
+}
+
+/// An endpoint with an active check.
+#[derive(Clone, Debug)]
+pub struct Checked {
+    pub addr: SocketAddrV4,
+    pub settings: Arc<UpstreamSettings>,
+    pub in_mesh: bool,
 }
 
 fn finish(mut status: RouteStatus) -> RouteStatus {
@@ -306,28 +296,42 @@ fn finish(mut status: RouteStatus) -> RouteStatus {
     status
 }
 
-/// Give each port a policy names to that policy, unless an older one has it.
-fn claim<V: Copy>(
-    by_port: &mut HashMap<(String, u16), UpstreamSettings>,
-    owners: &mut HashMap<(String, u16), String>,
-    owner: &str,
-    status: &mut RouteStatus,
-    ports: PerPort<V>,
+/// The objects oldest first: the first to claim a host or port keeps it.
+fn oldest_first<S>(objects: &BTreeMap<String, Routed<S>>) -> Vec<&Routed<S>> {
+    let mut sorted: Vec<_> = objects.values().collect();
+    sorted.sort_by(|a, b| a.age_key().cmp(&b.age_key()));
+    sorted
+}
+
+/// Put the per-port policies of one kind in force: each port takes its value from the
+/// oldest valid policy that names it.
+fn per_port<S: Clone, V: Copy>(
+    kind: &'static str,
+    objects: &BTreeMap<String, Routed<S>>,
+    memory: &mut HashMap<String, S>,
+    by_port: &mut HashMap<PortKey, UpstreamSettings>,
+    statuses: &mut Vec<RouteStatus>,
+    validate: impl Fn(&Routed<S>, &S) -> Result<PerPort<V>, Invalid>,
     set: impl Fn(&mut UpstreamSettings, V),
 ) {
-    for (port, value) in ports {
-        let name = format!("{}:{}", port.0, port.1);
-        if let Some(first) = owners.get(&port) {
-            status
-                .reasons
-                .push(format!("{name} already has {first}, which is older"));
-            continue;
+    let mut owners: HashMap<PortKey, String> = HashMap::new();
+    for object in oldest_first(objects) {
+        let (valid, mut status) = judge(kind, object, memory, |spec| validate(object, spec));
+        for (port, value) in valid.unwrap_or_default() {
+            let name = format!("{}:{}", port.0, port.1);
+            if let Some(first) = owners.get(&port) {
+                status
+                    .reasons
+                    .push(format!("{name} already has {first}, which is older"));
+                continue;
+            }
+            if let Some(settings) = by_port.get_mut(&port) {
+                set(settings, value);
+                owners.insert(port, format!("{kind} {}", object.key()));
+                status.routes.push(name);
+            }
         }
-        if let Some(settings) = by_port.get_mut(&port) {
-            set(settings, value);
-            owners.insert(port, format!("{} {owner}", status.kind));
-            status.routes.push(name);
-        }
+        statuses.push(finish(status));
     }
 }
 
@@ -403,9 +407,11 @@ fn validate_traffic(
     let connect_timeout = tcp
         .and_then(|t| t.connect_timeout.as_deref())
         .and_then(|d| match parse_duration(d) {
-            Ok(d) if !d.is_zero() => Some(d),
+            Ok(d) if !d.is_zero() && d.as_secs() <= MAX_SECONDS as u64 => Some(d),
             Ok(_) => {
-                reasons.push("connectionSettings.tcp.connectTimeout must be longer than 0".into());
+                reasons.push(format!(
+                    "connectionSettings.tcp.connectTimeout must be longer than 0 and at most {MAX_SECONDS} s"
+                ));
                 None
             }
             Err(e) => {
@@ -533,7 +539,7 @@ fn target_service<'m>(
 
 /// Each (port, value) of a per-port policy, validated: listed ports take their own value,
 /// every other TCP port of the Service the default value.
-fn per_port<C, V: Copy>(
+fn ports_of<C, V: Copy>(
     model: &Model,
     namespace: &str,
     target: &PolicyTargetRef,
@@ -559,7 +565,7 @@ fn per_port<C, V: Copy>(
     let mut out = Vec::new();
     for (port, v) in &listed {
         if !svc.ports.iter().any(|sp| sp.is_tcp() && sp.port == *port) {
-            return Err(Invalid::Unresolved(vec![format!(
+            return Err(Invalid::Spec(vec![format!(
                 "Service {} has no TCP port {port}",
                 svc.key()
             )]));
@@ -594,14 +600,16 @@ fn validate_balancer(
             None
         }
     };
-    // An unset port type is round-robin, as FSM defaults it.
+    // A port without a type takes the policy's `type`, and without both it is round-robin,
+    // as FSM defaults them.
     let round_robin = "RoundRobinLoadBalancer".to_string();
+    let default = spec.default_type.as_ref().unwrap_or(&round_robin);
     let ports = spec
         .ports
         .iter()
-        .map(|p| (p.port, Some(p.algorithm.as_ref().unwrap_or(&round_robin))))
+        .map(|p| (p.port, Some(p.algorithm.as_ref().unwrap_or(default))))
         .collect();
-    per_port(
+    ports_of(
         model,
         namespace,
         &spec.target_ref,
@@ -624,9 +632,9 @@ fn validate_health(
                     .into(),
             );
         }
-        if c.interval < 1 {
+        if !(1..=MAX_SECONDS).contains(&c.interval) {
             reasons.push(format!(
-                "interval must be at least 1 second, got {}",
+                "interval must be between 1 and {MAX_SECONDS} seconds, got {}",
                 c.interval
             ));
         }
@@ -637,8 +645,10 @@ fn validate_health(
             ));
         }
         let fail_timeout = match c.fail_timeout {
-            Some(s) if s < 0 => {
-                reasons.push(format!("failTimeout must not be negative, got {s}"));
+            Some(s) if !(0..=MAX_SECONDS).contains(&s) => {
+                reasons.push(format!(
+                    "failTimeout must be between 0 and {MAX_SECONDS} seconds, got {s}"
+                ));
                 0
             }
             Some(s) => s as u64,
@@ -657,7 +667,7 @@ fn validate_health(
         .iter()
         .map(|p| (p.port, p.config.as_ref().or(spec.config.as_ref())))
         .collect();
-    per_port(
+    ports_of(
         model,
         namespace,
         &spec.target_ref,
