@@ -882,3 +882,59 @@ async fn routing_crds_are_listed_watched_and_may_be_missing_or_forbidden() {
         .parent_refs[0]
         .is_service());
 }
+
+const UPSTREAM_TRAFFIC_SETTINGS: &str = "/apis/policy.flomesh.io/v1alpha1/upstreamtrafficsettings";
+
+#[tokio::test]
+async fn an_upstream_setting_update_that_does_not_parse_keeps_the_previous_version() {
+    let (mock, addr) = start_mock(|mock| {
+        let mut all = mock.collections.lock().unwrap();
+        all.insert(
+            UPSTREAM_TRAFFIC_SETTINGS,
+            Collection {
+                list: list_body(
+                    "policy.flomesh.io/v1alpha1",
+                    "UpstreamTrafficSetting",
+                    "3000",
+                    r#"{"apiVersion":"policy.flomesh.io/v1alpha1","kind":"UpstreamTrafficSetting",
+                        "metadata":{"name":"fortio","namespace":"demo","resourceVersion":"2990"},
+                        "spec":{"host":"fortio.demo.svc.cluster.local",
+                                "connectionSettings":{"tcp":{"maxConnections":50}}}}"#,
+                ),
+                ..Collection::default()
+            },
+        );
+    })
+    .await;
+    let mut source = start_source(addr);
+    let state = source.wait("the first model", |s| s.generation > 0).await;
+    let limit = |state: &ManifestState| {
+        state.model.routing.upstream_traffic_settings["demo/fortio"]
+            .spec
+            .connection_settings
+            .as_ref()
+            .and_then(|c| c.tcp.as_ref())
+            .and_then(|t| t.max_connections)
+    };
+    assert_eq!(limit(&state), Some(50));
+    until("the upstreamtrafficsettings watch", || {
+        mock.watches_opened(UPSTREAM_TRAFFIC_SETTINGS) == 1
+    })
+    .await;
+    // A string where a number belongs: the object no longer parses. Then a valid update,
+    // which must land (so the one before it was read, and kept out).
+    let event = |version: &str, limit: &str| {
+        format!(
+            r#"{{"type":"MODIFIED","object":{{"apiVersion":"policy.flomesh.io/v1alpha1","kind":"UpstreamTrafficSetting","metadata":{{"name":"fortio","namespace":"demo","resourceVersion":"{version}"}},"spec":{{"host":"fortio.demo.svc.cluster.local","connectionSettings":{{"tcp":{{"maxConnections":{limit}}}}}}}}}}}"#
+        )
+    };
+    mock.send(UPSTREAM_TRAFFIC_SETTINGS, &event("3001", "\"ten\""));
+    mock.send(UPSTREAM_TRAFFIC_SETTINGS, &event("3002", "20"));
+    let state = source
+        .wait("the valid update", |s| limit(s) == Some(20))
+        .await;
+    assert_eq!(
+        state.generation, 2,
+        "the unparsable update changed nothing; the valid one made one generation"
+    );
+}

@@ -289,6 +289,10 @@ struct Store<T> {
     rejected: BTreeMap<String, String>,
     /// The keys rejected during the list under way.
     relist_rejected: BTreeSet<String>,
+    /// Policy objects: an update that does not convert leaves the previous version in
+    /// force instead of taking the object out (a pod's stale address would mislead, a
+    /// policy's last valid version is what its author had in force).
+    keeps_previous: bool,
 }
 
 impl<T> Default for Store<T> {
@@ -299,11 +303,12 @@ impl<T> Default for Store<T> {
             synced: false,
             rejected: BTreeMap::new(),
             relist_rejected: BTreeSet::new(),
+            keeps_previous: false,
         }
     }
 }
 
-impl<T: PartialEq> Store<T> {
+impl<T: PartialEq + Clone> Store<T> {
     /// Applies one watcher event; returns whether the live objects changed.
     fn apply<O: Resource>(
         &mut self,
@@ -320,13 +325,16 @@ impl<T: PartialEq> Store<T> {
             }
             watcher::Event::InitApply(obj) => {
                 let key = object_key(&obj);
-                match self.convert(kind, &key, obj, &convert) {
-                    Some(item) => {
-                        self.relist.get_or_insert_default().insert(key, item);
-                    }
+                let item = self.convert(kind, &key, obj, &convert);
+                let item = match item {
+                    Some(item) => Some(item),
                     None => {
-                        self.relist_rejected.insert(key);
+                        self.relist_rejected.insert(key.clone());
+                        self.previous(&key)
                     }
+                };
+                if let Some(item) = item {
+                    self.relist.get_or_insert_default().insert(key, item);
                 }
                 false
             }
@@ -348,7 +356,9 @@ impl<T: PartialEq> Store<T> {
                         self.items.insert(key, item);
                         true
                     }
-                    // It was valid before and is not any more: out of the model it goes.
+                    // It was valid before and is not any more: out of the model it goes,
+                    // unless its previous version stays.
+                    None if self.keeps_previous => false,
                     None => self.items.remove(&key).is_some(),
                 }
             }
@@ -358,6 +368,14 @@ impl<T: PartialEq> Store<T> {
                 self.items.remove(&key).is_some()
             }
         }
+    }
+
+    /// The version of `key` in force, when an object that fails to convert keeps it.
+    fn previous(&self, key: &str) -> Option<T>
+    where
+        T: Clone,
+    {
+        self.items.get(key).filter(|_| self.keeps_previous).cloned()
     }
 
     /// `obj` converted, or `None` with a warning when it cannot be (once per reason).
@@ -378,7 +396,11 @@ impl<T: PartialEq> Store<T> {
             Err(err) => {
                 let reason = describe(&err);
                 if self.rejected.get(key) != Some(&reason) {
-                    warn!(%kind, object = key, "object left out of the model: {reason}");
+                    if self.keeps_previous && self.items.contains_key(key) {
+                        warn!(%kind, object = key, "update does not convert, the previous version stays: {reason}");
+                    } else {
+                        warn!(%kind, object = key, "object left out of the model: {reason}");
+                    }
                     self.rejected.insert(key.to_string(), reason);
                 }
                 None
@@ -430,7 +452,13 @@ impl Default for State {
             slices: Store::default(),
             routing: RoutingKind::ALL
                 .into_iter()
-                .map(|kind| (kind, Store::default()))
+                .map(|kind| {
+                    let store = Store {
+                        keeps_previous: true,
+                        ..Store::default()
+                    };
+                    (kind, store)
+                })
                 .collect(),
             absent: BTreeSet::new(),
             errors: BTreeMap::new(),
@@ -530,7 +558,7 @@ impl State {
             )
     }
 
-    fn event<O: Resource, T: PartialEq>(
+    fn event<O: Resource, T: PartialEq + Clone>(
         &mut self,
         kind: Kind,
         result: WatchResult<O>,
