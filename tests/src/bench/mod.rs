@@ -1,6 +1,7 @@
 //! The pieces of `tb-bench`: processes in pods ([`proc`]), the tools that measure
 //! ([`measure`]), the HAProxy baseline ([`haproxy`]), the scenarios on each topology
-//! ([`scenario`]), the exclusion scale check ([`scale`]), machine facts ([`facts`]) and the table and result files ([`report`]).
+//! ([`scenario`]), the exclusion scale check ([`scale`]), the cost of the upstream policies
+//! ([`upstream`]), machine facts ([`facts`]) and the table and result files ([`report`]).
 
 pub mod facts;
 pub mod haproxy;
@@ -9,3 +10,4 @@ pub mod proc;
 pub mod report;
 pub mod scale;
 pub mod scenario;
+pub mod upstream;

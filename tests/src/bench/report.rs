@@ -18,6 +18,8 @@ pub struct Report<'a> {
     pub rows: &'a [Row],
     /// The exclusion scale check (empty when not run).
     pub scale: &'a [super::scale::ScaleRow],
+    /// The cost of the upstream policies (empty when not run).
+    pub upstream: &'a [super::upstream::UpstreamRow],
     pub wall_s: f64,
     pub loadavg_at_end: String,
     /// The `--note` given on the command line.
@@ -377,6 +379,19 @@ pub fn summary(report: &Report<'_>) -> String {
         )
         .unwrap_or(());
     }
+    if !report.upstream.is_empty() {
+        writeln!(
+            s,
+            "\n## Upstream policies (enrolled client to a Service with one endpoint; median of {} round{})\n\n{}\n\n\
+             Ratios are to the same path with no policy (round-robin). connect p50: the client's \
+             connect() to the local proxy; conn/s: one connection at a time, one byte each way, \
+             which includes the proxy choosing the endpoint (balancer, limits) and connecting.",
+            report.rounds,
+            if report.rounds == 1 { "" } else { "s" },
+            super::upstream::table(report.upstream)
+        )
+        .unwrap_or(());
+    }
     s
 }
 
@@ -424,6 +439,7 @@ pub fn json(report: &Report<'_>, markdown: &str) -> Value {
         "targets": targets,
         "table_markdown": table(report.rows),
         "scale": report.scale,
+        "upstream": report.upstream,
         "markdown": markdown,
     })
 }

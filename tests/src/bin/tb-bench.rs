@@ -30,12 +30,14 @@ enum Which {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Part {
-    /// The topology table and the exclusion scale check.
+    /// The topology table, the exclusion scale check and the upstream policies.
     All,
     /// Only the topology table.
     Topologies,
     /// Only the exclusion scale check.
     Scale,
+    /// Only the cost of the upstream policies.
+    Upstream,
 }
 
 #[derive(Parser, Debug)]
@@ -105,25 +107,30 @@ fn main() -> Result<()> {
     // the machine falls on all of them alike; the table takes the median over rounds.
     let mut rounds_rows = Vec::new();
     let mut rounds_scale = Vec::new();
+    let mut rounds_upstream = Vec::new();
     for round in 0..rounds {
         let opts = Options {
             secs,
             round,
             rounds,
         };
-        if cli.part != Part::Scale {
+        if matches!(cli.part, Part::All | Part::Topologies) {
             let mut rows = Vec::new();
             for &topology in &topologies {
                 rows.extend(scenario::run(topology, opts));
             }
             rounds_rows.push(rows);
         }
-        if cli.part != Part::Topologies {
+        if matches!(cli.part, Part::All | Part::Scale) {
             rounds_scale.push(bench::scale::run(opts));
+        }
+        if matches!(cli.part, Part::All | Part::Upstream) {
+            rounds_upstream.push(bench::upstream::run(opts));
         }
     }
     let rows = scenario::merge(rounds_rows);
     let scale = bench::scale::merge(rounds_scale);
+    let upstream = bench::upstream::merge(rounds_upstream);
     let report = Report {
         facts: &facts,
         secs,
@@ -131,6 +138,7 @@ fn main() -> Result<()> {
         args: &args,
         rows: &rows,
         scale: &scale,
+        upstream: &upstream,
         wall_s: start.elapsed().as_secs_f64(),
         loadavg_at_end: bench::facts::loadavg(),
         note: cli.note.clone(),
@@ -145,6 +153,8 @@ fn main() -> Result<()> {
         }
         if cli.part == Part::Scale {
             stem.push_str("-scale");
+        } else if cli.part == Part::Upstream {
+            stem.push_str("-upstream");
         } else if cli.topology != Which::Both {
             stem.push_str(if cli.topology == Which::SameNode {
                 "-same-node"
