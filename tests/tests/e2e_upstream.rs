@@ -12,28 +12,13 @@ use std::time::Duration;
 use common::{run_in_netns, wait_for, Mode, Node};
 use interceptor_testbed::{Pod, ServerProcess};
 
-/// FSM's `demo` namespace in the mesh: Service `fortio` (three endpoints), `limited` (one
-/// endpoint, for rate limits) and `backend` (two endpoints outside the mesh, whose refused
-/// connects the client's proxy sees), and eight clients.
-const APPS: &str = r#"
+/// FSM's `demo` namespace in the mesh with its Services: `fortio` (three endpoints),
+/// `limited` (one endpoint, for rate limits) and `backend` (two endpoints outside the mesh,
+/// whose refused connects the client's proxy sees). The pods come from [`apps`].
+const SERVICES: &str = r#"
 apiVersion: v1
 kind: Namespace
 metadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: fortio-1, namespace: demo, labels: {app: fortio}}
-spec: {containers: [{name: fortio, image: fortio/fortio, ports: [{containerPort: 8078}]}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: fortio-2, namespace: demo, labels: {app: fortio}}
-spec: {containers: [{name: fortio, image: fortio/fortio, ports: [{containerPort: 8078}]}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: fortio-3, namespace: demo, labels: {app: FORTIO3_APP}}
-spec: {containers: [{name: fortio, image: fortio/fortio, ports: [{containerPort: 8078}]}]}
 ---
 apiVersion: v1
 kind: Service
@@ -44,33 +29,12 @@ spec:
   ports: [{name: tcp, port: 8078, targetPort: 8078}]
 ---
 apiVersion: v1
-kind: Pod
-metadata: {name: limited-1, namespace: demo, labels: {app: limited}}
-spec: {containers: [{name: fortio, image: fortio/fortio, ports: [{containerPort: 8078}]}]}
----
-apiVersion: v1
 kind: Service
 metadata: {name: limited, namespace: demo}
 spec:
   clusterIP: 10.96.2.11
   selector: {app: limited}
   ports: [{name: tcp, port: 8078, targetPort: 8078}]
----
-apiVersion: v1
-kind: Pod
-metadata:
-  name: backend-1
-  namespace: demo
-  labels: {app: backend, istio.io/dataplane-mode: none}
-spec: {containers: [{name: fortio, image: fortio/fortio, ports: [{containerPort: 8078}]}]}
----
-apiVersion: v1
-kind: Pod
-metadata:
-  name: backend-2
-  namespace: demo
-  labels: {app: backend, istio.io/dataplane-mode: none}
-spec: {containers: [{name: fortio, image: fortio/fortio, ports: [{containerPort: 8078}]}]}
 ---
 apiVersion: v1
 kind: Service
@@ -96,16 +60,33 @@ in_both_modes!(
     a_mesh_endpoint_with_its_application_down_is_ejected_after_five_failures,
 );
 
+/// The Services, their server pods (fortio-3 selected by `fortio` or not) and the clients.
 fn apps(fortio_3_serves: bool) -> String {
-    let clients: String = (1..=CLIENTS)
-        .map(|i| {
-            format!(
-                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: client-{i}, namespace: demo, labels: {{app: client}}}}\nspec: {{containers: [{{name: c, image: x}}]}}\n"
-            )
-        })
-        .collect();
-    let app = if fortio_3_serves { "fortio" } else { "retired" };
-    format!("{}{clients}", APPS.replace("FORTIO3_APP", app))
+    let fortio_3 = if fortio_3_serves { "fortio" } else { "retired" };
+    let servers = [
+        ("fortio-1", "app: fortio"),
+        ("fortio-2", "app: fortio"),
+        ("fortio-3", &format!("app: {fortio_3}")),
+        ("limited-1", "app: limited"),
+        ("backend-1", "app: backend, istio.io/dataplane-mode: none"),
+        ("backend-2", "app: backend, istio.io/dataplane-mode: none"),
+    ]
+    .map(|(name, labels)| {
+        format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: demo, labels: {{{labels}}}}}\n\
+             spec: {{containers: [{{name: fortio, image: fortio/fortio, ports: [{{containerPort: 8078}}]}}]}}\n"
+        )
+    });
+    let clients = (1..=CLIENTS).map(|i| {
+        format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: client-{i}, namespace: demo, labels: {{app: client}}}}\n\
+             spec: {{containers: [{{name: c, image: x}}]}}\n"
+        )
+    });
+    let mut yaml = SERVICES.to_owned();
+    yaml.extend(servers);
+    yaml.extend(clients);
+    yaml
 }
 
 struct Demo {
