@@ -288,6 +288,7 @@ pub struct Checked {
 }
 
 fn finish(mut status: RouteStatus) -> RouteStatus {
+    status.routes.sort();
     status.accepted = !status.routes.is_empty();
     if !status.reasons.is_empty() {
         tracing::warn!(kind = status.kind, name = %status.name, accepted = status.accepted,
