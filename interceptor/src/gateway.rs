@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use axum::extract::State;
@@ -22,8 +22,8 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::proxy::forward::{forward, reset_on_close, CopyMode, Forwarded};
-use crate::proxy::listener::{ConnectionLog, ConnectionRecord, Direction};
+use crate::proxy::forward::{forward, reset_on_close, CopyMode};
+use crate::proxy::listener::{connect_from_here, ConnectionLog, ConnectionRecord, Direction};
 use crate::proxy::upstream::{self, Upstreams};
 use crate::proxy::{GatewayTable, Target};
 use crate::source::manifests::{self, ManifestState};
@@ -309,30 +309,13 @@ async fn handle(stream: TcpStream, client: SocketAddr, shared: Arc<Shared>) {
         &format!("gateway {}", table.gateway()),
         |pick| table.resolve_with(local, client_ip, pick),
         Some(client_ip),
-        |addr, timeout| async move {
-            tokio::time::timeout(timeout, TcpStream::connect(addr))
-                .await
-                .map_err(|_| {
-                    std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
-                })?
-        },
+        connect_from_here,
     )
     .await;
     let gateway = read(&shared.serving).clone().unwrap_or_default();
-    let mut record = ConnectionRecord {
-        pod: gateway,
-        direction: Direction::Gateway,
-        client,
-        original_dst: Some(local),
-        target: Some(target),
-        outcome: String::new(),
-        copy_mode: CopyMode::Splice,
-        bytes: Forwarded::default(),
-        unix_ms: SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
-    };
+    let mut record = ConnectionRecord::start(gateway, Direction::Gateway, client);
+    record.original_dst = Some(local);
+    record.target = Some(target);
     record.outcome = match opened {
         // A gateway only forwards to Service endpoints; anything else has no route.
         Ok(_) if !matches!(record.target, Some(Target::Endpoint { .. })) => {

@@ -61,6 +61,27 @@ pub struct ConnectionRecord {
     pub unix_ms: u64,
 }
 
+impl ConnectionRecord {
+    /// The record of a connection `pod`'s listener (or a gateway) accepted from `client`
+    /// just now; the rest is filled in as it is proxied.
+    pub fn start(pod: String, direction: Direction, client: SocketAddr) -> Self {
+        Self {
+            pod,
+            direction,
+            client,
+            original_dst: None,
+            target: None,
+            outcome: String::new(),
+            copy_mode: CopyMode::default(),
+            bytes: Forwarded::default(),
+            unix_ms: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        }
+    }
+}
+
 /// Recent connection records, bounded, and the metrics every record adds to.
 #[derive(Debug, Default)]
 pub struct ConnectionLog {
@@ -146,20 +167,7 @@ pub async fn serve(listener: TcpListener, ctx: ListenerContext) {
 }
 
 async fn handle(stream: TcpStream, client: SocketAddr, ctx: ListenerContext) {
-    let mut record = ConnectionRecord {
-        pod: ctx.pod.to_string(),
-        direction: ctx.direction,
-        client,
-        original_dst: None,
-        target: None,
-        outcome: String::new(),
-        copy_mode: CopyMode::default(),
-        bytes: Forwarded::default(),
-        unix_ms: SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
-    };
+    let mut record = ConnectionRecord::start(ctx.pod.to_string(), ctx.direction, client);
     let outcome = proxy_one(stream, &ctx, &mut record).await;
     record.outcome = match outcome {
         Ok(()) if record.bytes.reset => "reset".into(),
@@ -301,7 +309,23 @@ pub async fn connect_from_pod(
         .await
         .map_err(std::io::Error::other)??;
     let socket = TcpSocket::from_std_stream(std_stream);
-    tokio::time::timeout(timeout, socket.connect(SocketAddr::V4(addr)))
+    connect_within(timeout, socket.connect(SocketAddr::V4(addr))).await
+}
+
+/// Connect to `addr` from the calling process's netns (a gateway, or the node).
+pub async fn connect_from_here(
+    addr: SocketAddrV4,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
+    connect_within(timeout, TcpStream::connect(SocketAddr::V4(addr))).await
+}
+
+/// `connect`, given up as timed out after `timeout`.
+async fn connect_within(
+    timeout: Duration,
+    connect: impl std::future::Future<Output = std::io::Result<TcpStream>>,
+) -> std::io::Result<TcpStream> {
+    tokio::time::timeout(timeout, connect)
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
 }

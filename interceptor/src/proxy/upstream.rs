@@ -7,7 +7,7 @@
 //! any byte of the client has been read.
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -627,9 +627,7 @@ pub async fn run_health_checks(upstreams: Arc<Upstreams>, due: impl Fn() -> Vec<
 async fn check(addr: SocketAddrV4, timeout: Duration, netns: Option<&PodNetns>) -> bool {
     let connected = match netns {
         Some(netns) => super::listener::connect_from_pod(netns, addr, timeout).await,
-        None => tokio::time::timeout(timeout, TcpStream::connect(SocketAddr::V4(addr)))
-            .await
-            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())),
+        None => super::listener::connect_from_here(addr, timeout).await,
     };
     let Ok(stream) = connected else {
         return false;
