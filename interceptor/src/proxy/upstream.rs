@@ -1,6 +1,6 @@
 //! Upstream state shared by every listener of one process (the agent's pods, or a
 //! gateway), kept across route table rebuilds: open connections per client and host
-//! (circuit breaking), a token bucket per endpoint pod and host (connection rate limits),
+//! (circuit breaking), a token bucket per endpoint and host (connection rate limits),
 //! and per endpoint its open connections (least connections), consecutive failures and
 //! ejection (outlier detection). Also how a connection to a Service is opened: limits
 //! first, then one connect, and on a connect failure one retry on another endpoint, before
@@ -39,16 +39,16 @@ struct EndpointLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RefusedLabels {
-    host: String,
-    endpoint: String,
+    #[prometheus(flatten)]
+    endpoint: EndpointLabels,
     /// `max_connections` or `rate_limit`.
     reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CheckLabels {
-    host: String,
-    endpoint: String,
+    #[prometheus(flatten)]
+    endpoint: EndpointLabels,
     /// `success` or `failure`.
     result: &'static str,
 }
@@ -97,6 +97,15 @@ impl UpstreamMetrics {
             self.open.clone(),
         );
     }
+
+    /// A connection to `endpoint` of `host` refused on purpose, for `reason`.
+    fn refused(&self, host: &str, endpoint: SocketAddrV4, reason: &'static str) {
+        let labels = RefusedLabels {
+            endpoint: labels(host, endpoint),
+            reason,
+        };
+        self.refused.get_or_create(&labels).inc();
+    }
 }
 
 fn labels(host: &str, endpoint: SocketAddrV4) -> EndpointLabels {
@@ -136,6 +145,15 @@ struct EndpointState {
     open: u32,
     failures: u32,
     ejected_until: Option<Instant>,
+}
+
+impl EndpointState {
+    /// How much longer the endpoint stays ejected after `now`, if it does.
+    fn ejected_for(&self, now: Instant) -> Option<Duration> {
+        self.ejected_until
+            .filter(|until| *until > now)
+            .map(|until| until - now)
+    }
 }
 
 /// What one endpoint looks like to the balancer.
@@ -251,13 +269,7 @@ impl Upstreams {
         if *open >= limit {
             drop(state);
             self.metrics
-                .refused
-                .get_or_create(&RefusedLabels {
-                    host: settings.host.clone(),
-                    endpoint: endpoint.to_string(),
-                    reason: "max_connections",
-                })
-                .inc();
+                .refused(&settings.host, endpoint, "max_connections");
             return Err(format!(
                 "{client} has maxConnections ({limit}) open to {}",
                 settings.host
@@ -302,14 +314,7 @@ impl Upstreams {
             return true;
         }
         drop(state);
-        self.metrics
-            .refused
-            .get_or_create(&RefusedLabels {
-                host: settings.host.clone(),
-                endpoint: endpoint.to_string(),
-                reason: "rate_limit",
-            })
-            .inc();
+        self.metrics.refused(&settings.host, endpoint, "rate_limit");
         false
     }
 
@@ -320,7 +325,7 @@ impl Upstreams {
             .iter()
             .map(|e| match state.endpoints.get(&e.addr) {
                 Some(s) => EndpointView {
-                    ejected: s.ejected_until.is_some_and(|until| until > now),
+                    ejected: s.ejected_for(now).is_some(),
                     open: s.open,
                 },
                 None => EndpointView::default(),
@@ -351,7 +356,7 @@ impl Upstreams {
         self.metrics.connect_failures.get_or_create(&labels).inc();
         let mut state = lock(&self.state);
         let endpoint = state.endpoints.entry(addr).or_default();
-        if endpoint.ejected_until.is_some_and(|until| until > now) {
+        if endpoint.ejected_for(now).is_some() {
             // Already out (a connection chosen before the ejection, or a check).
             return;
         }
@@ -396,10 +401,7 @@ impl Upstreams {
                 endpoint: *addr,
                 open: s.open,
                 consecutive_failures: s.failures,
-                ejected_for_ms: s
-                    .ejected_until
-                    .filter(|until| *until > now)
-                    .map(|until| (until - now).as_millis() as u64),
+                ejected_for_ms: s.ejected_for(now).map(|d| d.as_millis() as u64),
             })
             .collect();
         out.sort_by_key(|s| s.endpoint);
@@ -510,8 +512,9 @@ fn leases(host: HostLease, endpoint: EndpointLease) -> Leases {
 /// The target refused by the circuit breaker for `reason`.
 fn refused(target: Target, reason: String) -> (Target, Result<(TcpStream, Leases), String>) {
     let service = match target {
-        Target::Endpoint { service, .. } | Target::NoEndpoints { service, .. } => service,
-        Target::Refused { service, .. } => service,
+        Target::Endpoint { service, .. }
+        | Target::NoEndpoints { service, .. }
+        | Target::Refused { service, .. } => service,
         Target::Passthrough { addr } | Target::Local { addr } => addr.to_string(),
     };
     let target = Target::Refused {
@@ -609,8 +612,7 @@ pub async fn run_health_checks(upstreams: Arc<Upstreams>, due: impl Fn() -> Vec<
                     .metrics
                     .checks
                     .get_or_create(&CheckLabels {
-                        host: settings.host.clone(),
-                        endpoint: addr.to_string(),
+                        endpoint: labels(&settings.host, addr),
                         result,
                     })
                     .inc();
