@@ -203,6 +203,29 @@ fn point(
     Ok(out)
 }
 
+/// A fresh one-node testbed `bench-<name>` whose agents read `manifests` (written to the
+/// returned directory), with the benchmark servers running in pod `server` of
+/// `namespace`. The server pod is made while an agent answers CNI, then runs unenrolled.
+pub(super) fn bed_with_server(
+    name: &str,
+    manifests: &str,
+    namespace: &str,
+) -> Result<(Testbed, PathBuf, Servers)> {
+    let mut tb = Testbed::builder(&format!("bench-{name}"))
+        .build()
+        .context("testbed")?;
+    let dir = tb.state_dir().join(format!("{name}-manifests"));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join(format!("{name}.yaml")), manifests)?;
+    let logs = tb.state_dir().join(format!("{name}-logs"));
+    std::fs::create_dir_all(&logs)?;
+    let agent = tb.start_agent_on(NodeId::A, &dir, &[])?;
+    let server = tb.add_pod_on(NodeId::A, namespace, "server");
+    agent.stop()?;
+    let servers = Servers::start(&tb, &server?, &logs)?;
+    Ok((tb, dir, servers))
+}
+
 /// Every (mode, count) point once, on one fresh testbed.
 pub fn run(opts: Options) -> Vec<ScaleRow> {
     eprintln!(
@@ -220,21 +243,7 @@ pub fn run(opts: Options) -> Vec<ScaleRow> {
             })
         })
         .collect();
-    let setup = (|| -> Result<(Testbed, PathBuf, Servers)> {
-        let mut tb = Testbed::builder("bench-scale").build().context("testbed")?;
-        let dir = tb.state_dir().join("scale-manifests");
-        std::fs::create_dir_all(&dir)?;
-        std::fs::write(dir.join("scale.yaml"), manifests())?;
-        let logs = tb.state_dir().join("scale-logs");
-        std::fs::create_dir_all(&logs)?;
-        // The server pod is made while an agent answers CNI, then runs unenrolled.
-        let agent = tb.start_agent_on(NodeId::A, &dir, &[])?;
-        let server = tb.add_pod_on(NodeId::A, "scale-plain", "server");
-        agent.stop()?;
-        let servers = Servers::start(&tb, &server?, &logs)?;
-        Ok((tb, dir, servers))
-    })();
-    let (mut tb, dir, mut servers) = match setup {
+    let (mut tb, dir, mut servers) = match bed_with_server("scale", &manifests(), "scale-plain") {
         Ok(s) => s,
         Err(e) => {
             for row in &mut rows {
@@ -281,15 +290,19 @@ pub fn merge(rounds: Vec<Vec<ScaleRow>>) -> Vec<ScaleRow> {
     merged
 }
 
+/// A figure with its ratio to `base`, or `failed` when there is none.
+pub(super) fn with_ratio(value: Option<f64>, base: Option<f64>, decimals: usize) -> String {
+    match (value, base) {
+        (Some(v), Some(b)) if b > 0.0 => format!("{v:.decimals$} ({:.2}×)", v / b),
+        (Some(v), _) => format!("{v:.decimals$}"),
+        (None, _) => "failed".into(),
+    }
+}
+
 /// The markdown table: one line per CIDR count, eBPF and iptables side by side, each
 /// count's figures also as a ratio to the same mode with one CIDR.
 pub fn table(rows: &[ScaleRow]) -> String {
     let get = |mode: &str, cidrs: usize| rows.iter().find(|r| r.mode == mode && r.cidrs == cidrs);
-    let fmt = |v: Option<f64>, base: Option<f64>, decimals: usize| match (v, base) {
-        (Some(v), Some(b)) if b > 0.0 => format!("{v:.decimals$} ({:.2}×)", v / b),
-        (Some(v), _) => format!("{v:.decimals$}"),
-        (None, _) => "failed".into(),
-    };
     let mut out = String::from(
         "| exclusion CIDRs | eBPF connect p50 µs | iptables connect p50 µs | eBPF conn/s | iptables conn/s | eBPF ADD ms | iptables ADD ms |\n\
          |---|---|---|---|---|---|---|\n",
@@ -306,7 +319,7 @@ pub fn table(rows: &[ScaleRow]) -> String {
             MODES.map(|mode| {
                 let value = get(mode, cidrs).and_then(figure);
                 let base = get(mode, CIDR_COUNTS[0]).and_then(figure);
-                fmt(value, base, decimals)
+                with_ratio(value, base, decimals)
             })
         })
         .collect();

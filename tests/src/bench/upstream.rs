@@ -12,6 +12,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::measure::{self, Servers, ECHO_PORT};
+use super::scale::{bed_with_server, with_ratio};
 use super::scenario::{median, Options};
 
 const SERVICE_IP: &str = "10.96.3.10";
@@ -177,22 +178,7 @@ pub fn run(opts: Options) -> Vec<UpstreamRow> {
             ..UpstreamRow::default()
         })
         .collect();
-    let setup = (|| -> Result<(Testbed, std::path::PathBuf, Servers)> {
-        let mut tb = Testbed::builder("bench-upstream")
-            .build()
-            .context("testbed")?;
-        let dir = tb.state_dir().join("upstream-manifests");
-        std::fs::create_dir_all(&dir)?;
-        std::fs::write(dir.join("apps.yaml"), manifests())?;
-        let logs = tb.state_dir().join("upstream-logs");
-        std::fs::create_dir_all(&logs)?;
-        let agent = tb.start_agent_on(NodeId::A, &dir, &[])?;
-        let server = tb.add_pod_on(NodeId::A, "up-plain", "server");
-        agent.stop()?;
-        let servers = Servers::start(&tb, &server?, &logs)?;
-        Ok((tb, dir, servers))
-    })();
-    let (mut tb, dir, mut servers) = match setup {
+    let (mut tb, dir, mut servers) = match bed_with_server("upstream", &manifests(), "up-plain") {
         Ok(s) => s,
         Err(e) => {
             for row in &mut rows {
@@ -237,22 +223,17 @@ pub fn merge(rounds: Vec<Vec<UpstreamRow>>) -> Vec<UpstreamRow> {
 /// The markdown table: each variant's figures and their ratio to no policy.
 pub fn table(rows: &[UpstreamRow]) -> String {
     let base = rows.first();
-    let fmt = |v: Option<f64>, b: Option<f64>, decimals: usize| match (v, b) {
-        (Some(v), Some(b)) if b > 0.0 => format!("{v:.decimals$} ({:.2}×)", v / b),
-        (Some(v), _) => format!("{v:.decimals$}"),
-        (None, _) => "failed".into(),
-    };
     let mut out = String::from("| policy | connect p50 µs | conn/s |\n|---|---|---|\n");
     for row in rows {
         out.push_str(&format!(
             "| {} | {} | {} |\n",
             row.variant,
-            fmt(
+            with_ratio(
                 row.connect_p50(),
                 base.and_then(UpstreamRow::connect_p50),
                 1
             ),
-            fmt(row.per_s(), base.and_then(UpstreamRow::per_s), 0),
+            with_ratio(row.per_s(), base.and_then(UpstreamRow::per_s), 0),
         ));
     }
     for row in rows.iter().filter(|r| !r.errors.is_empty()) {
