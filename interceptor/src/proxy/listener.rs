@@ -252,16 +252,8 @@ async fn inbound(
     table: &RouteTable,
     original: SocketAddrV4,
     client: Ipv4Addr,
-) -> (Target, Result<(TcpStream, upstream::Leases), String>) {
-    let refuse = |route: &str, reason: String| {
-        let target = Target::Refused {
-            service: ctx.pod.to_string(),
-            route: route.into(),
-            reason,
-        };
-        let why = upstream::why_not(&target);
-        (target, Err(why))
-    };
+) -> upstream::Opened {
+    let refuse = |route: &str, reason| upstream::refusal(ctx.pod.to_string(), route, reason);
     if let Err(reason) = table.admit_inbound(client, &ctx.pod, original.port()) {
         return refuse("inbound", reason);
     }

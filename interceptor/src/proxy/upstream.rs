@@ -208,6 +208,10 @@ impl Drop for EndpointLease {
     }
 }
 
+/// The target a connection finally went to, and its upstream connection with what that
+/// holds, or why it has none.
+pub type Opened = (Target, Result<(TcpStream, Leases), String>);
+
 /// What a proxied connection holds until it ends.
 #[derive(Debug, Default)]
 pub struct Leases {
@@ -420,7 +424,7 @@ pub async fn open<F, Fut>(
     resolve: impl Fn(&Pick<'_>) -> Resolved,
     client_ip: Option<Ipv4Addr>,
     connect: F,
-) -> (Target, Result<(TcpStream, Leases), String>)
+) -> Opened
 where
     F: Fn(SocketAddrV4, Duration) -> Fut,
     Fut: Future<Output = std::io::Result<TcpStream>>,
@@ -510,16 +514,21 @@ fn leases(host: HostLease, endpoint: EndpointLease) -> Leases {
 }
 
 /// The target refused by the circuit breaker for `reason`.
-fn refused(target: Target, reason: String) -> (Target, Result<(TcpStream, Leases), String>) {
+fn refused(target: Target, reason: String) -> Opened {
     let service = match target {
         Target::Endpoint { service, .. }
         | Target::NoEndpoints { service, .. }
         | Target::Refused { service, .. } => service,
         Target::Passthrough { addr } | Target::Local { addr } => addr.to_string(),
     };
+    refusal(service, "circuit breaker", reason)
+}
+
+/// A connection to `service` that `route` refuses on purpose, for `reason`.
+pub fn refusal(service: String, route: &str, reason: String) -> Opened {
     let target = Target::Refused {
         service,
-        route: "circuit breaker".into(),
+        route: route.into(),
         reason,
     };
     let why = why_not(&target);
@@ -544,7 +553,7 @@ pub fn why_not(target: &Target) -> String {
 }
 
 /// A target without upstream settings: passthrough or local delivery, or no connection.
-async fn plain<F, Fut>(target: Target, connect: F) -> (Target, Result<(TcpStream, Leases), String>)
+async fn plain<F, Fut>(target: Target, connect: F) -> Opened
 where
     F: Fn(SocketAddrV4, Duration) -> Fut,
     Fut: Future<Output = std::io::Result<TcpStream>>,
