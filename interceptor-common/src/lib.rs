@@ -39,6 +39,14 @@ pub const PROXY_UID: u32 = 1500;
 pub const SOL_IP: i32 = 0;
 pub const SO_ORIGINAL_DST: i32 = 80;
 
+/// Where the agent sends its netns probe: a UDP `connect()` (which sends nothing) from a
+/// socket inside a pod's netns to this loopback address and port makes connect4 record
+/// the netns cookie under the socket's cookie in [`maps::NETNS_PROBE`]. Kernels before
+/// 5.14 have no `SO_NETNS_COOKIE`, and this is how the agent learns the key that
+/// `bpf_get_netns_cookie` gives the programs there.
+pub const NETNS_PROBE_IPV4: [u8; 4] = [127, 0, 0, 1];
+pub const NETNS_PROBE_PORT: u16 = 15099;
+
 /// Map names, as the agent finds them in the loaded object and pins them.
 pub mod maps {
     /// netns cookie -> [`crate::EnrolledPod`]: which network namespaces are intercepted.
@@ -67,6 +75,9 @@ pub mod maps {
     pub const SCOPE_FLAGS: &str = "SCOPE_FLAGS";
     /// [`crate::FlowKey`] -> socket: local connection endpoints for sk_msg redirects.
     pub const SOCK_PAIRS: &str = "SOCK_PAIRS";
+    /// socket cookie -> netns cookie, written by connect4 for the agent's netns probe
+    /// (see [`crate::NETNS_PROBE_PORT`]).
+    pub const NETNS_PROBE: &str = "NETNS_PROBE";
 }
 
 /// Capacity of each map; LRU maps evict the oldest records instead of failing.
@@ -83,6 +94,8 @@ pub mod capacity {
     pub const CIDRS: u32 = 65536;
     pub const SCOPE_FLAGS: u32 = 8192;
     pub const SOCK_PAIRS: u32 = 65536;
+    /// LRU: an answer is read by the agent right after its probe connect.
+    pub const NETNS_PROBE: u32 = 256;
 }
 
 /// Indices and bits of the `SETTINGS` array.

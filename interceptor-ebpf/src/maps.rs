@@ -50,6 +50,11 @@ pub static SCOPE_FLAGS: HashMap<u64, u32> = HashMap::with_max_entries(capacity::
 #[map(name = "SOCK_PAIRS")]
 pub static SOCK_PAIRS: SockHash<FlowKey> = SockHash::with_max_entries(capacity::SOCK_PAIRS, 0);
 
+/// Answers to the agent's netns probe (kernels without `SO_NETNS_COOKIE`).
+#[map(name = "NETNS_PROBE")]
+pub static NETNS_PROBE: LruHashMap<u64, u64> =
+    LruHashMap::with_max_entries(capacity::NETNS_PROBE, 0);
+
 #[map(name = "SETTINGS")]
 pub static SETTINGS: Array<u32> = Array::with_max_entries(config::LEN, 0);
 

@@ -9,15 +9,17 @@ use aya_ebpf::{
 };
 use core::ptr::write_volatile;
 use interceptor_common::{
-    counters, FlowKey, OrigDst, PendingConnect, INBOUND_PORT, OUTBOUND_PORT, PROXY_MARK,
+    counters, FlowKey, OrigDst, PendingConnect, INBOUND_PORT, NETNS_PROBE_IPV4, NETNS_PROBE_PORT,
+    OUTBOUND_PORT, PROXY_MARK,
 };
 
 use crate::maps::{
     count, debug_enabled, inbound_port_excluded, local_pod, outbound_intercepted, ENROLLED_NETNS,
-    ORIG_DST_BY_COOKIE, ORIG_DST_BY_FLOW,
+    NETNS_PROBE, ORIG_DST_BY_COOKIE, ORIG_DST_BY_FLOW,
 };
 
 const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u32 = 17;
 
 #[cgroup_sock_addr(connect4)]
 pub fn intercept_connect4(ctx: SockAddrContext) -> i32 {
@@ -38,6 +40,13 @@ fn redirect_connect4(ctx: &SockAddrContext) {
             (*sa).__bindgen_anon_1.sk,
         )
     };
+    if protocol == IPPROTO_UDP
+        && dst_ip == u32::from_ne_bytes(NETNS_PROBE_IPV4)
+        && dst_port_be == NETNS_PROBE_PORT.to_be()
+    {
+        answer_netns_probe(ctx);
+        return;
+    }
     if protocol != IPPROTO_TCP || sk.is_null() {
         return;
     }
@@ -122,6 +131,21 @@ fn redirect_connect4(ctx: &SockAddrContext) {
             }
         }
     }
+}
+
+/// The agent's netns probe (kernels without `SO_NETNS_COOKIE`): record this netns's
+/// cookie under the probing socket's cookie, which the agent reads with `SO_COOKIE`. The
+/// connect itself goes on untouched (a UDP connect to loopback sends nothing).
+#[inline(always)]
+fn answer_netns_probe(ctx: &SockAddrContext) {
+    // SAFETY: both cookie helpers accept the sock_addr context.
+    let (socket, netns) = unsafe {
+        (
+            bpf_get_socket_cookie(ctx.as_ptr()),
+            bpf_get_netns_cookie(ctx.as_ptr()),
+        )
+    };
+    let _ = NETNS_PROBE.insert(socket, netns, 0);
 }
 
 /// `cgroup/getpeername4` (5.8): an application whose connect was redirected asks who

@@ -465,8 +465,14 @@ impl Agent {
         let inbound = listener::listen(&netns, Direction::Inbound)
             .await
             .map_err(|e| io_failure("inbound listener", &e))?;
+        let netns_cookie = {
+            let netns = Arc::clone(&netns);
+            self.blocking(move |dp| dp.netns_cookie(&netns))
+                .await
+                .map_err(|e| io_failure("netns cookie", &e))?
+        };
         let datapath = PodDatapath {
-            netns_cookie: netns.cookie(),
+            netns_cookie,
             ipv4: ip,
             ifname: ifname.to_string(),
         };

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use crate::admin::{self, StaticInfo};
 use crate::agent::{Agent, AgentOptions, UnknownPod};
 use crate::cleanup::{self, PID_FILE, PODS_FILE};
-use crate::datapath::ebpf::{EbpfDatapath, EbpfOptions};
+use crate::datapath::ebpf::{EbpfDatapath, EbpfOptions, KernelSupport};
 use crate::datapath::iptables::IptablesDatapath;
 use crate::datapath::probe::Chosen;
 use crate::datapath::Datapath;
@@ -129,23 +129,43 @@ async fn serve(config: &AgentConfig) -> anyhow::Result<()> {
     }
     let (mode, mut mode_reason) = crate::datapath::probe::choose(config.mode, &probe)
         .context("choosing the interception mode")?;
-    let (datapath, iptables_backend): (Arc<dyn Datapath>, _) = match mode {
-        Chosen::Ebpf => (
-            Arc::new(
-                EbpfDatapath::attach(
-                    &config.cgroup,
-                    &config.bpffs,
-                    EbpfOptions {
-                        debug: config.bpf_debug,
-                        sockmap: config.sockmap,
-                        inbound_flow_capacity: config.inbound_flow_capacity,
-                    },
-                )
-                .context("attaching the eBPF data path")?,
-            ),
-            None,
-        ),
-        Chosen::Iptables => {
+    let ebpf = match mode {
+        Chosen::Ebpf => {
+            for line in probe.fallback_lines() {
+                tracing::info!("eBPF fallback: {line}");
+            }
+            let attached = EbpfDatapath::attach(
+                &config.cgroup,
+                &config.bpffs,
+                EbpfOptions {
+                    debug: config.bpf_debug,
+                    sockmap: config.sockmap,
+                    inbound_flow_capacity: config.inbound_flow_capacity,
+                    support: KernelSupport::from_probe(&probe),
+                },
+            );
+            match attached {
+                Ok(datapath) => Some(datapath),
+                // The probe said yes but the kernel refused at attach time: nothing of
+                // the attempt is left (attach is all or nothing), so iptables can take over.
+                Err(error) if config.mode == crate::datapath::probe::Mode::Auto => {
+                    tracing::error!(%error, "attaching the eBPF data path failed: iptables fallback");
+                    mode_reason = format!(
+                        "auto: the probe found every required feature, but attaching failed \
+                         ({error}): iptables fallback"
+                    );
+                    None
+                }
+                Err(error) => {
+                    return Err(anyhow::Error::new(error).context("attaching the eBPF data path"))
+                }
+            }
+        }
+        Chosen::Iptables => None,
+    };
+    let (datapath, iptables_backend): (Arc<dyn Datapath>, _) = match ebpf {
+        Some(ebpf) => (Arc::new(ebpf), None),
+        None => {
             if config.sockmap {
                 bail!("--sockmap needs the eBPF mode; this agent runs iptables ({mode_reason})");
             }

@@ -154,6 +154,16 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:15000")]
         admin_addr: SocketAddr,
     },
+    /// Probe this kernel: the features eBPF mode needs or can do without (each with its
+    /// fallback), and the mode `--mode auto` picks and why.
+    Probe {
+        /// One JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Treat a probed feature as missing, as `agent --simulate-missing-feature` does.
+        #[arg(long = "simulate-missing-feature", value_name = "FEATURE")]
+        simulate_missing_features: Vec<String>,
+    },
     /// Remove everything a stopped agent left behind (pins, socket, pid file).
     Cleanup {
         #[command(flatten)]
@@ -319,6 +329,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .build()
                 .context("tokio runtime")?
                 .block_on(interceptor::gateway::run(config))
+        }
+        Command::Probe {
+            json,
+            simulate_missing_features,
+        } => {
+            let mut probe = datapath::probe::probe();
+            for name in &simulate_missing_features {
+                probe.simulate_missing(name)?;
+            }
+            let report = datapath::probe::ProbeReport::new(&probe);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("kernel {}", report.kernel);
+                println!("--mode auto: {:?} ({})", report.auto_mode, report.reason);
+                for f in &report.features {
+                    let state = match (f.supported, f.required) {
+                        (true, _) => "present".to_owned(),
+                        (false, true) => "MISSING (required)".to_owned(),
+                        (false, false) => {
+                            format!("missing, fallback: {}", f.fallback.unwrap_or("none"))
+                        }
+                    };
+                    println!("  {:<52} {:>5}  {state}", f.name, f.since);
+                }
+            }
+            Ok(())
         }
         Command::Cleanup { paths } => {
             let removed = cleanup::cleanup(

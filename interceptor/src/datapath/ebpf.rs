@@ -11,7 +11,9 @@ use crate::sync::lock;
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, SockHash};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::tc::{self, TcAttachType};
+use aya::programs::tc::{
+    self, NlOptions, SchedClassifierLink, TcAttachOptions, TcAttachType, TcHandle,
+};
 use aya::programs::{
     CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SchedClassifier, SkMsg, SockOps,
 };
@@ -36,7 +38,7 @@ pub const PROG_TC_EGRESS: &str = "intercept_tc_egress";
 pub const PROG_SK_MSG: &str = "intercept_sk_msg";
 
 /// Every map, pinned by these names.
-const MAP_NAMES: [&str; 12] = [
+const MAP_NAMES: [&str; 13] = [
     maps::ENROLLED_NETNS,
     maps::POD_BY_IP,
     maps::ORIG_DST_BY_COOKIE,
@@ -49,6 +51,7 @@ const MAP_NAMES: [&str; 12] = [
     maps::SOCK_PAIRS,
     maps::SETTINGS,
     maps::COUNTERS,
+    maps::NETNS_PROBE,
 ];
 
 /// Prefix of pinned links: cgroup links by program name, tc links by netns cookie.
@@ -106,6 +109,42 @@ macro_rules! attach_cgroup_program {
     }};
 }
 
+/// Where netlink (kernels before TCX) attaches the tc programs: a fixed priority and
+/// handle, so a restarted agent replaces its predecessor's filter instead of adding one,
+/// and DEL or cleanup removes exactly ours.
+pub const TC_NETLINK_PRIORITY: u16 = 0x1500;
+pub const TC_NETLINK_HANDLE: TcHandle = TcHandle::new(0x1500, 1);
+
+/// Which optional kernel features the data path may use (the probe's answer); each one
+/// missing selects its fallback (see `probe::Optional`).
+#[derive(Clone, Copy, Debug)]
+pub struct KernelSupport {
+    /// TCX links for tc (6.6); else netlink clsact + cls_bpf.
+    pub tcx: bool,
+    /// The getpeername4 attach type (5.8); else not attached.
+    pub getpeername: bool,
+    /// `SO_NETNS_COOKIE` (5.14); else the netns probe through connect4.
+    pub so_netns_cookie: bool,
+}
+
+impl KernelSupport {
+    pub fn from_probe(probe: &super::probe::Probe) -> Self {
+        use super::probe::Optional;
+        Self {
+            tcx: probe.has(Optional::Tcx),
+            getpeername: probe.has(Optional::Getpeername),
+            so_netns_cookie: probe.has(Optional::SoNetnsCookie),
+        }
+    }
+}
+
+impl Default for KernelSupport {
+    /// What this kernel has, by version (tests and tools that do not probe).
+    fn default() -> Self {
+        Self::from_probe(&super::probe::probe())
+    }
+}
+
 /// Options of the eBPF data path.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct EbpfOptions {
@@ -115,6 +154,8 @@ pub struct EbpfOptions {
     pub sockmap: bool,
     /// Size of INBOUND_FLOWS (default [`capacity::INBOUND_FLOWS`]).
     pub inbound_flow_capacity: Option<u32>,
+    /// Optional kernel features present; the missing ones' fallbacks are used.
+    pub support: KernelSupport,
 }
 
 /// The maps the agent writes, behind one lock so enrollment is a single critical section.
@@ -141,8 +182,11 @@ pub struct EbpfDatapath {
     counters: PerCpuArray<MapData, u64>,
     /// Held so the sk_msg attachment's map outlives every socket in it.
     _sock_pairs: SockHash<MapData, FlowKey>,
-    /// tc attachments per pod (netns cookie).
-    tc_links: Mutex<StdHashMap<u64, Vec<TcAttachment>>>,
+    /// tc attachments per pod (netns cookie), with the netns they live in (netlink
+    /// filters are detached from inside it).
+    tc_links: Mutex<StdHashMap<u64, PodTc>>,
+    /// Answers to the netns probe (used when the kernel lacks `SO_NETNS_COOKIE`).
+    netns_probe: HashMap<MapData, u64, u64>,
     /// The cgroup links pinned in the pin dir (they outlive the agent).
     pinned_links: Mutex<Vec<PinnedLink>>,
     options: Mutex<EbpfOptions>,
@@ -156,8 +200,25 @@ fn ip_key(ip: Ipv4Addr) -> u32 {
 
 impl EbpfDatapath {
     /// Load the programs, attach the cgroup ones at `cgroup`, and pin programs and maps
-    /// in `pin_dir` (which must not be in use by another agent).
+    /// in `pin_dir` (which must not be in use by another agent). All or nothing: when any
+    /// step fails (a kernel that probed fine but refuses an attach type), every pin is
+    /// removed again, which detaches what was attached, and the error says which step.
     pub fn attach(
+        cgroup: &Path,
+        pin_dir: &Path,
+        options: EbpfOptions,
+    ) -> Result<Self, DatapathError> {
+        let attached = Self::attach_all(cgroup, pin_dir, options);
+        if attached.is_err() && !EBPF_OBJECT.is_empty() {
+            if let Err(error) = super::bpffs::remove_pin_dir(pin_dir, &is_our_pin) {
+                tracing::error!(%error, pin_dir = %pin_dir.display(),
+                    "removing the pins of a failed attach");
+            }
+        }
+        attached
+    }
+
+    fn attach_all(
         cgroup: &Path,
         pin_dir: &Path,
         options: EbpfOptions,
@@ -187,7 +248,10 @@ impl EbpfDatapath {
         };
         // Maps pinned by a previous agent are reused when their layout matches, so enrolled
         // pods and live flows carry over a restart; anything else starts from scratch.
-        if !pinned_maps_reusable(pin_dir, &capacity_of) {
+        if let Err(why) = pinned_maps_reusable(pin_dir, &capacity_of) {
+            tracing::warn!(pin_dir = %pin_dir.display(), %why,
+                "pinned maps of another layout (another build, or pins from before a kernel \
+                 or agent change): refused, starting with new maps");
             super::bpffs::remove_pin_dir(pin_dir, &is_our_pin).map_err(|e| {
                 DatapathError::Bpffs {
                     path: pin_dir.display().to_string(),
@@ -214,7 +278,17 @@ impl EbpfDatapath {
         // pinnable one; it is only needed while the proxy runs anyway.)
         attach_cgroup_program!(ebpf, CgroupSockAddr, PROG_CONNECT4, &cgroup_file, pin_dir, pin link into links);
         attach_cgroup_program!(ebpf, SockOps, PROG_SOCK_OPS, &cgroup_file, pin_dir, pin link into links);
-        attach_cgroup_program!(ebpf, CgroupSockAddr, PROG_GETPEERNAME4, &cgroup_file, pin_dir, pin link into links);
+        if options.support.getpeername {
+            attach_cgroup_program!(ebpf, CgroupSockAddr, PROG_GETPEERNAME4, &cgroup_file, pin_dir, pin link into links);
+        } else {
+            // A previous agent's link (before a reboot into an older kernel cannot leave
+            // one, but a downgrade of this flag can) would keep answering with stale maps.
+            let _ = std::fs::remove_file(pin_dir.join(format!("{LINK_PREFIX}{PROG_GETPEERNAME4}")));
+            tracing::info!(
+                "getpeername4 not attached: {}",
+                super::probe::GETPEERNAME_FALLBACK
+            );
+        }
         let _ = attach_cgroup_program!(ebpf, CgroupSockopt, PROG_GETSOCKOPT, &cgroup_file, pin_dir);
         for name in [PROG_TC_INGRESS, PROG_TC_EGRESS] {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
@@ -261,12 +335,14 @@ impl EbpfDatapath {
             settings: typed(&mut ebpf, maps::SETTINGS)?,
         };
         let counters = typed(&mut ebpf, maps::COUNTERS)?;
+        let netns_probe = typed(&mut ebpf, maps::NETNS_PROBE)?;
         let datapath = Self {
             ebpf: Arc::new(Mutex::new(ebpf)),
             maps: Mutex::new(maps),
             counters,
             _sock_pairs: sock_pairs,
             tc_links: Mutex::new(StdHashMap::new()),
+            netns_probe,
             pinned_links: Mutex::new(links),
             options: Mutex::new(options),
             pin_dir: pin_dir.to_path_buf(),
@@ -302,9 +378,11 @@ impl EbpfDatapath {
             })
     }
 
-    /// Attach both tc programs to `ifname` inside the pod's netns and pin their links
-    /// (TCX, kernel ≥ 6.6) as `link_tc_<cookie>_{ingress,egress}`, replacing the links a
-    /// previous agent pinned for the same netns.
+    /// Attach both tc programs to `ifname` inside the pod's netns. With TCX (kernel ≥ 6.6)
+    /// their links are pinned as `link_tc_<cookie>_{ingress,egress}`, replacing the links
+    /// a previous agent pinned for the same netns; below, they are cls_bpf filters on the
+    /// clsact qdisc at [`TC_NETLINK_PRIORITY`]/[`TC_NETLINK_HANDLE`], replacing a previous
+    /// agent's filter there. Either way they outlive the agent.
     fn attach_tc(
         &self,
         netns: &PodNetns,
@@ -314,13 +392,14 @@ impl EbpfDatapath {
         let ebpf = Arc::clone(&self.ebpf);
         let iface = ifname.to_string();
         let pin_dir = self.pin_dir.clone();
+        let tcx = lock(&self.options).support.tcx;
         let attached = netns
             .run_blocking(move || -> Result<Vec<TcAttachment>, String> {
-                // clsact is only needed for netlink attachment (kernels before TCX, 6.6);
-                // an existing qdisc is fine.
-                if let Err(error) = tc::qdisc_add_clsact(&iface) {
-                    if !matches!(&error, tc::TcError::AlreadyAttached) {
-                        tracing::debug!(%error, iface, "adding clsact qdisc");
+                if !tcx {
+                    // Netlink filters hang off the clsact qdisc; an existing one is fine.
+                    match tc::qdisc_add_clsact(&iface) {
+                        Ok(()) | Err(tc::TcError::AlreadyAttached) => {}
+                        Err(error) => return Err(format!("adding the clsact qdisc: {error}")),
                     }
                 }
                 let mut ebpf = lock(&ebpf);
@@ -329,17 +408,16 @@ impl EbpfDatapath {
                     (PROG_TC_INGRESS, TcAttachType::Ingress, "ingress"),
                     (PROG_TC_EGRESS, TcAttachType::Egress, "egress"),
                 ] {
-                    let attached = attach_one_tc(&mut ebpf, name, &iface, kind).and_then(|link| {
-                        match FdLink::try_from(link) {
-                            Ok(fd_link) => {
-                                let pin_name = format!("{TC_LINK_PREFIX}{cookie}_{side}");
-                                pin_link(&pin_dir, &pin_name, fd_link)
-                                    .map(TcAttachment::Pinned)
-                                    .map_err(|e| e.to_string())
-                            }
-                            Err(_) => Err(format!("{name}: link is not a bpf_link")),
-                        }
-                    });
+                    let attached = if tcx {
+                        attach_one_tcx(&mut ebpf, name, &iface, kind).and_then(|link| {
+                            let pin_name = format!("{TC_LINK_PREFIX}{cookie}_{side}");
+                            pin_link(&pin_dir, &pin_name, link)
+                                .map(TcAttachment::Pinned)
+                                .map_err(|e| e.to_string())
+                        })
+                    } else {
+                        attach_one_netlink(&mut ebpf, name, &iface, kind)
+                    };
                     match attached {
                         Ok(attachment) => attachments.push(attachment),
                         Err(error) => {
@@ -363,7 +441,7 @@ impl EbpfDatapath {
     }
 
     fn detach_tc(&self, netns: &PodNetns, cookie: u64) {
-        let Some(attachments) = lock(&self.tc_links).remove(&cookie) else {
+        let Some((_, attachments)) = lock(&self.tc_links).remove(&cookie) else {
             return;
         };
         // Run in the pod's netns, where a netlink-attached filter would be addressed.
@@ -443,13 +521,20 @@ impl ScopeRules {
     }
 }
 
+/// A pod's tc attachments and the netns they live in.
+type PodTc = (Arc<PodNetns>, Vec<TcAttachment>);
+
 /// One tc program attached to a pod's interface.
 enum TcAttachment {
     /// A TCX bpf_link pinned in the pin dir: unpinning detaches it.
     Pinned(PinnedLink),
+    /// A cls_bpf filter at our priority and handle (kernels before TCX): removed by
+    /// netlink, from inside the pod's netns.
+    Netlink { ifname: String, kind: TcAttachType },
 }
 
 impl TcAttachment {
+    /// Must run in the pod's netns for [`TcAttachment::Netlink`].
     fn detach(self) {
         match self {
             // The interface may be gone with the pod: the link is defunct then, and
@@ -457,25 +542,113 @@ impl TcAttachment {
             TcAttachment::Pinned(link) => {
                 let _ = link.unpin();
             }
+            TcAttachment::Netlink { ifname, kind } => remove_netlink_filter(&ifname, kind),
         }
     }
 }
 
-fn attach_one_tc(
+/// Remove our cls_bpf filter from `ifname` (in the calling thread's netns); a filter or
+/// interface that is gone already is not an error.
+fn remove_netlink_filter(ifname: &str, kind: TcAttachType) {
+    match SchedClassifierLink::attached(ifname, kind, TC_NETLINK_PRIORITY, TC_NETLINK_HANDLE, None)
+    {
+        Ok(link) => {
+            if let Err(error) = aya::programs::Link::detach(link) {
+                tracing::debug!(%error, ifname, ?kind, "removing tc filter");
+            }
+        }
+        Err(error) => tracing::debug!(%error, ifname, "interface gone"),
+    }
+}
+
+/// Remove our cls_bpf filters from every interface of the calling thread's netns (a pod
+/// this agent no longer enrolls, or `interceptor cleanup`). Returns how many interfaces
+/// were visited.
+pub fn remove_netlink_filters_here() -> usize {
+    let Ok(interfaces) = nix::net::if_::if_nameindex() else {
+        return 0;
+    };
+    let names: Vec<String> = interfaces
+        .iter()
+        .map(|i| i.name().to_string_lossy().into_owned())
+        .filter(|n| n != "lo")
+        .collect();
+    for name in &names {
+        remove_netlink_filter(name, TcAttachType::Ingress);
+        remove_netlink_filter(name, TcAttachType::Egress);
+    }
+    names.len()
+}
+
+/// Attach with a TCX link (kernel ≥ 6.6) and hand the link over, to be pinned.
+fn attach_one_tcx(
     ebpf: &mut Ebpf,
     name: &'static str,
     iface: &str,
     kind: TcAttachType,
-) -> Result<aya::programs::tc::SchedClassifierLink, String> {
-    let prog: &mut SchedClassifier = ebpf
-        .program_mut(name)
+) -> Result<FdLink, String> {
+    let prog = tc_program(ebpf, name)?;
+    let id = prog
+        .attach_with_options(iface, kind, TcAttachOptions::TcxOrder(Default::default()))
+        .map_err(|e| format!("{name}: {e}"))?;
+    let link = prog.take_link(id).map_err(|e| format!("{name}: {e}"))?;
+    FdLink::try_from(link).map_err(|_| format!("{name}: link is not a bpf_link"))
+}
+
+/// Attach as a cls_bpf direct-action filter at our priority and handle; a filter a
+/// previous agent left there is replaced in place (no moment without one).
+fn attach_one_netlink(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    iface: &str,
+    kind: TcAttachType,
+) -> Result<TcAttachment, String> {
+    let prog = tc_program(ebpf, name)?;
+    let options = TcAttachOptions::Netlink(NlOptions {
+        priority: TC_NETLINK_PRIORITY,
+        handle: TC_NETLINK_HANDLE,
+        classid: None,
+    });
+    let id = match prog.attach_with_options(iface, kind, options) {
+        Ok(id) => id,
+        Err(error) if is_exists(&error) => {
+            let existing = SchedClassifierLink::attached(
+                iface,
+                kind,
+                TC_NETLINK_PRIORITY,
+                TC_NETLINK_HANDLE,
+                None,
+            )
+            .map_err(|e| format!("{name}: {e}"))?;
+            prog.attach_to_link(existing)
+                .map_err(|e| format!("{name}: replacing the previous filter: {e}"))?
+        }
+        Err(error) => return Err(format!("{name}: {error}")),
+    };
+    let link = prog.take_link(id).map_err(|e| format!("{name}: {e}"))?;
+    // Dropping the link would remove the filter: it must outlive the agent (like a
+    // pinned TCX link). It holds no file descriptor, only ifindex/priority/handle, which
+    // TcAttachment::Netlink keeps to remove it later.
+    std::mem::forget(link);
+    Ok(TcAttachment::Netlink {
+        ifname: iface.to_owned(),
+        kind,
+    })
+}
+
+fn is_exists(error: &aya::programs::ProgramError) -> bool {
+    matches!(error, aya::programs::ProgramError::TcError(tc::TcError::NetlinkError(e))
+        if e.raw_os_error() == Some(libc::EEXIST))
+}
+
+fn tc_program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, String> {
+    ebpf.program_mut(name)
         .ok_or_else(|| format!("program {name} missing"))?
         .try_into()
-        .map_err(|e| format!("{name}: {e}"))?;
-    let id = prog
-        .attach(iface, kind)
-        .map_err(|e| format!("{name}: {e}"))?;
-    prog.take_link(id).map_err(|e| format!("{name}: {e}"))
+        .map_err(|e| format!("{name}: {e}"))
 }
 
 /// Pin `link` as `name` in `pin_dir`. An existing pin of that name (a previous agent's
@@ -506,7 +679,10 @@ fn replace_pin(
 /// Whether every map pinned in `pin_dir` has the key size, value size and capacity this
 /// build expects (a missing pin is fine: it is created). Anything else means another
 /// build's layout, which must not be reused.
-fn pinned_maps_reusable(pin_dir: &Path, capacity_of: &dyn Fn(&str) -> Option<u32>) -> bool {
+fn pinned_maps_reusable(
+    pin_dir: &Path,
+    capacity_of: &dyn Fn(&str) -> Option<u32>,
+) -> Result<(), String> {
     use std::mem::size_of;
     let expected = |name: &str| -> (usize, usize, u32) {
         match name {
@@ -545,23 +721,33 @@ fn pinned_maps_reusable(pin_dir: &Path, capacity_of: &dyn Fn(&str) -> Option<u32
             maps::SCOPE_FLAGS => (size_of::<u64>(), size_of::<u32>(), capacity::SCOPE_FLAGS),
             maps::SOCK_PAIRS => (size_of::<FlowKey>(), size_of::<u32>(), capacity::SOCK_PAIRS),
             maps::SETTINGS => (size_of::<u32>(), size_of::<u32>(), config::LEN),
+            maps::NETNS_PROBE => (size_of::<u64>(), size_of::<u64>(), capacity::NETNS_PROBE),
             _ => (size_of::<u32>(), size_of::<u64>(), counters::LEN),
         }
     };
-    MAP_NAMES.iter().all(|name| {
+    for name in MAP_NAMES {
         let path = pin_dir.join(name);
         if !path.exists() {
-            return true;
+            continue;
         }
-        let Ok(info) = MapData::from_pin(&path).and_then(|map| map.info()) else {
-            return false;
-        };
+        let info = MapData::from_pin(&path)
+            .and_then(|map| map.info())
+            .map_err(|e| format!("{name}: cannot be opened: {e}"))?;
         let (key, value, default_capacity) = expected(name);
         let capacity = capacity_of(name).unwrap_or(default_capacity);
-        info.key_size() as usize == key
-            && info.value_size() as usize == value
-            && info.max_entries() == capacity
-    })
+        let found = (
+            info.key_size() as usize,
+            info.value_size() as usize,
+            info.max_entries(),
+        );
+        if found != (key, value, capacity) {
+            return Err(format!(
+                "{name}: key/value/entries {}/{}/{} where this build expects {key}/{value}/{capacity}",
+                found.0, found.1, found.2
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// bpf_link cgroup attachments (kernel ≥ 5.7, what aya uses there) are always
@@ -638,7 +824,7 @@ impl Datapath for EbpfDatapath {
         }
         match self.attach_tc(netns, &pod.ifname, pod.netns_cookie) {
             Ok(links) => {
-                lock(&self.tc_links).insert(pod.netns_cookie, links);
+                lock(&self.tc_links).insert(pod.netns_cookie, (Arc::clone(netns), links));
                 Ok(())
             }
             Err(error) => {
@@ -674,6 +860,46 @@ impl Datapath for EbpfDatapath {
     fn set_debug(&self, on: bool) -> Result<(), DatapathError> {
         lock(&self.options).debug = on;
         self.write_flags()
+    }
+
+    /// `SO_NETNS_COOKIE` where the kernel has it (5.14); below, the netns probe: a UDP
+    /// connect from inside the netns that connect4 answers with `bpf_get_netns_cookie`,
+    /// the very value the programs compare with.
+    fn netns_cookie(&self, netns: &PodNetns) -> Result<u64, DatapathError> {
+        if lock(&self.options).support.so_netns_cookie {
+            return Ok(netns.cookie());
+        }
+        let socket_cookie = netns
+            .run_blocking(crate::inpod::probe_connect)
+            .map_err(|e| DatapathError::NetnsProbe(e.to_string()))?
+            .map_err(|e| DatapathError::NetnsProbe(e.to_string()))?;
+        let cookie = self.netns_probe.get(&socket_cookie, 0).map_err(|e| {
+            DatapathError::NetnsProbe(format!(
+                "connect4 did not answer the probe of {} (is the agent inside the cgroup the \
+                 programs are attached to?): {e}",
+                netns.path().display()
+            ))
+        })?;
+        Ok(cookie)
+    }
+
+    /// Remove the netlink tc filters an earlier agent left in a netns this agent does
+    /// not enroll (TCX links go with their pins in [`Datapath::retain_pods`]).
+    fn release_netns(&self, path: &Path) -> Result<(), DatapathError> {
+        if lock(&self.options).support.tcx {
+            return Ok(());
+        }
+        let netns = PodNetns::enter(path).map_err(|e| DatapathError::Tc {
+            ifname: "*".into(),
+            reason: format!("entering {}: {e}", path.display()),
+        })?;
+        netns
+            .run_blocking(remove_netlink_filters_here)
+            .map_err(|e| DatapathError::Tc {
+                ifname: "*".into(),
+                reason: e.to_string(),
+            })?;
+        Ok(())
     }
 
     fn counters(&self) -> Option<DatapathCounters> {
@@ -744,10 +970,13 @@ impl Datapath for EbpfDatapath {
         for link in lock(&self.pinned_links).drain(..) {
             let _ = link.unpin();
         }
-        for (_, attachments) in lock(&self.tc_links).drain() {
-            for attachment in attachments {
-                attachment.detach();
-            }
+        for (_, (netns, attachments)) in lock(&self.tc_links).drain() {
+            // Netlink filters are addressed by ifindex in the pod's netns.
+            let _ = netns.run_blocking(move || {
+                for attachment in attachments {
+                    attachment.detach();
+                }
+            });
         }
         super::bpffs::remove_pin_dir(&self.pin_dir, &is_our_pin).map_err(|e| DatapathError::Bpffs {
             path: self.pin_dir.display().to_string(),

@@ -16,7 +16,7 @@ use crate::inpod::PodNetns;
 /// One pod's place in the data path: what the programs need to intercept it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodDatapath {
-    /// `SO_NETNS_COOKIE` of the pod's network namespace.
+    /// The pod netns's cookie ([`Datapath::netns_cookie`]).
     pub netns_cookie: u64,
     /// The pod's IPv4 address; redirects go to `<ip>:15001` and `<ip>:15003`.
     pub ipv4: Ipv4Addr,
@@ -64,6 +64,8 @@ pub enum DatapathError {
     Tc { ifname: String, reason: String },
     #[error("iptables: {what}: {reason}")]
     Iptables { what: String, reason: String },
+    #[error("learning the pod netns's cookie: {0}")]
+    NetnsProbe(String),
     #[error("a data path call did not complete: {0}")]
     Interrupted(String),
     #[error("{what} is not available in {mode} mode")]
@@ -113,6 +115,11 @@ pub trait Datapath: Send + Sync {
     /// [`Datapath::retain_pods`], so the default does nothing.
     fn release_netns(&self, _path: &std::path::Path) -> Result<(), DatapathError> {
         Ok(())
+    }
+    /// The key this mode knows the pod's netns by: its cookie as the eBPF programs see it
+    /// (`SO_NETNS_COOKIE`, or a fallback on kernels without it).
+    fn netns_cookie(&self, netns: &PodNetns) -> Result<u64, DatapathError> {
+        Ok(netns.cookie())
     }
     /// Turn the programs' trace_pipe lines on or off.
     fn set_debug(&self, on: bool) -> Result<(), DatapathError>;

@@ -3,7 +3,7 @@
 //! mode does, so no tokio worker ever changes namespace.
 mod netns;
 
-pub use netns::{netns_cookie_of_current, PodNetns};
+pub use netns::{netns_cookie_of_current, probe_connect, PodNetns};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InpodError {

@@ -150,6 +150,37 @@ pub fn netns_cookie_of_current() -> std::io::Result<u64> {
     }
 }
 
+/// The agent's netns probe (kernels without `SO_NETNS_COOKIE`): a UDP socket connected
+/// to [`interceptor_common::NETNS_PROBE_PORT`] on loopback in the calling thread's netns
+/// (a UDP connect sends nothing), so that connect4 records this netns's cookie under the
+/// socket's cookie. Returns that socket cookie (`SO_COOKIE`, Linux 4.12), the key to read
+/// the answer with.
+pub fn probe_connect() -> std::io::Result<u64> {
+    const SO_COOKIE: libc::c_int = 57;
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+    let target = std::net::SocketAddr::from((
+        interceptor_common::NETNS_PROBE_IPV4,
+        interceptor_common::NETNS_PROBE_PORT,
+    ));
+    socket.connect(&target.into())?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a valid socket fd and a properly sized, aligned out buffer.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
 fn so_netns_cookie() -> std::io::Result<u64> {
     const SO_NETNS_COOKIE: libc::c_int = 71;
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
