@@ -441,11 +441,24 @@ fn the_mode_is_probed_and_explained() {
         .as_array()
         .expect("features");
     assert!(features.len() >= 15, "{features:?}");
-    let missing: Vec<_> = features.iter().filter(|f| f["supported"] != true).collect();
-    assert!(
-        missing.is_empty(),
-        "this kernel should have every feature: {missing:?}"
-    );
+    // Every required feature is there (or the agent would not be in eBPF mode); every
+    // optional one missing names its fallback, and the reason lists them.
+    let missing: Vec<_> = features
+        .iter()
+        .filter(|f| f["supported"] != true && f["required"] == true)
+        .collect();
+    assert!(missing.is_empty(), "required features missing: {missing:?}");
+    for feature in features.iter().filter(|f| f["supported"] == false) {
+        let name = feature["name"].as_str().expect("name");
+        assert!(feature["fallback"].is_string(), "{feature}");
+        assert!(
+            dump["mode_reason"]
+                .as_str()
+                .is_some_and(|r| r.contains(name)),
+            "{}",
+            dump["mode_reason"]
+        );
+    }
 }
 
 /// `--mode auto` on a kernel that lacks one probed feature (simulated) falls back to

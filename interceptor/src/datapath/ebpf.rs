@@ -399,6 +399,9 @@ impl EbpfDatapath {
                     // Netlink filters hang off the clsact qdisc; an existing one is fine.
                     match tc::qdisc_add_clsact(&iface) {
                         Ok(()) | Err(tc::TcError::AlreadyAttached) => {}
+                        // aya 0.14 reports an existing qdisc as a plain EEXIST.
+                        Err(tc::TcError::NetlinkError(e))
+                            if e.raw_os_error() == Some(libc::EEXIST) => {}
                         Err(error) => return Err(format!("adding the clsact qdisc: {error}")),
                     }
                 }

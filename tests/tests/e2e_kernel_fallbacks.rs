@@ -1,0 +1,222 @@
+//! eBPF mode with the fallbacks of the optional kernel features, the way kernels 5.10–6.5
+//! run it (Debian 11/12, RHEL 9, Ubuntu 22.04, Amazon Linux): tc programs as netlink
+//! cls_bpf filters instead of TCX links, no getpeername4, and the netns probe through
+//! connect4 instead of `SO_NETNS_COOKIE`. On this machine's kernel the features are
+//! present, so the test makes the agent do without them (`--simulate-missing-feature`);
+//! `cargo xtask vm-test` runs the same suites on the real older kernels.
+#[macro_use]
+mod common;
+
+use common::{
+    inbound_records, rerun_interceptor_cni, run_in_netns, wait_for, Node, ECHO_TARGET_PORT,
+};
+use interceptor_testbed::Pod;
+
+const FALLBACKS: [&str; 3] = [
+    "bpf_link for tc (TCX)",
+    "attach type cgroup/getpeername4",
+    "SO_NETNS_COOKIE",
+];
+
+fn agent_args(extra: &[&'static str]) -> Vec<&'static str> {
+    let mut args = vec!["--mode", "ebpf"];
+    for feature in FALLBACKS {
+        args.extend(["--simulate-missing-feature", feature]);
+    }
+    args.extend_from_slice(extra);
+    args
+}
+
+fn service_addr() -> String {
+    format!("{}:{}", common::ECHO_CLUSTER_IP, common::ECHO_SERVICE_PORT)
+}
+
+/// Our cls_bpf filters on the pod's eth0, per direction (`tc filter show`).
+fn our_filters(pod: &Pod, direction: &str) -> usize {
+    let shown = run_in_netns(
+        &pod.netns,
+        &["tc", "filter", "show", "dev", "eth0", direction],
+    );
+    shown
+        .lines()
+        .filter(|l| l.contains("intercept_tc_") && l.contains("pref 5376"))
+        .count()
+}
+
+fn echo_through_service(node: &Node, client: &Pod) -> interceptor_testbed::ClientReport {
+    let report = node
+        .tb
+        .run_client(
+            client,
+            &[
+                "--connect",
+                &service_addr(),
+                "--send-bytes",
+                "2048",
+                "--expect-greeting",
+            ],
+        )
+        .expect("client runs");
+    assert_eq!(
+        report.error,
+        None,
+        "{report:?}\nagent log:\n{}",
+        node.agent_log()
+    );
+    assert_eq!(report.greeting.as_deref(), Some("hello-fallback"));
+    assert!(report.echoed_all(), "{report:?}");
+    report
+}
+
+#[test]
+fn every_fallback_at_once_intercepts_outbound_and_inbound_and_survives_a_restart() {
+    if !common::privileged() {
+        return;
+    }
+    let mut node = Node::start("fallbacks", &agent_args(&["--on-exit", "keep"]));
+    let dump = node.config_dump();
+    assert_eq!(dump["mode"], "ebpf");
+    let reason = dump["mode_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("3 fallbacks"), "{reason}");
+    for feature in FALLBACKS {
+        let row = dump["node"]["probe"]["features"]
+            .as_array()
+            .expect("features")
+            .iter()
+            .find(|f| f["name"] == feature)
+            .cloned()
+            .unwrap_or_else(|| panic!("{feature} not in the probe"));
+        assert_eq!(row["supported"], false, "{row}");
+        assert_eq!(row["required"], false, "{row}");
+        assert!(
+            row["fallback"].as_str().is_some_and(|f| !f.is_empty()),
+            "{row}"
+        );
+    }
+
+    let server = node.pod("demo", "server");
+    let client = node.pod("demo", "client");
+    let outsider = node.pod("legacy", "outsider");
+    let _echo = node
+        .tb
+        .spawn_server(
+            &server,
+            &[
+                "echo",
+                "--listen",
+                "0.0.0.0:9000",
+                "--greeting",
+                "hello-fallback",
+            ],
+        )
+        .expect("echo server");
+
+    // Outbound: the pod's netns cookie came from the netns probe, and connect4 matched it.
+    let report = echo_through_service(&node, &client);
+    // Without getpeername4 the application sees the proxy as its peer (documented).
+    assert_eq!(
+        report.peer.as_deref(),
+        Some(format!("{}:15001", client.ip).as_str()),
+        "{report:?}"
+    );
+    let dump = node.config_dump();
+    assert!(dump["datapath_counters"]["redirected"].as_u64() >= Some(1));
+
+    // Inbound through tc, attached by netlink: an unenrolled client dials the pod IP.
+    let target = format!("{}:{ECHO_TARGET_PORT}", server.ip);
+    let report = node
+        .tb
+        .run_client(&outsider, &["--connect", &target, "--send-bytes", "1000"])
+        .expect("client");
+    assert_eq!(report.error, None, "{report:?}\n{}", node.agent_log());
+    assert_eq!(
+        report.peer.as_deref(),
+        Some(target.as_str()),
+        "egress restored the port"
+    );
+    let outsider_ip = outsider.ip.to_string();
+    let record = wait_for("the inbound record", || {
+        inbound_records(&node.config_dump(), "demo/server", Some(&outsider_ip))
+            .into_iter()
+            .next()
+    });
+    assert_eq!(record["original_dst"], target, "{record}");
+
+    // Filters, not pinned links: one per direction per pod, nothing in bpffs for tc, and
+    // no getpeername4 link.
+    for pod in [&server, &client] {
+        assert_eq!(our_filters(pod, "ingress"), 1, "{}", pod.name);
+        assert_eq!(our_filters(pod, "egress"), 1, "{}", pod.name);
+    }
+    assert_eq!(
+        our_filters(&outsider, "ingress"),
+        0,
+        "the outsider is not enrolled"
+    );
+    let pins: Vec<String> = std::fs::read_dir(node.tb.bpffs_dir())
+        .expect("pin dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!pins.iter().any(|p| p.starts_with("link_tc_")), "{pins:?}");
+    assert!(
+        !pins
+            .iter()
+            .any(|p| p.contains("getpeername4") && p.starts_with("link_")),
+        "{pins:?}"
+    );
+
+    // A restart that keeps the data path: the filters stay while no agent runs, the new
+    // agent replaces them in place (still one each) and finds the same netns cookies.
+    let cookie_before = pod_cookie(&node, "demo/client");
+    node.stop_agent();
+    assert_eq!(
+        our_filters(&server, "ingress"),
+        1,
+        "the filter outlives the agent"
+    );
+    let manifests = node.manifests.clone();
+    node.agent = Some(
+        node.tb
+            .start_agent(&manifests, &agent_args(&[]))
+            .expect("second agent"),
+    );
+    for pod in [&server, &client] {
+        assert_eq!(
+            our_filters(pod, "ingress"),
+            1,
+            "{} after the restart\n{}",
+            pod.name,
+            node.agent_log()
+        );
+        assert_eq!(
+            our_filters(pod, "egress"),
+            1,
+            "{} after the restart",
+            pod.name
+        );
+    }
+    assert_eq!(pod_cookie(&node, "demo/client"), cookie_before);
+    echo_through_service(&node, &client);
+
+    // DEL takes the pod's filters away.
+    rerun_interceptor_cni(&node, &server, "DEL");
+    assert_eq!(our_filters(&server, "ingress"), 0);
+    assert_eq!(our_filters(&server, "egress"), 0);
+
+    // Stopping with the default `--on-exit remove` takes the remaining pod's filters too:
+    // nothing steers inbound traffic to a listener that is gone.
+    node.stop_agent();
+    assert_eq!(our_filters(&client, "ingress"), 0);
+    assert_eq!(our_filters(&client, "egress"), 0);
+}
+
+fn pod_cookie(node: &Node, pod: &str) -> u64 {
+    node.config_dump()["pods"]
+        .as_array()
+        .expect("pods")
+        .iter()
+        .find(|p| p["pod"] == pod)
+        .and_then(|p| p["netns_cookie"].as_u64())
+        .unwrap_or_else(|| panic!("no cookie for {pod}"))
+}
