@@ -1,6 +1,7 @@
 //! `cargo xtask`: setup, build, test and demo tasks for the interceptor workspace.
 
 mod cmd;
+mod programs;
 mod setup;
 
 use std::env;
@@ -62,10 +63,14 @@ fn main() -> Result<()> {
         Task::Test { args } => {
             setup::setup()?;
             build()?;
+            // Build the test binaries with the full PATH (linking needs the C toolchain),
+            // then run them under the exec audit, every binary even when one fails.
+            cmd::run(cmd::cargo().args(["test", "--release", "--workspace", "--no-run"]))?;
             cmd::run(
                 cmd::cargo()
-                    .args(["test", "--release", "--workspace"])
-                    .args(args),
+                    .args(["test", "--release", "--workspace", "--no-fail-fast"])
+                    .args(args)
+                    .env("PATH", audited_path()?),
             )
         }
         Task::Demo { args } => {
@@ -79,7 +84,11 @@ fn main() -> Result<()> {
                     demo.display()
                 );
             }
-            cmd::run(cmd::new(&demo.to_string_lossy()).args(args))
+            cmd::run(
+                cmd::new(&demo.to_string_lossy())
+                    .args(args)
+                    .env("PATH", audited_path()?),
+            )
         }
         Task::Clippy { skip_ebpf } => {
             let mut clippy = cmd::cargo();
@@ -106,13 +115,24 @@ fn main() -> Result<()> {
                     bench.display()
                 );
             }
-            cmd::run(cmd::new(&bench.to_string_lossy()).args(args))
+            cmd::run(
+                cmd::new(&bench.to_string_lossy())
+                    .args(args)
+                    .env("PATH", audited_path()?),
+            )
         }
     }
 }
 
 fn build() -> Result<()> {
     cmd::run(cmd::cargo().args(["build", "--release", "--workspace"]))
+}
+
+/// `PATH` for what the tests, the demo and the bench run: only the programs setup
+/// installs (or a fresh machine has), see `programs`.
+fn audited_path() -> Result<std::ffi::OsString> {
+    let dir = programs::audit_dir(&target_dir())?;
+    programs::audited_path(&dir, &cmd::cargo_home()?.join("bin"))
 }
 
 fn target_dir() -> PathBuf {

@@ -11,9 +11,11 @@ use anyhow::{bail, Context, Result};
 
 use crate::cmd::{self, probe, probe_any_status, run};
 
-/// Debian packages the testbed and e2e tests use (DESIGN.md §7).
-const PACKAGES: &[&str] = &[
+/// Debian packages the testbed and e2e tests use (DESIGN.md §7); `programs::PROGRAMS`
+/// says which program comes from which.
+pub(crate) const PACKAGES: &[&str] = &[
     "iptables",
+    "nftables",
     "iproute2",
     "containernetworking-plugins",
     "haproxy",
