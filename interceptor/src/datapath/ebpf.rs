@@ -29,6 +29,11 @@ use crate::inpod::PodNetns;
 /// The object built from `interceptor-ebpf` by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/interceptor"));
 
+/// The embedded eBPF object (empty when built with `AYA_BUILD_SKIP`), for audits.
+pub fn object() -> &'static [u8] {
+    EBPF_OBJECT
+}
+
 pub const PROG_CONNECT4: &str = "intercept_connect4";
 pub const PROG_SOCK_OPS: &str = "intercept_sock_ops";
 pub const PROG_GETSOCKOPT: &str = "intercept_getsockopt";
