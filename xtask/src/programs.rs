@@ -11,21 +11,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-/// Packages a fresh machine of this project's kind already has (the `rust` image's list
-/// of installed packages): setup need not install them.
-pub const FRESH_IMAGE: &[&str] = &[
-    "coreutils",
-    "util-linux",
-    "mount",
-    "procps",
-    "iproute2",
-    "python3",
-    "git",
-    "e2fsprogs",
-    "dpkg",
-    "apt",
-];
-
 /// Every program executed through `PATH` by a test, the demo, the bench, or what they
 /// start (the agent runs iptables; `ip netns exec` runs the rest), and its package.
 pub const PROGRAMS: &[(&str, &str)] = &[
@@ -121,6 +106,21 @@ pub fn audited_path(audit_dir: &Path, cargo_bin: &Path) -> Result<std::ffi::OsSt
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Packages a fresh machine of this project's kind already has (the `rust` image's list
+    /// of installed packages): setup need not install them.
+    const FRESH_IMAGE: &[&str] = &[
+        "coreutils",
+        "util-linux",
+        "mount",
+        "procps",
+        "iproute2",
+        "python3",
+        "git",
+        "e2fsprogs",
+        "dpkg",
+        "apt",
+    ];
 
     /// A program whose package is neither installed by setup nor on a fresh machine
     /// would pass here (installed by hand) and fail on a fresh clone: never allowed.
