@@ -61,7 +61,8 @@ pub fn cleanup(
     Ok(removed)
 }
 
-/// Remove the iptables chains from every remembered pod netns that still exists.
+/// Remove the iptables chains and the netlink tc filters from every remembered pod netns
+/// that still exists.
 fn remove_pod_chains(pods_file: &Path) -> anyhow::Result<Vec<String>> {
     let sandboxes: Vec<interceptor_cni::protocol::PodSandbox> = match std::fs::read(pods_file) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -87,6 +88,18 @@ fn remove_pod_chains(pods_file: &Path) -> anyhow::Result<Vec<String>> {
                 backend.name(),
                 netns.display()
             ));
+        }
+        // eBPF mode below TCX (6.6): the tc programs are netlink filters on the pod's
+        // interfaces, which outlive the agent like its pinned links do.
+        let filters =
+            crate::datapath::ebpf::remove_netlink_filters_in(netns).with_context(|| {
+                format!(
+                    "removing the tc filters of pod {}/{}",
+                    sandbox.pod_namespace, sandbox.pod_name
+                )
+            })?;
+        if filters > 0 {
+            removed.push(format!("{filters} tc filters in {}", netns.display()));
         }
     }
     Ok(removed)

@@ -209,6 +209,29 @@ fn every_fallback_at_once_intercepts_outbound_and_inbound_and_survives_a_restart
     node.stop_agent();
     assert_eq!(our_filters(&client, "ingress"), 0);
     assert_eq!(our_filters(&client, "egress"), 0);
+
+    // After `--on-exit keep`, `interceptor cleanup` removes the filters it left.
+    node.agent = Some(
+        node.tb
+            .start_agent(&manifests, &agent_args(&["--on-exit", "keep"]))
+            .expect("third agent"),
+    );
+    assert_eq!(our_filters(&client, "ingress"), 1, "{}", node.agent_log());
+    node.stop_agent();
+    assert_eq!(our_filters(&client, "ingress"), 1, "kept");
+    let out = std::process::Command::new(interceptor_testbed::bin_path("interceptor"))
+        .arg("cleanup")
+        .arg("--bpffs")
+        .arg(node.tb.bpffs_dir())
+        .arg("--state-dir")
+        .arg(node.tb.agent_state_dir())
+        .output()
+        .expect("running interceptor cleanup");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout.contains("2 tc filters in"), "{stdout}");
+    assert_eq!(our_filters(&client, "ingress"), 0);
+    assert_eq!(our_filters(&client, "egress"), 0);
 }
 
 fn pod_cookie(node: &Node, pod: &str) -> u64 {

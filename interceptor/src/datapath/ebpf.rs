@@ -550,29 +550,35 @@ impl TcAttachment {
             TcAttachment::Pinned(link) => {
                 let _ = link.unpin();
             }
-            TcAttachment::Netlink { ifname, kind } => remove_netlink_filter(&ifname, kind),
+            TcAttachment::Netlink { ifname, kind } => {
+                remove_netlink_filter(&ifname, kind);
+            }
         }
     }
 }
 
 /// Remove our cls_bpf filter from `ifname` (in the calling thread's netns); a filter or
-/// interface that is gone already is not an error.
-fn remove_netlink_filter(ifname: &str, kind: TcAttachType) {
+/// interface that is gone already is not an error. Whether a filter was removed.
+fn remove_netlink_filter(ifname: &str, kind: TcAttachType) -> bool {
     match SchedClassifierLink::attached(ifname, kind, TC_NETLINK_PRIORITY, TC_NETLINK_HANDLE, None)
     {
-        Ok(link) => {
-            if let Err(error) = aya::programs::Link::detach(link) {
-                tracing::debug!(%error, ifname, ?kind, "removing tc filter");
+        Ok(link) => match aya::programs::Link::detach(link) {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::debug!(%error, ifname, ?kind, "no tc filter to remove");
+                false
             }
+        },
+        Err(error) => {
+            tracing::debug!(%error, ifname, "interface gone");
+            false
         }
-        Err(error) => tracing::debug!(%error, ifname, "interface gone"),
     }
 }
 
-/// Remove our cls_bpf filters from every interface of the calling thread's netns (a pod
-/// this agent no longer enrolls, or `interceptor cleanup`). Returns how many interfaces
-/// were visited.
-pub fn remove_netlink_filters_here() -> usize {
+/// Remove our cls_bpf filters from every interface of the calling thread's netns.
+/// Returns how many filters were removed.
+fn remove_netlink_filters_here() -> usize {
     let Ok(interfaces) = nix::net::if_::if_nameindex() else {
         return 0;
     };
@@ -581,11 +587,18 @@ pub fn remove_netlink_filters_here() -> usize {
         .map(|i| i.name().to_string_lossy().into_owned())
         .filter(|n| n != "lo")
         .collect();
-    for name in &names {
-        remove_netlink_filter(name, TcAttachType::Ingress);
-        remove_netlink_filter(name, TcAttachType::Egress);
-    }
-    names.len()
+    names
+        .iter()
+        .flat_map(|name| [(name, TcAttachType::Ingress), (name, TcAttachType::Egress)])
+        .filter(|(name, kind)| remove_netlink_filter(name, *kind))
+        .count()
+}
+
+/// Remove our netlink tc filters from every interface of the netns at `path` (a pod this
+/// agent no longer enrolls, or `interceptor cleanup` after `--on-exit keep`). Returns how
+/// many were removed.
+pub fn remove_netlink_filters_in(path: &Path) -> Result<usize, crate::inpod::InpodError> {
+    PodNetns::enter(path)?.run_blocking(remove_netlink_filters_here)
 }
 
 /// Attach with a TCX link (kernel ≥ 6.6) and hand the link over, to be pinned.
@@ -897,17 +910,12 @@ impl Datapath for EbpfDatapath {
         if lock(&self.options).support.tcx {
             return Ok(());
         }
-        let netns = PodNetns::enter(path).map_err(|e| DatapathError::Tc {
-            ifname: "*".into(),
-            reason: format!("entering {}: {e}", path.display()),
-        })?;
-        netns
-            .run_blocking(remove_netlink_filters_here)
+        remove_netlink_filters_in(path)
+            .map(|_| ())
             .map_err(|e| DatapathError::Tc {
                 ifname: "*".into(),
-                reason: e.to_string(),
-            })?;
-        Ok(())
+                reason: format!("in {}: {e}", path.display()),
+            })
     }
 
     fn counters(&self) -> Option<DatapathCounters> {

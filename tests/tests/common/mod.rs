@@ -197,6 +197,20 @@ pub fn inbound_records(
         .collect()
 }
 
+/// Whether the running agent's probe found `feature` (a name from
+/// `node.probe.features` of `/config_dump`): tests whose expectations differ between
+/// a feature and its fallback ask the agent, so they hold on every kernel.
+pub fn agent_has_feature(node: &Node, feature: &str) -> bool {
+    let dump = node.config_dump();
+    dump["node"]["probe"]["features"]
+        .as_array()
+        .expect("probe features")
+        .iter()
+        .find(|f| f["name"] == feature)
+        .unwrap_or_else(|| panic!("{feature} is not probed"))["supported"]
+        == true
+}
+
 /// The interception mode a test runs the agent in; the e2e suites run in both.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
