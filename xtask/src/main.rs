@@ -3,6 +3,7 @@
 mod cmd;
 mod programs;
 mod setup;
+mod vm;
 
 use std::env;
 use std::path::PathBuf;
@@ -52,6 +53,11 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Boot Debian's cloud kernels (5.10, 6.1, 6.12) under qemu (TCG), run the privileged
+    /// e2e suites inside each and on the host, and print the kernel × auto mode × features
+    /// × results matrix (also target/vm-test/matrix.md). Slow: not part of `test`.
+    /// Needs root; installs qemu and what else it needs.
+    VmTest(vm::Options),
 }
 
 fn main() -> Result<()> {
@@ -105,6 +111,7 @@ fn main() -> Result<()> {
             }
             cmd::run(&mut clippy)
         }
+        Task::VmTest(options) => vm::run_vm_test(options),
         Task::Bench { args } => {
             setup::setup()?;
             build()?;
