@@ -243,3 +243,71 @@ fn pod_cookie(node: &Node, pod: &str) -> u64 {
         .and_then(|p| p["netns_cookie"].as_u64())
         .unwrap_or_else(|| panic!("no cookie for {pod}"))
 }
+
+/// An agent restarted with the other tc attachment (TCX links before, netlink filters
+/// now, as after a probe that changed) leaves exactly one attachment per direction: the
+/// old links are unpinned once the filters are in, and interception goes on.
+#[test]
+fn switching_from_tcx_links_to_filters_leaves_one_attachment() {
+    if !common::privileged() {
+        return;
+    }
+    let mut node = Node::start("tcxswitch", &["--mode", "ebpf", "--on-exit", "keep"]);
+    let server = node.pod("demo", "server");
+    let client = node.pod("demo", "client");
+    if !common::agent_has_feature(&node, "bpf_link for tc (TCX)") {
+        // Below 6.6 the agent attaches filters on its own: there are no TCX links to
+        // switch from, and what it attached is the filters.
+        assert_eq!(our_filters(&server, "ingress"), 1, "{}", node.agent_log());
+        assert_eq!(our_filters(&server, "egress"), 1);
+        return;
+    }
+    let _echo = node
+        .tb
+        .spawn_server(
+            &server,
+            &[
+                "echo",
+                "--listen",
+                "0.0.0.0:9000",
+                "--greeting",
+                "hello-fallback",
+            ],
+        )
+        .expect("echo server");
+    let tc_pins = |node: &Node| {
+        std::fs::read_dir(node.tb.bpffs_dir())
+            .expect("pin dir")
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("link_tc_"))
+            .count()
+    };
+    assert_eq!(tc_pins(&node), 4);
+    assert_eq!(our_filters(&server, "ingress"), 0);
+    node.stop_agent();
+    let manifests = node.manifests.clone();
+    node.agent = Some(
+        node.tb
+            .start_agent(&manifests, &agent_args(&[]))
+            .expect("agent with filters"),
+    );
+    assert_eq!(tc_pins(&node), 0, "{}", node.agent_log());
+    for pod in [&server, &client] {
+        assert_eq!(our_filters(pod, "ingress"), 1, "{}", pod.name);
+        assert_eq!(our_filters(pod, "egress"), 1, "{}", pod.name);
+    }
+    echo_through_service(&node, &client);
+    let outsider = node.pod("legacy", "outsider");
+    let target = format!("{}:{ECHO_TARGET_PORT}", server.ip);
+    let report = node
+        .tb
+        .run_client(&outsider, &["--connect", &target, "--send-bytes", "100"])
+        .expect("client");
+    assert_eq!(report.error, None, "{report:?}");
+    let outsider_ip = outsider.ip.to_string();
+    wait_for("the inbound record", || {
+        inbound_records(&node.config_dump(), "demo/server", Some(&outsider_ip))
+            .into_iter()
+            .next()
+    });
+}

@@ -416,15 +416,26 @@ impl EbpfDatapath {
                     (PROG_TC_INGRESS, TcAttachType::Ingress, "ingress"),
                     (PROG_TC_EGRESS, TcAttachType::Egress, "egress"),
                 ] {
+                    let pin_name = format!("{TC_LINK_PREFIX}{cookie}_{side}");
+                    // What a previous agent attached the other way (a kernel upgrade or a
+                    // changed probe) goes once the new attachment is in, so the program
+                    // never runs twice on a packet and there is no moment without it.
                     let attached = if tcx {
                         attach_one_tcx(&mut ebpf, name, &iface, kind).and_then(|link| {
-                            let pin_name = format!("{TC_LINK_PREFIX}{cookie}_{side}");
-                            pin_link(&pin_dir, &pin_name, link)
+                            let pinned = pin_link(&pin_dir, &pin_name, link)
                                 .map(TcAttachment::Pinned)
-                                .map_err(|e| e.to_string())
+                                .map_err(|e| e.to_string());
+                            if pinned.is_ok() {
+                                remove_netlink_filter(&iface, kind);
+                            }
+                            pinned
                         })
                     } else {
-                        attach_one_netlink(&mut ebpf, name, &iface, kind)
+                        let attached = attach_one_netlink(&mut ebpf, name, &iface, kind);
+                        if attached.is_ok() {
+                            let _ = std::fs::remove_file(pin_dir.join(&pin_name));
+                        }
+                        attached
                     };
                     match attached {
                         Ok(attachment) => attachments.push(attachment),
