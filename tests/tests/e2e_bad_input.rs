@@ -283,17 +283,6 @@ fn assert_no_programs_attached(tb: &Testbed) {
     }
 }
 
-fn run_cleanup(tb: &Testbed) -> std::process::Output {
-    Command::new(bin_path("interceptor"))
-        .arg("cleanup")
-        .arg("--bpffs")
-        .arg(tb.bpffs_dir())
-        .arg("--state-dir")
-        .arg(tb.agent_state_dir())
-        .output()
-        .expect("running interceptor cleanup")
-}
-
 /// Whether a live process with this pid runs the interceptor binary.
 fn interceptor_process_alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "interceptor")
@@ -737,7 +726,7 @@ fn sigterm_removes_pins_socket_and_links() {
     }
 
     // cleanup refuses to pull the pins from under a running agent.
-    let out = run_cleanup(&node.tb);
+    let out = common::run_cleanup(&node.tb);
     assert!(
         !out.status.success(),
         "cleanup ran under a live agent: {out:?}"
@@ -778,12 +767,12 @@ fn sigterm_removes_pins_socket_and_links() {
         pods_file.exists(),
         "the pod list is kept for the next agent"
     );
-    let out = run_cleanup(&node.tb);
+    let out = common::run_cleanup(&node.tb);
     assert!(out.status.success(), "{out:?}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("pods.json"), "{stdout}");
     assert!(!pods_file.exists());
-    let out = run_cleanup(&node.tb);
+    let out = common::run_cleanup(&node.tb);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
@@ -856,7 +845,7 @@ fn sigkill_leaves_pins_that_cleanup_removes() {
         echo.events()
     );
 
-    let out = run_cleanup(&node.tb);
+    let out = common::run_cleanup(&node.tb);
     assert!(out.status.success(), "cleanup failed: {out:?}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -872,7 +861,7 @@ fn sigkill_leaves_pins_that_cleanup_removes() {
     assert!(!node.tb.agent_state_dir().join("agent.pid").exists());
 
     // Idempotent.
-    let out = run_cleanup(&node.tb);
+    let out = common::run_cleanup(&node.tb);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),

@@ -99,14 +99,7 @@ fn cleanup_removes_the_chains_a_kept_data_path_left() {
     let client = node.pod("demo", "client");
     node.stop_agent();
     assert_pod_rules(&client, Mode::Iptables);
-    let out = std::process::Command::new(interceptor_testbed::bin_path("interceptor"))
-        .arg("cleanup")
-        .arg("--bpffs")
-        .arg(node.tb.bpffs_dir())
-        .arg("--state-dir")
-        .arg(node.tb.agent_state_dir())
-        .output()
-        .expect("interceptor cleanup");
+    let out = common::run_cleanup(&node.tb);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

@@ -123,24 +123,7 @@ fn every_fallback_at_once_intercepts_outbound_and_inbound_and_survives_a_restart
     assert!(dump["datapath_counters"]["redirected"].as_u64() >= Some(1));
 
     // Inbound through tc, attached by netlink: an unenrolled client dials the pod IP.
-    let target = format!("{}:{ECHO_TARGET_PORT}", server.ip);
-    let report = node
-        .tb
-        .run_client(&outsider, &["--connect", &target, "--send-bytes", "1000"])
-        .expect("client");
-    assert_eq!(report.error, None, "{report:?}\n{}", node.agent_log());
-    assert_eq!(
-        report.peer.as_deref(),
-        Some(target.as_str()),
-        "egress restored the port"
-    );
-    let outsider_ip = outsider.ip.to_string();
-    let record = wait_for("the inbound record", || {
-        inbound_records(&node.config_dump(), "demo/server", Some(&outsider_ip))
-            .into_iter()
-            .next()
-    });
-    assert_eq!(record["original_dst"], target, "{record}");
+    inbound_from_outside(&node, &outsider, &server);
 
     // Filters, not pinned links: one per direction per pod, nothing in bpffs for tc, and
     // no getpeername4 link.
@@ -219,14 +202,7 @@ fn every_fallback_at_once_intercepts_outbound_and_inbound_and_survives_a_restart
     assert_eq!(our_filters(&client, "ingress"), 1, "{}", node.agent_log());
     node.stop_agent();
     assert_eq!(our_filters(&client, "ingress"), 1, "kept");
-    let out = std::process::Command::new(interceptor_testbed::bin_path("interceptor"))
-        .arg("cleanup")
-        .arg("--bpffs")
-        .arg(node.tb.bpffs_dir())
-        .arg("--state-dir")
-        .arg(node.tb.agent_state_dir())
-        .output()
-        .expect("running interceptor cleanup");
+    let out = common::run_cleanup(&node.tb);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{out:?}");
     assert!(stdout.contains("2 tc filters in"), "{stdout}");
@@ -298,16 +274,28 @@ fn switching_from_tcx_links_to_filters_leaves_one_attachment() {
     }
     echo_through_service(&node, &client);
     let outsider = node.pod("legacy", "outsider");
+    inbound_from_outside(&node, &outsider, &server);
+}
+
+/// An unenrolled client dials the enrolled server's IP: tc steers the flow to 15003
+/// (the inbound record shows it) and restores the port for the client.
+fn inbound_from_outside(node: &Node, outsider: &Pod, server: &Pod) {
     let target = format!("{}:{ECHO_TARGET_PORT}", server.ip);
     let report = node
         .tb
-        .run_client(&outsider, &["--connect", &target, "--send-bytes", "100"])
+        .run_client(outsider, &["--connect", &target, "--send-bytes", "1000"])
         .expect("client");
-    assert_eq!(report.error, None, "{report:?}");
+    assert_eq!(report.error, None, "{report:?}\n{}", node.agent_log());
+    assert_eq!(
+        report.peer.as_deref(),
+        Some(target.as_str()),
+        "egress restored the port"
+    );
     let outsider_ip = outsider.ip.to_string();
-    wait_for("the inbound record", || {
+    let record = wait_for("the inbound record", || {
         inbound_records(&node.config_dump(), "demo/server", Some(&outsider_ip))
             .into_iter()
             .next()
     });
+    assert_eq!(record["original_dst"], target, "{record}");
 }

@@ -163,41 +163,31 @@ pub fn probe_connect() -> std::io::Result<u64> {
         interceptor_common::NETNS_PROBE_PORT,
     ));
     socket.connect(&target.into())?;
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: a valid socket fd and a properly sized, aligned out buffer.
-    let rc = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(cookie)
+    socket_option_u64(&socket, SO_COOKIE)
 }
 
 fn so_netns_cookie() -> std::io::Result<u64> {
     const SO_NETNS_COOKIE: libc::c_int = 71;
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
-    let mut cookie: u64 = 0;
+    socket_option_u64(&socket, SO_NETNS_COOKIE)
+}
+
+/// A `SOL_SOCKET` option whose value is a u64 (the cookies).
+fn socket_option_u64(socket: &socket2::Socket, option: libc::c_int) -> std::io::Result<u64> {
+    let mut value: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: a valid socket fd and a properly sized, aligned out buffer.
     let rc = unsafe {
         libc::getsockopt(
             socket.as_raw_fd(),
             libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
+            option,
+            (&mut value as *mut u64).cast(),
             &mut len,
         )
     };
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(cookie)
+    Ok(value)
 }

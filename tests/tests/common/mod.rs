@@ -197,6 +197,18 @@ pub fn inbound_records(
         .collect()
 }
 
+/// `interceptor cleanup` for the testbed's (only) node, as an operator runs it.
+pub fn run_cleanup(tb: &interceptor_testbed::Testbed) -> std::process::Output {
+    std::process::Command::new(interceptor_testbed::bin_path("interceptor"))
+        .arg("cleanup")
+        .arg("--bpffs")
+        .arg(tb.bpffs_dir())
+        .arg("--state-dir")
+        .arg(tb.agent_state_dir())
+        .output()
+        .expect("running interceptor cleanup")
+}
+
 /// Whether the running agent's probe found `feature` (a name from
 /// `node.probe.features` of `/config_dump`): tests whose expectations differ between
 /// a feature and its fallback ask the agent, so they hold on every kernel.
