@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{Node, ECHO_CLUSTER_IP, ECHO_SERVICE_PORT, ECHO_TARGET_PORT};
-use interceptor_testbed::{bin_path, CniError, CniOutput, Pod, ServerProcess, Testbed};
+use interceptor_testbed::{CniError, CniOutput, Pod, ServerProcess, Testbed};
 use serde_json::Value;
 
 /// Where Debian installs bpftool; the program and map checks need it.
