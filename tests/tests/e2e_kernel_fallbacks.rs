@@ -299,3 +299,89 @@ fn inbound_from_outside(node: &Node, outsider: &Pod, server: &Pod) {
     });
     assert_eq!(record["original_dst"], target, "{record}");
 }
+
+/// A kernel (or node) that passes the probe but refuses one step of the attach: here the
+/// sock_ops link cannot be pinned (something already holds its name), after connect4 was
+/// attached and pinned. Auto mode undoes the whole attach (no program stays on the
+/// cgroup, no pin stays) and runs iptables, saying why; forced eBPF mode refuses to start
+/// with the same reason.
+#[test]
+fn a_refused_attach_leaves_nothing_attached_and_auto_falls_back_to_iptables() {
+    if !common::privileged() {
+        return;
+    }
+    let mut tb = interceptor_testbed::Testbed::builder("attachrefused")
+        .tb_pod_bin(env!("CARGO_BIN_EXE_tb-pod"))
+        .build()
+        .expect("testbed");
+    let manifests = tb.state_dir().join("manifests");
+    std::fs::create_dir_all(&manifests).expect("dir");
+    std::fs::write(manifests.join("mesh.yaml"), common::MANIFESTS).expect("manifests");
+    let blocker = tb.bpffs_dir().join("link_intercept_sock_ops");
+    std::fs::create_dir_all(&blocker).expect("a directory where the sock_ops link pin goes");
+
+    let error = match tb.start_agent(&manifests, &["--mode", "ebpf"]) {
+        Ok(_) => panic!("eBPF mode started although its sock_ops link could not be pinned"),
+        Err(error) => format!("{error:#}"),
+    };
+    assert!(error.contains("link_intercept_sock_ops"), "{error}");
+    assert_nothing_attached(&tb);
+
+    std::fs::create_dir_all(&blocker).expect("the blocker again");
+    let agent = tb
+        .start_agent(&manifests, &["--mode", "auto"])
+        .expect("auto mode starts");
+    let mut node = Node {
+        agent: Some(agent),
+        manifests,
+        tb,
+    };
+    let dump = node.config_dump();
+    assert_eq!(dump["mode"], "iptables");
+    let reason = dump["mode_reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("attaching failed") && reason.contains("link_intercept_sock_ops"),
+        "{reason}"
+    );
+    assert_nothing_attached(&node.tb);
+    let server = node.pod("demo", "server");
+    let client = node.pod("demo", "client");
+    let _echo = node
+        .tb
+        .spawn_server(
+            &server,
+            &[
+                "echo",
+                "--listen",
+                "0.0.0.0:9000",
+                "--greeting",
+                "hello-fallback",
+            ],
+        )
+        .expect("echo server");
+    echo_through_service(&node, &client);
+}
+
+/// No program on the testbed's cgroup and none of our pins left.
+fn assert_nothing_attached(tb: &interceptor_testbed::Testbed) {
+    let path = tb.cgroup_path().to_str().expect("utf-8 path").to_owned();
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "cgroup", "show", &path])
+        .output()
+        .expect("bpftool");
+    assert!(out.status.success(), "{out:?}");
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.trim().is_empty() || shown.trim() == "[]",
+        "programs left on the cgroup: {shown}"
+    );
+    let pins: Vec<String> = std::fs::read_dir(tb.bpffs_dir())
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(pins.is_empty(), "pins left: {pins:?}");
+}

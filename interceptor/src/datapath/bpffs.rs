@@ -75,10 +75,23 @@ pub fn remove_pin_dir(pin_dir: &Path, is_known: &dyn Fn(&str) -> bool) -> std::i
         }
         ours.push(entry.path());
     }
+    // Everything that can go goes, even past a failure: a pin left behind by the first
+    // error could keep a link attached (half a data path).
+    let mut first_error = None;
     for path in ours {
-        std::fs::remove_file(path)?;
+        let removed = if path.is_dir() {
+            std::fs::remove_dir(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        if let Err(error) = removed {
+            first_error.get_or_insert(error);
+        }
     }
-    std::fs::remove_dir(pin_dir)
+    match first_error {
+        Some(error) => Err(error),
+        None => std::fs::remove_dir(pin_dir),
+    }
 }
 
 fn is_mount_point(path: &Path) -> std::io::Result<bool> {
