@@ -108,6 +108,9 @@ pub mod config {
     pub const FLAG_DEBUG: u32 = 1 << 0;
     /// Put local connection pairs in the SOCKHASH so sk_msg can short-circuit them.
     pub const FLAG_SOCKMAP: u32 = 1 << 1;
+    /// The kernel formats addresses in trace lines (`%pI4`, 5.13); without it the
+    /// programs print them as `ipx:<hex>`, which `interceptor trace` shows dotted.
+    pub const FLAG_PRINTK_IP: u32 = 1 << 2;
 }
 
 /// Exclusion and inclusion rules: scopes and flags.

@@ -14,8 +14,8 @@ use aya_ebpf::{
 use interceptor_common::{counters, FlowKey, InboundKey, INBOUND_PORT, OUTBOUND_PORT, PROXY_MARK};
 
 use crate::maps::{
-    count, debug_enabled, local_pod, sockmap_enabled, INBOUND_FLOWS, ORIG_DST_BY_COOKIE,
-    ORIG_DST_BY_FLOW, SOCK_PAIRS,
+    count, debug_enabled, local_pod, printk_ip_supported, sockmap_enabled, INBOUND_FLOWS,
+    ORIG_DST_BY_COOKIE, ORIG_DST_BY_FLOW, SOCK_PAIRS,
 };
 
 const AF_INET: u32 = 2;
@@ -62,14 +62,24 @@ fn record_flow(ctx: &SockOpsContext) {
     }
     count(counters::FLOWS_RECORDED);
     if debug_enabled() {
-        // SAFETY: format and arguments match.
+        // SAFETY: formats and arguments match; %pI4 (5.13) reads 4 bytes behind the
+        // pointer, older kernels get the address as hex.
         unsafe {
-            bpf_printk!(
-                c"icpt: established netns=%llu port=%u orig=%pI4",
-                pending.netns_cookie,
-                key.src_port as u32,
-                &orig.ipv4 as *const u32
-            );
+            if printk_ip_supported() {
+                bpf_printk!(
+                    c"icpt: established netns=%llu port=%u orig=%pI4",
+                    pending.netns_cookie,
+                    key.src_port as u32,
+                    &orig.ipv4 as *const u32
+                );
+            } else {
+                bpf_printk!(
+                    c"icpt: established netns=%llu port=%u orig=ipx:%x",
+                    pending.netns_cookie,
+                    key.src_port as u32,
+                    u32::from_be(orig.ipv4)
+                );
+            }
         }
     }
 }

@@ -14,7 +14,9 @@ use aya_ebpf::{
 };
 use interceptor_common::{counters, InboundFlow, InboundKey, INBOUND_PORT};
 
-use crate::maps::{count, debug_enabled, inbound_port_excluded, local_pod, INBOUND_FLOWS};
+use crate::maps::{
+    count, debug_enabled, inbound_port_excluded, local_pod, printk_ip_supported, INBOUND_FLOWS,
+};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -129,14 +131,23 @@ fn steer_ingress(ctx: &mut TcContext) -> Result<(), ()> {
         }
         count(counters::INBOUND_REDIRECTED);
         if debug_enabled() {
-            // SAFETY: format and arguments match.
+            // SAFETY: formats and arguments match; %pI4 only where the kernel has it.
             unsafe {
-                bpf_printk!(
-                    c"icpt: tc inbound netns=%llu port=%u -> 15003 from %pI4",
-                    netns,
-                    packet.dport as u32,
-                    &packet.saddr as *const u32
-                );
+                if printk_ip_supported() {
+                    bpf_printk!(
+                        c"icpt: tc inbound netns=%llu port=%u -> 15003 from %pI4",
+                        netns,
+                        packet.dport as u32,
+                        &packet.saddr as *const u32
+                    );
+                } else {
+                    bpf_printk!(
+                        c"icpt: tc inbound netns=%llu port=%u -> 15003 from ipx:%x",
+                        netns,
+                        packet.dport as u32,
+                        u32::from_be(packet.saddr)
+                    );
+                }
             }
         }
     } else {

@@ -14,7 +14,8 @@
 //! `bpf_get_netns_cookie` (sock_addr 5.7), `bpf_get_socket_cookie` (sock_addr and
 //! sock_ops 5.0), `bpf_sock_ops_cb_flags_set` (4.16), `bpf_sock_hash_update` and
 //! `bpf_msg_redirect_hash` (4.18), `bpf_skb_load_bytes`/`store_bytes`/`l4_csum_replace`
-//! (4.x), `bpf_trace_printk` with `%pI4` (5.13 for pointer formats).
+//! (4.x), `bpf_trace_printk` (4.1; its `%pI4` needs 5.13: below, addresses are printed as
+//! `ipx:<hex>`, chosen at run time by the `FLAG_PRINTK_IP` setting).
 //
 // Built for bpfel-unknown-none by interceptor/build.rs; on the host (`cargo build
 // --workspace`, clippy) it compiles as an empty binary so the workspace builds whole.

@@ -73,6 +73,12 @@ pub fn debug_enabled() -> bool {
     flag(config::FLAG_DEBUG)
 }
 
+/// Whether trace lines may use `%pI4` (kernel 5.13); else addresses go out as hex.
+#[inline(always)]
+pub fn printk_ip_supported() -> bool {
+    flag(config::FLAG_PRINTK_IP)
+}
+
 #[inline(always)]
 pub fn sockmap_enabled() -> bool {
     flag(config::FLAG_SOCKMAP)

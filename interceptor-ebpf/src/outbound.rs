@@ -14,8 +14,8 @@ use interceptor_common::{
 };
 
 use crate::maps::{
-    count, debug_enabled, inbound_port_excluded, local_pod, outbound_intercepted, ENROLLED_NETNS,
-    NETNS_PROBE, ORIG_DST_BY_COOKIE, ORIG_DST_BY_FLOW,
+    count, debug_enabled, inbound_port_excluded, local_pod, outbound_intercepted,
+    printk_ip_supported, ENROLLED_NETNS, NETNS_PROBE, ORIG_DST_BY_COOKIE, ORIG_DST_BY_FLOW,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -111,24 +111,37 @@ fn redirect_connect4(ctx: &SockAddrContext) {
     if debug_enabled() {
         let port = u16::from_be(dst_port_be) as u32;
         let orig_ip = &dst_ip as *const u32;
-        // Three arguments at most: bpf_trace_printk takes no more before 5.16.
+        let orig_hex = u32::from_be(dst_ip);
+        // Three arguments at most: bpf_trace_printk takes no more before 5.16. Before
+        // 5.13 it refuses %pI4, so the address goes out as hex there.
         // SAFETY: formats and arguments match; %pI4 reads 4 bytes behind the pointer.
         unsafe {
-            if new_port == OUTBOUND_PORT {
-                bpf_printk!(
+            match (new_port == OUTBOUND_PORT, printk_ip_supported()) {
+                (true, true) => bpf_printk!(
                     c"icpt: connect4 netns=%llu orig=%pI4:%u -> proxy 15001",
                     netns,
                     orig_ip,
                     port
-                );
-            } else {
-                bpf_printk!(
+                ),
+                (true, false) => bpf_printk!(
+                    c"icpt: connect4 netns=%llu orig=ipx:%x:%u -> proxy 15001",
+                    netns,
+                    orig_hex,
+                    port
+                ),
+                (false, true) => bpf_printk!(
                     c"icpt: connect4 netns=%llu orig=%pI4:%u -> inbound 15003",
                     netns,
                     orig_ip,
                     port
-                );
-            }
+                ),
+                (false, false) => bpf_printk!(
+                    c"icpt: connect4 netns=%llu orig=ipx:%x:%u -> inbound 15003",
+                    netns,
+                    orig_hex,
+                    port
+                ),
+            };
         }
     }
 }

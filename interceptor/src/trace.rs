@@ -67,6 +67,31 @@ pub fn pod_filter(config_dump: &serde_json::Value, pod: &str) -> anyhow::Result<
     })
 }
 
+/// The line with every `ipx:<hex>` (how the programs print an address on kernels
+/// before 5.13, whose `bpf_trace_printk` has no `%pI4`) written as a dotted IPv4 address,
+/// so lines read the same on every kernel.
+pub fn dotted(line: &str) -> String {
+    const MARK: &str = "ipx:";
+    let mut out = String::with_capacity(line.len());
+    let mut rest = line;
+    while let Some(at) = rest.find(MARK) {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + MARK.len()..];
+        let digits = after
+            .find(|c: char| !c.is_ascii_hexdigit())
+            .unwrap_or(after.len());
+        match u32::from_str_radix(&after[..digits], 16) {
+            Ok(ip) if digits > 0 && digits <= 8 => {
+                out.push_str(&std::net::Ipv4Addr::from(ip).to_string())
+            }
+            _ => out.push_str(&rest[at..at + MARK.len() + digits]),
+        }
+        rest = &after[digits..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Copy matching lines to `out` until the pipe ends or `max_lines` were written.
 pub fn follow(
     pipe: &Path,
@@ -79,7 +104,7 @@ pub fn follow(
     for line in BufReader::new(file).lines() {
         let line = line.with_context(|| format!("reading {}", pipe.display()))?;
         if filter.matches(&line) {
-            writeln!(out, "{}", line.trim())?;
+            writeln!(out, "{}", dotted(line.trim()))?;
             out.flush()?;
             written += 1;
             if max_lines.is_some_and(|max| written >= max) {
@@ -93,6 +118,22 @@ pub fn follow(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hex_addresses_of_older_kernels_are_shown_dotted() {
+        assert_eq!(
+            dotted("x icpt: connect4 netns=7 orig=ipx:a60000a:80 -> proxy 15001"),
+            "x icpt: connect4 netns=7 orig=10.96.0.10:80 -> proxy 15001"
+        );
+        assert_eq!(
+            dotted("icpt: tc inbound netns=7 port=9000 -> 15003 from ipx:af40003"),
+            "icpt: tc inbound netns=7 port=9000 -> 15003 from 10.244.0.3"
+        );
+        // Lines of newer kernels and anything that is not an address stay as they are.
+        let plain = "icpt: established netns=7 port=4000 orig=10.96.0.10";
+        assert_eq!(dotted(plain), plain);
+        assert_eq!(dotted("ipx:zz ipx:123456789"), "ipx:zz ipx:123456789");
+    }
 
     #[test]
     fn pod_filter_uses_cookie_and_ip() {

@@ -12,10 +12,11 @@ use common::{
 };
 use interceptor_testbed::Pod;
 
-const FALLBACKS: [&str; 3] = [
+const FALLBACKS: [&str; 4] = [
     "bpf_link for tc (TCX)",
     "attach type cgroup/getpeername4",
     "SO_NETNS_COOKIE",
+    "%pI4 in bpf_trace_printk",
 ];
 
 fn agent_args(extra: &[&'static str]) -> Vec<&'static str> {
@@ -77,7 +78,7 @@ fn every_fallback_at_once_intercepts_outbound_and_inbound_and_survives_a_restart
     let dump = node.config_dump();
     assert_eq!(dump["mode"], "ebpf");
     let reason = dump["mode_reason"].as_str().unwrap_or_default();
-    assert!(reason.contains("3 fallbacks"), "{reason}");
+    assert!(reason.contains("4 fallbacks"), "{reason}");
     for feature in FALLBACKS {
         let row = dump["node"]["probe"]["features"]
             .as_array()

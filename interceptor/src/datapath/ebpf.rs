@@ -130,6 +130,8 @@ pub struct KernelSupport {
     pub getpeername: bool,
     /// `SO_NETNS_COOKIE` (5.14); else the netns probe through connect4.
     pub so_netns_cookie: bool,
+    /// `%pI4` in trace lines (5.13); else addresses as hex.
+    pub printk_ip: bool,
 }
 
 impl KernelSupport {
@@ -139,6 +141,7 @@ impl KernelSupport {
             tcx: probe.has(Optional::Tcx),
             getpeername: probe.has(Optional::Getpeername),
             so_netns_cookie: probe.has(Optional::SoNetnsCookie),
+            printk_ip: probe.has(Optional::PrintkIp),
         }
     }
 }
@@ -373,6 +376,9 @@ impl EbpfDatapath {
         }
         if options.sockmap {
             flags |= config::FLAG_SOCKMAP;
+        }
+        if options.support.printk_ip {
+            flags |= config::FLAG_PRINTK_IP;
         }
         lock(&self.maps)
             .settings

@@ -16,6 +16,8 @@ pub enum Optional {
     Getpeername,
     /// `SO_NETNS_COOKIE` (5.14); below, connect4 tells the agent a netns's cookie.
     SoNetnsCookie,
+    /// `%pI4` in `bpf_trace_printk` (5.13); below, trace lines carry addresses as hex.
+    PrintkIp,
 }
 
 /// Whether eBPF mode needs a feature, and what it does without it.
@@ -125,6 +127,10 @@ pub const NETNS_COOKIE_FALLBACK: &str =
     "the agent learns a pod netns's cookie from connect4 (a probe connect from inside the \
      netns, answered through the NETNS_PROBE map)";
 
+pub const PRINTK_IP_FALLBACK: &str =
+    "debug trace lines carry addresses as hex (ipx:a60000a), which interceptor trace prints \
+     dotted";
+
 const PROBES: &[ProbeSpec] = &[
     required(
         "program cgroup/sock_addr (connect4, getpeername4)",
@@ -206,6 +212,12 @@ const PROBES: &[ProbeSpec] = &[
         since: "5.8",
         what: What::KernelAtLeast(5, 8),
         need: Need::Optional(Optional::Getpeername, GETPEERNAME_FALLBACK),
+    },
+    ProbeSpec {
+        name: "%pI4 in bpf_trace_printk",
+        since: "5.13",
+        what: What::KernelAtLeast(5, 13),
+        need: Need::Optional(Optional::PrintkIp, PRINTK_IP_FALLBACK),
     },
     ProbeSpec {
         name: "SO_NETNS_COOKIE",
