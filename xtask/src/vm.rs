@@ -124,6 +124,14 @@ const NOT_IN_VM: &[&str] = &["git"];
 /// Tools the VM's init uses itself (the host's versions, at their host paths).
 const VM_TOOLS: &[&str] = &["modprobe", "dmesg", "ldconfig", "sh"];
 
+/// Host files and directories podman needs beyond its binary (e2e_podman): its
+/// container monitor and the containers configuration. Copied when present.
+const PODMAN_FILES: &[&str] = &[
+    "/usr/bin/conmon",
+    "/etc/containers",
+    "/usr/share/containers",
+];
+
 /// Marks the harness's own lines in the console (and host) log.
 const MARKER: &str = "@@vm-test";
 
@@ -144,7 +152,8 @@ pub struct Options {
     #[arg(long, value_enum, default_value = "all")]
     kernel: KernelChoice,
     /// Comma-separated test targets of tests/tests to run (default: e2e_outbound,
-    /// e2e_inbound, e2e_exclusions, e2e_iptables, e2e_kernel_fallbacks).
+    /// e2e_inbound, e2e_exclusions, e2e_iptables, e2e_kernel_fallbacks); `all` for every
+    /// test target of tests/tests.
     #[arg(long, value_delimiter = ',')]
     suites: Vec<String>,
     /// Filter passed to libtest (runs only the tests whose name contains it).
@@ -210,6 +219,11 @@ pub fn run_vm_test(options: Options) -> Result<()> {
         crate::build()?;
     }
     let executables = test_executables()?;
+    let suites: Vec<String> = if suites == ["all"] {
+        executables.keys().cloned().collect()
+    } else {
+        suites
+    };
     let unknown: Vec<&String> = suites
         .iter()
         .filter(|s| !executables.contains_key(*s))
@@ -725,6 +739,9 @@ fn stage_common(staging: &Staging, plan: &Plan) -> Result<Vec<String>> {
                 "{name} is not installed on the host: not in the VM"
             )),
         }
+    }
+    for path in PODMAN_FILES.iter().map(Path::new).filter(|p| p.exists()) {
+        staging.copy(path)?;
     }
     // Loaded with dlopen, so ldd does not see them: iptables' match and target
     // extensions, and the CNI plugins (run by absolute path).
@@ -1710,7 +1727,7 @@ fn failures_text(column: &Column) -> String {
 }
 
 /// The panic line and what follows it (the message, often the agent's error), at most
-/// a dozen lines.
+/// a dozen lines, without the terminal colours of the agent's log.
 fn failure_gist(lines: &[String]) -> Vec<String> {
     let start = lines
         .iter()
@@ -1718,14 +1735,36 @@ fn failure_gist(lines: &[String]) -> Vec<String> {
         .unwrap_or(0);
     lines[start..]
         .iter()
-        .filter(|l| !l.trim().is_empty() && !l.starts_with("note: run with"))
+        .map(|l| strip_ansi(l))
+        .filter(|l| {
+            !l.trim().is_empty() && !l.starts_with("note: ") && !l.starts_with("stack backtrace:")
+        })
         .take(12)
-        .map(|l| {
-            let mut l = l.clone();
-            l.truncate(400);
+        .map(|mut l| {
+            if let Some((cut, _)) = l.char_indices().nth(400) {
+                l.truncate(cut);
+            }
             l
         })
         .collect()
+}
+
+/// Drops ANSI escape sequences (`ESC [ … letter`).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn render_matrix(columns: &[Column], plan: &Plan, total: Duration) -> String {
@@ -1963,6 +2002,11 @@ mod tests {
         );
         assert!(probe.is_none());
         assert!(problem.unwrap().starts_with("probe unavailable"));
+    }
+
+    #[test]
+    fn colours_are_stripped() {
+        assert_eq!(strip_ansi("\u{1b}[2mx\u{1b}[0m y"), "x y");
     }
 
     #[test]
