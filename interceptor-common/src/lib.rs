@@ -87,7 +87,7 @@ pub mod capacity {
     pub const ORIG_DST_BY_FLOW: u32 = 65536;
     pub const POD_BY_IP: u32 = 4096;
     /// A plain hash, not LRU: eviction would break live flows mid-stream, while a full
-    /// map only leaves new flows unintercepted (counted).
+    /// map refuses new flows (their SYN dropped, counted) until records free up.
     pub const INBOUND_FLOWS: u32 = 65536;
     pub const PORT_EXCLUSIONS: u32 = 16384;
     /// Enough for the benchmark's 10,000 ranges plus per-pod rules.
@@ -131,13 +131,13 @@ pub mod counters {
     pub const FLOWS_RECORDED: u32 = 1;
     /// `SO_ORIGINAL_DST` answers given.
     pub const ORIG_DST_ANSWERED: u32 = 2;
-    /// Record writes that failed (map full or error): the flow passed unintercepted.
+    /// Record writes that failed (map full or error): the connect was refused.
     pub const RECORD_FAILED: u32 = 3;
     /// Proxy connects to a pod on this node steered to its inbound listener.
     pub const SAME_NODE_INBOUND: u32 = 4;
     /// New inbound flows tc steered to 15003.
     pub const INBOUND_REDIRECTED: u32 = 5;
-    /// New inbound flows left alone because INBOUND_FLOWS was full.
+    /// New inbound flows refused (SYN dropped) because INBOUND_FLOWS was full.
     pub const INBOUND_RECORD_FAILED: u32 = 6;
     /// IPv6 packets tc saw and left alone (IPv6 is not intercepted yet).
     pub const IPV6_PASSED: u32 = 7;
@@ -262,8 +262,18 @@ pub struct InboundKey {
 pub struct InboundFlow {
     /// The destination port the client dialled, host order.
     pub orig_port: u16,
-    pub _pad: u16,
-    pub _pad2: u32,
+    /// [`inbound_state`]: whether the inbound listener has accepted the connection yet.
+    pub state: u16,
+    pub _pad: u32,
+}
+
+/// States of an [`InboundFlow`]: tc writes `HALF_OPEN` at the SYN, sock_ops marks it
+/// `ACCEPTED` when the inbound listener's socket is established. A record that stays
+/// half-open (a handshake that never completes, such as a spoofed SYN) is removed by the
+/// agent after the half-open timeout, so such SYNs cannot fill the map for good.
+pub mod inbound_state {
+    pub const HALF_OPEN: u16 = 0;
+    pub const ACCEPTED: u16 = 1;
 }
 
 #[cfg(feature = "user")]

@@ -11,7 +11,9 @@ use aya_ebpf::{
     programs::SockOpsContext,
     EbpfContext,
 };
-use interceptor_common::{counters, FlowKey, InboundKey, INBOUND_PORT, OUTBOUND_PORT, PROXY_MARK};
+use interceptor_common::{
+    counters, inbound_state, FlowKey, InboundKey, INBOUND_PORT, OUTBOUND_PORT, PROXY_MARK,
+};
 
 use crate::maps::{
     count, debug_enabled, local_pod, printk_ip_supported, sockmap_enabled, INBOUND_FLOWS,
@@ -34,6 +36,7 @@ pub fn intercept_sock_ops(ctx: SockOpsContext) -> u32 {
             BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
                 watch_proxy_side(&ctx);
                 if ctx.local_port() == u32::from(INBOUND_PORT) {
+                    mark_inbound_accepted(&ctx);
                     add_local_pair(&ctx);
                 }
             }
@@ -91,6 +94,22 @@ fn watch_proxy_side(ctx: &SockOpsContext) {
     let port = ctx.local_port();
     if port == u32::from(OUTBOUND_PORT) || port == u32::from(INBOUND_PORT) {
         let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+    }
+}
+
+/// The inbound listener's socket is established: its tc record (if tc steered it) is no
+/// longer half-open, so the agent's sweep leaves it alone.
+#[inline(always)]
+fn mark_inbound_accepted(ctx: &SockOpsContext) {
+    let key = InboundKey {
+        client_ipv4: ctx.remote_ip4(),
+        pod_ipv4: ctx.local_ip4(),
+        client_port: remote_port(ctx),
+        _pad: 0,
+    };
+    if let Some(flow) = INBOUND_FLOWS.get_ptr_mut(key) {
+        // SAFETY: a valid map value; a racing writer can only be tc re-recording a SYN.
+        unsafe { (*flow).state = inbound_state::ACCEPTED };
     }
 }
 

@@ -12,7 +12,7 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use interceptor_common::{counters, InboundFlow, InboundKey, INBOUND_PORT};
+use interceptor_common::{counters, inbound_state, InboundFlow, InboundKey, INBOUND_PORT};
 
 use crate::maps::{
     count, debug_enabled, inbound_port_excluded, local_pod, printk_ip_supported, INBOUND_FLOWS,
@@ -93,7 +93,8 @@ fn rewrite_port(ctx: &mut TcContext, l4: usize, offset: usize, from: u16, to: u1
 #[classifier]
 pub fn intercept_tc_ingress(mut ctx: TcContext) -> i32 {
     match steer_ingress(&mut ctx) {
-        // A packet half-rewritten (port without checksum) must not be delivered.
+        // A packet half-rewritten (port without checksum), or a new flow that could not
+        // be recorded, must not be delivered.
         Err(()) => TC_ACT_SHOT,
         Ok(()) => TC_ACT_OK,
     }
@@ -120,14 +121,17 @@ fn steer_ingress(ctx: &mut TcContext) -> Result<(), ()> {
         }
         let flow = InboundFlow {
             orig_port: packet.dport,
+            state: inbound_state::HALF_OPEN,
             _pad: 0,
-            _pad2: 0,
         };
         // Never overwrite (BPF_NOEXIST would refuse a SYN retransmit): a plain insert
         // replaces the record of an older connection that reused this client port.
         if INBOUND_FLOWS.insert(key, flow, 0).is_err() {
+            // Fail closed: without a record the reply could not be restored, and passing
+            // the SYN on would reach the application around the proxy. Dropped, counted;
+            // the client retransmits, and half-open records age out (agent sweep).
             count(counters::INBOUND_RECORD_FAILED);
-            return Ok(());
+            return Err(());
         }
         count(counters::INBOUND_REDIRECTED);
         if debug_enabled() {

@@ -23,13 +23,22 @@ const IPPROTO_UDP: u32 = 17;
 
 #[cgroup_sock_addr(connect4)]
 pub fn intercept_connect4(ctx: SockAddrContext) -> i32 {
-    redirect_connect4(&ctx);
-    // Never refuse a connect: interception is best-effort routing, not policy.
-    1
+    // 1 lets the connect go on (rewritten or not), 0 refuses it with EPERM.
+    match redirect_connect4(&ctx) {
+        Verdict::Go => 1,
+        Verdict::Refuse => 0,
+    }
+}
+
+enum Verdict {
+    Go,
+    /// An enrolled pod's connect whose original destination could not be recorded: the
+    /// mesh fails closed, it is never sent around the proxy.
+    Refuse,
 }
 
 #[inline(always)]
-fn redirect_connect4(ctx: &SockAddrContext) {
+fn redirect_connect4(ctx: &SockAddrContext) -> Verdict {
     let sa = ctx.sock_addr;
     // SAFETY: the verifier guarantees ctx points at a bpf_sock_addr for this program.
     let (protocol, dst_ip, dst_port_be, sk) = unsafe {
@@ -45,10 +54,10 @@ fn redirect_connect4(ctx: &SockAddrContext) {
         && dst_port_be == NETNS_PROBE_PORT.to_be()
     {
         answer_netns_probe(ctx);
-        return;
+        return Verdict::Go;
     }
     if protocol != IPPROTO_TCP || sk.is_null() {
-        return;
+        return Verdict::Go;
     }
     // SAFETY: bpf_get_netns_cookie accepts the sock_addr context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
@@ -63,21 +72,21 @@ fn redirect_connect4(ctx: &SockAddrContext) {
             {
                 (dst_ip, INBOUND_PORT)
             }
-            _ => return,
+            _ => return Verdict::Go,
         }
     } else {
         // SAFETY: plain-old-data value, copied out immediately.
         let Some(pod) = (unsafe { ENROLLED_NETNS.get(netns) }).copied() else {
-            return;
+            return Verdict::Go;
         };
         // Loopback and the pod's own address stay inside the pod: never ours to route.
         let first_octet = dst_ip.to_ne_bytes()[0];
         if first_octet == 127 || dst_ip == pod.ipv4 || dst_ip == 0 {
-            return;
+            return Verdict::Go;
         }
         // Exclusions are applied before any record is written.
         if !outbound_intercepted(netns, dst_ip, u16::from_be(dst_port_be)) {
-            return;
+            return Verdict::Go;
         }
         // Redirect to the pod IP, not loopback, so the 4-tuple is unique on the node.
         (pod.ipv4, OUTBOUND_PORT)
@@ -93,9 +102,10 @@ fn redirect_connect4(ctx: &SockAddrContext) {
         netns_cookie: netns,
     };
     if ORIG_DST_BY_COOKIE.insert(cookie, pending, 0).is_err() {
-        // Without a record the proxy could not recover the destination: let it pass.
+        // Without a record the proxy could not recover the destination, and passing the
+        // connect on unrewritten would bypass the mesh: refused and counted.
         count(counters::RECORD_FAILED);
-        return;
+        return Verdict::Refuse;
     }
     // SAFETY: user_ip4/user_port are writable for connect4; volatile keeps LLVM from
     // merging the two 4-byte stores into one 8-byte store the verifier rejects.
@@ -144,6 +154,7 @@ fn redirect_connect4(ctx: &SockAddrContext) {
             };
         }
     }
+    Verdict::Go
 }
 
 /// The agent's netns probe (kernels without `SO_NETNS_COOKIE`): record this netns's

@@ -68,6 +68,8 @@ pub struct AgentConfig {
     pub sockmap: bool,
     /// Size of the inbound flow map, when not the default.
     pub inbound_flow_capacity: Option<u32>,
+    /// Age at which a half-open inbound flow record is removed.
+    pub inbound_half_open_timeout: Duration,
     /// What to do with the data path on SIGTERM/SIGINT.
     pub on_exit: OnExit,
     /// `--mode`: auto picks eBPF when the kernel has what it needs.
@@ -226,7 +228,8 @@ async fn serve(config: &AgentConfig) -> anyhow::Result<()> {
         agent.set_permissive(rx.borrow().config.permissive());
         follow_policy_mode(rx, Arc::clone(&agent))
     });
-    let watcher_counters = spawn_counter_watch(Arc::clone(&datapath));
+    let watcher_counters =
+        spawn_counter_watch(Arc::clone(&datapath), config.inbound_half_open_timeout);
     // Pods enrolled before a restart get their listeners and maps back before CNI
     // requests are taken and before the agent says it is ready.
     agent.restore().await;
@@ -296,20 +299,37 @@ async fn serve(config: &AgentConfig) -> anyhow::Result<()> {
     result
 }
 
-/// How often the kernel counters are checked for flows that passed unintercepted.
+/// How often the kernel counters are checked for refused flows (and half-open records
+/// swept).
 const COUNTER_WATCH: Duration = Duration::from_secs(1);
 
-/// Log, once per check, when records could not be written (a full map): those flows
-/// passed unintercepted, which an operator must hear about.
-fn spawn_counter_watch(datapath: Arc<dyn Datapath>) -> tokio::task::JoinHandle<()> {
+/// Log, once per check, when records could not be written (a full map): those flows were
+/// refused, which an operator must hear about. Sweeps expired half-open inbound records.
+fn spawn_counter_watch(
+    datapath: Arc<dyn Datapath>,
+    half_open_timeout: Duration,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         // A mode without kernel counters has no maps to fill up.
         let Some(mut seen) = datapath.counters() else {
             return;
         };
-        let mut ticker = tokio::time::interval(COUNTER_WATCH);
+        let mut ticker = tokio::time::interval(COUNTER_WATCH.min(half_open_timeout / 4));
         loop {
             ticker.tick().await;
+            let expired = {
+                let datapath = Arc::clone(&datapath);
+                tokio::task::spawn_blocking(move || datapath.expire_half_open(half_open_timeout))
+                    .await
+                    .unwrap_or(0)
+            };
+            if expired > 0 {
+                tracing::warn!(
+                    expired,
+                    "inbound flow records half-open past the timeout removed (handshakes \
+                     that never completed, such as spoofed SYNs)"
+                );
+            }
             let now = datapath.counters().unwrap_or(seen);
             let outbound = now.record_failed.saturating_sub(seen.record_failed);
             let inbound = now
@@ -321,7 +341,7 @@ fn spawn_counter_watch(datapath: Arc<dyn Datapath>) -> tokio::task::JoinHandle<(
                     inbound,
                     total_outbound = now.record_failed,
                     total_inbound = now.inbound_record_failed,
-                    "flows passed unintercepted: a kernel map was full"
+                    "new flows of enrolled pods refused: a kernel map was full"
                 );
             }
             seen = now;

@@ -89,10 +89,14 @@ enum Command {
         /// lower small-message latency, lower bulk throughput).
         #[arg(long)]
         sockmap: bool,
-        /// Entries in the inbound flow map; when full, new inbound flows pass
-        /// unintercepted (counted and logged) and existing ones are unaffected.
+        /// Entries in the inbound flow map; when full, new inbound flows are refused
+        /// (their SYN dropped, counted and logged) and existing ones are unaffected.
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         inbound_flow_capacity: Option<u32>,
+        /// How long an inbound flow record may stay half-open (SYN seen, never accepted
+        /// by the inbound listener, such as a spoofed SYN) before the agent removes it.
+        #[arg(long, default_value_t = 75_000, value_parser = clap::value_parser!(u64).range(100..))]
+        inbound_half_open_timeout_ms: u64,
         /// On SIGTERM/SIGINT: `remove` the data path (pods are left alone), or `keep` it
         /// so enrolled pods fail closed until the next agent adopts them (rolling updates).
         #[arg(long, value_enum, default_value = "remove")]
@@ -230,6 +234,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             bpf_debug,
             sockmap,
             inbound_flow_capacity,
+            inbound_half_open_timeout_ms,
             on_exit,
             mode,
             simulate_missing_features,
@@ -279,6 +284,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 bpf_debug,
                 sockmap,
                 inbound_flow_capacity,
+                inbound_half_open_timeout: std::time::Duration::from_millis(
+                    inbound_half_open_timeout_ms,
+                ),
                 on_exit,
                 mode,
                 simulate_missing_features,

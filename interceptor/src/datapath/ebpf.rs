@@ -19,8 +19,8 @@ use aya::programs::{
 };
 use aya::Ebpf;
 use interceptor_common::{
-    capacity, config, counters, maps, rules, CidrKey, EnrolledPod, FlowKey, InboundFlow,
-    InboundKey, OrigDst, PortRuleKey, RESERVED_PORTS,
+    capacity, config, counters, inbound_state, maps, rules, CidrKey, EnrolledPod, FlowKey,
+    InboundFlow, InboundKey, OrigDst, PortRuleKey, RESERVED_PORTS,
 };
 
 use super::{Datapath, DatapathCounters, DatapathError, LiveRecords, PodDatapath};
@@ -195,6 +195,11 @@ pub struct EbpfDatapath {
     tc_links: Mutex<StdHashMap<u64, PodTc>>,
     /// Answers to the netns probe (used when the kernel lacks `SO_NETNS_COOKIE`).
     netns_probe: HashMap<MapData, u64, u64>,
+    /// Half-open inbound records and when a sweep first saw them (see
+    /// [`Datapath::expire_half_open`]).
+    half_open_seen: Mutex<StdHashMap<InboundKey, std::time::Instant>>,
+    /// Half-open records removed so far.
+    half_open_expired: std::sync::atomic::AtomicU64,
     /// The cgroup links pinned in the pin dir (they outlive the agent).
     pinned_links: Mutex<Vec<PinnedLink>>,
     options: Mutex<EbpfOptions>,
@@ -351,6 +356,8 @@ impl EbpfDatapath {
             _sock_pairs: sock_pairs,
             tc_links: Mutex::new(StdHashMap::new()),
             netns_probe,
+            half_open_seen: Mutex::new(StdHashMap::new()),
+            half_open_expired: Default::default(),
             pinned_links: Mutex::new(links),
             options: Mutex::new(options),
             pin_dir: pin_dir.to_path_buf(),
@@ -900,6 +907,42 @@ impl Datapath for EbpfDatapath {
         self.write_flags()
     }
 
+    /// Records tc wrote at a SYN that no inbound listener accepted within `older_than`
+    /// (a spoofed source never completes the handshake) are removed, so such SYNs cannot
+    /// keep the map full. Ages are measured from the first sweep that saw a record.
+    fn expire_half_open(&self, older_than: std::time::Duration) -> usize {
+        let now = std::time::Instant::now();
+        let mut maps = lock(&self.maps);
+        let half_open: std::collections::HashSet<InboundKey> = maps
+            .inbound_flows
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, flow)| flow.state == inbound_state::HALF_OPEN)
+            .map(|(key, _)| key)
+            .collect();
+        let mut seen = lock(&self.half_open_seen);
+        seen.retain(|key, _| half_open.contains(key));
+        let mut expired = 0;
+        for key in half_open {
+            let first = *seen.entry(key).or_insert(now);
+            if now.duration_since(first) < older_than {
+                continue;
+            }
+            // Still half-open right now (it may have been accepted since the scan).
+            let still = maps
+                .inbound_flows
+                .get(&key, 0)
+                .is_ok_and(|flow| flow.state == inbound_state::HALF_OPEN);
+            if still && maps.inbound_flows.remove(&key).is_ok() {
+                expired += 1;
+            }
+            seen.remove(&key);
+        }
+        self.half_open_expired
+            .fetch_add(expired as u64, std::sync::atomic::Ordering::Relaxed);
+        expired
+    }
+
     /// `SO_NETNS_COOKIE` where the kernel has it (5.14); below, the netns probe: a UDP
     /// connect from inside the netns that connect4 answers with `bpf_get_netns_cookie`,
     /// the very value the programs compare with.
@@ -950,6 +993,9 @@ impl Datapath for EbpfDatapath {
             same_node_inbound: sum(counters::SAME_NODE_INBOUND),
             inbound_redirected: sum(counters::INBOUND_REDIRECTED),
             inbound_record_failed: sum(counters::INBOUND_RECORD_FAILED),
+            inbound_half_open_expired: self
+                .half_open_expired
+                .load(std::sync::atomic::Ordering::Relaxed),
             ipv6_passed: sum(counters::IPV6_PASSED),
             sockmap_added: sum(counters::SOCKMAP_ADDED),
             sockmap_redirected: sum(counters::SOCKMAP_REDIRECTED),

@@ -84,7 +84,10 @@ pub struct DatapathCounters {
     pub record_failed: u64,
     pub same_node_inbound: u64,
     pub inbound_redirected: u64,
+    /// New inbound flows refused (SYN dropped) because their record could not be stored.
     pub inbound_record_failed: u64,
+    /// Half-open inbound records the agent removed after the timeout.
+    pub inbound_half_open_expired: u64,
     pub ipv6_passed: u64,
     pub sockmap_added: u64,
     pub sockmap_redirected: u64,
@@ -120,6 +123,11 @@ pub trait Datapath: Send + Sync {
     /// (`SO_NETNS_COOKIE`, or a fallback on kernels without it).
     fn netns_cookie(&self, netns: &PodNetns) -> Result<u64, DatapathError> {
         Ok(netns.cookie())
+    }
+    /// Remove inbound flow records that stayed half-open (never accepted by an inbound
+    /// listener) for `older_than`; how many went. Modes without such records: none.
+    fn expire_half_open(&self, _older_than: std::time::Duration) -> usize {
+        0
     }
     /// Turn the programs' trace_pipe lines on or off.
     fn set_debug(&self, on: bool) -> Result<(), DatapathError>;
