@@ -233,6 +233,18 @@ async fn serve(config: &AgentConfig) -> anyhow::Result<()> {
     // Pods enrolled before a restart get their listeners and maps back before CNI
     // requests are taken and before the agent says it is ready.
     agent.restore().await;
+    let forgotten = {
+        let datapath = Arc::clone(&datapath);
+        tokio::task::spawn_blocking(move || datapath.forget_unclaimed_rules())
+            .await
+            .unwrap_or(0)
+    };
+    if forgotten > 0 {
+        tracing::info!(
+            forgotten,
+            "removed exclusion rules a previous agent left that this configuration does not have"
+        );
+    }
     let cni = crate::cni::serve(&config.cni_socket, Arc::clone(&agent))?;
     let info = StaticInfo {
         cgroup: config.cgroup.clone(),

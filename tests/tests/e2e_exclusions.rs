@@ -16,6 +16,7 @@ in_both_modes!(
     global_outbound_port_exclusion,
     global_inbound_port_exclusion,
     pod_annotations_add_to_global_rules_and_bad_values_are_reported,
+    rules_removed_while_the_agent_was_away_are_gone_after_a_restart,
 );
 use interceptor_testbed::{Pod, ServerProcess, Testbed};
 
@@ -276,4 +277,75 @@ fn pod_annotations_add_to_global_rules_and_bad_values_are_reported(mode: Mode) {
         node.agent_log().contains("notaport"),
         "the bad value is logged"
     );
+}
+
+/// Issue 13's measurement: a global exclusion (and an inclusion list) removed from the
+/// mesh config while no agent ran survived the restart in the reused maps, so the client
+/// kept going direct. The new agent removes every rule it did not write again before it
+/// reports ready.
+fn rules_removed_while_the_agent_was_away_are_gone_after_a_restart(mode: Mode) {
+    if !common::privileged() {
+        return;
+    }
+    let mesh_config = MeshConfigFile::new(
+        &format!("awayrules-{}", mode.name()),
+        "outboundIPRangeExclusionList: []\n",
+    );
+    let config_arg = mesh_config.arg();
+    let args = mode.args(&["--mesh-config", &config_arg, "--on-exit", "keep"]);
+    let mut node = Node::start_with_manifests("awayrules", &args, MANIFESTS);
+    let a = node.pod("legacy", "a");
+    let b = node.pod("legacy", "b");
+    let client = node.pod("demo", "client");
+    let echo_a = servers(&node.tb, &a);
+    let echo_b = servers(&node.tb, &b);
+    std::fs::write(
+        &*mesh_config,
+        format!(
+            "outboundIPRangeExclusionList: [\"{}/32\"]\noutboundPortExclusionList: [9001]\n\
+             outboundIPRangeInclusionList: [\"{}/32\", \"{}/32\"]\n",
+            a.ip, a.ip, b.ip
+        ),
+    )
+    .unwrap();
+    until("a excluded", || {
+        !intercepted(&node, &client, &a, &echo_a[0], 9000)
+    });
+    assert!(
+        !intercepted(&node, &client, &b, &echo_b[1], 9001),
+        "port 9001 excluded"
+    );
+
+    node.stop_agent();
+    std::fs::write(&*mesh_config, "outboundIPRangeExclusionList: []\n").unwrap();
+    let manifests = node.manifests.clone();
+    node.agent = Some(
+        node.tb
+            .start_agent(&manifests, &args)
+            .expect("second agent"),
+    );
+    // Ready means reconciled: no waiting for the rules to go.
+    assert!(
+        intercepted(&node, &client, &a, &echo_a[0], 9000),
+        "the exclusion of a survived the restart\n{}",
+        node.agent_log()
+    );
+    assert!(
+        intercepted(&node, &client, &b, &echo_b[1], 9001),
+        "the port exclusion survived the restart"
+    );
+    let outsider = node.pod("legacy", "outsider");
+    let echo_outsider = servers(&node.tb, &outsider);
+    assert!(
+        intercepted(&node, &client, &outsider, &echo_outsider[0], 9000),
+        "the inclusion list survived the restart"
+    );
+    if mode == Mode::Ebpf {
+        assert!(
+            node.agent_log()
+                .contains("removed exclusion rules a previous agent left"),
+            "{}",
+            node.agent_log()
+        );
+    }
 }

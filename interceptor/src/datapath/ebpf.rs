@@ -175,6 +175,9 @@ struct Maps {
     /// What `set_rules` wrote per scope, so a change removes exactly
     /// the old entries.
     rule_keys: StdHashMap<u64, ScopeRules>,
+    /// Rule entries found in reused maps at start that no `set_rules` of this agent has
+    /// written again yet; [`Datapath::forget_unclaimed_rules`] removes what is left.
+    unclaimed: Option<Unclaimed>,
     enrolled: HashMap<MapData, u64, EnrolledPod>,
     pod_by_ip: HashMap<MapData, u32, u64>,
     orig_dst_by_flow: HashMap<MapData, FlowKey, OrigDst>,
@@ -326,6 +329,11 @@ impl EbpfDatapath {
 
         let mut port_exclusions: HashMap<MapData, PortRuleKey, u8> =
             typed(&mut ebpf, maps::PORT_EXCLUSIONS)?;
+        let out_excluded: LpmTrie<MapData, CidrKey, u8> =
+            typed(&mut ebpf, maps::OUT_EXCLUDED_CIDRS)?;
+        let out_included: LpmTrie<MapData, CidrKey, u8> =
+            typed(&mut ebpf, maps::OUT_INCLUDED_CIDRS)?;
+        let scope_flags: HashMap<MapData, u64, u32> = typed(&mut ebpf, maps::SCOPE_FLAGS)?;
         for port in RESERVED_PORTS {
             let key = PortRuleKey::new(rules::GLOBAL_SCOPE, port, rules::DIRECTION_INBOUND);
             port_exclusions
@@ -335,12 +343,21 @@ impl EbpfDatapath {
                     source,
                 })?;
         }
+        let unclaimed = Unclaimed {
+            rules: ScopeRules {
+                ports: port_exclusions.keys().filter_map(Result::ok).collect(),
+                excluded: out_excluded.keys().filter_map(Result::ok).collect(),
+                included: out_included.keys().filter_map(Result::ok).collect(),
+            },
+            flag_scopes: scope_flags.keys().filter_map(Result::ok).collect(),
+        };
         let maps = Maps {
             port_exclusions,
-            out_excluded: typed(&mut ebpf, maps::OUT_EXCLUDED_CIDRS)?,
-            out_included: typed(&mut ebpf, maps::OUT_INCLUDED_CIDRS)?,
-            scope_flags: typed(&mut ebpf, maps::SCOPE_FLAGS)?,
+            out_excluded,
+            out_included,
+            scope_flags,
             rule_keys: StdHashMap::new(),
+            unclaimed: Some(unclaimed),
             enrolled: typed(&mut ebpf, maps::ENROLLED_NETNS)?,
             pod_by_ip: typed(&mut ebpf, maps::POD_BY_IP)?,
             orig_dst_by_flow: typed(&mut ebpf, maps::ORIG_DST_BY_FLOW)?,
@@ -505,6 +522,30 @@ impl EbpfDatapath {
             let _ = maps.orig_dst_by_flow.remove(&key);
         }
     }
+}
+
+/// Rule entries a previous agent left in reused maps, not (yet) written again.
+struct Unclaimed {
+    rules: ScopeRules,
+    flag_scopes: std::collections::HashSet<u64>,
+}
+
+impl Unclaimed {
+    /// `set_rules` wrote these again: they stay.
+    fn claim(&mut self, scope: u64, written: &ScopeRules) {
+        self.rules.ports.retain(|k| !written.ports.contains(k));
+        self.rules
+            .excluded
+            .retain(|k| !written.excluded.iter().any(|n| same_cidr(n, k)));
+        self.rules
+            .included
+            .retain(|k| !written.included.iter().any(|n| same_cidr(n, k)));
+        self.flag_scopes.remove(&scope);
+    }
+}
+
+fn same_cidr(a: &Key<CidrKey>, b: &Key<CidrKey>) -> bool {
+    a.prefix_len() == b.prefix_len() && a.data() == b.data()
 }
 
 /// The kernel entries of one scope's rules.
@@ -1011,6 +1052,33 @@ impl Datapath for EbpfDatapath {
         }
     }
 
+    fn forget_unclaimed_rules(&self) -> usize {
+        let mut maps = lock(&self.maps);
+        let Some(unclaimed) = maps.unclaimed.take() else {
+            return 0;
+        };
+        let mut removed = 0;
+        for key in &unclaimed.rules.ports {
+            // The reserved ports are global inbound rules of their own: never removed.
+            if RESERVED_PORTS.iter().any(|port| {
+                *key == PortRuleKey::new(rules::GLOBAL_SCOPE, *port, rules::DIRECTION_INBOUND)
+            }) {
+                continue;
+            }
+            removed += usize::from(maps.port_exclusions.remove(key).is_ok());
+        }
+        for key in &unclaimed.rules.excluded {
+            removed += usize::from(maps.out_excluded.remove(key).is_ok());
+        }
+        for key in &unclaimed.rules.included {
+            removed += usize::from(maps.out_included.remove(key).is_ok());
+        }
+        for scope in &unclaimed.flag_scopes {
+            removed += usize::from(maps.scope_flags.remove(scope).is_ok());
+        }
+        removed
+    }
+
     /// Forget enrolled pods that were not adopted again after a restart (their entries
     /// and tc link pins came from a previous agent through the reused maps).
     fn retain_pods(&self, cookies: &std::collections::HashSet<u64>) {
@@ -1095,6 +1163,9 @@ impl Datapath for EbpfDatapath {
         } else {
             let _ = maps.scope_flags.remove(&scope);
         }
+        if let Some(unclaimed) = maps.unclaimed.as_mut() {
+            unclaimed.claim(scope, &new);
+        }
         let old = maps
             .rule_keys
             .insert(scope, new.clone())
@@ -1108,18 +1179,18 @@ impl Datapath for EbpfDatapath {
                 let _ = maps.port_exclusions.remove(key);
             }
         }
-        for key in old.excluded.iter().filter(|k| {
-            !new.excluded
-                .iter()
-                .any(|n| n.prefix_len() == k.prefix_len() && n.data() == k.data())
-        }) {
+        for key in old
+            .excluded
+            .iter()
+            .filter(|k| !new.excluded.iter().any(|n| same_cidr(n, k)))
+        {
             let _ = maps.out_excluded.remove(key);
         }
-        for key in old.included.iter().filter(|k| {
-            !new.included
-                .iter()
-                .any(|n| n.prefix_len() == k.prefix_len() && n.data() == k.data())
-        }) {
+        for key in old
+            .included
+            .iter()
+            .filter(|k| !new.included.iter().any(|n| same_cidr(n, k)))
+        {
             let _ = maps.out_included.remove(key);
         }
         Ok(())

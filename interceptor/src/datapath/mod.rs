@@ -134,6 +134,12 @@ pub trait Datapath: Send + Sync {
     /// The programs' counters; `None` in a mode without them.
     fn counters(&self) -> Option<DatapathCounters>;
     fn live_records(&self) -> LiveRecords;
+    /// After a restart, once pods are adopted and the global config applied: remove every
+    /// rule a previous agent left in reused maps that this agent has not written again (a
+    /// rule removed while no agent ran must not survive). How many entries went.
+    fn forget_unclaimed_rules(&self) -> usize {
+        0
+    }
     /// After a restart: forget pods (by netns cookie) a previous agent enrolled that were
     /// not adopted again.
     fn retain_pods(&self, netns_cookies: &HashSet<u64>);
