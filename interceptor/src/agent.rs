@@ -599,10 +599,19 @@ impl Agent {
             });
             list
         };
+        // Temp file, fsync, rename, fsync of the directory: a crash leaves the old list or
+        // the new one, never a torn file.
         let write = || -> std::io::Result<()> {
+            use std::io::Write as _;
             let tmp = path.with_extension("json.tmp");
-            std::fs::write(&tmp, serde_json::to_vec_pretty(&sandboxes)?)?;
-            std::fs::rename(&tmp, path)
+            let mut file = std::fs::File::create(&tmp)?;
+            file.write_all(&serde_json::to_vec_pretty(&sandboxes)?)?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, path)?;
+            if let Some(dir) = path.parent() {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
+            Ok(())
         };
         if let Err(error) = write() {
             tracing::error!(path = %path.display(), %error, "remembering pods");
@@ -616,18 +625,22 @@ impl Agent {
         let Some(path) = &self.pods_file else {
             return 0;
         };
+        // A list that cannot be read adopts no pod; the pods a previous agent enrolled are
+        // then removed from the reused maps below (retain_pods), so none stays steered to
+        // a listener nobody opens. They start intercepted again at their next CNI ADD.
+        let unreadable = |why: String| {
+            tracing::error!(path = %path.display(), %why,
+                "remembered pods unreadable: adopting none, and removing every pod a \
+                 previous agent left in the data path (no listener would answer for them)");
+            let _ = std::fs::rename(path, path.with_extension("json.corrupt"));
+            Vec::new()
+        };
         let sandboxes: Vec<PodSandbox> = match std::fs::read(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(error) => {
-                tracing::error!(path = %path.display(), %error, "reading remembered pods");
-                return 0;
-            }
+            Err(error) => unreadable(error.to_string()),
             Ok(bytes) => match serde_json::from_slice(&bytes) {
                 Ok(list) => list,
-                Err(error) => {
-                    tracing::error!(path = %path.display(), %error, "remembered pods are not valid JSON: ignored");
-                    return 0;
-                }
+                Err(error) => unreadable(format!("not a pod list: {error}")),
             },
         };
         let mut adopted = 0;

@@ -937,6 +937,49 @@ fn pods_added_before_a_restart_are_still_served() {
     assert_intercepted(&node, &client, &server);
 }
 
+/// A pod list torn or corrupted by a crash: the new agent adopts no pod and removes the
+/// pods the previous agent left in the maps, so nobody's connections are steered to a
+/// listener that no agent opened; the pods work (unintercepted, said in the log) until
+/// their next CNI ADD, and the bad file is kept aside for a look.
+#[test]
+fn a_corrupt_pod_list_leaves_no_pod_steered_to_a_closed_listener() {
+    if !common::privileged() {
+        return;
+    }
+    let mut node = Node::start("corruptpods", &[]);
+    let server = node.pod("demo", "server");
+    let client = node.pod("demo", "client");
+    node.agent.take().expect("agent").kill();
+    let pods_file = node.tb.agent_state_dir().join("pods.json");
+    std::fs::write(&pods_file, b"[{\"podNamespace\": \"demo\", tor").expect("corrupt it");
+    let agent = node
+        .tb
+        .start_agent(&node.manifests, &[])
+        .expect("agent starts over a corrupt pod list");
+    node.agent = Some(agent);
+    assert!(
+        node.agent_log().contains("remembered pods unreadable"),
+        "{}",
+        node.agent_log()
+    );
+    assert!(pods_file.with_extension("json.corrupt").exists());
+    let dump = node.config_dump();
+    assert_eq!(
+        dump["datapath_records"]["enrolled_netns"], 0,
+        "{}",
+        dump["datapath_records"]
+    );
+    // The client is no longer steered to 15001, where nobody listens: it reaches the
+    // server's pod IP directly.
+    let _echo = echo_server(&node, &server);
+    let target = format!("{}:{ECHO_TARGET_PORT}", server.ip);
+    let report = node
+        .tb
+        .run_client(&client, &["--connect", &target, "--send-bytes", "100"])
+        .expect("client");
+    assert_eq!(report.error, None, "{report:?}\n{}", node.agent_log());
+}
+
 #[test]
 fn two_nodes_with_overlapping_pod_addresses_stay_apart() {
     if !common::privileged() {
