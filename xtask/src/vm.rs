@@ -168,6 +168,10 @@ pub struct Options {
     /// Minutes one suite may run (in a VM or on the host) before it is killed.
     #[arg(long, default_value_t = 30)]
     suite_timeout_minutes: u64,
+    /// Shell command run in each VM before the suites (for diagnosis: its output goes
+    /// to the console log), e.g. `--vm-command 'bpftool -j cgroup show /sys/fs/cgroup; echo rc=$?'`.
+    #[arg(long)]
+    vm_command: Option<String>,
     /// Memory of each VM in MiB.
     #[arg(long, default_value_t = 4096)]
     memory_mib: u32,
@@ -241,7 +245,10 @@ pub fn run_vm_test(options: Options) -> Result<()> {
         filter: options.filter.clone(),
         suite_timeout,
         bin_dir: crate::target_dir().join("release"),
+        snapshot: out_dir.join("work/snapshot"),
+        vm_command: options.vm_command.clone(),
     };
+    plan.take_snapshot()?;
 
     // Fetch every kernel first: a registry problem shows before an hour of VM time.
     let mut fetched = Vec::new();
@@ -287,9 +294,40 @@ struct Plan {
     filter: Option<String>,
     suite_timeout: Duration,
     bin_dir: PathBuf,
+    /// Copies of our binaries and the test executables taken after the build, under
+    /// their host paths: every VM runs the same build even when target/release changes
+    /// meanwhile (others build in this tree during an hour-long run).
+    snapshot: PathBuf,
+    vm_command: Option<String>,
 }
 
 impl Plan {
+    /// Our binaries (those built) and the executables of the planned suites.
+    fn workspace_files(&self) -> Vec<PathBuf> {
+        ["interceptor", "interceptor-cni", "tb-pod"]
+            .iter()
+            .map(|name| self.bin_dir.join(name))
+            .filter(|path| path.is_file())
+            .chain(self.suites.iter().map(|s| self.executables[s].clone()))
+            .collect()
+    }
+
+    fn take_snapshot(&self) -> Result<()> {
+        if self.snapshot.exists() {
+            fs::remove_dir_all(&self.snapshot)?;
+        }
+        for path in self.workspace_files() {
+            let copy = self.snapshot_of(&path);
+            fs::create_dir_all(copy.parent().unwrap_or(&self.snapshot))?;
+            fs::copy(&path, &copy).with_context(|| format!("copying {}", path.display()))?;
+        }
+        Ok(())
+    }
+
+    fn snapshot_of(&self, path: &Path) -> PathBuf {
+        self.snapshot.join(path.strip_prefix("/").unwrap_or(path))
+    }
+
     fn libtest_args(&self) -> Vec<String> {
         // One test at a time: under TCG parallel tests mostly fight over two slow CPUs
         // and run into each other's timeouts.
@@ -624,6 +662,17 @@ impl Staging {
         Ok(())
     }
 
+    /// Copies the regular file `source` to `path` in the image, with its libraries.
+    fn copy_file_as(&self, source: &Path, path: &Path) -> Result<()> {
+        let dest = self.dest(path);
+        fs::create_dir_all(dest.parent().unwrap_or(&self.root))?;
+        fs::copy(source, &dest).with_context(|| format!("copying {}", source.display()))?;
+        for library in shared_libraries(source) {
+            self.copy(&library)?;
+        }
+        Ok(())
+    }
+
     /// Copies a directory tree, leaving out the top-level entries named in `excludes`;
     /// `with_libraries` follows ELF files' libraries (not wanted for kernel modules).
     fn copy_tree(&self, dir: &Path, excludes: &[&str], with_libraries: bool) -> Result<()> {
@@ -777,15 +826,15 @@ fn stage_common(staging: &Staging, plan: &Plan) -> Result<Vec<String>> {
     // Our binaries and the test executables, at their host paths: the tests find
     // tb-pod through its compile-time path.
     for name in ["interceptor", "interceptor-cni", "tb-pod"] {
-        let path = plan.bin_dir.join(name);
-        if path.is_file() {
-            staging.copy(&path)?;
-        } else {
-            notes.push(format!("{} was not built", path.display()));
+        if !plan.bin_dir.join(name).is_file() {
+            notes.push(format!(
+                "{} was not built",
+                plan.bin_dir.join(name).display()
+            ));
         }
     }
-    for suite in &plan.suites {
-        staging.copy(&plan.executables[suite])?;
+    for path in plan.workspace_files() {
+        staging.copy_file_as(&plan.snapshot_of(&path), &path)?;
     }
     Ok(notes)
 }
@@ -828,6 +877,12 @@ echo "{MARKER} probe-end rc=$?"
 "#,
         modules = VM_MODULES.join(" "),
     );
+    if let Some(command) = &plan.vm_command {
+        let _ = write!(
+            script,
+            "echo \"{MARKER} vm-command-begin\"\n(cd /root && {command}) 2>&1\necho \"{MARKER} vm-command-end rc=$?\"\n"
+        );
+    }
     let timeout = plan.suite_timeout.as_secs();
     let args = plan
         .libtest_args()
