@@ -145,7 +145,10 @@ pub mod counters {
     pub const SOCKMAP_ADDED: u32 = 8;
     /// Messages sk_msg redirected straight to the peer socket.
     pub const SOCKMAP_REDIRECTED: u32 = 9;
-    pub const LEN: u32 = 10;
+    /// Sockets sock_ops could not add to SOCK_PAIRS (map full or error): that pair
+    /// goes through the normal socket path, correct but not accelerated.
+    pub const SOCKMAP_ADD_FAILED: u32 = 10;
+    pub const LEN: u32 = 11;
 }
 
 /// Prefix of every trace_pipe line the programs print, so `interceptor trace` can filter.

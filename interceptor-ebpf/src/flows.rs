@@ -158,6 +158,8 @@ fn add_local_pair(ctx: &SockOpsContext) {
     let ops = unsafe { &mut *ctx.ops };
     if SOCK_PAIRS.update(key, ops, BPF_ANY.into()).is_ok() {
         count(counters::SOCKMAP_ADDED);
+    } else {
+        count(counters::SOCKMAP_ADD_FAILED);
     }
 }
 

@@ -1040,6 +1040,7 @@ impl Datapath for EbpfDatapath {
             ipv6_passed: sum(counters::IPV6_PASSED),
             sockmap_added: sum(counters::SOCKMAP_ADDED),
             sockmap_redirected: sum(counters::SOCKMAP_REDIRECTED),
+            sockmap_add_failed: sum(counters::SOCKMAP_ADD_FAILED),
         })
     }
 

@@ -91,6 +91,8 @@ pub struct DatapathCounters {
     pub ipv6_passed: u64,
     pub sockmap_added: u64,
     pub sockmap_redirected: u64,
+    /// Local pairs sock_ops could not add to the SOCKHASH (not accelerated).
+    pub sockmap_add_failed: u64,
 }
 
 /// Records the kernel holds right now, for the config dump and leak checks.
