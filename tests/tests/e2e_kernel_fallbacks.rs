@@ -370,8 +370,12 @@ fn assert_nothing_attached(tb: &interceptor_testbed::Testbed) {
         .args(["-j", "cgroup", "show", &path])
         .output()
         .expect("bpftool");
-    assert!(out.status.success(), "{out:?}");
     let shown = String::from_utf8_lossy(&out.stdout);
+    // Older kernels (5.10) make `cgroup show` exit non-zero after printing its JSON.
+    assert!(
+        out.status.success() || shown.trim_start().starts_with('['),
+        "{out:?}"
+    );
     assert!(
         shown.trim().is_empty() || shown.trim() == "[]",
         "programs left on the cgroup: {shown}"
