@@ -244,7 +244,10 @@ fn pod_annotations_add_to_global_rules_and_bad_values_are_reported(mode: Mode) {
         !intercepted(&node, &plain, &a, &echo[0], 9000)
     });
     // The annotated pod: global 9000 plus its own 9001 and 9002; the plain pod: 9000 only.
-    assert!(!intercepted(&node, &annotated, &a, &echo[0], 9000));
+    // (iptables mode re-applies the pods one after the other: wait for this one too.)
+    until("global 9000 excluded for the annotated pod", || {
+        !intercepted(&node, &annotated, &a, &echo[0], 9000)
+    });
     assert!(!intercepted(&node, &annotated, &a, &echo[1], 9001));
     assert!(
         !intercepted(&node, &annotated, &a, &echo[2], 9002),
