@@ -12,13 +12,14 @@
 //! `@@vm-test` markers around the probe and each suite, and the libtest output between
 //! them is parsed here. The host column runs the same suite executables natively.
 //!
-//! Cost (measured under TCG on a 2-core machine, build up to date): the kernels (21–35
-//! MB each) are fetched once into `~/.cache/interceptor/vm/`; a VM's image takes about
-//! 4 s to make and the kernel boots in about 2 s. The default suites (`DEFAULT_SUITES`)
-//! take about 160 s per kernel (outbound ~50 s, inbound ~45 s, exclusions ~38 s,
-//! iptables ~13 s, kernel_fallbacks ~12 s), so `--kernel 5.10 --no-host` is about 3
-//! minutes and `--kernel all` about 10 (the host column adds under a minute). Every
-//! suite (`--suites all`) takes about 10 minutes per kernel, e2e_upstream (~200 s) and
+//! Cost (measured under TCG on this 2-core machine, build up to date): the kernels (21–35
+//! MB each) are fetched once into `~/.cache/interceptor/vm/`; a VM's image takes 3–8 s
+//! to make and the kernel boots in about 2 s. The default suites (`DEFAULT_SUITES`) take
+//! 90–120 s per kernel when the machine is otherwise idle (outbound ~33 s, inbound ~34 s,
+//! exclusions ~32 s, iptables ~8 s, kernel_fallbacks ~8 s; about half again more with
+//! another build running), so `--kernel 5.10 --no-host` takes about 2.5–4 minutes and
+//! `--kernel all` about 8–16 (the host column adds under a minute). Every suite
+//! (`--suites all`) takes about 10 minutes per kernel, e2e_upstream (~200 s) and
 //! e2e_routing (~90 s) the longest: 37 minutes for `--kernel all`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -1806,7 +1807,10 @@ fn failure_gist(lines: &[String]) -> Vec<String> {
         .iter()
         .map(|l| strip_ansi(l))
         .filter(|l| {
-            !l.trim().is_empty() && !l.starts_with("note: ") && !l.starts_with("stack backtrace:")
+            !l.trim().is_empty()
+                && !l.starts_with("note: ")
+                && !l.starts_with("stack backtrace:")
+                && !is_backtrace_frame(l)
         })
         .take(12)
         .map(|mut l| {
@@ -1816,6 +1820,16 @@ fn failure_gist(lines: &[String]) -> Vec<String> {
             l
         })
         .collect()
+}
+
+/// `   3: core::panicking::…` or `             at ./src/…` (RUST_BACKTRACE=1 output).
+fn is_backtrace_frame(line: &str) -> bool {
+    let trimmed = line.trim_start();
+    let indented = trimmed.len() < line.len();
+    let numbered = trimmed
+        .split_once(": ")
+        .is_some_and(|(n, _)| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()));
+    indented && (numbered || trimmed.starts_with("at "))
 }
 
 /// Drops ANSI escape sequences (`ESC [ … letter`).
@@ -2071,6 +2085,14 @@ mod tests {
         );
         assert!(probe.is_none());
         assert!(problem.unwrap().starts_with("probe unavailable"));
+    }
+
+    #[test]
+    fn backtrace_frames_are_recognised() {
+        assert!(is_backtrace_frame("   3: core::panicking::assert_failed"));
+        assert!(is_backtrace_frame("             at ./src/main.rs:3:5"));
+        assert!(!is_backtrace_frame("  left: []"));
+        assert!(!is_backtrace_frame("thread 'x' panicked at a.rs:1:2:"));
     }
 
     #[test]
