@@ -236,13 +236,8 @@ fn bpftool_json(bpftool: &str, args: &[&str]) -> Value {
         .args(args)
         .output()
         .expect("running bpftool");
+    assert!(out.status.success(), "bpftool {args:?}: {out:?}");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    // On older kernels (seen on 5.10) `cgroup show` queries attach types the kernel does
-    // not know, prints what it found and exits non-zero: the JSON is still the answer.
-    assert!(
-        out.status.success() || stdout.trim_start().starts_with('['),
-        "bpftool {args:?}: {out:?}"
-    );
     if stdout.trim().is_empty() {
         return Value::Array(Vec::new());
     }
@@ -252,16 +247,7 @@ fn bpftool_json(bpftool: &str, args: &[&str]) -> Value {
 
 /// Attach types of the programs attached directly to `cgroup`, sorted.
 fn attached_programs(bpftool: &str, cgroup: &Path) -> Vec<String> {
-    let path = cgroup.to_str().expect("utf-8 cgroup path");
-    let progs = bpftool_json(bpftool, &["cgroup", "show", path]);
-    let mut types: Vec<String> = progs
-        .as_array()
-        .expect("bpftool cgroup show: an array")
-        .iter()
-        .map(|p| p["attach_type"].as_str().unwrap_or("?").to_owned())
-        .collect();
-    types.sort();
-    types
+    common::cgroup_attach_types(bpftool, cgroup)
 }
 
 fn expected_attach_types() -> Vec<String> {

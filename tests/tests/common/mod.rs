@@ -209,6 +209,60 @@ pub fn run_cleanup(tb: &interceptor_testbed::Testbed) -> std::process::Output {
         .expect("running interceptor cleanup")
 }
 
+/// Attach types of the programs attached directly to `cgroup`, sorted. bpftool's
+/// `cgroup show` answers on most kernels, but on 5.10 (Debian 12's bpftool) it prints
+/// `[]` and exits non-zero even while programs are attached (seen in vm-test): then the
+/// links are asked instead, which hold every cgroup program the agent attaches on a
+/// kernel that runs eBPF mode (≥ 5.7 attaches with bpf_link).
+pub fn cgroup_attach_types(bpftool: &str, cgroup: &Path) -> Vec<String> {
+    let bpftool_json = |args: &[&str]| -> Option<serde_json::Value> {
+        let out = std::process::Command::new(bpftool)
+            .arg("-j")
+            .args(args)
+            .output()
+            .expect("running bpftool");
+        if !out.status.success() {
+            return None;
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if stdout.trim().is_empty() {
+            return Some(serde_json::Value::Array(Vec::new()));
+        }
+        Some(
+            serde_json::from_str(&stdout)
+                .unwrap_or_else(|e| panic!("bpftool {args:?} output ({e}): {stdout}")),
+        )
+    };
+    let path = cgroup.to_str().expect("utf-8 cgroup path");
+    let attach_types = |entries: serde_json::Value| -> Vec<String> {
+        entries
+            .as_array()
+            .expect("bpftool: an array")
+            .iter()
+            .map(|p| p["attach_type"].as_str().unwrap_or("?").to_owned())
+            .collect()
+    };
+    let mut types = match bpftool_json(&["cgroup", "show", path]) {
+        Some(programs) => attach_types(programs),
+        None => {
+            use std::os::unix::fs::MetadataExt;
+            let id = std::fs::metadata(cgroup).expect("cgroup").ino();
+            let links = bpftool_json(&["link", "show"]).expect("bpftool link show");
+            attach_types(serde_json::Value::Array(
+                links
+                    .as_array()
+                    .expect("bpftool link show: an array")
+                    .iter()
+                    .filter(|l| l["cgroup_id"].as_u64() == Some(id))
+                    .cloned()
+                    .collect(),
+            ))
+        }
+    };
+    types.sort();
+    types
+}
+
 /// Whether the running agent's probe found `feature` (a name from
 /// `node.probe.features` of `/config_dump`): tests whose expectations differ between
 /// a feature and its fallback ask the agent, so they hold on every kernel.
