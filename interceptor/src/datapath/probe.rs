@@ -252,7 +252,7 @@ pub fn probe() -> Probe {
         .collect();
     Probe {
         kernel: current
-            .map(|v| format!("{v:?}"))
+            .map(|v| v.to_string())
             .unwrap_or_else(|| "unknown".into()),
         features,
     }
@@ -416,7 +416,7 @@ mod tests {
 
     fn probe_with(missing: &[&str]) -> Probe {
         Probe {
-            kernel: "KernelVersion { major: 5, minor: 4, patch: 0 }".into(),
+            kernel: "5.4.0".into(),
             features: PROBES
                 .iter()
                 .map(|spec| feature(spec, !missing.contains(&spec.name)))
