@@ -44,6 +44,22 @@ fn our_filters(pod: &Pod, direction: &str) -> usize {
         .count()
 }
 
+/// The echo server on 9000 in `server`, greeting as [`echo_through_service`] expects.
+fn echo_server(node: &Node, server: &Pod) -> interceptor_testbed::ServerProcess {
+    node.tb
+        .spawn_server(
+            server,
+            &[
+                "echo",
+                "--listen",
+                "0.0.0.0:9000",
+                "--greeting",
+                "hello-fallback",
+            ],
+        )
+        .expect("echo server")
+}
+
 fn echo_through_service(node: &Node, client: &Pod) -> interceptor_testbed::ClientReport {
     let report = node
         .tb
@@ -98,19 +114,7 @@ fn every_fallback_at_once_intercepts_outbound_and_inbound_and_survives_a_restart
     let server = node.pod("demo", "server");
     let client = node.pod("demo", "client");
     let outsider = node.pod("legacy", "outsider");
-    let _echo = node
-        .tb
-        .spawn_server(
-            &server,
-            &[
-                "echo",
-                "--listen",
-                "0.0.0.0:9000",
-                "--greeting",
-                "hello-fallback",
-            ],
-        )
-        .expect("echo server");
+    let _echo = echo_server(&node, &server);
 
     // Outbound: the pod's netns cookie came from the netns probe, and connect4 matched it.
     let report = echo_through_service(&node, &client);
@@ -239,19 +243,7 @@ fn switching_from_tcx_links_to_filters_leaves_one_attachment() {
         assert_eq!(our_filters(&server, "egress"), 1);
         return;
     }
-    let _echo = node
-        .tb
-        .spawn_server(
-            &server,
-            &[
-                "echo",
-                "--listen",
-                "0.0.0.0:9000",
-                "--greeting",
-                "hello-fallback",
-            ],
-        )
-        .expect("echo server");
+    let _echo = echo_server(&node, &server);
     let tc_pins = |node: &Node| {
         std::fs::read_dir(node.tb.bpffs_dir())
             .expect("pin dir")
@@ -311,13 +303,7 @@ fn a_refused_attach_leaves_nothing_attached_and_auto_falls_back_to_iptables() {
     if !common::privileged() {
         return;
     }
-    let mut tb = interceptor_testbed::Testbed::builder("attachrefused")
-        .tb_pod_bin(env!("CARGO_BIN_EXE_tb-pod"))
-        .build()
-        .expect("testbed");
-    let manifests = tb.state_dir().join("manifests");
-    std::fs::create_dir_all(&manifests).expect("dir");
-    std::fs::write(manifests.join("mesh.yaml"), common::MANIFESTS).expect("manifests");
+    let (mut tb, manifests) = common::testbed_with_manifests("attachrefused", common::MANIFESTS);
     let blocker = tb.bpffs_dir().join("link_intercept_sock_ops");
     std::fs::create_dir_all(&blocker).expect("a directory where the sock_ops link pin goes");
 
@@ -347,19 +333,7 @@ fn a_refused_attach_leaves_nothing_attached_and_auto_falls_back_to_iptables() {
     assert_nothing_attached(&node.tb);
     let server = node.pod("demo", "server");
     let client = node.pod("demo", "client");
-    let _echo = node
-        .tb
-        .spawn_server(
-            &server,
-            &[
-                "echo",
-                "--listen",
-                "0.0.0.0:9000",
-                "--greeting",
-                "hello-fallback",
-            ],
-        )
-        .expect("echo server");
+    let _echo = echo_server(&node, &server);
     echo_through_service(&node, &client);
 }
 

@@ -532,13 +532,7 @@ fn forcing_ebpf_on_a_kernel_without_a_feature_is_refused_with_the_reason() {
     if !common::privileged() {
         return;
     }
-    let mut tb = interceptor_testbed::Testbed::builder("ebpfrefused")
-        .tb_pod_bin(env!("CARGO_BIN_EXE_tb-pod"))
-        .build()
-        .expect("testbed");
-    let manifests = tb.state_dir().join("manifests");
-    std::fs::create_dir_all(&manifests).expect("dir");
-    std::fs::write(manifests.join("mesh.yaml"), common::MANIFESTS).expect("manifests");
+    let (mut tb, manifests) = common::testbed_with_manifests("ebpfrefused", common::MANIFESTS);
     let args = [
         "--mode",
         "ebpf",

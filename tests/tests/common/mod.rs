@@ -73,6 +73,19 @@ pub fn privileged() -> bool {
     false
 }
 
+/// A testbed with no agent yet, and a manifests directory holding `manifests_yaml`, for
+/// tests that start the agent themselves.
+pub fn testbed_with_manifests(label: &str, manifests_yaml: &str) -> (Testbed, PathBuf) {
+    let tb = Testbed::builder(label)
+        .tb_pod_bin(env!("CARGO_BIN_EXE_tb-pod"))
+        .build()
+        .expect("testbed");
+    let manifests = tb.state_dir().join("manifests");
+    std::fs::create_dir_all(&manifests).expect("manifests dir");
+    std::fs::write(manifests.join("mesh.yaml"), manifests_yaml).expect("manifests");
+    (tb, manifests)
+}
+
 /// A testbed with the full CNI chain and a running agent on [`MANIFESTS`].
 pub struct Node {
     pub agent: Option<AgentProcess>,
@@ -88,13 +101,7 @@ impl Node {
 
     /// Like [`Node::start`], with other manifests.
     pub fn start_with_manifests(label: &str, agent_args: &[&str], manifests_yaml: &str) -> Node {
-        let mut tb = Testbed::builder(label)
-            .tb_pod_bin(env!("CARGO_BIN_EXE_tb-pod"))
-            .build()
-            .expect("testbed");
-        let manifests = tb.state_dir().join("manifests");
-        std::fs::create_dir_all(&manifests).expect("manifests dir");
-        std::fs::write(manifests.join("mesh.yaml"), manifests_yaml).expect("manifests");
+        let (mut tb, manifests) = testbed_with_manifests(label, manifests_yaml);
         let agent = tb
             .start_agent(&manifests, agent_args)
             .expect("agent starts");
