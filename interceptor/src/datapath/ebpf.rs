@@ -146,15 +146,8 @@ impl KernelSupport {
     }
 }
 
-impl Default for KernelSupport {
-    /// What this kernel has, by version (tests and tools that do not probe).
-    fn default() -> Self {
-        Self::from_probe(&super::probe::probe())
-    }
-}
-
 /// Options of the eBPF data path.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct EbpfOptions {
     /// `bpf_printk` lines on.
     pub debug: bool,
@@ -435,8 +428,7 @@ impl EbpfDatapath {
                     match tc::qdisc_add_clsact(&iface) {
                         Ok(()) | Err(tc::TcError::AlreadyAttached) => {}
                         // aya 0.14 reports an existing qdisc as a plain EEXIST.
-                        Err(tc::TcError::NetlinkError(e))
-                            if e.raw_os_error() == Some(libc::EEXIST) => {}
+                        Err(error) if netlink_exists(&error) => {}
                         Err(error) => return Err(format!("adding the clsact qdisc: {error}")),
                     }
                 }
@@ -697,7 +689,7 @@ fn attach_one_netlink(
     });
     let id = match prog.attach_with_options(iface, kind, options) {
         Ok(id) => id,
-        Err(error) if is_exists(&error) => {
+        Err(aya::programs::ProgramError::TcError(error)) if netlink_exists(&error) => {
             let existing = SchedClassifierLink::attached(
                 iface,
                 kind,
@@ -722,9 +714,9 @@ fn attach_one_netlink(
     })
 }
 
-fn is_exists(error: &aya::programs::ProgramError) -> bool {
-    matches!(error, aya::programs::ProgramError::TcError(tc::TcError::NetlinkError(e))
-        if e.raw_os_error() == Some(libc::EEXIST))
+/// Netlink answered EEXIST: the qdisc or the filter at our priority and handle is there.
+fn netlink_exists(error: &tc::TcError) -> bool {
+    matches!(error, tc::TcError::NetlinkError(e) if e.raw_os_error() == Some(libc::EEXIST))
 }
 
 fn tc_program<'a>(
