@@ -253,10 +253,15 @@ fn recorded_llvm_major(record: &Path) -> Result<Option<u32>> {
 
 /// Packages from [`PACKAGES`] that dpkg does not report as installed.
 fn missing_packages() -> Vec<&'static str> {
+    missing_from(PACKAGES)
+}
+
+/// Packages of `list` that dpkg does not report as installed.
+pub(crate) fn missing_from(list: &[&'static str]) -> Vec<&'static str> {
     let out = probe_any_status(
         Command::new("dpkg-query")
             .args(["-W", "-f=${Package} ${Status}\n"])
-            .args(PACKAGES),
+            .args(list),
     )
     .unwrap_or_default();
     // Status is e.g. `install ok installed`; removed-but-configured is `… config-files`.
@@ -268,8 +273,7 @@ fn missing_packages() -> Vec<&'static str> {
             (words.last()? == "installed").then_some(name)
         })
         .collect();
-    PACKAGES
-        .iter()
+    list.iter()
         .copied()
         .filter(|p| !installed.contains(p))
         .collect()
@@ -284,6 +288,11 @@ fn packages(missing: &[&str]) -> Result<()> {
         };
         println!("{state} {package}");
     }
+    apt_install(missing)
+}
+
+/// `apt-get install` of `missing` (nothing when empty).
+pub(crate) fn apt_install(missing: &[&str]) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }

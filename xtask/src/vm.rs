@@ -22,7 +22,7 @@
 //! (`--suites all`) takes about 10 minutes per kernel, e2e_upstream (~200 s) and
 //! e2e_routing (~90 s) the longest: 37 minutes for `--kernel all`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -352,48 +352,16 @@ impl Plan {
 // Host packages and the build
 // ---------------------------------------------------------------------------------
 
-/// Installs whichever of `packages` dpkg does not report installed. Its own helper
-/// rather than setup's: setup's install step reports and installs setup's own list.
-fn install_packages(packages: &[&str]) -> Result<()> {
-    let status = probe_any_status(
-        Command::new("dpkg-query")
-            .args(["-W", "-f=${Package} ${Status}\n"])
-            .args(packages),
-    )
-    .unwrap_or_default();
-    let installed: HashSet<&str> = status
-        .lines()
-        .filter_map(|line| {
-            let mut words = line.split_whitespace();
-            let name = words.next()?;
-            (words.last()? == "installed").then_some(name)
-        })
-        .collect();
-    let missing: Vec<&str> = packages
-        .iter()
-        .copied()
-        .filter(|p| !installed.contains(p))
-        .collect();
+/// Installs whichever of `packages` dpkg does not report installed (setup's helpers,
+/// with this task's own list).
+fn install_packages(packages: &[&'static str]) -> Result<()> {
+    let missing = crate::setup::missing_from(packages);
     if missing.is_empty() {
         println!("ok vm-test packages ({})", packages.join(", "));
         return Ok(());
     }
     println!("installing {}", missing.join(", "));
-    let install = || {
-        let mut cmd = Command::new("apt-get");
-        cmd.env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing);
-        cmd
-    };
-    // Stale package lists are the usual reason an install fails: update once and retry.
-    if run(&mut install()).is_err() {
-        run(Command::new("apt-get")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .arg("update"))?;
-        run(&mut install())?;
-    }
-    Ok(())
+    crate::setup::apt_install(&missing)
 }
 
 /// Builds the test executables and returns the integration-test targets of
