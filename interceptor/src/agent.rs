@@ -105,12 +105,20 @@ pub struct Agent {
     /// Whether sockmap is on (proxy-to-proxy sockets then need the userspace copy).
     sockmap: bool,
     ready: AtomicBool,
+    /// Set when the agent drains: every listener stops accepting (see [`Agent::drain`]).
+    draining: watch::Sender<bool>,
+    /// Cleared while [`Agent::restore`] adopts pods: listeners hold off accepting until
+    /// the route table knows every adopted pod.
+    accepting: watch::Sender<bool>,
     /// FSM's permissive traffic policy mode (the default); off is SMI mode.
     permissive: AtomicBool,
     /// Held from reading the inputs of a route table to storing it: a build that read an
     /// older mode or model never lands after a newer one.
     rebuild: Mutex<()>,
 }
+
+/// How often a drain checks whether every listener is done.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
 
 /// A task that is aborted when this handle is dropped.
 struct AbortOnDrop(JoinHandle<()>);
@@ -171,6 +179,8 @@ impl Agent {
             unknown_pod_wait: options.unknown_pod_wait,
             unknown_pod: options.unknown_pod,
             ready: AtomicBool::new(false),
+            draining: watch::Sender::new(false),
+            accepting: watch::Sender::new(true),
             permissive: AtomicBool::new(true),
             rebuild: Mutex::new(()),
         });
@@ -215,6 +225,38 @@ impl Agent {
 
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::SeqCst)
+    }
+
+    /// Stop accepting on every pod's listeners at once (they close, so the kernel sends
+    /// new connections to the next agent's listeners beside them) and wait until the
+    /// connections already accepted end or `timeout` passes. `/readyz` turns 503.
+    /// Returns how many connections were still open at the deadline; those end with the
+    /// process (closed, or reset when unread data is left).
+    pub async fn drain(&self, timeout: Duration) -> usize {
+        self.ready.store(false, Ordering::SeqCst);
+        self.draining.send_replace(true);
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let serving = {
+                let pods = lock(&self.pods);
+                pods.values()
+                    .filter_map(|entry| entry.enrolled.as_ref())
+                    .flat_map(|enrolled| enrolled.listeners.iter())
+                    .any(|listener| !listener.is_finished())
+            };
+            if !serving || tokio::time::Instant::now() >= deadline {
+                return self.log.open_connections();
+            }
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
+    }
+
+    /// Whether another agent has taken this one's place: the pid file in the state dir
+    /// names another live agent. A superseded agent answers no CNI request and writes no
+    /// pod list (the new agent owns both).
+    pub fn superseded(&self) -> Option<i32> {
+        let state_dir = self.pods_file.as_ref()?.parent()?;
+        crate::cleanup::running_agent(state_dir)
     }
 
     pub fn service_ports(&self) -> usize {
@@ -515,6 +557,8 @@ impl Agent {
                 log: Arc::clone(&self.log),
                 upstreams: Arc::clone(&self.upstreams),
                 sockmap: self.sockmap,
+                draining: self.draining.subscribe(),
+                accepting: self.accepting.subscribe(),
             };
             tokio::spawn(listener::serve(listener, ctx))
         };
@@ -589,8 +633,12 @@ impl Agent {
 
     /// Write the pods handed over by CNI to the state dir (temp file + rename), so a
     /// restarted agent can adopt them again. A failure is logged: interception goes on.
-    fn persist(&self) {
+    pub fn persist(&self) {
         let Some(path) = &self.pods_file else { return };
+        if let Some(successor) = self.superseded() {
+            tracing::debug!(successor, "pod list not written: another agent owns it");
+            return;
+        }
         let sandboxes: Vec<PodSandbox> = {
             let pods = lock(&self.pods);
             let mut list: Vec<_> = pods.values().map(|entry| entry.sandbox.clone()).collect();
@@ -618,10 +666,21 @@ impl Agent {
         }
     }
 
-    /// Adopt the pods a previous agent was handed, as if CNI ADD came again: pods whose
-    /// netns is gone or that the model no longer knows are dropped, with a log line.
-    /// Returns how many were adopted.
-    pub async fn restore(&self) -> usize {
+    /// Adopt the pods a previous agent was handed, as if CNI ADD came again (pods already
+    /// adopted are left as they are): pods whose netns is gone or that the model no longer
+    /// knows are dropped, with a log line. With `prune`, the data path then forgets every
+    /// pod not adopted; a hand-over passes `false` while the previous agent may still be
+    /// adding pods, then `true` once it has taken over. Returns how many were adopted.
+    pub async fn restore(&self, prune: bool) -> usize {
+        // Listeners accept again once the routes know every adopted pod.
+        self.accepting.send_replace(false);
+        let adopted = self.adopt_remembered(prune).await;
+        self.rebuild_routes();
+        self.accepting.send_replace(true);
+        adopted
+    }
+
+    async fn adopt_remembered(&self, prune: bool) -> usize {
         let Some(path) = &self.pods_file else {
             return 0;
         };
@@ -666,6 +725,9 @@ impl Agent {
             }
         }
         self.persist();
+        if !prune {
+            return adopted;
+        }
         let cookies: HashSet<u64> = {
             let pods = lock(&self.pods);
             pods.values()

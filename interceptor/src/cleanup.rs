@@ -105,13 +105,16 @@ fn remove_pod_chains(pods_file: &Path) -> anyhow::Result<Vec<String>> {
     Ok(removed)
 }
 
-/// The PID recorded in the state dir, if that process is alive and is an interceptor.
+/// The PID recorded in the state dir, if that process is alive, is an interceptor, and
+/// is not this process.
 pub fn running_agent(state_dir: &Path) -> Option<i32> {
-    let pid: i32 = std::fs::read_to_string(state_dir.join(PID_FILE))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
+    live_agent_in(&state_dir.join(PID_FILE)).filter(|&pid| pid != std::process::id() as i32)
+}
+
+/// The PID written in `file` (a pid file or a ready file), if that process is alive and
+/// is an interceptor.
+pub fn live_agent_in(file: &Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(file).ok()?.trim().parse().ok()?;
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-    (comm.trim() == "interceptor" && pid != std::process::id() as i32).then_some(pid)
+    (comm.trim() == "interceptor").then_some(pid)
 }

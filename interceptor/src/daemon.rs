@@ -72,6 +72,10 @@ pub struct AgentConfig {
     pub inbound_half_open_timeout: Duration,
     /// What to do with the data path on SIGTERM/SIGINT.
     pub on_exit: OnExit,
+    /// How long open connections may go on after SIGTERM/SIGINT.
+    pub drain_timeout: Duration,
+    /// Created when ready, removed on exit (an exec readiness probe of this agent alone).
+    pub ready_file: Option<PathBuf>,
     /// `--mode`: auto picks eBPF when the kernel has what it needs.
     pub mode: crate::datapath::probe::Mode,
     /// Probed features to treat as missing (exercises the fallback).
@@ -90,23 +94,31 @@ pub struct AgentConfig {
 }
 
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
-    if let Some(pid) = cleanup::running_agent(&config.state_dir) {
-        bail!(
-            "another agent (pid {pid}) uses state dir {}",
-            config.state_dir.display()
-        );
-    }
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
-    // Pins a previous agent left are not removed here: the data path reuses its maps
-    // and replaces its links (see EbpfDatapath::attach).
-    std::fs::write(
-        config.state_dir.join(PID_FILE),
-        std::process::id().to_string(),
-    )
-    .context("writing the pid file")?;
-
-    let result = serve(&config).await;
+    // A running agent on the same state dir is not an error but a hand-over: this agent
+    // opens its listeners beside that one's, takes the pid file and the CNI socket once
+    // it has adopted every pod, and the other one drains on its SIGTERM.
+    let predecessor = cleanup::running_agent(&config.state_dir);
+    match predecessor {
+        Some(pid) => tracing::info!(
+            pid,
+            "agent pid {pid} serves this state dir: taking over from it"
+        ),
+        // Pins a previous agent left are not removed here: the data path reuses its maps
+        // and replaces its links (see EbpfDatapath::attach).
+        None => write_pid_file(&config.state_dir)?,
+    }
+    let result = serve(&config, predecessor).await;
+    if let Some(path) = &config.ready_file {
+        let _ = std::fs::remove_file(path);
+    }
+    // Until this agent has taken over, the state dir (pid file, CNI socket) is the
+    // running agent's; after handing over, it is the next agent's.
+    if let Some(owner) = cleanup::running_agent(&config.state_dir) {
+        tracing::info!(owner, "state dir left to agent pid {owner}");
+        return result;
+    }
     let cleaned = cleanup::cleanup(
         &config.bpffs,
         &config.state_dir,
@@ -121,7 +133,12 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     result
 }
 
-async fn serve(config: &AgentConfig) -> anyhow::Result<()> {
+fn write_pid_file(state_dir: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::write(state_dir.join(PID_FILE), std::process::id().to_string())
+        .context("writing the pid file")
+}
+
+async fn serve(config: &AgentConfig, predecessor: Option<i32>) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
 
@@ -231,21 +248,9 @@ async fn serve(config: &AgentConfig) -> anyhow::Result<()> {
     let watcher_counters =
         spawn_counter_watch(Arc::clone(&datapath), config.inbound_half_open_timeout);
     // Pods enrolled before a restart get their listeners and maps back before CNI
-    // requests are taken and before the agent says it is ready.
-    agent.restore().await;
-    let forgotten = {
-        let datapath = Arc::clone(&datapath);
-        tokio::task::spawn_blocking(move || datapath.forget_unclaimed_rules())
-            .await
-            .unwrap_or(0)
-    };
-    if forgotten > 0 {
-        tracing::info!(
-            forgotten,
-            "removed exclusion rules a previous agent left that this configuration does not have"
-        );
-    }
-    let cni = crate::cni::serve(&config.cni_socket, Arc::clone(&agent))?;
+    // requests are taken and before the agent says it is ready. While a predecessor still
+    // serves, it may add pods after the list was read: nothing is pruned yet.
+    agent.restore(predecessor.is_none()).await;
     let info = StaticInfo {
         cgroup: config.cgroup.clone(),
         bpffs: config.bpffs.clone(),
@@ -259,9 +264,30 @@ async fn serve(config: &AgentConfig) -> anyhow::Result<()> {
             ModelSource::Kube { .. } => None,
         },
     };
+    // Bound before taking over, so a port in use fails this agent, not the hand-over.
     let admin = admin::serve(config.admin_addr, Arc::clone(&agent), info)
         .await
         .with_context(|| format!("admin endpoint on {}", config.admin_addr))?;
+    if let Some(pid) = predecessor {
+        // From here on the predecessor answers CNI requests "try again" and writes no pod
+        // list; what it added before is in the list, read again now.
+        write_pid_file(&config.state_dir)?;
+        let adopted = agent.restore(true).await;
+        tracing::info!(predecessor = pid, adopted, "took over the state dir");
+    }
+    let forgotten = {
+        let datapath = Arc::clone(&datapath);
+        tokio::task::spawn_blocking(move || datapath.forget_unclaimed_rules())
+            .await
+            .unwrap_or(0)
+    };
+    if forgotten > 0 {
+        tracing::info!(
+            forgotten,
+            "removed exclusion rules a previous agent left that this configuration does not have"
+        );
+    }
+    let cni = crate::cni::serve(&config.cni_socket, Arc::clone(&agent))?;
     let cni_install = match &config.install_cni {
         Some(install) => Some(
             crate::cni::install::start(install, crate::cni::install::DEFAULT_WATCH_INTERVAL)
@@ -270,19 +296,36 @@ async fn serve(config: &AgentConfig) -> anyhow::Result<()> {
         None => None,
     };
     agent.set_ready();
+    if let Some(path) = &config.ready_file {
+        std::fs::write(path, std::process::id().to_string())
+            .with_context(|| format!("writing the ready file {}", path.display()))?;
+    }
     tracing::info!(admin = %config.admin_addr, cni_socket = %config.cni_socket.display(), "agent ready");
 
     tokio::select! {
         _ = sigterm.recv() => tracing::info!("SIGTERM: stopping"),
         _ = sigint.recv() => tracing::info!("SIGINT: stopping"),
     }
+    let successor = agent.superseded();
+    if let Some(path) = &config.ready_file {
+        let _ = std::fs::remove_file(path);
+    }
     if let (Some(watch), Some(install)) = (cni_install, &config.install_cni) {
-        let uninstall = config.on_exit == OnExit::Remove;
+        // After a hand-over the plugin stays: the next agent serves it.
+        let uninstall = config.on_exit == OnExit::Remove && successor.is_none();
         if let Err(error) = crate::cni::install::stop(watch, install, uninstall).await {
             tracing::error!(%error, "uninstalling the CNI plugin");
         }
     }
     cni.abort();
+    // Stop accepting at once; open connections go on until they end or the deadline.
+    let drain_started = std::time::Instant::now();
+    let left_open = agent.drain(config.drain_timeout).await;
+    tracing::info!(
+        left_open,
+        drained_ms = drain_started.elapsed().as_millis() as u64,
+        "drained: {left_open} connections still open are closed now"
+    );
     admin.abort();
     follower.abort();
     watcher.abort();
@@ -293,12 +336,19 @@ async fn serve(config: &AgentConfig) -> anyhow::Result<()> {
     if let Some(handle) = &policy_follower {
         handle.abort();
     }
-    let result = match config.on_exit {
-        OnExit::Remove => {
+    let result = match (successor, config.on_exit) {
+        (Some(pid), _) => {
+            tracing::info!(
+                successor = pid,
+                "handed over: the data path is agent pid {pid}'s"
+            );
+            Ok(())
+        }
+        (None, OnExit::Remove) => {
             agent.remove_all();
             datapath.teardown().context("removing the data path")
         }
-        OnExit::Keep => {
+        (None, OnExit::Keep) => {
             tracing::info!(
                 "keeping the data path: enrolled pods fail closed until the next agent adopts them"
             );

@@ -101,6 +101,16 @@ enum Command {
         /// so enrolled pods fail closed until the next agent adopts them (rolling updates).
         #[arg(long, value_enum, default_value = "remove")]
         on_exit: daemon::OnExit,
+        /// On SIGTERM/SIGINT the agent stops accepting at once (the next agent's
+        /// listeners take new connections) and lets open connections go on for this long
+        /// (`30s`, `500ms`; plain numbers are seconds); those still open then are closed.
+        #[arg(long, default_value = "25s", value_parser = parse_duration)]
+        drain_timeout: std::time::Duration,
+        /// A file created when the agent is ready and removed when it stops: a readiness
+        /// check of this agent alone (an exec probe), where the admin port is shared with
+        /// the agent it replaces.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
         /// Interception mode: `auto` probes the kernel and picks eBPF when everything it
         /// needs is there, the iptables fallback otherwise.
         #[arg(long, value_enum, default_value = "auto")]
@@ -168,6 +178,13 @@ enum Command {
         #[arg(long = "simulate-missing-feature", value_name = "FEATURE")]
         simulate_missing_features: Vec<String>,
     },
+    /// Exit 0 when the agent that wrote `--ready-file` is ready (the file names a live
+    /// agent), 1 otherwise: the DaemonSet's readiness probe, which must judge this pod's
+    /// agent alone while a hand-over shares the admin port between two.
+    Ready {
+        #[arg(long)]
+        ready_file: PathBuf,
+    },
     /// Remove everything a stopped agent left behind (pins, socket, pid file).
     Cleanup {
         #[command(flatten)]
@@ -222,6 +239,20 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// `30s`, `500ms` or a plain number of seconds.
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let (number, unit) = match text.strip_suffix("ms") {
+        Some(number) => (number, 1),
+        None => (text.strip_suffix('s').unwrap_or(text), 1000),
+    };
+    number
+        .trim()
+        .parse::<u64>()
+        .map(|n| std::time::Duration::from_millis(n.saturating_mul(unit)))
+        .map_err(|_| format!("{text:?} is not a duration (like 30s, 500ms or 30)"))
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Agent {
@@ -236,6 +267,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             inbound_flow_capacity,
             inbound_half_open_timeout_ms,
             on_exit,
+            drain_timeout,
+            ready_file,
             mode,
             simulate_missing_features,
             iptables_backend,
@@ -288,6 +321,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     inbound_half_open_timeout_ms,
                 ),
                 on_exit,
+                drain_timeout,
+                ready_file,
                 mode,
                 simulate_missing_features,
                 iptables_backend,
@@ -365,6 +400,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Ready { ready_file } => match cleanup::live_agent_in(&ready_file) {
+            Some(pid) => {
+                println!("agent pid {pid} is ready");
+                Ok(())
+            }
+            None => bail!("not ready: {} names no live agent", ready_file.display()),
+        },
         Command::Cleanup { paths } => {
             let removed = cleanup::cleanup(
                 &paths.bpffs,
@@ -435,4 +477,20 @@ fn fetch_config_dump(admin_addr: SocketAddr) -> anyhow::Result<serde_json::Value
         .map(|(_, body)| body)
         .context("malformed HTTP response from the admin endpoint")?;
     serde_json::from_str(body).context("config_dump is not JSON")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_take_seconds_milliseconds_or_plain_seconds() {
+        assert_eq!(parse_duration("25s"), Ok(Duration::from_secs(25)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert!(parse_duration("1m").unwrap_err().contains("\"1m\""));
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("").is_err());
+    }
 }

@@ -409,21 +409,67 @@ fn daemonset_mounts_the_host_paths_the_agent_needs() {
 }
 
 #[test]
-fn daemonset_probes_hit_the_admin_endpoint() {
+fn daemonset_probes_judge_this_pods_agent() {
     let ds = daemonset();
     let container = agent_container(pod_spec(&ds));
-    for (which, probe, path) in [
-        ("readiness", &container.readiness_probe, "/readyz"),
-        ("liveness", &container.liveness_probe, "/healthz"),
-    ] {
-        let get = probe
-            .as_ref()
-            .and_then(|p| p.http_get.as_ref())
-            .unwrap_or_else(|| panic!("{which} probe is an httpGet"));
-        assert_eq!(get.port, IntOrString::Int(15000), "{which} probe port");
-        assert_eq!(get.host.as_deref(), Some("127.0.0.1"), "{which} probe host");
-        assert_eq!(get.path.as_deref(), Some(path), "{which} probe path");
-    }
+    let get = container
+        .liveness_probe
+        .as_ref()
+        .and_then(|p| p.http_get.as_ref())
+        .expect("liveness probe is an httpGet");
+    assert_eq!(get.port, IntOrString::Int(15000));
+    assert_eq!(get.host.as_deref(), Some("127.0.0.1"));
+    assert_eq!(get.path.as_deref(), Some("/healthz"));
+    // Readiness reads this container's ready file: during a hand-over the admin port is
+    // shared with the other agent, whose /readyz would say nothing about this one.
+    let args = container.args.as_deref().expect("args");
+    let ready_file = arg_value(args, "--ready-file");
+    let command = container
+        .readiness_probe
+        .as_ref()
+        .and_then(|p| p.exec.as_ref())
+        .and_then(|e| e.command.clone())
+        .expect("readiness probe is an exec");
+    assert_eq!(
+        command,
+        ["interceptor", "ready", "--ready-file", ready_file],
+        "readiness probe"
+    );
+    assert!(
+        container
+            .volume_mounts
+            .iter()
+            .flatten()
+            .all(|m| !Path::new(ready_file).starts_with(&m.mount_path)),
+        "the ready file {ready_file} must be container-local, not on a shared mount"
+    );
+}
+
+#[test]
+fn daemonset_rolls_by_hand_over() {
+    let ds = daemonset();
+    let strategy = ds
+        .spec
+        .as_ref()
+        .and_then(|s| s.update_strategy.as_ref())
+        .and_then(|s| s.rolling_update.as_ref())
+        .expect("rolling update");
+    assert_eq!(strategy.max_surge, Some(IntOrString::Int(1)));
+    assert_eq!(strategy.max_unavailable, Some(IntOrString::Int(0)));
+    let spec = pod_spec(&ds);
+    let args = agent_container(spec).args.as_deref().expect("args");
+    let drain = arg_value(args, "--drain-timeout");
+    let drain_s: i64 = drain
+        .strip_suffix('s')
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("--drain-timeout {drain} in whole seconds"));
+    let grace = spec
+        .termination_grace_period_seconds
+        .expect("terminationGracePeriodSeconds");
+    assert!(
+        grace > drain_s,
+        "grace period {grace}s must outlast the drain {drain_s}s"
+    );
 }
 
 #[test]

@@ -558,6 +558,18 @@ impl Testbed {
         manifests: &Path,
         extra_args: &[&str],
     ) -> Result<AgentProcess> {
+        self.start_agent_at(node, manifests, ADMIN_ADDR, extra_args)
+    }
+
+    /// [`Testbed::start_agent_on`] with the admin endpoint at `admin_addr` (a second agent
+    /// beside the first: a hand-over).
+    pub fn start_agent_at(
+        &self,
+        node: NodeId,
+        manifests: &Path,
+        admin_addr: &str,
+        extra_args: &[&str],
+    ) -> Result<AgentProcess> {
         let bin = bin_path("interceptor");
         if !bin.is_file() {
             bail!("interceptor binary not found at {}", bin.display());
@@ -576,7 +588,7 @@ impl Testbed {
             .arg("--manifests")
             .arg(manifests)
             .arg("--admin-addr")
-            .arg(ADMIN_ADDR)
+            .arg(admin_addr)
             .args(extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -596,7 +608,7 @@ impl Testbed {
                     procs::tail(&agent.log_path, 40)
                 );
             }
-            match self.admin_get_on(node, "/readyz") {
+            match self.admin_get_at(node, admin_addr, "/readyz") {
                 Ok((200, _)) => return Ok(agent),
                 Ok((code, body)) => last = format!("{code} {}", body.trim()),
                 Err(e) => last = format!("{e:#}"),
@@ -622,9 +634,19 @@ impl Testbed {
     /// `GET path` on `node`'s admin endpoint (127.0.0.1:15000 in that node's netns):
     /// status code and body.
     pub fn admin_get_on(&self, node: NodeId, path: &str) -> Result<(u16, String)> {
-        let addr: SocketAddr = ADMIN_ADDR.parse()?;
+        self.admin_get_at(node, ADMIN_ADDR, path)
+    }
+
+    /// `GET path` on an admin endpoint at `admin_addr` in `node`'s netns.
+    pub fn admin_get_at(
+        &self,
+        node: NodeId,
+        admin_addr: &str,
+        path: &str,
+    ) -> Result<(u16, String)> {
+        let addr: SocketAddr = admin_addr.parse()?;
         let stream = connect_in_netns(&self.get_node(node)?.netns, addr)?;
-        http::get(stream, ADMIN_ADDR, path).with_context(|| format!("GET {path}"))
+        http::get(stream, admin_addr, path).with_context(|| format!("GET {path}"))
     }
 
     /// `GET path` from an HTTP endpoint listening at `addr` inside the pod's netns (a

@@ -49,12 +49,26 @@ pub async fn serve(
         .route("/bpf_debug/on", post(debug_on))
         .route("/bpf_debug/off", post(debug_off))
         .with_state(state);
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let listener = bind_shared(addr)?;
     Ok(tokio::spawn(async move {
         if let Err(error) = axum::serve(listener, app).await {
             tracing::error!(%error, "admin server stopped");
         }
     }))
+}
+
+/// Bind with `SO_REUSEPORT`: a DaemonSet's surge pod (a hand-over) starts its agent on
+/// the same host port while the old one still runs. Which of the two answers a request
+/// is the kernel's choice, so readiness of one agent is its `--ready-file`, not this port.
+fn bind_shared(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
 }
 
 async fn readyz(State(state): State<AdminState>) -> (StatusCode, &'static str) {

@@ -27,7 +27,10 @@ pub enum CniServerError {
     },
 }
 
-/// Bind the socket (replacing a stale one) and serve until aborted.
+/// Bind the socket and serve until aborted. The socket is bound under a temporary name
+/// and renamed over `path`, so a client always finds a socket there: a stale one is
+/// replaced, and at a hand-over the previous agent's socket is swapped for this one in
+/// one step (the previous agent keeps its own, now nameless, until it exits).
 pub fn serve(path: &Path, agent: Arc<Agent>) -> Result<JoinHandle<()>, CniServerError> {
     let bind_err = |source| CniServerError::Bind {
         path: path.to_path_buf(),
@@ -36,12 +39,18 @@ pub fn serve(path: &Path, agent: Arc<Agent>) -> Result<JoinHandle<()>, CniServer
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(bind_err)?;
     }
-    match std::fs::remove_file(path) {
+    let staged = path.with_extension(format!("{}.new", std::process::id()));
+    match std::fs::remove_file(&staged) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(bind_err(e)),
         _ => {}
     }
-    let listener = UnixListener::bind(path).map_err(bind_err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+    let listener = UnixListener::bind(&staged).map_err(bind_err)?;
+    let installed = std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| std::fs::rename(&staged, path));
+    if let Err(error) = installed {
+        let _ = std::fs::remove_file(&staged);
+        return Err(bind_err(error));
+    }
     Ok(tokio::spawn(async move {
         loop {
             match listener.accept().await {
@@ -93,8 +102,21 @@ async fn read_request(
 }
 
 async fn dispatch(request: AgentRequest, agent: &Agent) -> AgentResponse {
+    // After a hand-over the new agent owns the socket path; a request that still reached
+    // this one is answered "try again", and kubelet's retry dials the new agent.
+    if let Some(successor) = agent.superseded() {
+        return handed_over(successor);
+    }
     let result = match &request {
-        AgentRequest::Add(sandbox) => agent.add(sandbox).await,
+        AgentRequest::Add(sandbox) => match agent.add(sandbox).await {
+            // Handed over while adding: the new agent read the pod list before this pod
+            // was in it, so it would never know the pod. Undone; the retry goes there.
+            Ok(_) if agent.superseded().is_some() => {
+                agent.del(sandbox);
+                return handed_over(agent.superseded().unwrap_or_default());
+            }
+            added => added,
+        },
         AgentRequest::Del(sandbox) => Ok(agent.del(sandbox)),
         AgentRequest::Check(sandbox) => agent.check(sandbox),
         AgentRequest::Status => Ok(AgentResponse::Ok {
@@ -106,6 +128,13 @@ async fn dispatch(request: AgentRequest, agent: &Agent) -> AgentResponse {
         tracing::warn!(code = failure.code, msg = %failure.msg, "CNI request failed");
         failure.into_response()
     })
+}
+
+fn handed_over(successor: i32) -> AgentResponse {
+    error(
+        codes::TRY_AGAIN_LATER,
+        format!("this agent has handed over to agent pid {successor}: try again"),
+    )
 }
 
 fn error(code: u32, msg: impl Into<String>) -> AgentResponse {

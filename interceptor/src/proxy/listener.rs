@@ -87,11 +87,35 @@ impl ConnectionRecord {
 pub struct ConnectionLog {
     records: Mutex<VecDeque<ConnectionRecord>>,
     metrics: super::metrics::ProxyMetrics,
+    /// Connections accepted and not yet done (what a drain waits for).
+    open: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts one connection as open for as long as it lives.
+pub struct OpenConnection<'a>(&'a ConnectionLog);
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.0
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl ConnectionLog {
     pub fn metrics(&self) -> &super::metrics::ProxyMetrics {
         &self.metrics
+    }
+
+    /// Count a connection as open until the returned guard is dropped.
+    pub fn opened(&self) -> OpenConnection<'_> {
+        self.open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        OpenConnection(self)
+    }
+
+    /// Connections accepted and not yet done.
+    pub fn open_connections(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn push(&self, record: ConnectionRecord) {
@@ -109,7 +133,9 @@ impl ConnectionLog {
     }
 }
 
-/// Open one of the pod's listeners inside its netns.
+/// Open one of the pod's listeners inside its netns, with `SO_REUSEPORT`: during a
+/// hand-over the next agent opens its own listener beside this one (see
+/// [`allow_request_migration`]).
 pub async fn listen(netns: &PodNetns, direction: Direction) -> Result<TcpListener, InpodError> {
     let path = netns.path().display().to_string();
     let port = direction.port().ok_or_else(|| InpodError::Io {
@@ -120,6 +146,8 @@ pub async fn listen(netns: &PodNetns, direction: Direction) -> Result<TcpListene
         .run(move || -> std::io::Result<std::net::TcpListener> {
             let socket = nonblocking_tcp_socket()?;
             socket.set_reuse_address(true)?;
+            socket.set_reuse_port(true)?;
+            allow_request_migration();
             socket.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
             socket.listen(1024)?;
             Ok(socket.into())
@@ -130,6 +158,27 @@ pub async fn listen(netns: &PodNetns, direction: Direction) -> Result<TcpListene
             source,
         })?;
     TcpListener::from_std(std_listener).map_err(|source| InpodError::Io { path, source })
+}
+
+/// The pod netns sysctl that moves connections still in a closing listener's accept
+/// queue to another listener of its `SO_REUSEPORT` group (kernel 5.14).
+const MIGRATE_REQ_SYSCTL: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+
+/// Turn on `net.ipv4.tcp_migrate_req` in the calling thread's netns (net sysctls are
+/// per netns, resolved from the thread that opens the file). Without it, a connection
+/// the kernel queued on the old agent's listener just before that listener closed at a
+/// hand-over is reset; with it, the kernel hands it to the new agent's listener. Older
+/// kernels lack the sysctl: logged once per pod, the hand-over then has that small window.
+fn allow_request_migration() {
+    match std::fs::read_to_string(MIGRATE_REQ_SYSCTL) {
+        Ok(value) if value.trim() == "1" => {}
+        Ok(_) => {
+            if let Err(error) = std::fs::write(MIGRATE_REQ_SYSCTL, "1") {
+                tracing::warn!(%error, "setting {MIGRATE_REQ_SYSCTL} in a pod netns");
+            }
+        }
+        Err(error) => tracing::debug!(%error, "no {MIGRATE_REQ_SYSCTL} (kernel before 5.14)"),
+    }
 }
 
 /// Everything a pod's accept loop shares with the agent.
@@ -143,15 +192,27 @@ pub struct ListenerContext {
     pub upstreams: Arc<Upstreams>,
     /// With sockmap on, proxy-to-proxy sockets on this node are in the SOCKHASH.
     pub sockmap: bool,
+    /// Turns true when the agent drains: stop accepting, let open connections finish.
+    pub draining: tokio::sync::watch::Receiver<bool>,
+    /// False while the agent adopts pods at start: a connection accepted then would be
+    /// routed by a table that lacks the pods not adopted yet (their endpoints), so it
+    /// waits in the accept queue instead.
+    pub accepting: tokio::sync::watch::Receiver<bool>,
 }
 
-/// Accept until the task is aborted; aborting also aborts every open connection of
-/// this pod (they live in the JoinSet), so nothing keeps the pod's netns alive.
+/// Accept until the agent drains, then close the listener and return once every open
+/// connection has ended. Aborting the task aborts every open connection of this pod (they
+/// live in the JoinSet), so nothing keeps the pod's netns alive.
 pub async fn serve(listener: TcpListener, ctx: ListenerContext) {
     let mut connections = JoinSet::new();
+    let mut draining = ctx.draining.clone();
+    let mut accepting = ctx.accepting.clone();
     loop {
+        let open = *accepting.borrow_and_update();
         tokio::select! {
-            accepted = listener.accept() => match accepted {
+            _ = async { drop(draining.wait_for(|drain| *drain).await) } => break,
+            _ = accepting.changed() => {}
+            accepted = listener.accept(), if open => match accepted {
                 Ok((stream, client)) => {
                     let ctx = ctx.clone();
                     connections.spawn(async move { handle(stream, client, ctx).await });
@@ -164,9 +225,15 @@ pub async fn serve(listener: TcpListener, ctx: ListenerContext) {
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
         }
     }
+    // Closed at once: the kernel sends new connections to the next agent's listener (and,
+    // with tcp_migrate_req, those queued here too).
+    drop(listener);
+    while connections.join_next().await.is_some() {}
 }
 
 async fn handle(stream: TcpStream, client: SocketAddr, ctx: ListenerContext) {
+    let log = Arc::clone(&ctx.log);
+    let _open = log.opened();
     let mut record = ConnectionRecord::start(ctx.pod.to_string(), ctx.direction, client);
     let outcome = proxy_one(stream, &ctx, &mut record).await;
     record.outcome = match outcome {

@@ -76,6 +76,26 @@ enum Cmd {
         #[arg(long)]
         linger_zero: bool,
     },
+    /// Load across an agent hand-over, against an echo server: one thread opens new
+    /// connections back to back (1 byte each way, closed with RST so no TIME_WAIT piles
+    /// up) while `long_lived` connections each exchange a line every `interval_ms`.
+    /// Prints {"started_unix_ms", "new": {"ok", "failed", "failures": [{"at_unix_ms",
+    /// "error"}], "max_gap_ms", "last_ok_unix_ms"}, "long_lived": [{"exchanges",
+    /// "broken_at_unix_ms", "error"}]}.
+    Load {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        duration_ms: u64,
+        #[arg(long, default_value_t = 20)]
+        long_lived: u32,
+        #[arg(long, default_value_t = 100)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 2_000)]
+        connect_timeout_ms: u64,
+        #[arg(long, default_value_t = 2_000)]
+        io_timeout_ms: u64,
+    },
     /// Request/response latency over one persistent connection to an echo server:
     /// writes `size` bytes, reads them back, repeats. Prints {"round_trips", "p50_us",
     /// "p99_us", "mean_us", ...}.
@@ -231,6 +251,25 @@ fn main() -> ExitCode {
                 connect_timeout: Duration::from_millis(connect_timeout_ms),
                 io_timeout: Duration::from_millis(io_timeout_ms),
                 linger_zero,
+            });
+            emit(&report.to_string());
+            Ok(())
+        }
+        Cmd::Load {
+            connect,
+            duration_ms,
+            long_lived,
+            interval_ms,
+            connect_timeout_ms,
+            io_timeout_ms,
+        } => {
+            let report = load(&LoadArgs {
+                connect,
+                duration: Duration::from_millis(duration_ms),
+                long_lived,
+                interval: Duration::from_millis(interval_ms),
+                connect_timeout: Duration::from_millis(connect_timeout_ms),
+                io_timeout: Duration::from_millis(io_timeout_ms),
             });
             emit(&report.to_string());
             Ok(())
@@ -810,6 +849,102 @@ fn connrate(a: &ConnrateArgs) -> serde_json::Value {
         "connect_p99_us": percentile(&connect_ns, 99.0) as f64 / 1000.0,
         "per_second": connections as f64 / elapsed.as_secs_f64().max(1e-9),
         "elapsed_ms": u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+    })
+}
+
+struct LoadArgs {
+    connect: SocketAddr,
+    duration: Duration,
+    long_lived: u32,
+    interval: Duration,
+    connect_timeout: Duration,
+    io_timeout: Duration,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// One long-lived connection: a numbered line every `interval`, echoed back, until the
+/// deadline or the first failure (when it is reported broken).
+fn long_lived(a: &LoadArgs, index: u32, deadline: Instant) -> serde_json::Value {
+    let mut exchanges = 0u64;
+    let result = (|| -> io::Result<()> {
+        let mut s = TcpStream::connect_timeout(&a.connect, a.connect_timeout)?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(a.io_timeout))?;
+        while Instant::now() < deadline {
+            let line = format!("long-lived {index} exchange {exchanges}\n");
+            s.write_all(line.as_bytes())?;
+            let mut back = vec![0u8; line.len()];
+            s.read_exact(&mut back)?;
+            if back != line.as_bytes() {
+                return Err(io::Error::other("echoed line differs"));
+            }
+            exchanges += 1;
+            std::thread::sleep(a.interval);
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => json!({"exchanges": exchanges, "broken_at_unix_ms": null, "error": null}),
+        Err(e) => json!({"exchanges": exchanges, "broken_at_unix_ms": unix_ms(),
+            "error": describe(&e)}),
+    }
+}
+
+fn load(a: &LoadArgs) -> serde_json::Value {
+    let started_unix_ms = unix_ms();
+    let deadline = Instant::now() + a.duration;
+    let exchange = ConnrateArgs {
+        connect: a.connect,
+        duration: a.duration,
+        concurrency: 1,
+        connect_timeout: a.connect_timeout,
+        io_timeout: a.io_timeout,
+        linger_zero: true,
+    };
+    std::thread::scope(|scope| {
+        let long: Vec<_> = (0..a.long_lived)
+            .map(|i| scope.spawn(move || long_lived(a, i, deadline)))
+            .collect();
+        let (mut ok, mut failed, mut failures) = (0u64, 0u64, Vec::new());
+        let (mut last_ok, mut max_gap_ms) = (Instant::now(), 0u64);
+        let mut last_ok_unix_ms = 0;
+        while Instant::now() < deadline {
+            match one_exchange(&exchange) {
+                Ok(_) => {
+                    ok += 1;
+                    let gap = u64::try_from(last_ok.elapsed().as_millis()).unwrap_or(u64::MAX);
+                    max_gap_ms = max_gap_ms.max(gap);
+                    last_ok = Instant::now();
+                    last_ok_unix_ms = unix_ms();
+                }
+                Err(e) => {
+                    failed += 1;
+                    // The first ones say what went wrong; a flood of them adds nothing.
+                    if failures.len() < 50 {
+                        failures.push(json!({"at_unix_ms": unix_ms(), "error": describe(&e)}));
+                    }
+                }
+            }
+        }
+        let long: Vec<serde_json::Value> = long
+            .into_iter()
+            .map(|t| {
+                t.join()
+                    .unwrap_or_else(|_| json!({"error": "thread panicked"}))
+            })
+            .collect();
+        json!({
+            "started_unix_ms": started_unix_ms,
+            "new": {"ok": ok, "failed": failed, "failures": failures,
+                "max_gap_ms": max_gap_ms, "last_ok_unix_ms": last_ok_unix_ms},
+            "long_lived": long,
+        })
     })
 }
 
