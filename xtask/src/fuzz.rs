@@ -215,10 +215,11 @@ fn run_logged(cmd: &mut Command, log_path: &Path) -> Result<(std::process::ExitS
     Ok((status, log))
 }
 
-/// libFuzzer's periodic status lines (`#1024 NEW cov: ...`, `#2048 pulse ...`); the
-/// `INITED` and `DONE` ones are kept.
+/// libFuzzer's periodic status lines (`#1024 NEW cov: ...`, `#2048 pulse ...`) and the
+/// `NEW_FUNC` lines under them; the `INITED` and `DONE` ones are kept.
 fn is_progress(line: &str) -> bool {
-    line.starts_with('#') && !line.contains("INITED") && !line.contains("DONE")
+    (line.starts_with('#') && !line.contains("INITED") && !line.contains("DONE"))
+        || line.trim_start().starts_with("NEW_FUNC[")
 }
 
 /// The runs libFuzzer executed: `stat::number_of_executed_units: N` (from
@@ -376,6 +377,9 @@ name="manifests"
     fn progress_lines_are_not_echoed() {
         assert!(is_progress("#4096\tpulse  cov: 1 ft: 2 corp: 3/4b"));
         assert!(is_progress("#17\tNEW    cov: 1 ft: 2 corp: 3/4b"));
+        assert!(is_progress(
+            "\tNEW_FUNC[1/4]: 0x5624 in serde_yaml::de::f de.rs:1660"
+        ));
         assert!(!is_progress("#2\tINITED cov: 9 ft: 9 corp: 1/1b"));
         assert!(!is_progress("#99\tDONE   cov: 9 ft: 9 corp: 1/1b"));
         assert!(!is_progress("==1== ERROR: libFuzzer: deadly signal"));
