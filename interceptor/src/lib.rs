@@ -13,6 +13,9 @@ pub mod cni;
 pub mod config;
 pub mod daemon;
 pub mod datapath;
+/// The bodies of the fuzz targets (fuzz/), shared with their stable regression test.
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gateway;
 pub mod inpod;
 pub mod model;

@@ -1,6 +1,7 @@
 //! `cargo xtask`: setup, build, test and demo tasks for the interceptor workspace.
 
 mod cmd;
+mod fuzz;
 mod programs;
 mod setup;
 mod vm;
@@ -58,6 +59,11 @@ enum Task {
     /// × results matrix (also target/vm-test/matrix.md). Slow: not part of `test`.
     /// Needs root; installs qemu and what else it needs.
     VmTest(vm::Options),
+    /// Run the cargo-fuzz targets of fuzz/ (CNI stdin and environment, agent protocol,
+    /// annotations, manifests, mesh config) one at a time for `--seconds` each on their
+    /// committed corpus, and print runs, corpus size and crashes per target; fails if any
+    /// crashed. Installs cargo-fuzz when missing; needs the nightly toolchain.
+    Fuzz(fuzz::Options),
 }
 
 fn main() -> Result<()> {
@@ -112,6 +118,7 @@ fn main() -> Result<()> {
             cmd::run(&mut clippy)
         }
         Task::VmTest(options) => vm::run_vm_test(options),
+        Task::Fuzz(options) => fuzz::run(options),
         Task::Bench { args } => {
             setup::setup()?;
             build()?;

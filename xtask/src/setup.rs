@@ -77,8 +77,8 @@ fn rustup() -> Command {
 }
 
 /// The nightly toolchain with rust-src: aya-build compiles the eBPF crate with
-/// `-Z build-std`, which needs the core sources.
-fn nightly() -> Result<()> {
+/// `-Z build-std`, which needs the core sources. cargo-fuzz needs nightly too.
+pub(crate) fn nightly() -> Result<()> {
     let toolchains = probe(rustup().args(["toolchain", "list"]))
         .context("cannot run `rustup toolchain list`; is rustup installed?")?;
     // Only the floating `nightly-<host>` counts: aya-build asks for plain `+nightly`,
