@@ -327,8 +327,6 @@ impl AgentProcess {
 struct Lines {
     lines: Vec<String>,
     closed: bool,
-    /// Set by [`ServerProcess::discard_lines`]: lines are read and dropped.
-    discard: bool,
 }
 
 /// A `tb-pod` server in a pod. Its stdout lines after `READY` are collected in the
@@ -357,11 +355,7 @@ impl ServerProcess {
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                let mut g = lock(&shared.0);
-                if !g.discard {
-                    g.lines.push(line);
-                }
-                drop(g);
+                lock(&shared.0).lines.push(line);
                 shared.1.notify_all();
             }
             lock(&shared.0).closed = true;
@@ -413,15 +407,6 @@ impl ServerProcess {
     /// Stdout lines after READY, so far (does not block).
     pub fn lines(&self) -> Vec<String> {
         lock(&self.lines.0).lines.clone()
-    }
-
-    /// From now on read the server's lines and drop them (and drop those kept so far):
-    /// a server that logs every accept would otherwise grow this process's memory
-    /// without bound over a long run (a soak's millions of connections).
-    pub fn discard_lines(&self) {
-        let mut g = lock(&self.lines.0);
-        g.discard = true;
-        g.lines = Vec::new();
     }
 
     /// The JSON event lines so far (does not block).

@@ -373,12 +373,12 @@ pub fn churn_pod(
         }
     };
     ctx.record(step("churn-add", t0, None));
+    let listen = format!("0.0.0.0:{ECHO_PORT}");
     let server = ctx
         .tb()
-        .spawn_server(&pod, &["echo", "--listen", &format!("0.0.0.0:{ECHO_PORT}")]);
+        .spawn_server(&pod, &["echo", "--quiet", "--listen", &listen]);
     match server {
         Ok(server) => {
-            server.discard_lines();
             let to_pod = format!("{}:{ECHO_PORT}", pod.ip);
             let tally = |target: &str| -> Vec<String> {
                 ["tally", "--connect", target, "--count", "5"]
