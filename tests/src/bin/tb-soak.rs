@@ -573,6 +573,8 @@ fn soak(cli: &Cli, ctx: &Ctx, rng: &mut Rng, seed: u64, kernel: &str) -> Result<
     sleep_unless_interrupted(Duration::from_secs(cli.settle_seconds))?;
     cur.check_alive()?;
     let end = snapshot::take(&ctx.tb(), cur.addr, cur.pid()).context("end snapshot")?;
+    // The trend table ends with the settled end, as it starts with the settled baseline.
+    samples.push(end.clone());
 
     let records = ctx
         .records

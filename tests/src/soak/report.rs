@@ -391,11 +391,11 @@ pub fn table(
         s.push_str(&format!("harness error: {e}\n"));
     }
     s.push_str(
-        "\nhand-over  old pid  new pid  ready after  old age  old fds  old threads  old RSS KiB  old proxy conns  old exit\n",
+        "\nhand-over  old pid  new pid  ready after  old age  old fds  old threads  old RSS KiB  old proxy conns  old series  old exit\n",
     );
     for (i, h) in handovers.iter().enumerate() {
         s.push_str(&format!(
-            "{:>9}  {:>7}  {:>7}  {:>9} ms  {:>5} s  {:>7}  {:>11}  {:>11}  {:>15}  {}\n",
+            "{:>9}  {:>7}  {:>7}  {:>9} ms  {:>5} s  {:>7}  {:>11}  {:>11}  {:>15}  {:>10}  {}\n",
             i + 1,
             h.old_pid,
             h.new_pid,
@@ -405,17 +405,20 @@ pub fn table(
             h.old_threads,
             h.old_rss_kib,
             h.old_proxy_connections,
+            h.old_metrics_series,
             h.old_status
         ));
     }
     if !samples.is_empty() {
-        s.push_str("\nunder load, every minute (current agent and kernel maps):\n");
-        s.push_str("    t s      pid  fds  threads  RSS KiB  COOKIE    FLOW  INBOUND  enrolled\n");
+        s.push_str("\nbaseline, every minute under load, end (current agent and kernel maps):\n");
+        s.push_str(
+            "    t s      pid  fds  threads  RSS KiB  COOKIE    FLOW  INBOUND  enrolled  series\n",
+        );
         let t0 = samples[0].at_unix_ms;
         for p in samples {
             let m = |n: &str| show(p.maps.get(n).copied().flatten());
             s.push_str(&format!(
-                "{:>7}  {:>7}  {:>3}  {:>7}  {:>7}  {:>6}  {:>6}  {:>7}  {:>8}\n",
+                "{:>7}  {:>7}  {:>3}  {:>7}  {:>7}  {:>6}  {:>6}  {:>7}  {:>8}  {:>6}\n",
                 (p.at_unix_ms - t0) / 1000,
                 p.agent_pid,
                 p.fds,
@@ -424,7 +427,8 @@ pub fn table(
                 m("ORIG_DST_BY_COOKIE"),
                 m("ORIG_DST_BY_FLOW"),
                 m("INBOUND_FLOWS"),
-                p.enrolled_pods.len()
+                p.enrolled_pods.len(),
+                p.metrics_series
             ));
         }
     }
@@ -443,6 +447,7 @@ pub fn handover_json(h: &Handover) -> Value {
         "old_rss_kib": h.old_rss_kib,
         "old_proxy_connections": h.old_proxy_connections,
         "old_proxy_errors": h.old_proxy_errors,
+        "old_metrics_series": h.old_metrics_series,
         "old_exit": h.old_status,
     })
 }
@@ -478,6 +483,7 @@ mod tests {
             old_age_s: 0,
             old_proxy_connections: 0,
             old_proxy_errors: 0,
+            old_metrics_series: 0,
         }
     }
 

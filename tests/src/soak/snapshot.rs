@@ -43,6 +43,9 @@ pub struct Snapshot {
     /// Sums of the agent's `interceptor_proxy_connections_total` and `_errors_total`.
     pub proxy_connections: u64,
     pub proxy_errors: u64,
+    /// Samples on `/metrics` (lines that are not comments): label sets the agent keeps
+    /// for as long as it runs, so a count that grows with churn is memory that grows.
+    pub metrics_series: usize,
 }
 
 impl Snapshot {
@@ -60,6 +63,7 @@ impl Snapshot {
             "enrolled_pods": self.enrolled_pods,
             "proxy_connections": self.proxy_connections,
             "proxy_errors": self.proxy_errors,
+            "metrics_series": self.metrics_series,
         })
     }
 }
@@ -77,7 +81,7 @@ pub fn take(tb: &Testbed, admin_addr: &str, pid: u32) -> Result<Snapshot> {
         .filter_map(|p| p["pod"].as_str().map(str::to_owned))
         .collect();
     enrolled_pods.sort();
-    let (proxy_connections, proxy_errors) = proxy_counters(tb, admin_addr)?;
+    let (proxy_connections, proxy_errors, metrics_series) = proxy_counters(tb, admin_addr)?;
     Ok(Snapshot {
         at_unix_ms: super::unix_ms(),
         agent_pid: pid,
@@ -91,6 +95,7 @@ pub fn take(tb: &Testbed, admin_addr: &str, pid: u32) -> Result<Snapshot> {
         enrolled_pods,
         proxy_connections,
         proxy_errors,
+        metrics_series,
     })
 }
 
@@ -199,8 +204,8 @@ pub fn admin_json(tb: &Testbed, admin_addr: &str, path: &str) -> Result<Value> {
 }
 
 /// Sums of `interceptor_proxy_connections_total` and `interceptor_proxy_errors_total`
-/// over every label set, from `/metrics`.
-pub fn proxy_counters(tb: &Testbed, admin_addr: &str) -> Result<(u64, u64)> {
+/// over every label set, and the number of samples, from `/metrics`.
+pub fn proxy_counters(tb: &Testbed, admin_addr: &str) -> Result<(u64, u64, usize)> {
     let (code, body) = tb.admin_get_at(NodeId::A, admin_addr, "/metrics")?;
     if code != 200 {
         bail!("GET /metrics on {admin_addr}: {code}");
@@ -215,6 +220,9 @@ pub fn proxy_counters(tb: &Testbed, admin_addr: &str) -> Result<(u64, u64)> {
     Ok((
         sum("interceptor_proxy_connections_total"),
         sum("interceptor_proxy_errors_total"),
+        body.lines()
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .count(),
     ))
 }
 
