@@ -41,7 +41,7 @@ pub use cni::{
 };
 pub use netns::{connect_in_netns, netns_path, with_netns};
 pub use node::{ip_forward, link_addrs, link_name, NodeId, TestbedNode};
-pub use procs::{AgentProcess, ClientReport, ServerProcess};
+pub use procs::{AgentProcess, ClientReport, ServerProcess, TbPodRun};
 
 use names::{BPFFS_ROOT, DIR_PREFIX, NETNS_PREFIX, STATE_ROOT};
 use procs::Owned;
@@ -979,6 +979,21 @@ impl Testbed {
     pub fn run_tb_pod(&self, pod: &Pod, args: &[&str], timeout: Duration) -> Result<Value> {
         let line = self.run_tb_pod_line(pod, args, timeout)?;
         serde_json::from_str(&line).with_context(|| format!("parsing tb-pod output {line:?}"))
+    }
+
+    /// Starts `tb-pod <args>` in the pod and returns at once; [`TbPodRun::finish`] waits
+    /// for its JSON report. Unlike [`Testbed::run_tb_pod`] the run borrows nothing, so
+    /// long runs can overlap pods being added and deleted (the soak).
+    pub fn spawn_tb_pod(&self, pod: &Pod, args: &[&str]) -> Result<TbPodRun> {
+        let mut cmd = self.tb_pod_command(args)?;
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = self.spawn_in_pod(pod, cmd)?;
+        Ok(TbPodRun {
+            proc: Owned::new(child, Arc::clone(&self.tracker))?,
+            what: format!("{args:?} in pod {}", pod.name),
+        })
     }
 
     /// The last non-empty stdout line of `tb-pod <args>` run in the pod.

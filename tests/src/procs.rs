@@ -6,6 +6,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::{Child, ExitStatus};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -175,7 +176,18 @@ pub(crate) struct Collected {
 
 /// Feeds `stdin`, drains stdout and stderr on threads (so no pipe can fill up and stall
 /// the child) and waits up to `timeout`; a child still running then is killed.
-pub(crate) fn collect(mut owned: Owned, stdin: &[u8], timeout: Duration) -> Result<Collected> {
+pub(crate) fn collect(owned: Owned, stdin: &[u8], timeout: Duration) -> Result<Collected> {
+    collect_until(owned, stdin, timeout, None)
+}
+
+/// [`collect`], also killing the child as soon as `abort` turns true (a long run
+/// interrupted by Ctrl-C must not hold up the cleanup until its timeout).
+pub(crate) fn collect_until(
+    mut owned: Owned,
+    stdin: &[u8],
+    timeout: Duration,
+    abort: Option<&AtomicBool>,
+) -> Result<Collected> {
     let pid = owned.pid();
     let child = owned
         .child_mut()
@@ -192,7 +204,7 @@ pub(crate) fn collect(mut owned: Owned, stdin: &[u8], timeout: Duration) -> Resu
         }
         let out = s.spawn(move || read_all(stdout_pipe));
         let err = s.spawn(move || read_all(stderr_pipe));
-        let status = owned.wait_timeout(timeout);
+        let status = wait_or_abort(&mut owned, timeout, abort);
         let status = match status {
             Ok(Some(status)) => Ok(status),
             Ok(None) => {
@@ -221,6 +233,27 @@ pub(crate) fn collect(mut owned: Owned, stdin: &[u8], timeout: Duration) -> Resu
             ))),
         }
     })
+}
+
+/// [`Owned::wait_timeout`] that gives up early (`Ok(None)`) once `abort` is set.
+fn wait_or_abort(
+    owned: &mut Owned,
+    timeout: Duration,
+    abort: Option<&AtomicBool>,
+) -> Result<Option<ExitStatus>> {
+    let Some(abort) = abort else {
+        return owned.wait_timeout(timeout);
+    };
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = owned.try_wait()? {
+            return Ok(Some(status));
+        }
+        if Instant::now() >= deadline || abort.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 fn read_all(pipe: Option<impl Read>) -> Vec<u8> {
@@ -488,4 +521,45 @@ pub(crate) fn log_file(path: &std::path::Path) -> Result<File> {
         .append(true)
         .open(path)
         .with_context(|| format!("opening {}", path.display()))
+}
+
+/// A `tb-pod` run started by [`crate::Testbed::spawn_tb_pod`]: it holds no borrow of the
+/// testbed, so a caller can change the testbed (add or delete pods) while runs go on.
+/// Killed when dropped (and when the testbed is dropped).
+#[derive(Debug)]
+pub struct TbPodRun {
+    pub(crate) proc: Owned,
+    pub(crate) what: String,
+}
+
+impl TbPodRun {
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// Waits up to `timeout` (killing it then, or as soon as `abort` is set) and parses
+    /// the last non-empty stdout line as JSON. A non-zero exit is an error.
+    pub fn finish(
+        self,
+        timeout: Duration,
+        abort: Option<&AtomicBool>,
+    ) -> Result<serde_json::Value> {
+        let what = self.what;
+        let out = collect_until(self.proc, &[], timeout, abort)
+            .with_context(|| format!("tb-pod {what}"))?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            bail!(
+                "tb-pod {what} exited with {}: {}",
+                out.status,
+                stderr.trim()
+            );
+        }
+        let line = stdout
+            .lines()
+            .rfind(|l| !l.trim().is_empty())
+            .with_context(|| format!("tb-pod {what} printed nothing; stderr: {stderr}"))?;
+        serde_json::from_str(line).with_context(|| format!("parsing tb-pod output {line:?}"))
+    }
 }

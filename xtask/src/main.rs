@@ -54,6 +54,21 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Setup, build, then soak the agent on the local testbed (target/release/tb-soak):
+    /// connection churn with resets, pod add/delete churn and an agent hand-over every
+    /// few minutes for `--minutes`, then checks that kernel map entries, fds, threads and
+    /// RSS are back to their baseline. Needs root. Arguments after `--` are passed to
+    /// tb-soak (its options: `cargo xtask soak -- --help`).
+    Soak {
+        /// Length of the soak (after a one-minute warm-up).
+        #[arg(long, default_value_t = 30)]
+        minutes: u64,
+        /// Interception mode of the agent.
+        #[arg(long, default_value = "ebpf", value_parser = ["ebpf", "iptables"])]
+        mode: String,
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// Boot Debian's cloud kernels (5.10, 6.1, 6.12) under qemu (TCG), run the privileged
     /// e2e suites inside each and on the host, and print the kernel × auto mode × features
     /// × results matrix (also target/vm-test/matrix.md). Slow: not part of `test`.
@@ -122,20 +137,42 @@ fn main() -> Result<()> {
         Task::Bench { args } => {
             setup::setup()?;
             build()?;
-            let bench = target_dir().join("release/tb-bench");
-            if !bench.exists() {
-                bail!(
-                    "{} does not exist after the build (it is tests/src/bin/tb-bench.rs)",
-                    bench.display()
-                );
-            }
             cmd::run(
-                cmd::new(&bench.to_string_lossy())
+                cmd::new(&built_binary("tb-bench")?)
+                    .args(args)
+                    .env("PATH", audited_path()?),
+            )
+        }
+        Task::Soak {
+            minutes,
+            mode,
+            args,
+        } => {
+            setup::setup()?;
+            build()?;
+            cmd::run(
+                cmd::new(&built_binary("tb-soak")?)
+                    .arg("--minutes")
+                    .arg(minutes.to_string())
+                    .arg("--mode")
+                    .arg(&mode)
                     .args(args)
                     .env("PATH", audited_path()?),
             )
         }
     }
+}
+
+/// `target/release/<name>` of the testbed crate, which the build just made.
+fn built_binary(name: &str) -> Result<String> {
+    let path = target_dir().join("release").join(name);
+    if !path.exists() {
+        bail!(
+            "{} does not exist after the build (it is tests/src/bin/{name}.rs)",
+            path.display()
+        );
+    }
+    Ok(path.to_string_lossy().into_owned())
 }
 
 fn build() -> Result<()> {

@@ -1,7 +1,7 @@
 //! `tb-pod`: the application run inside testbed pods. Servers print `READY <addr>` and one
-//! JSON line per event on stdout; the client, `connrate` and `rr` print one JSON report.
-//! Bad arguments exit 2 (clap's usage error); connection errors are reported in JSON with
-//! exit 0.
+//! JSON line per event on stdout (none with `--quiet`); the client, `connrate` and `rr`
+//! print one JSON report. Bad arguments exit 2 (clap's usage error); connection errors
+//! are reported in JSON with exit 0.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -20,7 +20,15 @@ use sha2::{Digest, Sha256};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Servers: print only the READY line, no event per connection. A server under a
+    /// long high-rate load (the soak) would otherwise stall in its own stdout whenever
+    /// the reader falls behind a full pipe, and refuse connections for it.
+    #[arg(long, global = true)]
+    quiet: bool,
 }
+
+/// Set from `--quiet`: [`event`] prints nothing.
+static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 #[derive(Subcommand)]
 enum Cmd {
@@ -170,6 +178,7 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    QUIET.store(cli.quiet, std::sync::atomic::Ordering::Relaxed);
     let result = match cli.cmd {
         Cmd::Echo { listen, greeting } => serve(listen, move |s| echo(s, greeting.as_deref())),
         Cmd::TcpEcho { listen, prefix } => serve(listen, move |s| tcp_echo(s, &prefix)),
@@ -309,6 +318,13 @@ fn emit(line: &str) {
     let _ = out.flush();
 }
 
+/// A server's event line, unless `--quiet`.
+fn event(value: serde_json::Value) {
+    if !QUIET.load(std::sync::atomic::Ordering::Relaxed) {
+        emit(&value.to_string());
+    }
+}
+
 fn addr_string(r: io::Result<SocketAddr>) -> Option<String> {
     r.ok().map(|a| a.to_string())
 }
@@ -327,14 +343,11 @@ where
             Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
             Err(e) => return Err(e),
         };
-        emit(
-            &json!({
-                "event": "accept",
-                "peer": peer.to_string(),
-                "local": addr_string(stream.local_addr()),
-            })
-            .to_string(),
-        );
+        event(json!({
+            "event": "accept",
+            "peer": peer.to_string(),
+            "local": addr_string(stream.local_addr()),
+        }));
         let handle = handle.clone();
         std::thread::spawn(move || handle(stream));
     }
@@ -514,15 +527,12 @@ fn echo(mut s: TcpStream, greeting: Option<&str>) {
         s.flush()?;
         s.shutdown(Shutdown::Write)
     })();
-    emit(
-        &json!({
-            "event": "close",
-            "peer": peer,
-            "bytes": total,
-            "error": outcome.err().map(|e| describe(&e)),
-        })
-        .to_string(),
-    );
+    event(json!({
+        "event": "close",
+        "peer": peer,
+        "bytes": total,
+        "error": outcome.err().map(|e| describe(&e)),
+    }));
 }
 
 fn reset(mut s: TcpStream) {
@@ -532,15 +542,12 @@ fn reset(mut s: TcpStream) {
     // Linger 0 makes close() send RST instead of FIN.
     let linger = rustix::net::sockopt::set_socket_linger(&s, Some(Duration::ZERO));
     drop(s);
-    emit(
-        &json!({
-            "event": "reset",
-            "peer": peer,
-            "read": read,
-            "error": linger.err().map(|e| e.to_string()),
-        })
-        .to_string(),
-    );
+    event(json!({
+        "event": "reset",
+        "peer": peer,
+        "read": read,
+        "error": linger.err().map(|e| e.to_string()),
+    }));
 }
 
 fn half_close(mut s: TcpStream) {
@@ -551,15 +558,12 @@ fn half_close(mut s: TcpStream) {
         s.flush()?;
         s.shutdown(Shutdown::Write)
     });
-    emit(
-        &json!({
-            "event": "close",
-            "peer": peer,
-            "bytes": got.len(),
-            "error": outcome.err().map(|e| describe(&e)),
-        })
-        .to_string(),
-    );
+    event(json!({
+        "event": "close",
+        "peer": peer,
+        "bytes": got.len(),
+        "error": outcome.err().map(|e| describe(&e)),
+    }));
 }
 
 /// Short, stable words for the errors tests assert on.
