@@ -7,6 +7,16 @@ use std::ffi::OsString;
 
 use crate::error::CniError;
 
+/// The names of the CNI variables a runtime sets, in the order of [`CniEnv`]'s fields.
+pub const CNI_VARS: [&str; 6] = [
+    "CNI_COMMAND",
+    "CNI_CONTAINERID",
+    "CNI_NETNS",
+    "CNI_IFNAME",
+    "CNI_ARGS",
+    "CNI_PATH",
+];
+
 /// The CNI variables of one call. Empty variables count as unset: runtimes pass
 /// `CNI_NETNS=` on DEL when the namespace is already gone.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -38,14 +48,7 @@ impl CniEnv {
     /// an invalid environment rather than something to convert lossily (a mangled netns
     /// path would point somewhere else).
     pub fn from_os_lookup(lookup: impl Fn(&str) -> Option<OsString>) -> Result<Self, CniError> {
-        for name in [
-            "CNI_COMMAND",
-            "CNI_CONTAINERID",
-            "CNI_NETNS",
-            "CNI_IFNAME",
-            "CNI_ARGS",
-            "CNI_PATH",
-        ] {
+        for name in CNI_VARS {
             if let Some(value) = lookup(name) {
                 if value.to_str().is_none() {
                     return Err(CniError::invalid_environment(format!(

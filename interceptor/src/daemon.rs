@@ -107,7 +107,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         ),
         // Pins a previous agent left are not removed here: the data path reuses its maps
         // and replaces its links (see EbpfDatapath::attach).
-        None => write_pid_file(&config.state_dir)?,
+        None => write_own_pid(&config.state_dir.join(PID_FILE))?,
     }
     let result = serve(&config, predecessor).await;
     if let Some(path) = &config.ready_file {
@@ -133,9 +133,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     result
 }
 
-fn write_pid_file(state_dir: &std::path::Path) -> anyhow::Result<()> {
-    std::fs::write(state_dir.join(PID_FILE), std::process::id().to_string())
-        .context("writing the pid file")
+/// Write this process's pid to `path` (the pid file, the ready file).
+fn write_own_pid(path: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::write(path, std::process::id().to_string())
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 async fn serve(config: &AgentConfig, predecessor: Option<i32>) -> anyhow::Result<()> {
@@ -271,7 +272,7 @@ async fn serve(config: &AgentConfig, predecessor: Option<i32>) -> anyhow::Result
     if let Some(pid) = predecessor {
         // From here on the predecessor answers CNI requests "try again" and writes no pod
         // list; what it added before is in the list, read again now.
-        write_pid_file(&config.state_dir)?;
+        write_own_pid(&config.state_dir.join(PID_FILE))?;
         let adopted = agent.restore(true).await;
         tracing::info!(predecessor = pid, adopted, "took over the state dir");
     }
@@ -297,8 +298,7 @@ async fn serve(config: &AgentConfig, predecessor: Option<i32>) -> anyhow::Result
     };
     agent.set_ready();
     if let Some(path) = &config.ready_file {
-        std::fs::write(path, std::process::id().to_string())
-            .with_context(|| format!("writing the ready file {}", path.display()))?;
+        write_own_pid(path)?;
     }
     tracing::info!(admin = %config.admin_addr, cni_socket = %config.cni_socket.display(), "agent ready");
 

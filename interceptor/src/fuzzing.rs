@@ -14,7 +14,7 @@ use std::os::unix::ffi::OsStringExt;
 use std::path::Path;
 
 use interceptor_cni::config::{error_version_hint, parse_config, prev_result_ips};
-use interceptor_cni::env::{CniArgs, CniEnv};
+use interceptor_cni::env::{CniArgs, CniEnv, CNI_VARS};
 use interceptor_cni::plugin::{self, Command};
 use interceptor_cni::protocol::{AgentRequest, AgentResponse};
 
@@ -72,18 +72,8 @@ pub fn cni_stdin(data: &[u8]) {
     }
 }
 
-/// The names of the CNI variables, in the order the input's NUL-separated fields fill them.
-const CNI_VARS: [&str; 6] = [
-    "CNI_COMMAND",
-    "CNI_CONTAINERID",
-    "CNI_NETNS",
-    "CNI_IFNAME",
-    "CNI_ARGS",
-    "CNI_PATH",
-];
-
 /// The `CNI_*` environment: the input split at NUL bytes gives the variables' raw values
-/// in [`CNI_VARS`] order (NUL, because no environment value can hold one); missing fields
+/// in [`CNI_VARS`] order (the input's NUL-separated fields fill them in turn) (NUL, because no environment value can hold one); missing fields
 /// are unset.
 pub fn cni_env(data: &[u8]) {
     let fields: Vec<&[u8]> = data.split(|&b| b == 0).collect();

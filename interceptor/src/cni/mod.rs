@@ -108,15 +108,16 @@ async fn dispatch(request: AgentRequest, agent: &Agent) -> AgentResponse {
         return handed_over(successor);
     }
     let result = match &request {
-        AgentRequest::Add(sandbox) => match agent.add(sandbox).await {
+        AgentRequest::Add(sandbox) => {
+            let added = agent.add(sandbox).await;
             // Handed over while adding: the new agent read the pod list before this pod
             // was in it, so it would never know the pod. Undone; the retry goes there.
-            Ok(_) if agent.superseded().is_some() => {
+            if let (Ok(_), Some(successor)) = (&added, agent.superseded()) {
                 agent.del(sandbox);
-                return handed_over(agent.superseded().unwrap_or_default());
+                return handed_over(successor);
             }
-            added => added,
-        },
+            added
+        }
         AgentRequest::Del(sandbox) => Ok(agent.del(sandbox)),
         AgentRequest::Check(sandbox) => agent.check(sandbox),
         AgentRequest::Status => Ok(AgentResponse::Ok {

@@ -168,7 +168,7 @@ const MIGRATE_REQ_SYSCTL: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
 /// per netns, resolved from the thread that opens the file). Without it, a connection
 /// the kernel queued on the old agent's listener just before that listener closed at a
 /// hand-over is reset; with it, the kernel hands it to the new agent's listener. Older
-/// kernels lack the sysctl: logged once per pod, the hand-over then has that small window.
+/// kernels lack the sysctl (logged at debug level): the hand-over then has that window.
 fn allow_request_migration() {
     match std::fs::read_to_string(MIGRATE_REQ_SYSCTL) {
         Ok(value) if value.trim() == "1" => {}
@@ -232,8 +232,7 @@ pub async fn serve(listener: TcpListener, ctx: ListenerContext) {
 }
 
 async fn handle(stream: TcpStream, client: SocketAddr, ctx: ListenerContext) {
-    let log = Arc::clone(&ctx.log);
-    let _open = log.opened();
+    let _open = ctx.log.opened();
     let mut record = ConnectionRecord::start(ctx.pod.to_string(), ctx.direction, client);
     let outcome = proxy_one(stream, &ctx, &mut record).await;
     record.outcome = match outcome {
