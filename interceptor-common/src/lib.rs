@@ -148,7 +148,11 @@ pub mod counters {
     /// Sockets sock_ops could not add to SOCK_PAIRS (map full or error): that pair
     /// goes through the normal socket path, correct but not accelerated.
     pub const SOCKMAP_ADD_FAILED: u32 = 10;
-    pub const LEN: u32 = 11;
+    /// New inbound flows refused (SYN dropped) because the same client address and port
+    /// already has a live flow to another port of the pod: both would be the same
+    /// connection on 15003 inside the pod, so the second would break the first.
+    pub const INBOUND_TUPLE_BUSY: u32 = 11;
+    pub const LEN: u32 = 12;
 }
 
 /// Prefix of every trace_pipe line the programs print, so `interceptor trace` can filter.

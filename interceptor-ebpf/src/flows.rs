@@ -1,5 +1,6 @@
 //! `sock_ops`: re-key original-destination records by 4-tuple once connections exist,
-//! forget them when the proxy's side closes, and feed the SOCKHASH.
+//! forget them when the connecting socket closes (inbound records when the proxy's side
+//! does), and feed the SOCKHASH.
 use aya_ebpf::{
     bindings::{
         BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
@@ -11,9 +12,7 @@ use aya_ebpf::{
     programs::SockOpsContext,
     EbpfContext,
 };
-use interceptor_common::{
-    counters, inbound_state, FlowKey, InboundKey, INBOUND_PORT, OUTBOUND_PORT, PROXY_MARK,
-};
+use interceptor_common::{counters, inbound_state, FlowKey, InboundKey, INBOUND_PORT, PROXY_MARK};
 
 use crate::maps::{
     count, debug_enabled, local_pod, printk_ip_supported, sockmap_enabled, INBOUND_FLOWS,
@@ -33,12 +32,11 @@ pub fn intercept_sock_ops(ctx: SockOpsContext) -> u32 {
                     add_local_pair(&ctx);
                 }
             }
-            BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
-                watch_proxy_side(&ctx);
-                if ctx.local_port() == u32::from(INBOUND_PORT) {
-                    mark_inbound_accepted(&ctx);
-                    add_local_pair(&ctx);
-                }
+            BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB if ctx.local_port() == u32::from(INBOUND_PORT) => {
+                // Called back when it closes, to remove the flow's tc record.
+                let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+                mark_inbound_accepted(&ctx);
+                add_local_pair(&ctx);
             }
             BPF_SOCK_OPS_STATE_CB => forget_flow(&ctx),
             _ => {}
@@ -60,9 +58,15 @@ fn record_flow(ctx: &SockOpsContext) {
     let key = own_key(ctx);
     let _ = ORIG_DST_BY_COOKIE.remove(cookie);
     if ORIG_DST_BY_FLOW.insert(key, orig, 0).is_err() {
+        // Fail closed: the proxy finds no original destination and refuses the
+        // connection, which is never sent direct.
         count(counters::RECORD_FAILED);
         return;
     }
+    // The record answers getpeername for this socket's whole life, so it goes when this
+    // socket closes, not before (the proxy reads it once, at accept, while this socket
+    // cannot have reached CLOSE without the proxy's side having answered its FIN).
+    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
     count(counters::FLOWS_RECORDED);
     if debug_enabled() {
         // SAFETY: formats and arguments match; %pI4 (5.13) reads 4 bytes behind the
@@ -87,16 +91,6 @@ fn record_flow(ctx: &SockOpsContext) {
     }
 }
 
-/// The proxy accepted a redirected connection: ask for a callback when it closes, so
-/// the records go away with the connection.
-#[inline(always)]
-fn watch_proxy_side(ctx: &SockOpsContext) {
-    let port = ctx.local_port();
-    if port == u32::from(OUTBOUND_PORT) || port == u32::from(INBOUND_PORT) {
-        let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
-    }
-}
-
 /// The inbound listener's socket is established: its tc record (if tc steered it) is no
 /// longer half-open, so the agent's sweep leaves it alone.
 #[inline(always)]
@@ -113,31 +107,27 @@ fn mark_inbound_accepted(ctx: &SockOpsContext) {
     }
 }
 
+/// A watched socket closed. The connecting socket owns its ORIG_DST_BY_FLOW record
+/// (getpeername reads it until the end); the inbound listener's socket owns the tc
+/// record of its flow. Records are never evicted (a plain hash map), so these callbacks
+/// are what frees them.
 #[inline(always)]
 fn forget_flow(ctx: &SockOpsContext) {
-    let port = ctx.local_port();
-    if ctx.arg(1) != TCP_CLOSE
-        || (port != u32::from(OUTBOUND_PORT) && port != u32::from(INBOUND_PORT))
-    {
+    if ctx.arg(1) != TCP_CLOSE {
+        return;
+    }
+    if ctx.local_port() != u32::from(INBOUND_PORT) {
+        let _ = ORIG_DST_BY_FLOW.remove(own_key(ctx));
         return;
     }
     // Seen from the proxy's accepted socket: the client is the remote end.
-    let key = FlowKey {
-        src_ipv4: ctx.remote_ip4(),
-        dst_ipv4: ctx.local_ip4(),
-        src_port: remote_port(ctx),
-        dst_port: port as u16,
+    let inbound = InboundKey {
+        client_ipv4: ctx.remote_ip4(),
+        pod_ipv4: ctx.local_ip4(),
+        client_port: remote_port(ctx),
+        _pad: 0,
     };
-    let _ = ORIG_DST_BY_FLOW.remove(key);
-    if port == u32::from(INBOUND_PORT) {
-        let inbound = InboundKey {
-            client_ipv4: key.src_ipv4,
-            pod_ipv4: key.dst_ipv4,
-            client_port: key.src_port,
-            _pad: 0,
-        };
-        let _ = INBOUND_FLOWS.remove(inbound);
-    }
+    let _ = INBOUND_FLOWS.remove(inbound);
 }
 
 /// With sockmap on, both ends of a proxy-to-proxy connection between pods on this node

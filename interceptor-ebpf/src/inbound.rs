@@ -119,19 +119,35 @@ fn steer_ingress(ctx: &mut TcContext) -> Result<(), ()> {
         if inbound_port_excluded(netns, packet.dport) {
             return Ok(());
         }
-        let flow = InboundFlow {
-            orig_port: packet.dport,
-            state: inbound_state::HALF_OPEN,
-            _pad: 0,
-        };
-        // Never overwrite (BPF_NOEXIST would refuse a SYN retransmit): a plain insert
-        // replaces the record of an older connection that reused this client port.
-        if INBOUND_FLOWS.insert(key, flow, 0).is_err() {
-            // Fail closed: without a record the reply could not be restored, and passing
-            // the SYN on would reach the application around the proxy. Dropped, counted;
-            // the client retransmits, and half-open records age out (agent sweep).
-            count(counters::INBOUND_RECORD_FAILED);
-            return Err(());
+        // SAFETY: plain-old-data value, copied out immediately.
+        match unsafe { INBOUND_FLOWS.get(key) }.map(|flow| flow.orig_port) {
+            // A retransmitted SYN, or a stray one inside a live flow: the record stays as
+            // it is (rewriting it half-open would let the sweep remove a live flow's).
+            Some(port) if port == packet.dport => {}
+            // The key has no destination port because inside the pod every steered flow
+            // ends on 15003: this SYN and the live flow would be one connection there,
+            // and taking the record would break the live one. Refused, counted; the
+            // client retries, and gets through once the other flow has closed (a
+            // half-open one ages out).
+            Some(_) => {
+                count(counters::INBOUND_TUPLE_BUSY);
+                return Err(());
+            }
+            None => {
+                let flow = InboundFlow {
+                    orig_port: packet.dport,
+                    state: inbound_state::HALF_OPEN,
+                    _pad: 0,
+                };
+                if INBOUND_FLOWS.insert(key, flow, 0).is_err() {
+                    // Fail closed: without a record the reply could not be restored, and
+                    // passing the SYN on would reach the application around the proxy.
+                    // Dropped, counted; the client retransmits, and half-open records
+                    // age out (agent sweep).
+                    count(counters::INBOUND_RECORD_FAILED);
+                    return Err(());
+                }
+            }
         }
         count(counters::INBOUND_REDIRECTED);
         if debug_enabled() {

@@ -19,11 +19,12 @@ pub static POD_BY_IP: HashMap<u32, u64> = HashMap::with_max_entries(capacity::PO
 pub static ORIG_DST_BY_COOKIE: LruHashMap<u64, PendingConnect> =
     LruHashMap::with_max_entries(capacity::ORIG_DST_BY_COOKIE, 0);
 
-/// LRU is safe here: a record is needed only between ESTABLISHED and the proxy's
-/// `SO_ORIGINAL_DST` call, microseconds later, so eviction cannot break a live flow.
+/// Not LRU: getpeername answers from this record for the connection's whole life, so an
+/// eviction would change a live socket's peer. A full map refuses new connections
+/// instead (RECORD_FAILED); sock_ops removes each record when its socket closes.
 #[map(name = "ORIG_DST_BY_FLOW")]
-pub static ORIG_DST_BY_FLOW: LruHashMap<FlowKey, OrigDst> =
-    LruHashMap::with_max_entries(capacity::ORIG_DST_BY_FLOW, 0);
+pub static ORIG_DST_BY_FLOW: HashMap<FlowKey, OrigDst> =
+    HashMap::with_max_entries(capacity::ORIG_DST_BY_FLOW, 0);
 
 #[map(name = "INBOUND_FLOWS")]
 pub static INBOUND_FLOWS: HashMap<InboundKey, InboundFlow> =

@@ -68,6 +68,8 @@ pub struct AgentConfig {
     pub sockmap: bool,
     /// Size of the inbound flow map, when not the default.
     pub inbound_flow_capacity: Option<u32>,
+    /// Size of the outbound original-destination map, when not the default.
+    pub outbound_flow_capacity: Option<u32>,
     /// Age at which a half-open inbound flow record is removed.
     pub inbound_half_open_timeout: Duration,
     /// What to do with the data path on SIGTERM/SIGINT.
@@ -161,6 +163,7 @@ async fn serve(config: &AgentConfig, predecessor: Option<i32>) -> anyhow::Result
                     debug: config.bpf_debug,
                     sockmap: config.sockmap,
                     inbound_flow_capacity: config.inbound_flow_capacity,
+                    outbound_flow_capacity: config.outbound_flow_capacity,
                     support: KernelSupport::from_probe(&probe),
                 },
             );
@@ -404,6 +407,17 @@ fn spawn_counter_watch(
                     total_outbound = now.record_failed,
                     total_inbound = now.inbound_record_failed,
                     "new flows of enrolled pods refused: a kernel map was full"
+                );
+            }
+            let busy = now
+                .inbound_tuple_busy
+                .saturating_sub(seen.inbound_tuple_busy);
+            if busy > 0 {
+                tracing::warn!(
+                    refused = busy,
+                    total = now.inbound_tuple_busy,
+                    "new inbound flows refused: the client's address and port already \
+                     carry a flow to another port of the same pod (one connection on 15003)"
                 );
             }
             seen = now;

@@ -93,6 +93,12 @@ enum Command {
         /// (their SYN dropped, counted and logged) and existing ones are unaffected.
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         inbound_flow_capacity: Option<u32>,
+        /// Entries in the map of redirected connections' original destinations (one per
+        /// open outbound connection of an enrolled pod); when full, new connections are
+        /// refused (reset by the proxy, counted and logged), never sent direct, and
+        /// existing ones are unaffected.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        outbound_flow_capacity: Option<u32>,
         /// How long an inbound flow record may stay half-open (SYN seen, never accepted
         /// by the inbound listener, such as a spoofed SYN) before the agent removes it.
         #[arg(long, default_value_t = 75_000, value_parser = clap::value_parser!(u64).range(100..))]
@@ -265,6 +271,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             bpf_debug,
             sockmap,
             inbound_flow_capacity,
+            outbound_flow_capacity,
             inbound_half_open_timeout_ms,
             on_exit,
             drain_timeout,
@@ -317,6 +324,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 bpf_debug,
                 sockmap,
                 inbound_flow_capacity,
+                outbound_flow_capacity,
                 inbound_half_open_timeout: std::time::Duration::from_millis(
                     inbound_half_open_timeout_ms,
                 ),

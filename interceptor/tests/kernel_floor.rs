@@ -166,6 +166,37 @@ fn map_kernel(kind: u32) -> Option<(&'static str, &'static str)> {
     })
 }
 
+/// Each map of the object by symbol name, with its `bpf_map_type` id.
+fn map_types(file: &object::File) -> BTreeMap<String, u32> {
+    let maps = file.section_by_name("maps").expect("maps section");
+    let data = maps.data().expect("maps data");
+    file.symbols()
+        .filter(|symbol| symbol.section_index() == Some(maps.index()))
+        .map(|symbol| {
+            let at = symbol.address() as usize;
+            let kind = u32::from_le_bytes(data[at..at + 4].try_into().expect("map def"));
+            (symbol.name().unwrap_or_default().to_owned(), kind)
+        })
+        .collect()
+}
+
+/// Flow records must never be evicted while their connection lives: an evicted inbound
+/// record breaks the flow, an evicted outbound one changes what getpeername answers in
+/// the middle of a connection (issue 13). Both maps are plain hashes (type 1), which
+/// refuse new flows when full instead.
+#[test]
+fn flow_record_maps_are_never_lru() {
+    let file = object::File::parse(interceptor::datapath::ebpf::object()).expect("ELF");
+    let types = map_types(&file);
+    for name in ["ORIG_DST_BY_FLOW", "INBOUND_FLOWS"] {
+        assert_eq!(
+            types.get(name),
+            Some(&1),
+            "{name} is not a plain hash: {types:?}"
+        );
+    }
+}
+
 /// What the object uses: item → (kernel, covering probe feature).
 fn audit() -> BTreeMap<String, (&'static str, Option<&'static str>)> {
     let bytes = interceptor::datapath::ebpf::object();
@@ -201,22 +232,12 @@ fn audit() -> BTreeMap<String, (&'static str, Option<&'static str>)> {
             }
         }
     }
-    let maps = file.section_by_name("maps").expect("maps section");
-    let data = maps.data().expect("maps data");
-    for symbol in file.symbols() {
-        if symbol.section_index() != Some(maps.index()) {
-            continue;
-        }
-        let at = symbol.address() as usize;
-        let kind = u32::from_le_bytes(data[at..at + 4].try_into().expect("map def"));
+    for (symbol, kind) in map_types(&file) {
         match map_kernel(kind) {
             Some((map, since)) => {
                 used.insert(format!("map type {map}"), (since, None));
             }
-            None => unknown.push(format!(
-                "map type {kind} ({})",
-                symbol.name().unwrap_or_default()
-            )),
+            None => unknown.push(format!("map type {kind} ({symbol})")),
         }
     }
     assert!(

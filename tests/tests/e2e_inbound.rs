@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{inbound_records, wait_for, Mode, Node, ECHO_TARGET_PORT};
+use common::{inbound_records, wait_for, Mode, Node, ECHO_TARGET_PORT, PY_EXCHANGE};
 
 in_both_modes!(
     unenrolled_client_reaches_enrolled_pod_through_its_inbound_listener,
@@ -523,4 +523,93 @@ fn connections_made_before_enrollment_keep_working(mode: Mode) {
         .into_iter()
         .next()
     });
+}
+
+/// Inbound records have no destination port, because inside the pod every steered flow
+/// ends on 15003 (issue 13, item 5). A second flow from the same client address and port
+/// to another port of the pod used to take the first flow's record and break it. Now
+/// that SYN is refused and counted while the first flow lives, the first keeps working,
+/// and the same client port reaches the other port once the first has closed.
+#[test]
+fn a_second_flow_from_the_same_client_port_never_breaks_the_first() {
+    if !common::privileged() {
+        return;
+    }
+    let mut node = Node::start("tuplebusy", &["--mode", "ebpf"]);
+    let server = node.pod("demo", "server");
+    let outsider = node.pod("legacy", "outsider");
+    let _first_app = node
+        .tb
+        .spawn_server(&server, &["echo", "--listen", "0.0.0.0:9000"])
+        .expect("echo on 9000");
+    let second_app = node
+        .tb
+        .spawn_server(&server, &["echo", "--listen", "0.0.0.0:9001"])
+        .expect("echo on 9001");
+    // Both sockets bind one source port (SO_REUSEADDR: neither listens), so the two
+    // flows differ only in their destination port.
+    let connect = format!(
+        "{PY_EXCHANGE}def connect(port):\n\
+         \x20   s=socket.socket()\n\
+         \x20   s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+         \x20   s.bind(('0.0.0.0',40123))\n\
+         \x20   s.settimeout(3)\n\
+         \x20   s.connect(('{ip}',port))\n\
+         \x20   return s\n",
+        ip = server.ip
+    );
+    let script = format!(
+        "{connect}first=connect(9000)\n\
+         first_ok=exchange(first,b'one')\n\
+         try:\n\
+         \x20   second=connect(9001)\n\
+         \x20   second_result='connected: '+str(exchange(second,b'x'))\n\
+         except OSError as e:\n\
+         \x20   second_result='refused: '+str(e)\n\
+         try: still=exchange(first,b'two')\n\
+         except OSError as e: still=str(e)\n\
+         first.close()\n\
+         print(json.dumps(dict(first_ok=first_ok,second=second_result,still=still)))\n"
+    );
+    let report = common::python_in_pod(&node, &outsider, &script, Duration::from_secs(30));
+    assert_eq!(report["first_ok"], true, "{report}");
+    assert!(
+        report["second"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("refused")),
+        "the second flow took the first one's tuple: {report}"
+    );
+    assert_eq!(report["still"], true, "the first flow broke: {report}");
+    let dump = node.config_dump();
+    assert!(
+        dump["datapath_counters"]["inbound_tuple_busy"].as_u64() >= Some(1),
+        "{}",
+        dump["datapath_counters"]
+    );
+    wait_for("the warning in the agent log", || {
+        node.agent_log()
+            .contains("new inbound flows refused")
+            .then_some(())
+    });
+
+    // Once the first flow's record is gone, the same client port reaches 9001, through
+    // the inbound listener (the application sees the pod's own address as its peer).
+    wait_for("the first flow's record to go", || {
+        (records(&node)["inbound_flows"] == 0).then_some(())
+    });
+    let script = format!(
+        "{connect}second=connect(9001)\n\
+         print(json.dumps(dict(second=exchange(second,b'three'))))\n"
+    );
+    let report = common::python_in_pod(&node, &outsider, &script, Duration::from_secs(30));
+    assert_eq!(report["second"], true, "{report}\n{}", node.agent_log());
+    let accepts = second_app
+        .wait_for_events("accept", 1, Duration::from_secs(5))
+        .expect("the accept on 9001");
+    assert!(
+        accepts[0]["peer"]
+            .as_str()
+            .is_some_and(|p| p.starts_with(&format!("{}:", server.ip))),
+        "{accepts:?}"
+    );
 }

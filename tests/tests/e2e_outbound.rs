@@ -8,8 +8,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    assert_pod_rules, inbound_records, Mode, Node, ECHO_CLUSTER_IP, ECHO_SERVICE_PORT,
-    ECHO_TARGET_PORT,
+    assert_pod_rules, inbound_records, wait_with_timeout, Mode, Node, ECHO_CLUSTER_IP,
+    ECHO_SERVICE_PORT, ECHO_TARGET_PORT, PY_EXCHANGE,
 };
 
 in_both_modes!(
@@ -422,28 +422,6 @@ fn trace_shows_the_redirect_of_one_pod_with(extra: &[&str]) {
 }
 
 /// Wait for a child that should end by itself; kill it and fail if it does not.
-fn wait_with_timeout(mut child: std::process::Child, timeout: Duration) -> String {
-    use std::io::Read;
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        if child.try_wait().expect("try_wait").is_some() {
-            let mut out = String::new();
-            child
-                .stdout
-                .take()
-                .expect("stdout")
-                .read_to_string(&mut out)
-                .expect("read");
-            return out;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("process did not finish within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 #[test]
 fn the_mode_is_probed_and_explained() {
@@ -547,4 +525,87 @@ fn forcing_ebpf_on_a_kernel_without_a_feature_is_refused_with_the_reason() {
         error.contains("eBPF mode needs program sk_msg (kernel 4.17)"),
         "{error}"
     );
+}
+
+/// The outbound flow map is never evicted (issue 13, item 5): it was LRU, so connections
+/// past its capacity pushed out live records and the first connection's `getpeername`
+/// turned into the proxy's `<pod IP>:15001` in the middle of the connection. Now a full
+/// map refuses new connections (the proxy finds no original destination and resets;
+/// counted in `record_failed`), the live connection keeps its peer and its bytes, and the
+/// slots come back when the connections close.
+#[test]
+fn a_full_outbound_flow_map_refuses_new_connections_and_never_changes_a_live_peer() {
+    if !common::privileged() {
+        return;
+    }
+    const CAPACITY: usize = 4;
+    let mut node = Node::start(
+        "outfull",
+        &["--mode", "ebpf", "--outbound-flow-capacity", "4"],
+    );
+    let client = node.pod("demo", "client");
+    let server = node.pod("legacy", "legacy-server");
+    let _echo = node
+        .tb
+        .spawn_server(&server, &["echo", "--listen", "0.0.0.0:9000"])
+        .expect("echo server");
+    let script = format!(
+        "{PY_EXCHANGE}target=('{ip}',9000)\n\
+         first=socket.create_connection(target,timeout=5)\n\
+         before=list(first.getpeername())\n\
+         first_ok=exchange(first,b'one')\n\
+         held=[]; refused=0\n\
+         for i in range({tries}):\n\
+         \x20   try:\n\
+         \x20       s=socket.create_connection(target,timeout=3)\n\
+         \x20       if exchange(s,b'x'): held.append(s)\n\
+         \x20       else: refused+=1\n\
+         \x20   except OSError: refused+=1\n\
+         after=list(first.getpeername())\n\
+         still=exchange(first,b'two')\n\
+         for s in held: s.close()\n\
+         first.close()\n\
+         print(json.dumps(dict(before=before,after=after,first_ok=first_ok,still=still,held=len(held),refused=refused)))\n",
+        ip = server.ip,
+        tries = 3 * CAPACITY,
+    );
+    let report = common::python_in_pod(&node, &client, &script, Duration::from_secs(60));
+    let expected = serde_json::json!([server.ip.to_string(), 9000]);
+    assert_eq!(report["before"], expected, "{report}");
+    assert_eq!(
+        report["after"], expected,
+        "a live connection's peer changed: {report}"
+    );
+    assert_eq!(report["first_ok"], true, "{report}");
+    assert_eq!(
+        report["still"], true,
+        "the first connection broke: {report}"
+    );
+    // The first connection holds one slot; the others fill the rest, then are refused.
+    assert_eq!(report["held"], CAPACITY - 1, "{report}");
+    assert_eq!(report["refused"], 2 * CAPACITY + 1, "{report}");
+    let dump = node.config_dump();
+    assert!(
+        dump["datapath_counters"]["record_failed"].as_u64() >= Some(2 * CAPACITY as u64 + 1),
+        "{}",
+        dump["datapath_counters"]
+    );
+    common::wait_for("the outbound records to go with their sockets", || {
+        (node.config_dump()["datapath_records"]["orig_dst_by_flow"] == 0).then_some(())
+    });
+    common::wait_for("the warning in the agent log", || {
+        node.agent_log()
+            .contains("a kernel map was full")
+            .then_some(())
+    });
+    // The slots are free again: a new connection goes through the proxy.
+    let direct = format!("{}:9000", server.ip);
+    let report = node
+        .tb
+        .run_client(&client, &["--connect", &direct, "--send-bytes", "1000"])
+        .expect("client");
+    assert_eq!(report.error, None, "{report:?}\n{}", node.agent_log());
+    assert!(report.echoed_all());
+    let local = report.local.clone().expect("local");
+    wait_for_record(&node, &local);
 }

@@ -155,6 +155,8 @@ pub struct EbpfOptions {
     pub sockmap: bool,
     /// Size of INBOUND_FLOWS (default [`capacity::INBOUND_FLOWS`]).
     pub inbound_flow_capacity: Option<u32>,
+    /// Size of ORIG_DST_BY_FLOW (default [`capacity::ORIG_DST_BY_FLOW`]).
+    pub outbound_flow_capacity: Option<u32>,
     /// Optional kernel features present; the missing ones' fallbacks are used.
     pub support: KernelSupport,
 }
@@ -253,6 +255,7 @@ impl EbpfDatapath {
         let cgroup_file = File::open(cgroup).map_err(cgroup_err)?;
         let capacity_of = |name: &str| match name {
             maps::INBOUND_FLOWS => options.inbound_flow_capacity,
+            maps::ORIG_DST_BY_FLOW => options.outbound_flow_capacity,
             _ => None,
         };
         // Maps pinned by a previous agent are reused when their layout matches, so enrolled
@@ -270,8 +273,10 @@ impl EbpfDatapath {
             super::bpffs::ensure_pin_dir(pin_dir)?;
         }
         let mut loader = aya::EbpfLoader::new();
-        if let Some(capacity) = options.inbound_flow_capacity {
-            loader.map_max_entries(maps::INBOUND_FLOWS, capacity);
+        for name in [maps::INBOUND_FLOWS, maps::ORIG_DST_BY_FLOW] {
+            if let Some(capacity) = capacity_of(name) {
+                loader.map_max_entries(name, capacity);
+            }
         }
         let map_paths: Vec<(&str, PathBuf)> =
             MAP_NAMES.iter().map(|n| (*n, pin_dir.join(n))).collect();
@@ -754,53 +759,87 @@ fn replace_pin(
     })
 }
 
-/// Whether every map pinned in `pin_dir` has the key size, value size and capacity this
-/// build expects (a missing pin is fine: it is created). Anything else means another
+/// Whether every map pinned in `pin_dir` has the type, key size, value size and capacity
+/// this build expects (a missing pin is fine: it is created). Anything else means another
 /// build's layout, which must not be reused.
 fn pinned_maps_reusable(
     pin_dir: &Path,
     capacity_of: &dyn Fn(&str) -> Option<u32>,
 ) -> Result<(), String> {
+    use aya::maps::MapType::{Array, Hash, LpmTrie, LruHash, PerCpuArray, SockHash};
     use std::mem::size_of;
-    let expected = |name: &str| -> (usize, usize, u32) {
+    let expected = |name: &str| -> (aya::maps::MapType, usize, usize, u32) {
         match name {
             maps::ENROLLED_NETNS => (
+                Hash,
                 size_of::<u64>(),
                 size_of::<EnrolledPod>(),
                 capacity::ENROLLED_NETNS,
             ),
-            maps::POD_BY_IP => (size_of::<u32>(), size_of::<u64>(), capacity::POD_BY_IP),
+            maps::POD_BY_IP => (
+                Hash,
+                size_of::<u32>(),
+                size_of::<u64>(),
+                capacity::POD_BY_IP,
+            ),
             maps::ORIG_DST_BY_COOKIE => (
+                LruHash,
                 size_of::<u64>(),
                 size_of::<interceptor_common::PendingConnect>(),
                 capacity::ORIG_DST_BY_COOKIE,
             ),
+            // A plain hash since getpeername reads it for a connection's whole life: pins
+            // of the LRU map older builds made must not be reused.
             maps::ORIG_DST_BY_FLOW => (
+                Hash,
                 size_of::<FlowKey>(),
                 size_of::<OrigDst>(),
                 capacity::ORIG_DST_BY_FLOW,
             ),
             maps::INBOUND_FLOWS => (
+                Hash,
                 size_of::<InboundKey>(),
                 size_of::<InboundFlow>(),
                 capacity::INBOUND_FLOWS,
             ),
             maps::PORT_EXCLUSIONS => (
+                Hash,
                 size_of::<PortRuleKey>(),
                 size_of::<u8>(),
                 capacity::PORT_EXCLUSIONS,
             ),
             // An LPM trie key is its prefix length (u32) followed by the data.
             maps::OUT_EXCLUDED_CIDRS | maps::OUT_INCLUDED_CIDRS => (
+                LpmTrie,
                 size_of::<u32>() + size_of::<CidrKey>(),
                 size_of::<u8>(),
                 capacity::CIDRS,
             ),
-            maps::SCOPE_FLAGS => (size_of::<u64>(), size_of::<u32>(), capacity::SCOPE_FLAGS),
-            maps::SOCK_PAIRS => (size_of::<FlowKey>(), size_of::<u32>(), capacity::SOCK_PAIRS),
-            maps::SETTINGS => (size_of::<u32>(), size_of::<u32>(), config::LEN),
-            maps::NETNS_PROBE => (size_of::<u64>(), size_of::<u64>(), capacity::NETNS_PROBE),
-            _ => (size_of::<u32>(), size_of::<u64>(), counters::LEN),
+            maps::SCOPE_FLAGS => (
+                Hash,
+                size_of::<u64>(),
+                size_of::<u32>(),
+                capacity::SCOPE_FLAGS,
+            ),
+            maps::SOCK_PAIRS => (
+                SockHash,
+                size_of::<FlowKey>(),
+                size_of::<u32>(),
+                capacity::SOCK_PAIRS,
+            ),
+            maps::SETTINGS => (Array, size_of::<u32>(), size_of::<u32>(), config::LEN),
+            maps::NETNS_PROBE => (
+                LruHash,
+                size_of::<u64>(),
+                size_of::<u64>(),
+                capacity::NETNS_PROBE,
+            ),
+            _ => (
+                PerCpuArray,
+                size_of::<u32>(),
+                size_of::<u64>(),
+                counters::LEN,
+            ),
         }
     };
     for name in MAP_NAMES {
@@ -811,8 +850,16 @@ fn pinned_maps_reusable(
         let info = MapData::from_pin(&path)
             .and_then(|map| map.info())
             .map_err(|e| format!("{name}: cannot be opened: {e}"))?;
-        let (key, value, default_capacity) = expected(name);
+        let (kind, key, value, default_capacity) = expected(name);
         let capacity = capacity_of(name).unwrap_or(default_capacity);
+        let found_kind = info
+            .map_type()
+            .map_err(|e| format!("{name}: map type unknown to this build: {e}"))?;
+        if found_kind != kind {
+            return Err(format!(
+                "{name}: a {found_kind:?} map where this build expects {kind:?}"
+            ));
+        }
         let found = (
             info.key_size() as usize,
             info.value_size() as usize,
@@ -1033,6 +1080,7 @@ impl Datapath for EbpfDatapath {
             sockmap_added: sum(counters::SOCKMAP_ADDED),
             sockmap_redirected: sum(counters::SOCKMAP_REDIRECTED),
             sockmap_add_failed: sum(counters::SOCKMAP_ADD_FAILED),
+            inbound_tuple_busy: sum(counters::INBOUND_TUPLE_BUSY),
         })
     }
 

@@ -93,6 +93,10 @@ pub struct DatapathCounters {
     pub sockmap_redirected: u64,
     /// Local pairs sock_ops could not add to the SOCKHASH (not accelerated).
     pub sockmap_add_failed: u64,
+    /// New inbound flows refused (SYN dropped) because the client's address and port
+    /// already had a live flow to another port of the pod (both would be one connection
+    /// on 15003 inside the pod).
+    pub inbound_tuple_busy: u64,
 }
 
 /// Records the kernel holds right now, for the config dump and leak checks.

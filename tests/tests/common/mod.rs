@@ -3,6 +3,7 @@
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use interceptor_testbed::{AgentProcess, Pod, Testbed};
 
@@ -168,6 +169,65 @@ pub fn metric(node: &Node, name: &str, fragments: &[&str]) -> i64 {
         .filter(|l| fragments.iter().all(|f| l.contains(f)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<i64>().ok())
         .sum()
+}
+
+/// Waits for `child` to exit and returns its stdout; kills it and panics past `timeout`.
+pub fn wait_with_timeout(mut child: std::process::Child, timeout: Duration) -> String {
+    use std::io::Read;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if child.try_wait().expect("try_wait").is_some() {
+            let mut out = String::new();
+            child
+                .stdout
+                .take()
+                .expect("stdout")
+                .read_to_string(&mut out)
+                .expect("read");
+            return out;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("process did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Python helper for [`python_in_pod`] scripts: `exchange(sock, data)` sends `data` to an
+/// echo server and reports whether all of it came back (`OSError` if the peer closed).
+pub const PY_EXCHANGE: &str = "import socket,json,time\n\
+def exchange(s,data):\n\
+\x20   s.sendall(data)\n\
+\x20   got=b''\n\
+\x20   while len(got)<len(data):\n\
+\x20       chunk=s.recv(len(data)-len(got))\n\
+\x20       if not chunk: raise OSError('closed')\n\
+\x20       got+=chunk\n\
+\x20   return got==data\n";
+
+/// Runs a Python script inside `pod` and returns the JSON object its last stdout line
+/// prints; panics past `timeout`.
+pub fn python_in_pod(node: &Node, pod: &Pod, script: &str, timeout: Duration) -> serde_json::Value {
+    let mut command = std::process::Command::new("python3");
+    command
+        .args(["-c", script])
+        .stdout(std::process::Stdio::piped());
+    let child = node
+        .tb
+        .spawn_in_pod(pod, command)
+        .expect("python3 in the pod");
+    let out = wait_with_timeout(child, timeout);
+    let last = out.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|e| {
+        panic!(
+            "script printed {out:?}: {e}\ncounters: {}\nconnections: {}\nagent log:\n{}",
+            node.config_dump()["datapath_counters"],
+            node.config_dump()["connections"],
+            node.agent_log()
+        )
+    })
 }
 
 /// Poll `probe` every 50 ms for up to 5 s; panics naming `what` when it never answers.
