@@ -609,3 +609,60 @@ fn a_full_outbound_flow_map_refuses_new_connections_and_never_changes_a_live_pee
     let local = report.local.clone().expect("local");
     wait_for_record(&node, &local);
 }
+
+/// The agent's threads do not grow with the pods it enrolls (issue 14: it ran a thread
+/// per pod netns, 105 threads with 100 pods). Sockets are made in a pod's netns by the
+/// calling thread entering it and coming back, and every pod still works.
+#[test]
+fn enrolling_pods_adds_no_thread_per_pod() {
+    if !common::privileged() {
+        return;
+    }
+    const PODS: usize = 12;
+    let mut manifests = String::from(common::MANIFESTS);
+    for i in 0..PODS {
+        manifests.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}, namespace: demo, labels: {{app: many}}}}\nspec:\n  containers: [{{name: main, image: busybox}}]\n"
+        ));
+    }
+    let mut node = Node::start_with_manifests("threads", &["--mode", "ebpf"], &manifests);
+    let server = node.pod("legacy", "legacy-server");
+    let _echo = node
+        .tb
+        .spawn_server(&server, &["echo", "--listen", "0.0.0.0:9000"])
+        .expect("echo server");
+    let threads = |node: &Node| -> usize {
+        let pid = node.agent.as_ref().expect("agent").pid();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Threads:"))
+            .and_then(|n| n.trim().parse().ok())
+            .expect("Threads line")
+    };
+    let first = node.pod("demo", "p0");
+    let direct = format!("{}:9000", server.ip);
+    let check = |node: &Node, pod: &interceptor_testbed::Pod| {
+        let report = node
+            .tb
+            .run_client(pod, &["--connect", &direct, "--send-bytes", "1000"])
+            .expect("client");
+        assert_eq!(report.error, None, "{}: {report:?}", pod.name);
+        let local = report.local.clone().expect("local");
+        wait_for_record(node, &local);
+    };
+    check(&node, &first);
+    let before = threads(&node);
+    let pods: Vec<_> = (1..PODS)
+        .map(|i| node.pod("demo", &format!("p{i}")))
+        .collect();
+    for pod in &pods {
+        check(&node, pod);
+    }
+    let after = threads(&node);
+    assert!(
+        after < before + PODS / 2,
+        "{} more pods took the agent from {before} to {after} threads",
+        PODS - 1
+    );
+}

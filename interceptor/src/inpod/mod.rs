@@ -1,6 +1,6 @@
-//! Working inside a pod's network namespace: a dedicated thread parked in the netns
-//! creates sockets there (a socket keeps its netns for life), the way ztunnel's in-pod
-//! mode does, so no tokio worker ever changes namespace.
+//! Working inside a pod's network namespace: the calling thread enters it for a short
+//! synchronous job (a socket keeps its netns for life) and returns, the way ztunnel's
+//! in-pod mode does; no thread per pod.
 mod netns;
 
 pub use netns::{netns_cookie_of_current, probe_connect, PodNetns};
@@ -19,8 +19,6 @@ pub enum InpodError {
         #[source]
         source: nix::Error,
     },
-    #[error("netns thread for {path} is gone")]
-    ThreadGone { path: String },
     #[error("in netns {path}: {source}")]
     Io {
         path: String,

@@ -1,20 +1,23 @@
-//! A thread that lives in one pod's network namespace and runs jobs there.
+//! Running code inside a pod's network namespace: the calling thread enters the netns
+//! with `setns(2)`, runs a short synchronous job (make a socket, write a sysctl, talk
+//! netlink) and returns to its own netns before anything else runs on it. A socket keeps
+//! the netns it was made in for life, so nothing else needs the pod's netns. This is
+//! ztunnel's in-pod model; it costs two syscalls instead of a thread per pod and a
+//! cross-thread round trip per connection.
+use std::cell::OnceCell;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
 
 use nix::sched::{setns, CloneFlags};
 
 use super::InpodError;
 
-type Job = Box<dyn FnOnce() + Send + 'static>;
-
-/// Handle to a thread parked in a pod's network namespace. Dropping the handle ends
-/// the thread once queued jobs are done.
+/// Handle to a pod's network namespace: an open `/proc/.../ns/net` or `/var/run/netns`
+/// file, which also keeps the namespace alive while the pod's listeners are open.
 pub struct PodNetns {
     path: PathBuf,
-    jobs: mpsc::Sender<Job>,
+    file: File,
     cookie: u64,
 }
 
@@ -27,54 +30,48 @@ impl std::fmt::Debug for PodNetns {
     }
 }
 
+thread_local! {
+    /// The netns this thread lives in, opened the first time the thread enters a pod's:
+    /// where [`PodNetns::run_blocking`] brings it back.
+    static HOME_NETNS: OnceCell<File> = const { OnceCell::new() };
+}
+
+/// Puts the thread back into its own netns when the job ends, even by a panic.
+struct ReturnHome<'a> {
+    home: &'a File,
+}
+
+impl Drop for ReturnHome<'_> {
+    fn drop(&mut self) {
+        if let Err(error) = setns(self.home, CloneFlags::CLONE_NEWNET) {
+            // A thread left in a pod's netns would make the next socket of any pod there,
+            // around its interception: stopping is the only safe answer.
+            eprintln!("interceptor: cannot return a thread to its own netns: {error}");
+            std::process::abort();
+        }
+    }
+}
+
 impl PodNetns {
-    /// Start a thread inside the netns at `path` (e.g. `/var/run/netns/x` or
-    /// `/proc/<pid>/ns/net`), and read the namespace's cookie from there.
+    /// Open the netns at `path` (e.g. `/var/run/netns/x` or `/proc/<pid>/ns/net`) and
+    /// read its cookie from inside.
     pub fn enter(path: &Path) -> Result<Self, InpodError> {
         let file = File::open(path).map_err(|source| InpodError::Open {
             path: path.display().to_string(),
             source,
         })?;
-        let (jobs, rx) = mpsc::channel::<Job>();
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let shown = path.display().to_string();
-        let thread_path = shown.clone();
-        std::thread::Builder::new()
-            .name(format!("netns:{}", short_name(path)))
-            .spawn(move || {
-                let entered = setns(&file, CloneFlags::CLONE_NEWNET)
-                    .map_err(|source| InpodError::Enter {
-                        path: thread_path.clone(),
-                        source,
-                    })
-                    .and_then(|()| {
-                        netns_cookie_of_current().map_err(|source| InpodError::Io {
-                            path: thread_path,
-                            source,
-                        })
-                    });
-                let ok = entered.is_ok();
-                let _ = ready_tx.send(entered);
-                if !ok {
-                    return;
-                }
-                drop(file);
-                while let Ok(job) = rx.recv() {
-                    job();
-                }
-            })
+        let mut netns = Self {
+            path: path.to_path_buf(),
+            file,
+            cookie: 0,
+        };
+        netns.cookie = netns
+            .run_blocking(netns_cookie_of_current)?
             .map_err(|source| InpodError::Io {
-                path: shown.clone(),
+                path: path.display().to_string(),
                 source,
             })?;
-        let cookie = ready_rx.recv().map_err(|_| InpodError::ThreadGone {
-            path: shown.clone(),
-        })??;
-        Ok(Self {
-            path: path.to_path_buf(),
-            jobs,
-            cookie,
-        })
+        Ok(netns)
     }
 
     pub fn path(&self) -> &Path {
@@ -86,55 +83,43 @@ impl PodNetns {
         self.cookie
     }
 
-    /// Run `f` in the namespace and wait for its result.
-    pub async fn run<R, F>(&self, f: F) -> Result<R, InpodError>
-    where
-        F: FnOnce() -> R + Send + 'static,
-        R: Send + 'static,
-    {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.jobs
-            .send(Box::new(move || {
-                let _ = tx.send(f());
-            }))
-            .map_err(|_| self.gone())?;
-        rx.await.map_err(|_| self.gone())
-    }
-
-    /// Blocking variant of [`PodNetns::run`] for non-async callers.
+    /// Run `f` in the namespace on the calling thread. `f` must be short and must not
+    /// block on async work: the thread (possibly a tokio worker) is inside the pod's
+    /// netns until it returns. Not reentrant: `f` must not call back into a `PodNetns`.
     pub fn run_blocking<R, F>(&self, f: F) -> Result<R, InpodError>
     where
-        F: FnOnce() -> R + Send + 'static,
-        R: Send + 'static,
+        F: FnOnce() -> R,
     {
-        let (tx, rx) = mpsc::channel();
-        self.jobs
-            .send(Box::new(move || {
-                let _ = tx.send(f());
-            }))
-            .map_err(|_| self.gone())?;
-        rx.recv().map_err(|_| self.gone())
+        HOME_NETNS.with(|home| {
+            let home = match home.get() {
+                Some(home) => home,
+                None => {
+                    let file = File::open("/proc/thread-self/ns/net").map_err(|source| {
+                        InpodError::Open {
+                            path: "/proc/thread-self/ns/net".into(),
+                            source,
+                        }
+                    })?;
+                    home.get_or_init(|| file)
+                }
+            };
+            setns(&self.file, CloneFlags::CLONE_NEWNET).map_err(|source| InpodError::Enter {
+                path: self.path.display().to_string(),
+                source,
+            })?;
+            let _back = ReturnHome { home };
+            Ok(f())
+        })
     }
 
-    fn gone(&self) -> InpodError {
-        InpodError::ThreadGone {
-            path: self.path.display().to_string(),
-        }
+    /// [`PodNetns::run_blocking`] for async callers: the job is a few syscalls, run in
+    /// place rather than handed to another thread.
+    pub async fn run<R, F>(&self, f: F) -> Result<R, InpodError>
+    where
+        F: FnOnce() -> R,
+    {
+        self.run_blocking(f)
     }
-}
-
-fn short_name(path: &Path) -> String {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    name.chars()
-        .rev()
-        .take(8)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect()
 }
 
 /// `SO_NETNS_COOKIE` (Linux 5.14) of the calling thread's network namespace. Older

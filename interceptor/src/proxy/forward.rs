@@ -9,14 +9,17 @@
 //! fails with ENOMEM instead of blocking when the peer reads slowly: retried here).
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-/// Per-direction buffer (userspace copy) and pipe size (splice).
+/// Largest per-direction buffer (userspace copy) and pipe size (splice).
 const BUFFER_BYTES: usize = 1024 * 1024;
+/// First userspace buffer of a direction.
+const FIRST_BUFFER_BYTES: usize = 16 * 1024;
 
 /// How bytes move between the two sockets.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -74,29 +77,41 @@ pub fn reset_on_close(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
-/// Move bytes from `from` to `to` until `from` reaches EOF, then half-close `to`.
+/// Move bytes from `from` to `to` until `from` reaches EOF, then half-close `to`. The
+/// pipe is taken when the first bytes arrive (an idle connection holds none) and goes
+/// back to the pool when the direction ends cleanly.
 async fn splice_one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
-    let (pipe_read, pipe_write) = pipe()?;
+    let mut pipe: Option<Pipe> = None;
+    let total = splice_with(from, to, &mut pipe).await?;
+    if let Some(pipe) = pipe {
+        pipe.give_back();
+    }
+    Ok(total)
+}
+
+async fn splice_with(from: &TcpStream, to: &TcpStream, slot: &mut Option<Pipe>) -> io::Result<u64> {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     let mut total = 0u64;
     loop {
-        let filled = loop {
-            from.readable().await?;
-            match from.try_io(Interest::READABLE, || {
-                splice(
-                    from.as_fd(),
-                    None,
-                    pipe_write.as_fd(),
-                    None,
-                    BUFFER_BYTES,
-                    flags,
-                )
-                .map_err(io::Error::from)
-            }) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
+        from.readable().await?;
+        let pipe = match slot {
+            Some(pipe) => pipe,
+            None => slot.insert(Pipe::take()?),
+        };
+        let filled = match from.try_io(Interest::READABLE, || {
+            splice(
+                from.as_fd(),
+                None,
+                pipe.write.as_fd(),
+                None,
+                pipe.capacity,
+                flags,
+            )
+            .map_err(io::Error::from)
+        }) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
         };
         if filled == 0 {
             socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)?;
@@ -106,19 +121,27 @@ async fn splice_one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
         while left > 0 {
             to.writable().await?;
             match to.try_io(Interest::WRITABLE, || {
-                splice(pipe_read.as_fd(), None, to.as_fd(), None, left, flags)
+                splice(pipe.read.as_fd(), None, to.as_fd(), None, left, flags)
                     .map_err(io::Error::from)
             }) {
                 Ok(0) => {
+                    // Bytes stay in the pipe: it must not be reused.
+                    slot.take();
                     return Err(io::Error::new(
                         io::ErrorKind::WriteZero,
                         "peer took no bytes",
-                    ))
+                    ));
                 }
                 Ok(n) => left -= n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
+                Err(e) => {
+                    slot.take();
+                    return Err(e);
+                }
             }
+        }
+        if filled == pipe.capacity {
+            pipe.grow();
         }
         total += filled as u64;
     }
@@ -128,11 +151,16 @@ async fn splice_one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
 async fn copy_one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
     /// How long to wait before retrying a send the kernel refused with ENOMEM.
     const ENOMEM_BACKOFF: Duration = Duration::from_micros(200);
-    let mut buf = vec![0u8; BUFFER_BYTES];
+    // Allocated when the first bytes arrive, grown when a read fills it (16 KiB up to
+    // BUFFER_BYTES), so idle and short connections stay small.
+    let mut buf: Vec<u8> = Vec::new();
     let mut total = 0u64;
     loop {
         let filled = loop {
             from.readable().await?;
+            if buf.is_empty() {
+                buf = vec![0u8; FIRST_BUFFER_BYTES];
+            }
             match from.try_read(&mut buf) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -161,14 +189,113 @@ async fn copy_one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
                 Err(e) => return Err(e),
             }
         }
+        if filled == buf.len() && buf.len() < BUFFER_BYTES {
+            buf = vec![0u8; (buf.len() * 4).min(BUFFER_BYTES)];
+        }
         total += filled as u64;
     }
 }
 
-/// A non-blocking pipe as large as the buffer, so one splice can move a whole window.
-fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
-    // Best effort: a smaller pipe (the default 64 KiB) only costs more syscalls.
-    let _ = fcntl(&write, FcntlArg::F_SETPIPE_SZ(BUFFER_BYTES as i32));
-    Ok((read, write))
+/// A pipe for `splice`, with its current capacity. Pipes start at the kernel's default
+/// size and grow to [`BUFFER_BYTES`] the first time a splice fills one, so idle and short
+/// connections hold little while bulk transfers move a whole window per call.
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    capacity: usize,
+}
+
+/// Empty pipes of finished directions, reused by the next connections: making two pipes
+/// per connection (four fds and their setup) was a visible share of a short connection.
+static PIPE_POOL: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
+/// Pipes kept for reuse; beyond this they are closed.
+const PIPE_POOL_MAX: usize = 256;
+
+impl Pipe {
+    fn take() -> io::Result<Pipe> {
+        if let Some(pipe) = PIPE_POOL.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+            return Ok(pipe);
+        }
+        let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+        let capacity = fcntl(&write, FcntlArg::F_GETPIPE_SZ).map_or(64 * 1024, |n| n as usize);
+        Ok(Pipe {
+            read,
+            write,
+            capacity,
+        })
+    }
+
+    /// Only an empty pipe goes back: one an error left holding bytes is closed.
+    fn give_back(self) {
+        let mut pool = PIPE_POOL.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < PIPE_POOL_MAX {
+            pool.push(self);
+        }
+    }
+
+    /// Best effort: a pipe that cannot grow only costs more syscalls.
+    fn grow(&mut self) {
+        if self.capacity < BUFFER_BYTES {
+            if let Ok(size) = fcntl(&self.write, FcntlArg::F_SETPIPE_SZ(BUFFER_BYTES as i32)) {
+                self.capacity = size as usize;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    /// A connected pair over loopback: (the side the test drives, the side forward gets).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (outer, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (outer.expect("connect"), accepted.expect("accept").0)
+    }
+
+    /// Bytes arrive intact both ways, the half-close reaches the far side, and the pipes
+    /// of a cleanly finished connection go back to the pool, grown to the full window by a
+    /// bulk transfer, for the next connection.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn splice_moves_every_byte_and_returns_its_pipes_to_the_pool() {
+        const BYTES: usize = 3 * 1024 * 1024 + 17;
+        for round in 0..2 {
+            let (mut client, downstream) = pair().await;
+            let (upstream, mut server) = pair().await;
+            let forwarding = tokio::spawn(forward(downstream, upstream, CopyMode::Splice));
+            let payload: Vec<u8> = (0..BYTES).map(|i| (i * 31 % 251) as u8).collect();
+            let sent = payload.clone();
+            let writer = tokio::spawn(async move {
+                client.write_all(&sent).await.expect("write");
+                client.shutdown().await.expect("shutdown");
+                let mut back = Vec::new();
+                client.read_to_end(&mut back).await.expect("read back");
+                back
+            });
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.expect("read");
+            assert!(got == payload, "round {round}: bytes differ");
+            server.write_all(b"done").await.expect("answer");
+            server.shutdown().await.expect("shutdown");
+            assert_eq!(writer.await.expect("writer"), b"done");
+            let forwarded = forwarding.await.expect("forward");
+            assert_eq!(forwarded.upstream_bytes, BYTES as u64);
+            assert_eq!(forwarded.downstream_bytes, 4);
+            assert!(!forwarded.reset);
+            let pool = PIPE_POOL.lock().expect("pool");
+            // The answer arrives after the request direction ended, so it reuses that
+            // direction's pipe: one pipe serves the connection, and the second round
+            // takes it from the pool instead of making more.
+            assert_eq!(pool.len(), 1, "round {round}");
+            assert!(
+                pool.iter().any(|pipe| pipe.capacity == BUFFER_BYTES),
+                "the bulk direction's pipe did not grow"
+            );
+        }
+    }
 }
