@@ -8,7 +8,7 @@
 //! (`sk_msg` redirects land in a queue that `splice` does not read, and a redirected send
 //! fails with ENOMEM instead of blocking when the peer reads slowly: retried here).
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -18,6 +18,8 @@ use tokio::net::TcpStream;
 
 /// Largest per-direction buffer (userspace copy) and pipe size (splice).
 const BUFFER_BYTES: usize = 1024 * 1024;
+/// A new pipe's size.
+const DEFAULT_PIPE_BYTES: usize = 64 * 1024;
 /// First userspace buffer of a direction.
 const FIRST_BUFFER_BYTES: usize = 16 * 1024;
 
@@ -45,9 +47,18 @@ pub struct Forwarded {
 pub async fn forward(downstream: TcpStream, upstream: TcpStream, mode: CopyMode) -> Forwarded {
     let result = match mode {
         CopyMode::Splice => {
-            let up = splice_one_way(&downstream, &upstream);
-            let down = splice_one_way(&upstream, &downstream);
-            tokio::try_join!(up, down)
+            // The pipes live here, outside the two directions, so that when one direction
+            // fails (a reset) and the other is dropped, both can still go back to the pool.
+            let (mut up_pipe, mut down_pipe) = (None, None);
+            let result = {
+                let up = splice_with(&downstream, &upstream, &mut up_pipe);
+                let down = splice_with(&upstream, &downstream, &mut down_pipe);
+                tokio::try_join!(up, down)
+            };
+            for pipe in [up_pipe, down_pipe].into_iter().flatten() {
+                pipe.give_back();
+            }
+            result
         }
         CopyMode::Userspace => {
             let up = copy_one_way(&downstream, &upstream);
@@ -78,17 +89,7 @@ pub fn reset_on_close(stream: &TcpStream) {
 }
 
 /// Move bytes from `from` to `to` until `from` reaches EOF, then half-close `to`. The
-/// pipe is taken when the first bytes arrive (an idle connection holds none) and goes
-/// back to the pool when the direction ends cleanly.
-async fn splice_one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
-    let mut pipe: Option<Pipe> = None;
-    let total = splice_with(from, to, &mut pipe).await?;
-    if let Some(pipe) = pipe {
-        pipe.give_back();
-    }
-    Ok(total)
-}
-
+/// pipe is taken into `slot` when the first bytes arrive (an idle connection holds none).
 async fn splice_with(from: &TcpStream, to: &TcpStream, slot: &mut Option<Pipe>) -> io::Result<u64> {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     let mut total = 0u64;
@@ -217,16 +218,23 @@ impl Pipe {
             return Ok(pipe);
         }
         let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
-        let capacity = fcntl(&write, FcntlArg::F_GETPIPE_SZ).map_or(64 * 1024, |n| n as usize);
         Ok(Pipe {
             read,
             write,
-            capacity,
+            // The kernel's default (16 pages). Were it smaller, a splice would just move
+            // less; the size only decides when to grow.
+            capacity: DEFAULT_PIPE_BYTES,
         })
     }
 
     /// Only an empty pipe goes back: one an error left holding bytes is closed.
     fn give_back(self) {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: FIONREAD on a pipe's read end writes one int.
+        let rc = unsafe { libc::ioctl(self.read.as_raw_fd(), libc::FIONREAD, &mut queued) };
+        if rc != 0 || queued != 0 {
+            return;
+        }
         let mut pool = PIPE_POOL.lock().unwrap_or_else(|p| p.into_inner());
         if pool.len() < PIPE_POOL_MAX {
             pool.push(self);
@@ -288,10 +296,9 @@ mod tests {
             assert_eq!(forwarded.downstream_bytes, 4);
             assert!(!forwarded.reset);
             let pool = PIPE_POOL.lock().expect("pool");
-            // The answer arrives after the request direction ended, so it reuses that
-            // direction's pipe: one pipe serves the connection, and the second round
-            // takes it from the pool instead of making more.
-            assert_eq!(pool.len(), 1, "round {round}");
+            // One pipe per direction, both back when the connection ends; the second
+            // round takes them from the pool instead of making more.
+            assert_eq!(pool.len(), 2, "round {round}");
             assert!(
                 pool.iter().any(|pipe| pipe.capacity == BUFFER_BYTES),
                 "the bulk direction's pipe did not grow"

@@ -390,11 +390,10 @@ async fn connect_within(
 
 /// An IPv4 TCP socket in the calling thread's netns, ready for tokio.
 fn nonblocking_tcp_socket() -> std::io::Result<socket2::Socket> {
-    let socket = socket2::Socket::new(
+    // Non-blocking from the start: one syscall instead of three.
+    socket2::Socket::new(
         socket2::Domain::IPV4,
-        socket2::Type::STREAM,
+        socket2::Type::STREAM.nonblocking(),
         Some(socket2::Protocol::TCP),
-    )?;
-    socket.set_nonblocking(true)?;
-    Ok(socket)
+    )
 }
