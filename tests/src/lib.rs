@@ -168,6 +168,8 @@ pub struct Testbed {
     pods: Vec<Pod>,
     next_pod: u32,
     next_log: AtomicU32,
+    /// How long each plugin of the last chain ADD took, in chain order.
+    last_add_timings: std::sync::Mutex<Vec<(String, Duration)>>,
 }
 
 impl Testbed {
@@ -251,6 +253,7 @@ impl Testbed {
             pods: Vec::new(),
             next_pod: 0,
             next_log: AtomicU32::new(0),
+            last_add_timings: std::sync::Mutex::default(),
         };
         // On error `tb` is dropped here, which removes whatever was made so far.
         tb.setup(&opts, std_cni_dir)
@@ -820,8 +823,10 @@ impl Testbed {
             .map(|(k, v)| (k.as_str(), Some(v.as_str())))
             .collect();
         let mut prev: Option<Value> = None;
+        let mut timings = Vec::new();
         for (i, ty) in node.plugin_types.iter().enumerate() {
             let conf = cni::plugin_config(&node.conflist, i, prev.as_ref());
+            let started = std::time::Instant::now();
             let outcome = self
                 .run_plugin(
                     node,
@@ -839,6 +844,7 @@ impl Testbed {
                         format!("plugin {ty} ADD printed no JSON result: {:?}", out.stdout)
                     })
                 });
+            timings.push((ty.clone(), started.elapsed()));
             match outcome {
                 Ok(result) => prev = Some(result),
                 Err(e) => {
@@ -854,7 +860,20 @@ impl Testbed {
                 }
             }
         }
+        *self
+            .last_add_timings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = timings;
         prev.ok_or_else(|| anyhow!("the CNI chain is empty"))
+    }
+
+    /// How long each plugin (by type) of the last chain ADD took, in chain order: the
+    /// scale bench reads interceptor-cni's share.
+    pub fn last_add_timings(&self) -> Vec<(String, Duration)> {
+        self.last_add_timings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn chain_del(

@@ -9,5 +9,6 @@ pub mod measure;
 pub mod proc;
 pub mod report;
 pub mod scale;
+pub mod scale_pods;
 pub mod scenario;
 pub mod upstream;

@@ -20,6 +20,8 @@ pub struct Report<'a> {
     pub scale: &'a [super::scale::ScaleRow],
     /// The cost of the upstream policies (empty when not run).
     pub upstream: &'a [super::upstream::UpstreamRow],
+    /// Pod start-up at cluster scale (empty when not run).
+    pub scale_pods: &'a [super::scale_pods::PodsRow],
     pub wall_s: f64,
     pub loadavg_at_end: String,
     /// The `--note` given on the command line.
@@ -379,6 +381,19 @@ pub fn summary(report: &Report<'_>) -> String {
         )
         .unwrap_or(());
     }
+    if !report.scale_pods.is_empty() {
+        writeln!(
+            s,
+            "\n## Pod start-up at cluster scale ({} enrolled pods added per size, every round)\n\n{}\n\n\
+             interceptor-cni ADD: the plugin's own run (the agent's work for the pod: listeners, \
+             maps or chains, and the answer); whole chain: bridge + host-local + interceptor-cni. \
+             The model's Services select their pods by label (no EndpointSlices). RSS and threads: \
+             the agent after the probes were enrolled.",
+            super::scale_pods::PROBES,
+            super::scale_pods::table(report.scale_pods)
+        )
+        .unwrap_or(());
+    }
     if !report.upstream.is_empty() {
         writeln!(
             s,
@@ -440,6 +455,7 @@ pub fn json(report: &Report<'_>, markdown: &str) -> Value {
         "table_markdown": table(report.rows),
         "scale": report.scale,
         "upstream": report.upstream,
+        "scale_pods": report.scale_pods,
         "markdown": markdown,
     })
 }

@@ -38,6 +38,8 @@ enum Part {
     Scale,
     /// Only the cost of the upstream policies.
     Upstream,
+    /// Only pod start-up (CNI ADD) and agent memory with models of 10 to 10,000 pods.
+    ScalePods,
 }
 
 #[derive(Parser, Debug)]
@@ -108,6 +110,7 @@ fn main() -> Result<()> {
     let mut rounds_rows = Vec::new();
     let mut rounds_scale = Vec::new();
     let mut rounds_upstream = Vec::new();
+    let mut rounds_scale_pods = Vec::new();
     for round in 0..rounds {
         let opts = Options {
             secs,
@@ -127,10 +130,14 @@ fn main() -> Result<()> {
         if matches!(cli.part, Part::All | Part::Upstream) {
             rounds_upstream.push(bench::upstream::run(opts));
         }
+        if matches!(cli.part, Part::All | Part::ScalePods) {
+            rounds_scale_pods.push(bench::scale_pods::run(opts));
+        }
     }
     let rows = scenario::merge(rounds_rows);
     let scale = bench::scale::merge(rounds_scale);
     let upstream = bench::upstream::merge(rounds_upstream);
+    let scale_pods = bench::scale_pods::merge(rounds_scale_pods);
     let report = Report {
         facts: &facts,
         secs,
@@ -139,6 +146,7 @@ fn main() -> Result<()> {
         rows: &rows,
         scale: &scale,
         upstream: &upstream,
+        scale_pods: &scale_pods,
         wall_s: start.elapsed().as_secs_f64(),
         loadavg_at_end: bench::facts::loadavg(),
         note: cli.note.clone(),
@@ -155,6 +163,8 @@ fn main() -> Result<()> {
             stem.push_str("-scale");
         } else if cli.part == Part::Upstream {
             stem.push_str("-upstream");
+        } else if cli.part == Part::ScalePods {
+            stem.push_str("-scale-pods");
         } else if cli.topology != Which::Both {
             stem.push_str(if cli.topology == Which::SameNode {
                 "-same-node"
