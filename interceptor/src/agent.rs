@@ -115,6 +115,12 @@ pub struct Agent {
     /// Held from reading the inputs of a route table to storing it: a build that read an
     /// older mode or model never lands after a newer one.
     rebuild: Mutex<()>,
+    /// Route table builds asked for (see [`Agent::request_routes`]), coalesced.
+    routes_requests: crate::sync::Coalesced,
+    /// Bumped each time a route table is stored; listeners of a just-added pod wait on it.
+    routes_published: watch::Sender<u64>,
+    /// This agent, for the builder task a request starts.
+    me: std::sync::Weak<Agent>,
 }
 
 /// How often a drain checks whether every listener is done.
@@ -167,7 +173,7 @@ impl Agent {
         options: AgentOptions,
     ) -> Arc<Self> {
         let log = Arc::new(ConnectionLog::default());
-        let agent = Arc::new(Self {
+        let agent = Arc::new_cyclic(|me| Self {
             datapath,
             model,
             pods: Mutex::new(HashMap::new()),
@@ -183,6 +189,9 @@ impl Agent {
             accepting: watch::Sender::new(true),
             permissive: AtomicBool::new(true),
             rebuild: Mutex::new(()),
+            routes_requests: crate::sync::Coalesced::default(),
+            routes_published: watch::Sender::new(0),
+            me: me.clone(),
         });
         agent.rebuild_routes();
         agent
@@ -307,7 +316,7 @@ impl Agent {
         let mut rx = self.model.clone();
         let follow = async move {
             while rx.changed().await.is_ok() {
-                agent.rebuild_routes();
+                agent.request_routes();
             }
         };
         let checker = Arc::clone(self);
@@ -349,6 +358,23 @@ impl Agent {
         );
         self.upstreams.retain(|addr| table.is_endpoint(addr));
         *write(&self.routes) = Arc::new(table);
+        self.routes_published.send_modify(|n| *n += 1);
+    }
+
+    /// Ask for a new route table without waiting for it: built off the caller's path (a
+    /// table costs O(cluster), a CNI ADD must not), and requests that arrive while one is
+    /// being built are coalesced into the next build. Outside a tokio runtime it builds
+    /// in place.
+    fn request_routes(&self) {
+        if !self.routes_requests.request() {
+            return;
+        }
+        let (Some(agent), Ok(runtime)) = (self.me.upgrade(), tokio::runtime::Handle::try_current())
+        else {
+            self.routes_requests.serve(|| self.rebuild_routes());
+            return;
+        };
+        runtime.spawn_blocking(move || agent.routes_requests.serve(|| agent.rebuild_routes()));
     }
 
     pub fn pod_statuses(&self) -> Vec<PodStatus> {
@@ -472,7 +498,8 @@ impl Agent {
                 enrolled,
             },
         );
-        self.rebuild_routes();
+        // The table is built off this path; the pod's listeners wait for one that knows it.
+        self.request_routes();
         self.persist();
         Ok(AgentResponse::Ok {
             enrolled: is_enrolled,
@@ -559,6 +586,8 @@ impl Agent {
                 sockmap: self.sockmap,
                 draining: self.draining.subscribe(),
                 accepting: self.accepting.subscribe(),
+                pod_ip: ip,
+                routes_published: self.routes_published.subscribe(),
             };
             tokio::spawn(listener::serve(listener, ctx))
         };
@@ -603,7 +632,7 @@ impl Agent {
         let detail = match same_sandbox {
             Some(true) => {
                 self.remove_pod(&key);
-                self.rebuild_routes();
+                self.request_routes();
                 self.persist();
                 format!("pod {key} removed")
             }

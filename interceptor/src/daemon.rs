@@ -84,6 +84,8 @@ pub struct AgentConfig {
     pub simulate_missing_features: Vec<String>,
     /// `--iptables-backend` for the iptables mode.
     pub iptables_backend: crate::datapath::iptables::BackendChoice,
+    /// How tc programs attach in eBPF mode.
+    pub tc_attach: crate::datapath::ebpf::TcAttach,
     /// The global mesh config file (FSM MeshConfig names), watched.
     pub mesh_config: Option<PathBuf>,
     /// How long CNI ADD waits for a pod the model does not have yet.
@@ -164,7 +166,19 @@ async fn serve(config: &AgentConfig, predecessor: Option<i32>) -> anyhow::Result
                     sockmap: config.sockmap,
                     inbound_flow_capacity: config.inbound_flow_capacity,
                     outbound_flow_capacity: config.outbound_flow_capacity,
-                    support: KernelSupport::from_probe(&probe),
+                    support: {
+                        let mut support = KernelSupport::from_probe(&probe);
+                        if config.tc_attach == crate::datapath::ebpf::TcAttach::Netlink
+                            && support.tcx
+                        {
+                            tracing::info!(
+                                "tc programs attach with netlink (--tc-attach netlink, \
+                                 the default; --tc-attach tcx for bpf_link)"
+                            );
+                            support.tcx = false;
+                        }
+                        support
+                    },
                 },
             );
             match attached {

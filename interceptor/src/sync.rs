@@ -1,6 +1,7 @@
 //! Locks that survive a panicking holder: the agent's maps stay usable (a poisoned lock
 //! only means another task panicked mid-update, and every update here is a single
-//! insert or remove).
+//! insert or remove). And [`Coalesced`]: rebuilds asked for often, run one at a time.
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -13,4 +14,97 @@ pub fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
 
 pub fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     lock.write().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Requests for an expensive rebuild (the route table), served by at most one builder
+/// at a time: requests that arrive during a build are all served by the next one.
+#[derive(Debug, Default)]
+pub struct Coalesced {
+    wanted: AtomicU64,
+    building: AtomicBool,
+}
+
+impl Coalesced {
+    /// Record a request. True when no builder runs: the caller must start one, which
+    /// calls [`Coalesced::serve`]; false when a running builder will serve it.
+    pub fn request(&self) -> bool {
+        self.wanted.fetch_add(1, Ordering::SeqCst);
+        !self.building.swap(true, Ordering::SeqCst)
+    }
+
+    /// The builder: runs `build` until every request made before a build started has
+    /// been served by it.
+    pub fn serve(&self, mut build: impl FnMut()) {
+        loop {
+            let served = self.wanted.load(Ordering::SeqCst);
+            build();
+            self.building.store(false, Ordering::SeqCst);
+            // A request after `served` either saw the flag still set (and left its build
+            // to this loop) or set it itself (and started a builder): never neither.
+            if self.wanted.load(Ordering::SeqCst) == served
+                || self.building.swap(true, Ordering::SeqCst)
+            {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::Coalesced;
+
+    /// Many threads request while builds are slow: every request is followed by a build
+    /// that started after it (the last build saw the last request), fewer builds run than
+    /// were asked for, and never two at once.
+    #[test]
+    fn every_request_is_served_by_a_later_build_and_builds_coalesce() {
+        const THREADS: u64 = 8;
+        const REQUESTS: u64 = 50;
+        let coalesced = Arc::new(Coalesced::default());
+        let requested = Arc::new(AtomicU64::new(0));
+        let builds = Arc::new(AtomicU64::new(0));
+        let running = Arc::new(AtomicU64::new(0));
+        // The number of requests made when the latest build started.
+        let seen_by_last_build = Arc::new(AtomicU64::new(0));
+        let workers: Vec<_> = (0..THREADS)
+            .map(|_| {
+                let (coalesced, requested, builds, running, seen) = (
+                    Arc::clone(&coalesced),
+                    Arc::clone(&requested),
+                    Arc::clone(&builds),
+                    Arc::clone(&running),
+                    Arc::clone(&seen_by_last_build),
+                );
+                std::thread::spawn(move || {
+                    for _ in 0..REQUESTS {
+                        requested.fetch_add(1, Ordering::SeqCst);
+                        if coalesced.request() {
+                            coalesced.serve(|| {
+                                assert_eq!(running.fetch_add(1, Ordering::SeqCst), 0);
+                                seen.store(requested.load(Ordering::SeqCst), Ordering::SeqCst);
+                                builds.fetch_add(1, Ordering::SeqCst);
+                                std::thread::sleep(Duration::from_micros(300));
+                                running.fetch_sub(1, Ordering::SeqCst);
+                            });
+                        }
+                    }
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker.join().expect("worker");
+        }
+        let total = THREADS * REQUESTS;
+        assert_eq!(seen_by_last_build.load(Ordering::SeqCst), total);
+        let builds = builds.load(Ordering::SeqCst);
+        assert!(
+            builds >= 1 && builds < total,
+            "{builds} builds for {total} requests"
+        );
+    }
 }

@@ -140,6 +140,9 @@ impl Owned {
     /// Waits up to `timeout` for the process to exit; `None` if it is still running.
     pub(crate) fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
         let deadline = Instant::now() + timeout;
+        // Short first naps, so a quick process (a CNI plugin the bench times) is reaped
+        // within a fraction of a millisecond; longer ones once it runs for a while.
+        let mut nap = Duration::from_micros(100);
         loop {
             if let Some(status) = self.try_wait()? {
                 return Ok(Some(status));
@@ -147,7 +150,8 @@ impl Owned {
             if Instant::now() >= deadline {
                 return Ok(None);
             }
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(nap);
+            nap = (nap * 2).min(Duration::from_millis(10));
         }
     }
 

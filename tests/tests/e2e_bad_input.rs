@@ -776,7 +776,7 @@ fn sigkill_leaves_pins_that_cleanup_removes() {
     if !common::privileged() {
         return;
     }
-    let mut node = Node::start("sigkill", &[]);
+    let mut node = Node::start("sigkill", &["--tc-attach", "tcx"]);
     // TCX links are pinned (kernel ≥ 6.6); below, tc programs are netlink filters on the
     // pods' interfaces and nothing of them is in bpffs.
     let tcx = common::agent_has_feature(&node, "bpf_link for tc (TCX)");

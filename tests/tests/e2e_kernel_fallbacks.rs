@@ -233,7 +233,10 @@ fn switching_from_tcx_links_to_filters_leaves_one_attachment() {
     if !common::privileged() {
         return;
     }
-    let mut node = Node::start("tcxswitch", &["--mode", "ebpf", "--on-exit", "keep"]);
+    let mut node = Node::start(
+        "tcxswitch",
+        &["--mode", "ebpf", "--on-exit", "keep", "--tc-attach", "tcx"],
+    );
     let server = node.pod("demo", "server");
     let client = node.pod("demo", "client");
     if !common::agent_has_feature(&node, "bpf_link for tc (TCX)") {

@@ -147,6 +147,19 @@ impl KernelSupport {
 }
 
 /// Options of the eBPF data path.
+/// How the tc programs attach to a pod's interface (`--tc-attach`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum TcAttach {
+    /// clsact qdisc + cls_bpf filter, every kernel. The pod's netns is the agent's alone,
+    /// so TCX's multi-program ordering buys nothing there.
+    #[default]
+    Netlink,
+    /// TCX links where the kernel has them (6.6), netlink below. Each TCX attach waits
+    /// for an RCU grace period under the rtnl lock (about 15 ms per direction here):
+    /// 30 ms more per CNI ADD, with every rtnl user of the node waiting too.
+    Tcx,
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct EbpfOptions {
     /// `bpf_printk` lines on.

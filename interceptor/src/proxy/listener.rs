@@ -3,6 +3,7 @@
 //! one retry on a connect failure; inbound: within the Service's rate limit), connect from
 //! inside the pod with the proxy mark (which the programs skip), and forward.
 use std::collections::VecDeque;
+
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -198,6 +199,42 @@ pub struct ListenerContext {
     /// routed by a table that lacks the pods not adopted yet (their endpoints), so it
     /// waits in the accept queue instead.
     pub accepting: tokio::sync::watch::Receiver<bool>,
+    /// The pod's address: a route table knows the pod once it counts it enrolled.
+    pub pod_ip: Ipv4Addr,
+    /// Bumped whenever a new route table is stored. Tables are built off the CNI ADD
+    /// path, so a pod's first connections may come before a table that knows the pod.
+    pub routes_published: tokio::sync::watch::Receiver<u64>,
+}
+
+/// How long a connection of a just-added pod waits for a route table that knows the pod
+/// before it is refused.
+const ROUTES_WAIT: Duration = Duration::from_secs(5);
+
+impl ListenerContext {
+    /// The current route table once it knows this pod (its source identity, its
+    /// Services' endpoints); a new pod's first connections wait for it.
+    async fn table_knowing_pod(&self) -> Result<Arc<RouteTable>, String> {
+        let mut published = self.routes_published.clone();
+        let wait = async {
+            loop {
+                published.borrow_and_update();
+                let table = read(&self.routes).clone();
+                if table.is_local_enrolled(&self.pod_ip) {
+                    return Ok(table);
+                }
+                if published.changed().await.is_err() {
+                    return Err("the agent stopped building route tables".to_owned());
+                }
+            }
+        };
+        tokio::time::timeout(ROUTES_WAIT, wait)
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "no route table knows this pod after {ROUTES_WAIT:?}"
+                ))
+            })
+    }
 }
 
 /// Accept until the agent drains, then close the listener and return once every open
@@ -258,7 +295,13 @@ async fn proxy_one(
         }
     };
     record.original_dst = Some(original);
-    let table = read(&ctx.routes).clone();
+    let table = match ctx.table_knowing_pod().await {
+        Ok(table) => table,
+        Err(error) => {
+            reset_on_close(&stream);
+            return Err(error);
+        }
+    };
     let client_ip = match record.client {
         SocketAddr::V4(client) => *client.ip(),
         SocketAddr::V6(_) => Ipv4Addr::UNSPECIFIED,

@@ -388,7 +388,9 @@ pub fn summary(report: &Report<'_>) -> String {
              interceptor-cni ADD: the plugin's own run (the agent's work for the pod: listeners, \
              maps or chains, and the answer); whole chain: bridge + host-local + interceptor-cni. \
              The model's Services select their pods by label (no EndpointSlices). RSS and threads: \
-             the agent after the probes were enrolled.",
+             the agent after the probes were enrolled. tc attach: the agent's `--tc-attach`, `netlink` \
+             (clsact + cls_bpf, the default) or `tcx` (bpf_link on kernels ≥ 6.6: an RCU grace \
+             period under the rtnl lock per direction).",
             super::scale_pods::PROBES,
             super::scale_pods::table(report.scale_pods)
         )

@@ -17,11 +17,15 @@ use super::scenario::{median, Options};
 pub const POD_COUNTS: [usize; 3] = [10, 1_000, 10_000];
 /// Enrolled pods added through the chain per size.
 pub const PROBES: usize = 20;
+/// The agent's `--tc-attach` values measured: TCX waits for RCU grace periods per pod.
+pub const TC_ATTACH: [&str; 2] = ["netlink", "tcx"];
 
 /// One model size over the rounds.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct PodsRow {
     pub pods: usize,
+    /// `--tc-attach` of the agent.
+    pub tc_attach: &'static str,
     pub services: usize,
     /// interceptor-cni's ADD, each probe (ms).
     pub plugin_ms: Vec<f64>,
@@ -94,11 +98,15 @@ fn threads_and_rss(pid: u32) -> Result<(f64, f64)> {
 }
 
 fn point(pods: usize, row: &mut PodsRow) -> Result<()> {
-    let mut tb = Testbed::new(&format!("scalepods{pods}"))?;
+    let mut tb = Testbed::new(&format!("scalepods{pods}{}", row.tc_attach))?;
     let dir = tb.state_dir().join("manifests");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("model.yaml"), manifests(pods))?;
-    let agent = tb.start_agent_on(NodeId::A, &dir, &["--mode", "ebpf"])?;
+    let agent = tb.start_agent_on(
+        NodeId::A,
+        &dir,
+        &["--mode", "ebpf", "--tc-attach", row.tc_attach],
+    )?;
     let result = (|| -> Result<()> {
         // Ready means the first model is loaded; make sure it is the whole one.
         let deadline = std::time::Instant::now() + Duration::from_secs(120);
@@ -143,16 +151,19 @@ fn point(pods: usize, row: &mut PodsRow) -> Result<()> {
 }
 
 pub fn run(opts: Options) -> Vec<PodsRow> {
-    POD_COUNTS
+    TC_ATTACH
         .iter()
-        .map(|&pods| {
+        .flat_map(|&tc_attach| POD_COUNTS.iter().map(move |&pods| (tc_attach, pods)))
+        .map(|(tc_attach, pods)| {
             let mut row = PodsRow {
                 pods,
+                tc_attach,
                 services: (pods / 10).max(1),
                 ..PodsRow::default()
             };
             eprintln!(
-                "tb-bench: pod start-up with a model of {pods} pods (round {}/{})",
+                "tb-bench: pod start-up with a model of {pods} pods, --tc-attach {tc_attach} \
+                 (round {}/{})",
                 opts.round + 1,
                 opts.rounds
             );
@@ -168,7 +179,10 @@ pub fn run(opts: Options) -> Vec<PodsRow> {
 pub fn merge(rounds: Vec<Vec<PodsRow>>) -> Vec<PodsRow> {
     let mut merged: Vec<PodsRow> = Vec::new();
     for row in rounds.into_iter().flatten() {
-        match merged.iter_mut().find(|m| m.pods == row.pods) {
+        match merged
+            .iter_mut()
+            .find(|m| m.pods == row.pods && m.tc_attach == row.tc_attach)
+        {
             Some(m) => {
                 m.plugin_ms.extend(row.plugin_ms);
                 m.chain_ms.extend(row.chain_ms);
@@ -190,8 +204,8 @@ fn ms(value: Option<f64>) -> String {
 /// size) per row.
 pub fn table(rows: &[PodsRow]) -> String {
     let mut out = String::from(
-        "| pods | Services | interceptor-cni ADD p50 ms | p99 ms | whole chain p50 ms | p99 ms | agent RSS MiB | agent threads | p99 ≤ 20 ms |\n\
-         |---|---|---|---|---|---|---|---|---|\n",
+        "| tc attach | pods | Services | interceptor-cni ADD p50 ms | p99 ms | whole chain p50 ms | p99 ms | agent RSS MiB | agent threads | p99 ≤ 20 ms |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
     );
     for row in rows {
         let p99 = quantile(&row.plugin_ms, 0.99);
@@ -205,7 +219,8 @@ pub fn table(rows: &[PodsRow]) -> String {
             }
         };
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            row.tc_attach,
             row.pods,
             row.services,
             ms(quantile(&row.plugin_ms, 0.5)),
