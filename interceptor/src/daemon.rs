@@ -146,6 +146,7 @@ fn write_own_pid(path: &std::path::Path) -> anyhow::Result<()> {
 async fn serve(config: &AgentConfig, predecessor: Option<i32>) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    raise_open_file_limit();
 
     let mut probe = crate::datapath::probe::probe();
     for name in &config.simulate_missing_features {
@@ -437,6 +438,22 @@ fn spawn_counter_watch(
             seen = now;
         }
     })
+}
+
+/// Every proxied connection holds two sockets (and two pipes while it carries bytes),
+/// so the default soft limit of container runtimes (1,024) would refuse connections
+/// past a few hundred: the soft limit goes up to the hard one, as Envoy's and ztunnel's
+/// deployments arrange.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "open file limit raised"),
+            Err(error) => tracing::warn!(%error, soft, hard, "raising the open file limit"),
+        },
+        Ok((soft, _)) => tracing::info!(limit = soft, "open file limit"),
+        Err(error) => tracing::warn!(%error, "reading the open file limit"),
+    }
 }
 
 /// How often the mesh config file is checked.
