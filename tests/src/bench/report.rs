@@ -384,14 +384,13 @@ pub fn summary(report: &Report<'_>) -> String {
     if !report.scale_pods.is_empty() {
         writeln!(
             s,
-            "\n## Pod start-up at cluster scale ({} enrolled pods added per size, every round)\n\n{}\n\n\
+            "\n## Pod start-up at cluster scale (enrolled pods added one by one through the chain)\n\n{}\n\n\
              interceptor-cni ADD: the plugin's own run (the agent's work for the pod: listeners, \
              maps or chains, and the answer); whole chain: bridge + host-local + interceptor-cni. \
              The model's Services select their pods by label (no EndpointSlices). RSS and threads: \
              the agent after the probes were enrolled. tc attach: the agent's `--tc-attach`, `netlink` \
              (clsact + cls_bpf, the default) or `tcx` (bpf_link on kernels ≥ 6.6: an RCU grace \
              period under the rtnl lock per direction).",
-            super::scale_pods::PROBES,
             super::scale_pods::table(report.scale_pods)
         )
         .unwrap_or(());

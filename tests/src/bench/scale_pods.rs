@@ -17,6 +17,8 @@ use super::scenario::{median, Options};
 pub const POD_COUNTS: [usize; 3] = [10, 1_000, 10_000];
 /// Enrolled pods added through the chain per size.
 pub const PROBES: usize = 20;
+/// Enrolled pods of the memory row: the testbed's node subnet (/24) holds about 250.
+pub const MEMORY_PROBES: usize = 200;
 /// The agent's `--tc-attach` values measured: TCX waits for RCU grace periods per pod.
 pub const TC_ATTACH: [&str; 2] = ["netlink", "tcx"];
 
@@ -24,6 +26,8 @@ pub const TC_ATTACH: [&str; 2] = ["netlink", "tcx"];
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct PodsRow {
     pub pods: usize,
+    /// Enrolled pods added through the chain.
+    pub enrolled: usize,
     /// `--tc-attach` of the agent.
     pub tc_attach: &'static str,
     pub services: usize,
@@ -33,6 +37,8 @@ pub struct PodsRow {
     pub chain_ms: Vec<f64>,
     /// Agent RSS after the probes were enrolled (KiB), per round.
     pub rss_kib: Vec<f64>,
+    /// Agent RSS once the model was loaded, before the first probe (KiB), per round.
+    pub rss_before_kib: Vec<f64>,
     /// Agent threads after the probes were enrolled, per round.
     pub threads: Vec<f64>,
     pub errors: Vec<String>,
@@ -49,7 +55,7 @@ fn quantile(values: &[f64], q: f64) -> Option<f64> {
     Some(sorted[rank - 1])
 }
 
-fn manifests(pods: usize) -> String {
+fn manifests(pods: usize, probes: usize) -> String {
     let services = (pods / 10).max(1);
     let mut yaml = String::from(
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: fleet}\n---\n\
@@ -73,7 +79,7 @@ fn manifests(pods: usize) -> String {
             std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 97, 0, 1)) + j as u32)
         ));
     }
-    for k in 0..PROBES {
+    for k in 0..probes {
         yaml.push_str(&format!(
             "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p{k}, namespace: probe}}\n\
              spec: {{containers: [{{name: main, image: bench}}]}}\n"
@@ -101,7 +107,8 @@ fn point(pods: usize, row: &mut PodsRow) -> Result<()> {
     let mut tb = Testbed::new(&format!("scalepods{pods}{}", row.tc_attach))?;
     let dir = tb.state_dir().join("manifests");
     std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("model.yaml"), manifests(pods))?;
+    let probes = row.enrolled;
+    std::fs::write(dir.join("model.yaml"), manifests(pods, probes))?;
     let agent = tb.start_agent_on(
         NodeId::A,
         &dir,
@@ -114,18 +121,19 @@ fn point(pods: usize, row: &mut PodsRow) -> Result<()> {
             let (_, body) = tb.admin_get("/config_dump")?;
             let dump: serde_json::Value = serde_json::from_str(&body)?;
             let loaded = dump["model"]["pods"].as_object().map_or(0, |p| p.len());
-            if loaded >= pods + PROBES {
+            if loaded >= pods + probes {
                 break;
             }
             if std::time::Instant::now() > deadline {
                 bail!(
                     "the model holds {loaded} pods after 120 s, {} expected",
-                    pods + PROBES
+                    pods + probes
                 );
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        for k in 0..PROBES {
+        row.rss_before_kib.push(threads_and_rss(agent.pid())?.1);
+        for k in 0..probes {
             let started = std::time::Instant::now();
             tb.add_pod_on(NodeId::A, "probe", &format!("p{k}"))?;
             row.chain_ms.push(started.elapsed().as_secs_f64() * 1000.0);
@@ -153,10 +161,17 @@ fn point(pods: usize, row: &mut PodsRow) -> Result<()> {
 pub fn run(opts: Options) -> Vec<PodsRow> {
     TC_ATTACH
         .iter()
-        .flat_map(|&tc_attach| POD_COUNTS.iter().map(move |&pods| (tc_attach, pods)))
-        .map(|(tc_attach, pods)| {
+        .flat_map(|&tc_attach| {
+            POD_COUNTS
+                .iter()
+                .map(move |&pods| (tc_attach, pods, PROBES))
+        })
+        // Memory per enrolled pod: a small model and many pods enrolled.
+        .chain([(TC_ATTACH[0], POD_COUNTS[0], MEMORY_PROBES)])
+        .map(|(tc_attach, pods, enrolled)| {
             let mut row = PodsRow {
                 pods,
+                enrolled,
                 tc_attach,
                 services: (pods / 10).max(1),
                 ..PodsRow::default()
@@ -179,14 +194,14 @@ pub fn run(opts: Options) -> Vec<PodsRow> {
 pub fn merge(rounds: Vec<Vec<PodsRow>>) -> Vec<PodsRow> {
     let mut merged: Vec<PodsRow> = Vec::new();
     for row in rounds.into_iter().flatten() {
-        match merged
-            .iter_mut()
-            .find(|m| m.pods == row.pods && m.tc_attach == row.tc_attach)
-        {
+        match merged.iter_mut().find(|m| {
+            m.pods == row.pods && m.tc_attach == row.tc_attach && m.enrolled == row.enrolled
+        }) {
             Some(m) => {
                 m.plugin_ms.extend(row.plugin_ms);
                 m.chain_ms.extend(row.chain_ms);
                 m.rss_kib.extend(row.rss_kib);
+                m.rss_before_kib.extend(row.rss_before_kib);
                 m.threads.extend(row.threads);
                 m.errors.extend(row.errors);
             }
@@ -204,8 +219,8 @@ fn ms(value: Option<f64>) -> String {
 /// size) per row.
 pub fn table(rows: &[PodsRow]) -> String {
     let mut out = String::from(
-        "| tc attach | pods | Services | interceptor-cni ADD p50 ms | p99 ms | whole chain p50 ms | p99 ms | agent RSS MiB | agent threads | p99 ≤ 20 ms |\n\
-         |---|---|---|---|---|---|---|---|---|---|\n",
+        "| tc attach | model pods | Services | enrolled | interceptor-cni ADD p50 ms | p99 ms | whole chain p50 ms | p99 ms | agent RSS MiB before → after | KiB per enrolled pod | agent threads | p99 ≤ 20 ms |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for row in rows {
         let p99 = quantile(&row.plugin_ms, 0.99);
@@ -219,15 +234,25 @@ pub fn table(rows: &[PodsRow]) -> String {
             }
         };
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             row.tc_attach,
             row.pods,
             row.services,
+            row.enrolled,
             ms(quantile(&row.plugin_ms, 0.5)),
             ms(p99),
             ms(quantile(&row.chain_ms, 0.5)),
             ms(quantile(&row.chain_ms, 0.99)),
-            median(&row.rss_kib).map_or("—".into(), |k| format!("{:.1}", k / 1024.0)),
+            match (median(&row.rss_before_kib), median(&row.rss_kib)) {
+                (Some(before), Some(after)) =>
+                    format!("{:.1} → {:.1}", before / 1024.0, after / 1024.0),
+                _ => "—".into(),
+            },
+            match (median(&row.rss_before_kib), median(&row.rss_kib)) {
+                (Some(before), Some(after)) if row.enrolled > 0 =>
+                    format!("{:.0}", (after - before) / row.enrolled as f64),
+                _ => "—".into(),
+            },
             median(&row.threads).map_or("—".into(), |t| format!("{t:.0}")),
             verdict
         ));
@@ -249,7 +274,7 @@ mod tests {
 
     #[test]
     fn the_model_has_every_pod_service_and_probe() {
-        let yaml = manifests(1_000);
+        let yaml = manifests(1_000, PROBES);
         assert_eq!(yaml.matches("kind: Pod\n").count(), 1_000 + PROBES);
         assert_eq!(yaml.matches("kind: Service\n").count(), 100);
         assert!(
