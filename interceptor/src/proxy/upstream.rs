@@ -5,7 +5,7 @@
 //! ejection (outlier detection). Also how a connection to a Service is opened: limits
 //! first, then one connect, and on a connect failure one retry on another endpoint, before
 //! any byte of the client has been read.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::{Arc, Mutex};
@@ -62,6 +62,8 @@ pub struct UpstreamMetrics {
     ejections: Family<EndpointLabels, Counter>,
     checks: Family<CheckLabels, Counter>,
     open: Family<EndpointLabels, Gauge>,
+    /// The hosts each endpoint has series for.
+    seen: Arc<Mutex<HashMap<SocketAddrV4, HashSet<String>>>>,
 }
 
 impl UpstreamMetrics {
@@ -101,17 +103,63 @@ impl UpstreamMetrics {
     /// A connection to `endpoint` of `host` refused on purpose, for `reason`.
     fn refused(&self, host: &str, endpoint: SocketAddrV4, reason: &'static str) {
         let labels = RefusedLabels {
-            endpoint: labels(host, endpoint),
+            endpoint: self.labels(host, endpoint),
             reason,
         };
         self.refused.get_or_create(&labels).inc();
     }
 }
 
-fn labels(host: &str, endpoint: SocketAddrV4) -> EndpointLabels {
-    EndpointLabels {
-        host: host.to_owned(),
-        endpoint: endpoint.to_string(),
+impl UpstreamMetrics {
+    /// The labels of `endpoint` of `host`, remembered so [`UpstreamMetrics::forget`] can
+    /// remove its series once the endpoint is gone.
+    fn labels(&self, host: &str, endpoint: SocketAddrV4) -> EndpointLabels {
+        let mut seen = lock(&self.seen);
+        let hosts = seen.entry(endpoint).or_default();
+        if !hosts.contains(host) {
+            hosts.insert(host.to_owned());
+        }
+        EndpointLabels {
+            host: host.to_owned(),
+            endpoint: endpoint.to_string(),
+        }
+    }
+
+    /// Remove every series of endpoints that `keep` rejects, so a cluster whose pods come
+    /// and go does not grow `/metrics` (and the agent's memory) without bound.
+    fn forget(&self, keep: impl Fn(&SocketAddrV4) -> bool) {
+        let gone: Vec<(SocketAddrV4, HashSet<String>)> = {
+            let mut seen = lock(&self.seen);
+            let addrs: Vec<SocketAddrV4> = seen.keys().filter(|a| !keep(a)).copied().collect();
+            addrs
+                .into_iter()
+                .filter_map(|addr| seen.remove(&addr).map(|hosts| (addr, hosts)))
+                .collect()
+        };
+        for (addr, hosts) in gone {
+            for host in hosts {
+                let endpoint = EndpointLabels {
+                    host,
+                    endpoint: addr.to_string(),
+                };
+                for family in [&self.connect_failures, &self.retries, &self.ejections] {
+                    family.remove(&endpoint);
+                }
+                self.open.remove(&endpoint);
+                for reason in ["max_connections", "rate_limit"] {
+                    self.refused.remove(&RefusedLabels {
+                        endpoint: endpoint.clone(),
+                        reason,
+                    });
+                }
+                for result in ["success", "failure"] {
+                    self.checks.remove(&CheckLabels {
+                        endpoint: endpoint.clone(),
+                        result,
+                    });
+                }
+            }
+        }
     }
 }
 
@@ -195,16 +243,17 @@ pub struct EndpointLease {
 
 impl Drop for EndpointLease {
     fn drop(&mut self) {
+        // The gauge first: while this connection counts as open, `retain` keeps the
+        // endpoint's series, so the decrement never re-creates a removed one.
+        self.upstreams
+            .metrics
+            .open
+            .get_or_create(&self.upstreams.metrics.labels(&self.host, self.addr))
+            .dec();
         let mut state = lock(&self.upstreams.state);
         if let Some(endpoint) = state.endpoints.get_mut(&self.addr) {
             endpoint.open = endpoint.open.saturating_sub(1);
         }
-        drop(state);
-        self.upstreams
-            .metrics
-            .open
-            .get_or_create(&labels(&self.host, self.addr))
-            .dec();
     }
 }
 
@@ -344,7 +393,10 @@ impl Upstreams {
         let mut state = lock(&self.state);
         state.endpoints.entry(addr).or_default().open += 1;
         drop(state);
-        self.metrics.open.get_or_create(&labels(host, addr)).inc();
+        self.metrics
+            .open
+            .get_or_create(&self.metrics.labels(host, addr))
+            .inc();
         EndpointLease {
             upstreams: Arc::clone(self),
             addr,
@@ -356,7 +408,7 @@ impl Upstreams {
     /// it is ejected for `fail_timeout`.
     pub fn failed(&self, addr: SocketAddrV4, settings: &UpstreamSettings, now: Instant) {
         let health = settings.health;
-        let labels = labels(&settings.host, addr);
+        let labels = self.metrics.labels(&settings.host, addr);
         self.metrics.connect_failures.get_or_create(&labels).inc();
         let mut state = lock(&self.state);
         let endpoint = state.endpoints.entry(addr).or_default();
@@ -392,6 +444,11 @@ impl Upstreams {
         let mut state = lock(&self.state);
         state.endpoints.retain(|addr, s| s.open > 0 || keep(addr));
         state.buckets.retain(|(addr, _), _| keep(addr));
+        // Series of endpoints with open connections stay until those end and a later
+        // table no longer names them.
+        let still_open =
+            |addr: &SocketAddrV4| state.endpoints.get(addr).is_some_and(|s| s.open > 0);
+        self.metrics.forget(|addr| still_open(addr) || keep(addr));
     }
 
     /// Every endpoint the proxy has seen, for `/config_dump`.
@@ -467,7 +524,7 @@ where
     upstreams
         .metrics
         .retries
-        .get_or_create(&labels(&settings.host, addr))
+        .get_or_create(&upstreams.metrics.labels(&settings.host, addr))
         .inc();
     if retry_settings.host != settings.host {
         host = match upstreams.admit(client, &retry_settings, retry) {
@@ -621,7 +678,7 @@ pub async fn run_health_checks(upstreams: Arc<Upstreams>, due: impl Fn() -> Vec<
                     .metrics
                     .checks
                     .get_or_create(&CheckLabels {
-                        endpoint: labels(&settings.host, addr),
+                        endpoint: upstreams.metrics.labels(&settings.host, addr),
                         result,
                     })
                     .inc();
@@ -680,6 +737,47 @@ mod tests {
         assert!(upstreams.admit("demo/other", &s, addr).is_ok());
         drop(leases);
         assert!(upstreams.admit("demo/client", &s, addr).is_ok());
+    }
+
+    /// Series of an endpoint the route table no longer names go (issue 14: they were
+    /// never removed, so `/metrics` grew with every pod the cluster ever had), except
+    /// while the endpoint still has open connections.
+    #[test]
+    fn series_of_gone_endpoints_are_removed_once_their_connections_end() {
+        let metrics = UpstreamMetrics::default();
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let encoded = || {
+            let mut out = String::new();
+            prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+            out
+        };
+        let upstreams = Arc::new(Upstreams::new(metrics));
+        let s = settings(Some(10));
+        let (gone, kept): (SocketAddrV4, SocketAddrV4) = (
+            "10.0.0.1:80".parse().unwrap(),
+            "10.0.0.2:80".parse().unwrap(),
+        );
+        let lease = upstreams.connected(gone, &s.host);
+        upstreams.failed(gone, &s, Instant::now());
+        upstreams.failed(kept, &s, Instant::now());
+        assert!(
+            encoded().contains("endpoint=\"10.0.0.1:80\""),
+            "{}",
+            encoded()
+        );
+        // Still open: its series stay.
+        upstreams.retain(|addr| *addr == kept);
+        assert!(
+            encoded().contains("endpoint=\"10.0.0.1:80\""),
+            "{}",
+            encoded()
+        );
+        drop(lease);
+        upstreams.retain(|addr| *addr == kept);
+        let text = encoded();
+        assert!(!text.contains("10.0.0.1:80"), "{text}");
+        assert!(text.contains("endpoint=\"10.0.0.2:80\""), "{text}");
     }
 
     #[test]
