@@ -346,8 +346,9 @@ const HOW_TO_READ: &str =
     "Ratios are to `direct` of the same topology in this run. Latency is the \
 round trip of a 64-byte request and its 64-byte response on one persistent connection (sockperf \
 ping-pong `--full-rtt`; `[rr]` marks `tb-pod rr` used as the fallback); bulk is one iperf3 stream; \
-conn/s is `tb-pod connrate` (connect, 1 byte each way, RST close, one thread); CPU s/GB is the CPU \
-time of the node cgroups (pods, proxies, agents) during the iperf3 run per 10^9 bytes received. \
+conn/s is `tb-pod connrate` (connect, 1 byte each way, RST close, one thread); CPU s/GB is the busy \
+CPU time of the whole machine (`/proc/stat`: user, nice, system, irq, softirq, steal) during the \
+iperf3 run per 10^9 bytes received, so nothing a path costs is left out of it. \
 Lower is better for latency and CPU, higher for bulk and conn/s. See bench/README.md.";
 
 /// The summary printed on stdout: table, targets, notes.
