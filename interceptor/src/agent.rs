@@ -648,6 +648,7 @@ impl Agent {
 
     fn remove_pod(&self, key: &PodKey) {
         let entry = lock(&self.pods).remove(key);
+        self.log.metrics().forget_pod(&key.to_string());
         if let Some(enrolled) = entry.and_then(|e| e.enrolled) {
             // Out of the data path first, then its rules: never enrolled without them.
             if let Err(error) = self.datapath.unenroll(&enrolled.datapath, &enrolled.netns) {

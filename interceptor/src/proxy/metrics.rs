@@ -89,6 +89,25 @@ impl ProxyMetrics {
         self.upstream.clone()
     }
 
+    /// Remove the series of a pod that is gone: its inbound connections are labelled
+    /// with the pod's name, so without this `/metrics` keeps every pod the node ever ran.
+    pub fn forget_pod(&self, pod: &str) {
+        let labels = RouteLabels {
+            direction: "inbound",
+            route: "inbound".into(),
+            backend: pod.to_owned(),
+        };
+        for family in [&self.connections, &self.errors, &self.refused] {
+            family.remove(&labels);
+        }
+        for flow in ["upstream", "downstream"] {
+            self.bytes.remove(&ByteLabels {
+                route: labels.clone(),
+                flow,
+            });
+        }
+    }
+
     pub fn observe(&self, record: &ConnectionRecord) {
         let direction = match record.direction {
             Direction::Outbound => "outbound",
@@ -198,5 +217,38 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("interceptor_proxy_errors_total{"), "{text}");
+    }
+
+    /// A deleted pod's inbound series go; another pod's stay.
+    #[test]
+    fn a_removed_pod_leaves_no_series() {
+        let metrics = ProxyMetrics::default();
+        for pod in ["demo/gone", "demo/kept"] {
+            metrics.observe(&ConnectionRecord {
+                pod: pod.into(),
+                direction: Direction::Inbound,
+                client: "10.244.0.5:40000".parse().unwrap(),
+                original_dst: None,
+                target: Some(Target::Local {
+                    addr: "10.244.0.9:9000".parse().unwrap(),
+                }),
+                outcome: "connect 10.244.0.9:9000: Connection refused".into(),
+                copy_mode: CopyMode::Splice,
+                bytes: Forwarded {
+                    upstream_bytes: 5,
+                    downstream_bytes: 0,
+                    reset: false,
+                },
+                unix_ms: 0,
+            });
+        }
+        assert!(metrics.encode().contains("backend=\"demo/gone\""));
+        metrics.forget_pod("demo/gone");
+        let text = metrics.encode();
+        assert!(!text.contains("demo/gone"), "{text}");
+        assert!(
+            text.contains("interceptor_proxy_errors_total{direction=\"inbound\",route=\"inbound\",backend=\"demo/kept\"} 1"),
+            "{text}"
+        );
     }
 }
