@@ -167,19 +167,7 @@ async fn serve(config: &AgentConfig, predecessor: Option<i32>) -> anyhow::Result
                     sockmap: config.sockmap,
                     inbound_flow_capacity: config.inbound_flow_capacity,
                     outbound_flow_capacity: config.outbound_flow_capacity,
-                    support: {
-                        let mut support = KernelSupport::from_probe(&probe);
-                        if config.tc_attach == crate::datapath::ebpf::TcAttach::Netlink
-                            && support.tcx
-                        {
-                            tracing::info!(
-                                "tc programs attach with netlink (--tc-attach netlink, \
-                                 the default; --tc-attach tcx for bpf_link)"
-                            );
-                            support.tcx = false;
-                        }
-                        support
-                    },
+                    support: config.tc_attach.apply(KernelSupport::from_probe(&probe)),
                 },
             );
             match attached {

@@ -41,7 +41,7 @@ pub use cni::{
 };
 pub use netns::{connect_in_netns, netns_path, with_netns};
 pub use node::{ip_forward, link_addrs, link_name, NodeId, TestbedNode};
-pub use procs::{AgentProcess, ClientReport, ServerProcess, TbPodRun};
+pub use procs::{proc_status, AgentProcess, ClientReport, ProcStatus, ServerProcess, TbPodRun};
 
 use names::{BPFFS_ROOT, DIR_PREFIX, NETNS_PREFIX, STATE_ROOT};
 use procs::Owned;

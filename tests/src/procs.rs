@@ -567,3 +567,28 @@ impl TbPodRun {
         serde_json::from_str(line).with_context(|| format!("parsing tb-pod output {line:?}"))
     }
 }
+
+/// `Threads` and `VmRSS` (KiB) of a process, from `/proc/<pid>/status`: what the soak,
+/// the bench and the thread-count test watch of the agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcStatus {
+    pub threads: u64,
+    pub rss_kib: u64,
+}
+
+pub fn proc_status(pid: u32) -> Result<ProcStatus> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let field = |name: &str| -> Result<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("no {name} in {path}"))
+    };
+    Ok(ProcStatus {
+        threads: field("Threads:")?,
+        rss_kib: field("VmRSS:")?,
+    })
+}

@@ -631,14 +631,11 @@ fn enrolling_pods_adds_no_thread_per_pod() {
         .tb
         .spawn_server(&server, &["echo", "--listen", "0.0.0.0:9000"])
         .expect("echo server");
-    let threads = |node: &Node| -> usize {
+    let threads = |node: &Node| -> u64 {
         let pid = node.agent.as_ref().expect("agent").pid();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("Threads:"))
-            .and_then(|n| n.trim().parse().ok())
-            .expect("Threads line")
+        interceptor_testbed::proc_status(pid)
+            .expect("agent status")
+            .threads
     };
     let first = node.pod("demo", "p0");
     let direct = format!("{}:9000", server.ip);
@@ -661,7 +658,7 @@ fn enrolling_pods_adds_no_thread_per_pod() {
     }
     let after = threads(&node);
     assert!(
-        after < before + PODS / 2,
+        after < before + PODS as u64 / 2,
         "{} more pods took the agent from {before} to {after} threads",
         PODS - 1
     );

@@ -146,7 +146,6 @@ impl KernelSupport {
     }
 }
 
-/// Options of the eBPF data path.
 /// How the tc programs attach to a pod's interface (`--tc-attach`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum TcAttach {
@@ -160,6 +159,21 @@ pub enum TcAttach {
     Tcx,
 }
 
+impl TcAttach {
+    /// The kernel's features as this choice uses them: `netlink` turns TCX off.
+    pub fn apply(self, mut support: KernelSupport) -> KernelSupport {
+        if self == TcAttach::Netlink && support.tcx {
+            tracing::info!(
+                "tc programs attach with netlink (--tc-attach netlink, the default; \
+                 --tc-attach tcx for bpf_link)"
+            );
+            support.tcx = false;
+        }
+        support
+    }
+}
+
+/// Options of the eBPF data path.
 #[derive(Clone, Copy, Debug)]
 pub struct EbpfOptions {
     /// `bpf_printk` lines on.

@@ -125,20 +125,16 @@ async fn splice_with(from: &TcpStream, to: &TcpStream, slot: &mut Option<Pipe>) 
                 splice(pipe.read.as_fd(), None, to.as_fd(), None, left, flags)
                     .map_err(io::Error::from)
             }) {
+                // Bytes left in the pipe keep it out of the pool (`Pipe::give_back`).
                 Ok(0) => {
-                    // Bytes stay in the pipe: it must not be reused.
-                    slot.take();
                     return Err(io::Error::new(
                         io::ErrorKind::WriteZero,
                         "peer took no bytes",
-                    ));
+                    ))
                 }
                 Ok(n) => left -= n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => {
-                    slot.take();
-                    return Err(e);
-                }
+                Err(e) => return Err(e),
             }
         }
         if filled == pipe.capacity {

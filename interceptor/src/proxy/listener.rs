@@ -3,7 +3,6 @@
 //! one retry on a connect failure; inbound: within the Service's rate limit), connect from
 //! inside the pod with the proxy mark (which the programs skip), and forward.
 use std::collections::VecDeque;
-
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -214,6 +213,11 @@ impl ListenerContext {
     /// The current route table once it knows this pod (its source identity, its
     /// Services' endpoints); a new pod's first connections wait for it.
     async fn table_knowing_pod(&self) -> Result<Arc<RouteTable>, String> {
+        // Every connection but a new pod's first ones: no receiver clone, no timer.
+        let table = read(&self.routes).clone();
+        if table.is_local_enrolled(&self.pod_ip) {
+            return Ok(table);
+        }
         let mut published = self.routes_published.clone();
         let wait = async {
             loop {

@@ -88,21 +88,6 @@ fn manifests(pods: usize, probes: usize) -> String {
     yaml
 }
 
-/// `Threads:` and `VmRSS:` (KiB) of a process.
-fn threads_and_rss(pid: u32) -> Result<(f64, f64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let field = |name: &str| -> Option<f64> {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-    };
-    match (field("Threads:"), field("VmRSS:")) {
-        (Some(threads), Some(rss)) => Ok((threads, rss)),
-        _ => bail!("no Threads/VmRSS in /proc/{pid}/status"),
-    }
-}
-
 fn point(pods: usize, row: &mut PodsRow) -> Result<()> {
     let mut tb = Testbed::new(&format!("scalepods{pods}{}", row.tc_attach))?;
     let dir = tb.state_dir().join("manifests");
@@ -132,7 +117,8 @@ fn point(pods: usize, row: &mut PodsRow) -> Result<()> {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        row.rss_before_kib.push(threads_and_rss(agent.pid())?.1);
+        row.rss_before_kib
+            .push(interceptor_testbed::proc_status(agent.pid())?.rss_kib as f64);
         for k in 0..probes {
             let started = std::time::Instant::now();
             tb.add_pod_on(NodeId::A, "probe", &format!("p{k}"))?;
@@ -147,9 +133,9 @@ fn point(pods: usize, row: &mut PodsRow) -> Result<()> {
                 None => bail!("no interceptor-cni in the chain's timings"),
             }
         }
-        let (threads, rss) = threads_and_rss(agent.pid())?;
-        row.threads.push(threads);
-        row.rss_kib.push(rss);
+        let status = interceptor_testbed::proc_status(agent.pid())?;
+        row.threads.push(status.threads as f64);
+        row.rss_kib.push(status.rss_kib as f64);
         Ok(())
     })();
     let stopped = agent.stop();

@@ -122,22 +122,12 @@ pub fn process(pid: u32) -> Result<ProcFigures> {
             .entry(fd_kind(&target.to_string_lossy()))
             .or_default() += 1;
     }
-    let status_path = format!("/proc/{pid}/status");
-    let status =
-        std::fs::read_to_string(&status_path).with_context(|| format!("reading {status_path}"))?;
-    let field = |name: &str| -> Result<u64> {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("no {name} in {status_path}"))
-    };
+    let status = interceptor_testbed::proc_status(pid)?;
     Ok(ProcFigures {
         fds,
         fd_kinds,
-        threads: field("Threads:")?,
-        rss_kib: field("VmRSS:")?,
+        threads: status.threads,
+        rss_kib: status.rss_kib,
     })
 }
 
