@@ -14,9 +14,11 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::datapath::{Datapath, DatapathError, PodDatapath};
-use crate::inpod::PodNetns;
+use crate::inpod::{InPodSockets, PodNetns};
 use crate::model::{Model, PodKey};
 use crate::proxy::listener::{self, ListenerContext};
+use crate::proxy::routes::LastValid;
+use crate::proxy::socket::{HostSockets, SocketFactory};
 use crate::proxy::{ConnectionLog, Direction, RouteTable, Upstreams};
 use crate::source::manifests::ManifestState;
 
@@ -113,8 +115,9 @@ pub struct Agent {
     /// FSM's permissive traffic policy mode (the default); off is SMI mode.
     permissive: AtomicBool,
     /// Held from reading the inputs of a route table to storing it: a build that read an
-    /// older mode or model never lands after a newer one.
-    rebuild: Mutex<()>,
+    /// older mode or model never lands after a newer one. It holds what builds carry
+    /// from one to the next: the last valid version of each upstream settings object.
+    rebuild: Mutex<LastValid>,
     /// Route table builds asked for (see [`Agent::request_routes`]), coalesced.
     routes_requests: crate::sync::Coalesced,
     /// Bumped each time a route table is stored; listeners of a just-added pod wait on it.
@@ -188,7 +191,7 @@ impl Agent {
             draining: watch::Sender::new(false),
             accepting: watch::Sender::new(true),
             permissive: AtomicBool::new(true),
-            rebuild: Mutex::new(()),
+            rebuild: Mutex::default(),
             routes_requests: crate::sync::Coalesced::default(),
             routes_published: watch::Sender::new(0),
             me: me.clone(),
@@ -224,7 +227,7 @@ impl Agent {
         self.log.metrics()
     }
 
-    pub fn connection_log(&self) -> Vec<listener::ConnectionRecord> {
+    pub fn connection_log(&self) -> Vec<crate::proxy::ConnectionRecord> {
         self.log.snapshot()
     }
 
@@ -294,11 +297,15 @@ impl Agent {
             .checked_endpoints()
             .iter()
             .filter_map(|c| {
-                let netns = local.get(c.addr.ip()).cloned();
-                (netns.is_some() || !c.in_mesh).then(|| crate::proxy::upstream::CheckTarget {
+                let sockets: Arc<dyn SocketFactory> = match local.get(c.addr.ip()) {
+                    Some(netns) => Arc::new(InPodSockets::new(Arc::clone(netns))),
+                    None if !c.in_mesh => Arc::new(HostSockets),
+                    None => return None,
+                };
+                Some(crate::proxy::upstream::CheckTarget {
                     addr: c.addr,
                     settings: Arc::clone(&c.settings),
-                    netns,
+                    sockets,
                 })
             })
             .collect()
@@ -334,7 +341,7 @@ impl Agent {
     }
 
     fn rebuild_routes(&self) {
-        let _building = lock(&self.rebuild);
+        let mut last_valid = lock(&self.rebuild);
         let (pod_ips, enrolled): (HashMap<PodKey, Ipv4Addr>, HashSet<Ipv4Addr>) = {
             let pods = lock(&self.pods);
             let ips = pods
@@ -354,7 +361,7 @@ impl Agent {
             &pod_ips,
             enrolled,
             permissive,
-            &mut self.upstreams.last_valid(),
+            &mut last_valid,
         );
         self.upstreams.retain(|addr| table.is_endpoint(addr));
         *write(&self.routes) = Arc::new(table);
@@ -528,11 +535,10 @@ impl Agent {
                 .map_err(|e| io_failure("netns", &e))?
         };
         let netns = Arc::new(netns);
-        let outbound = listener::listen(&netns, Direction::Outbound)
-            .await
+        let sockets: Arc<dyn SocketFactory> = Arc::new(InPodSockets::new(Arc::clone(&netns)));
+        let outbound = listener::listen(&*sockets, Direction::Outbound)
             .map_err(|e| io_failure("outbound listener", &e))?;
-        let inbound = listener::listen(&netns, Direction::Inbound)
-            .await
+        let inbound = listener::listen(&*sockets, Direction::Inbound)
             .map_err(|e| io_failure("inbound listener", &e))?;
         let netns_cookie = {
             let netns = Arc::clone(&netns);
@@ -579,7 +585,7 @@ impl Agent {
             let ctx = ListenerContext {
                 pod: key.clone(),
                 direction,
-                netns: Arc::clone(&netns),
+                sockets: Arc::clone(&sockets),
                 routes: Arc::clone(&self.routes),
                 log: Arc::clone(&self.log),
                 upstreams: Arc::clone(&self.upstreams),

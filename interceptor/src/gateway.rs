@@ -23,9 +23,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::proxy::forward::{forward, reset_on_close, CopyMode};
-use crate::proxy::listener::{connect_from_here, ConnectionLog, ConnectionRecord, Direction};
+use crate::proxy::routes::LastValid;
+use crate::proxy::socket::{self, HostSockets};
 use crate::proxy::upstream::{self, Upstreams};
-use crate::proxy::{GatewayTable, Target};
+use crate::proxy::{ConnectionLog, ConnectionRecord, Direction, GatewayTable, ProxyError, Target};
 use crate::source::manifests::{self, ManifestState};
 use crate::sync::{lock, read, write};
 
@@ -110,6 +111,8 @@ struct Shared {
     table: RwLock<Arc<GatewayTable>>,
     log: ConnectionLog,
     upstreams: Arc<Upstreams>,
+    /// The last valid version of each upstream settings object, across table builds.
+    last_valid: std::sync::Mutex<LastValid>,
     model: watch::Receiver<ManifestState>,
     /// Ports that could not be bound, with the error.
     bind_errors: std::sync::Mutex<HashMap<u16, String>>,
@@ -155,6 +158,7 @@ pub async fn run(config: GatewayConfig) -> anyhow::Result<()> {
         table: RwLock::new(Arc::new(GatewayTable::default())),
         upstreams: Arc::new(Upstreams::new(log.metrics().upstream())),
         log,
+        last_valid: std::sync::Mutex::default(),
         model: rx.clone(),
         bind_errors: std::sync::Mutex::new(HashMap::new()),
     });
@@ -173,7 +177,7 @@ pub async fn run(config: GatewayConfig) -> anyhow::Result<()> {
                 .map(|c| upstream::CheckTarget {
                     addr: c.addr,
                     settings: Arc::clone(&c.settings),
-                    netns: None,
+                    sockets: Arc::new(HostSockets),
                 })
                 .collect()
         },
@@ -226,7 +230,7 @@ async fn reconcile(
             &model,
             key,
             shared.config.class.as_deref(),
-            &mut shared.upstreams.last_valid(),
+            &mut lock(&shared.last_valid),
         ),
         Err(_) => GatewayTable::default(),
     });
@@ -309,36 +313,32 @@ async fn handle(stream: TcpStream, client: SocketAddr, shared: Arc<Shared>) {
         &format!("gateway {}", table.gateway()),
         |pick| table.resolve_with(local, client_ip, pick),
         Some(client_ip),
-        connect_from_here,
+        |addr, timeout| socket::connect(&HostSockets, addr, timeout),
     )
     .await;
     let gateway = read(&shared.serving).clone().unwrap_or_default();
     let mut record = ConnectionRecord::start(gateway, Direction::Gateway, client);
     record.original_dst = Some(local);
     record.target = Some(target);
-    record.outcome = match opened {
+    let result = match opened {
         // A gateway only forwards to Service endpoints; anything else has no route.
         Ok(_) if !matches!(record.target, Some(Target::Endpoint { .. })) => {
             reset_on_close(&stream);
-            "no route".into()
+            Err(ProxyError::NoRoute)
         }
         Ok((upstream, leases)) => {
             let _ = stream.set_nodelay(true);
             let _ = upstream.set_nodelay(true);
             record.bytes = forward(stream, upstream, CopyMode::Splice).await;
             leases.served(record.bytes.downstream_bytes > 0);
-            if record.bytes.reset {
-                "reset"
-            } else {
-                "closed"
-            }
-            .into()
+            Ok(())
         }
-        Err(why) => {
+        Err(error) => {
             reset_on_close(&stream);
-            why
+            Err(error)
         }
     };
+    record.finish(result);
     shared.log.push(record);
 }
 

@@ -1,9 +1,12 @@
 //! Working inside a pod's network namespace: the calling thread enters it for a short
 //! synchronous job (a socket keeps its netns for life) and returns, the way ztunnel's
-//! in-pod mode does; no thread per pod.
+//! in-pod mode does; no thread per pod. [`InPodSockets`] is the proxy's socket factory
+//! for a pod.
 mod netns;
+mod sockets;
 
 pub use netns::{netns_cookie_of_current, probe_connect, PodNetns};
+pub use sockets::InPodSockets;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InpodError {

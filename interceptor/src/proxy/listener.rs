@@ -1,184 +1,31 @@
 //! The in-pod listeners: outbound (15001) and inbound (15003). Accept, recover the
 //! original destination, pick the target (outbound: within the upstream policies, with
-//! one retry on a connect failure; inbound: within the Service's rate limit), connect from
-//! inside the pod with the proxy mark (which the programs skip), and forward.
-use std::collections::VecDeque;
+//! one retry on a connect failure; inbound: within the Service's rate limit), connect with
+//! a socket from the pod's [`SocketFactory`] (made inside the pod, with the proxy mark
+//! the programs skip), and forward.
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
-use crate::sync::{lock, read};
-use std::time::{Duration, Instant, SystemTime};
-
-use interceptor_common::{INBOUND_PORT, OUTBOUND_PORT, PROXY_MARK};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
-use super::forward::{forward, reset_on_close, CopyMode, Forwarded};
+use super::connection::{ConnectionRecord, Direction, ProxyError};
+use super::forward::{forward, reset_on_close, CopyMode};
+use super::log::ConnectionLog;
 use super::orig_dst::original_dst;
 use super::routes::{ConnectionSource, RouteTable, Target, DEFAULT_CONNECT_TIMEOUT};
+use super::socket::{self, SocketFactory};
 use super::upstream::{self, Upstreams};
-use crate::inpod::{InpodError, PodNetns};
+use crate::sync::read;
 
-/// Connection records kept for `/config_dump`.
-const LOG_CAPACITY: usize = 256;
-
-/// Which of a pod's two listeners accepted a connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Direction {
-    /// The pod's application dialled out (15001).
-    Outbound,
-    /// Someone dialled the pod (15003).
-    Inbound,
-    /// A client dialled a gateway listener (`interceptor gateway`).
-    Gateway,
-}
-
-impl Direction {
-    /// The in-pod listener's port; a gateway listens on its Gateway's ports instead.
-    pub fn port(self) -> Option<u16> {
-        match self {
-            Direction::Outbound => Some(OUTBOUND_PORT),
-            Direction::Inbound => Some(INBOUND_PORT),
-            Direction::Gateway => None,
-        }
-    }
-}
-
-/// What happened to one proxied connection, for operators and tests.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct ConnectionRecord {
-    pub pod: String,
-    pub direction: Direction,
-    pub client: SocketAddr,
-    /// What the application dialled, as `SO_ORIGINAL_DST` reported it.
-    pub original_dst: Option<SocketAddrV4>,
-    pub target: Option<Target>,
-    pub outcome: String,
-    pub copy_mode: CopyMode,
-    #[serde(flatten)]
-    pub bytes: Forwarded,
-    pub unix_ms: u64,
-}
-
-impl ConnectionRecord {
-    /// The record of a connection `pod`'s listener (or a gateway) accepted from `client`
-    /// just now; the rest is filled in as it is proxied.
-    pub fn start(pod: String, direction: Direction, client: SocketAddr) -> Self {
-        Self {
-            pod,
-            direction,
-            client,
-            original_dst: None,
-            target: None,
-            outcome: String::new(),
-            copy_mode: CopyMode::default(),
-            bytes: Forwarded::default(),
-            unix_ms: SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
-        }
-    }
-}
-
-/// Recent connection records, bounded, and the metrics every record adds to.
-#[derive(Debug, Default)]
-pub struct ConnectionLog {
-    records: Mutex<VecDeque<ConnectionRecord>>,
-    metrics: super::metrics::ProxyMetrics,
-    /// Connections accepted and not yet done (what a drain waits for).
-    open: std::sync::atomic::AtomicUsize,
-}
-
-/// Counts one connection as open for as long as it lives.
-pub struct OpenConnection<'a>(&'a ConnectionLog);
-
-impl Drop for OpenConnection<'_> {
-    fn drop(&mut self) {
-        self.0
-            .open
-            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-impl ConnectionLog {
-    pub fn metrics(&self) -> &super::metrics::ProxyMetrics {
-        &self.metrics
-    }
-
-    /// Count a connection as open until the returned guard is dropped.
-    pub fn opened(&self) -> OpenConnection<'_> {
-        self.open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        OpenConnection(self)
-    }
-
-    /// Connections accepted and not yet done.
-    pub fn open_connections(&self) -> usize {
-        self.open.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    pub fn push(&self, record: ConnectionRecord) {
-        self.metrics.observe(&record);
-        let mut records = lock(&self.records);
-        if records.len() == LOG_CAPACITY {
-            records.pop_front();
-        }
-        records.push_back(record);
-    }
-
-    pub fn snapshot(&self) -> Vec<ConnectionRecord> {
-        let records = lock(&self.records);
-        records.iter().cloned().collect()
-    }
-}
-
-/// Open one of the pod's listeners inside its netns, with `SO_REUSEPORT`: during a
-/// hand-over the next agent opens its own listener beside this one (see
-/// [`allow_request_migration`]).
-pub async fn listen(netns: &PodNetns, direction: Direction) -> Result<TcpListener, InpodError> {
-    let path = netns.path().display().to_string();
-    let port = direction.port().ok_or_else(|| InpodError::Io {
-        path: path.clone(),
-        source: std::io::Error::other("a gateway has no in-pod listener"),
-    })?;
-    let std_listener = netns
-        .run(move || -> std::io::Result<std::net::TcpListener> {
-            let socket = nonblocking_tcp_socket()?;
-            socket.set_reuse_address(true)?;
-            socket.set_reuse_port(true)?;
-            allow_request_migration();
-            socket.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
-            socket.listen(1024)?;
-            Ok(socket.into())
-        })
-        .await?
-        .map_err(|source| InpodError::Io {
-            path: path.clone(),
-            source,
-        })?;
-    TcpListener::from_std(std_listener).map_err(|source| InpodError::Io { path, source })
-}
-
-/// The pod netns sysctl that moves connections still in a closing listener's accept
-/// queue to another listener of its `SO_REUSEPORT` group (kernel 5.14).
-const MIGRATE_REQ_SYSCTL: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
-
-/// Turn on `net.ipv4.tcp_migrate_req` in the calling thread's netns (net sysctls are
-/// per netns, resolved from the thread that opens the file). Without it, a connection
-/// the kernel queued on the old agent's listener just before that listener closed at a
-/// hand-over is reset; with it, the kernel hands it to the new agent's listener. Older
-/// kernels lack the sysctl (logged at debug level): the hand-over then has that window.
-fn allow_request_migration() {
-    match std::fs::read_to_string(MIGRATE_REQ_SYSCTL) {
-        Ok(value) if value.trim() == "1" => {}
-        Ok(_) => {
-            if let Err(error) = std::fs::write(MIGRATE_REQ_SYSCTL, "1") {
-                tracing::warn!(%error, "setting {MIGRATE_REQ_SYSCTL} in a pod netns");
-            }
-        }
-        Err(error) => tracing::debug!(%error, "no {MIGRATE_REQ_SYSCTL} (kernel before 5.14)"),
-    }
+/// Open one of the pod's listeners with `SO_REUSEPORT`, from the pod's socket factory:
+/// during a hand-over the next agent opens its own listener beside this one.
+pub fn listen(sockets: &dyn SocketFactory, direction: Direction) -> std::io::Result<TcpListener> {
+    let port = direction
+        .port()
+        .ok_or_else(|| std::io::Error::other("a gateway has no in-pod listener"))?;
+    TcpListener::from_std(sockets.listener(port)?)
 }
 
 /// Everything a pod's accept loop shares with the agent.
@@ -186,7 +33,8 @@ fn allow_request_migration() {
 pub struct ListenerContext {
     pub pod: crate::model::PodKey,
     pub direction: Direction,
-    pub netns: Arc<PodNetns>,
+    /// Sockets inside the pod's netns, with the proxy mark.
+    pub sockets: Arc<dyn SocketFactory>,
     pub routes: Arc<RwLock<Arc<RouteTable>>>,
     pub log: Arc<ConnectionLog>,
     pub upstreams: Arc<Upstreams>,
@@ -212,7 +60,7 @@ const ROUTES_WAIT: Duration = Duration::from_secs(5);
 impl ListenerContext {
     /// The current route table once it knows this pod (its source identity, its
     /// Services' endpoints); a new pod's first connections wait for it.
-    async fn table_knowing_pod(&self) -> Result<Arc<RouteTable>, String> {
+    async fn table_knowing_pod(&self) -> Result<Arc<RouteTable>, ProxyError> {
         // Every connection but a new pod's first ones: no receiver clone, no timer.
         let table = read(&self.routes).clone();
         if table.is_local_enrolled(&self.pod_ip) {
@@ -227,17 +75,13 @@ impl ListenerContext {
                     return Ok(table);
                 }
                 if published.changed().await.is_err() {
-                    return Err("the agent stopped building route tables".to_owned());
+                    return Err(ProxyError::RoutesStopped);
                 }
             }
         };
         tokio::time::timeout(ROUTES_WAIT, wait)
             .await
-            .unwrap_or_else(|_| {
-                Err(format!(
-                    "no route table knows this pod after {ROUTES_WAIT:?}"
-                ))
-            })
+            .unwrap_or(Err(ProxyError::RoutesLate(ROUTES_WAIT)))
     }
 }
 
@@ -275,12 +119,8 @@ pub async fn serve(listener: TcpListener, ctx: ListenerContext) {
 async fn handle(stream: TcpStream, client: SocketAddr, ctx: ListenerContext) {
     let _open = ctx.log.opened();
     let mut record = ConnectionRecord::start(ctx.pod.to_string(), ctx.direction, client);
-    let outcome = proxy_one(stream, &ctx, &mut record).await;
-    record.outcome = match outcome {
-        Ok(()) if record.bytes.reset => "reset".into(),
-        Ok(()) => "closed".into(),
-        Err(reason) => reason,
-    };
+    let result = proxy_one(stream, &ctx, &mut record).await;
+    record.finish(result);
     tracing::debug!(pod = %record.pod, client = %record.client, original_dst = ?record.original_dst,
         target = ?record.target, outcome = %record.outcome, "connection done");
     ctx.log.push(record);
@@ -290,12 +130,12 @@ async fn proxy_one(
     stream: TcpStream,
     ctx: &ListenerContext,
     record: &mut ConnectionRecord,
-) -> Result<(), String> {
+) -> Result<(), ProxyError> {
     let original = match original_dst(&stream) {
         Ok(addr) => addr,
         Err(error) => {
             reset_on_close(&stream);
-            return Err(format!("no original destination: {error}"));
+            return Err(ProxyError::NoOriginalDestination(error));
         }
     };
     record.original_dst = Some(original);
@@ -321,7 +161,7 @@ async fn proxy_one(
                 &ctx.pod.to_string(),
                 |pick| table.resolve_with(original, source, pick),
                 Some(client_ip),
-                |addr, timeout| connect_from_pod(&ctx.netns, addr, timeout),
+                |addr, timeout| socket::connect(&*ctx.sockets, addr, timeout),
             )
             .await
         }
@@ -330,9 +170,9 @@ async fn proxy_one(
     record.target = Some(target);
     let (upstream, leases) = match opened {
         Ok(opened) => opened,
-        Err(why) => {
+        Err(error) => {
             reset_on_close(&stream);
-            return Err(why);
+            return Err(error);
         }
     };
     let _ = stream.set_nodelay(true);
@@ -387,60 +227,17 @@ async fn inbound(
         }
     }
     let target = Target::Local { addr: original };
-    match connect_from_pod(&ctx.netns, original, DEFAULT_CONNECT_TIMEOUT).await {
+    match socket::connect(&*ctx.sockets, original, DEFAULT_CONNECT_TIMEOUT).await {
         Ok(stream) => (target, Ok((stream, upstream::Leases::default()))),
-        Err(error) => {
+        Err(source) => {
             if let Some(settings) = settings {
                 ctx.upstreams.failed(original, settings, Instant::now());
             }
-            (target, Err(format!("connect {original}: {error}")))
+            let error = ProxyError::Connect {
+                addr: original,
+                source,
+            };
+            (target, Err(error))
         }
     }
-}
-
-/// Connect to `addr` with a socket created inside the pod's netns and carrying the
-/// proxy mark, so the connect4 program lets it through untouched.
-pub async fn connect_from_pod(
-    netns: &PodNetns,
-    addr: SocketAddrV4,
-    timeout: Duration,
-) -> std::io::Result<TcpStream> {
-    let std_stream = netns
-        .run(|| -> std::io::Result<std::net::TcpStream> {
-            let socket = nonblocking_tcp_socket()?;
-            socket.set_mark(PROXY_MARK)?;
-            Ok(socket.into())
-        })
-        .await
-        .map_err(std::io::Error::other)??;
-    let socket = TcpSocket::from_std_stream(std_stream);
-    connect_within(timeout, socket.connect(SocketAddr::V4(addr))).await
-}
-
-/// Connect to `addr` from the calling process's netns (a gateway, or the node).
-pub async fn connect_from_here(
-    addr: SocketAddrV4,
-    timeout: Duration,
-) -> std::io::Result<TcpStream> {
-    connect_within(timeout, TcpStream::connect(SocketAddr::V4(addr))).await
-}
-
-/// `connect`, given up as timed out after `timeout`.
-async fn connect_within(
-    timeout: Duration,
-    connect: impl std::future::Future<Output = std::io::Result<TcpStream>>,
-) -> std::io::Result<TcpStream> {
-    tokio::time::timeout(timeout, connect)
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
-}
-
-/// An IPv4 TCP socket in the calling thread's netns, ready for tokio.
-fn nonblocking_tcp_socket() -> std::io::Result<socket2::Socket> {
-    // Non-blocking from the start: one syscall instead of three.
-    socket2::Socket::new(
-        socket2::Domain::IPV4,
-        socket2::Type::STREAM.nonblocking(),
-        Some(socket2::Protocol::TCP),
-    )
 }

@@ -8,7 +8,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
-use super::listener::{ConnectionRecord, Direction};
+use super::connection::{ConnectionRecord, Outcome};
 use super::routes::Target;
 use super::upstream::UpstreamMetrics;
 
@@ -32,6 +32,14 @@ struct ByteLabels {
     flow: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailureLabels {
+    direction: &'static str,
+    /// [`super::ProxyError::kind`]: `no_original_destination`, `no_route_table`,
+    /// `no_endpoints`, `refused`, `no_route` or `connect`.
+    kind: &'static str,
+}
+
 #[derive(Debug)]
 pub struct ProxyMetrics {
     registry: Registry,
@@ -39,6 +47,7 @@ pub struct ProxyMetrics {
     bytes: Family<ByteLabels, Counter>,
     errors: Family<RouteLabels, Counter>,
     refused: Family<RouteLabels, Counter>,
+    failures: Family<FailureLabels, Counter>,
     upstream: UpstreamMetrics,
 }
 
@@ -49,6 +58,7 @@ impl Default for ProxyMetrics {
         let bytes = Family::<ByteLabels, Counter>::default();
         let errors = Family::<RouteLabels, Counter>::default();
         let refused = Family::<RouteLabels, Counter>::default();
+        let failures = Family::<FailureLabels, Counter>::default();
         registry.register(
             "proxy_connections",
             "Connections the proxy handled, counted when they end",
@@ -69,6 +79,11 @@ impl Default for ProxyMetrics {
             "Connections refused on purpose: every weight of the matching rule is zero, or a policy denies them",
             refused.clone(),
         );
+        registry.register(
+            "proxy_failures",
+            "Connections the proxy did not carry, by why (the errors and refusals above, by kind)",
+            failures.clone(),
+        );
         let upstream = UpstreamMetrics::default();
         upstream.register(&mut registry);
         Self {
@@ -77,6 +92,7 @@ impl Default for ProxyMetrics {
             bytes,
             errors,
             refused,
+            failures,
             upstream,
         }
     }
@@ -109,11 +125,7 @@ impl ProxyMetrics {
     }
 
     pub fn observe(&self, record: &ConnectionRecord) {
-        let direction = match record.direction {
-            Direction::Outbound => "outbound",
-            Direction::Inbound => "inbound",
-            Direction::Gateway => "gateway",
-        };
+        let direction = record.direction.as_str();
         let (route, backend) = match &record.target {
             Some(Target::Endpoint { route, backend, .. })
             | Some(Target::NoEndpoints { route, backend, .. }) => (
@@ -143,10 +155,19 @@ impl ProxyMetrics {
                 self.bytes.get_or_create(&byte_labels).inc_by(n);
             }
         }
-        if matches!(record.target, Some(Target::Refused { .. })) {
-            self.refused.get_or_create(&labels).inc();
-        } else if record.outcome != "closed" && record.outcome != "reset" {
-            self.errors.get_or_create(&labels).inc();
+        if let Outcome::Failed(error) = &record.outcome {
+            let family = if error.is_refusal() {
+                &self.refused
+            } else {
+                &self.errors
+            };
+            family.get_or_create(&labels).inc();
+            self.failures
+                .get_or_create(&FailureLabels {
+                    direction,
+                    kind: error.kind(),
+                })
+                .inc();
         }
     }
 
@@ -174,6 +195,7 @@ impl ProxyMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::connection::{Direction, ProxyError};
     use crate::proxy::forward::{CopyMode, Forwarded};
 
     #[test]
@@ -191,7 +213,7 @@ mod tests {
                 pod: "default/echo-v1".into(),
                 addr: "10.244.0.9:9000".parse().unwrap(),
             }),
-            outcome: "closed".into(),
+            outcome: Outcome::Closed,
             copy_mode: CopyMode::Splice,
             bytes: Forwarded {
                 upstream_bytes: 5,
@@ -232,7 +254,10 @@ mod tests {
                 target: Some(Target::Local {
                     addr: "10.244.0.9:9000".parse().unwrap(),
                 }),
-                outcome: "connect 10.244.0.9:9000: Connection refused".into(),
+                outcome: Outcome::Failed(std::sync::Arc::new(ProxyError::Connect {
+                    addr: "10.244.0.9:9000".parse().unwrap(),
+                    source: std::io::ErrorKind::ConnectionRefused.into(),
+                })),
                 copy_mode: CopyMode::Splice,
                 bytes: Forwarded {
                     upstream_bytes: 5,
@@ -250,5 +275,39 @@ mod tests {
             text.contains("interceptor_proxy_errors_total{direction=\"inbound\",route=\"inbound\",backend=\"demo/kept\"} 1"),
             "{text}"
         );
+    }
+
+    /// Refusals and failures are told apart by the error's type, not its text.
+    #[test]
+    fn failures_are_counted_by_kind() {
+        let metrics = ProxyMetrics::default();
+        let failed = |error: ProxyError| ConnectionRecord {
+            outcome: Outcome::Failed(std::sync::Arc::new(error)),
+            ..ConnectionRecord::start(
+                "demo/client".into(),
+                Direction::Outbound,
+                "10.244.0.5:40000".parse().unwrap(),
+            )
+        };
+        metrics.observe(&failed(ProxyError::Refused {
+            service: "demo/echo:80".into(),
+            route: "circuit breaker".into(),
+            reason: "maxConnections (1) open".into(),
+        }));
+        metrics.observe(&failed(ProxyError::NoOriginalDestination(
+            std::io::ErrorKind::NotFound.into(),
+        )));
+        metrics.observe(&failed(ProxyError::NoOriginalDestination(
+            std::io::ErrorKind::NotFound.into(),
+        )));
+        let text = metrics.encode();
+        for line in [
+            "interceptor_proxy_failures_total{direction=\"outbound\",kind=\"refused\"} 1\n",
+            "interceptor_proxy_failures_total{direction=\"outbound\",kind=\"no_original_destination\"} 2\n",
+            "interceptor_proxy_refused_total{direction=\"outbound\",route=\"none\",backend=\"none\"} 1\n",
+            "interceptor_proxy_errors_total{direction=\"outbound\",route=\"none\",backend=\"none\"} 2\n",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
     }
 }

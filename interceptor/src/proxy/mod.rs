@@ -2,13 +2,24 @@
 //! recovery, routing (Service endpoints and the L4 routing objects), the upstream
 //! policies (circuit breaking, rate limits, balancing, health), the byte-forwarding loop,
 //! and its metrics.
+//!
+//! Layers, each using only those before it: the leaves `routes` (model → table, pure;
+//! runtime endpoint state comes in through `routes::EndpointHealth`), `forward` (bytes),
+//! `orig_dst` and `socket` (the `SocketFactory`); then `connection` (records, outcomes,
+//! typed errors), `upstream` (policies, endpoint state, the connect with one retry),
+//! `metrics` (by error type), `log`, and `listener` at the top. The proxy never enters a
+//! namespace: a pod's sockets come from `inpod::InPodSockets`.
+pub mod connection;
 pub mod forward;
 pub mod listener;
+pub mod log;
 pub mod metrics;
 pub mod orig_dst;
 pub mod routes;
+pub mod socket;
 pub mod upstream;
 
-pub use listener::{ConnectionLog, ConnectionRecord, Direction};
+pub use connection::{ConnectionRecord, Direction, Outcome, ProxyError};
+pub use log::ConnectionLog;
 pub use routes::{ConnectionSource, GatewayTable, ListenerStatus, RouteStatus, RouteTable, Target};
 pub use upstream::Upstreams;

@@ -131,13 +131,27 @@ struct Backend {
     settings: Arc<UpstreamSettings>,
 }
 
-/// What choosing an endpoint needs besides the table.
+/// What one endpoint looks like to the balancer.
 #[derive(Clone, Copy, Debug, Default)]
+pub struct EndpointView {
+    pub ejected: bool,
+    pub open: u32,
+}
+
+/// The runtime state of endpoints a balancer needs (open connections, ejections), kept
+/// outside the table: the table is compiled from the model alone.
+pub trait EndpointHealth: Sync {
+    /// How each of `endpoints` looks to a balancer at `now`, in the same order.
+    fn view(&self, endpoints: &[Endpoint], now: Instant) -> Vec<EndpointView>;
+}
+
+/// What choosing an endpoint needs besides the table.
+#[derive(Clone, Copy, Default)]
 pub struct Pick<'a> {
     /// The client's address, for source IP hashing.
     pub client: Option<Ipv4Addr>,
     /// Open connections and ejections; without it every endpoint is healthy and idle.
-    pub upstreams: Option<&'a crate::proxy::upstream::Upstreams>,
+    pub health: Option<&'a dyn EndpointHealth>,
     /// An endpoint not to choose (the one a retry moves away from).
     pub avoid: Option<SocketAddrV4>,
 }
@@ -166,8 +180,8 @@ impl Backend {
     /// when every one is: better a doubtful endpoint than none) and not avoided.
     fn pick(&self, pick: &Pick<'_>) -> Option<&Endpoint> {
         let n = self.endpoints.len();
-        let views = match pick.upstreams {
-            Some(upstreams) => upstreams.view(&self.endpoints, Instant::now()),
+        let views = match pick.health {
+            Some(health) => health.view(&self.endpoints, Instant::now()),
             None => vec![Default::default(); n],
         };
         let allowed = |i: &usize| Some(self.endpoints[*i].addr) != pick.avoid;

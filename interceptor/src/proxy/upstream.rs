@@ -18,8 +18,11 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpStream;
 
-use super::routes::{LastValid, Pick, RateLimit, Resolved, Target, UpstreamSettings};
-use crate::inpod::PodNetns;
+use super::connection::ProxyError;
+use super::routes::{
+    EndpointHealth, EndpointView, Pick, RateLimit, Resolved, Target, UpstreamSettings,
+};
+use super::socket::{self, SocketFactory};
 use crate::model::Endpoint;
 use crate::sync::lock;
 
@@ -168,8 +171,6 @@ impl UpstreamMetrics {
 pub struct Upstreams {
     state: Mutex<State>,
     metrics: UpstreamMetrics,
-    /// The last valid version of each settings object, for route table rebuilds.
-    last_valid: Mutex<LastValid>,
 }
 
 #[derive(Debug, Default)]
@@ -202,13 +203,6 @@ impl EndpointState {
             .filter(|until| *until > now)
             .map(|until| until - now)
     }
-}
-
-/// What one endpoint looks like to the balancer.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct EndpointView {
-    pub ejected: bool,
-    pub open: u32,
 }
 
 /// A connection counted against its client's `maxConnections` for a host; uncounted on
@@ -259,7 +253,7 @@ impl Drop for EndpointLease {
 
 /// The target a connection finally went to, and its upstream connection with what that
 /// holds, or why it has none.
-pub type Opened = (Target, Result<(TcpStream, Leases), String>);
+pub type Opened = (Target, Result<(TcpStream, Leases), ProxyError>);
 
 /// What a proxied connection holds until it ends.
 #[derive(Debug, Default)]
@@ -293,13 +287,7 @@ impl Upstreams {
         Self {
             state: Mutex::default(),
             metrics,
-            last_valid: Mutex::default(),
         }
-    }
-
-    /// The memory of valid settings objects that route table builds use and update.
-    pub fn last_valid(&self) -> std::sync::MutexGuard<'_, LastValid> {
-        lock(&self.last_valid)
     }
 
     /// Count a new connection from `client` to the host of `settings`, or refuse it when
@@ -370,9 +358,10 @@ impl Upstreams {
         self.metrics.refused(&settings.host, endpoint, "rate_limit");
         false
     }
+}
 
-    /// How each of `endpoints` looks to a balancer at `now`.
-    pub fn view(&self, endpoints: &[Endpoint], now: Instant) -> Vec<EndpointView> {
+impl EndpointHealth for Upstreams {
+    fn view(&self, endpoints: &[Endpoint], now: Instant) -> Vec<EndpointView> {
         let state = lock(&self.state);
         endpoints
             .iter()
@@ -385,7 +374,9 @@ impl Upstreams {
             })
             .collect()
     }
+}
 
+impl Upstreams {
     /// A connect to `addr` succeeded: it has one more open connection until the lease
     /// drops. Its failure streak goes on: the connect may have reached the inbound listener
     /// of a mesh pod whose application is down (see [`Leases::served`]).
@@ -488,7 +479,7 @@ where
 {
     let mut pick = Pick {
         client: client_ip,
-        upstreams: Some(upstreams),
+        health: Some(upstreams.as_ref()),
         avoid: None,
     };
     let first = resolve(&pick);
@@ -502,24 +493,24 @@ where
         Ok(lease) => lease,
         Err(reason) => return refused(first.target, reason),
     };
-    let error = match connect(addr, settings.connect_timeout).await {
+    let first_error = match connect(addr, settings.connect_timeout).await {
         Ok(stream) => {
             let endpoint = upstreams.connected(addr, &settings.host);
             return (first.target, Ok((stream, leases(host, endpoint))));
         }
         Err(error) => error,
     };
-    count_failure(upstreams, addr, &settings, &error);
+    count_failure(upstreams, addr, &settings, &first_error);
     pick.avoid = Some(addr);
     let second = resolve(&pick);
     let (Some(retry_settings), Target::Endpoint { addr: retry, .. }) =
         (second.settings.clone(), &second.target)
     else {
-        return (first.target, Err(format!("connect {addr}: {error}")));
+        return connect_failed(first.target, addr, first_error);
     };
     let retry = *retry;
     if retry == addr {
-        return (first.target, Err(format!("connect {addr}: {error}")));
+        return connect_failed(first.target, addr, first_error);
     }
     upstreams
         .metrics
@@ -539,12 +530,13 @@ where
         }
         Err(retry_error) => {
             count_failure(upstreams, retry, &retry_settings, &retry_error);
-            (
-                second.target,
-                Err(format!(
-                    "connect {addr}: {error}; retry on {retry}: {retry_error}"
-                )),
-            )
+            let error = ProxyError::ConnectRetry {
+                addr,
+                first: first_error,
+                retry,
+                source: retry_error,
+            };
+            (second.target, Err(error))
         }
     }
 }
@@ -583,30 +575,22 @@ fn refused(target: Target, reason: String) -> Opened {
 
 /// A connection to `service` that `route` refuses on purpose, for `reason`.
 pub fn refusal(service: String, route: &str, reason: String) -> Opened {
+    let error = ProxyError::Refused {
+        service: service.clone(),
+        route: route.into(),
+        reason: reason.clone(),
+    };
     let target = Target::Refused {
         service,
         route: route.into(),
         reason,
     };
-    let why = why_not(&target);
-    (target, Err(why))
+    (target, Err(error))
 }
 
-/// Why a target that is not an address gets no connection.
-pub fn why_not(target: &Target) -> String {
-    match target {
-        Target::NoEndpoints {
-            service, backend, ..
-        } => format!("service {service}: backend {backend} has no endpoints"),
-        Target::Refused {
-            service,
-            route,
-            reason,
-        } => format!("service {service}: {route}: {reason}"),
-        Target::Endpoint { addr, .. } | Target::Passthrough { addr } | Target::Local { addr } => {
-            format!("{addr} is an address")
-        }
-    }
+/// The connect to `addr` failed with `source`.
+fn connect_failed(target: Target, addr: SocketAddrV4, source: std::io::Error) -> Opened {
+    (target, Err(ProxyError::Connect { addr, source }))
 }
 
 /// A target without upstream settings: passthrough or local delivery, or no connection.
@@ -620,13 +604,13 @@ where
             *addr
         }
         Target::NoEndpoints { .. } | Target::Refused { .. } => {
-            let why = why_not(&target);
-            return (target, Err(why));
+            let error = ProxyError::of_target(&target).expect("not an address");
+            return (target, Err(error));
         }
     };
     match connect(addr, super::routes::DEFAULT_CONNECT_TIMEOUT).await {
         Ok(stream) => (target, Ok((stream, Leases::default()))),
-        Err(error) => (target, Err(format!("connect {addr}: {error}"))),
+        Err(error) => connect_failed(target, addr, error),
     }
 }
 
@@ -634,9 +618,10 @@ where
 pub struct CheckTarget {
     pub addr: SocketAddrV4,
     pub settings: Arc<UpstreamSettings>,
-    /// The netns of a pod enrolled on this node: its application is checked from inside,
-    /// not through its inbound listener.
-    pub netns: Option<Arc<PodNetns>>,
+    /// Where the check's socket is made: inside the netns of a pod enrolled on this node
+    /// (its application is checked from inside, not through its inbound listener), or
+    /// here.
+    pub sockets: Arc<dyn SocketFactory>,
 }
 
 /// Active TCP checks: every endpoint whose Service port has a HealthCheckPolicy is
@@ -659,7 +644,7 @@ pub async fn run_health_checks(upstreams: Arc<Upstreams>, due: impl Fn() -> Vec<
         for CheckTarget {
             addr,
             settings,
-            netns,
+            sockets,
         } in endpoints
         {
             let Some(interval) = settings.health.interval else {
@@ -672,7 +657,7 @@ pub async fn run_health_checks(upstreams: Arc<Upstreams>, due: impl Fn() -> Vec<
             let upstreams = Arc::clone(&upstreams);
             checks.spawn(async move {
                 let timeout = settings.connect_timeout.min(interval);
-                let healthy = check(addr, timeout, netns.as_deref()).await;
+                let healthy = check(addr, timeout, &*sockets).await;
                 let result = if healthy { "success" } else { "failure" };
                 upstreams
                     .metrics
@@ -692,12 +677,8 @@ pub async fn run_health_checks(upstreams: Arc<Upstreams>, due: impl Fn() -> Vec<
     }
 }
 
-async fn check(addr: SocketAddrV4, timeout: Duration, netns: Option<&PodNetns>) -> bool {
-    let connected = match netns {
-        Some(netns) => super::listener::connect_from_pod(netns, addr, timeout).await,
-        None => super::listener::connect_from_here(addr, timeout).await,
-    };
-    let Ok(stream) = connected else {
+async fn check(addr: SocketAddrV4, timeout: Duration, sockets: &dyn SocketFactory) -> bool {
+    let Ok(stream) = socket::connect(sockets, addr, timeout).await else {
         return false;
     };
     // Readable within the moment: data or EOF is a live application, a reset is not.

@@ -811,7 +811,7 @@ fn least_connections_fills_the_idle_endpoint_and_round_robins_between_equals() {
     let upstreams = Arc::new(Upstreams::new(UpstreamMetrics::default()));
     let backend = backend(2, Balancer::LeastConnections);
     let pick = Pick {
-        upstreams: Some(&upstreams),
+        health: Some(upstreams.as_ref()),
         ..Pick::default()
     };
     let a = backend.endpoints[0].addr;
@@ -880,7 +880,7 @@ fn an_ejected_endpoint_is_skipped_unless_every_endpoint_is_ejected() {
     let backend = backend(2, Balancer::RoundRobin);
     let (a, b) = (backend.endpoints[0].addr, backend.endpoints[1].addr);
     let pick = Pick {
-        upstreams: Some(&upstreams),
+        health: Some(upstreams.as_ref()),
         ..Pick::default()
     };
     let now = Instant::now();

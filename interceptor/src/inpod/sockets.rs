@@ -1,0 +1,67 @@
+//! The proxy's sockets for one pod: made inside the pod's netns by entering it on the
+//! calling thread, so the proxy never touches namespaces itself (it only sees the
+//! [`SocketFactory`]). Upstream sockets carry the proxy mark, which the eBPF programs and
+//! the iptables chains let through untouched.
+use std::io;
+use std::sync::Arc;
+
+use interceptor_common::PROXY_MARK;
+
+use super::PodNetns;
+use crate::proxy::socket::{nonblocking_tcp, reuseport_listener, SocketFactory};
+
+/// Sockets in one enrolled pod's netns.
+#[derive(Debug, Clone)]
+pub struct InPodSockets {
+    netns: Arc<PodNetns>,
+}
+
+impl InPodSockets {
+    pub fn new(netns: Arc<PodNetns>) -> Self {
+        Self { netns }
+    }
+}
+
+impl SocketFactory for InPodSockets {
+    fn tcp(&self) -> io::Result<socket2::Socket> {
+        self.netns.run_blocking(|| {
+            let socket = nonblocking_tcp()?;
+            socket.set_mark(PROXY_MARK)?;
+            Ok(socket)
+        })?
+    }
+
+    fn listener(&self, port: u16) -> io::Result<std::net::TcpListener> {
+        self.netns.run_blocking(|| {
+            allow_request_migration();
+            reuseport_listener(port)
+        })?
+    }
+}
+
+impl From<super::InpodError> for io::Error {
+    fn from(error: super::InpodError) -> Self {
+        io::Error::other(error)
+    }
+}
+
+/// The pod netns sysctl that moves connections still in a closing listener's accept
+/// queue to another listener of its `SO_REUSEPORT` group (kernel 5.14).
+const MIGRATE_REQ_SYSCTL: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+
+/// Turn on `net.ipv4.tcp_migrate_req` in the calling thread's netns (net sysctls are
+/// per netns, resolved from the thread that opens the file). Without it, a connection
+/// the kernel queued on the old agent's listener just before that listener closed at a
+/// hand-over is reset; with it, the kernel hands it to the new agent's listener. Older
+/// kernels lack the sysctl (logged at debug level): the hand-over then has that window.
+fn allow_request_migration() {
+    match std::fs::read_to_string(MIGRATE_REQ_SYSCTL) {
+        Ok(value) if value.trim() == "1" => {}
+        Ok(_) => {
+            if let Err(error) = std::fs::write(MIGRATE_REQ_SYSCTL, "1") {
+                tracing::warn!(%error, "setting {MIGRATE_REQ_SYSCTL} in a pod netns");
+            }
+        }
+        Err(error) => tracing::debug!(%error, "no {MIGRATE_REQ_SYSCTL} (kernel before 5.14)"),
+    }
+}

@@ -1,0 +1,76 @@
+//! Where the proxy's sockets come from. The proxy asks a [`SocketFactory`] for every
+//! listener and upstream socket and never enters a network namespace itself: the in-pod
+//! code (`inpod::InPodSockets`) makes them inside a pod's netns with the proxy mark, a
+//! gateway uses [`HostSockets`]. This is ztunnel's `SocketFactory` split.
+use std::future::Future;
+use std::io;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::time::Duration;
+
+use tokio::net::{TcpSocket, TcpStream};
+
+/// Makes the sockets of one place the proxy works in (a pod's netns, or this process's).
+pub trait SocketFactory: Send + Sync + std::fmt::Debug {
+    /// A non-blocking IPv4 TCP socket for a connection to an upstream.
+    fn tcp(&self) -> io::Result<socket2::Socket>;
+
+    /// A non-blocking IPv4 listener on `port` of every address, with `SO_REUSEPORT` (a
+    /// hand-over's next agent listens beside it).
+    fn listener(&self, port: u16) -> io::Result<std::net::TcpListener>;
+}
+
+/// Sockets in this process's netns, unmarked: a gateway's, and active checks of
+/// endpoints that are not enrolled on this node.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct HostSockets;
+
+impl SocketFactory for HostSockets {
+    fn tcp(&self) -> io::Result<socket2::Socket> {
+        nonblocking_tcp()
+    }
+
+    fn listener(&self, port: u16) -> io::Result<std::net::TcpListener> {
+        reuseport_listener(port)
+    }
+}
+
+/// Connect to `addr` with a socket from `sockets`, given up as timed out after `timeout`.
+pub async fn connect(
+    sockets: &dyn SocketFactory,
+    addr: SocketAddrV4,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let socket = TcpSocket::from_std_stream(sockets.tcp()?.into());
+    within(timeout, socket.connect(SocketAddr::V4(addr))).await
+}
+
+/// `connect`, given up as timed out after `timeout`.
+async fn within(
+    timeout: Duration,
+    connect: impl Future<Output = io::Result<TcpStream>>,
+) -> io::Result<TcpStream> {
+    tokio::time::timeout(timeout, connect)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+/// An IPv4 TCP socket in the calling thread's netns, ready for tokio.
+pub fn nonblocking_tcp() -> io::Result<socket2::Socket> {
+    // Non-blocking from the start: one syscall instead of three.
+    socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::STREAM.nonblocking(),
+        Some(socket2::Protocol::TCP),
+    )
+}
+
+/// A listener on `port` of every IPv4 address of the calling thread's netns, with
+/// `SO_REUSEADDR` and `SO_REUSEPORT`.
+pub fn reuseport_listener(port: u16) -> io::Result<std::net::TcpListener> {
+    let socket = nonblocking_tcp()?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port)).into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
