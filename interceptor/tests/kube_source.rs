@@ -334,7 +334,7 @@ async fn until(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-fn keys<K: ToString, V>(map: &BTreeMap<K, V>) -> Vec<String> {
+fn keys<K: ToString + Ord + Clone, V: Clone>(map: &imbl::OrdMap<K, V>) -> Vec<String> {
     map.keys().map(ToString::to_string).collect()
 }
 

@@ -5,6 +5,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::str::FromStr;
+use std::sync::Arc;
+
+use imbl::OrdMap;
 
 use serde::{Serialize, Serializer};
 
@@ -13,6 +16,10 @@ pub mod routing;
 
 pub use enrollment::{Enrollment, ANNOTATION_SIDECAR_INJECTION, LABEL_DATAPLANE_MODE};
 pub use routing::RoutingObjects;
+
+fn is_empty_routing(routing: &Arc<RoutingObjects>) -> bool {
+    routing.is_empty()
+}
 
 /// Error of parsing a `namespace/name` key.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -75,19 +82,24 @@ object_key!(
 );
 
 /// Everything the agent knows about the cluster, as of one load or watch event.
+///
+/// The collections are persistent maps: a clone shares everything and costs O(1), and an
+/// update costs O(log n), so a source can publish a new model per event without copying
+/// the cluster (the kube source keeps one model and applies each event to it).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Model {
-    pub namespaces: BTreeMap<String, Namespace>,
-    pub pods: BTreeMap<PodKey, Pod>,
-    pub services: BTreeMap<ServiceKey, Service>,
+    pub namespaces: OrdMap<String, Namespace>,
+    pub pods: OrdMap<PodKey, Pod>,
+    pub services: OrdMap<ServiceKey, Service>,
     /// What the EndpointSlices (`discovery.k8s.io/v1`) of each service say, merged across
     /// the service's slices. A service with an entry here (even an empty one) takes its
     /// endpoints from it rather than from its selector; see [`Model::endpoints`].
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub endpoint_slices: BTreeMap<ServiceKey, Vec<SlicePort>>,
-    /// VirtualServices, DestinationRules, TCPRoutes and TrafficSplits.
-    #[serde(skip_serializing_if = "RoutingObjects::is_empty")]
-    pub routing: RoutingObjects,
+    #[serde(skip_serializing_if = "OrdMap::is_empty")]
+    pub endpoint_slices: OrdMap<ServiceKey, Vec<SlicePort>>,
+    /// VirtualServices, DestinationRules, TCPRoutes and TrafficSplits; shared between
+    /// models until a routing object changes.
+    #[serde(skip_serializing_if = "is_empty_routing")]
+    pub routing: Arc<RoutingObjects>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]

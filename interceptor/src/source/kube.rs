@@ -50,7 +50,8 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use super::manifests::{self, ManifestError, ManifestState, Slice};
-use crate::model::{Model, Namespace, Pod, Service};
+use crate::model::routing::RoutingObjects;
+use crate::model::{Model, Namespace, Pod, PodKey, Service, ServiceKey, SlicePort};
 
 mod routing;
 use crate::model::routing::RoutingObject;
@@ -308,20 +309,25 @@ impl<T> Default for Store<T> {
     }
 }
 
+/// What one event changed in a store: the keys whose object changed, each with its new
+/// version or `None` when it is gone. `None` when nothing changed; an empty list when only
+/// the first list completed (empty).
+type Changes<T> = Option<Vec<(String, Option<T>)>>;
+
 impl<T: PartialEq + Clone> Store<T> {
-    /// Applies one watcher event; returns whether the live objects changed.
+    /// Applies one watcher event; returns what changed in the live objects.
     fn apply<O: Resource>(
         &mut self,
         kind: Kind,
         event: watcher::Event<O>,
         convert: impl Fn(O) -> Result<T, ManifestError>,
-    ) -> bool {
+    ) -> Changes<T> {
         match event {
             watcher::Event::Init => {
                 debug!(%kind, "listing");
                 self.relist = Some(BTreeMap::new());
                 self.relist_rejected.clear();
-                false
+                None
             }
             watcher::Event::InitApply(obj) => {
                 let key = object_key(&obj);
@@ -336,38 +342,57 @@ impl<T: PartialEq + Clone> Store<T> {
                 if let Some(item) = item {
                     self.relist.get_or_insert_default().insert(key, item);
                 }
-                false
+                None
             }
             watcher::Event::InitDone => {
                 let listed = self.relist.take().unwrap_or_default();
                 let seen = std::mem::take(&mut self.relist_rejected);
                 self.rejected.retain(|key, _| seen.contains(key));
                 debug!(%kind, objects = listed.len(), "listed");
-                let changed = !self.synced || self.items != listed;
+                // What the list changed: O(objects), once per list.
+                let mut changes: Vec<(String, Option<T>)> = self
+                    .items
+                    .keys()
+                    .filter(|key| !listed.contains_key(*key))
+                    .map(|key| (key.clone(), None))
+                    .collect();
+                changes.extend(
+                    listed
+                        .iter()
+                        .filter(|(key, item)| self.items.get(*key) != Some(item))
+                        .map(|(key, item)| (key.clone(), Some(item.clone()))),
+                );
+                let first = !self.synced;
                 self.items = listed;
                 self.synced = true;
-                changed
+                (first || !changes.is_empty()).then_some(changes)
             }
             watcher::Event::Apply(obj) => {
                 let key = object_key(&obj);
                 match self.convert(kind, &key, obj, &convert) {
-                    Some(item) if self.items.get(&key) == Some(&item) => false,
+                    Some(item) if self.items.get(&key) == Some(&item) => None,
                     Some(item) => {
-                        self.items.insert(key, item);
-                        true
+                        self.items.insert(key.clone(), item.clone());
+                        Some(vec![(key, Some(item))])
                     }
                     // It was valid before and is not any more: out of the model it goes,
                     // unless its previous version stays.
-                    None if self.keeps_previous => false,
-                    None => self.items.remove(&key).is_some(),
+                    None if self.keeps_previous => None,
+                    None => self.remove(key),
                 }
             }
             watcher::Event::Delete(obj) => {
                 let key = object_key(&obj);
                 self.rejected.remove(&key);
-                self.items.remove(&key).is_some()
+                self.remove(key)
             }
         }
+    }
+
+    /// Take `key` out; a change if it was there.
+    fn remove(&mut self, key: String) -> Changes<T> {
+        self.items.remove(&key)?;
+        Some(vec![(key, None)])
     }
 
     /// The version of `key` in force, when an object that fails to convert keeps it.
@@ -439,8 +464,18 @@ struct State {
     absent: BTreeSet<RoutingKind>,
     /// The error of each failing watch, as published.
     errors: BTreeMap<Kind, String>,
-    /// Whether the objects changed since the last model was built.
+    /// The model of the live objects, kept current event by event (see [`State::handle`])
+    /// in persistent maps, so publishing it is a cheap clone; its routing objects are
+    /// rebuilt only when one of them changed.
+    model: Model,
+    /// The Service each slice belongs to, and the slices of each Service (in key order:
+    /// the order their ports are merged in).
+    slice_service: BTreeMap<String, ServiceKey>,
+    slices_of: BTreeMap<ServiceKey, BTreeSet<String>>,
+    /// Whether the objects changed since the model was last published.
     dirty: bool,
+    /// Whether a routing object changed since the model's routing objects were built.
+    routing_dirty: bool,
 }
 
 impl Default for State {
@@ -462,40 +497,143 @@ impl Default for State {
                 .collect(),
             absent: BTreeSet::new(),
             errors: BTreeMap::new(),
+            model: Model::default(),
+            slice_service: BTreeMap::new(),
+            slices_of: BTreeMap::new(),
             dirty: false,
+            routing_dirty: false,
         }
     }
 }
 
 impl State {
+    /// Take in one message and apply what it changed to the model: O(change · log n),
+    /// not O(cluster).
     fn handle(&mut self, msg: Msg) {
         let changed = match msg {
             Msg::WatchOpened(kind) => {
                 self.recovered(kind);
                 false
             }
-            Msg::Namespace(r) => self.event(
-                Kind::Namespaces,
-                *r,
-                |s| &mut s.namespaces,
-                manifests::namespace_from_api,
-            ),
-            Msg::Pod(r) => self.event(Kind::Pods, *r, |s| &mut s.pods, manifests::pod_from_api),
-            Msg::Service(r) => self.event(
-                Kind::Services,
-                *r,
-                |s| &mut s.services,
-                manifests::service_from_api,
-            ),
-            Msg::Slice(r) => self.event(
-                Kind::EndpointSlices,
-                *r,
-                |s| &mut s.slices,
-                manifests::endpoint_slice_from_api,
-            ),
-            Msg::Routing(kind, r) => self.routing_event(kind, *r),
+            Msg::Namespace(r) => {
+                let changes = self.event(
+                    Kind::Namespaces,
+                    *r,
+                    |s| &mut s.namespaces,
+                    manifests::namespace_from_api,
+                );
+                for (key, namespace) in changes.iter().flatten() {
+                    match namespace {
+                        Some(namespace) => {
+                            self.model.namespaces.insert(key.clone(), namespace.clone())
+                        }
+                        None => self.model.namespaces.remove(key),
+                    };
+                }
+                changes.is_some()
+            }
+            Msg::Pod(r) => {
+                let changes = self.event(Kind::Pods, *r, |s| &mut s.pods, manifests::pod_from_api);
+                for (key, pod) in changes.iter().flatten() {
+                    match pod {
+                        Some(pod) => drop(self.model.pods.insert(pod.key(), pod.clone())),
+                        None => {
+                            if let Ok(key) = key.parse::<PodKey>() {
+                                self.model.pods.remove(&key);
+                            }
+                        }
+                    }
+                }
+                changes.is_some()
+            }
+            Msg::Service(r) => {
+                let changes = self.event(
+                    Kind::Services,
+                    *r,
+                    |s| &mut s.services,
+                    manifests::service_from_api,
+                );
+                for (key, service) in changes.iter().flatten() {
+                    match service {
+                        Some(service) => {
+                            let key = service.key();
+                            self.model.services.insert(key.clone(), service.clone());
+                            self.merge_slices(&key);
+                        }
+                        None => {
+                            if let Ok(key) = key.parse::<ServiceKey>() {
+                                self.model.services.remove(&key);
+                                self.model.endpoint_slices.remove(&key);
+                            }
+                        }
+                    }
+                }
+                changes.is_some()
+            }
+            Msg::Slice(r) => {
+                let changes = self.event(
+                    Kind::EndpointSlices,
+                    *r,
+                    |s| &mut s.slices,
+                    manifests::endpoint_slice_from_api,
+                );
+                for (key, slice) in changes.iter().flatten() {
+                    self.slice_changed(key, slice.as_ref());
+                }
+                changes.is_some()
+            }
+            Msg::Routing(kind, r) => {
+                let changed = self.routing_event(kind, *r);
+                self.routing_dirty |= changed;
+                changed
+            }
         };
         self.dirty |= changed;
+    }
+
+    /// Slice `key` is now `slice` (`None`: gone): re-merge the slices of the Service it
+    /// belonged to and of the one it belongs to now.
+    fn slice_changed(&mut self, key: &str, slice: Option<&Slice>) {
+        let before = self.slice_service.remove(key);
+        if let Some(service) = &before {
+            if let Some(keys) = self.slices_of.get_mut(service) {
+                keys.remove(key);
+                if keys.is_empty() {
+                    self.slices_of.remove(service);
+                }
+            }
+        }
+        let after = slice.and_then(|slice| slice.service.clone());
+        if let Some(service) = &after {
+            self.slice_service.insert(key.to_owned(), service.clone());
+            self.slices_of
+                .entry(service.clone())
+                .or_default()
+                .insert(key.to_owned());
+        }
+        let moved = after.iter().filter(|s| Some(*s) != before.as_ref());
+        for service in before.iter().chain(moved) {
+            self.merge_slices(service);
+        }
+    }
+
+    /// The endpoint ports of `service` from all its slices, in slice key order. Every
+    /// Service has an entry, so that the selector (which ignores readiness) is never the
+    /// answer; slices of unknown Services are left out.
+    fn merge_slices(&mut self, service: &ServiceKey) {
+        if !self.model.services.contains_key(service) {
+            self.model.endpoint_slices.remove(service);
+            return;
+        }
+        let ports: Vec<SlicePort> = self
+            .slices_of
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(|key| self.slices.items.get(key))
+            .flat_map(|slice| slice.ports.iter().cloned())
+            .collect();
+        self.model.endpoint_slices.insert(service.clone(), ports);
     }
 
     /// A routing CRD's event; a 404 means the cluster lacks the CRD: listed, empty.
@@ -546,16 +684,18 @@ impl State {
             store.synced = true;
         }
         first
-            | self.event(
-                Kind::Routing(kind),
-                result,
-                |s| {
-                    s.routing
-                        .get_mut(&kind)
-                        .expect("every routing kind has a store")
-                },
-                move |obj| routing::convert(kind, obj),
-            )
+            | self
+                .event(
+                    Kind::Routing(kind),
+                    result,
+                    |s| {
+                        s.routing
+                            .get_mut(&kind)
+                            .expect("every routing kind has a store")
+                    },
+                    move |obj| routing::convert(kind, obj),
+                )
+                .is_some()
     }
 
     fn event<O: Resource, T: PartialEq + Clone>(
@@ -564,18 +704,18 @@ impl State {
         result: WatchResult<O>,
         store: impl FnOnce(&mut State) -> &mut Store<T>,
         convert: impl Fn(O) -> Result<T, ManifestError>,
-    ) -> bool {
+    ) -> Changes<T> {
         match result {
             Ok(event) => {
                 // `Init` and `InitApply` only say that a list started or is under way.
                 if !matches!(event, watcher::Event::Init | watcher::Event::InitApply(_)) {
                     self.recovered(kind);
                 }
-                let changed = store(self).apply(kind, event, convert);
-                if changed {
+                let changes = store(self).apply(kind, event, convert);
+                if changes.is_some() {
                     debug!(%kind, "objects changed");
                 }
-                changed
+                changes
             }
             Err(err) => {
                 let message = format!("watch {kind}: {err}");
@@ -583,7 +723,7 @@ impl State {
                     warn!(%kind, "{message}; keeping the last model, retrying");
                     self.errors.insert(kind, message);
                 }
-                false
+                None
             }
         }
     }
@@ -602,50 +742,19 @@ impl State {
             && self.routing.values().all(|store| store.synced)
     }
 
-    fn build(&self) -> Model {
-        let mut model = Model {
-            namespaces: self
-                .namespaces
-                .items
-                .values()
-                .map(|ns| (ns.name.clone(), ns.clone()))
-                .collect(),
-            pods: self
-                .pods
-                .items
-                .values()
-                .map(|pod| (pod.key(), pod.clone()))
-                .collect(),
-            services: self
-                .services
-                .items
-                .values()
-                .map(|svc| (svc.key(), svc.clone()))
-                .collect(),
-            ..Model::default()
-        };
-        // Every service has an entry, so that the selector (which ignores readiness) is
-        // never the answer; slices of unknown services are left out.
-        model.endpoint_slices = model
-            .services
-            .keys()
-            .map(|key| (key.clone(), Vec::new()))
-            .collect();
-        for slice in self.slices.items.values() {
-            if let Some(ports) = slice
-                .service
-                .as_ref()
-                .and_then(|svc| model.endpoint_slices.get_mut(svc))
-            {
-                ports.extend(slice.ports.iter().cloned());
+    /// The model to publish: the one kept current, with its routing objects rebuilt if
+    /// one of them changed (they are few; the rest is shared with the last model).
+    fn build(&mut self) -> Model {
+        if std::mem::take(&mut self.routing_dirty) {
+            let mut routing = RoutingObjects::default();
+            for store in self.routing.values() {
+                for object in store.items.values() {
+                    object.clone().insert_into(&mut routing);
+                }
             }
+            self.model.routing = Arc::new(routing);
         }
-        for store in self.routing.values() {
-            for object in store.items.values() {
-                object.clone().insert_into(&mut model.routing);
-            }
-        }
-        model
+        self.model.clone()
     }
 
     fn error_text(&self) -> Option<String> {
@@ -670,22 +779,135 @@ impl State {
                 state.last_error = last_error;
                 changed = true;
             }
+            // `dirty` comes from comparing each changed object with its previous version,
+            // so the model is not compared as a whole.
             if let Some(model) = model {
-                if state.generation == 0 || *state.model != model {
-                    state.generation += 1;
-                    info!(
-                        generation = state.generation,
-                        namespaces = model.namespaces.len(),
-                        pods = model.pods.len(),
-                        services = model.services.len(),
-                        endpoint_slices = self.slices.items.len(),
-                        "new model from the API server"
-                    );
-                    state.model = Arc::new(model);
-                    changed = true;
-                }
+                state.generation += 1;
+                info!(
+                    generation = state.generation,
+                    namespaces = model.namespaces.len(),
+                    pods = model.pods.len(),
+                    services = model.services.len(),
+                    endpoint_slices = self.slices.items.len(),
+                    "new model from the API server"
+                );
+                state.model = Arc::new(model);
+                changed = true;
             }
             changed
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn slice(name: &str, service: &str, ip: &str) -> discovery::EndpointSlice {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "demo",
+                "labels": {"kubernetes.io/service-name": service}},
+            "addressType": "IPv4",
+            "ports": [{"port": 9000, "protocol": "TCP"}],
+            "endpoints": [{"addresses": [ip], "conditions": {"ready": true}}],
+        }))
+        .unwrap()
+    }
+
+    fn service(name: &str) -> k8s::Service {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "demo"},
+            "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80, "targetPort": 9000}]},
+        }))
+        .unwrap()
+    }
+
+    fn pod(name: &str, app: &str) -> k8s::Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "demo", "labels": {"app": app}},
+            "spec": {"containers": [{"name": "main"}]},
+        }))
+        .unwrap()
+    }
+
+    /// The model from scratch, the way it was built before it was kept current.
+    fn rebuilt(state: &State) -> Model {
+        let mut model = Model::default();
+        for ns in state.namespaces.items.values() {
+            model.namespaces.insert(ns.name.clone(), ns.clone());
+        }
+        for pod in state.pods.items.values() {
+            model.pods.insert(pod.key(), pod.clone());
+        }
+        for svc in state.services.items.values() {
+            model.services.insert(svc.key(), svc.clone());
+            model.endpoint_slices.insert(svc.key(), Vec::new());
+        }
+        for slice in state.slices.items.values() {
+            let ports = slice
+                .service
+                .as_ref()
+                .and_then(|svc| model.endpoint_slices.get_mut(svc));
+            if let Some(ports) = ports {
+                ports.extend(slice.ports.iter().cloned());
+            }
+        }
+        let mut routing = RoutingObjects::default();
+        for store in state.routing.values() {
+            for object in store.items.values() {
+                object.clone().insert_into(&mut routing);
+            }
+        }
+        model.routing = Arc::new(routing);
+        model
+    }
+
+    /// Every event changes the kept model exactly as a rebuild from all objects would:
+    /// slices that arrive before their Service, move to another Service, go; a Service
+    /// that goes and comes back; a pod relabelled and deleted; a relist that drops one.
+    #[test]
+    fn the_kept_model_always_equals_a_rebuild() {
+        use watcher::Event::{Apply, Delete, Init, InitApply, InitDone};
+        let mut state = State::default();
+        let mut steps: Vec<Msg> = vec![
+            Msg::Service(Box::new(Ok(Init))),
+            Msg::Service(Box::new(Ok(InitApply(service("a"))))),
+            Msg::Service(Box::new(Ok(InitDone))),
+            Msg::Slice(Box::new(Ok(Apply(slice("b-1", "b", "10.244.0.7"))))),
+            Msg::Slice(Box::new(Ok(Apply(slice("a-2", "a", "10.244.0.6"))))),
+            Msg::Slice(Box::new(Ok(Apply(slice("a-1", "a", "10.244.0.5"))))),
+            Msg::Service(Box::new(Ok(Apply(service("b"))))),
+            Msg::Slice(Box::new(Ok(Apply(slice("a-2", "b", "10.244.0.8"))))),
+            Msg::Service(Box::new(Ok(Delete(service("a"))))),
+            Msg::Service(Box::new(Ok(Apply(service("a"))))),
+            Msg::Slice(Box::new(Ok(Delete(slice("b-1", "b", "10.244.0.7"))))),
+            Msg::Pod(Box::new(Ok(Apply(pod("p", "a"))))),
+            Msg::Pod(Box::new(Ok(Apply(pod("p", "b"))))),
+            Msg::Pod(Box::new(Ok(Apply(pod("q", "b"))))),
+            Msg::Pod(Box::new(Ok(Delete(pod("p", "b"))))),
+            Msg::Slice(Box::new(Ok(Init))),
+            Msg::Slice(Box::new(Ok(InitApply(slice("a-1", "a", "10.244.0.9"))))),
+            Msg::Slice(Box::new(Ok(InitDone))),
+        ];
+        for (i, msg) in steps.drain(..).enumerate() {
+            state.handle(msg);
+            assert_eq!(state.build(), rebuilt(&state), "after step {i}");
+        }
+        let model = state.build();
+        let a = ServiceKey::new("demo", "a");
+        assert_eq!(
+            model.endpoint_slices[&a][0].endpoints[0].ip.to_string(),
+            "10.244.0.9"
+        );
+        assert!(model.endpoint_slices[&ServiceKey::new("demo", "b")].is_empty());
+        assert_eq!(
+            model
+                .pods
+                .keys()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["demo/q"]
+        );
     }
 }

@@ -633,7 +633,7 @@ impl Loader {
             },
             Item::Routing(mut o) => {
                 o.set_order(self.seen.len());
-                o.insert_into(&mut self.model.routing);
+                o.insert_into(std::sync::Arc::make_mut(&mut self.model.routing));
             }
         }
         Ok(())
