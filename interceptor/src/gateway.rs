@@ -327,8 +327,8 @@ async fn handle(stream: TcpStream, client: SocketAddr, shared: Arc<Shared>) {
             Err(ProxyError::NoRoute)
         }
         Ok((upstream, leases)) => {
+            // The upstream socket has TCP_NODELAY from the socket factory.
             let _ = stream.set_nodelay(true);
-            let _ = upstream.set_nodelay(true);
             record.bytes = forward(stream, upstream, CopyMode::Splice).await;
             leases.served(record.bytes.downstream_bytes > 0);
             Ok(())

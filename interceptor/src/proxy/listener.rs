@@ -158,7 +158,7 @@ async fn proxy_one(
             };
             upstream::open(
                 &ctx.upstreams,
-                &ctx.pod.to_string(),
+                &ctx.pod,
                 |pick| table.resolve_with(original, source, pick),
                 Some(client_ip),
                 |addr, timeout| socket::connect(&*ctx.sockets, addr, timeout),
@@ -175,18 +175,22 @@ async fn proxy_one(
             return Err(error);
         }
     };
-    let _ = stream.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
+    // Both sockets have TCP_NODELAY: the listener's is inherited, the factory sets it on
+    // upstream sockets.
     // Proxy-to-proxy connections between pods of this node are in the SOCKHASH when
     // sockmap is on, and their bytes arrive where splice(2) cannot read them.
-    let peer = match ctx.direction {
-        Direction::Outbound => match upstream.peer_addr() {
-            Ok(SocketAddr::V4(peer)) => *peer.ip(),
-            _ => Ipv4Addr::UNSPECIFIED,
-        },
-        Direction::Inbound | Direction::Gateway => client_ip,
+    let in_sockhash = ctx.sockmap && {
+        let peer = match (ctx.direction, &record.target) {
+            (
+                Direction::Outbound,
+                Some(Target::Endpoint { addr, .. } | Target::Passthrough { addr }),
+            ) => *addr.ip(),
+            (Direction::Outbound, _) => Ipv4Addr::UNSPECIFIED,
+            (Direction::Inbound | Direction::Gateway, _) => client_ip,
+        };
+        table.is_local_enrolled(&peer)
     };
-    let mode = if ctx.sockmap && table.is_local_enrolled(&peer) {
+    let mode = if in_sockhash {
         CopyMode::Userspace
     } else {
         CopyMode::Splice

@@ -54,18 +54,22 @@ async fn within(
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
 }
 
-/// An IPv4 TCP socket in the calling thread's netns, ready for tokio.
+/// An IPv4 TCP socket in the calling thread's netns, ready for tokio, with `TCP_NODELAY`
+/// (a proxy passes on what it has at once; the application chose its own batching).
 pub fn nonblocking_tcp() -> io::Result<socket2::Socket> {
     // Non-blocking from the start: one syscall instead of three.
-    socket2::Socket::new(
+    let socket = socket2::Socket::new(
         socket2::Domain::IPV4,
         socket2::Type::STREAM.nonblocking(),
         Some(socket2::Protocol::TCP),
-    )
+    )?;
+    socket.set_tcp_nodelay(true)?;
+    Ok(socket)
 }
 
 /// A listener on `port` of every IPv4 address of the calling thread's netns, with
-/// `SO_REUSEADDR` and `SO_REUSEPORT`.
+/// `SO_REUSEADDR` and `SO_REUSEPORT`. Accepted sockets inherit its `TCP_NODELAY`, which
+/// saves a syscall per connection.
 pub fn reuseport_listener(port: u16) -> io::Result<std::net::TcpListener> {
     let socket = nonblocking_tcp()?;
     socket.set_reuse_address(true)?;
@@ -73,4 +77,24 @@ pub fn reuseport_listener(port: u16) -> io::Result<std::net::TcpListener> {
     socket.bind(&SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port)).into())?;
     socket.listen(1024)?;
     Ok(socket.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The per-connection `set_nodelay` calls are gone: both ends of a proxied
+    /// connection must still have it, the accepted one by inheritance.
+    #[tokio::test]
+    async fn accepted_and_upstream_sockets_have_nodelay() {
+        let listener = tokio::net::TcpListener::from_std(reuseport_listener(0).unwrap()).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let addr = SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, port);
+        let (upstream, accepted) = tokio::join!(
+            connect(&HostSockets, addr, Duration::from_secs(5)),
+            listener.accept()
+        );
+        assert!(upstream.unwrap().nodelay().unwrap());
+        assert!(accepted.unwrap().0.nodelay().unwrap());
+    }
 }

@@ -294,7 +294,7 @@ impl Upstreams {
     /// the host's `maxConnections` are open. `endpoint` labels the refusal.
     pub fn admit(
         self: &Arc<Self>,
-        client: &str,
+        client: &(dyn std::fmt::Display + Sync),
         settings: &UpstreamSettings,
         endpoint: SocketAddrV4,
     ) -> Result<HostLease, String> {
@@ -304,7 +304,7 @@ impl Upstreams {
                 key: None,
             });
         };
-        let key = (client.to_owned(), settings.host.clone());
+        let key = (client.to_string(), settings.host.clone());
         let mut state = lock(&self.state);
         let open = state.open.entry(key.clone()).or_insert(0);
         if *open >= limit {
@@ -468,7 +468,7 @@ impl Upstreams {
 /// target finally used and the connection with what it holds, or why there is none.
 pub async fn open<F, Fut>(
     upstreams: &Arc<Upstreams>,
-    client: &str,
+    client: &(dyn std::fmt::Display + Sync),
     resolve: impl Fn(&Pick<'_>) -> Resolved,
     client_ip: Option<Ipv4Addr>,
     connect: F,
@@ -710,14 +710,14 @@ mod tests {
         let s = settings(Some(3));
         let addr: SocketAddrV4 = "10.0.0.1:80".parse().unwrap();
         let leases: Vec<_> = (0..3)
-            .map(|_| upstreams.admit("demo/client", &s, addr).unwrap())
+            .map(|_| upstreams.admit(&"demo/client", &s, addr).unwrap())
             .collect();
-        let refused = upstreams.admit("demo/client", &s, addr).unwrap_err();
+        let refused = upstreams.admit(&"demo/client", &s, addr).unwrap_err();
         assert!(refused.contains("maxConnections (3)"), "{refused}");
         // Another client has its own count, as each Envoy sidecar has.
-        assert!(upstreams.admit("demo/other", &s, addr).is_ok());
+        assert!(upstreams.admit(&"demo/other", &s, addr).is_ok());
         drop(leases);
-        assert!(upstreams.admit("demo/client", &s, addr).is_ok());
+        assert!(upstreams.admit(&"demo/client", &s, addr).is_ok());
     }
 
     /// Series of an endpoint the route table no longer names go (issue 14: they were
