@@ -14,6 +14,7 @@ use interceptor_testbed::{Pod, Testbed};
 
 use super::measure::{strings, ECHO_PORT, IPERF_PORT, SOCKPERF_PORT};
 use super::proc::Background;
+use super::sidecar::Sidecar;
 
 pub const HAPROXY: &str = "/usr/sbin/haproxy";
 /// HAProxy drops to this uid; the REDIRECT rules skip its sockets by owner.
@@ -62,108 +63,32 @@ fn rule(server: Ipv4Addr, server_port: u16, local_port: u16) -> Vec<String> {
     ])
 }
 
-fn iptables(netns: &str, args: &[String]) -> Result<String> {
-    let out = Command::new("ip")
-        .args(["netns", "exec", netns, "iptables", "-w"])
-        .args(args)
+/// Starts HAProxy in the client pod, then installs the REDIRECT rules.
+pub fn start(tb: &Testbed, client: &Pod, server: Ipv4Addr, dir: &Path) -> Result<Sidecar> {
+    let cfg_path = dir.join(format!("haproxy-{}.cfg", client.name));
+    std::fs::write(&cfg_path, config(server))
+        .with_context(|| format!("writing {}", cfg_path.display()))?;
+    let cfg = cfg_path.display().to_string();
+    let check = Command::new(HAPROXY)
+        .args(["-c", "-f", &cfg])
         .output()
-        .context("running ip netns exec ... iptables")?;
-    if !out.status.success() {
+        .with_context(|| format!("running {HAPROXY} -c"))?;
+    if !check.status.success() {
         bail!(
-            "iptables {} in {netns}: {} {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
+            "haproxy -c rejected the configuration: {}{}",
+            String::from_utf8_lossy(&check.stdout).trim(),
+            String::from_utf8_lossy(&check.stderr).trim()
         );
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// HAProxy running in the client pod with the REDIRECT rules installed; dropping it
-/// removes the rules, then stops HAProxy.
-pub struct Haproxy {
-    netns: String,
-    installed: Vec<Vec<String>>,
-    proc: Option<Background>,
-}
-
-impl Haproxy {
-    pub fn start(tb: &Testbed, client: &Pod, server: Ipv4Addr, dir: &Path) -> Result<Haproxy> {
-        let cfg_path = dir.join(format!("haproxy-{}.cfg", client.name));
-        std::fs::write(&cfg_path, config(server))
-            .with_context(|| format!("writing {}", cfg_path.display()))?;
-        let cfg = cfg_path.display().to_string();
-        let check = Command::new(HAPROXY)
-            .args(["-c", "-f", &cfg])
-            .output()
-            .with_context(|| format!("running {HAPROXY} -c"))?;
-        if !check.status.success() {
-            bail!(
-                "haproxy -c rejected the configuration: {}{}",
-                String::from_utf8_lossy(&check.stdout).trim(),
-                String::from_utf8_lossy(&check.stderr).trim()
-            );
-        }
-        let mut h = Haproxy {
-            netns: client.netns.clone(),
-            installed: Vec::new(),
-            proc: None,
-        };
-        let log = dir.join(format!("haproxy-{}.log", client.name));
-        let mut proc =
-            Background::spawn(tb, client, HAPROXY, &strings(&["-db", "-f", &cfg]), &log)?;
-        let ports: Vec<u16> = FRONTENDS.iter().map(|(_, local)| *local).collect();
-        proc.wait_listening(&ports, Duration::from_secs(10))?;
-        h.proc = Some(proc);
-        for (server_port, local_port) in FRONTENDS {
-            let spec = rule(server, server_port, local_port);
-            let mut args = strings(&["-t", "nat", "-A", "OUTPUT"]);
-            args.extend(spec.iter().cloned());
-            iptables(&h.netns, &args)?;
-            h.installed.push(spec);
-        }
-        Ok(h)
+    let log = dir.join(format!("haproxy-{}.log", client.name));
+    let mut proc = Background::spawn(tb, client, HAPROXY, &strings(&["-db", "-f", &cfg]), &log)?;
+    let ports: Vec<u16> = FRONTENDS.iter().map(|(_, local)| *local).collect();
+    proc.wait_listening(&ports, Duration::from_secs(10))?;
+    let mut h = Sidecar::new("haproxy", &client.netns, proc);
+    for (server_port, local_port) in FRONTENDS {
+        h.redirect(rule(server, server_port, local_port))?;
     }
-
-    /// Connections the REDIRECT rules steered so far (nat rules see each connection's
-    /// first packet only).
-    pub fn redirected_connections(&self) -> Result<u64> {
-        let listing = iptables(
-            &self.netns,
-            &strings(&["-t", "nat", "-L", "OUTPUT", "-n", "-v", "-x"]),
-        )?;
-        Ok(listing
-            .lines()
-            .filter(|l| l.contains("REDIRECT"))
-            .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
-            .sum())
-    }
-
-    /// Fails when HAProxy has exited.
-    pub fn check_alive(&mut self) -> Result<()> {
-        match self.proc.as_mut() {
-            Some(p) => p.check_alive(),
-            None => bail!("haproxy is not running"),
-        }
-    }
-
-    /// The rules as `iptables -S` prints them, for the record.
-    pub fn rules(&self) -> Result<String> {
-        iptables(&self.netns, &strings(&["-t", "nat", "-S", "OUTPUT"]))
-    }
-}
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        for spec in self.installed.drain(..) {
-            let mut args = strings(&["-t", "nat", "-D", "OUTPUT"]);
-            args.extend(spec);
-            if let Err(e) = iptables(&self.netns, &args) {
-                eprintln!("tb-bench: removing a REDIRECT rule: {e:#}");
-            }
-        }
-        self.proc.take();
-    }
+    Ok(h)
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! The pieces of `tb-bench`: processes in pods ([`proc`]), the tools that measure
-//! ([`measure`]), the HAProxy baseline ([`haproxy`]), the scenarios on each topology
-//! ([`scenario`]), the exclusion scale check ([`scale`]), the cost of the upstream policies
-//! ([`upstream`]), machine facts ([`facts`]) and the table and result files ([`report`]).
+//! ([`measure`]), the HAProxy and ztunnel baselines ([`haproxy`], [`ztunnel`]) with what
+//! they share ([`sidecar`]), the scenarios on each topology ([`scenario`]), the exclusion
+//! scale check ([`scale`]), the cost of the upstream policies ([`upstream`]), machine
+//! facts ([`facts`]) and the table and result files ([`report`]).
 
 pub mod facts;
 pub mod haproxy;
@@ -11,4 +12,6 @@ pub mod report;
 pub mod scale;
 pub mod scale_pods;
 pub mod scenario;
+pub mod sidecar;
 pub mod upstream;
+pub mod ztunnel;

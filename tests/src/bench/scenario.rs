@@ -10,8 +10,9 @@ use interceptor_testbed::{AgentProcess, NodeId, Pod, Testbed};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
-use super::haproxy::Haproxy;
+use super::haproxy;
 use super::measure::{self, Servers};
+use super::ztunnel::{self, Ztunnel};
 
 /// Unlabelled: its pods are never enrolled.
 const PLAIN_NS: &str = "bench-plain";
@@ -545,28 +546,6 @@ fn counter_delta(before: &Value, after: &Value) -> Value {
     Value::Object(out)
 }
 
-fn ztunnel_row(topology: Topology) -> Row {
-    let reason = match std::env::var_os("ZTUNNEL_BIN") {
-        None => "ZTUNNEL_BIN not set".to_owned(),
-        Some(path) => {
-            let p = PathBuf::from(&path);
-            let executable = std::fs::metadata(&p).is_ok_and(|m| {
-                use std::os::unix::fs::PermissionsExt;
-                m.is_file() && m.permissions().mode() & 0o111 != 0
-            });
-            if executable {
-                format!(
-                    "not wired yet: ZTUNNEL_BIN={} is set, but this harness does not configure ztunnel yet",
-                    p.display()
-                )
-            } else {
-                format!("ZTUNNEL_BIN={} is not an executable file", p.display())
-            }
-        }
-    };
-    Row::new(topology, Scenario::Ztunnel, Outcome::Skipped { reason })
-}
-
 impl Figures {
     fn absorb(&mut self, other: Figures) {
         self.p50_us.absorb(other.p50_us);
@@ -713,12 +692,16 @@ pub fn run(topology: Topology, opts: Options) -> Vec<Row> {
         let servers = Servers::start(&bed.tb, &server, &bed.logs)?;
         Ok((client, servers))
     })();
+    let ztunnel_bin = ztunnel::binary();
     let mut plain = match plain {
         Ok(p) => Some(p),
         Err(e) => {
             let e = e.context("setting up the unenrolled pods");
             rows.push(Row::failed(topology, Scenario::Direct, &e));
             rows.push(Row::failed(topology, Scenario::Haproxy, &e));
+            if ztunnel_bin.is_ok() {
+                rows.push(Row::failed(topology, Scenario::Ztunnel, &e));
+            }
             None
         }
     };
@@ -729,8 +712,17 @@ pub fn run(topology: Topology, opts: Options) -> Vec<Row> {
             row
         }));
         rows.push(timed(|| haproxy_row(&bed, client, servers, opts)));
+        if let Ok(bin) = &ztunnel_bin {
+            rows.push(timed(|| ztunnel_row(&bed, bin, client, servers, opts)));
+        }
     }
-    rows.push(ztunnel_row(topology));
+    if let Err(reason) = ztunnel_bin {
+        rows.push(Row::new(
+            topology,
+            Scenario::Ztunnel,
+            Outcome::Skipped { reason },
+        ));
+    }
 
     // Ours without sockmap: the enrolled client first against the unenrolled server
     // (one proxy hop, a sidecar on the client only), then against an enrolled server.
@@ -742,7 +734,7 @@ pub fn run(topology: Topology, opts: Options) -> Vec<Row> {
 }
 
 fn haproxy_row(bed: &Bed, client: &Pod, servers: &mut Servers, opts: Options) -> Row {
-    let mut h = match Haproxy::start(&bed.tb, client, servers.ip(), &bed.logs) {
+    let mut h = match haproxy::start(&bed.tb, client, servers.ip(), &bed.logs) {
         Ok(h) => h,
         Err(e) => {
             return Row::failed(
@@ -767,6 +759,85 @@ fn haproxy_row(bed: &Bed, client: &Pod, servers: &mut Servers, opts: Options) ->
         Err(e) => row.warnings.push(format!(
             "could not read the REDIRECT rules' counters: {e:#}"
         )),
+    }
+    row
+}
+
+/// ztunnel as the client's sidecar-style proxy (see [`ztunnel`]). The row fails, with
+/// its figures in the evidence, when the counters show that the tools' traffic did not
+/// all go through ztunnel.
+fn ztunnel_row(
+    bed: &Bed,
+    bin: &std::path::Path,
+    client: &Pod,
+    servers: &mut Servers,
+    opts: Options,
+) -> Row {
+    let client_node = bed.tb.node(bed.client_node).name().to_owned();
+    let server_node = bed.tb.node(bed.server_node).name().to_owned();
+    let server_pod = servers.pod.clone();
+    let mut z = match Ztunnel::start(
+        &bed.tb,
+        bin,
+        &ztunnel::Workload {
+            pod: client,
+            node: &client_node,
+        },
+        &ztunnel::Workload {
+            pod: &server_pod,
+            node: &server_node,
+        },
+        &bed.logs,
+    ) {
+        Ok(z) => z,
+        Err(e) => {
+            return Row::failed(
+                bed.topology,
+                Scenario::Ztunnel,
+                &e.context("starting ztunnel"),
+            )
+        }
+    };
+    let rules = z.sidecar.rules().unwrap_or_else(|e| format!("{e:#}"));
+    let before = z.stats(&bed.tb, client);
+    let mut row = bed.measure(Scenario::Ztunnel, client, servers, opts, || {
+        z.sidecar.check_alive()
+    });
+    let after = z.stats(&bed.tb, client);
+    let redirected = z.sidecar.redirected_connections();
+    let expected = ztunnel::Expected::from_raw(row.figures().map_or(&[], |f| &f.raw));
+    let through = before.and_then(|b| Ok(after?.delta(&b)));
+    let checked = match (&redirected, &through) {
+        (Ok(n), Ok(through)) => ztunnel::verify(*n, through, &expected),
+        (Err(e), _) | (_, Err(e)) => Err(anyhow::anyhow!("{e:#}")),
+    };
+    row.evidence = json!({
+        "ztunnel_version": z.version,
+        "ztunnel_env": z.env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
+        "ztunnel_workloads": z.workloads,
+        "iptables_rules": rules.lines().collect::<Vec<_>>(),
+        "redirected_connections": redirected.as_ref().ok(),
+        "ztunnel_outbound_delta": through.as_ref().ok().map(|s| s.to_json()),
+        "tools_connections": expected.connections,
+        "tools_bulk_bytes": expected.bulk_bytes,
+    });
+    drop(z);
+    if let Err(e) = checked {
+        let measured = match &row.outcome {
+            Outcome::Measured { figures } => json!({
+                "p50_us": figures.p50_us.value,
+                "bulk_gbit_per_s": figures.bulk_gbit_per_s.value,
+                "conn_per_s": figures.conn_per_s.value,
+            }),
+            _ => Value::Null,
+        };
+        row.evidence["discarded_figures"] = measured;
+        row.outcome = Outcome::Failed {
+            error: format!(
+                "{:#}",
+                e.context("checking the traffic went through ztunnel")
+            ),
+        };
     }
     row
 }
