@@ -92,9 +92,11 @@ pub fn collect(workspace: &Path) -> Facts {
     // sockperf prints its version in colour.
     let sockperf = first_line(command_output(super::measure::SOCKPERF, &["--version"]))
         .replace(|c: char| c.is_control(), "");
+    let now = chrono::Utc::now();
     Facts {
-        date_utc: first_line(command_output("date", &["-u", "+%Y-%m-%d"])),
-        started_utc: first_line(command_output("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"])),
+        // From the clock here, not `date`: the bench runs with the audited PATH.
+        date_utc: now.format("%Y-%m-%d").to_string(),
+        started_utc: now.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
         hostname: read_trimmed("/proc/sys/kernel/hostname"),
         kernel: read_trimmed("/proc/sys/kernel/osrelease"),
         cpu_model,
