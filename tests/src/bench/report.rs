@@ -87,8 +87,8 @@ fn figure(cell: &Cell, direct: Option<&Cell>, decimals: usize) -> String {
 /// The results table: rows = topology × scenario.
 pub fn table(rows: &[Row]) -> String {
     let mut t = String::from(
-        "| topology | scenario | p50 µs (ratio) | p99 µs (ratio) | bulk Gbit/s (ratio) | conn/s (ratio) | CPU s/GB (ratio) |\n\
-         |---|---|---|---|---|---|---|\n",
+        "| topology | scenario | p50 µs (ratio) | p99 µs (ratio) | bulk Gbit/s (ratio) | conn/s (ratio) | connect p50 µs (ratio) | CPU s/GB (ratio) |\n\
+         |---|---|---|---|---|---|---|---|\n",
     );
     for row in rows {
         let direct = direct_of(rows, row.topology);
@@ -96,7 +96,7 @@ pub fn table(rows: &[Row]) -> String {
         if !row.warnings.is_empty() {
             name.push_str(" ⚠");
         }
-        let cells: [String; 5] = match &row.outcome {
+        let cells: [String; 6] = match &row.outcome {
             Outcome::Measured { figures: f } => {
                 let rr = f.latency_tools.iter().any(|t| t != "sockperf");
                 let tag = if rr { " [rr]" } else { "" };
@@ -109,6 +109,7 @@ pub fn table(rows: &[Row]) -> String {
                     figure(&f.p99_us, direct.map(|d| &d.p99_us), 1) + tag,
                     figure(&f.bulk_gbit_per_s, direct.map(|d| &d.bulk_gbit_per_s), 2),
                     conn,
+                    figure(&f.connect_p50_us, direct.map(|d| &d.connect_p50_us), 1),
                     figure(&f.cpu_s_per_gb, direct.map(|d| &d.cpu_s_per_gb), 2),
                 ]
             }
@@ -118,9 +119,11 @@ pub fn table(rows: &[Row]) -> String {
                 "—".into(),
                 "—".into(),
                 "—".into(),
+                "—".into(),
             ],
             Outcome::Failed { error } => [
                 format!("failed: {}", cell_text(error, CELL_ERROR_CHARS)),
+                "—".into(),
                 "—".into(),
                 "—".into(),
                 "—".into(),
@@ -153,28 +156,104 @@ fn check(r: Option<f64>, target: f64, at_least: bool) -> (String, Option<bool>) 
     }
 }
 
-/// Target results of our rows, as JSON (for the result file) and markdown.
+/// Whether `ours` is ahead of every peer row (HAProxy, ztunnel) measured in the same
+/// topology on `cell` (`lower` is better for latency): `(text, met)`, `met` `None` when no
+/// peer was measured.
+fn ahead_of_peers(
+    rows: &[Row],
+    row: &Row,
+    cell: impl Fn(&Figures) -> &Cell,
+    lower: bool,
+) -> (String, Option<bool>) {
+    let Some(ours) = row.figures().and_then(|f| cell(f).value) else {
+        return (String::new(), None);
+    };
+    let mut behind = Vec::new();
+    let mut compared = 0;
+    for peer in rows
+        .iter()
+        .filter(|r| r.topology == row.topology && r.scenario.is_peer())
+    {
+        let Some(theirs) = peer.figures().and_then(|f| cell(f).value) else {
+            continue;
+        };
+        compared += 1;
+        let ahead = if lower { ours < theirs } else { ours > theirs };
+        if !ahead {
+            behind.push(peer.scenario.name());
+        }
+    }
+    match (compared, behind.is_empty()) {
+        (0, _) => (", no peer measured".into(), None),
+        (_, true) => (", ahead of every peer".into(), Some(true)),
+        (_, false) => (
+            format!(", **behind** {}", behind.join(" and ")),
+            Some(false),
+        ),
+    }
+}
+
+/// Both parts of a target must hold; a part that could not be judged does not count.
+fn both(a: Option<bool>, b: Option<bool>) -> Option<bool> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a && b),
+        (a, None) => a,
+        (None, b) => b,
+    }
+}
+
+/// Target results of our rows, as JSON (for the result file) and markdown. Issue 14's
+/// targets: bulk ≥ 0.9× direct with one hop and ≥ 0.8× with two; 64-byte p50 ≤ 1.8×
+/// (≤ 1.5× with sockmap) and, with one hop, ahead of the peers; with one hop, conn/s
+/// ≥ 0.6× direct and ahead of the peers, and `connect()` at most 60 µs above direct.
 pub fn targets(rows: &[Row]) -> (Value, String) {
     let mut md = String::from(
-        "| topology | scenario | bulk ≥ 0.8× direct | p50 ≤ 1.8× direct (≤ 1.5× with sockmap) |\n|---|---|---|---|\n",
+        "| topology | scenario | bulk (≥ 0.9× one hop, ≥ 0.8× two) | p50 (≤ 1.8×, ≤ 1.5× sockmap; one hop ahead of peers) | conn/s (one hop ≥ 0.6×, ahead of peers) | connect added (one hop ≤ 60 µs) |\n|---|---|---|---|---|---|\n",
     );
     let mut out = Vec::new();
     for row in rows.iter().filter(|r| r.scenario.is_ours()) {
         let direct = direct_of(rows, row.topology);
-        let (bulk, p50) = match row.figures() {
-            Some(f) => (
-                ratio(&f.bulk_gbit_per_s, direct.map(|d| &d.bulk_gbit_per_s)),
-                ratio(&f.p50_us, direct.map(|d| &d.p50_us)),
-            ),
-            None => (None, None),
-        };
+        let figures = row.figures();
+        let of =
+            |pick: fn(&Figures) -> &Cell| figures.and_then(|f| ratio(pick(f), direct.map(pick)));
+        let bulk = of(|f| &f.bulk_gbit_per_s);
+        let p50 = of(|f| &f.p50_us);
+        let conn = of(|f| &f.conn_per_s);
+        let connect_added = figures
+            .and_then(|f| f.connect_p50_us.value)
+            .zip(direct.and_then(|d| d.connect_p50_us.value))
+            .map(|(ours, direct)| ours - direct);
         let bulk_target = row.scenario.bulk_target().unwrap_or(0.8);
         let p50_target = row.scenario.p50_target().unwrap_or(1.8);
         let (bulk_text, bulk_met) = check(bulk, bulk_target, true);
-        let (p50_text, p50_met) = check(p50, p50_target, false);
+        let (mut p50_text, mut p50_met) = check(p50, p50_target, false);
+        let (mut conn_text, mut conn_met) = match row.scenario.conn_target() {
+            Some(target) => check(conn, target, true),
+            None => ("—".into(), None),
+        };
+        if row.scenario.races_peers() {
+            let (text, met) = ahead_of_peers(rows, row, |f| &f.p50_us, true);
+            p50_text.push_str(&text);
+            p50_met = both(p50_met, met);
+            let (text, met) = ahead_of_peers(rows, row, |f| &f.conn_per_s, false);
+            conn_text.push_str(&text);
+            conn_met = both(conn_met, met);
+        }
+        let (connect_text, connect_met) =
+            match (row.scenario.connect_added_target_us(), connect_added) {
+                (None, _) => ("—".into(), None),
+                (Some(_), None) => ("n/a (no figure)".into(), None),
+                (Some(target), Some(added)) if added <= target => {
+                    (format!("{added:.1} µs met"), Some(true))
+                }
+                (Some(target), Some(added)) => (
+                    format!("{added:.1} µs **missed** by {:.1} µs", added - target),
+                    Some(false),
+                ),
+            };
         writeln!(
             md,
-            "| {} | {} | {bulk_text} | {p50_text} (target ≤ {p50_target}×) |",
+            "| {} | {} | {bulk_text} (target ≥ {bulk_target}×) | {p50_text} (target ≤ {p50_target}×) | {conn_text} | {connect_text} |",
             row.topology.name(),
             row.scenario.name()
         )
@@ -188,6 +267,12 @@ pub fn targets(rows: &[Row]) -> (Value, String) {
             "p50_ratio": p50,
             "p50_target": p50_target,
             "p50_met": p50_met,
+            "conn_ratio": conn,
+            "conn_target": row.scenario.conn_target(),
+            "conn_met": conn_met,
+            "connect_added_us": connect_added,
+            "connect_added_target_us": row.scenario.connect_added_target_us(),
+            "connect_added_met": connect_met,
         }));
     }
     (Value::Array(out), md)
@@ -504,6 +589,41 @@ mod tests {
         assert_eq!(check(Some(0.5), 0.8, true).0, "0.50× **missed** by 0.30×");
         assert_eq!(check(Some(2.0), 1.8, false).1, Some(false));
         assert_eq!(check(None, 1.8, false).1, None);
+    }
+
+    fn row(scenario: Scenario, p50: f64, conn: f64, connect: f64) -> Row {
+        let figures = Figures {
+            p50_us: cell(p50),
+            bulk_gbit_per_s: cell(10.0),
+            conn_per_s: cell(conn),
+            connect_p50_us: cell(connect),
+            ..Figures::default()
+        };
+        Row::new(
+            Topology::SameNode,
+            scenario,
+            Outcome::Measured {
+                figures: Box::new(figures),
+            },
+        )
+    }
+
+    /// The one-hop row must beat every peer measured in the same run, besides its ratios.
+    #[test]
+    fn the_one_hop_row_must_be_ahead_of_the_peers() {
+        let rows = [
+            row(Scenario::Direct, 40.0, 10_000.0, 30.0),
+            row(Scenario::Haproxy, 60.0, 7_000.0, 60.0),
+            row(Scenario::OursClient, 50.0, 6_500.0, 100.0),
+        ];
+        let (json, md) = targets(&rows);
+        let ours = &json[0];
+        assert_eq!(ours["p50_met"], true, "{md}");
+        assert_eq!(ours["conn_met"], false, "0.65× but behind HAProxy: {md}");
+        assert!(md.contains("**behind** haproxy"), "{md}");
+        assert_eq!(ours["connect_added_us"], 70.0);
+        assert_eq!(ours["connect_added_met"], false, "{md}");
+        assert_eq!(ours["bulk_target"], 0.9);
     }
 
     #[test]

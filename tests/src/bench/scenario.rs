@@ -126,9 +126,35 @@ impl Scenario {
         }
     }
 
-    /// The bulk target for our rows, as a ratio to direct.
+    /// The bulk target for our rows, as a ratio to direct: 0.9× with one proxy
+    /// hop, 0.8× with two.
     pub fn bulk_target(self) -> Option<f64> {
-        self.is_ours().then_some(0.8)
+        match self {
+            Scenario::OursClient => Some(0.9),
+            Scenario::OursBoth | Scenario::OursSockmap => Some(0.8),
+            _ => None,
+        }
+    }
+
+    /// The connection-rate target (one hop), as a ratio to direct.
+    pub fn conn_target(self) -> Option<f64> {
+        (self == Scenario::OursClient).then_some(0.6)
+    }
+
+    /// The most `connect()` latency one hop may add to direct's, in µs.
+    pub fn connect_added_target_us(self) -> Option<f64> {
+        (self == Scenario::OursClient).then_some(60.0)
+    }
+
+    /// Whether this row must also be ahead of the peers (HAProxy, ztunnel) measured in
+    /// the same run: the one-hop row, the one comparable with a sidecar-style peer.
+    pub fn races_peers(self) -> bool {
+        self == Scenario::OursClient
+    }
+
+    /// The peers a one-hop row is compared with.
+    pub fn is_peer(self) -> bool {
+        matches!(self, Scenario::Haproxy | Scenario::Ztunnel)
     }
 }
 
@@ -189,6 +215,8 @@ pub struct Figures {
     pub p99_us: Cell,
     pub bulk_gbit_per_s: Cell,
     pub conn_per_s: Cell,
+    /// `connect()` p50 of the connection-rate runs, in µs.
+    pub connect_p50_us: Cell,
     pub cpu_s_per_gb: Cell,
     /// Tools that produced the latency runs ("sockperf", or "tb-pod rr" as fallback).
     pub latency_tools: Vec<String>,
@@ -221,7 +249,7 @@ pub struct Row {
 }
 
 impl Row {
-    fn new(topology: Topology, scenario: Scenario, outcome: Outcome) -> Row {
+    pub(super) fn new(topology: Topology, scenario: Scenario, outcome: Outcome) -> Row {
         Row {
             topology,
             scenario,
@@ -327,11 +355,13 @@ fn measure_all(
         }) {
             Ok(c) => {
                 f.conn_per_s.push(Ok(c.per_s));
+                f.connect_p50_us.push(Ok(c.connect_p50_us));
                 f.connrate_errors += c.errors;
                 raw.insert("connrate".into(), c.raw);
             }
             Err(e) => {
                 f.conn_per_s.push(Err(e.clone()));
+                f.connect_p50_us.push(Err(e.clone()));
                 raw.insert("connrate".into(), json!({ "error": e }));
             }
         }
@@ -552,6 +582,7 @@ impl Figures {
         self.p99_us.absorb(other.p99_us);
         self.bulk_gbit_per_s.absorb(other.bulk_gbit_per_s);
         self.conn_per_s.absorb(other.conn_per_s);
+        self.connect_p50_us.absorb(other.connect_p50_us);
         self.cpu_s_per_gb.absorb(other.cpu_s_per_gb);
         for tool in other.latency_tools {
             if !self.latency_tools.contains(&tool) {
@@ -570,6 +601,7 @@ impl Figures {
             &mut self.p99_us,
             &mut self.bulk_gbit_per_s,
             &mut self.conn_per_s,
+            &mut self.connect_p50_us,
             &mut self.cpu_s_per_gb,
         ] {
             cell.errors.push(e.clone());
@@ -1008,7 +1040,10 @@ mod tests {
         assert_eq!(Scenario::Direct.p50_target(), None);
         assert_eq!(Scenario::OursBoth.p50_target(), Some(1.8));
         assert_eq!(Scenario::OursSockmap.p50_target(), Some(1.5));
-        assert_eq!(Scenario::OursClient.bulk_target(), Some(0.8));
+        assert_eq!(Scenario::OursClient.bulk_target(), Some(0.9));
+        assert_eq!(Scenario::OursBoth.bulk_target(), Some(0.8));
+        assert_eq!(Scenario::OursClient.conn_target(), Some(0.6));
+        assert_eq!(Scenario::OursBoth.conn_target(), None);
         assert_eq!(Scenario::Haproxy.bulk_target(), None);
     }
 }
