@@ -31,14 +31,19 @@ struct PodEntry {
     ipv4: Option<Ipv4Addr>,
     reason: String,
     enrolled: Option<EnrolledPod>,
+    /// Listeners of an enrollment the pod left while running, finishing the connections
+    /// they had open; aborted when the pod goes.
+    leaving: Vec<AbortOnDrop>,
 }
 
 /// The live interception of one pod; dropping it stops the listeners and their
-/// connections.
+/// connections ([`EnrolledPod::leave`] lets the connections finish instead).
 struct EnrolledPod {
     netns: Arc<PodNetns>,
     datapath: PodDatapath,
-    listeners: [JoinHandle<()>; 2],
+    listeners: Vec<JoinHandle<()>>,
+    /// Tells the listeners the pod left the mesh.
+    leave: watch::Sender<bool>,
     /// The pod's own exclusion/inclusion rules, from its annotations.
     rules: crate::config::MeshConfig,
     /// Annotation entries that were invalid and skipped.
@@ -50,6 +55,18 @@ impl Drop for EnrolledPod {
         for listener in &self.listeners {
             listener.abort();
         }
+    }
+}
+
+impl EnrolledPod {
+    /// The pod leaves the mesh while it runs: its listeners stop accepting and end once
+    /// their open connections have (returned, to be aborted if the pod goes first).
+    fn leave(mut self) -> Vec<AbortOnDrop> {
+        self.leave.send_replace(true);
+        std::mem::take(&mut self.listeners)
+            .into_iter()
+            .map(AbortOnDrop)
+            .collect()
     }
 }
 
@@ -124,6 +141,9 @@ pub struct Agent {
     routes_published: watch::Sender<u64>,
     /// This agent, for the builder task a request starts.
     me: std::sync::Weak<Agent>,
+    /// Held by whatever changes a pod's enrollment (CNI ADD and DEL, a model change that
+    /// enrolls or unenrolls running pods), so they never interleave on one pod.
+    pod_changes: tokio::sync::Mutex<()>,
 }
 
 /// How often a drain checks whether every listener is done.
@@ -195,6 +215,7 @@ impl Agent {
             routes_requests: crate::sync::Coalesced::default(),
             routes_published: watch::Sender::new(0),
             me: me.clone(),
+            pod_changes: tokio::sync::Mutex::new(()),
         });
         agent.rebuild_routes();
         agent
@@ -324,6 +345,11 @@ impl Agent {
         let follow = async move {
             while rx.changed().await.is_ok() {
                 agent.request_routes();
+                // Running pods follow label and annotation changes; changes that arrive
+                // meanwhile are taken together in the next round.
+                if agent.reconcile_enrollment().await {
+                    agent.request_routes();
+                }
             }
         };
         let checker = Arc::clone(self);
@@ -412,6 +438,7 @@ impl Agent {
     /// All-or-nothing: on error nothing of this pod stays in the data path.
     pub async fn add(&self, sandbox: &PodSandbox) -> Result<AgentResponse, CniFailure> {
         let key = pod_key(sandbox)?;
+        let _changing = self.pod_changes.lock().await;
         if sandbox.netns.is_empty() {
             return Err(CniFailure::new(
                 codes::INVALID_ENVIRONMENT,
@@ -503,6 +530,7 @@ impl Agent {
                 ipv4,
                 reason: enrollment.reason.clone(),
                 enrolled,
+                leaving: Vec::new(),
             },
         );
         // The table is built off this path; the pod's listeners wait for one that knows it.
@@ -581,6 +609,7 @@ impl Agent {
                 other => io_failure("data path", &other),
             });
         }
+        let leave = watch::Sender::new(false);
         let serve = |listener, direction| {
             let ctx = ListenerContext {
                 pod: key.clone(),
@@ -591,13 +620,14 @@ impl Agent {
                 upstreams: Arc::clone(&self.upstreams),
                 sockmap: self.sockmap,
                 draining: self.draining.subscribe(),
+                leaving: leave.subscribe(),
                 accepting: self.accepting.subscribe(),
                 pod_ip: ip,
                 routes_published: self.routes_published.subscribe(),
             };
             tokio::spawn(listener::serve(listener, ctx))
         };
-        let listeners = [
+        let listeners = vec![
             serve(outbound, Direction::Outbound),
             serve(inbound, Direction::Inbound),
         ];
@@ -605,6 +635,7 @@ impl Agent {
             netns,
             datapath,
             listeners,
+            leave,
             rules: rules.config,
             rule_warnings: rules.warnings,
         })
@@ -622,13 +653,14 @@ impl Agent {
     }
 
     /// CNI DEL: idempotent; unknown pods and missing netns are fine.
-    pub fn del(&self, sandbox: &PodSandbox) -> AgentResponse {
+    pub async fn del(&self, sandbox: &PodSandbox) -> AgentResponse {
         let Ok(key) = pod_key(sandbox) else {
             return AgentResponse::Ok {
                 enrolled: false,
                 detail: "no pod name: nothing to delete".into(),
             };
         };
+        let _changing = self.pod_changes.lock().await;
         let same_sandbox = {
             let pods = lock(&self.pods);
             pods.get(&key).map(|entry| {
@@ -656,14 +688,136 @@ impl Agent {
         let entry = lock(&self.pods).remove(key);
         self.log.metrics().forget_pod(&key.to_string());
         if let Some(enrolled) = entry.and_then(|e| e.enrolled) {
-            // Out of the data path first, then its rules: never enrolled without them.
-            if let Err(error) = self.datapath.unenroll(&enrolled.datapath, &enrolled.netns) {
-                tracing::error!(pod = %key, %error, "unenrolling pod");
+            self.unenroll(key, &enrolled);
+        }
+    }
+
+    /// Take a pod out of the data path, then its rules: never enrolled without them.
+    fn unenroll(&self, key: &PodKey, enrolled: &EnrolledPod) {
+        if let Err(error) = self.datapath.unenroll(&enrolled.datapath, &enrolled.netns) {
+            tracing::error!(pod = %key, %error, "unenrolling pod");
+        }
+        let cookie = enrolled.datapath.netns_cookie;
+        let _ = self
+            .datapath
+            .set_rules(cookie, &crate::config::MeshConfig::default());
+    }
+
+    /// Bring running pods in line with the model, without restarting them: a pod whose
+    /// enrollment label or annotation (its own or its namespace's) now says yes is
+    /// enrolled, one that now says no leaves the mesh (its open proxied connections
+    /// finish), and an enrolled pod whose exclusion annotations changed gets the new
+    /// rules (an annotation with an invalid entry keeps the previous rules). Returns
+    /// whether the set of enrolled pods changed.
+    pub async fn reconcile_enrollment(&self) -> bool {
+        let _changing = self.pod_changes.lock().await;
+        let model = self.model();
+        let pods: Vec<(PodKey, bool)> = lock(&self.pods)
+            .iter()
+            .map(|(key, entry)| (key.clone(), entry.enrolled.is_some()))
+            .collect();
+        let mut changed = false;
+        for (key, enrolled) in pods {
+            let Some(enrollment) = model.enrollment(&key) else {
+                // Gone from the model: its CNI DEL follows.
+                continue;
+            };
+            match (enrollment.enrolled, enrolled) {
+                (true, false) => changed |= self.enroll_running(&key, &enrollment).await,
+                (false, true) => {
+                    let left = lock(&self.pods).get_mut(&key).and_then(|entry| {
+                        entry.reason = enrollment.reason.clone();
+                        entry.enrolled.take()
+                    });
+                    let Some(left) = left else { continue };
+                    self.unenroll(&key, &left);
+                    if self.datapath.unenroll_keeps_open_connections() {
+                        let draining = left.leave();
+                        if let Some(entry) = lock(&self.pods).get_mut(&key) {
+                            entry.leaving.extend(draining);
+                        }
+                        tracing::info!(pod = %key, reason = %enrollment.reason,
+                            "pod left the mesh while running; its open connections finish");
+                    } else {
+                        drop(left);
+                        tracing::info!(pod = %key, reason = %enrollment.reason,
+                            "pod left the mesh while running; its proxied connections are closed");
+                    }
+                    changed = true;
+                }
+                (true, true) => self.update_rules(&key, &model),
+                (false, false) => {
+                    if let Some(entry) = lock(&self.pods).get_mut(&key) {
+                        entry.reason = enrollment.reason;
+                    }
+                }
             }
-            let cookie = enrolled.datapath.netns_cookie;
-            let _ = self
-                .datapath
-                .set_rules(cookie, &crate::config::MeshConfig::default());
+        }
+        changed
+    }
+
+    /// Enroll a pod that runs already (CNI ADD left it out): its connections from now on
+    /// are intercepted; those it opened before keep going direct.
+    async fn enroll_running(&self, key: &PodKey, enrollment: &crate::model::Enrollment) -> bool {
+        let Some((netns_path, ip, ifname)) = lock(&self.pods).get(key).map(|entry| {
+            let ifname = match entry.sandbox.ifname.as_str() {
+                "" => "eth0".to_owned(),
+                name => name.to_owned(),
+            };
+            (entry.netns_path.clone(), entry.ipv4, ifname)
+        }) else {
+            return false;
+        };
+        let Some(ip) = ip else {
+            tracing::warn!(pod = %key, "not enrolled: the pod has no IPv4 address");
+            return false;
+        };
+        match self.enroll(key, &netns_path, ip, &ifname).await {
+            Ok(enrolled) => {
+                if let Some(entry) = lock(&self.pods).get_mut(key) {
+                    entry.enrolled = Some(enrolled);
+                    entry.reason = enrollment.reason.clone();
+                }
+                tracing::info!(pod = %key, reason = %enrollment.reason, "running pod enrolled");
+                true
+            }
+            Err(failure) => {
+                tracing::warn!(pod = %key, msg = %failure.msg, "enrolling a running pod failed; retried at the next model change");
+                false
+            }
+        }
+    }
+
+    /// Apply an enrolled pod's changed exclusion annotations, unless one is invalid.
+    fn update_rules(&self, key: &PodKey, model: &crate::model::Model) {
+        let Some(pod) = model.pods.get(key) else {
+            return;
+        };
+        let rules = crate::config::pod_rules(&key.to_string(), &pod.annotations);
+        let mut pods = lock(&self.pods);
+        let Some(enrolled) = pods.get_mut(key).and_then(|e| e.enrolled.as_mut()) else {
+            return;
+        };
+        if rules.config == enrolled.rules {
+            return;
+        }
+        if !rules.warnings.is_empty() {
+            if rules.warnings != enrolled.rule_warnings {
+                for warning in &rules.warnings {
+                    tracing::warn!(pod = %key, "{warning}; the previous rules stay");
+                }
+                enrolled.rule_warnings = rules.warnings;
+            }
+            return;
+        }
+        let cookie = enrolled.datapath.netns_cookie;
+        match self.datapath.set_rules(cookie, &rules.config) {
+            Ok(()) => {
+                tracing::info!(pod = %key, "exclusion annotations changed: rules applied");
+                enrolled.rules = rules.config;
+                enrolled.rule_warnings = Vec::new();
+            }
+            Err(error) => tracing::error!(pod = %key, %error, "applying changed rules"),
         }
     }
 

@@ -113,12 +113,12 @@ async fn dispatch(request: AgentRequest, agent: &Agent) -> AgentResponse {
             // Handed over while adding: the new agent read the pod list before this pod
             // was in it, so it would never know the pod. Undone; the retry goes there.
             if let (Ok(_), Some(successor)) = (&added, agent.superseded()) {
-                agent.del(sandbox);
+                agent.del(sandbox).await;
                 return handed_over(successor);
             }
             added
         }
-        AgentRequest::Del(sandbox) => Ok(agent.del(sandbox)),
+        AgentRequest::Del(sandbox) => Ok(agent.del(sandbox).await),
         AgentRequest::Check(sandbox) => agent.check(sandbox),
         AgentRequest::Status => Ok(AgentResponse::Ok {
             enrolled: false,

@@ -482,6 +482,10 @@ impl Datapath for IptablesDatapath {
         Ok(())
     }
 
+    fn unenroll_keeps_open_connections(&self) -> bool {
+        false
+    }
+
     fn unenroll(&self, pod: &PodDatapath, netns: &Arc<PodNetns>) -> Result<(), DatapathError> {
         let _writing = lock(&self.writes);
         self.remove(netns, pod.ipv4)?;

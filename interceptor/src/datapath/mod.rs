@@ -114,6 +114,14 @@ pub struct LiveRecords {
 pub trait Datapath: Send + Sync {
     /// Short mode name for logs and `/config_dump` (`ebpf`, `iptables`).
     fn mode(&self) -> &'static str;
+    /// Whether connections a pod made through the proxy keep working after the pod is
+    /// unenrolled while it runs. eBPF: yes (the app's socket is connected to the proxy's
+    /// listener). iptables: no (once the pod's nat rules are gone, its next packets leave
+    /// untranslated and the server resets them), so the agent closes them at once rather
+    /// than leave the proxy's side of them waiting.
+    fn unenroll_keeps_open_connections(&self) -> bool {
+        true
+    }
     /// Start intercepting a pod; `netns` runs what must happen inside the pod's netns.
     /// All-or-nothing: on error nothing of the pod is left in the data path.
     fn enroll(&self, pod: &PodDatapath, netns: &Arc<PodNetns>) -> Result<(), DatapathError>;

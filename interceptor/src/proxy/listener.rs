@@ -42,6 +42,9 @@ pub struct ListenerContext {
     pub sockmap: bool,
     /// Turns true when the agent drains: stop accepting, let open connections finish.
     pub draining: tokio::sync::watch::Receiver<bool>,
+    /// Turns true when this pod leaves the mesh while it runs (its enrollment label or
+    /// annotation changed): the same as a drain, for this pod only.
+    pub leaving: tokio::sync::watch::Receiver<bool>,
     /// False while the agent adopts pods at start: a connection accepted then would be
     /// routed by a table that lacks the pods not adopted yet (their endpoints), so it
     /// waits in the accept queue instead.
@@ -85,17 +88,20 @@ impl ListenerContext {
     }
 }
 
-/// Accept until the agent drains, then close the listener and return once every open
-/// connection has ended. Aborting the task aborts every open connection of this pod (they
-/// live in the JoinSet), so nothing keeps the pod's netns alive.
+/// Accept until the agent drains or the pod leaves the mesh, then close the listener and
+/// return once every open connection has ended. Aborting the task aborts every open
+/// connection of this pod (they live in the JoinSet), so nothing keeps the pod's netns
+/// alive.
 pub async fn serve(listener: TcpListener, ctx: ListenerContext) {
     let mut connections = JoinSet::new();
     let mut draining = ctx.draining.clone();
+    let mut leaving = ctx.leaving.clone();
     let mut accepting = ctx.accepting.clone();
     loop {
         let open = *accepting.borrow_and_update();
         tokio::select! {
             _ = async { drop(draining.wait_for(|drain| *drain).await) } => break,
+            _ = async { drop(leaving.wait_for(|leave| *leave).await) } => break,
             _ = accepting.changed() => {}
             accepted = listener.accept(), if open => match accepted {
                 Ok((stream, client)) => {
