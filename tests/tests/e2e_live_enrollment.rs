@@ -47,6 +47,15 @@ fn outbound_records(node: &Node, pod: &str) -> usize {
         .count()
 }
 
+/// One connection from `pod` to `target` with a few bytes each way, which must succeed.
+fn dial(node: &Node, pod: &Pod, target: &str) {
+    let report = node
+        .tb
+        .run_client(pod, &["--connect", target, "--send-bytes", "100"])
+        .expect("client");
+    assert_eq!(report.error, None, "{report:?}\n{}", node.agent_log());
+}
+
 /// Write the manifests and wait until the agent's model has the new generation.
 fn rewrite(node: &Node, yaml: &str) {
     let generation = node.config_dump()["source"]["generation"].as_u64();
@@ -141,11 +150,7 @@ fn a_namespace_label_enrolls_and_unenrolls_its_running_pod(mode: Mode) {
     if mode == Mode::Iptables {
         common::assert_pod_rules(&app, Mode::Iptables);
     }
-    let report = node
-        .tb
-        .run_client(&app, &["--connect", &target, "--send-bytes", "100"])
-        .expect("client");
-    assert_eq!(report.error, None, "{report:?}\n{}", node.agent_log());
+    dial(&node, &app, &target);
     wait_for("the new connection through the proxy", || {
         (outbound_records(&node, "late/app") == 1).then_some(())
     });
@@ -166,11 +171,7 @@ fn a_namespace_label_enrolls_and_unenrolls_its_running_pod(mode: Mode) {
     if mode == Mode::Iptables {
         common::assert_pod_rules(&app, Mode::Ebpf);
     }
-    let report = node
-        .tb
-        .run_client(&app, &["--connect", &target, "--send-bytes", "100"])
-        .expect("client");
-    assert_eq!(report.error, None, "{report:?}\n{}", node.agent_log());
+    dial(&node, &app, &target);
     if mode == Mode::Ebpf {
         assert_eq!(
             during.ping(),
@@ -216,14 +217,7 @@ fn changed_exclusion_annotations_apply_to_the_running_pod(mode: Mode) {
         .spawn_server(&server, &["echo", "--listen", "0.0.0.0:9000"])
         .expect("echo");
     let target = format!("{}:{ECHO_TARGET_PORT}", server.ip);
-    let dial = |node: &Node| {
-        let report = node
-            .tb
-            .run_client(&app, &["--connect", &target, "--send-bytes", "10"])
-            .expect("client");
-        assert_eq!(report.error, None, "{report:?}\n{}", node.agent_log());
-    };
-    dial(&node);
+    dial(&node, &app, &target);
     wait_for("a proxied connection", || {
         (outbound_records(&node, "late/app") == 1).then_some(())
     });
@@ -240,7 +234,7 @@ fn changed_exclusion_annotations_apply_to_the_running_pod(mode: Mode) {
             .clone();
         row["rules"].to_string().contains("9000").then_some(())
     });
-    dial(&node);
+    dial(&node, &app, &target);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
         outbound_records(&node, "late/app"),
@@ -256,7 +250,7 @@ fn changed_exclusion_annotations_apply_to_the_running_pod(mode: Mode) {
             .contains("the previous rules stay")
             .then_some(())
     });
-    dial(&node);
+    dial(&node, &app, &target);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
         outbound_records(&node, "late/app"),
@@ -268,7 +262,7 @@ fn changed_exclusion_annotations_apply_to_the_running_pod(mode: Mode) {
     // The annotation removed: 9000 goes through the proxy again.
     rewrite(&node, &with_late_namespace(labels, ""));
     wait_for("the rules cleared", || {
-        dial(&node);
+        dial(&node, &app, &target);
         (outbound_records(&node, "late/app") >= 2).then_some(())
     });
 }
