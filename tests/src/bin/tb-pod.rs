@@ -149,7 +149,9 @@ enum Cmd {
     /// open until every attempt has finished and `hold_ms` have passed since the start.
     /// Opened one after another, or all at once with `--concurrent`. Prints {"replies":
     /// {word: n}, "open" (connections that got a reply and stayed open), "errors",
-    /// "first_error"}.
+    /// "first_error"}. With `--silent` a connection sends nothing and expects nothing
+    /// (idle from its first moment); "open" then counts those the peer has neither
+    /// closed nor reset, checked without sending.
     Hold {
         #[arg(long)]
         connect: SocketAddr,
@@ -159,6 +161,8 @@ enum Cmd {
         message: String,
         #[arg(long)]
         concurrent: bool,
+        #[arg(long)]
+        silent: bool,
         #[arg(long, default_value_t = 0)]
         hold_ms: u64,
         #[arg(long, default_value_t = 5_000)]
@@ -179,6 +183,7 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     QUIET.store(cli.quiet, std::sync::atomic::Ordering::Relaxed);
+    raise_open_file_limit();
     let result = match cli.cmd {
         Cmd::Echo { listen, greeting } => serve(listen, move |s| echo(s, greeting.as_deref())),
         Cmd::TcpEcho { listen, prefix } => serve(listen, move |s| tcp_echo(s, &prefix)),
@@ -206,13 +211,15 @@ fn main() -> ExitCode {
             count,
             message,
             concurrent,
+            silent,
             hold_ms,
             io_timeout_ms,
         } => {
+            let message = (!silent).then_some(message.as_str());
             let report = hold(
                 connect,
                 count,
-                &message,
+                message,
                 concurrent,
                 Duration::from_millis(hold_ms),
                 Duration::from_millis(io_timeout_ms),
@@ -310,6 +317,22 @@ fn main() -> ExitCode {
     }
 }
 
+/// The open-file soft limit up to the hard one: a server or `hold` with thousands of
+/// connections needs more than the 1,024 runtimes default to. Best effort.
+fn raise_open_file_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            eprintln!("tb-pod: raising the open-file limit: {e}");
+        }
+    }
+}
+
 /// One line to stdout, flushed at once: tests read these while the process runs.
 fn emit(line: &str) {
     let mut out = io::stdout().lock();
@@ -329,12 +352,33 @@ fn addr_string(r: io::Result<SocketAddr>) -> Option<String> {
     r.ok().map(|a| a.to_string())
 }
 
+/// Listen backlog of the servers. std's 128 overflows when hundreds of connections arrive
+/// at once through a proxy, and then a handshake the kernel finished with a SYN cookie is
+/// lost for good if its final ACK meets the full accept queue and the client never sends.
+const BACKLOG: i32 = 4096;
+
+/// `TcpListener::bind` with [`BACKLOG`] (the kernel caps it at `net.core.somaxconn`).
+fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    let family = if addr.is_ipv4() {
+        AddressFamily::INET
+    } else {
+        AddressFamily::INET6
+    };
+    let fd = rustix::net::socket_with(family, SocketType::STREAM, SocketFlags::CLOEXEC, None)?;
+    // What std sets before binding, so a restarted server can take its port at once.
+    rustix::net::sockopt::set_socket_reuseaddr(&fd, true)?;
+    rustix::net::bind(&fd, &addr)?;
+    rustix::net::listen(&fd, BACKLOG)?;
+    Ok(TcpListener::from(fd))
+}
+
 /// Binds, announces READY and hands each connection to `handle` on its own thread.
 fn serve<F>(listen: SocketAddr, handle: F) -> io::Result<()>
 where
     F: Fn(TcpStream) + Send + Sync + Clone + 'static,
 {
-    let listener = TcpListener::bind(listen)?;
+    let listener = bind_listener(listen)?;
     emit(&format!("READY {}", listener.local_addr()?));
     loop {
         let (stream, peer) = match listener.accept() {
@@ -436,15 +480,40 @@ fn ask(
     Ok((word, s))
 }
 
+/// A connection that sends nothing: connected, and the word "" for the tally.
+fn connect_silent(connect: SocketAddr, timeout: Duration) -> io::Result<(String, TcpStream)> {
+    Ok((
+        String::new(),
+        TcpStream::connect_timeout(&connect, timeout)?,
+    ))
+}
+
+/// Whether the peer has neither closed nor reset `stream`, seen without sending: a
+/// non-blocking peek that finds nothing to read.
+fn open_without_sending(stream: &TcpStream) -> bool {
+    if stream.set_nonblocking(true).is_err() {
+        return false;
+    }
+    let mut byte = [0u8; 1];
+    let open = matches!(stream.peek(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+    let _ = stream.set_nonblocking(false);
+    open
+}
+
+/// `message` `None`: silent connections (see `Cmd::Hold`).
 fn hold(
     connect: SocketAddr,
     count: u32,
-    message: &str,
+    message: Option<&str>,
     concurrent: bool,
     hold: Duration,
     io_timeout: Duration,
 ) -> serde_json::Value {
     let start = Instant::now();
+    let ask = |connect, message: Option<&str>, connect_timeout, io_timeout| match message {
+        Some(message) => ask(connect, message, connect_timeout, io_timeout),
+        None => connect_silent(connect, connect_timeout),
+    };
     let results: Vec<io::Result<(String, TcpStream)>> = if concurrent {
         let barrier = std::sync::Barrier::new(count as usize);
         std::thread::scope(|scope| {
@@ -477,7 +546,9 @@ fn hold(
     for result in results {
         match result {
             Ok((word, stream)) => {
-                *replies.entry(word).or_default() += 1;
+                if message.is_some() {
+                    *replies.entry(word).or_default() += 1;
+                }
                 open.push(stream);
             }
             Err(e) => {
@@ -489,7 +560,12 @@ fn hold(
     // Still open: a connection the proxy reset after its reply would fail to write now.
     let mut still_open = 0u64;
     for stream in &mut open {
-        if stream.write_all(b"x\n").is_ok() && stream.flush().is_ok() {
+        let alive = if message.is_some() {
+            stream.write_all(b"x\n").is_ok() && stream.flush().is_ok()
+        } else {
+            open_without_sending(stream)
+        };
+        if alive {
             still_open += 1;
         }
     }
