@@ -119,8 +119,13 @@ pub struct Bulk {
 #[derive(Clone, Debug, Serialize)]
 pub struct ConnRate {
     pub per_s: f64,
-    /// Median time `connect` took (the handshake the client sees).
+    /// Median time `connect` took (the handshake the client sees; through a proxy, the
+    /// handshake with its local listener).
     pub connect_p50_us: f64,
+    /// From the start of `connect` until the echoed byte was back: the latency to the
+    /// server itself (through a proxy, including its choice of endpoint and its connect).
+    pub first_echo_p50_us: f64,
+    pub first_echo_p99_us: f64,
     pub connections: u64,
     pub errors: u64,
     pub raw: Value,
@@ -429,12 +434,19 @@ pub fn connrate(tb: &Testbed, client: &Pod, ip: Ipv4Addr, secs: u64) -> Result<C
     let per_s = report["per_second"]
         .as_f64()
         .with_context(|| format!("connrate report without per_second: {report}"))?;
-    let connect_p50_us = report["connect_p50_us"]
-        .as_f64()
-        .with_context(|| format!("connrate report without connect_p50_us: {report}"))?;
+    let figure = |key: &str| {
+        report[key]
+            .as_f64()
+            .with_context(|| format!("connrate report without {key}: {report}"))
+    };
+    let connect_p50_us = figure("connect_p50_us")?;
+    let first_echo_p50_us = figure("first_echo_p50_us")?;
+    let first_echo_p99_us = figure("first_echo_p99_us")?;
     Ok(ConnRate {
         per_s,
         connect_p50_us,
+        first_echo_p50_us,
+        first_echo_p99_us,
         connections,
         errors,
         raw: json!({ "tool": "tb-pod connrate", "report": report }),

@@ -402,13 +402,12 @@ pub fn summary(report: &Report<'_>) -> String {
     if !report.upstream.is_empty() {
         writeln!(
             s,
-            "\n## Upstream policies (enrolled client to a Service with one endpoint; median of {} round{})\n\n{}\n\n\
-             Ratios are to the same path with no policy (round-robin). connect p50: the client's \
-             connect() to the local proxy; conn/s: one connection at a time, one byte each way, \
-             which includes the proxy choosing the endpoint (balancer, limits) and connecting.",
+            "\n## Upstream policies (enrolled client to a Service with {} endpoints; median of {} round{})\n\n{}\n\n{}",
+            super::upstream::ENDPOINTS,
             report.rounds,
             if report.rounds == 1 { "" } else { "s" },
-            super::upstream::table(report.upstream)
+            super::upstream::table(report.upstream),
+            super::upstream::HOW_TO_READ
         )
         .unwrap_or(());
     }

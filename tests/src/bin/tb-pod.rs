@@ -66,7 +66,9 @@ enum Cmd {
         ip_options: bool,
     },
     /// Connection rate against an echo server: each exchange connects, writes 1 byte,
-    /// reads it back and closes. Prints {"connections", "errors", "per_second", ...}.
+    /// reads it back and closes. Prints {"connections", "errors", "per_second",
+    /// "connect_p50_us" (until connect() returned), "first_echo_p50_us" (from the start of
+    /// connect() until the byte came back), their p99s, ...}.
     Connrate {
         #[arg(long)]
         connect: SocketAddr,
@@ -846,24 +848,38 @@ struct ConnrateArgs {
     linger_zero: bool,
 }
 
+/// How long one exchange's steps took, from the start of `connect` (nanoseconds).
+#[derive(Clone, Copy)]
+struct ExchangeTimes {
+    /// Until `connect` returned: through a proxy, the handshake with its listener.
+    connect_ns: u64,
+    /// Until the echoed byte was read: the round trip to the server itself, which through
+    /// a proxy includes the proxy choosing and reaching the endpoint.
+    first_echo_ns: u64,
+}
+
 /// One connection: connect, 1 byte out, the same byte back, close.
-/// One connection, one byte each way; returns how long `connect` took (nanoseconds).
-fn one_exchange(a: &ConnrateArgs) -> io::Result<u64> {
+fn one_exchange(a: &ConnrateArgs) -> io::Result<ExchangeTimes> {
     let t0 = Instant::now();
+    let ns = || u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
     let mut s = TcpStream::connect_timeout(&a.connect, a.connect_timeout)?;
-    let connect_ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    let connect_ns = ns();
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(a.io_timeout))?;
     s.write_all(b"x")?;
     let mut b = [0u8; 1];
     s.read_exact(&mut b)?;
+    let first_echo_ns = ns();
     if b != *b"x" {
         return Err(io::Error::other("echoed byte differs"));
     }
     if a.linger_zero {
         rustix::net::sockopt::set_socket_linger(&s, Some(Duration::ZERO))?;
     }
-    Ok(connect_ns)
+    Ok(ExchangeTimes {
+        connect_ns,
+        first_echo_ns,
+    })
 }
 
 /// What one connrate worker saw.
@@ -873,6 +889,7 @@ struct ConnrateWorker {
     errors: u64,
     first_error: Option<String>,
     connect_ns: Vec<u64>,
+    first_echo_ns: Vec<u64>,
 }
 
 fn connrate(a: &ConnrateArgs) -> serde_json::Value {
@@ -885,9 +902,10 @@ fn connrate(a: &ConnrateArgs) -> serde_json::Value {
                     let mut w = ConnrateWorker::default();
                     while Instant::now() < deadline {
                         match one_exchange(a) {
-                            Ok(connect_ns) => {
+                            Ok(times) => {
                                 w.ok += 1;
-                                w.connect_ns.push(connect_ns);
+                                w.connect_ns.push(times.connect_ns);
+                                w.first_echo_ns.push(times.first_echo_ns);
                             }
                             Err(e) => {
                                 w.errors += 1;
@@ -918,6 +936,11 @@ fn connrate(a: &ConnrateArgs) -> serde_json::Value {
         .flat_map(|t| t.connect_ns.iter().copied())
         .collect();
     connect_ns.sort_unstable();
+    let mut first_echo_ns: Vec<u64> = per_thread
+        .iter()
+        .flat_map(|t| t.first_echo_ns.iter().copied())
+        .collect();
+    first_echo_ns.sort_unstable();
     let first_error = per_thread.into_iter().find_map(|t| t.first_error);
     json!({
         "connect": a.connect.to_string(),
@@ -927,6 +950,8 @@ fn connrate(a: &ConnrateArgs) -> serde_json::Value {
         "first_error": first_error,
         "connect_p50_us": percentile(&connect_ns, 50.0) as f64 / 1000.0,
         "connect_p99_us": percentile(&connect_ns, 99.0) as f64 / 1000.0,
+        "first_echo_p50_us": percentile(&first_echo_ns, 50.0) as f64 / 1000.0,
+        "first_echo_p99_us": percentile(&first_echo_ns, 99.0) as f64 / 1000.0,
         "per_second": connections as f64 / elapsed.as_secs_f64().max(1e-9),
         "elapsed_ms": u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
     })
