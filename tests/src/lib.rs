@@ -40,7 +40,7 @@ pub use cni::{
     CniError, CniOutput, BRIDGE, CLUSTER_POD_CIDR, CNI_VERSION, IFNAME, NETWORK_NAME, POD_SUBNET,
 };
 pub use netns::{connect_in_netns, netns_path, with_netns};
-pub use node::{ip_forward, link_addrs, link_name, NodeId, TestbedNode};
+pub use node::{ip_forward, link_addrs, link_name, NodeId, PodSubnets, TestbedNode};
 pub use procs::{proc_status, AgentProcess, ClientReport, ProcStatus, ServerProcess, TbPodRun};
 
 use names::{BPFFS_ROOT, DIR_PREFIX, NETNS_PREFIX, STATE_ROOT};
@@ -49,7 +49,7 @@ use procs::Owned;
 /// Where the agent's admin endpoint listens, inside the node netns.
 pub const ADMIN_ADDR: &str = "127.0.0.1:15000";
 /// The gateway address the bridge plugin gives the bridge in node a's netns (node `k`
-/// has `10.244.<k>.1`, see [`TestbedNode::gateway`]).
+/// has `10.244.<k>.1` with the default /24 subnets, see [`TestbedNode::gateway`]).
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
 
 const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -106,6 +106,7 @@ pub struct TestbedBuilder {
     interceptor_cni: bool,
     failure_policy: String,
     tb_pod_bin: Option<PathBuf>,
+    pod_prefix_len: u8,
 }
 
 impl TestbedBuilder {
@@ -126,6 +127,15 @@ impl TestbedBuilder {
     /// tests can pass `env!("CARGO_BIN_EXE_tb-pod")`).
     pub fn tb_pod_bin(mut self, path: impl Into<PathBuf>) -> Self {
         self.tb_pod_bin = Some(path.into());
+        self
+    }
+
+    /// Every node's pod subnet is a `/prefix_len` block of `10.244.0.0/16` instead of a
+    /// /24, for more pods per node (a bench enrolling 1,000 pods on one node): see
+    /// [`PodSubnets`]. Node a keeps gateway `10.244.0.1` and its first pods their
+    /// addresses; fewer nodes fit. 16 to 24; `build` fails on anything else.
+    pub fn pod_subnet_prefix(mut self, prefix_len: u8) -> Self {
+        self.pod_prefix_len = prefix_len;
         self
     }
 
@@ -184,6 +194,7 @@ impl Testbed {
             interceptor_cni: true,
             failure_policy: "fail-closed".to_owned(),
             tb_pod_bin: None,
+            pod_prefix_len: PodSubnets::default().prefix_len(),
         }
     }
 
@@ -196,6 +207,7 @@ impl Testbed {
             .map(Path::new)
             .find(|d| d.join("bridge").is_file() && d.join("host-local").is_file())
             .context("bridge and host-local CNI plugins not found in /usr/lib/cni or /opt/cni/bin (install containernetworking-plugins)")?;
+        let subnets = PodSubnets::new(opts.pod_prefix_len)?;
 
         fs::create_dir_all(STATE_ROOT).with_context(|| format!("creating {STATE_ROOT}"))?;
         // Serializes leftover cleanup and creation across processes, so one run never
@@ -237,6 +249,7 @@ impl Testbed {
             state_dir: state_dir.clone(),
             conflist: Value::Null,
             plugin_types: Vec::new(),
+            subnets,
         };
         let mut tb = Testbed {
             label: opts.label.clone(),
@@ -327,7 +340,8 @@ impl Testbed {
 
     /// Adds node `name` (1 to 8 of `[a-z0-9-]`, unique): netns `itb-<id>-node-<name>`
     /// with forwarding on, a veth pair to node a (`itbl<k>` there, `itbl0` here;
-    /// 192.168.255.<4k+1>/30 and <4k+2>/30), pod subnet `10.244.<k>.0/24` on its own
+    /// 192.168.255.<4k+1>/30 and <4k+2>/30), pod subnet `10.244.<k>.0/24` (the `k`-th
+    /// block of the builder's [`PodSubnets`]) on its own
     /// bridge `itb0` (made by the first pod's ADD), routes between every node's pod
     /// subnet (through node a), and its own conflist, host-local data, cgroup
     /// `interceptor-tb-<id>-<name>`, bpffs dir and state dir `<state>/nodes/<name>`.
@@ -335,9 +349,9 @@ impl Testbed {
     /// socket, the builder's failure policy) when `with_interceptor_cni`. On error,
     /// whatever was made is removed again.
     pub fn add_node(&mut self, name: &str, with_interceptor_cni: bool) -> Result<NodeId> {
-        node::validate_name(name, &self.nodes)?;
-        let id = NodeId(self.nodes.len());
         let a = &self.nodes[0];
+        node::validate_name(name, &self.nodes, a.subnets.max_nodes())?;
+        let id = NodeId(self.nodes.len());
         let cgroup_root = a
             .cgroup_path
             .parent()
@@ -353,6 +367,7 @@ impl Testbed {
             state_dir,
             conflist: Value::Null,
             plugin_types: Vec::new(),
+            subnets: a.subnets,
         };
         let others: Vec<&TestbedNode> = self.nodes[1..].iter().collect();
         let made = self

@@ -1,7 +1,7 @@
 //! Nodes of a testbed: node "a", which every testbed has, and the ones
 //! [`crate::Testbed::add_node`] adds. Each node is a network namespace with its own bridge
-//! and pod subnet (`10.244.<k>.0/24`), conflist, host-local data, cgroup, bpffs dir and
-//! state dir, so an agent can run on each. Node `k > 0` is joined to node a by a veth pair
+//! and pod subnet (`10.244.<k>.0/24` by default; see [`PodSubnets`] for larger ones),
+//! conflist, host-local data, cgroup, bpffs dir and state dir, so an agent can run on each. Node `k > 0` is joined to node a by a veth pair
 //! (`itbl<k>` in a, `itbl0` in node k; `192.168.255.<4k+1>/30` and `<4k+2>/30`), with
 //! routes for the other nodes' pod subnets through a and forwarding on. Nothing routes
 //! out of the testbed: there is no default route anywhere.
@@ -28,7 +28,8 @@ impl NodeId {
     /// The first node, the one every function without `_on` works on.
     pub const A: NodeId = NodeId(0);
 
-    /// `k`: the node's pod subnet is `10.244.<k>.0/24`.
+    /// `k`: the node's pod subnet is the `k`-th block of [`PodSubnets`]
+    /// (`10.244.<k>.0/24` by default).
     pub fn index(self) -> usize {
         self.0
     }
@@ -46,6 +47,8 @@ pub struct TestbedNode {
     pub(crate) conflist_path: PathBuf,
     pub(crate) conflist: Value,
     pub(crate) plugin_types: Vec<String>,
+    /// The testbed's pod subnet layout (every node of a testbed has the same).
+    pub(crate) subnets: PodSubnets,
 }
 
 impl TestbedNode {
@@ -108,23 +111,100 @@ impl TestbedNode {
         &self.plugin_types
     }
 
-    /// `10.244.<k>.0/24`.
+    /// `10.244.<k>.0/24` by default, the `k`-th block of the testbed's [`PodSubnets`].
     pub fn pod_subnet(&self) -> String {
-        pod_subnet(self.id)
+        self.subnets.subnet(self.id)
     }
 
-    /// `10.244.<k>.1`, the bridge's address.
+    /// `10.244.<k>.1` by default: the first address of the pod subnet, the bridge's.
     pub fn gateway(&self) -> Ipv4Addr {
-        gateway(self.id)
+        self.subnets.gateway(self.id)
+    }
+
+    /// How many pods the node's subnet has addresses for.
+    pub fn pod_capacity(&self) -> usize {
+        self.subnets.pod_capacity()
     }
 }
 
-pub(crate) fn pod_subnet(node: NodeId) -> String {
-    format!("10.244.{}.0/24", node.0)
+/// The pod subnets of a testbed's nodes: node `k` gets the `k`-th block of
+/// `10.244.0.0/16` ([`crate::CLUSTER_POD_CIDR`], the route every pod has) of one prefix
+/// length. The default, /24, gives node `k` `10.244.<k>.0/24` ([`crate::POD_SUBNET`] for
+/// node a), room for 253 pods, 64 nodes. A shorter prefix holds more pods per node and
+/// allows fewer nodes: /21 gives node a `10.244.0.0/21` (2,045 pods) and node `k`
+/// `10.244.<8k>.0/21`, 32 nodes. Node a's gateway stays `10.244.0.1` ([`crate::GATEWAY`])
+/// and host-local hands out `10.244.0.2` upwards either way, so the first pods get the
+/// same addresses. A Linux bridge takes at most 1,023 ports, so one node holds at most that
+/// many pods whatever the prefix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodSubnets {
+    prefix_len: u8,
 }
 
+impl Default for PodSubnets {
+    fn default() -> Self {
+        PodSubnets { prefix_len: 24 }
+    }
+}
+
+impl PodSubnets {
+    /// Shortest prefix: one node with all of `10.244.0.0/16`.
+    pub const MIN_PREFIX_LEN: u8 = 16;
+    /// Longest prefix: the default.
+    pub const MAX_PREFIX_LEN: u8 = 24;
+
+    /// Subnets of `/prefix_len` (16 to 24).
+    pub fn new(prefix_len: u8) -> Result<PodSubnets> {
+        if !(Self::MIN_PREFIX_LEN..=Self::MAX_PREFIX_LEN).contains(&prefix_len) {
+            bail!(
+                "pod subnet prefix /{prefix_len}: use /{} to /{} (blocks of 10.244.0.0/16)",
+                Self::MIN_PREFIX_LEN,
+                Self::MAX_PREFIX_LEN
+            );
+        }
+        Ok(PodSubnets { prefix_len })
+    }
+
+    pub fn prefix_len(self) -> u8 {
+        self.prefix_len
+    }
+
+    /// Most nodes: as many blocks as fit in `10.244.0.0/16`, at most [`MAX_NODES`] (the
+    /// link /30s).
+    pub fn max_nodes(self) -> usize {
+        (1usize << (self.prefix_len - Self::MIN_PREFIX_LEN)).min(MAX_NODES)
+    }
+
+    /// Addresses host-local can give pods: the block without its network, gateway and
+    /// broadcast addresses.
+    pub fn pod_capacity(self) -> usize {
+        (1usize << (32 - self.prefix_len)) - 3
+    }
+
+    fn base(self, node: NodeId) -> u32 {
+        let index = u32::try_from(node.0).expect("node index checked against max_nodes");
+        u32::from(Ipv4Addr::new(10, 244, 0, 0)) + (index << (32 - self.prefix_len))
+    }
+
+    /// Node `node`'s pod subnet, e.g. `10.244.1.0/24`.
+    pub fn subnet(self, node: NodeId) -> String {
+        format!("{}/{}", Ipv4Addr::from(self.base(node)), self.prefix_len)
+    }
+
+    /// The first address of node `node`'s subnet: the bridge's, the pods' gateway.
+    pub fn gateway(self, node: NodeId) -> Ipv4Addr {
+        Ipv4Addr::from(self.base(node) + 1)
+    }
+}
+
+#[cfg(test)]
+pub(crate) fn pod_subnet(node: NodeId) -> String {
+    PodSubnets::default().subnet(node)
+}
+
+#[cfg(test)]
 pub(crate) fn gateway(node: NodeId) -> Ipv4Addr {
-    Ipv4Addr::new(10, 244, subnet_octet(node), 1)
+    PodSubnets::default().gateway(node)
 }
 
 fn subnet_octet(node: NodeId) -> u8 {
@@ -146,8 +226,9 @@ pub fn link_addrs(node: NodeId) -> (Ipv4Addr, Ipv4Addr) {
     )
 }
 
-/// Names are short, lower-case alphanumeric or `-`, unique, and not "a".
-pub(crate) fn validate_name(name: &str, existing: &[TestbedNode]) -> Result<()> {
+/// Names are short, lower-case alphanumeric or `-`, unique, and not "a"; the testbed
+/// must have room for one more node (`max_nodes`).
+pub(crate) fn validate_name(name: &str, existing: &[TestbedNode], max_nodes: usize) -> Result<()> {
     let ok_chars = name
         .chars()
         .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
@@ -157,8 +238,8 @@ pub(crate) fn validate_name(name: &str, existing: &[TestbedNode]) -> Result<()> 
     if existing.iter().any(|n| n.name == name) {
         bail!("the testbed already has a node named {name:?}");
     }
-    if existing.len() >= MAX_NODES {
-        bail!("a testbed has at most {MAX_NODES} nodes");
+    if existing.len() >= max_nodes {
+        bail!("this testbed has room for at most {max_nodes} nodes (its pod subnets)");
     }
     Ok(())
 }
@@ -266,15 +347,42 @@ mod tests {
         assert_eq!(pod_subnet(NodeId::A), crate::POD_SUBNET);
         assert_eq!(gateway(NodeId::A), crate::GATEWAY);
         assert_eq!(pod_subnet(NodeId(1)), "10.244.1.0/24");
+        assert_eq!(gateway(NodeId(1)), Ipv4Addr::new(10, 244, 1, 1));
+        assert_eq!(pod_subnet(NodeId(63)), "10.244.63.0/24");
         assert_eq!(link_name(NodeId(1)), "itbl1");
     }
 
     #[test]
+    fn larger_pod_subnets_keep_node_a_gateway_and_split_the_cluster_range() {
+        let default = PodSubnets::default();
+        assert_eq!(default.prefix_len(), 24);
+        assert_eq!(default.pod_capacity(), 253);
+        assert_eq!(default.max_nodes(), MAX_NODES);
+        let wide = PodSubnets::new(21).unwrap();
+        assert_eq!(wide.subnet(NodeId::A), "10.244.0.0/21");
+        assert_eq!(wide.gateway(NodeId::A), crate::GATEWAY);
+        assert_eq!(wide.subnet(NodeId(1)), "10.244.8.0/21");
+        assert_eq!(wide.gateway(NodeId(1)), Ipv4Addr::new(10, 244, 8, 1));
+        assert_eq!(wide.pod_capacity(), 2_045);
+        assert_eq!(wide.max_nodes(), 32);
+        assert_eq!(wide.subnet(NodeId(31)), "10.244.248.0/21");
+        let whole = PodSubnets::new(16).unwrap();
+        assert_eq!(whole.subnet(NodeId::A), crate::CLUSTER_POD_CIDR);
+        assert_eq!(whole.max_nodes(), 1);
+        assert!(PodSubnets::new(15).is_err());
+        assert!(PodSubnets::new(25).is_err());
+    }
+
+    #[test]
     fn node_names() {
-        assert!(validate_name("b", &[]).is_ok());
-        assert!(validate_name("node-2", &[]).is_ok());
+        assert!(validate_name("b", &[], MAX_NODES).is_ok());
+        assert!(validate_name("node-2", &[], MAX_NODES).is_ok());
         for bad in ["", "B", "-b", "a/b", "waytoolongname"] {
-            assert!(validate_name(bad, &[]).is_err(), "{bad:?}");
+            assert!(validate_name(bad, &[], MAX_NODES).is_err(), "{bad:?}");
         }
+        assert!(
+            validate_name("b", &[], 0).is_err(),
+            "no room for another node"
+        );
     }
 }

@@ -322,3 +322,73 @@ fn leftovers_of_dead_runs_are_removed() {
     // Our own live testbed is not a leftover.
     assert!(tb.state_dir().exists());
 }
+
+/// A testbed with a wider pod subnet (the scale bench enrolls 1,000 pods on one node):
+/// node a keeps its gateway and its first pods' addresses, and a pod past the first /24
+/// talks to one inside it over the same bridge.
+#[test]
+fn a_wider_pod_subnet_holds_pods_past_the_first_slash_24() {
+    if !privileged() {
+        return;
+    }
+    let footprint;
+    {
+        let mut tb = Testbed::builder("smoke-wide")
+            .without_interceptor_cni()
+            .tb_pod_bin(env!("CARGO_BIN_EXE_tb-pod"))
+            .pod_subnet_prefix(22)
+            .build()
+            .expect("testbed");
+        let node = tb.node(interceptor_testbed::NodeId::A);
+        assert_eq!(node.pod_subnet(), "10.244.0.0/22");
+        assert_eq!(node.gateway(), interceptor_testbed::GATEWAY);
+        assert_eq!(node.pod_capacity(), 1_021);
+        let first = tb.add_pod("default", "first").expect("first pod");
+        assert_eq!(
+            first.ip,
+            Ipv4Addr::new(10, 244, 0, 2),
+            "the default's first address"
+        );
+        // 10.244.0.2 to .255 and 10.244.1.0: the 256th pod is past the first /24.
+        let mut last = first.clone();
+        for k in 1..256 {
+            last = tb.add_pod("default", &format!("p{k}")).expect("pod");
+        }
+        assert_eq!(last.ip, Ipv4Addr::new(10, 244, 1, 1), "{last:?}");
+        assert_eq!(last.cni_result["ips"][0]["address"], "10.244.1.1/22");
+        assert_eq!(last.cni_result["ips"][0]["gateway"], "10.244.0.1");
+        let routes = ip_output(&["-4", "-n", tb.node_netns(), "route", "show"]);
+        assert!(routes.contains("10.244.0.0/22 dev itb0"), "{routes}");
+
+        let _server = tb
+            .spawn_server(&first, &["echo", "--listen", "0.0.0.0:9000"])
+            .expect("echo server");
+        let target = format!("{}:9000", first.ip);
+        let report = tb
+            .run_client(&last, &["--connect", &target, "--send-bytes", "4096"])
+            .expect("client");
+        assert_eq!(report.error, None, "{report:?}");
+        assert!(report.echoed_all(), "{report:?}");
+        assert_eq!(report.local_ip(), Some(IpAddr::V4(last.ip)));
+        footprint = Footprint::of(&tb);
+    }
+    footprint.assert_gone();
+}
+
+#[test]
+fn pod_subnet_prefixes_outside_10_244_0_0_16_are_refused() {
+    if !privileged() {
+        return;
+    }
+    for prefix in [15, 25] {
+        let err = Testbed::builder("smoke-badprefix")
+            .without_interceptor_cni()
+            .pod_subnet_prefix(prefix)
+            .build()
+            .expect_err("refused");
+        assert!(
+            format!("{err:#}").contains(&format!("/{prefix}")),
+            "{err:#}"
+        );
+    }
+}

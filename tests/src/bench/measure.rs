@@ -119,8 +119,13 @@ pub struct Bulk {
 #[derive(Clone, Debug, Serialize)]
 pub struct ConnRate {
     pub per_s: f64,
-    /// Median time `connect` took (the handshake the client sees).
+    /// Median time `connect` took (the handshake the client sees; through a proxy, the
+    /// handshake with its local listener).
     pub connect_p50_us: f64,
+    /// From the start of `connect` until the echoed byte was back: the latency to the
+    /// server itself (through a proxy, including its choice of endpoint and its connect).
+    pub first_echo_p50_us: f64,
+    pub first_echo_p99_us: f64,
     pub connections: u64,
     pub errors: u64,
     pub raw: Value,
@@ -429,21 +434,56 @@ pub fn connrate(tb: &Testbed, client: &Pod, ip: Ipv4Addr, secs: u64) -> Result<C
     let per_s = report["per_second"]
         .as_f64()
         .with_context(|| format!("connrate report without per_second: {report}"))?;
-    let connect_p50_us = report["connect_p50_us"]
-        .as_f64()
-        .with_context(|| format!("connrate report without connect_p50_us: {report}"))?;
+    let figure = |key: &str| {
+        report[key]
+            .as_f64()
+            .with_context(|| format!("connrate report without {key}: {report}"))
+    };
+    let connect_p50_us = figure("connect_p50_us")?;
+    let first_echo_p50_us = figure("first_echo_p50_us")?;
+    let first_echo_p99_us = figure("first_echo_p99_us")?;
     Ok(ConnRate {
         per_s,
         connect_p50_us,
+        first_echo_p50_us,
+        first_echo_p99_us,
         connections,
         errors,
         raw: json!({ "tool": "tb-pod connrate", "report": report }),
     })
 }
 
+/// Handshakes completed towards listeners in network namespace `netns` so far (the
+/// kernel's `Tcp: PassiveOpens`, which counts per netns): how many connections a server
+/// pod accepted, as the server's own kernel saw them.
+pub fn passive_opens(netns: &str) -> Result<u64> {
+    let snmp = interceptor_testbed::with_netns(netns, || {
+        // thread-self: the netns of this thread, the one with_netns entered.
+        std::fs::read_to_string("/proc/thread-self/net/snmp")
+    })?;
+    parse_passive_opens(&snmp).context("no Tcp PassiveOpens in /proc/net/snmp")
+}
+
+fn parse_passive_opens(snmp: &str) -> Option<u64> {
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (tcp.next()?, tcp.next()?);
+    let column = names.split_whitespace().position(|n| n == "PassiveOpens")?;
+    values.split_whitespace().nth(column)?.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_passive_opens_from_snmp() {
+        let snmp = "Ip: Forwarding DefaultTTL\nIp: 1 64\n\
+                    Tcp: RtoAlgorithm RtoMin RtoMax MaxConn ActiveOpens PassiveOpens AttemptFails\n\
+                    Tcp: 1 200 120000 -1 12 345 0\n\
+                    Udp: InDatagrams\nUdp: 0\n";
+        assert_eq!(parse_passive_opens(snmp), Some(345));
+        assert_eq!(parse_passive_opens("Ip: a\nIp: 1\n"), None);
+    }
 
     const SOCKPERF_OUT: &str = "sockperf: \u{1b}[2;35m== version #3.7-no.git == \u{1b}[0m
 sockperf: [Total Run] RunTime=2.000 sec; Warm up time=400 msec; SentMessages=115577; ReceivedMessages=115576

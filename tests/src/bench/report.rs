@@ -21,7 +21,7 @@ pub struct Report<'a> {
     /// The cost of the upstream policies (empty when not run).
     pub upstream: &'a [super::upstream::UpstreamRow],
     /// Pod start-up at cluster scale (empty when not run).
-    pub scale_pods: &'a [super::scale_pods::PodsRow],
+    pub scale_pods: &'a super::scale_pods::ScalePods,
     pub wall_s: f64,
     pub loadavg_at_end: String,
     /// The `--note` given on the command line.
@@ -476,21 +476,23 @@ pub fn summary(report: &Report<'_>) -> String {
              The model's Services select their pods by label (no EndpointSlices). RSS and threads: \
              the agent after the probes were enrolled. tc attach: the agent's `--tc-attach`, `netlink` \
              (clsact + cls_bpf, the default) or `tcx` (bpf_link on kernels ≥ 6.6: an RCU grace \
-             period under the rtnl lock per direction).",
-            super::scale_pods::table(report.scale_pods)
+             period under the rtnl lock per direction).\n\n\
+             ### Agent memory\n\n{}\n\n{}",
+            super::scale_pods::table(report.scale_pods),
+            super::scale_pods::memory_table(report.scale_pods),
+            super::scale_pods::MEMORY_HOW_TO_READ
         )
         .unwrap_or(());
     }
     if !report.upstream.is_empty() {
         writeln!(
             s,
-            "\n## Upstream policies (enrolled client to a Service with one endpoint; median of {} round{})\n\n{}\n\n\
-             Ratios are to the same path with no policy (round-robin). connect p50: the client's \
-             connect() to the local proxy; conn/s: one connection at a time, one byte each way, \
-             which includes the proxy choosing the endpoint (balancer, limits) and connecting.",
+            "\n## Upstream policies (enrolled client to a Service with {} endpoints; median of {} round{})\n\n{}\n\n{}",
+            super::upstream::ENDPOINTS,
             report.rounds,
             if report.rounds == 1 { "" } else { "s" },
-            super::upstream::table(report.upstream)
+            super::upstream::table(report.upstream),
+            super::upstream::HOW_TO_READ
         )
         .unwrap_or(());
     }

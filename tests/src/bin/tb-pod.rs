@@ -66,7 +66,9 @@ enum Cmd {
         ip_options: bool,
     },
     /// Connection rate against an echo server: each exchange connects, writes 1 byte,
-    /// reads it back and closes. Prints {"connections", "errors", "per_second", ...}.
+    /// reads it back and closes. Prints {"connections", "errors", "per_second",
+    /// "connect_p50_us" (until connect() returned), "first_echo_p50_us" (from the start of
+    /// connect() until the byte came back), their p99s, ...}.
     Connrate {
         #[arg(long)]
         connect: SocketAddr,
@@ -149,7 +151,9 @@ enum Cmd {
     /// open until every attempt has finished and `hold_ms` have passed since the start.
     /// Opened one after another, or all at once with `--concurrent`. Prints {"replies":
     /// {word: n}, "open" (connections that got a reply and stayed open), "errors",
-    /// "first_error"}.
+    /// "first_error"}. With `--silent` a connection sends nothing and expects nothing
+    /// (idle from its first moment); "open" then counts those the peer has neither
+    /// closed nor reset, checked without sending.
     Hold {
         #[arg(long)]
         connect: SocketAddr,
@@ -159,6 +163,8 @@ enum Cmd {
         message: String,
         #[arg(long)]
         concurrent: bool,
+        #[arg(long)]
+        silent: bool,
         #[arg(long, default_value_t = 0)]
         hold_ms: u64,
         #[arg(long, default_value_t = 5_000)]
@@ -179,6 +185,7 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     QUIET.store(cli.quiet, std::sync::atomic::Ordering::Relaxed);
+    raise_open_file_limit();
     let result = match cli.cmd {
         Cmd::Echo { listen, greeting } => serve(listen, move |s| echo(s, greeting.as_deref())),
         Cmd::TcpEcho { listen, prefix } => serve(listen, move |s| tcp_echo(s, &prefix)),
@@ -206,13 +213,15 @@ fn main() -> ExitCode {
             count,
             message,
             concurrent,
+            silent,
             hold_ms,
             io_timeout_ms,
         } => {
+            let message = (!silent).then_some(message.as_str());
             let report = hold(
                 connect,
                 count,
-                &message,
+                message,
                 concurrent,
                 Duration::from_millis(hold_ms),
                 Duration::from_millis(io_timeout_ms),
@@ -310,6 +319,22 @@ fn main() -> ExitCode {
     }
 }
 
+/// The open-file soft limit up to the hard one: a server or `hold` with thousands of
+/// connections needs more than the 1,024 runtimes default to. Best effort.
+fn raise_open_file_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            eprintln!("tb-pod: raising the open-file limit: {e}");
+        }
+    }
+}
+
 /// One line to stdout, flushed at once: tests read these while the process runs.
 fn emit(line: &str) {
     let mut out = io::stdout().lock();
@@ -329,12 +354,33 @@ fn addr_string(r: io::Result<SocketAddr>) -> Option<String> {
     r.ok().map(|a| a.to_string())
 }
 
+/// Listen backlog of the servers. std's 128 overflows when hundreds of connections arrive
+/// at once through a proxy, and then a handshake the kernel finished with a SYN cookie is
+/// lost for good if its final ACK meets the full accept queue and the client never sends.
+const BACKLOG: i32 = 4096;
+
+/// `TcpListener::bind` with [`BACKLOG`] (the kernel caps it at `net.core.somaxconn`).
+fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    let family = if addr.is_ipv4() {
+        AddressFamily::INET
+    } else {
+        AddressFamily::INET6
+    };
+    let fd = rustix::net::socket_with(family, SocketType::STREAM, SocketFlags::CLOEXEC, None)?;
+    // What std sets before binding, so a restarted server can take its port at once.
+    rustix::net::sockopt::set_socket_reuseaddr(&fd, true)?;
+    rustix::net::bind(&fd, &addr)?;
+    rustix::net::listen(&fd, BACKLOG)?;
+    Ok(TcpListener::from(fd))
+}
+
 /// Binds, announces READY and hands each connection to `handle` on its own thread.
 fn serve<F>(listen: SocketAddr, handle: F) -> io::Result<()>
 where
     F: Fn(TcpStream) + Send + Sync + Clone + 'static,
 {
-    let listener = TcpListener::bind(listen)?;
+    let listener = bind_listener(listen)?;
     emit(&format!("READY {}", listener.local_addr()?));
     loop {
         let (stream, peer) = match listener.accept() {
@@ -436,15 +482,40 @@ fn ask(
     Ok((word, s))
 }
 
+/// A connection that sends nothing: connected, and the word "" for the tally.
+fn connect_silent(connect: SocketAddr, timeout: Duration) -> io::Result<(String, TcpStream)> {
+    Ok((
+        String::new(),
+        TcpStream::connect_timeout(&connect, timeout)?,
+    ))
+}
+
+/// Whether the peer has neither closed nor reset `stream`, seen without sending: a
+/// non-blocking peek that finds nothing to read.
+fn open_without_sending(stream: &TcpStream) -> bool {
+    if stream.set_nonblocking(true).is_err() {
+        return false;
+    }
+    let mut byte = [0u8; 1];
+    let open = matches!(stream.peek(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+    let _ = stream.set_nonblocking(false);
+    open
+}
+
+/// `message` `None`: silent connections (see `Cmd::Hold`).
 fn hold(
     connect: SocketAddr,
     count: u32,
-    message: &str,
+    message: Option<&str>,
     concurrent: bool,
     hold: Duration,
     io_timeout: Duration,
 ) -> serde_json::Value {
     let start = Instant::now();
+    let ask = |connect, message: Option<&str>, connect_timeout, io_timeout| match message {
+        Some(message) => ask(connect, message, connect_timeout, io_timeout),
+        None => connect_silent(connect, connect_timeout),
+    };
     let results: Vec<io::Result<(String, TcpStream)>> = if concurrent {
         let barrier = std::sync::Barrier::new(count as usize);
         std::thread::scope(|scope| {
@@ -477,7 +548,9 @@ fn hold(
     for result in results {
         match result {
             Ok((word, stream)) => {
-                *replies.entry(word).or_default() += 1;
+                if message.is_some() {
+                    *replies.entry(word).or_default() += 1;
+                }
                 open.push(stream);
             }
             Err(e) => {
@@ -489,7 +562,12 @@ fn hold(
     // Still open: a connection the proxy reset after its reply would fail to write now.
     let mut still_open = 0u64;
     for stream in &mut open {
-        if stream.write_all(b"x\n").is_ok() && stream.flush().is_ok() {
+        let alive = if message.is_some() {
+            stream.write_all(b"x\n").is_ok() && stream.flush().is_ok()
+        } else {
+            open_without_sending(stream)
+        };
+        if alive {
             still_open += 1;
         }
     }
@@ -770,24 +848,38 @@ struct ConnrateArgs {
     linger_zero: bool,
 }
 
+/// How long one exchange's steps took, from the start of `connect` (nanoseconds).
+#[derive(Clone, Copy)]
+struct ExchangeTimes {
+    /// Until `connect` returned: through a proxy, the handshake with its listener.
+    connect_ns: u64,
+    /// Until the echoed byte was read: the round trip to the server itself, which through
+    /// a proxy includes the proxy choosing and reaching the endpoint.
+    first_echo_ns: u64,
+}
+
 /// One connection: connect, 1 byte out, the same byte back, close.
-/// One connection, one byte each way; returns how long `connect` took (nanoseconds).
-fn one_exchange(a: &ConnrateArgs) -> io::Result<u64> {
+fn one_exchange(a: &ConnrateArgs) -> io::Result<ExchangeTimes> {
     let t0 = Instant::now();
+    let ns = || u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
     let mut s = TcpStream::connect_timeout(&a.connect, a.connect_timeout)?;
-    let connect_ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    let connect_ns = ns();
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(a.io_timeout))?;
     s.write_all(b"x")?;
     let mut b = [0u8; 1];
     s.read_exact(&mut b)?;
+    let first_echo_ns = ns();
     if b != *b"x" {
         return Err(io::Error::other("echoed byte differs"));
     }
     if a.linger_zero {
         rustix::net::sockopt::set_socket_linger(&s, Some(Duration::ZERO))?;
     }
-    Ok(connect_ns)
+    Ok(ExchangeTimes {
+        connect_ns,
+        first_echo_ns,
+    })
 }
 
 /// What one connrate worker saw.
@@ -797,6 +889,7 @@ struct ConnrateWorker {
     errors: u64,
     first_error: Option<String>,
     connect_ns: Vec<u64>,
+    first_echo_ns: Vec<u64>,
 }
 
 fn connrate(a: &ConnrateArgs) -> serde_json::Value {
@@ -809,9 +902,10 @@ fn connrate(a: &ConnrateArgs) -> serde_json::Value {
                     let mut w = ConnrateWorker::default();
                     while Instant::now() < deadline {
                         match one_exchange(a) {
-                            Ok(connect_ns) => {
+                            Ok(times) => {
                                 w.ok += 1;
-                                w.connect_ns.push(connect_ns);
+                                w.connect_ns.push(times.connect_ns);
+                                w.first_echo_ns.push(times.first_echo_ns);
                             }
                             Err(e) => {
                                 w.errors += 1;
@@ -842,6 +936,11 @@ fn connrate(a: &ConnrateArgs) -> serde_json::Value {
         .flat_map(|t| t.connect_ns.iter().copied())
         .collect();
     connect_ns.sort_unstable();
+    let mut first_echo_ns: Vec<u64> = per_thread
+        .iter()
+        .flat_map(|t| t.first_echo_ns.iter().copied())
+        .collect();
+    first_echo_ns.sort_unstable();
     let first_error = per_thread.into_iter().find_map(|t| t.first_error);
     json!({
         "connect": a.connect.to_string(),
@@ -851,6 +950,8 @@ fn connrate(a: &ConnrateArgs) -> serde_json::Value {
         "first_error": first_error,
         "connect_p50_us": percentile(&connect_ns, 50.0) as f64 / 1000.0,
         "connect_p99_us": percentile(&connect_ns, 99.0) as f64 / 1000.0,
+        "first_echo_p50_us": percentile(&first_echo_ns, 50.0) as f64 / 1000.0,
+        "first_echo_p99_us": percentile(&first_echo_ns, 99.0) as f64 / 1000.0,
         "per_second": connections as f64 / elapsed.as_secs_f64().max(1e-9),
         "elapsed_ms": u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
     })
