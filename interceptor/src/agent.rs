@@ -106,6 +106,8 @@ pub struct AgentOptions {
     /// How long an ADD for a pod the model does not have yet waits for it.
     pub unknown_pod_wait: Duration,
     pub unknown_pod: UnknownPod,
+    /// `--access-log`: one JSON line per finished connection on stdout.
+    pub access_log: bool,
 }
 
 pub struct Agent {
@@ -195,7 +197,11 @@ impl Agent {
         model: watch::Receiver<ManifestState>,
         options: AgentOptions,
     ) -> Arc<Self> {
-        let log = Arc::new(ConnectionLog::default());
+        let metrics = crate::proxy::metrics::ProxyMetrics::with_collector(Box::new(
+            crate::datapath::metrics::DatapathCollector(Arc::clone(&datapath)),
+        ));
+        let access_log = options.access_log.then(crate::proxy::AccessLog::stdout);
+        let log = Arc::new(ConnectionLog::new(metrics, access_log));
         let agent = Arc::new_cyclic(|me| Self {
             datapath,
             model,

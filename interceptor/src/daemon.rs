@@ -63,6 +63,11 @@ pub struct AgentConfig {
     /// Where the model comes from.
     pub source: ModelSource,
     pub admin_addr: SocketAddr,
+    /// `/metrics` alone, for Prometheus (`--metrics-addr`); `None`: not served beyond the
+    /// admin port.
+    pub metrics_addr: Option<SocketAddr>,
+    /// One JSON line per finished proxied connection on stdout (`--access-log`).
+    pub access_log: bool,
     pub bpf_debug: bool,
     /// Short-circuit local connection pairs with sockmap + sk_msg.
     pub sockmap: bool,
@@ -244,6 +249,7 @@ async fn serve(config: &AgentConfig, predecessor: Option<i32>) -> anyhow::Result
         pods_file: Some(pods_file),
         unknown_pod_wait: config.unknown_pod_wait,
         unknown_pod: config.unknown_pod,
+        access_log: config.access_log,
     };
     let agent = Agent::new(Arc::clone(&datapath), rx, options);
     let follower = agent.spawn_model_follower();
@@ -275,6 +281,16 @@ async fn serve(config: &AgentConfig, predecessor: Option<i32>) -> anyhow::Result
     let admin = admin::serve(config.admin_addr, Arc::clone(&agent), info)
         .await
         .with_context(|| format!("admin endpoint on {}", config.admin_addr))?;
+    let metrics = match config.metrics_addr {
+        Some(addr) => Some(
+            admin::serve_metrics(addr, Arc::clone(&agent))
+                .await
+                .with_context(|| {
+                    format!("metrics endpoint on {addr} (--metrics-addr; `none` turns it off)")
+                })?,
+        ),
+        None => None,
+    };
     if let Some(pid) = predecessor {
         // From here on the predecessor answers CNI requests "try again" and writes no pod
         // list; what it added before is in the list, read again now.
@@ -306,7 +322,11 @@ async fn serve(config: &AgentConfig, predecessor: Option<i32>) -> anyhow::Result
     if let Some(path) = &config.ready_file {
         write_own_pid(path)?;
     }
-    tracing::info!(admin = %config.admin_addr, cni_socket = %config.cni_socket.display(), "agent ready");
+    let metrics_addr = config
+        .metrics_addr
+        .map_or_else(|| "off".to_owned(), |addr| addr.to_string());
+    tracing::info!(admin = %config.admin_addr, metrics = %metrics_addr,
+        cni_socket = %config.cni_socket.display(), "agent ready");
 
     tokio::select! {
         _ = sigterm.recv() => tracing::info!("SIGTERM: stopping"),
@@ -333,6 +353,9 @@ async fn serve(config: &AgentConfig, predecessor: Option<i32>) -> anyhow::Result
         "drained: {left_open} connections still open are closed now"
     );
     admin.abort();
+    if let Some(handle) = &metrics {
+        handle.abort();
+    }
     follower.abort();
     watcher.abort();
     watcher_counters.abort();

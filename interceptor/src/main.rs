@@ -59,6 +59,10 @@ enum SourceKind {
 }
 
 #[derive(Subcommand, Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "parsed once at start-up; boxing the agent's flags buys nothing"
+)]
 enum Command {
     /// Run the node agent.
     Agent {
@@ -79,9 +83,19 @@ enum Command {
         /// `--source kube`: only Pods scheduled here are watched.
         #[arg(long, env = "NODE_NAME", required_if_eq("source", "kube"))]
         node_name: Option<String>,
-        /// Admin endpoint (/healthz, /readyz, /config_dump).
+        /// Admin endpoint (/healthz, /readyz, /config_dump, /metrics).
         #[arg(long, default_value = "127.0.0.1:15000")]
         admin_addr: SocketAddr,
+        /// Metrics endpoint for Prometheus: /metrics only (the admin port's, with the
+        /// data path's kernel counters), bound with SO_REUSEPORT like the admin port.
+        /// `none` (or empty) serves metrics on the admin port only.
+        #[arg(long, default_value = "0.0.0.0:15020", value_parser = parse_optional_addr)]
+        metrics_addr: OptionalAddr,
+        /// Write one JSON line per finished proxied connection to stdout (source pod,
+        /// client, original destination, target, route, backend, bytes, duration,
+        /// outcome); logs stay on stderr.
+        #[arg(long)]
+        access_log: bool,
         /// Turn on the programs' trace_pipe lines (`interceptor trace` reads them).
         #[arg(long)]
         bpf_debug: bool,
@@ -251,6 +265,21 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// An address, or none (`--metrics-addr none`).
+#[derive(Clone, Copy, Debug)]
+struct OptionalAddr(Option<SocketAddr>);
+
+/// `ADDR:PORT`, or `none` / empty for no listener.
+fn parse_optional_addr(text: &str) -> Result<OptionalAddr, String> {
+    let text = text.trim();
+    if text.is_empty() || text.eq_ignore_ascii_case("none") {
+        return Ok(OptionalAddr(None));
+    }
+    text.parse()
+        .map(|addr| OptionalAddr(Some(addr)))
+        .map_err(|_| format!("{text:?} is not ADDRESS:PORT (such as 0.0.0.0:15020) or `none`"))
+}
+
 /// `30s`, `500ms` or a plain number of seconds.
 fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     let text = text.trim();
@@ -274,6 +303,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             manifests,
             node_name,
             admin_addr,
+            metrics_addr,
+            access_log,
             bpf_debug,
             sockmap,
             inbound_flow_capacity,
@@ -328,6 +359,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 },
                 admin_addr,
+                metrics_addr: metrics_addr.0,
+                access_log,
                 bpf_debug,
                 sockmap,
                 inbound_flow_capacity,

@@ -313,6 +313,7 @@ fn daemonset_args_match_the_agent_cli_and_the_mounts() {
     assert_eq!(args.first().map(String::as_str), Some("agent"));
     assert_eq!(arg_value(args, "--cgroup"), "/sys/fs/cgroup");
     assert_eq!(arg_value(args, "--admin-addr"), "127.0.0.1:15000");
+    assert_eq!(arg_value(args, "--metrics-addr"), "0.0.0.0:15020");
 
     // The model comes from the API server, not from a manifests directory.
     assert_eq!(arg_value(args, "--source"), "kube");
@@ -443,6 +444,48 @@ fn daemonset_probes_judge_this_pods_agent() {
             .all(|m| !Path::new(ready_file).starts_with(&m.mount_path)),
         "the ready file {ready_file} must be container-local, not on a shared mount"
     );
+}
+
+/// Prometheus scrapes the metrics port through the pod annotations; the port is not a
+/// declared containerPort, which hostNetwork would make a host port that blocks the
+/// surge pod of a rolling update.
+#[test]
+fn daemonset_is_scraped_on_the_metrics_port() {
+    let ds = daemonset();
+    let annotations = ds
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.metadata.as_ref())
+        .and_then(|m| m.annotations.as_ref())
+        .expect("pod template annotations");
+    let args = agent_container(pod_spec(&ds))
+        .args
+        .as_deref()
+        .expect("args");
+    let port = arg_value(args, "--metrics-addr")
+        .rsplit_once(':')
+        .map(|(_, port)| port)
+        .expect("--metrics-addr has a port");
+    for (key, value) in [
+        ("prometheus.io/scrape", "true"),
+        ("prometheus.io/port", port),
+        ("prometheus.io/path", "/metrics"),
+    ] {
+        assert_eq!(
+            annotations.get(key).map(String::as_str),
+            Some(value),
+            "{key}"
+        );
+    }
+    let spec = pod_spec(&ds);
+    assert_eq!(spec.host_network, Some(true));
+    for container in &spec.containers {
+        assert!(
+            container.ports.as_ref().is_none_or(Vec::is_empty),
+            "container {} declares ports: host ports would stall the surge pod",
+            container.name
+        );
+    }
 }
 
 #[test]

@@ -48,6 +48,10 @@ use procs::Owned;
 
 /// Where the agent's admin endpoint listens, inside the node netns.
 pub const ADMIN_ADDR: &str = "127.0.0.1:15000";
+/// The agent's metrics port (`--metrics-addr`, default `0.0.0.0:15020`). The testbed keeps
+/// the default: the agent runs in its node's netns, so every node has its own 15020, and
+/// the two agents of a hand-over share it with `SO_REUSEPORT`, as in a cluster.
+pub const METRICS_PORT: u16 = 15020;
 /// The gateway address the bridge plugin gives the bridge in node a's netns (node `k`
 /// has `10.244.<k>.1` with the default /24 subnets, see [`TestbedNode::gateway`]).
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
@@ -665,6 +669,16 @@ impl Testbed {
         let addr: SocketAddr = admin_addr.parse()?;
         let stream = connect_in_netns(&self.get_node(node)?.netns, addr)?;
         http::get(stream, admin_addr, path).with_context(|| format!("GET {path}"))
+    }
+
+    /// `GET path` on `node`'s metrics port at the node's own address (the bridge's
+    /// gateway, [`TestbedNode::gateway`]), from that node's netns: what a scraper on the
+    /// network reaches, not loopback.
+    pub fn metrics_get_on(&self, node: NodeId, path: &str) -> Result<(u16, String)> {
+        let n = self.get_node(node)?;
+        let addr = SocketAddr::from((n.gateway(), METRICS_PORT));
+        let stream = connect_in_netns(&n.netns, addr)?;
+        http::get(stream, &addr.to_string(), path).with_context(|| format!("GET {path} on {addr}"))
     }
 
     /// `GET path` from an HTTP endpoint listening at `addr` inside the pod's netns (a

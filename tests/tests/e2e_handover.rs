@@ -3,7 +3,8 @@
 //! (`SO_REUSEPORT`) and takes the CNI socket; the first drains on SIGTERM. Measured under
 //! load: no new connection fails and no long-lived connection breaks before the first
 //! agent's drain deadline. Before this, the second agent refused to start, and a restart
-//! cost failed connections, a gap, and every long-lived connection.
+//! cost failed connections, a gap, and every long-lived connection. The metrics port
+//! (15020, SO_REUSEPORT) answers throughout.
 #[macro_use]
 mod common;
 
@@ -57,37 +58,52 @@ fn a_second_agent_takes_over_without_losing_a_connection(mode: Mode) {
     let first = node.agent.take().expect("first agent");
     let first_pid = first.pid();
 
-    let (report, sigterm_at, first_exited_at, second) = std::thread::scope(|scope| {
-        let tb = &node.tb;
-        let load = scope.spawn(|| {
-            tb.run_tb_pod(
-                &client,
-                &[
-                    "load",
-                    "--connect",
-                    &service,
-                    "--duration-ms",
-                    "14000",
-                    "--long-lived",
-                    "20",
-                    "--interval-ms",
-                    "100",
-                ],
-                Duration::from_secs(60),
+    let (report, sigterm_at, first_exited_at, second, overlap_scrapes) =
+        std::thread::scope(|scope| {
+            let tb = &node.tb;
+            let load = scope.spawn(|| {
+                tb.run_tb_pod(
+                    &client,
+                    &[
+                        "load",
+                        "--connect",
+                        &service,
+                        "--duration-ms",
+                        "14000",
+                        "--long-lived",
+                        "20",
+                        "--interval-ms",
+                        "100",
+                    ],
+                    Duration::from_secs(60),
+                )
+            });
+            std::thread::sleep(Duration::from_millis(1500));
+            // Waits for the second agent's /readyz: it has adopted both pods by then.
+            let second = node
+                .tb
+                .start_agent_at(NodeId::A, &manifests, SECOND_ADMIN, &args);
+            // Both agents listen on the metrics port (SO_REUSEPORT): each scrape is answered
+            // by one of them.
+            let overlap_scrapes: Vec<String> = (0..4)
+                .map(|_| match tb.metrics_get_on(NodeId::A, "/metrics") {
+                    Ok((code, _)) => code.to_string(),
+                    Err(error) => format!("{error:#}"),
+                })
+                .collect();
+            std::thread::sleep(Duration::from_millis(1000));
+            let sigterm_at = unix_ms();
+            let stopped = first.stop();
+            let first_exited_at = unix_ms();
+            let report = load.join().expect("load thread");
+            (
+                report,
+                sigterm_at,
+                first_exited_at,
+                (second, stopped),
+                overlap_scrapes,
             )
         });
-        std::thread::sleep(Duration::from_millis(1500));
-        // Waits for the second agent's /readyz: it has adopted both pods by then.
-        let second = node
-            .tb
-            .start_agent_at(NodeId::A, &manifests, SECOND_ADMIN, &args);
-        std::thread::sleep(Duration::from_millis(1000));
-        let sigterm_at = unix_ms();
-        let stopped = first.stop();
-        let first_exited_at = unix_ms();
-        let report = load.join().expect("load thread");
-        (report, sigterm_at, first_exited_at, (second, stopped))
-    });
     let (second, stopped) = second;
     let second = second.expect("the second agent starts beside the first and gets ready");
     node.agent = Some(second);
@@ -99,6 +115,15 @@ fn a_second_agent_takes_over_without_losing_a_connection(mode: Mode) {
     );
     let report = report.expect("load report");
     let log = node.agent_log();
+    assert!(
+        overlap_scrapes.iter().all(|code| code == "200"),
+        "metrics port while both agents ran: {overlap_scrapes:?}\n{log}"
+    );
+    let (code, _) = node
+        .tb
+        .metrics_get_on(NodeId::A, "/metrics")
+        .expect("the metrics port after the hand-over");
+    assert_eq!(code, 200, "the second agent serves the metrics port alone");
 
     assert_eq!(
         report["new"]["failed"], 0,

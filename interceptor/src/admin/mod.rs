@@ -1,5 +1,6 @@
 //! The admin endpoint: `/healthz`, `/readyz`, `/config_dump`, `/metrics`, and a runtime switch for
-//! the programs' trace_pipe output.
+//! the programs' trace_pipe output; and the metrics endpoint (`--metrics-addr`), which
+//! serves `/metrics` alone, for Prometheus to scrape from the network.
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -45,16 +46,35 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/config_dump", get(config_dump))
-        .route("/metrics", get(metrics))
         .route("/bpf_debug/on", post(debug_on))
         .route("/bpf_debug/off", post(debug_off))
-        .with_state(state);
-    let listener = bind_shared(addr)?;
-    Ok(tokio::spawn(async move {
+        .with_state(state.clone())
+        .route(
+            "/metrics",
+            get(metrics).with_state(Arc::clone(&state.agent)),
+        );
+    Ok(spawn(bind_shared(addr)?, app, "admin"))
+}
+
+/// The metrics endpoint: the admin port's `/metrics` (the proxy's metrics and the data
+/// path's counters) and nothing else; readiness, the config dump and the debug switch stay
+/// on the loopback admin port. Bound with `SO_REUSEPORT` like the admin port, so the agent
+/// of a hand-over listens beside the one it replaces (a scrape then reaches either, as
+/// with ztunnel's 15020).
+pub async fn serve_metrics(addr: SocketAddr, agent: Arc<Agent>) -> std::io::Result<JoinHandle<()>> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(agent);
+    Ok(spawn(bind_shared(addr)?, app, "metrics"))
+}
+
+/// Serve `app` on `listener` until aborted.
+fn spawn(listener: tokio::net::TcpListener, app: Router, what: &'static str) -> JoinHandle<()> {
+    tokio::spawn(async move {
         if let Err(error) = axum::serve(listener, app).await {
-            tracing::error!(%error, "admin server stopped");
+            tracing::error!(%error, "{what} server stopped");
         }
-    }))
+    })
 }
 
 /// Bind with `SO_REUSEPORT`: a DaemonSet's surge pod (a hand-over) starts its agent on
@@ -99,8 +119,8 @@ async fn config_dump(State(state): State<AdminState>) -> Json<serde_json::Value>
     }))
 }
 
-async fn metrics(State(state): State<AdminState>) -> impl axum::response::IntoResponse {
-    state.agent.metrics().response()
+async fn metrics(State(agent): State<Arc<Agent>>) -> impl axum::response::IntoResponse {
+    agent.metrics().response()
 }
 
 async fn debug_on(State(state): State<AdminState>) -> (StatusCode, String) {

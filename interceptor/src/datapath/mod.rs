@@ -5,6 +5,7 @@ pub mod bpffs;
 pub mod cgroup;
 pub mod ebpf;
 pub mod iptables;
+pub mod metrics;
 pub mod probe;
 
 use std::collections::HashSet;

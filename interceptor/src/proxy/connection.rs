@@ -4,7 +4,7 @@
 //! gateway and the upstream code produce these, the metrics and `/config_dump` read them.
 use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use interceptor_common::{INBOUND_PORT, OUTBOUND_PORT};
 
@@ -175,7 +175,13 @@ pub struct ConnectionRecord {
     pub copy_mode: CopyMode,
     #[serde(flatten)]
     pub bytes: Forwarded,
+    /// When the listener accepted the connection (milliseconds since the epoch).
     pub unix_ms: u64,
+    /// From accept to the end of the connection (set by [`ConnectionRecord::finish`]).
+    pub duration_ms: u64,
+    /// The monotonic clock at accept, for `duration_ms`.
+    #[serde(skip)]
+    pub started: Instant,
 }
 
 impl ConnectionRecord {
@@ -195,12 +201,43 @@ impl ConnectionRecord {
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
+            duration_ms: 0,
+            started: Instant::now(),
+        }
+    }
+
+    /// The route and backend labels of metrics and the access log: the routing object
+    /// that chose the backend (`service` for a Service's own round-robin, `passthrough`,
+    /// `inbound`, or `none` before a target was chosen) and the backend
+    /// (`namespace/service:port[ subset s]`, the pod for inbound, `passthrough`, `none`).
+    pub fn route_and_backend(&self) -> (String, String) {
+        match &self.target {
+            Some(Target::Endpoint { route, backend, .. })
+            | Some(Target::NoEndpoints { route, backend, .. }) => (
+                route.clone().unwrap_or_else(|| "service".into()),
+                backend.clone(),
+            ),
+            Some(Target::Refused { route, service, .. }) => (route.clone(), service.clone()),
+            Some(Target::Passthrough { .. }) => ("passthrough".into(), "passthrough".into()),
+            Some(Target::Local { .. }) => ("inbound".into(), self.pod.clone()),
+            None => ("none".into(), "none".into()),
+        }
+    }
+
+    /// The address the proxy dialled for this connection, if it got that far.
+    pub fn target_addr(&self) -> Option<SocketAddrV4> {
+        match &self.target {
+            Some(Target::Endpoint { addr, .. })
+            | Some(Target::Passthrough { addr })
+            | Some(Target::Local { addr }) => Some(*addr),
+            Some(Target::NoEndpoints { .. }) | Some(Target::Refused { .. }) | None => None,
         }
     }
 
     /// Record how a connection ended: forwarded (closed or reset, from the bytes), or
     /// failed with `error`.
     pub fn finish(&mut self, result: Result<(), ProxyError>) {
+        self.duration_ms = self.started.elapsed().as_millis() as u64;
         self.outcome = match result {
             Ok(()) if self.bytes.reset => Outcome::Reset,
             Ok(()) => Outcome::Closed,

@@ -9,7 +9,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
 use super::connection::{ConnectionRecord, Outcome};
-use super::routes::Target;
 use super::upstream::UpstreamMetrics;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -99,6 +98,14 @@ impl Default for ProxyMetrics {
 }
 
 impl ProxyMetrics {
+    /// The proxy's metrics and, read on every scrape, `collector`'s (the agent passes the
+    /// data path's kernel counters, see [`crate::datapath::metrics`]).
+    pub fn with_collector(collector: Box<dyn prometheus_client::collector::Collector>) -> Self {
+        let mut metrics = Self::default();
+        metrics.registry.register_collector(collector);
+        metrics
+    }
+
     /// The upstream families (refusals, failures, ejections per host and endpoint), for
     /// the [`super::Upstreams`] that counts into them.
     pub fn upstream(&self) -> UpstreamMetrics {
@@ -126,17 +133,7 @@ impl ProxyMetrics {
 
     pub fn observe(&self, record: &ConnectionRecord) {
         let direction = record.direction.as_str();
-        let (route, backend) = match &record.target {
-            Some(Target::Endpoint { route, backend, .. })
-            | Some(Target::NoEndpoints { route, backend, .. }) => (
-                route.clone().unwrap_or_else(|| "service".into()),
-                backend.clone(),
-            ),
-            Some(Target::Refused { route, service, .. }) => (route.clone(), service.clone()),
-            Some(Target::Passthrough { .. }) => ("passthrough".into(), "passthrough".into()),
-            Some(Target::Local { .. }) => ("inbound".into(), record.pod.clone()),
-            None => ("none".into(), "none".into()),
-        };
+        let (route, backend) = record.route_and_backend();
         let labels = RouteLabels {
             direction,
             route,
@@ -197,6 +194,7 @@ mod tests {
     use super::*;
     use crate::proxy::connection::{Direction, ProxyError};
     use crate::proxy::forward::{CopyMode, Forwarded};
+    use crate::proxy::routes::Target;
 
     #[test]
     fn a_connection_counts_once_with_its_bytes_per_route_and_backend() {
@@ -221,6 +219,8 @@ mod tests {
                 reset: false,
             },
             unix_ms: 0,
+            duration_ms: 0,
+            started: std::time::Instant::now(),
         };
         metrics.observe(&record);
         metrics.observe(&record);
@@ -265,6 +265,8 @@ mod tests {
                     reset: false,
                 },
                 unix_ms: 0,
+                duration_ms: 0,
+                started: std::time::Instant::now(),
             });
         }
         assert!(metrics.encode().contains("backend=\"demo/gone\""));

@@ -20,6 +20,6 @@ pub mod socket;
 pub mod upstream;
 
 pub use connection::{ConnectionRecord, Direction, Outcome, ProxyError};
-pub use log::ConnectionLog;
+pub use log::{AccessLog, ConnectionLog};
 pub use routes::{ConnectionSource, GatewayTable, ListenerStatus, RouteStatus, RouteTable, Target};
 pub use upstream::Upstreams;

@@ -164,6 +164,12 @@ pub fn manifests_path(node: &Node) -> &Path {
 pub fn metric(node: &Node, name: &str, fragments: &[&str]) -> i64 {
     let (status, body) = node.tb.admin_get("/metrics").expect("GET /metrics");
     assert_eq!(status, 200, "{body}");
+    metric_in(&body, name, fragments)
+}
+
+/// The sum of the samples of metric `name` in the metrics text `body` whose labels contain
+/// every fragment.
+pub fn metric_in(body: &str, name: &str, fragments: &[&str]) -> i64 {
     body.lines()
         .filter(|l| l.starts_with(&format!("{name}{{")))
         .filter(|l| fragments.iter().all(|f| l.contains(f)))
