@@ -751,11 +751,11 @@ Idle connections: an enrolled client pod opens them one after another through it
 a Service whose endpoint is an unenrolled echo server, in batches of up to 500 (the next \
 once the server has accepted the previous), and keeps them open; RSS after a warm-up of \
 200 connections, and once the server's kernel accepted them all, the agent counted them \
-all open and its fd count stopped moving. Each idle proxied connection holds two sockets \
-in the agent plus the splice pipes it took (two fds each): one even if it never carried a \
-byte, two after an exchange, kept until it ends. So the agent's open-file limit (its hard \
-limit, which it raises its soft limit to) bounds how many one agent holds; the row opens \
-as many of the 10,000 as fit and says so.";
+all open and its fd count stopped moving. Each idle proxied connection holds its two \
+sockets in the agent (a pipe is taken only by a direction that moves bulk, and goes back \
+to the pool when the connection ends; the fds column shows what was measured). So the \
+agent's open-file limit (its hard limit, which it raises its soft limit to) bounds how \
+many one agent holds; the row opens as many of the 10,000 as fit and says so.";
 
 fn mib(kib: Option<f64>) -> String {
     kib.map_or("—".into(), |k| format!("{:.1}", k / 1024.0))
