@@ -26,7 +26,9 @@
 //! command answers inside the container, and `podman stop` (SIGTERM, the grace period)
 //! takes the rolling-update path: the conflist entry, the plugin and the pins stay, the
 //! container's new connections fail closed while no agent runs, and a second agent
-//! container adopts the container and intercepts again.
+//! container adopts the container and intercepts again. Twice: with the DaemonSet's args as
+//! they are (`--mode auto`, eBPF here), and with `--mode iptables` added (the image's
+//! iptables, run by the agent in the container's netns).
 mod common;
 #[path = "common/podman.rs"]
 mod podman;
@@ -348,12 +350,25 @@ fn nc_from_client(podman: &Podman, server_ip: &str, payload: &str) -> String {
     format!("{}{}", out.stdout, out.stderr)
 }
 
+/// The DaemonSet's args as they are: `--mode auto`, eBPF on this kernel.
 #[test]
 fn the_daemonset_container_runs_on_podman_and_intercepts() {
+    daemonset_on_podman("podnode", &[]);
+}
+
+/// The same with `--mode iptables` added: the agent runs the image's iptables in the
+/// container's netns.
+#[test]
+fn the_daemonset_container_runs_on_podman_in_iptables_mode() {
+    daemonset_on_podman("podnode-ipt", &["--mode", "iptables"]);
+}
+
+fn daemonset_on_podman(label: &str, extra_args: &[&str]) {
     if !common::privileged() {
         return;
     }
-    let mut tb = Testbed::builder("podnode")
+    let iptables_mode = extra_args.contains(&"iptables");
+    let mut tb = Testbed::builder(label)
         .tb_pod_bin(env!("CARGO_BIN_EXE_tb-pod"))
         .without_interceptor_cni()
         .build()
@@ -428,7 +443,8 @@ fn the_daemonset_container_runs_on_podman_and_intercepts() {
         "deploy/daemonset.yaml does not run the image `cargo xtask image` builds"
     );
     fs::write(config_dir.join("config.yaml"), &ds.mesh_config).expect("config.yaml");
-    let args = agent_args(&ds, &tb, &manifests, &redirect);
+    let mut args = agent_args(&ds, &tb, &manifests, &redirect);
+    args.extend(extra_args.iter().map(|a| a.to_string()));
     eprintln!("agent args: {args:?}");
 
     let started = Instant::now();
@@ -541,8 +557,11 @@ fn the_daemonset_container_runs_on_podman_and_intercepts() {
         "the conflist entry went with the agent"
     );
     assert!(plugin.is_file(), "the plugin went with the agent");
-    let pins = fs::read_dir(tb.bpffs_dir()).map(|d| d.count()).unwrap_or(0);
-    assert!(pins > 0, "no pins left in {}", tb.bpffs_dir().display());
+    if !iptables_mode {
+        let pins = fs::read_dir(tb.bpffs_dir()).map(|d| d.count()).unwrap_or(0);
+        assert!(pins > 0, "no pins left in {}", tb.bpffs_dir().display());
+    }
+
     // Meanwhile the container's connections fail closed: no bypass of the mesh.
     let out = nc_from_client(&podman, &server_ip, "while-no-agent");
     assert!(

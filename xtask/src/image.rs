@@ -431,7 +431,10 @@ impl PrivatePodman {
     pub fn new(bin: PathBuf, dir: &Path) -> Result<PrivatePodman> {
         let tmp = dir.join("tmp");
         fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let runroot = std::env::temp_dir().join(format!("xtask-image-{}", std::process::id()));
+        // Unique per build, also for builds running side by side in one process.
+        static BUILDS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let runroot = std::env::temp_dir().join(format!("xtask-image-{}-{n}", std::process::id()));
         let _ = fs::remove_dir_all(&runroot);
         fs::create_dir_all(&runroot).with_context(|| format!("creating {}", runroot.display()))?;
         // default_ulimits = []: this machine forbids raising rlimits.
