@@ -1,9 +1,7 @@
 //! `cargo xtask`: setup, build, test and demo tasks for the interceptor workspace.
 
-mod cmd;
 mod fuzz;
 mod programs;
-mod setup;
 mod vm;
 
 use std::env;
@@ -11,6 +9,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use xtask::{cmd, image, setup};
 
 #[derive(Parser)]
 #[command(about = "Development tasks for the interceptor workspace")]
@@ -38,6 +37,18 @@ enum Task {
         /// Arguments passed to tb-demo.
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// Build the node agent's OCI image (`interceptor`, `interceptor-cni`, and the
+    /// iptables and nftables packages with their dependencies from this machine's Debian
+    /// installation, `FROM scratch`) with podman, saved as an OCI archive:
+    /// target/interceptor-image.oci.tar, image localhost/interceptor:<version>.
+    Image {
+        /// Use the release binaries already in target/release instead of building them.
+        #[arg(long)]
+        no_build: bool,
+        /// Where to write the OCI archive.
+        #[arg(long)]
+        output: Option<PathBuf>,
     },
     /// Run clippy on every crate and target, denying warnings.
     Clippy {
@@ -116,6 +127,35 @@ fn main() -> Result<()> {
                     .args(args)
                     .env("PATH", audited_path()?),
             )
+        }
+        Task::Image { no_build, output } => {
+            if !no_build {
+                cmd::run(cmd::cargo().args([
+                    "build",
+                    "--release",
+                    "-p",
+                    "interceptor",
+                    "-p",
+                    "interceptor-cni",
+                ]))?;
+            }
+            let release = target_dir().join("release");
+            let built = image::build(&image::ImageSpec {
+                interceptor: release.join("interceptor"),
+                cni: release.join("interceptor-cni"),
+                work_dir: target_dir().join("image"),
+                archive: output.unwrap_or_else(|| target_dir().join(image::ARCHIVE_NAME)),
+                reference: image::image_ref(),
+            })?;
+            println!(
+                "built {} ({:.1} MB, {:.1} s): {}\nDebian packages: {}",
+                built.reference,
+                built.archive_bytes as f64 / 1e6,
+                built.seconds,
+                built.archive.display(),
+                built.packages.join(" ")
+            );
+            Ok(())
         }
         Task::Clippy { skip_ebpf } => {
             let mut clippy = cmd::cargo();

@@ -54,6 +54,8 @@ pub const PROGRAMS: &[(&str, &str)] = &[
     ("true", "coreutils"),
     ("cat", "coreutils"),
     ("git", "git"),
+    // The image build (`xtask::image`), which e2e_podman_node.rs runs.
+    ("dpkg-query", "dpkg"),
 ];
 
 /// Where programs are looked for when the audit directory is made (root's usual PATH).

@@ -13,7 +13,7 @@ use crate::cmd::{self, probe, probe_any_status, run};
 
 /// Debian packages the testbed and e2e tests use (DESIGN.md §7); `programs::PROGRAMS`
 /// says which program comes from which.
-pub(crate) const PACKAGES: &[&str] = &[
+pub const PACKAGES: &[&str] = &[
     "iptables",
     "nftables",
     "iproute2",
@@ -78,7 +78,7 @@ fn rustup() -> Command {
 
 /// The nightly toolchain with rust-src: aya-build compiles the eBPF crate with
 /// `-Z build-std`, which needs the core sources. cargo-fuzz needs nightly too.
-pub(crate) fn nightly() -> Result<()> {
+pub fn nightly() -> Result<()> {
     let toolchains = probe(rustup().args(["toolchain", "list"]))
         .context("cannot run `rustup toolchain list`; is rustup installed?")?;
     // Only the floating `nightly-<host>` counts: aya-build asks for plain `+nightly`,
@@ -257,7 +257,7 @@ fn missing_packages() -> Vec<&'static str> {
 }
 
 /// Packages of `list` that dpkg does not report as installed.
-pub(crate) fn missing_from(list: &[&'static str]) -> Vec<&'static str> {
+pub fn missing_from(list: &[&'static str]) -> Vec<&'static str> {
     let out = probe_any_status(
         Command::new("dpkg-query")
             .args(["-W", "-f=${Package} ${Status}\n"])
@@ -292,7 +292,7 @@ fn packages(missing: &[&str]) -> Result<()> {
 }
 
 /// `apt-get install` of `missing` (nothing when empty).
-pub(crate) fn apt_install(missing: &[&str]) -> Result<()> {
+pub fn apt_install(missing: &[&str]) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
