@@ -800,30 +800,38 @@ impl Agent {
             return;
         };
         let rules = crate::config::pod_rules(&key.to_string(), &pod.annotations);
-        let mut pods = lock(&self.pods);
-        let Some(enrolled) = pods.get_mut(key).and_then(|e| e.enrolled.as_mut()) else {
-            return;
-        };
-        if rules.config == enrolled.rules {
-            return;
-        }
-        if !rules.warnings.is_empty() {
-            if rules.warnings != enrolled.rule_warnings {
-                for warning in &rules.warnings {
-                    tracing::warn!(pod = %key, "{warning}; the previous rules stay");
+        let cookie = {
+            let mut pods = lock(&self.pods);
+            let Some(enrolled) = pods.get_mut(key).and_then(|e| e.enrolled.as_mut()) else {
+                return;
+            };
+            if rules.config == enrolled.rules {
+                return;
+            }
+            if !rules.warnings.is_empty() {
+                if rules.warnings != enrolled.rule_warnings {
+                    for warning in &rules.warnings {
+                        tracing::warn!(pod = %key, "{warning}; the previous rules stay");
+                    }
+                    enrolled.rule_warnings = rules.warnings;
                 }
-                enrolled.rule_warnings = rules.warnings;
+                return;
             }
+            enrolled.datapath.netns_cookie
+        };
+        // Not under the pods lock: in iptables mode this runs iptables-restore in the pod.
+        // The reconciler holds `pod_changes`, so the pod cannot go meanwhile.
+        if let Err(error) = self.datapath.set_rules(cookie, &rules.config) {
+            tracing::error!(pod = %key, %error, "applying changed rules");
             return;
         }
-        let cookie = enrolled.datapath.netns_cookie;
-        match self.datapath.set_rules(cookie, &rules.config) {
-            Ok(()) => {
-                tracing::info!(pod = %key, "exclusion annotations changed: rules applied");
-                enrolled.rules = rules.config;
-                enrolled.rule_warnings = Vec::new();
-            }
-            Err(error) => tracing::error!(pod = %key, %error, "applying changed rules"),
+        tracing::info!(pod = %key, "exclusion annotations changed: rules applied");
+        if let Some(enrolled) = lock(&self.pods)
+            .get_mut(key)
+            .and_then(|e| e.enrolled.as_mut())
+        {
+            enrolled.rules = rules.config;
+            enrolled.rule_warnings = Vec::new();
         }
     }
 
