@@ -396,6 +396,9 @@ impl Agent {
             &mut last_valid,
         );
         self.upstreams.retain(|addr| table.is_endpoint(addr));
+        self.log
+            .metrics()
+            .retain_backends(|name| table.names_backend(name));
         *write(&self.routes) = Arc::new(table);
         self.routes_published.send_modify(|n| *n += 1);
     }

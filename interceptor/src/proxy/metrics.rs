@@ -42,6 +42,9 @@ struct FailureLabels {
 #[derive(Debug)]
 pub struct ProxyMetrics {
     registry: Registry,
+    /// The outbound route series created, so those of Services that are gone can be
+    /// removed (a Family cannot list its series).
+    outbound: std::sync::Mutex<std::collections::HashSet<RouteLabels>>,
     connections: Family<RouteLabels, Counter>,
     bytes: Family<ByteLabels, Counter>,
     errors: Family<RouteLabels, Counter>,
@@ -87,6 +90,7 @@ impl Default for ProxyMetrics {
         upstream.register(&mut registry);
         Self {
             registry,
+            outbound: std::sync::Mutex::default(),
             connections,
             bytes,
             errors,
@@ -120,14 +124,35 @@ impl ProxyMetrics {
             route: "inbound".into(),
             backend: pod.to_owned(),
         };
+        self.remove_series(&labels);
+    }
+
+    /// Remove every series of one route label set.
+    fn remove_series(&self, labels: &RouteLabels) {
         for family in [&self.connections, &self.errors, &self.refused] {
-            family.remove(&labels);
+            family.remove(labels);
         }
         for flow in ["upstream", "downstream"] {
             self.bytes.remove(&ByteLabels {
                 route: labels.clone(),
                 flow,
             });
+        }
+    }
+
+    /// Remove the outbound series of backends that `live` no longer names (their Service
+    /// or routing object is gone), as [`ProxyMetrics::forget_pod`] does for pods.
+    pub fn retain_backends(&self, live: impl Fn(&str) -> bool) {
+        let mut outbound = crate::sync::lock(&self.outbound);
+        let gone: Vec<RouteLabels> = outbound
+            .iter()
+            .filter(|labels| !matches!(labels.backend.as_str(), "passthrough" | "none"))
+            .filter(|labels| !live(&labels.backend))
+            .cloned()
+            .collect();
+        for labels in gone {
+            outbound.remove(&labels);
+            self.remove_series(&labels);
         }
     }
 
@@ -140,6 +165,12 @@ impl ProxyMetrics {
             backend,
         };
         self.connections.get_or_create(&labels).inc();
+        if record.direction == super::connection::Direction::Outbound {
+            let mut outbound = crate::sync::lock(&self.outbound);
+            if !outbound.contains(&labels) {
+                outbound.insert(labels.clone());
+            }
+        }
         for (flow, n) in [
             ("upstream", record.bytes.upstream_bytes),
             ("downstream", record.bytes.downstream_bytes),
@@ -311,5 +342,32 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} in {text}");
         }
+    }
+
+    /// The outbound series of a backend whose Service is gone are removed; others stay.
+    #[test]
+    fn series_of_gone_backends_are_removed() {
+        let metrics = ProxyMetrics::default();
+        for backend in ["demo/gone:80", "demo/kept:80"] {
+            metrics.observe(&ConnectionRecord {
+                target: Some(Target::Endpoint {
+                    service: backend.into(),
+                    route: None,
+                    backend: backend.into(),
+                    pod: "demo/echo".into(),
+                    addr: "10.244.0.9:9000".parse().unwrap(),
+                }),
+                outcome: Outcome::Closed,
+                ..ConnectionRecord::start(
+                    "demo/client".into(),
+                    Direction::Outbound,
+                    "10.244.0.5:40000".parse().unwrap(),
+                )
+            });
+        }
+        metrics.retain_backends(|name| name == "demo/kept:80");
+        let text = metrics.encode();
+        assert!(!text.contains("demo/gone:80"), "{text}");
+        assert!(text.contains("backend=\"demo/kept:80\"} 1"), "{text}");
     }
 }

@@ -351,6 +351,21 @@ impl RouteTable {
         Resolved { target, settings }
     }
 
+    /// Whether `name` names a Service port or a backend of this table: the `backend`
+    /// label of outbound metric series (a backend, or the Service of a refusal).
+    pub fn names_backend(&self, name: &str) -> bool {
+        self.services.values().any(|route| {
+            route.service == name
+                || route.default.name == name
+                || route.policy.iter().any(|policy| {
+                    policy
+                        .rules
+                        .iter()
+                        .any(|rule| rule.split.backends().any(|b| b.name == name))
+                })
+        })
+    }
+
     /// The upstream settings of the Service port `addr` (a pod's address and port) serves.
     pub fn endpoint_settings(&self, addr: &SocketAddrV4) -> Option<&Arc<UpstreamSettings>> {
         self.endpoint_settings.get(addr).map(|(s, _)| s)

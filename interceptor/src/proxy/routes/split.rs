@@ -28,6 +28,11 @@ impl Split {
         split
     }
 
+    /// Every backend of the split, whatever its weight.
+    pub(super) fn backends(&self) -> impl Iterator<Item = &Backend> {
+        self.backends.iter().map(|(backend, _)| backend)
+    }
+
     /// The backend for the next connection; `None` when every weight is zero.
     pub(super) fn pick(&self) -> Option<&Backend> {
         let total: i64 = self.backends.iter().map(|(_, w)| i64::from(*w)).sum();

@@ -313,6 +313,18 @@ spec:
         picks.iter().filter(|p| *p == "default/echo-v2").count(),
         200
     );
+    // The metric series of these backends are kept; a name the table lacks is not.
+    let backends: Vec<String> = match t.resolve(ECHO, ConnectionSource::default()) {
+        Target::Endpoint {
+            service, backend, ..
+        } => vec![service, backend],
+        other => panic!("{other:?}"),
+    };
+    for name in &backends {
+        assert!(t.names_backend(name), "{name}");
+    }
+    assert!(t.names_backend(&format!("{} subset v2", backends[0])));
+    assert!(!t.names_backend("default/gone:80"));
 }
 
 #[test]
