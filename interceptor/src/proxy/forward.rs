@@ -106,7 +106,7 @@ async fn splice_with(from: &TcpStream, to: &TcpStream, slot: &mut Option<Pipe>) 
             socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)?;
             return Ok(total);
         }
-        write_all(to, &chunk).await?;
+        write_all(to, &chunk, OnNoMemory::Fail).await?;
         total += filled as u64;
         if filled >= FIRST_BUFFER_BYTES {
             *slot = Some(Pipe::take()?);
@@ -203,8 +203,21 @@ async fn read_chunk(from: &TcpStream, buf: &mut Vec<u8>, size: usize) -> io::Res
     }
 }
 
+/// How a write treats `ENOMEM`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum OnNoMemory {
+    /// An error, like any other.
+    Fail,
+    /// Retried after [`ENOMEM_BACKOFF`]: a SOCKHASH redirect to a peer that reads slowly
+    /// fails with ENOMEM instead of blocking.
+    Retry,
+}
+
+/// How long to wait before retrying a send the kernel refused with ENOMEM.
+const ENOMEM_BACKOFF: Duration = Duration::from_micros(200);
+
 /// Write all of `bytes` to `to`.
-async fn write_all(to: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+async fn write_all(to: &TcpStream, mut bytes: &[u8], no_memory: OnNoMemory) -> io::Result<()> {
     while !bytes.is_empty() {
         to.writable().await?;
         match to.try_write(bytes) {
@@ -216,6 +229,9 @@ async fn write_all(to: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
             }
             Ok(n) => bytes = &bytes[n..],
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if no_memory == OnNoMemory::Retry && e.raw_os_error() == Some(libc::ENOMEM) => {
+                tokio::time::sleep(ENOMEM_BACKOFF).await;
+            }
             Err(e) => return Err(e),
         }
     }
@@ -224,8 +240,6 @@ async fn write_all(to: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
 
 /// Userspace buffer copy from `from` to `to` until EOF, then half-close `to`.
 async fn copy_one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
-    /// How long to wait before retrying a send the kernel refused with ENOMEM.
-    const ENOMEM_BACKOFF: Duration = Duration::from_micros(200);
     // Allocated when bytes arrive, grown while reads fill it (16 KiB up to BUFFER_BYTES),
     // and dropped after a read that drained the socket, so idle and short connections
     // hold none.
@@ -238,24 +252,7 @@ async fn copy_one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
             socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)?;
             return Ok(total);
         }
-        let mut sent = 0;
-        while sent < filled {
-            to.writable().await?;
-            match to.try_write(&buf[sent..filled]) {
-                Ok(0) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::WriteZero,
-                        "peer took no bytes",
-                    ))
-                }
-                Ok(n) => sent += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) if e.raw_os_error() == Some(libc::ENOMEM) => {
-                    tokio::time::sleep(ENOMEM_BACKOFF).await;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        write_all(to, &buf[..filled], OnNoMemory::Retry).await?;
         if filled < buf.capacity() {
             buf = Vec::new();
             size = FIRST_BUFFER_BYTES;

@@ -575,16 +575,18 @@ fn refused(target: Target, reason: String) -> Opened {
 
 /// A connection to `service` that `route` refuses on purpose, for `reason`.
 pub fn refusal(service: String, route: &str, reason: String) -> Opened {
-    let error = ProxyError::Refused {
-        service: service.clone(),
-        route: route.into(),
-        reason: reason.clone(),
-    };
     let target = Target::Refused {
         service,
         route: route.into(),
         reason,
     };
+    not_an_address(target)
+}
+
+/// A target that is not an address (a refusal, a backend without endpoints) gets no
+/// connection; its error says why.
+fn not_an_address(target: Target) -> Opened {
+    let error = ProxyError::of_target(&target).expect("not an address");
     (target, Err(error))
 }
 
@@ -603,10 +605,7 @@ where
         Target::Endpoint { addr, .. } | Target::Passthrough { addr } | Target::Local { addr } => {
             *addr
         }
-        Target::NoEndpoints { .. } | Target::Refused { .. } => {
-            let error = ProxyError::of_target(&target).expect("not an address");
-            return (target, Err(error));
-        }
+        Target::NoEndpoints { .. } | Target::Refused { .. } => return not_an_address(target),
     };
     match connect(addr, super::routes::DEFAULT_CONNECT_TIMEOUT).await {
         Ok(stream) => (target, Ok((stream, Leases::default()))),
