@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use crate::admin::{self, StaticInfo};
 use crate::agent::{Agent, AgentOptions, UnknownPod};
 use crate::cleanup::{self, PID_FILE, PODS_FILE};
+use crate::daemonset::{DaemonSetRef, CHECK_TIMEOUT};
 use crate::datapath::ebpf::{EbpfDatapath, EbpfOptions, KernelSupport};
 use crate::datapath::iptables::IptablesDatapath;
 use crate::datapath::probe::Chosen;
@@ -51,6 +52,10 @@ pub enum OnExit {
     /// Keep pinned links and maps: enrolled pods' new connections fail closed (nobody
     /// listens on 15001/15003) until the next agent adopts them. For rolling updates.
     Keep,
+    /// `remove` when the agent's DaemonSet is gone or being deleted (an uninstall),
+    /// `keep` otherwise (a rolling update, a drain, a deleted pod) or when the API server
+    /// does not answer: see [`crate::daemonset`].
+    Auto,
 }
 
 /// Everything `interceptor agent` needs, already validated by the CLI layer.
@@ -79,6 +84,8 @@ pub struct AgentConfig {
     pub inbound_half_open_timeout: Duration,
     /// What to do with the data path on SIGTERM/SIGINT.
     pub on_exit: OnExit,
+    /// The DaemonSet `OnExit::Auto` asks about (required with it).
+    pub daemonset: Option<DaemonSetRef>,
     /// How long open connections may go on after SIGTERM/SIGINT.
     pub drain_timeout: Duration,
     /// Created when ready, removed on exit (an exec readiness probe of this agent alone).
@@ -98,7 +105,8 @@ pub struct AgentConfig {
     /// What CNI ADD does for a pod still unknown after the wait.
     pub unknown_pod: UnknownPod,
     /// Install the CNI plugin at start and keep it installed; uninstalled on exit with
-    /// `OnExit::Remove` (with `Keep`, new pods keep failing closed until the next agent).
+    /// `OnExit::Remove` (with `Keep`, new pods keep failing closed until the next agent;
+    /// with `Auto`, as the DaemonSet's state says).
     pub install_cni: Option<crate::cni::install::InstallConfig>,
 }
 
@@ -152,6 +160,16 @@ async fn serve(config: &AgentConfig, predecessor: Option<i32>) -> anyhow::Result
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     raise_open_file_limit();
+    let exit_check = match (config.on_exit, &config.daemonset) {
+        (OnExit::Auto, Some(daemonset)) => Some(ExitCheck {
+            client: kube::client_from_env()
+                .await
+                .context("--on-exit auto: Kubernetes client")?,
+            daemonset: daemonset.clone(),
+        }),
+        (OnExit::Auto, None) => bail!("--on-exit auto needs --daemonset and its namespace"),
+        _ => None,
+    };
 
     let mut probe = crate::datapath::probe::probe();
     for name in &config.simulate_missing_features {
@@ -336,9 +354,13 @@ async fn serve(config: &AgentConfig, predecessor: Option<i32>) -> anyhow::Result
     if let Some(path) = &config.ready_file {
         let _ = std::fs::remove_file(path);
     }
+    // After a hand-over everything stays: the next agent serves it.
+    let on_exit = match successor {
+        Some(_) => OnExit::Keep,
+        None => exit_action(config.on_exit, exit_check.as_ref()).await,
+    };
     if let (Some(watch), Some(install)) = (cni_install, &config.install_cni) {
-        // After a hand-over the plugin stays: the next agent serves it.
-        let uninstall = config.on_exit == OnExit::Remove && successor.is_none();
+        let uninstall = on_exit == OnExit::Remove;
         if let Err(error) = crate::cni::install::stop(watch, install, uninstall).await {
             tracing::error!(%error, "uninstalling the CNI plugin");
         }
@@ -365,7 +387,7 @@ async fn serve(config: &AgentConfig, predecessor: Option<i32>) -> anyhow::Result
     if let Some(handle) = &policy_follower {
         handle.abort();
     }
-    let result = match (successor, config.on_exit) {
+    let result = match (successor, on_exit) {
         (Some(pid), _) => {
             tracing::info!(
                 successor = pid,
@@ -377,7 +399,7 @@ async fn serve(config: &AgentConfig, predecessor: Option<i32>) -> anyhow::Result
             agent.remove_all();
             datapath.teardown().context("removing the data path")
         }
-        (None, OnExit::Keep) => {
+        (None, OnExit::Keep | OnExit::Auto) => {
             tracing::info!(
                 "keeping the data path: enrolled pods fail closed until the next agent adopts them"
             );
@@ -388,6 +410,41 @@ async fn serve(config: &AgentConfig, predecessor: Option<i32>) -> anyhow::Result
     // Last reference: detaches what was not pinned.
     drop(datapath);
     result
+}
+
+/// `--on-exit auto`'s question, asked at start-up of a client (so a missing service
+/// account fails the start, not the exit).
+struct ExitCheck {
+    client: ::kube::Client,
+    daemonset: DaemonSetRef,
+}
+
+/// What this exit does with the data path: `Auto` becomes `Remove` for an uninstall and
+/// `Keep` for everything else, an API server that does not answer included (a kept data
+/// path fails closed; a removed one would let enrolled pods bypass the mesh).
+async fn exit_action(configured: OnExit, check: Option<&ExitCheck>) -> OnExit {
+    let (OnExit::Auto, Some(check)) = (configured, check) else {
+        return configured;
+    };
+    match crate::daemonset::check(check.client.clone(), &check.daemonset, CHECK_TIMEOUT).await {
+        Ok(state) if state.is_uninstall() => {
+            tracing::info!(daemonset = %check.daemonset, ?state,
+                "the DaemonSet is {state:?}: uninstalling (CNI entry, plugin, data path)");
+            OnExit::Remove
+        }
+        Ok(state) => {
+            tracing::info!(daemonset = %check.daemonset, ?state,
+                "the DaemonSet is still there: a rolling update, keeping the data path");
+            OnExit::Keep
+        }
+        Err(error) => {
+            tracing::error!(%error,
+                "cannot tell an uninstall from an update: keeping the data path and the CNI \
+                 entry (if this was an uninstall, run `interceptor uninstall-cni` and \
+                 `interceptor cleanup` on this node)");
+            OnExit::Keep
+        }
+    }
 }
 
 /// How often the kernel counters are checked for refused flows (and half-open records

@@ -4,7 +4,7 @@
 //! pod network namespaces), `proxy` (listeners, original destination, routing,
 //! forwarding), `cni` (the agent side of the plugin protocol), `source` and `model` (what
 //! the cluster or the manifests say), `admin` (health, readiness, config dump), `daemon`
-//! (start-up and shutdown of the agent), `gateway` (the TCP gateway process), `trace` and
+//! (start-up and shutdown of the agent; `daemonset`: update or uninstall), `gateway` (the TCP gateway process), `trace` and
 //! `cleanup` (operator commands).
 pub mod admin;
 pub mod agent;
@@ -12,6 +12,7 @@ pub mod cleanup;
 pub mod cni;
 pub mod config;
 pub mod daemon;
+pub mod daemonset;
 pub mod datapath;
 /// The bodies of the fuzz targets (fuzz/), shared with their stable regression test.
 #[doc(hidden)]

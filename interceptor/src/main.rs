@@ -118,9 +118,18 @@ enum Command {
         #[arg(long, default_value_t = 75_000, value_parser = clap::value_parser!(u64).range(100..))]
         inbound_half_open_timeout_ms: u64,
         /// On SIGTERM/SIGINT: `remove` the data path (pods are left alone), or `keep` it
-        /// so enrolled pods fail closed until the next agent adopts them (rolling updates).
+        /// so enrolled pods fail closed until the next agent adopts them (rolling updates),
+        /// or `auto`: remove it (and the CNI entry and plugin) only when the agent's
+        /// DaemonSet (`--daemonset`) is gone or being deleted, an uninstall.
         #[arg(long, value_enum, default_value = "remove")]
         on_exit: daemon::OnExit,
+        /// The agent's DaemonSet, which `--on-exit auto` looks up in the API server.
+        #[arg(long, default_value = "interceptor-node")]
+        daemonset: String,
+        /// The namespace of the agent's pod and DaemonSet (the DaemonSet passes
+        /// metadata.namespace); required with `--on-exit auto`.
+        #[arg(long, env = "POD_NAMESPACE", required_if_eq("on_exit", "auto"))]
+        pod_namespace: Option<String>,
         /// On SIGTERM/SIGINT the agent stops accepting at once (the next agent's
         /// listeners take new connections) and lets open connections go on for this long
         /// (`30s`, `500ms`; plain numbers are seconds); those still open then are closed.
@@ -311,6 +320,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             outbound_flow_capacity,
             inbound_half_open_timeout_ms,
             on_exit,
+            daemonset,
+            pod_namespace,
             drain_timeout,
             ready_file,
             mode,
@@ -369,6 +380,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     inbound_half_open_timeout_ms,
                 ),
                 on_exit,
+                daemonset: pod_namespace.filter(|ns| !ns.is_empty()).map(|namespace| {
+                    interceptor::daemonset::DaemonSetRef {
+                        namespace,
+                        name: daemonset,
+                    }
+                }),
                 drain_timeout,
                 ready_file,
                 mode,

@@ -9,7 +9,7 @@ use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, Namespace, PodSpec, ServiceAccount, Volume, VolumeMount,
 };
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -23,6 +23,8 @@ enum Object {
     ServiceAccount(ServiceAccount),
     ClusterRole(ClusterRole),
     ClusterRoleBinding(ClusterRoleBinding),
+    Role(Role),
+    RoleBinding(RoleBinding),
     ConfigMap(ConfigMap),
     DaemonSet(Box<DaemonSet>),
 }
@@ -83,6 +85,8 @@ fn parse_object(file: &str, value: &serde_yaml::Value) -> Object {
         Some("ServiceAccount") => Object::ServiceAccount(typed(file, value)),
         Some("ClusterRole") => Object::ClusterRole(typed(file, value)),
         Some("ClusterRoleBinding") => Object::ClusterRoleBinding(typed(file, value)),
+        Some("Role") => Object::Role(typed(file, value)),
+        Some("RoleBinding") => Object::RoleBinding(typed(file, value)),
         Some("ConfigMap") => Object::ConfigMap(typed(file, value)),
         Some("DaemonSet") => Object::DaemonSet(Box::new(typed(file, value))),
         other => panic!("{file}: unexpected kind {other:?}"),
@@ -202,6 +206,8 @@ fn every_listed_file_parses_into_its_kind() {
             Object::ServiceAccount(_) => "ServiceAccount",
             Object::ClusterRole(_) => "ClusterRole",
             Object::ClusterRoleBinding(_) => "ClusterRoleBinding",
+            Object::Role(_) => "Role",
+            Object::RoleBinding(_) => "RoleBinding",
             Object::ConfigMap(_) => "ConfigMap",
             Object::DaemonSet(_) => "DaemonSet",
         })
@@ -211,6 +217,8 @@ fn every_listed_file_parses_into_its_kind() {
         "ServiceAccount",
         "ClusterRole",
         "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
         "ConfigMap",
         "DaemonSet",
     ]
@@ -223,6 +231,8 @@ fn every_listed_file_parses_into_its_kind() {
             Object::ServiceAccount(o) => &o.metadata.namespace,
             Object::ConfigMap(o) => &o.metadata.namespace,
             Object::DaemonSet(o) => &o.metadata.namespace,
+            Object::Role(o) => &o.metadata.namespace,
+            Object::RoleBinding(o) => &o.metadata.namespace,
             Object::Namespace(o) => {
                 assert_eq!(o.metadata.name.as_deref(), Some(NAMESPACE), "{file}");
                 continue;
@@ -322,8 +332,23 @@ fn daemonset_args_match_the_agent_cli_and_the_mounts() {
         "no --manifests in a cluster: {args:?}"
     );
 
-    // A rolling update keeps the pinned data path so enrolled pods fail closed meanwhile.
-    assert_eq!(arg_value(args, "--on-exit"), "keep");
+    // A rolling update keeps the pinned data path so enrolled pods fail closed meanwhile;
+    // an uninstall (the DaemonSet gone) removes it: the agent asks about its own DaemonSet,
+    // in the namespace the downward API gives it.
+    assert_eq!(arg_value(args, "--on-exit"), "auto");
+    assert_eq!(
+        Some(arg_value(args, "--daemonset")),
+        ds.metadata.name.as_deref()
+    );
+    let namespace = container
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "POD_NAMESPACE")
+        .and_then(|e| e.value_from.as_ref())
+        .and_then(|v| v.field_ref.as_ref())
+        .expect("POD_NAMESPACE comes from a fieldRef");
+    assert_eq!(namespace.field_path, "metadata.namespace");
 
     // --install-cni writes into the host's CNI dirs: the flags name the (writable) mounts
     // of exactly those host paths.
@@ -654,4 +679,50 @@ fn config_map_holds_the_fsm_mesh_config_fields() {
         );
     }
     assert_eq!(config["bpfDebug"].as_bool(), Some(false));
+}
+
+/// `--on-exit auto` reads the agent's own DaemonSet, and nothing else: a namespaced Role
+/// with `get` on that one name, bound to the agent's service account.
+#[test]
+fn role_lets_the_agent_read_its_own_daemonset_only() {
+    let objects = load_all();
+    let ds = daemonset();
+    let ds_name = ds.metadata.name.clone().expect("DaemonSet name");
+    let account = pod_spec(&ds)
+        .service_account_name
+        .clone()
+        .expect("serviceAccountName");
+    let role = objects
+        .iter()
+        .find_map(|(_, o)| match o {
+            Object::Role(r) => Some(r),
+            _ => None,
+        })
+        .expect("a Role");
+    let rules = role.rules.as_deref().expect("the Role has rules");
+    assert_eq!(rules.len(), 1, "{rules:?}");
+    assert_eq!(
+        rules[0].api_groups.as_deref(),
+        Some(&["apps".to_owned()][..])
+    );
+    assert_eq!(
+        rules[0].resources.as_deref(),
+        Some(&["daemonsets".to_owned()][..])
+    );
+    assert_eq!(rules[0].resource_names.as_deref(), Some(&[ds_name][..]));
+    assert_eq!(rules[0].verbs, ["get"]);
+    let binding = objects
+        .iter()
+        .find_map(|(_, o)| match o {
+            Object::RoleBinding(b) => Some(b),
+            _ => None,
+        })
+        .expect("a RoleBinding");
+    assert_eq!(binding.role_ref.kind, "Role");
+    assert_eq!(Some(&binding.role_ref.name), role.metadata.name.as_ref());
+    let subjects = binding.subjects.as_deref().expect("subjects");
+    assert_eq!(subjects.len(), 1);
+    assert_eq!(subjects[0].kind, "ServiceAccount");
+    assert_eq!(subjects[0].name, account);
+    assert_eq!(subjects[0].namespace.as_deref(), Some(NAMESPACE));
 }
