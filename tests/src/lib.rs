@@ -15,6 +15,7 @@
 mod cgroup;
 mod cni;
 mod http;
+pub mod kube_api;
 mod leftovers;
 mod names;
 mod netns;

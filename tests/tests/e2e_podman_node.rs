@@ -14,6 +14,9 @@
 //!   `/etc/cni/net.d`.
 //! - `--source kube` becomes `--source manifests` (no API server runs here); the
 //!   ConfigMap's `config.yaml` is mounted where the ConfigMap volume would be.
+//! - `--on-exit auto` reads the DaemonSet from a fake API server in the node netns
+//!   (`interceptor_testbed::kube_api`, serving the object of `deploy/daemonset.yaml`),
+//!   named by a mounted kubeconfig instead of the service account's in-cluster config.
 //! - `mountPropagation: Bidirectional` (bpffs) needs a shared host mount; this machine's
 //!   `/sys/fs/bpf` is private, so it is mounted `rbind` there (bpffs is mounted already,
 //!   the agent has nothing to propagate back).
@@ -24,9 +27,12 @@
 //! into the network's conflist, a `podman run` container on that network is enrolled by
 //! that ADD and its connection to a server pod is intercepted, the readiness probe's
 //! command answers inside the container, and `podman stop` (SIGTERM, the grace period)
-//! takes the rolling-update path: the conflist entry, the plugin and the pins stay, the
-//! container's new connections fail closed while no agent runs, and a second agent
-//! container adopts the container and intercepts again. Twice: with the DaemonSet's args as
+//! takes the rolling-update path (the DaemonSet is still there): the conflist entry, the
+//! plugin and the pins stay, the container's new connections fail closed while no agent
+//! runs, and a second agent container adopts the container and intercepts again. Last, the
+//! uninstall: the DaemonSet is deleted from the API server and the second agent stopped:
+//! the conflist entry, the plugin and the pins go, the container's connections go direct,
+//! and a new container starts and connects. Twice: with the DaemonSet's args as
 //! they are (`--mode auto`, eBPF here), and with `--mode iptables` added (the image's
 //! iptables, run by the agent in the container's netns).
 mod common;
@@ -34,10 +40,12 @@ mod common;
 mod podman;
 
 use std::fs;
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use interceptor_testbed::{bin_path, Testbed};
+use interceptor_testbed::kube_api::{self, FakeApiServer};
+use interceptor_testbed::{bin_path, with_netns, Testbed};
 use podman::*;
 use serde_json::Value;
 
@@ -68,6 +76,19 @@ struct DaemonSetContainer {
     image: String,
     /// The ConfigMap's `config.yaml`, for the ConfigMap volume.
     mesh_config: String,
+    /// The DaemonSet object itself, as the fake API server serves it to `--on-exit auto`.
+    object: Value,
+}
+
+impl DaemonSetContainer {
+    /// Its path in the API server.
+    fn api_path(&self) -> String {
+        let meta = &self.object["metadata"];
+        kube_api::daemonset_path(
+            meta["namespace"].as_str().expect("namespace"),
+            meta["name"].as_str().expect("name"),
+        )
+    }
 }
 
 fn strings(value: &serde_yaml::Value) -> Vec<String> {
@@ -139,14 +160,14 @@ fn daemonset_container(redirect: &dyn Fn(&str) -> Option<PathBuf>) -> DaemonSetC
             let name = e["name"].as_str().expect("env name").to_owned();
             let value = match e["value"].as_str() {
                 Some(v) => v.to_owned(),
-                None => {
-                    assert_eq!(
-                        e["valueFrom"]["fieldRef"]["fieldPath"].as_str(),
-                        Some("spec.nodeName"),
-                        "{e:?}"
-                    );
-                    NODE_NAME.to_owned()
-                }
+                None => match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+                    Some("spec.nodeName") => NODE_NAME.to_owned(),
+                    Some("metadata.namespace") => ds["metadata"]["namespace"]
+                        .as_str()
+                        .expect("the DaemonSet's namespace")
+                        .to_owned(),
+                    _ => panic!("an env the test cannot fill in: {e:?}"),
+                },
             };
             (name, value)
         })
@@ -165,6 +186,7 @@ fn daemonset_container(redirect: &dyn Fn(&str) -> Option<PathBuf>) -> DaemonSetC
             .expect("terminationGracePeriodSeconds"),
         image: container["image"].as_str().expect("image").to_owned(),
         mesh_config,
+        object: serde_json::to_value(&ds).expect("the DaemonSet as JSON"),
     }
 }
 
@@ -224,15 +246,30 @@ fn agent_args(
     args
 }
 
+/// What the test puts on the "host" for the agent container besides the DaemonSet's
+/// hostPath volumes.
+struct NodeFiles {
+    /// Stands in for the ConfigMap volume.
+    config_dir: PathBuf,
+    /// The manifests source's directory (`--source kube` is replaced, see above).
+    manifests: PathBuf,
+    /// Names the fake API server `--on-exit auto` asks.
+    kubeconfig: PathBuf,
+}
+
 fn run_agent_container(
     podman: &Podman,
     ds: &DaemonSetContainer,
     name: &str,
     image: &str,
     args: &[String],
-    config_dir: &Path,
-    manifests: &Path,
+    files: &NodeFiles,
 ) {
+    let NodeFiles {
+        config_dir,
+        manifests,
+        kubeconfig,
+    } = files;
     let mut run: Vec<String> = vec![
         "run".into(),
         "--detach".into(),
@@ -266,6 +303,14 @@ fn run_agent_container(
     run.extend([
         "--volume".into(),
         format!("{}:{}:ro", manifests.display(), manifests.display()),
+    ]);
+    // The service account's in-cluster config in a cluster; a kubeconfig naming the fake
+    // API server here (kube-rs reads either).
+    run.extend([
+        "--volume".into(),
+        format!("{}:{}:ro", kubeconfig.display(), kubeconfig.display()),
+        "--env".into(),
+        format!("KUBECONFIG={}", kubeconfig.display()),
     ]);
     for (key, value) in &ds.env {
         run.extend(["--env".into(), format!("{key}={value}")]);
@@ -447,16 +492,22 @@ fn daemonset_on_podman(label: &str, extra_args: &[&str]) {
     args.extend(extra_args.iter().map(|a| a.to_string()));
     eprintln!("agent args: {args:?}");
 
+    // `--on-exit auto` asks the API server about the DaemonSet when it stops: a fake one
+    // in the node netns (the container's host network) serves the DaemonSet itself.
+    let listener = with_netns(tb.node_netns(), || TcpListener::bind("127.0.0.1:0"))
+        .expect("fake API server listener");
+    let api = FakeApiServer::start(listener).expect("fake API server");
+    api.set(&ds.api_path(), &ds.object);
+    let kubeconfig = tb.state_dir().join("kubeconfig");
+    kube_api::kubeconfig(&kubeconfig, api.addr()).expect("kubeconfig");
+
+    let files = NodeFiles {
+        config_dir: config_dir.clone(),
+        manifests: manifests.clone(),
+        kubeconfig,
+    };
     let started = Instant::now();
-    run_agent_container(
-        &podman,
-        &ds,
-        AGENT_CONTAINER,
-        &ds.image,
-        &args,
-        &config_dir,
-        &manifests,
-    );
+    run_agent_container(&podman, &ds, AGENT_CONTAINER, &ds.image, &args, &files);
     let ready_after = wait_ready(&podman, &ds, AGENT_CONTAINER);
     eprintln!("agent container ready (readiness probe) after {ready_after:?}");
     let agent_log = || container_logs(&podman, AGENT_CONTAINER);
@@ -543,8 +594,15 @@ fn daemonset_on_podman(label: &str, extra_args: &[&str]) {
     let log = agent_log();
     assert_eq!(exit.stdout.trim(), "0", "agent exit code; log:\n{log}");
     assert!(
-        log.contains("SIGTERM: stopping") && log.contains("keeping the data path"),
+        log.contains("SIGTERM: stopping")
+            && log.contains("the DaemonSet is still there")
+            && log.contains("keeping the data path"),
         "the agent did not take the keep path:\n{log}"
+    );
+    assert!(
+        api.requests().contains(&format!("GET {}", ds.api_path())),
+        "the agent did not ask about its DaemonSet: {:?}",
+        api.requests()
     );
     assert!(
         stopped_after < Duration::from_secs(ds.grace_seconds),
@@ -571,15 +629,7 @@ fn daemonset_on_podman(label: &str, extra_args: &[&str]) {
 
     // The next agent (the rolling update's new pod) adopts the container from the state
     // dir and intercepts its connections again.
-    run_agent_container(
-        &podman,
-        &ds,
-        SUCCESSOR_CONTAINER,
-        &ds.image,
-        &args,
-        &config_dir,
-        &manifests,
-    );
+    run_agent_container(&podman, &ds, SUCCESSOR_CONTAINER, &ds.image, &args, &files);
     wait_ready(&podman, &ds, SUCCESSOR_CONTAINER);
     let successor_log = || container_logs(&podman, SUCCESSOR_CONTAINER);
     let out = nc_from_client(&podman, &server_ip, "after-the-update");
@@ -596,6 +646,47 @@ fn daemonset_on_podman(label: &str, extra_args: &[&str]) {
         "the next agent did not intercept: {}\nlog:\n{}",
         dump["connections"],
         successor_log()
+    );
+
+    // The uninstall: `kubectl delete -k deploy/` removes the DaemonSet (background
+    // propagation: the object is gone before its pods get SIGTERM), then its pods stop.
+    api.delete(&ds.api_path());
+    podman.run_ok(
+        &["stop", "--time", &grace, SUCCESSOR_CONTAINER],
+        &successor_log,
+    );
+    let log = successor_log();
+    assert!(
+        log.contains("uninstalling (CNI entry, plugin, data path)")
+            && log.contains("CNI plugin uninstalled"),
+        "the agent did not take the uninstall path:\n{log}"
+    );
+    // The node is as it was: the conflist has the bridge alone, the plugin is gone, and
+    // so are the pins (eBPF) or the container's chains (iptables).
+    assert_eq!(
+        conflist_types(&conflist_path),
+        ["bridge"],
+        "the conflist entry stayed:\n{log}"
+    );
+    assert!(!plugin.exists(), "the plugin stayed:\n{log}");
+    let pins = fs::read_dir(tb.bpffs_dir()).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(pins, 0, "pins left in {}:\n{log}", tb.bpffs_dir().display());
+    // The enrolled container is left alone: its connections go direct.
+    let out = nc_from_client(&podman, &server_ip, "after-the-uninstall");
+    assert!(
+        out.contains(GREETING) && out.contains("after-the-uninstall") && out.contains("nc-exit=0"),
+        "the uninstalled node still intercepts (or refuses): {out}"
+    );
+    // And new pods start: the runtime's ADD no longer runs a plugin with no agent behind it.
+    podman.run_ok(
+        &["rm", "--force", "--time", "0", CONTAINER_NAME],
+        &successor_log,
+    );
+    podman.run_client(&["sleep", "600"], &successor_log);
+    let out = nc_from_client(&podman, &server_ip, "a-new-pod");
+    assert!(
+        out.contains(GREETING) && out.contains("a-new-pod") && out.contains("nc-exit=0"),
+        "a pod started after the uninstall cannot connect: {out}"
     );
 
     podman.run_ok(
