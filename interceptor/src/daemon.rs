@@ -67,6 +67,9 @@ pub struct AgentConfig {
     pub cni_socket: PathBuf,
     /// Where the model comes from.
     pub source: ModelSource,
+    /// The kubeconfig for the API server (`--source kube`, `--on-exit auto`); `None`:
+    /// `KUBECONFIG`, `~/.kube/config` or the in-cluster service account.
+    pub kubeconfig: Option<PathBuf>,
     pub admin_addr: SocketAddr,
     /// `/metrics` alone, for Prometheus (`--metrics-addr`); `None`: not served beyond the
     /// admin port.
@@ -162,7 +165,7 @@ async fn serve(config: &AgentConfig, predecessor: Option<i32>) -> anyhow::Result
     raise_open_file_limit();
     let exit_check = match (config.on_exit, &config.daemonset) {
         (OnExit::Auto, Some(daemonset)) => Some(ExitCheck {
-            client: kube::client_from_env()
+            client: kube::client_from(config.kubeconfig.as_deref())
                 .await
                 .context("--on-exit auto: Kubernetes client")?,
             daemonset: daemonset.clone(),
@@ -234,7 +237,9 @@ async fn serve(config: &AgentConfig, predecessor: Option<i32>) -> anyhow::Result
             manifests::watch_dir(dir.clone(), MANIFEST_POLL, tx).abort_handle()
         }
         ModelSource::Kube { node_name } => {
-            let client = kube::client_from_env().await.context("Kubernetes client")?;
+            let client = kube::client_from(config.kubeconfig.as_deref())
+                .await
+                .context("Kubernetes client")?;
             let source = kube::KubeSourceConfig {
                 node_name: node_name.clone(),
             };

@@ -83,6 +83,10 @@ enum Command {
         /// `--source kube`: only Pods scheduled here are watched.
         #[arg(long, env = "NODE_NAME", required_if_eq("source", "kube"))]
         node_name: Option<String>,
+        /// The kubeconfig for the API server (`--source kube`, `--on-exit auto`); by
+        /// default `KUBECONFIG`, `~/.kube/config`, or the in-cluster service account.
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
         /// Admin endpoint (/healthz, /readyz, /config_dump, /metrics).
         #[arg(long, default_value = "127.0.0.1:15000")]
         admin_addr: SocketAddr,
@@ -311,6 +315,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             source,
             manifests,
             node_name,
+            kubeconfig,
             admin_addr,
             metrics_addr,
             access_log,
@@ -369,6 +374,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         bail!("--source kube needs --node-name (or NODE_NAME)")
                     }
                 },
+                kubeconfig,
                 admin_addr,
                 metrics_addr: metrics_addr.0,
                 access_log,

@@ -83,6 +83,22 @@ pub async fn client_from_env() -> Result<kube::Client, KubeSourceError> {
         .map_err(KubeSourceError::Client)
 }
 
+/// A client from the kubeconfig at `path` (`--kubeconfig`), or [`client_from_env`].
+pub async fn client_from(path: Option<&std::path::Path>) -> Result<kube::Client, KubeSourceError> {
+    let Some(path) = path else {
+        return client_from_env().await;
+    };
+    let kubeconfig = kube::config::Kubeconfig::read_from(path)
+        .map_err(|e| KubeSourceError::Client(kube::Error::InferKubeconfig(e)))?;
+    let config = kube::Config::from_custom_kubeconfig(
+        kubeconfig,
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await
+    .map_err(|e| KubeSourceError::Client(kube::Error::InferKubeconfig(e)))?;
+    kube::Client::try_from(config).map_err(KubeSourceError::Client)
+}
+
 /// Starts [`run`] on a task of its own.
 pub fn spawn(
     client: kube::Client,
