@@ -12,7 +12,7 @@
 //! from the last resource version seen (bookmarks included), a `410 Gone` starts over with
 //! a fresh list.
 //!
-//! Objects are converted by the functions of the manifest source (`*_from_api`), so the
+//! Objects are converted by [`super::objects`], as the manifest source converts them, so the
 //! model is the one a directory of the same objects would give, with one addition: every
 //! Service gets an entry in [`Model::endpoint_slices`], empty until its slices arrive, so
 //! that endpoints come from the slices only and never from the selector (slices say which
@@ -49,13 +49,13 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use super::manifests::{self, ManifestError, ManifestState, Slice};
+use super::manifests::ManifestState;
+use super::objects::{self, ObjectError, RoutingKind, Slice};
 use crate::model::routing::RoutingObjects;
 use crate::model::{Model, Namespace, Pod, PodKey, Service, ServiceKey, SlicePort};
 
 mod routing;
 use crate::model::routing::RoutingObject;
-use routing::RoutingKind;
 
 /// What the Kubernetes source needs besides a client.
 #[derive(Clone, Debug, Default)]
@@ -320,7 +320,7 @@ impl<T: PartialEq + Clone> Store<T> {
         &mut self,
         kind: Kind,
         event: watcher::Event<O>,
-        convert: impl Fn(O) -> Result<T, ManifestError>,
+        convert: impl Fn(O) -> Result<T, ObjectError>,
     ) -> Changes<T> {
         match event {
             watcher::Event::Init => {
@@ -409,7 +409,7 @@ impl<T: PartialEq + Clone> Store<T> {
         kind: Kind,
         key: &str,
         obj: O,
-        convert: &impl Fn(O) -> Result<T, ManifestError>,
+        convert: &impl Fn(O) -> Result<T, ObjectError>,
     ) -> Option<T> {
         match convert(obj) {
             Ok(item) => {
@@ -419,7 +419,7 @@ impl<T: PartialEq + Clone> Store<T> {
                 Some(item)
             }
             Err(err) => {
-                let reason = describe(&err);
+                let reason = err.to_string();
                 if self.rejected.get(key) != Some(&reason) {
                     if self.keeps_previous && self.items.contains_key(key) {
                         warn!(%kind, object = key, "update does not convert, the previous version stays: {reason}");
@@ -438,19 +438,6 @@ fn object_key<O: Resource>(obj: &O) -> String {
     match obj.meta().namespace.as_deref() {
         Some(ns) if !ns.is_empty() => format!("{ns}/{}", obj.meta().name.as_deref().unwrap_or("")),
         _ => obj.meta().name.clone().unwrap_or_default(),
-    }
-}
-
-/// A conversion error without the stand-in file name of the manifest source.
-fn describe(err: &ManifestError) -> String {
-    match err {
-        ManifestError::InvalidValue {
-            object,
-            field,
-            message,
-            ..
-        } => format!("{object}: {field}: {message}"),
-        other => other.to_string(),
     }
 }
 
@@ -520,7 +507,7 @@ impl State {
                     Kind::Namespaces,
                     *r,
                     |s| &mut s.namespaces,
-                    manifests::namespace_from_api,
+                    objects::namespace,
                 );
                 for (key, namespace) in changes.iter().flatten() {
                     match namespace {
@@ -533,7 +520,7 @@ impl State {
                 changes.is_some()
             }
             Msg::Pod(r) => {
-                let changes = self.event(Kind::Pods, *r, |s| &mut s.pods, manifests::pod_from_api);
+                let changes = self.event(Kind::Pods, *r, |s| &mut s.pods, objects::pod);
                 for (key, pod) in changes.iter().flatten() {
                     match pod {
                         Some(pod) => drop(self.model.pods.insert(pod.key(), pod.clone())),
@@ -547,12 +534,7 @@ impl State {
                 changes.is_some()
             }
             Msg::Service(r) => {
-                let changes = self.event(
-                    Kind::Services,
-                    *r,
-                    |s| &mut s.services,
-                    manifests::service_from_api,
-                );
+                let changes = self.event(Kind::Services, *r, |s| &mut s.services, objects::service);
                 for (key, service) in changes.iter().flatten() {
                     match service {
                         Some(service) => {
@@ -575,7 +557,7 @@ impl State {
                     Kind::EndpointSlices,
                     *r,
                     |s| &mut s.slices,
-                    manifests::endpoint_slice_from_api,
+                    objects::endpoint_slice,
                 );
                 for (key, slice) in changes.iter().flatten() {
                     self.slice_changed(key, slice.as_ref());
@@ -703,7 +685,7 @@ impl State {
         kind: Kind,
         result: WatchResult<O>,
         store: impl FnOnce(&mut State) -> &mut Store<T>,
-        convert: impl Fn(O) -> Result<T, ManifestError>,
+        convert: impl Fn(O) -> Result<T, ObjectError>,
     ) -> Changes<T> {
         match result {
             Ok(event) => {
