@@ -20,6 +20,15 @@
 //! conversion rejects (an IPv6 `podIP`, a port out of range) is left out of the model with
 //! a warning naming it, the field and the value.
 //!
+//! With [`KubeSourceConfig::mesh_config`] set, one more watch: FSM's MeshConfig object of
+//! that name (`config.flomesh.io/v1alpha3`, the version FSM's CRD stores; `v1alpha1` and
+//! `v1alpha2` are deprecated and lack fields), by a field selector on its name in its
+//! namespace. Its `spec.traffic` is published as [`ManifestState::mesh_config`] (see
+//! [`crate::config`] for how it meets the file). Like a routing CRD, a cluster without the
+//! CRD (404) has no object, and a forbidden list (403) is reported without holding the
+//! model back; a version that does not validate is rejected, reported in `last_error` and
+//! the log, and the previous valid version stays.
+//!
 //! What is published on the channel:
 //! - `generation` stays 0 until the initial lists of all four kinds are complete; then it
 //!   is 1, and is bumped each time the model changes. A re-list (after a 410) replaces the
@@ -51,6 +60,7 @@ use tracing::{debug, info, warn};
 
 use super::manifests::ManifestState;
 use super::objects::{self, ObjectError, RoutingKind, Slice};
+use crate::config::{MeshConfigName, MeshConfigObject, TrafficSettings};
 use crate::model::routing::RoutingObjects;
 use crate::model::{Model, Namespace, Pod, PodKey, Service, ServiceKey, SlicePort};
 
@@ -63,6 +73,8 @@ pub struct KubeSourceConfig {
     /// The node the agent runs on (the DaemonSet passes `spec.nodeName` as `NODE_NAME`),
     /// named in its logs.
     pub node_name: String,
+    /// FSM's MeshConfig object to watch; `None`: none (the gateway has no use for it).
+    pub mesh_config: Option<MeshConfigName>,
 }
 
 /// Why the Kubernetes source cannot start.
@@ -105,7 +117,8 @@ pub async fn run(
         return Err(KubeSourceError::NoNodeName);
     }
     let (opened_tx, opened_rx) = mpsc::unbounded();
-    let client = observed(client, opened_tx);
+    let mesh_config_path = config.mesh_config.as_ref().map(mesh_config_path);
+    let client = observed(client, opened_tx, mesh_config_path);
 
     let watch_config = watcher::Config::default();
     let streams: Vec<BoxStream<'static, Msg>> = vec![
@@ -125,11 +138,26 @@ pub async fn run(
             .map(move |r| Msg::Routing(kind, Box::new(r)))
             .boxed()
     }))
+    .chain(config.mesh_config.iter().map(|name| {
+        let api: Api<kube::api::DynamicObject> =
+            Api::namespaced_with(client.clone(), &name.namespace, &mesh_config_resource());
+        let selector = format!("metadata.name={}", name.name);
+        watcher(api, watch_config.clone().fields(&selector))
+            .default_backoff()
+            .map(|r| Msg::MeshConfig(Box::new(r)))
+            .boxed()
+    }))
     .collect();
     let mut messages = stream::select_all(streams);
     info!(node, "watching the Kubernetes API server");
 
-    let mut state = State::default();
+    let mut state = State {
+        mesh_config: MeshConfigStore {
+            name: config.mesh_config.clone(),
+            ..MeshConfigStore::default()
+        },
+        ..State::default()
+    };
     loop {
         let msg = tokio::select! {
             msg = messages.next() => msg,
@@ -178,6 +206,8 @@ enum Kind {
     Services,
     EndpointSlices,
     Routing(RoutingKind),
+    /// FSM's MeshConfig object, when one is watched.
+    MeshConfig,
 }
 
 impl Kind {
@@ -203,6 +233,8 @@ impl Kind {
             Kind::Services => "/api/v1/services",
             Kind::EndpointSlices => "/apis/discovery.k8s.io/v1/endpointslices",
             Kind::Routing(kind) => kind.path(),
+            // Watched in one namespace; `Observed` knows that path.
+            Kind::MeshConfig => "/apis/config.flomesh.io/v1alpha3/meshconfigs",
         }
     }
 }
@@ -215,6 +247,7 @@ impl fmt::Display for Kind {
             Kind::Services => "services",
             Kind::EndpointSlices => "endpointslices",
             Kind::Routing(kind) => kind.name(),
+            Kind::MeshConfig => "meshconfigs.config.flomesh.io",
         })
     }
 }
@@ -226,6 +259,7 @@ enum Msg {
     Service(Box<WatchResult<k8s::Service>>),
     Slice(Box<WatchResult<discovery::EndpointSlice>>),
     Routing(RoutingKind, Box<WatchResult<kube::api::DynamicObject>>),
+    MeshConfig(Box<WatchResult<kube::api::DynamicObject>>),
     /// The API server answered a watch request of this kind with success.
     WatchOpened(Kind),
 }
@@ -233,12 +267,17 @@ enum Msg {
 /// `client`, reporting each watch request the API server accepts on `opened`. The watcher
 /// says nothing when it resumes a watch after an error; this is how the source learns that
 /// the watch recovered.
-fn observed(client: kube::Client, opened: mpsc::UnboundedSender<Kind>) -> kube::Client {
+fn observed(
+    client: kube::Client,
+    opened: mpsc::UnboundedSender<Kind>,
+    mesh_config_path: Option<String>,
+) -> kube::Client {
     let namespace = client.default_namespace().to_string();
     kube::Client::new(
         Observed {
             inner: client,
             opened,
+            mesh_config_path,
         },
         namespace,
     )
@@ -248,6 +287,8 @@ fn observed(client: kube::Client, opened: mpsc::UnboundedSender<Kind>) -> kube::
 struct Observed {
     inner: kube::Client,
     opened: mpsc::UnboundedSender<Kind>,
+    /// The MeshConfig collection in its namespace, when one is watched.
+    mesh_config_path: Option<String>,
 }
 
 impl tower_service::Service<http::Request<kube::client::Body>> for Observed {
@@ -265,7 +306,12 @@ impl tower_service::Service<http::Request<kube::client::Body>> for Observed {
             .query()
             .is_some_and(|q| q.split('&').any(|pair| pair == "watch=true"));
         let path = request.uri().path();
-        let kind = Kind::all().find(|kind| is_watch && kind.path() == path);
+        let kind = Kind::all()
+            .find(|kind| kind.path() == path)
+            .or_else(|| {
+                (self.mesh_config_path.as_deref() == Some(path)).then_some(Kind::MeshConfig)
+            })
+            .filter(|_| is_watch);
         let client = self.inner.clone();
         let opened = self.opened.clone();
         Box::pin(async move {
@@ -441,6 +487,107 @@ fn object_key<O: Resource>(obj: &O) -> String {
     }
 }
 
+/// The watched MeshConfig object.
+#[derive(Default)]
+struct MeshConfigStore {
+    /// Which one; `None` when none is watched.
+    name: Option<MeshConfigName>,
+    /// Whether a list completed (or cannot: no CRD, forbidden).
+    synced: bool,
+    /// What is in force: its last valid version, or none.
+    object: MeshConfigObject,
+    /// During a list: whether it held the object.
+    listing: Option<bool>,
+    /// Why the object's current version is rejected (published in `last_error`).
+    rejected: Option<String>,
+}
+
+impl MeshConfigStore {
+    fn apply(&mut self, event: watcher::Event<kube::api::DynamicObject>) {
+        match event {
+            watcher::Event::Init => self.listing = Some(false),
+            watcher::Event::InitApply(obj) => {
+                self.listing = Some(true);
+                self.update(&obj);
+            }
+            watcher::Event::Apply(obj) => self.update(&obj),
+            watcher::Event::InitDone => {
+                if self.listing.take() == Some(false) {
+                    self.gone();
+                }
+                self.synced = true;
+            }
+            watcher::Event::Delete(_) => self.gone(),
+        }
+    }
+
+    fn gone(&mut self) {
+        if self.object != MeshConfigObject::Absent {
+            info!("no MeshConfig object: the mesh config file alone applies");
+        }
+        self.object = MeshConfigObject::Absent;
+        self.rejected = None;
+    }
+
+    /// A new version of the object: in force if it validates, else reported while the
+    /// previous one stays.
+    fn update(&mut self, obj: &kube::api::DynamicObject) {
+        let name = object_key(obj);
+        let spec = obj.data.get("spec").unwrap_or(&serde_json::Value::Null);
+        match TrafficSettings::from_spec(spec) {
+            Ok((settings, warnings)) => {
+                if self.rejected.take().is_some() {
+                    info!(object = name, "MeshConfig valid again");
+                }
+                let object = MeshConfigObject::Present {
+                    name,
+                    settings,
+                    warnings,
+                };
+                if self.object != object {
+                    info!("MeshConfig changed: {object:?}");
+                    self.object = object;
+                }
+            }
+            Err(reason) => {
+                let message = format!(
+                    "MeshConfig {name} rejected, {}: {reason}",
+                    match self.object {
+                        MeshConfigObject::Present { .. } => "its previous version stays",
+                        _ => "the mesh config file alone applies",
+                    }
+                );
+                if self.rejected.as_ref() != Some(&message) {
+                    warn!("{message}");
+                    self.rejected = Some(message);
+                }
+                if self.object == MeshConfigObject::Unknown {
+                    self.object = MeshConfigObject::Absent;
+                }
+            }
+        }
+    }
+}
+
+/// The MeshConfig CRD at the version the agent reads: the one FSM stores.
+fn mesh_config_resource() -> kube::api::ApiResource {
+    kube::api::ApiResource {
+        group: "config.flomesh.io".into(),
+        version: "v1alpha3".into(),
+        api_version: "config.flomesh.io/v1alpha3".into(),
+        kind: "MeshConfig".into(),
+        plural: "meshconfigs".into(),
+    }
+}
+
+/// The collection's path for the object `name`, as kube-rs requests it.
+fn mesh_config_path(name: &MeshConfigName) -> String {
+    format!(
+        "/apis/config.flomesh.io/v1alpha3/namespaces/{}/meshconfigs",
+        name.namespace
+    )
+}
+
 struct State {
     namespaces: Store<Namespace>,
     pods: Store<Pod>,
@@ -463,6 +610,7 @@ struct State {
     dirty: bool,
     /// Whether a routing object changed since the model's routing objects were built.
     routing_dirty: bool,
+    mesh_config: MeshConfigStore,
 }
 
 impl Default for State {
@@ -489,6 +637,7 @@ impl Default for State {
             slices_of: BTreeMap::new(),
             dirty: false,
             routing_dirty: false,
+            mesh_config: MeshConfigStore::default(),
         }
     }
 }
@@ -568,6 +717,11 @@ impl State {
                 let changed = self.routing_event(kind, *r);
                 self.routing_dirty |= changed;
                 changed
+            }
+            Msg::MeshConfig(r) => {
+                self.mesh_config_event(*r);
+                // Not the model: published beside it.
+                false
             }
         };
         self.dirty |= changed;
@@ -680,6 +834,45 @@ impl State {
                 .is_some()
     }
 
+    /// The MeshConfig watch's event; a 404 means the cluster lacks the CRD: no object.
+    fn mesh_config_event(&mut self, result: WatchResult<kube::api::DynamicObject>) {
+        let status = match &result {
+            Err(watcher::Error::InitialListFailed(kube::Error::Api(response))) => {
+                Some(response.code)
+            }
+            _ => None,
+        };
+        let store = &mut self.mesh_config;
+        match (status, result) {
+            (Some(404), _) => {
+                self.recovered(Kind::MeshConfig);
+                let store = &mut self.mesh_config;
+                if store.object != MeshConfigObject::Absent {
+                    info!("no MeshConfig CRD in this cluster: the mesh config file alone applies");
+                }
+                store.object = MeshConfigObject::Absent;
+                store.rejected = None;
+                store.synced = true;
+            }
+            (_, Err(err)) => {
+                // Not allowed to list it: reported, and the model does not wait for it.
+                if status == Some(403) {
+                    store.synced = true;
+                    if store.object == MeshConfigObject::Unknown {
+                        store.object = MeshConfigObject::Absent;
+                    }
+                }
+                self.failed(Kind::MeshConfig, &err);
+            }
+            (_, Ok(event)) => {
+                if !matches!(event, watcher::Event::Init | watcher::Event::InitApply(_)) {
+                    self.recovered(Kind::MeshConfig);
+                }
+                self.mesh_config.apply(event);
+            }
+        }
+    }
+
     fn event<O: Resource, T: PartialEq + Clone>(
         &mut self,
         kind: Kind,
@@ -700,13 +893,18 @@ impl State {
                 changes
             }
             Err(err) => {
-                let message = format!("watch {kind}: {err}");
-                if self.errors.get(&kind) != Some(&message) {
-                    warn!(%kind, "{message}; keeping the last model, retrying");
-                    self.errors.insert(kind, message);
-                }
+                self.failed(kind, &err);
                 None
             }
+        }
+    }
+
+    /// The watch of `kind` failed: published (and logged once) until it recovers.
+    fn failed(&mut self, kind: Kind, err: &watcher::Error) {
+        let message = format!("watch {kind}: {err}");
+        if self.errors.get(&kind) != Some(&message) {
+            warn!(%kind, "{message}; keeping the last model, retrying");
+            self.errors.insert(kind, message);
         }
     }
 
@@ -722,6 +920,7 @@ impl State {
             && self.services.synced
             && self.slices.synced
             && self.routing.values().all(|store| store.synced)
+            && (self.mesh_config.name.is_none() || self.mesh_config.synced)
     }
 
     /// The model to publish: the one kept current, with its routing objects rebuilt if
@@ -740,10 +939,11 @@ impl State {
     }
 
     fn error_text(&self) -> Option<String> {
-        if self.errors.is_empty() {
+        let mut errors: Vec<&str> = self.errors.values().map(String::as_str).collect();
+        errors.extend(self.mesh_config.rejected.as_deref());
+        if errors.is_empty() {
             return None;
         }
-        let errors: Vec<&str> = self.errors.values().map(String::as_str).collect();
         Some(errors.join("; "))
     }
 
@@ -755,8 +955,13 @@ impl State {
         } else {
             None
         };
+        let mesh_config = &self.mesh_config.object;
         tx.send_if_modified(|state| {
             let mut changed = false;
+            if state.mesh_config != *mesh_config {
+                state.mesh_config = mesh_config.clone();
+                changed = true;
+            }
             if state.last_error != last_error {
                 state.last_error = last_error;
                 changed = true;

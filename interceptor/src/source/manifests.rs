@@ -35,6 +35,7 @@ use tracing::{debug, info, warn};
 use super::objects::{
     self, Decode, ObjectError, ObjectKind, RoutingKind, Seg, Slice, SERVICE_NAME_LABEL,
 };
+use crate::config::MeshConfigObject;
 use crate::model::routing::RoutingObject;
 use crate::model::{Model, Namespace, Pod, Service};
 
@@ -143,6 +144,9 @@ pub struct ManifestState {
     /// 0 before the first successful load, then bumped for each new model.
     pub generation: u64,
     pub last_error: Option<String>,
+    /// FSM's MeshConfig object, from the Kubernetes source (`Unknown` from this one); it
+    /// changes without `generation`, being no part of the model.
+    pub mesh_config: MeshConfigObject,
 }
 
 /// Polls `dir` every `interval` (its file names, sizes and modification times) and reloads
