@@ -545,7 +545,8 @@ impl MeshConfigStore {
                     warnings,
                 };
                 if self.object != object {
-                    info!("MeshConfig changed: {object:?}");
+                    // The merged configuration is logged where it is applied.
+                    debug!("MeshConfig changed: {object:?}");
                     self.object = object;
                 }
             }
@@ -842,7 +843,6 @@ impl State {
             }
             _ => None,
         };
-        let store = &mut self.mesh_config;
         match (status, result) {
             (Some(404), _) => {
                 self.recovered(Kind::MeshConfig);
@@ -857,6 +857,7 @@ impl State {
             (_, Err(err)) => {
                 // Not allowed to list it: reported, and the model does not wait for it.
                 if status == Some(403) {
+                    let store = &mut self.mesh_config;
                     store.synced = true;
                     if store.object == MeshConfigObject::Unknown {
                         store.object = MeshConfigObject::Absent;
