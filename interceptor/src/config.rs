@@ -26,7 +26,15 @@
 //! a warning); IPv6 ranges are skipped with a warning, since the agent intercepts IPv4.
 //! Ports are integers 1-65535 (a quoted number is taken as one).
 //!
-//! The agent does not act on this yet; the daemon wires it in later.
+//! With `--source kube` the same settings also come from FSM's `MeshConfig` object
+//! (`config.flomesh.io`, `spec.traffic`), watched by the Kubernetes source and published
+//! as a [`MeshConfigObject`]; [`follow_merged`] lays it over the file, field by field: a
+//! field the object sets wins, the file is the node's default for the rest and the whole
+//! configuration when there is no object (or no MeshConfig CRD). `bpfDebug` is not FSM's
+//! and comes from the file only. Unlike the file, an object with an invalid entry is
+//! rejected as a whole ([`TrafficSettings::from_spec`]) and its previous valid version
+//! stays in force: it is the mesh's configuration, shared by every node, and half of it
+//! is not what its author applied.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -278,12 +286,17 @@ fn list(key: &str, value: Value) -> Result<Vec<Value>, String> {
     }
 }
 
+/// Why an entry of a list of ranges is not one at all (as opposed to an IPv6 range).
+const NOT_A_CIDR: &str = "not an IPv4 CIDR such as 10.0.0.0/8";
+/// Why an entry of a list of ports is not one.
+const NOT_A_PORT: &str = "not a port number (1-65535)";
+
 fn nets(key: &str, entries: Vec<Value>, warnings: &mut Vec<String>) -> Vec<Ipv4Net> {
     let mut out: Vec<Ipv4Net> = Vec::new();
     for (i, entry) in entries.into_iter().enumerate() {
         let skip = |why: &str| format!("{key}[{i}]: {}: {why}; entry skipped", describe(&entry));
         let Value::String(text) = &entry else {
-            warnings.push(skip("not an IPv4 CIDR such as 10.0.0.0/8"));
+            warnings.push(skip(NOT_A_CIDR));
             continue;
         };
         let text = text.trim();
@@ -299,7 +312,7 @@ fn nets(key: &str, entries: Vec<Value>, warnings: &mut Vec<String>) -> Vec<Ipv4N
                 continue;
             }
             Err(_) => {
-                warnings.push(skip("not an IPv4 CIDR such as 10.0.0.0/8"));
+                warnings.push(skip(NOT_A_CIDR));
                 continue;
             }
         };
@@ -337,7 +350,7 @@ fn ports(key: &str, entries: Vec<Value>, warnings: &mut Vec<String>) -> Vec<u16>
                 }
             }
             None => warnings.push(format!(
-                "{key}[{i}]: {}: not a port number (1-65535); entry skipped",
+                "{key}[{i}]: {}: {NOT_A_PORT}; entry skipped",
                 describe(&entry)
             )),
         }
@@ -508,6 +521,260 @@ fn publish_error(path: &Path, tx: &watch::Sender<ConfigState>, err: &ConfigError
         );
         state.last_error = Some(message.clone());
         true
+    });
+}
+
+/// The settings FSM's MeshConfig object gives in `spec.traffic`: each `None` when the
+/// object leaves the field out (the file's value then stays).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TrafficSettings {
+    pub outbound_ip_range_exclusion_list: Option<Vec<Ipv4Net>>,
+    /// `Some(None)`: the object's list is empty, every destination is redirected.
+    pub outbound_ip_range_inclusion_list: Option<Option<Vec<Ipv4Net>>>,
+    pub outbound_port_exclusion_list: Option<Vec<u16>>,
+    pub inbound_port_exclusion_list: Option<Vec<u16>>,
+    pub enable_permissive_traffic_policy_mode: Option<bool>,
+}
+
+impl TrafficSettings {
+    /// The settings of a MeshConfig's `spec` (JSON, as the API server gives it), with the
+    /// warnings of entries taken as meaning something (host bits cleared, IPv6 ranges
+    /// skipped), or why the object is rejected: a field of the wrong type, or an entry
+    /// that is not a CIDR or a port. Fields of `spec.traffic` the agent has no use for
+    /// (`enableEgress`, `interceptionMode`, ...) are ignored.
+    pub fn from_spec(spec: &serde_json::Value) -> Result<(TrafficSettings, Vec<String>), String> {
+        let traffic = match spec.get("traffic") {
+            None | Some(serde_json::Value::Null) => return Ok(Default::default()),
+            Some(serde_json::Value::Object(traffic)) => traffic,
+            Some(_) => return Err("spec.traffic: expected a mapping".into()),
+        };
+        let mut settings = TrafficSettings::default();
+        let mut warnings = Vec::new();
+        let mut invalid = Vec::new();
+        for (key, value) in traffic {
+            // JSON is YAML: the file's checks apply unchanged.
+            let value: Value = serde_json::from_value(value.clone())
+                .map_err(|e| format!("spec.traffic.{key}: {e}"))?;
+            let field = |e: String| format!("spec.traffic.{e}");
+            let mut notes = Vec::new();
+            match key.as_str() {
+                OUTBOUND_IP_RANGE_EXCLUSION_LIST => {
+                    let entries = list(key, value).map_err(field)?;
+                    settings.outbound_ip_range_exclusion_list =
+                        Some(nets(key, entries, &mut notes));
+                }
+                OUTBOUND_IP_RANGE_INCLUSION_LIST => {
+                    let entries = list(key, value).map_err(field)?;
+                    // As in the file: a list of only IPv6 ranges includes no IPv4
+                    // destination; only an empty list means every destination.
+                    let configured = entries.len();
+                    let nets = nets(key, entries, &mut notes);
+                    settings.outbound_ip_range_inclusion_list =
+                        Some((configured > 0).then_some(nets));
+                }
+                OUTBOUND_PORT_EXCLUSION_LIST => {
+                    let entries = list(key, value).map_err(field)?;
+                    settings.outbound_port_exclusion_list = Some(ports(key, entries, &mut notes));
+                }
+                INBOUND_PORT_EXCLUSION_LIST => {
+                    let entries = list(key, value).map_err(field)?;
+                    settings.inbound_port_exclusion_list = Some(ports(key, entries, &mut notes));
+                }
+                ENABLE_PERMISSIVE_TRAFFIC_POLICY_MODE => {
+                    settings.enable_permissive_traffic_policy_mode =
+                        boolean(key, value).map_err(field)?;
+                }
+                _ => {}
+            }
+            for note in notes {
+                let note = format!("spec.traffic.{note}");
+                if note.contains(NOT_A_CIDR) || note.contains(NOT_A_PORT) {
+                    invalid.push(note.replace("; entry skipped", ""));
+                } else {
+                    warnings.push(note);
+                }
+            }
+        }
+        if !invalid.is_empty() {
+            return Err(invalid.join("; "));
+        }
+        Ok((settings, warnings))
+    }
+
+    /// `base` (the file's configuration) with every field these settings give replaced.
+    pub fn over(&self, base: &MeshConfig) -> MeshConfig {
+        let mut config = base.clone();
+        if let Some(list) = &self.outbound_ip_range_exclusion_list {
+            config.outbound_ip_range_exclusion_list = list.clone();
+        }
+        if let Some(list) = &self.outbound_ip_range_inclusion_list {
+            config.outbound_ip_range_inclusion_list = list.clone();
+        }
+        if let Some(list) = &self.outbound_port_exclusion_list {
+            config.outbound_port_exclusion_list = list.clone();
+        }
+        if let Some(list) = &self.inbound_port_exclusion_list {
+            config.inbound_port_exclusion_list = list.clone();
+        }
+        if let Some(permissive) = self.enable_permissive_traffic_policy_mode {
+            config.enable_permissive_traffic_policy_mode = Some(permissive);
+        }
+        config
+    }
+}
+
+/// FSM's MeshConfig object as the Kubernetes source last saw it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum MeshConfigObject {
+    /// Not listed yet (or not watched: the manifest source).
+    #[default]
+    Unknown,
+    /// No such object, or no MeshConfig CRD in the cluster: the file alone applies.
+    Absent,
+    /// Its last valid version, with the warnings of its entries.
+    Present {
+        /// `namespace/name`, for the logs.
+        name: String,
+        settings: TrafficSettings,
+        warnings: Vec<String>,
+    },
+}
+
+/// Which MeshConfig object the Kubernetes source watches: `namespace/name`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MeshConfigName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl Default for MeshConfigName {
+    /// FSM's: `fsm-mesh-config` in the mesh namespace, `fsm-system` by default.
+    fn default() -> Self {
+        Self {
+            namespace: "fsm-system".into(),
+            name: "fsm-mesh-config".into(),
+        }
+    }
+}
+
+impl fmt::Display for MeshConfigName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+impl std::str::FromStr for MeshConfigName {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once('/') {
+            Some((namespace, name))
+                if !namespace.is_empty() && !name.is_empty() && !name.contains('/') =>
+            {
+                Ok(Self {
+                    namespace: namespace.into(),
+                    name: name.into(),
+                })
+            }
+            _ => Err(format!("{s:?}: expected namespace/name")),
+        }
+    }
+}
+
+/// Publishes on `tx` the file's configuration (`file`; `None`: no file, the defaults) with
+/// the MeshConfig object's settings (`object` of the state of `source`, the Kubernetes
+/// source's channel) laid over it (see the module documentation), each time
+/// either changes, in the manner of [`watch_file`]: `generation` is bumped when the merged
+/// configuration changes, and stays 0 until the file has loaded and the object has been
+/// listed. `last_error` is the file's; the object's rejections are the Kubernetes source's
+/// to report (its `last_error`), since the object's previous version stays in force. Runs
+/// until every receiver of `tx` is gone or an input closes.
+pub fn follow_merged<S: Send + Sync + 'static>(
+    file: Option<watch::Receiver<ConfigState>>,
+    mut source: watch::Receiver<S>,
+    object: impl Fn(&S) -> MeshConfigObject + Send + 'static,
+    tx: watch::Sender<ConfigState>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut file = file;
+        loop {
+            let file_state = file.as_mut().map(|rx| rx.borrow_and_update().clone());
+            let object_state = object(&source.borrow_and_update());
+            publish_merged(&tx, file_state.as_ref(), &object_state);
+            let file_changed = async {
+                match file.as_mut() {
+                    Some(rx) => rx.changed().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let closed = tokio::select! {
+                r = file_changed => r.is_err(),
+                r = source.changed() => r.is_err(),
+                () = tx.closed() => true,
+            };
+            if closed {
+                return;
+            }
+        }
+    })
+}
+
+fn publish_merged(
+    tx: &watch::Sender<ConfigState>,
+    file: Option<&ConfigState>,
+    object: &MeshConfigObject,
+) {
+    let file_loaded = file.is_none_or(|f| f.generation > 0);
+    let default = MeshConfig::default();
+    let base = file.map_or(&default, |f| &*f.config);
+    let (config, object_warnings) = match object {
+        MeshConfigObject::Present {
+            name,
+            settings,
+            warnings,
+        } => (
+            settings.over(base),
+            warnings
+                .iter()
+                .map(|w| format!("MeshConfig {name}: {w}"))
+                .collect(),
+        ),
+        MeshConfigObject::Absent | MeshConfigObject::Unknown => (base.clone(), Vec::new()),
+    };
+    // A file that does not load yet is the defaults, as without the object; the object
+    // applies over them meanwhile.
+    let file_settled = file_loaded || file.is_some_and(|f| f.last_error.is_some());
+    let ready = file_settled && *object != MeshConfigObject::Unknown;
+    let mut warnings: Vec<String> = file.map(|f| f.warnings.clone()).unwrap_or_default();
+    warnings.extend(object_warnings);
+    let last_error = file.and_then(|f| f.last_error.clone());
+    tx.send_if_modified(|state| {
+        let mut changed = false;
+        if state.last_error != last_error {
+            state.last_error = last_error;
+            changed = true;
+        }
+        if state.warnings != warnings {
+            state.warnings = warnings;
+            changed = true;
+        }
+        if ready && (state.generation == 0 || *state.config != config) {
+            state.generation += 1;
+            let source = match object {
+                MeshConfigObject::Present { name, .. } => {
+                    format!("MeshConfig {name} over the file")
+                }
+                _ => "the file (no MeshConfig object)".into(),
+            };
+            info!(
+                generation = state.generation,
+                config = %Summary(&config),
+                "mesh config from {source}"
+            );
+            state.config = Arc::new(config);
+            changed = true;
+        }
+        changed
     });
 }
 
@@ -845,5 +1112,156 @@ mod pod_rule_tests {
         .collect();
         let loaded = pod_rules("demo/x", &annotations);
         assert_eq!(loaded.config.outbound_ip_range_inclusion_list, Some(vec![]));
+    }
+}
+
+#[cfg(test)]
+mod object_tests {
+    use super::*;
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().unwrap()
+    }
+
+    fn ok(text: &str) -> Loaded {
+        parse(Path::new("mesh.yaml"), text).unwrap()
+    }
+
+    async fn wait_for(
+        rx: &mut watch::Receiver<ConfigState>,
+        what: &str,
+        f: impl FnMut(&ConfigState) -> bool,
+    ) -> ConfigState {
+        let waited = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(f))
+            .await
+            .map(|r| r.map(|state| state.clone()));
+        match waited {
+            Ok(Ok(state)) => state,
+            Ok(Err(e)) => panic!("channel closed waiting for {what}: {e}"),
+            Err(_) => panic!("timed out waiting for {what}: {:?}", rx.borrow()),
+        }
+    }
+
+    fn spec(traffic: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({ "traffic": traffic })
+    }
+
+    #[test]
+    fn mesh_config_object_fields_win_where_set() {
+        let (settings, warnings) = TrafficSettings::from_spec(&spec(serde_json::json!({
+            "outboundIPRangeExclusionList": ["1.1.1.1/32", "2.2.2.2/24", "fd00::/8"],
+            "inboundPortExclusionList": [6379, "7070"],
+            "enablePermissiveTrafficPolicyMode": false,
+            "interceptionMode": "PodLevel",
+        })))
+        .unwrap();
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings[0].starts_with("spec.traffic.outboundIPRangeExclusionList[1]"));
+        assert!(warnings[1].contains("IPv6"));
+        let file = ok("outboundIPRangeExclusionList: [10.0.0.0/8]\n\
+             outboundPortExclusionList: [53]\n\
+             inboundPortExclusionList: [8081]\n\
+             bpfDebug: true\n")
+        .config;
+        let merged = settings.over(&file);
+        assert_eq!(
+            merged.outbound_ip_range_exclusion_list,
+            [net("1.1.1.1/32"), net("2.2.2.0/24")]
+        );
+        assert_eq!(merged.inbound_port_exclusion_list, [6379, 7070]);
+        // Not set by the object: the file's.
+        assert_eq!(merged.outbound_port_exclusion_list, [53]);
+        assert!(merged.bpf_debug);
+        assert!(!merged.permissive());
+
+        // An empty list the object sets wins too; an empty inclusion list is "all".
+        let (settings, _) = TrafficSettings::from_spec(&spec(serde_json::json!({
+            "outboundIPRangeExclusionList": [],
+            "outboundIPRangeInclusionList": [],
+        })))
+        .unwrap();
+        let merged = settings.over(&file);
+        assert!(merged.outbound_ip_range_exclusion_list.is_empty());
+        assert_eq!(merged.outbound_ip_range_inclusion_list, None);
+        // Only IPv6 ranges to include: no IPv4 destination, never every one.
+        let (settings, _) = TrafficSettings::from_spec(&spec(serde_json::json!({
+            "outboundIPRangeInclusionList": ["fd00::/8"],
+        })))
+        .unwrap();
+        assert_eq!(
+            settings.over(&file).outbound_ip_range_inclusion_list,
+            Some(Vec::new())
+        );
+        // No traffic section: nothing set.
+        let (settings, _) = TrafficSettings::from_spec(&serde_json::json!({})).unwrap();
+        assert_eq!(settings.over(&file), file);
+    }
+
+    #[test]
+    fn an_invalid_mesh_config_object_is_rejected_whole() {
+        let err = TrafficSettings::from_spec(&spec(serde_json::json!({
+            "outboundIPRangeExclusionList": ["1.1.1.1/33", "2.2.2.0/24"],
+            "outboundPortExclusionList": [6379, 70000],
+        })))
+        .unwrap_err();
+        assert_eq!(
+            err,
+            "spec.traffic.outboundIPRangeExclusionList[0]: \"1.1.1.1/33\": not an IPv4 CIDR \
+             such as 10.0.0.0/8; spec.traffic.outboundPortExclusionList[1]: 70000: not a port \
+             number (1-65535)"
+        );
+        let err = TrafficSettings::from_spec(&spec(serde_json::json!({
+            "enablePermissiveTrafficPolicyMode": "yes",
+        })))
+        .unwrap_err();
+        assert!(
+            err.starts_with(
+                "spec.traffic.enablePermissiveTrafficPolicyMode: expected true or false"
+            ),
+            "{err}"
+        );
+        assert!(TrafficSettings::from_spec(&serde_json::json!({"traffic": []})).is_err());
+    }
+
+    #[test]
+    fn mesh_config_names() {
+        assert_eq!(
+            "fsm-system/fsm-mesh-config"
+                .parse::<MeshConfigName>()
+                .unwrap(),
+            MeshConfigName::default()
+        );
+        assert_eq!(
+            "mesh/config".parse::<MeshConfigName>().unwrap().to_string(),
+            "mesh/config"
+        );
+        for bad in ["fsm-mesh-config", "/x", "x/", "a/b/c"] {
+            assert!(bad.parse::<MeshConfigName>().is_err(), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn without_a_file_the_object_lays_over_the_defaults() {
+        let (source_tx, source_rx) = watch::channel(MeshConfigObject::Unknown);
+        let (tx, mut rx) = watch::channel(ConfigState::default());
+        let _task = follow_merged(None, source_rx, MeshConfigObject::clone, tx);
+        tokio::task::yield_now().await;
+        assert_eq!(rx.borrow().generation, 0, "not before the object is listed");
+        let (settings, warnings) = TrafficSettings::from_spec(&spec(serde_json::json!({
+            "outboundPortExclusionList": [6379],
+        })))
+        .unwrap();
+        source_tx
+            .send(MeshConfigObject::Present {
+                name: "fsm-system/fsm-mesh-config".into(),
+                settings,
+                warnings,
+            })
+            .unwrap();
+        let state = wait_for(&mut rx, "the object", |s| s.generation == 1).await;
+        assert_eq!(state.config.outbound_port_exclusion_list, [6379]);
+        source_tx.send(MeshConfigObject::Absent).unwrap();
+        let state = wait_for(&mut rx, "no object", |s| s.generation == 2).await;
+        assert_eq!(*state.config, MeshConfig::default());
     }
 }

@@ -30,8 +30,12 @@ const FIRST_MODEL_TIMEOUT: Duration = Duration::from_secs(30);
 pub enum ModelSource {
     /// A directory of Kubernetes YAML, polled (standalone).
     Manifests(PathBuf),
-    /// The Kubernetes API (in-cluster config or KUBECONFIG), Pods of this node only.
-    Kube { node_name: String },
+    /// The Kubernetes API (in-cluster config or KUBECONFIG), Pods of this node only, and
+    /// FSM's MeshConfig object `mesh_config` (laid over the mesh config file).
+    Kube {
+        node_name: String,
+        mesh_config: crate::config::MeshConfigName,
+    },
 }
 
 impl ModelSource {
@@ -236,12 +240,16 @@ async fn serve(config: &AgentConfig, predecessor: Option<i32>) -> anyhow::Result
         ModelSource::Manifests(dir) => {
             manifests::watch_dir(dir.clone(), MANIFEST_POLL, tx).abort_handle()
         }
-        ModelSource::Kube { node_name } => {
+        ModelSource::Kube {
+            node_name,
+            mesh_config,
+        } => {
             let client = kube::client_from(config.kubeconfig.as_deref())
                 .await
                 .context("Kubernetes client")?;
             let source = kube::KubeSourceConfig {
                 node_name: node_name.clone(),
+                mesh_config: Some(mesh_config.clone()),
             };
             kube::spawn(client, source, tx).abort_handle()
         }
@@ -258,13 +266,20 @@ async fn serve(config: &AgentConfig, predecessor: Option<i32>) -> anyhow::Result
         watcher.abort();
         bail!("the {} source did not load: {error}", config.source.kind());
     }
-    let (mesh_config, mesh_config_rx) = match &config.mesh_config {
-        Some(path) => {
-            let (handle, rx) =
-                follow_mesh_config(path.clone(), Arc::clone(&datapath), config.bpf_debug).await;
+    // The kube source's MeshConfig object, laid over the file (or the defaults).
+    let mesh_config_object = matches!(config.source, ModelSource::Kube { .. }).then(|| rx.clone());
+    let (mesh_config, mesh_config_rx) = match (&config.mesh_config, mesh_config_object) {
+        (None, None) => (None, None),
+        (path, object) => {
+            let (handle, rx) = follow_mesh_config(
+                path.clone(),
+                object,
+                Arc::clone(&datapath),
+                config.bpf_debug,
+            )
+            .await;
             (Some(handle), Some(rx))
         }
-        None => (None, None),
     };
     let pods_file = config.state_dir.join(PODS_FILE);
     let options = AgentOptions {
@@ -534,19 +549,42 @@ const MESH_CONFIG_POLL: Duration = Duration::from_secs(1);
 
 /// Watch the global mesh config and apply it to the data path (global scope) whenever it
 /// changes; the last good config stays in force while the file is broken. Waits briefly
-/// for the first load, so pods enrolled at start already see the global rules.
+/// for the first load, so pods enrolled at start already see the global rules. With the
+/// kube source (`object`: its state), FSM's MeshConfig object is laid over the file
+/// (`config::follow_merged`), and what is applied is the merged configuration.
 async fn follow_mesh_config(
-    path: PathBuf,
+    path: Option<PathBuf>,
+    object: Option<watch::Receiver<ManifestState>>,
     datapath: Arc<dyn Datapath>,
     cli_debug: bool,
 ) -> (
     tokio::task::AbortHandle,
     watch::Receiver<crate::config::ConfigState>,
 ) {
-    use crate::config::{watch_file, ConfigState};
+    use crate::config::{follow_merged, watch_file, ConfigState};
     use interceptor_common::rules::GLOBAL_SCOPE;
     let (tx, mut rx) = watch::channel(ConfigState::default());
-    let watcher = watch_file(path.clone(), MESH_CONFIG_POLL, tx);
+    let (watcher, merger) = match object {
+        None => (
+            path.clone()
+                .map(|path| watch_file(path, MESH_CONFIG_POLL, tx)),
+            None,
+        ),
+        Some(source) => {
+            let (file_tx, file_rx) = watch::channel(ConfigState::default());
+            let watcher = path
+                .clone()
+                .map(|path| watch_file(path, MESH_CONFIG_POLL, file_tx));
+            let merger = follow_merged(
+                watcher.as_ref().map(|_| file_rx),
+                source,
+                |state: &ManifestState| state.mesh_config.clone(),
+                tx,
+            );
+            (watcher, Some(merger))
+        }
+    };
+    let path = path.map_or_else(|| "(none)".into(), |p| p.display().to_string());
     let first =
         tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| s.generation > 0)).await;
     if !first.is_ok_and(|r| r.is_ok()) {
@@ -555,11 +593,11 @@ async fn follow_mesh_config(
             .last_error
             .clone()
             .unwrap_or_else(|| "not loaded".into());
-        tracing::error!(path = %path.display(), %error, "mesh config: running without global rules until it loads");
+        tracing::error!(%path, %error, "mesh config: running without global rules until it loads");
     }
     let apply = move |state: &ConfigState| {
         for warning in &state.warnings {
-            tracing::warn!(path = %path.display(), "mesh config: {warning}");
+            tracing::warn!(%path, "mesh config: {warning}");
         }
         // iptables mode re-writes every enrolled pod: off the async workers' hands.
         let applied =
@@ -585,7 +623,7 @@ async fn follow_mesh_config(
                 break;
             }
         }
-        drop(watcher);
+        drop((watcher, merger));
     });
     (task.abort_handle(), for_agent)
 }

@@ -139,6 +139,7 @@ pub async fn run(config: GatewayConfig) -> anyhow::Result<()> {
             status_writer = Some(StatusWriter::new(client.clone()));
             let source = crate::source::kube::KubeSourceConfig {
                 node_name: node_name.clone(),
+                mesh_config: None,
             };
             crate::source::kube::spawn(client, source, tx).abort_handle()
         }

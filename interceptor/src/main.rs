@@ -166,6 +166,10 @@ enum Command {
         /// outboundPortExclusionList, inboundPortExclusionList, bpfDebug), watched.
         #[arg(long)]
         mesh_config: Option<PathBuf>,
+        /// With `--source kube`: FSM's MeshConfig object (namespace/name), watched; the
+        /// fields of its spec.traffic it sets win over the --mesh-config file's.
+        #[arg(long, default_value = "fsm-system/fsm-mesh-config")]
+        mesh_config_name: interceptor::config::MeshConfigName,
         /// How long CNI ADD waits for a pod the model does not know yet (milliseconds).
         #[arg(long, default_value_t = 2000)]
         unknown_pod_wait_ms: u64,
@@ -334,6 +338,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tc_attach,
             iptables_backend,
             mesh_config,
+            mesh_config_name,
             unknown_pod_wait_ms,
             unknown_pod,
             install_cni,
@@ -365,7 +370,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 source: match (source, manifests, node_name) {
                     (SourceKind::Manifests, Some(dir), _) => ModelSource::Manifests(dir),
                     (SourceKind::Kube, _, Some(node_name)) if !node_name.is_empty() => {
-                        ModelSource::Kube { node_name }
+                        ModelSource::Kube {
+                            node_name,
+                            mesh_config: mesh_config_name,
+                        }
                     }
                     (SourceKind::Manifests, None, _) => {
                         bail!("--source manifests needs --manifests DIR")

@@ -568,6 +568,8 @@ fn cluster_role_only_reads_the_model_objects_and_covers_every_watch() {
         ("policy.flomesh.io", "upstreamtrafficsettings"),
         ("gateway.flomesh.io", "loadbalancerpolicies"),
         ("gateway.flomesh.io", "healthcheckpolicies"),
+        // FSM's MeshConfig: one object, by name, in its namespace.
+        ("config.flomesh.io", "meshconfigs"),
     ]
     .into();
     let rules = roles[0]

@@ -9,7 +9,10 @@
 //! -> error then recovery, readiness only after all four lists, a failing list reported
 //! in `last_error` until it recovers; routing CRDs: listed into the model, a missing CRD
 //! (404, as every test but one has it) is an empty kind, a forbidden one (403) is reported
-//! without holding the model back, and watch events add routing objects.
+//! without holding the model back, and watch events add routing objects; FSM's MeshConfig:
+//! listed and laid over the mesh config file, followed through the FSM docs' `kubectl
+//! patch` examples, an invalid update rejected while the previous version stays, no CRD
+//! (404) meaning the file alone.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
@@ -24,6 +27,7 @@ use axum::http::{StatusCode, Uri};
 use axum::response::Response;
 use axum::Router;
 use futures::channel::mpsc;
+use interceptor::config::{self, ConfigState, MeshConfigName, MeshConfigObject};
 use interceptor::model::{Model, PodKey, ServiceKey};
 use interceptor::source::kube::{self as kube_source, KubeSourceConfig, KubeSourceError};
 use interceptor::source::manifests::{self, ManifestState};
@@ -283,6 +287,10 @@ impl Drop for AbortOnDrop {
 }
 
 fn start_source(addr: SocketAddr) -> Source {
+    start_source_with(addr, None)
+}
+
+fn start_source_with(addr: SocketAddr, mesh_config: Option<MeshConfigName>) -> Source {
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
         .with_env_filter(
@@ -295,6 +303,7 @@ fn start_source(addr: SocketAddr) -> Source {
         client(addr),
         KubeSourceConfig {
             node_name: NODE.into(),
+            mesh_config,
         },
         tx,
     );
@@ -937,4 +946,238 @@ async fn an_upstream_setting_update_that_does_not_parse_keeps_the_previous_versi
         state.generation, 2,
         "the unparsable update changed nothing; the valid one made one generation"
     );
+}
+
+const MESH_CONFIGS: &str = "/apis/config.flomesh.io/v1alpha3/namespaces/fsm-system/meshconfigs";
+
+/// The node's mesh config file in these tests: what a MeshConfig field set wins over.
+const MESH_CONFIG_FILE: &str = "\
+outboundIPRangeExclusionList: [10.0.0.0/8]
+outboundPortExclusionList: [6379]
+bpfDebug: true
+";
+
+fn with_mesh_config(mock: &Mock) {
+    mock.collections.lock().unwrap().insert(
+        MESH_CONFIGS,
+        Collection {
+            list: fixture("meshconfigs-list.json"),
+            ..Collection::default()
+        },
+    );
+}
+
+/// The configuration the agent applies: the file laid under the source's MeshConfig, as
+/// the daemon merges them.
+fn merged(source: &Source) -> (watch::Receiver<ConfigState>, AbortOnDrop) {
+    let loaded = config::parse(Path::new("mesh.yaml"), MESH_CONFIG_FILE).unwrap();
+    let (file_tx, file_rx) = watch::channel(ConfigState {
+        config: Arc::new(loaded.config),
+        generation: 1,
+        warnings: loaded.warnings,
+        last_error: None,
+    });
+    let (tx, rx) = watch::channel(ConfigState::default());
+    let task = config::follow_merged(
+        Some(file_rx),
+        source.rx.clone(),
+        |state: &ManifestState| state.mesh_config.clone(),
+        tx,
+    );
+    // The file's channel must outlive the test: its sender going away ends the merger.
+    let abort = AbortOnDrop(
+        tokio::spawn(async move {
+            let _file = file_tx;
+            let _ = task.await;
+        })
+        .abort_handle(),
+    );
+    (rx, abort)
+}
+
+async fn wait_config(
+    rx: &mut watch::Receiver<ConfigState>,
+    what: &str,
+    f: impl FnMut(&ConfigState) -> bool,
+) -> ConfigState {
+    let waited = tokio::time::timeout(WAIT, rx.wait_for(f))
+        .await
+        .map(|r| r.map(|state| state.clone()));
+    match waited {
+        Ok(Ok(state)) => state,
+        Ok(Err(e)) => panic!("channel closed waiting for {what}: {e}"),
+        Err(_) => panic!("timed out waiting for {what}: {:#?}", *rx.borrow()),
+    }
+}
+
+fn nets(config: &config::MeshConfig) -> Vec<String> {
+    config
+        .outbound_ip_range_exclusion_list
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
+#[tokio::test]
+async fn mesh_config_follows_the_fsm_docs_kubectl_patches() {
+    let (mock, addr) = start_mock(with_mesh_config).await;
+    let mut source = start_source_with(addr, Some(MeshConfigName::default()));
+    let state = source.wait("the first model", |s| s.generation > 0).await;
+    assert!(
+        matches!(&state.mesh_config, MeshConfigObject::Present { name, .. } if name == "fsm-system/fsm-mesh-config"),
+        "{:?}",
+        state.mesh_config
+    );
+    assert_eq!(state.last_error, None);
+    // One object, by name, in FSM's namespace.
+    let lists = mock.lists(MESH_CONFIGS);
+    assert_eq!(
+        lists[0].query.get("fieldSelector").map(String::as_str),
+        Some("metadata.name=fsm-mesh-config")
+    );
+
+    let (mut rx, _merger) = merged(&source);
+    let first = wait_config(&mut rx, "the merged config", |s| s.generation > 0).await;
+    // FSM's preset sets every list (empty) and permissive mode: they win over the file;
+    // bpfDebug is the file's alone.
+    assert_eq!(nets(&first.config), Vec::<String>::new());
+    assert!(first.config.outbound_port_exclusion_list.is_empty());
+    assert!(first.config.bpf_debug);
+    assert!(first.config.permissive());
+
+    until("the meshconfigs watch", || {
+        mock.watches_opened(MESH_CONFIGS) == 1
+    })
+    .await;
+    assert_eq!(
+        mock.watches(MESH_CONFIGS)[0]
+            .query
+            .get("fieldSelector")
+            .map(String::as_str),
+        Some("metadata.name=fsm-mesh-config")
+    );
+    for line in events("meshconfigs-watch-exclusions.jsonl") {
+        mock.send(MESH_CONFIGS, &line);
+    }
+    let patched = wait_config(&mut rx, "the patched exclusions", |s| {
+        !s.config.outbound_ip_range_exclusion_list.is_empty()
+    })
+    .await;
+    assert_eq!(nets(&patched.config), ["1.1.1.1/32", "2.2.2.0/24"]);
+    assert!(
+        patched
+            .warnings
+            .iter()
+            .any(|w| w.contains("MeshConfig fsm-system/fsm-mesh-config")
+                && w.contains("host bits")),
+        "{:?}",
+        patched.warnings
+    );
+    assert!(patched.config.permissive());
+    assert!(patched.generation > first.generation);
+
+    for line in events("meshconfigs-watch-smi-mode.jsonl") {
+        mock.send(MESH_CONFIGS, &line);
+    }
+    let smi = wait_config(&mut rx, "SMI mode", |s| !s.config.permissive()).await;
+    assert_eq!(nets(&smi.config), ["1.1.1.1/32", "2.2.2.0/24"]);
+    assert!(smi.config.bpf_debug);
+    // Not the model: its generation did not move.
+    assert_eq!(source.now().generation, state.generation);
+}
+
+#[tokio::test]
+async fn an_invalid_mesh_config_update_keeps_the_previous_version() {
+    let (mock, addr) = start_mock(with_mesh_config).await;
+    let mut source = start_source_with(addr, Some(MeshConfigName::default()));
+    source.wait("the first model", |s| s.generation > 0).await;
+    let (mut rx, _merger) = merged(&source);
+    until("the meshconfigs watch", || {
+        mock.watches_opened(MESH_CONFIGS) == 1
+    })
+    .await;
+    for line in events("meshconfigs-watch-exclusions.jsonl") {
+        mock.send(MESH_CONFIGS, &line);
+    }
+    let good = wait_config(&mut rx, "the patched exclusions", |s| {
+        !s.config.outbound_ip_range_exclusion_list.is_empty()
+    })
+    .await;
+
+    for line in events("meshconfigs-watch-invalid-cidr.jsonl") {
+        mock.send(MESH_CONFIGS, &line);
+    }
+    let state = source
+        .wait("the rejection", |s| s.last_error.is_some())
+        .await;
+    let error = state.last_error.unwrap();
+    assert!(
+        error.contains("MeshConfig fsm-system/fsm-mesh-config rejected")
+            && error.contains("its previous version stays")
+            && error.contains("outboundIPRangeExclusionList[0]: \"1.1.1.1/33\""),
+        "{error}"
+    );
+    assert_eq!(
+        *rx.borrow().config,
+        *good.config,
+        "the previous version stays"
+    );
+    assert_eq!(rx.borrow().generation, good.generation);
+
+    // Fixed: in force, and the error is gone.
+    for line in events("meshconfigs-watch-smi-mode.jsonl") {
+        mock.send(MESH_CONFIGS, &line);
+    }
+    source
+        .wait("the error cleared", |s| s.last_error.is_none())
+        .await;
+    wait_config(&mut rx, "SMI mode", |s| !s.config.permissive()).await;
+}
+
+#[tokio::test]
+async fn without_the_mesh_config_crd_the_file_alone_applies() {
+    // The mock has no MeshConfig collection: 404, as a cluster without FSM answers.
+    let (mock, addr) = start_mock(|_| {}).await;
+    let mut source = start_source_with(addr, Some(MeshConfigName::default()));
+    let state = source.wait("the first model", |s| s.generation > 0).await;
+    assert_eq!(state.mesh_config, MeshConfigObject::Absent);
+    assert_eq!(state.last_error, None);
+    let (mut rx, _merger) = merged(&source);
+    let merged = wait_config(&mut rx, "the merged config", |s| s.generation > 0).await;
+    let file = config::parse(Path::new("mesh.yaml"), MESH_CONFIG_FILE).unwrap();
+    assert_eq!(*merged.config, file.config);
+    assert_eq!(nets(&merged.config), ["10.0.0.0/8"]);
+    drop(mock);
+}
+
+#[tokio::test]
+async fn a_forbidden_mesh_config_is_reported_without_holding_the_model_back() {
+    let forbidden = status_body(
+        403,
+        "Forbidden",
+        "meshconfigs.config.flomesh.io is forbidden: User \"system:serviceaccount:interceptor:interceptor\" cannot list resource \"meshconfigs\" in API group \"config.flomesh.io\" in the namespace \"fsm-system\"",
+    );
+    let (_mock, addr) = start_mock(|mock| {
+        mock.collections.lock().unwrap().insert(
+            MESH_CONFIGS,
+            Collection {
+                list_failures: (0..1000)
+                    .map(|_| (StatusCode::FORBIDDEN, forbidden.clone()))
+                    .collect(),
+                ..Collection::default()
+            },
+        );
+    })
+    .await;
+    let mut source = start_source_with(addr, Some(MeshConfigName::default()));
+    let state = source.wait("the first model", |s| s.generation > 0).await;
+    let error = state.last_error.clone().unwrap_or_default();
+    assert!(
+        error.contains("meshconfigs.config.flomesh.io") && error.contains("forbidden"),
+        "{error}"
+    );
+    assert_eq!(state.mesh_config, MeshConfigObject::Absent);
+    let (mut rx, _merger) = merged(&source);
+    let merged = wait_config(&mut rx, "the merged config", |s| s.generation > 0).await;
+    assert_eq!(nets(&merged.config), ["10.0.0.0/8"]);
 }

@@ -12,13 +12,22 @@
 //! from the last resource version seen (bookmarks included), a `410 Gone` starts over with
 //! a fresh list.
 //!
-//! Objects are converted by the functions of the manifest source (`*_from_api`), so the
+//! Objects are converted by [`super::objects`], as the manifest source converts them, so the
 //! model is the one a directory of the same objects would give, with one addition: every
 //! Service gets an entry in [`Model::endpoint_slices`], empty until its slices arrive, so
 //! that endpoints come from the slices only and never from the selector (slices say which
 //! endpoints are ready; the selector does not). An object the
 //! conversion rejects (an IPv6 `podIP`, a port out of range) is left out of the model with
 //! a warning naming it, the field and the value.
+//!
+//! With [`KubeSourceConfig::mesh_config`] set, one more watch: FSM's MeshConfig object of
+//! that name (`config.flomesh.io/v1alpha3`, the version FSM's CRD stores; `v1alpha1` and
+//! `v1alpha2` are deprecated and lack fields), by a field selector on its name in its
+//! namespace. Its `spec.traffic` is published as [`ManifestState::mesh_config`] (see
+//! [`crate::config`] for how it meets the file). Like a routing CRD, a cluster without the
+//! CRD (404) has no object, and a forbidden list (403) is reported without holding the
+//! model back; a version that does not validate is rejected, reported in `last_error` and
+//! the log, and the previous valid version stays.
 //!
 //! What is published on the channel:
 //! - `generation` stays 0 until the initial lists of all four kinds are complete; then it
@@ -49,13 +58,14 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use super::manifests::{self, ManifestError, ManifestState, Slice};
+use super::manifests::ManifestState;
+use super::objects::{self, ObjectError, RoutingKind, Slice};
+use crate::config::{MeshConfigName, MeshConfigObject, TrafficSettings};
 use crate::model::routing::RoutingObjects;
 use crate::model::{Model, Namespace, Pod, PodKey, Service, ServiceKey, SlicePort};
 
 mod routing;
 use crate::model::routing::RoutingObject;
-use routing::RoutingKind;
 
 /// What the Kubernetes source needs besides a client.
 #[derive(Clone, Debug, Default)]
@@ -63,6 +73,8 @@ pub struct KubeSourceConfig {
     /// The node the agent runs on (the DaemonSet passes `spec.nodeName` as `NODE_NAME`),
     /// named in its logs.
     pub node_name: String,
+    /// FSM's MeshConfig object to watch; `None`: none (the gateway has no use for it).
+    pub mesh_config: Option<MeshConfigName>,
 }
 
 /// Why the Kubernetes source cannot start.
@@ -121,7 +133,8 @@ pub async fn run(
         return Err(KubeSourceError::NoNodeName);
     }
     let (opened_tx, opened_rx) = mpsc::unbounded();
-    let client = observed(client, opened_tx);
+    let mesh_config_path = config.mesh_config.as_ref().map(mesh_config_path);
+    let client = observed(client, opened_tx, mesh_config_path);
 
     let watch_config = watcher::Config::default();
     let streams: Vec<BoxStream<'static, Msg>> = vec![
@@ -141,11 +154,26 @@ pub async fn run(
             .map(move |r| Msg::Routing(kind, Box::new(r)))
             .boxed()
     }))
+    .chain(config.mesh_config.iter().map(|name| {
+        let api: Api<kube::api::DynamicObject> =
+            Api::namespaced_with(client.clone(), &name.namespace, &mesh_config_resource());
+        let selector = format!("metadata.name={}", name.name);
+        watcher(api, watch_config.clone().fields(&selector))
+            .default_backoff()
+            .map(|r| Msg::MeshConfig(Box::new(r)))
+            .boxed()
+    }))
     .collect();
     let mut messages = stream::select_all(streams);
     info!(node, "watching the Kubernetes API server");
 
-    let mut state = State::default();
+    let mut state = State {
+        mesh_config: MeshConfigStore {
+            name: config.mesh_config.clone(),
+            ..MeshConfigStore::default()
+        },
+        ..State::default()
+    };
     loop {
         let msg = tokio::select! {
             msg = messages.next() => msg,
@@ -194,6 +222,8 @@ enum Kind {
     Services,
     EndpointSlices,
     Routing(RoutingKind),
+    /// FSM's MeshConfig object, when one is watched.
+    MeshConfig,
 }
 
 impl Kind {
@@ -219,6 +249,8 @@ impl Kind {
             Kind::Services => "/api/v1/services",
             Kind::EndpointSlices => "/apis/discovery.k8s.io/v1/endpointslices",
             Kind::Routing(kind) => kind.path(),
+            // Watched in one namespace; `Observed` knows that path.
+            Kind::MeshConfig => "/apis/config.flomesh.io/v1alpha3/meshconfigs",
         }
     }
 }
@@ -231,6 +263,7 @@ impl fmt::Display for Kind {
             Kind::Services => "services",
             Kind::EndpointSlices => "endpointslices",
             Kind::Routing(kind) => kind.name(),
+            Kind::MeshConfig => "meshconfigs.config.flomesh.io",
         })
     }
 }
@@ -242,6 +275,7 @@ enum Msg {
     Service(Box<WatchResult<k8s::Service>>),
     Slice(Box<WatchResult<discovery::EndpointSlice>>),
     Routing(RoutingKind, Box<WatchResult<kube::api::DynamicObject>>),
+    MeshConfig(Box<WatchResult<kube::api::DynamicObject>>),
     /// The API server answered a watch request of this kind with success.
     WatchOpened(Kind),
 }
@@ -249,12 +283,17 @@ enum Msg {
 /// `client`, reporting each watch request the API server accepts on `opened`. The watcher
 /// says nothing when it resumes a watch after an error; this is how the source learns that
 /// the watch recovered.
-fn observed(client: kube::Client, opened: mpsc::UnboundedSender<Kind>) -> kube::Client {
+fn observed(
+    client: kube::Client,
+    opened: mpsc::UnboundedSender<Kind>,
+    mesh_config_path: Option<String>,
+) -> kube::Client {
     let namespace = client.default_namespace().to_string();
     kube::Client::new(
         Observed {
             inner: client,
             opened,
+            mesh_config_path,
         },
         namespace,
     )
@@ -264,6 +303,8 @@ fn observed(client: kube::Client, opened: mpsc::UnboundedSender<Kind>) -> kube::
 struct Observed {
     inner: kube::Client,
     opened: mpsc::UnboundedSender<Kind>,
+    /// The MeshConfig collection in its namespace, when one is watched.
+    mesh_config_path: Option<String>,
 }
 
 impl tower_service::Service<http::Request<kube::client::Body>> for Observed {
@@ -281,7 +322,12 @@ impl tower_service::Service<http::Request<kube::client::Body>> for Observed {
             .query()
             .is_some_and(|q| q.split('&').any(|pair| pair == "watch=true"));
         let path = request.uri().path();
-        let kind = Kind::all().find(|kind| is_watch && kind.path() == path);
+        let kind = Kind::all()
+            .find(|kind| kind.path() == path)
+            .or_else(|| {
+                (self.mesh_config_path.as_deref() == Some(path)).then_some(Kind::MeshConfig)
+            })
+            .filter(|_| is_watch);
         let client = self.inner.clone();
         let opened = self.opened.clone();
         Box::pin(async move {
@@ -336,7 +382,7 @@ impl<T: PartialEq + Clone> Store<T> {
         &mut self,
         kind: Kind,
         event: watcher::Event<O>,
-        convert: impl Fn(O) -> Result<T, ManifestError>,
+        convert: impl Fn(O) -> Result<T, ObjectError>,
     ) -> Changes<T> {
         match event {
             watcher::Event::Init => {
@@ -425,7 +471,7 @@ impl<T: PartialEq + Clone> Store<T> {
         kind: Kind,
         key: &str,
         obj: O,
-        convert: &impl Fn(O) -> Result<T, ManifestError>,
+        convert: &impl Fn(O) -> Result<T, ObjectError>,
     ) -> Option<T> {
         match convert(obj) {
             Ok(item) => {
@@ -435,7 +481,7 @@ impl<T: PartialEq + Clone> Store<T> {
                 Some(item)
             }
             Err(err) => {
-                let reason = describe(&err);
+                let reason = err.to_string();
                 if self.rejected.get(key) != Some(&reason) {
                     if self.keeps_previous && self.items.contains_key(key) {
                         warn!(%kind, object = key, "update does not convert, the previous version stays: {reason}");
@@ -457,17 +503,106 @@ fn object_key<O: Resource>(obj: &O) -> String {
     }
 }
 
-/// A conversion error without the stand-in file name of the manifest source.
-fn describe(err: &ManifestError) -> String {
-    match err {
-        ManifestError::InvalidValue {
-            object,
-            field,
-            message,
-            ..
-        } => format!("{object}: {field}: {message}"),
-        other => other.to_string(),
+/// The watched MeshConfig object.
+#[derive(Default)]
+struct MeshConfigStore {
+    /// Which one; `None` when none is watched.
+    name: Option<MeshConfigName>,
+    /// Whether a list completed (or cannot: no CRD, forbidden).
+    synced: bool,
+    /// What is in force: its last valid version, or none.
+    object: MeshConfigObject,
+    /// During a list: whether it held the object.
+    listing: Option<bool>,
+    /// Why the object's current version is rejected (published in `last_error`).
+    rejected: Option<String>,
+}
+
+impl MeshConfigStore {
+    fn apply(&mut self, event: watcher::Event<kube::api::DynamicObject>) {
+        match event {
+            watcher::Event::Init => self.listing = Some(false),
+            watcher::Event::InitApply(obj) => {
+                self.listing = Some(true);
+                self.update(&obj);
+            }
+            watcher::Event::Apply(obj) => self.update(&obj),
+            watcher::Event::InitDone => {
+                if self.listing.take() == Some(false) {
+                    self.gone();
+                }
+                self.synced = true;
+            }
+            watcher::Event::Delete(_) => self.gone(),
+        }
     }
+
+    fn gone(&mut self) {
+        if self.object != MeshConfigObject::Absent {
+            info!("no MeshConfig object: the mesh config file alone applies");
+        }
+        self.object = MeshConfigObject::Absent;
+        self.rejected = None;
+    }
+
+    /// A new version of the object: in force if it validates, else reported while the
+    /// previous one stays.
+    fn update(&mut self, obj: &kube::api::DynamicObject) {
+        let name = object_key(obj);
+        let spec = obj.data.get("spec").unwrap_or(&serde_json::Value::Null);
+        match TrafficSettings::from_spec(spec) {
+            Ok((settings, warnings)) => {
+                if self.rejected.take().is_some() {
+                    info!(object = name, "MeshConfig valid again");
+                }
+                let object = MeshConfigObject::Present {
+                    name,
+                    settings,
+                    warnings,
+                };
+                if self.object != object {
+                    // The merged configuration is logged where it is applied.
+                    debug!("MeshConfig changed: {object:?}");
+                    self.object = object;
+                }
+            }
+            Err(reason) => {
+                let message = format!(
+                    "MeshConfig {name} rejected, {}: {reason}",
+                    match self.object {
+                        MeshConfigObject::Present { .. } => "its previous version stays",
+                        _ => "the mesh config file alone applies",
+                    }
+                );
+                if self.rejected.as_ref() != Some(&message) {
+                    warn!("{message}");
+                    self.rejected = Some(message);
+                }
+                if self.object == MeshConfigObject::Unknown {
+                    self.object = MeshConfigObject::Absent;
+                }
+            }
+        }
+    }
+}
+
+/// The MeshConfig CRD at the version the agent reads: the one FSM stores.
+fn mesh_config_resource() -> kube::api::ApiResource {
+    kube::api::ApiResource {
+        group: "config.flomesh.io".into(),
+        version: "v1alpha3".into(),
+        api_version: "config.flomesh.io/v1alpha3".into(),
+        kind: "MeshConfig".into(),
+        plural: "meshconfigs".into(),
+    }
+}
+
+/// The collection's path for the object `name`, as kube-rs requests it.
+fn mesh_config_path(name: &MeshConfigName) -> String {
+    format!(
+        "/apis/config.flomesh.io/v1alpha3/namespaces/{}/meshconfigs",
+        name.namespace
+    )
 }
 
 struct State {
@@ -492,6 +627,7 @@ struct State {
     dirty: bool,
     /// Whether a routing object changed since the model's routing objects were built.
     routing_dirty: bool,
+    mesh_config: MeshConfigStore,
 }
 
 impl Default for State {
@@ -518,6 +654,7 @@ impl Default for State {
             slices_of: BTreeMap::new(),
             dirty: false,
             routing_dirty: false,
+            mesh_config: MeshConfigStore::default(),
         }
     }
 }
@@ -536,7 +673,7 @@ impl State {
                     Kind::Namespaces,
                     *r,
                     |s| &mut s.namespaces,
-                    manifests::namespace_from_api,
+                    objects::namespace,
                 );
                 for (key, namespace) in changes.iter().flatten() {
                     match namespace {
@@ -549,7 +686,7 @@ impl State {
                 changes.is_some()
             }
             Msg::Pod(r) => {
-                let changes = self.event(Kind::Pods, *r, |s| &mut s.pods, manifests::pod_from_api);
+                let changes = self.event(Kind::Pods, *r, |s| &mut s.pods, objects::pod);
                 for (key, pod) in changes.iter().flatten() {
                     match pod {
                         Some(pod) => drop(self.model.pods.insert(pod.key(), pod.clone())),
@@ -563,12 +700,7 @@ impl State {
                 changes.is_some()
             }
             Msg::Service(r) => {
-                let changes = self.event(
-                    Kind::Services,
-                    *r,
-                    |s| &mut s.services,
-                    manifests::service_from_api,
-                );
+                let changes = self.event(Kind::Services, *r, |s| &mut s.services, objects::service);
                 for (key, service) in changes.iter().flatten() {
                     match service {
                         Some(service) => {
@@ -591,7 +723,7 @@ impl State {
                     Kind::EndpointSlices,
                     *r,
                     |s| &mut s.slices,
-                    manifests::endpoint_slice_from_api,
+                    objects::endpoint_slice,
                 );
                 for (key, slice) in changes.iter().flatten() {
                     self.slice_changed(key, slice.as_ref());
@@ -602,6 +734,11 @@ impl State {
                 let changed = self.routing_event(kind, *r);
                 self.routing_dirty |= changed;
                 changed
+            }
+            Msg::MeshConfig(r) => {
+                self.mesh_config_event(*r);
+                // Not the model: published beside it.
+                false
             }
         };
         self.dirty |= changed;
@@ -714,12 +851,51 @@ impl State {
                 .is_some()
     }
 
+    /// The MeshConfig watch's event; a 404 means the cluster lacks the CRD: no object.
+    fn mesh_config_event(&mut self, result: WatchResult<kube::api::DynamicObject>) {
+        let status = match &result {
+            Err(watcher::Error::InitialListFailed(kube::Error::Api(response))) => {
+                Some(response.code)
+            }
+            _ => None,
+        };
+        match (status, result) {
+            (Some(404), _) => {
+                self.recovered(Kind::MeshConfig);
+                let store = &mut self.mesh_config;
+                if store.object != MeshConfigObject::Absent {
+                    info!("no MeshConfig CRD in this cluster: the mesh config file alone applies");
+                }
+                store.object = MeshConfigObject::Absent;
+                store.rejected = None;
+                store.synced = true;
+            }
+            (_, Err(err)) => {
+                // Not allowed to list it: reported, and the model does not wait for it.
+                if status == Some(403) {
+                    let store = &mut self.mesh_config;
+                    store.synced = true;
+                    if store.object == MeshConfigObject::Unknown {
+                        store.object = MeshConfigObject::Absent;
+                    }
+                }
+                self.failed(Kind::MeshConfig, &err);
+            }
+            (_, Ok(event)) => {
+                if !matches!(event, watcher::Event::Init | watcher::Event::InitApply(_)) {
+                    self.recovered(Kind::MeshConfig);
+                }
+                self.mesh_config.apply(event);
+            }
+        }
+    }
+
     fn event<O: Resource, T: PartialEq + Clone>(
         &mut self,
         kind: Kind,
         result: WatchResult<O>,
         store: impl FnOnce(&mut State) -> &mut Store<T>,
-        convert: impl Fn(O) -> Result<T, ManifestError>,
+        convert: impl Fn(O) -> Result<T, ObjectError>,
     ) -> Changes<T> {
         match result {
             Ok(event) => {
@@ -734,13 +910,18 @@ impl State {
                 changes
             }
             Err(err) => {
-                let message = format!("watch {kind}: {err}");
-                if self.errors.get(&kind) != Some(&message) {
-                    warn!(%kind, "{message}; keeping the last model, retrying");
-                    self.errors.insert(kind, message);
-                }
+                self.failed(kind, &err);
                 None
             }
+        }
+    }
+
+    /// The watch of `kind` failed: published (and logged once) until it recovers.
+    fn failed(&mut self, kind: Kind, err: &watcher::Error) {
+        let message = format!("watch {kind}: {err}");
+        if self.errors.get(&kind) != Some(&message) {
+            warn!(%kind, "{message}; keeping the last model, retrying");
+            self.errors.insert(kind, message);
         }
     }
 
@@ -756,6 +937,7 @@ impl State {
             && self.services.synced
             && self.slices.synced
             && self.routing.values().all(|store| store.synced)
+            && (self.mesh_config.name.is_none() || self.mesh_config.synced)
     }
 
     /// The model to publish: the one kept current, with its routing objects rebuilt if
@@ -774,10 +956,11 @@ impl State {
     }
 
     fn error_text(&self) -> Option<String> {
-        if self.errors.is_empty() {
+        let mut errors: Vec<&str> = self.errors.values().map(String::as_str).collect();
+        errors.extend(self.mesh_config.rejected.as_deref());
+        if errors.is_empty() {
             return None;
         }
-        let errors: Vec<&str> = self.errors.values().map(String::as_str).collect();
         Some(errors.join("; "))
     }
 
@@ -789,8 +972,13 @@ impl State {
         } else {
             None
         };
+        let mesh_config = &self.mesh_config.object;
         tx.send_if_modified(|state| {
             let mut changed = false;
+            if state.mesh_config != *mesh_config {
+                state.mesh_config = mesh_config.clone();
+                changed = true;
+            }
             if state.last_error != last_error {
                 state.last_error = last_error;
                 changed = true;

@@ -9,15 +9,15 @@
 //! List objects holding them (`kubectl get -o yaml`), go into the model; other kinds are
 //! skipped. Errors name the file, line and column.
 //!
-//! The Kubernetes source (`source::kube`) converts the objects it watches with the same
-//! functions (`*_from_api`), so both sources build the same model from the same objects.
+//! Which objects are read and what they become is [`super::objects`], which the Kubernetes
+//! source uses too; this module reads, parses and watches the files, and points the errors
+//! of that conversion at their file, line and column.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::fs;
 use std::io;
 use std::marker::PhantomData;
-use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -25,7 +25,6 @@ use std::time::{Duration, SystemTime};
 use k8s_openapi::api::core::v1 as k8s;
 use k8s_openapi::api::discovery::v1 as discovery;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::de::{self, DeserializeOwned, DeserializeSeed, IgnoredAny, Visitor};
 use serde::Deserialize;
 use serde_yaml::Value;
@@ -33,11 +32,12 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::model::routing::{Routed, RoutingObject};
-use crate::model::{
-    Model, NamedPort, Namespace, Pod, PodKey, Service, ServiceKey, ServicePort, SliceEndpoint,
-    SlicePort, TargetPort,
+use super::objects::{
+    self, Decode, ObjectError, ObjectKind, RoutingKind, Seg, Slice, SERVICE_NAME_LABEL,
 };
+use crate::config::MeshConfigObject;
+use crate::model::routing::RoutingObject;
+use crate::model::{Model, Namespace, Pod, Service};
 
 /// Where in the manifests something is: a file and, when known, a 1-based line and column
 /// (absolute in the file, whatever document they fall in).
@@ -82,15 +82,13 @@ pub enum ManifestError {
     /// A document that is not a Kubernetes object (no apiVersion or kind, not a mapping).
     #[error("{at}: {message}")]
     NotAnObject { at: Location, message: String },
-    /// A well-typed field whose value the agent cannot use, e.g. `clusterIP: banana`.
-    #[error("{at}: {object}: {field}: {message}")]
+    /// An object that does not convert, e.g. `clusterIP: banana`; `at` is the field's place.
+    #[error("{at}: {error}")]
     InvalidValue {
         at: Location,
-        /// `Kind ns/name`, e.g. `Service demo/echo`.
-        object: String,
-        /// Path of the field in the object, e.g. `spec.ports[0].port`.
-        field: String,
-        message: String,
+        // Boxed: the error is rare, and a large one would make every Result large.
+        #[source]
+        error: Box<ObjectError>,
     },
     #[error("{object} is defined twice: at {first} and at {second}")]
     Duplicate {
@@ -146,6 +144,9 @@ pub struct ManifestState {
     /// 0 before the first successful load, then bumped for each new model.
     pub generation: u64,
     pub last_error: Option<String>,
+    /// FSM's MeshConfig object, from the Kubernetes source (`Unknown` from this one); it
+    /// changes without `generation`, being no part of the model.
+    pub mesh_config: MeshConfigObject,
 }
 
 /// Polls `dir` every `interval` (its file names, sizes and modification times) and reloads
@@ -288,29 +289,6 @@ fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>, ManifestError> {
     }
     files.sort();
     Ok(files)
-}
-
-/// One step of a path into a YAML document.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Seg {
-    Key(&'static str),
-    Index(usize),
-}
-
-fn field_name(path: &[Seg]) -> String {
-    let mut out = String::new();
-    for seg in path {
-        match seg {
-            Seg::Key(key) => {
-                if !out.is_empty() {
-                    out.push('.');
-                }
-                out.push_str(key);
-            }
-            Seg::Index(i) => out.push_str(&format!("[{i}]")),
-        }
-    }
-    out
 }
 
 /// One document of one file, with what is needed to point back into the text.
@@ -697,125 +675,60 @@ fn collect_objects(
         (Some(_), None) => return Err(not_an_object("object without kind".into())),
         (None, None) => return Err(not_an_object("object without apiVersion and kind".into())),
     };
-    let item = match (api_version.as_str(), kind.as_str()) {
-        ("v1", "Namespace") => {
-            let ns: k8s::Namespace = doc.typed(Value::Mapping(map), &path)?;
-            Item::Namespace(namespace(doc, &path, ns)?)
-        }
-        ("v1", "Pod") => {
-            let pod_obj: k8s::Pod = doc.typed(Value::Mapping(map), &path)?;
-            Item::Pod(pod(doc, &path, pod_obj)?)
-        }
-        ("v1", "Service") => {
-            let svc: k8s::Service = doc.typed(Value::Mapping(map), &path)?;
-            Item::Service(service(doc, &path, svc)?)
-        }
-        ("discovery.k8s.io/v1", "EndpointSlice") => {
-            let slice: discovery::EndpointSlice = doc.typed(Value::Mapping(map), &path)?;
-            Item::EndpointSlice(endpoint_slice(doc, &path, slice)?)
-        }
-        (
-            "networking.istio.io/v1alpha3"
-            | "networking.istio.io/v1beta1"
-            | "networking.istio.io/v1",
-            "VirtualService",
-        ) => Item::Routing(RoutingObject::VirtualService(routed(
-            doc,
-            &path,
-            "VirtualService",
-            map,
-        )?)),
-        (
-            "networking.istio.io/v1alpha3"
-            | "networking.istio.io/v1beta1"
-            | "networking.istio.io/v1",
-            "DestinationRule",
-        ) => Item::Routing(RoutingObject::DestinationRule(routed(
-            doc,
-            &path,
-            "DestinationRule",
-            map,
-        )?)),
-        ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "Gateway") => {
-            Item::Routing(RoutingObject::Gateway(routed(doc, &path, "Gateway", map)?))
-        }
-        (
-            "networking.istio.io/v1alpha3"
-            | "networking.istio.io/v1beta1"
-            | "networking.istio.io/v1",
-            "Gateway",
-        ) => Item::Routing(RoutingObject::IstioGateway(routed(
-            doc, &path, "Gateway", map,
-        )?)),
-        ("gateway.networking.k8s.io/v1alpha2", "TCPRoute") => Item::Routing(
-            RoutingObject::TcpRoute(routed(doc, &path, "TCPRoute", map)?),
-        ),
-        (
-            "split.smi-spec.io/v1alpha4"
-            | "split.smi-spec.io/v1alpha3"
-            | "split.smi-spec.io/v1alpha2",
-            "TrafficSplit",
-        ) => Item::Routing(RoutingObject::TrafficSplit(routed(
-            doc,
-            &path,
-            "TrafficSplit",
-            map,
-        )?)),
-        ("access.smi-spec.io/v1alpha3" | "access.smi-spec.io/v1alpha2", "TrafficTarget") => {
-            Item::Routing(RoutingObject::TrafficTarget(routed(
-                doc,
-                &path,
-                "TrafficTarget",
-                map,
-            )?))
-        }
-        ("specs.smi-spec.io/v1alpha4" | "specs.smi-spec.io/v1alpha3", "TCPRoute") => Item::Routing(
-            RoutingObject::SmiTcpRoute(routed(doc, &path, "TCPRoute", map)?),
-        ),
-        (
-            "policy.flomesh.io/v1alpha1" | "policy.openservicemesh.io/v1alpha1",
-            "UpstreamTrafficSetting",
-        ) => Item::Routing(RoutingObject::UpstreamTrafficSetting(routed(
-            doc,
-            &path,
-            "UpstreamTrafficSetting",
-            map,
-        )?)),
-        ("gateway.flomesh.io/v1alpha1", "LoadBalancerPolicy") => Item::Routing(
-            RoutingObject::LoadBalancerPolicy(routed(doc, &path, "LoadBalancerPolicy", map)?),
-        ),
-        ("gateway.flomesh.io/v1alpha1", "HealthCheckPolicy") => Item::Routing(
-            RoutingObject::HealthCheckPolicy(routed(doc, &path, "HealthCheckPolicy", map)?),
-        ),
-        ("v1", "List") => {
-            let items = match map.remove("items") {
-                None | Some(Value::Null) => Vec::new(),
-                Some(Value::Sequence(items)) => items,
-                Some(_) => {
-                    let mut at = path.clone();
-                    at.push(Seg::Key("items"));
-                    return Err(ManifestError::NotAnObject {
-                        at: doc.locate(&at),
-                        message: "items of a List is not a sequence".into(),
-                    });
-                }
-            };
-            for (i, item) in items.into_iter().enumerate() {
-                let mut item_path = path.clone();
-                item_path.extend([Seg::Key("items"), Seg::Index(i)]);
-                collect_objects(doc, item, item_path, out)?;
+    if (api_version.as_str(), kind.as_str()) == ("v1", "List") {
+        let items = match map.remove("items") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Sequence(items)) => items,
+            Some(_) => {
+                let mut at = path.clone();
+                at.push(Seg::Key("items"));
+                return Err(ManifestError::NotAnObject {
+                    at: doc.locate(&at),
+                    message: "items of a List is not a sequence".into(),
+                });
             }
-            return Ok(());
+        };
+        for (i, item) in items.into_iter().enumerate() {
+            let mut item_path = path.clone();
+            item_path.extend([Seg::Key("items"), Seg::Index(i)]);
+            collect_objects(doc, item, item_path, out)?;
         }
-        _ => {
-            let at = doc.locate(&path);
-            debug!(
-                at = %at,
-                api_version,
-                kind,
-                "skipping an object of a kind the agent does not use"
-            );
-            return Ok(());
+        return Ok(());
+    }
+    let Some(object_kind) = ObjectKind::of(&api_version, &kind) else {
+        let at = doc.locate(&path);
+        debug!(
+            at = %at,
+            api_version,
+            kind,
+            "skipping an object of a kind the agent does not use"
+        );
+        return Ok(());
+    };
+    let item = match object_kind {
+        ObjectKind::Namespace => {
+            let ns: k8s::Namespace = doc.typed(Value::Mapping(map), &path)?;
+            Item::Namespace(converted(doc, &path, objects::namespace(ns))?)
+        }
+        ObjectKind::Pod => {
+            let pod: k8s::Pod = doc.typed(Value::Mapping(map), &path)?;
+            Item::Pod(converted(doc, &path, objects::pod(pod))?)
+        }
+        ObjectKind::Service => {
+            let svc: k8s::Service = doc.typed(Value::Mapping(map), &path)?;
+            Item::Service(converted(doc, &path, objects::service(svc))?)
+        }
+        ObjectKind::EndpointSlice => {
+            let slice: discovery::EndpointSlice = doc.typed(Value::Mapping(map), &path)?;
+            Item::EndpointSlice(converted(doc, &path, objects::endpoint_slice(slice))?)
+        }
+        ObjectKind::Routing(kind) => {
+            let yaml = YamlObject {
+                doc,
+                path: &path,
+                map,
+            };
+            Item::Routing(objects::routing_object(kind, yaml)?)
         }
     };
     out.push(Object {
@@ -826,377 +739,60 @@ fn collect_objects(
     Ok(())
 }
 
-/// A routing object: its metadata and spec, typed (a field of the wrong type is an error
-/// with its location); what the spec means is judged when routes are compiled.
-fn routed<T: DeserializeOwned + Default>(
-    doc: &Doc<'_>,
-    path: &[Seg],
-    kind: &str,
-    map: serde_yaml::Mapping,
-) -> Result<Routed<T>, ManifestError> {
-    #[derive(Deserialize)]
-    struct Object<T> {
-        #[serde(default)]
-        metadata: ObjectMeta,
-        #[serde(default)]
-        spec: T,
-    }
-    let object: Object<T> = doc.typed(Value::Mapping(map), path)?;
-    let (namespace, name) = name_and_namespace(doc, path, kind, &object.metadata)?;
-    Ok(Routed {
-        namespace,
-        name,
-        created: object.metadata.creation_timestamp.map(|t| t.0.to_string()),
-        order: 0,
-        spec: object.spec,
-    })
-}
-
-/// Reports a bad value of the object at `path` in `doc`.
-struct Invalid<'a, 'd> {
+/// A routing object's document in a file: type errors point at their line.
+struct YamlObject<'a, 'd> {
     doc: &'a Doc<'d>,
     path: &'a [Seg],
-    object: String,
+    map: serde_yaml::Mapping,
 }
 
-impl Invalid<'_, '_> {
-    fn at(&self, field: &[Seg], message: impl Into<String>) -> ManifestError {
-        ManifestError::InvalidValue {
-            at: self.doc.locate(&[self.path, field].concat()),
-            object: self.object.clone(),
-            field: field_name(field),
-            message: message.into(),
+impl Decode for YamlObject<'_, '_> {
+    type Error = ManifestError;
+
+    fn decode<S: DeserializeOwned + Default>(
+        &mut self,
+        _: RoutingKind,
+    ) -> Result<(ObjectMeta, S), ManifestError> {
+        #[derive(Deserialize)]
+        struct Object<S> {
+            #[serde(default)]
+            metadata: ObjectMeta,
+            #[serde(default)]
+            spec: S,
         }
+        let map = std::mem::take(&mut self.map);
+        let object: Object<S> = self.doc.typed(Value::Mapping(map), self.path)?;
+        Ok((object.metadata, object.spec))
+    }
+
+    fn reject(&self, error: ObjectError) -> ManifestError {
+        located(self.doc, self.path, error)
     }
 }
 
-const NAME: [Seg; 2] = [Seg::Key("metadata"), Seg::Key("name")];
-
-fn name_and_namespace(
+/// What the object at `path` in `doc` converts to, with a conversion error located at the
+/// field it names.
+fn converted<T>(
     doc: &Doc<'_>,
     path: &[Seg],
-    kind: &str,
-    meta: &ObjectMeta,
-) -> Result<(String, String), ManifestError> {
-    let namespace = match meta.namespace.as_deref() {
-        None | Some("") => "default".to_string(),
-        Some(ns) => ns.to_string(),
-    };
-    match meta.name.as_deref() {
-        Some(name) if !name.is_empty() => Ok((namespace, name.to_string())),
-        _ => Err(Invalid {
-            doc,
-            path,
-            object: format!("{kind} {namespace}/?"),
-        }
-        .at(&NAME, "missing")),
+    result: Result<T, ObjectError>,
+) -> Result<T, ManifestError> {
+    result.map_err(|error| located(doc, path, error))
+}
+
+fn located(doc: &Doc<'_>, path: &[Seg], error: ObjectError) -> ManifestError {
+    ManifestError::InvalidValue {
+        at: doc.locate(&[path, error.field().segments()].concat()),
+        error: Box::new(error),
     }
-}
-
-fn namespace(doc: &Doc<'_>, path: &[Seg], ns: k8s::Namespace) -> Result<Namespace, ManifestError> {
-    let meta = ns.metadata;
-    let Some(name) = meta.name.filter(|n| !n.is_empty()) else {
-        return Err(Invalid {
-            doc,
-            path,
-            object: "Namespace ?".into(),
-        }
-        .at(&NAME, "missing"));
-    };
-    Ok(Namespace {
-        name,
-        labels: meta.labels.unwrap_or_default(),
-        annotations: meta.annotations.unwrap_or_default(),
-    })
-}
-
-fn port_number(n: i32) -> Option<u16> {
-    u16::try_from(n).ok().filter(|&p| p != 0)
-}
-
-fn pod(doc: &Doc<'_>, path: &[Seg], p: k8s::Pod) -> Result<Pod, ManifestError> {
-    let (namespace, name) = name_and_namespace(doc, path, "Pod", &p.metadata)?;
-    let invalid = Invalid {
-        doc,
-        path,
-        object: format!("Pod {namespace}/{name}"),
-    };
-    let ip = match p.status.and_then(|s| s.pod_ip).filter(|ip| !ip.is_empty()) {
-        None => None,
-        Some(ip) => Some(ip.parse::<Ipv4Addr>().map_err(|_| {
-            invalid.at(
-                &[Seg::Key("status"), Seg::Key("podIP")],
-                format!("{ip:?} is not an IPv4 address"),
-            )
-        })?),
-    };
-    let spec = p.spec.unwrap_or_default();
-    let service_account = spec
-        .service_account_name
-        .filter(|s| !s.is_empty())
-        // The deprecated spelling, still accepted by the API server.
-        .or(spec.service_account.filter(|s| !s.is_empty()))
-        .unwrap_or_else(|| "default".to_string());
-    let mut container_ports = Vec::new();
-    for (ci, container) in spec.containers.into_iter().enumerate() {
-        for (pi, cp) in container.ports.unwrap_or_default().into_iter().enumerate() {
-            let port = port_number(cp.container_port).ok_or_else(|| {
-                invalid.at(
-                    &[
-                        Seg::Key("spec"),
-                        Seg::Key("containers"),
-                        Seg::Index(ci),
-                        Seg::Key("ports"),
-                        Seg::Index(pi),
-                        Seg::Key("containerPort"),
-                    ],
-                    format!("{} is not a port number (1-65535)", cp.container_port),
-                )
-            })?;
-            container_ports.push(NamedPort {
-                name: cp.name.filter(|n| !n.is_empty()),
-                port,
-            });
-        }
-    }
-    Ok(Pod {
-        namespace,
-        name,
-        labels: p.metadata.labels.unwrap_or_default(),
-        annotations: p.metadata.annotations.unwrap_or_default(),
-        ip,
-        service_account,
-        container_ports,
-    })
-}
-
-fn service(doc: &Doc<'_>, path: &[Seg], s: k8s::Service) -> Result<Service, ManifestError> {
-    let (namespace, name) = name_and_namespace(doc, path, "Service", &s.metadata)?;
-    let invalid = Invalid {
-        doc,
-        path,
-        object: format!("Service {namespace}/{name}"),
-    };
-    let spec = s.spec.unwrap_or_default();
-    let cluster_ip = match spec.cluster_ip.as_deref() {
-        // Unset (ExternalName, or not allocated yet) or headless.
-        None | Some("") | Some("None") => None,
-        Some(ip) => Some(ip.parse::<Ipv4Addr>().map_err(|_| {
-            invalid.at(
-                &[Seg::Key("spec"), Seg::Key("clusterIP")],
-                format!("{ip:?} is not an IPv4 address or \"None\""),
-            )
-        })?),
-    };
-    let mut ports = Vec::new();
-    for (i, sp) in spec.ports.unwrap_or_default().into_iter().enumerate() {
-        let field = |last: &'static str| {
-            [
-                Seg::Key("spec"),
-                Seg::Key("ports"),
-                Seg::Index(i),
-                Seg::Key(last),
-            ]
-        };
-        let port = port_number(sp.port).ok_or_else(|| {
-            invalid.at(
-                &field("port"),
-                format!("{} is not a port number (1-65535)", sp.port),
-            )
-        })?;
-        let target_port = match sp.target_port {
-            // Kubernetes defaults both of these to the service port.
-            None | Some(IntOrString::Int(0)) => TargetPort::Number(port),
-            Some(IntOrString::String(s)) if s.is_empty() => TargetPort::Number(port),
-            Some(IntOrString::Int(n)) => TargetPort::Number(port_number(n).ok_or_else(|| {
-                invalid.at(
-                    &field("targetPort"),
-                    format!("{n} is not a port number (1-65535)"),
-                )
-            })?),
-            Some(IntOrString::String(s)) => {
-                // The API server takes a quoted number as a port name and rejects it as
-                // one (names need a letter); say so rather than never matching.
-                if s.bytes().all(|b| b.is_ascii_digit()) {
-                    return Err(invalid.at(
-                        &field("targetPort"),
-                        format!("{s:?} is a port name without letters; write the number unquoted"),
-                    ));
-                }
-                TargetPort::Name(s)
-            }
-        };
-        ports.push(ServicePort {
-            name: sp.name.filter(|n| !n.is_empty()),
-            port,
-            target_port,
-            protocol: sp
-                .protocol
-                .filter(|p| !p.is_empty())
-                .unwrap_or_else(|| "TCP".to_string()),
-        });
-    }
-    Ok(Service {
-        namespace,
-        name,
-        cluster_ip,
-        selector: spec.selector.unwrap_or_default(),
-        ports,
-    })
-}
-
-/// The label that ties an EndpointSlice to its service.
-pub(crate) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-
-/// One EndpointSlice in model terms, before the slices of a service are merged into
-/// [`Model::endpoint_slices`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Slice {
-    pub namespace: String,
-    pub name: String,
-    /// From the `kubernetes.io/service-name` label; `None` for a slice of no service.
-    pub service: Option<ServiceKey>,
-    /// Ports with their ready endpoints; empty for slices of addresses other than IPv4.
-    pub ports: Vec<SlicePort>,
-}
-
-impl Slice {
-    pub fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
-    }
-}
-
-fn endpoint_slice(
-    doc: &Doc<'_>,
-    path: &[Seg],
-    s: discovery::EndpointSlice,
-) -> Result<Slice, ManifestError> {
-    let (namespace, name) = name_and_namespace(doc, path, "EndpointSlice", &s.metadata)?;
-    let invalid = Invalid {
-        doc,
-        path,
-        object: format!("EndpointSlice {namespace}/{name}"),
-    };
-    let service = s
-        .metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        .filter(|n| !n.is_empty())
-        .map(|n| ServiceKey::new(&namespace, n));
-    // The agent speaks IPv4 only: the IPv6 slices of a dual-stack service add nothing, and
-    // FQDN slices have no defined meaning.
-    if s.address_type != "IPv4" {
-        debug!(
-            slice = %format!("{namespace}/{name}"),
-            address_type = s.address_type,
-            "skipping the endpoints of a slice that is not IPv4"
-        );
-        return Ok(Slice {
-            namespace,
-            name,
-            service,
-            ports: Vec::new(),
-        });
-    }
-    let mut endpoints = Vec::new();
-    for (i, ep) in s.endpoints.into_iter().enumerate() {
-        // Unset means ready; not-ready endpoints (starting, terminating) get no traffic.
-        if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
-            continue;
-        }
-        // The controller writes exactly one address; no meaning is defined for more.
-        let Some(address) = ep.addresses.first() else {
-            continue;
-        };
-        let ip = address.parse::<Ipv4Addr>().map_err(|_| {
-            invalid.at(
-                &[
-                    Seg::Key("endpoints"),
-                    Seg::Index(i),
-                    Seg::Key("addresses"),
-                    Seg::Index(0),
-                ],
-                format!("{address:?} is not an IPv4 address"),
-            )
-        })?;
-        let pod = ep.target_ref.and_then(|r| {
-            let is_pod = r.kind.as_deref() == Some("Pod");
-            let name = r.name.filter(|n| !n.is_empty())?;
-            let ns = r
-                .namespace
-                .filter(|n| !n.is_empty())
-                .unwrap_or_else(|| namespace.clone());
-            is_pod.then(|| PodKey::new(ns, name))
-        });
-        endpoints.push(SliceEndpoint { ip, pod });
-    }
-    let mut ports = Vec::new();
-    for (i, p) in s.ports.unwrap_or_default().into_iter().enumerate() {
-        // No number means "all ports", which only selector-less headless services use.
-        let Some(number) = p.port else { continue };
-        let port = port_number(number).ok_or_else(|| {
-            invalid.at(
-                &[Seg::Key("ports"), Seg::Index(i), Seg::Key("port")],
-                format!("{number} is not a port number (1-65535)"),
-            )
-        })?;
-        ports.push(SlicePort {
-            name: p.name.filter(|n| !n.is_empty()),
-            port,
-            protocol: p
-                .protocol
-                .filter(|p| !p.is_empty())
-                .unwrap_or_else(|| "TCP".to_string()),
-            endpoints: endpoints.clone(),
-        });
-    }
-    Ok(Slice {
-        namespace,
-        name,
-        service,
-        ports,
-    })
-}
-
-/// Stands in for a manifest file when converting objects from the API server: they have no
-/// text to point into, so errors carry this name and no line; `object`, `field` and
-/// `message` of [`ManifestError::InvalidValue`] say what is wrong.
-const API_ORIGIN: &str = "<api-server>";
-
-fn api_doc() -> Doc<'static> {
-    Doc {
-        file: Path::new(API_ORIGIN),
-        text: "",
-        index: 0,
-    }
-}
-
-/// A Namespace from the API server, converted as a manifest would be.
-pub(crate) fn namespace_from_api(ns: k8s::Namespace) -> Result<Namespace, ManifestError> {
-    namespace(&api_doc(), &[], ns)
-}
-
-/// A Pod from the API server, converted as a manifest would be.
-pub(crate) fn pod_from_api(p: k8s::Pod) -> Result<Pod, ManifestError> {
-    pod(&api_doc(), &[], p)
-}
-
-/// A Service from the API server, converted as a manifest would be.
-pub(crate) fn service_from_api(s: k8s::Service) -> Result<Service, ManifestError> {
-    service(&api_doc(), &[], s)
-}
-
-/// An EndpointSlice from the API server, converted as a manifest would be.
-pub(crate) fn endpoint_slice_from_api(s: discovery::EndpointSlice) -> Result<Slice, ManifestError> {
-    endpoint_slice(&api_doc(), &[], s)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{PodKey, ServiceKey};
+    use crate::model::{NamedPort, PodKey, ServiceKey, SliceEndpoint, SlicePort, TargetPort};
     use std::collections::BTreeMap;
+    use std::net::Ipv4Addr;
 
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
         let path = dir.join(name);
@@ -1601,7 +1197,10 @@ metadata: {name: two}
 
     fn invalid(err: &ManifestError) -> (&str, &str) {
         match err {
-            ManifestError::InvalidValue { object, field, .. } => (object, field),
+            ManifestError::InvalidValue { error, .. } => {
+                let ObjectError::InvalidValue { object, field, .. } = &**error;
+                (object, field.as_str())
+            }
             other => panic!("not an invalid value: {other:?}"),
         }
     }
@@ -1910,34 +1509,6 @@ endpoints: [{addresses: [10.0.0.1]}]
                 .starts_with("EndpointSlice demo/echo-v6 is defined twice"),
             "{err}"
         );
-    }
-
-    #[test]
-    fn api_objects_convert_like_manifests() {
-        let pod: k8s::Pod = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "p", "namespace": "n"},
-            "status": {"podIP": "fd00::1"}
-        }))
-        .unwrap();
-        let err = pod_from_api(pod).unwrap_err();
-        match &err {
-            ManifestError::InvalidValue {
-                at,
-                object,
-                field,
-                message,
-            } => {
-                assert_eq!(at.file, Path::new(API_ORIGIN));
-                assert_eq!((at.line, at.column), (None, None));
-                assert_eq!(object, "Pod n/p");
-                assert_eq!(field, "status.podIP");
-                assert_eq!(message, "\"fd00::1\" is not an IPv4 address");
-            }
-            other => panic!("not an invalid value: {other:?}"),
-        }
-        let ns: k8s::Namespace =
-            serde_json::from_value(serde_json::json!({"metadata": {"name": "demo"}})).unwrap();
-        assert_eq!(namespace_from_api(ns).unwrap().name, "demo");
     }
 
     async fn wait_for(

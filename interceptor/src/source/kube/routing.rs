@@ -3,43 +3,15 @@
 //! the cluster does not have (the API server answers 404) counts as listed and empty, so
 //! the agent runs in clusters with some, all or none of them, and picks a CRD's objects up
 //! when it is installed later (the watcher keeps retrying with backoff).
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{ApiResource, DynamicObject};
 use serde::de::DeserializeOwned;
 
-use crate::model::routing::{Routed, RoutingObject};
-use crate::source::manifests::ManifestError;
+use crate::model::routing::RoutingObject;
+use crate::source::objects::{self, Decode, FieldPath, ObjectError, RoutingKind, Seg};
 
-/// One routing CRD, at the version the agent reads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) enum RoutingKind {
-    VirtualServices,
-    DestinationRules,
-    IstioGateways,
-    Gateways,
-    TcpRoutes,
-    TrafficSplits,
-    TrafficTargets,
-    SmiTcpRoutes,
-    UpstreamTrafficSettings,
-    LoadBalancerPolicies,
-    HealthCheckPolicies,
-}
-
+/// The API of each routing CRD, at the version the agent watches.
 impl RoutingKind {
-    pub(crate) const ALL: [RoutingKind; 11] = [
-        RoutingKind::VirtualServices,
-        RoutingKind::DestinationRules,
-        RoutingKind::IstioGateways,
-        RoutingKind::Gateways,
-        RoutingKind::TcpRoutes,
-        RoutingKind::TrafficSplits,
-        RoutingKind::TrafficTargets,
-        RoutingKind::SmiTcpRoutes,
-        RoutingKind::UpstreamTrafficSettings,
-        RoutingKind::LoadBalancerPolicies,
-        RoutingKind::HealthCheckPolicies,
-    ];
-
     /// (group, version, kind, plural).
     fn gvkp(self) -> (&'static str, &'static str, &'static str, &'static str) {
         match self {
@@ -149,62 +121,70 @@ impl RoutingKind {
     }
 }
 
-fn routed<T: DeserializeOwned + Default>(
-    kind: RoutingKind,
-    obj: DynamicObject,
-) -> Result<Routed<T>, ManifestError> {
-    let namespace = obj
-        .metadata
-        .namespace
-        .clone()
-        .filter(|ns| !ns.is_empty())
-        .unwrap_or_else(|| "default".into());
-    let name = obj.metadata.name.clone().unwrap_or_default();
-    let invalid = |message: String| ManifestError::InvalidValue {
-        at: crate::source::manifests::Location {
-            file: "<api server>".into(),
-            line: None,
-            column: None,
-        },
-        object: format!("{} {namespace}/{name}", kind.gvkp().2),
-        field: "spec".into(),
-        message,
-    };
-    let spec = match obj.data.get("spec") {
-        None | Some(serde_json::Value::Null) => T::default(),
-        Some(spec) => serde_json::from_value(spec.clone()).map_err(|e| invalid(e.to_string()))?,
-    };
-    Ok(Routed {
-        created: obj
-            .metadata
-            .creation_timestamp
-            .as_ref()
-            .map(|t| t.0.to_string()),
-        order: 0,
-        namespace,
-        name,
-        spec,
-    })
+/// A routing object from the API server: its metadata is the API server's; a spec of the
+/// wrong shape is reported on the `spec` field (JSON has no line to point at).
+struct ApiObject(DynamicObject);
+
+impl Decode for ApiObject {
+    type Error = ObjectError;
+
+    fn decode<S: DeserializeOwned + Default>(
+        &mut self,
+        kind: RoutingKind,
+    ) -> Result<(ObjectMeta, S), ObjectError> {
+        let spec = match self.0.data.get("spec") {
+            None | Some(serde_json::Value::Null) => S::default(),
+            Some(spec) => S::deserialize(spec).map_err(|e| {
+                let meta = &self.0.metadata;
+                let namespace = meta.namespace.as_deref().filter(|ns| !ns.is_empty());
+                ObjectError::InvalidValue {
+                    object: format!(
+                        "{} {}/{}",
+                        kind.kind(),
+                        namespace.unwrap_or("default"),
+                        meta.name.as_deref().unwrap_or("?")
+                    ),
+                    field: FieldPath::new(&[Seg::Key("spec")]),
+                    message: e.to_string(),
+                }
+            })?,
+        };
+        Ok((std::mem::take(&mut self.0.metadata), spec))
+    }
+
+    fn reject(&self, error: ObjectError) -> ObjectError {
+        error
+    }
 }
 
 /// The routing object of `kind` from a watched dynamic object.
-pub(crate) fn convert(
-    kind: RoutingKind,
-    obj: DynamicObject,
-) -> Result<RoutingObject, ManifestError> {
-    Ok(match kind {
-        RoutingKind::VirtualServices => RoutingObject::VirtualService(routed(kind, obj)?),
-        RoutingKind::DestinationRules => RoutingObject::DestinationRule(routed(kind, obj)?),
-        RoutingKind::IstioGateways => RoutingObject::IstioGateway(routed(kind, obj)?),
-        RoutingKind::Gateways => RoutingObject::Gateway(routed(kind, obj)?),
-        RoutingKind::TcpRoutes => RoutingObject::TcpRoute(routed(kind, obj)?),
-        RoutingKind::TrafficSplits => RoutingObject::TrafficSplit(routed(kind, obj)?),
-        RoutingKind::TrafficTargets => RoutingObject::TrafficTarget(routed(kind, obj)?),
-        RoutingKind::SmiTcpRoutes => RoutingObject::SmiTcpRoute(routed(kind, obj)?),
-        RoutingKind::UpstreamTrafficSettings => {
-            RoutingObject::UpstreamTrafficSetting(routed(kind, obj)?)
-        }
-        RoutingKind::LoadBalancerPolicies => RoutingObject::LoadBalancerPolicy(routed(kind, obj)?),
-        RoutingKind::HealthCheckPolicies => RoutingObject::HealthCheckPolicy(routed(kind, obj)?),
-    })
+pub(crate) fn convert(kind: RoutingKind, obj: DynamicObject) -> Result<RoutingObject, ObjectError> {
+    objects::routing_object(kind, ApiObject(obj))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spec_of_the_wrong_shape_names_the_object_and_spec() {
+        let obj: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "split.smi-spec.io/v1alpha4",
+            "kind": "TrafficSplit",
+            "metadata": {"name": "s", "namespace": "demo"},
+            "spec": {"service": "echo", "backends": "all of them"},
+        }))
+        .unwrap();
+        let err = convert(RoutingKind::TrafficSplits, obj).unwrap_err();
+        let ObjectError::InvalidValue { object, field, .. } = &err;
+        assert_eq!(
+            (object.as_str(), field.as_str()),
+            ("TrafficSplit demo/s", "spec")
+        );
+        assert!(
+            err.to_string()
+                .starts_with("TrafficSplit demo/s: spec: invalid type"),
+            "{err}"
+        );
+    }
 }
