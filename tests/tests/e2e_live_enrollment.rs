@@ -2,20 +2,26 @@
 //! `istio.io/dataplane-mode: ambient`) while its pod runs enrolls the pod at once, without
 //! a restart or a new CNI ADD, and removing the label takes it out again; a running
 //! pod's exclusion annotations apply when they change. Connections opened before a change
-//! keep working (`ebpf::`/`iptables::`).
+//! keep working (`ebpf::`/`iptables::`). With the manifests source, and with the kube
+//! source against the testbed's fake API server (`interceptor_testbed::kube_api`), where
+//! the label arrives as a watch event, as `kubectl label namespace` makes it.
 #[macro_use]
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{wait_for, Mode, Node, ECHO_TARGET_PORT};
-use interceptor_testbed::Pod;
+use interceptor_testbed::kube_api::{self, FakeApiServer};
+use interceptor_testbed::{with_netns, Pod};
+use serde::Deserialize;
 
 in_both_modes!(
     a_namespace_label_enrolls_and_unenrolls_its_running_pod,
     changed_exclusion_annotations_apply_to_the_running_pod,
+    a_namespace_label_from_the_api_server_enrolls_and_unenrolls_its_running_pod,
 );
 
 /// The common manifests plus namespace `late` (labelled as given) and its pod `app`.
@@ -265,4 +271,150 @@ fn changed_exclusion_annotations_apply_to_the_running_pod(mode: Mode) {
         dial(&node, &app, &target);
         (outbound_records(&node, "late/app") >= 2).then_some(())
     });
+}
+
+const NAMESPACES: &str = "/api/v1/namespaces";
+
+/// The collections the kube source lists and watches, by the `kind` of their items.
+fn collection_of(kind: &str) -> (&'static str, &'static str) {
+    match kind {
+        "Namespace" => (NAMESPACES, "NamespaceList"),
+        "Pod" => ("/api/v1/pods", "PodList"),
+        "Service" => ("/api/v1/services", "ServiceList"),
+        "EndpointSlice" => (
+            "/apis/discovery.k8s.io/v1/endpointslices",
+            "EndpointSliceList",
+        ),
+        other => panic!("no collection for {other}"),
+    }
+}
+
+/// A fake API server in the testbed's node netns serving the objects of `yaml` (the
+/// routing CRDs and FSM's MeshConfig are absent: 404, as in a cluster without them).
+fn api_server_with(node_netns: &str, yaml: &str) -> FakeApiServer {
+    let listener = with_netns(node_netns, || TcpListener::bind("127.0.0.1:0"))
+        .expect("fake API server listener");
+    let api = FakeApiServer::start(listener).expect("fake API server");
+    let mut items: std::collections::HashMap<&str, Vec<serde_json::Value>> = Default::default();
+    for document in serde_yaml::Deserializer::from_str(yaml) {
+        let object = serde_json::Value::deserialize(document).expect("manifest YAML");
+        if object.is_null() {
+            continue;
+        }
+        let (path, _) = collection_of(object["kind"].as_str().expect("kind"));
+        items.entry(path).or_default().push(object);
+    }
+    for kind in ["Namespace", "Pod", "Service", "EndpointSlice"] {
+        let (path, list_kind) = collection_of(kind);
+        api.collection(path, list_kind, items.remove(path).unwrap_or_default());
+    }
+    api
+}
+
+/// Namespace `late` with `labels`, as the API server has it.
+fn late_namespace(labels: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": "late", "uid": "5a6b7c8d-0000-4000-8000-00000000000a", "labels": labels},
+        "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"},
+    })
+}
+
+fn a_namespace_label_from_the_api_server_enrolls_and_unenrolls_its_running_pod(mode: Mode) {
+    if !common::privileged() {
+        return;
+    }
+    let (mut tb, manifests) = common::testbed_with_manifests("livekube", "");
+    let api = api_server_with(tb.node_netns(), &with_late_namespace("", ""));
+    let kubeconfig = tb.state_dir().join("kubeconfig");
+    kube_api::kubeconfig(&kubeconfig, api.addr()).expect("kubeconfig");
+    let kubeconfig = kubeconfig.display().to_string();
+    let agent = tb
+        .start_agent(
+            &manifests,
+            &mode.args(&[
+                "--source",
+                "kube",
+                "--node-name",
+                "node-a",
+                "--kubeconfig",
+                &kubeconfig,
+            ]),
+        )
+        .expect("agent starts on the fake API server");
+    let mut node = Node {
+        agent: Some(agent),
+        manifests,
+        tb,
+    };
+    assert_eq!(node.config_dump()["source"]["kind"], "kube");
+    wait_for("the namespace watch", || {
+        (api.watches(NAMESPACES) > 0).then_some(())
+    });
+
+    let app = node.pod("late", "app");
+    let server = node.pod("legacy", "legacy-server");
+    let _echo = node
+        .tb
+        .spawn_server(&server, &["echo", "--listen", "0.0.0.0:9000"])
+        .expect("echo");
+    let target = format!("{}:{ECHO_TARGET_PORT}", server.ip);
+    assert_eq!(enrolled(&node, "late/app"), Some(false));
+    let mut before = Held::open(&node, &app, &target);
+    assert_eq!(before.ping(), "ping");
+
+    // `kubectl label namespace late istio.io/dataplane-mode=ambient`: a MODIFIED event.
+    let labelled = Instant::now();
+    api.apply(
+        NAMESPACES,
+        late_namespace(serde_json::json!({
+            "kubernetes.io/metadata.name": "late",
+            "istio.io/dataplane-mode": "ambient",
+        })),
+    );
+    wait_for("late/app enrolled", || {
+        enrolled(&node, "late/app").filter(|e| *e).map(|_| ())
+    });
+    eprintln!(
+        "enrolled {:?} after the watch event was sent",
+        labelled.elapsed()
+    );
+    if mode == Mode::Iptables {
+        common::assert_pod_rules(&app, Mode::Iptables);
+    }
+    dial(&node, &app, &target);
+    wait_for("the new connection through the proxy", || {
+        (outbound_records(&node, "late/app") == 1).then_some(())
+    });
+    assert_eq!(
+        before.ping(),
+        "ping",
+        "a connection opened before enrollment keeps working"
+    );
+
+    // `kubectl label namespace late istio.io/dataplane-mode-`: out of the mesh again.
+    api.apply(
+        NAMESPACES,
+        late_namespace(serde_json::json!({"kubernetes.io/metadata.name": "late"})),
+    );
+    wait_for("late/app unenrolled", || {
+        enrolled(&node, "late/app").filter(|e| !*e).map(|_| ())
+    });
+    if mode == Mode::Iptables {
+        common::assert_pod_rules(&app, Mode::Ebpf);
+    }
+    dial(&node, &app, &target);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        outbound_records(&node, "late/app"),
+        1,
+        "the connection after the unenrollment went direct\n{}",
+        node.config_dump()["connections"]
+    );
+    assert_eq!(before.ping(), "ping");
+    let log = node.agent_log();
+    assert!(log.contains("running pod enrolled"), "{log}");
+    assert!(log.contains("pod left the mesh while running"), "{log}");
+    drop(node);
+    drop(api);
 }
