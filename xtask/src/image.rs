@@ -427,21 +427,27 @@ impl Drop for PrivatePodman {
     }
 }
 
-impl PrivatePodman {
-    pub fn new(bin: PathBuf, dir: &Path) -> Result<PrivatePodman> {
-        let tmp = dir.join("tmp");
-        fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        // Unique per build, also for builds running side by side in one process.
-        static BUILDS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let runroot = std::env::temp_dir().join(format!("xtask-image-{}-{n}", std::process::id()));
-        let _ = fs::remove_dir_all(&runroot);
-        fs::create_dir_all(&runroot).with_context(|| format!("creating {}", runroot.display()))?;
-        // default_ulimits = []: this machine forbids raising rlimits.
-        let conf = format!(
-            r#"[containers]
-default_ulimits = []
+/// What a caller adds to [`write_private_conf`]'s files: TOML lines for the end of the
+/// `[containers]` and `[engine]` tables, and whole tables after them.
+#[derive(Default)]
+pub struct PodmanConfExtra {
+    pub containers: String,
+    pub engine: String,
+    pub tables: String,
+}
 
+/// Writes `containers.conf` and `storage.conf` into `dir` for a podman confined to it
+/// (its storage under `dir/root`, run state in `runroot`, events and temp files under
+/// `dir/tmp`; cgroupfs, file locks, vfs), as the image build and the podman tests run it
+/// (`CONTAINERS_CONF`, `CONTAINERS_STORAGE_CONF`).
+pub fn write_private_conf(dir: &Path, runroot: &Path, extra: &PodmanConfExtra) -> Result<()> {
+    let tmp = dir.join("tmp");
+    fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    // default_ulimits = []: this machine forbids raising rlimits.
+    let conf = format!(
+        r#"[containers]
+default_ulimits = []
+{containers}
 [engine]
 cgroup_manager = "cgroupfs"
 lock_type = "file"
@@ -450,20 +456,35 @@ events_logfile_path = {events:?}
 tmp_dir = {tmp:?}
 static_dir = {static_dir:?}
 volume_path = {volumes:?}
-"#,
-            events = tmp.join("events.log").display().to_string(),
-            tmp = tmp.display().to_string(),
-            static_dir = dir.join("root/libpod").display().to_string(),
-            volumes = dir.join("root/volumes").display().to_string(),
-        );
-        fs::write(dir.join("containers.conf"), conf)?;
-        // vfs: no overlay mounts to leave behind.
-        let storage = format!(
-            "[storage]\ndriver = \"vfs\"\ngraphroot = {:?}\nrunroot = {:?}\n",
-            dir.join("root").display().to_string(),
-            runroot.display().to_string(),
-        );
-        fs::write(dir.join("storage.conf"), storage)?;
+{engine}
+{tables}"#,
+        containers = extra.containers,
+        engine = extra.engine,
+        tables = extra.tables,
+        events = tmp.join("events.log").display().to_string(),
+        tmp = tmp.display().to_string(),
+        static_dir = dir.join("root/libpod").display().to_string(),
+        volumes = dir.join("root/volumes").display().to_string(),
+    );
+    fs::write(dir.join("containers.conf"), conf).context("writing containers.conf")?;
+    // vfs: no overlay mounts to leave behind.
+    let storage = format!(
+        "[storage]\ndriver = \"vfs\"\ngraphroot = {:?}\nrunroot = {:?}\n",
+        dir.join("root").display().to_string(),
+        runroot.display().to_string(),
+    );
+    fs::write(dir.join("storage.conf"), storage).context("writing storage.conf")
+}
+
+impl PrivatePodman {
+    pub fn new(bin: PathBuf, dir: &Path) -> Result<PrivatePodman> {
+        // Unique per build, also for builds running side by side in one process.
+        static BUILDS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let runroot = std::env::temp_dir().join(format!("xtask-image-{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&runroot);
+        fs::create_dir_all(&runroot).with_context(|| format!("creating {}", runroot.display()))?;
+        write_private_conf(dir, &runroot, &PodmanConfExtra::default())?;
         Ok(PrivatePodman {
             bin,
             dir: dir.to_owned(),

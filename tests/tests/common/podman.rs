@@ -239,49 +239,22 @@ impl<'a> Podman<'a> {
         )
         .expect("conflist");
 
-        let tmp = dir.join("tmp");
-        fs::create_dir_all(&tmp).expect("tmp dir");
-        // default_ulimits = []: this machine forbids raising rlimits.
-        let containers_conf = format!(
-            r#"[containers]
-default_ulimits = []
-log_driver = "k8s-file"
-
-[network]
-network_backend = "cni"
-cni_plugin_dirs = [{cni_bin:?}]
-network_config_dir = {net_dir:?}
-
-[engine]
-network_backend = "cni"
-cgroup_manager = "cgroupfs"
-lock_type = "file"
-events_logger = "file"
-events_logfile_path = {events:?}
-tmp_dir = {tmp:?}
-static_dir = {static_dir:?}
-volume_path = {volumes:?}
-runtime = "runc"
-
-[engine.runtimes]
-runc = [{wrapper:?}]
-"#,
-            cni_bin = cni_bin_dir.display().to_string(),
-            net_dir = net_dir.display().to_string(),
-            events = tmp.join("events.log").display().to_string(),
-            tmp = tmp.display().to_string(),
-            static_dir = dir.join("root/libpod").display().to_string(),
-            volumes = dir.join("root/volumes").display().to_string(),
-            wrapper = wrapper.display().to_string(),
-        );
-        fs::write(dir.join("containers.conf"), containers_conf).expect("containers.conf");
-        // vfs: no overlay mounts under the state dir.
-        let storage_conf = format!(
-            "[storage]\ndriver = \"vfs\"\ngraphroot = {:?}\nrunroot = {:?}\n",
-            dir.join("root").display().to_string(),
-            dir.join("runroot").display().to_string(),
-        );
-        fs::write(dir.join("storage.conf"), storage_conf).expect("storage.conf");
+        xtask::image::write_private_conf(
+            &dir,
+            &dir.join("runroot"),
+            &xtask::image::PodmanConfExtra {
+                containers: "log_driver = \"k8s-file\"\n".to_owned(),
+                engine: "network_backend = \"cni\"\nruntime = \"runc\"\n".to_owned(),
+                tables: format!(
+                    "[network]\nnetwork_backend = \"cni\"\ncni_plugin_dirs = [{:?}]\n\
+                     network_config_dir = {:?}\n\n[engine.runtimes]\nrunc = [{:?}]\n",
+                    cni_bin_dir.display().to_string(),
+                    net_dir.display().to_string(),
+                    wrapper.display().to_string(),
+                ),
+            },
+        )
+        .expect("podman's containers.conf and storage.conf");
 
         let cgroup_name = tb
             .cgroup_path()
