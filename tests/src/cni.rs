@@ -19,6 +19,11 @@ pub const CLUSTER_POD_CIDR: &str = "10.244.0.0/16";
 /// route would: netfilter (iptables mode) rewrites a connect only after routing found a
 /// way, while eBPF mode rewrites it before. The nodes themselves have no route for it.
 pub const CLUSTER_SERVICE_CIDR: &str = "10.96.0.0/12";
+/// Every node's IPv6 pod subnet on dual-stack testbeds (node `k` has
+/// `fd00:10:244:<k>::/64`).
+pub const CLUSTER_POD_CIDR6: &str = "fd00:10:244::/56";
+/// The IPv6 Service range of dual-stack testbeds (kube-apiserver's largest, a /108).
+pub const CLUSTER_SERVICE_CIDR6: &str = "fd00:10:96::/108";
 pub const IFNAME: &str = "eth0";
 
 /// Variables a runtime sets; cleared from the inherited environment so a stray one in
@@ -43,28 +48,43 @@ pub(crate) struct InterceptorCni {
 /// interceptor-cni when enabled.
 #[cfg(test)]
 pub(crate) fn conflist(ipam_dir: &str, interceptor: Option<&InterceptorCni>) -> Value {
-    conflist_with_subnet(ipam_dir, POD_SUBNET, interceptor)
+    conflist_with_subnet(ipam_dir, POD_SUBNET, None, interceptor)
 }
 
 /// The conflist of a node whose pods get addresses from `subnet`.
+/// With `subnet6` (dual-stack), host-local hands out one address of each range (two
+/// `ranges`, as a dual-stack cluster's IPAM does) and pods get the IPv6 routes too.
 pub(crate) fn conflist_with_subnet(
     ipam_dir: &str,
     subnet: &str,
+    subnet6: Option<&str>,
     interceptor: Option<&InterceptorCni>,
 ) -> Value {
+    // Pods reach the other nodes' pod subnets through their node (the gateway); anything
+    // else stays unreachable.
+    let mut ipam = json!({
+        "type": "host-local",
+        "subnet": subnet,
+        "dataDir": ipam_dir,
+        "routes": [{"dst": CLUSTER_POD_CIDR}, {"dst": CLUSTER_SERVICE_CIDR}],
+    });
+    if let Some(subnet6) = subnet6 {
+        ipam = json!({
+            "type": "host-local",
+            "ranges": [[{"subnet": subnet}], [{"subnet": subnet6}]],
+            "dataDir": ipam_dir,
+            "routes": [
+                {"dst": CLUSTER_POD_CIDR}, {"dst": CLUSTER_SERVICE_CIDR},
+                {"dst": CLUSTER_POD_CIDR6}, {"dst": CLUSTER_SERVICE_CIDR6},
+            ],
+        });
+    }
     let mut plugins = vec![json!({
         "type": "bridge",
         "bridge": BRIDGE,
         "isGateway": true,
         "ipMasq": false,
-        "ipam": {
-            "type": "host-local",
-            "subnet": subnet,
-            "dataDir": ipam_dir,
-            // Pods reach the other nodes' pod subnets through their node (the gateway);
-            // anything else stays unreachable.
-            "routes": [{"dst": CLUSTER_POD_CIDR}, {"dst": CLUSTER_SERVICE_CIDR}],
-        },
+        "ipam": ipam,
     })];
     if let Some(i) = interceptor {
         plugins.push(json!({

@@ -23,7 +23,7 @@ mod node;
 mod procs;
 
 use std::fs::{self, File};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -112,6 +112,7 @@ pub struct TestbedBuilder {
     failure_policy: String,
     tb_pod_bin: Option<PathBuf>,
     pod_prefix_len: u8,
+    dual_stack: bool,
 }
 
 impl TestbedBuilder {
@@ -144,6 +145,13 @@ impl TestbedBuilder {
         self
     }
 
+    /// Dual-stack pods: an IPv6 address from the node's `fd00:10:244:<k>::/64` besides the
+    /// IPv4 one ([`Pod::ipv6`]), IPv6 routes between the nodes, DAD off in every netns.
+    pub fn dual_stack(mut self) -> Self {
+        self.dual_stack = true;
+        self
+    }
+
     pub fn build(self) -> Result<Testbed> {
         Testbed::create(self)
     }
@@ -159,8 +167,10 @@ pub struct Pod {
     /// `/var/run/netns/<netns>`, what the runtime passed as `CNI_NETNS`.
     pub netns_path: PathBuf,
     pub container_id: String,
-    /// `ips[0]` of the chain's final result.
+    /// The IPv4 address of the chain's final result.
     pub ip: Ipv4Addr,
+    /// Its IPv6 address, on dual-stack testbeds.
+    pub ipv6: Option<Ipv6Addr>,
     /// The chain's final ADD result (what a runtime caches for DEL).
     pub cni_result: Value,
     /// The node whose chain made the pod (and whose cgroup its processes join).
@@ -200,6 +210,7 @@ impl Testbed {
             failure_policy: "fail-closed".to_owned(),
             tb_pod_bin: None,
             pod_prefix_len: PodSubnets::default().prefix_len(),
+            dual_stack: false,
         }
     }
 
@@ -212,7 +223,7 @@ impl Testbed {
             .map(Path::new)
             .find(|d| d.join("bridge").is_file() && d.join("host-local").is_file())
             .context("bridge and host-local CNI plugins not found in /usr/lib/cni or /opt/cni/bin (install containernetworking-plugins)")?;
-        let subnets = PodSubnets::new(opts.pod_prefix_len)?;
+        let subnets = PodSubnets::new(opts.pod_prefix_len)?.with_ipv6(opts.dual_stack);
 
         fs::create_dir_all(STATE_ROOT).with_context(|| format!("creating {STATE_ROOT}"))?;
         // Serializes leftover cleanup and creation across processes, so one run never
@@ -305,6 +316,9 @@ impl Testbed {
             .with_context(|| format!("creating {}", node.state_dir.display()))?;
         fs::create_dir(node.agent_state_dir())?;
         netns::create(&node.netns)?;
+        if node.subnets.ipv6() {
+            node::no_dad(&node.netns)?;
+        }
         fs::create_dir(&node.cgroup_path)
             .with_context(|| format!("creating cgroup {}", node.cgroup_path.display()))?;
         let interceptor = if with_interceptor_cni {
@@ -320,6 +334,7 @@ impl Testbed {
         let conflist = cni::conflist_with_subnet(
             &ipam_dir.display().to_string(),
             &node.pod_subnet(),
+            node.pod_subnet6().as_deref(),
             interceptor.as_ref(),
         );
         fs::write(&node.conflist_path, serde_json::to_vec_pretty(&conflist)?)?;
@@ -738,7 +753,12 @@ impl Testbed {
         };
         let container_id = self.container_id(&format!("pod-{k}"));
         netns::create(&netns)?;
-        if let Err(e) = prepare(&netns) {
+        let dual_stack = self.node(node).subnets.ipv6();
+        let prepared = match dual_stack {
+            true => node::no_dad(&netns),
+            false => Ok(()),
+        };
+        if let Err(e) = prepared.and_then(|()| prepare(&netns)) {
             if let Err(de) = netns::delete(&netns) {
                 eprintln!("interceptor-testbed {}: {de:#}", self.id);
             }
@@ -751,17 +771,22 @@ impl Testbed {
             netns,
             container_id,
             ip: Ipv4Addr::UNSPECIFIED,
+            ipv6: None,
             cni_result: Value::Null,
             node,
         };
         let added = self.chain_add(&pod).and_then(|result| {
-            let ip = result_ip(&result)?;
-            Ok((result, ip))
+            let (ip, ipv6) = result_ips(&result)?;
+            if dual_stack && ipv6.is_none() {
+                bail!("a dual-stack testbed's CNI result without an IPv6 address: {result}");
+            }
+            Ok((result, ip, ipv6))
         });
         match added {
-            Ok((result, ip)) => {
+            Ok((result, ip, ipv6)) => {
                 pod.cni_result = result;
                 pod.ip = ip;
+                pod.ipv6 = ipv6;
                 self.pods.push(pod.clone());
                 Ok(pod)
             }
@@ -1105,14 +1130,28 @@ impl Drop for Testbed {
     }
 }
 
-/// `ips[0].address` of a CNI result, e.g. "10.244.0.2/24".
-fn result_ip(result: &Value) -> Result<Ipv4Addr> {
-    let addr = result["ips"][0]["address"]
-        .as_str()
-        .with_context(|| format!("CNI result without ips[0].address: {result}"))?;
-    let ip = addr.split('/').next().unwrap_or_default();
-    ip.parse()
-        .with_context(|| format!("CNI result ips[0].address {addr:?} is not IPv4"))
+/// The IPv4 address (required) and the IPv6 one (if any) of a CNI result's `ips`, e.g.
+/// "10.244.0.2/24" and "fd00:10:244::2/64".
+fn result_ips(result: &Value) -> Result<(Ipv4Addr, Option<Ipv6Addr>)> {
+    let mut ipv4 = None;
+    let mut ipv6 = None;
+    for entry in result["ips"].as_array().into_iter().flatten() {
+        let addr = entry["address"]
+            .as_str()
+            .with_context(|| format!("CNI result ips entry without address: {result}"))?;
+        let ip: std::net::IpAddr = addr
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .parse()
+            .with_context(|| format!("CNI result address {addr:?} is not an IP address"))?;
+        match ip {
+            std::net::IpAddr::V4(v4) => ipv4 = ipv4.or(Some(v4)),
+            std::net::IpAddr::V6(v6) => ipv6 = ipv6.or(Some(v6)),
+        }
+    }
+    let ipv4 = ipv4.with_context(|| format!("CNI result without an IPv4 address: {result}"))?;
+    Ok((ipv4, ipv6))
 }
 
 /// Mounts bpffs at /sys/fs/bpf unless one is there already (the agent pins below it).
@@ -1142,9 +1181,20 @@ mod tests {
     #[test]
     fn ip_from_result() {
         let r = json!({"cniVersion":"1.0.0","ips":[{"address":"10.244.0.7/24","gateway":"10.244.0.1"}]});
-        assert_eq!(result_ip(&r).unwrap(), Ipv4Addr::new(10, 244, 0, 7));
-        assert!(result_ip(&json!({"ips":[]})).is_err());
-        assert!(result_ip(&json!({"ips":[{"address":"fd00::2/64"}]})).is_err());
+        assert_eq!(
+            result_ips(&r).unwrap(),
+            (Ipv4Addr::new(10, 244, 0, 7), None)
+        );
+        assert!(result_ips(&json!({"ips":[]})).is_err());
+        assert!(result_ips(&json!({"ips":[{"address":"fd00::2/64"}]})).is_err());
+        let dual = json!({"ips":[{"address":"fd00:10:244::2/64"},{"address":"10.244.0.2/24"}]});
+        assert_eq!(
+            result_ips(&dual).unwrap(),
+            (
+                Ipv4Addr::new(10, 244, 0, 2),
+                Some("fd00:10:244::2".parse().unwrap())
+            )
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! routes for the other nodes' pod subnets through a and forwarding on. Nothing routes
 //! out of the testbed: there is no default route anywhere.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -121,6 +121,16 @@ impl TestbedNode {
         self.subnets.gateway(self.id)
     }
 
+    /// `fd00:10:244:<k>::/64` on a dual-stack testbed.
+    pub fn pod_subnet6(&self) -> Option<String> {
+        self.subnets.subnet6(self.id)
+    }
+
+    /// `fd00:10:244:<k>::1` on a dual-stack testbed.
+    pub fn gateway6(&self) -> Option<Ipv6Addr> {
+        self.subnets.gateway6(self.id)
+    }
+
     /// How many pods the node's subnet has addresses for.
     pub fn pod_capacity(&self) -> usize {
         self.subnets.pod_capacity()
@@ -136,14 +146,22 @@ impl TestbedNode {
 /// and host-local hands out `10.244.0.2` upwards either way, so the first pods get the
 /// same addresses. A Linux bridge takes at most 1,023 ports, so one node holds at most that
 /// many pods whatever the prefix.
+///
+/// Dual-stack testbeds ([`PodSubnets::with_ipv6`]) also give node `k` the IPv6 subnet
+/// `fd00:10:244:<k>::/64` of [`crate::CLUSTER_POD_CIDR6`] (gateway `::1`), routed between
+/// the nodes like the IPv4 ones.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PodSubnets {
     prefix_len: u8,
+    ipv6: bool,
 }
 
 impl Default for PodSubnets {
     fn default() -> Self {
-        PodSubnets { prefix_len: 24 }
+        PodSubnets {
+            prefix_len: 24,
+            ipv6: false,
+        }
     }
 }
 
@@ -162,11 +180,36 @@ impl PodSubnets {
                 Self::MAX_PREFIX_LEN
             );
         }
-        Ok(PodSubnets { prefix_len })
+        Ok(PodSubnets {
+            prefix_len,
+            ipv6: false,
+        })
+    }
+
+    /// The same subnets plus an IPv6 one per node.
+    pub fn with_ipv6(self, ipv6: bool) -> PodSubnets {
+        PodSubnets { ipv6, ..self }
     }
 
     pub fn prefix_len(self) -> u8 {
         self.prefix_len
+    }
+
+    /// Whether the nodes have IPv6 pod subnets too.
+    pub fn ipv6(self) -> bool {
+        self.ipv6
+    }
+
+    /// Node `node`'s IPv6 pod subnet, `fd00:10:244:<k>::/64`, on dual-stack testbeds.
+    pub fn subnet6(self, node: NodeId) -> Option<String> {
+        self.ipv6.then(|| format!("fd00:10:244:{:x}::/64", node.0))
+    }
+
+    /// The bridge's IPv6 address on node `node` (`fd00:10:244:<k>::1`), dual-stack only.
+    pub fn gateway6(self, node: NodeId) -> Option<Ipv6Addr> {
+        let index = u16::try_from(node.0).expect("node index checked against max_nodes");
+        self.ipv6
+            .then(|| Ipv6Addr::new(0xfd00, 0x10, 0x244, index, 0, 0, 0, 1))
     }
 
     /// Most nodes: as many blocks as fit in `10.244.0.0/16`, at most [`MAX_NODES`] (the
@@ -302,13 +345,92 @@ pub(crate) fn wire(a: &TestbedNode, new: &TestbedNode, others: &[&TestbedNode]) 
     for ns in [&a.netns, &new.netns] {
         set_ip_forward(ns)?;
     }
+    if new.subnets.ipv6() {
+        wire6(a, new, others)?;
+    }
     Ok(())
+}
+
+/// The IPv6 part of [`wire`] on dual-stack testbeds: `fd00:ffff:<k>::1/64` (in a) and
+/// `::2` (in `new`) on the same veth pair, routes for the IPv6 pod subnets the same
+/// ways, IPv6 forwarding on.
+fn wire6(a: &TestbedNode, new: &TestbedNode, others: &[&TestbedNode]) -> Result<()> {
+    let (in_a, in_new) = (link_name(new.id), link_name(NodeId::A));
+    let (a_addr, new_addr) = link_addrs6(new.id);
+    for (ns, dev, addr) in [(&a.netns, &in_a, a_addr), (&new.netns, &in_new, new_addr)] {
+        netns::ip(&[
+            "-n",
+            ns,
+            "-6",
+            "addr",
+            "add",
+            &format!("{addr}/64"),
+            "dev",
+            dev,
+            "nodad",
+        ])?;
+    }
+    let subnet6 = |node: &TestbedNode| node.pod_subnet6().expect("a dual-stack node");
+    let route = |ns: &str, subnet: &str, via: Ipv6Addr, dev: &str| {
+        netns::ip(&[
+            "-n",
+            ns,
+            "-6",
+            "route",
+            "add",
+            subnet,
+            "via",
+            &via.to_string(),
+            "dev",
+            dev,
+        ])
+    };
+    route(&a.netns, &subnet6(new), new_addr, &in_a)?;
+    for node in std::iter::once(a).chain(others.iter().copied()) {
+        route(&new.netns, &subnet6(node), a_addr, &in_new)?;
+    }
+    for other in others {
+        let (a_side, _) = link_addrs6(other.id);
+        route(&other.netns, &subnet6(new), a_side, &in_new)?;
+    }
+    for ns in [&a.netns, &new.netns] {
+        netns::with_netns(ns, || {
+            std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1")
+        })
+        .with_context(|| format!("turning on IPv6 forwarding in {ns}"))?;
+    }
+    Ok(())
+}
+
+/// The IPv6 addresses of the link between node a and node `to`: (a's side, `to`'s side).
+pub fn link_addrs6(to: NodeId) -> (Ipv6Addr, Ipv6Addr) {
+    let k = u16::try_from(to.0).expect("node index checked against MAX_NODES");
+    (
+        Ipv6Addr::new(0xfd00, 0xffff, k, 0, 0, 0, 0, 1),
+        Ipv6Addr::new(0xfd00, 0xffff, k, 0, 0, 0, 0, 2),
+    )
+}
+
+/// Turns off duplicate address detection in `ns` (for its interfaces now and later): on
+/// a testbed's private links nothing can collide, and a tentative address would fail the
+/// first connections of a pod for a second or two.
+pub(crate) fn no_dad(ns: &str) -> Result<()> {
+    netns::with_netns(ns, || {
+        for conf in ["all", "default"] {
+            std::fs::write(format!("/proc/sys/net/ipv6/conf/{conf}/accept_dad"), "0")?;
+        }
+        Ok(())
+    })
+    .with_context(|| format!("turning off IPv6 DAD in {ns}"))
 }
 
 /// Best effort: removes the routes to `new`'s pod subnet that [`wire`] added in `others`.
 pub(crate) fn unroute(new: &TestbedNode, others: &[&TestbedNode]) {
     for other in others {
         let _ = netns::ip(&["-n", &other.netns, "route", "del", &new.pod_subnet()]);
+        if let Some(subnet6) = new.pod_subnet6() {
+            let _ = netns::ip(&["-n", &other.netns, "-6", "route", "del", &subnet6]);
+        }
     }
 }
 

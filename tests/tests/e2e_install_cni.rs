@@ -352,6 +352,7 @@ fn install_cni_wraps_the_node_conf_and_the_installed_chain_enrolls_a_pod() {
         netns_path: netns_path(&netns.0),
         container_id: container_id.clone(),
         ip: address.split('/').next().unwrap().parse().expect("IPv4"),
+        ipv6: None,
         cni_result: result.clone(),
         node: NodeId::A,
     };

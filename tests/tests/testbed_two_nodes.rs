@@ -600,3 +600,82 @@ fn a_third_node_reaches_node_b_through_node_a() {
     }
     footprint.assert_gone();
 }
+
+/// A dual-stack testbed: every pod gets an IPv4 and an IPv6 address (host-local with two
+/// ranges), the same node and the other node answer over both families, each node routes
+/// the other's IPv6 pod subnet, and the IPv6 addresses are usable at once (no DAD).
+#[test]
+fn dual_stack_pods_talk_over_both_families_on_one_node_and_across_nodes() {
+    if !privileged() {
+        return;
+    }
+    let mut tb = Testbed::builder("dualstack")
+        .without_interceptor_cni()
+        .dual_stack()
+        .tb_pod_bin(env!("CARGO_BIN_EXE_tb-pod"))
+        .build()
+        .expect("dual-stack testbed");
+    let b = tb.add_node("b", false).expect("node b");
+    let server = tb.add_pod("demo", "server").expect("server on a");
+    let near = tb.add_pod("demo", "near").expect("client on a");
+    let far = tb.add_pod_on(b, "demo", "far").expect("client on b");
+    let v6 = |pod: &Pod| {
+        pod.ipv6
+            .unwrap_or_else(|| panic!("{} has no IPv6", pod.name))
+    };
+    assert_eq!(v6(&server).segments()[..4], [0xfd00, 0x10, 0x244, 0]);
+    assert_eq!(v6(&far).segments()[..4], [0xfd00, 0x10, 0x244, 1]);
+    assert_eq!(
+        tb.node(b).gateway6(),
+        Some("fd00:10:244:1::1".parse().unwrap())
+    );
+    let routes6 = ip_output(&["-6", "-n", tb.node(b).netns(), "route", "show"]);
+    assert!(
+        routes6.contains("fd00:10:244::/64 via fd00:ffff:1::1"),
+        "{routes6}"
+    );
+
+    let _echo = tb
+        .spawn_server(
+            &server,
+            &["echo", "--listen", "[::]:9000", "--greeting", "hello-6"],
+        )
+        .expect("echo server on [::]");
+    for client in [&near, &far] {
+        for target in [
+            format!("[{}]:9000", v6(&server)),
+            format!("{}:9000", server.ip),
+        ] {
+            let report = tb
+                .run_client(
+                    client,
+                    &[
+                        "--connect",
+                        &target,
+                        "--send-bytes",
+                        "4096",
+                        "--expect-greeting",
+                    ],
+                )
+                .expect("client");
+            assert_eq!(
+                report.error, None,
+                "{} -> {target}: {report:?}",
+                client.name
+            );
+            assert_eq!(report.greeting.as_deref(), Some("hello-6"));
+            assert_eq!(report.received, 4096);
+            let family_ok = match target.starts_with('[') {
+                true => report
+                    .local
+                    .as_deref()
+                    .is_some_and(|l| l.starts_with("[fd00:10:244:")),
+                false => report
+                    .local
+                    .as_deref()
+                    .is_some_and(|l| l.starts_with("10.244.")),
+            };
+            assert!(family_ok, "{} -> {target}: {report:?}", client.name);
+        }
+    }
+}

@@ -609,6 +609,7 @@ mod tests {
             netns_path: PathBuf::new(),
             container_id: String::new(),
             ip: std::net::Ipv4Addr::new(10, 244, 0, 2 + i),
+            ipv6: None,
             cni_result: Value::Null,
             node: NodeId::A,
         };

@@ -337,6 +337,7 @@ mod tests {
             netns_path: PathBuf::from(format!("/var/run/netns/ns-{name}")),
             container_id: name.into(),
             ip: Ipv4Addr::from(ip),
+            ipv6: None,
             cni_result: Value::Null,
             node: NodeId::A,
         }
