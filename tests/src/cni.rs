@@ -19,6 +19,10 @@ pub const CLUSTER_POD_CIDR: &str = "10.244.0.0/16";
 /// route would: netfilter (iptables mode) rewrites a connect only after routing found a
 /// way, while eBPF mode rewrites it before. The nodes themselves have no route for it.
 pub const CLUSTER_SERVICE_CIDR: &str = "10.96.0.0/12";
+/// The agent's probe address (`interceptor_common::NODE_PROBE_SOURCE`): the node's own
+/// connections to enrolled pods come from it, and the pod answers through its node, as a
+/// pod with a default route would.
+pub const NODE_PROBE_ROUTE: &str = "169.254.7.127/32";
 pub const IFNAME: &str = "eth0";
 
 /// Variables a runtime sets; cleared from the inherited environment so a stray one in
@@ -61,9 +65,13 @@ pub(crate) fn conflist_with_subnet(
             "type": "host-local",
             "subnet": subnet,
             "dataDir": ipam_dir,
-            // Pods reach the other nodes' pod subnets through their node (the gateway);
-            // anything else stays unreachable.
-            "routes": [{"dst": CLUSTER_POD_CIDR}, {"dst": CLUSTER_SERVICE_CIDR}],
+            // Pods reach the other nodes' pod subnets and the node's probe address
+            // through their node (the gateway); anything else stays unreachable.
+            "routes": [
+                {"dst": CLUSTER_POD_CIDR},
+                {"dst": CLUSTER_SERVICE_CIDR},
+                {"dst": NODE_PROBE_ROUTE},
+            ],
         },
     })];
     if let Some(i) = interceptor {
@@ -213,7 +221,8 @@ mod tests {
             json!({"cniVersion":"1.0.0","name":"itb","plugins":[
                 {"type":"bridge","bridge":"itb0","isGateway":true,"ipMasq":false,
                  "ipam":{"type":"host-local","subnet":"10.244.0.0/24","dataDir":"/s/ipam",
-                         "routes":[{"dst":"10.244.0.0/16"},{"dst":"10.96.0.0/12"}]}},
+                         "routes":[{"dst":"10.244.0.0/16"},{"dst":"10.96.0.0/12"},
+                                   {"dst":"169.254.7.127/32"}]}},
                 {"type":"interceptor-cni","agentSocket":"/s/agent/cni.sock",
                  "failurePolicy":"fail-closed"}]})
         );

@@ -6,6 +6,7 @@ pub mod cgroup;
 pub mod ebpf;
 pub mod iptables;
 pub mod metrics;
+pub mod node_probes;
 pub mod probe;
 
 use std::collections::HashSet;
