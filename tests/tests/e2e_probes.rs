@@ -10,13 +10,21 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::time::Duration;
 
-use common::{inbound_records, metric, wait_for, MeshConfigFile, Mode, Node};
+use common::{inbound_records, metric, wait_for, MeshConfigFile, Mode, Node, MANIFESTS};
 
 in_both_modes!(node_probes_reach_an_enrolled_pod_that_smi_mode_closes_to_pods);
 
 /// The source the agent gives node-originated connections to enrolled pods.
 const PROBE_SOURCE: &str = "169.254.7.127";
 const HTTP_PORT: u16 = 8080;
+/// A pod outside the mesh, on a second node.
+const REMOTE_POD: &str = "---
+apiVersion: v1
+kind: Pod
+metadata: {name: remote, namespace: legacy, labels: {app: remote}}
+spec:
+  containers: [{name: main, image: busybox}]
+";
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What kubelet's TCP probe does, and a little more: connect, and see the application
@@ -96,7 +104,12 @@ fn node_probes_reach_an_enrolled_pod_that_smi_mode_closes_to_pods(mode: Mode) {
         "enablePermissiveTrafficPolicyMode: false\n",
     );
     let config_arg = config.arg();
-    let mut node = Node::start("probes", &mode.args(&["--mesh-config", &config_arg]));
+    let manifests = format!("{MANIFESTS}{REMOTE_POD}");
+    let mut node = Node::start_with_manifests(
+        "probes",
+        &mode.args(&["--mesh-config", &config_arg]),
+        &manifests,
+    );
     // demo is enrolled, legacy is not; no TrafficTarget exists, so in SMI mode no pod may
     // reach demo/server.
     let server = node.pod("demo", "server");
@@ -219,6 +232,34 @@ fn node_probes_reach_an_enrolled_pod_that_smi_mode_closes_to_pods(mode: Mode) {
             .is_some_and(|o| o.contains("no TrafficTarget lets ServiceAccount legacy/default")),
         "{refused}"
     );
+    // Forwarded traffic to the pod is not the node's own, even though it leaves through
+    // the same POSTROUTING: a pod on another node keeps its address (no SNAT without a
+    // local socket) and is refused, since no agent on this node knows it.
+    let b = node.tb.add_node("b", false).expect("node b");
+    let remote = node
+        .tb
+        .add_pod_on(b, "legacy", "remote")
+        .expect("pod on node b");
+    let denied = node
+        .tb
+        .run_client(&remote, &["--connect", &target, "--send-bytes", "16"])
+        .expect("client");
+    assert!(
+        denied.error.is_some(),
+        "a pod on node b got through: {denied:?}"
+    );
+    let remote_ip = remote.ip.to_string();
+    let refused = wait_for("the remote pod's refusal", || {
+        inbound_records(&node.config_dump(), "demo/server", Some(&remote_ip))
+            .into_iter()
+            .find(|r| r["target"]["kind"] == "refused")
+    });
+    assert!(
+        refused["outcome"]
+            .as_str()
+            .is_some_and(|o| o.contains(&format!("{remote_ip} is not a mesh workload"))),
+        "{refused}"
+    );
     // Nothing else was counted as a probe.
     assert_eq!(
         metric(
@@ -241,6 +282,73 @@ fn node_probes_reach_an_enrolled_pod_that_smi_mode_closes_to_pods(mode: Mode) {
     );
     let status = node.stop_agent();
     assert!(status.success(), "{status}");
+    let rules = probe_rules(&node);
+    assert!(!rules.contains("INTERCEPTOR_PROBES"), "{rules}");
+}
+
+/// The node's chain outlives an agent stopped with `--on-exit keep`, so the pods' probes
+/// keep their address while the next agent adopts them; that agent takes the rules over
+/// without doubling them, and `interceptor cleanup`, run in the node's netns as it is on
+/// a node, removes the chain. The chain is the same in both modes: eBPF mode here.
+#[test]
+fn a_kept_chain_passes_to_the_next_agent_and_cleanup_removes_it() {
+    if !common::privileged() {
+        return;
+    }
+    let args = Mode::Ebpf.args(&["--on-exit", "keep"]);
+    let mut node = Node::start("probekeep", &args);
+    let server = node.pod("demo", "server");
+    let server_rule = format!("-A INTERCEPTOR_PROBES -d {}/32", server.ip);
+    assert!(probe_rules(&node).contains(&server_rule));
+    let status = node.stop_agent();
+    assert!(status.success(), "{status}");
+    let rules = probe_rules(&node);
+    assert!(rules.contains(&server_rule), "kept: {rules}");
+
+    let manifests = node.manifests.clone();
+    node.agent = Some(
+        node.tb
+            .start_agent(&manifests, &args)
+            .expect("second agent"),
+    );
+    wait_for("the pod adopted", || {
+        node.config_dump()["pods"]
+            .as_array()
+            .is_some_and(|pods| !pods.is_empty())
+            .then_some(())
+    });
+    let rules = probe_rules(&node);
+    assert_eq!(rules.matches(&server_rule).count(), 1, "{rules}");
+    assert_eq!(
+        rules.matches("-j INTERCEPTOR_PROBES").count(),
+        1,
+        "one jump: {rules}"
+    );
+    let status = node.stop_agent();
+    assert!(status.success(), "{status}");
+
+    let mut cleanup = std::process::Command::new(interceptor_testbed::bin_path("interceptor"));
+    cleanup
+        .arg("cleanup")
+        .arg("--bpffs")
+        .arg(node.tb.bpffs_dir())
+        .arg("--state-dir")
+        .arg(node.tb.agent_state_dir())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let out = node
+        .tb
+        .spawn_in(node.tb.node_netns(), false, cleanup)
+        .expect("interceptor cleanup")
+        .wait_with_output()
+        .expect("cleanup ran");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("chain INTERCEPTOR_PROBES"), "{stdout}");
     let rules = probe_rules(&node);
     assert!(!rules.contains("INTERCEPTOR_PROBES"), "{rules}");
 }
