@@ -183,6 +183,20 @@ fn node_probes_reach_an_enrolled_pod_that_smi_mode_closes_to_pods(mode: Mode) {
         !rules.contains(&format!("-d {}/32", legacy_server.ip)),
         "{rules}"
     );
+    // The config dump says the same: the enrolled pods, and no error.
+    let status = node.config_dump()["node_probes"].clone();
+    assert_eq!(status["source"], PROBE_SOURCE, "{status}");
+    assert_eq!(status["last_error"], serde_json::Value::Null, "{status}");
+    let mut pods: Vec<String> = status["pods"]
+        .as_array()
+        .expect("pods")
+        .iter()
+        .filter_map(|p| p.as_str().map(str::to_owned))
+        .collect();
+    pods.sort();
+    let mut enrolled = vec![server.ip.to_string(), client.ip.to_string()];
+    enrolled.sort();
+    assert_eq!(pods, enrolled, "{status}");
 
     // Both were admitted as probes, from the probe address, and say so.
     let probes = wait_for("the probe records", || {

@@ -128,6 +128,18 @@ pub fn remove_from_node() -> Result<Vec<Backend>, DatapathError> {
     Ok(held)
 }
 
+/// What `/config_dump` says of the node's probe SNAT.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct NodeProbesStatus {
+    /// The address the node's connections to enrolled pods come from.
+    pub source: Ipv4Addr,
+    pub backend: Backend,
+    /// The pods the chain SNATs for, as this agent last wrote it.
+    pub pods: BTreeSet<Ipv4Addr>,
+    /// Why the last write failed; `None` once one succeeds.
+    pub last_error: Option<String>,
+}
+
 #[derive(Debug, Default)]
 struct State {
     /// Enrolled pods by netns cookie.
@@ -135,6 +147,9 @@ struct State {
     /// Pods a previous agent's chain held, kept until this agent enrolls them or prunes
     /// (`retain_pods`): during a restart or a hand-over their probes keep working.
     inherited: BTreeSet<Ipv4Addr>,
+    /// What the last write put in the chain, and its error if it failed.
+    written: BTreeSet<Ipv4Addr>,
+    last_error: Option<String>,
 }
 
 /// A data path that also keeps the node's probe SNAT rules for the pods it enrolls.
@@ -183,7 +198,9 @@ impl ProbeSnat {
             backend,
             state: Mutex::new(State {
                 pods: HashMap::new(),
+                written: inherited.clone(),
                 inherited,
+                last_error: None,
             }),
             writes: Mutex::new(()),
         })
@@ -208,9 +225,17 @@ impl ProbeSnat {
             }
             restore(self.backend, &sync_script(&installed, &pods))
         });
-        if let Err(error) = result {
-            tracing::error!(%error, "writing the node's probe SNAT rules: in SMI mode \
-                kubelet's probes of the pods missing from them are refused");
+        let mut state = lock(&self.state);
+        match result {
+            Ok(()) => {
+                state.written = pods;
+                state.last_error = None;
+            }
+            Err(error) => {
+                tracing::error!(%error, "writing the node's probe SNAT rules: in SMI mode \
+                    kubelet's probes of the pods missing from them are refused");
+                state.last_error = Some(error.to_string());
+            }
         }
     }
 }
@@ -289,6 +314,16 @@ impl Datapath for ProbeSnat {
 
     fn set_rules(&self, scope: u64, rules: &MeshConfig) -> Result<(), DatapathError> {
         self.inner.set_rules(scope, rules)
+    }
+
+    fn node_probes(&self) -> Option<NodeProbesStatus> {
+        let state = lock(&self.state);
+        Some(NodeProbesStatus {
+            source: NODE_PROBE_SOURCE,
+            backend: self.backend,
+            pods: state.written.clone(),
+            last_error: state.last_error.clone(),
+        })
     }
 
     fn teardown(&self) -> Result<(), DatapathError> {
