@@ -29,6 +29,11 @@ pub const RESERVED_PORTS: [u16; 8] = [
     HEALTH_PORT,
 ];
 
+/// The source address the agent gives the node's own connections to enrolled pods
+/// (kubelet's probes), with SNAT in the node's netns; the inbound proxy admits it in SMI
+/// mode. Istio ambient's address, so one NetworkPolicy exception serves both meshes.
+pub const NODE_PROBE_SOURCE: core::net::Ipv4Addr = core::net::Ipv4Addr::new(169, 254, 7, 127);
+
 /// Socket mark carried by every socket the proxy opens upstream; the programs never
 /// redirect a socket with this mark, which is what keeps the proxy out of its own loop.
 pub const PROXY_MARK: u32 = 0x1500;

@@ -44,6 +44,16 @@ pub fn cleanup(
         // iptables mode leaves its chains in the pods' netns (and with them, pods that
         // fail closed): remove them while the pod list still says where they are.
         removed.extend(remove_pod_chains(&state_dir.join(PODS_FILE))?);
+        // Both modes leave the node's probe SNAT chain (here, in the node's netns).
+        let held = crate::datapath::node_probes::remove_from_node()
+            .context("removing the node's probe SNAT chain")?;
+        for backend in held {
+            removed.push(format!(
+                "iptables-{} chain {}",
+                backend.name(),
+                crate::datapath::node_probes::CHAIN
+            ));
+        }
         files.push(state_dir.join(PODS_FILE));
         files.push(state_dir.join(crate::datapath::iptables::BACKEND_FILE));
     }

@@ -232,6 +232,13 @@ async fn serve(config: &AgentConfig, predecessor: Option<i32>) -> anyhow::Result
             (Arc::new(IptablesDatapath::new(backend)), Some(backend))
         }
     };
+    // Kubelet's probes in SMI mode: the node's SNAT to the probe address, in either mode.
+    let datapath = crate::datapath::node_probes::ProbeSnat::wrap(
+        datapath,
+        iptables_backend,
+        config.iptables_backend,
+        &config.state_dir,
+    );
     tracing::info!(mode = datapath.mode(), reason = %mode_reason, kernel = %probe.kernel,
         cgroup = %config.cgroup.display(), "interception mode");
 

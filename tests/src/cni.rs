@@ -24,6 +24,10 @@ pub const CLUSTER_SERVICE_CIDR: &str = "10.96.0.0/12";
 pub const CLUSTER_POD_CIDR6: &str = "fd00:10:244::/56";
 /// The IPv6 Service range of dual-stack testbeds (kube-apiserver's largest, a /108).
 pub const CLUSTER_SERVICE_CIDR6: &str = "fd00:10:96::/108";
+/// The agent's probe address (`interceptor_common::NODE_PROBE_SOURCE`): the node's own
+/// connections to enrolled pods come from it, and the pod answers through its node, as a
+/// pod with a default route would.
+pub const NODE_PROBE_ROUTE: &str = "169.254.7.127/32";
 pub const IFNAME: &str = "eth0";
 
 /// Variables a runtime sets; cleared from the inherited environment so a stray one in
@@ -60,13 +64,17 @@ pub(crate) fn conflist_with_subnet(
     subnet6: Option<&str>,
     interceptor: Option<&InterceptorCni>,
 ) -> Value {
-    // Pods reach the other nodes' pod subnets through their node (the gateway); anything
-    // else stays unreachable.
+    // Pods reach the other nodes' pod subnets and the node's probe address through their
+    // node (the gateway); anything else stays unreachable.
     let mut ipam = json!({
         "type": "host-local",
         "subnet": subnet,
         "dataDir": ipam_dir,
-        "routes": [{"dst": CLUSTER_POD_CIDR}, {"dst": CLUSTER_SERVICE_CIDR}],
+        "routes": [
+            {"dst": CLUSTER_POD_CIDR},
+            {"dst": CLUSTER_SERVICE_CIDR},
+            {"dst": NODE_PROBE_ROUTE},
+        ],
     });
     if let Some(subnet6) = subnet6 {
         ipam = json!({
@@ -74,7 +82,7 @@ pub(crate) fn conflist_with_subnet(
             "ranges": [[{"subnet": subnet}], [{"subnet": subnet6}]],
             "dataDir": ipam_dir,
             "routes": [
-                {"dst": CLUSTER_POD_CIDR}, {"dst": CLUSTER_SERVICE_CIDR},
+                {"dst": CLUSTER_POD_CIDR}, {"dst": CLUSTER_SERVICE_CIDR}, {"dst": NODE_PROBE_ROUTE},
                 {"dst": CLUSTER_POD_CIDR6}, {"dst": CLUSTER_SERVICE_CIDR6},
             ],
         });
@@ -233,7 +241,8 @@ mod tests {
             json!({"cniVersion":"1.0.0","name":"itb","plugins":[
                 {"type":"bridge","bridge":"itb0","isGateway":true,"ipMasq":false,
                  "ipam":{"type":"host-local","subnet":"10.244.0.0/24","dataDir":"/s/ipam",
-                         "routes":[{"dst":"10.244.0.0/16"},{"dst":"10.96.0.0/12"}]}},
+                         "routes":[{"dst":"10.244.0.0/16"},{"dst":"10.96.0.0/12"},
+                                   {"dst":"169.254.7.127/32"}]}},
                 {"type":"interceptor-cni","agentSocket":"/s/agent/cni.sock",
                  "failurePolicy":"fail-closed"}]})
         );

@@ -72,7 +72,8 @@ const HOST_PACKAGES: &[&str] = &[
 /// Modules loaded in the VM before the tests, when the kernel builds them as modules:
 /// veth and bridge for the testbed, clsact and cls_bpf for the tc programs (netlink
 /// fallback below 6.6), and what iptables (legacy and nft) needs for the nat REDIRECT
-/// rules. A name the kernel does not have is reported, not fatal.
+/// rules and the node's probe SNAT (xt_nat, xt_owner). A name the kernel does not have is
+/// reported, not fatal.
 const VM_MODULES: &[&str] = &[
     "veth",
     "bridge",
@@ -96,6 +97,7 @@ const VM_MODULES: &[&str] = &[
     "nf_nat",
     "nf_conntrack",
     "xt_REDIRECT",
+    "xt_nat",
     "xt_owner",
     "xt_mark",
     "xt_conntrack",

@@ -111,6 +111,7 @@ async fn config_dump(State(state): State<AdminState>) -> Json<serde_json::Value>
         "pods": agent.pod_statuses(),
         "datapath_counters": agent.datapath().counters(),
         "datapath_records": agent.datapath().live_records(),
+        "node_probes": agent.datapath().node_probes(),
         "service_ports": agent.service_ports(),
         "routes": agent.route_statuses(),
         "upstream_endpoints": agent.upstream_endpoints(),

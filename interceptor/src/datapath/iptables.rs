@@ -33,7 +33,7 @@ const CHAINS: [&str; 4] = [
 const JUMP_INBOUND: &str = "-A PREROUTING -p tcp -j PROXY_INBOUND";
 const JUMP_OUTPUT: &str = "-A OUTPUT -p tcp -j PROXY_OUTPUT";
 /// How long `iptables-restore` waits for the xtables lock another writer holds.
-const LOCK_WAIT_SECS: &str = "5";
+pub(super) const LOCK_WAIT_SECS: &str = "5";
 
 /// Which iptables a node uses: the two must never be mixed on one node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -51,7 +51,7 @@ impl Backend {
         }
     }
 
-    fn tool(self, what: &str) -> String {
+    pub(super) fn tool(self, what: &str) -> String {
         format!("iptables-{}-{what}", self.name())
     }
 }
@@ -141,7 +141,7 @@ fn rule_count(backend: Backend) -> Result<usize, DatapathError> {
 }
 
 /// Run an iptables tool, feeding `stdin`; its stdout, or its stderr as the error.
-fn run(tool: &str, args: &[&str], stdin: Option<&str>) -> Result<String, DatapathError> {
+pub(super) fn run(tool: &str, args: &[&str], stdin: Option<&str>) -> Result<String, DatapathError> {
     let failed = |reason: String| DatapathError::Iptables {
         what: format!("{tool} {}", args.join(" ")).trim_end().to_owned(),
         reason,
@@ -177,7 +177,7 @@ fn run(tool: &str, args: &[&str], stdin: Option<&str>) -> Result<String, Datapat
 }
 
 /// The tool in `PATH`, or in the sbin directories a minimal `PATH` may lack.
-fn resolve(tool: &str) -> PathBuf {
+pub(super) fn resolve(tool: &str) -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))

@@ -6,6 +6,7 @@ pub mod cgroup;
 pub mod ebpf;
 pub mod iptables;
 pub mod metrics;
+pub mod node_probes;
 pub mod probe;
 
 use std::collections::HashSet;
@@ -164,4 +165,8 @@ pub trait Datapath: Send + Sync {
         -> Result<(), DatapathError>;
     /// Remove everything the data path made (pins, pinned links): interception ends.
     fn teardown(&self) -> Result<(), DatapathError>;
+    /// The node's probe SNAT (`/config_dump` `node_probes`); `None` when there is none.
+    fn node_probes(&self) -> Option<node_probes::NodeProbesStatus> {
+        None
+    }
 }

@@ -219,6 +219,9 @@ impl ConnectionRecord {
             ),
             Some(Target::Refused { route, service, .. }) => (route.clone(), service.clone()),
             Some(Target::Passthrough { .. }) => ("passthrough".into(), "passthrough".into()),
+            Some(Target::Local {
+                node_probe: true, ..
+            }) => ("node probe".into(), self.pod.clone()),
             Some(Target::Local { .. }) => ("inbound".into(), self.pod.clone()),
             None => ("none".into(), "none".into()),
         }
@@ -229,7 +232,7 @@ impl ConnectionRecord {
         match &self.target {
             Some(Target::Endpoint { addr, .. })
             | Some(Target::Passthrough { addr })
-            | Some(Target::Local { addr }) => Some(*addr),
+            | Some(Target::Local { addr, .. }) => Some(*addr),
             Some(Target::NoEndpoints { .. }) | Some(Target::Refused { .. }) | None => None,
         }
     }

@@ -14,7 +14,7 @@ use super::connection::{ConnectionRecord, Direction, ProxyError};
 use super::forward::{forward, reset_on_close, CopyMode};
 use super::log::ConnectionLog;
 use super::orig_dst::original_dst;
-use super::routes::{ConnectionSource, RouteTable, Target, DEFAULT_CONNECT_TIMEOUT};
+use super::routes::{Admission, ConnectionSource, RouteTable, Target, DEFAULT_CONNECT_TIMEOUT};
 use super::socket::{self, SocketFactory};
 use super::upstream::{self, Upstreams};
 use crate::sync::read;
@@ -217,9 +217,10 @@ async fn inbound(
     client: Ipv4Addr,
 ) -> upstream::Opened {
     let refuse = |route: &str, reason| upstream::refusal(ctx.pod.to_string(), route, reason);
-    if let Err(reason) = table.admit_inbound(client, &ctx.pod, original.port()) {
-        return refuse("inbound", reason);
-    }
+    let admission = match table.admit_inbound(client, &ctx.pod, original.port()) {
+        Ok(admission) => admission,
+        Err(reason) => return refuse("inbound", reason),
+    };
     let settings = table.endpoint_settings(&original);
     if let Some((settings, limit)) = settings.and_then(|s| Some((s, s.rate_limit?))) {
         if !ctx
@@ -236,7 +237,10 @@ async fn inbound(
             return refuse("rate limit", reason);
         }
     }
-    let target = Target::Local { addr: original };
+    let target = Target::Local {
+        addr: original,
+        node_probe: admission == Admission::NodeProbe,
+    };
     match socket::connect(&*ctx.sockets, original, DEFAULT_CONNECT_TIMEOUT).await {
         Ok(stream) => (target, Ok((stream, upstream::Leases::default()))),
         Err(source) => {

@@ -272,6 +272,48 @@ mod tests {
         assert!(!text.contains("interceptor_proxy_errors_total{"), "{text}");
     }
 
+    /// A connection let in as the node's probe is counted apart from the rest of the
+    /// pod's inbound traffic, and its access log line says so.
+    #[test]
+    fn a_node_probe_counts_under_its_own_route() {
+        let metrics = ProxyMetrics::default();
+        let mut record = ConnectionRecord::start(
+            "demo/server".into(),
+            Direction::Inbound,
+            "169.254.7.127:40000".parse().unwrap(),
+        );
+        for node_probe in [true, true, false] {
+            record.target = Some(Target::Local {
+                addr: "10.244.0.9:9000".parse().unwrap(),
+                node_probe,
+            });
+            record.finish(Ok(()));
+            metrics.observe(&record);
+        }
+        let text = metrics.encode();
+        let count = |route: &str| {
+            format!(
+                "interceptor_proxy_connections_total{{direction=\"inbound\",route=\"{route}\",backend=\"demo/server\"}}"
+            )
+        };
+        assert!(
+            text.contains(&format!("{} 2\n", count("node probe"))),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("{} 1\n", count("inbound"))),
+            "{text}"
+        );
+        let line = crate::proxy::log::access_log_line(&record);
+        assert_eq!(line["route"], "inbound", "{line}");
+        record.target = Some(Target::Local {
+            addr: "10.244.0.9:9000".parse().unwrap(),
+            node_probe: true,
+        });
+        let line = crate::proxy::log::access_log_line(&record);
+        assert_eq!(line["route"], "node probe", "{line}");
+    }
+
     /// A deleted pod's inbound series go; another pod's stay.
     #[test]
     fn a_removed_pod_leaves_no_series() {
@@ -284,6 +326,7 @@ mod tests {
                 original_dst: None,
                 target: Some(Target::Local {
                     addr: "10.244.0.9:9000".parse().unwrap(),
+                    node_probe: false,
                 }),
                 outcome: Outcome::Failed(std::sync::Arc::new(ProxyError::Connect {
                     addr: "10.244.0.9:9000".parse().unwrap(),

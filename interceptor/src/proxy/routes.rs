@@ -286,7 +286,22 @@ pub enum Target {
     /// Not a Service address: forward to where the application was going.
     Passthrough { addr: SocketAddrV4 },
     /// Inbound: deliver to the application inside the pod.
-    Local { addr: SocketAddrV4 },
+    Local {
+        addr: SocketAddrV4,
+        /// Let in as the node's probe (kubelet), not by the traffic policy.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        node_probe: bool,
+    },
+}
+
+/// Why an inbound connection was let in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// The traffic policy allows it (permissive mode, or a TrafficTarget).
+    Granted,
+    /// It comes from the node's probe address: kubelet's probes must reach a pod that
+    /// SMI mode closes to other pods, or the pod never becomes ready.
+    NodeProbe,
 }
 
 impl RouteTable {
@@ -410,15 +425,27 @@ impl RouteTable {
         }
     }
 
-    /// Inbound, in SMI mode: whether the client at `client` may reach `pod` on `port`.
-    pub fn admit_inbound(&self, client: Ipv4Addr, pod: &PodKey, port: u16) -> Result<(), String> {
+    /// Inbound: whether the client at `client` may reach `pod` on `port`. In SMI mode a
+    /// TrafficTarget must grant it; the node's probe address is let in on every port in
+    /// both modes, and said so (only the node's own connections carry it: see
+    /// `datapath::probes`).
+    pub fn admit_inbound(
+        &self,
+        client: Ipv4Addr,
+        pod: &PodKey,
+        port: u16,
+    ) -> Result<Admission, String> {
+        if client == interceptor_common::NODE_PROBE_SOURCE {
+            return Ok(Admission::NodeProbe);
+        }
         if self.access.is_none() {
-            return Ok(());
+            return Ok(Admission::Granted);
         }
         let Some(source) = self.pods_by_ip.get(&client) else {
             return Err(format!("{ACCESS_POLICY}: {client} is not a mesh workload"));
         };
         self.check_access(Some(source), Some(pod), port)
+            .map(|()| Admission::Granted)
     }
 
     fn check_access(

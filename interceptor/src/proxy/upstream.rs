@@ -568,7 +568,7 @@ fn refused(target: Target, reason: String) -> Opened {
         Target::Endpoint { service, .. }
         | Target::NoEndpoints { service, .. }
         | Target::Refused { service, .. } => service,
-        Target::Passthrough { addr } | Target::Local { addr } => addr.to_string(),
+        Target::Passthrough { addr } | Target::Local { addr, .. } => addr.to_string(),
     };
     refusal(service, "circuit breaker", reason)
 }
@@ -602,9 +602,9 @@ where
     Fut: Future<Output = std::io::Result<TcpStream>>,
 {
     let addr = match &target {
-        Target::Endpoint { addr, .. } | Target::Passthrough { addr } | Target::Local { addr } => {
-            *addr
-        }
+        Target::Endpoint { addr, .. }
+        | Target::Passthrough { addr }
+        | Target::Local { addr, .. } => *addr,
         Target::NoEndpoints { .. } | Target::Refused { .. } => return not_an_address(target),
     };
     match connect(addr, super::routes::DEFAULT_CONNECT_TIMEOUT).await {

@@ -551,7 +551,7 @@ fn smi_mode_allows_only_what_a_traffic_target_grants() {
     // Inbound: the same rule from the server's side, by the client's address.
     let echo: PodKey = "default/echo-v1".parse().unwrap();
     let ip = |last| std::net::Ipv4Addr::new(10, 244, 0, last);
-    assert_eq!(t.admit_inbound(ip(31), &echo, 9000), Ok(()));
+    assert_eq!(t.admit_inbound(ip(31), &echo, 9000), Ok(Admission::Granted));
     assert!(t
         .admit_inbound(ip(31), &echo, 9001)
         .unwrap_err()
@@ -574,6 +574,36 @@ fn smi_mode_allows_only_what_a_traffic_target_grants() {
         status.routes,
         vec!["ServiceAccount default/telnet-client -> ServiceAccount default/default"]
     );
+}
+
+/// The node's probe address is let in on any port in both modes, and only it: its
+/// neighbours (another link-local address, the node's bridge address) are not.
+#[test]
+fn only_the_node_probe_address_is_admitted_without_a_grant() {
+    let echo: PodKey = "default/echo-v1".parse().unwrap();
+    let probe = interceptor_common::NODE_PROBE_SOURCE;
+    for permissive in [false, true] {
+        let t = smi_table(SMI, permissive);
+        for port in [9000, 9001, 8080] {
+            assert_eq!(
+                t.admit_inbound(probe, &echo, port),
+                Ok(Admission::NodeProbe)
+            );
+        }
+    }
+    let t = smi_table(SMI, false);
+    for other in [
+        std::net::Ipv4Addr::new(169, 254, 7, 126),
+        std::net::Ipv4Addr::new(169, 254, 7, 128),
+        std::net::Ipv4Addr::new(10, 244, 0, 1),
+    ] {
+        assert!(
+            t.admit_inbound(other, &echo, 9000)
+                .unwrap_err()
+                .contains("not a mesh workload"),
+            "{other}"
+        );
+    }
 }
 
 #[test]
