@@ -671,6 +671,14 @@ fn daemonset_on_podman(label: &str, extra_args: &[&str]) {
     assert!(!plugin.exists(), "the plugin stayed:\n{log}");
     let pins = fs::read_dir(tb.bpffs_dir()).map(|d| d.count()).unwrap_or(0);
     assert_eq!(pins, 0, "pins left in {}:\n{log}", tb.bpffs_dir().display());
+    // Nor the node's probe SNAT chain (SMI-mode kubelet probes), in either backend.
+    for save in ["iptables-legacy-save", "iptables-nft-save"] {
+        let nat = common::run_in_netns(tb.node_netns(), &[save, "-t", "nat"]);
+        assert!(
+            !nat.contains("INTERCEPTOR_PROBES"),
+            "{save} in the node netns after the uninstall:\n{nat}\n{log}"
+        );
+    }
     // The enrolled container is left alone: its connections go direct.
     let out = nc_from_client(&podman, &server_ip, "after-the-uninstall");
     assert!(
