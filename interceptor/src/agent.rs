@@ -712,6 +712,40 @@ impl Agent {
             .set_rules(cookie, &crate::config::MeshConfig::default());
     }
 
+    /// Take a running pod out of the data path so that its connections through the proxy
+    /// go on: its listeners stop accepting and drain, and once every one of them has
+    /// ended the data path drops what it kept for them ([`Datapath::drained`]). The
+    /// returned task is aborted, listeners included, when the pod goes (CNI DEL).
+    fn leave_running(&self, key: &PodKey, left: EnrolledPod) -> AbortOnDrop {
+        if let Err(error) = self.datapath.unenroll_running(&left.datapath, &left.netns) {
+            tracing::error!(pod = %key, %error, "unenrolling running pod");
+        }
+        let (pod, netns) = (left.datapath.clone(), Arc::clone(&left.netns));
+        let _ = self
+            .datapath
+            .set_rules(pod.netns_cookie, &crate::config::MeshConfig::default());
+        let mut listeners = left.leave();
+        let datapath = Arc::clone(&self.datapath);
+        let key = key.clone();
+        AbortOnDrop(tokio::spawn(async move {
+            for listener in &mut listeners {
+                let _ = (&mut listener.0).await;
+            }
+            let drained = tokio::task::spawn_blocking(move || datapath.drained(&pod, &netns));
+            match drained.await {
+                Ok(Ok(())) => {
+                    tracing::info!(pod = %key, "the connections it made in the mesh have closed")
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(pod = %key, %error, "after its last proxied connection")
+                }
+                Err(error) => {
+                    tracing::warn!(pod = %key, %error, "after its last proxied connection")
+                }
+            }
+        }))
+    }
+
     /// Bring running pods in line with the model, without restarting them: a pod whose
     /// enrollment label or annotation (its own or its namespace's) now says yes is
     /// enrolled, one that now says no leaves the mesh (its open proxied connections
@@ -739,19 +773,12 @@ impl Agent {
                         entry.enrolled.take()
                     });
                     let Some(left) = left else { continue };
-                    self.unenroll(&key, &left);
-                    if self.datapath.unenroll_keeps_open_connections() {
-                        let draining = left.leave();
-                        if let Some(entry) = lock(&self.pods).get_mut(&key) {
-                            entry.leaving.extend(draining);
-                        }
-                        tracing::info!(pod = %key, reason = %enrollment.reason,
-                            "pod left the mesh while running; its open connections finish");
-                    } else {
-                        drop(left);
-                        tracing::info!(pod = %key, reason = %enrollment.reason,
-                            "pod left the mesh while running; its proxied connections are closed");
+                    let draining = self.leave_running(&key, left);
+                    if let Some(entry) = lock(&self.pods).get_mut(&key) {
+                        entry.leaving.push(draining);
                     }
+                    tracing::info!(pod = %key, reason = %enrollment.reason,
+                        "pod left the mesh while running; its open connections finish");
                     changed = true;
                 }
                 (true, true) => self.update_rules(&key, &model),

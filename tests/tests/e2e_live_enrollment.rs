@@ -175,38 +175,49 @@ fn a_namespace_label_enrolls_and_unenrolls_its_running_pod(mode: Mode) {
         enrolled(&node, "late/app").filter(|e| !*e).map(|_| ())
     });
     if mode == Mode::Iptables {
-        common::assert_pod_rules(&app, Mode::Ebpf);
-    }
-    dial(&node, &app, &target);
-    if mode == Mode::Ebpf {
-        assert_eq!(
-            during.ping(),
-            "ping",
-            "a proxied connection outlives the unenrollment\n{}",
-            node.config_dump()["connections"]
+        // No interception left, only the drain chain that keeps conntrack (and with it
+        // the NAT of the proxied connection) on while that connection lasts.
+        // (The config dump says unenrolled just before the rules are rewritten.)
+        let nat = wait_for("the drain chain in place of the pod's chains", || {
+            let nat = common::nat_rules(&app.netns, "nft");
+            nat.contains(":PROXY_DRAIN ").then_some(nat)
+        });
+        assert!(
+            !nat.contains("PROXY_OUTPUT") && !nat.contains("REDIRECT"),
+            "{nat}\n{}",
+            node.agent_log()
         );
     }
-    // iptables mode: once the pod's nat rules are gone its proxied connections cannot go
-    // on (the application's next packet leaves untranslated), so the agent closes them;
-    // see README "Live enrollment".
+    dial(&node, &app, &target);
+    assert_eq!(
+        during.ping(),
+        "ping",
+        "a proxied connection outlives the unenrollment\n{}",
+        node.config_dump()["connections"]
+    );
     assert_eq!(before.ping(), "ping");
     drop(during);
+    // Its last proxied connection closed: nothing of the mesh is left in the pod.
+    wait_for("the drain to end", || {
+        node.agent_log()
+            .contains("the connections it made in the mesh have closed")
+            .then_some(())
+    });
+    common::assert_pod_rules(&app, Mode::Ebpf);
+    // Only the connections made while enrolled went through the proxy.
+    wait_for("both proxied connections recorded", || {
+        (outbound_records(&node, "late/app") == 2).then_some(())
+    });
     std::thread::sleep(Duration::from_millis(300));
-    // Only the connections made while enrolled went through the proxy (in iptables mode
-    // the held one was closed with its listener, unrecorded, as at a CNI DEL).
-    let proxied = if mode == Mode::Ebpf { 2 } else { 1 };
     assert_eq!(
         outbound_records(&node, "late/app"),
-        proxied,
+        2,
         "{}",
         node.config_dump()["connections"]
     );
     let log = node.agent_log();
     assert!(log.contains("running pod enrolled"), "{log}");
     assert!(log.contains("pod left the mesh while running"), "{log}");
-    if mode == Mode::Iptables {
-        assert!(log.contains("its proxied connections are closed"), "{log}");
-    }
 }
 
 fn changed_exclusion_annotations_apply_to_the_running_pod(mode: Mode) {
@@ -400,9 +411,12 @@ fn a_namespace_label_from_the_api_server_enrolls_and_unenrolls_its_running_pod(m
     wait_for("late/app unenrolled", || {
         enrolled(&node, "late/app").filter(|e| !*e).map(|_| ())
     });
-    if mode == Mode::Iptables {
-        common::assert_pod_rules(&app, Mode::Ebpf);
-    }
+    wait_for("the drain to end", || {
+        node.agent_log()
+            .contains("the connections it made in the mesh have closed")
+            .then_some(())
+    });
+    common::assert_pod_rules(&app, Mode::Ebpf);
     dial(&node, &app, &target);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(

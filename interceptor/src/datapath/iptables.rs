@@ -29,6 +29,24 @@ const CHAINS: [&str; 4] = [
     CHAIN_OUTPUT,
     CHAIN_REDIRECT,
 ];
+/// Left in a pod that leaves the mesh while it runs, until the connections it made
+/// through the proxy have closed: one rule that needs conntrack and matches nothing new,
+/// in a chain nothing jumps to. The kernel turns conntrack on in a netns only while a
+/// rule needs it (the REDIRECT targets did); once the last such rule is gone it stops
+/// tracking, so the established flows' NAT is no longer applied and their next packets
+/// leave for the original destination untranslated (reset there, or lost). Found by
+/// measurement: deleting a REDIRECT rule breaks the flows it redirected, on both
+/// backends; keeping any conntrack rule keeps them working.
+pub const CHAIN_DRAIN: &str = "PROXY_DRAIN";
+const DRAIN_RULE: &str = "-A PROXY_DRAIN -m conntrack --ctstate DNAT -j RETURN";
+/// Every chain of ours that removal looks for.
+const ALL_CHAINS: [&str; 5] = [
+    CHAIN_INBOUND,
+    CHAIN_IN_REDIRECT,
+    CHAIN_OUTPUT,
+    CHAIN_REDIRECT,
+    CHAIN_DRAIN,
+];
 /// The jumps from the built-in chains into ours, exactly as `iptables-save` prints them.
 const JUMP_INBOUND: &str = "-A PREROUTING -p tcp -j PROXY_INBOUND";
 const JUMP_OUTPUT: &str = "-A OUTPUT -p tcp -j PROXY_OUTPUT";
@@ -204,7 +222,7 @@ impl Installed {
         for line in nat_save.lines().map(str::trim_end) {
             if let Some(declared) = line.strip_prefix(':') {
                 let name = declared.split_whitespace().next().unwrap_or_default();
-                if let Some(chain) = CHAINS.iter().find(|c| **c == name) {
+                if let Some(chain) = ALL_CHAINS.iter().find(|c| **c == name) {
                     installed.chains.push(chain);
                 }
                 continue;
@@ -215,8 +233,8 @@ impl Installed {
             };
             let targets_ours = words
                 .windows(2)
-                .any(|w| (w[0] == "-j" || w[0] == "-g") && CHAINS.contains(&w[1]));
-            if CHAINS.contains(chain) || !targets_ours {
+                .any(|w| (w[0] == "-j" || w[0] == "-g") && ALL_CHAINS.contains(&w[1]));
+            if ALL_CHAINS.contains(chain) || !targets_ours {
                 continue;
             }
             if line == JUMP_INBOUND {
@@ -321,11 +339,32 @@ fn remove_script(installed: &Installed) -> Option<String> {
     Some(s)
 }
 
-/// Remove our chains and every reference to them from the calling thread's netns,
-/// with `backend`'s tools. Returns whether there was anything to remove.
-fn remove_here(backend: Backend) -> Result<bool, DatapathError> {
+/// Our chains removed as [`remove_script`] does, and the drain chain made in the same
+/// transaction: the pod's flows through the proxy keep their NAT (see [`CHAIN_DRAIN`]).
+fn leave_script(installed: &Installed) -> String {
+    let mut s = remove_script(installed).unwrap_or_else(|| "*nat\nCOMMIT\n".to_owned());
+    let commit = s
+        .rfind("COMMIT\n")
+        .expect("a restore script ends in COMMIT");
+    s.insert_str(commit, &format!(":{CHAIN_DRAIN} - [0:0]\n{DRAIN_RULE}\n"));
+    s
+}
+
+/// The drain chain removed (nothing jumps to it); `None` when it is not there.
+fn drained_script(installed: &Installed) -> Option<String> {
+    installed
+        .chains
+        .contains(&CHAIN_DRAIN)
+        .then(|| format!("*nat\n:{CHAIN_DRAIN} - [0:0]\n-X {CHAIN_DRAIN}\nCOMMIT\n"))
+}
+
+/// Runs the script `make` derives from the calling thread's netns's nat table, if any.
+fn restore_here(
+    backend: Backend,
+    make: impl FnOnce(&Installed) -> Option<String>,
+) -> Result<bool, DatapathError> {
     let installed = Installed::parse(&run(&backend.tool("save"), &["-t", "nat"], None)?);
-    match remove_script(&installed) {
+    match make(&installed) {
         Some(script) => run(
             &backend.tool("restore"),
             &["--noflush", "-w", LOCK_WAIT_SECS],
@@ -334,6 +373,12 @@ fn remove_here(backend: Backend) -> Result<bool, DatapathError> {
         .map(|_| true),
         None => Ok(false),
     }
+}
+
+/// Remove our chains and every reference to them from the calling thread's netns,
+/// with `backend`'s tools. Returns whether there was anything to remove.
+fn remove_here(backend: Backend) -> Result<bool, DatapathError> {
+    restore_here(backend, remove_script)
 }
 
 /// Remove what any agent wrote into the netns at `path`, in both backends (a backend
@@ -380,6 +425,9 @@ struct State {
     /// Per-pod rules by netns cookie; they add to the global ones.
     scoped: HashMap<u64, MeshConfig>,
     pods: HashMap<u64, Enrolled>,
+    /// Pods that left the mesh while running, whose drain chain stays until
+    /// [`Datapath::drained`].
+    draining: HashMap<u64, Enrolled>,
 }
 
 impl State {
@@ -482,16 +530,48 @@ impl Datapath for IptablesDatapath {
         Ok(())
     }
 
-    fn unenroll_keeps_open_connections(&self) -> bool {
-        false
-    }
-
     fn unenroll(&self, pod: &PodDatapath, netns: &Arc<PodNetns>) -> Result<(), DatapathError> {
         let _writing = lock(&self.writes);
         self.remove(netns, pod.ipv4)?;
         // Only once the rules are gone: a pod whose removal failed is retried at teardown.
-        lock(&self.state).pods.remove(&pod.netns_cookie);
+        let mut state = lock(&self.state);
+        state.pods.remove(&pod.netns_cookie);
+        state.draining.remove(&pod.netns_cookie);
         Ok(())
+    }
+
+    fn unenroll_running(
+        &self,
+        pod: &PodDatapath,
+        netns: &Arc<PodNetns>,
+    ) -> Result<(), DatapathError> {
+        let _writing = lock(&self.writes);
+        let backend = self.backend;
+        self.in_netns(netns, pod.ipv4, move || {
+            restore_here(backend, |installed| Some(leave_script(installed))).map(drop)
+        })?;
+        let mut state = lock(&self.state);
+        if let Some(left) = state.pods.remove(&pod.netns_cookie) {
+            // Removed at teardown if it is still draining then.
+            state.draining.insert(pod.netns_cookie, left);
+        }
+        Ok(())
+    }
+
+    fn drained(&self, pod: &PodDatapath, netns: &Arc<PodNetns>) -> Result<(), DatapathError> {
+        let _writing = lock(&self.writes);
+        if lock(&self.state)
+            .draining
+            .remove(&pod.netns_cookie)
+            .is_none()
+        {
+            // Enrolled again (its REDIRECT rules need conntrack themselves) or gone.
+            return Ok(());
+        }
+        let backend = self.backend;
+        self.in_netns(netns, pod.ipv4, move || {
+            restore_here(backend, drained_script).map(drop)
+        })
     }
 
     fn release_netns(&self, path: &std::path::Path) -> Result<(), DatapathError> {
@@ -561,7 +641,11 @@ impl Datapath for IptablesDatapath {
 
     fn teardown(&self) -> Result<(), DatapathError> {
         let _writing = lock(&self.writes);
-        let pods: Vec<Enrolled> = lock(&self.state).pods.drain().map(|(_, p)| p).collect();
+        let pods: Vec<Enrolled> = {
+            let mut state = lock(&self.state);
+            let draining: Vec<Enrolled> = state.draining.drain().map(|(_, p)| p).collect();
+            state.pods.drain().map(|(_, p)| p).chain(draining).collect()
+        };
         let mut first_error = None;
         for pod in pods {
             if let Err(error) = self.remove(&pod.netns, pod.pod.ipv4) {
@@ -580,6 +664,48 @@ mod tests {
         crate::config::parse(std::path::Path::new("test.yaml"), yaml)
             .expect("config")
             .config
+    }
+
+    #[test]
+    fn leaving_replaces_the_chains_with_the_drain_chain_in_one_transaction() {
+        let saved =
+            "*nat\n:PREROUTING ACCEPT [0:0]\n:PROXY_INBOUND - [0:0]\n:PROXY_IN_REDIRECT - [0:0]\n\
+                     :PROXY_OUTPUT - [0:0]\n:PROXY_REDIRECT - [0:0]\n\
+                     -A PREROUTING -p tcp -j PROXY_INBOUND\n-A OUTPUT -p tcp -j PROXY_OUTPUT\n\
+                     -A PROXY_REDIRECT -p tcp --syn -j REDIRECT --to-ports 15001\nCOMMIT\n";
+        let script = leave_script(&Installed::parse(saved));
+        assert!(
+            script.starts_with("*nat\n") && script.ends_with("COMMIT\n"),
+            "{script}"
+        );
+        assert_eq!(script.matches("COMMIT").count(), 1, "{script}");
+        for chain in CHAINS {
+            assert!(script.contains(&format!("-X {chain}\n")), "{script}");
+        }
+        assert!(
+            script.contains("-D PREROUTING -p tcp -j PROXY_INBOUND\n"),
+            "{script}"
+        );
+        assert!(
+            script.contains(
+                ":PROXY_DRAIN - [0:0]\n-A PROXY_DRAIN -m conntrack --ctstate DNAT -j RETURN\n"
+            ),
+            "{script}"
+        );
+        assert!(!script.contains("-X PROXY_DRAIN"), "{script}");
+
+        // Once drained: the drain chain alone goes; a netns without it needs nothing.
+        let draining = "*nat\n:OUTPUT ACCEPT [0:0]\n:PROXY_DRAIN - [0:0]\n\
+                        -A PROXY_DRAIN -m conntrack --ctstate DNAT -j RETURN\nCOMMIT\n";
+        let installed = Installed::parse(draining);
+        assert_eq!(
+            drained_script(&installed).as_deref(),
+            Some("*nat\n:PROXY_DRAIN - [0:0]\n-X PROXY_DRAIN\nCOMMIT\n")
+        );
+        assert_eq!(drained_script(&Installed::parse(saved)), None);
+        // Cleanup and DEL remove a drain chain left behind like the others.
+        let removal = remove_script(&installed).expect("something to remove");
+        assert!(removal.contains("-X PROXY_DRAIN\n"), "{removal}");
     }
 
     #[test]

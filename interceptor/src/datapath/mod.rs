@@ -116,19 +116,28 @@ pub struct LiveRecords {
 pub trait Datapath: Send + Sync {
     /// Short mode name for logs and `/config_dump` (`ebpf`, `iptables`).
     fn mode(&self) -> &'static str;
-    /// Whether connections a pod made through the proxy keep working after the pod is
-    /// unenrolled while it runs. eBPF: yes (the app's socket is connected to the proxy's
-    /// listener). iptables: no (once the pod's nat rules are gone, its next packets leave
-    /// untranslated and the server resets them), so the agent closes them at once rather
-    /// than leave the proxy's side of them waiting.
-    fn unenroll_keeps_open_connections(&self) -> bool {
-        true
-    }
     /// Start intercepting a pod; `netns` runs what must happen inside the pod's netns.
     /// All-or-nothing: on error nothing of the pod is left in the data path.
     fn enroll(&self, pod: &PodDatapath, netns: &Arc<PodNetns>) -> Result<(), DatapathError>;
     /// Stop intercepting a pod and forget its flows; unknown pods are not an error.
     fn unenroll(&self, pod: &PodDatapath, netns: &Arc<PodNetns>) -> Result<(), DatapathError>;
+    /// Stop intercepting a running pod that leaves the mesh, such that the connections it
+    /// made through the proxy keep working until they close: new ones go direct. eBPF
+    /// needs nothing more than [`Datapath::unenroll`] (the app's socket is connected to
+    /// the proxy's listener). iptables keeps conntrack on in the pod until
+    /// [`Datapath::drained`]: see `IptablesDatapath`.
+    fn unenroll_running(
+        &self,
+        pod: &PodDatapath,
+        netns: &Arc<PodNetns>,
+    ) -> Result<(), DatapathError> {
+        self.unenroll(pod, netns)
+    }
+    /// The connections a pod made through the proxy before it left the mesh have all
+    /// closed: remove what [`Datapath::unenroll_running`] kept for them.
+    fn drained(&self, _pod: &PodDatapath, _netns: &Arc<PodNetns>) -> Result<(), DatapathError> {
+        Ok(())
+    }
     /// A pod netns this agent does not enroll (after a restart): remove what an earlier
     /// agent left inside it. eBPF mode keeps nothing inside a pod's netns that outlives
     /// [`Datapath::retain_pods`], so the default does nothing.

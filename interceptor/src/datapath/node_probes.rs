@@ -165,6 +165,18 @@ pub struct ProbeSnat {
 }
 
 impl ProbeSnat {
+    /// Takes the pod out of the chain first: once the pod is out of the data path, a
+    /// probe SNATed to the probe address would reach it unintercepted, and its
+    /// NetworkPolicy may not expect it.
+    fn forget(&self, pod: &PodDatapath) {
+        {
+            let mut state = lock(&self.state);
+            state.pods.remove(&pod.netns_cookie);
+            state.inherited.remove(&pod.ipv4);
+        }
+        self.sync();
+    }
+
     /// Wrap `inner`, writing with `backend` (iptables mode's), or in eBPF mode with the
     /// one detected for this node the way iptables mode would. Without a usable iptables
     /// the node's probes stay unadmitted in SMI mode, which is logged, and `inner` is
@@ -245,10 +257,6 @@ impl Datapath for ProbeSnat {
         self.inner.mode()
     }
 
-    fn unenroll_keeps_open_connections(&self) -> bool {
-        self.inner.unenroll_keeps_open_connections()
-    }
-
     fn enroll(&self, pod: &PodDatapath, netns: &Arc<PodNetns>) -> Result<(), DatapathError> {
         self.inner.enroll(pod, netns)?;
         {
@@ -261,15 +269,21 @@ impl Datapath for ProbeSnat {
     }
 
     fn unenroll(&self, pod: &PodDatapath, netns: &Arc<PodNetns>) -> Result<(), DatapathError> {
-        // First: once the pod is out of the data path, a probe SNATed to the probe
-        // address would reach it unintercepted, and its NetworkPolicy may not expect it.
-        {
-            let mut state = lock(&self.state);
-            state.pods.remove(&pod.netns_cookie);
-            state.inherited.remove(&pod.ipv4);
-        }
-        self.sync();
+        self.forget(pod);
         self.inner.unenroll(pod, netns)
+    }
+
+    fn unenroll_running(
+        &self,
+        pod: &PodDatapath,
+        netns: &Arc<PodNetns>,
+    ) -> Result<(), DatapathError> {
+        self.forget(pod);
+        self.inner.unenroll_running(pod, netns)
+    }
+
+    fn drained(&self, pod: &PodDatapath, netns: &Arc<PodNetns>) -> Result<(), DatapathError> {
+        self.inner.drained(pod, netns)
     }
 
     fn release_netns(&self, path: &Path) -> Result<(), DatapathError> {
