@@ -11,8 +11,12 @@
 //! `SO_ORIGINAL_DST` answers it there; `::1`, `fe80::` and excluded destinations
 //! (IPv6 CIDR, IPv4 CIDR through a mapped address, port) go where they were sent; the
 //! proxy's marked sockets are skipped; a pod without an IPv6 address has its IPv6 left
-//! alone.
-use std::io::ErrorKind;
+//! alone. Inbound, from a second netns (the veth's other end, not enrolled): tc steers
+//! an IPv6 SYN to `[::]:15003` and restores the replies, `IP6T_SO_ORIGINAL_DST` answers
+//! from the tc record, sock_ops marks it accepted and forgets it at close; a marked
+//! (proxy) socket's connect to the pod goes to its 15003, answered from connect6's
+//! record; unenrolling removes the IPv6 entries.
+use std::io::{ErrorKind, Read, Write};
 use std::net::{
     IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream,
 };
@@ -25,14 +29,19 @@ use std::time::{Duration, Instant};
 use aya::maps::{HashMap, MapData};
 use interceptor::config::MeshConfig;
 use interceptor::datapath::ebpf::{
-    is_our_pin, EbpfDatapath, EbpfOptions, KernelSupport, PROG_CONNECT6,
+    ip6_key, is_our_pin, EbpfDatapath, EbpfOptions, KernelSupport, PROG_CONNECT6,
 };
 use interceptor::datapath::{probe, Datapath, PodDatapath};
 use interceptor::inpod::PodNetns;
-use interceptor_common::{maps, rules, FlowKey, OrigDst, OUTBOUND_PORT, PROXY_MARK};
+use interceptor_common::{
+    inbound_state, maps, rules, FlowKey, InboundFlow, InboundKey6, OrigDst, INBOUND_PORT,
+    OUTBOUND_PORT, PROXY_MARK,
+};
 
 /// Fixed names, so a run that was killed leaves nothing the next one does not remove.
 const NETNS: &str = "icpt-test-connect6";
+/// The other end of the pod's veth: a client from outside the pod.
+const PEER_NETNS: &str = "icpt-test-connect6-c";
 const CGROUP: &str = "interceptor-test-connect6";
 const PIN_DIR: &str = "/sys/fs/bpf/interceptor-test-connect6";
 const IFNAME: &str = "veth6";
@@ -46,6 +55,12 @@ const SERVICE4: Ipv4Addr = Ipv4Addr::new(10, 66, 0, 99);
 const OTHER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 5);
 const OTHER4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 5);
 const LINK_LOCAL: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 2);
+const PEER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x66, 0, 0, 0, 0, 0, 7);
+const PEER4: Ipv4Addr = Ipv4Addr::new(10, 66, 0, 7);
+
+/// The tests share fixed names, a cgroup and this process's membership of it: one at a
+/// time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Root is needed; under `CI=true` a non-root run fails, never skips.
 fn privileged() -> bool {
@@ -90,6 +105,7 @@ fn own_cgroup(root: &Path) -> PathBuf {
 struct Fixture {
     datapath: Option<EbpfDatapath>,
     netns: Option<Arc<PodNetns>>,
+    peer: Option<Arc<PodNetns>>,
     cookie: u64,
     cgroup: PathBuf,
     home_cgroup: PathBuf,
@@ -105,19 +121,28 @@ impl Drop for Fixture {
         if let Some(datapath) = self.datapath.take() {
             let _ = datapath.teardown();
         }
+        // The netns files go before the lock does, so the next test starts clean.
+        self.netns = None;
+        self.peer = None;
         remove_leftovers(&self.cgroup);
     }
 }
 
 fn remove_leftovers(cgroup: &Path) {
-    let _ = Command::new("ip").args(["netns", "del", NETNS]).output();
+    for netns in [NETNS, PEER_NETNS] {
+        let _ = Command::new("ip").args(["netns", "del", netns]).output();
+    }
     let _ = interceptor::datapath::bpffs::remove_pin_dir(Path::new(PIN_DIR), &is_our_pin);
     let _ = std::fs::remove_dir(PIN_DIR);
     // Only this test puts a process there, and a killed run's process is gone.
     let _ = std::fs::remove_dir(cgroup);
 }
 
-fn setup() -> Fixture {
+fn setup() -> (Fixture, std::sync::MutexGuard<'static, ()>) {
+    // A test that failed poisons the lock; the next one still runs (and cleans up).
+    let serial = SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let root = interceptor::datapath::cgroup::detect_cgroup2_root().expect("a cgroup2 mount");
     let cgroup = root.join(CGROUP);
     remove_leftovers(&cgroup);
@@ -125,21 +150,38 @@ fn setup() -> Fixture {
     let mut fixture = Fixture {
         datapath: None,
         netns: None,
+        peer: None,
         cookie: 0,
         cgroup: cgroup.clone(),
         home_cgroup: own_cgroup(&root),
     };
     ip(&["netns", "add", NETNS]);
+    ip(&["netns", "add", PEER_NETNS]);
     std::fs::create_dir(&cgroup).expect("creating the test cgroup");
     let netns = Arc::new(
         PodNetns::enter(&PathBuf::from(format!("/var/run/netns/{NETNS}"))).expect("netns"),
     );
     let cookie = netns.cookie();
     fixture.netns = Some(Arc::clone(&netns));
+    fixture.peer = Some(Arc::new(
+        PodNetns::enter(&PathBuf::from(format!("/var/run/netns/{PEER_NETNS}")))
+            .expect("peer netns"),
+    ));
     fixture.cookie = cookie;
     ip_in_netns("link set lo up");
-    ip_in_netns(&format!("link add {IFNAME} type veth peer name {IFNAME}p"));
-    ip_in_netns(&format!("link set {IFNAME}p up"));
+    ip_in_netns(&format!(
+        "link add {IFNAME} type veth peer name {IFNAME}p netns {PEER_NETNS}"
+    ));
+    for args in [
+        "link set lo up".to_string(),
+        format!("link set {IFNAME}p up"),
+        format!("addr add {PEER4}/24 dev {IFNAME}p"),
+        format!("-6 addr add {PEER6}/64 dev {IFNAME}p nodad"),
+    ] {
+        let mut all = vec!["-n", PEER_NETNS];
+        all.extend(args.split_whitespace());
+        ip(&all);
+    }
     ip_in_netns(&format!("link set {IFNAME} up"));
     ip_in_netns(&format!("addr add {POD4}/24 dev {IFNAME}"));
     ip_in_netns(&format!("addr add {OTHER4}/32 dev {IFNAME}"));
@@ -185,7 +227,7 @@ fn setup() -> Fixture {
     // From here on this process's new sockets belong to the test cgroup.
     std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
         .expect("joining the test cgroup");
-    fixture
+    (fixture, serial)
 }
 
 impl Fixture {
@@ -214,20 +256,32 @@ impl Fixture {
             .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"))
     }
 
+    fn in_peer<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.peer
+            .as_ref()
+            .expect("made in setup")
+            .run_blocking(f)
+            .expect("entering the peer netns")
+    }
+
     /// A socket carrying the proxy's mark, connected to `addr`.
     fn connect_marked(&self, addr: SocketAddr) -> TcpStream {
-        self.in_netns(|| {
-            let socket = socket2::Socket::new(
-                socket2::Domain::for_address(addr),
-                socket2::Type::STREAM,
-                None,
-            )?;
-            socket.set_mark(PROXY_MARK)?;
-            socket.connect_timeout(&addr.into(), Duration::from_secs(2))?;
-            Ok::<_, std::io::Error>(TcpStream::from(socket))
-        })
-        .unwrap_or_else(|e| panic!("marked connect to {addr}: {e}"))
+        self.in_netns(|| marked_connect(addr))
+            .unwrap_or_else(|e| panic!("marked connect to {addr}: {e}"))
     }
+}
+
+/// A socket carrying the proxy's mark, as its upstream sockets do, connected to `addr`
+/// from the calling thread's netns.
+fn marked_connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.set_mark(PROXY_MARK)?;
+    socket.connect_timeout(&addr.into(), Duration::from_secs(2))?;
+    Ok(TcpStream::from(socket))
 }
 
 /// The connection waiting on `listener` (the connect has completed, so it is queued).
@@ -325,7 +379,7 @@ fn connect6_redirects_answers_and_leaves_alone_what_it_must() {
     if !privileged() {
         return;
     }
-    let fixture = setup();
+    let (fixture, _serial) = setup();
     let datapath = fixture.datapath();
     let proxy6 = fixture.listen(v6(POD6, OUTBOUND_PORT));
     let proxy4 = fixture.listen(v4(POD4, OUTBOUND_PORT));
@@ -542,4 +596,99 @@ fn connect6_redirects_answers_and_leaves_alone_what_it_must() {
         0,
     )));
     let _ = accept(&proxy4);
+}
+
+#[test]
+fn tc_steers_inbound_ipv6_and_a_marked_connect_reaches_15003() {
+    if !privileged() {
+        return;
+    }
+    let (fixture, _serial) = setup();
+    let datapath = fixture.datapath();
+    let inbound = fixture.listen(v6(Ipv6Addr::UNSPECIFIED, INBOUND_PORT));
+    // Nothing listens on the application port: only a steered SYN gets an answer.
+    let before = datapath.counters6();
+    let client = fixture
+        .in_peer(|| TcpStream::connect_timeout(&v6(POD6, 9000), Duration::from_secs(2)))
+        .expect("a connect from the peer netns (steered to 15003, replies restored)");
+    assert_eq!(client.peer_addr().expect("peer"), v6(POD6, 9000));
+    let (mut accepted, peer) = accept(&inbound);
+    assert_eq!(peer, client.local_addr().expect("local"));
+    assert_eq!(peer.ip(), IpAddr::V6(PEER6));
+    assert_eq!(
+        original_dst6(&accepted).expect("IP6T_SO_ORIGINAL_DST from the tc record"),
+        SocketAddrV6::new(POD6, 9000, 0, 0)
+    );
+    // Bytes both ways through the rewritten ports.
+    accepted.write_all(b"hello").expect("write");
+    let mut reply = [0u8; 5];
+    let mut client_read = client.try_clone().expect("clone");
+    client_read
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    client_read.read_exact(&mut reply).expect("read");
+    assert_eq!(&reply, b"hello");
+    let after = datapath.counters6();
+    assert_eq!(after.inbound_redirected, before.inbound_redirected + 1);
+    assert_eq!(after.orig_dst_answered, before.orig_dst_answered + 1);
+    let flows: HashMap<MapData, InboundKey6, InboundFlow> =
+        HashMap::try_from(aya::maps::Map::HashMap(
+            MapData::from_pin(Path::new(PIN_DIR).join(maps::INBOUND_FLOWS6)).expect("pinned"),
+        ))
+        .expect("typed");
+    let records: Vec<(InboundKey6, InboundFlow)> = flows.iter().filter_map(Result::ok).collect();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0].0.client_ipv6, ip6_key(PEER6));
+    assert_eq!(records[0].0.pod_ipv6, ip6_key(POD6));
+    assert_eq!(records[0].1.orig_port, 9000);
+    assert_eq!(
+        records[0].1.state,
+        inbound_state::ACCEPTED,
+        "sock_ops marks the flow accepted at the listener's ESTABLISHED"
+    );
+    drop(client_read);
+    drop(client);
+    drop(accepted);
+    eventually(
+        "the inbound IPv6 record goes when the listener's socket closes",
+        || datapath.live_records6().inbound_flows == 0,
+    );
+
+    // The proxy dialling an enrolled pod of this node (from a netns that is not the
+    // pod's): connect6 sends it to the pod's 15003 and records the destination.
+    let marked = fixture
+        .in_peer(|| marked_connect(v6(POD6, 9000)))
+        .expect("marked connect");
+    let (accepted, peer) = accept(&inbound);
+    assert_eq!(peer, marked.local_addr().expect("local"));
+    assert_eq!(
+        original_dst6(&accepted).expect("IP6T_SO_ORIGINAL_DST from connect6's record"),
+        SocketAddrV6::new(POD6, 9000, 0, 0)
+    );
+    assert_eq!(marked.peer_addr().expect("peer"), v6(POD6, 9000));
+    let counters = datapath.counters6();
+    assert_eq!(counters.same_node_inbound, after.same_node_inbound + 1);
+    assert_eq!(
+        counters.inbound_redirected, after.inbound_redirected,
+        "tc leaves 15003 alone (a reserved port)"
+    );
+    drop(marked);
+    drop(accepted);
+    eventually("the same-node record goes at close", || {
+        datapath.live_records6().orig_dst_by_flow == 0
+    });
+
+    // Unenrolling the pod removes its IPv6 entries with the IPv4 ones.
+    datapath
+        .unenroll(
+            &PodDatapath {
+                netns_cookie: fixture.cookie,
+                ipv4: POD4,
+                ifname: IFNAME.into(),
+            },
+            fixture.netns.as_ref().expect("netns"),
+        )
+        .expect("unenroll");
+    assert_eq!(datapath.pod_ipv6(fixture.cookie), None);
+    assert_eq!(datapath.live_records6().enrolled_netns, 0);
 }
