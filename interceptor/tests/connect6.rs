@@ -15,7 +15,8 @@
 //! an IPv6 SYN to `[::]:15003` and restores the replies, `IP6T_SO_ORIGINAL_DST` answers
 //! from the tc record, sock_ops marks it accepted and forgets it at close; a marked
 //! (proxy) socket's connect to the pod goes to its 15003, answered from connect6's
-//! record; unenrolling removes the IPv6 entries.
+//! record; an IPv4 client on that dual-stack listener is answered through `SOL_IP`;
+//! unenrolling removes the IPv6 entries.
 use std::io::{ErrorKind, Read, Write};
 use std::net::{
     IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream,
@@ -34,8 +35,8 @@ use interceptor::datapath::ebpf::{
 use interceptor::datapath::{probe, Datapath, PodDatapath};
 use interceptor::inpod::PodNetns;
 use interceptor_common::{
-    inbound_state, maps, rules, FlowKey, InboundFlow, InboundKey6, OrigDst, INBOUND_PORT,
-    OUTBOUND_PORT, PROXY_MARK,
+    inbound_state, maps, rules, FlowKey, InboundFlow, InboundKey, InboundKey6, OrigDst,
+    INBOUND_PORT, OUTBOUND_PORT, PROXY_MARK,
 };
 
 /// Fixed names, so a run that was killed leaves nothing the next one does not remove.
@@ -109,6 +110,9 @@ struct Fixture {
     cookie: u64,
     cgroup: PathBuf,
     home_cgroup: PathBuf,
+    /// Released after `drop` has removed everything (fields drop after it), so the next
+    /// test never meets this one's leftovers.
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
 
 impl Drop for Fixture {
@@ -138,7 +142,7 @@ fn remove_leftovers(cgroup: &Path) {
     let _ = std::fs::remove_dir(cgroup);
 }
 
-fn setup() -> (Fixture, std::sync::MutexGuard<'static, ()>) {
+fn setup() -> Fixture {
     // A test that failed poisons the lock; the next one still runs (and cleans up).
     let serial = SERIAL
         .lock()
@@ -154,6 +158,7 @@ fn setup() -> (Fixture, std::sync::MutexGuard<'static, ()>) {
         cookie: 0,
         cgroup: cgroup.clone(),
         home_cgroup: own_cgroup(&root),
+        _serial: serial,
     };
     ip(&["netns", "add", NETNS]);
     ip(&["netns", "add", PEER_NETNS]);
@@ -227,7 +232,7 @@ fn setup() -> (Fixture, std::sync::MutexGuard<'static, ()>) {
     // From here on this process's new sockets belong to the test cgroup.
     std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
         .expect("joining the test cgroup");
-    (fixture, serial)
+    fixture
 }
 
 impl Fixture {
@@ -379,7 +384,7 @@ fn connect6_redirects_answers_and_leaves_alone_what_it_must() {
     if !privileged() {
         return;
     }
-    let (fixture, _serial) = setup();
+    let fixture = setup();
     let datapath = fixture.datapath();
     let proxy6 = fixture.listen(v6(POD6, OUTBOUND_PORT));
     let proxy4 = fixture.listen(v4(POD4, OUTBOUND_PORT));
@@ -603,7 +608,7 @@ fn tc_steers_inbound_ipv6_and_a_marked_connect_reaches_15003() {
     if !privileged() {
         return;
     }
-    let (fixture, _serial) = setup();
+    let fixture = setup();
     let datapath = fixture.datapath();
     let inbound = fixture.listen(v6(Ipv6Addr::UNSPECIFIED, INBOUND_PORT));
     // Nothing listens on the application port: only a steered SYN gets an answer.
@@ -652,6 +657,45 @@ fn tc_steers_inbound_ipv6_and_a_marked_connect_reaches_15003() {
     eventually(
         "the inbound IPv6 record goes when the listener's socket closes",
         || datapath.live_records6().inbound_flows == 0,
+    );
+
+    // IPv4 to the same dual-stack listener: the accepted socket is AF_INET6 with a
+    // mapped peer, and SOL_IP answers it from the IPv4 tc record, which sock_ops marks
+    // accepted and forgets through the IPv4 keys.
+    let client = fixture
+        .in_peer(|| TcpStream::connect_timeout(&v4(POD4, 9000), Duration::from_secs(2)))
+        .expect("an IPv4 connect from the peer netns");
+    let (accepted4, peer) = accept(&inbound);
+    assert_eq!(
+        peer,
+        SocketAddr::V6(SocketAddrV6::new(
+            PEER4.to_ipv6_mapped(),
+            client.local_addr().expect("local").port(),
+            0,
+            0
+        ))
+    );
+    assert_eq!(
+        original_dst4(&accepted4).expect("SO_ORIGINAL_DST on a mapped accepted socket"),
+        SocketAddrV4::new(POD4, 9000)
+    );
+    assert!(
+        original_dst6(&accepted4).is_err(),
+        "an IPv4 connection is not answered as IPv6"
+    );
+    let flows4: HashMap<MapData, InboundKey, InboundFlow> =
+        HashMap::try_from(aya::maps::Map::HashMap(
+            MapData::from_pin(Path::new(PIN_DIR).join(maps::INBOUND_FLOWS)).expect("pinned"),
+        ))
+        .expect("typed");
+    let records: Vec<(InboundKey, InboundFlow)> = flows4.iter().filter_map(Result::ok).collect();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0].1.state, inbound_state::ACCEPTED);
+    drop(client);
+    drop(accepted4);
+    eventually(
+        "the IPv4 record of a mapped inbound socket goes at close",
+        || datapath.live_records().inbound_flows == 0,
     );
 
     // The proxy dialling an enrolled pod of this node (from a netns that is not the
