@@ -470,6 +470,29 @@ fn connect6_redirects_answers_and_leaves_alone_what_it_must() {
         || datapath.live_records().orig_dst_by_flow == 0,
     );
 
+    // A plain IPv4 connect still goes through connect4 as before (shared decision code).
+    let client = fixture.connect(v4(SERVICE4, 8081));
+    let (accepted, _) = accept(&proxy4);
+    assert_eq!(
+        original_dst4(&accepted).expect("SO_ORIGINAL_DST"),
+        SocketAddrV4::new(SERVICE4, 8081)
+    );
+    assert_eq!(
+        client.peer_addr().expect("getpeername4"),
+        v4(SERVICE4, 8081)
+    );
+    assert_eq!(
+        datapath
+            .counters()
+            .expect("counters")
+            .ipv6
+            .v4_mapped_redirected,
+        1,
+        "an AF_INET connect is not a mapped one"
+    );
+    drop(client);
+    drop(accepted);
+
     // Loopback and link-local destinations are never steered.
     let loopback = fixture.listen(v6(Ipv6Addr::LOCALHOST, 8081));
     let client = fixture.connect(v6(Ipv6Addr::LOCALHOST, 8081));
