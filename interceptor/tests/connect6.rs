@@ -142,6 +142,27 @@ fn remove_leftovers(cgroup: &Path) {
     let _ = std::fs::remove_dir(cgroup);
 }
 
+/// `EbpfDatapath::attach` as the agent calls it, on the test cgroup and pin dir.
+fn attach(cgroup: &Path) -> EbpfDatapath {
+    let support = KernelSupport::from_probe(&probe::probe());
+    assert!(
+        support.getpeername,
+        "this test checks getpeername6, which needs 5.8"
+    );
+    EbpfDatapath::attach(
+        cgroup,
+        Path::new(PIN_DIR),
+        EbpfOptions {
+            debug: false,
+            sockmap: false,
+            inbound_flow_capacity: None,
+            outbound_flow_capacity: None,
+            support,
+        },
+    )
+    .expect("attach")
+}
+
 fn setup() -> Fixture {
     // A test that failed poisons the lock; the next one still runs (and cleans up).
     let serial = SERIAL
@@ -193,23 +214,7 @@ fn setup() -> Fixture {
     ip_in_netns(&format!("-6 addr add {POD6}/64 dev {IFNAME} nodad"));
     ip_in_netns(&format!("-6 addr add {OTHER6}/128 dev {IFNAME} nodad"));
     ip_in_netns(&format!("-6 addr add {LINK_LOCAL}/64 dev {IFNAME} nodad"));
-    let support = KernelSupport::from_probe(&probe::probe());
-    assert!(
-        support.getpeername,
-        "this test checks getpeername6, which needs 5.8"
-    );
-    let datapath = EbpfDatapath::attach(
-        &cgroup,
-        Path::new(PIN_DIR),
-        EbpfOptions {
-            debug: false,
-            sockmap: false,
-            inbound_flow_capacity: None,
-            outbound_flow_capacity: None,
-            support,
-        },
-    )
-    .expect("attach");
+    let datapath = attach(&cgroup);
     assert!(
         Path::new(PIN_DIR)
             .join(format!("link_{PROG_CONNECT6}"))
@@ -758,4 +763,51 @@ fn tc_steers_inbound_ipv6_and_a_marked_connect_reaches_15003() {
         .expect("unenroll");
     assert_eq!(datapath.pod_ipv6(fixture.cookie), None);
     assert_eq!(datapath.live_records6().enrolled_netns, 0);
+}
+
+#[test]
+fn a_new_agent_reuses_the_ipv6_maps_and_forgets_unclaimed_ranges() {
+    if !privileged() {
+        return;
+    }
+    let mut fixture = setup();
+    let proxy6 = fixture.listen(v6(POD6, OUTBOUND_PORT));
+    let other = fixture.listen(v6(OTHER6, 8083));
+    let global: ipnet::Ipv6Net = "fd00:77::/64".parse().expect("net");
+    let pods: ipnet::Ipv6Net = "fd00:88::/64".parse().expect("net");
+    {
+        let first = fixture.datapath();
+        first
+            .set_rules6(rules::GLOBAL_SCOPE, &[global], &[])
+            .expect("rules");
+        first
+            .set_rules6(fixture.cookie, &[pods], &[])
+            .expect("rules");
+    }
+    // The first agent goes away without removing anything (a hand-over or a restart),
+    // and the next one attaches on the same pins.
+    drop(fixture.datapath.take());
+    fixture.datapath = Some(attach(&fixture.cgroup));
+    let next = fixture.datapath();
+    assert_eq!(
+        next.pod_ipv6(fixture.cookie),
+        Some(POD6),
+        "enrollment carried over"
+    );
+    let _client = fixture.connect(v6(OTHER6, 8083));
+    let _ = accept(&other);
+    nothing_queued(&proxy6, "a range from the reused trie");
+    let _client = fixture.connect(v6(SERVICE6, 8080));
+    let (accepted, _) = accept(&proxy6);
+    assert_eq!(
+        original_dst6(&accepted).expect("IP6T_SO_ORIGINAL_DST through the new agent"),
+        SocketAddrV6::new(SERVICE6, 8080, 0, 0)
+    );
+    // The new agent's configuration names only the global range: the pod's goes.
+    next.set_rules6(rules::GLOBAL_SCOPE, &[global], &[])
+        .expect("rules");
+    assert_eq!(next.forget_unclaimed_rules(), 1);
+    let _client = fixture.connect(v6(OTHER6, 8083));
+    let _ = accept(&other);
+    nothing_queued(&proxy6, "the claimed global range");
 }
