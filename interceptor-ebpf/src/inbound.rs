@@ -186,7 +186,9 @@ fn admit_syn<K>(
     flows: &HashMap<K, InboundFlow>,
     key: &K,
     dport: u16,
-    tally: fn(Tally),
+    // A generic, not a `fn` pointer: BPF has no indirect calls, so the counter must be
+    // known at compile time.
+    tally: impl Fn(Tally),
 ) -> Result<(), ()> {
     // SAFETY: plain-old-data value, copied out immediately.
     match unsafe { flows.get(key) }.map(|flow| flow.orig_port) {

@@ -16,7 +16,7 @@
 //! from the tc record, sock_ops marks it accepted and forgets it at close; a marked
 //! (proxy) socket's connect to the pod goes to its 15003, answered from connect6's
 //! record; an IPv4 client on that dual-stack listener is answered through `SOL_IP`;
-//! unenrolling removes the IPv6 entries.
+//! unenrolling removes the IPv6 entries; an IPv6-only pod has only its IPv6 steered.
 use std::io::{ErrorKind, Read, Write};
 use std::net::{
     IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream,
@@ -763,6 +763,45 @@ fn tc_steers_inbound_ipv6_and_a_marked_connect_reaches_15003() {
         .expect("unenroll");
     assert_eq!(datapath.pod_ipv6(fixture.cookie), None);
     assert_eq!(datapath.live_records6().enrolled_netns, 0);
+    let refused = fixture
+        .in_peer(|| TcpStream::connect_timeout(&v6(POD6, 9000), Duration::from_secs(2)))
+        .expect_err("an unenrolled pod's port 9000 has no listener");
+    assert_eq!(refused.kind(), ErrorKind::ConnectionRefused);
+
+    // An IPv6-only pod: tc steers its IPv6 and leaves its IPv4 alone.
+    let netns = fixture.netns.as_ref().expect("netns");
+    datapath
+        .enroll_ipv6_only(fixture.cookie, POD6, IFNAME, netns)
+        .expect("IPv6-only enrollment");
+    let client = fixture
+        .in_peer(|| TcpStream::connect_timeout(&v6(POD6, 9000), Duration::from_secs(2)))
+        .expect("steered to 15003 again");
+    let (accepted, _) = accept(&inbound);
+    assert_eq!(
+        original_dst6(&accepted).expect("IP6T_SO_ORIGINAL_DST"),
+        SocketAddrV6::new(POD6, 9000, 0, 0)
+    );
+    let refused = fixture
+        .in_peer(|| TcpStream::connect_timeout(&v4(POD4, 9000), Duration::from_secs(2)))
+        .expect_err("IPv4 to an IPv6-only pod is not steered");
+    assert_eq!(refused.kind(), ErrorKind::ConnectionRefused);
+    drop(client);
+    drop(accepted);
+    datapath
+        .unenroll(
+            &PodDatapath {
+                netns_cookie: fixture.cookie,
+                ipv4: Ipv4Addr::UNSPECIFIED,
+                ifname: IFNAME.into(),
+            },
+            netns,
+        )
+        .expect("unenroll an IPv6-only pod");
+    assert_eq!(datapath.pod_ipv6(fixture.cookie), None);
+    let refused = fixture
+        .in_peer(|| TcpStream::connect_timeout(&v6(POD6, 9000), Duration::from_secs(2)))
+        .expect_err("tc detached");
+    assert_eq!(refused.kind(), ErrorKind::ConnectionRefused);
 }
 
 #[test]

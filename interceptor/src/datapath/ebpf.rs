@@ -567,6 +567,31 @@ impl EbpfDatapath {
         Ok(())
     }
 
+    /// Enroll a pod that has an IPv6 address and no IPv4 one: tc attached to `ifname`
+    /// in its netns (as [`Datapath::enroll`] does) and the IPv6 entries written; nothing
+    /// goes in the IPv4 maps, so its IPv4 (if any appears) is left alone. Undone by
+    /// [`Datapath::unenroll`] with `ipv4: Ipv4Addr::UNSPECIFIED` (no IPv4 entry of another
+    /// pod is touched: entries are removed only when they name this netns).
+    pub fn enroll_ipv6_only(
+        &self,
+        netns_cookie: u64,
+        ip: Ipv6Addr,
+        ifname: &str,
+        netns: &Arc<PodNetns>,
+    ) -> Result<(), DatapathError> {
+        self.enroll_ipv6(netns_cookie, ip)?;
+        match self.attach_tc(netns, ifname, netns_cookie) {
+            Ok(links) => {
+                lock(&self.tc_links).insert(netns_cookie, (Arc::clone(netns), links));
+                Ok(())
+            }
+            Err(error) => {
+                self.unenroll_ipv6(netns_cookie);
+                Err(error)
+            }
+        }
+    }
+
     /// Take a pod's IPv6 address away (its IPv4 stays enrolled): its IPv6 connects and
     /// inbound IPv6 flows are left alone from now on, and its IPv6 flow records go.
     pub fn unenroll_ipv6(&self, netns_cookie: u64) {
