@@ -687,6 +687,29 @@ fn tc_steers_inbound_ipv6_and_a_marked_connect_reaches_15003() {
         || datapath.live_records6().inbound_flows == 0,
     );
 
+    // A half-open IPv6 record (a SYN whose handshake never completed) is swept.
+    let mut flows6: HashMap<MapData, InboundKey6, InboundFlow> =
+        HashMap::try_from(aya::maps::Map::HashMap(
+            MapData::from_pin(Path::new(PIN_DIR).join(maps::INBOUND_FLOWS6)).expect("pinned"),
+        ))
+        .expect("typed");
+    let spoofed = InboundKey6 {
+        client_ipv6: ip6_key(Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 1)),
+        pod_ipv6: ip6_key(POD6),
+        client_port: 40999,
+        _pad: 0,
+    };
+    let half_open = InboundFlow {
+        orig_port: 9000,
+        state: inbound_state::HALF_OPEN,
+        _pad: 0,
+    };
+    flows6
+        .insert(spoofed, half_open, 0)
+        .expect("a half-open record");
+    assert_eq!(datapath.expire_half_open(Duration::ZERO), 1);
+    assert_eq!(datapath.live_records6().inbound_flows, 0);
+
     // IPv4 to the same dual-stack listener: the accepted socket is AF_INET6 with a
     // mapped peer, and SOL_IP answers it from the IPv4 tc record, which sock_ops marks
     // accepted and forgets through the IPv4 keys.
@@ -849,4 +872,8 @@ fn a_new_agent_reuses_the_ipv6_maps_and_forgets_unclaimed_ranges() {
     let _client = fixture.connect(v6(OTHER6, 8083));
     let _ = accept(&other);
     nothing_queued(&proxy6, "the claimed global range");
+    // A pod the new agent does not adopt loses its IPv6 entries too.
+    next.retain_pods(&std::collections::HashSet::new());
+    assert_eq!(next.pod_ipv6(fixture.cookie), None);
+    assert_eq!(next.live_records6().enrolled_netns, 0);
 }
