@@ -143,7 +143,7 @@ fn remove_leftovers(cgroup: &Path) {
 }
 
 /// `EbpfDatapath::attach` as the agent calls it, on the test cgroup and pin dir.
-fn attach(cgroup: &Path) -> EbpfDatapath {
+fn attach(cgroup: &Path, outbound_flow_capacity: Option<u32>) -> EbpfDatapath {
     let support = KernelSupport::from_probe(&probe::probe());
     assert!(
         support.getpeername,
@@ -156,7 +156,7 @@ fn attach(cgroup: &Path) -> EbpfDatapath {
             debug: false,
             sockmap: false,
             inbound_flow_capacity: None,
-            outbound_flow_capacity: None,
+            outbound_flow_capacity,
             support,
         },
     )
@@ -164,6 +164,11 @@ fn attach(cgroup: &Path) -> EbpfDatapath {
 }
 
 fn setup() -> Fixture {
+    setup_with(None)
+}
+
+/// [`setup`] with ORIG_DST_BY_FLOW and ORIG_DST6_BY_FLOW of this size.
+fn setup_with(outbound_flow_capacity: Option<u32>) -> Fixture {
     // A test that failed poisons the lock; the next one still runs (and cleans up).
     let serial = SERIAL
         .lock()
@@ -214,7 +219,7 @@ fn setup() -> Fixture {
     ip_in_netns(&format!("-6 addr add {POD6}/64 dev {IFNAME} nodad"));
     ip_in_netns(&format!("-6 addr add {OTHER6}/128 dev {IFNAME} nodad"));
     ip_in_netns(&format!("-6 addr add {LINK_LOCAL}/64 dev {IFNAME} nodad"));
-    let datapath = attach(&cgroup);
+    let datapath = attach(&cgroup, outbound_flow_capacity);
     assert!(
         Path::new(PIN_DIR)
             .join(format!("link_{PROG_CONNECT6}"))
@@ -849,7 +854,7 @@ fn a_new_agent_reuses_the_ipv6_maps_and_forgets_unclaimed_ranges() {
     // The first agent goes away without removing anything (a hand-over or a restart),
     // and the next one attaches on the same pins.
     drop(fixture.datapath.take());
-    fixture.datapath = Some(attach(&fixture.cgroup));
+    fixture.datapath = Some(attach(&fixture.cgroup, None));
     let next = fixture.datapath();
     assert_eq!(
         next.pod_ipv6(fixture.cookie),
@@ -876,4 +881,34 @@ fn a_new_agent_reuses_the_ipv6_maps_and_forgets_unclaimed_ranges() {
     next.retain_pods(&std::collections::HashSet::new());
     assert_eq!(next.pod_ipv6(fixture.cookie), None);
     assert_eq!(next.live_records6().enrolled_netns, 0);
+}
+
+#[test]
+fn an_ipv6_flow_that_cannot_be_recorded_fails_closed() {
+    if !privileged() {
+        return;
+    }
+    let fixture = setup_with(Some(1));
+    let datapath = fixture.datapath();
+    let proxy6 = fixture.listen(v6(POD6, OUTBOUND_PORT));
+    let _first = fixture.connect(v6(SERVICE6, 8080));
+    let (accepted, _) = accept(&proxy6);
+    assert_eq!(
+        original_dst6(&accepted).expect("the one record that fits"),
+        SocketAddrV6::new(SERVICE6, 8080, 0, 0)
+    );
+    // The map is full: the connection still reaches the proxy (the record is written at
+    // ESTABLISHED), which finds no original destination and refuses it; it never goes
+    // anywhere else.
+    let _second = fixture.connect(v6(SERVICE6, 8081));
+    let (accepted, _) = accept(&proxy6);
+    let error = original_dst6(&accepted).expect_err("no record, no answer");
+    // ENOENT from netfilter's IPv6 handler when nf_conntrack is loaded, ENOPROTOOPT
+    // without it: the kernel's own answer, passed through.
+    assert!(
+        matches!(error.raw_os_error(), Some(libc::ENOENT | libc::ENOPROTOOPT)),
+        "{error}"
+    );
+    assert_eq!(datapath.counters6().record_failed, 1);
+    assert_eq!(datapath.live_records6().orig_dst_by_flow, 1);
 }

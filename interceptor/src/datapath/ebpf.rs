@@ -193,9 +193,10 @@ pub struct EbpfOptions {
     pub debug: bool,
     /// Local connection pairs short-circuited by sk_msg.
     pub sockmap: bool,
-    /// Size of INBOUND_FLOWS (default [`capacity::INBOUND_FLOWS`]).
+    /// Size of INBOUND_FLOWS and INBOUND_FLOWS6 (default [`capacity::INBOUND_FLOWS`]).
     pub inbound_flow_capacity: Option<u32>,
-    /// Size of ORIG_DST_BY_FLOW (default [`capacity::ORIG_DST_BY_FLOW`]).
+    /// Size of ORIG_DST_BY_FLOW and ORIG_DST6_BY_FLOW (default
+    /// [`capacity::ORIG_DST_BY_FLOW`]).
     pub outbound_flow_capacity: Option<u32>,
     /// Optional kernel features present; the missing ones' fallbacks are used.
     pub support: KernelSupport,
@@ -364,8 +365,9 @@ impl EbpfDatapath {
         }
         let cgroup_file = File::open(cgroup).map_err(cgroup_err)?;
         let capacity_of = |name: &str| match name {
-            maps::INBOUND_FLOWS => options.inbound_flow_capacity,
-            maps::ORIG_DST_BY_FLOW => options.outbound_flow_capacity,
+            // One size per role, for both families.
+            maps::INBOUND_FLOWS | maps::INBOUND_FLOWS6 => options.inbound_flow_capacity,
+            maps::ORIG_DST_BY_FLOW | maps::ORIG_DST6_BY_FLOW => options.outbound_flow_capacity,
             _ => None,
         };
         // Maps pinned by a previous agent are reused when their layout matches, so enrolled
@@ -383,7 +385,12 @@ impl EbpfDatapath {
             super::bpffs::ensure_pin_dir(pin_dir)?;
         }
         let mut loader = aya::EbpfLoader::new();
-        for name in [maps::INBOUND_FLOWS, maps::ORIG_DST_BY_FLOW] {
+        for name in [
+            maps::INBOUND_FLOWS,
+            maps::ORIG_DST_BY_FLOW,
+            maps::INBOUND_FLOWS6,
+            maps::ORIG_DST6_BY_FLOW,
+        ] {
             if let Some(capacity) = capacity_of(name) {
                 loader.map_max_entries(name, capacity);
             }
