@@ -43,6 +43,10 @@ pub const PROXY_UID: u32 = 1500;
 /// `SOL_IP` / `SO_ORIGINAL_DST` as netfilter defines them.
 pub const SOL_IP: i32 = 0;
 pub const SO_ORIGINAL_DST: i32 = 80;
+/// `SOL_IPV6` / `IP6T_SO_ORIGINAL_DST`, the IPv6 twin (same option number, answered with
+/// a `sockaddr_in6`).
+pub const SOL_IPV6: i32 = 41;
+pub const IP6T_SO_ORIGINAL_DST: i32 = 80;
 
 /// Where the agent sends its netns probe: a UDP `connect()` (which sends nothing) from a
 /// socket inside a pod's netns to this loopback address and port makes connect4 record
@@ -83,6 +87,28 @@ pub mod maps {
     /// socket cookie -> netns cookie, written by connect4 for the agent's netns probe
     /// (see [`crate::NETNS_PROBE_PORT`]).
     pub const NETNS_PROBE: &str = "NETNS_PROBE";
+    // IPv6 maps live beside the IPv4 ones rather than widening them: a running agent's
+    // pinned IPv4 maps are reused by the next agent in a hand-over, so their layouts
+    // never change.
+    /// netns cookie -> [`crate::EnrolledPod6`]: pods with an IPv6 address (a pod with
+    /// none is absent, and its native IPv6 connects are left alone).
+    pub const ENROLLED_NETNS6: &str = "ENROLLED_NETNS6";
+    /// pod IPv6 ([`crate::Ipv6`]) -> netns cookie, for every enrolled pod on this node.
+    pub const POD_BY_IP6: &str = "POD_BY_IP6";
+    /// socket cookie -> [`crate::PendingConnect6`], written by connect6.
+    pub const ORIG_DST6_BY_COOKIE: &str = "ORIG_DST6_BY_COOKIE";
+    /// [`crate::FlowKey6`] -> [`crate::OrigDst6`]: what `IP6T_SO_ORIGINAL_DST` answers.
+    pub const ORIG_DST6_BY_FLOW: &str = "ORIG_DST6_BY_FLOW";
+    /// [`crate::InboundKey6`] -> [`crate::InboundFlow`]: IPv6 connections tc steered.
+    pub const INBOUND_FLOWS6: &str = "INBOUND_FLOWS6";
+    /// LPM [`crate::CidrKey6`] -> 1: IPv6 destination ranges never intercepted.
+    pub const OUT_EXCLUDED_CIDRS6: &str = "OUT_EXCLUDED_CIDRS6";
+    /// LPM [`crate::CidrKey6`] -> 1: IPv6 ranges intercepted when the scope has an
+    /// inclusion list (the scope's `FLAG_HAS_INCLUSION` covers both families).
+    pub const OUT_INCLUDED_CIDRS6: &str = "OUT_INCLUDED_CIDRS6";
+    /// index -> u64 per-CPU counters of the IPv6 paths (see [`crate::counters6`]); a
+    /// map of its own so `COUNTERS` keeps its length across a hand-over.
+    pub const COUNTERS6: &str = "COUNTERS6";
 }
 
 /// Capacity of each map; LRU maps evict the oldest records instead of failing.
@@ -101,6 +127,12 @@ pub mod capacity {
     pub const SOCK_PAIRS: u32 = 65536;
     /// LRU: an answer is read by the agent right after its probe connect.
     pub const NETNS_PROBE: u32 = 256;
+    pub const ENROLLED_NETNS6: u32 = 4096;
+    pub const POD_BY_IP6: u32 = 4096;
+    pub const ORIG_DST6_BY_COOKIE: u32 = 65536;
+    pub const ORIG_DST6_BY_FLOW: u32 = 65536;
+    /// A plain hash for the reasons of [`INBOUND_FLOWS`].
+    pub const INBOUND_FLOWS6: u32 = 65536;
 }
 
 /// Indices and bits of the `SETTINGS` array.
@@ -144,7 +176,9 @@ pub mod counters {
     pub const INBOUND_REDIRECTED: u32 = 5;
     /// New inbound flows refused (SYN dropped) because INBOUND_FLOWS was full.
     pub const INBOUND_RECORD_FAILED: u32 = 6;
-    /// IPv6 packets tc saw and left alone (IPv6 is not intercepted yet).
+    /// Retired: IPv6 packets tc left alone while IPv6 was not intercepted. Kept so the
+    /// array keeps its length (pinned maps are reused across a hand-over); no program
+    /// counts it any more, see [`crate::counters6`].
     pub const IPV6_PASSED: u32 = 7;
     /// Sockets added to the SOCKHASH.
     pub const SOCKMAP_ADDED: u32 = 8;
@@ -158,6 +192,36 @@ pub mod counters {
     /// connection on 15003 inside the pod, so the second would break the first.
     pub const INBOUND_TUPLE_BUSY: u32 = 11;
     pub const LEN: u32 = 12;
+}
+
+/// Indices of the `COUNTERS6` per-CPU array: the IPv6 twins of [`counters`]. A
+/// connect to an IPv4-mapped address (`::ffff:a.b.c.d`) is IPv4 on the wire and is
+/// counted in [`counters`], plus [`counters6::V4_MAPPED_REDIRECTED`].
+pub mod counters6 {
+    /// Native IPv6 connects redirected to 15001 (connect6).
+    pub const REDIRECTED: u32 = 0;
+    /// IPv6 flow records written on ESTABLISHED.
+    pub const FLOWS_RECORDED: u32 = 1;
+    /// `IP6T_SO_ORIGINAL_DST` answers given.
+    pub const ORIG_DST_ANSWERED: u32 = 2;
+    /// IPv6 record writes that failed: the connect was refused (fail closed).
+    pub const RECORD_FAILED: u32 = 3;
+    /// Proxy connects to a pod's IPv6 address on this node steered to its 15003.
+    pub const SAME_NODE_INBOUND: u32 = 4;
+    /// New inbound IPv6 flows tc steered to 15003.
+    pub const INBOUND_REDIRECTED: u32 = 5;
+    /// New inbound IPv6 flows refused (SYN dropped): INBOUND_FLOWS6 had no room.
+    pub const INBOUND_RECORD_FAILED: u32 = 6;
+    /// New inbound IPv6 flows refused: the client address and port carry another flow.
+    pub const INBOUND_TUPLE_BUSY: u32 = 7;
+    /// IPv6 packets tc passed without looking at their transport: a fragment header,
+    /// AH, ESP, another extension header it does not walk, or more extension headers
+    /// than it walks. Never rewritten, since what it cannot parse it must not touch.
+    pub const UNPARSED_PASSED: u32 = 8;
+    /// connect6 to an IPv4-mapped address of a dual-stack socket, redirected to
+    /// `::ffff:<pod IPv4>:15001` (also counted in `counters::REDIRECTED`).
+    pub const V4_MAPPED_REDIRECTED: u32 = 9;
+    pub const LEN: u32 = 10;
 }
 
 /// Prefix of every trace_pipe line the programs print, so `interceptor trace` can filter.
@@ -288,6 +352,115 @@ pub mod inbound_state {
     pub const ACCEPTED: u16 = 1;
 }
 
+/// An IPv6 address as the kernel hands it to programs (`user_ip6`, `remote_ip6`,
+/// `src_ip6`): four words, each holding four address bytes in network order.
+pub type Ipv6 = [u32; 4];
+
+/// An enrolled network namespace's IPv6 address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EnrolledPod6 {
+    /// Redirects of native IPv6 connects target this address (unique on the node).
+    pub ipv6: Ipv6,
+    /// Bit flags, reserved.
+    pub flags: u32,
+}
+
+/// An original IPv6 destination.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OrigDst6 {
+    pub ipv6: Ipv6,
+    /// Port, network byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// What connect6 leaves for sock_ops, keyed by socket cookie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PendingConnect6 {
+    pub orig: OrigDst6,
+    pub _pad: u32,
+    /// The connecting socket's netns cookie, for trace lines.
+    pub netns_cookie: u64,
+}
+
+/// An IPv6 TCP connection as seen from the client side (see [`FlowKey`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey6 {
+    pub src_ipv6: Ipv6,
+    pub dst_ipv6: Ipv6,
+    /// Client port, host order.
+    pub src_port: u16,
+    /// Server port, host order.
+    pub dst_port: u16,
+}
+
+/// An inbound IPv6 connection as tc sees it arriving at a pod.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct InboundKey6 {
+    pub client_ipv6: Ipv6,
+    pub pod_ipv6: Ipv6,
+    /// Client port, host order.
+    pub client_port: u16,
+    pub _pad: u16,
+}
+
+/// The data of an IPv6 LPM trie key: scope first (exact), then `prefix_len - 64` bits of
+/// the address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CidrKey6 {
+    /// Scope, big-endian bytes (see [`CidrKey`]).
+    pub scope: [u8; 8],
+    /// IPv6 address, network order.
+    pub ipv6: [u8; 16],
+}
+
+impl CidrKey6 {
+    pub const SCOPE_BITS: u32 = 64;
+
+    pub const fn new(scope: u64, ipv6: [u8; 16]) -> Self {
+        Self {
+            scope: scope.to_be_bytes(),
+            ipv6,
+        }
+    }
+}
+
+/// The IPv4 address inside an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), network
+/// order; `None` for any other address.
+#[inline(always)]
+pub const fn v4_mapped(ip: &Ipv6) -> Option<u32> {
+    if ip[0] == 0 && ip[1] == 0 && ip[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]) {
+        Some(ip[3])
+    } else {
+        None
+    }
+}
+
+/// `::ffff:a.b.c.d` of an IPv4 address in network order.
+#[inline(always)]
+pub const fn to_v4_mapped(ipv4: u32) -> Ipv6 {
+    [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), ipv4]
+}
+
+/// `::1`, `::`, link-local `fe80::/10`: never steered (they stay inside the pod or on
+/// its link).
+#[inline(always)]
+pub const fn ipv6_local_only(ip: &Ipv6) -> bool {
+    let first = ip[0].to_ne_bytes();
+    let link_local = first[0] == 0xfe && first[1] & 0xc0 == 0x80;
+    let unspecified_or_loopback = ip[0] == 0
+        && ip[1] == 0
+        && ip[2] == 0
+        && (ip[3] == 0 || ip[3] == u32::from_ne_bytes([0, 0, 0, 1]));
+    link_local || unspecified_or_loopback
+}
+
 #[cfg(feature = "user")]
 mod pod_impls {
     // SAFETY: all three are repr(C), made only of integers, with explicit padding.
@@ -299,6 +472,12 @@ mod pod_impls {
     unsafe impl aya::Pod for super::PortRuleKey {}
     unsafe impl aya::Pod for super::CidrKey {}
     unsafe impl aya::Pod for super::InboundFlow {}
+    unsafe impl aya::Pod for super::EnrolledPod6 {}
+    unsafe impl aya::Pod for super::OrigDst6 {}
+    unsafe impl aya::Pod for super::PendingConnect6 {}
+    unsafe impl aya::Pod for super::FlowKey6 {}
+    unsafe impl aya::Pod for super::InboundKey6 {}
+    unsafe impl aya::Pod for super::CidrKey6 {}
 }
 
 #[cfg(test)]
@@ -316,5 +495,43 @@ mod tests {
         assert_eq!(size_of::<PortRuleKey>(), 12);
         assert_eq!(size_of::<CidrKey>(), 12);
         assert_eq!(size_of::<InboundFlow>(), 8);
+        assert_eq!(size_of::<EnrolledPod6>(), 20);
+        assert_eq!(size_of::<OrigDst6>(), 20);
+        assert_eq!(size_of::<PendingConnect6>(), 32);
+        assert_eq!(size_of::<FlowKey6>(), 36);
+        assert_eq!(size_of::<InboundKey6>(), 36);
+        assert_eq!(size_of::<CidrKey6>(), 24);
+    }
+
+    fn words(octets: [u8; 16]) -> Ipv6 {
+        let mut ip = [0u32; 4];
+        for (word, chunk) in ip.iter_mut().zip(octets.chunks(4)) {
+            *word = u32::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        }
+        ip
+    }
+
+    #[test]
+    fn address_classes() {
+        let mapped = words([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 0, 9]);
+        assert_eq!(v4_mapped(&mapped), Some(u32::from_ne_bytes([10, 0, 0, 9])));
+        assert_eq!(to_v4_mapped(u32::from_ne_bytes([10, 0, 0, 9])), mapped);
+        let global = words([0xfd, 0, 0, 6, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+        assert_eq!(v4_mapped(&global), None);
+        assert!(!ipv6_local_only(&global));
+        assert!(!ipv6_local_only(&mapped));
+        let mut loopback = [0u8; 16];
+        loopback[15] = 1;
+        assert!(ipv6_local_only(&words(loopback)));
+        assert!(ipv6_local_only(&words([0; 16])));
+        for first in [[0xfe, 0x80], [0xfe, 0xbf]] {
+            let mut ll = [0u8; 16];
+            ll[..2].copy_from_slice(&first);
+            ll[15] = 2;
+            assert!(ipv6_local_only(&words(ll)), "{first:x?}");
+        }
+        let mut site = [0u8; 16];
+        site[..2].copy_from_slice(&[0xfe, 0xc0]);
+        assert!(!ipv6_local_only(&words(site)));
     }
 }

@@ -1,6 +1,13 @@
 //! `sock_ops`: re-key original-destination records by 4-tuple once connections exist,
 //! forget them when the connecting socket closes (inbound records when the proxy's side
 //! does), and feed the SOCKHASH.
+//!
+//! IPv6 sockets get the same treatment in the IPv6 maps. A dual-stack (AF_INET6) socket
+//! whose peer is an IPv4-mapped address carries an IPv4 connection: the kernel fills
+//! `local_ip4`/`remote_ip4` for it as for an AF_INET socket (sock_ops reads them from the
+//! socket's `skc_rcv_saddr`/`skc_daddr` whatever the family), so it is keyed in the IPv4
+//! maps by the same 4-tuple the peer's AF_INET socket sees. The SOCKHASH stays IPv4-only
+//! (AF_INET sockets): IPv6 pairs take the normal socket path.
 use aya_ebpf::{
     bindings::{
         BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
@@ -12,14 +19,20 @@ use aya_ebpf::{
     programs::SockOpsContext,
     EbpfContext,
 };
-use interceptor_common::{counters, inbound_state, FlowKey, InboundKey, INBOUND_PORT, PROXY_MARK};
+use core::ptr::read_volatile;
+use interceptor_common::{
+    counters, counters6, inbound_state, v4_mapped, FlowKey, FlowKey6, InboundKey, InboundKey6,
+    Ipv6, INBOUND_PORT, PROXY_MARK,
+};
 
 use crate::maps::{
-    count, debug_enabled, local_pod, printk_ip_supported, sockmap_enabled, INBOUND_FLOWS,
-    ORIG_DST_BY_COOKIE, ORIG_DST_BY_FLOW, SOCK_PAIRS,
+    count, count6, debug_enabled, local_pod, printk_ip_supported, sockmap_enabled, INBOUND_FLOWS,
+    INBOUND_FLOWS6, ORIG_DST6_BY_COOKIE, ORIG_DST6_BY_FLOW, ORIG_DST_BY_COOKIE, ORIG_DST_BY_FLOW,
+    SOCK_PAIRS,
 };
 
 const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
 const TCP_CLOSE: u32 = 7;
 
 #[sock_ops]
@@ -41,8 +54,129 @@ pub fn intercept_sock_ops(ctx: SockOpsContext) -> u32 {
             BPF_SOCK_OPS_STATE_CB => forget_flow(&ctx),
             _ => {}
         }
+    } else if ctx.family() == AF_INET6 {
+        sock_ops6(&ctx);
     }
     0
+}
+
+/// AF_INET6 sockets: an IPv4-mapped peer goes to the IPv4 records (see the module doc),
+/// any other to the IPv6 ones.
+#[inline(always)]
+fn sock_ops6(ctx: &SockOpsContext) {
+    let mapped = v4_mapped(&remote_ip6(ctx)).is_some();
+    match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            if mapped {
+                record_flow(ctx);
+            } else {
+                record_flow6(ctx);
+            }
+        }
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB if ctx.local_port() == u32::from(INBOUND_PORT) => {
+            let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+            if mapped {
+                mark_inbound_accepted(ctx);
+            } else if let Some(flow) = INBOUND_FLOWS6.get_ptr_mut(inbound_key6(ctx)) {
+                // SAFETY: a valid map value; a racing writer can only be tc re-recording
+                // a SYN.
+                unsafe { (*flow).state = inbound_state::ACCEPTED };
+            }
+        }
+        BPF_SOCK_OPS_STATE_CB => {
+            if mapped {
+                forget_flow(ctx);
+            } else if ctx.arg(1) == TCP_CLOSE {
+                if ctx.local_port() != u32::from(INBOUND_PORT) {
+                    let _ = ORIG_DST6_BY_FLOW.remove(own_key6(ctx));
+                } else {
+                    let _ = INBOUND_FLOWS6.remove(inbound_key6(ctx));
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// [`record_flow`] for a native IPv6 connection.
+#[inline(always)]
+fn record_flow6(ctx: &SockOpsContext) {
+    // SAFETY: sock_ops context accepted by the cookie helper.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: plain-old-data value, copied out immediately.
+    let Some(pending) = (unsafe { ORIG_DST6_BY_COOKIE.get(cookie) }).copied() else {
+        return;
+    };
+    let key = own_key6(ctx);
+    let _ = ORIG_DST6_BY_COOKIE.remove(cookie);
+    if ORIG_DST6_BY_FLOW.insert(key, pending.orig, 0).is_err() {
+        // Fail closed, as IPv4: the proxy finds no original destination and refuses.
+        count6(counters6::RECORD_FAILED);
+        return;
+    }
+    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+    count6(counters6::FLOWS_RECORDED);
+    if debug_enabled() {
+        // SAFETY: formats and arguments match.
+        unsafe {
+            bpf_printk!(
+                c"icpt: established6 netns=%llu port=%u orig_port=%u",
+                pending.netns_cookie,
+                key.src_port as u32,
+                u16::from_be(pending.orig.port) as u32
+            );
+        }
+    }
+}
+
+/// The inbound listener's (local) end and the client (remote) end of an IPv6 flow.
+#[inline(always)]
+fn inbound_key6(ctx: &SockOpsContext) -> InboundKey6 {
+    InboundKey6 {
+        client_ipv6: remote_ip6(ctx),
+        pod_ipv6: local_ip6(ctx),
+        client_port: remote_port(ctx),
+        _pad: 0,
+    }
+}
+
+/// This IPv6 socket's 4-tuple, local end first.
+#[inline(always)]
+fn own_key6(ctx: &SockOpsContext) -> FlowKey6 {
+    FlowKey6 {
+        src_ipv6: local_ip6(ctx),
+        dst_ipv6: remote_ip6(ctx),
+        src_port: ctx.local_port() as u16,
+        dst_port: remote_port(ctx),
+    }
+}
+
+/// `remote_ip6` one word at a time: sock_ops context fields take 4-byte loads only, and
+/// LLVM must not widen them.
+#[inline(always)]
+fn remote_ip6(ctx: &SockOpsContext) -> Ipv6 {
+    // SAFETY: ctx.ops is the live bpf_sock_ops of this callback.
+    unsafe { read_words(&(*ctx.ops).remote_ip6) }
+}
+
+#[inline(always)]
+fn local_ip6(ctx: &SockOpsContext) -> Ipv6 {
+    // SAFETY: as above.
+    unsafe { read_words(&(*ctx.ops).local_ip6) }
+}
+
+#[inline(always)]
+unsafe fn read_words(words: *const [u32; 4]) -> Ipv6 {
+    // SAFETY: the caller passes a readable context field.
+    unsafe {
+        let words = words as *const u32;
+        [
+            read_volatile(words),
+            read_volatile(words.add(1)),
+            read_volatile(words.add(2)),
+            read_volatile(words.add(3)),
+        ]
+    }
 }
 
 /// The connect side reached ESTABLISHED: its 4-tuple now exists, re-key the record.

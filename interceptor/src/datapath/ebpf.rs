@@ -2,7 +2,7 @@
 //! agent's own bpffs directory; tc programs attached per pod inside its netns.
 use std::collections::HashMap as StdHashMap;
 use std::fs::File;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -19,8 +19,9 @@ use aya::programs::{
 };
 use aya::Ebpf;
 use interceptor_common::{
-    capacity, config, counters, inbound_state, maps, rules, CidrKey, EnrolledPod, FlowKey,
-    InboundFlow, InboundKey, OrigDst, PortRuleKey, RESERVED_PORTS,
+    capacity, config, counters, counters6, inbound_state, maps, rules, CidrKey, CidrKey6,
+    EnrolledPod, EnrolledPod6, FlowKey, FlowKey6, InboundFlow, InboundKey, InboundKey6, Ipv6,
+    OrigDst, OrigDst6, PortRuleKey, RESERVED_PORTS,
 };
 
 use super::{Datapath, DatapathCounters, DatapathError, LiveRecords, PodDatapath};
@@ -38,12 +39,14 @@ pub const PROG_CONNECT4: &str = "intercept_connect4";
 pub const PROG_SOCK_OPS: &str = "intercept_sock_ops";
 pub const PROG_GETSOCKOPT: &str = "intercept_getsockopt";
 pub const PROG_GETPEERNAME4: &str = "intercept_getpeername4";
+pub const PROG_CONNECT6: &str = "intercept_connect6";
+pub const PROG_GETPEERNAME6: &str = "intercept_getpeername6";
 pub const PROG_TC_INGRESS: &str = "intercept_tc_ingress";
 pub const PROG_TC_EGRESS: &str = "intercept_tc_egress";
 pub const PROG_SK_MSG: &str = "intercept_sk_msg";
 
 /// Every map, pinned by these names.
-const MAP_NAMES: [&str; 13] = [
+const MAP_NAMES: [&str; 21] = [
     maps::ENROLLED_NETNS,
     maps::POD_BY_IP,
     maps::ORIG_DST_BY_COOKIE,
@@ -57,6 +60,14 @@ const MAP_NAMES: [&str; 13] = [
     maps::SETTINGS,
     maps::COUNTERS,
     maps::NETNS_PROBE,
+    maps::ENROLLED_NETNS6,
+    maps::POD_BY_IP6,
+    maps::ORIG_DST6_BY_COOKIE,
+    maps::ORIG_DST6_BY_FLOW,
+    maps::INBOUND_FLOWS6,
+    maps::OUT_EXCLUDED_CIDRS6,
+    maps::OUT_INCLUDED_CIDRS6,
+    maps::COUNTERS6,
 ];
 
 /// Prefix of pinned links: cgroup links by program name, tc links by netns cookie.
@@ -73,9 +84,11 @@ pub fn is_our_pin(name: &str) -> bool {
 }
 
 /// Every program the agent pins in its bpffs directory.
-pub const PROGRAM_PINS: [&str; 7] = [
+pub const PROGRAM_PINS: [&str; 9] = [
     PROG_CONNECT4,
     PROG_GETPEERNAME4,
+    PROG_CONNECT6,
+    PROG_GETPEERNAME6,
     PROG_SOCK_OPS,
     PROG_GETSOCKOPT,
     PROG_TC_INGRESS,
@@ -180,9 +193,10 @@ pub struct EbpfOptions {
     pub debug: bool,
     /// Local connection pairs short-circuited by sk_msg.
     pub sockmap: bool,
-    /// Size of INBOUND_FLOWS (default [`capacity::INBOUND_FLOWS`]).
+    /// Size of INBOUND_FLOWS and INBOUND_FLOWS6 (default [`capacity::INBOUND_FLOWS`]).
     pub inbound_flow_capacity: Option<u32>,
-    /// Size of ORIG_DST_BY_FLOW (default [`capacity::ORIG_DST_BY_FLOW`]).
+    /// Size of ORIG_DST_BY_FLOW and ORIG_DST6_BY_FLOW (default
+    /// [`capacity::ORIG_DST_BY_FLOW`]).
     pub outbound_flow_capacity: Option<u32>,
     /// Optional kernel features present; the missing ones' fallbacks are used.
     pub support: KernelSupport,
@@ -205,6 +219,73 @@ struct Maps {
     orig_dst_by_flow: HashMap<MapData, FlowKey, OrigDst>,
     inbound_flows: HashMap<MapData, InboundKey, InboundFlow>,
     settings: Array<MapData, u32>,
+    /// The IPv6 maps, beside the IPv4 ones.
+    v6: Maps6,
+}
+
+/// The IPv6 maps the agent writes (the pods' IPv6 addresses and the IPv6 ranges).
+struct Maps6 {
+    enrolled: HashMap<MapData, u64, EnrolledPod6>,
+    pod_by_ip: HashMap<MapData, Ipv6, u64>,
+    orig_dst_by_flow: HashMap<MapData, FlowKey6, OrigDst6>,
+    inbound_flows: HashMap<MapData, InboundKey6, InboundFlow>,
+    out_excluded: LpmTrie<MapData, CidrKey6, u8>,
+    out_included: LpmTrie<MapData, CidrKey6, u8>,
+    /// What `set_rules6` wrote per scope.
+    rule_keys: StdHashMap<u64, Rules6>,
+    /// IPv6 ranges found in reused maps at start, not written again yet.
+    unclaimed: Option<Rules6>,
+}
+
+/// The kernel entries of one scope's IPv6 ranges.
+#[derive(Clone, Default)]
+struct Rules6 {
+    excluded: Vec<Key<CidrKey6>>,
+    included: Vec<Key<CidrKey6>>,
+}
+
+fn same_cidr6(a: &Key<CidrKey6>, b: &Key<CidrKey6>) -> bool {
+    a.prefix_len() == b.prefix_len() && a.data() == b.data()
+}
+
+fn cidr6_key(scope: u64, net: &ipnet::Ipv6Net) -> Key<CidrKey6> {
+    Key::new(
+        CidrKey6::SCOPE_BITS + u32::from(net.prefix_len()),
+        CidrKey6::new(scope, net.network().octets()),
+    )
+}
+
+/// An IPv6 address as the programs compare it (four words of network-order bytes).
+pub fn ip6_key(ip: Ipv6Addr) -> Ipv6 {
+    let o = ip.octets();
+    let mut words = [0u32; 4];
+    for (word, chunk) in words.iter_mut().zip(o.chunks_exact(4)) {
+        *word = u32::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+    }
+    words
+}
+
+/// The IPv6 counters ([`counters6`]), summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counters6 {
+    pub redirected: u64,
+    pub flows_recorded: u64,
+    pub orig_dst_answered: u64,
+    pub record_failed: u64,
+    pub same_node_inbound: u64,
+    pub inbound_redirected: u64,
+    pub inbound_record_failed: u64,
+    pub inbound_tuple_busy: u64,
+    pub unparsed_passed: u64,
+    pub v4_mapped_redirected: u64,
+}
+
+/// IPv6 records the kernel holds right now (the twin of [`LiveRecords`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LiveRecords6 {
+    pub inbound_flows: usize,
+    pub orig_dst_by_flow: usize,
+    pub enrolled_netns: usize,
 }
 
 /// Programs loaded and attached; dropping it detaches them (the links are owned here).
@@ -213,6 +294,9 @@ pub struct EbpfDatapath {
     ebpf: Arc<Mutex<Ebpf>>,
     maps: Mutex<Maps>,
     counters: PerCpuArray<MapData, u64>,
+    counters6: PerCpuArray<MapData, u64>,
+    /// Half-open IPv6 inbound records and when a sweep first saw them.
+    half_open_seen6: Mutex<StdHashMap<InboundKey6, std::time::Instant>>,
     /// Held so the sk_msg attachment's map outlives every socket in it.
     _sock_pairs: SockHash<MapData, FlowKey>,
     /// tc attachments per pod (netns cookie), with the netns they live in (netlink
@@ -281,8 +365,9 @@ impl EbpfDatapath {
         }
         let cgroup_file = File::open(cgroup).map_err(cgroup_err)?;
         let capacity_of = |name: &str| match name {
-            maps::INBOUND_FLOWS => options.inbound_flow_capacity,
-            maps::ORIG_DST_BY_FLOW => options.outbound_flow_capacity,
+            // One size per role, for both families.
+            maps::INBOUND_FLOWS | maps::INBOUND_FLOWS6 => options.inbound_flow_capacity,
+            maps::ORIG_DST_BY_FLOW | maps::ORIG_DST6_BY_FLOW => options.outbound_flow_capacity,
             _ => None,
         };
         // Maps pinned by a previous agent are reused when their layout matches, so enrolled
@@ -300,7 +385,12 @@ impl EbpfDatapath {
             super::bpffs::ensure_pin_dir(pin_dir)?;
         }
         let mut loader = aya::EbpfLoader::new();
-        for name in [maps::INBOUND_FLOWS, maps::ORIG_DST_BY_FLOW] {
+        for name in [
+            maps::INBOUND_FLOWS,
+            maps::ORIG_DST_BY_FLOW,
+            maps::INBOUND_FLOWS6,
+            maps::ORIG_DST6_BY_FLOW,
+        ] {
             if let Some(capacity) = capacity_of(name) {
                 loader.map_max_entries(name, capacity);
             }
@@ -318,13 +408,18 @@ impl EbpfDatapath {
         // listens, and fail closed. (aya 0.14 cannot turn a getsockopt link into a
         // pinnable one; it is only needed while the proxy runs anyway.)
         attach_cgroup_program!(ebpf, CgroupSockAddr, PROG_CONNECT4, &cgroup_file, pin_dir, pin link into links);
+        attach_cgroup_program!(ebpf, CgroupSockAddr, PROG_CONNECT6, &cgroup_file, pin_dir, pin link into links);
         attach_cgroup_program!(ebpf, SockOps, PROG_SOCK_OPS, &cgroup_file, pin_dir, pin link into links);
         if options.support.getpeername {
             attach_cgroup_program!(ebpf, CgroupSockAddr, PROG_GETPEERNAME4, &cgroup_file, pin_dir, pin link into links);
+            // getpeername6 came with getpeername4 (5.8): one probe answers for both.
+            attach_cgroup_program!(ebpf, CgroupSockAddr, PROG_GETPEERNAME6, &cgroup_file, pin_dir, pin link into links);
         } else {
             // A previous agent's link (before a reboot into an older kernel cannot leave
             // one, but a downgrade of this flag can) would keep answering with stale maps.
-            let _ = std::fs::remove_file(pin_dir.join(format!("{LINK_PREFIX}{PROG_GETPEERNAME4}")));
+            for name in [PROG_GETPEERNAME4, PROG_GETPEERNAME6] {
+                let _ = std::fs::remove_file(pin_dir.join(format!("{LINK_PREFIX}{name}")));
+            }
             tracing::info!(
                 "getpeername4 not attached: {}",
                 super::probe::GETPEERNAME_FALLBACK
@@ -376,6 +471,24 @@ impl EbpfDatapath {
             },
             flag_scopes: scope_flags.keys().filter_map(Result::ok).collect(),
         };
+        let out_excluded6: LpmTrie<MapData, CidrKey6, u8> =
+            typed(&mut ebpf, maps::OUT_EXCLUDED_CIDRS6)?;
+        let out_included6: LpmTrie<MapData, CidrKey6, u8> =
+            typed(&mut ebpf, maps::OUT_INCLUDED_CIDRS6)?;
+        let unclaimed6 = Rules6 {
+            excluded: out_excluded6.keys().filter_map(Result::ok).collect(),
+            included: out_included6.keys().filter_map(Result::ok).collect(),
+        };
+        let v6 = Maps6 {
+            enrolled: typed(&mut ebpf, maps::ENROLLED_NETNS6)?,
+            pod_by_ip: typed(&mut ebpf, maps::POD_BY_IP6)?,
+            orig_dst_by_flow: typed(&mut ebpf, maps::ORIG_DST6_BY_FLOW)?,
+            inbound_flows: typed(&mut ebpf, maps::INBOUND_FLOWS6)?,
+            out_excluded: out_excluded6,
+            out_included: out_included6,
+            rule_keys: StdHashMap::new(),
+            unclaimed: Some(unclaimed6),
+        };
         let maps = Maps {
             port_exclusions,
             out_excluded,
@@ -388,13 +501,17 @@ impl EbpfDatapath {
             orig_dst_by_flow: typed(&mut ebpf, maps::ORIG_DST_BY_FLOW)?,
             inbound_flows: typed(&mut ebpf, maps::INBOUND_FLOWS)?,
             settings: typed(&mut ebpf, maps::SETTINGS)?,
+            v6,
         };
         let counters = typed(&mut ebpf, maps::COUNTERS)?;
+        let counters6 = typed(&mut ebpf, maps::COUNTERS6)?;
         let netns_probe = typed(&mut ebpf, maps::NETNS_PROBE)?;
         let datapath = Self {
             ebpf: Arc::new(Mutex::new(ebpf)),
             maps: Mutex::new(maps),
             counters,
+            counters6,
+            half_open_seen6: Mutex::new(StdHashMap::new()),
             _sock_pairs: sock_pairs,
             tc_links: Mutex::new(StdHashMap::new()),
             netns_probe,
@@ -415,6 +532,247 @@ impl EbpfDatapath {
 
     pub fn cgroup(&self) -> &Path {
         &self.cgroup
+    }
+
+    /// Give an enrolled pod (`netns_cookie`, already written by [`Datapath::enroll`] for a
+    /// dual-stack pod, or alone for an IPv6-only one) its IPv6 address: connect6 then
+    /// redirects its native IPv6 connects to `[ip]:15001`, tc steers IPv6 SYNs to `ip`
+    /// onto 15003, and the proxy's connects to `ip` go to `[ip]:15003`. A pod without
+    /// this call has its IPv6 left alone. The address must be one a peer can reach
+    /// (not loopback, link-local, unspecified, multicast or IPv4-mapped). Idempotent;
+    /// [`Datapath::unenroll`] removes it with the rest of the pod.
+    pub fn enroll_ipv6(&self, netns_cookie: u64, ip: Ipv6Addr) -> Result<(), DatapathError> {
+        let usable = !(ip.is_loopback()
+            || ip.is_unspecified()
+            || ip.is_multicast()
+            || ip.is_unicast_link_local()
+            || ip.to_ipv4_mapped().is_some());
+        if !usable {
+            return Err(DatapathError::Unsupported {
+                what: "a loopback, link-local, unspecified, multicast or IPv4-mapped pod \
+                       IPv6 address",
+                mode: "ebpf",
+            });
+        }
+        let key = ip6_key(ip);
+        let mut maps = lock(&self.maps);
+        let v6 = &mut maps.v6;
+        v6.pod_by_ip
+            .insert(key, netns_cookie, 0)
+            .map_err(map_full_or(maps::POD_BY_IP6, capacity::POD_BY_IP6))?;
+        let value = EnrolledPod6 {
+            ipv6: key,
+            flags: 0,
+        };
+        if let Err(error) = v6.enrolled.insert(netns_cookie, value, 0) {
+            let _ = v6.pod_by_ip.remove(&key);
+            return Err(map_full_or(
+                maps::ENROLLED_NETNS6,
+                capacity::ENROLLED_NETNS6,
+            )(error));
+        }
+        Ok(())
+    }
+
+    /// Enroll a pod that has an IPv6 address and no IPv4 one: tc attached to `ifname`
+    /// in its netns (as [`Datapath::enroll`] does) and the IPv6 entries written; nothing
+    /// goes in the IPv4 maps, so its IPv4 (if any appears) is left alone. Undone by
+    /// [`Datapath::unenroll`] with `ipv4: Ipv4Addr::UNSPECIFIED` (no IPv4 entry of another
+    /// pod is touched: entries are removed only when they name this netns).
+    pub fn enroll_ipv6_only(
+        &self,
+        netns_cookie: u64,
+        ip: Ipv6Addr,
+        ifname: &str,
+        netns: &Arc<PodNetns>,
+    ) -> Result<(), DatapathError> {
+        self.enroll_ipv6(netns_cookie, ip)?;
+        match self.attach_tc(netns, ifname, netns_cookie) {
+            Ok(links) => {
+                lock(&self.tc_links).insert(netns_cookie, (Arc::clone(netns), links));
+                Ok(())
+            }
+            Err(error) => {
+                self.unenroll_ipv6(netns_cookie);
+                Err(error)
+            }
+        }
+    }
+
+    /// Take a pod's IPv6 address away (its IPv4 stays enrolled): its IPv6 connects and
+    /// inbound IPv6 flows are left alone from now on, and its IPv6 flow records go.
+    pub fn unenroll_ipv6(&self, netns_cookie: u64) {
+        let mut maps = lock(&self.maps);
+        Self::forget_pod6(&mut maps.v6, netns_cookie);
+    }
+
+    /// The IPv6 address [`EbpfDatapath::enroll_ipv6`] gave the pod, if any.
+    pub fn pod_ipv6(&self, netns_cookie: u64) -> Option<Ipv6Addr> {
+        let maps = lock(&self.maps);
+        let pod = maps.v6.enrolled.get(&netns_cookie, 0).ok()?;
+        let mut octets = [0u8; 16];
+        for (chunk, word) in octets.chunks_exact_mut(4).zip(pod.ipv6) {
+            chunk.copy_from_slice(&word.to_ne_bytes());
+        }
+        Some(Ipv6Addr::from(octets))
+    }
+
+    fn forget_pod6(v6: &mut Maps6, netns_cookie: u64) {
+        let Ok(pod) = v6.enrolled.get(&netns_cookie, 0) else {
+            return;
+        };
+        let _ = v6.enrolled.remove(&netns_cookie);
+        // Another pod may have taken the address since; only remove our own entry.
+        if v6.pod_by_ip.get(&pod.ipv6, 0).ok() == Some(netns_cookie) {
+            let _ = v6.pod_by_ip.remove(&pod.ipv6);
+        }
+        Self::sweep_flows6(v6, pod.ipv6);
+    }
+
+    /// Forget every IPv6 flow record that involves `ip`.
+    fn sweep_flows6(v6: &mut Maps6, ip: Ipv6) {
+        let stale: Vec<InboundKey6> = v6
+            .inbound_flows
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.pod_ipv6 == ip || k.client_ipv6 == ip)
+            .collect();
+        for key in stale {
+            let _ = v6.inbound_flows.remove(&key);
+        }
+        let stale: Vec<FlowKey6> = v6
+            .orig_dst_by_flow
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.src_ipv6 == ip || k.dst_ipv6 == ip)
+            .collect();
+        for key in stale {
+            let _ = v6.orig_dst_by_flow.remove(&key);
+        }
+    }
+
+    /// Replace the IPv6 outbound ranges of `scope` (0 global, else a pod's netns cookie),
+    /// the IPv6 half of [`Datapath::set_rules`] (whose `MeshConfig` lists are IPv4): new
+    /// entries in before old ones out. Ports are family-blind and stay with `set_rules`,
+    /// as does the scope's has-an-inclusion-list flag, which covers both families: when
+    /// it is set, an IPv6 destination is intercepted only if `included` (or the global
+    /// scope's) holds it, so an inclusion list of IPv4 ranges alone intercepts no IPv6.
+    pub fn set_rules6(
+        &self,
+        scope: u64,
+        excluded: &[ipnet::Ipv6Net],
+        included: &[ipnet::Ipv6Net],
+    ) -> Result<(), DatapathError> {
+        let new = Rules6 {
+            excluded: excluded.iter().map(|n| cidr6_key(scope, n)).collect(),
+            included: included.iter().map(|n| cidr6_key(scope, n)).collect(),
+        };
+        let mut maps = lock(&self.maps);
+        let v6 = &mut maps.v6;
+        let map_err = |name: &'static str| move |source| DatapathError::Map { name, source };
+        for key in &new.excluded {
+            v6.out_excluded
+                .insert(key, 1, 0)
+                .map_err(map_err(maps::OUT_EXCLUDED_CIDRS6))?;
+        }
+        for key in &new.included {
+            v6.out_included
+                .insert(key, 1, 0)
+                .map_err(map_err(maps::OUT_INCLUDED_CIDRS6))?;
+        }
+        if let Some(unclaimed) = v6.unclaimed.as_mut() {
+            unclaimed
+                .excluded
+                .retain(|k| !new.excluded.iter().any(|n| same_cidr6(n, k)));
+            unclaimed
+                .included
+                .retain(|k| !new.included.iter().any(|n| same_cidr6(n, k)));
+        }
+        let old = v6.rule_keys.insert(scope, new.clone()).unwrap_or_default();
+        for key in old
+            .excluded
+            .iter()
+            .filter(|k| !new.excluded.iter().any(|n| same_cidr6(n, k)))
+        {
+            let _ = v6.out_excluded.remove(key);
+        }
+        for key in old
+            .included
+            .iter()
+            .filter(|k| !new.included.iter().any(|n| same_cidr6(n, k)))
+        {
+            let _ = v6.out_included.remove(key);
+        }
+        Ok(())
+    }
+
+    /// The IPv6 counters (also exported through [`Datapath::counters`]).
+    pub fn counters6(&self) -> Counters6 {
+        let sum = |index: u32| -> u64 {
+            self.counters6
+                .get(&index, 0)
+                .map(|per_cpu| per_cpu.iter().sum())
+                .unwrap_or(0)
+        };
+        Counters6 {
+            redirected: sum(counters6::REDIRECTED),
+            flows_recorded: sum(counters6::FLOWS_RECORDED),
+            orig_dst_answered: sum(counters6::ORIG_DST_ANSWERED),
+            record_failed: sum(counters6::RECORD_FAILED),
+            same_node_inbound: sum(counters6::SAME_NODE_INBOUND),
+            inbound_redirected: sum(counters6::INBOUND_REDIRECTED),
+            inbound_record_failed: sum(counters6::INBOUND_RECORD_FAILED),
+            inbound_tuple_busy: sum(counters6::INBOUND_TUPLE_BUSY),
+            unparsed_passed: sum(counters6::UNPARSED_PASSED),
+            v4_mapped_redirected: sum(counters6::V4_MAPPED_REDIRECTED),
+        }
+    }
+
+    /// IPv6 records held right now, for the config dump and leak checks.
+    pub fn live_records6(&self) -> LiveRecords6 {
+        let maps = lock(&self.maps);
+        LiveRecords6 {
+            inbound_flows: maps.v6.inbound_flows.keys().filter(Result::is_ok).count(),
+            orig_dst_by_flow: maps
+                .v6
+                .orig_dst_by_flow
+                .keys()
+                .filter(Result::is_ok)
+                .count(),
+            enrolled_netns: maps.v6.enrolled.keys().filter(Result::is_ok).count(),
+        }
+    }
+
+    /// [`Datapath::expire_half_open`] for the IPv6 records: how many went.
+    fn expire_half_open6(&self, maps: &mut Maps, older_than: std::time::Duration) -> usize {
+        let now = std::time::Instant::now();
+        let half_open: std::collections::HashSet<InboundKey6> = maps
+            .v6
+            .inbound_flows
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, flow)| flow.state == inbound_state::HALF_OPEN)
+            .map(|(key, _)| key)
+            .collect();
+        let mut seen = lock(&self.half_open_seen6);
+        seen.retain(|key, _| half_open.contains(key));
+        let mut expired = 0;
+        for key in half_open {
+            let first = *seen.entry(key).or_insert(now);
+            if now.duration_since(first) < older_than {
+                continue;
+            }
+            let still = maps
+                .v6
+                .inbound_flows
+                .get(&key, 0)
+                .is_ok_and(|flow| flow.state == inbound_state::HALF_OPEN);
+            if still && maps.v6.inbound_flows.remove(&key).is_ok() {
+                expired += 1;
+            }
+            seen.remove(&key);
+        }
+        expired
     }
 
     fn write_flags(&self) -> Result<(), DatapathError> {
@@ -855,6 +1213,48 @@ fn pinned_maps_reusable(
                 capacity::SOCK_PAIRS,
             ),
             maps::SETTINGS => (Array, size_of::<u32>(), size_of::<u32>(), config::LEN),
+            maps::ENROLLED_NETNS6 => (
+                Hash,
+                size_of::<u64>(),
+                size_of::<EnrolledPod6>(),
+                capacity::ENROLLED_NETNS6,
+            ),
+            maps::POD_BY_IP6 => (
+                Hash,
+                size_of::<Ipv6>(),
+                size_of::<u64>(),
+                capacity::POD_BY_IP6,
+            ),
+            maps::ORIG_DST6_BY_COOKIE => (
+                LruHash,
+                size_of::<u64>(),
+                size_of::<interceptor_common::PendingConnect6>(),
+                capacity::ORIG_DST6_BY_COOKIE,
+            ),
+            maps::ORIG_DST6_BY_FLOW => (
+                Hash,
+                size_of::<FlowKey6>(),
+                size_of::<OrigDst6>(),
+                capacity::ORIG_DST6_BY_FLOW,
+            ),
+            maps::INBOUND_FLOWS6 => (
+                Hash,
+                size_of::<InboundKey6>(),
+                size_of::<InboundFlow>(),
+                capacity::INBOUND_FLOWS6,
+            ),
+            maps::OUT_EXCLUDED_CIDRS6 | maps::OUT_INCLUDED_CIDRS6 => (
+                LpmTrie,
+                size_of::<u32>() + size_of::<CidrKey6>(),
+                size_of::<u8>(),
+                capacity::CIDRS,
+            ),
+            maps::COUNTERS6 => (
+                PerCpuArray,
+                size_of::<u32>(),
+                size_of::<u64>(),
+                counters6::LEN,
+            ),
             maps::NETNS_PROBE => (
                 LruHash,
                 size_of::<u64>(),
@@ -1006,6 +1406,7 @@ impl Datapath for EbpfDatapath {
             })?;
         }
         Self::sweep_flows(&mut maps, ip);
+        Self::forget_pod6(&mut maps.v6, pod.netns_cookie);
         Ok(())
     }
 
@@ -1045,6 +1446,8 @@ impl Datapath for EbpfDatapath {
             }
             seen.remove(&key);
         }
+        drop(seen);
+        expired += self.expire_half_open6(&mut maps, older_than);
         self.half_open_expired
             .fetch_add(expired as u64, std::sync::atomic::Ordering::Relaxed);
         expired
@@ -1108,6 +1511,7 @@ impl Datapath for EbpfDatapath {
             sockmap_redirected: sum(counters::SOCKMAP_REDIRECTED),
             sockmap_add_failed: sum(counters::SOCKMAP_ADD_FAILED),
             inbound_tuple_busy: sum(counters::INBOUND_TUPLE_BUSY),
+            ipv6: self.counters6(),
         })
     }
 
@@ -1122,10 +1526,18 @@ impl Datapath for EbpfDatapath {
 
     fn forget_unclaimed_rules(&self) -> usize {
         let mut maps = lock(&self.maps);
-        let Some(unclaimed) = maps.unclaimed.take() else {
-            return 0;
-        };
         let mut removed = 0;
+        if let Some(unclaimed) = maps.v6.unclaimed.take() {
+            for key in &unclaimed.excluded {
+                removed += usize::from(maps.v6.out_excluded.remove(key).is_ok());
+            }
+            for key in &unclaimed.included {
+                removed += usize::from(maps.v6.out_included.remove(key).is_ok());
+            }
+        }
+        let Some(unclaimed) = maps.unclaimed.take() else {
+            return removed;
+        };
         for key in &unclaimed.rules.ports {
             // The reserved ports are global inbound rules of their own: never removed.
             if RESERVED_PORTS.iter().any(|port| {
@@ -1163,6 +1575,16 @@ impl Datapath for EbpfDatapath {
                 let _ = maps.pod_by_ip.remove(&pod.ipv4);
             }
             Self::sweep_flows(&mut maps, pod.ipv4);
+        }
+        let stale6: Vec<u64> = maps
+            .v6
+            .enrolled
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|cookie| !cookies.contains(cookie))
+            .collect();
+        for cookie in stale6 {
+            Self::forget_pod6(&mut maps.v6, cookie);
         }
         drop(maps);
         if let Ok(entries) = std::fs::read_dir(&self.pin_dir) {

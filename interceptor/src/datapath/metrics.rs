@@ -22,7 +22,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use super::{Datapath, DatapathCounters};
 
 /// Name (after `interceptor_datapath_`, before `_total`), help and value of each counter.
-fn counters(c: &DatapathCounters) -> [(&'static str, &'static str, u64); 13] {
+fn counters(c: &DatapathCounters) -> [(&'static str, &'static str, u64); 23] {
     [
         ("redirected", "Outbound connects of enrolled pods redirected to their proxy on 15001 (connect4)", c.redirected),
         ("flows_recorded", "Flow records written at ESTABLISHED (sock_ops)", c.flows_recorded),
@@ -32,11 +32,21 @@ fn counters(c: &DatapathCounters) -> [(&'static str, &'static str, u64); 13] {
         ("inbound_redirected", "New inbound flows steered to an inbound listener by tc", c.inbound_redirected),
         ("inbound_record_failed", "New inbound flows refused (SYN dropped) because their record could not be stored", c.inbound_record_failed),
         ("inbound_half_open_expired", "Half-open inbound flow records removed by the agent after the timeout", c.inbound_half_open_expired),
-        ("ipv6_passed", "IPv6 packets tc saw on enrolled pods' interfaces and left alone (IPv6 is not intercepted)", c.ipv6_passed),
+        ("ipv6_passed", "Retired, always 0: IPv6 packets tc left alone before IPv6 was intercepted (see ipv6_unparsed_passed)", c.ipv6_passed),
         ("sockmap_added", "Sockets added to the SOCKHASH (--sockmap)", c.sockmap_added),
         ("sockmap_redirected", "Messages sk_msg sent straight to the peer socket (--sockmap)", c.sockmap_redirected),
         ("sockmap_add_failed", "Sockets sock_ops could not add to the SOCKHASH (that pair is not accelerated)", c.sockmap_add_failed),
         ("inbound_tuple_busy", "New inbound flows refused because the client address and port already carry a flow to another port of the pod", c.inbound_tuple_busy),
+        ("ipv6_redirected", "Native IPv6 outbound connects of enrolled pods redirected to their proxy on 15001 (connect6)", c.ipv6.redirected),
+        ("ipv6_flows_recorded", "IPv6 flow records written at ESTABLISHED (sock_ops)", c.ipv6.flows_recorded),
+        ("ipv6_orig_dst_answered", "IP6T_SO_ORIGINAL_DST calls answered by the getsockopt program", c.ipv6.orig_dst_answered),
+        ("ipv6_record_failed", "IPv6 outbound connects refused because their original destination could not be recorded", c.ipv6.record_failed),
+        ("ipv6_same_node_inbound", "Proxy connects to an enrolled pod's IPv6 address on this node steered to its inbound listener", c.ipv6.same_node_inbound),
+        ("inbound6_redirected", "New inbound IPv6 flows steered to an inbound listener by tc", c.ipv6.inbound_redirected),
+        ("inbound6_record_failed", "New inbound IPv6 flows refused (SYN dropped) because their record could not be stored", c.ipv6.inbound_record_failed),
+        ("inbound6_tuple_busy", "New inbound IPv6 flows refused because the client address and port already carry a flow to another port of the pod", c.ipv6.inbound_tuple_busy),
+        ("ipv6_unparsed_passed", "IPv6 packets tc passed unread and unrewritten: a fragment, AH, ESP or another extension header it does not walk, a routing header with segments left, or too many extension headers", c.ipv6.unparsed_passed),
+        ("ipv4_mapped_redirected", "Connects of dual-stack sockets to IPv4-mapped addresses redirected to the pod's IPv4 proxy listener (also in redirected)", c.ipv6.v4_mapped_redirected),
     ]
 }
 

@@ -90,6 +90,7 @@ pub struct DatapathCounters {
     pub inbound_record_failed: u64,
     /// Half-open inbound records the agent removed after the timeout.
     pub inbound_half_open_expired: u64,
+    /// Retired (IPv6 is intercepted now): stays 0 from this build on.
     pub ipv6_passed: u64,
     pub sockmap_added: u64,
     pub sockmap_redirected: u64,
@@ -99,6 +100,8 @@ pub struct DatapathCounters {
     /// already had a live flow to another port of the pod (both would be one connection
     /// on 15003 inside the pod).
     pub inbound_tuple_busy: u64,
+    /// The IPv6 paths' counters (eBPF mode's `COUNTERS6`).
+    pub ipv6: ebpf::Counters6,
 }
 
 /// Records the kernel holds right now, for the config dump and leak checks.

@@ -12,7 +12,8 @@ use aya::util::KernelVersion;
 pub enum Optional {
     /// TCX `bpf_link`s for the tc programs (6.6); below, netlink clsact + cls_bpf.
     Tcx,
-    /// The `cgroup/getpeername4` attach type (5.8); below, nothing hides the redirect.
+    /// The `cgroup/getpeername4` attach type (5.8, with its twin getpeername6); below,
+    /// nothing hides the redirect.
     Getpeername,
     /// `SO_NETNS_COOKIE` (5.14); below, connect4 tells the agent a netns's cookie.
     SoNetnsCookie,
@@ -133,7 +134,7 @@ pub const PRINTK_IP_FALLBACK: &str =
 
 const PROBES: &[ProbeSpec] = &[
     required(
-        "program cgroup/sock_addr (connect4, getpeername4)",
+        "program cgroup/sock_addr (connect4/6, getpeername4/6)",
         "4.17",
         What::Program(ProgramType::CgroupSockAddr),
     ),
