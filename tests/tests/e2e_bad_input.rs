@@ -21,22 +21,28 @@ const BPFTOOL: &str = "/usr/sbin/bpftool";
 /// `MAX_MESSAGE_BYTES` of the plugin/agent protocol.
 const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// Programs the agent attaches to its cgroup.
-const ATTACH_TYPES: [&str; 4] = [
+const ATTACH_TYPES: [&str; 6] = [
     "cgroup_inet4_connect",
     "cgroup_inet4_getpeername",
+    "cgroup_inet6_connect",
+    "cgroup_inet6_getpeername",
     "cgroup_sock_ops",
     "cgroup_getsockopt",
 ];
 /// Links the agent pins so that interception outlives it (fail closed).
-const LINK_PINS: [&str; 3] = [
+const LINK_PINS: [&str; 5] = [
     "link_intercept_connect4",
     "link_intercept_getpeername4",
+    "link_intercept_connect6",
+    "link_intercept_getpeername6",
     "link_intercept_sock_ops",
 ];
 /// What the agent pins under its bpffs directory.
-const PINS: [&str; 19] = [
+const PINS: [&str; 29] = [
     "intercept_connect4",
     "intercept_getpeername4",
+    "intercept_connect6",
+    "intercept_getpeername6",
     "intercept_sock_ops",
     "intercept_getsockopt",
     "intercept_tc_ingress",
@@ -54,6 +60,14 @@ const PINS: [&str; 19] = [
     "SOCK_PAIRS",
     "SETTINGS",
     "COUNTERS",
+    "ENROLLED_NETNS6",
+    "POD_BY_IP6",
+    "ORIG_DST6_BY_COOKIE",
+    "ORIG_DST6_BY_FLOW",
+    "INBOUND_FLOWS6",
+    "OUT_EXCLUDED_CIDRS6",
+    "OUT_INCLUDED_CIDRS6",
+    "COUNTERS6",
 ];
 
 fn service_addr() -> String {
