@@ -288,6 +288,13 @@ async fn serve(config: &AgentConfig, predecessor: Option<i32>) -> anyhow::Result
         unknown_pod_wait: config.unknown_pod_wait,
         unknown_pod: config.unknown_pod,
         access_log: config.access_log,
+        discovery: Some(
+            crate::inpod::discover::ProcScanner::host().context("reading the agent's own netns")?,
+        ),
+        node_name: match &config.source {
+            ModelSource::Kube { node_name, .. } => Some(node_name.clone()),
+            ModelSource::Manifests(_) => None,
+        },
     };
     let agent = Agent::new(Arc::clone(&datapath), rx, options);
     let follower = agent.spawn_model_follower();
@@ -302,6 +309,9 @@ async fn serve(config: &AgentConfig, predecessor: Option<i32>) -> anyhow::Result
     // requests are taken and before the agent says it is ready. While a predecessor still
     // serves, it may add pods after the list was read: nothing is pruned yet.
     agent.restore(predecessor.is_none()).await;
+    // Pods that ran before any agent (no CNI ADD record): after the adoption, so a pod a
+    // previous agent remembered keeps its record.
+    agent.discover_running().await;
     let info = StaticInfo {
         cgroup: config.cgroup.clone(),
         bpffs: config.bpffs.clone(),
