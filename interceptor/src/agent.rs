@@ -81,7 +81,12 @@ impl Origin {
 struct RememberedPod {
     #[serde(flatten)]
     sandbox: PodSandbox,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// camelCase, as the sandbox's fields beside it.
+    #[serde(
+        default,
+        rename = "discoveredUid",
+        skip_serializing_if = "Option::is_none"
+    )]
     discovered_uid: Option<String>,
 }
 
@@ -985,7 +990,13 @@ impl Agent {
         let mut enrolled = 0;
         for (uid, (key, ip)) in wanted {
             let located = match (found.get(&uid), ip) {
-                (None, _) => Err("no process of the pod in /proc outside the node's own \
+                // No address and no process: most likely a pod whose sandbox is being
+                // made, its CNI ADD still to come (status.podIP is set after it).
+                (None, None) => {
+                    lock(&self.not_found).remove(&key);
+                    continue;
+                }
+                (None, Some(_)) => Err("no process of the pod in /proc outside the node's own \
                                   netns (a hostNetwork pod is never enrolled)"
                     .to_owned()),
                 (Some(_), None) => Err("the model has no IP of the pod (status.podIP) to \
