@@ -212,6 +212,10 @@ pub struct Agent {
     node_name: Option<String>,
     /// Pods to enroll whose netns was not found, and why (the last attempt).
     not_found: Mutex<BTreeMap<PodKey, PodNotFound>>,
+    /// Set once the pods of `pods.json` are adopted for good ([`Agent::restore`] with
+    /// `prune`): before that, a pod found in `/proc` may be one a remembered CNI ADD (or a
+    /// predecessor still serving) already covers, so nothing is looked for.
+    adopted: AtomicBool,
     ready: AtomicBool,
     /// Set when the agent drains: every listener stops accepting (see [`Agent::drain`]).
     draining: watch::Sender<bool>,
@@ -303,6 +307,7 @@ impl Agent {
             discovery: options.discovery,
             node_name: options.node_name,
             not_found: Mutex::default(),
+            adopted: AtomicBool::new(false),
             ready: AtomicBool::new(false),
             draining: watch::Sender::new(false),
             accepting: watch::Sender::new(true),
@@ -955,11 +960,16 @@ impl Agent {
     /// pod's UID, outside the agent's own netns), checked to hold the pod's IP, enrolled
     /// as a CNI ADD would and remembered like one. A pod whose netns is not found is
     /// reported (log, `/config_dump`'s `pods_not_found`) and looked for again at the next
-    /// model change. Returns how many were enrolled.
+    /// model change. Nothing is looked for before the remembered pods are adopted for
+    /// good, nor by a superseded agent. Returns how many were enrolled.
     pub async fn discover_running(&self) -> usize {
         let Some(scanner) = &self.discovery else {
             return 0;
         };
+        // A superseded agent adds no pod: its successor owns them (and finds them).
+        if !self.adopted.load(Ordering::SeqCst) || self.superseded().is_some() {
+            return 0;
+        }
         let _changing = self.pod_changes.lock().await;
         let model = self.model();
         let wanted: HashMap<String, (PodKey, Option<Ipv4Addr>)> = {
@@ -1193,6 +1203,9 @@ impl Agent {
         let adopted = self.adopt_remembered(prune).await;
         self.rebuild_routes();
         self.accepting.send_replace(true);
+        if prune {
+            self.adopted.store(true, Ordering::SeqCst);
+        }
         adopted
     }
 

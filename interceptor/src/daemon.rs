@@ -309,9 +309,6 @@ async fn serve(config: &AgentConfig, predecessor: Option<i32>) -> anyhow::Result
     // requests are taken and before the agent says it is ready. While a predecessor still
     // serves, it may add pods after the list was read: nothing is pruned yet.
     agent.restore(predecessor.is_none()).await;
-    // Pods that ran before any agent (no CNI ADD record): after the adoption, so a pod a
-    // previous agent remembered keeps its record.
-    agent.discover_running().await;
     let info = StaticInfo {
         cgroup: config.cgroup.clone(),
         bpffs: config.bpffs.clone(),
@@ -346,6 +343,9 @@ async fn serve(config: &AgentConfig, predecessor: Option<i32>) -> anyhow::Result
         let adopted = agent.restore(true).await;
         tracing::info!(predecessor = pid, adopted, "took over the state dir");
     }
+    // Pods that ran before any agent (no CNI ADD record): once the remembered pods are
+    // adopted for good, so a pod a previous agent remembered keeps its record.
+    agent.discover_running().await;
     let forgotten = {
         let datapath = Arc::clone(&datapath);
         tokio::task::spawn_blocking(move || datapath.forget_unclaimed_rules())

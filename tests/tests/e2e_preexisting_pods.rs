@@ -176,7 +176,7 @@ fn pods_running_before_the_agent_are_found_and_enrolled(mode: Mode) {
         .expect("echo");
     let client_sandbox = sandbox(&tb, &client.netns, CLIENT_UID);
     let _hostnet_sandbox = sandbox(&tb, tb.node_netns(), HOSTNET_UID);
-    let _outsider_sandbox = sandbox(&tb, &outsider.netns, OUTSIDER_UID);
+    let outsider_sandbox = sandbox(&tb, &outsider.netns, OUTSIDER_UID);
     let node_ip = tb.nodes()[0].gateway();
     let manifests = tb.state_dir().join("manifests");
     std::fs::create_dir_all(&manifests).expect("manifests dir");
@@ -316,6 +316,41 @@ fn pods_running_before_the_agent_are_found_and_enrolled(mode: Mode) {
     if mode == Mode::Iptables {
         common::assert_pod_rules(&outsider, Mode::Iptables);
     }
+    // Out of the mesh and back while it runs: the found pod is found again by its UID.
+    let relabel = |labels: &str| {
+        let generation = node.config_dump()["source"]["generation"].as_u64();
+        let yaml = mesh_yaml(&client, &outsider, &server, node_ip, labels);
+        std::fs::write(node.manifests.join("mesh.yaml"), yaml).expect("manifests");
+        wait_for("the new model", || {
+            (node.config_dump()["source"]["generation"].as_u64() > generation).then_some(())
+        });
+    };
+    relabel("");
+    wait_for("legacy/outsider unenrolled", || {
+        (row(&node, "legacy/outsider")?["enrolled"] == false).then_some(())
+    });
+    if mode == Mode::Iptables {
+        // The row says unenrolled as the chains are being removed (one iptables-restore
+        // in the pod), not after.
+        wait_for("the outsider's chains removed", || {
+            (!common::nat_rules(&outsider.netns, "nft").contains("PROXY_")).then_some(())
+        });
+        common::assert_pod_rules(&outsider, Mode::Ebpf);
+    }
+    relabel("  labels: {istio.io/dataplane-mode: ambient}\n");
+    let outsider_row = wait_for("legacy/outsider enrolled again", || {
+        row(&node, "legacy/outsider").filter(|row| row["enrolled"] == true)
+    });
+    assert_eq!(
+        outsider_row["netns"],
+        format!("/proc/{}/ns/net", outsider_sandbox.pid()),
+        "{outsider_row}"
+    );
+    dial(&node, &outsider, &target);
+    wait_for("the outsider's second connection through the proxy", || {
+        (outbound_records(&node, "legacy/outsider") == 2).then_some(())
+    });
+
     // legacy-server has no UID in its manifest: nothing to look for, nothing reported.
     assert_eq!(row(&node, "legacy/legacy-server"), None);
     let not_found = node.config_dump()["pods_not_found"].clone();
