@@ -1,6 +1,7 @@
 //! The node agent's state: which pods the CNI plugin handed us, which are enrolled, the
-//! routing snapshot, and the enrollment logic the CNI server calls into.
-use std::collections::{HashMap, HashSet};
+//! routing snapshot, and the enrollment logic the CNI server calls into; pods that ran
+//! before the agent (no CNI ADD) are found in `/proc` and enrolled the same way.
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,6 +15,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::datapath::{Datapath, DatapathError, PodDatapath};
+use crate::inpod::discover::{FoundNetns, ProcScanner};
 use crate::inpod::{InPodSockets, PodNetns};
 use crate::model::{Model, PodKey};
 use crate::proxy::listener::{self, ListenerContext};
@@ -22,10 +24,12 @@ use crate::proxy::socket::{HostSockets, SocketFactory};
 use crate::proxy::{ConnectionLog, Direction, RouteTable, Upstreams};
 use crate::source::manifests::ManifestState;
 
-/// A pod the CNI plugin told us about.
+/// A pod the CNI plugin told us about, or one found running in `/proc`.
 struct PodEntry {
-    /// The CNI request that added the pod, kept to re-adopt it after a restart.
+    /// The CNI request that added the pod, kept to re-adopt it after a restart (for a pod
+    /// found in `/proc`, one made up from what was found).
     sandbox: PodSandbox,
+    origin: Origin,
     container_id: String,
     netns_path: PathBuf,
     ipv4: Option<Ipv4Addr>,
@@ -34,6 +38,74 @@ struct PodEntry {
     /// Listeners of an enrollment the pod left while running, finishing the connections
     /// they had open; aborted when the pod goes.
     leaving: Vec<AbortOnDrop>,
+}
+
+/// How the agent came to know a pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Origin {
+    /// A CNI ADD (or its record, adopted after a restart).
+    Cni,
+    /// Found running in `/proc` by its UID: the pod predates every agent on the node.
+    Discovered {
+        uid: String,
+        /// The containers of its processes (cgroup names): the sandbox's, which a CNI DEL
+        /// for the pod names, is among them.
+        container_ids: BTreeSet<String>,
+    },
+}
+
+impl Origin {
+    fn name(&self) -> &'static str {
+        match self {
+            Origin::Cni => "cni",
+            Origin::Discovered { .. } => "discovered",
+        }
+    }
+
+    fn uid(&self) -> Option<&str> {
+        match self {
+            Origin::Cni => None,
+            Origin::Discovered { uid, .. } => Some(uid),
+        }
+    }
+}
+
+/// One entry of the state dir's pod list: the CNI request that added the pod or, for a
+/// pod found in `/proc`, one made up from what was found, with the pod's UID. The netns
+/// path of a found pod (`/proc/<pid>/ns/net`) dies with that process and may name
+/// another process's netns later, so the next agent finds the pod again by its UID
+/// rather than trusting the path. (Bind-mounting the netns under the state dir would
+/// keep the path valid, but also keep a deleted pod's netns alive whenever no CNI DEL
+/// comes to unmount it; a scan by UID leaves nothing behind to clean up.)
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct RememberedPod {
+    #[serde(flatten)]
+    sandbox: PodSandbox,
+    /// camelCase, as the sandbox's fields beside it.
+    #[serde(
+        default,
+        rename = "discoveredUid",
+        skip_serializing_if = "Option::is_none"
+    )]
+    discovered_uid: Option<String>,
+}
+
+/// A pod the model enrolls on this node, with no CNI ADD record, whose netns was not
+/// found: one row of `/config_dump`'s `pods_not_found`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PodNotFound {
+    pub pod: String,
+    pub uid: String,
+    pub reason: String,
+}
+
+/// Where a pod found in `/proc` lives: a netns of its processes that holds its IP.
+struct Located {
+    path: PathBuf,
+    cookie: u64,
+    ifname: String,
+    container_id: String,
+    container_ids: BTreeSet<String>,
 }
 
 /// The live interception of one pod; dropping it stops the listeners and their
@@ -80,6 +152,12 @@ pub struct PodStatus {
     pub enrolled: bool,
     pub reason: String,
     pub netns_cookie: Option<u64>,
+    /// How the agent came to know the pod: `cni` (an ADD) or `discovered` (running in
+    /// `/proc` before the agent started).
+    pub origin: &'static str,
+    /// The pod's UID, for a discovered pod.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
     /// The pod's own rules (from annotations), added to the global ones.
     pub rules: Option<crate::config::MeshConfig>,
     /// Annotation entries that were invalid and skipped: pod, key, value, why.
@@ -108,6 +186,10 @@ pub struct AgentOptions {
     pub unknown_pod: UnknownPod,
     /// `--access-log`: one JSON line per finished connection on stdout.
     pub access_log: bool,
+    /// Where pods that ran before the agent are looked for; `None`: they are not.
+    pub discovery: Option<ProcScanner>,
+    /// This node's name, when known: only model pods scheduled here are looked for.
+    pub node_name: Option<String>,
 }
 
 pub struct Agent {
@@ -125,6 +207,15 @@ pub struct Agent {
     unknown_pod: UnknownPod,
     /// Whether sockmap is on (proxy-to-proxy sockets then need the userspace copy).
     sockmap: bool,
+    /// Finds pods that ran before the agent ([`Agent::discover_running`]).
+    discovery: Option<ProcScanner>,
+    node_name: Option<String>,
+    /// Pods to enroll whose netns was not found, and why (the last attempt).
+    not_found: Mutex<BTreeMap<PodKey, PodNotFound>>,
+    /// Set once the pods of `pods.json` are adopted for good ([`Agent::restore`] with
+    /// `prune`): before that, a pod found in `/proc` may be one a remembered CNI ADD (or a
+    /// predecessor still serving) already covers, so nothing is looked for.
+    adopted: AtomicBool,
     ready: AtomicBool,
     /// Set when the agent drains: every listener stops accepting (see [`Agent::drain`]).
     draining: watch::Sender<bool>,
@@ -213,6 +304,10 @@ impl Agent {
             sockmap: options.sockmap,
             unknown_pod_wait: options.unknown_pod_wait,
             unknown_pod: options.unknown_pod,
+            discovery: options.discovery,
+            node_name: options.node_name,
+            not_found: Mutex::default(),
+            adopted: AtomicBool::new(false),
             ready: AtomicBool::new(false),
             draining: watch::Sender::new(false),
             accepting: watch::Sender::new(true),
@@ -356,6 +451,8 @@ impl Agent {
                 if agent.reconcile_enrollment().await {
                     agent.request_routes();
                 }
+                // Pods new to the model may have been running before the agent.
+                agent.discover_running().await;
             }
         };
         let checker = Arc::clone(self);
@@ -431,6 +528,8 @@ impl Agent {
                 enrolled: entry.enrolled.is_some(),
                 reason: entry.reason.clone(),
                 netns_cookie: entry.enrolled.as_ref().map(|e| e.datapath.netns_cookie),
+                origin: entry.origin.name(),
+                uid: entry.origin.uid().map(str::to_owned),
                 rules: entry.enrolled.as_ref().map(|e| e.rules.clone()),
                 rule_warnings: entry
                     .enrolled
@@ -446,8 +545,20 @@ impl Agent {
     /// CNI ADD: remember the pod and, when the model enrolls it, intercept it.
     /// All-or-nothing: on error nothing of this pod stays in the data path.
     pub async fn add(&self, sandbox: &PodSandbox) -> Result<AgentResponse, CniFailure> {
-        let key = pod_key(sandbox)?;
         let _changing = self.pod_changes.lock().await;
+        self.add_as(sandbox, Origin::Cni, None).await
+    }
+
+    /// [`Agent::add`] under `pod_changes`, for a pod known as `origin`; with
+    /// `expect_cookie`, the netns must still be the one checked (a `/proc/<pid>/ns/net`
+    /// path names another netns once the pid is reused).
+    async fn add_as(
+        &self,
+        sandbox: &PodSandbox,
+        origin: Origin,
+        expect_cookie: Option<u64>,
+    ) -> Result<AgentResponse, CniFailure> {
+        let key = pod_key(sandbox)?;
         if sandbox.netns.is_empty() {
             return Err(CniFailure::new(
                 codes::INVALID_ENVIRONMENT,
@@ -524,16 +635,28 @@ impl Agent {
             } else {
                 &sandbox.ifname
             };
-            Some(self.enroll(&key, &netns_path, ip, ifname).await?)
+            Some(
+                self.enroll(&key, &netns_path, ip, ifname, expect_cookie)
+                    .await?,
+            )
         } else {
             None
         };
         let is_enrolled = enrolled.is_some();
-        tracing::info!(pod = %key, enrolled = is_enrolled, reason = %enrollment.reason, ip = ?ipv4, "CNI ADD");
+        match origin {
+            Origin::Cni => {
+                tracing::info!(pod = %key, enrolled = is_enrolled, reason = %enrollment.reason, ip = ?ipv4, "CNI ADD");
+            }
+            Origin::Discovered { ref uid, .. } => {
+                tracing::info!(pod = %key, enrolled = is_enrolled, %uid, netns = %netns_path.display(),
+                    reason = %enrollment.reason, ip = ?ipv4, "running pod found in /proc: enrolled");
+            }
+        }
         lock(&self.pods).insert(
             key,
             PodEntry {
                 sandbox: sandbox.clone(),
+                origin,
                 container_id: sandbox.container_id.clone(),
                 netns_path,
                 ipv4,
@@ -557,6 +680,7 @@ impl Agent {
         netns_path: &Path,
         ip: Ipv4Addr,
         ifname: &str,
+        expect_cookie: Option<u64>,
     ) -> Result<EnrolledPod, CniFailure> {
         let io_failure = |what: &str, e: &dyn std::fmt::Display| {
             CniFailure::new(
@@ -571,6 +695,15 @@ impl Agent {
                 .map_err(|e| io_failure("netns thread", &e))?
                 .map_err(|e| io_failure("netns", &e))?
         };
+        if expect_cookie.is_some_and(|cookie| cookie != netns.cookie()) {
+            return Err(CniFailure::new(
+                codes::UNKNOWN_CONTAINER,
+                format!(
+                    "enrolling pod {key}: {} is no longer the netns found for the pod",
+                    netns_path.display()
+                ),
+            ));
+        }
         let netns = Arc::new(netns);
         let sockets: Arc<dyn SocketFactory> = Arc::new(InPodSockets::new(Arc::clone(&netns)));
         let outbound = listener::listen(&*sockets, Direction::Outbound)
@@ -673,7 +806,10 @@ impl Agent {
         let same_sandbox = {
             let pods = lock(&self.pods);
             pods.get(&key).map(|entry| {
-                sandbox.container_id.is_empty() || entry.container_id == sandbox.container_id
+                sandbox.container_id.is_empty()
+                    || entry.container_id == sandbox.container_id
+                    || matches!(&entry.origin, Origin::Discovered { container_ids, .. }
+                        if container_ids.contains(&sandbox.container_id))
             })
         };
         let detail = match same_sandbox {
@@ -795,12 +931,13 @@ impl Agent {
     /// Enroll a pod that runs already (CNI ADD left it out): its connections from now on
     /// are intercepted; those it opened before keep going direct.
     async fn enroll_running(&self, key: &PodKey, enrollment: &crate::model::Enrollment) -> bool {
-        let Some((netns_path, ip, ifname)) = lock(&self.pods).get(key).map(|entry| {
+        let Some((mut netns_path, ip, mut ifname, uid)) = lock(&self.pods).get(key).map(|entry| {
             let ifname = match entry.sandbox.ifname.as_str() {
                 "" => "eth0".to_owned(),
                 name => name.to_owned(),
             };
-            (entry.netns_path.clone(), entry.ipv4, ifname)
+            let uid = entry.origin.uid().map(str::to_owned);
+            (entry.netns_path.clone(), entry.ipv4, ifname, uid)
         }) else {
             return false;
         };
@@ -808,11 +945,32 @@ impl Agent {
             tracing::warn!(pod = %key, "not enrolled: the pod has no IPv4 address");
             return false;
         };
-        match self.enroll(key, &netns_path, ip, &ifname).await {
+        // A found pod's netns path was its process's then: found again by UID.
+        let mut expect_cookie = None;
+        if let Some(uid) = uid {
+            match self.relocate(&uid, ip).await {
+                Ok(located) => {
+                    netns_path = located.path;
+                    ifname = located.ifname;
+                    expect_cookie = Some(located.cookie);
+                }
+                Err(why) => {
+                    tracing::warn!(pod = %key, %uid, %why, "enrolling a running pod failed: its netns is not found; retried at the next model change");
+                    return false;
+                }
+            }
+        }
+        match self
+            .enroll(key, &netns_path, ip, &ifname, expect_cookie)
+            .await
+        {
             Ok(enrolled) => {
                 if let Some(entry) = lock(&self.pods).get_mut(key) {
                     entry.enrolled = Some(enrolled);
                     entry.reason = enrollment.reason.clone();
+                    entry.sandbox.netns = netns_path.display().to_string();
+                    entry.sandbox.ifname = ifname;
+                    entry.netns_path = netns_path;
                 }
                 tracing::info!(pod = %key, reason = %enrollment.reason, "running pod enrolled");
                 true
@@ -821,6 +979,160 @@ impl Agent {
                 tracing::warn!(pod = %key, msg = %failure.msg, "enrolling a running pod failed; retried at the next model change");
                 false
             }
+        }
+    }
+
+    /// Find and enroll the pods the model enrolls on this node that ran before any agent
+    /// did (no CNI ADD record): their netns from `/proc` (a process whose cgroup names the
+    /// pod's UID, outside the agent's own netns), checked to hold the pod's IP, enrolled
+    /// as a CNI ADD would and remembered like one. A pod whose netns is not found is
+    /// reported (log, `/config_dump`'s `pods_not_found`) and looked for again at the next
+    /// model change. Nothing is looked for before the remembered pods are adopted for
+    /// good, nor by a superseded agent. Returns how many were enrolled.
+    pub async fn discover_running(&self) -> usize {
+        let Some(scanner) = &self.discovery else {
+            return 0;
+        };
+        // A superseded agent adds no pod: its successor owns them (and finds them).
+        if !self.adopted.load(Ordering::SeqCst) || self.superseded().is_some() {
+            return 0;
+        }
+        let _changing = self.pod_changes.lock().await;
+        let model = self.model();
+        let wanted: HashMap<String, (PodKey, Option<Ipv4Addr>)> = {
+            let known = lock(&self.pods);
+            model
+                .pods
+                .iter()
+                .filter(|(key, pod)| !known.contains_key(key) && self.runs_here(pod))
+                .filter(|(key, _)| model.enrollment(key).is_some_and(|e| e.enrolled))
+                .filter_map(|(key, pod)| {
+                    let uid = pod.uid.as_ref()?.to_ascii_lowercase();
+                    Some((uid, (key.clone(), pod.ip)))
+                })
+                .collect()
+        };
+        // Reports of pods no longer looked for (enrolled meanwhile, gone, left the mesh).
+        lock(&self.not_found).retain(|key, _| wanted.values().any(|(k, _)| k == key));
+        if wanted.is_empty() {
+            return 0;
+        }
+        let uids: HashSet<String> = wanted.keys().cloned().collect();
+        let found = {
+            let scanner = scanner.clone();
+            tokio::task::spawn_blocking(move || scanner.find(&uids))
+                .await
+                .unwrap_or_default()
+        };
+        let mut enrolled = 0;
+        for (uid, (key, ip)) in wanted {
+            let located = match (found.get(&uid), ip) {
+                // No address and no process: most likely a pod whose sandbox is being
+                // made, its CNI ADD still to come (status.podIP is set after it).
+                (None, None) => {
+                    lock(&self.not_found).remove(&key);
+                    continue;
+                }
+                (None, Some(_)) => Err("no process of the pod in /proc outside the node's own \
+                                  netns (a hostNetwork pod is never enrolled)"
+                    .to_owned()),
+                (Some(_), None) => Err("the model has no IP of the pod (status.podIP) to \
+                                        check its netns against"
+                    .to_owned()),
+                (Some(candidates), Some(ip)) => locate(candidates.clone(), ip).await,
+            };
+            let outcome = match located {
+                Ok(located) => {
+                    let sandbox = PodSandbox {
+                        container_id: located.container_id.clone(),
+                        netns: located.path.display().to_string(),
+                        ifname: located.ifname.clone(),
+                        pod_namespace: key.namespace.clone(),
+                        pod_name: key.name.clone(),
+                        ips: ip.map(|ip| format!("{ip}/32")).into_iter().collect(),
+                    };
+                    let origin = Origin::Discovered {
+                        uid: uid.clone(),
+                        container_ids: located.container_ids,
+                    };
+                    self.add_as(&sandbox, origin, Some(located.cookie))
+                        .await
+                        .map_err(|failure| failure.msg)
+                }
+                Err(why) => Err(why),
+            };
+            match outcome {
+                Ok(AgentResponse::Ok { enrolled: true, .. }) => {
+                    enrolled += 1;
+                    lock(&self.not_found).remove(&key);
+                }
+                Ok(_) => {
+                    lock(&self.not_found).remove(&key);
+                }
+                Err(reason) => {
+                    let row = PodNotFound {
+                        pod: key.to_string(),
+                        uid,
+                        reason,
+                    };
+                    let mut not_found = lock(&self.not_found);
+                    // Logged when the reason changes, not at every model change.
+                    if not_found.get(&key) != Some(&row) {
+                        tracing::warn!(pod = %key, uid = %row.uid, reason = %row.reason,
+                            "pod to enroll has no CNI ADD record and its netns was not found; \
+                             looked for again at the next model change");
+                        not_found.insert(key, row);
+                    }
+                }
+            }
+        }
+        enrolled
+    }
+
+    /// Whether a model pod is scheduled on this node, as far as the agent can tell: with
+    /// a node name (the kube source), `spec.nodeName` must be it; without one (the
+    /// manifests source, standalone), every pod with a UID is looked for, since only
+    /// this node's processes can name it. hostNetwork pods are never enrolled.
+    fn runs_here(&self, pod: &crate::model::Pod) -> bool {
+        if pod.host_network || pod.uid.is_none() {
+            return false;
+        }
+        match &self.node_name {
+            Some(node) => pod.node_name.as_ref() == Some(node),
+            None => true,
+        }
+    }
+
+    /// Pods to enroll whose netns was not found, and why.
+    pub fn pods_not_found(&self) -> Vec<PodNotFound> {
+        lock(&self.not_found).values().cloned().collect()
+    }
+
+    /// The netns of pod `uid` found in `/proc` again, checked to hold `ip`.
+    async fn relocate(&self, uid: &str, ip: Ipv4Addr) -> Result<Located, String> {
+        let Some(scanner) = self.discovery.clone() else {
+            return Err("finding pods in /proc is off".to_owned());
+        };
+        let uids = HashSet::from([uid.to_owned()]);
+        let found = tokio::task::spawn_blocking(move || scanner.find(&uids))
+            .await
+            .unwrap_or_default();
+        match found.into_values().next() {
+            Some(candidates) => locate(candidates, ip).await,
+            None => Err("no process of the pod in /proc outside the node's own netns".into()),
+        }
+    }
+
+    /// [`Agent::relocate`] for a remembered pod, by the address it was found with.
+    async fn relocate_remembered(
+        &self,
+        uid: &str,
+        sandbox: &PodSandbox,
+    ) -> Result<Located, String> {
+        match first_ipv4(&sandbox.ips) {
+            Ok(Some(ip)) => self.relocate(uid, ip).await,
+            Ok(None) => Err("the record has no IPv4 address".into()),
+            Err(failure) => Err(failure.msg),
         }
     }
 
@@ -873,11 +1185,18 @@ impl Agent {
             tracing::debug!(successor, "pod list not written: another agent owns it");
             return;
         }
-        let sandboxes: Vec<PodSandbox> = {
+        let sandboxes: Vec<RememberedPod> = {
             let pods = lock(&self.pods);
-            let mut list: Vec<_> = pods.values().map(|entry| entry.sandbox.clone()).collect();
+            let mut list: Vec<_> = pods
+                .values()
+                .map(|entry| RememberedPod {
+                    sandbox: entry.sandbox.clone(),
+                    discovered_uid: entry.origin.uid().map(str::to_owned),
+                })
+                .collect();
             list.sort_by(|a, b| {
-                (&a.pod_namespace, &a.pod_name).cmp(&(&b.pod_namespace, &b.pod_name))
+                (&a.sandbox.pod_namespace, &a.sandbox.pod_name)
+                    .cmp(&(&b.sandbox.pod_namespace, &b.sandbox.pod_name))
             });
             list
         };
@@ -911,6 +1230,9 @@ impl Agent {
         let adopted = self.adopt_remembered(prune).await;
         self.rebuild_routes();
         self.accepting.send_replace(true);
+        if prune {
+            self.adopted.store(true, Ordering::SeqCst);
+        }
         adopted
     }
 
@@ -928,7 +1250,7 @@ impl Agent {
             let _ = std::fs::rename(path, path.with_extension("json.corrupt"));
             Vec::new()
         };
-        let sandboxes: Vec<PodSandbox> = match std::fs::read(path) {
+        let sandboxes: Vec<RememberedPod> = match std::fs::read(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(error) => unreadable(error.to_string()),
             Ok(bytes) => match serde_json::from_slice(&bytes) {
@@ -937,9 +1259,33 @@ impl Agent {
             },
         };
         let mut adopted = 0;
-        for sandbox in &sandboxes {
+        for remembered in &sandboxes {
+            let mut sandbox = remembered.sandbox.clone();
             let pod = format!("{}/{}", sandbox.pod_namespace, sandbox.pod_name);
-            let enrolled = match self.add(sandbox).await {
+            let (origin, expect_cookie) = match &remembered.discovered_uid {
+                None => (Origin::Cni, None),
+                Some(uid) => match self.relocate_remembered(uid, &sandbox).await {
+                    Ok(located) => {
+                        sandbox.netns = located.path.display().to_string();
+                        sandbox.ifname = located.ifname;
+                        sandbox.container_id = located.container_id;
+                        let origin = Origin::Discovered {
+                            uid: uid.clone(),
+                            container_ids: located.container_ids,
+                        };
+                        (origin, Some(located.cookie))
+                    }
+                    Err(why) => {
+                        tracing::warn!(%pod, %uid, %why, "not adopting pod found in /proc earlier");
+                        continue;
+                    }
+                },
+            };
+            let added = {
+                let _changing = self.pod_changes.lock().await;
+                self.add_as(&sandbox, origin, expect_cookie).await
+            };
+            let enrolled = match added {
                 Ok(response) => {
                     adopted += 1;
                     matches!(response, AgentResponse::Ok { enrolled: true, .. })
@@ -1018,6 +1364,50 @@ impl Agent {
     }
 }
 
+/// The first of `candidates` (a pod's netns found in `/proc`, oldest process first) that
+/// holds `ip`, and the interface with it (where the tc programs attach): a cgroup ties a
+/// process to a pod, not to a netns, so a netns without the pod's IP is not the pod's.
+async fn locate(candidates: Vec<FoundNetns>, ip: Ipv4Addr) -> Result<Located, String> {
+    let check = move || {
+        let mut tried = Vec::new();
+        for candidate in candidates {
+            let checked = PodNetns::enter(&candidate.path)
+                .map_err(|e| e.to_string())
+                .and_then(|netns| {
+                    let ifname = netns
+                        .run_blocking(|| crate::inpod::discover::interface_with(ip))
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| e.to_string())?;
+                    Ok((netns.cookie(), ifname))
+                });
+            match checked {
+                Ok((cookie, Some(ifname))) => {
+                    return Ok(Located {
+                        path: candidate.path,
+                        cookie,
+                        ifname,
+                        container_id: candidate.container_id.unwrap_or_default(),
+                        container_ids: candidate.container_ids,
+                    })
+                }
+                Ok((_, None)) => tried.push(format!(
+                    "{} (pid {}): no interface holds {ip}",
+                    candidate.path.display(),
+                    candidate.pid
+                )),
+                Err(error) => tried.push(format!("{}: {error}", candidate.path.display())),
+            }
+        }
+        Err(format!(
+            "no netns of the pod's processes is the pod's: {}",
+            tried.join("; ")
+        ))
+    };
+    tokio::task::spawn_blocking(check)
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()))
+}
+
 fn pod_key(sandbox: &PodSandbox) -> Result<PodKey, CniFailure> {
     if sandbox.pod_namespace.is_empty() || sandbox.pod_name.is_empty() {
         return Err(CniFailure::new(
@@ -1060,6 +1450,26 @@ mod tests {
         let err = first_ipv4(&["10.0.0.300/24".to_string()]).unwrap_err();
         assert_eq!(err.code, codes::INVALID_NETWORK_CONFIG);
         assert!(err.msg.contains("10.0.0.300/24"), "{}", err.msg);
+    }
+
+    #[test]
+    fn remembered_pods_read_older_lists_and_keep_a_found_pods_uid() {
+        let older = r#"[{"containerId": "c", "netns": "/var/run/netns/x", "ifname": "eth0",
+            "podNamespace": "demo", "podName": "client", "ips": ["10.244.0.5/24"]}]"#;
+        let list: Vec<RememberedPod> = serde_json::from_str(older).unwrap();
+        assert_eq!(list[0].discovered_uid, None);
+        assert_eq!(list[0].sandbox.pod_name, "client");
+        let found = RememberedPod {
+            sandbox: list[0].sandbox.clone(),
+            discovered_uid: Some("2c48913c-b29f-11e7-9350-020968147796".into()),
+        };
+        let json = serde_json::to_string(&found).unwrap();
+        let back: RememberedPod = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.discovered_uid, found.discovered_uid);
+        assert_eq!(back.sandbox, found.sandbox);
+        // An older agent reads it as the sandbox it knows.
+        let plain: PodSandbox = serde_json::from_str(&json).unwrap();
+        assert_eq!(plain, found.sandbox);
     }
 
     #[test]

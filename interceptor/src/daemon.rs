@@ -295,6 +295,13 @@ async fn serve(config: &AgentConfig, predecessor: Option<i32>) -> anyhow::Result
         unknown_pod_wait: config.unknown_pod_wait,
         unknown_pod: config.unknown_pod,
         access_log: config.access_log,
+        discovery: Some(
+            crate::inpod::discover::ProcScanner::host().context("reading the agent's own netns")?,
+        ),
+        node_name: match &config.source {
+            ModelSource::Kube { node_name, .. } => Some(node_name.clone()),
+            ModelSource::Manifests(_) => None,
+        },
     };
     let agent = Agent::new(Arc::clone(&datapath), rx, options);
     let follower = agent.spawn_model_follower();
@@ -343,6 +350,9 @@ async fn serve(config: &AgentConfig, predecessor: Option<i32>) -> anyhow::Result
         let adopted = agent.restore(true).await;
         tracing::info!(predecessor = pid, adopted, "took over the state dir");
     }
+    // Pods that ran before any agent (no CNI ADD record): once the remembered pods are
+    // adopted for good, so a pod a previous agent remembered keeps its record.
+    agent.discover_running().await;
     let forgotten = {
         let datapath = Arc::clone(&datapath);
         tokio::task::spawn_blocking(move || datapath.forget_unclaimed_rules())

@@ -538,19 +538,59 @@ impl Testbed {
         node: NodeId,
         netns: &str,
         in_cgroup: bool,
-        mut cmd: Command,
+        cmd: Command,
     ) -> Result<Child> {
+        let cgroup = match in_cgroup {
+            true => Some(self.get_node(node)?.cgroup_path.clone()),
+            false => None,
+        };
+        self.spawn_into(netns, cgroup.as_deref(), cmd)
+    }
+
+    /// Spawns `cmd` in network namespace `netns` and in a pod's cgroup below `node`'s, as
+    /// kubelet's cgroupfs driver names it: `<node cgroup>/kubepods/besteffort/pod<uid>/
+    /// <container>` (made here if missing; removed with the node's cgroup, with whatever
+    /// runs in it, when the testbed goes). For an agent that finds the pods that ran
+    /// before it by the UID in their processes' cgroups; `netns` may be the node's own (a
+    /// hostNetwork pod). `uid` and `container` are single path components.
+    pub fn spawn_in_pod_cgroup(
+        &self,
+        node: NodeId,
+        netns: &str,
+        uid: &str,
+        container: &str,
+        cmd: Command,
+    ) -> Result<Child> {
+        for part in [uid, container] {
+            if part.is_empty() || part.contains('/') || part.starts_with('.') {
+                bail!("{part:?} is not a cgroup name");
+            }
+        }
+        let dir = self
+            .get_node(node)?
+            .cgroup_path
+            .join("kubepods/besteffort")
+            .join(format!("pod{uid}"))
+            .join(container);
+        fs::create_dir_all(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
+        self.spawn_into(netns, Some(&dir), cmd)
+    }
+
+    /// Spawns `cmd` in `netns` and, if given, cgroup directory `cgroup` (one of the
+    /// testbed's, so its removal kills what is left there).
+    fn spawn_into(&self, netns: &str, cgroup: Option<&Path>, mut cmd: Command) -> Result<Child> {
         let ns = netns::open(netns)?;
-        let procs = if in_cgroup {
-            let path = self.get_node(node)?.cgroup_path.join("cgroup.procs");
-            Some(
-                File::options()
-                    .write(true)
-                    .open(&path)
-                    .with_context(|| format!("opening {}", path.display()))?,
-            )
-        } else {
-            None
+        let procs = match cgroup {
+            Some(dir) => {
+                let path = dir.join("cgroup.procs");
+                Some(
+                    File::options()
+                        .write(true)
+                        .open(&path)
+                        .with_context(|| format!("opening {}", path.display()))?,
+                )
+            }
+            None => None,
         };
         // SAFETY: the hook runs in the forked child before exec, where only
         // async-signal-safe work is allowed. It makes two raw syscalls (write, setns)

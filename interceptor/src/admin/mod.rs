@@ -109,6 +109,7 @@ async fn config_dump(State(state): State<AdminState>) -> Json<serde_json::Value>
         "node": state.info,
         "source": { "kind": state.info.source, "generation": generation, "last_error": last_error },
         "pods": agent.pod_statuses(),
+        "pods_not_found": agent.pods_not_found(),
         "datapath_counters": agent.datapath().counters(),
         "datapath_records": agent.datapath().live_records(),
         "node_probes": agent.datapath().node_probes(),

@@ -1,7 +1,8 @@
 //! Working inside a pod's network namespace: the calling thread enters it for a short
 //! synchronous job (a socket keeps its netns for life) and returns, the way ztunnel's
 //! in-pod mode does; no thread per pod. [`InPodSockets`] is the proxy's socket factory
-//! for a pod.
+//! for a pod. [`discover`] finds the netns of pods that ran before the agent (in `/proc`).
+pub mod discover;
 mod netns;
 mod sockets;
 

@@ -121,6 +121,17 @@ pub struct Pod {
     pub service_account: String,
     /// Ports of `spec.containers[*].ports` (Kubernetes keeps their names unique per pod).
     pub container_ports: Vec<NamedPort>,
+    /// `metadata.uid`: what kubelet names the pod's cgroup after, so the agent can find a
+    /// pod that ran before it (see [`crate::inpod::discover`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+    /// `spec.nodeName`: the node the pod is scheduled on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+    /// `spec.hostNetwork`: the pod shares its node's netns (CNI never sees it, and the
+    /// agent never enrolls it).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub host_network: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

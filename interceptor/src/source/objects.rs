@@ -317,7 +317,8 @@ fn port_number(n: i32) -> Option<u16> {
     u16::try_from(n).ok().filter(|&p| p != 0)
 }
 
-/// A Pod: identity, labels, annotations, IPv4 address and container ports.
+/// A Pod: identity, labels, annotations, IPv4 address, container ports, and what finds
+/// it on its node (UID, node name, host network).
 pub fn pod(p: k8s::Pod) -> Result<Pod, ObjectError> {
     let (namespace, name) = name_and_namespace("Pod", &p.metadata)?;
     let invalid = Invalid {
@@ -369,6 +370,9 @@ pub fn pod(p: k8s::Pod) -> Result<Pod, ObjectError> {
         ip,
         service_account,
         container_ports,
+        uid: p.metadata.uid.filter(|u| !u.is_empty()),
+        node_name: spec.node_name.filter(|n| !n.is_empty()),
+        host_network: spec.host_network.unwrap_or(false),
     })
 }
 
@@ -559,6 +563,30 @@ pub fn endpoint_slice(s: discovery::EndpointSlice) -> Result<Slice, ObjectError>
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_pod_keeps_what_finds_it_on_its_node() {
+        let pod: k8s::Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p", "namespace": "n", "uid": "2c48913c-b29f-11e7-9350-020968147796"},
+            "spec": {"nodeName": "node-a", "hostNetwork": true, "containers": []}
+        }))
+        .unwrap();
+        let pod = super::pod(pod).unwrap();
+        assert_eq!(
+            pod.uid.as_deref(),
+            Some("2c48913c-b29f-11e7-9350-020968147796")
+        );
+        assert_eq!(pod.node_name.as_deref(), Some("node-a"));
+        assert!(pod.host_network);
+        let bare: k8s::Pod =
+            serde_json::from_value(json!({"metadata": {"name": "p", "namespace": "n", "uid": ""}}))
+                .unwrap();
+        let bare = super::pod(bare).unwrap();
+        assert_eq!(
+            (bare.uid, bare.node_name, bare.host_network),
+            (None, None, false)
+        );
+    }
 
     #[test]
     fn errors_name_the_object_and_field_and_no_file() {
