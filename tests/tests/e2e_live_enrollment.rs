@@ -142,6 +142,18 @@ fn a_namespace_label_enrolls_and_unenrolls_its_running_pod(mode: Mode) {
     let mut before = Held::open(&node, &app, &target);
     assert_eq!(before.ping(), "ping");
 
+    // A value that neither enrolls nor excludes: ignored, with a warning naming it.
+    rewrite(
+        &node,
+        &with_late_namespace("  labels: {istio.io/dataplane-mode: sidecar}\n", ""),
+    );
+    wait_for("the warning about the label", || {
+        node.agent_log()
+            .contains("ignored namespace late label istio.io/dataplane-mode=\"sidecar\"")
+            .then_some(())
+    });
+    assert_eq!(enrolled(&node, "late/app"), Some(false));
+
     // Labelled into the mesh while it runs: enrolled with no new CNI ADD.
     let labelled = Instant::now();
     rewrite(

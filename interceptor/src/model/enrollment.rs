@@ -68,6 +68,20 @@ pub(super) fn decide(pod: &Pod, namespace: Option<&Namespace>) -> Enrollment {
     Enrollment { enrolled, reason }
 }
 
+/// What an object's enrollment label or annotation says that is neither enrolling nor
+/// excluding (`flomesh.io/sidecar-injection: maybe`), one note per entry naming the
+/// object: the sources log these as warnings when they read the object, and enrollment
+/// ignores the entry (the note is also in the pod's `reason`).
+pub fn unrecognized(
+    object: &str,
+    labels: &BTreeMap<String, String>,
+    annotations: &BTreeMap<String, String>,
+) -> Vec<String> {
+    let mut ignored = Vec::new();
+    word(object, labels, annotations, &mut ignored);
+    ignored
+}
+
 fn word(
     object: &str,
     labels: &BTreeMap<String, String>,

@@ -14,7 +14,10 @@ use serde::{Serialize, Serializer};
 mod enrollment;
 pub mod routing;
 
-pub use enrollment::{Enrollment, ANNOTATION_SIDECAR_INJECTION, LABEL_DATAPLANE_MODE};
+pub use enrollment::{
+    unrecognized as unrecognized_enrollment, Enrollment, ANNOTATION_SIDECAR_INJECTION,
+    LABEL_DATAPLANE_MODE,
+};
 pub use routing::RoutingObjects;
 
 fn is_empty_routing(routing: &Arc<RoutingObjects>) -> bool {

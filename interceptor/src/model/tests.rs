@@ -476,3 +476,32 @@ fn endpoint_slices_win_over_the_selector() {
         .get("endpoint_slices")
         .is_none());
 }
+
+#[test]
+fn unrecognized_enrollment_values_are_named_with_their_object() {
+    let notes = unrecognized_enrollment(
+        "namespace shop",
+        &map(&[(LABEL_DATAPLANE_MODE, "sidecar")]),
+        &map(&[(ANNOTATION_SIDECAR_INJECTION, "maybe")]),
+    );
+    assert_eq!(notes.len(), 2, "{notes:?}");
+    assert!(
+        notes[0].contains("namespace shop")
+            && notes[0].contains("flomesh.io/sidecar-injection=\"maybe\"")
+            && notes[0].contains("expected enabled or disabled"),
+        "{notes:?}"
+    );
+    assert!(
+        notes[1].contains("namespace shop")
+            && notes[1].contains("istio.io/dataplane-mode=\"sidecar\"")
+            && notes[1].contains("expected ambient or none"),
+        "{notes:?}"
+    );
+    // Enrolling and excluding words are not reported.
+    let fine = unrecognized_enrollment(
+        "pod shop/cart",
+        &map(&[(LABEL_DATAPLANE_MODE, "none")]),
+        &map(&[(ANNOTATION_SIDECAR_INJECTION, "enabled")]),
+    );
+    assert!(fine.is_empty(), "{fine:?}");
+}

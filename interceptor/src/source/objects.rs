@@ -297,6 +297,18 @@ fn name_and_namespace(kind: &str, meta: &ObjectMeta) -> Result<(String, String),
     }
 }
 
+/// An enrollment label or annotation value that neither enrolls nor excludes is ignored;
+/// the operator hears of it here, once per version of the object read.
+fn warn_unrecognized(
+    object: &str,
+    labels: &std::collections::BTreeMap<String, String>,
+    annotations: &std::collections::BTreeMap<String, String>,
+) {
+    for note in crate::model::unrecognized_enrollment(object, labels, annotations) {
+        tracing::warn!("{note}");
+    }
+}
+
 /// A Namespace: its name, labels and annotations (enrollment reads them).
 pub fn namespace(ns: k8s::Namespace) -> Result<Namespace, ObjectError> {
     let meta = ns.metadata;
@@ -306,11 +318,17 @@ pub fn namespace(ns: k8s::Namespace) -> Result<Namespace, ObjectError> {
         }
         .at(&NAME, "missing"));
     };
-    Ok(Namespace {
+    let namespace = Namespace {
         name,
         labels: meta.labels.unwrap_or_default(),
         annotations: meta.annotations.unwrap_or_default(),
-    })
+    };
+    warn_unrecognized(
+        &format!("namespace {}", namespace.name),
+        &namespace.labels,
+        &namespace.annotations,
+    );
+    Ok(namespace)
 }
 
 fn port_number(n: i32) -> Option<u16> {
@@ -362,11 +380,16 @@ pub fn pod(p: k8s::Pod) -> Result<Pod, ObjectError> {
             });
         }
     }
+    let (labels, annotations) = (
+        p.metadata.labels.unwrap_or_default(),
+        p.metadata.annotations.unwrap_or_default(),
+    );
+    warn_unrecognized(&format!("pod {namespace}/{name}"), &labels, &annotations);
     Ok(Pod {
         namespace,
         name,
-        labels: p.metadata.labels.unwrap_or_default(),
-        annotations: p.metadata.annotations.unwrap_or_default(),
+        labels,
+        annotations,
         ip,
         service_account,
         container_ports,
