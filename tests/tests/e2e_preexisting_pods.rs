@@ -17,22 +17,47 @@ use interceptor_testbed::{NodeId, Pod, Testbed};
 
 in_both_modes!(pods_running_before_the_agent_are_found_and_enrolled);
 
-/// The UIDs of the pods in [`mesh_yaml`] (as the API server writes them: lowercase).
-const CLIENT_UID: &str = "7f3c2a10-4b5d-4e6f-8a9b-0c1d2e3f4a5b";
-const HOSTNET_UID: &str = "1a2b3c4d-5e6f-4a7b-8c9d-0e1f2a3b4c5d";
-const OUTSIDER_UID: &str = "9e8d7c6b-5a4f-4e3d-8c2b-1a0f9e8d7c6b";
+/// The UIDs of the pods in [`mesh_yaml`] (as the API server writes them: lowercase),
+/// unique per testbed: every agent on this machine scans the same `/proc`, and the two
+/// modes' tests run side by side, so shared UIDs would let one test's agent find the
+/// other test's pods (a cluster's UIDs are unique; a testbed's must be made so).
+struct Uids {
+    client: String,
+    hostnet: String,
+    outsider: String,
+}
+
+impl Uids {
+    fn for_testbed(tb: &Testbed) -> Uids {
+        let tail: u64 = tb.id().bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        }) & 0xffff_ffff_ffff;
+        let uid = |head: &str| format!("{head}-{tail:012x}");
+        Uids {
+            client: uid("7f3c2a10-4b5d-4e6f-8a9b"),
+            hostnet: uid("1a2b3c4d-5e6f-4a7b-8c9d"),
+            outsider: uid("9e8d7c6b-5a4f-4e3d-8c2b"),
+        }
+    }
+}
 
 /// `demo` is in the mesh, `legacy` is not. `demo/client` and `legacy/outsider` carry the
 /// addresses the chain gave their netns; `demo/hostnet` runs in the node's netns with the
 /// node's address (its manifest does not say `hostNetwork`, so only the agent's own check
 /// keeps it out).
 fn mesh_yaml(
+    uids: &Uids,
     client: &Pod,
     outsider: &Pod,
     server: &Pod,
     node_ip: Ipv4Addr,
     legacy_labels: &str,
 ) -> String {
+    let Uids {
+        client: client_uid,
+        hostnet: hostnet_uid,
+        outsider: outsider_uid,
+    } = uids;
     format!(
         r#"
 apiVersion: v1
@@ -49,21 +74,21 @@ metadata:
 {legacy_labels}---
 apiVersion: v1
 kind: Pod
-metadata: {{name: client, namespace: demo, uid: {CLIENT_UID}}}
+metadata: {{name: client, namespace: demo, uid: {client_uid}}}
 spec:
   containers: [{{name: main, image: busybox}}]
 status: {{podIP: "{}"}}
 ---
 apiVersion: v1
 kind: Pod
-metadata: {{name: hostnet, namespace: demo, uid: {HOSTNET_UID}}}
+metadata: {{name: hostnet, namespace: demo, uid: {hostnet_uid}}}
 spec:
   containers: [{{name: main, image: busybox}}]
 status: {{podIP: "{node_ip}"}}
 ---
 apiVersion: v1
 kind: Pod
-metadata: {{name: outsider, namespace: legacy, uid: {OUTSIDER_UID}}}
+metadata: {{name: outsider, namespace: legacy, uid: {outsider_uid}}}
 spec:
   containers: [{{name: main, image: busybox}}]
 status: {{podIP: "{}"}}
@@ -168,21 +193,22 @@ fn pods_running_before_the_agent_are_found_and_enrolled(mode: Mode) {
         .without_interceptor_cni()
         .build()
         .expect("testbed");
+    let uids = Uids::for_testbed(&tb);
     let client = tb.add_pod("demo", "client").expect("client pod");
     let outsider = tb.add_pod("legacy", "outsider").expect("outsider pod");
     let server = tb.add_pod("legacy", "legacy-server").expect("server pod");
     let _echo = tb
         .spawn_server(&server, &["echo", "--listen", "0.0.0.0:9000"])
         .expect("echo");
-    let client_sandbox = sandbox(&tb, &client.netns, CLIENT_UID);
-    let _hostnet_sandbox = sandbox(&tb, tb.node_netns(), HOSTNET_UID);
-    let outsider_sandbox = sandbox(&tb, &outsider.netns, OUTSIDER_UID);
+    let client_sandbox = sandbox(&tb, &client.netns, &uids.client);
+    let _hostnet_sandbox = sandbox(&tb, tb.node_netns(), &uids.hostnet);
+    let outsider_sandbox = sandbox(&tb, &outsider.netns, &uids.outsider);
     let node_ip = tb.nodes()[0].gateway();
     let manifests = tb.state_dir().join("manifests");
     std::fs::create_dir_all(&manifests).expect("manifests dir");
     std::fs::write(
         manifests.join("mesh.yaml"),
-        mesh_yaml(&client, &outsider, &server, node_ip, ""),
+        mesh_yaml(&uids, &client, &outsider, &server, node_ip, ""),
     )
     .expect("manifests");
 
@@ -206,7 +232,7 @@ fn pods_running_before_the_agent_are_found_and_enrolled(mode: Mode) {
     eprintln!("enrolled {:?} after the agent started", started.elapsed());
     assert_eq!(client_row["enrolled"], true, "{client_row}");
     assert_eq!(client_row["origin"], "discovered", "{client_row}");
-    assert_eq!(client_row["uid"], CLIENT_UID, "{client_row}");
+    assert_eq!(client_row["uid"], uids.client.as_str(), "{client_row}");
     assert_eq!(
         client_row["netns"],
         format!("/proc/{}/ns/net", client_sandbox.pid()),
@@ -242,7 +268,7 @@ fn pods_running_before_the_agent_are_found_and_enrolled(mode: Mode) {
     let rows = not_found.as_array().expect("pods_not_found");
     assert_eq!(rows.len(), 1, "{not_found}");
     assert_eq!(rows[0]["pod"], "demo/hostnet", "{not_found}");
-    assert_eq!(rows[0]["uid"], HOSTNET_UID, "{not_found}");
+    assert_eq!(rows[0]["uid"], uids.hostnet.as_str(), "{not_found}");
     assert!(
         rows[0]["reason"]
             .as_str()
@@ -260,13 +286,17 @@ fn pods_running_before_the_agent_are_found_and_enrolled(mode: Mode) {
     .expect("pods.json JSON");
     let list = remembered.as_array().expect("a list");
     assert_eq!(list.len(), 1, "{remembered}");
-    assert_eq!(list[0]["discoveredUid"], CLIENT_UID, "{remembered}");
+    assert_eq!(
+        list[0]["discoveredUid"],
+        uids.client.as_str(),
+        "{remembered}"
+    );
 
     // The next agent adopts it, though the process it was found by is gone: it finds the
     // pod again by its UID (another process of the pod now).
     assert!(node.stop_agent().success());
     drop(client_sandbox);
-    let second = sandbox(&node.tb, &client.netns, CLIENT_UID);
+    let second = sandbox(&node.tb, &client.netns, &uids.client);
     let agent = node
         .tb
         .start_agent(&node.manifests, &mode.args(&[]))
@@ -296,6 +326,7 @@ fn pods_running_before_the_agent_are_found_and_enrolled(mode: Mode) {
     // `legacy` labelled into the mesh: its pod that ran all along is found then.
     let generation = node.config_dump()["source"]["generation"].as_u64();
     let labelled = mesh_yaml(
+        &uids,
         &client,
         &outsider,
         &server,
@@ -319,7 +350,7 @@ fn pods_running_before_the_agent_are_found_and_enrolled(mode: Mode) {
     // Out of the mesh and back while it runs: the found pod is found again by its UID.
     let relabel = |labels: &str| {
         let generation = node.config_dump()["source"]["generation"].as_u64();
-        let yaml = mesh_yaml(&client, &outsider, &server, node_ip, labels);
+        let yaml = mesh_yaml(&uids, &client, &outsider, &server, node_ip, labels);
         std::fs::write(node.manifests.join("mesh.yaml"), yaml).expect("manifests");
         wait_for("the new model", || {
             (node.config_dump()["source"]["generation"].as_u64() > generation).then_some(())
