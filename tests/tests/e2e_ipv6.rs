@@ -9,7 +9,7 @@ mod common;
 use std::net::Ipv6Addr;
 
 use common::{inbound_records, wait_for, Mode, Node, ECHO_TARGET_PORT, MANIFESTS};
-use interceptor_testbed::{Pod, Testbed};
+use interceptor_testbed::{AgentProcess, Pod, Testbed};
 
 const BYTES: u64 = 1024 * 1024;
 
@@ -32,6 +32,118 @@ fn dual_stack_node(label: &str) -> Node {
         manifests,
         tb,
     }
+}
+
+/// Agents on both nodes of a dual-stack testbed: the enrolled client on b dials the
+/// enrolled server on a over IPv6; b's outbound proxy passes it through, a's tc steers it
+/// to the server's IPv6 15003 listener.
+#[test]
+fn ipv6_between_enrolled_pods_on_two_nodes() {
+    if !common::privileged() {
+        return;
+    }
+    let mut node = dual_stack_node("ipv6-two");
+    let b = node.tb.add_node("b", true).expect("node b");
+    let manifests_b = node.tb.node(b).state_dir().join("manifests");
+    std::fs::create_dir_all(&manifests_b).expect("dir");
+    std::fs::write(manifests_b.join("mesh.yaml"), MANIFESTS).expect("manifests");
+    let agent_b: AgentProcess = node
+        .tb
+        .start_agent_on(b, &manifests_b, &Mode::Ebpf.args(&[]))
+        .expect("agent on b");
+    let server = node.pod("demo", "server");
+    let client = node
+        .tb
+        .add_pod_on(b, "demo", "client")
+        .expect("client on b");
+    assert_eq!(
+        v6(&client).segments()[3],
+        1,
+        "the client lives in b's subnet"
+    );
+    let _echo = node
+        .tb
+        .spawn_server(&server, &["echo", "--listen", "[::]:9000"])
+        .expect("echo");
+
+    let target = format!("[{}]:{ECHO_TARGET_PORT}", v6(&server));
+    let report = exchange(&node, &client, &target);
+    let local = report.local.expect("local");
+    let dump_b = || -> serde_json::Value {
+        let (_, body) = node.tb.admin_get_on(b, "/config_dump").expect("dump b");
+        serde_json::from_str(&body).expect("json")
+    };
+    let outbound = wait_for("the outbound record on b", || {
+        dump_b()["connections"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["direction"] == "outbound" && r["client"] == local.as_str())
+            .cloned()
+    });
+    assert_eq!(outbound["original_dst"], target, "{outbound}");
+    assert_eq!(outbound["target"]["kind"], "passthrough", "{outbound}");
+    // On a, it arrives from b's proxy, which dials from the client pod's IPv6.
+    let client_prefix = format!("[{}]:", v6(&client));
+    let inbound = wait_for("the inbound record on a", || {
+        inbound_records(&node.config_dump(), "demo/server", None)
+            .into_iter()
+            .find(|r| {
+                r["client"]
+                    .as_str()
+                    .is_some_and(|c| c.starts_with(&client_prefix))
+            })
+    });
+    assert_eq!(inbound["original_dst"], target, "{inbound}");
+    assert_eq!(inbound["upstream_bytes"], BYTES, "{inbound}");
+    assert!(
+        node.config_dump()["datapath_counters"]["ipv6"]["inbound_redirected"].as_u64() >= Some(1)
+    );
+    drop(agent_b);
+}
+
+/// IPv6 off in the agent's netns (the node's): the agent says so at start-up and the
+/// IPv4 path works. The testbed is IPv4-only here: its node bridge cannot take the
+/// pods' IPv6 gateway address with IPv6 off, so a dual-stack pod cannot be made on such
+/// a node (that the agent then skips IPv6 is `Agent::enroll`'s `self.ipv6` filter).
+#[test]
+fn a_node_with_ipv6_off_says_so_and_intercepts_ipv4() {
+    if !common::privileged() {
+        return;
+    }
+    let (mut tb, manifests) = common::testbed_with_manifests("ipv6-off", MANIFESTS);
+    let status = std::process::Command::new("ip")
+        .args(["netns", "exec", tb.node_netns()])
+        .args(["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])
+        .status()
+        .expect("ip netns exec sysctl");
+    assert!(status.success(), "disabling IPv6 in the node netns");
+    let agent = tb
+        .start_agent(&manifests, &Mode::Ebpf.args(&[]))
+        .expect("agent starts");
+    let mut node = Node {
+        agent: Some(agent),
+        manifests,
+        tb,
+    };
+    assert!(
+        node.agent_log().contains("IPv6 is off"),
+        "{}",
+        node.agent_log()
+    );
+    let client = node.pod("demo", "client");
+    let outsider = node.pod("legacy", "outsider");
+    let _echo = node
+        .tb
+        .spawn_server(&outsider, &["echo", "--listen", "0.0.0.0:9000"])
+        .expect("echo");
+    let target4 = format!("{}:{ECHO_TARGET_PORT}", outsider.ip);
+    exchange(&node, &client, &target4);
+    wait_for("the IPv4 outbound record", || {
+        records_to(&node, "demo/client", "outbound", &target4)
+            .into_iter()
+            .next()
+    });
 }
 
 fn v6(pod: &Pod) -> Ipv6Addr {
@@ -145,6 +257,31 @@ fn ipv6_outbound_passthrough_and_inbound_on_one_node() {
     assert!(
         counters6["inbound_redirected"].as_u64() >= Some(1),
         "{counters6}"
+    );
+
+    // Both enrolled, same node: the client's outbound proxy dials the server's IPv6 with
+    // a marked socket, which connect6 hands to the server's 15003.
+    let report = exchange(&node, &client, &target);
+    let local = report.local.expect("local");
+    let outbound = wait_for("the enrolled-to-enrolled outbound record", || {
+        records_to(&node, "demo/client", "outbound", &target)
+            .into_iter()
+            .find(|r| r["client"] == local.as_str() && r["outcome"] != "open")
+    });
+    assert_eq!(outbound["target"]["kind"], "passthrough", "{outbound}");
+    let client_prefix = format!("[{}]:", v6(&client));
+    let inbound = wait_for("the enrolled-to-enrolled inbound record", || {
+        records_to(&node, "demo/server", "inbound", &target)
+            .into_iter()
+            .find(|r| {
+                r["client"]
+                    .as_str()
+                    .is_some_and(|c| c.starts_with(&client_prefix))
+            })
+    });
+    assert_eq!(inbound["target"]["kind"], "local", "{inbound}");
+    assert!(
+        node.config_dump()["datapath_counters"]["ipv6"]["same_node_inbound"].as_u64() >= Some(1)
     );
 
     // ::1 stays inside the pod: no record, nothing steered.
