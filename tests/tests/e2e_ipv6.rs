@@ -146,6 +146,65 @@ fn a_node_with_ipv6_off_says_so_and_intercepts_ipv4() {
     });
 }
 
+/// A hand-over: a second agent adopts the dual-stack pods from `pods.json` (the CNI
+/// result keeps their IPv6 addresses), opens IPv6 listeners beside the first's, and once
+/// the first has gone the IPv6 path goes through the second.
+#[test]
+fn a_second_agent_adopts_the_ipv6_of_dual_stack_pods() {
+    if !common::privileged() {
+        return;
+    }
+    const SECOND_ADMIN: &str = "127.0.0.1:15010";
+    let mut node = dual_stack_node("ipv6-handover");
+    let client = node.pod("demo", "client");
+    let outsider = node.pod("legacy", "outsider");
+    let _echo = node
+        .tb
+        .spawn_server(&outsider, &["echo", "--listen", "[::]:9000"])
+        .expect("echo");
+    let second = node
+        .tb
+        .start_agent_at(
+            interceptor_testbed::NodeId::A,
+            &node.manifests,
+            SECOND_ADMIN,
+            &Mode::Ebpf.args(&[]),
+        )
+        .expect("the second agent starts beside the first");
+    let status = node.agent.take().expect("first").stop().expect("stops");
+    assert!(status.success(), "first agent: {status}");
+    node.agent = Some(second);
+    let dump = || -> serde_json::Value {
+        let (_, body) = node
+            .tb
+            .admin_get_at(interceptor_testbed::NodeId::A, SECOND_ADMIN, "/config_dump")
+            .expect("second dump");
+        serde_json::from_str(&body).expect("json")
+    };
+    let row = dump()["pods"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["pod"] == "demo/client")
+        .cloned()
+        .expect("client row");
+    assert_eq!(row["ipv6"], v6(&client).to_string(), "{row}");
+    assert_eq!(row["ipv6_intercepted"], true, "{row}");
+
+    let target = format!("[{}]:{ECHO_TARGET_PORT}", v6(&outsider));
+    let report = exchange(&node, &client, &target);
+    let local = report.local.expect("local");
+    let record = wait_for("the second agent's IPv6 outbound record", || {
+        dump()["connections"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["client"] == local.as_str() && r["direction"] == "outbound")
+            .cloned()
+    });
+    assert_eq!(record["original_dst"], target, "{record}");
+}
+
 fn v6(pod: &Pod) -> Ipv6Addr {
     pod.ipv6
         .unwrap_or_else(|| panic!("{} has no IPv6 address", pod.name))
