@@ -2,7 +2,7 @@
 //! routing snapshot, and the enrollment logic the CNI server calls into; pods that ran
 //! before the agent (no CNI ADD) are found in `/proc` and enrolled the same way.
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -33,6 +33,8 @@ struct PodEntry {
     container_id: String,
     netns_path: PathBuf,
     ipv4: Option<Ipv4Addr>,
+    /// The pod's IPv6 address from the CNI result (a dual-stack pod).
+    ipv6: Option<Ipv6Addr>,
     reason: String,
     enrolled: Option<EnrolledPod>,
     /// Listeners of an enrollment the pod left while running, finishing the connections
@@ -120,6 +122,8 @@ struct EnrolledPod {
     rules: crate::config::MeshConfig,
     /// Annotation entries that were invalid and skipped.
     rule_warnings: Vec<String>,
+    /// The IPv6 address intercepted too (eBPF mode, IPv6 on), with its own listeners.
+    ipv6: Option<Ipv6Addr>,
 }
 
 impl Drop for EnrolledPod {
@@ -149,6 +153,10 @@ pub struct PodStatus {
     pub container_id: String,
     pub netns: PathBuf,
     pub ip: Option<Ipv4Addr>,
+    /// The pod's IPv6 address from the CNI result, if it has one.
+    pub ipv6: Option<Ipv6Addr>,
+    /// Whether its IPv6 is intercepted too (eBPF mode, IPv6 on in the node).
+    pub ipv6_intercepted: bool,
     pub enrolled: bool,
     pub reason: String,
     pub netns_cookie: Option<u64>,
@@ -216,6 +224,9 @@ pub struct Agent {
     /// `prune`): before that, a pod found in `/proc` may be one a remembered CNI ADD (or a
     /// predecessor still serving) already covers, so nothing is looked for.
     adopted: AtomicBool,
+    /// IPv6 is on in the agent's netns: dual-stack pods get their IPv6 intercepted too
+    /// where the mode can. Off, nothing IPv6 is attempted (no listener could bind).
+    ipv6: bool,
     ready: AtomicBool,
     /// Set when the agent drains: every listener stops accepting (see [`Agent::drain`]).
     draining: watch::Sender<bool>,
@@ -293,6 +304,15 @@ impl Agent {
         ));
         let access_log = options.access_log.then(crate::proxy::AccessLog::stdout);
         let log = Arc::new(ConnectionLog::new(metrics, access_log));
+        let ipv6 = crate::datapath::probe::ipv6_on();
+        if !ipv6 {
+            tracing::info!("IPv6 is off on this node: pods are intercepted over IPv4 only");
+        } else if !datapath.supports_ipv6() {
+            tracing::info!(
+                mode = datapath.mode(),
+                "IPv6 is not intercepted in this mode: dual-stack pods' IPv6 goes direct"
+            );
+        }
         let agent = Arc::new_cyclic(|me| Self {
             datapath,
             model,
@@ -302,6 +322,7 @@ impl Agent {
             log,
             pods_file: options.pods_file,
             sockmap: options.sockmap,
+            ipv6,
             unknown_pod_wait: options.unknown_pod_wait,
             unknown_pod: options.unknown_pod,
             discovery: options.discovery,
@@ -525,6 +546,8 @@ impl Agent {
                 container_id: entry.container_id.clone(),
                 netns: entry.netns_path.clone(),
                 ip: entry.ipv4,
+                ipv6: entry.ipv6,
+                ipv6_intercepted: entry.enrolled.as_ref().is_some_and(|e| e.ipv6.is_some()),
                 enrolled: entry.enrolled.is_some(),
                 reason: entry.reason.clone(),
                 netns_cookie: entry.enrolled.as_ref().map(|e| e.datapath.netns_cookie),
@@ -573,6 +596,7 @@ impl Agent {
             ));
         }
         let ipv4 = first_ipv4(&sandbox.ips)?;
+        let ipv6 = first_ipv6(&sandbox.ips)?;
         // The watch may lag the runtime: a pod created a moment ago may not be in the
         // model yet.
         if self.model().enrollment(&key).is_none() && !self.unknown_pod_wait.is_zero() {
@@ -636,7 +660,7 @@ impl Agent {
                 &sandbox.ifname
             };
             Some(
-                self.enroll(&key, &netns_path, ip, ifname, expect_cookie)
+                self.enroll(&key, &netns_path, (ip, ipv6), ifname, expect_cookie)
                     .await?,
             )
         } else {
@@ -645,11 +669,11 @@ impl Agent {
         let is_enrolled = enrolled.is_some();
         match origin {
             Origin::Cni => {
-                tracing::info!(pod = %key, enrolled = is_enrolled, reason = %enrollment.reason, ip = ?ipv4, "CNI ADD");
+                tracing::info!(pod = %key, enrolled = is_enrolled, reason = %enrollment.reason, ip = ?ipv4, ipv6 = ?ipv6, "CNI ADD");
             }
             Origin::Discovered { ref uid, .. } => {
                 tracing::info!(pod = %key, enrolled = is_enrolled, %uid, netns = %netns_path.display(),
-                    reason = %enrollment.reason, ip = ?ipv4, "running pod found in /proc: enrolled");
+                    reason = %enrollment.reason, ip = ?ipv4, ipv6 = ?ipv6, "running pod found in /proc: enrolled");
             }
         }
         lock(&self.pods).insert(
@@ -660,6 +684,7 @@ impl Agent {
                 container_id: sandbox.container_id.clone(),
                 netns_path,
                 ipv4,
+                ipv6,
                 reason: enrollment.reason.clone(),
                 enrolled,
                 leaving: Vec::new(),
@@ -678,10 +703,20 @@ impl Agent {
         &self,
         key: &PodKey,
         netns_path: &Path,
-        ip: Ipv4Addr,
+        (ip, ipv6): (Ipv4Addr, Option<Ipv6Addr>),
         ifname: &str,
         expect_cookie: Option<u64>,
     ) -> Result<EnrolledPod, CniFailure> {
+        // IPv6 only where the node has it, the mode intercepts it, and the address is one
+        // a flow can be steered to (not link-local, which stays inside the link anyway).
+        let ipv6 = ipv6.filter(|ip6| {
+            self.ipv6
+                && self.datapath.supports_ipv6()
+                && !(ip6.is_loopback()
+                    || ip6.is_unspecified()
+                    || ip6.is_multicast()
+                    || ip6.is_unicast_link_local())
+        });
         let io_failure = |what: &str, e: &dyn std::fmt::Display| {
             CniFailure::new(
                 codes::IO_FAILURE,
@@ -710,6 +745,15 @@ impl Agent {
             .map_err(|e| io_failure("outbound listener", &e))?;
         let inbound = listener::listen(&*sockets, Direction::Inbound)
             .map_err(|e| io_failure("inbound listener", &e))?;
+        let listeners6 = match ipv6 {
+            Some(_) => Some((
+                listener::listen6(&*sockets, Direction::Outbound)
+                    .map_err(|e| io_failure("IPv6 outbound listener", &e))?,
+                listener::listen6(&*sockets, Direction::Inbound)
+                    .map_err(|e| io_failure("IPv6 inbound listener", &e))?,
+            )),
+            None => None,
+        };
         let netns_cookie = {
             let netns = Arc::clone(&netns);
             self.blocking(move |dp| dp.netns_cookie(&netns))
@@ -751,6 +795,24 @@ impl Agent {
                 other => io_failure("data path", &other),
             });
         }
+        if let Some(ip6) = ipv6 {
+            let pod = datapath.clone();
+            if let Err(error) = self.blocking(move |dp| dp.enroll_ipv6(&pod, ip6)).await {
+                // All-or-nothing: the IPv4 enrollment goes too (it removes any IPv6 entry).
+                let (pod, pod_netns) = (datapath.clone(), Arc::clone(&netns));
+                let _ = self.blocking(move |dp| dp.unenroll(&pod, &pod_netns)).await;
+                let _ = self
+                    .blocking(move |dp| dp.set_rules(cookie, &crate::config::MeshConfig::default()))
+                    .await;
+                return Err(match error {
+                    DatapathError::MapFull { .. } => CniFailure::new(
+                        codes::TRY_AGAIN_LATER,
+                        format!("enrolling pod {key} (IPv6): {error}"),
+                    ),
+                    other => io_failure("data path (IPv6)", &other),
+                });
+            }
+        }
         let leave = watch::Sender::new(false);
         let serve = |listener, direction| {
             let ctx = ListenerContext {
@@ -769,10 +831,14 @@ impl Agent {
             };
             tokio::spawn(listener::serve(listener, ctx))
         };
-        let listeners = vec![
+        let mut listeners = vec![
             serve(outbound, Direction::Outbound),
             serve(inbound, Direction::Inbound),
         ];
+        if let Some((outbound6, inbound6)) = listeners6 {
+            listeners.push(serve(outbound6, Direction::Outbound));
+            listeners.push(serve(inbound6, Direction::Inbound));
+        }
         Ok(EnrolledPod {
             netns,
             datapath,
@@ -780,6 +846,7 @@ impl Agent {
             leave,
             rules: rules.config,
             rule_warnings: rules.warnings,
+            ipv6,
         })
     }
 
@@ -937,11 +1004,16 @@ impl Agent {
                 name => name.to_owned(),
             };
             let uid = entry.origin.uid().map(str::to_owned);
-            (entry.netns_path.clone(), entry.ipv4, ifname, uid)
+            (
+                entry.netns_path.clone(),
+                (entry.ipv4, entry.ipv6),
+                ifname,
+                uid,
+            )
         }) else {
             return false;
         };
-        let Some(ip) = ip else {
+        let (Some(ip), ipv6) = ip else {
             tracing::warn!(pod = %key, "not enrolled: the pod has no IPv4 address");
             return false;
         };
@@ -961,7 +1033,7 @@ impl Agent {
             }
         }
         match self
-            .enroll(key, &netns_path, ip, &ifname, expect_cookie)
+            .enroll(key, &netns_path, (ip, ipv6), &ifname, expect_cookie)
             .await
         {
             Ok(enrolled) => {
@@ -1420,6 +1492,25 @@ fn pod_key(sandbox: &PodSandbox) -> Result<PodKey, CniFailure> {
 
 /// The first IPv4 address among `prevResult.ips[].address` (CIDR notation).
 fn first_ipv4(ips: &[String]) -> Result<Option<Ipv4Addr>, CniFailure> {
+    first_of(ips, |ip| match ip {
+        std::net::IpAddr::V4(v4) => Some(v4),
+        std::net::IpAddr::V6(_) => None,
+    })
+}
+
+/// The first IPv6 address among `prevResult.ips[].address`: a dual-stack pod's.
+fn first_ipv6(ips: &[String]) -> Result<Option<Ipv6Addr>, CniFailure> {
+    first_of(ips, |ip| match ip {
+        std::net::IpAddr::V6(v6) => Some(v6),
+        std::net::IpAddr::V4(_) => None,
+    })
+}
+
+/// The first address `pick` takes; every entry must be a CIDR.
+fn first_of<T>(
+    ips: &[String],
+    pick: impl Fn(std::net::IpAddr) -> Option<T>,
+) -> Result<Option<T>, CniFailure> {
     let mut first = None;
     for raw in ips {
         let net: ipnet::IpNet = raw.parse().map_err(|e| {
@@ -1428,8 +1519,8 @@ fn first_ipv4(ips: &[String]) -> Result<Option<Ipv4Addr>, CniFailure> {
                 format!("prevResult address {raw:?} is not a CIDR: {e}"),
             )
         })?;
-        if let (None, std::net::IpAddr::V4(v4)) = (first, net.addr()) {
-            first = Some(v4);
+        if first.is_none() {
+            first = pick(net.addr());
         }
     }
     Ok(first)
@@ -1447,6 +1538,11 @@ mod tests {
             Some(Ipv4Addr::new(10, 244, 0, 7))
         );
         assert_eq!(first_ipv4(&[]).unwrap(), None);
+        assert_eq!(
+            first_ipv6(&ips).unwrap(),
+            Some("fd00::5".parse::<Ipv6Addr>().unwrap())
+        );
+        assert_eq!(first_ipv6(&["10.0.0.1/24".to_string()]).unwrap(), None);
         let err = first_ipv4(&["10.0.0.300/24".to_string()]).unwrap_err();
         assert_eq!(err.code, codes::INVALID_NETWORK_CONFIG);
         assert!(err.msg.contains("10.0.0.300/24"), "{}", err.msg);

@@ -319,7 +319,7 @@ async fn handle(stream: TcpStream, client: SocketAddr, shared: Arc<Shared>) {
     .await;
     let gateway = read(&shared.serving).clone().unwrap_or_default();
     let mut record = ConnectionRecord::start(gateway, Direction::Gateway, client);
-    record.original_dst = Some(local);
+    record.original_dst = Some(std::net::SocketAddr::V4(local));
     record.target = Some(target);
     let result = match opened {
         // A gateway only forwards to Service endpoints; anything else has no route.

@@ -1355,6 +1355,15 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
 }
 
 impl Datapath for EbpfDatapath {
+    fn supports_ipv6(&self) -> bool {
+        true
+    }
+
+    fn enroll_ipv6(&self, pod: &PodDatapath, ip: Ipv6Addr) -> Result<(), DatapathError> {
+        // The inherent method, keyed by the netns cookie (tc is attached by `enroll`).
+        EbpfDatapath::enroll_ipv6(self, pod.netns_cookie, ip)
+    }
+
     fn mode(&self) -> &'static str {
         "ebpf"
     }

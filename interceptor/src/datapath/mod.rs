@@ -10,7 +10,7 @@ pub mod node_probes;
 pub mod probe;
 
 use std::collections::HashSet;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use crate::inpod::PodNetns;
@@ -122,6 +122,21 @@ pub trait Datapath: Send + Sync {
     /// Start intercepting a pod; `netns` runs what must happen inside the pod's netns.
     /// All-or-nothing: on error nothing of the pod is left in the data path.
     fn enroll(&self, pod: &PodDatapath, netns: &Arc<PodNetns>) -> Result<(), DatapathError>;
+    /// Whether this mode intercepts IPv6: eBPF mode does; iptables mode has no ip6tables
+    /// chains yet, so a dual-stack pod's IPv6 goes around the proxy there.
+    fn supports_ipv6(&self) -> bool {
+        false
+    }
+    /// Intercept an enrolled dual-stack pod's IPv6 address too (after
+    /// [`Datapath::enroll`], once its IPv6 listeners are up); [`Datapath::unenroll`]
+    /// removes it with the rest. The default: not in this mode.
+    fn enroll_ipv6(&self, pod: &PodDatapath, ip: Ipv6Addr) -> Result<(), DatapathError> {
+        let _ = (pod, ip);
+        Err(DatapathError::Unsupported {
+            what: "IPv6 interception",
+            mode: self.mode(),
+        })
+    }
     /// Stop intercepting a pod and forget its flows; unknown pods are not an error.
     fn unenroll(&self, pod: &PodDatapath, netns: &Arc<PodNetns>) -> Result<(), DatapathError>;
     /// Stop intercepting a running pod that leaves the mesh, such that the connections it

@@ -10,7 +10,7 @@
 //! [`ProbeSnat`] wraps either data path and keeps the chain in step with enrollment.
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -266,6 +266,15 @@ impl Datapath for ProbeSnat {
         }
         self.sync();
         Ok(())
+    }
+
+    // No IPv6 probe SNAT: kubelet's probes reach pods over IPv4.
+    fn supports_ipv6(&self) -> bool {
+        self.inner.supports_ipv6()
+    }
+
+    fn enroll_ipv6(&self, pod: &PodDatapath, ip: Ipv6Addr) -> Result<(), DatapathError> {
+        self.inner.enroll_ipv6(pod, ip)
     }
 
     fn unenroll(&self, pod: &PodDatapath, netns: &Arc<PodNetns>) -> Result<(), DatapathError> {

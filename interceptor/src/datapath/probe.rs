@@ -235,6 +235,20 @@ const PROBES: &[ProbeSpec] = &[
 ];
 
 /// Probe every feature of [`PROBES`] on this kernel.
+/// Whether IPv6 is on in this process's netns: `/proc/sys/net/ipv6` exists (it does not
+/// with `ipv6.disable=1` on the kernel command line) and `conf/all/disable_ipv6` is 0.
+/// Pods are then intercepted over IPv6 too where the mode can.
+pub fn ipv6_on() -> bool {
+    ipv6_on_at(std::path::Path::new("/proc/sys/net/ipv6"))
+}
+
+/// [`ipv6_on`] for a `net/ipv6` sysctl directory at `dir`.
+pub fn ipv6_on_at(dir: &std::path::Path) -> bool {
+    std::fs::read_to_string(dir.join("conf/all/disable_ipv6"))
+        .map(|value| value.trim() == "0")
+        .unwrap_or(false)
+}
+
 pub fn probe() -> Probe {
     let current = KernelVersion::current().ok();
     let features = PROBES
@@ -414,6 +428,18 @@ impl ProbeReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv6_is_off_when_disabled_or_absent() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!ipv6_on_at(&dir.path().join("missing")), "no net/ipv6: off");
+        let conf = dir.path().join("conf/all");
+        std::fs::create_dir_all(&conf).unwrap();
+        std::fs::write(conf.join("disable_ipv6"), "1\n").unwrap();
+        assert!(!ipv6_on_at(dir.path()));
+        std::fs::write(conf.join("disable_ipv6"), "0\n").unwrap();
+        assert!(ipv6_on_at(dir.path()));
+    }
 
     fn probe_with(missing: &[&str]) -> Probe {
         Probe {

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use interceptor_common::PROXY_MARK;
 
 use super::PodNetns;
-use crate::proxy::socket::{nonblocking_tcp, reuseport_listener, SocketFactory};
+use crate::proxy::socket::{
+    nonblocking_tcp, nonblocking_tcp6, reuseport_listener, reuseport_listener6, SocketFactory,
+};
 
 /// Sockets in one enrolled pod's netns.
 #[derive(Debug, Clone)]
@@ -36,6 +38,19 @@ impl SocketFactory for InPodSockets {
             allow_request_migration();
             reuseport_listener(port)
         })?
+    }
+
+    fn tcp6(&self) -> io::Result<socket2::Socket> {
+        self.netns.run_blocking(|| {
+            let socket = nonblocking_tcp6()?;
+            socket.set_mark(PROXY_MARK)?;
+            Ok(socket)
+        })?
+    }
+
+    fn listener6(&self, port: u16) -> io::Result<std::net::TcpListener> {
+        // tcp_migrate_req (an ipv4 sysctl) covers IPv6 sockets too; set by `listener`.
+        self.netns.run_blocking(|| reuseport_listener6(port))?
     }
 }
 

@@ -74,7 +74,7 @@ pub enum ProxyError {
     /// The socket towards the target could not be made or connected.
     #[error("connect {addr}: {source}")]
     Connect {
-        addr: SocketAddrV4,
+        addr: SocketAddr,
         #[source]
         source: std::io::Error,
     },
@@ -126,7 +126,11 @@ impl ProxyError {
                 route: route.clone(),
                 reason: reason.clone(),
             }),
-            Target::Endpoint { .. } | Target::Passthrough { .. } | Target::Local { .. } => None,
+            Target::Endpoint { .. }
+            | Target::Passthrough { .. }
+            | Target::Local { .. }
+            | Target::Passthrough6 { .. }
+            | Target::Local6 { .. } => None,
         }
     }
 }
@@ -169,7 +173,7 @@ pub struct ConnectionRecord {
     pub direction: Direction,
     pub client: SocketAddr,
     /// What the application dialled, as `SO_ORIGINAL_DST` reported it.
-    pub original_dst: Option<SocketAddrV4>,
+    pub original_dst: Option<SocketAddr>,
     pub target: Option<Target>,
     pub outcome: Outcome,
     pub copy_mode: CopyMode,
@@ -218,21 +222,28 @@ impl ConnectionRecord {
                 backend.clone(),
             ),
             Some(Target::Refused { route, service, .. }) => (route.clone(), service.clone()),
-            Some(Target::Passthrough { .. }) => ("passthrough".into(), "passthrough".into()),
+            Some(Target::Passthrough { .. } | Target::Passthrough6 { .. }) => {
+                ("passthrough".into(), "passthrough".into())
+            }
             Some(Target::Local {
                 node_probe: true, ..
             }) => ("node probe".into(), self.pod.clone()),
-            Some(Target::Local { .. }) => ("inbound".into(), self.pod.clone()),
+            Some(Target::Local { .. } | Target::Local6 { .. }) => {
+                ("inbound".into(), self.pod.clone())
+            }
             None => ("none".into(), "none".into()),
         }
     }
 
     /// The address the proxy dialled for this connection, if it got that far.
-    pub fn target_addr(&self) -> Option<SocketAddrV4> {
+    pub fn target_addr(&self) -> Option<SocketAddr> {
         match &self.target {
             Some(Target::Endpoint { addr, .. })
             | Some(Target::Passthrough { addr })
-            | Some(Target::Local { addr, .. }) => Some(*addr),
+            | Some(Target::Local { addr, .. }) => Some(SocketAddr::V4(*addr)),
+            Some(Target::Passthrough6 { addr }) | Some(Target::Local6 { addr }) => {
+                Some(SocketAddr::V6(*addr))
+            }
             Some(Target::NoEndpoints { .. }) | Some(Target::Refused { .. }) | None => None,
         }
     }

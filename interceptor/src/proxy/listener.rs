@@ -3,7 +3,7 @@
 //! one retry on a connect failure; inbound: within the Service's rate limit), connect with
 //! a socket from the pod's [`SocketFactory`] (made inside the pod, with the proxy mark
 //! the programs skip), and forward.
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -13,7 +13,7 @@ use tokio::task::JoinSet;
 use super::connection::{ConnectionRecord, Direction, ProxyError};
 use super::forward::{forward, reset_on_close, CopyMode};
 use super::log::ConnectionLog;
-use super::orig_dst::original_dst;
+use super::orig_dst::original_dst_any;
 use super::routes::{Admission, ConnectionSource, RouteTable, Target, DEFAULT_CONNECT_TIMEOUT};
 use super::socket::{self, SocketFactory};
 use super::upstream::{self, Upstreams};
@@ -26,6 +26,16 @@ pub fn listen(sockets: &dyn SocketFactory, direction: Direction) -> std::io::Res
         .port()
         .ok_or_else(|| std::io::Error::other("a gateway has no in-pod listener"))?;
     TcpListener::from_std(sockets.listener(port)?)
+}
+
+/// [`listen`] on the pod's IPv6 addresses (`IPV6_V6ONLY`, beside the IPv4 listener), for
+/// a dual-stack pod whose IPv6 is intercepted: connect6 sends the app's IPv6 connects to
+/// `[pod IPv6]:15001`, tc steers IPv6 SYNs to 15003.
+pub fn listen6(sockets: &dyn SocketFactory, direction: Direction) -> std::io::Result<TcpListener> {
+    let port = direction
+        .port()
+        .ok_or_else(|| std::io::Error::other("a gateway has no in-pod listener"))?;
+    TcpListener::from_std(sockets.listener6(port)?)
 }
 
 /// Everything a pod's accept loop shares with the agent.
@@ -137,7 +147,7 @@ async fn proxy_one(
     ctx: &ListenerContext,
     record: &mut ConnectionRecord,
 ) -> Result<(), ProxyError> {
-    let original = match original_dst(&stream) {
+    let original = match original_dst_any(&stream) {
         Ok(addr) => addr,
         Err(error) => {
             reset_on_close(&stream);
@@ -145,6 +155,10 @@ async fn proxy_one(
         }
     };
     record.original_dst = Some(original);
+    let original = match original {
+        SocketAddr::V4(original) => original,
+        SocketAddr::V6(original) => return proxy_one6(stream, ctx, record, original).await,
+    };
     let table = match ctx.table_knowing_pod().await {
         Ok(table) => table,
         Err(error) => {
@@ -207,6 +221,55 @@ async fn proxy_one(
     Ok(())
 }
 
+/// An IPv6 flow of a dual-stack pod (eBPF mode). The route table is IPv4 only (no IPv6
+/// Services, upstream policies or sockmap yet), so an outbound flow goes where the app
+/// was going and an inbound one to the app on its port, once the access check (which
+/// treats every IPv6 client as unknown in SMI mode) lets it in. The upstream socket is
+/// made in the pod with the proxy mark, so connect6 lets it through (or, to an enrolled
+/// pod of this node, hands it to that pod's 15003).
+async fn proxy_one6(
+    stream: TcpStream,
+    ctx: &ListenerContext,
+    record: &mut ConnectionRecord,
+    original: SocketAddrV6,
+) -> Result<(), ProxyError> {
+    let target = match ctx.direction {
+        Direction::Outbound => Target::Passthrough6 { addr: original },
+        Direction::Inbound | Direction::Gateway => {
+            let table = match ctx.table_knowing_pod().await {
+                Ok(table) => table,
+                Err(error) => {
+                    reset_on_close(&stream);
+                    return Err(error);
+                }
+            };
+            let client = match record.client {
+                SocketAddr::V6(client) => *client.ip(),
+                SocketAddr::V4(client) => client.ip().to_ipv6_mapped(),
+            };
+            if let Err(reason) = table.admit_inbound6(client) {
+                let (target, refused) = upstream::refusal(ctx.pod.to_string(), "inbound", reason);
+                record.target = Some(target);
+                reset_on_close(&stream);
+                return refused.map(drop);
+            }
+            Target::Local6 { addr: original }
+        }
+    };
+    record.target = Some(target);
+    let addr = SocketAddr::V6(original);
+    let upstream = match socket::connect_any(&*ctx.sockets, addr, DEFAULT_CONNECT_TIMEOUT).await {
+        Ok(upstream) => upstream,
+        Err(source) => {
+            reset_on_close(&stream);
+            return Err(ProxyError::Connect { addr, source });
+        }
+    };
+    record.copy_mode = CopyMode::Splice;
+    record.bytes = forward(stream, upstream, CopyMode::Splice).await;
+    Ok(())
+}
+
 /// Inbound traffic is for the application in this pod, on the port it was sent to, if
 /// the traffic policy lets the client reach it and the Service's rate limit has a token.
 /// A failed connect to the application counts against the pod as an endpoint.
@@ -248,7 +311,7 @@ async fn inbound(
                 ctx.upstreams.failed(original, settings, Instant::now());
             }
             let error = ProxyError::Connect {
-                addr: original,
+                addr: SocketAddr::V4(original),
                 source,
             };
             (target, Err(error))

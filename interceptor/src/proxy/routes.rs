@@ -12,7 +12,7 @@ mod settings;
 mod split;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -292,6 +292,13 @@ pub enum Target {
         #[serde(skip_serializing_if = "std::ops::Not::not")]
         node_probe: bool,
     },
+    /// [`Target::Passthrough`] for an IPv6 destination (no IPv6 Service routing yet:
+    /// every IPv6 destination is passed through).
+    #[serde(rename = "passthrough")]
+    Passthrough6 { addr: SocketAddrV6 },
+    /// [`Target::Local`] for an IPv6 flow to the pod.
+    #[serde(rename = "local")]
+    Local6 { addr: SocketAddrV6 },
 }
 
 /// Why an inbound connection was let in.
@@ -446,6 +453,17 @@ impl RouteTable {
         };
         self.check_access(Some(source), Some(pod), port)
             .map(|()| Admission::Granted)
+    }
+
+    /// [`RouteTable::admit_inbound`] for an IPv6 client. The table knows pods by their
+    /// IPv4 address only, so in SMI mode an IPv6 client is not a known mesh workload and
+    /// is refused, as an unknown IPv4 client is: IPv6 never widens access. Permissive
+    /// mode lets it in. (The node's probe source is IPv4: no IPv6 probe admission.)
+    pub fn admit_inbound6(&self, client: Ipv6Addr) -> Result<Admission, String> {
+        if self.access.is_none() {
+            return Ok(Admission::Granted);
+        }
+        Err(format!("{ACCESS_POLICY}: {client} is not a mesh workload"))
     }
 
     fn check_access(

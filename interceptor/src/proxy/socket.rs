@@ -4,7 +4,7 @@
 //! gateway uses [`HostSockets`]. This is ztunnel's `SocketFactory` split.
 use std::future::Future;
 use std::io;
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::{Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
 use tokio::net::{TcpSocket, TcpStream};
@@ -17,6 +17,27 @@ pub trait SocketFactory: Send + Sync + std::fmt::Debug {
     /// A non-blocking IPv4 listener on `port` of every address, with `SO_REUSEPORT` (a
     /// hand-over's next agent listens beside it).
     fn listener(&self, port: u16) -> io::Result<std::net::TcpListener>;
+
+    /// A non-blocking IPv6 TCP socket for a connection to an IPv6 upstream. Only
+    /// factories of places with IPv6 interception make one; the default refuses.
+    fn tcp6(&self) -> io::Result<socket2::Socket> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this socket factory makes no IPv6 sockets",
+        ))
+    }
+
+    /// An IPv6-only listener on `port` of every IPv6 address, with `SO_REUSEPORT`: beside
+    /// the IPv4 one from [`SocketFactory::listener`], which it leaves alone (a
+    /// dual-stack one would take IPv4 connections as mapped addresses). The default
+    /// refuses, like [`SocketFactory::tcp6`].
+    fn listener6(&self, port: u16) -> io::Result<std::net::TcpListener> {
+        let _ = port;
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this socket factory makes no IPv6 listeners",
+        ))
+    }
 }
 
 /// Sockets in this process's netns, unmarked: a gateway's, and active checks of
@@ -32,6 +53,14 @@ impl SocketFactory for HostSockets {
     fn listener(&self, port: u16) -> io::Result<std::net::TcpListener> {
         reuseport_listener(port)
     }
+
+    fn tcp6(&self) -> io::Result<socket2::Socket> {
+        nonblocking_tcp6()
+    }
+
+    fn listener6(&self, port: u16) -> io::Result<std::net::TcpListener> {
+        reuseport_listener6(port)
+    }
 }
 
 /// Connect to `addr` with a socket from `sockets`, given up as timed out after `timeout`.
@@ -42,6 +71,24 @@ pub async fn connect(
 ) -> io::Result<TcpStream> {
     let socket = TcpSocket::from_std_stream(sockets.tcp()?.into());
     within(timeout, socket.connect(SocketAddr::V4(addr))).await
+}
+
+/// [`connect`] for an address of either family: an IPv6 one gets a socket from
+/// [`SocketFactory::tcp6`].
+pub async fn connect_any(
+    sockets: &dyn SocketFactory,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let socket = match addr {
+        SocketAddr::V4(_) => sockets.tcp()?,
+        SocketAddr::V6(_) => sockets.tcp6()?,
+    };
+    within(
+        timeout,
+        TcpSocket::from_std_stream(socket.into()).connect(addr),
+    )
+    .await
 }
 
 /// `connect`, given up as timed out after `timeout`.
@@ -65,6 +112,31 @@ pub fn nonblocking_tcp() -> io::Result<socket2::Socket> {
     )?;
     socket.set_tcp_nodelay(true)?;
     Ok(socket)
+}
+
+/// [`nonblocking_tcp`] for IPv6.
+pub fn nonblocking_tcp6() -> io::Result<socket2::Socket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::IPV6,
+        socket2::Type::STREAM.nonblocking(),
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_tcp_nodelay(true)?;
+    Ok(socket)
+}
+
+/// [`reuseport_listener`] on every IPv6 address, `IPV6_V6ONLY`: the IPv4 listener on
+/// the same port stays the one IPv4 connections reach, so nothing about them changes
+/// (a dual-stack socket would report IPv4 clients as `::ffff:a.b.c.d` and conflict with
+/// a hand-over partner's IPv4 listener).
+pub fn reuseport_listener6(port: u16) -> io::Result<std::net::TcpListener> {
+    let socket = nonblocking_tcp6()?;
+    socket.set_only_v6(true)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
 }
 
 /// A listener on `port` of every IPv4 address of the calling thread's netns, with

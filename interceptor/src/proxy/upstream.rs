@@ -569,6 +569,7 @@ fn refused(target: Target, reason: String) -> Opened {
         | Target::NoEndpoints { service, .. }
         | Target::Refused { service, .. } => service,
         Target::Passthrough { addr } | Target::Local { addr, .. } => addr.to_string(),
+        Target::Passthrough6 { addr } | Target::Local6 { addr } => addr.to_string(),
     };
     refusal(service, "circuit breaker", reason)
 }
@@ -592,6 +593,7 @@ fn not_an_address(target: Target) -> Opened {
 
 /// The connect to `addr` failed with `source`.
 fn connect_failed(target: Target, addr: SocketAddrV4, source: std::io::Error) -> Opened {
+    let addr = addr.into();
     (target, Err(ProxyError::Connect { addr, source }))
 }
 
@@ -606,6 +608,18 @@ where
         | Target::Passthrough { addr }
         | Target::Local { addr, .. } => *addr,
         Target::NoEndpoints { .. } | Target::Refused { .. } => return not_an_address(target),
+        // The route table never picks an IPv6 target: the listener carries IPv6 flows
+        // itself (passthrough, local delivery) without upstream policies.
+        Target::Passthrough6 { addr } | Target::Local6 { addr } => {
+            let error = ProxyError::Connect {
+                addr: (*addr).into(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::Unsupported,
+                    "an IPv6 target on the IPv4 upstream path",
+                ),
+            };
+            return (target, Err(error));
+        }
     };
     match connect(addr, super::routes::DEFAULT_CONNECT_TIMEOUT).await {
         Ok(stream) => (target, Ok((stream, Leases::default()))),

@@ -606,6 +606,31 @@ fn only_the_node_probe_address_is_admitted_without_a_grant() {
     }
 }
 
+/// IPv6 clients: the table knows no pod by an IPv6 address, so SMI mode refuses every
+/// one (IPv6 never widens access), the node's IPv4 probe address mapped included;
+/// permissive mode lets them in.
+#[test]
+fn ipv6_clients_are_unknown_workloads_in_smi_mode() {
+    let clients: [std::net::Ipv6Addr; 3] = [
+        "fd00:10:244::5".parse().unwrap(),
+        "fe80::1".parse().unwrap(),
+        interceptor_common::NODE_PROBE_SOURCE.to_ipv6_mapped(),
+    ];
+    let t = smi_table(SMI, false);
+    for client in clients {
+        assert!(
+            t.admit_inbound6(client)
+                .unwrap_err()
+                .contains("not a mesh workload"),
+            "{client}"
+        );
+    }
+    let t = smi_table(SMI, true);
+    for client in clients {
+        assert_eq!(t.admit_inbound6(client), Ok(Admission::Granted));
+    }
+}
+
 #[test]
 fn permissive_mode_ignores_traffic_targets_and_says_so() {
     let t = smi_table(SMI, true);

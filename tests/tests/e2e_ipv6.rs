@@ -1,0 +1,375 @@
+//! IPv6 in eBPF mode on a dual-stack testbed: an enrolled pod's IPv6 connect goes
+//! through its `[pod IPv6]:15001` listener to the original IPv6 destination
+//! (passthrough: no IPv6 Services yet), an IPv6 client's SYN to an enrolled pod is
+//! steered to the pod's IPv6 15003 listener and delivered to the app, `::1` stays
+//! inside the pod, the pod row in `/config_dump` shows the IPv6 address, and the IPv4
+//! path of the same pods still works. iptables mode has no IPv6 interception (not here).
+mod common;
+
+use std::net::Ipv6Addr;
+
+use common::{inbound_records, wait_for, Mode, Node, ECHO_TARGET_PORT, MANIFESTS};
+use interceptor_testbed::{AgentProcess, Pod, Testbed};
+
+const BYTES: u64 = 1024 * 1024;
+
+/// A dual-stack testbed with an agent in eBPF mode on [`MANIFESTS`].
+fn dual_stack_node(label: &str) -> Node {
+    let tb = Testbed::builder(label)
+        .dual_stack()
+        .tb_pod_bin(env!("CARGO_BIN_EXE_tb-pod"))
+        .build()
+        .expect("dual-stack testbed");
+    let manifests = tb.state_dir().join("manifests");
+    std::fs::create_dir_all(&manifests).expect("manifests dir");
+    std::fs::write(manifests.join("mesh.yaml"), MANIFESTS).expect("manifests");
+    let mut tb = tb;
+    let agent = tb
+        .start_agent(&manifests, &Mode::Ebpf.args(&[]))
+        .expect("agent starts");
+    Node {
+        agent: Some(agent),
+        manifests,
+        tb,
+    }
+}
+
+/// Agents on both nodes of a dual-stack testbed: the enrolled client on b dials the
+/// enrolled server on a over IPv6; b's outbound proxy passes it through, a's tc steers it
+/// to the server's IPv6 15003 listener.
+#[test]
+fn ipv6_between_enrolled_pods_on_two_nodes() {
+    if !common::privileged() {
+        return;
+    }
+    let mut node = dual_stack_node("ipv6-two");
+    let b = node.tb.add_node("b", true).expect("node b");
+    let manifests_b = node.tb.node(b).state_dir().join("manifests");
+    std::fs::create_dir_all(&manifests_b).expect("dir");
+    std::fs::write(manifests_b.join("mesh.yaml"), MANIFESTS).expect("manifests");
+    let agent_b: AgentProcess = node
+        .tb
+        .start_agent_on(b, &manifests_b, &Mode::Ebpf.args(&[]))
+        .expect("agent on b");
+    let server = node.pod("demo", "server");
+    let client = node
+        .tb
+        .add_pod_on(b, "demo", "client")
+        .expect("client on b");
+    assert_eq!(
+        v6(&client).segments()[3],
+        1,
+        "the client lives in b's subnet"
+    );
+    let _echo = node
+        .tb
+        .spawn_server(&server, &["echo", "--listen", "[::]:9000"])
+        .expect("echo");
+
+    let target = format!("[{}]:{ECHO_TARGET_PORT}", v6(&server));
+    let report = exchange(&node, &client, &target);
+    let local = report.local.expect("local");
+    let dump_b = || -> serde_json::Value {
+        let (_, body) = node.tb.admin_get_on(b, "/config_dump").expect("dump b");
+        serde_json::from_str(&body).expect("json")
+    };
+    let outbound = wait_for("the outbound record on b", || {
+        dump_b()["connections"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["direction"] == "outbound" && r["client"] == local.as_str())
+            .cloned()
+    });
+    assert_eq!(outbound["original_dst"], target, "{outbound}");
+    assert_eq!(outbound["target"]["kind"], "passthrough", "{outbound}");
+    // On a, it arrives from b's proxy, which dials from the client pod's IPv6.
+    let client_prefix = format!("[{}]:", v6(&client));
+    let inbound = wait_for("the inbound record on a", || {
+        inbound_records(&node.config_dump(), "demo/server", None)
+            .into_iter()
+            .find(|r| {
+                r["client"]
+                    .as_str()
+                    .is_some_and(|c| c.starts_with(&client_prefix))
+            })
+    });
+    assert_eq!(inbound["original_dst"], target, "{inbound}");
+    assert_eq!(inbound["upstream_bytes"], BYTES, "{inbound}");
+    assert!(
+        node.config_dump()["datapath_counters"]["ipv6"]["inbound_redirected"].as_u64() >= Some(1)
+    );
+    drop(agent_b);
+}
+
+/// IPv6 off in the agent's netns (the node's): the agent says so at start-up and the
+/// IPv4 path works. The testbed is IPv4-only here: its node bridge cannot take the
+/// pods' IPv6 gateway address with IPv6 off, so a dual-stack pod cannot be made on such
+/// a node (that the agent then skips IPv6 is `Agent::enroll`'s `self.ipv6` filter).
+#[test]
+fn a_node_with_ipv6_off_says_so_and_intercepts_ipv4() {
+    if !common::privileged() {
+        return;
+    }
+    let (mut tb, manifests) = common::testbed_with_manifests("ipv6-off", MANIFESTS);
+    let status = std::process::Command::new("ip")
+        .args(["netns", "exec", tb.node_netns()])
+        .args(["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])
+        .status()
+        .expect("ip netns exec sysctl");
+    assert!(status.success(), "disabling IPv6 in the node netns");
+    let agent = tb
+        .start_agent(&manifests, &Mode::Ebpf.args(&[]))
+        .expect("agent starts");
+    let mut node = Node {
+        agent: Some(agent),
+        manifests,
+        tb,
+    };
+    assert!(
+        node.agent_log().contains("IPv6 is off"),
+        "{}",
+        node.agent_log()
+    );
+    let client = node.pod("demo", "client");
+    let outsider = node.pod("legacy", "outsider");
+    let _echo = node
+        .tb
+        .spawn_server(&outsider, &["echo", "--listen", "0.0.0.0:9000"])
+        .expect("echo");
+    let target4 = format!("{}:{ECHO_TARGET_PORT}", outsider.ip);
+    exchange(&node, &client, &target4);
+    wait_for("the IPv4 outbound record", || {
+        records_to(&node, "demo/client", "outbound", &target4)
+            .into_iter()
+            .next()
+    });
+}
+
+/// A hand-over: a second agent adopts the dual-stack pods from `pods.json` (the CNI
+/// result keeps their IPv6 addresses), opens IPv6 listeners beside the first's, and once
+/// the first has gone the IPv6 path goes through the second.
+#[test]
+fn a_second_agent_adopts_the_ipv6_of_dual_stack_pods() {
+    if !common::privileged() {
+        return;
+    }
+    const SECOND_ADMIN: &str = "127.0.0.1:15010";
+    let mut node = dual_stack_node("ipv6-handover");
+    let client = node.pod("demo", "client");
+    let outsider = node.pod("legacy", "outsider");
+    let _echo = node
+        .tb
+        .spawn_server(&outsider, &["echo", "--listen", "[::]:9000"])
+        .expect("echo");
+    let second = node
+        .tb
+        .start_agent_at(
+            interceptor_testbed::NodeId::A,
+            &node.manifests,
+            SECOND_ADMIN,
+            &Mode::Ebpf.args(&[]),
+        )
+        .expect("the second agent starts beside the first");
+    let status = node.agent.take().expect("first").stop().expect("stops");
+    assert!(status.success(), "first agent: {status}");
+    node.agent = Some(second);
+    let dump = || -> serde_json::Value {
+        let (_, body) = node
+            .tb
+            .admin_get_at(interceptor_testbed::NodeId::A, SECOND_ADMIN, "/config_dump")
+            .expect("second dump");
+        serde_json::from_str(&body).expect("json")
+    };
+    let row = dump()["pods"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["pod"] == "demo/client")
+        .cloned()
+        .expect("client row");
+    assert_eq!(row["ipv6"], v6(&client).to_string(), "{row}");
+    assert_eq!(row["ipv6_intercepted"], true, "{row}");
+
+    let target = format!("[{}]:{ECHO_TARGET_PORT}", v6(&outsider));
+    let report = exchange(&node, &client, &target);
+    let local = report.local.expect("local");
+    let record = wait_for("the second agent's IPv6 outbound record", || {
+        dump()["connections"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["client"] == local.as_str() && r["direction"] == "outbound")
+            .cloned()
+    });
+    assert_eq!(record["original_dst"], target, "{record}");
+}
+
+fn v6(pod: &Pod) -> Ipv6Addr {
+    pod.ipv6
+        .unwrap_or_else(|| panic!("{} has no IPv6 address", pod.name))
+}
+
+/// Run tb-pod's client in `pod` against `target`; its report must say every byte came
+/// back.
+fn exchange(node: &Node, pod: &Pod, target: &str) -> interceptor_testbed::ClientReport {
+    let bytes = BYTES.to_string();
+    let report = node
+        .tb
+        .run_client(pod, &["--connect", target, "--send-bytes", &bytes])
+        .expect("client");
+    assert_eq!(
+        report.error,
+        None,
+        "{} -> {target}: {report:?}\nagent log:\n{}",
+        pod.name,
+        node.agent_log()
+    );
+    assert_eq!(report.received, BYTES, "{report:?}");
+    report
+}
+
+/// Connection records of `pod` in `direction` whose original destination is `dst`.
+fn records_to(node: &Node, pod: &str, direction: &str, dst: &str) -> Vec<serde_json::Value> {
+    node.config_dump()["connections"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["pod"] == pod && r["direction"] == direction && r["original_dst"] == dst)
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn ipv6_outbound_passthrough_and_inbound_on_one_node() {
+    if !common::privileged() {
+        return;
+    }
+    let mut node = dual_stack_node("ipv6-one");
+    let client = node.pod("demo", "client");
+    let server = node.pod("demo", "server");
+    let outsider = node.pod("legacy", "outsider");
+    let _outsider_echo = node
+        .tb
+        .spawn_server(&outsider, &["echo", "--listen", "[::]:9000"])
+        .expect("echo in the outsider");
+    let _server_echo = node
+        .tb
+        .spawn_server(&server, &["echo", "--listen", "[::]:9000"])
+        .expect("echo in the server");
+
+    // The pod rows carry the IPv6 address; the enrolled ones have it intercepted.
+    let pods = node.config_dump()["pods"].clone();
+    let row = |name: &str| {
+        pods.as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["pod"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no pod row {name}: {pods}"))
+    };
+    assert_eq!(
+        row("demo/client")["ipv6"],
+        v6(&client).to_string(),
+        "{pods}"
+    );
+    assert_eq!(row("demo/client")["ipv6_intercepted"], true, "{pods}");
+    assert_eq!(row("legacy/outsider")["ipv6"], v6(&outsider).to_string());
+    assert_eq!(row("legacy/outsider")["ipv6_intercepted"], false);
+
+    // Outbound: enrolled client -> unenrolled server's IPv6, through the client's
+    // [pod IPv6]:15001 listener and passed through to where it was going.
+    let target = format!("[{}]:{ECHO_TARGET_PORT}", v6(&outsider));
+    let report = exchange(&node, &client, &target);
+    assert_eq!(
+        report.peer.as_deref(),
+        Some(target.as_str()),
+        "getpeername6"
+    );
+    let record = wait_for("the IPv6 outbound record", || {
+        records_to(&node, "demo/client", "outbound", &target)
+            .into_iter()
+            .find(|r| r["outcome"] != "open")
+    });
+    assert_eq!(record["target"]["kind"], "passthrough", "{record}");
+    assert_eq!(record["target"]["addr"], target, "{record}");
+    assert_eq!(record["upstream_bytes"], BYTES, "{record}");
+    assert_eq!(
+        record["client"],
+        report.local.clone().expect("local"),
+        "{record}"
+    );
+
+    // Inbound: unenrolled client -> enrolled server's IPv6, steered by tc to 15003.
+    let target = format!("[{}]:{ECHO_TARGET_PORT}", v6(&server));
+    let report = exchange(&node, &outsider, &target);
+    assert_eq!(report.peer.as_deref(), Some(target.as_str()));
+    let record = wait_for("the IPv6 inbound record", || {
+        records_to(&node, "demo/server", "inbound", &target)
+            .into_iter()
+            .find(|r| r["outcome"] != "open")
+    });
+    assert_eq!(record["target"]["kind"], "local", "{record}");
+    assert_eq!(record["upstream_bytes"], BYTES, "{record}");
+    assert_eq!(record["client"], report.local.clone().expect("local"));
+    let counters6 = &node.config_dump()["datapath_counters"]["ipv6"];
+    assert!(
+        counters6["inbound_redirected"].as_u64() >= Some(1),
+        "{counters6}"
+    );
+
+    // Both enrolled, same node: the client's outbound proxy dials the server's IPv6 with
+    // a marked socket, which connect6 hands to the server's 15003.
+    let report = exchange(&node, &client, &target);
+    let local = report.local.expect("local");
+    let outbound = wait_for("the enrolled-to-enrolled outbound record", || {
+        records_to(&node, "demo/client", "outbound", &target)
+            .into_iter()
+            .find(|r| r["client"] == local.as_str() && r["outcome"] != "open")
+    });
+    assert_eq!(outbound["target"]["kind"], "passthrough", "{outbound}");
+    let client_prefix = format!("[{}]:", v6(&client));
+    let inbound = wait_for("the enrolled-to-enrolled inbound record", || {
+        records_to(&node, "demo/server", "inbound", &target)
+            .into_iter()
+            .find(|r| {
+                r["client"]
+                    .as_str()
+                    .is_some_and(|c| c.starts_with(&client_prefix))
+            })
+    });
+    assert_eq!(inbound["target"]["kind"], "local", "{inbound}");
+    assert!(
+        node.config_dump()["datapath_counters"]["ipv6"]["same_node_inbound"].as_u64() >= Some(1)
+    );
+
+    // ::1 stays inside the pod: no record, nothing steered.
+    let _loopback_echo = node
+        .tb
+        .spawn_server(&client, &["echo", "--listen", "[::1]:9100"])
+        .expect("echo on ::1 in the client");
+    exchange(&node, &client, "[::1]:9100");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        records_to(&node, "demo/client", "outbound", "[::1]:9100").is_empty(),
+        "a loopback connect was intercepted: {}",
+        node.config_dump()["connections"]
+    );
+
+    // The IPv4 path of the same pods still works, both ways.
+    let target4 = format!("{}:{ECHO_TARGET_PORT}", outsider.ip);
+    exchange(&node, &client, &target4);
+    wait_for("the IPv4 outbound record", || {
+        records_to(&node, "demo/client", "outbound", &target4)
+            .into_iter()
+            .next()
+    });
+    let target4 = format!("{}:{ECHO_TARGET_PORT}", server.ip);
+    exchange(&node, &outsider, &target4);
+    let outsider_ip = outsider.ip.to_string();
+    wait_for("the IPv4 inbound record", || {
+        inbound_records(&node.config_dump(), "demo/server", Some(&outsider_ip))
+            .into_iter()
+            .next()
+    });
+}
