@@ -988,7 +988,7 @@ bpfDebug: false
         assert!(syntax.contains("line 2"), "{syntax}");
     }
 
-    async fn wait_for(
+    pub(super) async fn wait_for(
         rx: &mut watch::Receiver<ConfigState>,
         what: &str,
         f: impl FnMut(&ConfigState) -> bool,
@@ -1117,6 +1117,7 @@ mod pod_rule_tests {
 
 #[cfg(test)]
 mod object_tests {
+    use super::tests::wait_for;
     use super::*;
 
     fn net(s: &str) -> Ipv4Net {
@@ -1125,21 +1126,6 @@ mod object_tests {
 
     fn ok(text: &str) -> Loaded {
         parse(Path::new("mesh.yaml"), text).unwrap()
-    }
-
-    async fn wait_for(
-        rx: &mut watch::Receiver<ConfigState>,
-        what: &str,
-        f: impl FnMut(&ConfigState) -> bool,
-    ) -> ConfigState {
-        let waited = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(f))
-            .await
-            .map(|r| r.map(|state| state.clone()));
-        match waited {
-            Ok(Ok(state)) => state,
-            Ok(Err(e)) => panic!("channel closed waiting for {what}: {e}"),
-            Err(_) => panic!("timed out waiting for {what}: {:?}", rx.borrow()),
-        }
     }
 
     fn spec(traffic: serde_json::Value) -> serde_json::Value {

@@ -62,6 +62,16 @@ fn dial(node: &Node, pod: &Pod, target: &str) {
     assert_eq!(report.error, None, "{report:?}\n{}", node.agent_log());
 }
 
+/// Wait until a pod that left the mesh has no proxied connection left (the agent has
+/// then removed what it kept for them).
+fn wait_drained(node: &Node) {
+    wait_for("the drain to end", || {
+        node.agent_log()
+            .contains("the connections it made in the mesh have closed")
+            .then_some(())
+    });
+}
+
 /// Write the manifests and wait until the agent's model has the new generation.
 fn rewrite(node: &Node, yaml: &str) {
     let generation = node.config_dump()["source"]["generation"].as_u64();
@@ -210,11 +220,7 @@ fn a_namespace_label_enrolls_and_unenrolls_its_running_pod(mode: Mode) {
     assert_eq!(before.ping(), "ping");
     drop(during);
     // Its last proxied connection closed: nothing of the mesh is left in the pod.
-    wait_for("the drain to end", || {
-        node.agent_log()
-            .contains("the connections it made in the mesh have closed")
-            .then_some(())
-    });
+    wait_drained(&node);
     common::assert_pod_rules(&app, Mode::Ebpf);
     // Only the connections made while enrolled went through the proxy.
     wait_for("both proxied connections recorded", || {
@@ -423,11 +429,7 @@ fn a_namespace_label_from_the_api_server_enrolls_and_unenrolls_its_running_pod(m
     wait_for("late/app unenrolled", || {
         enrolled(&node, "late/app").filter(|e| !*e).map(|_| ())
     });
-    wait_for("the drain to end", || {
-        node.agent_log()
-            .contains("the connections it made in the mesh have closed")
-            .then_some(())
-    });
+    wait_drained(&node);
     common::assert_pod_rules(&app, Mode::Ebpf);
     dial(&node, &app, &target);
     std::thread::sleep(Duration::from_millis(300));

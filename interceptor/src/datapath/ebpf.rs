@@ -631,24 +631,12 @@ impl EbpfDatapath {
 
     /// Forget every IPv6 flow record that involves `ip`.
     fn sweep_flows6(v6: &mut Maps6, ip: Ipv6) {
-        let stale: Vec<InboundKey6> = v6
-            .inbound_flows
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.pod_ipv6 == ip || k.client_ipv6 == ip)
-            .collect();
-        for key in stale {
-            let _ = v6.inbound_flows.remove(&key);
-        }
-        let stale: Vec<FlowKey6> = v6
-            .orig_dst_by_flow
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.src_ipv6 == ip || k.dst_ipv6 == ip)
-            .collect();
-        for key in stale {
-            let _ = v6.orig_dst_by_flow.remove(&key);
-        }
+        remove_keys_where(&mut v6.inbound_flows, |k| {
+            k.pod_ipv6 == ip || k.client_ipv6 == ip
+        });
+        remove_keys_where(&mut v6.orig_dst_by_flow, |k| {
+            k.src_ipv6 == ip || k.dst_ipv6 == ip
+        });
     }
 
     /// Replace the IPv6 outbound ranges of `scope` (0 global, else a pod's netns cookie),
@@ -885,24 +873,28 @@ impl EbpfDatapath {
 
     /// Forget every flow record that involves `ip`: a deleted pod leaves nothing behind.
     fn sweep_flows(maps: &mut Maps, ip: u32) {
-        let stale: Vec<InboundKey> = maps
-            .inbound_flows
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.pod_ipv4 == ip || k.client_ipv4 == ip)
-            .collect();
-        for key in stale {
-            let _ = maps.inbound_flows.remove(&key);
-        }
-        let stale: Vec<FlowKey> = maps
-            .orig_dst_by_flow
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.src_ipv4 == ip || k.dst_ipv4 == ip)
-            .collect();
-        for key in stale {
-            let _ = maps.orig_dst_by_flow.remove(&key);
-        }
+        remove_keys_where(&mut maps.inbound_flows, |k| {
+            k.pod_ipv4 == ip || k.client_ipv4 == ip
+        });
+        remove_keys_where(&mut maps.orig_dst_by_flow, |k| {
+            k.src_ipv4 == ip || k.dst_ipv4 == ip
+        });
+    }
+}
+
+/// Removes the entries of `map` whose key `doomed` picks. The keys are listed first:
+/// removing while iterating would make the kernel restart the walk.
+fn remove_keys_where<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    doomed: impl Fn(&K) -> bool,
+) {
+    let stale: Vec<K> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| doomed(k))
+        .collect();
+    for key in stale {
+        let _ = map.remove(&key);
     }
 }
 
