@@ -814,7 +814,7 @@ impl Agent {
             }
         }
         let leave = watch::Sender::new(false);
-        let serve = |listener, direction| {
+        let serve = |listener, direction, ipv6| {
             let ctx = ListenerContext {
                 pod: key.clone(),
                 direction,
@@ -827,17 +827,18 @@ impl Agent {
                 leaving: leave.subscribe(),
                 accepting: self.accepting.subscribe(),
                 pod_ip: ip,
+                preserve_client_ip: self.datapath.preserves_client_ip(cookie, ipv6),
                 routes_published: self.routes_published.subscribe(),
             };
             tokio::spawn(listener::serve(listener, ctx))
         };
         let mut listeners = vec![
-            serve(outbound, Direction::Outbound),
-            serve(inbound, Direction::Inbound),
+            serve(outbound, Direction::Outbound, false),
+            serve(inbound, Direction::Inbound, false),
         ];
         if let Some((outbound6, inbound6)) = listeners6 {
-            listeners.push(serve(outbound6, Direction::Outbound));
-            listeners.push(serve(inbound6, Direction::Inbound));
+            listeners.push(serve(outbound6, Direction::Outbound, true));
+            listeners.push(serve(inbound6, Direction::Inbound, true));
         }
         Ok(EnrolledPod {
             netns,

@@ -61,7 +61,7 @@ fn ipv6_between_enrolled_pods_on_two_nodes() {
         1,
         "the client lives in b's subnet"
     );
-    let _echo = node
+    let echo = node
         .tb
         .spawn_server(&server, &["echo", "--listen", "[::]:9000"])
         .expect("echo");
@@ -98,6 +98,18 @@ fn ipv6_between_enrolled_pods_on_two_nodes() {
     assert_eq!(inbound["upstream_bytes"], BYTES, "{inbound}");
     assert!(
         node.config_dump()["datapath_counters"]["ipv6"]["inbound_redirected"].as_u64() >= Some(1)
+    );
+    // The application sees the client pod's IPv6 (with b's proxy's port), through the
+    // inbound proxy's transparent IPv6 socket.
+    let accepts = echo
+        .wait_for_events("accept", 1, std::time::Duration::from_secs(5))
+        .expect("accept");
+    assert_eq!(accepts[0]["peer"], inbound["client"], "{}", accepts[0]);
+    assert_eq!(
+        accepts[0]["mark"],
+        common::TRANSPARENT_MARK,
+        "{}",
+        accepts[0]
     );
     drop(agent_b);
 }
@@ -253,7 +265,7 @@ fn ipv6_outbound_passthrough_and_inbound_on_one_node() {
         .tb
         .spawn_server(&outsider, &["echo", "--listen", "[::]:9000"])
         .expect("echo in the outsider");
-    let _server_echo = node
+    let server_echo = node
         .tb
         .spawn_server(&server, &["echo", "--listen", "[::]:9000"])
         .expect("echo in the server");
@@ -312,6 +324,22 @@ fn ipv6_outbound_passthrough_and_inbound_on_one_node() {
     assert_eq!(record["target"]["kind"], "local", "{record}");
     assert_eq!(record["upstream_bytes"], BYTES, "{record}");
     assert_eq!(record["client"], report.local.clone().expect("local"));
+    // The application sees the IPv6 client's own address and port.
+    let accepts = server_echo
+        .wait_for_events("accept", 1, std::time::Duration::from_secs(5))
+        .expect("accept");
+    assert_eq!(
+        accepts[0]["peer"].as_str(),
+        report.local.as_deref(),
+        "{}",
+        accepts[0]
+    );
+    assert_eq!(
+        accepts[0]["mark"],
+        common::TRANSPARENT_MARK,
+        "{}",
+        accepts[0]
+    );
     let counters6 = &node.config_dump()["datapath_counters"]["ipv6"];
     assert!(
         counters6["inbound_redirected"].as_u64() >= Some(1),

@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
-use interceptor_common::{INBOUND_PORT, OUTBOUND_PORT, PROXY_MARK, RESERVED_PORTS};
+use interceptor_common::{
+    INBOUND_PORT, OUTBOUND_PORT, PROXY_MARK, PROXY_MARK_MASK, RESERVED_PORTS,
+};
 
 use super::{Datapath, DatapathCounters, DatapathError, LiveRecords, PodDatapath};
 use crate::config::MeshConfig;
@@ -274,10 +276,11 @@ fn install_script(rules: &[&MeshConfig], installed: &Installed) -> String {
         s,
         "-A {CHAIN_REDIRECT} -p tcp --syn -j REDIRECT --to-ports {OUTBOUND_PORT}"
     );
-    // The proxy's own upstream sockets carry the mark: never back into the proxy.
+    // The proxy's own upstream sockets carry the mark (or the transparent one, which
+    // differs in the masked bit): never back into the proxy.
     let _ = writeln!(
         s,
-        "-A {CHAIN_OUTPUT} -m mark --mark {PROXY_MARK:#x} -j RETURN"
+        "-A {CHAIN_OUTPUT} -m mark --mark {PROXY_MARK:#x}/{PROXY_MARK_MASK:#x} -j RETURN"
     );
     // Loopback and the pod's own address stay inside the pod, as in eBPF mode.
     let _ = writeln!(s, "-A {CHAIN_OUTPUT} -o lo -j RETURN");
@@ -717,7 +720,7 @@ mod tests {
         }
         assert!(script.contains("-A PROXY_IN_REDIRECT -p tcp --syn -j REDIRECT --to-ports 15003\n"));
         assert!(script.contains("-A PROXY_REDIRECT -p tcp --syn -j REDIRECT --to-ports 15001\n"));
-        assert!(script.contains("-A PROXY_OUTPUT -m mark --mark 0x1500 -j RETURN\n"));
+        assert!(script.contains("-A PROXY_OUTPUT -m mark --mark 0x1500/0xfffffffe -j RETURN\n"));
         assert!(script.contains("-A PROXY_INBOUND -p tcp --dport 15003 -j RETURN\n"));
         assert!(script.contains("-A PROXY_OUTPUT -j PROXY_REDIRECT\n"));
         assert!(script.contains(&format!("{JUMP_INBOUND}\n")));

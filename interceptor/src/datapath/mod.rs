@@ -3,6 +3,7 @@
 //! fallback for kernels that lack what eBPF mode needs.
 pub mod bpffs;
 pub mod cgroup;
+pub mod client_addr;
 pub mod ebpf;
 pub mod iptables;
 pub mod metrics;
@@ -68,6 +69,8 @@ pub enum DatapathError {
     Iptables { what: String, reason: String },
     #[error("learning the pod netns's cookie: {0}")]
     NetnsProbe(String),
+    #[error("the pod's return route for transparent inbound sockets: {0}")]
+    PodRouting(String),
     #[error("a data path call did not complete: {0}")]
     Interrupted(String),
     #[error("{what} is not available in {mode} mode")]
@@ -192,6 +195,13 @@ pub trait Datapath: Send + Sync {
         -> Result<(), DatapathError>;
     /// Remove everything the data path made (pins, pinned links): interception ends.
     fn teardown(&self) -> Result<(), DatapathError>;
+    /// Whether the pod's netns has the return route of transparent inbound sockets for
+    /// this family ([`client_addr`]), so its inbound proxy may dial the application from
+    /// the client's address. The default: no.
+    fn preserves_client_ip(&self, netns_cookie: u64, ipv6: bool) -> bool {
+        let _ = (netns_cookie, ipv6);
+        false
+    }
     /// The node's probe SNAT (`/config_dump` `node_probes`); `None` when there is none.
     fn node_probes(&self) -> Option<node_probes::NodeProbesStatus> {
         None

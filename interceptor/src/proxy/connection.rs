@@ -43,6 +43,34 @@ impl Direction {
     }
 }
 
+/// Which source address the inbound proxy's socket to the application had (with
+/// `--preserve-client-ip`, the default).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAddress {
+    /// The client's address and port: the application sees its real peer.
+    Preserved,
+    /// The pod's own address, because the client is the pod itself (its own address or
+    /// loopback): its address is already the pod's, and binding it would clash with the
+    /// client's own socket.
+    OwnAddress,
+    /// The pod's own address, because binding or connecting from the client's address
+    /// failed (the port is taken in the pod, the family differs, the pod has no policy
+    /// route): the connection goes on, the application sees the pod as its peer.
+    Fallback,
+}
+
+impl ClientAddress {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientAddress::Preserved => "preserved",
+            ClientAddress::OwnAddress => "own_address",
+            ClientAddress::Fallback => "fallback",
+        }
+    }
+}
+
 /// Why the proxy did not carry a connection. Each is reset towards the client.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -177,6 +205,9 @@ pub struct ConnectionRecord {
     pub target: Option<Target>,
     pub outcome: Outcome,
     pub copy_mode: CopyMode,
+    /// Inbound, when the agent preserves client addresses: whether this one was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_address: Option<ClientAddress>,
     #[serde(flatten)]
     pub bytes: Forwarded,
     /// When the listener accepted the connection (milliseconds since the epoch).
@@ -200,6 +231,7 @@ impl ConnectionRecord {
             target: None,
             outcome: Outcome::Open,
             copy_mode: CopyMode::default(),
+            client_address: None,
             bytes: Forwarded::default(),
             unix_ms: SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)

@@ -2,15 +2,16 @@
 //! original destination, pick the target (outbound: within the upstream policies, with
 //! one retry on a connect failure; inbound: within the Service's rate limit), connect with
 //! a socket from the pod's [`SocketFactory`] (made inside the pod, with the proxy mark
-//! the programs skip), and forward.
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+//! the programs skip; inbound, bound to the client's address unless the agent was told
+//! not to, see [`connect_app`]), and forward.
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
-use super::connection::{ConnectionRecord, Direction, ProxyError};
+use super::connection::{ClientAddress, ConnectionRecord, Direction, ProxyError};
 use super::forward::{forward, reset_on_close, CopyMode};
 use super::log::ConnectionLog;
 use super::orig_dst::original_dst_any;
@@ -61,6 +62,11 @@ pub struct ListenerContext {
     pub accepting: tokio::sync::watch::Receiver<bool>,
     /// The pod's address: a route table knows the pod once it counts it enrolled.
     pub pod_ip: Ipv4Addr,
+    /// Inbound: dial the application from the client's address and port (a transparent
+    /// socket; the pod's policy route brings the replies back), so it sees its real
+    /// peer. Off (`--preserve-client-ip false`, or the pod's route could not be
+    /// installed): from the pod's own address.
+    pub preserve_client_ip: bool,
     /// Bumped whenever a new route table is stored. Tables are built off the CNI ADD
     /// path, so a pod's first connections may come before a table that knows the pod.
     pub routes_published: tokio::sync::watch::Receiver<u64>,
@@ -185,7 +191,7 @@ async fn proxy_one(
             )
             .await
         }
-        Direction::Inbound | Direction::Gateway => inbound(ctx, &table, original, client_ip).await,
+        Direction::Inbound | Direction::Gateway => inbound(ctx, &table, original, record).await,
     };
     record.target = Some(target);
     let (upstream, leases) = match opened {
@@ -258,7 +264,17 @@ async fn proxy_one6(
     };
     record.target = Some(target);
     let addr = SocketAddr::V6(original);
-    let upstream = match socket::connect_any(&*ctx.sockets, addr, DEFAULT_CONNECT_TIMEOUT).await {
+    let connected = match ctx.direction {
+        Direction::Outbound => {
+            socket::connect_any(&*ctx.sockets, addr, DEFAULT_CONNECT_TIMEOUT).await
+        }
+        Direction::Inbound | Direction::Gateway => {
+            let (connected, source) = connect_app(ctx, record.client, addr).await;
+            record.client_address = source;
+            connected
+        }
+    };
+    let upstream = match connected {
         Ok(upstream) => upstream,
         Err(source) => {
             reset_on_close(&stream);
@@ -277,8 +293,14 @@ async fn inbound(
     ctx: &ListenerContext,
     table: &RouteTable,
     original: SocketAddrV4,
-    client: Ipv4Addr,
+    record: &mut ConnectionRecord,
 ) -> upstream::Opened {
+    // Access rules and rate limits are the accepted peer's, whatever the socket to the
+    // application is bound to.
+    let client = match record.client {
+        SocketAddr::V4(client) => *client.ip(),
+        SocketAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
+    };
     let refuse = |route: &str, reason| upstream::refusal(ctx.pod.to_string(), route, reason);
     let admission = match table.admit_inbound(client, &ctx.pod, original.port()) {
         Ok(admission) => admission,
@@ -304,7 +326,9 @@ async fn inbound(
         addr: original,
         node_probe: admission == Admission::NodeProbe,
     };
-    match socket::connect(&*ctx.sockets, original, DEFAULT_CONNECT_TIMEOUT).await {
+    let (connected, source) = connect_app(ctx, record.client, SocketAddr::V4(original)).await;
+    record.client_address = source;
+    match connected {
         Ok(stream) => (target, Ok((stream, upstream::Leases::default()))),
         Err(source) => {
             if let Some(settings) = settings {
@@ -317,4 +341,58 @@ async fn inbound(
             (target, Err(error))
         }
     }
+}
+
+/// Connect to the application in this pod at `app`. With client addresses preserved, the
+/// socket is bound to `client` (the accepted peer), so the application sees who really
+/// called; the pod's own address is used instead, and said so in the returned
+/// [`ClientAddress`] (counted in `interceptor_inbound_client_address_total`), when the
+/// client is the pod itself, or when binding or connecting from the client's address
+/// fails. Transparency is never a reason to refuse: the connection still goes through
+/// the proxy, only with the pod's address.
+async fn connect_app(
+    ctx: &ListenerContext,
+    client: SocketAddr,
+    app: SocketAddr,
+) -> (std::io::Result<TcpStream>, Option<ClientAddress>) {
+    let own = || socket::connect_any(&*ctx.sockets, app, DEFAULT_CONNECT_TIMEOUT);
+    if !ctx.preserve_client_ip {
+        return (own().await, None);
+    }
+    if is_own_address(client.ip(), app.ip(), ctx.pod_ip) || client.is_ipv4() != app.is_ipv4() {
+        return (own().await, Some(ClientAddress::OwnAddress));
+    }
+    let error = match ctx.sockets.transparent(client) {
+        Ok(socket) => {
+            match socket::connect_socket(socket, app, DEFAULT_CONNECT_TIMEOUT).await {
+                Ok(stream) => return (Ok(stream), Some(ClientAddress::Preserved)),
+                // The 4-tuple is taken (the client port's last connection is in TIME_WAIT
+                // on our side): the pod's address will do.
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        std::io::ErrorKind::AddrInUse | std::io::ErrorKind::AddrNotAvailable
+                    ) =>
+                {
+                    error
+                }
+                // The application itself did not answer: no other source would help.
+                Err(error) => return (Err(error), Some(ClientAddress::Preserved)),
+            }
+        }
+        Err(error) => error,
+    };
+    tracing::debug!(pod = %ctx.pod, %client, %app, %error,
+        "cannot dial the application from the client's address: from the pod's own");
+    (own().await, Some(ClientAddress::Fallback))
+}
+
+/// Whether `client` is the pod itself: loopback, the address it dialled (the pod's, on
+/// an inbound connection) or the pod's IPv4 address.
+fn is_own_address(client: IpAddr, dialled: IpAddr, pod_ip: Ipv4Addr) -> bool {
+    client.is_loopback()
+        || client.is_unspecified()
+        || client == dialled
+        || client == IpAddr::V4(pod_ip)
+        || client.to_canonical() == IpAddr::V4(pod_ip)
 }

@@ -39,6 +39,13 @@ struct FailureLabels {
     kind: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClientAddressLabels {
+    /// [`super::connection::ClientAddress::as_str`]: `preserved`, `own_address` or
+    /// `fallback`.
+    source: &'static str,
+}
+
 #[derive(Debug)]
 pub struct ProxyMetrics {
     registry: Registry,
@@ -50,6 +57,7 @@ pub struct ProxyMetrics {
     errors: Family<RouteLabels, Counter>,
     refused: Family<RouteLabels, Counter>,
     failures: Family<FailureLabels, Counter>,
+    client_address: Family<ClientAddressLabels, Counter>,
     upstream: UpstreamMetrics,
 }
 
@@ -61,6 +69,7 @@ impl Default for ProxyMetrics {
         let errors = Family::<RouteLabels, Counter>::default();
         let refused = Family::<RouteLabels, Counter>::default();
         let failures = Family::<FailureLabels, Counter>::default();
+        let client_address = Family::<ClientAddressLabels, Counter>::default();
         registry.register(
             "proxy_connections",
             "Connections the proxy handled, counted when they end",
@@ -86,6 +95,13 @@ impl Default for ProxyMetrics {
             "Connections the proxy did not carry, by why (the errors and refusals above, by kind)",
             failures.clone(),
         );
+        registry.register(
+            "inbound_client_address",
+            "Inbound connections by the source address of the proxy's socket to the \
+             application: the client's (preserved), or the pod's own because the client is \
+             the pod (own_address) or binding the client's address failed (fallback)",
+            client_address.clone(),
+        );
         let upstream = UpstreamMetrics::default();
         upstream.register(&mut registry);
         Self {
@@ -96,6 +112,7 @@ impl Default for ProxyMetrics {
             errors,
             refused,
             failures,
+            client_address,
             upstream,
         }
     }
@@ -165,6 +182,13 @@ impl ProxyMetrics {
             backend,
         };
         self.connections.get_or_create(&labels).inc();
+        if let Some(source) = record.client_address {
+            self.client_address
+                .get_or_create(&ClientAddressLabels {
+                    source: source.as_str(),
+                })
+                .inc();
+        }
         if record.direction == super::connection::Direction::Outbound {
             let mut outbound = crate::sync::lock(&self.outbound);
             if !outbound.contains(&labels) {
@@ -244,6 +268,7 @@ mod tests {
             }),
             outcome: Outcome::Closed,
             copy_mode: CopyMode::Splice,
+            client_address: None,
             bytes: Forwarded {
                 upstream_bytes: 5,
                 downstream_bytes: 11,
@@ -333,6 +358,7 @@ mod tests {
                     source: std::io::ErrorKind::ConnectionRefused.into(),
                 })),
                 copy_mode: CopyMode::Splice,
+                client_address: None,
                 bytes: Forwarded {
                     upstream_bytes: 5,
                     downstream_bytes: 0,

@@ -27,6 +27,19 @@ pub trait SocketFactory: Send + Sync + std::fmt::Debug {
         ))
     }
 
+    /// A non-blocking TCP socket of `source`'s family bound to `source`, an address that
+    /// is not this place's (`IP_TRANSPARENT`/`IPV6_TRANSPARENT`, with the transparent
+    /// mark the pod's policy route recognises): the inbound proxy's socket to the
+    /// application, so that it sees the client's address. The default refuses (a place
+    /// without the policy route could not get the replies back).
+    fn transparent(&self, source: SocketAddr) -> io::Result<socket2::Socket> {
+        let _ = source;
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this socket factory makes no transparent sockets",
+        ))
+    }
+
     /// An IPv6-only listener on `port` of every IPv6 address, with `SO_REUSEPORT`: beside
     /// the IPv4 one from [`SocketFactory::listener`], which it leaves alone (a
     /// dual-stack one would take IPv4 connections as mapped addresses). The default
@@ -84,6 +97,20 @@ pub async fn connect_any(
         SocketAddr::V4(_) => sockets.tcp()?,
         SocketAddr::V6(_) => sockets.tcp6()?,
     };
+    within(
+        timeout,
+        TcpSocket::from_std_stream(socket.into()).connect(addr),
+    )
+    .await
+}
+
+/// Connect `socket` (from a [`SocketFactory`], e.g. [`SocketFactory::transparent`]) to
+/// `addr`, given up as timed out after `timeout`.
+pub async fn connect_socket(
+    socket: socket2::Socket,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
     within(
         timeout,
         TcpSocket::from_std_stream(socket.into()).connect(addr),
