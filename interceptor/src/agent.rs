@@ -308,9 +308,9 @@ impl Agent {
         if !ipv6 {
             tracing::info!("IPv6 is off on this node: pods are intercepted over IPv4 only");
         } else if !datapath.supports_ipv6() {
-            tracing::info!(
+            tracing::warn!(
                 mode = datapath.mode(),
-                "IPv6 is not intercepted in this mode: dual-stack pods' IPv6 goes direct"
+                "IPv6 cannot be intercepted in this mode: pods with an IPv6 address are refused"
             );
         }
         let agent = Arc::new_cyclic(|me| Self {
@@ -707,16 +707,28 @@ impl Agent {
         ifname: &str,
         expect_cookie: Option<u64>,
     ) -> Result<EnrolledPod, CniFailure> {
-        // IPv6 only where the node has it, the mode intercepts it, and the address is one
-        // a flow can be steered to (not link-local, which stays inside the link anyway).
+        // IPv6 only where the node has it and the address is one a flow can be steered
+        // to (not link-local, which stays inside the link anyway).
         let ipv6 = ipv6.filter(|ip6| {
             self.ipv6
-                && self.datapath.supports_ipv6()
                 && !(ip6.is_loopback()
                     || ip6.is_unspecified()
                     || ip6.is_multicast()
                     || ip6.is_unicast_link_local())
         });
+        // A mesh fails closed: a pod whose IPv6 this mode cannot intercept (iptables
+        // mode without the ip6tables tools) is refused, not enrolled half.
+        if let Some(ip6) = ipv6.filter(|_| !self.datapath.supports_ipv6()) {
+            return Err(CniFailure::new(
+                codes::INVALID_ENVIRONMENT,
+                format!(
+                    "enrolling pod {key}: its IPv6 address {ip6} cannot be intercepted in {} \
+                     mode on this node (no ip6tables tools); refused rather than let its \
+                     IPv6 traffic go around the mesh",
+                    self.datapath.mode()
+                ),
+            ));
+        }
         let io_failure = |what: &str, e: &dyn std::fmt::Display| {
             CniFailure::new(
                 codes::IO_FAILURE,

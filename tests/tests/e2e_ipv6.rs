@@ -1,21 +1,33 @@
-//! IPv6 in eBPF mode on a dual-stack testbed: an enrolled pod's IPv6 connect goes
-//! through its `[pod IPv6]:15001` listener to the original IPv6 destination
-//! (passthrough: no IPv6 Services yet), an IPv6 client's SYN to an enrolled pod is
-//! steered to the pod's IPv6 15003 listener and delivered to the app, `::1` stays
-//! inside the pod, the pod row in `/config_dump` shows the IPv6 address, and the IPv4
-//! path of the same pods still works. iptables mode has no IPv6 interception (not here).
+//! IPv6 on a dual-stack testbed, in eBPF and iptables mode alike (`ebpf::`/`iptables::`):
+//! an enrolled pod's IPv6 connect goes through the proxy (eBPF: connect6 to
+//! `[pod IPv6]:15001`; iptables: ip6tables REDIRECT to `[::1]:15001`) to the original
+//! IPv6 destination (passthrough: no IPv6 Services yet), an IPv6 client's SYN to an
+//! enrolled pod is steered to the pod's IPv6 15003 listener (tc, or ip6tables PREROUTING)
+//! and delivered to the app, `::1` stays inside the pod, an IPv6 range in the mesh
+//! config's exclusion list is left alone, the pod row in `/config_dump` shows the IPv6
+//! address, and the IPv4 path of the same pods still works. The kernel counters are
+//! checked in eBPF mode only.
+#[macro_use]
 mod common;
 
 use std::net::Ipv6Addr;
 
-use common::{inbound_records, wait_for, Mode, Node, ECHO_TARGET_PORT, MANIFESTS};
+use common::{inbound_records, wait_for, MeshConfigFile, Mode, Node, ECHO_TARGET_PORT, MANIFESTS};
 use interceptor_testbed::{AgentProcess, Pod, Testbed};
+
+in_both_modes!(
+    ipv6_outbound_passthrough_and_inbound_on_one_node,
+    ipv6_between_enrolled_pods_on_two_nodes,
+    a_second_agent_adopts_the_ipv6_of_dual_stack_pods,
+    an_ipv6_range_in_the_exclusion_list_goes_direct,
+);
 
 const BYTES: u64 = 1024 * 1024;
 
-/// A dual-stack testbed with an agent in eBPF mode on [`MANIFESTS`].
-fn dual_stack_node(label: &str) -> Node {
-    let tb = Testbed::builder(label)
+/// A dual-stack testbed with an agent in `mode` on [`MANIFESTS`], started with `extra`
+/// arguments.
+fn dual_stack_node(label: &str, mode: Mode, extra: &[&str]) -> Node {
+    let tb = Testbed::builder(&format!("{label}-{}", mode.name()))
         .dual_stack()
         .tb_pod_bin(env!("CARGO_BIN_EXE_tb-pod"))
         .build()
@@ -25,7 +37,7 @@ fn dual_stack_node(label: &str) -> Node {
     std::fs::write(manifests.join("mesh.yaml"), MANIFESTS).expect("manifests");
     let mut tb = tb;
     let agent = tb
-        .start_agent(&manifests, &Mode::Ebpf.args(&[]))
+        .start_agent(&manifests, &mode.args(extra))
         .expect("agent starts");
     Node {
         agent: Some(agent),
@@ -37,19 +49,18 @@ fn dual_stack_node(label: &str) -> Node {
 /// Agents on both nodes of a dual-stack testbed: the enrolled client on b dials the
 /// enrolled server on a over IPv6; b's outbound proxy passes it through, a's tc steers it
 /// to the server's IPv6 15003 listener.
-#[test]
-fn ipv6_between_enrolled_pods_on_two_nodes() {
+fn ipv6_between_enrolled_pods_on_two_nodes(mode: Mode) {
     if !common::privileged() {
         return;
     }
-    let mut node = dual_stack_node("ipv6-two");
+    let mut node = dual_stack_node("ipv6-two", mode, &[]);
     let b = node.tb.add_node("b", true).expect("node b");
     let manifests_b = node.tb.node(b).state_dir().join("manifests");
     std::fs::create_dir_all(&manifests_b).expect("dir");
     std::fs::write(manifests_b.join("mesh.yaml"), MANIFESTS).expect("manifests");
     let agent_b: AgentProcess = node
         .tb
-        .start_agent_on(b, &manifests_b, &Mode::Ebpf.args(&[]))
+        .start_agent_on(b, &manifests_b, &mode.args(&[]))
         .expect("agent on b");
     let server = node.pod("demo", "server");
     let client = node
@@ -96,9 +107,12 @@ fn ipv6_between_enrolled_pods_on_two_nodes() {
     });
     assert_eq!(inbound["original_dst"], target, "{inbound}");
     assert_eq!(inbound["upstream_bytes"], BYTES, "{inbound}");
-    assert!(
-        node.config_dump()["datapath_counters"]["ipv6"]["inbound_redirected"].as_u64() >= Some(1)
-    );
+    if mode == Mode::Ebpf {
+        assert!(
+            node.config_dump()["datapath_counters"]["ipv6"]["inbound_redirected"].as_u64()
+                >= Some(1)
+        );
+    }
     drop(agent_b);
 }
 
@@ -149,13 +163,12 @@ fn a_node_with_ipv6_off_says_so_and_intercepts_ipv4() {
 /// A hand-over: a second agent adopts the dual-stack pods from `pods.json` (the CNI
 /// result keeps their IPv6 addresses), opens IPv6 listeners beside the first's, and once
 /// the first has gone the IPv6 path goes through the second.
-#[test]
-fn a_second_agent_adopts_the_ipv6_of_dual_stack_pods() {
+fn a_second_agent_adopts_the_ipv6_of_dual_stack_pods(mode: Mode) {
     if !common::privileged() {
         return;
     }
     const SECOND_ADMIN: &str = "127.0.0.1:15010";
-    let mut node = dual_stack_node("ipv6-handover");
+    let mut node = dual_stack_node("ipv6-handover", mode, &[]);
     let client = node.pod("demo", "client");
     let outsider = node.pod("legacy", "outsider");
     let _echo = node
@@ -168,7 +181,7 @@ fn a_second_agent_adopts_the_ipv6_of_dual_stack_pods() {
             interceptor_testbed::NodeId::A,
             &node.manifests,
             SECOND_ADMIN,
-            &Mode::Ebpf.args(&[]),
+            &mode.args(&[]),
         )
         .expect("the second agent starts beside the first");
     let status = node.agent.take().expect("first").stop().expect("stops");
@@ -240,12 +253,11 @@ fn records_to(node: &Node, pod: &str, direction: &str, dst: &str) -> Vec<serde_j
         .collect()
 }
 
-#[test]
-fn ipv6_outbound_passthrough_and_inbound_on_one_node() {
+fn ipv6_outbound_passthrough_and_inbound_on_one_node(mode: Mode) {
     if !common::privileged() {
         return;
     }
-    let mut node = dual_stack_node("ipv6-one");
+    let mut node = dual_stack_node("ipv6-one", mode, &[]);
     let client = node.pod("demo", "client");
     let server = node.pod("demo", "server");
     let outsider = node.pod("legacy", "outsider");
@@ -312,14 +324,17 @@ fn ipv6_outbound_passthrough_and_inbound_on_one_node() {
     assert_eq!(record["target"]["kind"], "local", "{record}");
     assert_eq!(record["upstream_bytes"], BYTES, "{record}");
     assert_eq!(record["client"], report.local.clone().expect("local"));
-    let counters6 = &node.config_dump()["datapath_counters"]["ipv6"];
-    assert!(
-        counters6["inbound_redirected"].as_u64() >= Some(1),
-        "{counters6}"
-    );
+    if mode == Mode::Ebpf {
+        let counters6 = &node.config_dump()["datapath_counters"]["ipv6"];
+        assert!(
+            counters6["inbound_redirected"].as_u64() >= Some(1),
+            "{counters6}"
+        );
+    }
 
     // Both enrolled, same node: the client's outbound proxy dials the server's IPv6 with
-    // a marked socket, which connect6 hands to the server's 15003.
+    // a marked socket, which connect6 hands to the server's 15003 (iptables: it leaves
+    // the client pod unredirected and the server pod's PREROUTING steers it).
     let report = exchange(&node, &client, &target);
     let local = report.local.expect("local");
     let outbound = wait_for("the enrolled-to-enrolled outbound record", || {
@@ -339,9 +354,12 @@ fn ipv6_outbound_passthrough_and_inbound_on_one_node() {
             })
     });
     assert_eq!(inbound["target"]["kind"], "local", "{inbound}");
-    assert!(
-        node.config_dump()["datapath_counters"]["ipv6"]["same_node_inbound"].as_u64() >= Some(1)
-    );
+    if mode == Mode::Ebpf {
+        assert!(
+            node.config_dump()["datapath_counters"]["ipv6"]["same_node_inbound"].as_u64()
+                >= Some(1)
+        );
+    }
 
     // ::1 stays inside the pod: no record, nothing steered.
     let _loopback_echo = node
@@ -371,5 +389,80 @@ fn ipv6_outbound_passthrough_and_inbound_on_one_node() {
         inbound_records(&node.config_dump(), "demo/server", Some(&outsider_ip))
             .into_iter()
             .next()
+    });
+}
+
+/// An IPv6 range in the mesh config's exclusion list: the enrolled client's connects to
+/// it go direct (the server sees the client's own address), those to another IPv6 pod
+/// still go through the proxy, and IPv4 is untouched by the IPv6 range.
+fn an_ipv6_range_in_the_exclusion_list_goes_direct(mode: Mode) {
+    if !common::privileged() {
+        return;
+    }
+    let mesh_config = MeshConfigFile::new(
+        &format!("ipv6-excl-{}", mode.name()),
+        "outboundIPRangeExclusionList: []\n",
+    );
+    let config_arg = mesh_config.arg();
+    let mut node = dual_stack_node("ipv6-excl", mode, &["--mesh-config", &config_arg]);
+    let client = node.pod("demo", "client");
+    let outsider = node.pod("legacy", "outsider");
+    let server = node.pod("demo", "server");
+    let outsider_echo = node
+        .tb
+        .spawn_server(&outsider, &["echo", "--listen", "[::]:9000"])
+        .expect("echo in the outsider");
+    let _server_echo = node
+        .tb
+        .spawn_server(&server, &["echo", "--listen", "[::]:9000"])
+        .expect("echo in the server");
+    let target = format!("[{}]:{ECHO_TARGET_PORT}", v6(&outsider));
+    // Whether the last connection to the outsider came from the proxy: a direct one
+    // arrives from the client's own address and port.
+    let proxied = |report: &interceptor_testbed::ClientReport| {
+        let accepts = outsider_echo
+            .wait_for_events("accept", 1, std::time::Duration::from_secs(5))
+            .expect("accept");
+        accepts.last().expect("accept")["peer"].as_str() != report.local.as_deref()
+    };
+    assert!(
+        proxied(&exchange(&node, &client, &target)),
+        "before the exclusion"
+    );
+
+    std::fs::write(
+        &*mesh_config,
+        format!(
+            "outboundIPRangeExclusionList: [\"{}/128\", 10.255.0.0/16]\n",
+            v6(&outsider)
+        ),
+    )
+    .expect("mesh config");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while proxied(&exchange(&node, &client, &target)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the IPv6 exclusion never applied\n{}",
+            node.agent_log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // Another IPv6 destination is still intercepted, and so is IPv4 to the excluded pod.
+    let server_target = format!("[{}]:{ECHO_TARGET_PORT}", v6(&server));
+    let report = exchange(&node, &client, &server_target);
+    let local = report.local.expect("local");
+    wait_for("the outbound record to the server's IPv6", || {
+        records_to(&node, "demo/client", "outbound", &server_target)
+            .into_iter()
+            .find(|r| r["client"] == local.as_str())
+    });
+    // (The echo's `[::]` listener takes IPv4 too.)
+    let target4 = format!("{}:{ECHO_TARGET_PORT}", outsider.ip);
+    let report = exchange(&node, &client, &target4);
+    let local = report.local.expect("local");
+    wait_for("the IPv4 outbound record", || {
+        records_to(&node, "demo/client", "outbound", &target4)
+            .into_iter()
+            .find(|r| r["client"] == local.as_str())
     });
 }
