@@ -390,6 +390,23 @@ fn ipv6_outbound_passthrough_and_inbound_on_one_node(mode: Mode) {
             .into_iter()
             .next()
     });
+
+    // iptables: the IPv6 chains sit beside the IPv4 ones, once, and a DEL removes both
+    // families together.
+    if mode == Mode::Iptables {
+        let nat6 = || common::run_in_netns(&client.netns, &["ip6tables-nft-save", "-t", "nat"]);
+        let before = nat6();
+        assert_eq!(
+            before.matches("-A OUTPUT -p tcp -j PROXY_OUTPUT").count(),
+            1,
+            "{before}"
+        );
+        assert!(before.contains("-d fe80::/10 -j RETURN"), "{before}");
+        common::rerun_interceptor_cni(&node, &client, "DEL");
+        common::assert_pod_rules(&client, Mode::Ebpf);
+        let after = nat6();
+        assert!(!after.contains("PROXY_"), "{after}");
+    }
 }
 
 /// An IPv6 range in the mesh config's exclusion list: the enrolled client's connects to
