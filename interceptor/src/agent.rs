@@ -2,7 +2,7 @@
 //! routing snapshot, and the enrollment logic the CNI server calls into; pods that ran
 //! before the agent (no CNI ADD) are found in `/proc` and enrolled the same way.
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use crate::datapath::{Datapath, DatapathError, PodDatapath};
 use crate::inpod::discover::{FoundNetns, ProcScanner};
 use crate::inpod::{InPodSockets, PodNetns};
-use crate::model::{Model, PodKey};
+use crate::model::{Model, PodAddrs, PodKey};
 use crate::proxy::listener::{self, ListenerContext};
 use crate::proxy::routes::LastValid;
 use crate::proxy::socket::{HostSockets, SocketFactory};
@@ -418,6 +418,11 @@ impl Agent {
         read(&self.routes).service_ports()
     }
 
+    /// Every Service VIP:port (IPv4 and IPv6) with its policy and endpoints.
+    pub fn service_routes(&self) -> Vec<crate::proxy::routes::ServiceRouteView> {
+        read(&self.routes).service_routes()
+    }
+
     /// Whether each routing object is in force, and why not.
     pub fn route_statuses(&self) -> Vec<crate::proxy::RouteStatus> {
         read(&self.routes).statuses().to_vec()
@@ -429,18 +434,20 @@ impl Agent {
     /// policies (SMI access, rate limits) as a client from the node's address.
     fn check_targets(&self) -> Vec<crate::proxy::upstream::CheckTarget> {
         let table = read(&self.routes).clone();
-        let local: HashMap<Ipv4Addr, Arc<PodNetns>> = lock(&self.pods)
+        let local: HashMap<IpAddr, Arc<PodNetns>> = lock(&self.pods)
             .values()
-            .filter_map(|entry| {
-                let enrolled = entry.enrolled.as_ref()?;
-                Some((entry.ipv4?, Arc::clone(&enrolled.netns)))
+            .filter_map(|entry| Some((entry, entry.enrolled.as_ref()?)))
+            .flat_map(|(entry, enrolled)| {
+                let ips = entry.ipv4.map(IpAddr::V4).into_iter();
+                ips.chain(entry.ipv6.map(IpAddr::V6))
+                    .map(|ip| (ip, Arc::clone(&enrolled.netns)))
             })
             .collect();
         table
             .checked_endpoints()
             .iter()
             .filter_map(|c| {
-                let sockets: Arc<dyn SocketFactory> = match local.get(c.addr.ip()) {
+                let sockets: Arc<dyn SocketFactory> = match local.get(&c.addr.ip()) {
                     Some(netns) => Arc::new(InPodSockets::new(Arc::clone(netns))),
                     None if !c.in_mesh => Arc::new(HostSockets),
                     None => return None,
@@ -492,11 +499,18 @@ impl Agent {
 
     fn rebuild_routes(&self) {
         let mut last_valid = lock(&self.rebuild);
-        let (pod_ips, enrolled): (HashMap<PodKey, Ipv4Addr>, HashSet<Ipv4Addr>) = {
+        let (pod_ips, enrolled): (HashMap<PodKey, PodAddrs>, HashSet<Ipv4Addr>) = {
             let pods = lock(&self.pods);
             let ips = pods
                 .iter()
-                .filter_map(|(key, entry)| entry.ipv4.map(|ip| (key.clone(), ip)))
+                .map(|(key, entry)| {
+                    let addrs = PodAddrs {
+                        v4: entry.ipv4,
+                        v6: entry.ipv6,
+                    };
+                    (key.clone(), addrs)
+                })
+                .filter(|(_, addrs)| addrs.iter().next().is_some())
                 .collect();
             let enrolled = pods
                 .values()
