@@ -313,7 +313,7 @@ async fn handle(stream: TcpStream, client: SocketAddr, shared: Arc<Shared>) {
         &shared.upstreams,
         &format!("gateway {}", table.gateway()),
         |pick| table.resolve_with(local, client_ip, pick),
-        Some(client_ip),
+        Some(client_ip.into()),
         |addr, timeout| socket::connect(&HostSockets, addr, timeout),
     )
     .await;

@@ -9,7 +9,8 @@
 //! - a policy rule `fwmark 0x1501 lookup 1501` and, in that table, `local 0.0.0.0/0 dev
 //!   lo` (and `local ::/0 dev lo` for a pod with IPv6): every marked packet is delivered
 //!   inside the pod, where the transparent socket takes it;
-//! - iptables mode: raw-table `CT --notrack` for marked packets (chain [`RAW_CHAIN`]).
+//! - iptables mode: raw-table `CT --notrack` for marked packets (chain [`RAW_CHAIN`]),
+//!   in `iptables` and, for a pod with IPv6, in `ip6tables`.
 //!   REDIRECT's conntrack entry has the client's tuple to the application's port as its
 //!   original direction, which is exactly the proxy's new connection: tracked, it would
 //!   be taken for that connection and redirected to 15003 again.
@@ -89,8 +90,8 @@ impl ClientAddressRoutes {
     }
 }
 
-/// Install `family`'s part in `netns` (with IPv4, the sysctl and iptables mode's raw
-/// rules); `false`, logged, when it failed: the pod's connections then come from its own
+/// Install `family`'s part in `netns` (iptables mode's raw rules of the family; with
+/// IPv4, the sysctl); `false`, logged, when it failed: the pod's connections then come from its own
 /// address.
 fn install_logged(netns: &PodNetns, family: Family, iptables: Option<Backend>) -> bool {
     let installed = netns
@@ -137,8 +138,7 @@ impl Datapath for ClientAddressRoutes {
             .get(&pod.netns_cookie)
             .map(|routing| Arc::clone(&routing.netns));
         if let Some(netns) = netns {
-            // No ip6tables rules: only eBPF mode intercepts IPv6 today, and it needs none.
-            let ipv6 = install_logged(&netns, Family::V6, None);
+            let ipv6 = install_logged(&netns, Family::V6, self.iptables);
             if let Some(routing) = lock(&self.pods).get_mut(&pod.netns_cookie) {
                 routing.ipv6 = ipv6;
             }
@@ -235,8 +235,10 @@ pub fn remove_from_netns(path: &Path) -> Result<(), DatapathError> {
         .run_blocking(|| {
             let mut result = remove_here(None);
             for backend in [Backend::Legacy, Backend::Nft] {
-                if iptables::resolve(&backend.tool("save")).is_file() {
-                    result = result.and(restore_raw(backend, raw_remove_script));
+                for family in [Family::V4, Family::V6] {
+                    if iptables::resolve(&backend.tool_of(family.tables(), "save")).is_file() {
+                        result = result.and(restore_raw(backend, family, raw_remove_script));
+                    }
                 }
             }
             result
@@ -258,17 +260,25 @@ impl Family {
             Family::V6 => libc::AF_INET6 as u8,
         }
     }
+
+    /// The iptables family of the same name (`iptables` or `ip6tables`).
+    fn tables(self) -> iptables::Family {
+        match self {
+            Family::V4 => iptables::Family::V4,
+            Family::V6 => iptables::Family::V6,
+        }
+    }
 }
 
-/// Install `family`'s rule and route in the calling thread's netns (with IPv4, also
-/// the sysctl and, in iptables mode, the raw rules). All or nothing: on an error what
+/// Install `family`'s rule and route in the calling thread's netns (in iptables mode,
+/// the family's raw rules; with IPv4, also the sysctl). All or nothing: on an error what
 /// this call added is removed again.
 fn install_here(family: Family, iptables: Option<Backend>) -> Result<(), DatapathError> {
     let install = || -> Result<(), DatapathError> {
+        if let Some(backend) = iptables {
+            restore_raw(backend, family, |save| Some(raw_install_script(save)))?;
+        }
         if family == Family::V4 {
-            if let Some(backend) = iptables {
-                restore_raw(backend, |save| Some(raw_install_script(save)))?;
-            }
             std::fs::write(FWMARK_ACCEPT, "1")
                 .map_err(|e| routing_error(format!("writing {FWMARK_ACCEPT}"), e))?;
         }
@@ -283,9 +293,10 @@ fn install_here(family: Family, iptables: Option<Backend>) -> Result<(), Datapat
     };
     install().inspect_err(|_| {
         let _ = remove_family_here(family);
-        if family == Family::V4 {
-            let _ = remove_ipv4_extras_here(iptables);
-        }
+        let _ = match family {
+            Family::V4 => remove_ipv4_extras_here(iptables),
+            Family::V6 => remove_ipv6_raw_here(iptables),
+        };
     })
 }
 
@@ -296,7 +307,8 @@ fn remove_here(iptables: Option<Backend>) -> Result<(), DatapathError> {
     let v6 = remove_family_here(Family::V6);
     let v4 = remove_family_here(Family::V4);
     let extras = remove_ipv4_extras_here(iptables);
-    v4.and(v6).and(extras)
+    let raw6 = remove_ipv6_raw_here(iptables);
+    v4.and(v6).and(extras).and(raw6)
 }
 
 fn remove_family_here(family: Family) -> Result<(), DatapathError> {
@@ -319,10 +331,22 @@ fn remove_ipv4_extras_here(iptables: Option<Backend>) -> Result<(), DatapathErro
         Err(error) => Err(routing_error(format!("writing {FWMARK_ACCEPT}"), error)),
     };
     let raw = match iptables {
-        Some(backend) => restore_raw(backend, raw_remove_script),
+        Some(backend) => restore_raw(backend, Family::V4, raw_remove_script),
         None => Ok(()),
     };
     sysctl.and(raw)
+}
+
+/// iptables mode: the ip6tables raw rules, where this node has ip6tables at all.
+fn remove_ipv6_raw_here(iptables: Option<Backend>) -> Result<(), DatapathError> {
+    match iptables {
+        Some(backend)
+            if iptables::resolve(&backend.tool_of(iptables::Family::V6, "save")).is_file() =>
+        {
+            restore_raw(backend, Family::V6, raw_remove_script)
+        }
+        _ => Ok(()),
+    }
 }
 
 fn routing_error(what: String, error: std::io::Error) -> DatapathError {
@@ -397,12 +421,14 @@ impl RawInstalled {
 /// it (`None`: nothing to do).
 fn restore_raw(
     backend: Backend,
+    family: Family,
     script: impl FnOnce(&str) -> Option<String>,
 ) -> Result<(), DatapathError> {
-    let save = iptables::run(&backend.tool("save"), &["-t", "raw"], None)?;
+    let tool = |what| backend.tool_of(family.tables(), what);
+    let save = iptables::run(&tool("save"), &["-t", "raw"], None)?;
     match script(&save) {
         Some(script) => iptables::run(
-            &backend.tool("restore"),
+            &tool("restore"),
             &["--noflush", "-w", LOCK_WAIT_SECS],
             Some(&script),
         )

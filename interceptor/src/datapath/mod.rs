@@ -125,8 +125,9 @@ pub trait Datapath: Send + Sync {
     /// Start intercepting a pod; `netns` runs what must happen inside the pod's netns.
     /// All-or-nothing: on error nothing of the pod is left in the data path.
     fn enroll(&self, pod: &PodDatapath, netns: &Arc<PodNetns>) -> Result<(), DatapathError>;
-    /// Whether this mode intercepts IPv6: eBPF mode does; iptables mode has no ip6tables
-    /// chains yet, so a dual-stack pod's IPv6 goes around the proxy there.
+    /// Whether this mode intercepts IPv6: eBPF mode does, iptables mode does where the
+    /// ip6tables tools are installed. The agent refuses a pod with an IPv6 address in a
+    /// mode that cannot intercept it, rather than let that traffic around the mesh.
     fn supports_ipv6(&self) -> bool {
         false
     }

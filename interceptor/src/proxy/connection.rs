@@ -2,7 +2,7 @@
 //! ([`Direction`]), what became of it ([`Outcome`], with a typed [`ProxyError`] when the
 //! proxy could not carry it) and its [`ConnectionRecord`]. A leaf: the listener, the
 //! gateway and the upstream code produce these, the metrics and `/config_dump` read them.
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -109,9 +109,9 @@ pub enum ProxyError {
     /// The connect failed, and so did the one retry on another endpoint.
     #[error("connect {addr}: {first}; retry on {retry}: {source}")]
     ConnectRetry {
-        addr: SocketAddrV4,
+        addr: SocketAddr,
         first: std::io::Error,
-        retry: SocketAddrV4,
+        retry: SocketAddr,
         #[source]
         source: std::io::Error,
     },
@@ -154,11 +154,7 @@ impl ProxyError {
                 route: route.clone(),
                 reason: reason.clone(),
             }),
-            Target::Endpoint { .. }
-            | Target::Passthrough { .. }
-            | Target::Local { .. }
-            | Target::Passthrough6 { .. }
-            | Target::Local6 { .. } => None,
+            Target::Endpoint { .. } | Target::Passthrough { .. } | Target::Local { .. } => None,
         }
     }
 }
@@ -254,15 +250,11 @@ impl ConnectionRecord {
                 backend.clone(),
             ),
             Some(Target::Refused { route, service, .. }) => (route.clone(), service.clone()),
-            Some(Target::Passthrough { .. } | Target::Passthrough6 { .. }) => {
-                ("passthrough".into(), "passthrough".into())
-            }
+            Some(Target::Passthrough { .. }) => ("passthrough".into(), "passthrough".into()),
             Some(Target::Local {
                 node_probe: true, ..
             }) => ("node probe".into(), self.pod.clone()),
-            Some(Target::Local { .. } | Target::Local6 { .. }) => {
-                ("inbound".into(), self.pod.clone())
-            }
+            Some(Target::Local { .. }) => ("inbound".into(), self.pod.clone()),
             None => ("none".into(), "none".into()),
         }
     }
@@ -272,10 +264,7 @@ impl ConnectionRecord {
         match &self.target {
             Some(Target::Endpoint { addr, .. })
             | Some(Target::Passthrough { addr })
-            | Some(Target::Local { addr, .. }) => Some(SocketAddr::V4(*addr)),
-            Some(Target::Passthrough6 { addr }) | Some(Target::Local6 { addr }) => {
-                Some(SocketAddr::V6(*addr))
-            }
+            | Some(Target::Local { addr, .. }) => Some(*addr),
             Some(Target::NoEndpoints { .. }) | Some(Target::Refused { .. }) | None => None,
         }
     }

@@ -4,7 +4,7 @@
 //! a socket from the pod's [`SocketFactory`] (made inside the pod, with the proxy mark
 //! the programs skip; inbound, bound to the client's address unless the agent was told
 //! not to, see [`connect_app`]), and forward.
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -161,10 +161,6 @@ async fn proxy_one(
         }
     };
     record.original_dst = Some(original);
-    let original = match original {
-        SocketAddr::V4(original) => original,
-        SocketAddr::V6(original) => return proxy_one6(stream, ctx, record, original).await,
-    };
     let table = match ctx.table_knowing_pod().await {
         Ok(table) => table,
         Err(error) => {
@@ -172,10 +168,9 @@ async fn proxy_one(
             return Err(error);
         }
     };
-    let client_ip = match record.client {
-        SocketAddr::V4(client) => *client.ip(),
-        SocketAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
-    };
+    // Either family: a dual-stack pod's IPv6 flows go through the same table (IPv6
+    // Service VIPs, IPv6 clients' identities) as its IPv4 ones.
+    let client_ip = record.client.ip();
     let (target, opened) = match ctx.direction {
         Direction::Outbound => {
             let source = ConnectionSource {
@@ -210,11 +205,12 @@ async fn proxy_one(
             (
                 Direction::Outbound,
                 Some(Target::Endpoint { addr, .. } | Target::Passthrough { addr }),
-            ) => *addr.ip(),
-            (Direction::Outbound, _) => Ipv4Addr::UNSPECIFIED,
+            ) => addr.ip(),
+            (Direction::Outbound, _) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             (Direction::Inbound | Direction::Gateway, _) => client_ip,
         };
-        table.is_local_enrolled(&peer)
+        // The SOCKHASH is IPv4 only (see interceptor-ebpf's flows.rs).
+        matches!(peer, IpAddr::V4(peer) if table.is_local_enrolled(&peer))
     };
     let mode = if in_sockhash {
         CopyMode::Userspace
@@ -227,80 +223,18 @@ async fn proxy_one(
     Ok(())
 }
 
-/// An IPv6 flow of a dual-stack pod (eBPF mode). The route table is IPv4 only (no IPv6
-/// Services, upstream policies or sockmap yet), so an outbound flow goes where the app
-/// was going and an inbound one to the app on its port, once the access check (which
-/// treats every IPv6 client as unknown in SMI mode) lets it in. The upstream socket is
-/// made in the pod with the proxy mark, so connect6 lets it through (or, to an enrolled
-/// pod of this node, hands it to that pod's 15003).
-async fn proxy_one6(
-    stream: TcpStream,
-    ctx: &ListenerContext,
-    record: &mut ConnectionRecord,
-    original: SocketAddrV6,
-) -> Result<(), ProxyError> {
-    let target = match ctx.direction {
-        Direction::Outbound => Target::Passthrough6 { addr: original },
-        Direction::Inbound | Direction::Gateway => {
-            let table = match ctx.table_knowing_pod().await {
-                Ok(table) => table,
-                Err(error) => {
-                    reset_on_close(&stream);
-                    return Err(error);
-                }
-            };
-            let client = match record.client {
-                SocketAddr::V6(client) => *client.ip(),
-                SocketAddr::V4(client) => client.ip().to_ipv6_mapped(),
-            };
-            if let Err(reason) = table.admit_inbound6(client) {
-                let (target, refused) = upstream::refusal(ctx.pod.to_string(), "inbound", reason);
-                record.target = Some(target);
-                reset_on_close(&stream);
-                return refused.map(drop);
-            }
-            Target::Local6 { addr: original }
-        }
-    };
-    record.target = Some(target);
-    let addr = SocketAddr::V6(original);
-    let connected = match ctx.direction {
-        Direction::Outbound => {
-            socket::connect_any(&*ctx.sockets, addr, DEFAULT_CONNECT_TIMEOUT).await
-        }
-        Direction::Inbound | Direction::Gateway => {
-            let (connected, source) = connect_app(ctx, record.client, addr).await;
-            record.client_address = source;
-            connected
-        }
-    };
-    let upstream = match connected {
-        Ok(upstream) => upstream,
-        Err(source) => {
-            reset_on_close(&stream);
-            return Err(ProxyError::Connect { addr, source });
-        }
-    };
-    record.copy_mode = CopyMode::Splice;
-    record.bytes = forward(stream, upstream, CopyMode::Splice).await;
-    Ok(())
-}
-
 /// Inbound traffic is for the application in this pod, on the port it was sent to, if
 /// the traffic policy lets the client reach it and the Service's rate limit has a token.
 /// A failed connect to the application counts against the pod as an endpoint.
 async fn inbound(
     ctx: &ListenerContext,
     table: &RouteTable,
-    original: SocketAddrV4,
+    original: SocketAddr,
     record: &mut ConnectionRecord,
 ) -> upstream::Opened {
     // Access rules and rate limits are the accepted peer's, whatever the socket to the
     // application is bound to.
-    let client = match record.client {
-        SocketAddr::V4(client) => *client.ip(),
-        SocketAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
-    };
+    let client = record.client.ip();
     let refuse = |route: &str, reason| upstream::refusal(ctx.pod.to_string(), route, reason);
     let admission = match table.admit_inbound(client, &ctx.pod, original.port()) {
         Ok(admission) => admission,
@@ -326,7 +260,7 @@ async fn inbound(
         addr: original,
         node_probe: admission == Admission::NodeProbe,
     };
-    let (connected, source) = connect_app(ctx, record.client, SocketAddr::V4(original)).await;
+    let (connected, source) = connect_app(ctx, record.client, original).await;
     record.client_address = source;
     match connected {
         Ok(stream) => (target, Ok((stream, upstream::Leases::default()))),
@@ -335,7 +269,7 @@ async fn inbound(
                 ctx.upstreams.failed(original, settings, Instant::now());
             }
             let error = ProxyError::Connect {
-                addr: SocketAddr::V4(original),
+                addr: original,
                 source,
             };
             (target, Err(error))
@@ -355,7 +289,7 @@ async fn connect_app(
     client: SocketAddr,
     app: SocketAddr,
 ) -> (std::io::Result<TcpStream>, Option<ClientAddress>) {
-    let own = || socket::connect_any(&*ctx.sockets, app, DEFAULT_CONNECT_TIMEOUT);
+    let own = || socket::connect(&*ctx.sockets, app, DEFAULT_CONNECT_TIMEOUT);
     if !ctx.preserve_client_ip {
         return (own().await, None);
     }

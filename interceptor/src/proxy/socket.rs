@@ -4,7 +4,7 @@
 //! gateway uses [`HostSockets`]. This is ztunnel's `SocketFactory` split.
 use std::future::Future;
 use std::io;
-use std::net::{Ipv6Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use tokio::net::{TcpSocket, TcpStream};
@@ -76,19 +76,9 @@ impl SocketFactory for HostSockets {
     }
 }
 
-/// Connect to `addr` with a socket from `sockets`, given up as timed out after `timeout`.
+/// Connect to `addr` with a socket from `sockets` (an IPv6 address gets one from
+/// [`SocketFactory::tcp6`]), given up as timed out after `timeout`.
 pub async fn connect(
-    sockets: &dyn SocketFactory,
-    addr: SocketAddrV4,
-    timeout: Duration,
-) -> io::Result<TcpStream> {
-    let socket = TcpSocket::from_std_stream(sockets.tcp()?.into());
-    within(timeout, socket.connect(SocketAddr::V4(addr))).await
-}
-
-/// [`connect`] for an address of either family: an IPv6 one gets a socket from
-/// [`SocketFactory::tcp6`].
-pub async fn connect_any(
     sockets: &dyn SocketFactory,
     addr: SocketAddr,
     timeout: Duration,
@@ -188,9 +178,9 @@ mod tests {
     async fn accepted_and_upstream_sockets_have_nodelay() {
         let listener = tokio::net::TcpListener::from_std(reuseport_listener(0).unwrap()).unwrap();
         let port = listener.local_addr().unwrap().port();
-        let addr = SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, port);
+        let addr = std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, port);
         let (upstream, accepted) = tokio::join!(
-            connect(&HostSockets, addr, Duration::from_secs(5)),
+            connect(&HostSockets, addr.into(), Duration::from_secs(5)),
             listener.accept()
         );
         assert!(upstream.unwrap().nodelay().unwrap());
