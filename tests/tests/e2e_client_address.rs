@@ -1,7 +1,7 @@
 //! The client's address preserved inbound (`--preserve-client-ip`, on by default): the
 //! inbound proxy dials the application from the client's own address and port, and the
-//! pod's return route (fwmark rule, local route, `tcp_fwmark_accept`; iptables mode also
-//! raw-table notrack) brings the replies back to it. The application's `tb-pod echo`
+//! pod's return route (fwmark rule, local route, `tcp_fwmark_accept`, `fwmark_reflect`;
+//! iptables mode also raw-table notrack) brings the replies back to it. The application's `tb-pod echo`
 //! reports the peer it accepted and the accepted socket's mark (the SYN's: 0x1501 from
 //! the proxy's transparent socket, 0x1500 from its ordinary one, 0 from anyone else).
 //! Cross node and IPv6 are asserted in `e2e_cross_node` and `e2e_ipv6`; same node with
@@ -57,7 +57,8 @@ fn return_route(pid: u32) -> Option<bool> {
     let rule = ip_in(pid, &["rule", "show"]).contains("fwmark 0x1501 lookup 5377");
     let route = ip_in(pid, &["route", "show", "table", "5377"]).contains("local default dev lo");
     let sysctl = sysctl_in(pid, "net.ipv4.tcp_fwmark_accept") == "1";
-    (rule == route && route == sysctl).then_some(rule)
+    let reflect = sysctl_in(pid, "net.ipv4.fwmark_reflect") == "1";
+    (rule == route && route == sysctl && sysctl == reflect).then_some(rule)
 }
 
 fn metric(node: &Node, source: &str) -> u64 {

@@ -6,6 +6,8 @@
 //!
 //! - `net.ipv4.tcp_fwmark_accept = 1` (IPv4 and IPv6): the application's accepted socket
 //!   takes the mark of the proxy's SYN, so everything it sends carries it;
+//!   `net.ipv{4,6}.fwmark_reflect = 1`: so do the kernel's own replies (the RST when the
+//!   application is not listening);
 //! - a policy rule `fwmark 0x1501 lookup 1501` and, in that table, `local 0.0.0.0/0 dev
 //!   lo` (and `local ::/0 dev lo` for a pod with IPv6): every marked packet is delivered
 //!   inside the pod, where the transparent socket takes it;
@@ -40,8 +42,17 @@ pub const TABLE: u32 = 0x1501;
 pub const RULE_PRIORITY: u32 = 0x1501;
 /// The raw-table chain of iptables mode; `OUTPUT` and `PREROUTING` jump to it.
 pub const RAW_CHAIN: &str = "PROXY_TRANSPARENT";
-/// The sysctl that gives accepted sockets their SYN's mark (IPv6 too).
-const FWMARK_ACCEPT: &str = "/proc/sys/net/ipv4/tcp_fwmark_accept";
+/// The sysctls each family sets to 1 (and back to 0 on removal):
+/// `tcp_fwmark_accept` gives accepted sockets their SYN's mark (IPv6 too);
+/// `fwmark_reflect` gives the kernel's own replies (the RST to a SYN for a port nobody
+/// listens on) the mark of the packet they answer, so that the RST to the transparent
+/// socket's SYN takes the local route back to it instead of leaving the pod (without
+/// it, a connect to an application that is down would time out instead of failing).
+const SYSCTLS_V4: &[&str] = &[
+    "/proc/sys/net/ipv4/tcp_fwmark_accept",
+    "/proc/sys/net/ipv4/fwmark_reflect",
+];
+const SYSCTLS_V6: &[&str] = &["/proc/sys/net/ipv6/fwmark_reflect"];
 
 /// What is installed for one pod.
 #[derive(Debug)]
@@ -254,6 +265,13 @@ enum Family {
 }
 
 impl Family {
+    fn sysctls(self) -> &'static [&'static str] {
+        match self {
+            Family::V4 => SYSCTLS_V4,
+            Family::V6 => SYSCTLS_V6,
+        }
+    }
+
     fn af(self) -> u8 {
         match self {
             Family::V4 => libc::AF_INET as u8,
@@ -271,16 +289,16 @@ impl Family {
 }
 
 /// Install `family`'s rule and route in the calling thread's netns (in iptables mode,
-/// the family's raw rules; with IPv4, also the sysctl). All or nothing: on an error what
+/// the family's raw rules) and the family's sysctls. All or nothing: on an error what
 /// this call added is removed again.
 fn install_here(family: Family, iptables: Option<Backend>) -> Result<(), DatapathError> {
     let install = || -> Result<(), DatapathError> {
         if let Some(backend) = iptables {
             restore_raw(backend, family, |save| Some(raw_install_script(save)))?;
         }
-        if family == Family::V4 {
-            std::fs::write(FWMARK_ACCEPT, "1")
-                .map_err(|e| routing_error(format!("writing {FWMARK_ACCEPT}"), e))?;
+        for sysctl in family.sysctls() {
+            std::fs::write(sysctl, "1")
+                .map_err(|e| routing_error(format!("writing {sysctl}"), e))?;
         }
         let netlink = Netlink::open()?;
         netlink.request(&rule_message(family, Op::Add), "adding the policy rule")?;
@@ -295,7 +313,7 @@ fn install_here(family: Family, iptables: Option<Backend>) -> Result<(), Datapat
         let _ = remove_family_here(family);
         let _ = match family {
             Family::V4 => remove_ipv4_extras_here(iptables),
-            Family::V6 => remove_ipv6_raw_here(iptables),
+            Family::V6 => remove_ipv6_extras_here(iptables),
         };
     })
 }
@@ -307,7 +325,7 @@ fn remove_here(iptables: Option<Backend>) -> Result<(), DatapathError> {
     let v6 = remove_family_here(Family::V6);
     let v4 = remove_family_here(Family::V4);
     let extras = remove_ipv4_extras_here(iptables);
-    let raw6 = remove_ipv6_raw_here(iptables);
+    let raw6 = remove_ipv6_extras_here(iptables);
     v4.and(v6).and(extras).and(raw6)
 }
 
@@ -326,10 +344,7 @@ fn remove_family_here(family: Family) -> Result<(), DatapathError> {
 }
 
 fn remove_ipv4_extras_here(iptables: Option<Backend>) -> Result<(), DatapathError> {
-    let sysctl = match std::fs::write(FWMARK_ACCEPT, "0") {
-        Ok(()) => Ok(()),
-        Err(error) => Err(routing_error(format!("writing {FWMARK_ACCEPT}"), error)),
-    };
+    let sysctl = reset_sysctls(Family::V4);
     let raw = match iptables {
         Some(backend) => restore_raw(backend, Family::V4, raw_remove_script),
         None => Ok(()),
@@ -337,16 +352,33 @@ fn remove_ipv4_extras_here(iptables: Option<Backend>) -> Result<(), DatapathErro
     sysctl.and(raw)
 }
 
-/// iptables mode: the ip6tables raw rules, where this node has ip6tables at all.
-fn remove_ipv6_raw_here(iptables: Option<Backend>) -> Result<(), DatapathError> {
-    match iptables {
+/// Back to 0; a sysctl that is not there (IPv6 off in the pod) is nothing to undo.
+fn reset_sysctls(family: Family) -> Result<(), DatapathError> {
+    let mut result = Ok(());
+    for sysctl in family.sysctls() {
+        match std::fs::write(sysctl, "0") {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                result = result.and(Err(routing_error(format!("writing {sysctl}"), error)));
+            }
+            _ => {}
+        }
+    }
+    result
+}
+
+/// The IPv6 sysctl and, in iptables mode, the ip6tables raw rules (where this node has
+/// ip6tables at all).
+fn remove_ipv6_extras_here(iptables: Option<Backend>) -> Result<(), DatapathError> {
+    let sysctl = reset_sysctls(Family::V6);
+    let raw = match iptables {
         Some(backend)
             if iptables::resolve(&backend.tool_of(iptables::Family::V6, "save")).is_file() =>
         {
             restore_raw(backend, Family::V6, raw_remove_script)
         }
         _ => Ok(()),
-    }
+    };
+    sysctl.and(raw)
 }
 
 fn routing_error(what: String, error: std::io::Error) -> DatapathError {

@@ -940,7 +940,7 @@ mod tests {
         for line in [
             "-A PROXY_IN_REDIRECT -p tcp --syn -j REDIRECT --to-ports 15003\n",
             "-A PROXY_REDIRECT -p tcp --syn -j REDIRECT --to-ports 15001\n",
-            "-A PROXY_OUTPUT -m mark --mark 0x1500 -j RETURN\n",
+            "-A PROXY_OUTPUT -m mark --mark 0x1500/0xfffffffe -j RETURN\n",
             "-A PROXY_OUTPUT -o lo -j RETURN\n",
             JUMP_INBOUND,
             JUMP_OUTPUT,
