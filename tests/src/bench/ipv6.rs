@@ -249,9 +249,9 @@ fn run_into(rows: &mut [FamilyRow], secs: u64) -> Result<()> {
             let client = tb.add_pod_on(NodeId::A, "v6-mesh", &format!("client-{mode}"))?;
             for row in rows.iter_mut().filter(|r| r.path == mode) {
                 measure_family(&tb, &client, &mut servers, &cgroups, secs, row);
-            }
-            let (v4, v6) = proxied(&tb, &client)?;
-            for row in rows.iter_mut().filter(|r| r.path == mode) {
+                // Right away: the agent keeps only the latest connection records, and
+                // the next family's thousands would push these out.
+                let (v4, v6) = proxied(&tb, &client)?;
                 let seen = if row.family == "IPv4" { v4 } else { v6 };
                 row.evidence.push(json!({ "proxy_records_seen": seen }));
                 if seen == 0 {
