@@ -23,6 +23,7 @@ in_both_modes!(
     an_ipv6_range_in_the_exclusion_list_goes_direct,
     ipv6_cluster_ip_services,
     ipv6_clients_under_smi_access_policy,
+    a_node_with_ipv6_off_says_so_and_intercepts_ipv4,
 );
 
 const BYTES: u64 = 1024 * 1024;
@@ -140,12 +141,12 @@ fn ipv6_between_enrolled_pods_on_two_nodes(mode: Mode) {
 /// IPv4 path works. The testbed is IPv4-only here: its node bridge cannot take the
 /// pods' IPv6 gateway address with IPv6 off, so a dual-stack pod cannot be made on such
 /// a node (that the agent then skips IPv6 is `Agent::enroll`'s `self.ipv6` filter).
-#[test]
-fn a_node_with_ipv6_off_says_so_and_intercepts_ipv4() {
+fn a_node_with_ipv6_off_says_so_and_intercepts_ipv4(mode: Mode) {
     if !common::privileged() {
         return;
     }
-    let (mut tb, manifests) = common::testbed_with_manifests("ipv6-off", MANIFESTS);
+    let (mut tb, manifests) =
+        common::testbed_with_manifests(&format!("ipv6-off-{}", mode.name()), MANIFESTS);
     let status = std::process::Command::new("ip")
         .args(["netns", "exec", tb.node_netns()])
         .args(["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])
@@ -153,7 +154,7 @@ fn a_node_with_ipv6_off_says_so_and_intercepts_ipv4() {
         .expect("ip netns exec sysctl");
     assert!(status.success(), "disabling IPv6 in the node netns");
     let agent = tb
-        .start_agent(&manifests, &Mode::Ebpf.args(&[]))
+        .start_agent(&manifests, &mode.args(&[]))
         .expect("agent starts");
     let mut node = Node {
         agent: Some(agent),
