@@ -265,6 +265,7 @@ pub fn manifests(data: &[u8]) {
                 let source = ConnectionSource {
                     pod: Some(key),
                     gateway: None,
+                    sni: None,
                 };
                 let _ = table.resolve(*addr, source);
             }

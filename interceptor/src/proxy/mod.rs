@@ -16,6 +16,7 @@ pub mod log;
 pub mod metrics;
 pub mod orig_dst;
 pub mod routes;
+pub mod sni;
 pub mod socket;
 pub mod upstream;
 

@@ -11,12 +11,13 @@ use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 
+use super::hosts::HostPattern;
 use super::settings::PortKey;
 use super::split::{istio_weights, Split};
 use super::{Backend, Match, Policy, Rule, ServiceRoute, UpstreamSettings, MESH_GATEWAY};
 use crate::model::routing::{
-    BackendRef, Destination, IstioTcpRoute, L4MatchAttributes, Routed, TcpRouteSpec,
-    TrafficSplitSpec, VirtualServiceSpec,
+    BackendRef, Destination, IstioTcpRoute, IstioTlsRoute, L4MatchAttributes, RouteDestination,
+    Routed, TcpRouteRule, TcpRouteSpec, TlsMatchAttributes, TrafficSplitSpec, VirtualServiceSpec,
 };
 use crate::model::{Model, PodKey, Service, ServiceKey, ServicePort};
 
@@ -299,8 +300,8 @@ impl Ctx<'_> {
             ));
             return Ok((Vec::new(), notes));
         }
-        if spec.tcp.is_empty() {
-            notes.push("no tcp routes".into());
+        if spec.tcp.is_empty() && spec.tls.is_empty() {
+            notes.push("no tcp or tls routes".into());
             return Ok((Vec::new(), notes));
         }
         let mut hosts = Vec::new();
@@ -322,21 +323,33 @@ impl Ctx<'_> {
                 continue;
             };
             for sp in svc.ports.iter().filter(|p| p.is_tcp()) {
-                let rules: Vec<Rule> = spec
-                    .tcp
+                // `tls` rules first: a ClientHello's server name picks among them.
+                let mut rules: Vec<Rule> = spec
+                    .tls
                     .iter()
                     .enumerate()
-                    .filter(|(_, route)| applies_to_port(route, sp.port))
+                    .filter(|(_, route)| tls_applies_to_port(route, sp.port))
                     .filter_map(|(i, route)| {
-                        errors.take(self.istio_rule(vs, i, route, &gateways, sp.port))
+                        errors.take(self.istio_tls_rule(vs, i, route, &gateways, sp.port))
                     })
                     .collect();
+                let by_sni = !rules.is_empty();
+                rules.extend(
+                    spec.tcp
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, route)| applies_to_port(route, sp.port))
+                        .filter_map(|(i, route)| {
+                            errors.take(self.istio_rule(vs, i, route, &gateways, sp.port))
+                        }),
+                );
                 policies.push((
                     SocketAddrV4::new(ip, sp.port),
                     port_name(svc, sp),
                     Policy {
                         route: format!("VirtualService {}", vs.key()),
                         rules,
+                        by_sni,
                     },
                 ));
             }
@@ -366,13 +379,58 @@ impl Ctx<'_> {
                     .map_err(|e| at(format!("match[{j}]: {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        if route.route.is_empty() {
-            return Err(at("no route destinations".into()));
+        Ok(Rule {
+            matches,
+            split: self
+                .istio_split(&route.route, &vs.namespace, dialled)
+                .map_err(at)?,
+        })
+    }
+
+    /// A VirtualService `tls` rule: like a `tcp` rule, with the server names each match
+    /// requires.
+    pub(super) fn istio_tls_rule(
+        &self,
+        vs: &Routed<VirtualServiceSpec>,
+        index: usize,
+        route: &IstioTlsRoute,
+        vs_gateways: &[String],
+        dialled: u16,
+    ) -> Result<Rule, String> {
+        let at = |e: String| format!("tls[{index}]: {e}");
+        if route.matches.is_empty() {
+            return Err(at("match is required (with sniHosts)".into()));
+        }
+        let matches = route
+            .matches
+            .iter()
+            .enumerate()
+            .map(|(j, m)| {
+                tls_match(m, vs_gateways, &vs.namespace).map_err(|e| at(format!("match[{j}]: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Rule {
+            matches,
+            split: self
+                .istio_split(&route.route, &vs.namespace, dialled)
+                .map_err(at)?,
+        })
+    }
+
+    /// The weighted destinations of a `tcp` or `tls` rule.
+    fn istio_split(
+        &self,
+        route: &[RouteDestination],
+        namespace: &str,
+        dialled: u16,
+    ) -> Result<Split, String> {
+        if route.is_empty() {
+            return Err("no route destinations".into());
         }
         let mut explicit = Vec::new();
         let mut backends = Vec::new();
-        for (j, rd) in route.route.iter().enumerate() {
-            let at = |e: String| at(format!("route[{j}]: {e}"));
+        for (j, rd) in route.iter().enumerate() {
+            let at = |e: String| format!("route[{j}]: {e}");
             explicit.push(match rd.weight {
                 None => None,
                 Some(w) => Some(
@@ -383,15 +441,12 @@ impl Ctx<'_> {
                 ),
             });
             backends.push(
-                self.istio_destination(&rd.destination, &vs.namespace, dialled)
+                self.istio_destination(&rd.destination, namespace, dialled)
                     .map_err(at)?,
             );
         }
         let weights = istio_weights(&explicit);
-        Ok(Rule {
-            matches,
-            split: Split::new(backends.into_iter().zip(weights).collect()),
-        })
+        Ok(Split::new(backends.into_iter().zip(weights).collect()))
     }
 
     pub(super) fn istio_destination(
@@ -423,7 +478,7 @@ impl Ctx<'_> {
         if parents.is_empty() {
             return Ok((Vec::new(), notes));
         }
-        let (backends, mut errors) = self.gateway_backends(route);
+        let (backends, mut errors) = self.gateway_backends(&route.spec.rules, &route.namespace);
         if route.spec.rules.iter().all(|r| r.backend_refs.is_empty()) {
             return Err(errors.0);
         }
@@ -492,14 +547,10 @@ impl Ctx<'_> {
     /// is an error naming it.
     pub(super) fn gateway_backends<'s>(
         &'s self,
-        route: &Routed<TcpRouteSpec>,
+        rules: &[TcpRouteRule],
+        namespace: &str,
     ) -> (Vec<(&'s Service, &'s ServicePort, u32)>, Errors) {
-        let refs: Vec<&BackendRef> = route
-            .spec
-            .rules
-            .iter()
-            .flat_map(|r| &r.backend_refs)
-            .collect();
+        let refs: Vec<&BackendRef> = rules.iter().flat_map(|r| &r.backend_refs).collect();
         let mut errors = Errors::default();
         if refs.is_empty() {
             errors.0.push("no backendRefs".into());
@@ -509,7 +560,7 @@ impl Ctx<'_> {
             .enumerate()
             .filter_map(|(i, b)| {
                 errors.take(
-                    self.gateway_backend(b, &route.namespace)
+                    self.gateway_backend(b, namespace)
                         .map_err(|e| format!("backendRefs[{i}] {}: {e}", b.name)),
                 )
             })
@@ -626,6 +677,42 @@ pub(super) fn applies_to_port(route: &IstioTcpRoute, port: u16) -> bool {
             .any(|m| m.port.is_none_or(|p| p == u32::from(port)))
 }
 
+/// [`applies_to_port`] for a `tls` rule (one without matches is judged, and rejected).
+fn tls_applies_to_port(route: &IstioTlsRoute, port: u16) -> bool {
+    route.matches.is_empty()
+        || route
+            .matches
+            .iter()
+            .any(|m| m.port.is_none_or(|p| p == u32::from(port)))
+}
+
+/// A `tls` match: the L4 conditions of a `tcp` match, and the required server names.
+fn tls_match(
+    m: &TlsMatchAttributes,
+    vs_gateways: &[String],
+    vs_namespace: &str,
+) -> Result<Match, String> {
+    if m.sni_hosts.is_empty() {
+        return Err("sniHosts is required".into());
+    }
+    let sni_hosts = m
+        .sni_hosts
+        .iter()
+        .map(|h| HostPattern::parse(h, true).map_err(|e| format!("sniHosts: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let l4 = L4MatchAttributes {
+        destination_subnets: m.destination_subnets.clone(),
+        port: m.port,
+        source_labels: m.source_labels.clone(),
+        source_namespace: m.source_namespace.clone(),
+        gateways: m.gateways.clone(),
+    };
+    Ok(Match {
+        sni_hosts,
+        ..istio_match(&l4, vs_gateways, vs_namespace)?
+    })
+}
+
 fn istio_match(
     m: &L4MatchAttributes,
     vs_gateways: &[String],
@@ -666,5 +753,6 @@ fn istio_match(
         source_labels: m.source_labels.clone(),
         source_namespace: m.source_namespace.clone(),
         gateways,
+        sni_hosts: Vec::new(),
     })
 }

@@ -76,6 +76,7 @@ fn from(table: &RouteTable, pod: &str) -> String {
         ConnectionSource {
             pod: Some(&key),
             gateway: None,
+            sni: None,
         },
     ) {
         Target::Endpoint { pod, .. } => pod,
