@@ -6,6 +6,7 @@
 //! FSM document's TLS Passthrough Gateway (7.4.9) with one TLSRoute per name; in the mesh
 //! (both interception modes): a VirtualService `tls` rule per `sniHosts`. An unknown
 //! name, a client that speaks no TLS, a silent client, and a ClientHello sent in pieces.
+#[macro_use]
 mod common;
 
 use std::net::SocketAddr;
