@@ -112,16 +112,27 @@ def hello(addr, port, sni, ca, pieces=1):
         cn = cn_of(obj.getpeercert())
         obj.write(b"GET / HTTP/1.0\r\n\r\n")
         s.sendall(out.read())
-        page = b""
-        while True:
+        # Until the server's close_notify: s_server -www sends the page and its
+        # close_notify, then waits for the client to close before it closes. One recv
+        # may carry several records, and each read takes at most one: drain them all.
+        page, done = b"", False
+        while not done:
             got = s.recv(65536)
             if not got:
                 break
             inc.write(got)
-            try:
-                page += obj.read(65536)
-            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
-                pass
+            while True:
+                try:
+                    chunk = obj.read(65536)
+                except ssl.SSLWantReadError:
+                    break
+                except ssl.SSLZeroReturnError:
+                    done = True
+                    break
+                if not chunk:
+                    done = True
+                    break
+                page += chunk
         s.close()
         return {"ok": True, "cn": cn, "status": page.split(b"\r\n")[0].decode()}
     except Exception as e:
@@ -173,6 +184,74 @@ fn assert_reaches(result: &serde_json::Value, name: &str) {
             .contains("200"),
         "{result}"
     );
+}
+
+/// The two backends of `namespace`, each running `openssl s_server` with its own new
+/// certificate, and the certificates a client verifies them by.
+struct Backends {
+    a: Pod,
+    b: Pod,
+    ca_a: PathBuf,
+    ca_b: PathBuf,
+}
+
+impl Backends {
+    fn start(node: &mut Node, namespace: &str) -> Backends {
+        let certs = node.tb.state_dir().join("certs");
+        std::fs::create_dir_all(&certs).unwrap();
+        let backends = Backends {
+            ca_a: certificate(&certs, "a.example.com"),
+            ca_b: certificate(&certs, "b.example.com"),
+            a: node.pod(namespace, "backend-a"),
+            b: node.pod(namespace, "backend-b"),
+        };
+        s_server(node, &backends.a, &certs, "a.example.com");
+        s_server(node, &backends.b, &certs, "b.example.com");
+        backends
+    }
+
+    /// Waits until each backend completes a handshake with `client` dialling it directly.
+    fn wait_answering(&self, node: &Node, client: &Pod) {
+        for (pod, ca, name) in [
+            (&self.a, &self.ca_a, "a.example.com"),
+            (&self.b, &self.ca_b, "b.example.com"),
+        ] {
+            wait_for("the backends' s_server", || {
+                let direct = hello(node, client, &pod.ip.to_string(), BACKEND_PORT, name, ca);
+                (direct["ok"] == true).then_some(())
+            });
+        }
+    }
+}
+
+/// Dialling `addr:port` with a name no rule holds (`c.example.com`), or with bytes that
+/// are not TLS, is refused: reset, never forwarded, so the handshake fails.
+fn assert_refuses(node: &Node, client: &Pod, addr: &str, port: u16, ca: &Path) {
+    let unknown = hello(node, client, addr, port, "c.example.com", ca);
+    assert_eq!(unknown["ok"], false, "{unknown}");
+    let plain = run(
+        node,
+        client,
+        &format!("plain({addr:?}, {port}, b'hello\\n')"),
+    );
+    assert_eq!(plain["ended"], "reset", "{plain}");
+}
+
+/// `metrics` counts at least one refusal of `direction` for each of `reasons`.
+fn assert_refusals(metrics: &str, direction: &str, reasons: &[&str]) {
+    for reason in reasons {
+        assert!(
+            metric_in(
+                metrics,
+                "interceptor_proxy_tls_refused_total",
+                &[
+                    &format!("direction=\"{direction}\""),
+                    &format!("reason=\"{reason}\"")
+                ]
+            ) >= 1,
+            "{reason}: {metrics}"
+        );
+    }
 }
 
 fn backends_yaml(namespace: &str, with_status: Option<(&Pod, &Pod)>) -> String {
@@ -300,28 +379,17 @@ fn gateway_tls_passthrough_routes_by_server_name_and_refuses_the_rest() {
         &["--unknown-pod", "admit", "--unknown-pod-wait-ms", "0"],
         namespaces,
     );
-    let certs = node.tb.state_dir().join("certs");
-    std::fs::create_dir_all(&certs).unwrap();
-    let ca_a = certificate(&certs, "a.example.com");
-    let ca_b = certificate(&certs, "b.example.com");
-    let a = node.pod("httpbin", "backend-a");
-    let b = node.pod("httpbin", "backend-b");
-    s_server(&node, &a, &certs, "a.example.com");
-    s_server(&node, &b, &certs, "b.example.com");
+    let backends = Backends::start(&mut node, "httpbin");
     let gateway = node.pod("httpbin", "gateway");
     let client = node.pod("default", "client");
-    for (pod, ca, name) in [(&a, &ca_a, "a.example.com"), (&b, &ca_b, "b.example.com")] {
-        wait_for("the backends' s_server", || {
-            let direct = hello(&node, &client, &pod.ip.to_string(), BACKEND_PORT, name, ca);
-            (direct["ok"] == true).then_some(())
-        });
-    }
+    backends.wait_answering(&node, &client);
+    let Backends { a, b, ca_a, ca_b } = &backends;
 
     let dir = node.tb.state_dir().join("gateway-manifests");
     std::fs::create_dir_all(&dir).unwrap();
     let objects = format!(
         "{namespaces}{}{GATEWAY_ROUTES}",
-        backends_yaml("httpbin", Some((&a, &b)))
+        backends_yaml("httpbin", Some((a, b)))
     );
     std::fs::write(dir.join("objects.yaml"), objects).unwrap();
     let log = node.tb.state_dir().join("gateway.log");
@@ -371,11 +439,11 @@ fn gateway_tls_passthrough_routes_by_server_name_and_refuses_the_rest() {
 
     let gw = gateway.ip.to_string();
     assert_reaches(
-        &hello(&node, &client, &gw, 8000, "a.example.com", &ca_a),
+        &hello(&node, &client, &gw, 8000, "a.example.com", ca_a),
         "a.example.com",
     );
     assert_reaches(
-        &hello(&node, &client, &gw, 8000, "b.example.com", &ca_b),
+        &hello(&node, &client, &gw, 8000, "b.example.com", ca_b),
         "b.example.com",
     );
     // A ClientHello in six segments, 50 ms apart: peeked until complete, then forwarded.
@@ -389,27 +457,14 @@ fn gateway_tls_passthrough_routes_by_server_name_and_refuses_the_rest() {
     );
     assert_reaches(&pieces, "a.example.com");
 
-    // No route for the name: reset, never forwarded (the handshake fails).
-    let unknown = hello(&node, &client, &gw, 8000, "c.example.com", &ca_a);
-    assert_eq!(unknown["ok"], false, "{unknown}");
-    // Not TLS at all: reset at once.
-    let plain = run(&node, &client, &format!("plain({gw:?}, 8000, b'hello\\n')"));
-    assert_eq!(plain["ended"], "reset", "{plain}");
+    // No route for the name, or not TLS at all: reset at once, never forwarded.
+    assert_refuses(&node, &client, &gw, 8000, ca_a);
     // Silent: reset when the 1 s ClientHello timeout ends, well before the client's 5 s.
     let silent = run(&node, &client, &format!("plain({gw:?}, 8000, b'')"));
     assert_eq!(silent["ended"], "reset", "{silent}");
 
     let metrics = gateway_metrics(&node, &gateway);
-    for reason in ["no_route", "not_tls", "timeout"] {
-        assert!(
-            metric_in(
-                &metrics,
-                "interceptor_proxy_tls_refused_total",
-                &["direction=\"gateway\"", &format!("reason=\"{reason}\"")]
-            ) >= 1,
-            "{reason}: {metrics}"
-        );
-    }
+    assert_refusals(&metrics, "gateway", &["no_route", "not_tls", "timeout"]);
     assert!(
         metric_in(
             &metrics,
@@ -488,14 +543,7 @@ fn mesh_virtual_service_tls_routes_by_server_name(mode: Mode) {
         &mode.args(&["--client-hello-timeout", "1s"]),
         &manifests,
     );
-    let certs = node.tb.state_dir().join("certs");
-    std::fs::create_dir_all(&certs).unwrap();
-    let ca_a = certificate(&certs, "a.example.com");
-    let ca_b = certificate(&certs, "b.example.com");
-    let a = node.pod("default", "backend-a");
-    let b = node.pod("default", "backend-b");
-    s_server(&node, &a, &certs, "a.example.com");
-    s_server(&node, &b, &certs, "b.example.com");
+    let backends = Backends::start(&mut node, "default");
     let client = node.pod("default", "client");
     wait_for("the VirtualService in force", || {
         let dump = node.config_dump();
@@ -506,38 +554,21 @@ fn mesh_virtual_service_tls_routes_by_server_name(mode: Mode) {
             .then_some(())
     });
     // The backends answer (directly, through the proxy's passthrough) before routing.
-    for (pod, ca, name) in [(&a, &ca_a, "a.example.com"), (&b, &ca_b, "b.example.com")] {
-        wait_for("the backends' s_server", || {
-            let direct = hello(&node, &client, &pod.ip.to_string(), BACKEND_PORT, name, ca);
-            (direct["ok"] == true).then_some(())
-        });
-    }
+    backends.wait_answering(&node, &client);
 
     let svc = "10.96.2.10";
     assert_reaches(
-        &hello(&node, &client, svc, 443, "a.example.com", &ca_a),
+        &hello(&node, &client, svc, 443, "a.example.com", &backends.ca_a),
         "a.example.com",
     );
     assert_reaches(
-        &hello(&node, &client, svc, 443, "x.b.example.com", &ca_b),
+        &hello(&node, &client, svc, 443, "x.b.example.com", &backends.ca_b),
         "b.example.com",
     );
-    let unknown = hello(&node, &client, svc, 443, "c.example.com", &ca_a);
-    assert_eq!(unknown["ok"], false, "{unknown}");
-    let plain = run(&node, &client, &format!("plain({svc:?}, 443, b'hello\\n')"));
-    assert_eq!(plain["ended"], "reset", "{plain}");
+    assert_refuses(&node, &client, svc, 443, &backends.ca_a);
 
     let (_, metrics) = node.tb.admin_get("/metrics").expect("metrics");
-    for reason in ["no_route", "not_tls"] {
-        assert!(
-            metric_in(
-                &metrics,
-                "interceptor_proxy_tls_refused_total",
-                &["direction=\"outbound\"", &format!("reason=\"{reason}\"")]
-            ) >= 1,
-            "{reason}: {metrics}"
-        );
-    }
+    assert_refusals(&metrics, "outbound", &["no_route", "not_tls"]);
     assert!(
         metric_in(
             &metrics,
