@@ -277,9 +277,8 @@ fn backends_yaml(namespace: &str, with_status: Option<(&Pod, &Pod)>) -> String {
     yaml
 }
 
-/// The FSM document's Gateway, verbatim, and TLSRoutes in its shape: one per name, and a
-/// younger one claiming a held name.
-const GATEWAY_ROUTES: &str = r#"---
+/// The FSM document's Gateway, verbatim.
+const GATEWAY: &str = r#"---
 apiVersion: gateway.networking.k8s.io/v1beta1
 kind: Gateway
 metadata:
@@ -296,59 +295,35 @@ spec:
     allowedRoutes:
       namespaces:
         from: Same
----
-apiVersion: gateway.networking.k8s.io/v1alpha2
-kind: TLSRoute
-metadata:
-  name: tls-route-a
-  namespace: httpbin
-  creationTimestamp: "2024-01-01T00:00:00Z"
-spec:
-  parentRefs:
-  - name: simple-fsm-gateway
-    port: 8000
-  hostnames:
-  - a.example.com
-  rules:
-  - backendRefs:
-    - name: svc-a
-      port: 443
----
-apiVersion: gateway.networking.k8s.io/v1alpha2
-kind: TLSRoute
-metadata:
-  name: tls-route-b
-  namespace: httpbin
-  creationTimestamp: "2024-01-02T00:00:00Z"
-spec:
-  parentRefs:
-  - name: simple-fsm-gateway
-    port: 8000
-  hostnames:
-  - "*.b.example.com"
-  - b.example.com
-  rules:
-  - backendRefs:
-    - name: svc-b
-      port: 443
----
-apiVersion: gateway.networking.k8s.io/v1alpha2
-kind: TLSRoute
-metadata:
-  name: tls-route-late
-  namespace: httpbin
-  creationTimestamp: "2024-01-03T00:00:00Z"
-spec:
-  parentRefs:
-  - name: simple-fsm-gateway
-    port: 8000
-  hostnames:
-  - a.example.com
-  rules:
-  - backendRefs:
-    - name: svc-b
-      port: 443
 "#;
+
+/// A TLSRoute in the FSM document's shape, on the Gateway's port 8000, created on
+/// 2024-01-0`day`, taking `hostnames` to Service `backend`:443.
+fn tls_route(name: &str, day: u8, hostnames: &[&str], backend: &str) -> String {
+    let hostnames: String = hostnames.iter().map(|h| format!("  - {h:?}\n")).collect();
+    format!(
+        "---\napiVersion: gateway.networking.k8s.io/v1alpha2\nkind: TLSRoute\nmetadata:\n  \
+         name: {name}\n  namespace: httpbin\n  creationTimestamp: \"2024-01-0{day}T00:00:00Z\"\n\
+         spec:\n  parentRefs:\n  - name: simple-fsm-gateway\n    port: 8000\n  hostnames:\n\
+         {hostnames}  rules:\n  - backendRefs:\n    - name: {backend}\n      port: 443\n"
+    )
+}
+
+/// The Gateway and its TLSRoutes: one per name, and a younger one claiming a held name.
+fn gateway_routes() -> String {
+    [
+        GATEWAY.to_owned(),
+        tls_route("tls-route-a", 1, &["a.example.com"], "svc-a"),
+        tls_route(
+            "tls-route-b",
+            2,
+            &["*.b.example.com", "b.example.com"],
+            "svc-b",
+        ),
+        tls_route("tls-route-late", 3, &["a.example.com"], "svc-b"),
+    ]
+    .concat()
+}
 
 fn gateway_dump(node: &Node, gateway: &Pod) -> Option<serde_json::Value> {
     let addr: SocketAddr = GATEWAY_ADMIN.parse().ok()?;
@@ -388,8 +363,9 @@ fn gateway_tls_passthrough_routes_by_server_name_and_refuses_the_rest() {
     let dir = node.tb.state_dir().join("gateway-manifests");
     std::fs::create_dir_all(&dir).unwrap();
     let objects = format!(
-        "{namespaces}{}{GATEWAY_ROUTES}",
-        backends_yaml("httpbin", Some((a, b)))
+        "{namespaces}{}{}",
+        backends_yaml("httpbin", Some((a, b))),
+        gateway_routes()
     );
     std::fs::write(dir.join("objects.yaml"), objects).unwrap();
     let log = node.tb.state_dir().join("gateway.log");

@@ -184,38 +184,38 @@ pub struct VirtualServiceSpec {
     pub tls: Vec<IstioTlsRoute>,
 }
 
+/// A VirtualService `tcp` or `tls` rule: the matches of its kind and where it routes.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
-pub struct IstioTlsRoute {
-    /// ORed; required (each entry names `sniHosts`).
+pub struct IstioL4Route<M> {
+    /// ORed. `tcp`: an empty list matches every connection; `tls`: required (each entry
+    /// names `sniHosts`).
     #[serde(rename = "match")]
-    pub matches: Vec<TlsMatchAttributes>,
+    pub matches: Vec<M>,
     pub route: Vec<RouteDestination>,
 }
 
-/// One `tls` `match` entry: every field set must hold.
+pub type IstioTcpRoute = IstioL4Route<L4MatchAttributes>;
+pub type IstioTlsRoute = IstioL4Route<TlsMatchAttributes>;
+
+/// One `tls` `match` entry: a `tcp` match's attributes and the server names; every
+/// field set must hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct TlsMatchAttributes {
     /// Required: the server names (exact, or `*.` wildcards) the ClientHello may carry.
     pub sni_hosts: Vec<String>,
-    pub destination_subnets: Vec<String>,
-    pub port: Option<u32>,
-    pub source_labels: BTreeMap<String, String>,
-    pub source_namespace: Option<String>,
-    pub gateways: Vec<String>,
+    #[serde(flatten)]
+    pub l4: L4MatchAttributes,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
-pub struct IstioTcpRoute {
-    /// ORed; an empty list matches every connection.
-    #[serde(rename = "match")]
-    pub matches: Vec<L4MatchAttributes>,
-    pub route: Vec<RouteDestination>,
+impl AsRef<L4MatchAttributes> for TlsMatchAttributes {
+    fn as_ref(&self) -> &L4MatchAttributes {
+        &self.l4
+    }
 }
 
-/// One `match` entry: every field set must hold.
+/// One `tcp` `match` entry: every field set must hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct L4MatchAttributes {
@@ -224,6 +224,12 @@ pub struct L4MatchAttributes {
     pub source_labels: BTreeMap<String, String>,
     pub source_namespace: Option<String>,
     pub gateways: Vec<String>,
+}
+
+impl AsRef<L4MatchAttributes> for L4MatchAttributes {
+    fn as_ref(&self) -> &L4MatchAttributes {
+        self
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

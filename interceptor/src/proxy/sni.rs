@@ -209,50 +209,66 @@ fn client_hello_body(body: &[u8]) -> Result<Option<String>, ClientHelloError> {
         // A hello without extensions (TLS 1.2 and older allow it): no server name.
         return Ok(None);
     }
-    let mut extensions = Reader(r.vec16("truncated extensions")?);
+    let extensions = Reader(r.vec16("truncated extensions")?);
     if !r.0.is_empty() {
         return Err(ClientHelloError::Malformed(
             "bytes after the extensions of the ClientHello",
         ));
     }
-    let mut sni = None;
-    while !extensions.0.is_empty() {
-        let kind = extensions.u16("truncated extension type")?;
-        let data = extensions.vec16("truncated extension data")?;
-        if kind != SERVER_NAME {
+    only_entry(
+        extensions,
+        |r| r.u16("truncated extension type"),
+        SERVER_NAME,
+        "truncated extension data",
+        "two server_name extensions",
+    )?
+    .map(server_name)
+    .transpose()
+}
+
+/// The data of the one entry of `list` of type `wanted`, if any: each entry is its type
+/// (read by `kind`) and its data (a `vec16`, `truncated` when cut short); a second entry of
+/// that type is an error, `twice`.
+fn only_entry<'a, T: PartialEq>(
+    mut list: Reader<'a>,
+    kind: impl Fn(&mut Reader<'a>) -> Result<T, ClientHelloError>,
+    wanted: T,
+    truncated: &'static str,
+    twice: &'static str,
+) -> Result<Option<&'a [u8]>, ClientHelloError> {
+    let mut found = None;
+    while !list.0.is_empty() {
+        let entry = kind(&mut list)?;
+        let data = list.vec16(truncated)?;
+        if entry != wanted {
             continue;
         }
-        if sni.is_some() {
-            return Err(ClientHelloError::Malformed("two server_name extensions"));
+        if found.is_some() {
+            return Err(ClientHelloError::Malformed(twice));
         }
-        sni = Some(server_name(data)?);
+        found = Some(data);
     }
-    Ok(sni)
+    Ok(found)
 }
 
 /// The `host_name` of a `server_name` extension's data.
 fn server_name(data: &[u8]) -> Result<String, ClientHelloError> {
     let mut outer = Reader(data);
-    let mut list = Reader(outer.vec16("truncated server_name_list")?);
+    let list = Reader(outer.vec16("truncated server_name_list")?);
     if !outer.0.is_empty() {
         return Err(ClientHelloError::Malformed(
             "bytes after the server_name_list",
         ));
     }
-    let mut host = None;
-    while !list.0.is_empty() {
-        let kind = list.u8("truncated server name type")?;
-        let name = list.vec16("truncated server name")?;
-        if kind != HOST_NAME {
-            continue;
-        }
-        if host.is_some() {
-            // RFC 6066: at most one name of a type.
-            return Err(ClientHelloError::Malformed("two host_name entries"));
-        }
-        host = Some(name);
-    }
-    let name = host.ok_or(ClientHelloError::Malformed(
+    // RFC 6066: at most one name of a type.
+    let name = only_entry(
+        list,
+        |r| r.u8("truncated server name type"),
+        HOST_NAME,
+        "truncated server name",
+        "two host_name entries",
+    )?
+    .ok_or(ClientHelloError::Malformed(
         "server_name without a host_name",
     ))?;
     if !is_dns_name(name) {

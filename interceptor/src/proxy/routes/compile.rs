@@ -16,8 +16,9 @@ use super::settings::PortKey;
 use super::split::{istio_weights, Split};
 use super::{Backend, Match, Policy, Rule, ServiceRoute, UpstreamSettings, MESH_GATEWAY};
 use crate::model::routing::{
-    BackendRef, Destination, IstioTcpRoute, IstioTlsRoute, L4MatchAttributes, RouteDestination,
-    Routed, TcpRouteRule, TcpRouteSpec, TlsMatchAttributes, TrafficSplitSpec, VirtualServiceSpec,
+    BackendRef, Destination, IstioL4Route, IstioTcpRoute, IstioTlsRoute, L4MatchAttributes,
+    RouteDestination, Routed, TcpRouteRule, TcpRouteSpec, TlsMatchAttributes, TrafficSplitSpec,
+    VirtualServiceSpec,
 };
 use crate::model::{Model, PodKey, Service, ServiceKey, ServicePort};
 
@@ -328,7 +329,7 @@ impl Ctx<'_> {
                     .tls
                     .iter()
                     .enumerate()
-                    .filter(|(_, route)| tls_applies_to_port(route, sp.port))
+                    .filter(|(_, route)| applies_to_port(route, sp.port))
                     .filter_map(|(i, route)| {
                         errors.take(self.istio_tls_rule(vs, i, route, &gateways, sp.port))
                     })
@@ -369,21 +370,8 @@ impl Ctx<'_> {
         vs_gateways: &[String],
         dialled: u16,
     ) -> Result<Rule, String> {
-        let at = |e: String| format!("tcp[{index}]: {e}");
-        let matches = route
-            .matches
-            .iter()
-            .enumerate()
-            .map(|(j, m)| {
-                istio_match(m, vs_gateways, &vs.namespace)
-                    .map_err(|e| at(format!("match[{j}]: {e}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Rule {
-            matches,
-            split: self
-                .istio_split(&route.route, &vs.namespace, dialled)
-                .map_err(at)?,
+        self.istio_l4_rule(vs, "tcp", index, route, dialled, |m| {
+            istio_match(m, vs_gateways, &vs.namespace)
         })
     }
 
@@ -397,17 +385,30 @@ impl Ctx<'_> {
         vs_gateways: &[String],
         dialled: u16,
     ) -> Result<Rule, String> {
-        let at = |e: String| format!("tls[{index}]: {e}");
         if route.matches.is_empty() {
-            return Err(at("match is required (with sniHosts)".into()));
+            return Err(format!("tls[{index}]: match is required (with sniHosts)"));
         }
+        self.istio_l4_rule(vs, "tls", index, route, dialled, |m| {
+            tls_match(m, vs_gateways, &vs.namespace)
+        })
+    }
+
+    /// Rule `kind[index]` of `vs`, its matches compiled by `compile`.
+    fn istio_l4_rule<M>(
+        &self,
+        vs: &Routed<VirtualServiceSpec>,
+        kind: &str,
+        index: usize,
+        route: &IstioL4Route<M>,
+        dialled: u16,
+        compile: impl Fn(&M) -> Result<Match, String>,
+    ) -> Result<Rule, String> {
+        let at = |e: String| format!("{kind}[{index}]: {e}");
         let matches = route
             .matches
             .iter()
             .enumerate()
-            .map(|(j, m)| {
-                tls_match(m, vs_gateways, &vs.namespace).map_err(|e| at(format!("match[{j}]: {e}")))
-            })
+            .map(|(j, m)| compile(m).map_err(|e| at(format!("match[{j}]: {e}"))))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Rule {
             matches,
@@ -668,22 +669,17 @@ pub(super) fn qualify_gateway(gateway: &str, vs_namespace: &str) -> String {
 }
 
 /// Whether any match of `route` can hold for connections on `port` (a rule whose every
-/// match names another port is not compiled for this one).
-pub(super) fn applies_to_port(route: &IstioTcpRoute, port: u16) -> bool {
+/// match names another port is not compiled for this one; a `tls` rule without matches is
+/// judged, and rejected).
+pub(super) fn applies_to_port<M: AsRef<L4MatchAttributes>>(
+    route: &IstioL4Route<M>,
+    port: u16,
+) -> bool {
     route.matches.is_empty()
         || route
             .matches
             .iter()
-            .any(|m| m.port.is_none_or(|p| p == u32::from(port)))
-}
-
-/// [`applies_to_port`] for a `tls` rule (one without matches is judged, and rejected).
-fn tls_applies_to_port(route: &IstioTlsRoute, port: u16) -> bool {
-    route.matches.is_empty()
-        || route
-            .matches
-            .iter()
-            .any(|m| m.port.is_none_or(|p| p == u32::from(port)))
+            .any(|m| m.as_ref().port.is_none_or(|p| p == u32::from(port)))
 }
 
 /// A `tls` match: the L4 conditions of a `tcp` match, and the required server names.
@@ -700,16 +696,9 @@ fn tls_match(
         .iter()
         .map(|h| HostPattern::parse(h, true).map_err(|e| format!("sniHosts: {e}")))
         .collect::<Result<Vec<_>, _>>()?;
-    let l4 = L4MatchAttributes {
-        destination_subnets: m.destination_subnets.clone(),
-        port: m.port,
-        source_labels: m.source_labels.clone(),
-        source_namespace: m.source_namespace.clone(),
-        gateways: m.gateways.clone(),
-    };
     Ok(Match {
         sni_hosts,
-        ..istio_match(&l4, vs_gateways, vs_namespace)?
+        ..istio_match(&m.l4, vs_gateways, vs_namespace)?
     })
 }
 

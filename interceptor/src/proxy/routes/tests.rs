@@ -58,8 +58,12 @@ spec:
 const ECHO: SocketAddrV4 = SocketAddrV4::new(std::net::Ipv4Addr::new(10, 96, 0, 20), 19000);
 
 fn table(extra: &str) -> RouteTable {
-    let text = format!("{BASE}---\n{extra}");
-    let model = load_str(std::path::Path::new("t.yaml"), &text).expect("manifests");
+    table_of(&format!("{BASE}---\n{extra}"))
+}
+
+/// The mesh's route table (endpoints known, no SMI) of the manifests `text`.
+pub(super) fn table_of(text: &str) -> RouteTable {
+    let model = load_str(std::path::Path::new("t.yaml"), text).expect("manifests");
     RouteTable::build(
         &model,
         &HashMap::new(),

@@ -1,7 +1,6 @@
 //! TLS passthrough routing from manifests: a Gateway's TLS listener with TLSRoutes
 //! (precedence, conflicts, listeners that refuse them) and a mesh VirtualService's `tls`
 //! rules.
-use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use super::*;
@@ -285,14 +284,7 @@ fn mesh_table(vs: &str) -> RouteTable {
          spec: {{containers: [{{name: c, image: x}}]}}\nstatus: {{podIP: 10.244.0.99}}\n",
         backends()
     );
-    let model = load_str(std::path::Path::new("vs.yaml"), &text).expect("manifests");
-    RouteTable::build(
-        &model,
-        &HashMap::new(),
-        HashSet::new(),
-        true,
-        &mut LastValid::default(),
-    )
+    super::tests::table_of(&text)
 }
 
 const SVC_ANY: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 1, 12), 443);
