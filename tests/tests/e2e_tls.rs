@@ -11,7 +11,7 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{metric_in, python_in_pod, wait_for, Mode, Node};
@@ -47,7 +47,7 @@ fn certificate(dir: &Path, name: &str) -> PathBuf {
 }
 
 /// `openssl s_server` for `name` in `pod`, answering each connection with its status page.
-fn s_server(node: &Node, pod: &Pod, dir: &Path, name: &str) {
+fn s_server(node: &Node, pod: &Pod, dir: &Path, name: &str) -> Child {
     let mut cmd = Command::new("openssl");
     cmd.args([
         "s_server",
@@ -63,8 +63,7 @@ fn s_server(node: &Node, pod: &Pod, dir: &Path, name: &str) {
     .stdin(Stdio::null())
     .stdout(Stdio::null())
     .stderr(Stdio::null());
-    // Killed with the testbed.
-    node.tb.spawn_in_pod(pod, cmd).expect("openssl s_server");
+    node.tb.spawn_in_pod(pod, cmd).expect("openssl s_server")
 }
 
 /// The client's helpers: `hello(addr, port, sni, ca, pieces)` completes a handshake with
@@ -193,21 +192,38 @@ struct Backends {
     b: Pod,
     ca_a: PathBuf,
     ca_b: PathBuf,
+    /// The `s_server` processes, ended when the backends go (or with the testbed).
+    servers: Vec<Child>,
+}
+
+impl Drop for Backends {
+    fn drop(&mut self) {
+        for server in &mut self.servers {
+            let _ = server.kill();
+            let _ = server.wait();
+        }
+    }
 }
 
 impl Backends {
     fn start(node: &mut Node, namespace: &str) -> Backends {
         let certs = node.tb.state_dir().join("certs");
         std::fs::create_dir_all(&certs).unwrap();
-        let backends = Backends {
-            ca_a: certificate(&certs, "a.example.com"),
-            ca_b: certificate(&certs, "b.example.com"),
-            a: node.pod(namespace, "backend-a"),
-            b: node.pod(namespace, "backend-b"),
-        };
-        s_server(node, &backends.a, &certs, "a.example.com");
-        s_server(node, &backends.b, &certs, "b.example.com");
-        backends
+        let ca_a = certificate(&certs, "a.example.com");
+        let ca_b = certificate(&certs, "b.example.com");
+        let a = node.pod(namespace, "backend-a");
+        let b = node.pod(namespace, "backend-b");
+        let servers = vec![
+            s_server(node, &a, &certs, "a.example.com"),
+            s_server(node, &b, &certs, "b.example.com"),
+        ];
+        Backends {
+            a,
+            b,
+            ca_a,
+            ca_b,
+            servers,
+        }
     }
 
     /// Waits until each backend completes a handshake with `client` dialling it directly.
@@ -358,7 +374,9 @@ fn gateway_tls_passthrough_routes_by_server_name_and_refuses_the_rest() {
     let gateway = node.pod("httpbin", "gateway");
     let client = node.pod("default", "client");
     backends.wait_answering(&node, &client);
-    let Backends { a, b, ca_a, ca_b } = &backends;
+    let Backends {
+        a, b, ca_a, ca_b, ..
+    } = &backends;
 
     let dir = node.tb.state_dir().join("gateway-manifests");
     std::fs::create_dir_all(&dir).unwrap();

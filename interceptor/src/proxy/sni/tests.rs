@@ -200,7 +200,7 @@ fn garbage_never_panics() {
         x ^= x << 17;
         let len = (x % 300) as usize;
         let mut data: Vec<u8> = (0..len).map(|i| (x >> (i % 56)) as u8).collect();
-        if x % 3 == 0 && data.len() > 2 {
+        if x.is_multiple_of(3) && data.len() > 2 {
             data[0] = HANDSHAKE;
             data[1] = 3;
         }
