@@ -37,6 +37,22 @@ pub const NODE_PROBE_SOURCE: core::net::Ipv4Addr = core::net::Ipv4Addr::new(169,
 /// Socket mark carried by every socket the proxy opens upstream; the programs never
 /// redirect a socket with this mark, which is what keeps the proxy out of its own loop.
 pub const PROXY_MARK: u32 = 0x1500;
+/// Socket mark of the inbound proxy's transparent sockets to the application (bound to
+/// the client's address, `IP_TRANSPARENT`). It differs from [`PROXY_MARK`] only in the
+/// lowest bit, so everything that skips the proxy's sockets matches both with
+/// [`PROXY_MARK_MASK`] (iptables: `--mark 0x1500/0xfffffffe`); the pod's policy route
+/// sends the application's replies, which take this mark (`tcp_fwmark_accept`), back to
+/// the proxy.
+pub const TRANSPARENT_MARK: u32 = 0x1501;
+/// The bits of a socket mark that say "the proxy's": [`PROXY_MARK`] and
+/// [`TRANSPARENT_MARK`] agree on them.
+pub const PROXY_MARK_MASK: u32 = 0xffff_fffe;
+
+/// Whether a socket mark is one of the proxy's ([`PROXY_MARK`] or [`TRANSPARENT_MARK`]).
+#[inline(always)]
+pub const fn is_proxy_mark(mark: u32) -> bool {
+    mark & PROXY_MARK_MASK == PROXY_MARK
+}
 /// UID the proxy may run as (FSM convention); reserved for the iptables fallback.
 pub const PROXY_UID: u32 = 1500;
 
@@ -501,6 +517,15 @@ mod tests {
         assert_eq!(size_of::<FlowKey6>(), 36);
         assert_eq!(size_of::<InboundKey6>(), 36);
         assert_eq!(size_of::<CidrKey6>(), 24);
+    }
+
+    #[test]
+    fn both_proxy_marks_and_nothing_else_are_the_proxys() {
+        assert!(is_proxy_mark(PROXY_MARK));
+        assert!(is_proxy_mark(TRANSPARENT_MARK));
+        for other in [0, 1, 0x1502, 0x1400, 0x11500, 0x1500 | 0x8000_0000] {
+            assert!(!is_proxy_mark(other), "{other:#x}");
+        }
     }
 
     fn words(octets: [u8; 16]) -> Ipv6 {

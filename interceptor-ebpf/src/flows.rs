@@ -21,8 +21,8 @@ use aya_ebpf::{
 };
 use core::ptr::read_volatile;
 use interceptor_common::{
-    counters, counters6, inbound_state, v4_mapped, FlowKey, FlowKey6, InboundKey, InboundKey6,
-    Ipv6, INBOUND_PORT, PROXY_MARK,
+    counters, counters6, inbound_state, is_proxy_mark, v4_mapped, FlowKey, FlowKey6, InboundKey,
+    InboundKey6, Ipv6, INBOUND_PORT,
 };
 
 use crate::maps::{
@@ -287,13 +287,13 @@ fn add_local_pair(ctx: &SockOpsContext) {
     }
 }
 
-/// Whether this socket carries the proxy's mark (its upstream sockets do).
+/// Whether this socket carries one of the proxy's marks (its upstream sockets do).
 #[inline(always)]
 fn is_proxy_socket(ctx: &SockOpsContext) -> bool {
     // SAFETY: ctx.ops is valid; sk may be NULL for request sockets, checked before use.
     unsafe {
         let sk = (*ctx.ops).__bindgen_anon_2.sk;
-        !sk.is_null() && (*sk).mark == PROXY_MARK
+        !sk.is_null() && is_proxy_mark((*sk).mark)
     }
 }
 

@@ -15,9 +15,9 @@ use aya_ebpf::{
 };
 use core::ptr::{read_volatile, write_volatile};
 use interceptor_common::{
-    counters, counters6, ipv6_local_only, to_v4_mapped, v4_mapped, FlowKey, FlowKey6, Ipv6,
-    OrigDst, OrigDst6, PendingConnect, PendingConnect6, INBOUND_PORT, NETNS_PROBE_IPV4,
-    NETNS_PROBE_PORT, OUTBOUND_PORT, PROXY_MARK,
+    counters, counters6, ipv6_local_only, is_proxy_mark, to_v4_mapped, v4_mapped, FlowKey,
+    FlowKey6, Ipv6, OrigDst, OrigDst6, PendingConnect, PendingConnect6, INBOUND_PORT,
+    NETNS_PROBE_IPV4, NETNS_PROBE_PORT, OUTBOUND_PORT,
 };
 
 use crate::maps::{
@@ -132,9 +132,10 @@ fn redirect_connect4(ctx: &SockAddrContext) -> Verdict {
 fn decide4(sk: *mut bpf_sock, netns: u64, dst_ip: u32, dst_port_be: u16) -> Option<(u32, u16)> {
     // SAFETY: sk is a valid PTR_TO_SOCKET for sock_addr programs.
     let mark = unsafe { (*(sk as *const bpf_sock)).mark };
-    Some(if mark == PROXY_MARK {
+    Some(if is_proxy_mark(mark) {
         // The proxy dialling a pod on this node: hand it to that pod's inbound listener,
-        // unless it is the inbound proxy reaching the application in its own pod.
+        // unless it is the inbound proxy reaching the application in its own pod (its
+        // transparent sockets, TRANSPARENT_MARK, only ever do that).
         match local_pod(dst_ip) {
             Some(owner)
                 if owner != netns && !inbound_port_excluded(owner, u16::from_be(dst_port_be)) =>
@@ -307,7 +308,7 @@ fn decide6(sk: *mut bpf_sock, netns: u64, dst: &Ipv6, dst_port_be: u16) -> Optio
     // SAFETY: sk is a valid PTR_TO_SOCKET for sock_addr programs.
     let mark = unsafe { (*(sk as *const bpf_sock)).mark };
     let port = u16::from_be(dst_port_be);
-    if mark == PROXY_MARK {
+    if is_proxy_mark(mark) {
         return match local_pod6(dst) {
             Some(owner) if owner != netns && !inbound_port_excluded(owner, port) => {
                 Some((*dst, INBOUND_PORT))

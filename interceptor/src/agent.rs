@@ -2,7 +2,7 @@
 //! routing snapshot, and the enrollment logic the CNI server calls into; pods that ran
 //! before the agent (no CNI ADD) are found in `/proc` and enrolled the same way.
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use crate::datapath::{Datapath, DatapathError, PodDatapath};
 use crate::inpod::discover::{FoundNetns, ProcScanner};
 use crate::inpod::{InPodSockets, PodNetns};
-use crate::model::{Model, PodKey};
+use crate::model::{Model, PodAddrs, PodKey};
 use crate::proxy::listener::{self, ListenerContext};
 use crate::proxy::routes::LastValid;
 use crate::proxy::socket::{HostSockets, SocketFactory};
@@ -312,9 +312,9 @@ impl Agent {
         if !ipv6 {
             tracing::info!("IPv6 is off on this node: pods are intercepted over IPv4 only");
         } else if !datapath.supports_ipv6() {
-            tracing::info!(
+            tracing::warn!(
                 mode = datapath.mode(),
-                "IPv6 is not intercepted in this mode: dual-stack pods' IPv6 goes direct"
+                "IPv6 cannot be intercepted in this mode: pods with an IPv6 address are refused"
             );
         }
         let agent = Arc::new_cyclic(|me| Self {
@@ -425,6 +425,11 @@ impl Agent {
         read(&self.routes).service_ports()
     }
 
+    /// Every Service VIP:port (IPv4 and IPv6) with its policy and endpoints.
+    pub fn service_routes(&self) -> Vec<crate::proxy::routes::ServiceRouteView> {
+        read(&self.routes).service_routes()
+    }
+
     /// Whether each routing object is in force, and why not.
     pub fn route_statuses(&self) -> Vec<crate::proxy::RouteStatus> {
         read(&self.routes).statuses().to_vec()
@@ -436,18 +441,20 @@ impl Agent {
     /// policies (SMI access, rate limits) as a client from the node's address.
     fn check_targets(&self) -> Vec<crate::proxy::upstream::CheckTarget> {
         let table = read(&self.routes).clone();
-        let local: HashMap<Ipv4Addr, Arc<PodNetns>> = lock(&self.pods)
+        let local: HashMap<IpAddr, Arc<PodNetns>> = lock(&self.pods)
             .values()
-            .filter_map(|entry| {
-                let enrolled = entry.enrolled.as_ref()?;
-                Some((entry.ipv4?, Arc::clone(&enrolled.netns)))
+            .filter_map(|entry| Some((entry, entry.enrolled.as_ref()?)))
+            .flat_map(|(entry, enrolled)| {
+                let ips = entry.ipv4.map(IpAddr::V4).into_iter();
+                ips.chain(entry.ipv6.map(IpAddr::V6))
+                    .map(|ip| (ip, Arc::clone(&enrolled.netns)))
             })
             .collect();
         table
             .checked_endpoints()
             .iter()
             .filter_map(|c| {
-                let sockets: Arc<dyn SocketFactory> = match local.get(c.addr.ip()) {
+                let sockets: Arc<dyn SocketFactory> = match local.get(&c.addr.ip()) {
                     Some(netns) => Arc::new(InPodSockets::new(Arc::clone(netns))),
                     None if !c.in_mesh => Arc::new(HostSockets),
                     None => return None,
@@ -499,11 +506,18 @@ impl Agent {
 
     fn rebuild_routes(&self) {
         let mut last_valid = lock(&self.rebuild);
-        let (pod_ips, enrolled): (HashMap<PodKey, Ipv4Addr>, HashSet<Ipv4Addr>) = {
+        let (pod_ips, enrolled): (HashMap<PodKey, PodAddrs>, HashSet<Ipv4Addr>) = {
             let pods = lock(&self.pods);
             let ips = pods
                 .iter()
-                .filter_map(|(key, entry)| entry.ipv4.map(|ip| (key.clone(), ip)))
+                .map(|(key, entry)| {
+                    let addrs = PodAddrs {
+                        v4: entry.ipv4,
+                        v6: entry.ipv6,
+                    };
+                    (key.clone(), addrs)
+                })
+                .filter(|(_, addrs)| addrs.iter().next().is_some())
                 .collect();
             let enrolled = pods
                 .values()
@@ -714,16 +728,28 @@ impl Agent {
         ifname: &str,
         expect_cookie: Option<u64>,
     ) -> Result<EnrolledPod, CniFailure> {
-        // IPv6 only where the node has it, the mode intercepts it, and the address is one
-        // a flow can be steered to (not link-local, which stays inside the link anyway).
+        // IPv6 only where the node has it and the address is one a flow can be steered
+        // to (not link-local, which stays inside the link anyway).
         let ipv6 = ipv6.filter(|ip6| {
             self.ipv6
-                && self.datapath.supports_ipv6()
                 && !(ip6.is_loopback()
                     || ip6.is_unspecified()
                     || ip6.is_multicast()
                     || ip6.is_unicast_link_local())
         });
+        // A mesh fails closed: a pod whose IPv6 this mode cannot intercept (iptables
+        // mode without the ip6tables tools) is refused, not enrolled half.
+        if let Some(ip6) = ipv6.filter(|_| !self.datapath.supports_ipv6()) {
+            return Err(CniFailure::new(
+                codes::INVALID_ENVIRONMENT,
+                format!(
+                    "enrolling pod {key}: its IPv6 address {ip6} cannot be intercepted in {} \
+                     mode on this node (no ip6tables tools); refused rather than let its \
+                     IPv6 traffic go around the mesh",
+                    self.datapath.mode()
+                ),
+            ));
+        }
         let io_failure = |what: &str, e: &dyn std::fmt::Display| {
             CniFailure::new(
                 codes::IO_FAILURE,
@@ -821,7 +847,7 @@ impl Agent {
             }
         }
         let leave = watch::Sender::new(false);
-        let serve = |listener, direction| {
+        let serve = |listener, direction, ipv6| {
             let ctx = ListenerContext {
                 pod: key.clone(),
                 direction,
@@ -835,17 +861,18 @@ impl Agent {
                 leaving: leave.subscribe(),
                 accepting: self.accepting.subscribe(),
                 pod_ip: ip,
+                preserve_client_ip: self.datapath.preserves_client_ip(cookie, ipv6),
                 routes_published: self.routes_published.subscribe(),
             };
             tokio::spawn(listener::serve(listener, ctx))
         };
         let mut listeners = vec![
-            serve(outbound, Direction::Outbound),
-            serve(inbound, Direction::Inbound),
+            serve(outbound, Direction::Outbound, false),
+            serve(inbound, Direction::Inbound, false),
         ];
         if let Some((outbound6, inbound6)) = listeners6 {
-            listeners.push(serve(outbound6, Direction::Outbound));
-            listeners.push(serve(inbound6, Direction::Inbound));
+            listeners.push(serve(outbound6, Direction::Outbound, true));
+            listeners.push(serve(inbound6, Direction::Inbound, true));
         }
         Ok(EnrolledPod {
             netns,

@@ -99,6 +99,12 @@ fn remove_pod_chains(pods_file: &Path) -> anyhow::Result<Vec<String>> {
                 netns.display()
             ));
         }
+        crate::datapath::client_addr::remove_from_netns(netns).with_context(|| {
+            format!(
+                "removing the return route of pod {}/{}",
+                sandbox.pod_namespace, sandbox.pod_name
+            )
+        })?;
         // eBPF mode below TCX (6.6): the tc programs are netlink filters on the pod's
         // interfaces, which outlive the agent like its pinned links do.
         let filters =

@@ -22,8 +22,10 @@
 //! - An unknown field is a warning (with a hint when it differs from a known name only
 //!   in case), and is ignored.
 //!
-//! CIDRs are IPv4 (`10.0.0.0/8`; a bare address means `/32`; host bits are cleared with
-//! a warning); IPv6 ranges are skipped with a warning, since the agent intercepts IPv4.
+//! CIDRs are IPv4 or IPv6 (`10.0.0.0/8`, `fd00::/8`; a bare address means one host;
+//! host bits are cleared with a warning), each applied to its own family: an IPv6 range
+//! never touches IPv4 traffic. An inclusion list names the ranges of both families that
+//! are redirected, so one of IPv4 ranges alone redirects no IPv6 destination.
 //! Ports are integers 1-65535 (a quoted number is taken as one).
 //!
 //! With `--source kube` the same settings also come from FSM's `MeshConfig` object
@@ -39,12 +41,12 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 use serde::{Serialize, Serializer};
 use serde_yaml::{Mapping, Value};
 use tokio::sync::watch;
@@ -81,7 +83,7 @@ pub struct MeshConfig {
         rename = "outboundIPRangeExclusionList",
         serialize_with = "serialize_nets"
     )]
-    pub outbound_ip_range_exclusion_list: Vec<Ipv4Net>,
+    pub outbound_ip_range_exclusion_list: Vec<IpNet>,
     /// `None`: every destination is redirected (the list is empty or absent).
     /// `Some(nets)`: only destinations in `nets` are; `Some` of an empty list (every
     /// configured entry was invalid) redirects none.
@@ -89,7 +91,7 @@ pub struct MeshConfig {
         rename = "outboundIPRangeInclusionList",
         serialize_with = "serialize_inclusion"
     )]
-    pub outbound_ip_range_inclusion_list: Option<Vec<Ipv4Net>>,
+    pub outbound_ip_range_inclusion_list: Option<Vec<IpNet>>,
     /// Destination ports whose outbound traffic is never redirected.
     #[serde(rename = "outboundPortExclusionList")]
     pub outbound_port_exclusion_list: Vec<u16>,
@@ -115,20 +117,17 @@ impl MeshConfig {
     }
 }
 
-fn serialize_nets<S: Serializer>(nets: &[Ipv4Net], s: S) -> Result<S::Ok, S::Error> {
+fn serialize_nets<S: Serializer>(nets: &[IpNet], s: S) -> Result<S::Ok, S::Error> {
     s.collect_seq(nets.iter().map(ToString::to_string))
 }
 
-fn serialize_inclusion<S: Serializer>(
-    nets: &Option<Vec<Ipv4Net>>,
-    s: S,
-) -> Result<S::Ok, S::Error> {
+fn serialize_inclusion<S: Serializer>(nets: &Option<Vec<IpNet>>, s: S) -> Result<S::Ok, S::Error> {
     serialize_nets(nets.as_deref().unwrap_or_default(), s)
 }
 
 impl MeshConfig {
     /// Whether outbound traffic to `ip:port` is to be redirected by the global lists.
-    pub fn intercepts_outbound(&self, ip: Ipv4Addr, port: u16) -> bool {
+    pub fn intercepts_outbound(&self, ip: IpAddr, port: u16) -> bool {
         !self.outbound_port_exclusion_list.contains(&port)
             && !self
                 .outbound_ip_range_exclusion_list
@@ -286,13 +285,13 @@ fn list(key: &str, value: Value) -> Result<Vec<Value>, String> {
     }
 }
 
-/// Why an entry of a list of ranges is not one at all (as opposed to an IPv6 range).
-const NOT_A_CIDR: &str = "not an IPv4 CIDR such as 10.0.0.0/8";
+/// Why an entry of a list of ranges is not one.
+const NOT_A_CIDR: &str = "not a CIDR such as 10.0.0.0/8 or fd00::/8";
 /// Why an entry of a list of ports is not one.
 const NOT_A_PORT: &str = "not a port number (1-65535)";
 
-fn nets(key: &str, entries: Vec<Value>, warnings: &mut Vec<String>) -> Vec<Ipv4Net> {
-    let mut out: Vec<Ipv4Net> = Vec::new();
+fn nets(key: &str, entries: Vec<Value>, warnings: &mut Vec<String>) -> Vec<IpNet> {
+    let mut out: Vec<IpNet> = Vec::new();
     for (i, entry) in entries.into_iter().enumerate() {
         let skip = |why: &str| format!("{key}[{i}]: {}: {why}; entry skipped", describe(&entry));
         let Value::String(text) = &entry else {
@@ -304,13 +303,7 @@ fn nets(key: &str, entries: Vec<Value>, warnings: &mut Vec<String>) -> Vec<Ipv4N
             .parse::<IpNet>()
             .or_else(|_| text.parse::<IpAddr>().map(IpNet::from));
         let net = match parsed {
-            Ok(IpNet::V4(net)) => net,
-            Ok(IpNet::V6(_)) => {
-                warnings.push(skip(
-                    "IPv6 ranges are not supported (the agent intercepts IPv4)",
-                ));
-                continue;
-            }
+            Ok(net) => net,
             Err(_) => {
                 warnings.push(skip(NOT_A_CIDR));
                 continue;
@@ -528,9 +521,9 @@ fn publish_error(path: &Path, tx: &watch::Sender<ConfigState>, err: &ConfigError
 /// object leaves the field out (the file's value then stays).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TrafficSettings {
-    pub outbound_ip_range_exclusion_list: Option<Vec<Ipv4Net>>,
+    pub outbound_ip_range_exclusion_list: Option<Vec<IpNet>>,
     /// `Some(None)`: the object's list is empty, every destination is redirected.
-    pub outbound_ip_range_inclusion_list: Option<Option<Vec<Ipv4Net>>>,
+    pub outbound_ip_range_inclusion_list: Option<Option<Vec<IpNet>>>,
     pub outbound_port_exclusion_list: Option<Vec<u16>>,
     pub inbound_port_exclusion_list: Option<Vec<u16>>,
     pub enable_permissive_traffic_policy_mode: Option<bool>,
@@ -538,8 +531,7 @@ pub struct TrafficSettings {
 
 impl TrafficSettings {
     /// The settings of a MeshConfig's `spec` (JSON, as the API server gives it), with the
-    /// warnings of entries taken as meaning something (host bits cleared, IPv6 ranges
-    /// skipped), or why the object is rejected: a field of the wrong type, or an entry
+    /// warnings of entries taken as meaning something (host bits cleared), or why the object is rejected: a field of the wrong type, or an entry
     /// that is not a CIDR or a port. Fields of `spec.traffic` the agent has no use for
     /// (`enableEgress`, `interceptionMode`, ...) are ignored.
     pub fn from_spec(spec: &serde_json::Value) -> Result<(TrafficSettings, Vec<String>), String> {
@@ -566,7 +558,7 @@ impl TrafficSettings {
                 OUTBOUND_IP_RANGE_INCLUSION_LIST => {
                     let entries = list(key, value).map_err(field)?;
                     // As in the file: a list of only IPv6 ranges includes no IPv4
-                    // destination; only an empty list means every destination.
+                    // destination (and the reverse); only an empty list means every one.
                     let configured = entries.len();
                     let nets = nets(key, entries, &mut notes);
                     settings.outbound_ip_range_inclusion_list =
@@ -805,8 +797,12 @@ mod tests {
             .to_string()
     }
 
-    fn net(s: &str) -> Ipv4Net {
+    fn net(s: &str) -> IpNet {
         s.parse().unwrap()
+    }
+
+    fn ip(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
+        IpAddr::from([a, b, c, d])
     }
 
     #[test]
@@ -847,16 +843,16 @@ bpfDebug: true
         );
 
         assert!(
-            !c.intercepts_outbound(Ipv4Addr::new(10, 96, 0, 1), 80),
+            !c.intercepts_outbound(ip(10, 96, 0, 1), 80),
             "excluded range"
         );
         assert!(
-            !c.intercepts_outbound(Ipv4Addr::new(10, 1, 2, 3), 6379),
+            !c.intercepts_outbound(ip(10, 1, 2, 3), 6379),
             "excluded port"
         );
-        assert!(c.intercepts_outbound(Ipv4Addr::new(10, 1, 2, 3), 80));
+        assert!(c.intercepts_outbound(ip(10, 1, 2, 3), 80));
         assert!(
-            !c.intercepts_outbound(Ipv4Addr::new(192, 168, 1, 1), 80),
+            !c.intercepts_outbound(ip(192, 168, 1, 1), 80),
             "not included"
         );
         assert!(!c.intercepts_inbound(8081));
@@ -876,9 +872,7 @@ bpfDebug: true
         ] {
             let loaded = ok(text);
             assert_eq!(loaded, Loaded::default(), "{text:?}");
-            assert!(loaded
-                .config
-                .intercepts_outbound(Ipv4Addr::new(1, 2, 3, 4), 443));
+            assert!(loaded.config.intercepts_outbound(ip(1, 2, 3, 4), 443));
         }
 
         // The config.yaml that deploy/configmap.yaml ships.
@@ -894,25 +888,32 @@ bpfDebug: true
     #[test]
     fn bad_entries_are_skipped_and_named() {
         let loaded = ok("\
-outboundIPRangeExclusionList: [10.0.0.0/33, 10.1.0.0/16, banana, 7, 'fd00::/8', 10.2.3.4, 10.9.9.9/8]
+outboundIPRangeExclusionList: [10.0.0.0/33, 10.1.0.0/16, banana, 7, 'fd00::/8', 10.2.3.4, 10.9.9.9/8, 'fd00::1/129', 'fd00:1::7/64']
 outboundPortExclusionList: [0, 6379, 70000, -1, \"8080\", http, 6379]
 inboundPortExclusionList: [{port: 1}, 9090]
 ");
         let c = &loaded.config;
         assert_eq!(
             c.outbound_ip_range_exclusion_list,
-            [net("10.1.0.0/16"), net("10.2.3.4/32"), net("10.0.0.0/8")]
+            [
+                net("10.1.0.0/16"),
+                net("fd00::/8"),
+                net("10.2.3.4/32"),
+                net("10.0.0.0/8"),
+                net("fd00:1::/64")
+            ]
         );
         assert_eq!(c.outbound_port_exclusion_list, [6379, 8080]);
         assert_eq!(c.inbound_port_exclusion_list, [9090]);
         assert_eq!(
             loaded.warnings,
             [
-                "outboundIPRangeExclusionList[0]: \"10.0.0.0/33\": not an IPv4 CIDR such as 10.0.0.0/8; entry skipped",
-                "outboundIPRangeExclusionList[2]: \"banana\": not an IPv4 CIDR such as 10.0.0.0/8; entry skipped",
-                "outboundIPRangeExclusionList[3]: 7: not an IPv4 CIDR such as 10.0.0.0/8; entry skipped",
-                "outboundIPRangeExclusionList[4]: \"fd00::/8\": IPv6 ranges are not supported (the agent intercepts IPv4); entry skipped",
+                "outboundIPRangeExclusionList[0]: \"10.0.0.0/33\": not a CIDR such as 10.0.0.0/8 or fd00::/8; entry skipped",
+                "outboundIPRangeExclusionList[2]: \"banana\": not a CIDR such as 10.0.0.0/8 or fd00::/8; entry skipped",
+                "outboundIPRangeExclusionList[3]: 7: not a CIDR such as 10.0.0.0/8 or fd00::/8; entry skipped",
                 "outboundIPRangeExclusionList[6]: \"10.9.9.9/8\" has host bits set; taken as 10.0.0.0/8",
+                "outboundIPRangeExclusionList[7]: \"fd00::1/129\": not a CIDR such as 10.0.0.0/8 or fd00::/8; entry skipped",
+                "outboundIPRangeExclusionList[8]: \"fd00:1::7/64\" has host bits set; taken as fd00:1::/64",
                 "outboundPortExclusionList[0]: 0: not a port number (1-65535); entry skipped",
                 "outboundPortExclusionList[2]: 70000: not a port number (1-65535); entry skipped",
                 "outboundPortExclusionList[3]: -1: not a port number (1-65535); entry skipped",
@@ -930,17 +931,13 @@ inboundPortExclusionList: [{port: 1}, 9090]
             c.outbound_ip_range_inclusion_list,
             Some(vec![net("10.0.0.0/8")])
         );
-        assert!(!c.intercepts_outbound(Ipv4Addr::new(8, 8, 8, 8), 53));
+        assert!(!c.intercepts_outbound(ip(8, 8, 8, 8), 53));
 
         // None valid: no destination, rather than every destination.
         let loaded = ok("outboundIPRangeInclusionList: [nope, 300.1.1.1/8]\n");
         assert_eq!(loaded.config.outbound_ip_range_inclusion_list, Some(vec![]));
-        assert!(!loaded
-            .config
-            .intercepts_outbound(Ipv4Addr::new(10, 0, 0, 1), 80));
-        assert!(!loaded
-            .config
-            .intercepts_outbound(Ipv4Addr::new(8, 8, 8, 8), 53));
+        assert!(!loaded.config.intercepts_outbound(ip(10, 0, 0, 1), 80));
+        assert!(!loaded.config.intercepts_outbound(ip(8, 8, 8, 8), 53));
         assert_eq!(loaded.warnings.len(), 3, "{:?}", loaded.warnings);
         assert!(
             loaded.warnings[2].starts_with("outboundIPRangeInclusionList: no valid entry"),
@@ -1120,7 +1117,7 @@ mod object_tests {
     use super::tests::wait_for;
     use super::*;
 
-    fn net(s: &str) -> Ipv4Net {
+    fn net(s: &str) -> IpNet {
         s.parse().unwrap()
     }
 
@@ -1141,9 +1138,8 @@ mod object_tests {
             "interceptionMode": "PodLevel",
         })))
         .unwrap();
-        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert!(warnings[0].starts_with("spec.traffic.outboundIPRangeExclusionList[1]"));
-        assert!(warnings[1].contains("IPv6"));
         let file = ok("outboundIPRangeExclusionList: [10.0.0.0/8]\n\
              outboundPortExclusionList: [53]\n\
              inboundPortExclusionList: [8081]\n\
@@ -1152,7 +1148,7 @@ mod object_tests {
         let merged = settings.over(&file);
         assert_eq!(
             merged.outbound_ip_range_exclusion_list,
-            [net("1.1.1.1/32"), net("2.2.2.0/24")]
+            [net("1.1.1.1/32"), net("2.2.2.0/24"), net("fd00::/8")]
         );
         assert_eq!(merged.inbound_port_exclusion_list, [6379, 7070]);
         // Not set by the object: the file's.
@@ -1174,10 +1170,13 @@ mod object_tests {
             "outboundIPRangeInclusionList": ["fd00::/8"],
         })))
         .unwrap();
+        let merged = settings.over(&file);
         assert_eq!(
-            settings.over(&file).outbound_ip_range_inclusion_list,
-            Some(Vec::new())
+            merged.outbound_ip_range_inclusion_list,
+            Some(vec![net("fd00::/8")])
         );
+        assert!(!merged.intercepts_outbound(IpAddr::from([10, 0, 0, 1]), 80));
+        assert!(merged.intercepts_outbound("fd00::1".parse().unwrap(), 80));
         // No traffic section: nothing set.
         let (settings, _) = TrafficSettings::from_spec(&serde_json::json!({})).unwrap();
         assert_eq!(settings.over(&file), file);
@@ -1192,8 +1191,8 @@ mod object_tests {
         .unwrap_err();
         assert_eq!(
             err,
-            "spec.traffic.outboundIPRangeExclusionList[0]: \"1.1.1.1/33\": not an IPv4 CIDR \
-             such as 10.0.0.0/8; spec.traffic.outboundPortExclusionList[1]: 70000: not a port \
+            "spec.traffic.outboundIPRangeExclusionList[0]: \"1.1.1.1/33\": not a CIDR such \
+             as 10.0.0.0/8 or fd00::/8; spec.traffic.outboundPortExclusionList[1]: 70000: not a port \
              number (1-65535)"
         );
         let err = TrafficSettings::from_spec(&spec(serde_json::json!({

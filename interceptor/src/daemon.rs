@@ -83,6 +83,8 @@ pub struct AgentConfig {
     pub bpf_debug: bool,
     /// Short-circuit local connection pairs with sockmap + sk_msg.
     pub sockmap: bool,
+    /// Inbound, dial applications from the client's address (`--preserve-client-ip`).
+    pub preserve_client_ip: bool,
     /// Size of the inbound flow map, when not the default.
     pub inbound_flow_capacity: Option<u32>,
     /// Size of the outbound original-destination map, when not the default.
@@ -233,6 +235,13 @@ async fn serve(config: &AgentConfig, predecessor: Option<i32>) -> anyhow::Result
             mode_reason = format!("{mode_reason}; iptables-{}: {why}", backend.name());
             (Arc::new(IptablesDatapath::new(backend)), Some(backend))
         }
+    };
+    // The client's address inbound: each pod's return route for transparent sockets.
+    let datapath = if config.preserve_client_ip {
+        crate::datapath::client_addr::ClientAddressRoutes::wrap(datapath, iptables_backend)
+    } else {
+        tracing::info!("--preserve-client-ip false: applications see their pod's own address as the peer of inbound connections");
+        datapath
     };
     // Kubelet's probes in SMI mode: the node's SNAT to the probe address, in either mode.
     let datapath = crate::datapath::node_probes::ProbeSnat::wrap(

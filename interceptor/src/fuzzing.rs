@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsString;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::unix::ffi::OsStringExt;
 use std::path::Path;
 
@@ -23,7 +23,7 @@ use crate::config::{
     self, MeshConfig, POD_INBOUND_EXCLUDE_PORTS, POD_OUTBOUND_EXCLUDE_CIDRS,
     POD_OUTBOUND_EXCLUDE_PORTS, POD_OUTBOUND_INCLUDE_CIDRS,
 };
-use crate::model::{Model, Namespace, Pod, PodKey, ANNOTATION_SIDECAR_INJECTION};
+use crate::model::{IpFamily, Model, Namespace, Pod, PodKey, ANNOTATION_SIDECAR_INJECTION};
 use crate::proxy::routes::{ConnectionSource, GatewayTable, LastValid, RouteTable};
 use crate::source::manifests;
 
@@ -251,9 +251,11 @@ pub fn manifests(data: &[u8]) {
     let mut services = Vec::new();
     for svc in model.services.values() {
         for sp in &svc.ports {
-            let _ = model.endpoints(svc, sp, &no_ips);
-            if let Some(ip) = svc.cluster_ip {
-                services.push(SocketAddrV4::new(ip, sp.port));
+            for family in [IpFamily::V4, IpFamily::V6] {
+                let _ = model.endpoints(svc, sp, &no_ips, family);
+            }
+            for ip in svc.cluster_ips() {
+                services.push(SocketAddr::new(ip, sp.port));
             }
         }
     }
@@ -272,7 +274,11 @@ pub fn manifests(data: &[u8]) {
                 let _ = table.resolve(*addr, source);
             }
         }
-        let _ = (table.statuses(), table.service_ports());
+        let _ = (
+            table.statuses(),
+            table.service_ports(),
+            table.service_routes(),
+        );
     }
 
     let gateways = model.routing.gateways.keys();

@@ -358,7 +358,7 @@ async fn proxy_one(
             Some(sni) => table.resolve_tls_with(local, client_ip, sni.as_deref(), pick),
             None => table.resolve_with(local, client_ip, pick),
         },
-        Some(client_ip),
+        Some(client_ip.into()),
         |addr, timeout| socket::connect(&HostSockets, addr, timeout),
     )
     .await;

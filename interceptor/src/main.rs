@@ -107,6 +107,11 @@ enum Command {
         /// lower small-message latency, lower bulk throughput).
         #[arg(long)]
         sockmap: bool,
+        /// Inbound, dial the application from the client's address and port (a
+        /// transparent socket and a policy route in the pod, as ztunnel does), so it sees
+        /// its real peer; `false`: from the pod's own address.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        preserve_client_ip: bool,
         /// Entries in the inbound flow map; when full, new inbound flows are refused
         /// (their SYN dropped, counted and logged) and existing ones are unaffected.
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
@@ -334,6 +339,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             access_log,
             bpf_debug,
             sockmap,
+            preserve_client_ip,
             inbound_flow_capacity,
             outbound_flow_capacity,
             inbound_half_open_timeout_ms,
@@ -398,6 +404,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 access_log,
                 bpf_debug,
                 sockmap,
+                preserve_client_ip,
                 inbound_flow_capacity,
                 outbound_flow_capacity,
                 inbound_half_open_timeout: std::time::Duration::from_millis(

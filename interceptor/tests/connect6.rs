@@ -599,21 +599,28 @@ fn connect6_redirects_answers_and_leaves_alone_what_it_must() {
         &proxy6,
         "an IPv6 destination outside an IPv4-only inclusion list",
     );
+    // The mesh config's lists hold both families: `set_rules` writes the IPv6 ranges too.
+    config.outbound_ip_range_inclusion_list = Some(vec![
+        "10.0.0.0/8".parse().expect("net"),
+        "fd00:77::/64".parse().expect("net"),
+    ]);
     datapath
-        .set_rules6(
-            rules::GLOBAL_SCOPE,
-            &[],
-            &["fd00:77::/64".parse().expect("net")],
-        )
-        .expect("IPv6 rules");
+        .set_rules(rules::GLOBAL_SCOPE, &config)
+        .expect("rules");
     let _client = fixture.connect(v6(OTHER6, 8083));
     let _ = accept(&proxy6);
+    // And removes them: an IPv6 exclusion in the config, then none.
+    config.outbound_ip_range_inclusion_list = None;
+    config.outbound_ip_range_exclusion_list = vec!["fd00:77::/64".parse().expect("net")];
+    datapath
+        .set_rules(rules::GLOBAL_SCOPE, &config)
+        .expect("rules");
+    let _client = fixture.connect(v6(OTHER6, 8083));
+    let _ = accept(&other);
+    nothing_queued(&proxy6, "an IPv6 range excluded in the mesh config");
     datapath
         .set_rules(rules::GLOBAL_SCOPE, &MeshConfig::default())
         .expect("rules");
-    datapath
-        .set_rules6(rules::GLOBAL_SCOPE, &[], &[])
-        .expect("IPv6 rules");
 
     // The proxy's own (marked) sockets are never redirected.
     let _client = fixture.connect_marked(v6(OTHER6, 8083));

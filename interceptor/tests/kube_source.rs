@@ -28,7 +28,7 @@ use axum::response::Response;
 use axum::Router;
 use futures::channel::mpsc;
 use interceptor::config::{self, ConfigState, MeshConfigName, MeshConfigObject};
-use interceptor::model::{Model, PodKey, ServiceKey};
+use interceptor::model::{IpFamily, Model, PodKey, ServiceKey};
 use interceptor::source::kube::{self as kube_source, KubeSourceConfig, KubeSourceError};
 use interceptor::source::manifests::{self, ManifestState};
 use tokio::sync::watch;
@@ -350,10 +350,10 @@ fn keys<K: ToString + Ord + Clone, V: Clone>(map: &imbl::OrdMap<K, V>) -> Vec<St
 /// `pod address` of each endpoint of the TCP service port `ip:port`.
 fn endpoints(model: &Model, ip: [u8; 4], port: u16) -> Vec<String> {
     let (svc, sp) = model
-        .service_for(Ipv4Addr::from(ip), port)
+        .service_for(Ipv4Addr::from(ip).into(), port)
         .unwrap_or_else(|| panic!("a service at {ip:?}:{port}"));
     model
-        .endpoints(svc, sp, &HashMap::new())
+        .endpoints(svc, sp, &HashMap::new(), IpFamily::V4)
         .iter()
         .map(|e| format!("{} {}", e.pod, e.addr))
         .collect()
@@ -493,7 +493,7 @@ async fn watch_events_make_new_generations() {
         Some(Ipv4Addr::new(10, 244, 0, 12))
     );
 
-    // A pod the model cannot hold (IPv6 podIP) is left out, a bookmark changes nothing,
+    // A pod the model cannot hold (a podIP that is no address) is left out, a bookmark changes nothing,
     // a DELETED pod goes.
     for line in &pod_events[1..] {
         mock.send(PODS, line);

@@ -69,7 +69,7 @@ fn client_on_b_reaches_server_on_a(agent_args: &[&str], client_args: &[&str]) {
         1,
         "the client lives in node b's subnet"
     );
-    let _echo = node
+    let echo = node
         .tb
         .spawn_server(&server, &["echo", "--listen", "0.0.0.0:9000"])
         .expect("echo");
@@ -89,6 +89,18 @@ fn client_on_b_reaches_server_on_a(agent_args: &[&str], client_args: &[&str]) {
         format!("{}:{ECHO_TARGET_PORT}", server.ip)
     );
     assert_eq!(record["upstream_bytes"], 64 * MIB);
+    // The application sees the client on node b, its address and port, through the
+    // inbound proxy's transparent socket.
+    let accepts = echo
+        .wait_for_events("accept", 1, std::time::Duration::from_secs(5))
+        .expect("accept");
+    assert_eq!(accepts[0]["peer"], local.as_str(), "{}", accepts[0]);
+    assert_eq!(
+        accepts[0]["mark"],
+        common::TRANSPARENT_MARK,
+        "{}",
+        accepts[0]
+    );
     if agent_args.contains(&"iptables") {
         return;
     }

@@ -83,11 +83,17 @@ fn inbound_through_tc(mode: Mode, agent_args: &[&str], client_args: &[&str]) {
     let accepts = echo
         .wait_for_events("accept", 1, Duration::from_secs(5))
         .expect("accept");
+    // Through the inbound proxy (the accepted socket has its mark), from the client's
+    // own address and port: the proxy keeps the client's address.
     assert!(
-        accepts[0]["peer"]
-            .as_str()
-            .is_some_and(|p| p.starts_with(&format!("{}:", server.ip))),
-        "the application is reached by the inbound proxy from inside its pod: {}",
+        common::from_inbound_proxy(&accepts[0]),
+        "the application is reached by the inbound proxy: {}",
+        accepts[0]
+    );
+    assert_eq!(
+        accepts[0]["peer"].as_str(),
+        report.local.as_deref(),
+        "the application sees the client's address: {}",
         accepts[0]
     );
     if mode == Mode::Iptables {
@@ -239,17 +245,12 @@ fn a_full_flow_map_refuses_new_flows_and_old_ones_keep_working() {
         "a flow that could not be recorded must be refused, not passed: {report:?}"
     );
     // The application never saw it: only the holder's connection (through the inbound
-    // proxy, from the pod's own address) was accepted.
+    // proxy) was accepted.
     let accepts = echo
         .wait_for_events("accept", 1, Duration::from_secs(5))
         .expect("the holder's accept");
     assert_eq!(accepts.len(), 1, "{accepts:?}");
-    assert!(
-        accepts[0]["peer"]
-            .as_str()
-            .is_some_and(|p| p.starts_with(&format!("{}:", server.ip))),
-        "{accepts:?}"
-    );
+    assert!(common::from_inbound_proxy(&accepts[0]), "{accepts:?}");
     let dump = node.config_dump();
     assert!(
         dump["datapath_counters"]["inbound_record_failed"].as_u64() >= Some(1),
@@ -378,11 +379,7 @@ fn spoofed_half_open_syns_never_open_a_bypass_and_age_out() {
         .wait_for_events("accept", 1, Duration::from_millis(500))
         .unwrap_or_default()
         .into_iter()
-        .filter(|a| {
-            a["peer"]
-                .as_str()
-                .is_some_and(|p| p.starts_with(&format!("{}:", outsider.ip)))
-        })
+        .filter(|a| !common::from_inbound_proxy(a))
         .count();
     assert_eq!(
         direct, 0,
@@ -593,7 +590,7 @@ fn a_second_flow_from_the_same_client_port_never_breaks_the_first() {
     });
 
     // Once the first flow's record is gone, the same client port reaches 9001, through
-    // the inbound listener (the application sees the pod's own address as its peer).
+    // the inbound listener (the application sees the client's address and port).
     wait_for("the first flow's record to go", || {
         (records(&node)["inbound_flows"] == 0).then_some(())
     });
@@ -606,10 +603,10 @@ fn a_second_flow_from_the_same_client_port_never_breaks_the_first() {
     let accepts = second_app
         .wait_for_events("accept", 1, Duration::from_secs(5))
         .expect("the accept on 9001");
-    assert!(
-        accepts[0]["peer"]
-            .as_str()
-            .is_some_and(|p| p.starts_with(&format!("{}:", server.ip))),
+    assert!(common::from_inbound_proxy(&accepts[0]), "{accepts:?}");
+    assert_eq!(
+        accepts[0]["peer"].as_str(),
+        Some(format!("{}:40123", outsider.ip).as_str()),
         "{accepts:?}"
     );
 }

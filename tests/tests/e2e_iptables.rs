@@ -42,7 +42,7 @@ fn chains_are_installed_once_and_removed_on_del() {
     assert_pod_rules(&client, Mode::Iptables);
     let before = nat_rules(&client.netns, "nft");
     assert!(
-        before.contains("-A PROXY_OUTPUT -m mark --mark 0x1500 -j RETURN"),
+        before.contains("-A PROXY_OUTPUT -m mark --mark 0x1500/0xfffffffe -j RETURN"),
         "{before}"
     );
     echo_through_service(&node, &client);

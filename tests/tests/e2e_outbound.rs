@@ -124,7 +124,8 @@ fn enrolled_client_reaches_service_endpoint_through_proxy_with(mode: Mode, agent
     // Same node, both pods enrolled: the client's proxy dial was steered (by connect4 in
     // eBPF mode, by the server pod's PREROUTING chain in iptables mode) to the server
     // pod's inbound listener (15003), which recovered the original port and delivered to
-    // the application from inside the server pod.
+    // the application from inside the server pod, from the address it accepted: the
+    // client pod's IP with its outbound proxy's port (as with ztunnel).
     let inbound = wait_for_inbound(&node, "demo/server", &client.ip.to_string());
     assert_eq!(
         inbound["original_dst"],
@@ -136,10 +137,16 @@ fn enrolled_client_reaches_service_endpoint_through_proxy_with(mode: Mode, agent
     let accepts = echo
         .wait_for_events("accept", 1, Duration::from_secs(5))
         .expect("accept event");
-    let peer = accepts[0]["peer"].as_str().expect("peer");
+    assert!(common::from_inbound_proxy(&accepts[0]), "{}", accepts[0]);
+    assert_eq!(
+        accepts[0]["peer"], inbound["client"],
+        "the inbound proxy dials from the client pod's address it accepted"
+    );
     assert!(
-        peer.starts_with(&format!("{}:", server.ip)),
-        "the inbound proxy dials from the server pod's own IP; server saw {peer}"
+        inbound["client"]
+            .as_str()
+            .is_some_and(|c| c.starts_with(&format!("{}:", client.ip))),
+        "{inbound}"
     );
 
     let dump = node.config_dump();

@@ -52,7 +52,9 @@ const PAYLOAD_PROGRAMS: &[&str] = &[
     "usr/sbin/iptables-nft-save",
     "usr/sbin/iptables-nft-restore",
     "usr/sbin/ip6tables-legacy-save",
+    "usr/sbin/ip6tables-legacy-restore",
     "usr/sbin/ip6tables-nft-save",
+    "usr/sbin/ip6tables-nft-restore",
     "usr/sbin/iptables",
     "usr/sbin/nft",
 ];

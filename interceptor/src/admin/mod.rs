@@ -114,6 +114,7 @@ async fn config_dump(State(state): State<AdminState>) -> Json<serde_json::Value>
         "datapath_records": agent.datapath().live_records(),
         "node_probes": agent.datapath().node_probes(),
         "service_ports": agent.service_ports(),
+        "service_routes": agent.service_routes(),
         "routes": agent.route_statuses(),
         "upstream_endpoints": agent.upstream_endpoints(),
         "connections": agent.connection_log(),

@@ -930,6 +930,26 @@ struct ScopeRules {
     included: Vec<Key<CidrKey>>,
 }
 
+/// The IPv4 ranges of a list that holds both families.
+fn v4_nets<'a>(
+    nets: impl IntoIterator<Item = &'a ipnet::IpNet>,
+) -> impl Iterator<Item = &'a ipnet::Ipv4Net> {
+    nets.into_iter().filter_map(|net| match net {
+        ipnet::IpNet::V4(net) => Some(net),
+        ipnet::IpNet::V6(_) => None,
+    })
+}
+
+/// The IPv6 ranges of a list that holds both families.
+fn v6_nets<'a>(nets: impl IntoIterator<Item = &'a ipnet::IpNet>) -> Vec<ipnet::Ipv6Net> {
+    nets.into_iter()
+        .filter_map(|net| match net {
+            ipnet::IpNet::V6(net) => Some(*net),
+            ipnet::IpNet::V4(_) => None,
+        })
+        .collect()
+}
+
 fn cidr_key(scope: u64, net: &ipnet::Ipv4Net) -> Key<CidrKey> {
     let ip = ip_key(net.network());
     Key::new(
@@ -953,15 +973,10 @@ impl ScopeRules {
         );
         Self {
             ports,
-            excluded: rules
-                .outbound_ip_range_exclusion_list
-                .iter()
+            excluded: v4_nets(&rules.outbound_ip_range_exclusion_list)
                 .map(|n| cidr_key(scope, n))
                 .collect(),
-            included: rules
-                .outbound_ip_range_inclusion_list
-                .iter()
-                .flatten()
+            included: v4_nets(rules.outbound_ip_range_inclusion_list.iter().flatten())
                 .map(|n| cidr_key(scope, n))
                 .collect(),
         }
@@ -1624,11 +1639,18 @@ impl Datapath for EbpfDatapath {
 
     /// Replace the rules of `scope` (0: global; else a pod's netns cookie). New entries
     /// go in before old ones come out, so a change never opens a moment with neither.
+    /// The IPv6 ranges go first: the has-an-inclusion-list flag written below covers
+    /// both families, and must not find the IPv6 inclusions missing.
     fn set_rules(
         &self,
         scope: u64,
         config: &crate::config::MeshConfig,
     ) -> Result<(), DatapathError> {
+        self.set_rules6(
+            scope,
+            &v6_nets(&config.outbound_ip_range_exclusion_list),
+            &v6_nets(config.outbound_ip_range_inclusion_list.iter().flatten()),
+        )?;
         let new = ScopeRules::from_config(scope, config);
         let mut maps = lock(&self.maps);
         let map_err = |name: &'static str| move |source| DatapathError::Map { name, source };

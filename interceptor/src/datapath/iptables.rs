@@ -1,14 +1,20 @@
 //! The iptables fallback for kernels the eBPF path cannot use: FSM's nat chains in each
-//! enrolled pod's netns, written with one atomic `iptables-restore --noflush` per change.
-//! The proxy is the same; `SO_ORIGINAL_DST` is answered by conntrack instead of eBPF.
+//! enrolled pod's netns, written with one atomic `iptables-restore --noflush` per change,
+//! and the same chains in `ip6tables` for a dual-stack pod's IPv6 (one transaction per
+//! family, removed together). The proxy is the same; `SO_ORIGINAL_DST` and
+//! `IP6T_SO_ORIGINAL_DST` are answered by conntrack instead of eBPF.
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::io::Write as _;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
-use interceptor_common::{INBOUND_PORT, OUTBOUND_PORT, PROXY_MARK, RESERVED_PORTS};
+use interceptor_common::{
+    INBOUND_PORT, OUTBOUND_PORT, PROXY_MARK, PROXY_MARK_MASK, RESERVED_PORTS,
+};
+use ipnet::IpNet;
 
 use super::{Datapath, DatapathCounters, DatapathError, LiveRecords, PodDatapath};
 use crate::config::MeshConfig;
@@ -70,9 +76,40 @@ impl Backend {
     }
 
     pub(super) fn tool(self, what: &str) -> String {
-        format!("iptables-{}-{what}", self.name())
+        self.tool_of(Family::V4, what)
+    }
+
+    /// `iptables-legacy-save`, `ip6tables-nft-restore`, ...
+    pub(super) fn tool_of(self, family: Family, what: &str) -> String {
+        format!("{}-{}-{what}", family.prefix(), self.name())
     }
 }
+
+/// The address family a set of chains is for: `iptables` or `ip6tables`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn prefix(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables",
+            Family::V6 => "ip6tables",
+        }
+    }
+
+    fn holds(self, net: &IpNet) -> bool {
+        matches!(
+            (self, net),
+            (Family::V4, IpNet::V4(_)) | (Family::V6, IpNet::V6(_))
+        )
+    }
+}
+
+/// Link-local IPv6 destinations stay on their link, as in eBPF mode: never steered.
+const LINK_LOCAL6: &str = "fe80::/10";
 
 /// `--iptables-backend`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -251,7 +288,7 @@ impl Installed {
 /// The `iptables-restore --noflush` input that installs (or replaces) a pod's chains.
 /// Declaring a chain flushes it, so re-applying gives the same rules, never duplicates;
 /// the jumps from `PREROUTING`/`OUTPUT` are only added when missing.
-fn install_script(rules: &[&MeshConfig], installed: &Installed) -> String {
+fn install_script(rules: &[&MeshConfig], installed: &Installed, family: Family) -> String {
     let mut s = String::from("*nat\n");
     for chain in CHAINS {
         let _ = writeln!(s, ":{chain} - [0:0]");
@@ -268,19 +305,26 @@ fn install_script(rules: &[&MeshConfig], installed: &Installed) -> String {
     for port in dedup(inbound_skip) {
         let _ = writeln!(s, "-A {CHAIN_INBOUND} -p tcp --dport {port} -j RETURN");
     }
+    if family == Family::V6 {
+        let _ = writeln!(s, "-A {CHAIN_INBOUND} -d {LINK_LOCAL6} -j RETURN");
+    }
     let _ = writeln!(s, "-A {CHAIN_INBOUND} -p tcp -j {CHAIN_IN_REDIRECT}");
 
     let _ = writeln!(
         s,
         "-A {CHAIN_REDIRECT} -p tcp --syn -j REDIRECT --to-ports {OUTBOUND_PORT}"
     );
-    // The proxy's own upstream sockets carry the mark: never back into the proxy.
+    // The proxy's own upstream sockets carry the mark (or the transparent one, which
+    // differs in the masked bit): never back into the proxy.
     let _ = writeln!(
         s,
-        "-A {CHAIN_OUTPUT} -m mark --mark {PROXY_MARK:#x} -j RETURN"
+        "-A {CHAIN_OUTPUT} -m mark --mark {PROXY_MARK:#x}/{PROXY_MARK_MASK:#x} -j RETURN"
     );
     // Loopback and the pod's own address stay inside the pod, as in eBPF mode.
     let _ = writeln!(s, "-A {CHAIN_OUTPUT} -o lo -j RETURN");
+    if family == Family::V6 {
+        let _ = writeln!(s, "-A {CHAIN_OUTPUT} -d {LINK_LOCAL6} -j RETURN");
+    }
     let ports = dedup(
         rules
             .iter()
@@ -293,6 +337,7 @@ fn install_script(rules: &[&MeshConfig], installed: &Installed) -> String {
     for net in rules
         .iter()
         .flat_map(|r| &r.outbound_ip_range_exclusion_list)
+        .filter(|net| family.holds(net))
     {
         let _ = writeln!(s, "-A {CHAIN_OUTPUT} -d {net} -j RETURN");
     }
@@ -303,9 +348,13 @@ fn install_script(rules: &[&MeshConfig], installed: &Installed) -> String {
     if inclusions.is_empty() {
         let _ = writeln!(s, "-A {CHAIN_OUTPUT} -j {CHAIN_REDIRECT}");
     } else {
-        // An inclusion list means only those ranges; an empty one (every entry was
-        // invalid) means none.
-        for net in inclusions.into_iter().flatten() {
+        // An inclusion list means only those ranges, of this family; none of this
+        // family (or an empty list: every entry was invalid) means none.
+        for net in inclusions
+            .into_iter()
+            .flatten()
+            .filter(|net| family.holds(net))
+        {
             let _ = writeln!(s, "-A {CHAIN_OUTPUT} -d {net} -j {CHAIN_REDIRECT}");
         }
     }
@@ -358,15 +407,17 @@ fn drained_script(installed: &Installed) -> Option<String> {
         .then(|| format!("*nat\n:{CHAIN_DRAIN} - [0:0]\n-X {CHAIN_DRAIN}\nCOMMIT\n"))
 }
 
-/// Runs the script `make` derives from the calling thread's netns's nat table, if any.
+/// Runs the script `make` derives from the calling thread's netns's nat table of
+/// `family`, if any.
 fn restore_here(
     backend: Backend,
+    family: Family,
     make: impl FnOnce(&Installed) -> Option<String>,
 ) -> Result<bool, DatapathError> {
-    let installed = Installed::parse(&run(&backend.tool("save"), &["-t", "nat"], None)?);
-    match make(&installed) {
+    let save = run(&backend.tool_of(family, "save"), &["-t", "nat"], None)?;
+    match make(&Installed::parse(&save)) {
         Some(script) => run(
-            &backend.tool("restore"),
+            &backend.tool_of(family, "restore"),
             &["--noflush", "-w", LOCK_WAIT_SECS],
             Some(&script),
         )
@@ -375,10 +426,24 @@ fn restore_here(
     }
 }
 
-/// Remove our chains and every reference to them from the calling thread's netns,
-/// with `backend`'s tools. Returns whether there was anything to remove.
+/// Remove our chains and every reference to them from the calling thread's netns, in
+/// both families where `backend`'s tools for it are installed. Returns whether there
+/// was anything to remove. Both families are tried even when the first fails.
 fn remove_here(backend: Backend) -> Result<bool, DatapathError> {
-    restore_here(backend, remove_script)
+    let mut removed = false;
+    let mut first_error = None;
+    for family in [Family::V4, Family::V6] {
+        if !resolve(&backend.tool_of(family, "save")).is_file() {
+            continue;
+        }
+        match restore_here(backend, family, remove_script) {
+            Ok(held) => removed |= held,
+            Err(error) => {
+                first_error.get_or_insert(error);
+            }
+        }
+    }
+    first_error.map_or(Ok(removed), Err)
 }
 
 /// Remove what any agent wrote into the netns at `path`, in both backends (a backend
@@ -417,6 +482,18 @@ fn dedup(mut ports: Vec<u16>) -> Vec<u16> {
 struct Enrolled {
     pod: PodDatapath,
     netns: Arc<PodNetns>,
+    /// Its IPv6 address once [`Datapath::enroll_ipv6`] gave it the ip6tables chains.
+    ipv6: Option<Ipv6Addr>,
+}
+
+impl Enrolled {
+    /// The families whose chains this pod has.
+    fn families(&self) -> &'static [Family] {
+        match self.ipv6 {
+            Some(_) => &[Family::V4, Family::V6],
+            None => &[Family::V4],
+        }
+    }
 }
 
 #[derive(Default)]
@@ -442,6 +519,9 @@ impl State {
 /// The iptables data path of one node.
 pub struct IptablesDatapath {
     backend: Backend,
+    /// Whether the backend's ip6tables tools are installed: dual-stack pods' IPv6 is
+    /// intercepted only with them (the agent refuses such pods without them).
+    ipv6: bool,
     /// Held only briefly: readers (`/config_dump`) never wait for a tool to run.
     state: Mutex<State>,
     /// Held while the tools run: one writer at a time, each reading the latest state, so
@@ -451,8 +531,16 @@ pub struct IptablesDatapath {
 
 impl IptablesDatapath {
     pub fn new(backend: Backend) -> Self {
+        let ipv6 = resolve(&backend.tool_of(Family::V6, "restore")).is_file();
+        if !ipv6 {
+            tracing::warn!(
+                tool = backend.tool_of(Family::V6, "restore"),
+                "not installed: pods with an IPv6 address cannot be intercepted"
+            );
+        }
         Self {
             backend,
+            ipv6,
             state: Mutex::new(State::default()),
             writes: Mutex::new(()),
         }
@@ -462,28 +550,35 @@ impl IptablesDatapath {
         self.backend
     }
 
-    /// Install the pod's chains for `rules` inside its netns, in one transaction.
+    /// Install the pod's chains of each of `families` for `rules` inside its netns, one
+    /// transaction per family. All-or-nothing across families: when a later family fails,
+    /// the earlier ones' chains are removed again.
     fn apply(
         &self,
         netns: &PodNetns,
-        ip: std::net::Ipv4Addr,
+        ip: Ipv4Addr,
+        families: &'static [Family],
         rules: Vec<MeshConfig>,
     ) -> Result<(), DatapathError> {
         let backend = self.backend;
         self.in_netns(netns, ip, move || {
-            let installed = Installed::parse(&run(&backend.tool("save"), &["-t", "nat"], None)?);
             let refs: Vec<&MeshConfig> = rules.iter().collect();
-            let script = install_script(&refs, &installed);
-            run(
-                &backend.tool("restore"),
-                &["--noflush", "-w", LOCK_WAIT_SECS],
-                Some(&script),
-            )
-            .map(drop)
+            for (done, family) in families.iter().enumerate() {
+                let applied = restore_here(backend, *family, |installed| {
+                    Some(install_script(&refs, installed, *family))
+                });
+                if let Err(error) = applied {
+                    for earlier in &families[..done] {
+                        let _ = restore_here(backend, *earlier, remove_script);
+                    }
+                    return Err(error);
+                }
+            }
+            Ok(())
         })
     }
 
-    fn remove(&self, netns: &PodNetns, ip: std::net::Ipv4Addr) -> Result<(), DatapathError> {
+    fn remove(&self, netns: &PodNetns, ip: Ipv4Addr) -> Result<(), DatapathError> {
         let backend = self.backend;
         self.in_netns(netns, ip, move || remove_here(backend).map(drop))
     }
@@ -492,7 +587,7 @@ impl IptablesDatapath {
     fn in_netns(
         &self,
         netns: &PodNetns,
-        ip: std::net::Ipv4Addr,
+        ip: Ipv4Addr,
         job: impl FnOnce() -> Result<(), DatapathError> + Send + 'static,
     ) -> Result<(), DatapathError> {
         netns
@@ -516,17 +611,52 @@ impl Datapath for IptablesDatapath {
         "iptables"
     }
 
+    fn supports_ipv6(&self) -> bool {
+        self.ipv6
+    }
+
     fn enroll(&self, pod: &PodDatapath, netns: &Arc<PodNetns>) -> Result<(), DatapathError> {
         let _writing = lock(&self.writes);
         let rules = lock(&self.state).layered(pod.netns_cookie);
-        self.apply(netns, pod.ipv4, rules)?;
+        self.apply(netns, pod.ipv4, &[Family::V4], rules)?;
         lock(&self.state).pods.insert(
             pod.netns_cookie,
             Enrolled {
                 pod: pod.clone(),
                 netns: Arc::clone(netns),
+                ipv6: None,
             },
         );
+        Ok(())
+    }
+
+    /// The same chains in the pod's ip6tables nat table: its IPv6 connects go to
+    /// `[::1]:15001` (REDIRECT from OUTPUT), IPv6 SYNs arriving for it to 15003, where
+    /// the agent listens on `[::]` (IPv6 only). [`Datapath::unenroll`] removes both.
+    fn enroll_ipv6(&self, pod: &PodDatapath, ip: Ipv6Addr) -> Result<(), DatapathError> {
+        if !self.ipv6 {
+            return Err(DatapathError::Unsupported {
+                what: "IPv6 interception without ip6tables",
+                mode: "iptables",
+            });
+        }
+        let _writing = lock(&self.writes);
+        let (netns, rules) = {
+            let state = lock(&self.state);
+            let enrolled =
+                state
+                    .pods
+                    .get(&pod.netns_cookie)
+                    .ok_or_else(|| DatapathError::Iptables {
+                        what: format!("pod {}", pod.ipv4),
+                        reason: "IPv6 before the pod's IPv4 chains".into(),
+                    })?;
+            (Arc::clone(&enrolled.netns), state.layered(pod.netns_cookie))
+        };
+        self.apply(&netns, pod.ipv4, &[Family::V6], rules)?;
+        if let Some(enrolled) = lock(&self.state).pods.get_mut(&pod.netns_cookie) {
+            enrolled.ipv6 = Some(ip);
+        }
         Ok(())
     }
 
@@ -547,8 +677,15 @@ impl Datapath for IptablesDatapath {
     ) -> Result<(), DatapathError> {
         let _writing = lock(&self.writes);
         let backend = self.backend;
+        let families = lock(&self.state)
+            .pods
+            .get(&pod.netns_cookie)
+            .map_or(&[Family::V4][..], Enrolled::families);
         self.in_netns(netns, pod.ipv4, move || {
-            restore_here(backend, |installed| Some(leave_script(installed))).map(drop)
+            for family in families {
+                restore_here(backend, *family, |installed| Some(leave_script(installed)))?;
+            }
+            Ok(())
         })?;
         let mut state = lock(&self.state);
         if let Some(left) = state.pods.remove(&pod.netns_cookie) {
@@ -560,17 +697,17 @@ impl Datapath for IptablesDatapath {
 
     fn drained(&self, pod: &PodDatapath, netns: &Arc<PodNetns>) -> Result<(), DatapathError> {
         let _writing = lock(&self.writes);
-        if lock(&self.state)
-            .draining
-            .remove(&pod.netns_cookie)
-            .is_none()
-        {
+        let Some(left) = lock(&self.state).draining.remove(&pod.netns_cookie) else {
             // Enrolled again (its REDIRECT rules need conntrack themselves) or gone.
             return Ok(());
-        }
+        };
         let backend = self.backend;
+        let families = left.families();
         self.in_netns(netns, pod.ipv4, move || {
-            restore_here(backend, drained_script).map(drop)
+            for family in families {
+                restore_here(backend, *family, drained_script)?;
+            }
+            Ok(())
         })
     }
 
@@ -610,7 +747,8 @@ impl Datapath for IptablesDatapath {
 
     fn set_rules(&self, scope: u64, rules: &MeshConfig) -> Result<(), DatapathError> {
         let _writing = lock(&self.writes);
-        let targets: Vec<(Arc<PodNetns>, std::net::Ipv4Addr, Vec<MeshConfig>)> = {
+        type Target = (Arc<PodNetns>, Ipv4Addr, &'static [Family], Vec<MeshConfig>);
+        let targets: Vec<Target> = {
             let mut state = lock(&self.state);
             if scope == interceptor_common::rules::GLOBAL_SCOPE {
                 state.global = rules.clone();
@@ -625,13 +763,20 @@ impl Datapath for IptablesDatapath {
                 .filter(|(cookie, _)| {
                     scope == interceptor_common::rules::GLOBAL_SCOPE || **cookie == scope
                 })
-                .map(|(cookie, pod)| (Arc::clone(&pod.netns), pod.pod.ipv4, state.layered(*cookie)))
+                .map(|(cookie, pod)| {
+                    (
+                        Arc::clone(&pod.netns),
+                        pod.pod.ipv4,
+                        pod.families(),
+                        state.layered(*cookie),
+                    )
+                })
                 .collect()
         };
         // Every enrolled pod gets the new rules even when one of them fails.
         let mut first_error = None;
-        for (netns, ip, layered) in targets {
-            if let Err(error) = self.apply(&netns, ip, layered) {
+        for (netns, ip, families, layered) in targets {
+            if let Err(error) = self.apply(&netns, ip, families, layered) {
                 tracing::error!(pod = %ip, %error, "re-applying iptables rules");
                 first_error.get_or_insert(error);
             }
@@ -711,13 +856,13 @@ mod tests {
     #[test]
     fn a_fresh_netns_gets_the_four_chains_and_both_jumps() {
         let global = MeshConfig::default();
-        let script = install_script(&[&global], &Installed::default());
+        let script = install_script(&[&global], &Installed::default(), Family::V4);
         for chain in CHAINS {
             assert!(script.contains(&format!(":{chain} - [0:0]\n")), "{script}");
         }
         assert!(script.contains("-A PROXY_IN_REDIRECT -p tcp --syn -j REDIRECT --to-ports 15003\n"));
         assert!(script.contains("-A PROXY_REDIRECT -p tcp --syn -j REDIRECT --to-ports 15001\n"));
-        assert!(script.contains("-A PROXY_OUTPUT -m mark --mark 0x1500 -j RETURN\n"));
+        assert!(script.contains("-A PROXY_OUTPUT -m mark --mark 0x1500/0xfffffffe -j RETURN\n"));
         assert!(script.contains("-A PROXY_INBOUND -p tcp --dport 15003 -j RETURN\n"));
         assert!(script.contains("-A PROXY_OUTPUT -j PROXY_REDIRECT\n"));
         assert!(script.contains(&format!("{JUMP_INBOUND}\n")));
@@ -734,7 +879,7 @@ mod tests {
         assert_eq!(installed.output_jumps, 1);
         assert_eq!(installed.chains, vec![CHAIN_INBOUND, CHAIN_OUTPUT]);
         assert_eq!(installed.references.len(), 2);
-        let script = install_script(&[&MeshConfig::default()], &installed);
+        let script = install_script(&[&MeshConfig::default()], &installed, Family::V4);
         assert!(!script.contains("-A PREROUTING"), "{script}");
         assert!(!script.contains("-A OUTPUT"), "{script}");
     }
@@ -747,7 +892,7 @@ mod tests {
         let pod = config(
             "outboundIPRangeExclusionList: [10.96.0.10/32]\ninboundPortExclusionList: [8080]\n",
         );
-        let script = install_script(&[&global, &pod], &Installed::default());
+        let script = install_script(&[&global, &pod], &Installed::default(), Family::V4);
         let at = |needle: &str| {
             script
                 .find(needle)
@@ -763,12 +908,62 @@ mod tests {
     }
 
     #[test]
+    fn each_family_gets_its_own_ranges_and_ipv6_link_local_is_never_steered() {
+        let global = config(
+            "outboundIPRangeExclusionList: [10.96.0.10/32, 'fd00:10:96::10/128']\n\
+             outboundIPRangeInclusionList: [10.96.0.0/12]\n",
+        );
+        let v4 = install_script(&[&global], &Installed::default(), Family::V4);
+        let v6 = install_script(&[&global], &Installed::default(), Family::V6);
+        assert!(
+            v4.contains("-A PROXY_OUTPUT -d 10.96.0.10/32 -j RETURN\n"),
+            "{v4}"
+        );
+        assert!(!v4.contains("fd00"), "{v4}");
+        assert!(!v4.contains(LINK_LOCAL6), "{v4}");
+        assert!(
+            v6.contains("-A PROXY_OUTPUT -d fd00:10:96::10/128 -j RETURN\n"),
+            "{v6}"
+        );
+        assert!(!v6.contains("10.96."), "{v6}");
+        // An inclusion list of IPv4 ranges only redirects no IPv6 destination.
+        assert!(!v6.contains("-j PROXY_REDIRECT\n"), "{v6}");
+        assert!(
+            v6.contains("-A PROXY_OUTPUT -d fe80::/10 -j RETURN\n"),
+            "{v6}"
+        );
+        assert!(
+            v6.contains("-A PROXY_INBOUND -d fe80::/10 -j RETURN\n"),
+            "{v6}"
+        );
+        // The rest is the IPv4 script's: the same chains, ports, mark and jumps.
+        for line in [
+            "-A PROXY_IN_REDIRECT -p tcp --syn -j REDIRECT --to-ports 15003\n",
+            "-A PROXY_REDIRECT -p tcp --syn -j REDIRECT --to-ports 15001\n",
+            "-A PROXY_OUTPUT -m mark --mark 0x1500/0xfffffffe -j RETURN\n",
+            "-A PROXY_OUTPUT -o lo -j RETURN\n",
+            JUMP_INBOUND,
+            JUMP_OUTPUT,
+        ] {
+            assert!(v6.contains(line), "{line} not in\n{v6}");
+        }
+        // Without an inclusion list every IPv6 destination outside the exclusions is.
+        let v6 = install_script(&[&MeshConfig::default()], &Installed::default(), Family::V6);
+        assert!(v6.contains("-A PROXY_OUTPUT -j PROXY_REDIRECT\n"), "{v6}");
+        assert_eq!(
+            Backend::Nft.tool_of(Family::V6, "save"),
+            "ip6tables-nft-save"
+        );
+        assert_eq!(Backend::Legacy.tool("restore"), "iptables-legacy-restore");
+    }
+
+    #[test]
     fn an_inclusion_list_left_empty_by_bad_entries_redirects_nothing() {
         let global = MeshConfig {
             outbound_ip_range_inclusion_list: Some(Vec::new()),
             ..MeshConfig::default()
         };
-        let script = install_script(&[&global], &Installed::default());
+        let script = install_script(&[&global], &Installed::default(), Family::V4);
         assert!(!script.contains("-j PROXY_REDIRECT\n"), "{script}");
     }
 

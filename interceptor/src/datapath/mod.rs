@@ -3,6 +3,7 @@
 //! fallback for kernels that lack what eBPF mode needs.
 pub mod bpffs;
 pub mod cgroup;
+pub mod client_addr;
 pub mod ebpf;
 pub mod iptables;
 pub mod metrics;
@@ -68,6 +69,8 @@ pub enum DatapathError {
     Iptables { what: String, reason: String },
     #[error("learning the pod netns's cookie: {0}")]
     NetnsProbe(String),
+    #[error("the pod's return route for transparent inbound sockets: {0}")]
+    PodRouting(String),
     #[error("a data path call did not complete: {0}")]
     Interrupted(String),
     #[error("{what} is not available in {mode} mode")]
@@ -122,8 +125,9 @@ pub trait Datapath: Send + Sync {
     /// Start intercepting a pod; `netns` runs what must happen inside the pod's netns.
     /// All-or-nothing: on error nothing of the pod is left in the data path.
     fn enroll(&self, pod: &PodDatapath, netns: &Arc<PodNetns>) -> Result<(), DatapathError>;
-    /// Whether this mode intercepts IPv6: eBPF mode does; iptables mode has no ip6tables
-    /// chains yet, so a dual-stack pod's IPv6 goes around the proxy there.
+    /// Whether this mode intercepts IPv6: eBPF mode does, iptables mode does where the
+    /// ip6tables tools are installed. The agent refuses a pod with an IPv6 address in a
+    /// mode that cannot intercept it, rather than let that traffic around the mesh.
     fn supports_ipv6(&self) -> bool {
         false
     }
@@ -192,6 +196,13 @@ pub trait Datapath: Send + Sync {
         -> Result<(), DatapathError>;
     /// Remove everything the data path made (pins, pinned links): interception ends.
     fn teardown(&self) -> Result<(), DatapathError>;
+    /// Whether the pod's netns has the return route of transparent inbound sockets for
+    /// this family ([`client_addr`]), so its inbound proxy may dial the application from
+    /// the client's address. The default: no.
+    fn preserves_client_ip(&self, netns_cookie: u64, ipv6: bool) -> bool {
+        let _ = (netns_cookie, ipv6);
+        false
+    }
     /// The node's probe SNAT (`/config_dump` `node_probes`); `None` when there is none.
     fn node_probes(&self) -> Option<node_probes::NodeProbesStatus> {
         None

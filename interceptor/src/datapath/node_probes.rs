@@ -295,6 +295,10 @@ impl Datapath for ProbeSnat {
         self.inner.drained(pod, netns)
     }
 
+    fn preserves_client_ip(&self, netns_cookie: u64, ipv6: bool) -> bool {
+        self.inner.preserves_client_ip(netns_cookie, ipv6)
+    }
+
     fn release_netns(&self, path: &Path) -> Result<(), DatapathError> {
         self.inner.release_netns(path)
     }

@@ -1,11 +1,13 @@
 //! The proxy's sockets for one pod: made inside the pod's netns by entering it on the
 //! calling thread, so the proxy never touches namespaces itself (it only sees the
 //! [`SocketFactory`]). Upstream sockets carry the proxy mark, which the eBPF programs and
-//! the iptables chains let through untouched.
+//! the iptables chains let through untouched; transparent ones (bound to a client's
+//! address) the transparent mark, which they let through too.
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use interceptor_common::PROXY_MARK;
+use interceptor_common::{PROXY_MARK, TRANSPARENT_MARK};
 
 use super::PodNetns;
 use crate::proxy::socket::{
@@ -44,6 +46,29 @@ impl SocketFactory for InPodSockets {
         self.netns.run_blocking(|| {
             let socket = nonblocking_tcp6()?;
             socket.set_mark(PROXY_MARK)?;
+            Ok(socket)
+        })?
+    }
+
+    fn transparent(&self, source: SocketAddr) -> io::Result<socket2::Socket> {
+        self.netns.run_blocking(|| {
+            let socket = match source {
+                SocketAddr::V4(_) => {
+                    let socket = nonblocking_tcp()?;
+                    socket.set_ip_transparent_v4(true)?;
+                    socket
+                }
+                SocketAddr::V6(_) => {
+                    let socket = nonblocking_tcp6()?;
+                    socket.set_ip_transparent_v6(true)?;
+                    socket
+                }
+            };
+            socket.set_mark(TRANSPARENT_MARK)?;
+            // The client's port may be in TIME_WAIT here from an earlier connection of
+            // the same client port (the app closed first).
+            socket.set_reuse_address(true)?;
+            socket.bind(&source.into())?;
             Ok(socket)
         })?
     }

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -118,8 +118,13 @@ pub struct Pod {
     pub name: String,
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
-    /// `status.podIP`; absent for pods whose address the agent learns from the CNI plugin.
+    /// The IPv4 address of `status.podIPs` (or `status.podIP`); absent for pods whose
+    /// address the agent learns from the CNI plugin.
     pub ip: Option<Ipv4Addr>,
+    /// The IPv6 address of `status.podIPs` (or `status.podIP`), for dual-stack and
+    /// IPv6-only pods.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<Ipv6Addr>,
     /// `spec.serviceAccountName`, `"default"` when unset.
     pub service_account: String,
     /// Ports of `spec.containers[*].ports` (Kubernetes keeps their names unique per pod).
@@ -147,8 +152,12 @@ pub struct NamedPort {
 pub struct Service {
     pub namespace: String,
     pub name: String,
-    /// `spec.clusterIP`; `None` for headless (`"None"`) and ExternalName services.
+    /// The IPv4 address of `spec.clusterIPs` (or `spec.clusterIP`); `None` for headless
+    /// (`"None"`), ExternalName and IPv6-only services.
     pub cluster_ip: Option<Ipv4Addr>,
+    /// The IPv6 address of `spec.clusterIPs`, for dual-stack and IPv6-only services.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_ipv6: Option<Ipv6Addr>,
     pub selector: BTreeMap<String, String>,
     pub ports: Vec<ServicePort>,
 }
@@ -171,7 +180,8 @@ pub enum TargetPort {
     Name(String),
 }
 
-/// One port of one EndpointSlice with the slice's ready IPv4 endpoints. Slices group
+/// One port of one EndpointSlice with the slice's ready endpoints (IPv4 or IPv6, as the
+/// slice's `addressType` says). Slices group
 /// endpoints by their port numbers, so one service port (`name`) may appear several times
 /// with different numbers when a named target port resolves differently per pod.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -189,7 +199,7 @@ pub struct SlicePort {
 /// One ready endpoint of an EndpointSlice: its first address.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct SliceEndpoint {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     /// `targetRef` when it names a Pod; `None` for hand-made endpoints (e.g. an external
     /// database behind a selector-less service).
     pub pod: Option<PodKey>,
@@ -199,12 +209,70 @@ pub struct SliceEndpoint {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Endpoint {
     pub pod: PodKey,
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
+}
+
+/// An address family: a Service VIP of one family routes to endpoints of that family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum IpFamily {
+    V4,
+    V6,
+}
+
+impl IpFamily {
+    pub fn of(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(_) => IpFamily::V4,
+            IpAddr::V6(_) => IpFamily::V6,
+        }
+    }
+}
+
+/// A pod's addresses as the CNI plugin reported them, one per family.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PodAddrs {
+    pub v4: Option<Ipv4Addr>,
+    pub v6: Option<Ipv6Addr>,
+}
+
+impl PodAddrs {
+    pub fn v4(ip: Ipv4Addr) -> Self {
+        Self {
+            v4: Some(ip),
+            v6: None,
+        }
+    }
+
+    /// Every address, IPv4 first.
+    pub fn iter(&self) -> impl Iterator<Item = IpAddr> {
+        self.v4
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(self.v6.map(IpAddr::V6))
+    }
 }
 
 impl Pod {
     pub fn key(&self) -> PodKey {
         PodKey::new(&self.namespace, &self.name)
+    }
+
+    /// The pod's address of `family`: what the CNI plugin reported (`cni`), fresher than
+    /// any manifest, else `status.podIPs`.
+    pub fn ip_of(&self, family: IpFamily, cni: Option<&PodAddrs>) -> Option<IpAddr> {
+        match family {
+            IpFamily::V4 => cni.and_then(|a| a.v4).or(self.ip).map(IpAddr::V4),
+            IpFamily::V6 => cni.and_then(|a| a.v6).or(self.ipv6).map(IpAddr::V6),
+        }
+    }
+
+    /// Every address of the pod (`status.podIPs`), IPv4 first.
+    pub fn ips(&self) -> impl Iterator<Item = IpAddr> {
+        PodAddrs {
+            v4: self.ip,
+            v6: self.ipv6,
+        }
+        .iter()
     }
 
     /// The number of the container port called `name`.
@@ -219,6 +287,14 @@ impl Pod {
 impl Service {
     pub fn key(&self) -> ServiceKey {
         ServiceKey::new(&self.namespace, &self.name)
+    }
+
+    /// The service's cluster IPs, IPv4 first (`spec.clusterIPs`).
+    pub fn cluster_ips(&self) -> impl Iterator<Item = IpAddr> {
+        self.cluster_ip
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(self.cluster_ipv6.map(IpAddr::V6))
     }
 
     /// Whether the service's selector picks `pod`. An empty selector picks nothing: such
@@ -255,12 +331,13 @@ impl Model {
         Some(enrollment::decide(pod, self.namespaces.get(&pod.namespace)))
     }
 
-    /// The service whose cluster IP and TCP port are `ip:port`. When two services claim the
-    /// same address (an invalid cluster), the first by key wins so the answer is stable.
-    pub fn service_for(&self, ip: Ipv4Addr, port: u16) -> Option<(&Service, &ServicePort)> {
+    /// The service one of whose cluster IPs and TCP port are `ip:port`. When two services
+    /// claim the same address (an invalid cluster), the first by key wins so the answer is
+    /// stable.
+    pub fn service_for(&self, ip: IpAddr, port: u16) -> Option<(&Service, &ServicePort)> {
         self.services
             .values()
-            .filter(|svc| svc.cluster_ip == Some(ip))
+            .filter(|svc| svc.cluster_ips().any(|vip| vip == ip))
             .find_map(|svc| {
                 svc.ports
                     .iter()
@@ -269,57 +346,68 @@ impl Model {
             })
     }
 
-    /// The backends of `sp`, sorted by pod key.
+    /// The backends of `sp` of one address `family` (a VIP's: an IPv6 ClusterIP goes to
+    /// IPv6 endpoints), sorted by pod key.
     ///
     /// When the model has EndpointSlices for the service (`endpoint_slices`, always the
-    /// case with the Kubernetes source), they are the answer: the ready endpoints of the
-    /// slice ports with `sp`'s name and protocol, each once, including pods of other nodes.
-    /// An endpoint without a Pod `targetRef` is named `<service namespace>/<address>`.
+    /// case with the Kubernetes source), they are the answer: the ready endpoints of
+    /// `family` of the slice ports with `sp`'s name and protocol, each once, including pods
+    /// of other nodes. An endpoint without a Pod `targetRef` is named
+    /// `<service namespace>/<address>`.
     ///
-    /// Otherwise the service's selector picks pods from the model. A pod's address comes
-    /// from `extra_pod_ips` (what the CNI plugin reported, fresher than any manifest) or
-    /// else its `status.podIP`; pods with neither, or lacking the named target port, are
-    /// left out.
+    /// Otherwise the service's selector picks pods from the model. A pod's address of
+    /// `family` comes from `extra_pod_ips` (what the CNI plugin reported, fresher than any
+    /// manifest) or else its `status.podIPs`; pods with neither, or lacking the named
+    /// target port, are left out.
     pub fn endpoints(
         &self,
         svc: &Service,
         sp: &ServicePort,
-        extra_pod_ips: &HashMap<PodKey, Ipv4Addr>,
+        extra_pod_ips: &HashMap<PodKey, PodAddrs>,
+        family: IpFamily,
     ) -> Vec<Endpoint> {
         if let Some(slice_ports) = self.endpoint_slices.get(&svc.key()) {
-            return slice_endpoints(svc, sp, slice_ports);
+            return slice_endpoints(svc, sp, slice_ports, family);
         }
         // BTreeMap iteration is already in key order, which keeps the result deterministic.
         self.pods
             .iter()
             .filter(|(_, pod)| svc.selects(pod))
             .filter_map(|(key, pod)| {
-                let ip = extra_pod_ips.get(key).copied().or(pod.ip)?;
+                let ip = pod.ip_of(family, extra_pod_ips.get(key))?;
                 let port = match &sp.target_port {
                     TargetPort::Number(n) => *n,
                     TargetPort::Name(name) => pod.container_port(name)?,
                 };
                 Some(Endpoint {
                     pod: key.clone(),
-                    addr: SocketAddrV4::new(ip, port),
+                    addr: SocketAddr::new(ip, port),
                 })
             })
             .collect()
     }
 }
 
-fn slice_endpoints(svc: &Service, sp: &ServicePort, slice_ports: &[SlicePort]) -> Vec<Endpoint> {
+fn slice_endpoints(
+    svc: &Service,
+    sp: &ServicePort,
+    slice_ports: &[SlicePort],
+    family: IpFamily,
+) -> Vec<Endpoint> {
     let mut endpoints: Vec<Endpoint> = slice_ports
         .iter()
         .filter(|p| p.name == sp.name && p.protocol == sp.protocol)
         .flat_map(|p| {
-            p.endpoints.iter().map(move |e| Endpoint {
-                pod: e
-                    .pod
-                    .clone()
-                    .unwrap_or_else(|| PodKey::new(&svc.namespace, e.ip.to_string())),
-                addr: SocketAddrV4::new(e.ip, p.port),
-            })
+            p.endpoints
+                .iter()
+                .filter(|e| IpFamily::of(e.ip) == family)
+                .map(move |e| Endpoint {
+                    pod: e
+                        .pod
+                        .clone()
+                        .unwrap_or_else(|| PodKey::new(&svc.namespace, e.ip.to_string())),
+                    addr: SocketAddr::new(e.ip, p.port),
+                })
         })
         .collect();
     endpoints.sort_by(|a, b| (&a.pod, a.addr).cmp(&(&b.pod, b.addr)));

@@ -213,6 +213,7 @@ fn echo_service() -> Service {
         namespace: "demo".into(),
         name: "echo".into(),
         cluster_ip: Some(Ipv4Addr::new(10, 96, 0, 10)),
+        cluster_ipv6: None,
         selector: map(&[("app", "echo")]),
         ports: vec![
             ServicePort {
@@ -258,19 +259,27 @@ fn server(name: &str, labels: &[(&str, &str)], ip: Option<[u8; 4]>, echo_port: O
 fn service_for_matches_cluster_ip_and_tcp_port() {
     let m = model(vec![], vec![], vec![echo_service()]);
     let ip = Ipv4Addr::new(10, 96, 0, 10);
-    let (svc, sp) = m.service_for(ip, 80).expect("echo:80");
+    let (svc, sp) = m.service_for(ip.into(), 80).expect("echo:80");
     assert_eq!(svc.key(), ServiceKey::new("demo", "echo"));
     assert_eq!(sp.name.as_deref(), Some("tcp"));
-    assert_eq!(m.service_for(ip, 81).map(|(_, sp)| sp.port), Some(81));
-    assert!(m.service_for(ip, 53).is_none(), "UDP ports are not ours");
-    assert!(m.service_for(ip, 8080).is_none());
-    assert!(m.service_for(Ipv4Addr::new(10, 96, 0, 11), 80).is_none());
+    assert_eq!(
+        m.service_for(ip.into(), 81).map(|(_, sp)| sp.port),
+        Some(81)
+    );
+    assert!(
+        m.service_for(ip.into(), 53).is_none(),
+        "UDP ports are not ours"
+    );
+    assert!(m.service_for(ip.into(), 8080).is_none());
+    assert!(m
+        .service_for(Ipv4Addr::new(10, 96, 0, 11).into(), 80)
+        .is_none());
 
     let mut headless = echo_service();
     headless.name = "headless".into();
     headless.cluster_ip = None;
     let m = model(vec![], vec![], vec![headless]);
-    assert!(m.service_for(ip, 80).is_none());
+    assert!(m.service_for(ip.into(), 80).is_none());
 }
 
 #[test]
@@ -310,11 +319,17 @@ fn endpoints_select_by_labels_and_resolve_named_port() {
     let m = model(vec![], all, vec![svc.clone()]);
 
     let mut extra = HashMap::new();
-    extra.insert(PodKey::new("demo", "e-cni"), Ipv4Addr::new(10, 0, 0, 5));
+    extra.insert(
+        PodKey::new("demo", "e-cni"),
+        PodAddrs::v4(Ipv4Addr::new(10, 0, 0, 5)),
+    );
     // The CNI plugin's address wins over status.podIP.
-    extra.insert(PodKey::new("demo", "b-v2"), Ipv4Addr::new(10, 0, 0, 33));
+    extra.insert(
+        PodKey::new("demo", "b-v2"),
+        PodAddrs::v4(Ipv4Addr::new(10, 0, 0, 33)),
+    );
 
-    let got = m.endpoints(&svc, &svc.ports[1], &extra);
+    let got = m.endpoints(&svc, &svc.ports[1], &extra, IpFamily::V4);
     let want = vec![
         Endpoint {
             pod: PodKey::new("demo", "a-v1"),
@@ -332,7 +347,7 @@ fn endpoints_select_by_labels_and_resolve_named_port() {
     assert_eq!(got, want);
 
     let got: Vec<String> = m
-        .endpoints(&svc, &svc.ports[2], &extra)
+        .endpoints(&svc, &svc.ports[2], &extra, IpFamily::V4)
         .iter()
         .map(|e| format!("{} {}", e.pod, e.addr))
         .collect();
@@ -361,7 +376,9 @@ fn empty_selector_selects_nothing() {
         )],
         vec![svc.clone()],
     );
-    assert!(m.endpoints(&svc, &svc.ports[2], &HashMap::new()).is_empty());
+    assert!(m
+        .endpoints(&svc, &svc.ports[2], &HashMap::new(), IpFamily::V4)
+        .is_empty());
 }
 
 #[test]
@@ -447,7 +464,7 @@ fn endpoint_slices_win_over_the_selector() {
         ],
     );
     let got: Vec<String> = m
-        .endpoints(&svc, &svc.ports[1], &HashMap::new())
+        .endpoints(&svc, &svc.ports[1], &HashMap::new(), IpFamily::V4)
         .iter()
         .map(|e| format!("{} {}", e.pod, e.addr))
         .collect();
@@ -461,15 +478,27 @@ fn endpoint_slices_win_over_the_selector() {
         ]
     );
     // The CNI plugin's addresses do not override what the slices say.
-    let extra = HashMap::from([(PodKey::new("demo", "local"), Ipv4Addr::new(10, 9, 9, 9))]);
-    assert_eq!(m.endpoints(&svc, &svc.ports[2], &extra).len(), 1);
+    let extra = HashMap::from([(
+        PodKey::new("demo", "local"),
+        PodAddrs::v4(Ipv4Addr::new(10, 9, 9, 9)),
+    )]);
+    assert_eq!(
+        m.endpoints(&svc, &svc.ports[2], &extra, IpFamily::V4).len(),
+        1
+    );
 
     // An empty entry means "no endpoints", not "fall back to the selector".
     m.endpoint_slices.insert(svc.key(), Vec::new());
-    assert!(m.endpoints(&svc, &svc.ports[1], &HashMap::new()).is_empty());
+    assert!(m
+        .endpoints(&svc, &svc.ports[1], &HashMap::new(), IpFamily::V4)
+        .is_empty());
     // Without an entry the selector applies again.
     m.endpoint_slices.clear();
-    assert_eq!(m.endpoints(&svc, &svc.ports[1], &HashMap::new()).len(), 1);
+    assert_eq!(
+        m.endpoints(&svc, &svc.ports[1], &HashMap::new(), IpFamily::V4)
+            .len(),
+        1
+    );
     // No slices, no change to the config dump.
     assert!(serde_json::to_value(&m)
         .unwrap()

@@ -2,7 +2,7 @@
 //! ([`Direction`]), what became of it ([`Outcome`], with a typed [`ProxyError`] when the
 //! proxy could not carry it) and its [`ConnectionRecord`]. A leaf: the listener, the
 //! gateway and the upstream code produce these, the metrics and `/config_dump` read them.
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -40,6 +40,34 @@ impl Direction {
             Direction::Outbound => "outbound",
             Direction::Inbound => "inbound",
             Direction::Gateway => "gateway",
+        }
+    }
+}
+
+/// Which source address the inbound proxy's socket to the application had (with
+/// `--preserve-client-ip`, the default).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAddress {
+    /// The client's address and port: the application sees its real peer.
+    Preserved,
+    /// The pod's own address, because the client is the pod itself (its own address or
+    /// loopback): its address is already the pod's, and binding it would clash with the
+    /// client's own socket.
+    OwnAddress,
+    /// The pod's own address, because binding or connecting from the client's address
+    /// failed (the port is taken in the pod, the family differs, the pod has no policy
+    /// route): the connection goes on, the application sees the pod as its peer.
+    Fallback,
+}
+
+impl ClientAddress {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientAddress::Preserved => "preserved",
+            ClientAddress::OwnAddress => "own_address",
+            ClientAddress::Fallback => "fallback",
         }
     }
 }
@@ -92,9 +120,9 @@ pub enum ProxyError {
     /// The connect failed, and so did the one retry on another endpoint.
     #[error("connect {addr}: {first}; retry on {retry}: {source}")]
     ConnectRetry {
-        addr: SocketAddrV4,
+        addr: SocketAddr,
         first: std::io::Error,
-        retry: SocketAddrV4,
+        retry: SocketAddr,
         #[source]
         source: std::io::Error,
     },
@@ -152,11 +180,7 @@ impl ProxyError {
                 route: route.clone(),
                 reason: reason.clone(),
             }),
-            Target::Endpoint { .. }
-            | Target::Passthrough { .. }
-            | Target::Local { .. }
-            | Target::Passthrough6 { .. }
-            | Target::Local6 { .. } => None,
+            Target::Endpoint { .. } | Target::Passthrough { .. } | Target::Local { .. } => None,
         }
     }
 }
@@ -206,6 +230,9 @@ pub struct ConnectionRecord {
     pub target: Option<Target>,
     pub outcome: Outcome,
     pub copy_mode: CopyMode,
+    /// Inbound, when the agent preserves client addresses: whether this one was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_address: Option<ClientAddress>,
     #[serde(flatten)]
     pub bytes: Forwarded,
     /// When the listener accepted the connection (milliseconds since the epoch).
@@ -230,6 +257,7 @@ impl ConnectionRecord {
             target: None,
             outcome: Outcome::Open,
             copy_mode: CopyMode::default(),
+            client_address: None,
             bytes: Forwarded::default(),
             unix_ms: SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
@@ -252,15 +280,11 @@ impl ConnectionRecord {
                 backend.clone(),
             ),
             Some(Target::Refused { route, service, .. }) => (route.clone(), service.clone()),
-            Some(Target::Passthrough { .. } | Target::Passthrough6 { .. }) => {
-                ("passthrough".into(), "passthrough".into())
-            }
+            Some(Target::Passthrough { .. }) => ("passthrough".into(), "passthrough".into()),
             Some(Target::Local {
                 node_probe: true, ..
             }) => ("node probe".into(), self.pod.clone()),
-            Some(Target::Local { .. } | Target::Local6 { .. }) => {
-                ("inbound".into(), self.pod.clone())
-            }
+            Some(Target::Local { .. }) => ("inbound".into(), self.pod.clone()),
             None => ("none".into(), "none".into()),
         }
     }
@@ -270,10 +294,7 @@ impl ConnectionRecord {
         match &self.target {
             Some(Target::Endpoint { addr, .. })
             | Some(Target::Passthrough { addr })
-            | Some(Target::Local { addr, .. }) => Some(SocketAddr::V4(*addr)),
-            Some(Target::Passthrough6 { addr }) | Some(Target::Local6 { addr }) => {
-                Some(SocketAddr::V6(*addr))
-            }
+            | Some(Target::Local { addr, .. }) => Some(*addr),
             Some(Target::NoEndpoints { .. }) | Some(Target::Refused { .. }) | None => None,
         }
     }

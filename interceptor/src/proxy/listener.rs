@@ -2,17 +2,17 @@
 //! original destination, pick the target (outbound: within the upstream policies, with
 //! one retry on a connect failure, and on a Service port routed by server name after
 //! peeking the ClientHello, see [`outbound_sni`]; inbound: within the Service's rate
-//! limit), connect with
-//! a socket from the pod's [`SocketFactory`] (made inside the pod, with the proxy mark
-//! the programs skip), and forward.
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+//! limit), connect with a socket from the pod's [`SocketFactory`] (made inside the pod, with the proxy mark
+//! the programs skip; inbound, bound to the client's address unless the agent was told
+//! not to, see [`connect_app`]), and forward.
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
-use super::connection::{ConnectionRecord, Direction, ProxyError};
+use super::connection::{ClientAddress, ConnectionRecord, Direction, ProxyError};
 use super::forward::{forward, reset_on_close, CopyMode};
 use super::log::ConnectionLog;
 use super::orig_dst::original_dst_any;
@@ -66,6 +66,11 @@ pub struct ListenerContext {
     pub accepting: tokio::sync::watch::Receiver<bool>,
     /// The pod's address: a route table knows the pod once it counts it enrolled.
     pub pod_ip: Ipv4Addr,
+    /// Inbound: dial the application from the client's address and port (a transparent
+    /// socket; the pod's policy route brings the replies back), so it sees its real
+    /// peer. Off (`--preserve-client-ip false`, or the pod's route could not be
+    /// installed): from the pod's own address.
+    pub preserve_client_ip: bool,
     /// Bumped whenever a new route table is stored. Tables are built off the CNI ADD
     /// path, so a pod's first connections may come before a table that knows the pod.
     pub routes_published: tokio::sync::watch::Receiver<u64>,
@@ -160,10 +165,6 @@ async fn proxy_one(
         }
     };
     record.original_dst = Some(original);
-    let original = match original {
-        SocketAddr::V4(original) => original,
-        SocketAddr::V6(original) => return proxy_one6(stream, ctx, record, original).await,
-    };
     let table = match ctx.table_knowing_pod().await {
         Ok(table) => table,
         Err(error) => {
@@ -171,10 +172,9 @@ async fn proxy_one(
             return Err(error);
         }
     };
-    let client_ip = match record.client {
-        SocketAddr::V4(client) => *client.ip(),
-        SocketAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
-    };
+    // Either family: a dual-stack pod's IPv6 flows go through the same table (IPv6
+    // Service VIPs, IPv6 clients' identities) as its IPv4 ones.
+    let client_ip = record.client.ip();
     let (target, opened) = match ctx.direction {
         Direction::Outbound => {
             let sni = match outbound_sni(&stream, ctx, &table, original, record).await {
@@ -198,7 +198,7 @@ async fn proxy_one(
             )
             .await
         }
-        Direction::Inbound | Direction::Gateway => inbound(ctx, &table, original, client_ip).await,
+        Direction::Inbound | Direction::Gateway => inbound(ctx, &table, original, record).await,
     };
     record.target = Some(target);
     let (upstream, leases) = match opened {
@@ -217,11 +217,12 @@ async fn proxy_one(
             (
                 Direction::Outbound,
                 Some(Target::Endpoint { addr, .. } | Target::Passthrough { addr }),
-            ) => *addr.ip(),
-            (Direction::Outbound, _) => Ipv4Addr::UNSPECIFIED,
+            ) => addr.ip(),
+            (Direction::Outbound, _) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             (Direction::Inbound | Direction::Gateway, _) => client_ip,
         };
-        table.is_local_enrolled(&peer)
+        // The SOCKHASH is IPv4 only (see interceptor-ebpf's flows.rs).
+        matches!(peer, IpAddr::V4(peer) if table.is_local_enrolled(&peer))
     };
     let mode = if in_sockhash {
         CopyMode::Userspace
@@ -234,64 +235,18 @@ async fn proxy_one(
     Ok(())
 }
 
-/// An IPv6 flow of a dual-stack pod (eBPF mode). The route table is IPv4 only (no IPv6
-/// Services, upstream policies or sockmap yet), so an outbound flow goes where the app
-/// was going and an inbound one to the app on its port, once the access check (which
-/// treats every IPv6 client as unknown in SMI mode) lets it in. The upstream socket is
-/// made in the pod with the proxy mark, so connect6 lets it through (or, to an enrolled
-/// pod of this node, hands it to that pod's 15003).
-async fn proxy_one6(
-    stream: TcpStream,
-    ctx: &ListenerContext,
-    record: &mut ConnectionRecord,
-    original: SocketAddrV6,
-) -> Result<(), ProxyError> {
-    let target = match ctx.direction {
-        Direction::Outbound => Target::Passthrough6 { addr: original },
-        Direction::Inbound | Direction::Gateway => {
-            let table = match ctx.table_knowing_pod().await {
-                Ok(table) => table,
-                Err(error) => {
-                    reset_on_close(&stream);
-                    return Err(error);
-                }
-            };
-            let client = match record.client {
-                SocketAddr::V6(client) => *client.ip(),
-                SocketAddr::V4(client) => client.ip().to_ipv6_mapped(),
-            };
-            if let Err(reason) = table.admit_inbound6(client) {
-                let (target, refused) = upstream::refusal(ctx.pod.to_string(), "inbound", reason);
-                record.target = Some(target);
-                reset_on_close(&stream);
-                return refused.map(drop);
-            }
-            Target::Local6 { addr: original }
-        }
-    };
-    record.target = Some(target);
-    let addr = SocketAddr::V6(original);
-    let upstream = match socket::connect_any(&*ctx.sockets, addr, DEFAULT_CONNECT_TIMEOUT).await {
-        Ok(upstream) => upstream,
-        Err(source) => {
-            reset_on_close(&stream);
-            return Err(ProxyError::Connect { addr, source });
-        }
-    };
-    record.copy_mode = CopyMode::Splice;
-    record.bytes = forward(stream, upstream, CopyMode::Splice).await;
-    Ok(())
-}
-
 /// Inbound traffic is for the application in this pod, on the port it was sent to, if
 /// the traffic policy lets the client reach it and the Service's rate limit has a token.
 /// A failed connect to the application counts against the pod as an endpoint.
 async fn inbound(
     ctx: &ListenerContext,
     table: &RouteTable,
-    original: SocketAddrV4,
-    client: Ipv4Addr,
+    original: SocketAddr,
+    record: &mut ConnectionRecord,
 ) -> upstream::Opened {
+    // Access rules and rate limits are the accepted peer's, whatever the socket to the
+    // application is bound to.
+    let client = record.client.ip();
     let refuse = |route: &str, reason| upstream::refusal(ctx.pod.to_string(), route, reason);
     let admission = match table.admit_inbound(client, &ctx.pod, original.port()) {
         Ok(admission) => admission,
@@ -317,14 +272,16 @@ async fn inbound(
         addr: original,
         node_probe: admission == Admission::NodeProbe,
     };
-    match socket::connect(&*ctx.sockets, original, DEFAULT_CONNECT_TIMEOUT).await {
+    let (connected, source) = connect_app(ctx, record.client, original).await;
+    record.client_address = source;
+    match connected {
         Ok(stream) => (target, Ok((stream, upstream::Leases::default()))),
         Err(source) => {
             if let Some(settings) = settings {
                 ctx.upstreams.failed(original, settings, Instant::now());
             }
             let error = ProxyError::Connect {
-                addr: SocketAddr::V4(original),
+                addr: original,
                 source,
             };
             (target, Err(error))
@@ -340,7 +297,7 @@ async fn outbound_sni(
     stream: &TcpStream,
     ctx: &ListenerContext,
     table: &RouteTable,
-    original: SocketAddrV4,
+    original: SocketAddr,
     record: &mut ConnectionRecord,
 ) -> Result<Option<String>, ProxyError> {
     if !table.routes_by_sni(original) {
@@ -360,4 +317,58 @@ async fn outbound_sni(
         });
     }
     Ok(sni)
+}
+
+/// Connect to the application in this pod at `app`. With client addresses preserved, the
+/// socket is bound to `client` (the accepted peer), so the application sees who really
+/// called; the pod's own address is used instead, and said so in the returned
+/// [`ClientAddress`] (counted in `interceptor_inbound_client_address_total`), when the
+/// client is the pod itself, or when binding or connecting from the client's address
+/// fails. Transparency is never a reason to refuse: the connection still goes through
+/// the proxy, only with the pod's address.
+async fn connect_app(
+    ctx: &ListenerContext,
+    client: SocketAddr,
+    app: SocketAddr,
+) -> (std::io::Result<TcpStream>, Option<ClientAddress>) {
+    let own = || socket::connect(&*ctx.sockets, app, DEFAULT_CONNECT_TIMEOUT);
+    if !ctx.preserve_client_ip {
+        return (own().await, None);
+    }
+    if is_own_address(client.ip(), app.ip(), ctx.pod_ip) || client.is_ipv4() != app.is_ipv4() {
+        return (own().await, Some(ClientAddress::OwnAddress));
+    }
+    let error = match ctx.sockets.transparent(client) {
+        Ok(socket) => {
+            match socket::connect_socket(socket, app, DEFAULT_CONNECT_TIMEOUT).await {
+                Ok(stream) => return (Ok(stream), Some(ClientAddress::Preserved)),
+                // The 4-tuple is taken (the client port's last connection is in TIME_WAIT
+                // on our side): the pod's address will do.
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        std::io::ErrorKind::AddrInUse | std::io::ErrorKind::AddrNotAvailable
+                    ) =>
+                {
+                    error
+                }
+                // The application itself did not answer: no other source would help.
+                Err(error) => return (Err(error), Some(ClientAddress::Preserved)),
+            }
+        }
+        Err(error) => error,
+    };
+    tracing::debug!(pod = %ctx.pod, %client, %app, %error,
+        "cannot dial the application from the client's address: from the pod's own");
+    (own().await, Some(ClientAddress::Fallback))
+}
+
+/// Whether `client` is the pod itself: loopback, the address it dialled (the pod's, on
+/// an inbound connection) or the pod's IPv4 address.
+fn is_own_address(client: IpAddr, dialled: IpAddr, pod_ip: Ipv4Addr) -> bool {
+    client.is_loopback()
+        || client.is_unspecified()
+        || client == dialled
+        || client == IpAddr::V4(pod_ip)
+        || client.to_canonical() == IpAddr::V4(pod_ip)
 }

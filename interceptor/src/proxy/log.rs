@@ -96,6 +96,7 @@ pub fn access_log_line(record: &ConnectionRecord) -> serde_json::Value {
         "pod": record.pod,
         "source_pod": (record.direction == Direction::Outbound).then_some(record.pod.as_str()),
         "client": record.client,
+        "client_address": record.client_address,
         "original_dst": record.original_dst,
         "target": record.target_addr(),
         "destination_pod": destination_pod,

@@ -48,6 +48,13 @@ struct TlsLabels {
     reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClientAddressLabels {
+    /// [`super::connection::ClientAddress::as_str`]: `preserved`, `own_address` or
+    /// `fallback`.
+    source: &'static str,
+}
+
 #[derive(Debug)]
 pub struct ProxyMetrics {
     registry: Registry,
@@ -60,6 +67,7 @@ pub struct ProxyMetrics {
     refused: Family<RouteLabels, Counter>,
     failures: Family<FailureLabels, Counter>,
     tls_refused: Family<TlsLabels, Counter>,
+    client_address: Family<ClientAddressLabels, Counter>,
     upstream: UpstreamMetrics,
 }
 
@@ -72,6 +80,7 @@ impl Default for ProxyMetrics {
         let refused = Family::<RouteLabels, Counter>::default();
         let failures = Family::<FailureLabels, Counter>::default();
         let tls_refused = Family::<TlsLabels, Counter>::default();
+        let client_address = Family::<ClientAddressLabels, Counter>::default();
         registry.register(
             "proxy_connections",
             "Connections the proxy handled, counted when they end",
@@ -102,6 +111,13 @@ impl Default for ProxyMetrics {
             "Connections to a port routed by server name (TLS passthrough) that were reset: no usable ClientHello, or no route for its server name",
             tls_refused.clone(),
         );
+        registry.register(
+            "inbound_client_address",
+            "Inbound connections by the source address of the proxy's socket to the \
+             application: the client's (preserved), or the pod's own because the client is \
+             the pod (own_address) or binding the client's address failed (fallback)",
+            client_address.clone(),
+        );
         let upstream = UpstreamMetrics::default();
         upstream.register(&mut registry);
         Self {
@@ -113,6 +129,7 @@ impl Default for ProxyMetrics {
             refused,
             failures,
             tls_refused,
+            client_address,
             upstream,
         }
     }
@@ -182,6 +199,13 @@ impl ProxyMetrics {
             backend,
         };
         self.connections.get_or_create(&labels).inc();
+        if let Some(source) = record.client_address {
+            self.client_address
+                .get_or_create(&ClientAddressLabels {
+                    source: source.as_str(),
+                })
+                .inc();
+        }
         if record.direction == super::connection::Direction::Outbound {
             let mut outbound = crate::sync::lock(&self.outbound);
             if !outbound.contains(&labels) {
@@ -267,6 +291,7 @@ mod tests {
             }),
             outcome: Outcome::Closed,
             copy_mode: CopyMode::Splice,
+            client_address: None,
             bytes: Forwarded {
                 upstream_bytes: 5,
                 downstream_bytes: 11,
@@ -395,6 +420,7 @@ mod tests {
                     source: std::io::ErrorKind::ConnectionRefused.into(),
                 })),
                 copy_mode: CopyMode::Splice,
+                client_address: None,
                 bytes: Forwarded {
                     upstream_bytes: 5,
                     downstream_bytes: 0,

@@ -16,14 +16,14 @@ mod settings;
 mod split;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
-use crate::model::{Endpoint, Model, PodKey};
+use crate::model::{Endpoint, Model, PodAddrs, PodKey};
 pub use compile::{Condition, RouteStatus};
 pub use gateway::{GatewayTable, ListenerStatus};
 pub use settings::{
@@ -37,7 +37,9 @@ pub const MESH_GATEWAY: &str = "mesh";
 /// An immutable routing snapshot.
 #[derive(Debug, Default)]
 pub struct RouteTable {
-    services: HashMap<SocketAddrV4, ServiceRoute>,
+    /// Keyed by VIP and port, of either family: an IPv6 ClusterIP routes to IPv6
+    /// endpoints with the same policies as the Service's IPv4 one.
+    services: HashMap<SocketAddr, ServiceRoute>,
     /// Addresses of the pods enrolled on this node.
     local_enrolled: HashSet<Ipv4Addr>,
     /// Namespace and labels of the model's pods, for source matches.
@@ -46,10 +48,10 @@ pub struct RouteTable {
     statuses: Vec<RouteStatus>,
     /// SMI traffic policy mode; `None` is permissive mode.
     access: Option<access::AccessPolicy>,
-    /// Which pod has an address: what CNI reported, then `status.podIP`.
-    pods_by_ip: HashMap<Ipv4Addr, PodKey>,
+    /// Which pod has an address (IPv4 or IPv6): what CNI reported, then `status.podIPs`.
+    pods_by_ip: HashMap<IpAddr, PodKey>,
     /// The upstream settings of the Service port each endpoint address serves, and its pod.
-    endpoint_settings: HashMap<SocketAddrV4, (Arc<UpstreamSettings>, PodKey)>,
+    endpoint_settings: HashMap<SocketAddr, (Arc<UpstreamSettings>, PodKey)>,
     /// The endpoints with an active check.
     checked: Vec<Checked>,
 }
@@ -122,7 +124,7 @@ struct Rule {
 #[derive(Debug, Default)]
 struct Match {
     port: Option<u16>,
-    destination_subnets: Vec<Ipv4Net>,
+    destination_subnets: Vec<IpNet>,
     source_labels: BTreeMap<String, String>,
     source_namespace: Option<String>,
     /// Empty: the VirtualService's own gateways.
@@ -160,11 +162,11 @@ pub trait EndpointHealth: Sync {
 #[derive(Clone, Copy, Default)]
 pub struct Pick<'a> {
     /// The client's address, for source IP hashing.
-    pub client: Option<Ipv4Addr>,
+    pub client: Option<IpAddr>,
     /// Open connections and ejections; without it every endpoint is healthy and idle.
     pub health: Option<&'a dyn EndpointHealth>,
     /// An endpoint not to choose (the one a retry moves away from).
-    pub avoid: Option<SocketAddrV4>,
+    pub avoid: Option<SocketAddr>,
 }
 
 /// A decision and, for a Service endpoint, the settings of its Service port.
@@ -221,7 +223,7 @@ impl Backend {
                 self.in_turn(&least)
             }
             Balancer::SourceIpHash => {
-                let client = u32::from(pick.client?);
+                let client = pick.client?;
                 candidates
                     .into_iter()
                     .max_by_key(|i| rendezvous(client, self.endpoints[*i].addr))?
@@ -244,9 +246,21 @@ impl Backend {
 
 /// Rendezvous (highest random weight) score of an endpoint for a client: the client goes
 /// to the endpoint with the highest score, so removing an endpoint moves only its clients.
-fn rendezvous(client: u32, endpoint: SocketAddrV4) -> u64 {
-    let endpoint = (u64::from(u32::from(*endpoint.ip())) << 16) | u64::from(endpoint.port());
-    splitmix64(splitmix64(u64::from(client)) ^ endpoint)
+fn rendezvous(client: IpAddr, endpoint: SocketAddr) -> u64 {
+    let endpoint = (fold(endpoint.ip()) << 16) ^ u64::from(endpoint.port());
+    splitmix64(splitmix64(fold(client)) ^ endpoint)
+}
+
+/// An address as 64 bits for hashing: an IPv4 address as itself (so IPv4 clients keep the
+/// endpoints they had), an IPv6 one as its two halves mixed.
+fn fold(ip: IpAddr) -> u64 {
+    match ip {
+        IpAddr::V4(ip) => u64::from(u32::from(ip)),
+        IpAddr::V6(ip) => {
+            let bits = u128::from(ip);
+            splitmix64(bits as u64) ^ ((bits >> 64) as u64)
+        }
+    }
 }
 
 /// SplitMix64's finalizer: a fixed, well-mixed 64-bit hash (the same on every node and
@@ -282,7 +296,7 @@ pub enum Target {
         route: Option<String>,
         backend: String,
         pod: String,
-        addr: SocketAddrV4,
+        addr: SocketAddr,
     },
     /// The chosen backend has no ready endpoint: the connection is refused.
     NoEndpoints {
@@ -298,21 +312,28 @@ pub enum Target {
         reason: String,
     },
     /// Not a Service address: forward to where the application was going.
-    Passthrough { addr: SocketAddrV4 },
+    Passthrough { addr: SocketAddr },
     /// Inbound: deliver to the application inside the pod.
     Local {
-        addr: SocketAddrV4,
+        addr: SocketAddr,
         /// Let in as the node's probe (kubelet), not by the traffic policy.
         #[serde(skip_serializing_if = "std::ops::Not::not")]
         node_probe: bool,
     },
-    /// [`Target::Passthrough`] for an IPv6 destination (no IPv6 Service routing yet:
-    /// every IPv6 destination is passed through).
-    #[serde(rename = "passthrough")]
-    Passthrough6 { addr: SocketAddrV6 },
-    /// [`Target::Local`] for an IPv6 flow to the pod.
-    #[serde(rename = "local")]
-    Local6 { addr: SocketAddrV6 },
+}
+
+/// One Service VIP:port as `/config_dump` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ServiceRouteView {
+    /// A ClusterIP of either family, and the port.
+    pub vip: SocketAddr,
+    /// `namespace/name:port`.
+    pub service: String,
+    /// The routing object in force for it (`Kind namespace/name`), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    /// The Service's own endpoints of the VIP's family (a policy may send elsewhere).
+    pub endpoints: Vec<SocketAddr>,
 }
 
 /// Why an inbound connection was let in.
@@ -330,7 +351,7 @@ impl RouteTable {
     /// `memory`: the last valid upstream settings objects, kept across builds.
     pub fn build(
         model: &Model,
-        pod_ips: &HashMap<PodKey, Ipv4Addr>,
+        pod_ips: &HashMap<PodKey, PodAddrs>,
         local_enrolled: HashSet<Ipv4Addr>,
         permissive: bool,
         memory: &mut LastValid,
@@ -345,12 +366,16 @@ impl RouteTable {
         let checked = settings::checked(model, &endpoint_settings);
         let (policy, access_statuses) = access::build(model, !permissive);
         compiled.statuses.extend(access_statuses);
-        let mut pods_by_ip: HashMap<Ipv4Addr, PodKey> = model
+        let mut pods_by_ip: HashMap<IpAddr, PodKey> = model
             .pods
             .iter()
-            .filter_map(|(key, pod)| Some((pod.ip?, key.clone())))
+            .flat_map(|(key, pod)| pod.ips().map(move |ip| (ip, key.clone())))
             .collect();
-        pods_by_ip.extend(pod_ips.iter().map(|(key, ip)| (*ip, key.clone())));
+        pods_by_ip.extend(
+            pod_ips
+                .iter()
+                .flat_map(|(key, ips)| ips.iter().map(move |ip| (ip, key.clone()))),
+        );
         let sources = model
             .pods
             .iter()
@@ -370,14 +395,14 @@ impl RouteTable {
 
     /// Where a connection goes, and in SMI mode whether it may, with every endpoint
     /// healthy and idle.
-    pub fn resolve(&self, original: SocketAddrV4, source: ConnectionSource<'_>) -> Target {
+    pub fn resolve(&self, original: SocketAddr, source: ConnectionSource<'_>) -> Target {
         self.resolve_with(original, source, &Pick::default()).target
     }
 
     /// Where a connection goes, choosing the endpoint as `pick` allows.
     pub fn resolve_with(
         &self,
-        original: SocketAddrV4,
+        original: SocketAddr,
         source: ConnectionSource<'_>,
         pick: &Pick<'_>,
     ) -> Resolved {
@@ -403,12 +428,12 @@ impl RouteTable {
     }
 
     /// The upstream settings of the Service port `addr` (a pod's address and port) serves.
-    pub fn endpoint_settings(&self, addr: &SocketAddrV4) -> Option<&Arc<UpstreamSettings>> {
+    pub fn endpoint_settings(&self, addr: &SocketAddr) -> Option<&Arc<UpstreamSettings>> {
         self.endpoint_settings.get(addr).map(|(s, _)| s)
     }
 
     /// Whether `addr` is an endpoint of a Service now.
-    pub fn is_endpoint(&self, addr: &SocketAddrV4) -> bool {
+    pub fn is_endpoint(&self, addr: &SocketAddr) -> bool {
         self.endpoint_settings.contains_key(addr)
     }
 
@@ -428,7 +453,7 @@ impl RouteTable {
                 // Not the address: it would make one metric series per destination.
                 "passthrough".to_owned(),
                 self.pods_by_ip
-                    .get(addr.ip())
+                    .get(&addr.ip())
                     .map(|pod| (Some(pod.clone()), *addr)),
             ),
             _ => return target,
@@ -446,17 +471,17 @@ impl RouteTable {
         }
     }
 
-    /// Inbound: whether the client at `client` may reach `pod` on `port`. In SMI mode a
-    /// TrafficTarget must grant it; the node's probe address is let in on every port in
-    /// both modes, and said so (only the node's own connections carry it: see
-    /// `datapath::probes`).
+    /// Inbound: whether the client at `client` (either family: a pod is known by its IPv4
+    /// and its IPv6 address) may reach `pod` on `port`. In SMI mode a TrafficTarget must
+    /// grant it; the node's probe address (IPv4) is let in on every port in both modes,
+    /// and said so (only the node's own connections carry it: see `datapath::probes`).
     pub fn admit_inbound(
         &self,
-        client: Ipv4Addr,
+        client: IpAddr,
         pod: &PodKey,
         port: u16,
     ) -> Result<Admission, String> {
-        if client == interceptor_common::NODE_PROBE_SOURCE {
+        if client == IpAddr::V4(interceptor_common::NODE_PROBE_SOURCE) {
             return Ok(Admission::NodeProbe);
         }
         if self.access.is_none() {
@@ -467,17 +492,6 @@ impl RouteTable {
         };
         self.check_access(Some(source), Some(pod), port)
             .map(|()| Admission::Granted)
-    }
-
-    /// [`RouteTable::admit_inbound`] for an IPv6 client. The table knows pods by their
-    /// IPv4 address only, so in SMI mode an IPv6 client is not a known mesh workload and
-    /// is refused, as an unknown IPv4 client is: IPv6 never widens access. Permissive
-    /// mode lets it in. (The node's probe source is IPv4: no IPv6 probe admission.)
-    pub fn admit_inbound6(&self, client: Ipv6Addr) -> Result<Admission, String> {
-        if self.access.is_none() {
-            return Ok(Admission::Granted);
-        }
-        Err(format!("{ACCESS_POLICY}: {client} is not a mesh workload"))
     }
 
     fn check_access(
@@ -507,7 +521,7 @@ impl RouteTable {
 
     fn route(
         &self,
-        original: SocketAddrV4,
+        original: SocketAddr,
         source: ConnectionSource<'_>,
         pick: &Pick<'_>,
     ) -> (Target, Option<Arc<UpstreamSettings>>) {
@@ -573,7 +587,7 @@ impl RouteTable {
 
     /// Whether connections to `original` are routed by the server name of their
     /// ClientHello (a VirtualService `tls` rule routes the Service port).
-    pub fn routes_by_sni(&self, original: SocketAddrV4) -> bool {
+    pub fn routes_by_sni(&self, original: SocketAddr) -> bool {
         self.services
             .get(&original)
             .and_then(|route| route.policy.as_ref())
@@ -581,14 +595,14 @@ impl RouteTable {
     }
 
     /// The Service port `original` is (`namespace/name:port`), for refusals.
-    pub fn service_name(&self, original: SocketAddrV4) -> Option<&str> {
+    pub fn service_name(&self, original: SocketAddr) -> Option<&str> {
         self.services.get(&original).map(|r| r.service.as_str())
     }
 
     /// Whether a rule of the policy of `original` matches a connection from `source`
     /// (with its server name): on a port routed by server name, a connection none
     /// matches is refused.
-    pub fn matches_sni(&self, original: SocketAddrV4, source: ConnectionSource<'_>) -> bool {
+    pub fn matches_sni(&self, original: SocketAddr, source: ConnectionSource<'_>) -> bool {
         let Some(policy) = self.services.get(&original).and_then(|r| r.policy.as_ref()) else {
             return true;
         };
@@ -607,6 +621,23 @@ impl RouteTable {
         self.local_enrolled.contains(ip)
     }
 
+    /// Every Service VIP:port with what routes it, sorted by VIP (IPv4 first), for the
+    /// config dump.
+    pub fn service_routes(&self) -> Vec<ServiceRouteView> {
+        let mut views: Vec<ServiceRouteView> = self
+            .services
+            .iter()
+            .map(|(vip, route)| ServiceRouteView {
+                vip: *vip,
+                service: route.service.clone(),
+                policy: route.policy.as_ref().map(|p| p.route.clone()),
+                endpoints: route.default.endpoints.iter().map(|e| e.addr).collect(),
+            })
+            .collect();
+        views.sort_by_key(|v| v.vip);
+        views
+    }
+
     /// Number of Service ports known, for the config dump.
     pub fn service_ports(&self) -> usize {
         self.services.len()
@@ -622,7 +653,7 @@ impl RouteTable {
 /// known), accepted by `gateway` (`None`: the mesh), whose ClientHello named `sni`.
 fn holds(
     m: &Match,
-    original: SocketAddrV4,
+    original: SocketAddr,
     pod: Option<&Source>,
     gateway: Option<&str>,
     sni: Option<&str>,
@@ -632,7 +663,7 @@ fn holds(
         && (m.destination_subnets.is_empty()
             || m.destination_subnets
                 .iter()
-                .any(|net| net.contains(original.ip())))
+                .any(|net| net.contains(&original.ip())))
         && (m.source_labels.is_empty()
             || pod.is_some_and(|p| {
                 m.source_labels

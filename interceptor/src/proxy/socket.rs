@@ -4,7 +4,7 @@
 //! gateway uses [`HostSockets`]. This is ztunnel's `SocketFactory` split.
 use std::future::Future;
 use std::io;
-use std::net::{Ipv6Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use tokio::net::{TcpSocket, TcpStream};
@@ -24,6 +24,19 @@ pub trait SocketFactory: Send + Sync + std::fmt::Debug {
         Err(io::Error::new(
             io::ErrorKind::Unsupported,
             "this socket factory makes no IPv6 sockets",
+        ))
+    }
+
+    /// A non-blocking TCP socket of `source`'s family bound to `source`, an address that
+    /// is not this place's (`IP_TRANSPARENT`/`IPV6_TRANSPARENT`, with the transparent
+    /// mark the pod's policy route recognises): the inbound proxy's socket to the
+    /// application, so that it sees the client's address. The default refuses (a place
+    /// without the policy route could not get the replies back).
+    fn transparent(&self, source: SocketAddr) -> io::Result<socket2::Socket> {
+        let _ = source;
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this socket factory makes no transparent sockets",
         ))
     }
 
@@ -63,19 +76,9 @@ impl SocketFactory for HostSockets {
     }
 }
 
-/// Connect to `addr` with a socket from `sockets`, given up as timed out after `timeout`.
+/// Connect to `addr` with a socket from `sockets` (an IPv6 address gets one from
+/// [`SocketFactory::tcp6`]), given up as timed out after `timeout`.
 pub async fn connect(
-    sockets: &dyn SocketFactory,
-    addr: SocketAddrV4,
-    timeout: Duration,
-) -> io::Result<TcpStream> {
-    let socket = TcpSocket::from_std_stream(sockets.tcp()?.into());
-    within(timeout, socket.connect(SocketAddr::V4(addr))).await
-}
-
-/// [`connect`] for an address of either family: an IPv6 one gets a socket from
-/// [`SocketFactory::tcp6`].
-pub async fn connect_any(
     sockets: &dyn SocketFactory,
     addr: SocketAddr,
     timeout: Duration,
@@ -84,6 +87,20 @@ pub async fn connect_any(
         SocketAddr::V4(_) => sockets.tcp()?,
         SocketAddr::V6(_) => sockets.tcp6()?,
     };
+    within(
+        timeout,
+        TcpSocket::from_std_stream(socket.into()).connect(addr),
+    )
+    .await
+}
+
+/// Connect `socket` (from a [`SocketFactory`], e.g. [`SocketFactory::transparent`]) to
+/// `addr`, given up as timed out after `timeout`.
+pub async fn connect_socket(
+    socket: socket2::Socket,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
     within(
         timeout,
         TcpSocket::from_std_stream(socket.into()).connect(addr),
@@ -161,9 +178,9 @@ mod tests {
     async fn accepted_and_upstream_sockets_have_nodelay() {
         let listener = tokio::net::TcpListener::from_std(reuseport_listener(0).unwrap()).unwrap();
         let port = listener.local_addr().unwrap().port();
-        let addr = SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, port);
+        let addr = std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, port);
         let (upstream, accepted) = tokio::join!(
-            connect(&HostSockets, addr, Duration::from_secs(5)),
+            connect(&HostSockets, addr.into(), Duration::from_secs(5)),
             listener.accept()
         );
         assert!(upstream.unwrap().nodelay().unwrap());

@@ -7,7 +7,7 @@
 //! any byte of the client has been read.
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -66,7 +66,7 @@ pub struct UpstreamMetrics {
     checks: Family<CheckLabels, Counter>,
     open: Family<EndpointLabels, Gauge>,
     /// The hosts each endpoint has series for.
-    seen: Arc<Mutex<HashMap<SocketAddrV4, HashSet<String>>>>,
+    seen: Arc<Mutex<HashMap<SocketAddr, HashSet<String>>>>,
 }
 
 impl UpstreamMetrics {
@@ -104,7 +104,7 @@ impl UpstreamMetrics {
     }
 
     /// A connection to `endpoint` of `host` refused on purpose, for `reason`.
-    fn refused(&self, host: &str, endpoint: SocketAddrV4, reason: &'static str) {
+    fn refused(&self, host: &str, endpoint: SocketAddr, reason: &'static str) {
         let labels = RefusedLabels {
             endpoint: self.labels(host, endpoint),
             reason,
@@ -116,7 +116,7 @@ impl UpstreamMetrics {
 impl UpstreamMetrics {
     /// The labels of `endpoint` of `host`, remembered so [`UpstreamMetrics::forget`] can
     /// remove its series once the endpoint is gone.
-    fn labels(&self, host: &str, endpoint: SocketAddrV4) -> EndpointLabels {
+    fn labels(&self, host: &str, endpoint: SocketAddr) -> EndpointLabels {
         let mut seen = lock(&self.seen);
         let hosts = seen.entry(endpoint).or_default();
         if !hosts.contains(host) {
@@ -130,10 +130,10 @@ impl UpstreamMetrics {
 
     /// Remove every series of endpoints that `keep` rejects, so a cluster whose pods come
     /// and go does not grow `/metrics` (and the agent's memory) without bound.
-    fn forget(&self, keep: impl Fn(&SocketAddrV4) -> bool) {
-        let gone: Vec<(SocketAddrV4, HashSet<String>)> = {
+    fn forget(&self, keep: impl Fn(&SocketAddr) -> bool) {
+        let gone: Vec<(SocketAddr, HashSet<String>)> = {
             let mut seen = lock(&self.seen);
-            let addrs: Vec<SocketAddrV4> = seen.keys().filter(|a| !keep(a)).copied().collect();
+            let addrs: Vec<SocketAddr> = seen.keys().filter(|a| !keep(a)).copied().collect();
             addrs
                 .into_iter()
                 .filter_map(|addr| seen.remove(&addr).map(|hosts| (addr, hosts)))
@@ -178,8 +178,8 @@ struct State {
     /// Open connections per (client, host), counted only for hosts with a limit.
     open: HashMap<(String, String), u32>,
     /// Token buckets per (endpoint, host): one per instance, as FSM's local rate limit.
-    buckets: HashMap<(SocketAddrV4, String), Bucket>,
-    endpoints: HashMap<SocketAddrV4, EndpointState>,
+    buckets: HashMap<(SocketAddr, String), Bucket>,
+    endpoints: HashMap<SocketAddr, EndpointState>,
 }
 
 #[derive(Debug)]
@@ -231,7 +231,7 @@ impl Drop for HostLease {
 #[derive(Debug)]
 pub struct EndpointLease {
     upstreams: Arc<Upstreams>,
-    addr: SocketAddrV4,
+    addr: SocketAddr,
     host: String,
 }
 
@@ -275,7 +275,7 @@ impl Leases {
 /// One endpoint's state, for `/config_dump`.
 #[derive(Debug, serde::Serialize)]
 pub struct EndpointSnapshot {
-    pub endpoint: SocketAddrV4,
+    pub endpoint: SocketAddr,
     pub open: u32,
     pub consecutive_failures: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -296,7 +296,7 @@ impl Upstreams {
         self: &Arc<Self>,
         client: &(dyn std::fmt::Display + Sync),
         settings: &UpstreamSettings,
-        endpoint: SocketAddrV4,
+        endpoint: SocketAddr,
     ) -> Result<HostLease, String> {
         let Some(limit) = settings.max_connections else {
             return Ok(HostLease {
@@ -327,7 +327,7 @@ impl Upstreams {
     /// continuously at the limit's rate. `false` (and counted) when it is empty.
     pub fn take_token(
         &self,
-        endpoint: SocketAddrV4,
+        endpoint: SocketAddr,
         settings: &UpstreamSettings,
         limit: &RateLimit,
         now: Instant,
@@ -380,7 +380,7 @@ impl Upstreams {
     /// A connect to `addr` succeeded: it has one more open connection until the lease
     /// drops. Its failure streak goes on: the connect may have reached the inbound listener
     /// of a mesh pod whose application is down (see [`Leases::served`]).
-    pub fn connected(self: &Arc<Self>, addr: SocketAddrV4, host: &str) -> EndpointLease {
+    pub fn connected(self: &Arc<Self>, addr: SocketAddr, host: &str) -> EndpointLease {
         let mut state = lock(&self.state);
         state.endpoints.entry(addr).or_default().open += 1;
         drop(state);
@@ -397,7 +397,7 @@ impl Upstreams {
 
     /// A connect to `addr` (or an active check of it) failed: after `max_fails` in a row
     /// it is ejected for `fail_timeout`.
-    pub fn failed(&self, addr: SocketAddrV4, settings: &UpstreamSettings, now: Instant) {
+    pub fn failed(&self, addr: SocketAddr, settings: &UpstreamSettings, now: Instant) {
         let health = settings.health;
         let labels = self.metrics.labels(&settings.host, addr);
         self.metrics.connect_failures.get_or_create(&labels).inc();
@@ -423,7 +423,7 @@ impl Upstreams {
 
     /// `addr` answered (an active check passed, or a connection got bytes back): its
     /// failure streak ends. An ejection still runs its course, as FSM's `failTimeout` says.
-    pub fn healthy(&self, addr: SocketAddrV4) {
+    pub fn healthy(&self, addr: SocketAddr) {
         if let Some(endpoint) = lock(&self.state).endpoints.get_mut(&addr) {
             endpoint.failures = 0;
         }
@@ -431,14 +431,13 @@ impl Upstreams {
 
     /// Forget the endpoints `keep` does not keep (they left every Service), unless a
     /// connection to them is still open; a pod that later reuses an address starts afresh.
-    pub fn retain(&self, keep: impl Fn(&SocketAddrV4) -> bool) {
+    pub fn retain(&self, keep: impl Fn(&SocketAddr) -> bool) {
         let mut state = lock(&self.state);
         state.endpoints.retain(|addr, s| s.open > 0 || keep(addr));
         state.buckets.retain(|(addr, _), _| keep(addr));
         // Series of endpoints with open connections stay until those end and a later
         // table no longer names them.
-        let still_open =
-            |addr: &SocketAddrV4| state.endpoints.get(addr).is_some_and(|s| s.open > 0);
+        let still_open = |addr: &SocketAddr| state.endpoints.get(addr).is_some_and(|s| s.open > 0);
         self.metrics.forget(|addr| still_open(addr) || keep(addr));
     }
 
@@ -470,11 +469,11 @@ pub async fn open<F, Fut>(
     upstreams: &Arc<Upstreams>,
     client: &(dyn std::fmt::Display + Sync),
     resolve: impl Fn(&Pick<'_>) -> Resolved,
-    client_ip: Option<Ipv4Addr>,
+    client_ip: Option<IpAddr>,
     connect: F,
 ) -> Opened
 where
-    F: Fn(SocketAddrV4, Duration) -> Fut,
+    F: Fn(SocketAddr, Duration) -> Fut,
     Fut: Future<Output = std::io::Result<TcpStream>>,
 {
     let mut pick = Pick {
@@ -546,7 +545,7 @@ where
 /// itself, or which refused by policy) and the endpoint's host is not what failed.
 fn count_failure(
     upstreams: &Upstreams,
-    addr: SocketAddrV4,
+    addr: SocketAddr,
     settings: &UpstreamSettings,
     error: &std::io::Error,
 ) {
@@ -569,7 +568,6 @@ fn refused(target: Target, reason: String) -> Opened {
         | Target::NoEndpoints { service, .. }
         | Target::Refused { service, .. } => service,
         Target::Passthrough { addr } | Target::Local { addr, .. } => addr.to_string(),
-        Target::Passthrough6 { addr } | Target::Local6 { addr } => addr.to_string(),
     };
     refusal(service, "circuit breaker", reason)
 }
@@ -592,15 +590,14 @@ fn not_an_address(target: Target) -> Opened {
 }
 
 /// The connect to `addr` failed with `source`.
-fn connect_failed(target: Target, addr: SocketAddrV4, source: std::io::Error) -> Opened {
-    let addr = addr.into();
+fn connect_failed(target: Target, addr: SocketAddr, source: std::io::Error) -> Opened {
     (target, Err(ProxyError::Connect { addr, source }))
 }
 
 /// A target without upstream settings: passthrough or local delivery, or no connection.
 async fn plain<F, Fut>(target: Target, connect: F) -> Opened
 where
-    F: Fn(SocketAddrV4, Duration) -> Fut,
+    F: Fn(SocketAddr, Duration) -> Fut,
     Fut: Future<Output = std::io::Result<TcpStream>>,
 {
     let addr = match &target {
@@ -608,18 +605,6 @@ where
         | Target::Passthrough { addr }
         | Target::Local { addr, .. } => *addr,
         Target::NoEndpoints { .. } | Target::Refused { .. } => return not_an_address(target),
-        // The route table never picks an IPv6 target: the listener carries IPv6 flows
-        // itself (passthrough, local delivery) without upstream policies.
-        Target::Passthrough6 { addr } | Target::Local6 { addr } => {
-            let error = ProxyError::Connect {
-                addr: (*addr).into(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::Unsupported,
-                    "an IPv6 target on the IPv4 upstream path",
-                ),
-            };
-            return (target, Err(error));
-        }
     };
     match connect(addr, super::routes::DEFAULT_CONNECT_TIMEOUT).await {
         Ok(stream) => (target, Ok((stream, Leases::default()))),
@@ -629,7 +614,7 @@ where
 
 /// One endpoint to check actively.
 pub struct CheckTarget {
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     pub settings: Arc<UpstreamSettings>,
     /// Where the check's socket is made: inside the netns of a pod enrolled on this node
     /// (its application is checked from inside, not through its inbound listener), or
@@ -643,7 +628,7 @@ pub struct CheckTarget {
 /// out, or when the connection is reset within a moment (what the inbound listener of a
 /// pod on another node does when its application does not answer).
 pub async fn run_health_checks(upstreams: Arc<Upstreams>, due: impl Fn() -> Vec<CheckTarget>) {
-    let mut next: HashMap<SocketAddrV4, Instant> = HashMap::new();
+    let mut next: HashMap<SocketAddr, Instant> = HashMap::new();
     let mut checks = tokio::task::JoinSet::new();
     let mut ticker = tokio::time::interval(CHECK_TICK);
     loop {
@@ -690,7 +675,7 @@ pub async fn run_health_checks(upstreams: Arc<Upstreams>, due: impl Fn() -> Vec<
     }
 }
 
-async fn check(addr: SocketAddrV4, timeout: Duration, sockets: &dyn SocketFactory) -> bool {
+async fn check(addr: SocketAddr, timeout: Duration, sockets: &dyn SocketFactory) -> bool {
     let Ok(stream) = socket::connect(sockets, addr, timeout).await else {
         return false;
     };
@@ -721,7 +706,7 @@ mod tests {
     fn max_connections_admits_exactly_the_limit_and_frees_on_drop() {
         let upstreams = Arc::new(Upstreams::new(UpstreamMetrics::default()));
         let s = settings(Some(3));
-        let addr: SocketAddrV4 = "10.0.0.1:80".parse().unwrap();
+        let addr: SocketAddr = "10.0.0.1:80".parse().unwrap();
         let leases: Vec<_> = (0..3)
             .map(|_| upstreams.admit(&"demo/client", &s, addr).unwrap())
             .collect();
@@ -748,7 +733,7 @@ mod tests {
         };
         let upstreams = Arc::new(Upstreams::new(metrics));
         let s = settings(Some(10));
-        let (gone, kept): (SocketAddrV4, SocketAddrV4) = (
+        let (gone, kept): (SocketAddr, SocketAddr) = (
             "10.0.0.1:80".parse().unwrap(),
             "10.0.0.2:80".parse().unwrap(),
         );
@@ -783,7 +768,7 @@ mod tests {
             per: Duration::from_secs(1),
             burst: 5,
         };
-        let addr: SocketAddrV4 = "10.0.0.1:80".parse().unwrap();
+        let addr: SocketAddr = "10.0.0.1:80".parse().unwrap();
         let t0 = Instant::now();
         let taken = (0..100)
             .filter(|_| upstreams.take_token(addr, &s, &limit, t0))
@@ -810,7 +795,7 @@ mod tests {
         s.health.max_fails = 3;
         s.health.fail_timeout = Duration::from_secs(2);
         s.balancer = Balancer::RoundRobin;
-        let addr: SocketAddrV4 = "10.0.0.1:80".parse().unwrap();
+        let addr: SocketAddr = "10.0.0.1:80".parse().unwrap();
         let endpoints = [Endpoint {
             pod: "demo/fortio-1".parse().unwrap(),
             addr,

@@ -17,7 +17,7 @@
 //! Service gets an entry in [`Model::endpoint_slices`], empty until its slices arrive, so
 //! that endpoints come from the slices only and never from the selector (slices say which
 //! endpoints are ready; the selector does not). An object the
-//! conversion rejects (an IPv6 `podIP`, a port out of range) is left out of the model with
+//! conversion rejects (a `podIP` that is no IP address, a port out of range) is left out of the model with
 //! a warning naming it, the field and the value.
 //!
 //! With [`KubeSourceConfig::mesh_config`] set, one more watch: FSM's MeshConfig object of

@@ -790,7 +790,9 @@ fn located(doc: &Doc<'_>, path: &[Seg], error: ObjectError) -> ManifestError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{NamedPort, PodKey, ServiceKey, SliceEndpoint, SlicePort, TargetPort};
+    use crate::model::{
+        IpFamily, NamedPort, PodAddrs, PodKey, ServiceKey, SliceEndpoint, SlicePort, TargetPort,
+    };
     use std::collections::BTreeMap;
     use std::net::Ipv4Addr;
 
@@ -1227,13 +1229,24 @@ spec:
         assert_eq!(line_col(&err), ("m.yaml".into(), Some(11), Some(14)));
         assert_eq!(
             err.to_string(),
-            "m.yaml:11:14: Service demo/echo: spec.clusterIP: \"banana\" is not an IPv4 address or \"None\""
+            "m.yaml:11:14: Service demo/echo: spec.clusterIP: \"banana\" is not an IP address or \"None\""
         );
 
-        let err = err_of(
-            "apiVersion: v1\nkind: Service\nmetadata: {name: six}\nspec: {clusterIP: 'fd00::1'}\n",
-        );
+        // An IPv6 cluster IP is fine; a bad one, or one of a family the Service does not
+        // list, is named with its line.
+        let six = |spec: &str| {
+            format!("apiVersion: v1\nkind: Service\nmetadata: {{name: six}}\nspec: {spec}\n")
+        };
+        let m = load_one(&six("{clusterIP: 'fd00::1'}")).unwrap();
+        let svc = &m.services[&ServiceKey::new("default", "six")];
+        assert_eq!(svc.cluster_ipv6, Some("fd00::1".parse().unwrap()));
+        let err = err_of(&six("{clusterIP: 'fd00::zz'}"));
         assert_eq!(invalid(&err), ("Service default/six", "spec.clusterIP"));
+        assert_eq!(line_col(&err).1, Some(4));
+        let err = err_of(&six(
+            "{clusterIPs: [10.96.0.1, 'fd00::1'], ipFamilies: [IPv4]}",
+        ));
+        assert_eq!(invalid(&err), ("Service default/six", "spec.clusterIPs[1]"));
         assert_eq!(line_col(&err).1, Some(4));
     }
 
@@ -1297,14 +1310,14 @@ kind: Pod
 metadata: {name: p, namespace: n}
 status:
   phase: Running
-  podIP: fd00::7
+  podIP: fd00::zz
 ",
         );
         assert_eq!(invalid(&err), ("Pod n/p", "status.podIP"));
         assert_eq!(line_col(&err), ("m.yaml".into(), Some(7), Some(10)));
         assert!(
             err.to_string()
-                .contains("\"fd00::7\" is not an IPv4 address"),
+                .contains("\"fd00::zz\" is not an IP address"),
             "{err}"
         );
     }
@@ -1389,17 +1402,27 @@ status:
         let outsider = m.enrollment(&PodKey::new("legacy", "outsider")).unwrap();
         assert!(!outsider.enrolled, "{}", outsider.reason);
 
-        let (svc, sp) = m.service_for(Ipv4Addr::new(10, 96, 0, 10), 80).unwrap();
+        let (svc, sp) = m
+            .service_for(Ipv4Addr::new(10, 96, 0, 10).into(), 80)
+            .unwrap();
         assert_eq!(svc.name, "echo");
         // No podIP in the manifests: endpoints appear once the CNI plugin reports addresses.
-        assert!(m.endpoints(svc, sp, &HashMap::new()).is_empty());
+        assert!(m
+            .endpoints(svc, sp, &HashMap::new(), IpFamily::V4)
+            .is_empty());
         let cni = HashMap::from([
-            (key("server-v1"), Ipv4Addr::new(10, 244, 0, 11)),
-            (key("server-v2"), Ipv4Addr::new(10, 244, 0, 12)),
-            (key("client"), Ipv4Addr::new(10, 244, 0, 10)),
+            (
+                key("server-v1"),
+                PodAddrs::v4(Ipv4Addr::new(10, 244, 0, 11)),
+            ),
+            (
+                key("server-v2"),
+                PodAddrs::v4(Ipv4Addr::new(10, 244, 0, 12)),
+            ),
+            (key("client"), PodAddrs::v4(Ipv4Addr::new(10, 244, 0, 10))),
         ]);
         let eps: Vec<String> = m
-            .endpoints(svc, sp, &cni)
+            .endpoints(svc, sp, &cni, IpFamily::V4)
             .iter()
             .map(|e| format!("{} {}", e.pod, e.addr))
             .collect();
@@ -1461,26 +1484,40 @@ endpoints: [{addresses: [10.0.0.1]}]
         let key = ServiceKey::new("demo", "echo");
         assert_eq!(
             m.endpoint_slices[&key],
-            vec![SlicePort {
-                name: Some("tcp".into()),
-                port: 9000,
-                protocol: "TCP".into(),
-                endpoints: vec![
-                    SliceEndpoint {
-                        ip: Ipv4Addr::new(10, 244, 1, 7),
-                        pod: Some(PodKey::new("demo", "server-v2")),
-                    },
-                    SliceEndpoint {
-                        ip: Ipv4Addr::new(192, 168, 9, 9),
+            vec![
+                SlicePort {
+                    name: Some("tcp".into()),
+                    port: 9000,
+                    protocol: "TCP".into(),
+                    endpoints: vec![
+                        SliceEndpoint {
+                            ip: Ipv4Addr::new(10, 244, 1, 7).into(),
+                            pod: Some(PodKey::new("demo", "server-v2")),
+                        },
+                        SliceEndpoint {
+                            ip: Ipv4Addr::new(192, 168, 9, 9).into(),
+                            pod: None,
+                        },
+                    ],
+                },
+                // The IPv6 slice of the dual-stack service: its IPv6 VIP's endpoints.
+                SlicePort {
+                    name: Some("tcp".into()),
+                    port: 9000,
+                    protocol: "TCP".into(),
+                    endpoints: vec![SliceEndpoint {
+                        ip: "fd00::7".parse().unwrap(),
                         pod: None,
-                    },
-                ],
-            }]
+                    }],
+                }
+            ]
         );
         assert_eq!(m.endpoint_slices.len(), 1, "the orphan slice is skipped");
-        let (svc, sp) = m.service_for(Ipv4Addr::new(10, 96, 0, 10), 80).unwrap();
+        let (svc, sp) = m
+            .service_for(Ipv4Addr::new(10, 96, 0, 10).into(), 80)
+            .unwrap();
         let eps: Vec<String> = m
-            .endpoints(svc, sp, &HashMap::new())
+            .endpoints(svc, sp, &HashMap::new(), IpFamily::V4)
             .iter()
             .map(|e| format!("{} {}", e.pod, e.addr))
             .collect();
@@ -1492,6 +1529,25 @@ endpoints: [{addresses: [10.0.0.1]}]
             ]
         );
 
+        let v6: Vec<String> = m
+            .endpoints(svc, sp, &HashMap::new(), IpFamily::V6)
+            .iter()
+            .map(|e| format!("{} {}", e.pod, e.addr))
+            .collect();
+        assert_eq!(v6, ["demo/fd00::7 [fd00::7]:9000"]);
+        // A bad IPv6 address, and an IPv4 address in an IPv6 slice, are named.
+        for (bad, what) in [("fd00::zz", "\"fd00::zz\""), ("10.9.9.9", "\"10.9.9.9\"")] {
+            let err = err_of(&SLICES.replace("'fd00::7'", bad));
+            assert_eq!(
+                invalid(&err),
+                ("EndpointSlice demo/echo-v6", "endpoints[0].addresses[0]")
+            );
+            assert!(
+                err.to_string()
+                    .contains(&format!("{what} is not an IPv6 address (addressType IPv6)")),
+                "{err}"
+            );
+        }
         let err = err_of(&SLICES.replace("192.168.9.9", "192.168.9.300"));
         assert_eq!(
             invalid(&err),

@@ -11,7 +11,7 @@
 //! type error points (a line in a file, or nothing for an API server's JSON).
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use k8s_openapi::api::core::v1 as k8s;
 use k8s_openapi::api::discovery::v1 as discovery;
@@ -340,22 +340,32 @@ fn port_number(n: i32) -> Option<u16> {
     u16::try_from(n).ok().filter(|&p| p != 0)
 }
 
-/// A Pod: identity, labels, annotations, IPv4 address, container ports, and what finds
+/// A Pod: identity, labels, annotations, IPv4 and IPv6 addresses, container ports, and what finds
 /// it on its node (UID, node name, host network).
 pub fn pod(p: k8s::Pod) -> Result<Pod, ObjectError> {
     let (namespace, name) = name_and_namespace("Pod", &p.metadata)?;
     let invalid = Invalid {
         object: format!("Pod {namespace}/{name}"),
     };
-    let ip = match p.status.and_then(|s| s.pod_ip).filter(|ip| !ip.is_empty()) {
-        None => None,
-        Some(ip) => Some(ip.parse::<Ipv4Addr>().map_err(|_| {
-            invalid.at(
-                &[Seg::Key("status"), Seg::Key("podIP")],
-                format!("{ip:?} is not an IPv4 address"),
-            )
-        })?),
-    };
+    let status = p.status.unwrap_or_default();
+    let mut addresses = Vec::new();
+    // `podIPs` lists one address per family; `podIP` is its first, and all an older
+    // writer (or a hand-made manifest) may set.
+    if let Some(ip) = status.pod_ip.filter(|ip| !ip.is_empty()) {
+        addresses.push((ip, vec![Seg::Key("status"), Seg::Key("podIP")]));
+    }
+    for (i, entry) in status.pod_ips.unwrap_or_default().into_iter().enumerate() {
+        addresses.push((
+            entry.ip,
+            vec![
+                Seg::Key("status"),
+                Seg::Key("podIPs"),
+                Seg::Index(i),
+                Seg::Key("ip"),
+            ],
+        ));
+    }
+    let (ip, ipv6) = one_per_family(&invalid, addresses, "an IP address")?;
     let spec = p.spec.unwrap_or_default();
     let service_account = spec
         .service_account_name
@@ -396,6 +406,7 @@ pub fn pod(p: k8s::Pod) -> Result<Pod, ObjectError> {
         labels,
         annotations,
         ip,
+        ipv6,
         service_account,
         container_ports,
         uid: p.metadata.uid.filter(|u| !u.is_empty()),
@@ -404,23 +415,84 @@ pub fn pod(p: k8s::Pod) -> Result<Pod, ObjectError> {
     })
 }
 
-/// A Service: cluster IP (none when headless or unset), selector and ports.
+/// The IPv4 and the IPv6 address among `addresses` (each with its field), the first of
+/// each family; a value that is no IP address is an error naming its field.
+fn one_per_family(
+    invalid: &Invalid,
+    addresses: Vec<(String, Vec<Seg>)>,
+    expected: &str,
+) -> Result<(Option<Ipv4Addr>, Option<Ipv6Addr>), ObjectError> {
+    let (mut v4, mut v6) = (None, None);
+    for (address, field) in addresses {
+        match address.parse::<IpAddr>() {
+            Ok(IpAddr::V4(ip)) => {
+                v4.get_or_insert(ip);
+            }
+            Ok(IpAddr::V6(ip)) => {
+                v6.get_or_insert(ip);
+            }
+            Err(_) => {
+                return Err(invalid.at(&field, format!("{address:?} is not {expected}")));
+            }
+        }
+    }
+    Ok((v4, v6))
+}
+
+/// A Service's cluster IPs, one per family: `spec.clusterIPs` (dual-stack), else
+/// `spec.clusterIP`; none when headless (`"None"`) or unset. An address of a family that
+/// `spec.ipFamilies` (when set) does not list is an error, as the API server would say.
+fn cluster_ips(
+    invalid: &Invalid,
+    spec: &k8s::ServiceSpec,
+) -> Result<(Option<Ipv4Addr>, Option<Ipv6Addr>), ObjectError> {
+    let mut families = Vec::new();
+    for (i, family) in spec.ip_families.iter().flatten().enumerate() {
+        let field = [Seg::Key("spec"), Seg::Key("ipFamilies"), Seg::Index(i)];
+        families.push(match family.as_str() {
+            "IPv4" => crate::model::IpFamily::V4,
+            "IPv6" => crate::model::IpFamily::V6,
+            other => {
+                return Err(invalid.at(&field, format!("{other:?} is not IPv4 or IPv6")));
+            }
+        });
+    }
+    let mut addresses = Vec::new();
+    match spec.cluster_ips.as_deref() {
+        Some(ips) if !ips.is_empty() => {
+            for (i, ip) in ips.iter().enumerate() {
+                let field = vec![Seg::Key("spec"), Seg::Key("clusterIPs"), Seg::Index(i)];
+                addresses.push((ip.clone(), field));
+            }
+        }
+        _ => {
+            if let Some(ip) = spec.cluster_ip.clone() {
+                addresses.push((ip, vec![Seg::Key("spec"), Seg::Key("clusterIP")]));
+            }
+        }
+    }
+    // Unset (ExternalName, or not allocated yet) or headless.
+    addresses.retain(|(ip, _)| !ip.is_empty() && ip != "None");
+    for (ip, field) in &addresses {
+        let family = ip.parse::<IpAddr>().ok().map(crate::model::IpFamily::of);
+        if let Some(family) = family.filter(|f| !families.is_empty() && !families.contains(f)) {
+            return Err(invalid.at(
+                field,
+                format!("{ip:?} is of family {family:?}, which spec.ipFamilies does not list"),
+            ));
+        }
+    }
+    one_per_family(invalid, addresses, "an IP address or \"None\"")
+}
+
+/// A Service: cluster IPs (none when headless or unset), selector and ports.
 pub fn service(s: k8s::Service) -> Result<Service, ObjectError> {
     let (namespace, name) = name_and_namespace("Service", &s.metadata)?;
     let invalid = Invalid {
         object: format!("Service {namespace}/{name}"),
     };
     let spec = s.spec.unwrap_or_default();
-    let cluster_ip = match spec.cluster_ip.as_deref() {
-        // Unset (ExternalName, or not allocated yet) or headless.
-        None | Some("") | Some("None") => None,
-        Some(ip) => Some(ip.parse::<Ipv4Addr>().map_err(|_| {
-            invalid.at(
-                &[Seg::Key("spec"), Seg::Key("clusterIP")],
-                format!("{ip:?} is not an IPv4 address or \"None\""),
-            )
-        })?),
-    };
+    let (cluster_ip, cluster_ipv6) = cluster_ips(&invalid, &spec)?;
     let mut ports = Vec::new();
     for (i, sp) in spec.ports.unwrap_or_default().into_iter().enumerate() {
         let field = |last: &'static str| {
@@ -473,6 +545,7 @@ pub fn service(s: k8s::Service) -> Result<Service, ObjectError> {
         namespace,
         name,
         cluster_ip,
+        cluster_ipv6,
         selector: spec.selector.unwrap_or_default(),
         ports,
     })
@@ -489,7 +562,8 @@ pub struct Slice {
     pub name: String,
     /// From the `kubernetes.io/service-name` label; `None` for a slice of no service.
     pub service: Option<ServiceKey>,
-    /// Ports with their ready endpoints; empty for slices of addresses other than IPv4.
+    /// Ports with their ready endpoints; empty for slices of addresses other than IPv4 and
+    /// IPv6 (FQDN).
     pub ports: Vec<SlicePort>,
 }
 
@@ -499,7 +573,8 @@ impl Slice {
     }
 }
 
-/// An EndpointSlice: its Service and the ready IPv4 endpoints of each port.
+/// An EndpointSlice: its Service and the ready endpoints (IPv4 or IPv6, by its
+/// `addressType`) of each port.
 pub fn endpoint_slice(s: discovery::EndpointSlice) -> Result<Slice, ObjectError> {
     let (namespace, name) = name_and_namespace("EndpointSlice", &s.metadata)?;
     let invalid = Invalid {
@@ -512,21 +587,24 @@ pub fn endpoint_slice(s: discovery::EndpointSlice) -> Result<Slice, ObjectError>
         .and_then(|l| l.get(SERVICE_NAME_LABEL))
         .filter(|n| !n.is_empty())
         .map(|n| ServiceKey::new(&namespace, n));
-    // The agent speaks IPv4 only: the IPv6 slices of a dual-stack service add nothing, and
-    // FQDN slices have no defined meaning.
-    if s.address_type != "IPv4" {
-        debug!(
-            slice = %format!("{namespace}/{name}"),
-            address_type = s.address_type,
-            "skipping the endpoints of a slice that is not IPv4"
-        );
-        return Ok(Slice {
-            namespace,
-            name,
-            service,
-            ports: Vec::new(),
-        });
-    }
+    // FQDN slices have no defined meaning for a proxy.
+    let ipv6 = match s.address_type.as_str() {
+        "IPv4" => false,
+        "IPv6" => true,
+        _ => {
+            debug!(
+                slice = %format!("{namespace}/{name}"),
+                address_type = s.address_type,
+                "skipping the endpoints of a slice that is neither IPv4 nor IPv6"
+            );
+            return Ok(Slice {
+                namespace,
+                name,
+                service,
+                ports: Vec::new(),
+            });
+        }
+    };
     let mut endpoints = Vec::new();
     for (i, ep) in s.endpoints.into_iter().enumerate() {
         // Unset means ready; not-ready endpoints (starting, terminating) get no traffic.
@@ -537,17 +615,21 @@ pub fn endpoint_slice(s: discovery::EndpointSlice) -> Result<Slice, ObjectError>
         let Some(address) = ep.addresses.first() else {
             continue;
         };
-        let ip = address.parse::<Ipv4Addr>().map_err(|_| {
-            invalid.at(
-                &[
-                    Seg::Key("endpoints"),
-                    Seg::Index(i),
-                    Seg::Key("addresses"),
-                    Seg::Index(0),
-                ],
-                format!("{address:?} is not an IPv4 address"),
-            )
-        })?;
+        let ip = match address.parse::<IpAddr>() {
+            Ok(ip) if ip.is_ipv6() == ipv6 => ip,
+            _ => {
+                let family = if ipv6 { "IPv6" } else { "IPv4" };
+                return Err(invalid.at(
+                    &[
+                        Seg::Key("endpoints"),
+                        Seg::Index(i),
+                        Seg::Key("addresses"),
+                        Seg::Index(0),
+                    ],
+                    format!("{address:?} is not an {family} address (addressType {family})"),
+                ));
+            }
+        };
         let pod = ep.target_ref.and_then(|r| {
             let is_pod = r.kind.as_deref() == Some("Pod");
             let name = r.name.filter(|n| !n.is_empty())?;
@@ -620,7 +702,7 @@ mod tests {
     fn errors_name_the_object_and_field_and_no_file() {
         let pod: k8s::Pod = serde_json::from_value(json!({
             "metadata": {"name": "p", "namespace": "n"},
-            "status": {"podIP": "fd00::1"}
+            "status": {"podIP": "fd00::zz"}
         }))
         .unwrap();
         let err = super::pod(pod).unwrap_err();
@@ -635,10 +717,10 @@ mod tests {
             field.segments(),
             [Seg::Key("status"), Seg::Key("podIP")].as_slice()
         );
-        assert_eq!(message, "\"fd00::1\" is not an IPv4 address");
+        assert_eq!(message, "\"fd00::zz\" is not an IP address");
         assert_eq!(
             err.to_string(),
-            "Pod n/p: status.podIP: \"fd00::1\" is not an IPv4 address"
+            "Pod n/p: status.podIP: \"fd00::zz\" is not an IP address"
         );
 
         let ns: k8s::Namespace = serde_json::from_value(json!({"metadata": {}})).unwrap();
@@ -649,6 +731,78 @@ mod tests {
         let ns: k8s::Namespace =
             serde_json::from_value(json!({"metadata": {"name": "demo"}})).unwrap();
         assert_eq!(super::namespace(ns).unwrap().name, "demo");
+    }
+
+    #[test]
+    fn dual_stack_pods_and_services_keep_one_address_per_family() {
+        let pod: k8s::Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p", "namespace": "n"},
+            "status": {"podIP": "10.244.0.5", "podIPs": [{"ip": "10.244.0.5"}, {"ip": "fd00:10:244::5"}]}
+        }))
+        .unwrap();
+        let pod = super::pod(pod).unwrap();
+        assert_eq!(pod.ip, Some(Ipv4Addr::new(10, 244, 0, 5)));
+        assert_eq!(pod.ipv6, Some("fd00:10:244::5".parse().unwrap()));
+        // An IPv6-only pod: its podIP is IPv6.
+        let pod: k8s::Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p", "namespace": "n"}, "status": {"podIP": "fd00::9"}
+        }))
+        .unwrap();
+        let pod = super::pod(pod).unwrap();
+        assert_eq!((pod.ip, pod.ipv6), (None, Some("fd00::9".parse().unwrap())));
+
+        let service = |spec: serde_json::Value| {
+            let svc: k8s::Service = serde_json::from_value(json!({
+                "metadata": {"name": "s", "namespace": "n"}, "spec": spec
+            }))
+            .unwrap();
+            super::service(svc)
+        };
+        let dual = service(json!({
+            "clusterIP": "fd00:96::10", "clusterIPs": ["fd00:96::10", "10.96.0.10"],
+            "ipFamilies": ["IPv6", "IPv4"], "ipFamilyPolicy": "RequireDualStack"
+        }))
+        .unwrap();
+        assert_eq!(dual.cluster_ip, Some(Ipv4Addr::new(10, 96, 0, 10)));
+        assert_eq!(dual.cluster_ipv6, Some("fd00:96::10".parse().unwrap()));
+        assert_eq!(
+            dual.cluster_ips()
+                .map(|ip| ip.to_string())
+                .collect::<Vec<_>>(),
+            ["10.96.0.10", "fd00:96::10"]
+        );
+        let v6 = service(json!({"clusterIP": "fd00:96::11", "ipFamilies": ["IPv6"]})).unwrap();
+        assert_eq!((v6.cluster_ip, v6.cluster_ipv6.is_some()), (None, true));
+        let headless = service(json!({"clusterIP": "None", "clusterIPs": ["None"]})).unwrap();
+        assert_eq!(headless.cluster_ips().count(), 0);
+
+        let err = service(json!({"clusterIPs": ["10.96.0.10", "fd00:96::zz"]})).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "Service n/s: spec.clusterIPs[1]: \"fd00:96::zz\" is not an IP address or \"None\""
+        );
+        let err =
+            service(json!({"clusterIPs": ["fd00:96::12"], "ipFamilies": ["IPv4"]})).unwrap_err();
+        assert_eq!(err.field().as_str(), "spec.clusterIPs[0]");
+        assert!(
+            err.to_string()
+                .contains("which spec.ipFamilies does not list"),
+            "{err}"
+        );
+        let err = service(json!({"ipFamilies": ["IPv5"]})).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "Service n/s: spec.ipFamilies[0]: \"IPv5\" is not IPv4 or IPv6"
+        );
+        let pod: k8s::Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p", "namespace": "n"},
+            "status": {"podIPs": [{"ip": "10.244.0.5"}, {"ip": "fd00::zz"}]}
+        }))
+        .unwrap();
+        assert_eq!(
+            super::pod(pod).unwrap_err().to_string(),
+            "Pod n/p: status.podIPs[1].ip: \"fd00::zz\" is not an IP address"
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! `tb-pod rr` as the fallback), bulk throughput with the CPU it cost (iperf3 and the
 //! testbed cgroups' `cpu.stat`), and new connections per second (`tb-pod connrate`).
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -255,13 +255,14 @@ fn parse_sockperf(text: &str) -> Result<SockperfResult> {
     }
 }
 
-fn rr(tb: &Testbed, client: &Pod, ip: Ipv4Addr, secs: u64) -> Result<Latency> {
+/// `tb-pod rr`: 64-byte round trips on one connection to the echo server at `ip`.
+pub fn rr(tb: &Testbed, client: &Pod, ip: impl Into<IpAddr>, secs: u64) -> Result<Latency> {
     let report = tb.run_tb_pod(
         client,
         &[
             "rr",
             "--connect",
-            &format!("{ip}:{ECHO_PORT}"),
+            &SocketAddr::new(ip.into(), ECHO_PORT).to_string(),
             "--size",
             &MESSAGE_SIZE.to_string(),
             "--duration-ms",
@@ -324,13 +325,13 @@ fn machine_busy_s() -> Option<f64> {
 pub fn bulk(
     tb: &Testbed,
     client: &Pod,
-    ip: Ipv4Addr,
+    ip: impl Into<IpAddr>,
     secs: u64,
     cgroups: &[PathBuf],
 ) -> Result<Bulk> {
     let args = strings(&[
         "-c",
-        &ip.to_string(),
+        &ip.into().to_string(),
         "-p",
         &IPERF_PORT.to_string(),
         "-t",
@@ -408,13 +409,13 @@ pub fn bulk(
 }
 
 /// `tb-pod connrate`, one thread, 1-byte exchange per connection, RST on close.
-pub fn connrate(tb: &Testbed, client: &Pod, ip: Ipv4Addr, secs: u64) -> Result<ConnRate> {
+pub fn connrate(tb: &Testbed, client: &Pod, ip: impl Into<IpAddr>, secs: u64) -> Result<ConnRate> {
     let report = tb.run_tb_pod(
         client,
         &[
             "connrate",
             "--connect",
-            &format!("{ip}:{ECHO_PORT}"),
+            &SocketAddr::new(ip.into(), ECHO_PORT).to_string(),
             "--duration-ms",
             &(secs * 1000).to_string(),
             "--concurrency",

@@ -22,6 +22,8 @@ pub struct Report<'a> {
     pub upstream: &'a [super::upstream::UpstreamRow],
     /// Pod start-up at cluster scale (empty when not run).
     pub scale_pods: &'a super::scale_pods::ScalePods,
+    /// IPv6 beside IPv4 on one hop (empty when not run).
+    pub ipv6: &'a [super::ipv6::FamilyRow],
     pub wall_s: f64,
     pub loadavg_at_end: String,
     /// The `--note` given on the command line.
@@ -484,6 +486,17 @@ pub fn summary(report: &Report<'_>) -> String {
         )
         .unwrap_or(());
     }
+    if !report.ipv6.is_empty() {
+        writeln!(
+            s,
+            "\n## IPv6 beside IPv4 (dual-stack pods, one node; median of {} round{})\n\n{}\n\n{}",
+            report.rounds,
+            if report.rounds == 1 { "" } else { "s" },
+            super::ipv6::table(report.ipv6),
+            super::ipv6::HOW_TO_READ
+        )
+        .unwrap_or(());
+    }
     if !report.upstream.is_empty() {
         writeln!(
             s,
@@ -545,6 +558,7 @@ pub fn json(report: &Report<'_>, markdown: &str) -> Value {
         "scale": report.scale,
         "upstream": report.upstream,
         "scale_pods": report.scale_pods,
+        "ipv6": report.ipv6,
         "markdown": markdown,
     })
 }

@@ -354,7 +354,7 @@ fn point(bed: &mut Bed, index: usize, secs: u64) -> Result<Point> {
         }
         bed.check_alive()?;
         let before = bed.passive_opens()?;
-        let ip = SERVICE_IP.parse().expect("an address");
+        let ip: std::net::Ipv4Addr = SERVICE_IP.parse().expect("an address");
         let rate = measure::connrate(&bed.tb, &client, ip, secs)?;
         let after = bed.passive_opens()?;
         let per_endpoint: Vec<u64> = after

@@ -30,7 +30,8 @@ enum Which {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Part {
-    /// The topology table, the exclusion scale check and the upstream policies.
+    /// Every part: the topology table, the exclusion scale check, the upstream
+    /// policies, pod start-up at scale and IPv6 beside IPv4.
     All,
     /// Only the topology table.
     Topologies,
@@ -40,6 +41,8 @@ enum Part {
     Upstream,
     /// Only pod start-up (CNI ADD) and agent memory with models of 10 to 10,000 pods.
     ScalePods,
+    /// Only IPv6 beside IPv4 on one proxy hop (dual-stack pods), both modes.
+    Ipv6,
 }
 
 #[derive(Parser, Debug)]
@@ -111,6 +114,7 @@ fn main() -> Result<()> {
     let mut rounds_scale = Vec::new();
     let mut rounds_upstream = Vec::new();
     let mut rounds_scale_pods = Vec::new();
+    let mut rounds_ipv6 = Vec::new();
     for round in 0..rounds {
         let opts = Options {
             secs,
@@ -133,11 +137,15 @@ fn main() -> Result<()> {
         if matches!(cli.part, Part::All | Part::ScalePods) {
             rounds_scale_pods.push(bench::scale_pods::run(opts));
         }
+        if matches!(cli.part, Part::All | Part::Ipv6) {
+            rounds_ipv6.push(bench::ipv6::run(opts));
+        }
     }
     let rows = scenario::merge(rounds_rows);
     let scale = bench::scale::merge(rounds_scale);
     let upstream = bench::upstream::merge(rounds_upstream);
     let scale_pods = bench::scale_pods::merge(rounds_scale_pods);
+    let ipv6 = bench::ipv6::merge(rounds_ipv6);
     let report = Report {
         facts: &facts,
         secs,
@@ -147,6 +155,7 @@ fn main() -> Result<()> {
         scale: &scale,
         upstream: &upstream,
         scale_pods: &scale_pods,
+        ipv6: &ipv6,
         wall_s: start.elapsed().as_secs_f64(),
         loadavg_at_end: bench::facts::loadavg(),
         note: cli.note.clone(),
@@ -165,6 +174,8 @@ fn main() -> Result<()> {
             stem.push_str("-upstream");
         } else if cli.part == Part::ScalePods {
             stem.push_str("-scale-pods");
+        } else if cli.part == Part::Ipv6 {
+            stem.push_str("-ipv6");
         } else if cli.topology != Which::Both {
             stem.push_str(if cli.topology == Which::SameNode {
                 "-same-node"

@@ -375,6 +375,28 @@ fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     Ok(TcpListener::from(fd))
 }
 
+/// The accepted socket's `SO_MARK`: with `tcp_fwmark_accept` on in the pod (the mesh
+/// preserving client addresses), the mark of the SYN, so a test tells a connection from
+/// the inbound proxy (0x1501, or 0x1500 from the pod's own address) from a direct one (0).
+fn socket_mark(stream: &TcpStream) -> Option<u32> {
+    use std::os::fd::AsRawFd;
+    const SOL_SOCKET: i32 = 1;
+    const SO_MARK: i32 = 36;
+    let mut mark: u32 = 0;
+    let mut len = std::mem::size_of::<u32>() as u32;
+    // SAFETY: a valid fd, and a u32 buffer of the length passed.
+    let rc = unsafe {
+        getsockopt(
+            stream.as_raw_fd(),
+            SOL_SOCKET,
+            SO_MARK,
+            std::ptr::from_mut(&mut mark).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(mark)
+}
+
 /// Binds, announces READY and hands each connection to `handle` on its own thread.
 fn serve<F>(listen: SocketAddr, handle: F) -> io::Result<()>
 where
@@ -393,6 +415,7 @@ where
             "event": "accept",
             "peer": peer.to_string(),
             "local": addr_string(stream.local_addr()),
+            "mark": socket_mark(&stream),
         }));
         let handle = handle.clone();
         std::thread::spawn(move || handle(stream));
@@ -794,6 +817,14 @@ const NOOP_OPTIONS: [u8; 4] = [1, 1, 1, 0];
 const IP_OPTIONS: std::os::raw::c_int = 4;
 
 extern "C" {
+    // From the C library std already links; rustix has no SO_MARK getter.
+    fn getsockopt(
+        fd: std::os::raw::c_int,
+        level: std::os::raw::c_int,
+        name: std::os::raw::c_int,
+        value: *mut std::os::raw::c_void,
+        len: *mut u32,
+    ) -> std::os::raw::c_int;
     // From the C library std already links; rustix has no IP_OPTIONS setter.
     fn setsockopt(
         fd: std::os::raw::c_int,

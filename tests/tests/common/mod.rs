@@ -247,6 +247,18 @@ pub fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
     panic!("timed out waiting for {what}");
 }
 
+/// The inbound proxy's transparent socket's mark, and the proxy's other one.
+pub const TRANSPARENT_MARK: u64 = 0x1501;
+pub const PROXY_MARK: u64 = 0x1500;
+
+/// Whether a `tb-pod` server's accept event is a connection from the inbound proxy: the
+/// mark of the application's accepted socket is the proxy's (`tcp_fwmark_accept`, on in
+/// an enrolled pod while client addresses are preserved, the default), whatever the peer
+/// address, which is the client's own when preserved.
+pub fn from_inbound_proxy(accept: &serde_json::Value) -> bool {
+    matches!(accept["mark"].as_u64(), Some(TRANSPARENT_MARK | PROXY_MARK))
+}
+
 /// Inbound connection records of `pod` in a `/config_dump`, optionally only those from a
 /// client at `client_ip`.
 pub fn inbound_records(

@@ -6,10 +6,10 @@
 //! TrafficSplit, and between two of one kind the older wins (Gateway API's rule); the loser
 //! says so in its status.
 use std::collections::{BTreeMap, HashMap};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 use super::hosts::HostPattern;
 use super::settings::PortKey;
@@ -20,7 +20,7 @@ use crate::model::routing::{
     RouteDestination, Routed, TcpRouteRule, TcpRouteSpec, TlsMatchAttributes, TrafficSplitSpec,
     VirtualServiceSpec,
 };
-use crate::model::{Model, PodKey, Service, ServiceKey, ServicePort};
+use crate::model::{IpFamily, Model, PodAddrs, PodKey, Service, ServiceKey, ServicePort};
 
 /// Whether one routing object is in force, for `/config_dump` and the logs.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -51,7 +51,7 @@ pub struct Condition {
 }
 
 pub(super) struct Compiled {
-    pub services: HashMap<SocketAddrV4, ServiceRoute>,
+    pub services: HashMap<SocketAddr, ServiceRoute>,
     pub statuses: Vec<RouteStatus>,
 }
 
@@ -61,19 +61,19 @@ struct Candidate {
     rank: u8,
     age: (Option<String>, usize, String),
     status: RouteStatus,
-    policies: Vec<(SocketAddrV4, String, Policy)>,
+    policies: Vec<(SocketAddr, String, Policy)>,
 }
 
 pub(super) struct Ctx<'a> {
     pub model: &'a Model,
-    pub pod_ips: &'a HashMap<PodKey, Ipv4Addr>,
+    pub pod_ips: &'a HashMap<PodKey, PodAddrs>,
     /// Upstream settings per (Service `namespace/name`, port).
     pub settings: &'a HashMap<PortKey, Arc<UpstreamSettings>>,
 }
 
 pub(super) fn compile(
     model: &Model,
-    pod_ips: &HashMap<PodKey, Ipv4Addr>,
+    pod_ips: &HashMap<PodKey, PodAddrs>,
     settings: &HashMap<PortKey, Arc<UpstreamSettings>>,
 ) -> Compiled {
     let ctx = Ctx {
@@ -83,16 +83,17 @@ pub(super) fn compile(
     };
     let mut services = HashMap::new();
     for svc in model.services.values() {
-        let Some(ip) = svc.cluster_ip else { continue };
-        for sp in svc.ports.iter().filter(|sp| sp.is_tcp()) {
-            services.insert(
-                SocketAddrV4::new(ip, sp.port),
-                ServiceRoute {
-                    service: port_name(svc, sp),
-                    default: ctx.backend(svc, sp, None),
-                    policy: None,
-                },
-            );
+        for ip in svc.cluster_ips() {
+            for sp in svc.ports.iter().filter(|sp| sp.is_tcp()) {
+                services.insert(
+                    SocketAddr::new(ip, sp.port),
+                    ServiceRoute {
+                        service: port_name(svc, sp),
+                        default: ctx.backend(svc, sp, None, IpFamily::of(ip)),
+                        policy: None,
+                    },
+                );
+            }
         }
     }
 
@@ -113,21 +114,23 @@ pub(super) fn compile(
     }
     candidates.sort_by(|a, b| (a.rank, &a.age).cmp(&(b.rank, &b.age)));
 
-    let mut owners: HashMap<SocketAddrV4, String> = HashMap::new();
+    let mut owners: HashMap<SocketAddr, String> = HashMap::new();
     let mut statuses = Vec::new();
     for mut candidate in candidates {
         let owner = format!("{} {}", candidate.status.kind, candidate.status.name);
         for (addr, service, policy) in candidate.policies {
+            // A dual-stack Service port has a policy per VIP, under one name.
             if let Some(first) = owners.get(&addr) {
-                candidate.status.reasons.push(format!(
-                    "{service} is routed by {first}, which takes precedence"
-                ));
+                push_new(
+                    &mut candidate.status.reasons,
+                    format!("{service} is routed by {first}, which takes precedence"),
+                );
                 continue;
             }
             if let Some(route) = services.get_mut(&addr) {
                 route.policy = Some(policy);
                 owners.insert(addr, owner.clone());
-                candidate.status.routes.push(service);
+                push_new(&mut candidate.status.routes, service);
             }
         }
         candidate.status.accepted = !candidate.status.routes.is_empty();
@@ -141,7 +144,14 @@ pub(super) fn compile(
     Compiled { services, statuses }
 }
 
-type Compiled1 = Result<(Vec<(SocketAddrV4, String, Policy)>, Vec<String>), Vec<String>>;
+type Compiled1 = Result<(Vec<(SocketAddr, String, Policy)>, Vec<String>), Vec<String>>;
+
+/// Push `item` unless `list` has it already.
+fn push_new(list: &mut Vec<String>, item: String) {
+    if !list.contains(&item) {
+        list.push(item);
+    }
+}
 
 fn candidate<T>(
     rank: u8,
@@ -169,6 +179,16 @@ fn candidate<T>(
     }
 }
 
+/// Every cluster IP of `svc` (IPv4 first) with every TCP port.
+fn vips(svc: &Service) -> impl Iterator<Item = (IpAddr, &ServicePort)> {
+    svc.cluster_ips().flat_map(|ip| {
+        svc.ports
+            .iter()
+            .filter(|p| p.is_tcp())
+            .map(move |sp| (ip, sp))
+    })
+}
+
 pub(super) fn port_name(svc: &Service, sp: &ServicePort) -> String {
     format!("{}/{}:{}", svc.namespace, svc.name, sp.port)
 }
@@ -178,8 +198,10 @@ pub(super) fn port_name(svc: &Service, sp: &ServicePort) -> String {
 pub(super) struct Errors(pub Vec<String>);
 
 impl Errors {
+    /// The value, or `None` with the error kept (once: an object compiled for both VIPs
+    /// of a dual-stack Service meets its errors twice).
     pub(super) fn take<T>(&mut self, r: Result<T, String>) -> Option<T> {
-        r.map_err(|e| self.0.push(e)).ok()
+        r.map_err(|e| push_new(&mut self.0, e)).ok()
     }
 }
 
@@ -263,13 +285,16 @@ impl Ctx<'_> {
             })
     }
 
+    /// `svc`'s port `sp` (or a subset of it) as a backend of a VIP of `family`: its
+    /// endpoints of that family.
     pub(super) fn backend(
         &self,
         svc: &Service,
         sp: &ServicePort,
         subset: Option<(&str, BTreeMap<String, String>)>,
+        family: IpFamily,
     ) -> Backend {
-        let mut endpoints = self.model.endpoints(svc, sp, self.pod_ips);
+        let mut endpoints = self.model.endpoints(svc, sp, self.pod_ips, family);
         let mut name = port_name(svc, sp);
         if let Some((subset, labels)) = subset {
             endpoints.retain(|e| {
@@ -319,11 +344,12 @@ impl Ctx<'_> {
         let mut errors = Errors::default();
         let mut policies = Vec::new();
         for svc in hosts {
-            let Some(ip) = svc.cluster_ip else {
+            if svc.cluster_ips().next().is_none() {
                 notes.push(format!("Service {} has no cluster IP", svc.key()));
                 continue;
-            };
-            for sp in svc.ports.iter().filter(|p| p.is_tcp()) {
+            }
+            for (ip, sp) in vips(svc) {
+                let family = IpFamily::of(ip);
                 // `tls` rules first: a ClientHello's server name picks among them.
                 let mut rules: Vec<Rule> = spec
                     .tls
@@ -331,7 +357,7 @@ impl Ctx<'_> {
                     .enumerate()
                     .filter(|(_, route)| applies_to_port(route, sp.port))
                     .filter_map(|(i, route)| {
-                        errors.take(self.istio_tls_rule(vs, i, route, &gateways, sp.port))
+                        errors.take(self.istio_tls_rule(vs, i, route, &gateways, sp.port, family))
                     })
                     .collect();
                 let by_sni = !rules.is_empty();
@@ -341,11 +367,11 @@ impl Ctx<'_> {
                         .enumerate()
                         .filter(|(_, route)| applies_to_port(route, sp.port))
                         .filter_map(|(i, route)| {
-                            errors.take(self.istio_rule(vs, i, route, &gateways, sp.port))
+                            errors.take(self.istio_rule(vs, i, route, &gateways, sp.port, family))
                         }),
                 );
                 policies.push((
-                    SocketAddrV4::new(ip, sp.port),
+                    SocketAddr::new(ip, sp.port),
                     port_name(svc, sp),
                     Policy {
                         route: format!("VirtualService {}", vs.key()),
@@ -369,8 +395,9 @@ impl Ctx<'_> {
         route: &IstioTcpRoute,
         vs_gateways: &[String],
         dialled: u16,
+        family: IpFamily,
     ) -> Result<Rule, String> {
-        self.istio_l4_rule(vs, "tcp", index, route, dialled, |m| {
+        self.istio_l4_rule(vs, "tcp", index, route, (dialled, family), |m| {
             istio_match(m, vs_gateways, &vs.namespace)
         })
     }
@@ -384,23 +411,25 @@ impl Ctx<'_> {
         route: &IstioTlsRoute,
         vs_gateways: &[String],
         dialled: u16,
+        family: IpFamily,
     ) -> Result<Rule, String> {
         if route.matches.is_empty() {
             return Err(format!("tls[{index}]: match is required (with sniHosts)"));
         }
-        self.istio_l4_rule(vs, "tls", index, route, dialled, |m| {
+        self.istio_l4_rule(vs, "tls", index, route, (dialled, family), |m| {
             tls_match(m, vs_gateways, &vs.namespace)
         })
     }
 
-    /// Rule `kind[index]` of `vs`, its matches compiled by `compile`.
+    /// Rule `kind[index]` of `vs` for a connection to port `dialled` of a VIP of
+    /// `family`, its matches compiled by `compile`.
     fn istio_l4_rule<M>(
         &self,
         vs: &Routed<VirtualServiceSpec>,
         kind: &str,
         index: usize,
         route: &IstioL4Route<M>,
-        dialled: u16,
+        (dialled, family): (u16, IpFamily),
         compile: impl Fn(&M) -> Result<Match, String>,
     ) -> Result<Rule, String> {
         let at = |e: String| format!("{kind}[{index}]: {e}");
@@ -413,7 +442,7 @@ impl Ctx<'_> {
         Ok(Rule {
             matches,
             split: self
-                .istio_split(&route.route, &vs.namespace, dialled)
+                .istio_split(&route.route, &vs.namespace, dialled, family)
                 .map_err(at)?,
         })
     }
@@ -424,6 +453,7 @@ impl Ctx<'_> {
         route: &[RouteDestination],
         namespace: &str,
         dialled: u16,
+        family: IpFamily,
     ) -> Result<Split, String> {
         if route.is_empty() {
             return Err("no route destinations".into());
@@ -442,7 +472,7 @@ impl Ctx<'_> {
                 ),
             });
             backends.push(
-                self.istio_destination(&rd.destination, namespace, dialled)
+                self.istio_destination(&rd.destination, namespace, dialled, family)
                     .map_err(at)?,
             );
         }
@@ -455,6 +485,7 @@ impl Ctx<'_> {
         d: &Destination,
         namespace: &str,
         dialled: u16,
+        family: IpFamily,
     ) -> Result<Backend, String> {
         let svc = self.service(&d.host, namespace)?;
         let sp = self.port(svc, d.port.as_ref().and_then(|p| p.number), dialled)?;
@@ -462,7 +493,7 @@ impl Ctx<'_> {
             Some(name) => Some((name.as_str(), self.subset(svc, name)?)),
             None => None,
         };
-        Ok(self.backend(svc, sp, subset))
+        Ok(self.backend(svc, sp, subset, family))
     }
 
     fn tcp_route(&self, route: &Routed<TcpRouteSpec>) -> Compiled1 {
@@ -502,12 +533,12 @@ impl Ctx<'_> {
                     .push(format!("parentRef Service {key} does not exist"));
                 continue;
             };
-            let Some(ip) = svc.cluster_ip else {
+            if svc.cluster_ips().next().is_none() {
                 errors
                     .0
                     .push(format!("parentRef Service {key} has no cluster IP"));
                 continue;
-            };
+            }
             let ports: Vec<&ServicePort> = svc
                 .ports
                 .iter()
@@ -526,13 +557,17 @@ impl Ctx<'_> {
                     parent.port, parent.section_name
                 ));
             }
-            for sp in ports {
+            for (ip, sp) in svc
+                .cluster_ips()
+                .flat_map(|ip| ports.iter().map(move |sp| (ip, sp)))
+            {
+                let family = IpFamily::of(ip);
                 let split = backends
                     .iter()
-                    .map(|(svc, sp, weight)| (self.backend(svc, sp, None), *weight))
+                    .map(|(svc, sp, weight)| (self.backend(svc, sp, None, family), *weight))
                     .collect();
                 policies.push((
-                    SocketAddrV4::new(ip, sp.port),
+                    SocketAddr::new(ip, sp.port),
                     port_name(svc, sp),
                     Policy::single(format!("TCPRoute {}", route.key()), split),
                 ));
@@ -616,18 +651,19 @@ impl Ctx<'_> {
             .service(&ts.spec.service, &ts.namespace)
             .map_err(|e| vec![format!("service: {e}")])?;
         same_namespace(root, "root").map_err(|e| vec![e])?;
-        let Some(ip) = root.cluster_ip else {
+        if root.cluster_ips().next().is_none() {
             return Err(vec![format!(
                 "root Service {} has no cluster IP",
                 root.key()
             )]);
-        };
+        }
         if ts.spec.backends.is_empty() {
             return Err(vec!["no backends".into()]);
         }
         let mut errors = Errors::default();
         let mut policies = Vec::new();
-        for sp in root.ports.iter().filter(|p| p.is_tcp()) {
+        for (ip, sp) in vips(root) {
+            let family = IpFamily::of(ip);
             let mut split = Vec::new();
             for (i, b) in ts.spec.backends.iter().enumerate() {
                 let backend = (|| {
@@ -636,7 +672,7 @@ impl Ctx<'_> {
                     let svc = self.service(&b.service, &ts.namespace)?;
                     same_namespace(svc, "backend")?;
                     let bsp = self.port(svc, None, sp.port)?;
-                    Ok((self.backend(svc, bsp, None), weight))
+                    Ok((self.backend(svc, bsp, None, family), weight))
                 })();
                 if let Some(b) =
                     errors.take(backend.map_err(|e: String| format!("backends[{i}]: {e}")))
@@ -645,7 +681,7 @@ impl Ctx<'_> {
                 }
             }
             policies.push((
-                SocketAddrV4::new(ip, sp.port),
+                SocketAddr::new(ip, sp.port),
                 port_name(root, sp),
                 Policy::single(format!("TrafficSplit {}", ts.key()), split),
             ));
@@ -720,10 +756,10 @@ fn istio_match(
         .destination_subnets
         .iter()
         .map(|s| {
-            s.parse::<Ipv4Net>()
-                .or_else(|_| s.parse::<Ipv4Addr>().map(Ipv4Net::from))
+            s.parse::<IpNet>()
+                .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
                 .map(|n| n.trunc())
-                .map_err(|_| format!("destinationSubnets: {s:?} is not an IPv4 address or CIDR"))
+                .map_err(|_| format!("destinationSubnets: {s:?} is not an IP address or CIDR"))
         })
         .collect::<Result<Vec<_>, _>>()?;
     // A match's gateways default to the VirtualService's; only mesh traffic reaches here

@@ -5,7 +5,7 @@
 //! it. Compiled from the model like the mesh's table, judged with Gateway API conditions
 //! (`Accepted`, `ResolvedRefs`) or reasons.
 use std::collections::{BTreeMap, HashMap};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 
 use super::compile::{applies_to_port, Condition, Ctx, Errors, RouteStatus};
@@ -16,7 +16,7 @@ use super::{holds, Pick, Policy, Resolved, Rule, Source, Target};
 use crate::model::routing::{
     GatewaySpec, IstioGatewaySpec, ParentReference, Routed, TcpRouteRule, TlsRouteSpec,
 };
-use crate::model::Model;
+use crate::model::{IpFamily, Model};
 
 const GATEWAY_API_GROUP: &str = "gateway.networking.k8s.io";
 
@@ -78,6 +78,9 @@ fn accepted(status: &'static str, reason: &'static str, message: String) -> Cond
     }
 }
 
+/// The gateway listens on IPv4 and reaches its backends' IPv4 endpoints.
+const GATEWAY_FAMILY: IpFamily = IpFamily::V4;
+
 /// The routing of one gateway: what each listening port does with a connection.
 #[derive(Debug, Default)]
 pub struct GatewayTable {
@@ -94,7 +97,7 @@ pub struct GatewayTable {
     /// The endpoints with an active check.
     checked: Vec<Checked>,
     /// Every endpoint of a Service.
-    endpoints: std::collections::HashSet<SocketAddrV4>,
+    endpoints: std::collections::HashSet<SocketAddr>,
 }
 
 impl GatewayTable {
@@ -171,7 +174,7 @@ impl GatewayTable {
     }
 
     /// Whether `addr` is an endpoint of a Service now.
-    pub fn is_endpoint(&self, addr: &SocketAddrV4) -> bool {
+    pub fn is_endpoint(&self, addr: &SocketAddr) -> bool {
         self.endpoints.contains(addr)
     }
 
@@ -211,7 +214,7 @@ impl GatewayTable {
                 || rule
                     .matches
                     .iter()
-                    .any(|m| holds(m, local, source, Some(&self.gateway), None))
+                    .any(|m| holds(m, local.into(), source, Some(&self.gateway), None))
         });
         let Some((index, rule)) = found else {
             return target(Target::Refused {
@@ -497,7 +500,7 @@ impl GatewayTable {
                 label.clone(),
                 backends
                     .iter()
-                    .map(|(svc, sp, w)| (ctx.backend(svc, sp, None), *w))
+                    .map(|(svc, sp, w)| (ctx.backend(svc, sp, None, GATEWAY_FAMILY), *w))
                     .collect(),
             )
         };
@@ -673,7 +676,9 @@ impl GatewayTable {
                     if !applies_to_port(route, port) {
                         continue;
                     }
-                    if let Some(rule) = errors.take(ctx.istio_rule(vs, i, route, &gateways, port)) {
+                    if let Some(rule) =
+                        errors.take(ctx.istio_rule(vs, i, route, &gateways, port, GATEWAY_FAMILY))
+                    {
                         compiled.push((port, rule));
                     }
                 }
@@ -750,7 +755,7 @@ fn pick_endpoint(
         });
     };
     let pick = Pick {
-        client: Some(client),
+        client: Some(IpAddr::V4(client)),
         ..*pick
     };
     match backend.pick(&pick) {

@@ -6,7 +6,7 @@
 //! outside its namespace) is rejected with its reasons, and the last valid version of the
 //! same object, if there was one, stays in force.
 use std::collections::{BTreeMap, HashMap};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ use crate::model::routing::{
     HealthCheckConfig, HealthCheckPolicySpec, LoadBalancerPolicySpec, PolicyTargetRef, Routed,
     UpstreamTrafficSettingSpec,
 };
-use crate::model::{Model, PodKey, Service, ServiceKey};
+use crate::model::{IpFamily, Model, PodAddrs, PodKey, Service, ServiceKey};
 
 /// Connect timeout when no UpstreamTrafficSetting sets one.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -241,19 +241,27 @@ pub(super) fn compile(model: &Model, memory: &mut LastValid) -> Compiled {
 
 /// The settings of the Service port each endpoint address serves (the first Service in
 /// key order when several select it): what the inbound listener and the active checker
-/// apply to it.
+/// apply to it. The endpoints are those of the families of the Service's cluster IPs
+/// (both for a headless Service, whose clients dial the pods' own addresses).
 pub(super) fn by_endpoint(
     model: &Model,
-    pod_ips: &HashMap<PodKey, Ipv4Addr>,
+    pod_ips: &HashMap<PodKey, PodAddrs>,
     by_port: &HashMap<PortKey, Arc<UpstreamSettings>>,
-) -> HashMap<SocketAddrV4, (Arc<UpstreamSettings>, PodKey)> {
+) -> HashMap<SocketAddr, (Arc<UpstreamSettings>, PodKey)> {
     let mut out = HashMap::new();
     for svc in model.services.values() {
+        let mut families: Vec<IpFamily> = svc.cluster_ips().map(IpFamily::of).collect();
+        if families.is_empty() {
+            families = vec![IpFamily::V4, IpFamily::V6];
+        }
         for sp in svc.ports.iter().filter(|sp| sp.is_tcp()) {
             let Some(settings) = by_port.get(&(svc.key().to_string(), sp.port)) else {
                 continue;
             };
-            for endpoint in model.endpoints(svc, sp, pod_ips) {
+            let endpoints = families
+                .iter()
+                .flat_map(|family| model.endpoints(svc, sp, pod_ips, *family));
+            for endpoint in endpoints {
                 out.entry(endpoint.addr)
                     .or_insert_with(|| (Arc::clone(settings), endpoint.pod));
             }
@@ -266,7 +274,7 @@ pub(super) fn by_endpoint(
 /// the mesh (a check through its inbound listener would meet the mesh's policies).
 pub(super) fn checked(
     model: &Model,
-    by_endpoint: &HashMap<SocketAddrV4, (Arc<UpstreamSettings>, PodKey)>,
+    by_endpoint: &HashMap<SocketAddr, (Arc<UpstreamSettings>, PodKey)>,
 ) -> Vec<Checked> {
     by_endpoint
         .iter()
@@ -282,7 +290,7 @@ pub(super) fn checked(
 /// An endpoint with an active check.
 #[derive(Clone, Debug)]
 pub struct Checked {
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     pub settings: Arc<UpstreamSettings>,
     pub in_mesh: bool,
 }

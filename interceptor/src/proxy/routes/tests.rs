@@ -1,6 +1,6 @@
 //! The route table from manifests as users write them.
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddrV4;
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 
 use super::*;
 use crate::source::manifests::load_str;
@@ -55,7 +55,10 @@ spec:
   ports: [{name: tcp, port: 19000, targetPort: 9000}]
 "#;
 
-const ECHO: SocketAddrV4 = SocketAddrV4::new(std::net::Ipv4Addr::new(10, 96, 0, 20), 19000);
+const ECHO: SocketAddr = SocketAddr::V4(SocketAddrV4::new(
+    std::net::Ipv4Addr::new(10, 96, 0, 20),
+    19000,
+));
 
 fn table(extra: &str) -> RouteTable {
     table_of(&format!("{BASE}---\n{extra}"))
@@ -381,7 +384,10 @@ spec:
     // The broken VirtualService left echo-server on its default routing...
     assert!(from(&t, "client").starts_with("default/echo-v"));
     // ...and the rejected one on echo-server-2 left room for the TrafficSplit.
-    let echo2 = SocketAddrV4::new(std::net::Ipv4Addr::new(10, 96, 0, 21), 19000);
+    let echo2 = SocketAddr::V4(SocketAddrV4::new(
+        std::net::Ipv4Addr::new(10, 96, 0, 21),
+        19000,
+    ));
     match t.resolve(echo2, ConnectionSource::default()) {
         Target::Endpoint { route, pod, .. } => {
             assert_eq!(route.as_deref(), Some("TrafficSplit default/split"));
@@ -453,7 +459,10 @@ spec:
         loser.reasons[0].contains("VirtualService default/echo"),
         "{loser:?}"
     );
-    let echo2 = SocketAddrV4::new(std::net::Ipv4Addr::new(10, 96, 0, 21), 19000);
+    let echo2 = SocketAddr::V4(SocketAddrV4::new(
+        std::net::Ipv4Addr::new(10, 96, 0, 21),
+        19000,
+    ));
     match t.resolve(echo2, ConnectionSource::default()) {
         Target::Endpoint { route, .. } => {
             assert_eq!(route.as_deref(), Some("TCPRoute default/older"))
@@ -478,7 +487,7 @@ spec:
     let s = status(&t, "VirtualService");
     assert!(!s.accepted);
     assert!(
-        s.reasons[0].contains("\"banana\" is not an IPv4 address or CIDR"),
+        s.reasons[0].contains("\"banana\" is not an IP address or CIDR"),
         "{s:?}"
     );
 }
@@ -555,7 +564,7 @@ fn smi_mode_allows_only_what_a_traffic_target_grants() {
     );
     // Inbound: the same rule from the server's side, by the client's address.
     let echo: PodKey = "default/echo-v1".parse().unwrap();
-    let ip = |last| std::net::Ipv4Addr::new(10, 244, 0, last);
+    let ip = |last| IpAddr::V4(std::net::Ipv4Addr::new(10, 244, 0, last));
     assert_eq!(t.admit_inbound(ip(31), &echo, 9000), Ok(Admission::Granted));
     assert!(t
         .admit_inbound(ip(31), &echo, 9001)
@@ -586,7 +595,7 @@ fn smi_mode_allows_only_what_a_traffic_target_grants() {
 #[test]
 fn only_the_node_probe_address_is_admitted_without_a_grant() {
     let echo: PodKey = "default/echo-v1".parse().unwrap();
-    let probe = interceptor_common::NODE_PROBE_SOURCE;
+    let probe = IpAddr::V4(interceptor_common::NODE_PROBE_SOURCE);
     for permissive in [false, true] {
         let t = smi_table(SMI, permissive);
         for port in [9000, 9001, 8080] {
@@ -603,7 +612,7 @@ fn only_the_node_probe_address_is_admitted_without_a_grant() {
         std::net::Ipv4Addr::new(10, 244, 0, 1),
     ] {
         assert!(
-            t.admit_inbound(other, &echo, 9000)
+            t.admit_inbound(other.into(), &echo, 9000)
                 .unwrap_err()
                 .contains("not a mesh workload"),
             "{other}"
@@ -611,28 +620,45 @@ fn only_the_node_probe_address_is_admitted_without_a_grant() {
     }
 }
 
-/// IPv6 clients: the table knows no pod by an IPv6 address, so SMI mode refuses every
-/// one (IPv6 never widens access), the node's IPv4 probe address mapped included;
-/// permissive mode lets them in.
+/// IPv6 clients: a pod is known by its IPv6 address too (`status.podIPs`), so SMI mode
+/// grants and refuses IPv6 clients as it does IPv4 ones; an unknown IPv6 address, and the
+/// node's IPv4 probe address mapped into IPv6, are not mesh workloads.
 #[test]
-fn ipv6_clients_are_unknown_workloads_in_smi_mode() {
-    let clients: [std::net::Ipv6Addr; 3] = [
-        "fd00:10:244::5".parse().unwrap(),
-        "fe80::1".parse().unwrap(),
-        interceptor_common::NODE_PROBE_SOURCE.to_ipv6_mapped(),
+fn ipv6_clients_are_known_by_their_pods_ipv6_address() {
+    let dual = SMI.to_owned()
+        + "---\napiVersion: v1\nkind: Pod\nmetadata: {name: client-6}\n\
+           spec: {serviceAccountName: telnet-client, containers: [{name: c, image: x}]}\n\
+           status: {podIPs: [{ip: 10.244.0.41}, {ip: 'fd00:10:244::41'}]}\n---\n\
+           apiVersion: v1\nkind: Pod\nmetadata: {name: client-6b}\n\
+           spec: {containers: [{name: c, image: x}]}\n\
+           status: {podIPs: [{ip: 10.244.0.42}, {ip: 'fd00:10:244::42'}]}\n";
+    let echo: PodKey = "default/echo-v1".parse().unwrap();
+    let t = smi_table(&dual, false);
+    let ip6 = |s: &str| IpAddr::V6(s.parse().unwrap());
+    assert_eq!(
+        t.admit_inbound(ip6("fd00:10:244::41"), &echo, 9000),
+        Ok(Admission::Granted)
+    );
+    assert!(t
+        .admit_inbound(ip6("fd00:10:244::42"), &echo, 9000)
+        .unwrap_err()
+        .contains("no TrafficTarget lets ServiceAccount default/default"));
+    let unknown = [
+        ip6("fd00:10:244::5"),
+        ip6("fe80::1"),
+        IpAddr::V6(interceptor_common::NODE_PROBE_SOURCE.to_ipv6_mapped()),
     ];
-    let t = smi_table(SMI, false);
-    for client in clients {
+    for client in unknown {
         assert!(
-            t.admit_inbound6(client)
+            t.admit_inbound(client, &echo, 9000)
                 .unwrap_err()
                 .contains("not a mesh workload"),
             "{client}"
         );
     }
-    let t = smi_table(SMI, true);
-    for client in clients {
-        assert_eq!(t.admit_inbound6(client), Ok(Admission::Granted));
+    let t = smi_table(&dual, true);
+    for client in unknown {
+        assert_eq!(t.admit_inbound(client, &echo, 9000), Ok(Admission::Granted));
     }
 }
 
@@ -677,7 +703,7 @@ fn settings_status<'t>(table: &'t RouteTable, kind: &str, name: &str) -> &'t Rou
 }
 
 fn echo_settings(table: &RouteTable) -> Arc<UpstreamSettings> {
-    let addr: SocketAddrV4 = "10.244.0.11:9000".parse().unwrap();
+    let addr: SocketAddr = "10.244.0.11:9000".parse().unwrap();
     Arc::clone(
         table
             .endpoint_settings(&addr)
@@ -715,7 +741,7 @@ fn an_upstream_traffic_setting_applies_to_every_port_of_its_host() {
     assert!(status.accepted, "{status:?}");
     assert_eq!(status.routes, ["default/echo-server:19000"]);
     // The other Service keeps the defaults.
-    let other: SocketAddrV4 = "10.244.0.13:9000".parse().unwrap();
+    let other: SocketAddr = "10.244.0.13:9000".parse().unwrap();
     assert_eq!(
         table.endpoint_settings(&other).unwrap().max_connections,
         None
@@ -856,7 +882,7 @@ spec:
         http.reasons[0].contains("HTTP checks (path, matches) are not supported"),
         "{http:?}"
     );
-    let other: SocketAddrV4 = "10.244.0.13:9000".parse().unwrap();
+    let other: SocketAddr = "10.244.0.13:9000".parse().unwrap();
     let other = table.endpoint_settings(&other).unwrap();
     assert_eq!(other.balancer, Balancer::RoundRobin);
     assert_eq!(other.health.interval, None);
@@ -867,7 +893,7 @@ fn backend(n: u8, balancer: Balancer) -> Backend {
     let endpoints = (1..=n)
         .map(|i| Endpoint {
             pod: format!("default/echo-{i}").parse().unwrap(),
-            addr: SocketAddrV4::new(std::net::Ipv4Addr::new(10, 244, 1, i), 9000),
+            addr: SocketAddr::from(([10, 244, 1, i], 9000)),
         })
         .collect();
     let settings = UpstreamSettings {
@@ -914,9 +940,7 @@ fn least_connections_fills_the_idle_endpoint_and_round_robins_between_equals() {
 #[test]
 fn source_ip_hashing_keeps_each_client_and_moves_only_a_removed_endpoints_clients() {
     let three = backend(3, Balancer::SourceIpHash);
-    let clients: Vec<std::net::Ipv4Addr> = (1..=200)
-        .map(|i| std::net::Ipv4Addr::new(10, 244, 7, i))
-        .collect();
+    let clients: Vec<IpAddr> = (1..=200).map(|i| IpAddr::from([10, 244, 7, i])).collect();
     let pick = |backend: &Backend, client| {
         let pick = Pick {
             client: Some(client),
@@ -976,3 +1000,194 @@ fn an_ejected_endpoint_is_skipped_unless_every_endpoint_is_ejected() {
 }
 
 const DEFAULT_MAX_FAILS_FOR_TESTS: u32 = settings::DEFAULT_MAX_FAILS;
+
+/// Two dual-stack echo services: `echo-server` (v1, v2 behind it) and `echo-server-2`.
+const DUAL: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: echo-v1, labels: {app: echo-server, version: v1}}
+spec: {containers: [{name: s, image: x}]}
+status: {podIPs: [{ip: 10.244.0.11}, {ip: 'fd00:10:244::11'}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: echo-v2, labels: {app: echo-server, version: v2}}
+spec: {containers: [{name: s, image: x}]}
+status: {podIPs: [{ip: 10.244.0.12}, {ip: 'fd00:10:244::12'}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: echo-2, labels: {app: echo-server-2}}
+spec: {containers: [{name: s, image: x}]}
+status: {podIPs: [{ip: 10.244.0.13}, {ip: 'fd00:10:244::13'}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo-server}
+spec:
+  clusterIPs: [10.96.0.20, 'fd00:96::20']
+  ipFamilies: [IPv4, IPv6]
+  selector: {app: echo-server}
+  ports: [{name: tcp, port: 19000, targetPort: 9000}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo-server-2}
+spec:
+  clusterIPs: ['fd00:96::21']
+  ipFamilies: [IPv6]
+  selector: {app: echo-server-2}
+  ports: [{name: tcp, port: 19000, targetPort: 9000}]
+"#;
+
+fn dual_table(extra: &str, pod_ips: &[(&str, &str)]) -> RouteTable {
+    let model = load_str(
+        std::path::Path::new("t.yaml"),
+        &format!("{DUAL}---\n{extra}"),
+    )
+    .expect("manifests");
+    let pod_ips = pod_ips
+        .iter()
+        .map(|(pod, ip)| {
+            let addrs = PodAddrs {
+                v4: None,
+                v6: Some(ip.parse().unwrap()),
+            };
+            (PodKey::new("default", *pod), addrs)
+        })
+        .collect();
+    RouteTable::build(
+        &model,
+        &pod_ips,
+        HashSet::new(),
+        true,
+        &mut LastValid::default(),
+    )
+}
+
+fn endpoint_addr(target: Target) -> String {
+    match target {
+        Target::Endpoint { addr, .. } => addr.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+#[test]
+fn an_ipv6_cluster_ip_routes_to_ipv6_endpoints_with_the_same_policies() {
+    let echo6: SocketAddr = "[fd00:96::20]:19000".parse().unwrap();
+    let t = dual_table("", &[]);
+    let picks: HashSet<String> = (0..4)
+        .map(|_| endpoint_addr(t.resolve(echo6, ConnectionSource::default())))
+        .collect();
+    assert_eq!(
+        picks,
+        HashSet::from([
+            "[fd00:10:244::11]:9000".to_string(),
+            "[fd00:10:244::12]:9000".to_string()
+        ])
+    );
+    // The IPv4 VIP of the same Service keeps IPv4 endpoints.
+    let v4 = endpoint_addr(t.resolve(ECHO, ConnectionSource::default()));
+    assert!(v4.starts_with("10.244.0.1"), "{v4}");
+    // What the CNI plugin reported wins over status.podIPs.
+    let t = dual_table(
+        "",
+        &[
+            ("echo-v1", "fd00:10:244::99"),
+            ("echo-v2", "fd00:10:244::98"),
+        ],
+    );
+    let picks: HashSet<String> = (0..4)
+        .map(|_| endpoint_addr(t.resolve(echo6, ConnectionSource::default())))
+        .collect();
+    assert!(
+        picks.iter().all(|p| p.starts_with("[fd00:10:244::9")),
+        "{picks:?}"
+    );
+
+    // A TrafficSplit applies to both VIPs, each to the backends' endpoints of its family.
+    let t = dual_table(
+        r#"apiVersion: split.smi-spec.io/v1alpha2
+kind: TrafficSplit
+metadata: {name: split}
+spec:
+  service: echo-server
+  backends: [{service: echo-server, weight: 0}, {service: echo-server-2, weight: 100}]
+"#,
+        &[],
+    );
+    for _ in 0..4 {
+        assert_eq!(
+            endpoint_addr(t.resolve(echo6, ConnectionSource::default())),
+            "[fd00:10:244::13]:9000"
+        );
+    }
+    // The IPv4 VIP splits the same way, to the backend's IPv4 endpoints (without
+    // slices, the selected pods' addresses of the VIP's family).
+    assert_eq!(
+        endpoint_addr(t.resolve(ECHO, ConnectionSource::default())),
+        "10.244.0.13:9000"
+    );
+    let s = status(&t, "TrafficSplit");
+    assert!(s.accepted, "{s:?}");
+    assert_eq!(
+        s.routes,
+        ["default/echo-server:19000"],
+        "one name for both VIPs"
+    );
+    let views = t.service_routes();
+    let view = views.iter().find(|v| v.vip == echo6).expect("IPv6 VIP");
+    assert_eq!(view.policy.as_deref(), Some("TrafficSplit default/split"));
+    assert_eq!(view.endpoints.len(), 2);
+    assert!(views.iter().any(|v| v.vip == ECHO));
+}
+
+#[test]
+fn destination_subnets_match_ipv6_vips() {
+    let echo6: SocketAddr = "[fd00:96::20]:19000".parse().unwrap();
+    let t = dual_table(
+        r#"apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: echo}
+spec:
+  hosts: [echo-server]
+  tcp:
+  - match: [{destinationSubnets: ['fd00:96::/64']}]
+    route: [{destination: {host: echo-server, subset: v2}}]
+  - route: [{destination: {host: echo-server, subset: v1}}]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {name: echo}
+spec:
+  host: echo-server
+  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+"#,
+        &[],
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            endpoint_addr(t.resolve(echo6, ConnectionSource::default())),
+            "[fd00:10:244::12]:9000"
+        );
+        assert_eq!(
+            endpoint_addr(t.resolve(ECHO, ConnectionSource::default())),
+            "10.244.0.11:9000"
+        );
+    }
+    assert!(status(&t, "VirtualService").accepted);
+}
+
+#[test]
+fn source_ip_hashing_keeps_ipv6_clients_too() {
+    let three = backend(3, Balancer::SourceIpHash);
+    let client: IpAddr = "fd00:10:244::7".parse().unwrap();
+    let pick = Pick {
+        client: Some(client),
+        ..Pick::default()
+    };
+    let first = three.pick(&pick).unwrap().addr;
+    for _ in 0..5 {
+        assert_eq!(three.pick(&pick).unwrap().addr, first);
+    }
+}

@@ -1,7 +1,7 @@
 //! TLS passthrough routing from manifests: a Gateway's TLS listener with TLSRoutes
 //! (precedence, conflicts, listeners that refuse them) and a mesh VirtualService's `tls`
 //! rules.
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use super::*;
 use crate::source::manifests::load_str;
@@ -287,7 +287,7 @@ fn mesh_table(vs: &str) -> RouteTable {
     super::tests::table_of(&text)
 }
 
-const SVC_ANY: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 1, 12), 443);
+const SVC_ANY: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(10, 96, 1, 12), 443));
 
 fn mesh_reached(table: &RouteTable, sni: Option<&str>, pod: &str) -> String {
     let key: PodKey = format!("httpbin/{pod}").parse().unwrap();
@@ -326,7 +326,7 @@ spec:
 fn a_virtual_service_tls_rule_routes_its_service_port_by_server_name() {
     let table = mesh_table(VS_TLS);
     assert!(table.routes_by_sni(SVC_ANY));
-    assert!(!table.routes_by_sni(SocketAddrV4::new(Ipv4Addr::new(10, 96, 1, 10), 443)));
+    assert!(!table.routes_by_sni(SocketAddr::from((Ipv4Addr::new(10, 96, 1, 10), 443))));
     assert_eq!(
         mesh_reached(&table, Some("a.example.com"), "client"),
         "httpbin/a"
