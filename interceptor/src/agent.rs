@@ -194,6 +194,9 @@ pub struct AgentOptions {
     pub unknown_pod: UnknownPod,
     /// `--access-log`: one JSON line per finished connection on stdout.
     pub access_log: bool,
+    /// How long a client of a port routed by server name has to send its ClientHello;
+    /// `None`: [`crate::proxy::sni::DEFAULT_CLIENT_HELLO_TIMEOUT`].
+    pub client_hello_timeout: Option<Duration>,
     /// Where pods that ran before the agent are looked for; `None`: they are not.
     pub discovery: Option<ProcScanner>,
     /// This node's name, when known: only model pods scheduled here are looked for.
@@ -215,6 +218,7 @@ pub struct Agent {
     unknown_pod: UnknownPod,
     /// Whether sockmap is on (proxy-to-proxy sockets then need the userspace copy).
     sockmap: bool,
+    client_hello_timeout: Duration,
     /// Finds pods that ran before the agent ([`Agent::discover_running`]).
     discovery: Option<ProcScanner>,
     node_name: Option<String>,
@@ -322,6 +326,9 @@ impl Agent {
             log,
             pods_file: options.pods_file,
             sockmap: options.sockmap,
+            client_hello_timeout: options
+                .client_hello_timeout
+                .unwrap_or(crate::proxy::sni::DEFAULT_CLIENT_HELLO_TIMEOUT),
             ipv6,
             unknown_pod_wait: options.unknown_pod_wait,
             unknown_pod: options.unknown_pod,
@@ -849,6 +856,7 @@ impl Agent {
                 log: Arc::clone(&self.log),
                 upstreams: Arc::clone(&self.upstreams),
                 sockmap: self.sockmap,
+                client_hello_timeout: self.client_hello_timeout,
                 draining: self.draining.subscribe(),
                 leaving: leave.subscribe(),
                 accepting: self.accepting.subscribe(),

@@ -97,6 +97,8 @@ pub struct AgentConfig {
     pub daemonset: Option<DaemonSetRef>,
     /// How long open connections may go on after SIGTERM/SIGINT.
     pub drain_timeout: Duration,
+    /// How long a client of a port routed by server name has to send its ClientHello.
+    pub client_hello_timeout: Duration,
     /// Created when ready, removed on exit (an exec readiness probe of this agent alone).
     pub ready_file: Option<PathBuf>,
     /// `--mode`: auto picks eBPF when the kernel has what it needs.
@@ -304,6 +306,7 @@ async fn serve(config: &AgentConfig, predecessor: Option<i32>) -> anyhow::Result
         unknown_pod_wait: config.unknown_pod_wait,
         unknown_pod: config.unknown_pod,
         access_log: config.access_log,
+        client_hello_timeout: Some(config.client_hello_timeout),
         discovery: Some(
             crate::inpod::discover::ProcScanner::host().context("reading the agent's own netns")?,
         ),

@@ -4,7 +4,8 @@
 //!
 //! Each body feeds arbitrary bytes to the repo's real parsers of untrusted input: the CNI
 //! plugin's stdin and environment, the agent socket protocol, pod annotations, manifest
-//! documents and the mesh configuration. Parsers may refuse the input; a panic (or an
+//! documents, the mesh configuration and a TLS client's first bytes (the ClientHello that
+//! TLS passthrough peeks). Parsers may refuse the input; a panic (or an
 //! assertion below about what they return) is the bug the fuzzer looks for.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -38,6 +39,7 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("annotations", annotations),
     ("manifests", manifests),
     ("mesh_config", mesh_config),
+    ("client_hello", client_hello),
 ];
 
 /// The network configuration on the plugin's stdin, parsed as the plugin does, and a
@@ -267,6 +269,7 @@ pub fn manifests(data: &[u8]) {
                 let source = ConnectionSource {
                     pod: Some(key),
                     gateway: None,
+                    sni: None,
                 };
                 let _ = table.resolve(*addr, source);
             }
@@ -321,4 +324,33 @@ pub fn mesh_config(data: &[u8]) {
         again, expected,
         "the dump parses to another config:\n{dump}"
     );
+}
+
+/// A TLS client's first bytes, as TLS passthrough peeks them: the parser must never read
+/// past them, never ask for fewer bytes than it has, and say the same of every prefix
+/// that ends before the hello does (the peek loop relies on both).
+pub fn client_hello(data: &[u8]) {
+    use crate::proxy::sni::{parse_client_hello, Parsed, MAX_CLIENT_HELLO};
+    match parse_client_hello(data) {
+        Ok(Parsed::Incomplete { needed }) => {
+            assert!(
+                needed > data.len(),
+                "incomplete, yet needs only {needed} of {}",
+                data.len()
+            );
+            assert!(
+                needed <= MAX_CLIENT_HELLO,
+                "asks for {needed}, past the bound"
+            );
+        }
+        Ok(Parsed::Hello { sni }) => {
+            if let Some(sni) = sni {
+                assert!(!sni.is_empty() && sni.len() <= 253, "server name {sni:?}");
+                assert_eq!(sni, sni.to_ascii_lowercase(), "not lower-cased");
+            }
+        }
+        Err(error) => {
+            let _ = (error.to_string(), error.reason());
+        }
+    }
 }

@@ -1,5 +1,7 @@
 //! `interceptor gateway`: a TCP gateway run in a gateway pod's network namespace. It
-//! serves one Gateway API `Gateway` (its TCP listeners and attached `TCPRoute`s) or one
+//! serves one Gateway API `Gateway` (its TCP listeners and attached `TCPRoute`s, its TLS
+//! passthrough listeners and attached `TLSRoute`s, routed by the server name peeked from
+//! the ClientHello, see `proxy::sni`) or one
 //! Istio `Gateway` (its TCP servers and the `VirtualService`s bound to it), named with
 //! `--gateway` or, in a cluster, the Istio Gateway whose `selector` matches the gateway
 //! pod's labels; from a directory of manifests or from the API server. Routes follow the
@@ -24,6 +26,7 @@ use tokio::task::JoinHandle;
 
 use crate::proxy::forward::{forward, reset_on_close, CopyMode};
 use crate::proxy::routes::LastValid;
+use crate::proxy::sni::peek_sni;
 use crate::proxy::socket::{self, HostSockets};
 use crate::proxy::upstream::{self, Upstreams};
 use crate::proxy::{ConnectionLog, ConnectionRecord, Direction, GatewayTable, ProxyError, Target};
@@ -57,6 +60,8 @@ pub struct GatewayConfig {
     pub class: Option<String>,
     pub source: GatewaySource,
     pub admin_addr: SocketAddr,
+    /// How long a client of a TLS passthrough listener has to send its ClientHello.
+    pub client_hello_timeout: Duration,
 }
 
 impl GatewayConfig {
@@ -304,24 +309,61 @@ async fn handle(stream: TcpStream, client: SocketAddr, shared: Arc<Shared>) {
         Ok(SocketAddr::V4(local)) => local,
         _ => SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
     };
-    let client_ip = match client {
+    let table = read(&shared.table).clone();
+    let gateway = read(&shared.serving).clone().unwrap_or_default();
+    let mut record = ConnectionRecord::start(gateway, Direction::Gateway, client);
+    record.original_dst = Some(std::net::SocketAddr::V4(local));
+    let result = proxy_one(stream, local, &table, &shared, &mut record).await;
+    record.finish(result);
+    shared.log.push(record);
+}
+
+async fn proxy_one(
+    stream: TcpStream,
+    local: SocketAddrV4,
+    table: &GatewayTable,
+    shared: &Shared,
+    record: &mut ConnectionRecord,
+) -> Result<(), ProxyError> {
+    let client_ip = match record.client {
         SocketAddr::V4(c) => *c.ip(),
         SocketAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
     };
-    let table = read(&shared.table).clone();
+    // A TLS passthrough listener routes by the ClientHello's server name, read without
+    // consuming it; without a usable hello or a route for its name, the client is reset.
+    let sni = if table.is_tls(local.port()) {
+        let sni = match peek_sni(&stream, shared.config.client_hello_timeout).await {
+            Ok(sni) => sni,
+            Err(error) => {
+                reset_on_close(&stream);
+                return Err(error.into());
+            }
+        };
+        record.sni = sni.clone();
+        if table.tls_route(local.port(), sni.as_deref()).is_none() {
+            reset_on_close(&stream);
+            return Err(ProxyError::NoSniRoute {
+                service: format!("gateway {} port {}", table.gateway(), local.port()),
+                sni,
+            });
+        }
+        Some(sni)
+    } else {
+        None
+    };
     let (target, opened) = upstream::open(
         &shared.upstreams,
         &format!("gateway {}", table.gateway()),
-        |pick| table.resolve_with(local, client_ip, pick),
+        |pick| match &sni {
+            Some(sni) => table.resolve_tls_with(local, client_ip, sni.as_deref(), pick),
+            None => table.resolve_with(local, client_ip, pick),
+        },
         Some(client_ip.into()),
         |addr, timeout| socket::connect(&HostSockets, addr, timeout),
     )
     .await;
-    let gateway = read(&shared.serving).clone().unwrap_or_default();
-    let mut record = ConnectionRecord::start(gateway, Direction::Gateway, client);
-    record.original_dst = Some(std::net::SocketAddr::V4(local));
     record.target = Some(target);
-    let result = match opened {
+    match opened {
         // A gateway only forwards to Service endpoints; anything else has no route.
         Ok(_) if !matches!(record.target, Some(Target::Endpoint { .. })) => {
             reset_on_close(&stream);
@@ -338,9 +380,7 @@ async fn handle(stream: TcpStream, client: SocketAddr, shared: Arc<Shared>) {
             reset_on_close(&stream);
             Err(error)
         }
-    };
-    record.finish(result);
-    shared.log.push(record);
+    }
 }
 
 async fn config_dump(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
@@ -372,7 +412,7 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl axum::response::Into
     shared.log.metrics().response()
 }
 
-/// Writes the TCPRoutes' conditions at this gateway to their `status.parents` in the
+/// Writes the TCPRoutes' and TLSRoutes' conditions at this gateway to their `status.parents` in the
 /// cluster (server-side apply of the status subresource, field manager
 /// `interceptor-gateway`), only when they changed since the last write.
 pub struct StatusWriter {
@@ -388,23 +428,25 @@ impl StatusWriter {
         }
     }
 
-    /// The status of every TCPRoute judged at `gateway` (`namespace/name`).
+    /// The status of every TCPRoute and TLSRoute judged at `gateway` (`namespace/name`).
     pub async fn write(&mut self, gateway: &str, statuses: &[crate::proxy::RouteStatus]) {
         use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
         let Some((gw_namespace, gw_name)) = gateway.split_once('/') else {
             return;
         };
-        let resource = ApiResource {
+        let resource = |kind: &str, plural: &str| ApiResource {
             group: "gateway.networking.k8s.io".into(),
             version: "v1alpha2".into(),
             api_version: "gateway.networking.k8s.io/v1alpha2".into(),
-            kind: "TCPRoute".into(),
-            plural: "tcproutes".into(),
+            kind: kind.into(),
+            plural: plural.into(),
         };
-        for status in statuses
-            .iter()
-            .filter(|s| s.kind == "TCPRoute" && !s.conditions.is_empty())
-        {
+        for status in statuses.iter().filter(|s| !s.conditions.is_empty()) {
+            let resource = match status.kind {
+                "TCPRoute" => resource("TCPRoute", "tcproutes"),
+                "TLSRoute" => resource("TLSRoute", "tlsroutes"),
+                _ => continue,
+            };
             let Some((namespace, name)) = status.name.split_once('/') else {
                 continue;
             };
@@ -420,7 +462,8 @@ impl StatusWriter {
                     })
                 })
                 .collect();
-            if self.written.get(&status.name) == Some(&serde_json::Value::Array(conditions.clone()))
+            let written_key = format!("{} {}", status.kind, status.name);
+            if self.written.get(&written_key) == Some(&serde_json::Value::Array(conditions.clone()))
             {
                 continue;
             }
@@ -435,7 +478,7 @@ impl StatusWriter {
                 .collect();
             let patch = serde_json::json!({
                 "apiVersion": "gateway.networking.k8s.io/v1alpha2",
-                "kind": "TCPRoute",
+                "kind": status.kind,
                 "metadata": {"name": name, "namespace": namespace},
                 "status": {"parents": [{
                     "parentRef": {
@@ -454,10 +497,10 @@ impl StatusWriter {
             match api.patch_status(name, &params, &Patch::Apply(&patch)).await {
                 Ok(_) => {
                     self.written
-                        .insert(status.name.clone(), serde_json::Value::Array(conditions));
+                        .insert(written_key, serde_json::Value::Array(conditions));
                 }
                 Err(error) => {
-                    tracing::warn!(route = %status.name, %error, "writing the TCPRoute status");
+                    tracing::warn!(kind = status.kind, route = %status.name, %error, "writing the route status");
                 }
             }
         }
@@ -484,6 +527,7 @@ mod tests {
             class: None,
             source: GatewaySource::Manifests(PathBuf::from("/nonexistent")),
             admin_addr: "127.0.0.1:0".parse().unwrap(),
+            client_hello_timeout: crate::proxy::sni::DEFAULT_CLIENT_HELLO_TIMEOUT,
         }
     }
 

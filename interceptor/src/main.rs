@@ -144,6 +144,11 @@ enum Command {
         /// (`30s`, `500ms`; plain numbers are seconds); those still open then are closed.
         #[arg(long, default_value = "25s", value_parser = parse_duration)]
         drain_timeout: std::time::Duration,
+        /// On a Service port routed by server name (a VirtualService `tls` rule), how
+        /// long an enrolled client has to send its whole ClientHello before its
+        /// connection is reset (`5s`, `500ms`).
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        client_hello_timeout: std::time::Duration,
         /// A file created when the agent is ready and removed when it stops: a readiness
         /// check of this agent alone (an exec probe), where the admin port is shared with
         /// the agent it replaces.
@@ -215,6 +220,10 @@ enum Command {
         /// Admin endpoint: /healthz, /readyz, /config_dump, /metrics.
         #[arg(long, default_value = "127.0.0.1:15000")]
         admin_addr: SocketAddr,
+        /// On a TLS passthrough listener, how long a client has to send its whole
+        /// ClientHello before its connection is reset (`5s`, `500ms`).
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        client_hello_timeout: std::time::Duration,
     },
     /// Probe this kernel: the features eBPF mode needs or can do without (each with its
     /// fallback), and the mode `--mode auto` picks and why.
@@ -338,6 +347,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             daemonset,
             pod_namespace,
             drain_timeout,
+            client_hello_timeout,
             ready_file,
             mode,
             simulate_missing_features,
@@ -408,6 +418,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 }),
                 drain_timeout,
+                client_hello_timeout,
                 ready_file,
                 mode,
                 simulate_missing_features,
@@ -432,6 +443,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             manifests,
             node_name,
             admin_addr,
+            client_hello_timeout,
         } => {
             use interceptor::gateway::{GatewayConfig, GatewaySource};
             let source = match (source, manifests, node_name) {
@@ -453,6 +465,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 class: gateway_class,
                 source,
                 admin_addr,
+                client_hello_timeout,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -562,6 +562,7 @@ fn cluster_role_only_reads_the_model_objects_and_covers_every_watch() {
         ("networking.istio.io", "gateways"),
         ("gateway.networking.k8s.io", "gateways"),
         ("gateway.networking.k8s.io", "tcproutes"),
+        ("gateway.networking.k8s.io", "tlsroutes"),
         ("split.smi-spec.io", "trafficsplits"),
         ("access.smi-spec.io", "traffictargets"),
         ("specs.smi-spec.io", "tcproutes"),

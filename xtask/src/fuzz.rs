@@ -354,6 +354,7 @@ name="manifests"
             "annotations",
             "manifests",
             "mesh_config",
+            "client_hello",
         ] {
             assert!(targets.iter().any(|x| x == t), "{t} missing: {targets:?}");
         }

@@ -45,6 +45,8 @@ pub const PROGRAMS: &[(&str, &str)] = &[
     ("runc", "runc"),
     ("busybox", "busybox-static"),
     ("python3", "python3"),
+    // e2e_tls: certificates (`openssl req`) and the TLS backends (`openssl s_server`).
+    ("openssl", "openssl"),
     ("nsenter", "util-linux"),
     ("unshare", "util-linux"),
     ("mount", "mount"),

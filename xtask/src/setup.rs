@@ -25,6 +25,8 @@ pub const PACKAGES: &[&str] = &[
     "runc",
     "busybox-static",
     "podman",
+    // e2e_tls: certificates and TLS backends (`openssl req`, `openssl s_server`).
+    "openssl",
 ];
 
 const BPFFS: &str = "/sys/fs/bpf";

@@ -1,7 +1,8 @@
-//! The L4 routing objects as their APIs spell them: Istio `VirtualService` (`tcp` routes)
-//! and `DestinationRule` (subsets), Gateway API `TCPRoute`, SMI `TrafficSplit`, and the SMI
-//! access objects (`TrafficTarget` and the `TCPRoute` of specs.smi-spec.io). Only the
-//! fields L4 routing reads are kept; the others (http, tls, ...) are ignored. What the
+//! The L4 routing objects as their APIs spell them: Istio `VirtualService` (`tcp` and
+//! `tls` routes) and `DestinationRule` (subsets), Gateway API `TCPRoute` and `TLSRoute`,
+//! SMI `TrafficSplit`, and the SMI access objects (`TrafficTarget` and the `TCPRoute` of
+//! specs.smi-spec.io). Only the fields L4 routing reads are kept; the others (http, ...)
+//! are ignored. What the
 //! objects mean together is compiled by `proxy::routes`, which also judges them.
 use std::collections::BTreeMap;
 
@@ -45,6 +46,9 @@ pub struct RoutingObjects {
     pub destination_rules: BTreeMap<String, Routed<DestinationRuleSpec>>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub tcp_routes: BTreeMap<String, Routed<TcpRouteSpec>>,
+    /// Gateway API TLSRoutes (TLS passthrough by SNI, served by `interceptor gateway`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub tls_routes: BTreeMap<String, Routed<TlsRouteSpec>>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub traffic_splits: BTreeMap<String, Routed<TrafficSplitSpec>>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
@@ -84,6 +88,7 @@ pub enum RoutingObject {
     IstioGateway(Routed<IstioGatewaySpec>),
     Gateway(Routed<GatewaySpec>),
     TcpRoute(Routed<TcpRouteSpec>),
+    TlsRoute(Routed<TlsRouteSpec>),
     TrafficSplit(Routed<TrafficSplitSpec>),
     TrafficTarget(Routed<TrafficTargetSpec>),
     SmiTcpRoute(Routed<SmiTcpRouteSpec>),
@@ -101,6 +106,7 @@ macro_rules! each_routed {
             RoutingObject::IstioGateway($o) => $body,
             RoutingObject::Gateway($o) => $body,
             RoutingObject::TcpRoute($o) => $body,
+            RoutingObject::TlsRoute($o) => $body,
             RoutingObject::TrafficSplit($o) => $body,
             RoutingObject::TrafficTarget($o) => $body,
             RoutingObject::SmiTcpRoute($o) => $body,
@@ -120,6 +126,7 @@ impl RoutingObject {
             RoutingObject::IstioGateway(_) => "Gateway (networking.istio.io)",
             RoutingObject::Gateway(_) => "Gateway",
             RoutingObject::TcpRoute(_) => "TCPRoute",
+            RoutingObject::TlsRoute(_) => "TLSRoute",
             RoutingObject::TrafficSplit(_) => "TrafficSplit",
             RoutingObject::TrafficTarget(_) => "TrafficTarget",
             RoutingObject::SmiTcpRoute(_) => "TCPRoute (specs.smi-spec.io)",
@@ -147,6 +154,7 @@ impl RoutingObject {
             RoutingObject::IstioGateway(o) => drop(objects.istio_gateways.insert(o.key(), o)),
             RoutingObject::Gateway(o) => drop(objects.gateways.insert(o.key(), o)),
             RoutingObject::TcpRoute(o) => drop(objects.tcp_routes.insert(o.key(), o)),
+            RoutingObject::TlsRoute(o) => drop(objects.tls_routes.insert(o.key(), o)),
             RoutingObject::TrafficSplit(o) => drop(objects.traffic_splits.insert(o.key(), o)),
             RoutingObject::TrafficTarget(o) => drop(objects.traffic_targets.insert(o.key(), o)),
             RoutingObject::SmiTcpRoute(o) => drop(objects.smi_tcp_routes.insert(o.key(), o)),
@@ -171,18 +179,43 @@ pub struct VirtualServiceSpec {
     /// Empty means `["mesh"]`: the routes apply to the mesh's own traffic.
     pub gateways: Vec<String>,
     pub tcp: Vec<IstioTcpRoute>,
+    /// Routes of TLS connections by their SNI (passthrough: the proxy reads the
+    /// ClientHello's server name, the stream stays encrypted end to end).
+    pub tls: Vec<IstioTlsRoute>,
 }
 
+/// A VirtualService `tcp` or `tls` rule: the matches of its kind and where it routes.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
-pub struct IstioTcpRoute {
-    /// ORed; an empty list matches every connection.
+pub struct IstioL4Route<M> {
+    /// ORed. `tcp`: an empty list matches every connection; `tls`: required (each entry
+    /// names `sniHosts`).
     #[serde(rename = "match")]
-    pub matches: Vec<L4MatchAttributes>,
+    pub matches: Vec<M>,
     pub route: Vec<RouteDestination>,
 }
 
-/// One `match` entry: every field set must hold.
+pub type IstioTcpRoute = IstioL4Route<L4MatchAttributes>;
+pub type IstioTlsRoute = IstioL4Route<TlsMatchAttributes>;
+
+/// One `tls` `match` entry: a `tcp` match's attributes and the server names; every
+/// field set must hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TlsMatchAttributes {
+    /// Required: the server names (exact, or `*.` wildcards) the ClientHello may carry.
+    pub sni_hosts: Vec<String>,
+    #[serde(flatten)]
+    pub l4: L4MatchAttributes,
+}
+
+impl AsRef<L4MatchAttributes> for TlsMatchAttributes {
+    fn as_ref(&self) -> &L4MatchAttributes {
+        &self.l4
+    }
+}
+
+/// One `tcp` `match` entry: every field set must hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct L4MatchAttributes {
@@ -191,6 +224,12 @@ pub struct L4MatchAttributes {
     pub source_labels: BTreeMap<String, String>,
     pub source_namespace: Option<String>,
     pub gateways: Vec<String>,
+}
+
+impl AsRef<L4MatchAttributes> for L4MatchAttributes {
+    fn as_ref(&self) -> &L4MatchAttributes {
+        self
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -235,6 +274,17 @@ pub struct Subset {
 #[serde(rename_all = "camelCase", default)]
 pub struct TcpRouteSpec {
     pub parent_refs: Vec<ParentReference>,
+    pub rules: Vec<TcpRouteRule>,
+}
+
+/// `gateway.networking.k8s.io/v1alpha2` `TLSRoute`: TLS passthrough by the ClientHello's
+/// server name.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TlsRouteSpec {
+    pub parent_refs: Vec<ParentReference>,
+    /// Exact names or `*.` wildcards; empty: every name (and a hello without one).
+    pub hostnames: Vec<String>,
     pub rules: Vec<TcpRouteRule>,
 }
 
@@ -350,7 +400,17 @@ pub struct Listener {
     pub name: String,
     pub port: u32,
     pub protocol: String,
+    /// Restricts the server names of the routes attached (`TLS` listeners).
+    pub hostname: Option<String>,
+    pub tls: Option<GatewayTlsConfig>,
     pub allowed_routes: Option<AllowedRoutes>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct GatewayTlsConfig {
+    /// `Terminate` (the API's default) or `Passthrough`; only `Passthrough` is served.
+    pub mode: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

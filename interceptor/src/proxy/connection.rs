@@ -10,6 +10,7 @@ use interceptor_common::{INBOUND_PORT, OUTBOUND_PORT};
 
 use super::forward::{CopyMode, Forwarded};
 use super::routes::Target;
+use super::sni::ClientHelloError;
 
 /// Which of a pod's two listeners accepted a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -99,6 +100,16 @@ pub enum ProxyError {
     /// A gateway listener's connection that no route sends to a Service endpoint.
     #[error("no route")]
     NoRoute,
+    /// A port routed by server name (TLS passthrough) whose client sent no readable
+    /// ClientHello: not TLS, malformed, too large, too late.
+    #[error("TLS passthrough: {0}")]
+    ClientHello(#[from] ClientHelloError),
+    /// No TLS route serves the ClientHello's server name.
+    #[error("{service}: no TLS route serves server name {}", sni.as_deref().unwrap_or("(none)"))]
+    NoSniRoute {
+        service: String,
+        sni: Option<String>,
+    },
     /// The socket towards the target could not be made or connected.
     #[error("connect {addr}: {source}")]
     Connect {
@@ -126,13 +137,28 @@ impl ProxyError {
             ProxyError::NoEndpoints { .. } => "no_endpoints",
             ProxyError::Refused { .. } => "refused",
             ProxyError::NoRoute => "no_route",
+            ProxyError::ClientHello(_) => "client_hello",
+            ProxyError::NoSniRoute { .. } => "no_sni_route",
             ProxyError::Connect { .. } | ProxyError::ConnectRetry { .. } => "connect",
         }
     }
 
     /// Refused on purpose rather than failed.
     pub fn is_refusal(&self) -> bool {
-        matches!(self, ProxyError::Refused { .. })
+        matches!(
+            self,
+            ProxyError::Refused { .. } | ProxyError::NoSniRoute { .. }
+        )
+    }
+
+    /// The `reason` label of `interceptor_proxy_tls_refused_total`, for a connection
+    /// that TLS passthrough turned away.
+    pub fn tls_reason(&self) -> Option<&'static str> {
+        match self {
+            ProxyError::ClientHello(error) => Some(error.reason()),
+            ProxyError::NoSniRoute { .. } => Some("no_route"),
+            _ => None,
+        }
     }
 
     /// The error for a target that is not an address (a refusal or a backend without
@@ -198,6 +224,9 @@ pub struct ConnectionRecord {
     pub client: SocketAddr,
     /// What the application dialled, as `SO_ORIGINAL_DST` reported it.
     pub original_dst: Option<SocketAddr>,
+    /// The server name of the ClientHello, on a port routed by it (TLS passthrough).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
     pub target: Option<Target>,
     pub outcome: Outcome,
     pub copy_mode: CopyMode,
@@ -224,6 +253,7 @@ impl ConnectionRecord {
             direction,
             client,
             original_dst: None,
+            sni: None,
             target: None,
             outcome: Outcome::Open,
             copy_mode: CopyMode::default(),

@@ -1,7 +1,8 @@
 //! The in-pod listeners: outbound (15001) and inbound (15003). Accept, recover the
 //! original destination, pick the target (outbound: within the upstream policies, with
-//! one retry on a connect failure; inbound: within the Service's rate limit), connect with
-//! a socket from the pod's [`SocketFactory`] (made inside the pod, with the proxy mark
+//! one retry on a connect failure, and on a Service port routed by server name after
+//! peeking the ClientHello, see [`outbound_sni`]; inbound: within the Service's rate
+//! limit), connect with a socket from the pod's [`SocketFactory`] (made inside the pod, with the proxy mark
 //! the programs skip; inbound, bound to the client's address unless the agent was told
 //! not to, see [`connect_app`]), and forward.
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -16,6 +17,7 @@ use super::forward::{forward, reset_on_close, CopyMode};
 use super::log::ConnectionLog;
 use super::orig_dst::original_dst_any;
 use super::routes::{Admission, ConnectionSource, RouteTable, Target, DEFAULT_CONNECT_TIMEOUT};
+use super::sni::peek_sni;
 use super::socket::{self, SocketFactory};
 use super::upstream::{self, Upstreams};
 use crate::sync::read;
@@ -51,6 +53,8 @@ pub struct ListenerContext {
     pub upstreams: Arc<Upstreams>,
     /// With sockmap on, proxy-to-proxy sockets on this node are in the SOCKHASH.
     pub sockmap: bool,
+    /// How long a client of a port routed by server name has to send its ClientHello.
+    pub client_hello_timeout: Duration,
     /// Turns true when the agent drains: stop accepting, let open connections finish.
     pub draining: tokio::sync::watch::Receiver<bool>,
     /// Turns true when this pod leaves the mesh while it runs (its enrollment label or
@@ -173,9 +177,17 @@ async fn proxy_one(
     let client_ip = record.client.ip();
     let (target, opened) = match ctx.direction {
         Direction::Outbound => {
+            let sni = match outbound_sni(&stream, ctx, &table, original, record).await {
+                Ok(sni) => sni,
+                Err(error) => {
+                    reset_on_close(&stream);
+                    return Err(error);
+                }
+            };
             let source = ConnectionSource {
                 pod: Some(&ctx.pod),
                 gateway: None,
+                sni: sni.as_deref(),
             };
             upstream::open(
                 &ctx.upstreams,
@@ -275,6 +287,36 @@ async fn inbound(
             (target, Err(error))
         }
     }
+}
+
+/// On a Service port routed by server name (VirtualService `tls` rules), the server name
+/// of the app's ClientHello, peeked without consuming it; an error when there is no
+/// usable hello in time or no rule for its name (the caller resets: never forwarded
+/// blind). `None` on every other port, which is not peeked at.
+async fn outbound_sni(
+    stream: &TcpStream,
+    ctx: &ListenerContext,
+    table: &RouteTable,
+    original: SocketAddr,
+    record: &mut ConnectionRecord,
+) -> Result<Option<String>, ProxyError> {
+    if !table.routes_by_sni(original) {
+        return Ok(None);
+    }
+    let sni = peek_sni(stream, ctx.client_hello_timeout).await?;
+    record.sni = sni.clone();
+    let source = ConnectionSource {
+        pod: Some(&ctx.pod),
+        gateway: None,
+        sni: sni.as_deref(),
+    };
+    if !table.matches_sni(original, source) {
+        return Err(ProxyError::NoSniRoute {
+            service: table.service_name(original).unwrap_or_default().to_owned(),
+            sni,
+        });
+    }
+    Ok(sni)
 }
 
 /// Connect to the application in this pod at `app`. With client addresses preserved, the

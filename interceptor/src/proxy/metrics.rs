@@ -35,8 +35,17 @@ struct ByteLabels {
 struct FailureLabels {
     direction: &'static str,
     /// [`super::ProxyError::kind`]: `no_original_destination`, `no_route_table`,
-    /// `no_endpoints`, `refused`, `no_route` or `connect`.
+    /// `no_endpoints`, `refused`, `no_route`, `connect`, `client_hello` or
+    /// `no_sni_route`.
     kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TlsLabels {
+    direction: &'static str,
+    /// `not_tls`, `malformed`, `too_large`, `timeout`, `closed`, `io` (no usable
+    /// ClientHello) or `no_route` (no route serves its server name).
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -57,6 +66,7 @@ pub struct ProxyMetrics {
     errors: Family<RouteLabels, Counter>,
     refused: Family<RouteLabels, Counter>,
     failures: Family<FailureLabels, Counter>,
+    tls_refused: Family<TlsLabels, Counter>,
     client_address: Family<ClientAddressLabels, Counter>,
     upstream: UpstreamMetrics,
 }
@@ -69,6 +79,7 @@ impl Default for ProxyMetrics {
         let errors = Family::<RouteLabels, Counter>::default();
         let refused = Family::<RouteLabels, Counter>::default();
         let failures = Family::<FailureLabels, Counter>::default();
+        let tls_refused = Family::<TlsLabels, Counter>::default();
         let client_address = Family::<ClientAddressLabels, Counter>::default();
         registry.register(
             "proxy_connections",
@@ -96,6 +107,11 @@ impl Default for ProxyMetrics {
             failures.clone(),
         );
         registry.register(
+            "proxy_tls_refused",
+            "Connections to a port routed by server name (TLS passthrough) that were reset: no usable ClientHello, or no route for its server name",
+            tls_refused.clone(),
+        );
+        registry.register(
             "inbound_client_address",
             "Inbound connections by the source address of the proxy's socket to the \
              application: the client's (preserved), or the pod's own because the client is \
@@ -112,6 +128,7 @@ impl Default for ProxyMetrics {
             errors,
             refused,
             failures,
+            tls_refused,
             client_address,
             upstream,
         }
@@ -220,6 +237,11 @@ impl ProxyMetrics {
                     kind: error.kind(),
                 })
                 .inc();
+            if let Some(reason) = error.tls_reason() {
+                self.tls_refused
+                    .get_or_create(&TlsLabels { direction, reason })
+                    .inc();
+            }
         }
     }
 
@@ -259,6 +281,7 @@ mod tests {
             direction: Direction::Outbound,
             client: "10.244.0.5:40000".parse().unwrap(),
             original_dst: None,
+            sni: None,
             target: Some(Target::Endpoint {
                 service: "default/echo:80".into(),
                 route: Some("VirtualService default/echo".into()),
@@ -295,6 +318,44 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("interceptor_proxy_errors_total{"), "{text}");
+    }
+
+    #[test]
+    fn tls_passthrough_refusals_are_counted_by_reason() {
+        use crate::proxy::sni::ClientHelloError;
+        use crate::proxy::ProxyError;
+        let metrics = ProxyMetrics::default();
+        let errors = [
+            ProxyError::ClientHello(ClientHelloError::Timeout(std::time::Duration::from_secs(5))),
+            ProxyError::ClientHello(ClientHelloError::NotTls(b"GET".to_vec())),
+            ProxyError::ClientHello(ClientHelloError::NotTls(b"SSH".to_vec())),
+            ProxyError::NoSniRoute {
+                service: "gateway default/gw port 8000".into(),
+                sni: Some("c.example.com".into()),
+            },
+        ];
+        for error in errors {
+            let mut record = ConnectionRecord::start(
+                "default/gw".into(),
+                Direction::Gateway,
+                "10.0.0.1:1".parse().unwrap(),
+            );
+            record.finish(Err(error));
+            metrics.observe(&record);
+        }
+        let text = metrics.encode();
+        for (reason, n) in [("timeout", 1), ("not_tls", 2), ("no_route", 1)] {
+            let line = format!(
+                "interceptor_proxy_tls_refused_total{{direction=\"gateway\",reason=\"{reason}\"}} {n}\n"
+            );
+            assert!(text.contains(&line), "{line} in {text}");
+        }
+        assert!(
+            text.contains(
+                "interceptor_proxy_failures_total{direction=\"gateway\",kind=\"client_hello\"} 3\n"
+            ),
+            "{text}"
+        );
     }
 
     /// A connection let in as the node's probe is counted apart from the rest of the
@@ -349,6 +410,7 @@ mod tests {
                 direction: Direction::Inbound,
                 client: "10.244.0.5:40000".parse().unwrap(),
                 original_dst: None,
+                sni: None,
                 target: Some(Target::Local {
                     addr: "10.244.0.9:9000".parse().unwrap(),
                     node_probe: false,

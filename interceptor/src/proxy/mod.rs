@@ -5,7 +5,8 @@
 //!
 //! Layers, each using only those before it: the leaves `routes` (model → table, pure;
 //! runtime endpoint state comes in through `routes::EndpointHealth`), `forward` (bytes),
-//! `orig_dst` and `socket` (the `SocketFactory`); then `connection` (records, outcomes,
+//! `orig_dst`, `sni` (the ClientHello peek of TLS passthrough) and `socket` (the
+//! `SocketFactory`); then `connection` (records, outcomes,
 //! typed errors), `upstream` (policies, endpoint state, the connect with one retry),
 //! `metrics` (by error type), `log`, and `listener` at the top. The proxy never enters a
 //! namespace: a pod's sockets come from `inpod::InPodSockets`.
@@ -16,6 +17,7 @@ pub mod log;
 pub mod metrics;
 pub mod orig_dst;
 pub mod routes;
+pub mod sni;
 pub mod socket;
 pub mod upstream;
 

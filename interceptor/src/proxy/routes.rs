@@ -3,11 +3,15 @@
 //! upstream). A Service ClusterIP:port goes to the backends its routing policy names
 //! (an Istio VirtualService `tcp` rule, a Gateway API TCPRoute with the Service as parent,
 //! or an SMI TrafficSplit), else round-robin to its own endpoints; anything else is passed
-//! through to the original destination. In SMI traffic policy mode, a connection between
+//! through to the original destination. A Service port with VirtualService `tls` rules is
+//! routed by the server name of the client's ClientHello (`ConnectionSource::sni`, read by
+//! the listener): a connection no rule matches is refused there, not sent to the
+//! Service's own endpoints. In SMI traffic policy mode, a connection between
 //! mesh workloads must also be allowed by a TrafficTarget (see `access`).
 mod access;
 mod compile;
 mod gateway;
+mod hosts;
 mod settings;
 mod split;
 
@@ -90,6 +94,9 @@ struct Policy {
     /// Tried in order; the first that matches decides. A policy without conditions has
     /// one rule that always matches.
     rules: Vec<Rule>,
+    /// Routes TLS by server name (VirtualService `tls` rules): the listener reads the
+    /// ClientHello first, and a connection no rule matches is refused.
+    by_sni: bool,
 }
 
 impl Policy {
@@ -101,6 +108,7 @@ impl Policy {
                 matches: Vec::new(),
                 split: Split::new(backends),
             }],
+            by_sni: false,
         }
     }
 }
@@ -121,6 +129,9 @@ struct Match {
     source_namespace: Option<String>,
     /// Empty: the VirtualService's own gateways.
     gateways: Vec<String>,
+    /// `tls` matches: the ClientHello's server name matches one of these (empty: any
+    /// connection, a `tcp` match).
+    sni_hosts: Vec<hosts::HostPattern>,
 }
 
 /// One destination: a Service port, or a subset of it, and its endpoints.
@@ -268,6 +279,9 @@ pub struct ConnectionSource<'a> {
     pub pod: Option<&'a PodKey>,
     /// The gateway that accepted it (`namespace/name`), or `None` for mesh traffic.
     pub gateway: Option<&'a str>,
+    /// The server name of its ClientHello (lower-cased), when the listener read one: on
+    /// ports routed by server name only ([`RouteTable::routes_by_sni`]).
+    pub sni: Option<&'a str>,
 }
 
 /// The decision for one connection.
@@ -522,12 +536,25 @@ impl RouteTable {
                     rule.matches.is_empty()
                         || rule.matches.iter().any(|m| {
                             let pod = source.pod.and_then(|key| self.sources.get(key));
-                            holds(m, original, pod, source.gateway)
+                            holds(m, original, pod, source.gateway, source.sni)
                         })
                 })
                 .map(|rule| (policy, rule))
         });
+        let by_sni = route.policy.as_ref().filter(|policy| policy.by_sni);
         let (route_name, backend) = match chosen {
+            // A TLS client whose server name no rule routes is not sent to the Service.
+            None if by_sni.is_some() => {
+                let target = Target::Refused {
+                    service: route.service.clone(),
+                    route: by_sni.map(|p| p.route.clone()).unwrap_or_default(),
+                    reason: format!(
+                        "no tls rule matches server name {}",
+                        source.sni.unwrap_or("(none)")
+                    ),
+                };
+                return (target, None);
+            }
             None => (None, &route.default),
             Some((policy, rule)) => match rule.split.pick() {
                 Some(backend) => (Some(policy.route.clone()), backend),
@@ -556,6 +583,37 @@ impl RouteTable {
             },
         };
         (target, Some(Arc::clone(&backend.settings)))
+    }
+
+    /// Whether connections to `original` are routed by the server name of their
+    /// ClientHello (a VirtualService `tls` rule routes the Service port).
+    pub fn routes_by_sni(&self, original: SocketAddr) -> bool {
+        self.services
+            .get(&original)
+            .and_then(|route| route.policy.as_ref())
+            .is_some_and(|policy| policy.by_sni)
+    }
+
+    /// The Service port `original` is (`namespace/name:port`), for refusals.
+    pub fn service_name(&self, original: SocketAddr) -> Option<&str> {
+        self.services.get(&original).map(|r| r.service.as_str())
+    }
+
+    /// Whether a rule of the policy of `original` matches a connection from `source`
+    /// (with its server name): on a port routed by server name, a connection none
+    /// matches is refused.
+    pub fn matches_sni(&self, original: SocketAddr, source: ConnectionSource<'_>) -> bool {
+        let Some(policy) = self.services.get(&original).and_then(|r| r.policy.as_ref()) else {
+            return true;
+        };
+        let pod = source.pod.and_then(|key| self.sources.get(key));
+        policy.rules.iter().any(|rule| {
+            rule.matches.is_empty()
+                || rule
+                    .matches
+                    .iter()
+                    .any(|m| holds(m, original, pod, source.gateway, source.sni))
+        })
     }
 
     /// Whether `ip` is a pod enrolled on this node (its inbound listener is local).
@@ -592,9 +650,16 @@ impl RouteTable {
 }
 
 /// Whether one Istio `match` entry holds for a connection to `original` from `pod` (when
-/// known), accepted by `gateway` (`None`: the mesh).
-fn holds(m: &Match, original: SocketAddr, pod: Option<&Source>, gateway: Option<&str>) -> bool {
-    m.port.is_none_or(|port| port == original.port())
+/// known), accepted by `gateway` (`None`: the mesh), whose ClientHello named `sni`.
+fn holds(
+    m: &Match,
+    original: SocketAddr,
+    pod: Option<&Source>,
+    gateway: Option<&str>,
+    sni: Option<&str>,
+) -> bool {
+    (m.sni_hosts.is_empty() || m.sni_hosts.iter().any(|h| h.matches(sni)))
+        && m.port.is_none_or(|port| port == original.port())
         && (m.destination_subnets.is_empty()
             || m.destination_subnets
                 .iter()
@@ -622,3 +687,6 @@ fn gateway_matches(entry: &str, gateway: &str) -> bool {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod tls_tests;

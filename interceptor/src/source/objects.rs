@@ -145,6 +145,7 @@ pub enum RoutingKind {
     IstioGateways,
     Gateways,
     TcpRoutes,
+    TlsRoutes,
     TrafficSplits,
     TrafficTargets,
     SmiTcpRoutes,
@@ -154,12 +155,13 @@ pub enum RoutingKind {
 }
 
 impl RoutingKind {
-    pub const ALL: [RoutingKind; 11] = [
+    pub const ALL: [RoutingKind; 12] = [
         RoutingKind::VirtualServices,
         RoutingKind::DestinationRules,
         RoutingKind::IstioGateways,
         RoutingKind::Gateways,
         RoutingKind::TcpRoutes,
+        RoutingKind::TlsRoutes,
         RoutingKind::TrafficSplits,
         RoutingKind::TrafficTargets,
         RoutingKind::SmiTcpRoutes,
@@ -185,6 +187,7 @@ impl RoutingKind {
                 RoutingKind::Gateways
             }
             ("gateway.networking.k8s.io/v1alpha2", "TCPRoute") => RoutingKind::TcpRoutes,
+            ("gateway.networking.k8s.io/v1alpha2", "TLSRoute") => RoutingKind::TlsRoutes,
             (
                 "split.smi-spec.io/v1alpha4"
                 | "split.smi-spec.io/v1alpha3"
@@ -218,6 +221,7 @@ impl RoutingKind {
             RoutingKind::DestinationRules => "DestinationRule",
             RoutingKind::IstioGateways | RoutingKind::Gateways => "Gateway",
             RoutingKind::TcpRoutes | RoutingKind::SmiTcpRoutes => "TCPRoute",
+            RoutingKind::TlsRoutes => "TLSRoute",
             RoutingKind::TrafficSplits => "TrafficSplit",
             RoutingKind::TrafficTargets => "TrafficTarget",
             RoutingKind::UpstreamTrafficSettings => "UpstreamTrafficSetting",
@@ -267,6 +271,7 @@ pub fn routing_object<D: Decode>(kind: RoutingKind, object: D) -> Result<Routing
         RoutingKind::IstioGateways => RoutingObject::IstioGateway(routed(kind, object)?),
         RoutingKind::Gateways => RoutingObject::Gateway(routed(kind, object)?),
         RoutingKind::TcpRoutes => RoutingObject::TcpRoute(routed(kind, object)?),
+        RoutingKind::TlsRoutes => RoutingObject::TlsRoute(routed(kind, object)?),
         RoutingKind::TrafficSplits => RoutingObject::TrafficSplit(routed(kind, object)?),
         RoutingKind::TrafficTargets => RoutingObject::TrafficTarget(routed(kind, object)?),
         RoutingKind::SmiTcpRoutes => RoutingObject::SmiTcpRoute(routed(kind, object)?),

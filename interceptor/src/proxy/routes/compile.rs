@@ -11,12 +11,14 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
+use super::hosts::HostPattern;
 use super::settings::PortKey;
 use super::split::{istio_weights, Split};
 use super::{Backend, Match, Policy, Rule, ServiceRoute, UpstreamSettings, MESH_GATEWAY};
 use crate::model::routing::{
-    BackendRef, Destination, IstioTcpRoute, L4MatchAttributes, Routed, TcpRouteSpec,
-    TrafficSplitSpec, VirtualServiceSpec,
+    BackendRef, Destination, IstioL4Route, IstioTcpRoute, IstioTlsRoute, L4MatchAttributes,
+    RouteDestination, Routed, TcpRouteRule, TcpRouteSpec, TlsMatchAttributes, TrafficSplitSpec,
+    VirtualServiceSpec,
 };
 use crate::model::{IpFamily, Model, PodAddrs, PodKey, Service, ServiceKey, ServicePort};
 
@@ -324,8 +326,8 @@ impl Ctx<'_> {
             ));
             return Ok((Vec::new(), notes));
         }
-        if spec.tcp.is_empty() {
-            notes.push("no tcp routes".into());
+        if spec.tcp.is_empty() && spec.tls.is_empty() {
+            notes.push("no tcp or tls routes".into());
             return Ok((Vec::new(), notes));
         }
         let mut hosts = Vec::new();
@@ -348,21 +350,33 @@ impl Ctx<'_> {
             }
             for (ip, sp) in vips(svc) {
                 let family = IpFamily::of(ip);
-                let rules: Vec<Rule> = spec
-                    .tcp
+                // `tls` rules first: a ClientHello's server name picks among them.
+                let mut rules: Vec<Rule> = spec
+                    .tls
                     .iter()
                     .enumerate()
                     .filter(|(_, route)| applies_to_port(route, sp.port))
                     .filter_map(|(i, route)| {
-                        errors.take(self.istio_rule(vs, i, route, &gateways, sp.port, family))
+                        errors.take(self.istio_tls_rule(vs, i, route, &gateways, sp.port, family))
                     })
                     .collect();
+                let by_sni = !rules.is_empty();
+                rules.extend(
+                    spec.tcp
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, route)| applies_to_port(route, sp.port))
+                        .filter_map(|(i, route)| {
+                            errors.take(self.istio_rule(vs, i, route, &gateways, sp.port, family))
+                        }),
+                );
                 policies.push((
                     SocketAddr::new(ip, sp.port),
                     port_name(svc, sp),
                     Policy {
                         route: format!("VirtualService {}", vs.key()),
                         rules,
+                        by_sni,
                     },
                 ));
             }
@@ -383,23 +397,71 @@ impl Ctx<'_> {
         dialled: u16,
         family: IpFamily,
     ) -> Result<Rule, String> {
-        let at = |e: String| format!("tcp[{index}]: {e}");
+        self.istio_l4_rule(vs, "tcp", index, route, (dialled, family), |m| {
+            istio_match(m, vs_gateways, &vs.namespace)
+        })
+    }
+
+    /// A VirtualService `tls` rule: like a `tcp` rule, with the server names each match
+    /// requires.
+    pub(super) fn istio_tls_rule(
+        &self,
+        vs: &Routed<VirtualServiceSpec>,
+        index: usize,
+        route: &IstioTlsRoute,
+        vs_gateways: &[String],
+        dialled: u16,
+        family: IpFamily,
+    ) -> Result<Rule, String> {
+        if route.matches.is_empty() {
+            return Err(format!("tls[{index}]: match is required (with sniHosts)"));
+        }
+        self.istio_l4_rule(vs, "tls", index, route, (dialled, family), |m| {
+            tls_match(m, vs_gateways, &vs.namespace)
+        })
+    }
+
+    /// Rule `kind[index]` of `vs` for a connection to port `dialled` of a VIP of
+    /// `family`, its matches compiled by `compile`.
+    fn istio_l4_rule<M>(
+        &self,
+        vs: &Routed<VirtualServiceSpec>,
+        kind: &str,
+        index: usize,
+        route: &IstioL4Route<M>,
+        (dialled, family): (u16, IpFamily),
+        compile: impl Fn(&M) -> Result<Match, String>,
+    ) -> Result<Rule, String> {
+        let at = |e: String| format!("{kind}[{index}]: {e}");
         let matches = route
             .matches
             .iter()
             .enumerate()
-            .map(|(j, m)| {
-                istio_match(m, vs_gateways, &vs.namespace)
-                    .map_err(|e| at(format!("match[{j}]: {e}")))
-            })
+            .map(|(j, m)| compile(m).map_err(|e| at(format!("match[{j}]: {e}"))))
             .collect::<Result<Vec<_>, _>>()?;
-        if route.route.is_empty() {
-            return Err(at("no route destinations".into()));
+        Ok(Rule {
+            matches,
+            split: self
+                .istio_split(&route.route, &vs.namespace, dialled, family)
+                .map_err(at)?,
+        })
+    }
+
+    /// The weighted destinations of a `tcp` or `tls` rule.
+    fn istio_split(
+        &self,
+        route: &[RouteDestination],
+        namespace: &str,
+        dialled: u16,
+        family: IpFamily,
+    ) -> Result<Split, String> {
+        if route.is_empty() {
+            return Err("no route destinations".into());
         }
         let mut explicit = Vec::new();
         let mut backends = Vec::new();
-        for (j, rd) in route.route.iter().enumerate() {
-            let at = |e: String| at(format!("route[{j}]: {e}"));
+        for (j, rd) in route.iter().enumerate() {
+            let at = |e: String| format!("route[{j}]: {e}");
             explicit.push(match rd.weight {
                 None => None,
                 Some(w) => Some(
@@ -410,15 +472,12 @@ impl Ctx<'_> {
                 ),
             });
             backends.push(
-                self.istio_destination(&rd.destination, &vs.namespace, dialled, family)
+                self.istio_destination(&rd.destination, namespace, dialled, family)
                     .map_err(at)?,
             );
         }
         let weights = istio_weights(&explicit);
-        Ok(Rule {
-            matches,
-            split: Split::new(backends.into_iter().zip(weights).collect()),
-        })
+        Ok(Split::new(backends.into_iter().zip(weights).collect()))
     }
 
     pub(super) fn istio_destination(
@@ -451,7 +510,7 @@ impl Ctx<'_> {
         if parents.is_empty() {
             return Ok((Vec::new(), notes));
         }
-        let (backends, mut errors) = self.gateway_backends(route);
+        let (backends, mut errors) = self.gateway_backends(&route.spec.rules, &route.namespace);
         if route.spec.rules.iter().all(|r| r.backend_refs.is_empty()) {
             return Err(errors.0);
         }
@@ -524,14 +583,10 @@ impl Ctx<'_> {
     /// is an error naming it.
     pub(super) fn gateway_backends<'s>(
         &'s self,
-        route: &Routed<TcpRouteSpec>,
+        rules: &[TcpRouteRule],
+        namespace: &str,
     ) -> (Vec<(&'s Service, &'s ServicePort, u32)>, Errors) {
-        let refs: Vec<&BackendRef> = route
-            .spec
-            .rules
-            .iter()
-            .flat_map(|r| &r.backend_refs)
-            .collect();
+        let refs: Vec<&BackendRef> = rules.iter().flat_map(|r| &r.backend_refs).collect();
         let mut errors = Errors::default();
         if refs.is_empty() {
             errors.0.push("no backendRefs".into());
@@ -541,7 +596,7 @@ impl Ctx<'_> {
             .enumerate()
             .filter_map(|(i, b)| {
                 errors.take(
-                    self.gateway_backend(b, &route.namespace)
+                    self.gateway_backend(b, namespace)
                         .map_err(|e| format!("backendRefs[{i}] {}: {e}", b.name)),
                 )
             })
@@ -650,13 +705,37 @@ pub(super) fn qualify_gateway(gateway: &str, vs_namespace: &str) -> String {
 }
 
 /// Whether any match of `route` can hold for connections on `port` (a rule whose every
-/// match names another port is not compiled for this one).
-pub(super) fn applies_to_port(route: &IstioTcpRoute, port: u16) -> bool {
+/// match names another port is not compiled for this one; a `tls` rule without matches is
+/// judged, and rejected).
+pub(super) fn applies_to_port<M: AsRef<L4MatchAttributes>>(
+    route: &IstioL4Route<M>,
+    port: u16,
+) -> bool {
     route.matches.is_empty()
         || route
             .matches
             .iter()
-            .any(|m| m.port.is_none_or(|p| p == u32::from(port)))
+            .any(|m| m.as_ref().port.is_none_or(|p| p == u32::from(port)))
+}
+
+/// A `tls` match: the L4 conditions of a `tcp` match, and the required server names.
+fn tls_match(
+    m: &TlsMatchAttributes,
+    vs_gateways: &[String],
+    vs_namespace: &str,
+) -> Result<Match, String> {
+    if m.sni_hosts.is_empty() {
+        return Err("sniHosts is required".into());
+    }
+    let sni_hosts = m
+        .sni_hosts
+        .iter()
+        .map(|h| HostPattern::parse(h, true).map_err(|e| format!("sniHosts: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Match {
+        sni_hosts,
+        ..istio_match(&m.l4, vs_gateways, vs_namespace)?
+    })
 }
 
 fn istio_match(
@@ -699,5 +778,6 @@ fn istio_match(
         source_labels: m.source_labels.clone(),
         source_namespace: m.source_namespace.clone(),
         gateways,
+        sni_hosts: Vec::new(),
     })
 }

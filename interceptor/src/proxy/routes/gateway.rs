@@ -1,16 +1,21 @@
 //! The routes of one gateway (`interceptor gateway --gateway NS/NAME`): a Gateway API
-//! `Gateway` with its TCP listeners and the `TCPRoute`s attached to them, or an Istio
-//! `Gateway` with its TCP servers and the `VirtualService`s bound to it. Compiled from the
-//! model like the mesh's table, judged with Gateway API conditions (`Accepted`,
-//! `ResolvedRefs`) or reasons.
+//! `Gateway` with its TCP listeners and the `TCPRoute`s attached to them and its TLS
+//! passthrough listeners and the `TLSRoute`s attached to them (by server name, see
+//! `hosts`), or an Istio `Gateway` with its TCP servers and the `VirtualService`s bound to
+//! it. Compiled from the model like the mesh's table, judged with Gateway API conditions
+//! (`Accepted`, `ResolvedRefs`) or reasons.
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 
 use super::compile::{applies_to_port, Condition, Ctx, Errors, RouteStatus};
+use super::hosts::{HostPattern, SniRoutes};
 use super::settings::{self, Checked, LastValid};
+use super::split::Split;
 use super::{holds, Pick, Policy, Resolved, Rule, Source, Target};
-use crate::model::routing::{GatewaySpec, IstioGatewaySpec, ParentReference, Routed, TcpRouteSpec};
+use crate::model::routing::{
+    GatewaySpec, IstioGatewaySpec, ParentReference, Routed, TcpRouteRule, TlsRouteSpec,
+};
 use crate::model::{IpFamily, Model};
 
 const GATEWAY_API_GROUP: &str = "gateway.networking.k8s.io";
@@ -35,6 +40,42 @@ struct GatewayListener {
     /// The object each rule of `policy` came from (Istio: several VirtualServices may
     /// bind one server).
     owners: Vec<String>,
+    /// A TLS passthrough listener: its TLSRoutes by server name (`policy` stays unset).
+    tls: Option<SniRoutes<Policy>>,
+    /// The listener's `hostname`, narrowing its routes' names.
+    hostname: HostPattern,
+}
+
+impl GatewayListener {
+    fn new(name: String, tls: bool, hostname: HostPattern) -> Self {
+        Self {
+            name,
+            policy: None,
+            owners: Vec::new(),
+            tls: tls.then(SniRoutes::default),
+            hostname,
+        }
+    }
+}
+
+/// A Gateway API route as a gateway attaches it: a TCPRoute, or a TLSRoute with its
+/// hostnames.
+struct RouteView<'a> {
+    kind: &'static str,
+    key: String,
+    namespace: &'a str,
+    rules: &'a [TcpRouteRule],
+    /// TLSRoute: its hostnames (empty: every name).
+    hostnames: Option<&'a [String]>,
+}
+
+fn accepted(status: &'static str, reason: &'static str, message: String) -> Condition {
+    Condition {
+        kind: "Accepted",
+        status,
+        reason,
+        message,
+    }
 }
 
 /// The gateway listens on IPv4 and reaches its backends' IPv4 endpoints.
@@ -173,7 +214,7 @@ impl GatewayTable {
                 || rule
                     .matches
                     .iter()
-                    .any(|m| holds(m, local.into(), source, Some(&self.gateway)))
+                    .any(|m| holds(m, local.into(), source, Some(&self.gateway), None))
         });
         let Some((index, rule)) = found else {
             return target(Target::Refused {
@@ -187,34 +228,51 @@ impl GatewayTable {
             .get(index)
             .cloned()
             .unwrap_or_else(|| policy.route.clone());
-        let Some(backend) = rule.split.pick() else {
-            return target(Target::Refused {
-                service,
-                route,
-                reason: "every backend of the matching rule has weight 0".into(),
-            });
-        };
-        let pick = Pick {
-            client: Some(IpAddr::V4(client)),
-            ..*pick
-        };
-        match backend.pick(&pick) {
-            Some(endpoint) => Resolved {
-                target: Target::Endpoint {
+        pick_endpoint(service, route, &rule.split, client, pick)
+    }
+
+    /// Whether the listener on `port` is a TLS passthrough listener (its connections
+    /// are routed by the server name of their ClientHello).
+    pub fn is_tls(&self, port: u16) -> bool {
+        self.listeners.get(&port).is_some_and(|l| l.tls.is_some())
+    }
+
+    /// The TLSRoute of the TLS listener on `port` that serves server name `sni`.
+    pub fn tls_route(&self, port: u16, sni: Option<&str>) -> Option<&str> {
+        let routes = self.listeners.get(&port)?.tls.as_ref()?;
+        routes.lookup(sni).map(|policy| policy.route.as_str())
+    }
+
+    /// Where a connection accepted on the TLS listener `local` from `client` with server
+    /// name `sni` goes, choosing the endpoint as `pick` allows.
+    pub fn resolve_tls_with(
+        &self,
+        local: SocketAddrV4,
+        client: Ipv4Addr,
+        sni: Option<&str>,
+        pick: &Pick<'_>,
+    ) -> Resolved {
+        let service = format!("gateway {} port {}", self.gateway, local.port());
+        let found = self
+            .listeners
+            .get(&local.port())
+            .and_then(|l| l.tls.as_ref())
+            .and_then(|routes| routes.lookup(sni));
+        let Some(policy) = found else {
+            return Resolved {
+                target: Target::Refused {
                     service,
-                    route: Some(route),
-                    backend: backend.name.clone(),
-                    pod: endpoint.pod.to_string(),
-                    addr: endpoint.addr,
+                    route: "none".into(),
+                    reason: format!(
+                        "no TLSRoute of this listener serves server name {}",
+                        sni.unwrap_or("(none)")
+                    ),
                 },
-                settings: Some(Arc::clone(&backend.settings)),
-            },
-            None => target(Target::NoEndpoints {
-                service,
-                route: Some(route),
-                backend: backend.name.clone(),
-            }),
-        }
+                settings: None,
+            };
+        };
+        let split = &policy.rules[0].split;
+        pick_endpoint(service, policy.route.clone(), split, client, pick)
     }
 
     fn gateway_api(&mut self, ctx: &Ctx<'_>, gateway: &Routed<GatewaySpec>) {
@@ -230,69 +288,112 @@ impl GatewayTable {
                 reason: None,
             };
             let port = u16::try_from(listener.port).ok().filter(|p| *p != 0);
-            status.reason = match (listener.protocol.as_str(), port) {
-                ("TCP", Some(port)) if self.listeners.contains_key(&port) => {
+            let protocol = listener.protocol.as_str();
+            // The API's default mode is Terminate, which an L4 proxy cannot serve.
+            let mode = listener
+                .tls
+                .as_ref()
+                .and_then(|t| t.mode.as_deref())
+                .unwrap_or("Terminate");
+            let hostname = match listener.hostname.as_deref() {
+                None | Some("") => Ok(HostPattern::Any),
+                Some(h) => HostPattern::parse(h, false).map_err(|e| format!("hostname: {e}")),
+            };
+            status.reason = match (protocol, port, hostname) {
+                ("TCP" | "TLS", Some(port), _) if self.listeners.contains_key(&port) => {
                     Some(format!("port {port} is taken by an earlier listener"))
                 }
-                ("TCP", Some(port)) => {
+                ("TLS", Some(_), _) if mode != "Passthrough" => Some(format!(
+                    "tls mode {mode:?} is not served (only Passthrough: the proxy does not terminate TLS)"
+                )),
+                ("TCP" | "TLS", Some(_), Err(error)) => Some(error),
+                ("TCP" | "TLS", Some(port), Ok(hostname)) => {
                     self.listeners.insert(
                         port,
-                        GatewayListener {
-                            name: listener.name.clone(),
-                            policy: None,
-                            owners: Vec::new(),
-                        },
+                        GatewayListener::new(listener.name.clone(), protocol == "TLS", hostname),
                     );
                     status.accepted = true;
                     None
                 }
-                ("TCP", None) => Some(format!("port {} is not a TCP port", listener.port)),
-                (other, _) => Some(format!("protocol {other:?} is not served (only TCP)")),
+                ("TCP" | "TLS", None, _) => {
+                    Some(format!("port {} is not a TCP port", listener.port))
+                }
+                (other, _, _) => Some(format!(
+                    "protocol {other:?} is not served (only TCP, and TLS in Passthrough mode)"
+                )),
             };
             self.listener_statuses.push(status);
         }
-        let mut routes: Vec<_> = ctx.model.routing.tcp_routes.values().collect();
-        routes.sort_by(|a, b| a.age_key().cmp(&b.age_key()));
-        for route in routes {
-            let parents: Vec<&ParentReference> = route
-                .spec
-                .parent_refs
+        let mut routes: Vec<(_, RouteView<'_>, &[ParentReference])> = Vec::new();
+        for route in ctx.model.routing.tcp_routes.values() {
+            let view = RouteView {
+                kind: "TCPRoute",
+                key: route.key(),
+                namespace: &route.namespace,
+                rules: &route.spec.rules,
+                hostnames: None,
+            };
+            routes.push((route.age_key(), view, &route.spec.parent_refs));
+        }
+        for route in ctx.model.routing.tls_routes.values() {
+            routes.push((route.age_key(), tls_view(route), &route.spec.parent_refs));
+        }
+        routes.sort_by(|a, b| a.0.cmp(&b.0));
+        for (_, route, parent_refs) in routes {
+            let parents: Vec<&ParentReference> = parent_refs
                 .iter()
                 .filter(|p| {
                     p.kind.as_deref().unwrap_or("Gateway") == "Gateway"
                         && p.group.as_deref().unwrap_or(GATEWAY_API_GROUP) == GATEWAY_API_GROUP
                         && p.name == gateway.name
-                        && p.namespace.as_deref().unwrap_or(&route.namespace) == gw_namespace
+                        && p.namespace.as_deref().unwrap_or(route.namespace) == gw_namespace
                 })
                 .collect();
             if parents.is_empty() {
                 continue;
             }
-            let status = self.attach(ctx, gateway, route, &parents);
+            let status = self.attach(ctx, gateway, &route, &parents);
             self.statuses.push(status);
         }
     }
 
-    /// Attach one TCPRoute to the listeners its parentRefs select.
+    /// Attach one TCPRoute or TLSRoute to the listeners its parentRefs select.
     fn attach(
         &mut self,
         ctx: &Ctx<'_>,
         gateway: &Routed<GatewaySpec>,
-        route: &Routed<TcpRouteSpec>,
+        route: &RouteView<'_>,
         parents: &[&ParentReference],
     ) -> RouteStatus {
         let mut status = RouteStatus {
-            kind: "TCPRoute",
-            name: route.key(),
+            kind: route.kind,
+            name: route.key.clone(),
             accepted: false,
             routes: Vec::new(),
             reasons: Vec::new(),
             conditions: Vec::new(),
         };
+        let refuse = |mut status: RouteStatus, reason, message: String| {
+            status.reasons.push(message.clone());
+            status.conditions.push(accepted("False", reason, message));
+            status
+        };
+        // A TLSRoute's names; none means every name.
+        let mut patterns = vec![HostPattern::Any];
+        if let Some(hostnames) = route.hostnames.filter(|h| !h.is_empty()) {
+            let parsed: Result<Vec<_>, String> = hostnames
+                .iter()
+                .map(|h| HostPattern::parse(h, false).map_err(|e| format!("hostnames: {e}")))
+                .collect();
+            match parsed {
+                Ok(parsed) => patterns = parsed,
+                Err(message) => return refuse(status, "UnsupportedValue", message),
+            }
+        }
         let route_ns = ctx
             .model
             .namespaces
-            .get(&route.namespace)
+            .get(route.namespace)
             .map(|ns| ns.labels.clone())
             .unwrap_or_default();
         // The listeners this route may attach to, by sectionName / port and allowedRoutes.
@@ -311,13 +412,15 @@ impl GatewayTable {
                 {
                     continue;
                 }
-                if self
+                let Some(served) = self
                     .listeners
                     .get(&port)
-                    .is_none_or(|l| l.name != listener.name)
-                {
+                    .filter(|l| l.name == listener.name)
+                else {
                     continue;
-                }
+                };
+                // TCP listeners take TCPRoutes, TLS passthrough listeners TLSRoutes.
+                let protocol_ok = served.tls.is_some() == (route.kind == "TLSRoute");
                 let allowed = listener.allowed_routes.as_ref();
                 let from = allowed
                     .and_then(|a| a.namespaces.as_ref())
@@ -332,21 +435,27 @@ impl GatewayTable {
                         .is_some_and(|sel| sel.matches(&route_ns)),
                     _ => false,
                 };
-                let kind_ok = allowed.is_none_or(|a| {
-                    a.kinds.is_empty()
-                        || a.kinds.iter().any(|k| {
-                            k.kind == "TCPRoute"
-                                && k.group.as_deref().unwrap_or(GATEWAY_API_GROUP)
-                                    == GATEWAY_API_GROUP
-                        })
-                });
+                let kind_ok = protocol_ok
+                    && allowed.is_none_or(|a| {
+                        a.kinds.is_empty()
+                            || a.kinds.iter().any(|k| {
+                                k.kind == route.kind
+                                    && k.group.as_deref().unwrap_or(GATEWAY_API_GROUP)
+                                        == GATEWAY_API_GROUP
+                            })
+                    });
                 if namespace_ok && kind_ok {
                     selected.push((port, listener.name.clone()));
+                } else if !protocol_ok {
+                    refusals.push(format!(
+                        "listener {} (protocol {}) does not take {}s",
+                        listener.name, listener.protocol, route.kind
+                    ));
                 } else {
                     refusals.push(format!(
                         "listener {} does not allow {} from namespace {}",
                         listener.name,
-                        if kind_ok { "routes" } else { "TCPRoutes" },
+                        if kind_ok { "routes" } else { route.kind },
                         route.namespace
                     ));
                 }
@@ -362,25 +471,15 @@ impl GatewayTable {
             } else {
                 ("NotAllowedByListeners", refusals.join("; "))
             };
-            status.reasons.push(message.clone());
-            status.conditions.push(Condition {
-                kind: "Accepted",
-                status: "False",
-                reason,
-                message,
-            });
-            return status;
+            return refuse(status, reason, message);
         }
-        let (backends, errors) = ctx.gateway_backends(route);
+        let (backends, errors) = ctx.gateway_backends(route.rules, route.namespace);
         if !errors.0.is_empty() {
             let message = errors.0.join("; ");
             status.reasons = errors.0;
-            status.conditions.push(Condition {
-                kind: "Accepted",
-                status: "True",
-                reason: "Accepted",
-                message: String::new(),
-            });
+            status
+                .conditions
+                .push(accepted("True", "Accepted", String::new()));
             status.conditions.push(Condition {
                 kind: "ResolvedRefs",
                 status: "False",
@@ -395,45 +494,88 @@ impl GatewayTable {
             });
             return status;
         }
+        let label = format!("{} {}", route.kind, route.key);
+        let policy = || {
+            Policy::single(
+                label.clone(),
+                backends
+                    .iter()
+                    .map(|(svc, sp, w)| (ctx.backend(svc, sp, None, GATEWAY_FAMILY), *w))
+                    .collect(),
+            )
+        };
+        // Why the route is not in force on a listener it selected.
+        let mut no_hostname = false;
+        let mut conflict = false;
         for (port, name) in selected {
             let listener = self
                 .listeners
                 .get_mut(&port)
                 .expect("selected listeners exist");
-            if let Some(owner) = &listener.policy {
-                status.reasons.push(format!(
-                    "listener {name} is taken by the older {}",
-                    owner.route
-                ));
-                continue;
-            }
-            listener.policy = Some(Policy::single(
-                format!("TCPRoute {}", route.key()),
-                backends
+            if let Some(routes) = &mut listener.tls {
+                let mut names: Vec<HostPattern> = patterns
                     .iter()
-                    .map(|(svc, sp, w)| (ctx.backend(svc, sp, None, GATEWAY_FAMILY), *w))
-                    .collect(),
-            ));
-            status.routes.push(format!("listener {name} (port {port})"));
+                    .filter_map(|p| listener.hostname.intersect(p))
+                    .collect();
+                names.dedup();
+                if names.is_empty() {
+                    no_hostname = true;
+                    status.reasons.push(format!(
+                        "no hostname of the route is within listener {name}'s hostname {}",
+                        listener.hostname
+                    ));
+                    continue;
+                }
+                let mut free = Vec::new();
+                for pattern in names {
+                    match routes.holder(&pattern) {
+                        Some(older) => status.reasons.push(format!(
+                            "hostname {pattern} on listener {name} is held by the older {}",
+                            older.route
+                        )),
+                        None => free.push(pattern),
+                    }
+                }
+                if free.is_empty() {
+                    conflict = true;
+                    continue;
+                }
+                let shown: Vec<String> = free.iter().map(ToString::to_string).collect();
+                routes.add(policy(), &free);
+                status.routes.push(format!(
+                    "listener {name} (port {port}) hostnames {}",
+                    shown.join(", ")
+                ));
+            } else {
+                if let Some(owner) = &listener.policy {
+                    status.reasons.push(format!(
+                        "listener {name} is taken by the older {}",
+                        owner.route
+                    ));
+                    continue;
+                }
+                listener.policy = Some(policy());
+                status.routes.push(format!("listener {name} (port {port})"));
+            }
             if let Some(l) = self.listener_statuses.iter_mut().find(|l| l.name == name) {
                 l.attached_routes += 1;
             }
         }
         status.accepted = !status.routes.is_empty();
         status.conditions.push(if status.accepted {
-            Condition {
-                kind: "Accepted",
-                status: "True",
-                reason: "Accepted",
-                message: String::new(),
-            }
+            accepted("True", "Accepted", status.reasons.join("; "))
+        } else if conflict {
+            // Gateway API leaves this reason to implementations: the older route keeps
+            // every name this one asks for.
+            accepted("False", "HostnameConflict", status.reasons.join("; "))
+        } else if no_hostname {
+            accepted(
+                "False",
+                "NoMatchingListenerHostname",
+                status.reasons.join("; "),
+            )
         } else {
-            Condition {
-                kind: "Accepted",
-                status: "False",
-                reason: "NotAllowedByListeners",
-                message: status.reasons.join("; "),
-            }
+            accepted("False", "NotAllowedByListeners", status.reasons.join("; "))
         });
         status.conditions.push(Condition {
             kind: "ResolvedRefs",
@@ -462,14 +604,8 @@ impl GatewayTable {
             let port = u16::try_from(server.port.number).ok().filter(|p| *p != 0);
             status.reason = match (server.port.protocol.to_ascii_uppercase().as_str(), port) {
                 ("TCP", Some(port)) if !self.listeners.contains_key(&port) => {
-                    self.listeners.insert(
-                        port,
-                        GatewayListener {
-                            name,
-                            policy: None,
-                            owners: Vec::new(),
-                        },
-                    );
+                    self.listeners
+                        .insert(port, GatewayListener::new(name, false, HostPattern::Any));
                     status.accepted = true;
                     None
                 }
@@ -526,6 +662,12 @@ impl GatewayTable {
             if vs.spec.tcp.is_empty() {
                 status.reasons.push("no tcp routes".into());
             }
+            if !vs.spec.tls.is_empty() {
+                status.reasons.push(
+                    "tls routes are served in the mesh and by Gateway API TLS listeners, not at an Istio Gateway"
+                        .into(),
+                );
+            }
             let gateways: Vec<String> = vs.spec.gateways.clone();
             let mut errors = Errors::default();
             let mut compiled: Vec<(u16, Rule)> = Vec::new();
@@ -565,6 +707,7 @@ impl GatewayTable {
                 listener.policy = Some(Policy {
                     route: names.first().cloned().unwrap_or_default(),
                     rules: port_rules.into_iter().map(|(_, r)| r).collect(),
+                    by_sni: false,
                 });
                 listener.owners = names.clone();
             }
@@ -578,5 +721,58 @@ impl GatewayTable {
                 l.attached_routes = distinct.len();
             }
         }
+    }
+}
+
+/// A TLSRoute as a gateway attaches it.
+fn tls_view(route: &Routed<TlsRouteSpec>) -> RouteView<'_> {
+    RouteView {
+        kind: "TLSRoute",
+        key: route.key(),
+        namespace: &route.namespace,
+        rules: &route.spec.rules,
+        hostnames: Some(&route.spec.hostnames),
+    }
+}
+
+/// An endpoint of a backend of `split` for a connection from `client`, as `pick` allows.
+fn pick_endpoint(
+    service: String,
+    route: String,
+    split: &Split,
+    client: Ipv4Addr,
+    pick: &Pick<'_>,
+) -> Resolved {
+    let target = |target| Resolved {
+        target,
+        settings: None,
+    };
+    let Some(backend) = split.pick() else {
+        return target(Target::Refused {
+            service,
+            route,
+            reason: "every backend of the matching rule has weight 0".into(),
+        });
+    };
+    let pick = Pick {
+        client: Some(IpAddr::V4(client)),
+        ..*pick
+    };
+    match backend.pick(&pick) {
+        Some(endpoint) => Resolved {
+            target: Target::Endpoint {
+                service,
+                route: Some(route),
+                backend: backend.name.clone(),
+                pod: endpoint.pod.to_string(),
+                addr: endpoint.addr,
+            },
+            settings: Some(Arc::clone(&backend.settings)),
+        },
+        None => target(Target::NoEndpoints {
+            service,
+            route: Some(route),
+            backend: backend.name.clone(),
+        }),
     }
 }

@@ -61,8 +61,12 @@ const ECHO: SocketAddr = SocketAddr::V4(SocketAddrV4::new(
 ));
 
 fn table(extra: &str) -> RouteTable {
-    let text = format!("{BASE}---\n{extra}");
-    let model = load_str(std::path::Path::new("t.yaml"), &text).expect("manifests");
+    table_of(&format!("{BASE}---\n{extra}"))
+}
+
+/// The mesh's route table (endpoints known, no SMI) of the manifests `text`.
+pub(super) fn table_of(text: &str) -> RouteTable {
+    let model = load_str(std::path::Path::new("t.yaml"), text).expect("manifests");
     RouteTable::build(
         &model,
         &HashMap::new(),
@@ -79,6 +83,7 @@ fn from(table: &RouteTable, pod: &str) -> String {
         ConnectionSource {
             pod: Some(&key),
             gateway: None,
+            sni: None,
         },
     ) {
         Target::Endpoint { pod, .. } => pod,

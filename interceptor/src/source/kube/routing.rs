@@ -35,6 +35,12 @@ impl RoutingKind {
                 "TCPRoute",
                 "tcproutes",
             ),
+            RoutingKind::TlsRoutes => (
+                "gateway.networking.k8s.io",
+                "v1alpha2",
+                "TLSRoute",
+                "tlsroutes",
+            ),
             RoutingKind::TrafficSplits => (
                 "split.smi-spec.io",
                 "v1alpha4",
@@ -88,6 +94,7 @@ impl RoutingKind {
             RoutingKind::IstioGateways => "/apis/networking.istio.io/v1beta1/gateways",
             RoutingKind::Gateways => "/apis/gateway.networking.k8s.io/v1/gateways",
             RoutingKind::TcpRoutes => "/apis/gateway.networking.k8s.io/v1alpha2/tcproutes",
+            RoutingKind::TlsRoutes => "/apis/gateway.networking.k8s.io/v1alpha2/tlsroutes",
             RoutingKind::TrafficSplits => "/apis/split.smi-spec.io/v1alpha4/trafficsplits",
             RoutingKind::TrafficTargets => "/apis/access.smi-spec.io/v1alpha3/traffictargets",
             RoutingKind::SmiTcpRoutes => "/apis/specs.smi-spec.io/v1alpha4/tcproutes",
@@ -111,6 +118,7 @@ impl RoutingKind {
             RoutingKind::IstioGateways => "gateways.networking.istio.io",
             RoutingKind::Gateways => "gateways.gateway.networking.k8s.io",
             RoutingKind::TcpRoutes => "tcproutes.gateway.networking.k8s.io",
+            RoutingKind::TlsRoutes => "tlsroutes.gateway.networking.k8s.io",
             RoutingKind::TrafficSplits => "trafficsplits.split.smi-spec.io",
             RoutingKind::TrafficTargets => "traffictargets.access.smi-spec.io",
             RoutingKind::SmiTcpRoutes => "tcproutes.specs.smi-spec.io",
