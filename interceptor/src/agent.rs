@@ -239,6 +239,8 @@ pub struct Agent {
     accepting: watch::Sender<bool>,
     /// FSM's permissive traffic policy mode (the default); off is SMI mode.
     permissive: AtomicBool,
+    /// FSM's `enableEgress` (the default); off refuses what leaves the mesh.
+    egress: AtomicBool,
     /// Held from reading the inputs of a route table to storing it: a build that read an
     /// older mode or model never lands after a newer one. It holds what builds carry
     /// from one to the next: the last valid version of each upstream settings object.
@@ -340,6 +342,7 @@ impl Agent {
             draining: watch::Sender::new(false),
             accepting: watch::Sender::new(true),
             permissive: AtomicBool::new(true),
+            egress: AtomicBool::new(true),
             rebuild: Mutex::default(),
             routes_requests: crate::sync::Coalesced::default(),
             routes_published: watch::Sender::new(0),
@@ -368,6 +371,15 @@ impl Agent {
     pub fn set_permissive(&self, permissive: bool) {
         if self.permissive.swap(permissive, Ordering::SeqCst) != permissive {
             tracing::info!(permissive, "traffic policy mode changed");
+            self.rebuild_routes();
+        }
+    }
+
+    /// Let enrolled pods reach destinations outside the mesh, or not (FSM's
+    /// `enableEgress`); new connections follow.
+    pub fn set_egress(&self, egress: bool) {
+        if self.egress.swap(egress, Ordering::SeqCst) != egress {
+            tracing::info!(egress, "egress policy changed");
             self.rebuild_routes();
         }
     }
@@ -527,13 +539,14 @@ impl Agent {
             (ips, enrolled)
         };
         let permissive = self.permissive.load(Ordering::SeqCst);
-        let table = RouteTable::build(
+        let mut table = RouteTable::build(
             &self.model(),
             &pod_ips,
             enrolled,
             permissive,
             &mut last_valid,
         );
+        table.set_egress(self.egress.load(Ordering::SeqCst));
         self.upstreams.retain(|addr| table.is_endpoint(addr));
         self.log
             .metrics()

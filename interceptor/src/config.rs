@@ -65,9 +65,12 @@ pub const INBOUND_PORT_EXCLUSION_LIST: &str = "inboundPortExclusionList";
 pub const BPF_DEBUG: &str = "bpfDebug";
 /// FSM's `spec.traffic.enablePermissiveTrafficPolicyMode`: `false` is SMI mode.
 pub const ENABLE_PERMISSIVE_TRAFFIC_POLICY_MODE: &str = "enablePermissiveTrafficPolicyMode";
+/// FSM's `spec.traffic.enableEgress`: `false` refuses what leaves the mesh.
+pub const ENABLE_EGRESS: &str = "enableEgress";
 
-const KNOWN_FIELDS: [&str; 6] = [
+const KNOWN_FIELDS: [&str; 7] = [
     ENABLE_PERMISSIVE_TRAFFIC_POLICY_MODE,
+    ENABLE_EGRESS,
     OUTBOUND_IP_RANGE_EXCLUSION_LIST,
     OUTBOUND_IP_RANGE_INCLUSION_LIST,
     OUTBOUND_PORT_EXCLUSION_LIST,
@@ -108,9 +111,18 @@ pub struct MeshConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub enable_permissive_traffic_policy_mode: Option<bool>,
+    /// `None` (unset) and `Some(true)`: enrolled pods reach destinations outside the mesh
+    /// through the proxy (FSM's default); `Some(false)`: those connections are refused.
+    #[serde(rename = "enableEgress", skip_serializing_if = "Option::is_none")]
+    pub enable_egress: Option<bool>,
 }
 
 impl MeshConfig {
+    /// Whether enrolled pods may reach destinations outside the mesh (FSM's default).
+    pub fn egress(&self) -> bool {
+        self.enable_egress.unwrap_or(true)
+    }
+
     /// Whether all mesh traffic is allowed (FSM's default) rather than SMI policy.
     pub fn permissive(&self) -> bool {
         self.enable_permissive_traffic_policy_mode.unwrap_or(true)
@@ -237,6 +249,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
                 config.enable_permissive_traffic_policy_mode =
                     boolean(&key, value).map_err(invalid)?;
             }
+            ENABLE_EGRESS => config.enable_egress = boolean(&key, value).map_err(invalid)?,
             _ => {
                 let hint = KNOWN_FIELDS
                     .iter()
@@ -527,13 +540,14 @@ pub struct TrafficSettings {
     pub outbound_port_exclusion_list: Option<Vec<u16>>,
     pub inbound_port_exclusion_list: Option<Vec<u16>>,
     pub enable_permissive_traffic_policy_mode: Option<bool>,
+    pub enable_egress: Option<bool>,
 }
 
 impl TrafficSettings {
     /// The settings of a MeshConfig's `spec` (JSON, as the API server gives it), with the
     /// warnings of entries taken as meaning something (host bits cleared), or why the object is rejected: a field of the wrong type, or an entry
     /// that is not a CIDR or a port. Fields of `spec.traffic` the agent has no use for
-    /// (`enableEgress`, `interceptionMode`, ...) are ignored.
+    /// (`interceptionMode`, ...) are ignored.
     pub fn from_spec(spec: &serde_json::Value) -> Result<(TrafficSettings, Vec<String>), String> {
         let traffic = match spec.get("traffic") {
             None | Some(serde_json::Value::Null) => return Ok(Default::default()),
@@ -576,6 +590,7 @@ impl TrafficSettings {
                     settings.enable_permissive_traffic_policy_mode =
                         boolean(key, value).map_err(field)?;
                 }
+                ENABLE_EGRESS => settings.enable_egress = boolean(key, value).map_err(field)?,
                 _ => {}
             }
             for note in notes {
@@ -610,6 +625,9 @@ impl TrafficSettings {
         }
         if let Some(permissive) = self.enable_permissive_traffic_policy_mode {
             config.enable_permissive_traffic_policy_mode = Some(permissive);
+        }
+        if let Some(egress) = self.enable_egress {
+            config.enable_egress = Some(egress);
         }
         config
     }
@@ -1135,6 +1153,7 @@ mod object_tests {
             "outboundIPRangeExclusionList": ["1.1.1.1/32", "2.2.2.2/24", "fd00::/8"],
             "inboundPortExclusionList": [6379, "7070"],
             "enablePermissiveTrafficPolicyMode": false,
+            "enableEgress": false,
             "interceptionMode": "PodLevel",
         })))
         .unwrap();
@@ -1155,6 +1174,12 @@ mod object_tests {
         assert_eq!(merged.outbound_port_exclusion_list, [53]);
         assert!(merged.bpf_debug);
         assert!(!merged.permissive());
+        assert!(!merged.egress());
+        // FSM's default, and the file's value where the object leaves it out.
+        assert!(file.egress());
+        let closed = ok("enableEgress: false\n").config;
+        assert!(!closed.egress());
+        assert!(!TrafficSettings::default().over(&closed).egress());
 
         // An empty list the object sets wins too; an empty inclusion list is "all".
         let (settings, _) = TrafficSettings::from_spec(&spec(serde_json::json!({
@@ -1203,6 +1228,12 @@ mod object_tests {
             err.starts_with(
                 "spec.traffic.enablePermissiveTrafficPolicyMode: expected true or false"
             ),
+            "{err}"
+        );
+        let err =
+            TrafficSettings::from_spec(&spec(serde_json::json!({"enableEgress": 0}))).unwrap_err();
+        assert!(
+            err.starts_with("spec.traffic.enableEgress: expected true or false"),
             "{err}"
         );
         assert!(TrafficSettings::from_spec(&serde_json::json!({"traffic": []})).is_err());

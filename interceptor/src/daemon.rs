@@ -320,6 +320,7 @@ async fn serve(config: &AgentConfig, predecessor: Option<i32>) -> anyhow::Result
     // In force before the agent is ready: no connection is judged in the wrong mode.
     let policy_follower = mesh_config_rx.map(|rx| {
         agent.set_permissive(rx.borrow().config.permissive());
+        agent.set_egress(rx.borrow().config.egress());
         follow_policy_mode(rx, Arc::clone(&agent))
     });
     let watcher_counters =
@@ -657,15 +658,17 @@ async fn follow_mesh_config(
     (task.abort_handle(), for_agent)
 }
 
-/// Apply the mesh config's traffic policy mode (permissive or SMI) to the proxy.
+/// Apply the mesh config's traffic policy mode (permissive or SMI) and egress policy to
+/// the proxy.
 fn follow_policy_mode(
     mut rx: watch::Receiver<crate::config::ConfigState>,
     agent: Arc<Agent>,
 ) -> tokio::task::AbortHandle {
     tokio::spawn(async move {
         loop {
-            let permissive = rx.borrow_and_update().config.permissive();
-            agent.set_permissive(permissive);
+            let config = rx.borrow_and_update().config.clone();
+            agent.set_permissive(config.permissive());
+            agent.set_egress(config.egress());
             if rx.changed().await.is_err() {
                 break;
             }

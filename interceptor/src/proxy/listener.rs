@@ -16,7 +16,9 @@ use super::connection::{ClientAddress, ConnectionRecord, Direction, ProxyError};
 use super::forward::{forward, reset_on_close, CopyMode};
 use super::log::ConnectionLog;
 use super::orig_dst::original_dst_any;
-use super::routes::{Admission, ConnectionSource, RouteTable, Target, DEFAULT_CONNECT_TIMEOUT};
+use super::routes::{
+    Admission, ConnectionSource, RouteTable, Target, DEFAULT_CONNECT_TIMEOUT, EGRESS_POLICY,
+};
 use super::sni::peek_sni;
 use super::socket::{self, SocketFactory};
 use super::upstream::{self, Upstreams};
@@ -200,6 +202,12 @@ async fn proxy_one(
         }
         Direction::Inbound | Direction::Gateway => inbound(ctx, &table, original, record).await,
     };
+    if let Target::Refused { route, .. } = &target {
+        if route == EGRESS_POLICY {
+            tracing::info!(pod = %ctx.pod, destination = %original,
+                "egress refused: enableEgress is false and the destination is outside the mesh");
+        }
+    }
     record.target = Some(target);
     let (upstream, leases) = match opened {
         Ok(opened) => opened,

@@ -54,6 +54,11 @@ pub struct RouteTable {
     endpoint_settings: HashMap<SocketAddr, (Arc<UpstreamSettings>, PodKey)>,
     /// The endpoints with an active check.
     checked: Vec<Checked>,
+    /// Addresses of the pods the model enrolls, on any node: the mesh's own destinations.
+    mesh_pod_ips: HashSet<IpAddr>,
+    /// FSM `enableEgress: false`: enrolled pods' connections to destinations outside the
+    /// mesh (neither a Service address nor a mesh pod) are refused.
+    egress_closed: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -76,6 +81,8 @@ impl Source {
 
 /// Why SMI mode turns a connection away.
 const ACCESS_POLICY: &str = "SMI access policy";
+/// The route name of a refusal because egress is off.
+pub const EGRESS_POLICY: &str = "enableEgress";
 
 #[derive(Debug)]
 struct ServiceRoute {
@@ -381,6 +388,11 @@ impl RouteTable {
             .iter()
             .map(|(key, pod)| (key.clone(), Source::of(pod)))
             .collect();
+        let mesh_pod_ips = pods_by_ip
+            .iter()
+            .filter(|(_, key)| model.enrollment(key).is_some_and(|e| e.enrolled))
+            .map(|(ip, _)| *ip)
+            .collect();
         Self {
             services: compiled.services,
             local_enrolled,
@@ -390,7 +402,15 @@ impl RouteTable {
             pods_by_ip,
             endpoint_settings,
             checked,
+            mesh_pod_ips,
+            egress_closed: false,
         }
+    }
+
+    /// FSM's `enableEgress`: `false` refuses enrolled pods' connections to destinations
+    /// outside the mesh (`true`, the default, passes them to where they were going).
+    pub fn set_egress(&mut self, enabled: bool) {
+        self.egress_closed = !enabled;
     }
 
     /// Where a connection goes, and in SMI mode whether it may, with every endpoint
@@ -407,7 +427,7 @@ impl RouteTable {
         pick: &Pick<'_>,
     ) -> Resolved {
         let (target, settings) = self.route(original, source, pick);
-        let target = self.check_target(target, source);
+        let target = self.check_egress(self.check_target(target, source), source);
         let settings = settings.filter(|_| matches!(target, Target::Endpoint { .. }));
         Resolved { target, settings }
     }
@@ -468,6 +488,28 @@ impl RouteTable {
                 route: ACCESS_POLICY.into(),
                 reason,
             },
+        }
+    }
+
+    /// With egress off, a mesh connection that would leave the mesh is refused: passed
+    /// through (no Service address) to an address no enrolled pod has.
+    fn check_egress(&self, target: Target, source: ConnectionSource<'_>) -> Target {
+        match target {
+            Target::Passthrough { addr }
+                if self.egress_closed
+                    && source.gateway.is_none()
+                    && !self.mesh_pod_ips.contains(&addr.ip()) =>
+            {
+                Target::Refused {
+                    service: "egress".into(),
+                    route: EGRESS_POLICY.into(),
+                    reason: format!(
+                        "egress is off (enableEgress: false): {addr} is neither a Service \
+                         nor a mesh pod"
+                    ),
+                }
+            }
+            target => target,
         }
     }
 

@@ -1191,3 +1191,68 @@ fn source_ip_hashing_keeps_ipv6_clients_too() {
         assert_eq!(three.pick(&pick).unwrap().addr, first);
     }
 }
+
+#[test]
+fn with_egress_off_only_services_and_mesh_pods_are_reachable() {
+    let text = BASE.replace(
+        "metadata: {name: default}\n",
+        "metadata: {name: default, labels: {istio.io/dataplane-mode: ambient}}\n",
+    ) + "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: legacy}\n\
+         ---\napiVersion: v1\nkind: Pod\nmetadata: {name: outsider, namespace: legacy}\n\
+         spec: {containers: [{name: c, image: x}]}\nstatus: {podIP: 10.244.0.40}\n";
+    assert!(text.contains("labels: {istio.io/dataplane-mode: ambient}"));
+    let mut t = table_of(&text);
+    let client: PodKey = "default/client".parse().unwrap();
+    let source = ConnectionSource {
+        pod: Some(&client),
+        gateway: None,
+        sni: None,
+    };
+    let to = |t: &RouteTable, addr: &str| t.resolve(addr.parse().unwrap(), source);
+    // On, FSM's default: what is not a Service passes through.
+    assert!(matches!(
+        to(&t, "192.0.2.7:443"),
+        Target::Passthrough { .. }
+    ));
+    t.set_egress(false);
+    match to(&t, "192.0.2.7:443") {
+        Target::Refused { route, reason, .. } => {
+            assert_eq!(route, EGRESS_POLICY);
+            assert!(
+                reason.contains("192.0.2.7:443 is neither a Service nor a mesh pod"),
+                "{reason}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // A pod of the cluster that is not in the mesh is outside it; so is IPv6.
+    assert!(matches!(to(&t, "10.244.0.40:9000"), Target::Refused { .. }));
+    assert!(matches!(
+        to(&t, "[2001:db8::1]:443"),
+        Target::Refused { .. }
+    ));
+    // A mesh pod dialled directly and a Service stay reachable.
+    assert!(matches!(
+        to(&t, "10.244.0.11:9000"),
+        Target::Passthrough { .. }
+    ));
+    assert!(matches!(
+        to(&t, "10.96.0.20:19000"),
+        Target::Endpoint { .. }
+    ));
+    // A gateway's connections are not the mesh's egress.
+    let gateway = ConnectionSource {
+        pod: None,
+        gateway: Some("gw"),
+        sni: None,
+    };
+    assert!(matches!(
+        t.resolve("192.0.2.7:443".parse().unwrap(), gateway),
+        Target::Passthrough { .. }
+    ));
+    t.set_egress(true);
+    assert!(matches!(
+        to(&t, "192.0.2.7:443"),
+        Target::Passthrough { .. }
+    ));
+}
