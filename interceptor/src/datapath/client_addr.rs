@@ -101,9 +101,8 @@ impl ClientAddressRoutes {
     }
 }
 
-/// Install `family`'s part in `netns` (iptables mode's raw rules of the family; with
-/// IPv4, the sysctl); `false`, logged, when it failed: the pod's connections then come from its own
-/// address.
+/// Install `family`'s part in `netns` (see [`install_here`]); `false`, logged, when it
+/// failed: the pod's connections then come from its own address.
 fn install_logged(netns: &PodNetns, family: Family, iptables: Option<Backend>) -> bool {
     let installed = netns
         .run_blocking(|| install_here(family, iptables))
@@ -247,9 +246,7 @@ pub fn remove_from_netns(path: &Path) -> Result<(), DatapathError> {
             let mut result = remove_here(None);
             for backend in [Backend::Legacy, Backend::Nft] {
                 for family in [Family::V4, Family::V6] {
-                    if iptables::resolve(&backend.tool_of(family.tables(), "save")).is_file() {
-                        result = result.and(restore_raw(backend, family, raw_remove_script));
-                    }
+                    result = result.and(remove_raw_here(backend, family));
                 }
             }
             result
@@ -311,10 +308,7 @@ fn install_here(family: Family, iptables: Option<Backend>) -> Result<(), Datapat
     };
     install().inspect_err(|_| {
         let _ = remove_family_here(family);
-        let _ = match family {
-            Family::V4 => remove_ipv4_extras_here(iptables),
-            Family::V6 => remove_ipv6_extras_here(iptables),
-        };
+        let _ = remove_extras_here(family, iptables);
     })
 }
 
@@ -324,9 +318,9 @@ fn install_here(family: Family, iptables: Option<Backend>) -> Result<(), Datapat
 fn remove_here(iptables: Option<Backend>) -> Result<(), DatapathError> {
     let v6 = remove_family_here(Family::V6);
     let v4 = remove_family_here(Family::V4);
-    let extras = remove_ipv4_extras_here(iptables);
-    let raw6 = remove_ipv6_extras_here(iptables);
-    v4.and(v6).and(extras).and(raw6)
+    let extras4 = remove_extras_here(Family::V4, iptables);
+    let extras6 = remove_extras_here(Family::V6, iptables);
+    v4.and(v6).and(extras4).and(extras6)
 }
 
 fn remove_family_here(family: Family) -> Result<(), DatapathError> {
@@ -343,13 +337,23 @@ fn remove_family_here(family: Family) -> Result<(), DatapathError> {
     route.and(rule)
 }
 
-fn remove_ipv4_extras_here(iptables: Option<Backend>) -> Result<(), DatapathError> {
-    let sysctl = reset_sysctls(Family::V4);
+/// The family's sysctls back to 0 and, in iptables mode, its raw rules.
+fn remove_extras_here(family: Family, iptables: Option<Backend>) -> Result<(), DatapathError> {
+    let sysctl = reset_sysctls(family);
     let raw = match iptables {
-        Some(backend) => restore_raw(backend, Family::V4, raw_remove_script),
+        Some(backend) => remove_raw_here(backend, family),
         None => Ok(()),
     };
     sysctl.and(raw)
+}
+
+/// The family's raw rules of `backend`, where this node has that family's tools.
+fn remove_raw_here(backend: Backend, family: Family) -> Result<(), DatapathError> {
+    if iptables::resolve(&backend.tool_of(family.tables(), "save")).is_file() {
+        restore_raw(backend, family, raw_remove_script)
+    } else {
+        Ok(())
+    }
 }
 
 /// Back to 0; a sysctl that is not there (IPv6 off in the pod) is nothing to undo.
@@ -364,21 +368,6 @@ fn reset_sysctls(family: Family) -> Result<(), DatapathError> {
         }
     }
     result
-}
-
-/// The IPv6 sysctl and, in iptables mode, the ip6tables raw rules (where this node has
-/// ip6tables at all).
-fn remove_ipv6_extras_here(iptables: Option<Backend>) -> Result<(), DatapathError> {
-    let sysctl = reset_sysctls(Family::V6);
-    let raw = match iptables {
-        Some(backend)
-            if iptables::resolve(&backend.tool_of(iptables::Family::V6, "save")).is_file() =>
-        {
-            restore_raw(backend, Family::V6, raw_remove_script)
-        }
-        _ => Ok(()),
-    };
-    sysctl.and(raw)
 }
 
 fn routing_error(what: String, error: std::io::Error) -> DatapathError {

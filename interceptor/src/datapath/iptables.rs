@@ -426,6 +426,17 @@ fn restore_here(
     }
 }
 
+/// [`restore_here`] in each of `families`, in order, up to the first failure.
+fn restore_each(
+    backend: Backend,
+    families: &[Family],
+    make: impl Fn(&Installed) -> Option<String>,
+) -> Result<(), DatapathError> {
+    families
+        .iter()
+        .try_for_each(|family| restore_here(backend, *family, &make).map(drop))
+}
+
 /// Remove our chains and every reference to them from the calling thread's netns, in
 /// both families where `backend`'s tools for it are installed. Returns whether there
 /// was anything to remove. Both families are tried even when the first fails.
@@ -482,16 +493,17 @@ fn dedup(mut ports: Vec<u16>) -> Vec<u16> {
 struct Enrolled {
     pod: PodDatapath,
     netns: Arc<PodNetns>,
-    /// Its IPv6 address once [`Datapath::enroll_ipv6`] gave it the ip6tables chains.
-    ipv6: Option<Ipv6Addr>,
+    /// Whether [`Datapath::enroll_ipv6`] gave it the ip6tables chains too.
+    ipv6: bool,
 }
 
 impl Enrolled {
     /// The families whose chains this pod has.
     fn families(&self) -> &'static [Family] {
-        match self.ipv6 {
-            Some(_) => &[Family::V4, Family::V6],
-            None => &[Family::V4],
+        if self.ipv6 {
+            &[Family::V4, Family::V6]
+        } else {
+            &[Family::V4]
         }
     }
 }
@@ -624,7 +636,7 @@ impl Datapath for IptablesDatapath {
             Enrolled {
                 pod: pod.clone(),
                 netns: Arc::clone(netns),
-                ipv6: None,
+                ipv6: false,
             },
         );
         Ok(())
@@ -649,13 +661,13 @@ impl Datapath for IptablesDatapath {
                     .get(&pod.netns_cookie)
                     .ok_or_else(|| DatapathError::Iptables {
                         what: format!("pod {}", pod.ipv4),
-                        reason: "IPv6 before the pod's IPv4 chains".into(),
+                        reason: format!("IPv6 {ip} before the pod's IPv4 chains"),
                     })?;
             (Arc::clone(&enrolled.netns), state.layered(pod.netns_cookie))
         };
         self.apply(&netns, pod.ipv4, &[Family::V6], rules)?;
         if let Some(enrolled) = lock(&self.state).pods.get_mut(&pod.netns_cookie) {
-            enrolled.ipv6 = Some(ip);
+            enrolled.ipv6 = true;
         }
         Ok(())
     }
@@ -682,10 +694,7 @@ impl Datapath for IptablesDatapath {
             .get(&pod.netns_cookie)
             .map_or(&[Family::V4][..], Enrolled::families);
         self.in_netns(netns, pod.ipv4, move || {
-            for family in families {
-                restore_here(backend, *family, |installed| Some(leave_script(installed)))?;
-            }
-            Ok(())
+            restore_each(backend, families, |installed| Some(leave_script(installed)))
         })?;
         let mut state = lock(&self.state);
         if let Some(left) = state.pods.remove(&pod.netns_cookie) {
@@ -704,10 +713,7 @@ impl Datapath for IptablesDatapath {
         let backend = self.backend;
         let families = left.families();
         self.in_netns(netns, pod.ipv4, move || {
-            for family in families {
-                restore_here(backend, *family, drained_script)?;
-            }
-            Ok(())
+            restore_each(backend, families, drained_script)
         })
     }
 
