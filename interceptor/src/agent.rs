@@ -539,14 +539,9 @@ impl Agent {
             (ips, enrolled)
         };
         let permissive = self.permissive.load(Ordering::SeqCst);
-        let mut table = RouteTable::build(
-            &self.model(),
-            &pod_ips,
-            enrolled,
-            permissive,
-            &mut last_valid,
-        );
-        table.set_egress(self.egress.load(Ordering::SeqCst));
+        let model = self.model();
+        let mut table = RouteTable::build(&model, &pod_ips, enrolled, permissive, &mut last_valid);
+        table.set_egress(&model, self.egress.load(Ordering::SeqCst));
         self.upstreams.retain(|addr| table.is_endpoint(addr));
         self.log
             .metrics()

@@ -54,11 +54,10 @@ pub struct RouteTable {
     endpoint_settings: HashMap<SocketAddr, (Arc<UpstreamSettings>, PodKey)>,
     /// The endpoints with an active check.
     checked: Vec<Checked>,
-    /// Addresses of the pods the model enrolls, on any node: the mesh's own destinations.
-    mesh_pod_ips: HashSet<IpAddr>,
-    /// FSM `enableEgress: false`: enrolled pods' connections to destinations outside the
-    /// mesh (neither a Service address nor a mesh pod) are refused.
-    egress_closed: bool,
+    /// FSM `enableEgress: false`: the addresses of the pods the model enrolls, on any
+    /// node (the mesh's own destinations); enrolled pods' connections to any other
+    /// address that is not a Service are refused. `None`: egress is open (the default).
+    closed_egress: Option<HashSet<IpAddr>>,
 }
 
 #[derive(Debug, Clone)]
@@ -388,11 +387,7 @@ impl RouteTable {
             .iter()
             .map(|(key, pod)| (key.clone(), Source::of(pod)))
             .collect();
-        let mesh_pod_ips = pods_by_ip
-            .iter()
-            .filter(|(_, key)| model.enrollment(key).is_some_and(|e| e.enrolled))
-            .map(|(ip, _)| *ip)
-            .collect();
+
         Self {
             services: compiled.services,
             local_enrolled,
@@ -402,15 +397,22 @@ impl RouteTable {
             pods_by_ip,
             endpoint_settings,
             checked,
-            mesh_pod_ips,
-            egress_closed: false,
+            closed_egress: None,
         }
     }
 
     /// FSM's `enableEgress`: `false` refuses enrolled pods' connections to destinations
     /// outside the mesh (`true`, the default, passes them to where they were going).
-    pub fn set_egress(&mut self, enabled: bool) {
-        self.egress_closed = !enabled;
+    /// `model` is the one the table was built from: only a closed egress needs to know
+    /// which pods it enrolls.
+    pub fn set_egress(&mut self, model: &Model, enabled: bool) {
+        self.closed_egress = (!enabled).then(|| {
+            self.pods_by_ip
+                .iter()
+                .filter(|(_, key)| model.enrollment(key).is_some_and(|e| e.enrolled))
+                .map(|(ip, _)| *ip)
+                .collect()
+        });
     }
 
     /// Where a connection goes, and in SMI mode whether it may, with every endpoint
@@ -494,11 +496,12 @@ impl RouteTable {
     /// With egress off, a mesh connection that would leave the mesh is refused: passed
     /// through (no Service address) to an address no enrolled pod has.
     fn check_egress(&self, target: Target, source: ConnectionSource<'_>) -> Target {
+        let Some(mesh_pod_ips) = &self.closed_egress else {
+            return target;
+        };
         match target {
             Target::Passthrough { addr }
-                if self.egress_closed
-                    && source.gateway.is_none()
-                    && !self.mesh_pod_ips.contains(&addr.ip()) =>
+                if source.gateway.is_none() && !mesh_pod_ips.contains(&addr.ip()) =>
             {
                 Target::Refused {
                     service: "egress".into(),

@@ -1201,6 +1201,7 @@ fn with_egress_off_only_services_and_mesh_pods_are_reachable() {
          ---\napiVersion: v1\nkind: Pod\nmetadata: {name: outsider, namespace: legacy}\n\
          spec: {containers: [{name: c, image: x}]}\nstatus: {podIP: 10.244.0.40}\n";
     assert!(text.contains("labels: {istio.io/dataplane-mode: ambient}"));
+    let model = load_str(std::path::Path::new("t.yaml"), &text).expect("manifests");
     let mut t = table_of(&text);
     let client: PodKey = "default/client".parse().unwrap();
     let source = ConnectionSource {
@@ -1214,7 +1215,7 @@ fn with_egress_off_only_services_and_mesh_pods_are_reachable() {
         to(&t, "192.0.2.7:443"),
         Target::Passthrough { .. }
     ));
-    t.set_egress(false);
+    t.set_egress(&model, false);
     match to(&t, "192.0.2.7:443") {
         Target::Refused { route, reason, .. } => {
             assert_eq!(route, EGRESS_POLICY);
@@ -1250,7 +1251,7 @@ fn with_egress_off_only_services_and_mesh_pods_are_reachable() {
         t.resolve("192.0.2.7:443".parse().unwrap(), gateway),
         Target::Passthrough { .. }
     ));
-    t.set_egress(true);
+    t.set_egress(&model, true);
     assert!(matches!(
         to(&t, "192.0.2.7:443"),
         Target::Passthrough { .. }
