@@ -7,15 +7,13 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
-use interceptor_testbed::{NodeId, Pod, ServerProcess, Testbed};
+use anyhow::{Context, Result};
+use interceptor_testbed::{NodeId, Pod, Testbed};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::measure::{self, strings, ECHO_PORT, IPERF3, IPERF_PORT};
-use super::proc::Background;
+use super::measure::{self, Servers};
 use super::scale::with_ratio;
 use super::scenario::{median, Options};
 
@@ -69,54 +67,14 @@ pub struct FamilyRow {
     pub evidence: Vec<Value>,
 }
 
-/// The server pod's servers: iperf3 (it listens on both families) and the `tb-pod`
-/// echo server on `[::]` (IPv4 arrives on it as mapped addresses).
-struct DualServers {
-    pod: Pod,
-    iperf: Background,
-    echo: ServerProcess,
-}
-
-impl DualServers {
-    fn start(tb: &Testbed, pod: &Pod, logs: &std::path::Path) -> Result<Self> {
-        let mut iperf = Background::spawn(
-            tb,
-            pod,
-            IPERF3,
-            &strings(&["-s", "-p", &IPERF_PORT.to_string()]),
-            &logs.join("iperf3.log"),
-        )?;
-        let echo = tb
-            .spawn_server(pod, &["echo", "--listen", &format!("[::]:{ECHO_PORT}")])
-            .context("tb-pod echo server")?;
-        iperf.wait_listening(&[IPERF_PORT], Duration::from_secs(10))?;
-        Ok(Self {
-            pod: pod.clone(),
-            iperf,
-            echo,
-        })
-    }
-
-    fn address(&self, family: &str) -> Result<IpAddr> {
-        match family {
-            "IPv4" => Ok(self.pod.ip.into()),
-            _ => self
-                .pod
-                .ipv6
-                .map(IpAddr::from)
-                .context("the server pod has no IPv6 address"),
-        }
-    }
-
-    fn check_alive(&mut self) -> Result<()> {
-        self.iperf.check_alive()?;
-        if let Some(status) = self.echo.try_wait()? {
-            bail!(
-                "tb-pod echo server exited ({status}): {}",
-                self.echo.stderr()
-            );
-        }
-        Ok(())
+/// The address of `family` of `pod`.
+fn address(pod: &Pod, family: &str) -> Result<IpAddr> {
+    match family {
+        "IPv4" => Ok(pod.ip.into()),
+        _ => pod
+            .ipv6
+            .map(IpAddr::from)
+            .context("the server pod has no IPv6 address"),
     }
 }
 
@@ -124,12 +82,12 @@ impl DualServers {
 fn measure_family(
     tb: &Testbed,
     client: &Pod,
-    servers: &mut DualServers,
+    servers: &mut Servers,
     cgroups: &[PathBuf],
     secs: u64,
     row: &mut FamilyRow,
 ) {
-    let ip = match servers.address(row.family) {
+    let ip = match address(&servers.pod, row.family) {
         Ok(ip) => ip,
         Err(e) => return row.errors.push(format!("{e:#}")),
     };
@@ -237,7 +195,7 @@ fn run_into(rows: &mut [FamilyRow], secs: u64) -> Result<()> {
     })();
     agent.stop()?;
     let (server, plain_client) = pods?;
-    let mut servers = DualServers::start(&tb, &server, &logs)?;
+    let mut servers = Servers::start_dual_stack(&tb, &server, &logs)?;
 
     for row in rows.iter_mut().filter(|r| r.path == "direct") {
         measure_family(&tb, &plain_client, &mut servers, &cgroups, secs, row);

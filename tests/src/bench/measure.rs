@@ -35,6 +35,21 @@ pub struct Servers {
 
 impl Servers {
     pub fn start(tb: &Testbed, pod: &Pod, log_dir: &Path) -> Result<Servers> {
+        Self::start_with_echo(tb, pod, log_dir, &format!("0.0.0.0:{ECHO_PORT}"))
+    }
+
+    /// [`Servers::start`] with the echo server on `[::]`, where it takes both families
+    /// (IPv4 as mapped addresses): for a dual-stack pod. sockperf stays on IPv4.
+    pub fn start_dual_stack(tb: &Testbed, pod: &Pod, log_dir: &Path) -> Result<Servers> {
+        Self::start_with_echo(tb, pod, log_dir, &format!("[::]:{ECHO_PORT}"))
+    }
+
+    fn start_with_echo(
+        tb: &Testbed,
+        pod: &Pod,
+        log_dir: &Path,
+        echo_listen: &str,
+    ) -> Result<Servers> {
         let log = |what: &str| log_dir.join(format!("{}-{what}.log", pod.name));
         let mut sockperf = Background::spawn(
             tb,
@@ -58,7 +73,7 @@ impl Servers {
             &log("iperf3"),
         )?;
         let echo = tb
-            .spawn_server(pod, &["echo", "--listen", &format!("0.0.0.0:{ECHO_PORT}")])
+            .spawn_server(pod, &["echo", "--listen", echo_listen])
             .context("tb-pod echo server")?;
         sockperf.wait_listening(&[SOCKPERF_PORT], READY_TIMEOUT)?;
         iperf.wait_listening(&[IPERF_PORT], READY_TIMEOUT)?;
