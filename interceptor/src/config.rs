@@ -545,9 +545,10 @@ pub struct TrafficSettings {
 
 impl TrafficSettings {
     /// The settings of a MeshConfig's `spec` (JSON, as the API server gives it), with the
-    /// warnings of entries taken as meaning something (host bits cleared), or why the object is rejected: a field of the wrong type, or an entry
-    /// that is not a CIDR or a port. Fields of `spec.traffic` the agent has no use for
-    /// (`interceptionMode`, ...) are ignored.
+    /// warnings of entries taken as meaning something (host bits cleared), or why the
+    /// object is rejected: a field of the wrong type, or an entry that is not a CIDR or a
+    /// port. Fields of `spec.traffic` the agent has no use for (`interceptionMode`, ...)
+    /// are ignored.
     pub fn from_spec(spec: &serde_json::Value) -> Result<(TrafficSettings, Vec<String>), String> {
         let traffic = match spec.get("traffic") {
             None | Some(serde_json::Value::Null) => return Ok(Default::default()),

@@ -666,9 +666,13 @@ fn follow_policy_mode(
 ) -> tokio::task::AbortHandle {
     tokio::spawn(async move {
         loop {
-            let config = rx.borrow_and_update().config.clone();
-            agent.set_permissive(config.permissive());
-            agent.set_egress(config.egress());
+            // Read, then released before the agent rebuilds its routes.
+            let (permissive, egress) = {
+                let state = rx.borrow_and_update();
+                (state.config.permissive(), state.config.egress())
+            };
+            agent.set_permissive(permissive);
+            agent.set_egress(egress);
             if rx.changed().await.is_err() {
                 break;
             }

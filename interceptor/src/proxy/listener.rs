@@ -2,9 +2,9 @@
 //! original destination, pick the target (outbound: within the upstream policies, with
 //! one retry on a connect failure, and on a Service port routed by server name after
 //! peeking the ClientHello, see [`outbound_sni`]; inbound: within the Service's rate
-//! limit), connect with a socket from the pod's [`SocketFactory`] (made inside the pod, with the proxy mark
-//! the programs skip; inbound, bound to the client's address unless the agent was told
-//! not to, see [`connect_app`]), and forward.
+//! limit), connect with a socket from the pod's [`SocketFactory`] (made inside the pod,
+//! with the proxy mark the programs skip; inbound, bound to the client's address unless
+//! the agent was told not to, see [`connect_app`]), and forward.
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
