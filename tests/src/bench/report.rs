@@ -24,6 +24,8 @@ pub struct Report<'a> {
     pub scale_pods: &'a super::scale_pods::ScalePods,
     /// IPv6 beside IPv4 on one hop (empty when not run).
     pub ipv6: &'a [super::ipv6::FamilyRow],
+    /// TLS passthrough and UDP through the gateway (empty when not run).
+    pub gateway_l4: &'a [super::gateway_l4::GatewayRow],
     pub wall_s: f64,
     pub loadavg_at_end: String,
     /// The `--note` given on the command line.
@@ -497,6 +499,17 @@ pub fn summary(report: &Report<'_>) -> String {
         )
         .unwrap_or(());
     }
+    if !report.gateway_l4.is_empty() {
+        writeln!(
+            s,
+            "\n## TLS passthrough and UDP through the gateway (one node; median of {} round{})\n\n{}\n\n{}",
+            report.rounds,
+            if report.rounds == 1 { "" } else { "s" },
+            super::gateway_l4::table(report.gateway_l4),
+            super::gateway_l4::HOW_TO_READ
+        )
+        .unwrap_or(());
+    }
     if !report.upstream.is_empty() {
         writeln!(
             s,
@@ -559,6 +572,7 @@ pub fn json(report: &Report<'_>, markdown: &str) -> Value {
         "upstream": report.upstream,
         "scale_pods": report.scale_pods,
         "ipv6": report.ipv6,
+        "gateway_l4": report.gateway_l4,
         "markdown": markdown,
     })
 }

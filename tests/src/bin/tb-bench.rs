@@ -5,7 +5,8 @@
 //! latency (p50, p99), bulk throughput, new connections per second and CPU seconds per
 //! GB, all measured in the same run and shown as ratios to direct. Then the exclusion
 //! scale check: connect p50 and connections per second with 1 to 10,000 exclusion CIDRs,
-//! eBPF vs iptables mode. Prints markdown tables and saves them with the raw numbers and
+//! eBPF vs iptables mode. TLS passthrough and UDP through `interceptor gateway` against
+//! direct. Prints markdown tables and saves them with the raw numbers and
 //! machine facts under `bench/results/`.
 //! Needs root. See bench/README.md for how to read the table.
 
@@ -31,7 +32,8 @@ enum Which {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Part {
     /// Every part: the topology table, the exclusion scale check, the upstream
-    /// policies, pod start-up at scale and IPv6 beside IPv4.
+    /// policies, pod start-up at scale, IPv6 beside IPv4, and TLS passthrough and UDP
+    /// through the gateway.
     All,
     /// Only the topology table.
     Topologies,
@@ -43,6 +45,8 @@ enum Part {
     ScalePods,
     /// Only IPv6 beside IPv4 on one proxy hop (dual-stack pods), both modes.
     Ipv6,
+    /// Only TLS passthrough and UDP through `interceptor gateway` against direct.
+    GatewayL4,
 }
 
 #[derive(Parser, Debug)]
@@ -115,6 +119,7 @@ fn main() -> Result<()> {
     let mut rounds_upstream = Vec::new();
     let mut rounds_scale_pods = Vec::new();
     let mut rounds_ipv6 = Vec::new();
+    let mut rounds_gateway_l4 = Vec::new();
     for round in 0..rounds {
         let opts = Options {
             secs,
@@ -140,12 +145,16 @@ fn main() -> Result<()> {
         if matches!(cli.part, Part::All | Part::Ipv6) {
             rounds_ipv6.push(bench::ipv6::run(opts));
         }
+        if matches!(cli.part, Part::All | Part::GatewayL4) {
+            rounds_gateway_l4.push(bench::gateway_l4::run(opts));
+        }
     }
     let rows = scenario::merge(rounds_rows);
     let scale = bench::scale::merge(rounds_scale);
     let upstream = bench::upstream::merge(rounds_upstream);
     let scale_pods = bench::scale_pods::merge(rounds_scale_pods);
     let ipv6 = bench::ipv6::merge(rounds_ipv6);
+    let gateway_l4 = bench::gateway_l4::merge(rounds_gateway_l4);
     let report = Report {
         facts: &facts,
         secs,
@@ -156,6 +165,7 @@ fn main() -> Result<()> {
         upstream: &upstream,
         scale_pods: &scale_pods,
         ipv6: &ipv6,
+        gateway_l4: &gateway_l4,
         wall_s: start.elapsed().as_secs_f64(),
         loadavg_at_end: bench::facts::loadavg(),
         note: cli.note.clone(),
@@ -176,6 +186,8 @@ fn main() -> Result<()> {
             stem.push_str("-scale-pods");
         } else if cli.part == Part::Ipv6 {
             stem.push_str("-ipv6");
+        } else if cli.part == Part::GatewayL4 {
+            stem.push_str("-gateway-l4");
         } else if cli.topology != Which::Both {
             stem.push_str(if cli.topology == Which::SameNode {
                 "-same-node"

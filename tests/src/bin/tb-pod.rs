@@ -12,6 +12,11 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
+#[path = "../tb_pod/tls.rs"]
+mod tls;
+#[path = "../tb_pod/udp.rs"]
+mod udp;
+
 #[derive(Parser)]
 #[command(
     name = "tb-pod",
@@ -180,6 +185,87 @@ enum Cmd {
         #[arg(long)]
         listen: SocketAddr,
     },
+    /// TLS server (TLS 1.3, rustls): per connection, reads application data until the
+    /// client's close_notify, then answers "<bytes read>\n" and closes.
+    TlsServer {
+        #[arg(long)]
+        listen: SocketAddr,
+        /// PEM certificate chain, leaf first.
+        #[arg(long)]
+        cert: std::path::PathBuf,
+        /// PEM private key (PKCS#8, SEC1 or PKCS#1).
+        #[arg(long)]
+        key: std::path::PathBuf,
+    },
+    /// TLS bulk throughput against `tls-server`: one connection, application data for
+    /// `duration_ms`, then close_notify. Prints {"gbit_per_s" (bytes the server counted
+    /// over the time until its count came back), "bytes_sent", "bytes_counted",
+    /// "handshake_us", "cipher_suite", "error", ...}.
+    TlsBulk {
+        #[command(flatten)]
+        tls: TlsClientArgs,
+    },
+    /// TLS handshakes per second against `tls-server`: new connections back to back on
+    /// one thread, each a full handshake (no resumption), one byte, close_notify and the
+    /// server's count. Prints {"handshakes", "errors", "per_second", "handshake_p50_us",
+    /// "handshake_p99_us", ...}.
+    TlsHandshakes {
+        #[command(flatten)]
+        tls: TlsClientArgs,
+    },
+    /// UDP echo server: sends every datagram back to its sender.
+    UdpSinkEcho {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// UDP datagrams per second against an echo server: one socket keeps `window`
+    /// datagrams of `size` bytes in flight for `duration_ms`. Prints {"sent", "received",
+    /// "lost", "per_second" (echoes received per second), "rtt_p50_us", "rtt_p99_us", ...}.
+    UdpLoad {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long, default_value_t = 1)]
+        window: usize,
+        #[arg(long)]
+        duration_ms: u64,
+        /// An echo not back within this many ms counts as lost.
+        #[arg(long, default_value_t = 200)]
+        loss_timeout_ms: u64,
+    },
+}
+
+/// The TLS clients' arguments.
+#[derive(clap::Args)]
+struct TlsClientArgs {
+    #[arg(long)]
+    connect: SocketAddr,
+    /// The name sent as SNI and checked against the certificate.
+    #[arg(long)]
+    server_name: String,
+    /// PEM file of the certificates to trust.
+    #[arg(long)]
+    ca: std::path::PathBuf,
+    #[arg(long)]
+    duration_ms: u64,
+    #[arg(long, default_value_t = 5_000)]
+    connect_timeout_ms: u64,
+    #[arg(long, default_value_t = 5_000)]
+    io_timeout_ms: u64,
+}
+
+impl TlsClientArgs {
+    fn args(self) -> tls::ClientArgs {
+        tls::ClientArgs {
+            connect: self.connect,
+            server_name: self.server_name,
+            ca: self.ca,
+            duration: Duration::from_millis(self.duration_ms),
+            connect_timeout: Duration::from_millis(self.connect_timeout_ms),
+            io_timeout: Duration::from_millis(self.io_timeout_ms),
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -231,6 +317,36 @@ fn main() -> ExitCode {
         }
         Cmd::ResetServer { listen } => serve(listen, reset),
         Cmd::HalfCloseServer { listen } => serve(listen, half_close),
+        Cmd::TlsServer { listen, cert, key } => tls::server_config(&cert, &key)
+            .and_then(|config| serve(listen, move |s| tls::serve_one(s, &config))),
+        Cmd::TlsBulk { tls } => {
+            emit(&tls::bulk(&tls.args()).to_string());
+            Ok(())
+        }
+        Cmd::TlsHandshakes { tls } => {
+            emit(&tls::handshakes(&tls.args()).to_string());
+            Ok(())
+        }
+        Cmd::UdpSinkEcho { listen } => udp::sink_echo(listen),
+        Cmd::UdpLoad {
+            connect,
+            size,
+            window,
+            duration_ms,
+            loss_timeout_ms,
+        } => {
+            emit(
+                &udp::load(&udp::LoadArgs {
+                    connect,
+                    size,
+                    window,
+                    duration: Duration::from_millis(duration_ms),
+                    loss_timeout: Duration::from_millis(loss_timeout_ms),
+                })
+                .to_string(),
+            );
+            Ok(())
+        }
         Cmd::Client {
             connect,
             send_bytes,
