@@ -293,14 +293,33 @@ impl<'a> Gateway<'a> {
                 continue;
             };
             let name = series.split('{').next().unwrap_or(series);
-            let key = match series.split("flow=\"").nth(1) {
-                Some(rest) => format!("{name}/{}", rest.split('"').next().unwrap_or("")),
+            // The way bytes or datagrams went: `flow` (TCP), `direction` (UDP; a TCP
+            // series' `direction` is the proxy's, "gateway").
+            let way = ["flow", "direction"].iter().find_map(|label| {
+                let value = series.split(&format!("{label}=\"")).nth(1)?;
+                let value = value.split('"').next()?;
+                ["upstream", "downstream"].contains(&value).then_some(value)
+            });
+            let key = match way {
+                Some(way) => format!("{name}/{way}"),
                 None => name.to_owned(),
             };
             let sum = sums.get(&key).and_then(Value::as_f64).unwrap_or(0.0) + value;
             sums.insert(key, json!(sum));
         }
         Ok(Value::Object(sums))
+    }
+
+    /// The gateway's metric lines that mention `fragment`, for an error.
+    fn series_of(&self, fragment: &str) -> String {
+        match self.get("/metrics") {
+            Ok(m) => m
+                .lines()
+                .filter(|l| l.contains(fragment))
+                .collect::<Vec<_>>()
+                .join(" / "),
+            Err(e) => format!("{e:#}"),
+        }
     }
 
     /// Polls [`Gateway::counters`] until `done` holds for the growth since `before` (the
@@ -599,6 +618,8 @@ fn run_into(rows: &mut [GatewayRow], secs: u64) -> Result<()> {
 
 const TLS_ROUTE: &str = "httpbin/bench-tls";
 const UDP_ROUTE: &str = "server/udp-route-sample";
+/// The gateway's counter of the datagrams it relayed from the backend to the client.
+const UDP_REPLIES: &str = "interceptor_gateway_udp_datagrams_total/downstream";
 
 /// The TLS figures through the TLS Passthrough Gateway, checked against its counters of
 /// the TLSRoute: a connection for every handshake and the bulk one, and at least the
@@ -637,7 +658,8 @@ fn through_tls(bench: &Bench<'_>, row: &mut GatewayRow) -> Result<(Value, Value)
         row.errors.push(format!(
             "gateway TLS: the gateway counted {seen_connections} connections and \
              {seen_bytes} bytes upstream on the TLSRoute, the client made {connections} \
-             and sent {bytes}: not through the gateway"
+             and sent {bytes}: not through the gateway; its series: {}",
+            gateway.series_of(TLS_ROUTE)
         ));
     }
     Ok((evidence, raw))
@@ -662,18 +684,10 @@ fn through_udp(bench: &Bench<'_>, row: &mut GatewayRow) -> Result<(Value, Value)
         .iter()
         .map(|k| raw[k]["received"].as_u64().unwrap_or(0))
         .sum();
-    let grown = gateway.growth(&series, &before, |g| {
-        g.as_object().is_some_and(|m| {
-            m.values()
-                .any(|v| v.as_f64().unwrap_or(0.0) >= datagrams as f64)
-        })
-    });
-    let most = grown
-        .as_object()
-        .into_iter()
-        .flatten()
-        .filter_map(|(_, v)| v.as_f64())
-        .fold(0.0, f64::max);
+    // The replies the gateway relayed to the client must cover the echoes it got.
+    let relayed = |g: &Value| g[UDP_REPLIES].as_f64().unwrap_or(0.0);
+    let grown = gateway.growth(&series, &before, |g| relayed(g) >= datagrams as f64);
+    let most = relayed(&grown);
     let evidence = json!({
         "route": series,
         "counter_growth": grown,
@@ -682,8 +696,8 @@ fn through_udp(bench: &Bench<'_>, row: &mut GatewayRow) -> Result<(Value, Value)
     if most < datagrams as f64 {
         *row = kept;
         row.errors.push(format!(
-            "gateway UDP: no counter of the gateway's UDPRoute grew by the {datagrams} \
-             echoes the client got ({grown}): not shown to go through the gateway"
+            "gateway UDP: {UDP_REPLIES} of the UDPRoute grew by {most}, the client got \
+             {datagrams} echoes ({grown}): not through the gateway"
         ));
     }
     Ok((evidence, raw))
