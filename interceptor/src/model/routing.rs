@@ -71,6 +71,10 @@ pub struct RoutingObjects {
     /// FSM HealthCheckPolicies: outlier detection and active TCP checks per Service port.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub health_check_policies: BTreeMap<String, Routed<HealthCheckPolicySpec>>,
+    /// FSM Egress policies: destinations outside the mesh that chosen ServiceAccounts may
+    /// reach while `enableEgress` is off.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub egresses: BTreeMap<String, Routed<EgressSpec>>,
 }
 
 impl RoutingObjects {
@@ -95,6 +99,7 @@ pub enum RoutingObject {
     UpstreamTrafficSetting(Routed<UpstreamTrafficSettingSpec>),
     LoadBalancerPolicy(Routed<LoadBalancerPolicySpec>),
     HealthCheckPolicy(Routed<HealthCheckPolicySpec>),
+    Egress(Routed<EgressSpec>),
 }
 
 /// `$body` for the `Routed` inside any variant of a [`RoutingObject`], bound to `$o`.
@@ -113,6 +118,7 @@ macro_rules! each_routed {
             RoutingObject::UpstreamTrafficSetting($o) => $body,
             RoutingObject::LoadBalancerPolicy($o) => $body,
             RoutingObject::HealthCheckPolicy($o) => $body,
+            RoutingObject::Egress($o) => $body,
         }
     };
 }
@@ -133,6 +139,7 @@ impl RoutingObject {
             RoutingObject::UpstreamTrafficSetting(_) => "UpstreamTrafficSetting",
             RoutingObject::LoadBalancerPolicy(_) => "LoadBalancerPolicy",
             RoutingObject::HealthCheckPolicy(_) => "HealthCheckPolicy",
+            RoutingObject::Egress(_) => "Egress",
         }
     }
 
@@ -167,6 +174,7 @@ impl RoutingObject {
             RoutingObject::HealthCheckPolicy(o) => {
                 drop(objects.health_check_policies.insert(o.key(), o))
             }
+            RoutingObject::Egress(o) => drop(objects.egresses.insert(o.key(), o)),
         }
     }
 }
@@ -616,4 +624,41 @@ pub struct HealthCheckConfig {
     pub path: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub matches: Vec<serde_json::Value>,
+}
+
+/// `policy.flomesh.io` `Egress` (v1alpha1): the ServiceAccounts in `sources` may reach
+/// destinations outside the mesh on `ports`, by destination address (`ipAddresses`, every
+/// address when empty) and, on `https` ports, by the server name of the ClientHello
+/// (`hosts`). Read as written (ports signed, CIDRs as strings) so that a bad value is
+/// rejected with a reason when routes are compiled, and the previous valid version stays.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct EgressSpec {
+    pub sources: Vec<EgressSource>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ip_addresses: Vec<String>,
+    pub ports: Vec<EgressPort>,
+    /// References to HTTPRouteGroups or UpstreamTrafficSettings (L7 and per-host
+    /// settings): noted in the status, not applied.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<serde_json::Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct EgressSource {
+    /// `ServiceAccount`, the only kind FSM reads.
+    pub kind: String,
+    pub name: String,
+    pub namespace: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct EgressPort {
+    pub number: i64,
+    /// `tcp`, `tcp-server-first`, `https` (by server name) or `http` (Host header: L7).
+    pub protocol: String,
 }

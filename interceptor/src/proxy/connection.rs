@@ -280,7 +280,10 @@ impl ConnectionRecord {
                 backend.clone(),
             ),
             Some(Target::Refused { route, service, .. }) => (route.clone(), service.clone()),
-            Some(Target::Passthrough { .. }) => ("passthrough".into(), "passthrough".into()),
+            Some(Target::Passthrough { route, .. }) => (
+                route.clone().unwrap_or_else(|| "passthrough".into()),
+                "passthrough".into(),
+            ),
             Some(Target::Local {
                 node_probe: true, ..
             }) => ("node probe".into(), self.pod.clone()),
@@ -293,7 +296,7 @@ impl ConnectionRecord {
     pub fn target_addr(&self) -> Option<SocketAddr> {
         match &self.target {
             Some(Target::Endpoint { addr, .. })
-            | Some(Target::Passthrough { addr })
+            | Some(Target::Passthrough { addr, .. })
             | Some(Target::Local { addr, .. }) => Some(*addr),
             Some(Target::NoEndpoints { .. }) | Some(Target::Refused { .. }) | None => None,
         }

@@ -224,7 +224,7 @@ async fn proxy_one(
         let peer = match (ctx.direction, &record.target) {
             (
                 Direction::Outbound,
-                Some(Target::Endpoint { addr, .. } | Target::Passthrough { addr }),
+                Some(Target::Endpoint { addr, .. } | Target::Passthrough { addr, .. }),
             ) => addr.ip(),
             (Direction::Outbound, _) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             (Direction::Inbound | Direction::Gateway, _) => client_ip,
@@ -308,7 +308,12 @@ async fn outbound_sni(
     original: SocketAddr,
     record: &mut ConnectionRecord,
 ) -> Result<Option<String>, ProxyError> {
-    if !table.routes_by_sni(original) {
+    let source = ConnectionSource {
+        pod: Some(&ctx.pod),
+        gateway: None,
+        sni: None,
+    };
+    if !table.needs_server_name(original, source) {
         return Ok(None);
     }
     let sni = peek_sni(stream, ctx.client_hello_timeout).await?;

@@ -10,6 +10,7 @@
 //! mesh workloads must also be allowed by a TrafficTarget (see `access`).
 mod access;
 mod compile;
+mod egress;
 mod gateway;
 mod hosts;
 mod settings;
@@ -58,6 +59,8 @@ pub struct RouteTable {
     /// node (the mesh's own destinations); enrolled pods' connections to any other
     /// address that is not a Service are refused. `None`: egress is open (the default).
     closed_egress: Option<HashSet<IpAddr>>,
+    /// FSM Egress policies: what a closed egress still lets out.
+    egress: egress::EgressPolicies,
 }
 
 #[derive(Debug, Clone)]
@@ -318,7 +321,12 @@ pub enum Target {
         reason: String,
     },
     /// Not a Service address: forward to where the application was going.
-    Passthrough { addr: SocketAddr },
+    Passthrough {
+        addr: SocketAddr,
+        /// With egress off, the Egress policy that lets it leave the mesh.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        route: Option<String>,
+    },
     /// Inbound: deliver to the application inside the pod.
     Local {
         addr: SocketAddr,
@@ -365,6 +373,7 @@ impl RouteTable {
         let upstream = settings::compile(model, memory);
         let mut compiled = compile::compile(model, pod_ips, &upstream.by_port);
         compiled.statuses.extend(upstream.statuses);
+        let egress = egress::EgressPolicies::compile(model, memory, &mut compiled.statuses);
         compiled
             .statuses
             .sort_by(|a, b| (a.kind, &a.name).cmp(&(b.kind, &b.name)));
@@ -398,6 +407,7 @@ impl RouteTable {
             endpoint_settings,
             checked,
             closed_egress: None,
+            egress,
         }
     }
 
@@ -471,7 +481,7 @@ impl RouteTable {
                 service, pod, addr, ..
             } => (service.clone(), Some((pod.parse::<PodKey>().ok(), *addr))),
             // A pod dialled directly is still a mesh workload; anything else is not.
-            Target::Passthrough { addr } => (
+            Target::Passthrough { addr, .. } => (
                 // Not the address: it would make one metric series per destination.
                 "passthrough".to_owned(),
                 self.pods_by_ip
@@ -493,27 +503,73 @@ impl RouteTable {
         }
     }
 
-    /// With egress off, a mesh connection that would leave the mesh is refused: passed
-    /// through (no Service address) to an address no enrolled pod has.
+    /// With egress off, a mesh connection that would leave the mesh (passed through, no
+    /// Service address, to an address no enrolled pod has) is refused unless an Egress
+    /// policy lets its pod out to that destination.
     fn check_egress(&self, target: Target, source: ConnectionSource<'_>) -> Target {
-        let Some(mesh_pod_ips) = &self.closed_egress else {
+        let Target::Passthrough { addr, .. } = &target else {
             return target;
         };
-        match target {
-            Target::Passthrough { addr }
-                if source.gateway.is_none() && !mesh_pod_ips.contains(&addr.ip()) =>
-            {
-                Target::Refused {
-                    service: "egress".into(),
-                    route: EGRESS_POLICY.into(),
-                    reason: format!(
-                        "egress is off (enableEgress: false): {addr} is neither a Service \
-                         nor a mesh pod"
+        let addr = *addr;
+        let verdict = match self.egress_verdict(addr, source) {
+            None => return target,
+            Some(verdict) => verdict,
+        };
+        match verdict {
+            egress::Verdict::Allowed(route) => Target::Passthrough {
+                addr,
+                route: Some(route.to_owned()),
+            },
+            egress::Verdict::NeedsServerName | egress::Verdict::Refused => Target::Refused {
+                service: "egress".into(),
+                route: EGRESS_POLICY.into(),
+                reason: match source.sni {
+                    Some(sni) => format!(
+                        "egress is off (enableEgress: false): {addr} is neither a Service nor \
+                         a mesh pod, and no Egress policy lets this pod reach it as {sni:?}"
                     ),
-                }
-            }
-            target => target,
+                    None => format!(
+                        "egress is off (enableEgress: false): {addr} is neither a Service nor \
+                         a mesh pod, and no Egress policy lets this pod reach it"
+                    ),
+                },
+            },
         }
+    }
+
+    /// `None` when the connection stays in the mesh or egress is open; else what the
+    /// Egress policies say of the source's pod reaching `addr`.
+    fn egress_verdict(
+        &self,
+        addr: SocketAddr,
+        source: ConnectionSource<'_>,
+    ) -> Option<egress::Verdict<'_>> {
+        let mesh_pod_ips = self.closed_egress.as_ref()?;
+        if source.gateway.is_some() || mesh_pod_ips.contains(&addr.ip()) {
+            return None;
+        }
+        let identity = source
+            .pod
+            .and_then(|key| self.sources.get(key))
+            .map(|s| (s.namespace.clone(), s.service_account.clone()));
+        Some(match identity {
+            Some(identity) => self.egress.verdict(&identity, &addr, source.sni),
+            None => egress::Verdict::Refused,
+        })
+    }
+
+    /// Whether the listener must read the ClientHello of a connection to `original` from
+    /// `source` before routing it: a Service port routed by server name (VirtualService
+    /// `tls` rules), or, with egress off, a destination outside the mesh that only an
+    /// Egress policy's `https` port could open.
+    pub fn needs_server_name(&self, original: SocketAddr, source: ConnectionSource<'_>) -> bool {
+        if self.services.contains_key(&original) {
+            return self.routes_by_sni(original);
+        }
+        matches!(
+            self.egress_verdict(original, source),
+            Some(egress::Verdict::NeedsServerName)
+        )
     }
 
     /// Inbound: whether the client at `client` (either family: a pod is known by its IPv4
@@ -571,7 +627,13 @@ impl RouteTable {
         pick: &Pick<'_>,
     ) -> (Target, Option<Arc<UpstreamSettings>>) {
         let Some(route) = self.services.get(&original) else {
-            return (Target::Passthrough { addr: original }, None);
+            return (
+                Target::Passthrough {
+                    addr: original,
+                    route: None,
+                },
+                None,
+            );
         };
         let chosen = route.policy.as_ref().and_then(|policy| {
             policy
@@ -735,3 +797,6 @@ mod tests;
 
 #[cfg(test)]
 mod tls_tests;
+
+#[cfg(test)]
+mod egress_tests;

@@ -152,10 +152,11 @@ pub enum RoutingKind {
     UpstreamTrafficSettings,
     LoadBalancerPolicies,
     HealthCheckPolicies,
+    Egresses,
 }
 
 impl RoutingKind {
-    pub const ALL: [RoutingKind; 12] = [
+    pub const ALL: [RoutingKind; 13] = [
         RoutingKind::VirtualServices,
         RoutingKind::DestinationRules,
         RoutingKind::IstioGateways,
@@ -168,6 +169,7 @@ impl RoutingKind {
         RoutingKind::UpstreamTrafficSettings,
         RoutingKind::LoadBalancerPolicies,
         RoutingKind::HealthCheckPolicies,
+        RoutingKind::Egresses,
     ];
 
     /// The routing kind of `api_version` and `kind`: every version the agent reads (the
@@ -210,6 +212,9 @@ impl RoutingKind {
             ("gateway.flomesh.io/v1alpha1", "HealthCheckPolicy") => {
                 RoutingKind::HealthCheckPolicies
             }
+            ("policy.flomesh.io/v1alpha1" | "policy.openservicemesh.io/v1alpha1", "Egress") => {
+                RoutingKind::Egresses
+            }
             _ => return None,
         })
     }
@@ -227,6 +232,7 @@ impl RoutingKind {
             RoutingKind::UpstreamTrafficSettings => "UpstreamTrafficSetting",
             RoutingKind::LoadBalancerPolicies => "LoadBalancerPolicy",
             RoutingKind::HealthCheckPolicies => "HealthCheckPolicy",
+            RoutingKind::Egresses => "Egress",
         }
     }
 }
@@ -282,6 +288,7 @@ pub fn routing_object<D: Decode>(kind: RoutingKind, object: D) -> Result<Routing
             RoutingObject::LoadBalancerPolicy(routed(kind, object)?)
         }
         RoutingKind::HealthCheckPolicies => RoutingObject::HealthCheckPolicy(routed(kind, object)?),
+        RoutingKind::Egresses => RoutingObject::Egress(routed(kind, object)?),
     })
 }
 

@@ -72,6 +72,7 @@ impl RoutingKind {
                 "HealthCheckPolicy",
                 "healthcheckpolicies",
             ),
+            RoutingKind::Egresses => ("policy.flomesh.io", "v1alpha1", "Egress", "egresses"),
         }
     }
 
@@ -107,6 +108,7 @@ impl RoutingKind {
             RoutingKind::HealthCheckPolicies => {
                 "/apis/gateway.flomesh.io/v1alpha1/healthcheckpolicies"
             }
+            RoutingKind::Egresses => "/apis/policy.flomesh.io/v1alpha1/egresses",
         }
     }
 
@@ -125,6 +127,7 @@ impl RoutingKind {
             RoutingKind::UpstreamTrafficSettings => "upstreamtrafficsettings.policy.flomesh.io",
             RoutingKind::LoadBalancerPolicies => "loadbalancerpolicies.gateway.flomesh.io",
             RoutingKind::HealthCheckPolicies => "healthcheckpolicies.gateway.flomesh.io",
+            RoutingKind::Egresses => "egresses.policy.flomesh.io",
         }
     }
 }
