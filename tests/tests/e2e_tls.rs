@@ -576,7 +576,6 @@ fn mesh_virtual_service_tls_routes_by_server_name(mode: Mode) {
     );
 }
 
-
 /// FSM's Egress policy for HTTPS (8.1) with `enableEgress: false`: ServiceAccount
 /// `default/curl` may reach port 8443 of any address when its ClientHello names
 /// `a.example.com`. The backends are outside the mesh (namespace `ext`, not enrolled).
@@ -613,7 +612,8 @@ fn mesh_egress_https_policy_opens_by_server_name(mode: Mode) {
          ---\napiVersion: v1\nkind: Pod\nmetadata: {{name: client, namespace: default, labels: {{app: client}}}}\n\
          spec: {{serviceAccountName: curl, containers: [{{name: c, image: x}}]}}\n\
          ---\napiVersion: v1\nkind: Pod\nmetadata: {{name: other, namespace: default, labels: {{app: other}}}}\n\
-         spec: {{containers: [{{name: c, image: x}}]}}\n{EGRESS_HTTPS}"
+         spec: {{containers: [{{name: c, image: x}}]}}\n{}{EGRESS_HTTPS}",
+        backends_yaml("ext", None)
     );
     let mut node = Node::start_with_manifests(
         &format!("tls-egress-{}", mode.name()),
@@ -626,16 +626,37 @@ fn mesh_egress_https_policy_opens_by_server_name(mode: Mode) {
     let a = backends.a.ip.to_string();
     // The policy's name opens the backend; the handshake completes with its certificate.
     wait_for("the Egress lets a.example.com out", || {
-        let result = hello(&node, &client, &a, BACKEND_PORT, "a.example.com", &backends.ca_a);
+        let result = hello(
+            &node,
+            &client,
+            &a,
+            BACKEND_PORT,
+            "a.example.com",
+            &backends.ca_a,
+        );
         (result["ok"] == true).then_some(result)
     });
     assert_reaches(
-        &hello(&node, &client, &a, BACKEND_PORT, "a.example.com", &backends.ca_a),
+        &hello(
+            &node,
+            &client,
+            &a,
+            BACKEND_PORT,
+            "a.example.com",
+            &backends.ca_a,
+        ),
         "a.example.com",
     );
     // Another name, no TLS at all, or another ServiceAccount: refused.
     assert_refuses(&node, &client, &a, BACKEND_PORT, &backends.ca_a);
-    let other_sa = hello(&node, &other, &a, BACKEND_PORT, "a.example.com", &backends.ca_a);
+    let other_sa = hello(
+        &node,
+        &other,
+        &a,
+        BACKEND_PORT,
+        "a.example.com",
+        &backends.ca_a,
+    );
     assert_eq!(other_sa["ok"], false, "{other_sa}");
 
     let dump = node.config_dump();
@@ -646,15 +667,19 @@ fn mesh_egress_https_policy_opens_by_server_name(mode: Mode) {
         .filter(|r| r["original_dst"] == format!("{a}:{BACKEND_PORT}").as_str())
         .collect();
     assert!(
-        records.iter().any(|r| r["target"]["route"] == "Egress default/a-example-https"
-            && r["sni"] == "a.example.com"),
+        records
+            .iter()
+            .any(|r| r["target"]["route"] == "Egress default/a-example-https"
+                && r["sni"] == "a.example.com"),
         "{records:?}"
     );
     assert!(
-        records.iter().any(|r| r["target"]["route"] == "enableEgress"
-            && r["target"]["reason"]
-                .as_str()
-                .is_some_and(|x| x.contains("as \"c.example.com\""))),
+        records
+            .iter()
+            .any(|r| r["target"]["route"] == "enableEgress"
+                && r["target"]["reason"]
+                    .as_str()
+                    .is_some_and(|x| x.contains("as \"c.example.com\""))),
         "{records:?}"
     );
     let (_, metrics) = node.tb.admin_get("/metrics").expect("metrics");
