@@ -625,38 +625,15 @@ fn mesh_egress_https_policy_opens_by_server_name(mode: Mode) {
     let other = node.pod("default", "other");
     let a = backends.a.ip.to_string();
     // The policy's name opens the backend; the handshake completes with its certificate.
-    wait_for("the Egress lets a.example.com out", || {
-        let result = hello(
-            &node,
-            &client,
-            &a,
-            BACKEND_PORT,
-            "a.example.com",
-            &backends.ca_a,
-        );
+    let to_a = |from: &Pod, sni: &str| hello(&node, from, &a, BACKEND_PORT, sni, &backends.ca_a);
+    let result = wait_for("the Egress lets a.example.com out", || {
+        let result = to_a(&client, "a.example.com");
         (result["ok"] == true).then_some(result)
     });
-    assert_reaches(
-        &hello(
-            &node,
-            &client,
-            &a,
-            BACKEND_PORT,
-            "a.example.com",
-            &backends.ca_a,
-        ),
-        "a.example.com",
-    );
+    assert_reaches(&result, "a.example.com");
     // Another name, no TLS at all, or another ServiceAccount: refused.
     assert_refuses(&node, &client, &a, BACKEND_PORT, &backends.ca_a);
-    let other_sa = hello(
-        &node,
-        &other,
-        &a,
-        BACKEND_PORT,
-        "a.example.com",
-        &backends.ca_a,
-    );
+    let other_sa = to_a(&other, "a.example.com");
     assert_eq!(other_sa["ok"], false, "{other_sa}");
 
     let dump = node.config_dump();
