@@ -225,6 +225,23 @@ enum Command {
         #[arg(long, default_value = "5s", value_parser = parse_duration)]
         client_hello_timeout: std::time::Duration,
     },
+    /// FSM's egress gateway (SOCKS5 mode): the mesh's proxies send egress that an
+    /// EgressGateway names here, each connection opened with a SOCKS5 CONNECT to where
+    /// the application was going; run it in the gateway Service's pods.
+    EgressGateway {
+        /// Where the proxies connect (the Service's target port; FSM's is 1080).
+        #[arg(long, default_value = "0.0.0.0:1080")]
+        listen: SocketAddr,
+        /// Admin endpoint: /healthz, /metrics.
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin_addr: SocketAddr,
+        /// How long a connection has to send its SOCKS5 greeting and request.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        handshake_timeout: std::time::Duration,
+        /// How long the connect to a destination may take.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        connect_timeout: std::time::Duration,
+    },
     /// Probe this kernel: the features eBPF mode needs or can do without (each with its
     /// fallback), and the mode `--mode auto` picks and why.
     Probe {
@@ -473,6 +490,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .context("tokio runtime")?
                 .block_on(interceptor::gateway::run(config))
         }
+        Command::EgressGateway {
+            listen,
+            admin_addr,
+            handshake_timeout,
+            connect_timeout,
+        } => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("tokio runtime")?
+            .block_on(interceptor::egress_gateway::run(
+                interceptor::egress_gateway::EgressGatewayConfig {
+                    listen,
+                    admin_addr,
+                    handshake_timeout,
+                    connect_timeout,
+                },
+            )),
         Command::Probe {
             json,
             simulate_missing_features,

@@ -568,6 +568,7 @@ fn cluster_role_only_reads_the_model_objects_and_covers_every_watch() {
         ("specs.smi-spec.io", "tcproutes"),
         ("policy.flomesh.io", "upstreamtrafficsettings"),
         ("policy.flomesh.io", "egresses"),
+        ("policy.flomesh.io", "egressgateways"),
         ("gateway.flomesh.io", "loadbalancerpolicies"),
         ("gateway.flomesh.io", "healthcheckpolicies"),
         // FSM's MeshConfig: one object, by name, in its namespace.

@@ -75,6 +75,9 @@ pub struct RoutingObjects {
     /// reach while `enableEgress` is off.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub egresses: BTreeMap<String, Routed<EgressSpec>>,
+    /// FSM EgressGateways: which Service's gateway carries egress out of the mesh.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub egress_gateways: BTreeMap<String, Routed<EgressGatewaySpec>>,
 }
 
 impl RoutingObjects {
@@ -100,6 +103,7 @@ pub enum RoutingObject {
     LoadBalancerPolicy(Routed<LoadBalancerPolicySpec>),
     HealthCheckPolicy(Routed<HealthCheckPolicySpec>),
     Egress(Routed<EgressSpec>),
+    EgressGateway(Routed<EgressGatewaySpec>),
 }
 
 /// `$body` for the `Routed` inside any variant of a [`RoutingObject`], bound to `$o`.
@@ -119,6 +123,7 @@ macro_rules! each_routed {
             RoutingObject::LoadBalancerPolicy($o) => $body,
             RoutingObject::HealthCheckPolicy($o) => $body,
             RoutingObject::Egress($o) => $body,
+            RoutingObject::EgressGateway($o) => $body,
         }
     };
 }
@@ -140,6 +145,7 @@ impl RoutingObject {
             RoutingObject::LoadBalancerPolicy(_) => "LoadBalancerPolicy",
             RoutingObject::HealthCheckPolicy(_) => "HealthCheckPolicy",
             RoutingObject::Egress(_) => "Egress",
+            RoutingObject::EgressGateway(_) => "EgressGateway",
         }
     }
 
@@ -175,6 +181,7 @@ impl RoutingObject {
                 drop(objects.health_check_policies.insert(o.key(), o))
             }
             RoutingObject::Egress(o) => drop(objects.egresses.insert(o.key(), o)),
+            RoutingObject::EgressGateway(o) => drop(objects.egress_gateways.insert(o.key(), o)),
         }
     }
 }
@@ -661,4 +668,41 @@ pub struct EgressPort {
     pub number: i64,
     /// `tcp`, `tcp-server-first`, `https` (by server name) or `http` (Host header: L7).
     pub protocol: String,
+}
+
+/// `policy.flomesh.io` `EgressGateway` (v1alpha1): egress leaves the mesh through the
+/// gateways of `global` (weighted), or, for the connections an Egress policy named in a
+/// rule lets out, through that rule's gateways.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct EgressGatewaySpec {
+    pub global: Vec<EgressGatewayBinding>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<EgressGatewayRule>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<serde_json::Value>,
+}
+
+/// A gateway: a Service (its pods run the egress gateway) and its weight.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct EgressGatewayBinding {
+    pub service: String,
+    pub namespace: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weight: Option<i64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct EgressGatewayRule {
+    pub egress_policies: Vec<EgressPolicyRef>,
+    pub egress_gateways: Vec<EgressGatewayBinding>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct EgressPolicyRef {
+    pub name: String,
+    pub namespace: String,
 }

@@ -288,6 +288,7 @@ mod tests {
                 backend: "default/echo:80 subset v1".into(),
                 pod: "default/echo-v1".into(),
                 addr: "10.244.0.9:9000".parse().unwrap(),
+                tunnel_to: None,
             }),
             outcome: Outcome::Closed,
             copy_mode: CopyMode::Splice,
@@ -487,6 +488,7 @@ mod tests {
                     backend: backend.into(),
                     pod: "demo/echo".into(),
                     addr: "10.244.0.9:9000".parse().unwrap(),
+                    tunnel_to: None,
                 }),
                 outcome: Outcome::Closed,
                 ..ConnectionRecord::start(

@@ -55,10 +55,13 @@ pub struct RouteTable {
     endpoint_settings: HashMap<SocketAddr, (Arc<UpstreamSettings>, PodKey)>,
     /// The endpoints with an active check.
     checked: Vec<Checked>,
-    /// FSM `enableEgress: false`: the addresses of the pods the model enrolls, on any
-    /// node (the mesh's own destinations); enrolled pods' connections to any other
-    /// address that is not a Service are refused. `None`: egress is open (the default).
-    closed_egress: Option<HashSet<IpAddr>>,
+    /// FSM `enableEgress: false`: enrolled pods' connections that leave the mesh are
+    /// refused unless an Egress policy lets them out.
+    egress_closed: bool,
+    /// The addresses of the pods the model enrolls, on any node (the mesh's own
+    /// destinations): any other address that is not a Service is outside the mesh. Only
+    /// known when egress is closed or goes through a gateway.
+    mesh_pod_ips: Option<HashSet<IpAddr>>,
     /// FSM Egress policies: what a closed egress still lets out.
     egress: egress::EgressPolicies,
 }
@@ -306,6 +309,10 @@ pub enum Target {
         backend: String,
         pod: String,
         addr: SocketAddr,
+        /// An egress gateway's endpoint: the destination outside the mesh it is asked
+        /// (SOCKS5 CONNECT) to forward to.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tunnel_to: Option<SocketAddr>,
     },
     /// The chosen backend has no ready endpoint: the connection is refused.
     NoEndpoints {
@@ -406,7 +413,8 @@ impl RouteTable {
             pods_by_ip,
             endpoint_settings,
             checked,
-            closed_egress: None,
+            egress_closed: false,
+            mesh_pod_ips: None,
             egress,
         }
     }
@@ -416,7 +424,9 @@ impl RouteTable {
     /// `model` is the one the table was built from: only a closed egress needs to know
     /// which pods it enrolls.
     pub fn set_egress(&mut self, model: &Model, enabled: bool) {
-        self.closed_egress = (!enabled).then(|| {
+        self.egress_closed = !enabled;
+        let needed = !enabled || self.egress.has_gateways();
+        self.mesh_pod_ips = needed.then(|| {
             self.pods_by_ip
                 .iter()
                 .filter(|(_, key)| model.enrollment(key).is_some_and(|e| e.enrolled))
@@ -440,6 +450,7 @@ impl RouteTable {
     ) -> Resolved {
         let (target, settings) = self.route(original, source, pick);
         let target = self.check_egress(self.check_target(target, source), source);
+        let (target, settings) = self.via_egress_gateway((target, settings), source, pick);
         let settings = settings.filter(|_| matches!(target, Target::Endpoint { .. }));
         Resolved { target, settings }
     }
@@ -544,8 +555,7 @@ impl RouteTable {
         addr: SocketAddr,
         source: ConnectionSource<'_>,
     ) -> Option<egress::Verdict<'_>> {
-        let mesh_pod_ips = self.closed_egress.as_ref()?;
-        if source.gateway.is_some() || mesh_pod_ips.contains(&addr.ip()) {
+        if !self.egress_closed || !self.leaves_mesh(addr, source) {
             return None;
         }
         let identity = source
@@ -556,6 +566,60 @@ impl RouteTable {
             Some(identity) => self.egress.verdict(&identity, &addr, source.sni),
             None => egress::Verdict::Refused,
         })
+    }
+
+    /// Whether a mesh connection to `addr` (not a Service address) leaves the mesh: no
+    /// enrolled pod has the address. Gateways' connections are not the mesh's egress.
+    fn leaves_mesh(&self, addr: SocketAddr, source: ConnectionSource<'_>) -> bool {
+        source.gateway.is_none()
+            && self
+                .mesh_pod_ips
+                .as_ref()
+                .is_some_and(|ips| !ips.contains(&addr.ip()))
+    }
+
+    /// Egress that leaves the mesh goes to an egress gateway when an EgressGateway names
+    /// one: the gateway Service's endpoint, told the destination by SOCKS5. A gateway
+    /// Service without a ready endpoint refuses the connection (never sent direct).
+    fn via_egress_gateway(
+        &self,
+        resolved: (Target, Option<Arc<UpstreamSettings>>),
+        source: ConnectionSource<'_>,
+        pick: &Pick<'_>,
+    ) -> (Target, Option<Arc<UpstreamSettings>>) {
+        let (Target::Passthrough { addr, route }, _) = &resolved else {
+            return resolved;
+        };
+        if !self.leaves_mesh(*addr, source) {
+            return resolved;
+        }
+        let Some(gateways) = self.egress.gateways_for(route.as_deref()) else {
+            return resolved;
+        };
+        let destination = *addr;
+        match self.route(gateways.pick(), source, pick) {
+            (
+                Target::Endpoint {
+                    service,
+                    backend,
+                    pod,
+                    addr,
+                    ..
+                },
+                settings,
+            ) => (
+                Target::Endpoint {
+                    service,
+                    route: Some(gateways.route.clone()),
+                    backend,
+                    pod,
+                    addr,
+                    tunnel_to: Some(destination),
+                },
+                settings,
+            ),
+            other => other,
+        }
     }
 
     /// Whether the listener must read the ClientHello of a connection to `original` from
@@ -682,6 +746,7 @@ impl RouteTable {
                 backend: backend.name.clone(),
                 pod: endpoint.pod.to_string(),
                 addr: endpoint.addr,
+                tunnel_to: None,
             },
             None => Target::NoEndpoints {
                 service: route.service.clone(),

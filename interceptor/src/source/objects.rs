@@ -153,10 +153,11 @@ pub enum RoutingKind {
     LoadBalancerPolicies,
     HealthCheckPolicies,
     Egresses,
+    EgressGateways,
 }
 
 impl RoutingKind {
-    pub const ALL: [RoutingKind; 13] = [
+    pub const ALL: [RoutingKind; 14] = [
         RoutingKind::VirtualServices,
         RoutingKind::DestinationRules,
         RoutingKind::IstioGateways,
@@ -170,6 +171,7 @@ impl RoutingKind {
         RoutingKind::LoadBalancerPolicies,
         RoutingKind::HealthCheckPolicies,
         RoutingKind::Egresses,
+        RoutingKind::EgressGateways,
     ];
 
     /// The routing kind of `api_version` and `kind`: every version the agent reads (the
@@ -215,6 +217,7 @@ impl RoutingKind {
             ("policy.flomesh.io/v1alpha1" | "policy.openservicemesh.io/v1alpha1", "Egress") => {
                 RoutingKind::Egresses
             }
+            ("policy.flomesh.io/v1alpha1", "EgressGateway") => RoutingKind::EgressGateways,
             _ => return None,
         })
     }
@@ -233,6 +236,7 @@ impl RoutingKind {
             RoutingKind::LoadBalancerPolicies => "LoadBalancerPolicy",
             RoutingKind::HealthCheckPolicies => "HealthCheckPolicy",
             RoutingKind::Egresses => "Egress",
+            RoutingKind::EgressGateways => "EgressGateway",
         }
     }
 }
@@ -289,6 +293,7 @@ pub fn routing_object<D: Decode>(kind: RoutingKind, object: D) -> Result<Routing
         }
         RoutingKind::HealthCheckPolicies => RoutingObject::HealthCheckPolicy(routed(kind, object)?),
         RoutingKind::Egresses => RoutingObject::Egress(routed(kind, object)?),
+        RoutingKind::EgressGateways => RoutingObject::EgressGateway(routed(kind, object)?),
     })
 }
 

@@ -72,10 +72,15 @@ spec:
 "#;
 
 fn build(policies: &str, memory: &mut LastValid) -> RouteTable {
+    build_with(policies, memory, false)
+}
+
+/// The table of the mesh and `policies`, with `enableEgress: egress`.
+fn build_with(policies: &str, memory: &mut LastValid, egress: bool) -> RouteTable {
     let text = format!("{MESH}---\n{policies}");
     let model = load_str(std::path::Path::new("t.yaml"), &text).expect("manifests");
     let mut table = RouteTable::build(&model, &HashMap::new(), HashSet::new(), true, memory);
-    table.set_egress(&model, false);
+    table.set_egress(&model, egress);
     table
 }
 
@@ -303,5 +308,159 @@ fn an_http_port_is_not_opened_at_l4_and_the_status_says_why() {
     assert!(matches!(
         resolve(&t, "curl", &addr.to_string(), None),
         Target::Refused { .. }
+    ));
+}
+
+/// FSM's egress gateway (8.2): its Service in namespace `fsm` (port 1080, one pod), a
+/// second gateway for one policy's rule, and the global EgressGateway of the document.
+const GATEWAYS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: fsm}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: egw-0, namespace: fsm, labels: {app: fsm-egress-gateway}}
+spec: {containers: [{name: g, image: x}]}
+status: {podIP: 10.244.0.50}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: fsm-egress-gateway, namespace: fsm}
+spec:
+  clusterIP: 10.96.0.50
+  selector: {app: fsm-egress-gateway}
+  ports: [{name: socks, port: 1080}, {name: admin, port: 15000}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: egw-db-0, namespace: fsm, labels: {app: db-egress}}
+spec: {containers: [{name: g, image: x}]}
+status: {podIP: 10.244.0.51}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db-egress, namespace: fsm}
+spec:
+  clusterIP: 10.96.0.51
+  selector: {app: db-egress}
+  ports: [{port: 1080}]
+---
+kind: EgressGateway
+apiVersion: policy.flomesh.io/v1alpha1
+metadata:
+  name: global-egress-gateway
+  namespace: fsm
+spec:
+  global:
+    - service: fsm-egress-gateway
+      namespace: fsm
+  rules:
+    - egressPolicies: [{name: tcp-80, namespace: curl}]
+      egressGateways: [{service: db-egress, namespace: fsm}]
+"#;
+
+fn tunnel(target: &Target) -> Option<(SocketAddr, SocketAddr, Option<&str>)> {
+    match target {
+        Target::Endpoint {
+            addr,
+            tunnel_to: Some(destination),
+            route,
+            ..
+        } => Some((*addr, *destination, route.as_deref())),
+        _ => None,
+    }
+}
+
+#[test]
+fn egress_leaves_through_the_egress_gateway_and_the_mesh_does_not() {
+    let open = build_with(GATEWAYS, &mut LastValid::default(), true);
+    // Egress open: everything that leaves the mesh goes to the global gateway's endpoint,
+    // which is told the destination.
+    let out = resolve(&open, "other", "192.0.2.7:80", None);
+    assert_eq!(
+        tunnel(&out),
+        Some((
+            "10.244.0.50:1080".parse().unwrap(),
+            "192.0.2.7:80".parse().unwrap(),
+            Some("EgressGateway fsm/global-egress-gateway")
+        )),
+        "{out:?}"
+    );
+    // Within the mesh nothing changes: an enrolled pod, a Service.
+    assert!(matches!(
+        resolve(&open, "other", "10.244.0.30:9000", None),
+        Target::Passthrough { route: None, .. }
+    ));
+    assert!(matches!(
+        resolve(&open, "other", "10.96.0.30:80", None),
+        Target::NoEndpoints { .. }
+    ));
+    // Egress closed: only what a policy lets out leaves, through the gateway of the rule
+    // that names the policy, or the global one.
+    let closed = build_with(
+        &format!("{GATEWAYS}---\n{POLICIES}"),
+        &mut LastValid::default(),
+        false,
+    );
+    let db = resolve(&closed, "curl", "192.0.2.7:80", None);
+    assert_eq!(
+        tunnel(&db).map(|(gateway, ..)| gateway),
+        Some("10.244.0.51:1080".parse().unwrap()),
+        "{db:?}"
+    );
+    let https = resolve(&closed, "curl", "203.0.113.5:443", Some("httpbin.org"));
+    assert_eq!(
+        tunnel(&https).map(|(gateway, ..)| gateway),
+        Some("10.244.0.50:1080".parse().unwrap()),
+        "{https:?}"
+    );
+    assert!(matches!(
+        resolve(&closed, "other", "192.0.2.7:80", None),
+        Target::Refused { .. }
+    ));
+    let status = closed
+        .statuses()
+        .iter()
+        .find(|s| s.kind == "EgressGateway")
+        .expect("a status");
+    assert!(status.accepted, "{status:?}");
+    assert_eq!(
+        status.routes,
+        [
+            "fsm/db-egress (10.96.0.51:1080)",
+            "fsm/fsm-egress-gateway (10.96.0.50:1080)"
+        ]
+    );
+}
+
+#[test]
+fn a_gateway_without_endpoints_refuses_and_a_missing_service_is_a_reason() {
+    // No gateway pod: the connection is refused, never sent direct.
+    let no_pod = GATEWAYS.replace("status: {podIP: 10.244.0.50}\n", "");
+    let t = build_with(&no_pod, &mut LastValid::default(), true);
+    let out = resolve(&t, "other", "192.0.2.7:80", None);
+    assert!(matches!(out, Target::NoEndpoints { .. }), "{out:?}");
+    // A binding to a Service that does not exist sets nothing, and says why.
+    let missing = GATEWAYS.replace(
+        "    - service: fsm-egress-gateway",
+        "    - service: nowhere",
+    );
+    let t = build_with(&missing, &mut LastValid::default(), true);
+    let status = t
+        .statuses()
+        .iter()
+        .find(|s| s.kind == "EgressGateway")
+        .expect("a status");
+    assert!(
+        status
+            .reasons
+            .iter()
+            .any(|r| r.contains("global[0]: Service fsm/nowhere does not exist")),
+        "{status:?}"
+    );
+    assert!(matches!(
+        resolve(&t, "other", "192.0.2.7:80", None),
+        Target::Passthrough { route: None, .. }
     ));
 }

@@ -766,6 +766,7 @@ fn pick_endpoint(
                 backend: backend.name.clone(),
                 pod: endpoint.pod.to_string(),
                 addr: endpoint.addr,
+                tunnel_to: None,
             },
             settings: Some(Arc::clone(&backend.settings)),
         },

@@ -73,6 +73,12 @@ impl RoutingKind {
                 "healthcheckpolicies",
             ),
             RoutingKind::Egresses => ("policy.flomesh.io", "v1alpha1", "Egress", "egresses"),
+            RoutingKind::EgressGateways => (
+                "policy.flomesh.io",
+                "v1alpha1",
+                "EgressGateway",
+                "egressgateways",
+            ),
         }
     }
 
@@ -109,6 +115,7 @@ impl RoutingKind {
                 "/apis/gateway.flomesh.io/v1alpha1/healthcheckpolicies"
             }
             RoutingKind::Egresses => "/apis/policy.flomesh.io/v1alpha1/egresses",
+            RoutingKind::EgressGateways => "/apis/policy.flomesh.io/v1alpha1/egressgateways",
         }
     }
 
@@ -128,6 +135,7 @@ impl RoutingKind {
             RoutingKind::LoadBalancerPolicies => "loadbalancerpolicies.gateway.flomesh.io",
             RoutingKind::HealthCheckPolicies => "healthcheckpolicies.gateway.flomesh.io",
             RoutingKind::Egresses => "egresses.policy.flomesh.io",
+            RoutingKind::EgressGateways => "egressgateways.policy.flomesh.io",
         }
     }
 }
