@@ -5,7 +5,9 @@
 //! logged with the pod and the destination, while a Service and a mesh pod stay
 //! reachable; turned on again, live, the same destination passes through. FSM Egress
 //! policies (`policy.flomesh.io`) open chosen destinations to chosen ServiceAccounts while
-//! egress is off (the `https` ones, by server name, are in `e2e_tls`).
+//! egress is off (the `https` ones, by server name, are in `e2e_tls`). FSM's
+//! EgressGateway sends egress through `interceptor egress-gateway` (SOCKS5) in a gateway
+//! pod, and never direct when the gateway is gone.
 #[macro_use]
 mod common;
 
@@ -14,6 +16,7 @@ use common::{metric, wait_for, MeshConfigFile, Mode, Node, ECHO_TARGET_PORT, MAN
 in_both_modes!(
     egress_off_refuses_what_leaves_the_mesh_and_on_lets_it_through,
     an_egress_policy_opens_a_destination_to_its_service_account_only,
+    egress_leaves_through_the_egress_gateway_and_fails_closed_without_it,
 );
 
 fn egress_off_refuses_what_leaves_the_mesh_and_on_lets_it_through(mode: Mode) {
@@ -233,4 +236,139 @@ fn an_egress_policy_opens_a_destination_to_its_service_account_only(mode: Mode) 
     });
     let report = exchange(&client);
     assert!(report.error.is_some(), "{report:?}");
+}
+
+/// FSM 8.2's global egress gateway: Service `fsm/fsm-egress-gateway` (port 1080) over
+/// one gateway pod (namespace `fsm`, not enrolled) and the document's EgressGateway.
+const EGRESS_GATEWAY: &str = r#"---
+apiVersion: v1
+kind: Namespace
+metadata: {name: fsm}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: egress-gateway, namespace: fsm, labels: {app: fsm-egress-gateway}}
+spec: {containers: [{name: g, image: x, ports: [{containerPort: 1080}]}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: fsm-egress-gateway, namespace: fsm}
+spec:
+  clusterIP: 10.96.0.50
+  selector: {app: fsm-egress-gateway}
+  ports: [{name: socks, port: 1080, targetPort: 1080}]
+---
+kind: EgressGateway
+apiVersion: policy.flomesh.io/v1alpha1
+metadata:
+  name: global-egress-gateway
+  namespace: fsm
+spec:
+  global:
+    - service: fsm-egress-gateway
+      namespace: fsm
+"#;
+
+fn egress_leaves_through_the_egress_gateway_and_fails_closed_without_it(mode: Mode) {
+    if !common::privileged() {
+        return;
+    }
+    let mut node = Node::start_with_manifests(
+        "egress-gateway",
+        &mode.args(&[]),
+        &format!("{MANIFESTS}{EGRESS_GATEWAY}"),
+    );
+    let client = node.pod("demo", "client");
+    let outsider = node.pod("legacy", "outsider");
+    let gateway_pod = node.pod("fsm", "egress-gateway");
+    let listen = format!("0.0.0.0:{ECHO_TARGET_PORT}");
+    let _echo = node
+        .tb
+        .spawn_server(&outsider, &["echo", "--listen", &listen])
+        .expect("echo");
+    let log = node.tb.state_dir().join("egress-gateway.log");
+    let mut cmd = std::process::Command::new(interceptor_testbed::bin_path("interceptor"));
+    cmd.args(["egress-gateway", "--listen", "0.0.0.0:1080"])
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"));
+    let mut gateway = node
+        .tb
+        .spawn_in_pod(&gateway_pod, cmd)
+        .expect("egress gateway");
+    // Without the colours tracing puts around field names and values.
+    let gateway_log = || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let mut plain = String::with_capacity(text.len());
+        let mut chars = text.chars();
+        while let Some(c) = chars.next() {
+            if c == '\u{1b}' {
+                chars.by_ref().find(|&c| c == 'm');
+            } else {
+                plain.push(c);
+            }
+        }
+        plain
+    };
+    wait_for("the egress gateway listening", || {
+        gateway_log().contains("egress gateway ready").then_some(())
+    });
+    let outside = format!("{}:{ECHO_TARGET_PORT}", outsider.ip);
+    let exchange = || {
+        node.tb
+            .run_client(&client, &["--connect", &outside, "--send-bytes", "10"])
+            .expect("client runs")
+    };
+    let latest_record = || {
+        node.config_dump()["connections"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .rev()
+            .find(|r| r["original_dst"] == outside.as_str())
+            .cloned()
+    };
+
+    let report = exchange();
+    assert_eq!(report.error, None, "{report:?}");
+    assert_eq!(report.received, 10, "{report:?}");
+    let record = wait_for("the record", latest_record);
+    let target = &record["target"];
+    assert_eq!(target["kind"], "endpoint", "{record}");
+    assert_eq!(
+        target["route"], "EgressGateway fsm/global-egress-gateway",
+        "{record}"
+    );
+    assert_eq!(target["tunnel_to"], outside.as_str(), "{record}");
+    assert_eq!(
+        target["addr"],
+        format!("{}:1080", gateway_pod.ip).as_str(),
+        "{record}"
+    );
+    // The gateway connected to the destination for the client pod.
+    let logged = wait_for("the gateway's line", || {
+        gateway_log()
+            .lines()
+            .find(|l| l.contains("forwarded") && l.contains(&outside))
+            .map(str::to_owned)
+    });
+    assert!(logged.contains(&client.ip.to_string()), "{logged}");
+    assert!(logged.contains("upstream_bytes=10"), "{logged}");
+    assert!(
+        metric(
+            &node,
+            "interceptor_proxy_connections_total",
+            &["route=\"EgressGateway fsm/global-egress-gateway\""]
+        ) >= 1
+    );
+
+    // The gateway gone: refused, never sent direct (the outsider is reachable directly).
+    gateway.kill().expect("kill the gateway");
+    gateway.wait().expect("reap the gateway");
+    let report = exchange();
+    assert!(
+        report.error.is_some() && report.received == 0,
+        "egress went around the gateway: {report:?}"
+    );
 }
