@@ -421,8 +421,8 @@ impl RouteTable {
 
     /// FSM's `enableEgress`: `false` refuses enrolled pods' connections to destinations
     /// outside the mesh (`true`, the default, passes them to where they were going).
-    /// `model` is the one the table was built from: only a closed egress needs to know
-    /// which pods it enrolls.
+    /// `model` is the one the table was built from: only a closed egress, or one that
+    /// goes through an egress gateway, needs to know which pods it enrolls.
     pub fn set_egress(&mut self, model: &Model, enabled: bool) {
         self.egress_closed = !enabled;
         let needed = !enabled || self.egress.has_gateways();
