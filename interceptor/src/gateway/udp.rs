@@ -335,7 +335,7 @@ impl Listener {
         let Some(flow) = self.flows.touch(client, now) else {
             return;
         };
-        let error = match flow.upstream.try_send(data) {
+        let error = match send_now(&flow.upstream, data, None) {
             Ok(_) => {
                 flow.sent.count(data.len());
                 return;
@@ -441,6 +441,19 @@ impl Listener {
     }
 }
 
+/// Send one datagram on `socket` (to `to`, or its connected peer) now, or fail with
+/// `WouldBlock` when its send buffer is full. A direct `sendto`: tokio's `try_send`
+/// answers `WouldBlock` until its reactor has seen the socket writable, which a new
+/// session's socket has not been yet; and a datagram that cannot be queued now is dropped
+/// (UDP), never waited on.
+fn send_now(socket: &UdpSocket, data: &[u8], to: Option<SocketAddr>) -> io::Result<usize> {
+    let socket = socket2::SockRef::from(socket);
+    match to {
+        Some(to) => socket.send_to(data, &to.into()),
+        None => socket.send(data),
+    }
+}
+
 /// A non-blocking UDP socket of `addr`'s family connected to it.
 fn connected(addr: SocketAddr) -> io::Result<UdpSocket> {
     let any: SocketAddr = match addr {
@@ -513,7 +526,7 @@ impl Relay {
                 u64::try_from(since).unwrap_or(u64::MAX).max(1),
                 Ordering::Relaxed,
             );
-            match self.listener.try_send_to(&buf[..len], self.client) {
+            match send_now(&self.listener, &buf[..len], Some(self.client)) {
                 Ok(_) => self.counted.count(len),
                 Err(source) => {
                     let error = UdpError::Reply {
