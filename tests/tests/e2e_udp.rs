@@ -252,19 +252,24 @@ fn udp_route(name: &str, parent: &str, backends: &[(&str, u32)]) -> String {
     )
 }
 
-/// The document's Gateway with two more listeners: UDP 8001 for the split, TCP 8002.
-fn gateway_with_split(split: &[(&str, u32)]) -> String {
+/// The document's Gateway with two more listeners: UDP 8001 with the UDPRoute `split`
+/// over `split` (`(service, weight)`; none: no route there), and TCP 8002 with a UDPRoute.
+fn gateway_with_split(split: Option<&[(&str, u32)]>) -> String {
     let gateway = FSM_GATEWAY.replace(
         "      name: udp\n",
         "      name: udp\n    - {protocol: UDP, port: 8001, name: split}\n    - {protocol: TCP, port: 8002, name: tcp}\n",
     );
+    let split = split
+        .map(|backends| {
+            udp_route(
+                "split",
+                "{name: simple-fsm-gateway, sectionName: split}",
+                backends,
+            )
+        })
+        .unwrap_or_default();
     format!(
-        "{gateway}{}{}",
-        udp_route(
-            "split",
-            "{name: simple-fsm-gateway, sectionName: split}",
-            split
-        ),
+        "{gateway}{split}{}",
         // A UDPRoute on the TCP listener: refused, harming nothing.
         udp_route(
             "udp-on-tcp",
@@ -282,7 +287,7 @@ fn fsm_udp_route_echo_sessions_weights_and_refusals() {
     let mut bed = Bed::start("udp-fsm");
     bed.write(
         "gateway.yaml",
-        &gateway_with_split(&[("echo-a", 80), ("echo-b", 20)]),
+        &gateway_with_split(Some(&[("echo-a", 80), ("echo-b", 20)])),
     );
     bed.serve(&[], &[8000, 8001]);
 
@@ -375,7 +380,7 @@ fn fsm_udp_route_echo_sessions_weights_and_refusals() {
 
     // Live: the split moves wholly to echo-b. New sessions take the new weights; the
     // sessions of the removed backend end (their route no longer serves it).
-    bed.write("gateway.yaml", &gateway_with_split(&[("echo-b", 1)]));
+    bed.write("gateway.yaml", &gateway_with_split(Some(&[("echo-b", 1)])));
     wait_for("sessions of echo-a ended after the route change", || {
         let m = bed.metrics();
         let ended = metric_in(
@@ -387,6 +392,22 @@ fn fsm_udp_route_echo_sessions_weights_and_refusals() {
     });
     let moved = bed.send(8001, &["--clients", "20", "--local-port-base", "43000"]);
     assert_eq!(moved["replies"]["b"], 20, "{moved}");
+
+    // The split route removed, its listener kept: every session of it ends, and
+    // datagrams there are dropped, counted, never answered.
+    bed.write("gateway.yaml", &gateway_with_split(None));
+    wait_for("the split listener's sessions ended", || {
+        (bed.flows("split") == 0).then_some(())
+    });
+    let unrouted = bed.send(8001, &["--clients", "3", "--timeout-ms", "300"]);
+    assert_eq!(unrouted["received"], 0, "{unrouted}");
+    assert_eq!(
+        bed.metric(
+            "interceptor_gateway_udp_dropped_total",
+            &["listener=\"split\"", "reason=\"no_route\""]
+        ),
+        3
+    );
 
     // Listener removed: its port closes, the other keeps serving.
     bed.write(
