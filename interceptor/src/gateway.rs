@@ -145,6 +145,7 @@ pub async fn run(config: GatewayConfig) -> anyhow::Result<()> {
             bail!("--gateway {gateway:?}: expected NAMESPACE/NAME");
         }
     }
+    crate::daemon::raise_open_file_limit();
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let (tx, mut rx) = watch::channel(ManifestState::default());
