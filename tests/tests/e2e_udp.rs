@@ -421,10 +421,24 @@ fn fsm_udp_route_echo_sessions_weights_and_refusals() {
             )
         ),
     );
-    wait_for("the split listener closed", || {
-        let report = bed.send(8001, &["--timeout-ms", "300"]);
-        (report["received"] == 0).then_some(())
+    wait_for("the split listener gone", || {
+        let dump = bed.dump()?;
+        let gone = !dump["listeners"]
+            .as_array()?
+            .iter()
+            .any(|l| l["name"] == "split");
+        gone.then_some(())
     });
+    // Closed, not merely unrouted: datagrams to 8001 no longer reach the gateway.
+    let closed = bed.send(8001, &["--clients", "2", "--timeout-ms", "300"]);
+    assert_eq!(closed["received"], 0, "{closed}");
+    assert_eq!(
+        bed.metric(
+            "interceptor_gateway_udp_dropped_total",
+            &["listener=\"split\""]
+        ),
+        3
+    );
     assert_eq!(bed.send(8000, &["--message", "fsm"])["first_reply"], "fsm");
     assert_eq!(
         bed.condition("server/udp-on-tcp", "Accepted"),
