@@ -224,6 +224,15 @@ enum Command {
         /// ClientHello before its connection is reset (`5s`, `500ms`).
         #[arg(long, default_value = "5s", value_parser = parse_duration)]
         client_hello_timeout: std::time::Duration,
+        /// On a UDP listener, a client's session (its backend) ends after no datagram
+        /// either way for this long (`60s`, `500ms`).
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        udp_idle_timeout: std::time::Duration,
+        /// Sessions per UDP listener; a new client of a full table evicts the session idle
+        /// the longest.
+        #[arg(long, default_value_t = interceptor::gateway::udp::DEFAULT_MAX_FLOWS,
+              value_parser = clap::value_parser!(u32).range(1..))]
+        udp_max_flows: u32,
     },
     /// FSM's egress gateway (SOCKS5 mode): the mesh's proxies send egress that an
     /// EgressGateway names here, each connection opened with a SOCKS5 CONNECT to where
@@ -461,8 +470,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             node_name,
             admin_addr,
             client_hello_timeout,
+            udp_idle_timeout,
+            udp_max_flows,
         } => {
-            use interceptor::gateway::{GatewayConfig, GatewaySource};
+            use interceptor::gateway::{udp::UdpSettings, GatewayConfig, GatewaySource};
             let source = match (source, manifests, node_name) {
                 (SourceKind::Manifests, Some(dir), _) => GatewaySource::Manifests(dir),
                 (SourceKind::Kube, _, Some(node_name)) if !node_name.is_empty() => {
@@ -483,6 +494,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 source,
                 admin_addr,
                 client_hello_timeout,
+                udp: UdpSettings {
+                    idle_timeout: udp_idle_timeout,
+                    max_flows: udp_max_flows as usize,
+                },
             };
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

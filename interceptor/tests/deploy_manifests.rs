@@ -563,6 +563,7 @@ fn cluster_role_only_reads_the_model_objects_and_covers_every_watch() {
         ("gateway.networking.k8s.io", "gateways"),
         ("gateway.networking.k8s.io", "tcproutes"),
         ("gateway.networking.k8s.io", "tlsroutes"),
+        ("gateway.networking.k8s.io", "udproutes"),
         ("split.smi-spec.io", "trafficsplits"),
         ("access.smi-spec.io", "traffictargets"),
         ("specs.smi-spec.io", "tcproutes"),

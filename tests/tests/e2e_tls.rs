@@ -342,12 +342,7 @@ fn gateway_routes() -> String {
 }
 
 fn gateway_dump(node: &Node, gateway: &Pod) -> Option<serde_json::Value> {
-    let addr: SocketAddr = GATEWAY_ADMIN.parse().ok()?;
-    let (status, body) = node
-        .tb
-        .http_get_in_pod(gateway, addr, "/config_dump")
-        .ok()?;
-    (status == 200).then(|| serde_json::from_str(&body).ok())?
+    common::gateway_dump(&node.tb, gateway, GATEWAY_ADMIN.parse().ok()?)
 }
 
 fn gateway_metrics(node: &Node, gateway: &Pod) -> String {

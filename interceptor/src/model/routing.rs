@@ -1,5 +1,6 @@
 //! The L4 routing objects as their APIs spell them: Istio `VirtualService` (`tcp` and
-//! `tls` routes) and `DestinationRule` (subsets), Gateway API `TCPRoute` and `TLSRoute`,
+//! `tls` routes) and `DestinationRule` (subsets), Gateway API `TCPRoute`, `TLSRoute` and
+//! `UDPRoute`,
 //! SMI `TrafficSplit`, and the SMI access objects (`TrafficTarget` and the `TCPRoute` of
 //! specs.smi-spec.io). Only the fields L4 routing reads are kept; the others (http, ...)
 //! are ignored. What the
@@ -49,6 +50,9 @@ pub struct RoutingObjects {
     /// Gateway API TLSRoutes (TLS passthrough by SNI, served by `interceptor gateway`).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub tls_routes: BTreeMap<String, Routed<TlsRouteSpec>>,
+    /// Gateway API UDPRoutes (datagrams by client session, served by `interceptor gateway`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub udp_routes: BTreeMap<String, Routed<UdpRouteSpec>>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub traffic_splits: BTreeMap<String, Routed<TrafficSplitSpec>>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
@@ -96,6 +100,7 @@ pub enum RoutingObject {
     Gateway(Routed<GatewaySpec>),
     TcpRoute(Routed<TcpRouteSpec>),
     TlsRoute(Routed<TlsRouteSpec>),
+    UdpRoute(Routed<UdpRouteSpec>),
     TrafficSplit(Routed<TrafficSplitSpec>),
     TrafficTarget(Routed<TrafficTargetSpec>),
     SmiTcpRoute(Routed<SmiTcpRouteSpec>),
@@ -116,6 +121,7 @@ macro_rules! each_routed {
             RoutingObject::Gateway($o) => $body,
             RoutingObject::TcpRoute($o) => $body,
             RoutingObject::TlsRoute($o) => $body,
+            RoutingObject::UdpRoute($o) => $body,
             RoutingObject::TrafficSplit($o) => $body,
             RoutingObject::TrafficTarget($o) => $body,
             RoutingObject::SmiTcpRoute($o) => $body,
@@ -138,6 +144,7 @@ impl RoutingObject {
             RoutingObject::Gateway(_) => "Gateway",
             RoutingObject::TcpRoute(_) => "TCPRoute",
             RoutingObject::TlsRoute(_) => "TLSRoute",
+            RoutingObject::UdpRoute(_) => "UDPRoute",
             RoutingObject::TrafficSplit(_) => "TrafficSplit",
             RoutingObject::TrafficTarget(_) => "TrafficTarget",
             RoutingObject::SmiTcpRoute(_) => "TCPRoute (specs.smi-spec.io)",
@@ -168,6 +175,7 @@ impl RoutingObject {
             RoutingObject::Gateway(o) => drop(objects.gateways.insert(o.key(), o)),
             RoutingObject::TcpRoute(o) => drop(objects.tcp_routes.insert(o.key(), o)),
             RoutingObject::TlsRoute(o) => drop(objects.tls_routes.insert(o.key(), o)),
+            RoutingObject::UdpRoute(o) => drop(objects.udp_routes.insert(o.key(), o)),
             RoutingObject::TrafficSplit(o) => drop(objects.traffic_splits.insert(o.key(), o)),
             RoutingObject::TrafficTarget(o) => drop(objects.traffic_targets.insert(o.key(), o)),
             RoutingObject::SmiTcpRoute(o) => drop(objects.smi_tcp_routes.insert(o.key(), o)),
@@ -302,6 +310,11 @@ pub struct TlsRouteSpec {
     pub hostnames: Vec<String>,
     pub rules: Vec<TcpRouteRule>,
 }
+
+/// `gateway.networking.k8s.io/v1alpha2` `UDPRoute`: the fields of a TCPRoute (parentRefs,
+/// rules of weighted backendRefs); what differs is the listener it takes and that a
+/// client's datagrams, not a connection, stay with one backend.
+pub type UdpRouteSpec = TcpRouteSpec;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]

@@ -144,6 +144,11 @@ impl ProxyMetrics {
         metrics
     }
 
+    /// The registry, for metrics counted elsewhere (the gateway's UDP listeners).
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
     /// The upstream families (refusals, failures, ejections per host and endpoint), for
     /// the [`super::Upstreams`] that counts into them.
     pub fn upstream(&self) -> UpstreamMetrics {

@@ -32,6 +32,14 @@ pub use settings::{
 };
 use split::Split;
 
+/// What a gateway listener's port is bound for: a TCP and a UDP listener may share a
+/// number, so a listener is known by both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Transport {
+    Tcp,
+    Udp,
+}
+
 /// The gateway name of the mesh's own traffic in VirtualService `gateways` lists.
 pub const MESH_GATEWAY: &str = "mesh";
 
@@ -865,3 +873,6 @@ mod tls_tests;
 
 #[cfg(test)]
 mod egress_tests;
+
+#[cfg(test)]
+mod udp_tests;

@@ -146,6 +146,7 @@ pub enum RoutingKind {
     Gateways,
     TcpRoutes,
     TlsRoutes,
+    UdpRoutes,
     TrafficSplits,
     TrafficTargets,
     SmiTcpRoutes,
@@ -157,13 +158,14 @@ pub enum RoutingKind {
 }
 
 impl RoutingKind {
-    pub const ALL: [RoutingKind; 14] = [
+    pub const ALL: [RoutingKind; 15] = [
         RoutingKind::VirtualServices,
         RoutingKind::DestinationRules,
         RoutingKind::IstioGateways,
         RoutingKind::Gateways,
         RoutingKind::TcpRoutes,
         RoutingKind::TlsRoutes,
+        RoutingKind::UdpRoutes,
         RoutingKind::TrafficSplits,
         RoutingKind::TrafficTargets,
         RoutingKind::SmiTcpRoutes,
@@ -192,6 +194,7 @@ impl RoutingKind {
             }
             ("gateway.networking.k8s.io/v1alpha2", "TCPRoute") => RoutingKind::TcpRoutes,
             ("gateway.networking.k8s.io/v1alpha2", "TLSRoute") => RoutingKind::TlsRoutes,
+            ("gateway.networking.k8s.io/v1alpha2", "UDPRoute") => RoutingKind::UdpRoutes,
             (
                 "split.smi-spec.io/v1alpha4"
                 | "split.smi-spec.io/v1alpha3"
@@ -230,6 +233,7 @@ impl RoutingKind {
             RoutingKind::IstioGateways | RoutingKind::Gateways => "Gateway",
             RoutingKind::TcpRoutes | RoutingKind::SmiTcpRoutes => "TCPRoute",
             RoutingKind::TlsRoutes => "TLSRoute",
+            RoutingKind::UdpRoutes => "UDPRoute",
             RoutingKind::TrafficSplits => "TrafficSplit",
             RoutingKind::TrafficTargets => "TrafficTarget",
             RoutingKind::UpstreamTrafficSettings => "UpstreamTrafficSetting",
@@ -282,6 +286,7 @@ pub fn routing_object<D: Decode>(kind: RoutingKind, object: D) -> Result<Routing
         RoutingKind::Gateways => RoutingObject::Gateway(routed(kind, object)?),
         RoutingKind::TcpRoutes => RoutingObject::TcpRoute(routed(kind, object)?),
         RoutingKind::TlsRoutes => RoutingObject::TlsRoute(routed(kind, object)?),
+        RoutingKind::UdpRoutes => RoutingObject::UdpRoute(routed(kind, object)?),
         RoutingKind::TrafficSplits => RoutingObject::TrafficSplit(routed(kind, object)?),
         RoutingKind::TrafficTargets => RoutingObject::TrafficTarget(routed(kind, object)?),
         RoutingKind::SmiTcpRoutes => RoutingObject::SmiTcpRoute(routed(kind, object)?),

@@ -41,6 +41,12 @@ impl RoutingKind {
                 "TLSRoute",
                 "tlsroutes",
             ),
+            RoutingKind::UdpRoutes => (
+                "gateway.networking.k8s.io",
+                "v1alpha2",
+                "UDPRoute",
+                "udproutes",
+            ),
             RoutingKind::TrafficSplits => (
                 "split.smi-spec.io",
                 "v1alpha4",
@@ -102,6 +108,7 @@ impl RoutingKind {
             RoutingKind::Gateways => "/apis/gateway.networking.k8s.io/v1/gateways",
             RoutingKind::TcpRoutes => "/apis/gateway.networking.k8s.io/v1alpha2/tcproutes",
             RoutingKind::TlsRoutes => "/apis/gateway.networking.k8s.io/v1alpha2/tlsroutes",
+            RoutingKind::UdpRoutes => "/apis/gateway.networking.k8s.io/v1alpha2/udproutes",
             RoutingKind::TrafficSplits => "/apis/split.smi-spec.io/v1alpha4/trafficsplits",
             RoutingKind::TrafficTargets => "/apis/access.smi-spec.io/v1alpha3/traffictargets",
             RoutingKind::SmiTcpRoutes => "/apis/specs.smi-spec.io/v1alpha4/tcproutes",
@@ -128,6 +135,7 @@ impl RoutingKind {
             RoutingKind::Gateways => "gateways.gateway.networking.k8s.io",
             RoutingKind::TcpRoutes => "tcproutes.gateway.networking.k8s.io",
             RoutingKind::TlsRoutes => "tlsroutes.gateway.networking.k8s.io",
+            RoutingKind::UdpRoutes => "udproutes.gateway.networking.k8s.io",
             RoutingKind::TrafficSplits => "trafficsplits.split.smi-spec.io",
             RoutingKind::TrafficTargets => "traffictargets.access.smi-spec.io",
             RoutingKind::SmiTcpRoutes => "tcproutes.specs.smi-spec.io",
