@@ -563,7 +563,11 @@ impl Agent {
             self.routes_requests.serve(|| self.rebuild_routes());
             return;
         };
-        runtime.spawn_blocking(move || agent.routes_requests.serve(|| agent.rebuild_routes()));
+        // Below the CNI path's priority: on a busy node a table of a large cluster must
+        // not hold up the next pod's ADD.
+        runtime.spawn_blocking(move || {
+            crate::sync::in_background(|| agent.routes_requests.serve(|| agent.rebuild_routes()))
+        });
     }
 
     pub fn pod_statuses(&self) -> Vec<PodStatus> {

@@ -561,8 +561,8 @@ fn spawn_counter_watch(
 /// Every proxied connection holds two sockets (and two pipes while it carries bytes),
 /// so the default soft limit of container runtimes (1,024) would refuse connections
 /// past a few hundred: the soft limit goes up to the hard one, as Envoy's and ztunnel's
-/// deployments arrange.
-fn raise_open_file_limit() {
+/// deployments arrange. The gateway too: each UDP session holds a socket of its own.
+pub(crate) fn raise_open_file_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {

@@ -1,12 +1,13 @@
-//! `interceptor gateway`: a TCP gateway run in a gateway pod's network namespace. It
-//! serves one Gateway API `Gateway` (its TCP listeners and attached `TCPRoute`s, its TLS
+//! `interceptor gateway`: a TCP and UDP gateway run in a gateway pod's network namespace.
+//! It serves one Gateway API `Gateway` (its TCP listeners and attached `TCPRoute`s, its TLS
 //! passthrough listeners and attached `TLSRoute`s, routed by the server name peeked from
-//! the ClientHello, see `proxy::sni`) or one
+//! the ClientHello, see `proxy::sni`, and its UDP listeners and attached `UDPRoute`s, by
+//! client session, see `udp`) or one
 //! Istio `Gateway` (its TCP servers and the `VirtualService`s bound to it), named with
 //! `--gateway` or, in a cluster, the Istio Gateway whose `selector` matches the gateway
 //! pod's labels; from a directory of manifests or from the API server. Routes follow the
 //! objects as they change, listeners open and close with the Gateway's. In a cluster the
-//! TCPRoutes' `status.parents` conditions are written back (server-side apply on the
+//! routes' `status.parents` conditions are written back (server-side apply on the
 //! status subresource). Its admin port has `/healthz`, `/readyz`, `/config_dump`
 //! (listeners, route conditions, recent connections) and `/metrics`.
 use std::collections::HashMap;
@@ -24,7 +25,11 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+mod flows;
+pub mod udp;
+
 use crate::proxy::forward::{forward, reset_on_close, CopyMode};
+use crate::proxy::metrics::ProxyMetrics;
 use crate::proxy::routes::LastValid;
 use crate::proxy::sni::peek_sni;
 use crate::proxy::socket::{self, HostSockets};
@@ -62,6 +67,8 @@ pub struct GatewayConfig {
     pub admin_addr: SocketAddr,
     /// How long a client of a TLS passthrough listener has to send its ClientHello.
     pub client_hello_timeout: Duration,
+    /// The UDP listeners' session timeout and table size.
+    pub udp: udp::UdpSettings,
 }
 
 impl GatewayConfig {
@@ -119,8 +126,17 @@ struct Shared {
     /// The last valid version of each upstream settings object, across table builds.
     last_valid: std::sync::Mutex<LastValid>,
     model: watch::Receiver<ManifestState>,
-    /// Ports that could not be bound, with the error.
-    bind_errors: std::sync::Mutex<HashMap<u16, String>>,
+    /// Ports that could not be bound, with the error (`8000` for TCP, `8000/udp`).
+    bind_errors: std::sync::Mutex<HashMap<String, String>>,
+    udp_metrics: udp::UdpMetrics,
+}
+
+/// The running listeners: TCP by port, UDP by port with the listener's name (its metrics'
+/// label; a renamed listener is reopened).
+#[derive(Default)]
+struct Running {
+    tcp: HashMap<u16, JoinHandle<()>>,
+    udp: HashMap<u16, (String, JoinHandle<()>)>,
 }
 
 pub async fn run(config: GatewayConfig) -> anyhow::Result<()> {
@@ -129,6 +145,7 @@ pub async fn run(config: GatewayConfig) -> anyhow::Result<()> {
             bail!("--gateway {gateway:?}: expected NAMESPACE/NAME");
         }
     }
+    crate::daemon::raise_open_file_limit();
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let (tx, mut rx) = watch::channel(ManifestState::default());
@@ -157,7 +174,10 @@ pub async fn run(config: GatewayConfig) -> anyhow::Result<()> {
         watcher.abort();
         bail!("the {} did not load: {error}", config.source_text());
     }
-    let log = ConnectionLog::default();
+    let udp_metrics = udp::UdpMetrics::default();
+    let mut proxy_metrics = ProxyMetrics::default();
+    udp_metrics.register(proxy_metrics.registry_mut());
+    let log = ConnectionLog::new(proxy_metrics, None);
     let shared = Arc::new(Shared {
         serving: RwLock::new(Err("not started".into())),
         config: config.clone(),
@@ -167,8 +187,9 @@ pub async fn run(config: GatewayConfig) -> anyhow::Result<()> {
         last_valid: std::sync::Mutex::default(),
         model: rx.clone(),
         bind_errors: std::sync::Mutex::new(HashMap::new()),
+        udp_metrics,
     });
-    let mut listeners: HashMap<u16, JoinHandle<()>> = HashMap::new();
+    let mut listeners = Running::default();
     reconcile(&shared, &mut listeners, status_writer.as_mut()).await;
     let checked = Arc::clone(&shared);
     let health_checks = tokio::spawn(upstream::run_health_checks(
@@ -202,7 +223,8 @@ pub async fn run(config: GatewayConfig) -> anyhow::Result<()> {
             tracing::error!(%error, "admin endpoint");
         }
     });
-    tracing::info!(gateway = ?*read(&shared.serving), ports = ?read(&shared.table).ports(), "gateway ready");
+    tracing::info!(gateway = ?*read(&shared.serving), ports = ?read(&shared.table).ports(),
+        udp_ports = ?read(&shared.table).udp_listeners().iter().map(|l| l.0).collect::<Vec<_>>(), "gateway ready");
     loop {
         tokio::select! {
             changed = rx.changed() => {
@@ -213,7 +235,10 @@ pub async fn run(config: GatewayConfig) -> anyhow::Result<()> {
             _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break; }
         }
     }
-    for (_, task) in listeners {
+    for (_, task) in listeners.tcp {
+        task.abort();
+    }
+    for (_, (_, task)) in listeners.udp {
         task.abort();
     }
     admin.abort();
@@ -226,7 +251,7 @@ pub async fn run(config: GatewayConfig) -> anyhow::Result<()> {
 /// those it no longer has (their open connections end with them).
 async fn reconcile(
     shared: &Arc<Shared>,
-    listeners: &mut HashMap<u16, JoinHandle<()>>,
+    listeners: &mut Running,
     status_writer: Option<&mut StatusWriter>,
 ) {
     let model = shared.model.borrow().model.clone();
@@ -252,7 +277,7 @@ async fn reconcile(
     let ports = table.ports();
     shared.upstreams.retain(|addr| table.is_endpoint(addr));
     *write(&shared.table) = Arc::clone(&table);
-    listeners.retain(|port, task| {
+    listeners.tcp.retain(|port, task| {
         let keep = ports.contains(port);
         if !keep {
             task.abort();
@@ -261,27 +286,69 @@ async fn reconcile(
         keep
     });
     for port in ports {
-        if listeners.contains_key(&port) {
+        if listeners.tcp.contains_key(&port) {
             continue;
         }
         match TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))).await {
             Ok(listener) => {
-                lock(&shared.bind_errors).remove(&port);
+                lock(&shared.bind_errors).remove(&port.to_string());
                 tracing::info!(port, "listener open");
-                listeners.insert(
+                listeners.tcp.insert(
                     port,
                     tokio::spawn(accept_loop(listener, Arc::clone(shared))),
                 );
             }
             Err(error) => {
                 tracing::error!(port, %error, "cannot listen");
-                lock(&shared.bind_errors).insert(port, error.to_string());
+                lock(&shared.bind_errors).insert(port.to_string(), error.to_string());
             }
         }
     }
+    reconcile_udp(shared, &table, &mut listeners.udp).await;
     // Last: the new routes already serve while the API server is being told.
     if let (Some(writer), Some(key)) = (status_writer, status_for) {
         writer.write(&key, table.statuses()).await;
+    }
+}
+
+/// Open the UDP listeners `table` has and close those it no longer has (their sessions
+/// end with them).
+async fn reconcile_udp(
+    shared: &Arc<Shared>,
+    table: &GatewayTable,
+    running: &mut HashMap<u16, (String, JoinHandle<()>)>,
+) {
+    let served = table.udp_listeners();
+    running.retain(|port, (name, task)| {
+        let keep = served.contains(&(*port, name.as_str()));
+        if !keep {
+            task.abort();
+            tracing::info!(port, listener = %name, "UDP listener closed");
+        }
+        keep
+    });
+    for (port, name) in served {
+        if running.contains_key(&port) {
+            continue;
+        }
+        let key = format!("{port}/udp");
+        match tokio::net::UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))).await {
+            Ok(socket) => {
+                lock(&shared.bind_errors).remove(&key);
+                tracing::info!(port, listener = name, "UDP listener open");
+                let task = tokio::spawn(udp::serve(
+                    socket,
+                    port,
+                    name.to_owned(),
+                    Arc::clone(shared),
+                ));
+                running.insert(port, (name.to_owned(), task));
+            }
+            Err(error) => {
+                tracing::error!(port, %error, "cannot listen (UDP)");
+                lock(&shared.bind_errors).insert(key, error.to_string());
+            }
+        }
     }
 }
 
@@ -392,6 +459,10 @@ async fn config_dump(State(shared): State<Arc<Shared>>) -> Json<serde_json::Valu
         "gateway_class": shared.config.class,
         "error": serving.as_ref().err().map(String::as_str).or(table.error()),
         "listeners": table.listener_statuses(),
+        "udp": {
+            "idle_timeout_ms": shared.config.udp.idle_timeout.as_millis(),
+            "max_flows": shared.config.udp.max_flows,
+        },
         "bind_errors": *lock(&shared.bind_errors),
         "routes": table.statuses(),
         "upstream_settings": table.settings_statuses(),
@@ -412,7 +483,7 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl axum::response::Into
     shared.log.metrics().response()
 }
 
-/// Writes the TCPRoutes' and TLSRoutes' conditions at this gateway to their `status.parents` in the
+/// Writes the TCPRoutes', TLSRoutes' and UDPRoutes' conditions at this gateway to their `status.parents` in the
 /// cluster (server-side apply of the status subresource, field manager
 /// `interceptor-gateway`), only when they changed since the last write.
 pub struct StatusWriter {
@@ -428,7 +499,7 @@ impl StatusWriter {
         }
     }
 
-    /// The status of every TCPRoute and TLSRoute judged at `gateway` (`namespace/name`).
+    /// The status of every TCPRoute, TLSRoute and UDPRoute judged at `gateway` (`namespace/name`).
     pub async fn write(&mut self, gateway: &str, statuses: &[crate::proxy::RouteStatus]) {
         use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
         let Some((gw_namespace, gw_name)) = gateway.split_once('/') else {
@@ -445,6 +516,7 @@ impl StatusWriter {
             let resource = match status.kind {
                 "TCPRoute" => resource("TCPRoute", "tcproutes"),
                 "TLSRoute" => resource("TLSRoute", "tlsroutes"),
+                "UDPRoute" => resource("UDPRoute", "udproutes"),
                 _ => continue,
             };
             let Some((namespace, name)) = status.name.split_once('/') else {
@@ -528,6 +600,7 @@ mod tests {
             source: GatewaySource::Manifests(PathBuf::from("/nonexistent")),
             admin_addr: "127.0.0.1:0".parse().unwrap(),
             client_hello_timeout: crate::proxy::sni::DEFAULT_CLIENT_HELLO_TIMEOUT,
+            udp: udp::UdpSettings::default(),
         }
     }
 

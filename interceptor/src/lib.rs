@@ -14,6 +14,7 @@ pub mod config;
 pub mod daemon;
 pub mod daemonset;
 pub mod datapath;
+pub mod egress_gateway;
 /// The bodies of the fuzz targets (fuzz/), shared with their stable regression test.
 #[doc(hidden)]
 pub mod fuzzing;

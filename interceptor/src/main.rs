@@ -224,6 +224,32 @@ enum Command {
         /// ClientHello before its connection is reset (`5s`, `500ms`).
         #[arg(long, default_value = "5s", value_parser = parse_duration)]
         client_hello_timeout: std::time::Duration,
+        /// On a UDP listener, a client's session (its backend) ends after no datagram
+        /// either way for this long (`60s`, `500ms`).
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        udp_idle_timeout: std::time::Duration,
+        /// Sessions per UDP listener; a new client of a full table evicts the session idle
+        /// the longest.
+        #[arg(long, default_value_t = interceptor::gateway::udp::DEFAULT_MAX_FLOWS,
+              value_parser = clap::value_parser!(u32).range(1..))]
+        udp_max_flows: u32,
+    },
+    /// FSM's egress gateway (SOCKS5 mode): the mesh's proxies send egress that an
+    /// EgressGateway names here, each connection opened with a SOCKS5 CONNECT to where
+    /// the application was going; run it in the gateway Service's pods.
+    EgressGateway {
+        /// Where the proxies connect (the Service's target port; FSM's is 1080).
+        #[arg(long, default_value = "0.0.0.0:1080")]
+        listen: SocketAddr,
+        /// Admin endpoint: /healthz, /metrics.
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin_addr: SocketAddr,
+        /// How long a connection has to send its SOCKS5 greeting and request.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        handshake_timeout: std::time::Duration,
+        /// How long the connect to a destination may take.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        connect_timeout: std::time::Duration,
     },
     /// Probe this kernel: the features eBPF mode needs or can do without (each with its
     /// fallback), and the mode `--mode auto` picks and why.
@@ -444,8 +470,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             node_name,
             admin_addr,
             client_hello_timeout,
+            udp_idle_timeout,
+            udp_max_flows,
         } => {
-            use interceptor::gateway::{GatewayConfig, GatewaySource};
+            use interceptor::gateway::{udp::UdpSettings, GatewayConfig, GatewaySource};
             let source = match (source, manifests, node_name) {
                 (SourceKind::Manifests, Some(dir), _) => GatewaySource::Manifests(dir),
                 (SourceKind::Kube, _, Some(node_name)) if !node_name.is_empty() => {
@@ -466,6 +494,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 source,
                 admin_addr,
                 client_hello_timeout,
+                udp: UdpSettings {
+                    idle_timeout: udp_idle_timeout,
+                    max_flows: udp_max_flows as usize,
+                },
             };
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -473,6 +505,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .context("tokio runtime")?
                 .block_on(interceptor::gateway::run(config))
         }
+        Command::EgressGateway {
+            listen,
+            admin_addr,
+            handshake_timeout,
+            connect_timeout,
+        } => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("tokio runtime")?
+            .block_on(interceptor::egress_gateway::run(
+                interceptor::egress_gateway::EgressGatewayConfig {
+                    listen,
+                    admin_addr,
+                    handshake_timeout,
+                    connect_timeout,
+                },
+            )),
         Command::Probe {
             json,
             simulate_missing_features,

@@ -1,6 +1,7 @@
 //! Locks that survive a panicking holder: the agent's maps stay usable (a poisoned lock
 //! only means another task panicked mid-update, and every update here is a single
-//! insert or remove). And [`Coalesced`]: rebuilds asked for often, run one at a time.
+//! insert or remove). And [`Coalesced`]: rebuilds asked for often, run one at a time;
+//! [`in_background`]: such work at a lower CPU priority than the CNI path.
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -48,6 +49,32 @@ impl Coalesced {
             }
         }
     }
+}
+
+/// How much lower than the agent's other threads background work runs (nice steps):
+/// under contention it gets about a tenth of the CPU a normal thread gets.
+const BACKGROUND_NICE: i32 = 10;
+
+/// Run `work` on this thread at a lower CPU priority, and put it back after (it is a
+/// runtime's pooled thread, which serves the CNI path next). On Linux the nice value is
+/// per thread. Putting it back needs CAP_SYS_NICE, which the agent has; without it the
+/// thread stays lower, which is logged once.
+pub fn in_background<R>(work: impl FnOnce() -> R) -> R {
+    use rustix::process::{getpriority_process, setpriority_process};
+    let before = getpriority_process(None).ok();
+    if let Some(before) = before {
+        let _ = setpriority_process(None, (before + BACKGROUND_NICE).min(19));
+    }
+    let result = work();
+    if let Some(before) = before {
+        if let Err(error) = setpriority_process(None, before) {
+            static ONCE: std::sync::Once = std::sync::Once::new();
+            ONCE.call_once(|| {
+                tracing::warn!(%error, "a background thread's priority could not be restored");
+            });
+        }
+    }
+    result
 }
 
 #[cfg(test)]
@@ -106,5 +133,21 @@ mod tests {
             builds >= 1 && builds < total,
             "{builds} builds for {total} requests"
         );
+    }
+
+    #[test]
+    fn background_work_runs_at_a_lower_priority_and_the_thread_gets_its_own_back() {
+        use rustix::process::getpriority_process;
+        // A thread of its own: its nice value is its own (Linux), whatever happens.
+        std::thread::spawn(|| {
+            let before = getpriority_process(None).unwrap();
+            let during = super::in_background(|| getpriority_process(None).unwrap());
+            assert_eq!(during, (before + super::BACKGROUND_NICE).min(19));
+            if rustix::process::geteuid().is_root() {
+                assert_eq!(getpriority_process(None).unwrap(), before);
+            }
+        })
+        .join()
+        .unwrap();
     }
 }

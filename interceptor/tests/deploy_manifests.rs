@@ -563,10 +563,13 @@ fn cluster_role_only_reads_the_model_objects_and_covers_every_watch() {
         ("gateway.networking.k8s.io", "gateways"),
         ("gateway.networking.k8s.io", "tcproutes"),
         ("gateway.networking.k8s.io", "tlsroutes"),
+        ("gateway.networking.k8s.io", "udproutes"),
         ("split.smi-spec.io", "trafficsplits"),
         ("access.smi-spec.io", "traffictargets"),
         ("specs.smi-spec.io", "tcproutes"),
         ("policy.flomesh.io", "upstreamtrafficsettings"),
+        ("policy.flomesh.io", "egresses"),
+        ("policy.flomesh.io", "egressgateways"),
         ("gateway.flomesh.io", "loadbalancerpolicies"),
         ("gateway.flomesh.io", "healthcheckpolicies"),
         // FSM's MeshConfig: one object, by name, in its namespace.

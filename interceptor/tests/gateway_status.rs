@@ -1,5 +1,6 @@
 //! The gateway's route status in a cluster: what `StatusWriter` sends a (mock) API server
-//! for the TCPRoutes judged at a gateway, and that an unchanged judgement is not sent again.
+//! for the TCPRoutes and UDPRoutes judged at a gateway, and that an unchanged judgement is
+//! not sent again.
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -70,6 +71,7 @@ spec:
   gatewayClassName: fsm-gateway-cls
   listeners:
   - {protocol: TCP, port: 8000, name: foo, allowedRoutes: {namespaces: {from: Same}}}
+  - {protocol: UDP, port: 8000, name: udp}
 ---
 apiVersion: gateway.networking.k8s.io/v1alpha2
 kind: TCPRoute
@@ -84,6 +86,13 @@ metadata: {name: to-nowhere, namespace: httpbin}
 spec:
   parentRefs: [{name: simple-fsm-gateway, port: 8000}]
   rules: [{backendRefs: [{name: ghost, port: 8080}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: UDPRoute
+metadata: {name: udp-on-tcp, namespace: httpbin}
+spec:
+  parentRefs: [{name: simple-fsm-gateway, sectionName: foo}]
+  rules: [{backendRefs: [{name: httpbin, port: 8080}]}]
 "#;
 
 #[tokio::test]
@@ -103,7 +112,7 @@ async fn route_conditions_are_applied_to_the_status_subresource_once() {
         .await;
 
     let requests = seen.lock().unwrap().clone();
-    assert_eq!(requests.len(), 2, "{requests:#?}");
+    assert_eq!(requests.len(), 3, "{requests:#?}");
     let sample = requests
         .iter()
         .find(|r| {
@@ -154,10 +163,17 @@ async fn route_conditions_are_applied_to_the_status_subresource_once() {
         .expect("ResolvedRefs");
     assert_eq!(resolved["status"], "False");
     assert_eq!(resolved["reason"], "BackendNotFound");
+    let udp = requests
+        .iter()
+        .find(|r| r.path_and_query.contains("/udproutes/udp-on-tcp/status"))
+        .expect("a patch of the UDPRoute");
+    assert_eq!(udp.body["kind"], "UDPRoute");
+    let accepted = &udp.body["status"]["parents"][0]["conditions"][0];
+    assert_eq!(accepted["reason"], "NotAllowedByListeners", "{accepted}");
 
     // The same judgement again: nothing new to write.
     writer
         .write("httpbin/simple-fsm-gateway", table.statuses())
         .await;
-    assert_eq!(seen.lock().unwrap().len(), 2);
+    assert_eq!(seen.lock().unwrap().len(), 3);
 }

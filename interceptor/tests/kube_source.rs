@@ -1181,3 +1181,144 @@ async fn a_forbidden_mesh_config_is_reported_without_holding_the_model_back() {
     let merged = wait_config(&mut rx, "the merged config", |s| s.generation > 0).await;
     assert_eq!(nets(&merged.config), ["10.0.0.0/8"]);
 }
+
+const EGRESSES: &str = "/apis/policy.flomesh.io/v1alpha1/egresses";
+
+/// An Egress of FSM's egress policy demo, opening `range` on port 80 to ServiceAccount
+/// demo/default (the fixture's `demo/client`).
+fn egress_object(version: &str, range: &str) -> String {
+    format!(
+        r#"{{"apiVersion":"policy.flomesh.io/v1alpha1","kind":"Egress",
+            "metadata":{{"name":"httpbin-80","namespace":"demo","resourceVersion":"{version}"}},
+            "spec":{{"sources":[{{"kind":"ServiceAccount","name":"default","namespace":"demo"}}],
+                    "ipAddresses":["{range}"],"ports":[{{"number":80,"protocol":"tcp"}}]}}}}"#
+    )
+    .replace('\n', " ")
+}
+
+#[tokio::test]
+async fn egress_policies_follow_the_api_server_and_a_bad_cidr_keeps_the_previous_version() {
+    use interceptor::proxy::routes::{ConnectionSource, LastValid, RouteTable, Target};
+    let (mock, addr) = start_mock(|mock| {
+        mock.collections.lock().unwrap().insert(
+            EGRESSES,
+            Collection {
+                list: list_body(
+                    "policy.flomesh.io/v1alpha1",
+                    "Egress",
+                    "4000",
+                    &egress_object("3990", "192.0.2.0/24"),
+                ),
+                ..Collection::default()
+            },
+        );
+    })
+    .await;
+    let mut source = start_source(addr);
+    let state = source.wait("the first model", |s| s.generation > 0).await;
+    let client: PodKey = "demo/client".parse().unwrap();
+    let mut memory = LastValid::default();
+    // The route table the agent would build from each model, with egress off.
+    let mut verdict = |state: &ManifestState, dst: &str| {
+        let mut table = RouteTable::build(
+            &state.model,
+            &std::collections::HashMap::new(),
+            std::collections::HashSet::new(),
+            true,
+            &mut memory,
+        );
+        table.set_egress(&state.model, false);
+        let target = table.resolve(
+            dst.parse().unwrap(),
+            ConnectionSource {
+                pod: Some(&client),
+                gateway: None,
+                sni: None,
+            },
+        );
+        let status = table
+            .statuses()
+            .iter()
+            .find(|s| s.kind == "Egress")
+            .cloned();
+        (target, status)
+    };
+    let (target, status) = verdict(&state, "192.0.2.7:80");
+    let status = status.expect("the Egress has a status");
+    assert!(
+        matches!(&target, Target::Passthrough { route: Some(r), .. } if r == "Egress demo/httpbin-80"),
+        "{target:?}"
+    );
+    assert!(status.accepted && status.reasons.is_empty(), "{status:?}");
+
+    until("the egresses watch", || mock.watches_opened(EGRESSES) == 1).await;
+    // A new range, live.
+    let modified = |version: &str, range: &str| {
+        format!(
+            r#"{{"type":"MODIFIED","object":{}}}"#,
+            egress_object(version, range)
+        )
+    };
+    mock.send(EGRESSES, &modified("4001", "198.51.100.0/24"));
+    let has_range = |range: &'static str| {
+        move |s: &ManifestState| {
+            s.model
+                .routing
+                .egresses
+                .get("demo/httpbin-80")
+                .is_some_and(|e| e.spec.ip_addresses == [range])
+        }
+    };
+    let state = source
+        .wait("the new range", has_range("198.51.100.0/24"))
+        .await;
+    assert!(matches!(
+        verdict(&state, "192.0.2.7:80").0,
+        Target::Refused { .. }
+    ));
+    assert!(matches!(
+        verdict(&state, "198.51.100.9:80").0,
+        Target::Passthrough { route: Some(_), .. }
+    ));
+
+    // A range that is not a CIDR: rejected with its reason, the last valid one stays.
+    mock.send(EGRESSES, &modified("4002", "198.51.100.0/33"));
+    let state = source
+        .wait("the bad range", has_range("198.51.100.0/33"))
+        .await;
+    let (target, status) = verdict(&state, "198.51.100.9:80");
+    let status = status.expect("the Egress has a status");
+    assert!(
+        matches!(target, Target::Passthrough { route: Some(_), .. }),
+        "{target:?}"
+    );
+    assert!(
+        status
+            .reasons
+            .iter()
+            .any(|r| r.contains("ipAddresses[0]: \"198.51.100.0/33\" is not a CIDR")),
+        "{status:?}"
+    );
+    assert!(
+        status
+            .reasons
+            .iter()
+            .any(|r| r.contains("the previous valid version stays in force")),
+        "{status:?}"
+    );
+
+    // Deleted: egress off refuses again.
+    mock.send(
+        EGRESSES,
+        &format!(
+            r#"{{"type":"DELETED","object":{}}}"#,
+            egress_object("4003", "198.51.100.0/33")
+        ),
+    );
+    let state = source
+        .wait("the deletion", |s| s.model.routing.egresses.is_empty())
+        .await;
+    let (target, status) = verdict(&state, "198.51.100.9:80");
+    assert!(matches!(target, Target::Refused { .. }), "{target:?}");
+    assert_eq!(status, None);
+}

@@ -6,13 +6,13 @@
 //! from the manifests). Backends answer like istio/tcp-echo-server ("<prefix> <line>").
 mod common;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{wait_for, Node};
-use interceptor_testbed::{bin_path, Pod, ServerProcess};
+use common::{
+    gateway_dump, gateway_route, gateway_serves, route_condition, spawn_gateway, wait_for, Node,
+};
+use interceptor_testbed::{Pod, ServerProcess};
 
 /// Namespaces only: no pod is enrolled, the agent just answers CNI for them.
 const NAMESPACES: &str = r#"
@@ -123,71 +123,31 @@ impl Bed {
             .tb
             .state_dir()
             .join(format!("gateway-{}.log", pod.name));
-        let mut cmd = Command::new(bin_path("interceptor"));
-        cmd.args(["gateway", "--gateway", gateway, "--manifests"])
-            .arg(&self.dir)
-            .args(["--admin-addr", ADMIN])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).expect("log"))
-            .stderr(std::fs::File::create(log.with_extension("err")).expect("log"));
-        let child = self
-            .node
-            .tb
-            .spawn_in_pod(pod, cmd)
-            .expect("interceptor gateway");
+        let mut args = vec!["--gateway", gateway];
+        args.extend_from_slice(extra);
+        let child = spawn_gateway(&self.node.tb, pod, &self.dir, ADMIN, &args, &log);
         self.running.lock().expect("lock").push(child);
         wait_for(&format!("gateway {gateway} listening on {ports:?}"), || {
-            let dump = self.dump(pod)?;
-            let open: Vec<u64> = dump["listeners"]
-                .as_array()?
-                .iter()
-                .filter(|l| l["accepted"] == true)
-                .filter_map(|l| l["port"].as_u64())
-                .collect();
-            let bound = dump["bind_errors"]
-                .as_object()
-                .is_some_and(|e| e.is_empty());
-            (bound && ports.iter().all(|p| open.contains(&u64::from(*p)))).then_some(())
+            gateway_serves(&self.dump(pod)?, ports).then_some(())
         });
     }
 
     fn dump(&self, gateway_pod: &Pod) -> Option<serde_json::Value> {
-        let addr: SocketAddr = ADMIN.parse().ok()?;
-        let (status, body) = self
-            .node
-            .tb
-            .http_get_in_pod(gateway_pod, addr, "/config_dump")
-            .ok()?;
-        (status == 200).then(|| serde_json::from_str(&body).ok())?
+        gateway_dump(&self.node.tb, gateway_pod, ADMIN.parse().ok()?)
     }
 
     fn route(&self, gateway_pod: &str, name: &str) -> serde_json::Value {
         let dump = self
             .dump(self.gateway_pod(gateway_pod))
             .expect("config dump");
-        dump["routes"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|r| r["name"] == name)
-            .cloned()
-            .unwrap_or_else(|| panic!("no status of {name}: {}", dump["routes"]))
+        gateway_route(&dump, name)
     }
 
     fn condition(&self, gateway_pod: &str, name: &str, kind: &str) -> (String, String) {
-        let route = self.route(gateway_pod, name);
-        let c = route["conditions"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|c| c["type"] == kind)
-            .cloned()
-            .unwrap_or_else(|| panic!("no {kind} condition: {route}"));
-        (
-            c["status"].as_str().unwrap_or_default().to_owned(),
-            c["reason"].as_str().unwrap_or_default().to_owned(),
-        )
+        let dump = self
+            .dump(self.gateway_pod(gateway_pod))
+            .expect("config dump");
+        route_condition(&dump, name, kind)
     }
 
     fn tally(&self, gateway_pod: &str, port: u16, count: u32) -> serde_json::Value {

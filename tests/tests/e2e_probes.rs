@@ -284,12 +284,44 @@ fn node_probes_reach_an_enrolled_pod_that_smi_mode_closes_to_pods(mode: Mode) {
         admitted
     );
 
+    // Rules taken away behind the agent's back (another tool, say): the next change,
+    // written as a difference, fails on them, and the agent writes the chain whole.
+    let backend = node.config_dump()["node_probes"]["backend"]
+        .as_str()
+        .expect("the backend")
+        .to_owned();
+    let client_rule = format!("-A INTERCEPTOR_PROBES -d {}/32", client.ip);
+    let before = probe_rules(&node);
+    for pod_rule in [&server_rule, &client_rule] {
+        let full = before
+            .lines()
+            .find(|l| l.starts_with(pod_rule.as_str()))
+            .expect("the pod's rule")
+            .to_owned();
+        let mut delete = vec!["netns", "exec", node.tb.node_netns()];
+        let tool = format!("iptables-{backend}");
+        delete.extend([tool.as_str(), "-t", "nat", "-D"]);
+        delete.extend(full.split_whitespace().skip(1));
+        let status = std::process::Command::new("ip")
+            .args(&delete)
+            .status()
+            .expect("iptables -D");
+        assert!(status.success(), "{delete:?}");
+    }
+    assert!(!probe_rules(&node).contains(&client_rule));
+
     // The pod's rule goes with the pod, and the chain with the agent (--on-exit remove).
     node.tb.del_pod(&server).expect("CNI DEL");
     let rules = wait_for("the deleted pod's rule to go", || {
         let rules = probe_rules(&node);
         (!rules.contains(&server_rule)).then_some(rules)
     });
+    assert!(
+        rules.contains(&client_rule),
+        "the whole chain was not written again: {rules}"
+    );
+    let log = node.agent_log();
+    assert!(log.contains("changed behind our back"), "{log}");
     assert!(
         rules.contains("-A POSTROUTING -j INTERCEPTOR_PROBES"),
         "{rules}"

@@ -342,12 +342,7 @@ fn gateway_routes() -> String {
 }
 
 fn gateway_dump(node: &Node, gateway: &Pod) -> Option<serde_json::Value> {
-    let addr: SocketAddr = GATEWAY_ADMIN.parse().ok()?;
-    let (status, body) = node
-        .tb
-        .http_get_in_pod(gateway, addr, "/config_dump")
-        .ok()?;
-    (status == 200).then(|| serde_json::from_str(&body).ok())?
+    common::gateway_dump(&node.tb, gateway, GATEWAY_ADMIN.parse().ok()?)
 }
 
 fn gateway_metrics(node: &Node, gateway: &Pod) -> String {
@@ -576,4 +571,110 @@ fn mesh_virtual_service_tls_routes_by_server_name(mode: Mode) {
     );
 }
 
-in_both_modes!(mesh_virtual_service_tls_routes_by_server_name);
+/// FSM's Egress policy for HTTPS (8.1) with `enableEgress: false`: ServiceAccount
+/// `default/curl` may reach port 8443 of any address when its ClientHello names
+/// `a.example.com`. The backends are outside the mesh (namespace `ext`, not enrolled).
+const EGRESS_HTTPS: &str = r#"---
+apiVersion: policy.flomesh.io/v1alpha1
+kind: Egress
+metadata:
+  name: a-example-https
+  namespace: default
+spec:
+  sources:
+  - kind: ServiceAccount
+    name: curl
+    namespace: default
+  hosts:
+  - a.example.com
+  ports:
+  - number: 8443
+    protocol: https
+"#;
+
+fn mesh_egress_https_policy_opens_by_server_name(mode: Mode) {
+    if !common::privileged() {
+        return;
+    }
+    let config = common::MeshConfigFile::new(
+        &format!("egress-https-{}", mode.name()),
+        "enableEgress: false\n",
+    );
+    let config_arg = config.arg();
+    let manifests = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: default, labels: {{istio.io/dataplane-mode: ambient}}}}\n\
+         ---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: ext}}\n\
+         ---\napiVersion: v1\nkind: Pod\nmetadata: {{name: client, namespace: default, labels: {{app: client}}}}\n\
+         spec: {{serviceAccountName: curl, containers: [{{name: c, image: x}}]}}\n\
+         ---\napiVersion: v1\nkind: Pod\nmetadata: {{name: other, namespace: default, labels: {{app: other}}}}\n\
+         spec: {{containers: [{{name: c, image: x}}]}}\n{}{EGRESS_HTTPS}",
+        backends_yaml("ext", None)
+    );
+    let mut node = Node::start_with_manifests(
+        &format!("tls-egress-{}", mode.name()),
+        &mode.args(&["--client-hello-timeout", "1s", "--mesh-config", &config_arg]),
+        &manifests,
+    );
+    let backends = Backends::start(&mut node, "ext");
+    let client = node.pod("default", "client");
+    let other = node.pod("default", "other");
+    let a = backends.a.ip.to_string();
+    // The policy's name opens the backend; the handshake completes with its certificate.
+    let to_a = |from: &Pod, sni: &str| hello(&node, from, &a, BACKEND_PORT, sni, &backends.ca_a);
+    let result = wait_for("the Egress lets a.example.com out", || {
+        let result = to_a(&client, "a.example.com");
+        (result["ok"] == true).then_some(result)
+    });
+    assert_reaches(&result, "a.example.com");
+    // Another name, no TLS at all, or another ServiceAccount: refused.
+    assert_refuses(&node, &client, &a, BACKEND_PORT, &backends.ca_a);
+    let other_sa = to_a(&other, "a.example.com");
+    assert_eq!(other_sa["ok"], false, "{other_sa}");
+
+    let dump = node.config_dump();
+    let records: Vec<&serde_json::Value> = dump["connections"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["original_dst"] == format!("{a}:{BACKEND_PORT}").as_str())
+        .collect();
+    assert!(
+        records
+            .iter()
+            .any(|r| r["target"]["route"] == "Egress default/a-example-https"
+                && r["sni"] == "a.example.com"),
+        "{records:?}"
+    );
+    assert!(
+        records
+            .iter()
+            .any(|r| r["target"]["route"] == "enableEgress"
+                && r["target"]["reason"]
+                    .as_str()
+                    .is_some_and(|x| x.contains("as \"c.example.com\""))),
+        "{records:?}"
+    );
+    let (_, metrics) = node.tb.admin_get("/metrics").expect("metrics");
+    assert_refusals(&metrics, "outbound", &["not_tls"]);
+    assert!(
+        metric_in(
+            &metrics,
+            "interceptor_proxy_connections_total",
+            &["route=\"Egress default/a-example-https\""]
+        ) >= 1,
+        "{metrics}"
+    );
+    assert!(
+        metric_in(
+            &metrics,
+            "interceptor_proxy_refused_total",
+            &["route=\"enableEgress\""]
+        ) >= 2,
+        "{metrics}"
+    );
+}
+
+in_both_modes!(
+    mesh_virtual_service_tls_routes_by_server_name,
+    mesh_egress_https_policy_opens_by_server_name,
+);

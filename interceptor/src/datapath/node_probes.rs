@@ -77,6 +77,24 @@ fn sync_script(installed: &Installed, pods: &BTreeSet<Ipv4Addr>) -> String {
     s
 }
 
+/// The input that appends the rules of `added` to the chain and deletes those of
+/// `removed`: one pod's ADD or DEL without reading the node's nat table (which holds
+/// kube-proxy's rules, O(cluster), on a real node). `None` when nothing changes.
+fn delta_script(added: &BTreeSet<Ipv4Addr>, removed: &BTreeSet<Ipv4Addr>) -> Option<String> {
+    if added.is_empty() && removed.is_empty() {
+        return None;
+    }
+    let mut s = String::from("*nat\n");
+    for pod in removed {
+        let _ = writeln!(s, "-D{}", &rule(*pod)[2..]);
+    }
+    for pod in added {
+        let _ = writeln!(s, "{}", rule(*pod));
+    }
+    s.push_str("COMMIT\n");
+    Some(s)
+}
+
 /// The input that removes the chain and every jump to it; `None` when there is none.
 fn remove_script(installed: &Installed) -> Option<String> {
     if !installed.chain && installed.jumps.is_empty() {
@@ -150,7 +168,16 @@ struct State {
     /// What the last write put in the chain, and its error if it failed.
     written: BTreeSet<Ipv4Addr>,
     last_error: Option<String>,
+    /// When the last whole write (save, compare, restore) succeeded, if every write
+    /// since did too: the chain, its jump and `written` agree, so a change within
+    /// [`WHOLE_EVERY`] of it is written as a difference. Cleared by a failure, which the
+    /// next write repairs in full.
+    in_step_since: Option<std::time::Instant>,
 }
+
+/// How long differences are written before the chain is checked and written whole again
+/// (what a tool that flushed the nat table took away comes back by then).
+const WHOLE_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A data path that also keeps the node's probe SNAT rules for the pods it enrolls.
 /// Everything else is the wrapped mode's.
@@ -213,31 +240,61 @@ impl ProbeSnat {
                 written: inherited.clone(),
                 inherited,
                 last_error: None,
+                in_step_since: None,
             }),
             writes: Mutex::new(()),
         })
     }
 
-    /// Rewrite the chain from the current state. A failure is logged, not returned:
-    /// the pod is intercepted either way, and only its probes in SMI mode depend on it.
+    /// Bring the chain in step with the current state: the difference from the last
+    /// write when the chain is known to match it (one restore, no save), else the whole
+    /// chain; a failed difference (the chain changed behind our back) is retried whole.
+    /// A failure is logged, not returned: the pod is intercepted either way, and only its
+    /// probes in SMI mode depend on it.
     fn sync(&self) {
         let _writing = lock(&self.writes);
-        let pods: BTreeSet<Ipv4Addr> = {
+        let (pods, written, in_step) = {
             let state = lock(&self.state);
-            state
+            let pods: BTreeSet<Ipv4Addr> = state
                 .pods
                 .values()
                 .chain(&state.inherited)
                 .copied()
-                .collect()
+                .collect();
+            let in_step = state
+                .in_step_since
+                .is_some_and(|since| since.elapsed() < WHOLE_EVERY);
+            (pods, state.written.clone(), in_step)
         };
-        let result = save(self.backend).and_then(|installed| {
-            if installed.pods == pods && !installed.jumps.is_empty() {
-                return Ok(());
+        let whole = || {
+            save(self.backend).and_then(|installed| {
+                if installed.pods == pods && !installed.jumps.is_empty() {
+                    return Ok(());
+                }
+                restore(self.backend, &sync_script(&installed, &pods))
+            })
+        };
+        let added = pods.difference(&written).copied().collect();
+        let removed = written.difference(&pods).copied().collect();
+        let mut wrote_whole = false;
+        let result = match delta_script(&added, &removed) {
+            Some(script) if in_step => restore(self.backend, &script).or_else(|error| {
+                tracing::warn!(%error, "the node's probe SNAT chain changed behind our back: rewriting it whole");
+                wrote_whole = true;
+                whole()
+            }),
+            None if in_step => Ok(()),
+            _ => {
+                wrote_whole = true;
+                whole()
             }
-            restore(self.backend, &sync_script(&installed, &pods))
-        });
+        };
         let mut state = lock(&self.state);
+        state.in_step_since = match (&result, wrote_whole) {
+            (Err(_), _) => None,
+            (Ok(()), true) => Some(std::time::Instant::now()),
+            (Ok(()), false) => state.in_step_since,
+        };
         match result {
             Ok(()) => {
                 state.written = pods;
@@ -416,6 +473,21 @@ mod tests {
         // The empty chain still declared: it is what flushes the old rules.
         let empty = sync_script(&Installed::parse(SAVED), &BTreeSet::new());
         assert_eq!(empty, "*nat\n:INTERCEPTOR_PROBES - [0:0]\nCOMMIT\n");
+    }
+
+    #[test]
+    fn one_pod_added_or_removed_is_one_rule_appended_or_deleted() {
+        let script =
+            delta_script(&BTreeSet::from([ip(9)]), &BTreeSet::from([ip(5)])).expect("a change");
+        assert_eq!(
+            script,
+            format!("*nat\n-D{}\n{}\nCOMMIT\n", &rule(ip(5))[2..], rule(ip(9)))
+        );
+        assert!(
+            script.contains("-D INTERCEPTOR_PROBES -d 10.244.0.5/32 -p tcp"),
+            "{script}"
+        );
+        assert_eq!(delta_script(&BTreeSet::new(), &BTreeSet::new()), None);
     }
 
     #[test]

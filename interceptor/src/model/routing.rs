@@ -1,5 +1,6 @@
 //! The L4 routing objects as their APIs spell them: Istio `VirtualService` (`tcp` and
-//! `tls` routes) and `DestinationRule` (subsets), Gateway API `TCPRoute` and `TLSRoute`,
+//! `tls` routes) and `DestinationRule` (subsets), Gateway API `TCPRoute`, `TLSRoute` and
+//! `UDPRoute`,
 //! SMI `TrafficSplit`, and the SMI access objects (`TrafficTarget` and the `TCPRoute` of
 //! specs.smi-spec.io). Only the fields L4 routing reads are kept; the others (http, ...)
 //! are ignored. What the
@@ -49,6 +50,9 @@ pub struct RoutingObjects {
     /// Gateway API TLSRoutes (TLS passthrough by SNI, served by `interceptor gateway`).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub tls_routes: BTreeMap<String, Routed<TlsRouteSpec>>,
+    /// Gateway API UDPRoutes (datagrams by client session, served by `interceptor gateway`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub udp_routes: BTreeMap<String, Routed<UdpRouteSpec>>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub traffic_splits: BTreeMap<String, Routed<TrafficSplitSpec>>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
@@ -71,6 +75,13 @@ pub struct RoutingObjects {
     /// FSM HealthCheckPolicies: outlier detection and active TCP checks per Service port.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub health_check_policies: BTreeMap<String, Routed<HealthCheckPolicySpec>>,
+    /// FSM Egress policies: destinations outside the mesh that chosen ServiceAccounts may
+    /// reach while `enableEgress` is off.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub egresses: BTreeMap<String, Routed<EgressSpec>>,
+    /// FSM EgressGateways: which Service's gateway carries egress out of the mesh.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub egress_gateways: BTreeMap<String, Routed<EgressGatewaySpec>>,
 }
 
 impl RoutingObjects {
@@ -89,12 +100,15 @@ pub enum RoutingObject {
     Gateway(Routed<GatewaySpec>),
     TcpRoute(Routed<TcpRouteSpec>),
     TlsRoute(Routed<TlsRouteSpec>),
+    UdpRoute(Routed<UdpRouteSpec>),
     TrafficSplit(Routed<TrafficSplitSpec>),
     TrafficTarget(Routed<TrafficTargetSpec>),
     SmiTcpRoute(Routed<SmiTcpRouteSpec>),
     UpstreamTrafficSetting(Routed<UpstreamTrafficSettingSpec>),
     LoadBalancerPolicy(Routed<LoadBalancerPolicySpec>),
     HealthCheckPolicy(Routed<HealthCheckPolicySpec>),
+    Egress(Routed<EgressSpec>),
+    EgressGateway(Routed<EgressGatewaySpec>),
 }
 
 /// `$body` for the `Routed` inside any variant of a [`RoutingObject`], bound to `$o`.
@@ -107,12 +121,15 @@ macro_rules! each_routed {
             RoutingObject::Gateway($o) => $body,
             RoutingObject::TcpRoute($o) => $body,
             RoutingObject::TlsRoute($o) => $body,
+            RoutingObject::UdpRoute($o) => $body,
             RoutingObject::TrafficSplit($o) => $body,
             RoutingObject::TrafficTarget($o) => $body,
             RoutingObject::SmiTcpRoute($o) => $body,
             RoutingObject::UpstreamTrafficSetting($o) => $body,
             RoutingObject::LoadBalancerPolicy($o) => $body,
             RoutingObject::HealthCheckPolicy($o) => $body,
+            RoutingObject::Egress($o) => $body,
+            RoutingObject::EgressGateway($o) => $body,
         }
     };
 }
@@ -127,12 +144,15 @@ impl RoutingObject {
             RoutingObject::Gateway(_) => "Gateway",
             RoutingObject::TcpRoute(_) => "TCPRoute",
             RoutingObject::TlsRoute(_) => "TLSRoute",
+            RoutingObject::UdpRoute(_) => "UDPRoute",
             RoutingObject::TrafficSplit(_) => "TrafficSplit",
             RoutingObject::TrafficTarget(_) => "TrafficTarget",
             RoutingObject::SmiTcpRoute(_) => "TCPRoute (specs.smi-spec.io)",
             RoutingObject::UpstreamTrafficSetting(_) => "UpstreamTrafficSetting",
             RoutingObject::LoadBalancerPolicy(_) => "LoadBalancerPolicy",
             RoutingObject::HealthCheckPolicy(_) => "HealthCheckPolicy",
+            RoutingObject::Egress(_) => "Egress",
+            RoutingObject::EgressGateway(_) => "EgressGateway",
         }
     }
 
@@ -155,6 +175,7 @@ impl RoutingObject {
             RoutingObject::Gateway(o) => drop(objects.gateways.insert(o.key(), o)),
             RoutingObject::TcpRoute(o) => drop(objects.tcp_routes.insert(o.key(), o)),
             RoutingObject::TlsRoute(o) => drop(objects.tls_routes.insert(o.key(), o)),
+            RoutingObject::UdpRoute(o) => drop(objects.udp_routes.insert(o.key(), o)),
             RoutingObject::TrafficSplit(o) => drop(objects.traffic_splits.insert(o.key(), o)),
             RoutingObject::TrafficTarget(o) => drop(objects.traffic_targets.insert(o.key(), o)),
             RoutingObject::SmiTcpRoute(o) => drop(objects.smi_tcp_routes.insert(o.key(), o)),
@@ -167,6 +188,8 @@ impl RoutingObject {
             RoutingObject::HealthCheckPolicy(o) => {
                 drop(objects.health_check_policies.insert(o.key(), o))
             }
+            RoutingObject::Egress(o) => drop(objects.egresses.insert(o.key(), o)),
+            RoutingObject::EgressGateway(o) => drop(objects.egress_gateways.insert(o.key(), o)),
         }
     }
 }
@@ -287,6 +310,11 @@ pub struct TlsRouteSpec {
     pub hostnames: Vec<String>,
     pub rules: Vec<TcpRouteRule>,
 }
+
+/// `gateway.networking.k8s.io/v1alpha2` `UDPRoute`: the fields of a TCPRoute (parentRefs,
+/// rules of weighted backendRefs); what differs is the listener it takes and that a
+/// client's datagrams, not a connection, stay with one backend.
+pub type UdpRouteSpec = TcpRouteSpec;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
@@ -616,4 +644,78 @@ pub struct HealthCheckConfig {
     pub path: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub matches: Vec<serde_json::Value>,
+}
+
+/// `policy.flomesh.io` `Egress` (v1alpha1): the ServiceAccounts in `sources` may reach
+/// destinations outside the mesh on `ports`, by destination address (`ipAddresses`, every
+/// address when empty) and, on `https` ports, by the server name of the ClientHello
+/// (`hosts`). Read as written (ports signed, CIDRs as strings) so that a bad value is
+/// rejected with a reason when routes are compiled, and the previous valid version stays.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct EgressSpec {
+    pub sources: Vec<EgressSource>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ip_addresses: Vec<String>,
+    pub ports: Vec<EgressPort>,
+    /// References to HTTPRouteGroups or UpstreamTrafficSettings (L7 and per-host
+    /// settings): noted in the status, not applied.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<serde_json::Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct EgressSource {
+    /// `ServiceAccount`, the only kind FSM reads.
+    pub kind: String,
+    pub name: String,
+    pub namespace: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct EgressPort {
+    pub number: i64,
+    /// `tcp`, `tcp-server-first`, `https` (by server name) or `http` (Host header: L7).
+    pub protocol: String,
+}
+
+/// `policy.flomesh.io` `EgressGateway` (v1alpha1): egress leaves the mesh through the
+/// gateways of `global` (weighted), or, for the connections an Egress policy named in a
+/// rule lets out, through that rule's gateways.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct EgressGatewaySpec {
+    pub global: Vec<EgressGatewayBinding>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<EgressGatewayRule>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<serde_json::Value>,
+}
+
+/// A gateway: a Service (its pods run the egress gateway) and its weight.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct EgressGatewayBinding {
+    pub service: String,
+    pub namespace: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weight: Option<i64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct EgressGatewayRule {
+    pub egress_policies: Vec<EgressPolicyRef>,
+    pub egress_gateways: Vec<EgressGatewayBinding>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct EgressPolicyRef {
+    pub name: String,
+    pub namespace: String,
 }

@@ -117,6 +117,15 @@ pub enum ProxyError {
         #[source]
         source: std::io::Error,
     },
+    /// The egress gateway did not connect to the destination (its SOCKS5 answer, or no
+    /// answer in time).
+    #[error("egress gateway {gateway} to {destination}: {source}")]
+    EgressGateway {
+        gateway: SocketAddr,
+        destination: SocketAddr,
+        #[source]
+        source: super::socks5::Socks5Error,
+    },
     /// The connect failed, and so did the one retry on another endpoint.
     #[error("connect {addr}: {first}; retry on {retry}: {source}")]
     ConnectRetry {
@@ -139,6 +148,7 @@ impl ProxyError {
             ProxyError::NoRoute => "no_route",
             ProxyError::ClientHello(_) => "client_hello",
             ProxyError::NoSniRoute { .. } => "no_sni_route",
+            ProxyError::EgressGateway { .. } => "egress_gateway",
             ProxyError::Connect { .. } | ProxyError::ConnectRetry { .. } => "connect",
         }
     }
@@ -280,7 +290,10 @@ impl ConnectionRecord {
                 backend.clone(),
             ),
             Some(Target::Refused { route, service, .. }) => (route.clone(), service.clone()),
-            Some(Target::Passthrough { .. }) => ("passthrough".into(), "passthrough".into()),
+            Some(Target::Passthrough { route, .. }) => (
+                route.clone().unwrap_or_else(|| "passthrough".into()),
+                "passthrough".into(),
+            ),
             Some(Target::Local {
                 node_probe: true, ..
             }) => ("node probe".into(), self.pod.clone()),
@@ -293,7 +306,7 @@ impl ConnectionRecord {
     pub fn target_addr(&self) -> Option<SocketAddr> {
         match &self.target {
             Some(Target::Endpoint { addr, .. })
-            | Some(Target::Passthrough { addr })
+            | Some(Target::Passthrough { addr, .. })
             | Some(Target::Local { addr, .. }) => Some(*addr),
             Some(Target::NoEndpoints { .. }) | Some(Target::Refused { .. }) | None => None,
         }

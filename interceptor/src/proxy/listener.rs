@@ -21,8 +21,12 @@ use super::routes::{
 };
 use super::sni::peek_sni;
 use super::socket::{self, SocketFactory};
+use super::socks5;
 use super::upstream::{self, Upstreams};
 use crate::sync::read;
+
+/// How long an egress gateway may take to connect to the destination and say so.
+const EGRESS_GATEWAY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Open one of the pod's listeners with `SO_REUSEPORT`, from the pod's socket factory:
 /// during a hand-over the next agent opens its own listener beside this one.
@@ -208,14 +212,44 @@ async fn proxy_one(
                 "egress refused: enableEgress is false and the destination is outside the mesh");
         }
     }
+    let tunnel = match &target {
+        Target::Endpoint {
+            addr,
+            tunnel_to: Some(destination),
+            ..
+        } => Some((*addr, *destination)),
+        _ => None,
+    };
     record.target = Some(target);
-    let (upstream, leases) = match opened {
+    let (mut upstream, leases) = match opened {
         Ok(opened) => opened,
         Err(error) => {
             reset_on_close(&stream);
             return Err(error);
         }
     };
+    // Through an egress gateway: it is told where the application was going first.
+    if let Some((gateway, destination)) = tunnel {
+        let asked = tokio::time::timeout(
+            EGRESS_GATEWAY_TIMEOUT,
+            socks5::connect(&mut upstream, destination),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(socks5::Socks5Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {EGRESS_GATEWAY_TIMEOUT:?}"),
+            )))
+        });
+        if let Err(source) = asked {
+            reset_on_close(&stream);
+            return Err(ProxyError::EgressGateway {
+                gateway,
+                destination,
+                source,
+            });
+        }
+    }
     // Both sockets have TCP_NODELAY: the listener's is inherited, the factory sets it on
     // upstream sockets.
     // Proxy-to-proxy connections between pods of this node are in the SOCKHASH when
@@ -224,7 +258,7 @@ async fn proxy_one(
         let peer = match (ctx.direction, &record.target) {
             (
                 Direction::Outbound,
-                Some(Target::Endpoint { addr, .. } | Target::Passthrough { addr }),
+                Some(Target::Endpoint { addr, .. } | Target::Passthrough { addr, .. }),
             ) => addr.ip(),
             (Direction::Outbound, _) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             (Direction::Inbound | Direction::Gateway, _) => client_ip,
@@ -308,7 +342,12 @@ async fn outbound_sni(
     original: SocketAddr,
     record: &mut ConnectionRecord,
 ) -> Result<Option<String>, ProxyError> {
-    if !table.routes_by_sni(original) {
+    let source = ConnectionSource {
+        pod: Some(&ctx.pod),
+        gateway: None,
+        sni: None,
+    };
+    if !table.needs_server_name(original, source) {
         return Ok(None);
     }
     let sni = peek_sni(stream, ctx.client_hello_timeout).await?;

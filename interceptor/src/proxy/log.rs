@@ -197,6 +197,7 @@ mod tests {
             backend: "demo/echo:80 subset v1".into(),
             pod: "demo/echo-v1".into(),
             addr: "10.244.0.9:9000".parse().unwrap(),
+            tunnel_to: None,
         });
         record.bytes.upstream_bytes = 5;
         record.bytes.downstream_bytes = 11;

@@ -144,6 +144,11 @@ impl ProxyMetrics {
         metrics
     }
 
+    /// The registry, for metrics counted elsewhere (the gateway's UDP listeners).
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
     /// The upstream families (refusals, failures, ejections per host and endpoint), for
     /// the [`super::Upstreams`] that counts into them.
     pub fn upstream(&self) -> UpstreamMetrics {
@@ -288,6 +293,7 @@ mod tests {
                 backend: "default/echo:80 subset v1".into(),
                 pod: "default/echo-v1".into(),
                 addr: "10.244.0.9:9000".parse().unwrap(),
+                tunnel_to: None,
             }),
             outcome: Outcome::Closed,
             copy_mode: CopyMode::Splice,
@@ -487,6 +493,7 @@ mod tests {
                     backend: backend.into(),
                     pod: "demo/echo".into(),
                     addr: "10.244.0.9:9000".parse().unwrap(),
+                    tunnel_to: None,
                 }),
                 outcome: Outcome::Closed,
                 ..ConnectionRecord::start(

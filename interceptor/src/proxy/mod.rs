@@ -19,6 +19,7 @@ pub mod orig_dst;
 pub mod routes;
 pub mod sni;
 pub mod socket;
+pub mod socks5;
 pub mod upstream;
 
 pub use connection::{ConnectionRecord, Direction, Outcome, ProxyError};

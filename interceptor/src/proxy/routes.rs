@@ -10,6 +10,7 @@
 //! mesh workloads must also be allowed by a TrafficTarget (see `access`).
 mod access;
 mod compile;
+mod egress;
 mod gateway;
 mod hosts;
 mod settings;
@@ -30,6 +31,14 @@ pub use settings::{
     Balancer, Checked, Health, LastValid, RateLimit, UpstreamSettings, DEFAULT_CONNECT_TIMEOUT,
 };
 use split::Split;
+
+/// What a gateway listener's port is bound for: a TCP and a UDP listener may share a
+/// number, so a listener is known by both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Transport {
+    Tcp,
+    Udp,
+}
 
 /// The gateway name of the mesh's own traffic in VirtualService `gateways` lists.
 pub const MESH_GATEWAY: &str = "mesh";
@@ -54,10 +63,15 @@ pub struct RouteTable {
     endpoint_settings: HashMap<SocketAddr, (Arc<UpstreamSettings>, PodKey)>,
     /// The endpoints with an active check.
     checked: Vec<Checked>,
-    /// FSM `enableEgress: false`: the addresses of the pods the model enrolls, on any
-    /// node (the mesh's own destinations); enrolled pods' connections to any other
-    /// address that is not a Service are refused. `None`: egress is open (the default).
-    closed_egress: Option<HashSet<IpAddr>>,
+    /// FSM `enableEgress: false`: enrolled pods' connections that leave the mesh are
+    /// refused unless an Egress policy lets them out.
+    egress_closed: bool,
+    /// The addresses of the pods the model enrolls, on any node (the mesh's own
+    /// destinations): any other address that is not a Service is outside the mesh. Only
+    /// known when egress is closed or goes through a gateway.
+    mesh_pod_ips: Option<HashSet<IpAddr>>,
+    /// FSM Egress policies: what a closed egress still lets out.
+    egress: egress::EgressPolicies,
 }
 
 #[derive(Debug, Clone)]
@@ -303,6 +317,10 @@ pub enum Target {
         backend: String,
         pod: String,
         addr: SocketAddr,
+        /// An egress gateway's endpoint: the destination outside the mesh it is asked
+        /// (SOCKS5 CONNECT) to forward to.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tunnel_to: Option<SocketAddr>,
     },
     /// The chosen backend has no ready endpoint: the connection is refused.
     NoEndpoints {
@@ -318,7 +336,12 @@ pub enum Target {
         reason: String,
     },
     /// Not a Service address: forward to where the application was going.
-    Passthrough { addr: SocketAddr },
+    Passthrough {
+        addr: SocketAddr,
+        /// With egress off, the Egress policy that lets it leave the mesh.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        route: Option<String>,
+    },
     /// Inbound: deliver to the application inside the pod.
     Local {
         addr: SocketAddr,
@@ -365,6 +388,7 @@ impl RouteTable {
         let upstream = settings::compile(model, memory);
         let mut compiled = compile::compile(model, pod_ips, &upstream.by_port);
         compiled.statuses.extend(upstream.statuses);
+        let egress = egress::EgressPolicies::compile(model, memory, &mut compiled.statuses);
         compiled
             .statuses
             .sort_by(|a, b| (a.kind, &a.name).cmp(&(b.kind, &b.name)));
@@ -397,16 +421,20 @@ impl RouteTable {
             pods_by_ip,
             endpoint_settings,
             checked,
-            closed_egress: None,
+            egress_closed: false,
+            mesh_pod_ips: None,
+            egress,
         }
     }
 
     /// FSM's `enableEgress`: `false` refuses enrolled pods' connections to destinations
     /// outside the mesh (`true`, the default, passes them to where they were going).
-    /// `model` is the one the table was built from: only a closed egress needs to know
-    /// which pods it enrolls.
+    /// `model` is the one the table was built from: only a closed egress, or one that
+    /// goes through an egress gateway, needs to know which pods it enrolls.
     pub fn set_egress(&mut self, model: &Model, enabled: bool) {
-        self.closed_egress = (!enabled).then(|| {
+        self.egress_closed = !enabled;
+        let needed = !enabled || self.egress.has_gateways();
+        self.mesh_pod_ips = needed.then(|| {
             self.pods_by_ip
                 .iter()
                 .filter(|(_, key)| model.enrollment(key).is_some_and(|e| e.enrolled))
@@ -430,6 +458,7 @@ impl RouteTable {
     ) -> Resolved {
         let (target, settings) = self.route(original, source, pick);
         let target = self.check_egress(self.check_target(target, source), source);
+        let (target, settings) = self.via_egress_gateway((target, settings), source, pick);
         let settings = settings.filter(|_| matches!(target, Target::Endpoint { .. }));
         Resolved { target, settings }
     }
@@ -471,7 +500,7 @@ impl RouteTable {
                 service, pod, addr, ..
             } => (service.clone(), Some((pod.parse::<PodKey>().ok(), *addr))),
             // A pod dialled directly is still a mesh workload; anything else is not.
-            Target::Passthrough { addr } => (
+            Target::Passthrough { addr, .. } => (
                 // Not the address: it would make one metric series per destination.
                 "passthrough".to_owned(),
                 self.pods_by_ip
@@ -493,27 +522,126 @@ impl RouteTable {
         }
     }
 
-    /// With egress off, a mesh connection that would leave the mesh is refused: passed
-    /// through (no Service address) to an address no enrolled pod has.
+    /// With egress off, a mesh connection that would leave the mesh (passed through, no
+    /// Service address, to an address no enrolled pod has) is refused unless an Egress
+    /// policy lets its pod out to that destination.
     fn check_egress(&self, target: Target, source: ConnectionSource<'_>) -> Target {
-        let Some(mesh_pod_ips) = &self.closed_egress else {
+        let Target::Passthrough { addr, .. } = &target else {
             return target;
         };
-        match target {
-            Target::Passthrough { addr }
-                if source.gateway.is_none() && !mesh_pod_ips.contains(&addr.ip()) =>
-            {
-                Target::Refused {
-                    service: "egress".into(),
-                    route: EGRESS_POLICY.into(),
-                    reason: format!(
-                        "egress is off (enableEgress: false): {addr} is neither a Service \
-                         nor a mesh pod"
+        let addr = *addr;
+        let verdict = match self.egress_verdict(addr, source) {
+            None => return target,
+            Some(verdict) => verdict,
+        };
+        match verdict {
+            egress::Verdict::Allowed(route) => Target::Passthrough {
+                addr,
+                route: Some(route.to_owned()),
+            },
+            egress::Verdict::NeedsServerName | egress::Verdict::Refused => Target::Refused {
+                service: "egress".into(),
+                route: EGRESS_POLICY.into(),
+                reason: match source.sni {
+                    Some(sni) => format!(
+                        "egress is off (enableEgress: false): {addr} is neither a Service nor \
+                         a mesh pod, and no Egress policy lets this pod reach it as {sni:?}"
                     ),
-                }
-            }
-            target => target,
+                    None => format!(
+                        "egress is off (enableEgress: false): {addr} is neither a Service nor \
+                         a mesh pod, and no Egress policy lets this pod reach it"
+                    ),
+                },
+            },
         }
+    }
+
+    /// `None` when the connection stays in the mesh or egress is open; else what the
+    /// Egress policies say of the source's pod reaching `addr`.
+    fn egress_verdict(
+        &self,
+        addr: SocketAddr,
+        source: ConnectionSource<'_>,
+    ) -> Option<egress::Verdict<'_>> {
+        if !self.egress_closed || !self.leaves_mesh(addr, source) {
+            return None;
+        }
+        let identity = source
+            .pod
+            .and_then(|key| self.sources.get(key))
+            .map(|s| (s.namespace.clone(), s.service_account.clone()));
+        Some(match identity {
+            Some(identity) => self.egress.verdict(&identity, &addr, source.sni),
+            None => egress::Verdict::Refused,
+        })
+    }
+
+    /// Whether a mesh connection to `addr` (not a Service address) leaves the mesh: no
+    /// enrolled pod has the address. Gateways' connections are not the mesh's egress.
+    fn leaves_mesh(&self, addr: SocketAddr, source: ConnectionSource<'_>) -> bool {
+        source.gateway.is_none()
+            && self
+                .mesh_pod_ips
+                .as_ref()
+                .is_some_and(|ips| !ips.contains(&addr.ip()))
+    }
+
+    /// Egress that leaves the mesh goes to an egress gateway when an EgressGateway names
+    /// one: the gateway Service's endpoint, told the destination by SOCKS5. A gateway
+    /// Service without a ready endpoint refuses the connection (never sent direct).
+    fn via_egress_gateway(
+        &self,
+        resolved: (Target, Option<Arc<UpstreamSettings>>),
+        source: ConnectionSource<'_>,
+        pick: &Pick<'_>,
+    ) -> (Target, Option<Arc<UpstreamSettings>>) {
+        let (Target::Passthrough { addr, route }, _) = &resolved else {
+            return resolved;
+        };
+        if !self.leaves_mesh(*addr, source) {
+            return resolved;
+        }
+        let Some(gateways) = self.egress.gateways_for(route.as_deref()) else {
+            return resolved;
+        };
+        let destination = *addr;
+        match self.route(gateways.pick(), source, pick) {
+            (
+                Target::Endpoint {
+                    service,
+                    backend,
+                    pod,
+                    addr,
+                    ..
+                },
+                settings,
+            ) => (
+                Target::Endpoint {
+                    service,
+                    route: Some(gateways.route.clone()),
+                    backend,
+                    pod,
+                    addr,
+                    tunnel_to: Some(destination),
+                },
+                settings,
+            ),
+            other => other,
+        }
+    }
+
+    /// Whether the listener must read the ClientHello of a connection to `original` from
+    /// `source` before routing it: a Service port routed by server name (VirtualService
+    /// `tls` rules), or, with egress off, a destination outside the mesh that only an
+    /// Egress policy's `https` port could open.
+    pub fn needs_server_name(&self, original: SocketAddr, source: ConnectionSource<'_>) -> bool {
+        if self.services.contains_key(&original) {
+            return self.routes_by_sni(original);
+        }
+        matches!(
+            self.egress_verdict(original, source),
+            Some(egress::Verdict::NeedsServerName)
+        )
     }
 
     /// Inbound: whether the client at `client` (either family: a pod is known by its IPv4
@@ -571,7 +699,13 @@ impl RouteTable {
         pick: &Pick<'_>,
     ) -> (Target, Option<Arc<UpstreamSettings>>) {
         let Some(route) = self.services.get(&original) else {
-            return (Target::Passthrough { addr: original }, None);
+            return (
+                Target::Passthrough {
+                    addr: original,
+                    route: None,
+                },
+                None,
+            );
         };
         let chosen = route.policy.as_ref().and_then(|policy| {
             policy
@@ -620,6 +754,7 @@ impl RouteTable {
                 backend: backend.name.clone(),
                 pod: endpoint.pod.to_string(),
                 addr: endpoint.addr,
+                tunnel_to: None,
             },
             None => Target::NoEndpoints {
                 service: route.service.clone(),
@@ -735,3 +870,9 @@ mod tests;
 
 #[cfg(test)]
 mod tls_tests;
+
+#[cfg(test)]
+mod egress_tests;
+
+#[cfg(test)]
+mod udp_tests;

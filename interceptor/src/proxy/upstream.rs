@@ -567,7 +567,7 @@ fn refused(target: Target, reason: String) -> Opened {
         Target::Endpoint { service, .. }
         | Target::NoEndpoints { service, .. }
         | Target::Refused { service, .. } => service,
-        Target::Passthrough { addr } | Target::Local { addr, .. } => addr.to_string(),
+        Target::Passthrough { addr, .. } | Target::Local { addr, .. } => addr.to_string(),
     };
     refusal(service, "circuit breaker", reason)
 }
@@ -602,7 +602,7 @@ where
 {
     let addr = match &target {
         Target::Endpoint { addr, .. }
-        | Target::Passthrough { addr }
+        | Target::Passthrough { addr, .. }
         | Target::Local { addr, .. } => *addr,
         Target::NoEndpoints { .. } | Target::Refused { .. } => return not_an_address(target),
     };

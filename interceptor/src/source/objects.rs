@@ -146,28 +146,34 @@ pub enum RoutingKind {
     Gateways,
     TcpRoutes,
     TlsRoutes,
+    UdpRoutes,
     TrafficSplits,
     TrafficTargets,
     SmiTcpRoutes,
     UpstreamTrafficSettings,
     LoadBalancerPolicies,
     HealthCheckPolicies,
+    Egresses,
+    EgressGateways,
 }
 
 impl RoutingKind {
-    pub const ALL: [RoutingKind; 12] = [
+    pub const ALL: [RoutingKind; 15] = [
         RoutingKind::VirtualServices,
         RoutingKind::DestinationRules,
         RoutingKind::IstioGateways,
         RoutingKind::Gateways,
         RoutingKind::TcpRoutes,
         RoutingKind::TlsRoutes,
+        RoutingKind::UdpRoutes,
         RoutingKind::TrafficSplits,
         RoutingKind::TrafficTargets,
         RoutingKind::SmiTcpRoutes,
         RoutingKind::UpstreamTrafficSettings,
         RoutingKind::LoadBalancerPolicies,
         RoutingKind::HealthCheckPolicies,
+        RoutingKind::Egresses,
+        RoutingKind::EgressGateways,
     ];
 
     /// The routing kind of `api_version` and `kind`: every version the agent reads (the
@@ -188,6 +194,7 @@ impl RoutingKind {
             }
             ("gateway.networking.k8s.io/v1alpha2", "TCPRoute") => RoutingKind::TcpRoutes,
             ("gateway.networking.k8s.io/v1alpha2", "TLSRoute") => RoutingKind::TlsRoutes,
+            ("gateway.networking.k8s.io/v1alpha2", "UDPRoute") => RoutingKind::UdpRoutes,
             (
                 "split.smi-spec.io/v1alpha4"
                 | "split.smi-spec.io/v1alpha3"
@@ -210,6 +217,10 @@ impl RoutingKind {
             ("gateway.flomesh.io/v1alpha1", "HealthCheckPolicy") => {
                 RoutingKind::HealthCheckPolicies
             }
+            ("policy.flomesh.io/v1alpha1" | "policy.openservicemesh.io/v1alpha1", "Egress") => {
+                RoutingKind::Egresses
+            }
+            ("policy.flomesh.io/v1alpha1", "EgressGateway") => RoutingKind::EgressGateways,
             _ => return None,
         })
     }
@@ -222,11 +233,14 @@ impl RoutingKind {
             RoutingKind::IstioGateways | RoutingKind::Gateways => "Gateway",
             RoutingKind::TcpRoutes | RoutingKind::SmiTcpRoutes => "TCPRoute",
             RoutingKind::TlsRoutes => "TLSRoute",
+            RoutingKind::UdpRoutes => "UDPRoute",
             RoutingKind::TrafficSplits => "TrafficSplit",
             RoutingKind::TrafficTargets => "TrafficTarget",
             RoutingKind::UpstreamTrafficSettings => "UpstreamTrafficSetting",
             RoutingKind::LoadBalancerPolicies => "LoadBalancerPolicy",
             RoutingKind::HealthCheckPolicies => "HealthCheckPolicy",
+            RoutingKind::Egresses => "Egress",
+            RoutingKind::EgressGateways => "EgressGateway",
         }
     }
 }
@@ -272,6 +286,7 @@ pub fn routing_object<D: Decode>(kind: RoutingKind, object: D) -> Result<Routing
         RoutingKind::Gateways => RoutingObject::Gateway(routed(kind, object)?),
         RoutingKind::TcpRoutes => RoutingObject::TcpRoute(routed(kind, object)?),
         RoutingKind::TlsRoutes => RoutingObject::TlsRoute(routed(kind, object)?),
+        RoutingKind::UdpRoutes => RoutingObject::UdpRoute(routed(kind, object)?),
         RoutingKind::TrafficSplits => RoutingObject::TrafficSplit(routed(kind, object)?),
         RoutingKind::TrafficTargets => RoutingObject::TrafficTarget(routed(kind, object)?),
         RoutingKind::SmiTcpRoutes => RoutingObject::SmiTcpRoute(routed(kind, object)?),
@@ -282,6 +297,8 @@ pub fn routing_object<D: Decode>(kind: RoutingKind, object: D) -> Result<Routing
             RoutingObject::LoadBalancerPolicy(routed(kind, object)?)
         }
         RoutingKind::HealthCheckPolicies => RoutingObject::HealthCheckPolicy(routed(kind, object)?),
+        RoutingKind::Egresses => RoutingObject::Egress(routed(kind, object)?),
+        RoutingKind::EgressGateways => RoutingObject::EgressGateway(routed(kind, object)?),
     })
 }
 

@@ -175,6 +175,35 @@ enum Cmd {
         #[arg(long, default_value_t = 5_000)]
         io_timeout_ms: u64,
     },
+    /// UDP echo server (fortio's UDP echo): answers every datagram with the same bytes,
+    /// or with "<prefix> <datagram>" when `--prefix` is given, so a client sees which
+    /// backend answered.
+    UdpEcho {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        prefix: Option<String>,
+    },
+    /// `clients` UDP sockets (distinct source ports: ephemeral, or `--local-port-base`
+    /// and up), each sending `count` datagrams "<message>\n" one after another and
+    /// waiting for each reply. Prints {"sent", "received", "lost", "replies": {first
+    /// word: n}, "from": [the distinct source addresses of the replies], "first_reply",
+    /// "clients": [{"port", "words": [distinct first words, in order]}]}.
+    UdpClient {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        clients: u32,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        #[arg(long, default_value = "test")]
+        message: String,
+        /// Bind the sockets to this port and the next ones (0: ephemeral ports).
+        #[arg(long, default_value_t = 0)]
+        local_port_base: u16,
+        #[arg(long, default_value_t = 2_000)]
+        timeout_ms: u64,
+    },
     /// Accepts, reads a few bytes, then closes with SO_LINGER 0 (sends RST).
     ResetServer {
         #[arg(long)]
@@ -275,6 +304,23 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Echo { listen, greeting } => serve(listen, move |s| echo(s, greeting.as_deref())),
         Cmd::TcpEcho { listen, prefix } => serve(listen, move |s| tcp_echo(s, &prefix)),
+        Cmd::UdpEcho { listen, prefix } => udp_echo(listen, prefix.as_deref()),
+        Cmd::UdpClient {
+            connect,
+            clients,
+            count,
+            message,
+            local_port_base,
+            timeout_ms,
+        } => udp_client(
+            connect,
+            clients,
+            count,
+            &message,
+            local_port_base,
+            Duration::from_millis(timeout_ms),
+        )
+        .map(|report| println!("{report}")),
         Cmd::Tally {
             connect,
             count,
@@ -551,6 +597,82 @@ fn tcp_echo(s: TcpStream, prefix: &str) {
             return;
         }
     }
+}
+
+fn udp_echo(listen: SocketAddr, prefix: Option<&str>) -> io::Result<()> {
+    let socket = std::net::UdpSocket::bind(listen)?;
+    emit(&format!("READY {}", socket.local_addr()?));
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let (len, peer) = socket.recv_from(&mut buf)?;
+        event(json!({"event": "datagram", "peer": peer.to_string(), "len": len}));
+        let reply = match prefix {
+            Some(prefix) => [prefix.as_bytes(), b" ", &buf[..len]].concat(),
+            None => buf[..len].to_vec(),
+        };
+        socket.send_to(&reply, peer)?;
+    }
+}
+
+fn udp_client(
+    connect: SocketAddr,
+    clients: u32,
+    count: u32,
+    message: &str,
+    local_port_base: u16,
+    timeout: Duration,
+) -> io::Result<serde_json::Value> {
+    use std::collections::BTreeMap;
+    let datagram = format!("{message}\n");
+    let (mut sent, mut received) = (0u64, 0u64);
+    let mut replies: BTreeMap<String, u64> = BTreeMap::new();
+    let mut from: Vec<String> = Vec::new();
+    let mut first_reply = None;
+    let mut per_client = Vec::new();
+    let mut buf = vec![0u8; 65_536];
+    for i in 0..clients {
+        let port = match local_port_base {
+            0 => 0,
+            base => u16::try_from(u32::from(base) + i)
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "port beyond 65535"))?,
+        };
+        let socket = std::net::UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], port)))?;
+        socket.set_read_timeout(Some(timeout))?;
+        let mut words: Vec<String> = Vec::new();
+        for _ in 0..count {
+            socket.send_to(datagram.as_bytes(), connect)?;
+            sent += 1;
+            // Until the reply, or the timeout (lost); an ICMP error counts as lost too.
+            let Ok((len, peer)) = socket.recv_from(&mut buf) else {
+                continue;
+            };
+            received += 1;
+            let text = String::from_utf8_lossy(&buf[..len]).trim_end().to_owned();
+            let word = text
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            *replies.entry(word.clone()).or_default() += 1;
+            if !words.contains(&word) {
+                words.push(word);
+            }
+            if !from.contains(&peer.to_string()) {
+                from.push(peer.to_string());
+            }
+            first_reply.get_or_insert(text);
+        }
+        per_client.push(json!({"port": socket.local_addr()?.port(), "words": words}));
+    }
+    Ok(json!({
+        "sent": sent,
+        "received": received,
+        "lost": sent - received,
+        "replies": replies,
+        "from": from,
+        "first_reply": first_reply,
+        "clients": per_client,
+    }))
 }
 
 fn tally(

@@ -236,6 +236,82 @@ pub fn python_in_pod(node: &Node, pod: &Pod, script: &str, timeout: Duration) ->
     })
 }
 
+/// `interceptor gateway --manifests dir --admin-addr admin args…` started in `pod`, its
+/// stdout in `log` and its stderr beside it (`.err`); the caller ends it by its PID.
+pub fn spawn_gateway(
+    tb: &Testbed,
+    pod: &Pod,
+    dir: &Path,
+    admin: &str,
+    args: &[&str],
+    log: &Path,
+) -> std::process::Child {
+    let mut cmd = std::process::Command::new(interceptor_testbed::bin_path("interceptor"));
+    cmd.arg("gateway")
+        .arg("--manifests")
+        .arg(dir)
+        .args(["--admin-addr", admin])
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(log).expect("gateway log"))
+        .stderr(std::fs::File::create(log.with_extension("err")).expect("gateway log"));
+    tb.spawn_in_pod(pod, cmd).expect("interceptor gateway")
+}
+
+/// Whether a gateway's `/config_dump` shows listeners accepted on every one of `ports`
+/// and no port it failed to bind.
+pub fn gateway_serves(dump: &serde_json::Value, ports: &[u16]) -> bool {
+    let open: Vec<u64> = dump["listeners"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|l| l["accepted"] == true)
+        .filter_map(|l| l["port"].as_u64())
+        .collect();
+    let bound = dump["bind_errors"]
+        .as_object()
+        .is_some_and(|e| e.is_empty());
+    bound && ports.iter().all(|p| open.contains(&u64::from(*p)))
+}
+
+/// `/config_dump` of the `interceptor gateway` in `pod` whose admin port is `admin`; `None`
+/// until it answers.
+pub fn gateway_dump(
+    tb: &Testbed,
+    pod: &Pod,
+    admin: std::net::SocketAddr,
+) -> Option<serde_json::Value> {
+    let (status, body) = tb.http_get_in_pod(pod, admin, "/config_dump").ok()?;
+    (status == 200).then(|| serde_json::from_str(&body).ok())?
+}
+
+/// The status of route `name` (`namespace/name`) in a gateway's `/config_dump`.
+pub fn gateway_route(dump: &serde_json::Value, name: &str) -> serde_json::Value {
+    dump["routes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no status of {name}: {}", dump["routes"]))
+}
+
+/// `(status, reason)` of condition `kind` of route `name` in a gateway's `/config_dump`.
+pub fn route_condition(dump: &serde_json::Value, name: &str, kind: &str) -> (String, String) {
+    let route = gateway_route(dump, name);
+    let c = route["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["type"] == kind)
+        .cloned()
+        .unwrap_or_else(|| panic!("no {kind} condition: {route}"));
+    (
+        c["status"].as_str().unwrap_or_default().to_owned(),
+        c["reason"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
 /// Poll `probe` every 50 ms for up to 5 s; panics naming `what` when it never answers.
 pub fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
     for _ in 0..100 {

@@ -14,7 +14,9 @@ use ipnet::IpNet;
 use super::hosts::HostPattern;
 use super::settings::PortKey;
 use super::split::{istio_weights, Split};
-use super::{Backend, Match, Policy, Rule, ServiceRoute, UpstreamSettings, MESH_GATEWAY};
+use super::{
+    Backend, Match, Policy, Rule, ServiceRoute, Transport, UpstreamSettings, MESH_GATEWAY,
+};
 use crate::model::routing::{
     BackendRef, Destination, IstioL4Route, IstioTcpRoute, IstioTlsRoute, L4MatchAttributes,
     RouteDestination, Routed, TcpRouteRule, TcpRouteSpec, TlsMatchAttributes, TrafficSplitSpec,
@@ -510,7 +512,8 @@ impl Ctx<'_> {
         if parents.is_empty() {
             return Ok((Vec::new(), notes));
         }
-        let (backends, mut errors) = self.gateway_backends(&route.spec.rules, &route.namespace);
+        let (backends, mut errors) =
+            self.gateway_backends(&route.spec.rules, &route.namespace, Transport::Tcp);
         if route.spec.rules.iter().all(|r| r.backend_refs.is_empty()) {
             return Err(errors.0);
         }
@@ -585,6 +588,7 @@ impl Ctx<'_> {
         &'s self,
         rules: &[TcpRouteRule],
         namespace: &str,
+        transport: Transport,
     ) -> (Vec<(&'s Service, &'s ServicePort, u32)>, Errors) {
         let refs: Vec<&BackendRef> = rules.iter().flat_map(|r| &r.backend_refs).collect();
         let mut errors = Errors::default();
@@ -596,7 +600,7 @@ impl Ctx<'_> {
             .enumerate()
             .filter_map(|(i, b)| {
                 errors.take(
-                    self.gateway_backend(b, namespace)
+                    self.gateway_backend(b, namespace, transport)
                         .map_err(|e| format!("backendRefs[{i}] {}: {e}", b.name)),
                 )
             })
@@ -604,11 +608,13 @@ impl Ctx<'_> {
         (backends, errors)
     }
 
-    /// A Gateway API backendRef: a Service in the route's namespace with a port.
+    /// A Gateway API backendRef: a Service in the route's namespace with a port of the
+    /// route's transport.
     pub(super) fn gateway_backend<'s>(
         &'s self,
         b: &BackendRef,
         namespace: &str,
+        transport: Transport,
     ) -> Result<(&'s Service, &'s ServicePort, u32), String> {
         let kind = b.kind.as_deref().unwrap_or("Service");
         if kind != "Service" || !b.group.as_deref().unwrap_or("").is_empty() {
@@ -631,7 +637,10 @@ impl Ctx<'_> {
             .model
             .service(&key)
             .ok_or_else(|| format!("Service {key} does not exist"))?;
-        let sp = self.port(svc, Some(port), 0)?;
+        let sp = match transport {
+            Transport::Tcp => self.port(svc, Some(port), 0)?,
+            Transport::Udp => udp_port(svc, port)?,
+        };
         Ok((svc, sp, weight))
     }
 
@@ -780,4 +789,20 @@ fn istio_match(
         gateways,
         sni_hosts: Vec::new(),
     })
+}
+
+/// A UDPRoute's Service port `number`: the one with `protocol: UDP`, else the one left
+/// at Kubernetes' default protocol (TCP). FSM's own example (7.4.11) names a Service port
+/// without a protocol and its UDP echo works there, so such a port carries datagrams too;
+/// a Service with both takes the UDP one.
+fn udp_port(svc: &Service, number: u32) -> Result<&ServicePort, String> {
+    let numbered = || {
+        svc.ports
+            .iter()
+            .filter(move |p| u32::from(p.port) == number)
+    };
+    numbered()
+        .find(|p| p.protocol == "UDP")
+        .or_else(|| numbered().find(|p| p.is_tcp()))
+        .ok_or_else(|| format!("Service {} has no UDP (or TCP) port {number}", svc.key()))
 }

@@ -1,8 +1,8 @@
 //! The routes of one gateway (`interceptor gateway --gateway NS/NAME`): a Gateway API
-//! `Gateway` with its TCP listeners and the `TCPRoute`s attached to them and its TLS
+//! `Gateway` with its TCP listeners and the `TCPRoute`s attached to them, its TLS
 //! passthrough listeners and the `TLSRoute`s attached to them (by server name, see
-//! `hosts`), or an Istio `Gateway` with its TCP servers and the `VirtualService`s bound to
-//! it. Compiled from the model like the mesh's table, judged with Gateway API conditions
+//! `hosts`) and its UDP listeners and the `UDPRoute`s attached to them, or an Istio
+//! `Gateway` with its TCP servers and the `VirtualService`s bound to it. Compiled from the model like the mesh's table, judged with Gateway API conditions
 //! (`Accepted`, `ResolvedRefs`) or reasons.
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -12,9 +12,10 @@ use super::compile::{applies_to_port, Condition, Ctx, Errors, RouteStatus};
 use super::hosts::{HostPattern, SniRoutes};
 use super::settings::{self, Checked, LastValid};
 use super::split::Split;
-use super::{holds, Pick, Policy, Resolved, Rule, Source, Target};
+use super::{holds, Pick, Policy, Resolved, Rule, Source, Target, Transport};
 use crate::model::routing::{
-    GatewaySpec, IstioGatewaySpec, ParentReference, Routed, TcpRouteRule, TlsRouteSpec,
+    GatewaySpec, IstioGatewaySpec, Listener, ParentReference, Routed, TcpRouteRule, TcpRouteSpec,
+    TlsRouteSpec,
 };
 use crate::model::{IpFamily, Model};
 
@@ -44,22 +45,38 @@ struct GatewayListener {
     tls: Option<SniRoutes<Policy>>,
     /// The listener's `hostname`, narrowing its routes' names.
     hostname: HostPattern,
+    /// The kind of route it takes: `TCPRoute`, `TLSRoute` or `UDPRoute`.
+    takes: &'static str,
 }
 
 impl GatewayListener {
-    fn new(name: String, tls: bool, hostname: HostPattern) -> Self {
+    fn new(name: String, protocol: &str, hostname: HostPattern) -> Self {
         Self {
             name,
             policy: None,
             owners: Vec::new(),
-            tls: tls.then(SniRoutes::default),
+            tls: (protocol == "TLS").then(SniRoutes::default),
             hostname,
+            takes: match protocol {
+                "TLS" => "TLSRoute",
+                "UDP" => "UDPRoute",
+                _ => "TCPRoute",
+            },
         }
     }
 }
 
-/// A Gateway API route as a gateway attaches it: a TCPRoute, or a TLSRoute with its
-/// hostnames.
+/// The transport a Gateway API listener's port is bound for.
+fn transport_of(listener: &Listener) -> Transport {
+    if listener.protocol == "UDP" {
+        Transport::Udp
+    } else {
+        Transport::Tcp
+    }
+}
+
+/// A Gateway API route as a gateway attaches it: a TCPRoute, a UDPRoute, or a TLSRoute
+/// with its hostnames.
 struct RouteView<'a> {
     kind: &'static str,
     key: String,
@@ -88,7 +105,7 @@ pub struct GatewayTable {
     gateway: String,
     /// Why the gateway itself is not served (missing, another class, ...).
     error: Option<String>,
-    listeners: BTreeMap<u16, GatewayListener>,
+    listeners: BTreeMap<(Transport, u16), GatewayListener>,
     listener_statuses: Vec<ListenerStatus>,
     statuses: Vec<RouteStatus>,
     sources: HashMap<Ipv4Addr, Source>,
@@ -150,9 +167,49 @@ impl GatewayTable {
         &self.gateway
     }
 
-    /// The ports to listen on.
+    /// The TCP ports to listen on (TCP and TLS listeners).
     pub fn ports(&self) -> Vec<u16> {
-        self.listeners.keys().copied().collect()
+        self.ports_of(Transport::Tcp)
+    }
+
+    /// The UDP ports to listen on, each with its listener's name.
+    pub fn udp_listeners(&self) -> Vec<(u16, &str)> {
+        self.listeners
+            .iter()
+            .filter(|((t, _), _)| *t == Transport::Udp)
+            .map(|((_, port), l)| (*port, l.name.as_str()))
+            .collect()
+    }
+
+    /// Whether the UDP listener on `port` still routes by `route` (`UDPRoute ns/name`) to
+    /// a backend with endpoint `addr`: a session keeps its backend across rebuilds of the
+    /// table while this holds.
+    pub fn udp_serves(&self, port: u16, route: &str, addr: SocketAddr) -> bool {
+        let policy = self
+            .listeners
+            .get(&(Transport::Udp, port))
+            .and_then(|l| l.policy.as_ref());
+        policy.is_some_and(|p| {
+            p.route == route
+                && p.rules
+                    .iter()
+                    .flat_map(|r| r.split.backends())
+                    .any(|b| b.endpoints.iter().any(|e| e.addr == addr))
+        })
+    }
+
+    fn ports_of(&self, transport: Transport) -> Vec<u16> {
+        self.listeners
+            .keys()
+            .filter(|(t, _)| *t == transport)
+            .map(|(_, port)| *port)
+            .collect()
+    }
+
+    /// The UDPRoute attached to the UDP listener on `port` (`UDPRoute namespace/name`).
+    pub fn udp_route(&self, port: u16) -> Option<&str> {
+        let listener = self.listeners.get(&(Transport::Udp, port))?;
+        listener.policy.as_ref().map(|p| p.route.as_str())
     }
 
     pub fn error(&self) -> Option<&str> {
@@ -191,16 +248,34 @@ impl GatewayTable {
     /// Where a connection accepted on `local` from `client` goes, choosing the endpoint
     /// as `pick` allows.
     pub fn resolve_with(&self, local: SocketAddrV4, client: Ipv4Addr, pick: &Pick<'_>) -> Resolved {
+        self.resolve_on(Transport::Tcp, local, client, pick)
+    }
+
+    /// Where a new session of datagrams from `client` to the UDP listener `local` goes,
+    /// choosing the backend by weight and the endpoint as `pick` allows.
+    pub fn resolve_udp_with(
+        &self,
+        local: SocketAddrV4,
+        client: Ipv4Addr,
+        pick: &Pick<'_>,
+    ) -> Resolved {
+        self.resolve_on(Transport::Udp, local, client, pick)
+    }
+
+    fn resolve_on(
+        &self,
+        transport: Transport,
+        local: SocketAddrV4,
+        client: Ipv4Addr,
+        pick: &Pick<'_>,
+    ) -> Resolved {
         let target = |target| Resolved {
             target,
             settings: None,
         };
         let service = format!("gateway {} port {}", self.gateway, local.port());
-        let Some(policy) = self
-            .listeners
-            .get(&local.port())
-            .and_then(|l| l.policy.as_ref())
-        else {
+        let key = (transport, local.port());
+        let Some(policy) = self.listeners.get(&key).and_then(|l| l.policy.as_ref()) else {
             return target(Target::Refused {
                 service,
                 route: "none".into(),
@@ -208,7 +283,7 @@ impl GatewayTable {
             });
         };
         let source = self.sources.get(&client);
-        let listener = &self.listeners[&local.port()];
+        let listener = &self.listeners[&key];
         let found = policy.rules.iter().enumerate().find(|(_, rule)| {
             rule.matches.is_empty()
                 || rule
@@ -234,12 +309,14 @@ impl GatewayTable {
     /// Whether the listener on `port` is a TLS passthrough listener (its connections
     /// are routed by the server name of their ClientHello).
     pub fn is_tls(&self, port: u16) -> bool {
-        self.listeners.get(&port).is_some_and(|l| l.tls.is_some())
+        self.listeners
+            .get(&(Transport::Tcp, port))
+            .is_some_and(|l| l.tls.is_some())
     }
 
     /// The TLSRoute of the TLS listener on `port` that serves server name `sni`.
     pub fn tls_route(&self, port: u16, sni: Option<&str>) -> Option<&str> {
-        let routes = self.listeners.get(&port)?.tls.as_ref()?;
+        let routes = self.listeners.get(&(Transport::Tcp, port))?.tls.as_ref()?;
         routes.lookup(sni).map(|policy| policy.route.as_str())
     }
 
@@ -255,7 +332,7 @@ impl GatewayTable {
         let service = format!("gateway {} port {}", self.gateway, local.port());
         let found = self
             .listeners
-            .get(&local.port())
+            .get(&(Transport::Tcp, local.port()))
             .and_then(|l| l.tls.as_ref())
             .and_then(|routes| routes.lookup(sni));
         let Some(policy) = found else {
@@ -299,41 +376,47 @@ impl GatewayTable {
                 None | Some("") => Ok(HostPattern::Any),
                 Some(h) => HostPattern::parse(h, false).map_err(|e| format!("hostname: {e}")),
             };
+            // A TCP and a UDP listener may share a port number; two of one transport not.
+            let transport = transport_of(listener);
+            let taken = |port| self.listeners.contains_key(&(transport, port));
             status.reason = match (protocol, port, hostname) {
-                ("TCP" | "TLS", Some(port), _) if self.listeners.contains_key(&port) => {
+                ("TCP" | "TLS" | "UDP", Some(port), _) if taken(port) => {
                     Some(format!("port {port} is taken by an earlier listener"))
                 }
                 ("TLS", Some(_), _) if mode != "Passthrough" => Some(format!(
                     "tls mode {mode:?} is not served (only Passthrough: the proxy does not terminate TLS)"
                 )),
-                ("TCP" | "TLS", Some(_), Err(error)) => Some(error),
-                ("TCP" | "TLS", Some(port), Ok(hostname)) => {
+                ("TCP" | "TLS" | "UDP", Some(_), Err(error)) => Some(error),
+                ("TCP" | "TLS" | "UDP", Some(port), Ok(hostname)) => {
                     self.listeners.insert(
-                        port,
-                        GatewayListener::new(listener.name.clone(), protocol == "TLS", hostname),
+                        (transport, port),
+                        GatewayListener::new(listener.name.clone(), protocol, hostname),
                     );
                     status.accepted = true;
                     None
                 }
-                ("TCP" | "TLS", None, _) => {
-                    Some(format!("port {} is not a TCP port", listener.port))
-                }
+                ("TCP" | "TLS" | "UDP", None, _) => Some(format!(
+                    "port {} is not a {protocol} port",
+                    listener.port
+                )),
                 (other, _, _) => Some(format!(
-                    "protocol {other:?} is not served (only TCP, and TLS in Passthrough mode)"
+                    "protocol {other:?} is not served (only TCP, UDP, and TLS in Passthrough mode)"
                 )),
             };
             self.listener_statuses.push(status);
         }
         let mut routes: Vec<(_, RouteView<'_>, &[ParentReference])> = Vec::new();
-        for route in ctx.model.routing.tcp_routes.values() {
-            let view = RouteView {
-                kind: "TCPRoute",
-                key: route.key(),
-                namespace: &route.namespace,
-                rules: &route.spec.rules,
-                hostnames: None,
-            };
-            routes.push((route.age_key(), view, &route.spec.parent_refs));
+        for (kind, by_key) in [
+            ("TCPRoute", &ctx.model.routing.tcp_routes),
+            ("UDPRoute", &ctx.model.routing.udp_routes),
+        ] {
+            for route in by_key.values() {
+                routes.push((
+                    route.age_key(),
+                    l4_view(kind, route),
+                    &route.spec.parent_refs,
+                ));
+            }
         }
         for route in ctx.model.routing.tls_routes.values() {
             routes.push((route.age_key(), tls_view(route), &route.spec.parent_refs));
@@ -357,7 +440,7 @@ impl GatewayTable {
         }
     }
 
-    /// Attach one TCPRoute or TLSRoute to the listeners its parentRefs select.
+    /// Attach one TCPRoute, TLSRoute or UDPRoute to the listeners its parentRefs select.
     fn attach(
         &mut self,
         ctx: &Ctx<'_>,
@@ -397,7 +480,7 @@ impl GatewayTable {
             .map(|ns| ns.labels.clone())
             .unwrap_or_default();
         // The listeners this route may attach to, by sectionName / port and allowedRoutes.
-        let mut selected: Vec<(u16, String)> = Vec::new();
+        let mut selected: Vec<((Transport, u16), String)> = Vec::new();
         let mut refusals = Vec::new();
         for parent in parents {
             for listener in &gateway.spec.listeners {
@@ -412,15 +495,14 @@ impl GatewayTable {
                 {
                     continue;
                 }
-                let Some(served) = self
-                    .listeners
-                    .get(&port)
-                    .filter(|l| l.name == listener.name)
+                let key = (transport_of(listener), port);
+                let Some(served) = self.listeners.get(&key).filter(|l| l.name == listener.name)
                 else {
                     continue;
                 };
-                // TCP listeners take TCPRoutes, TLS passthrough listeners TLSRoutes.
-                let protocol_ok = served.tls.is_some() == (route.kind == "TLSRoute");
+                // TCP listeners take TCPRoutes, TLS passthrough listeners TLSRoutes, UDP
+                // listeners UDPRoutes.
+                let protocol_ok = served.takes == route.kind;
                 let allowed = listener.allowed_routes.as_ref();
                 let from = allowed
                     .and_then(|a| a.namespaces.as_ref())
@@ -445,7 +527,7 @@ impl GatewayTable {
                             })
                     });
                 if namespace_ok && kind_ok {
-                    selected.push((port, listener.name.clone()));
+                    selected.push((key, listener.name.clone()));
                 } else if !protocol_ok {
                     refusals.push(format!(
                         "listener {} (protocol {}) does not take {}s",
@@ -473,7 +555,12 @@ impl GatewayTable {
             };
             return refuse(status, reason, message);
         }
-        let (backends, errors) = ctx.gateway_backends(route.rules, route.namespace);
+        let transport = if route.kind == "UDPRoute" {
+            Transport::Udp
+        } else {
+            Transport::Tcp
+        };
+        let (backends, errors) = ctx.gateway_backends(route.rules, route.namespace, transport);
         if !errors.0.is_empty() {
             let message = errors.0.join("; ");
             status.reasons = errors.0;
@@ -507,10 +594,11 @@ impl GatewayTable {
         // Why the route is not in force on a listener it selected.
         let mut no_hostname = false;
         let mut conflict = false;
-        for (port, name) in selected {
+        for (key, name) in selected {
+            let port = key.1;
             let listener = self
                 .listeners
-                .get_mut(&port)
+                .get_mut(&key)
                 .expect("selected listeners exist");
             if let Some(routes) = &mut listener.tls {
                 let mut names: Vec<HostPattern> = patterns
@@ -603,9 +691,11 @@ impl GatewayTable {
             };
             let port = u16::try_from(server.port.number).ok().filter(|p| *p != 0);
             status.reason = match (server.port.protocol.to_ascii_uppercase().as_str(), port) {
-                ("TCP", Some(port)) if !self.listeners.contains_key(&port) => {
-                    self.listeners
-                        .insert(port, GatewayListener::new(name, false, HostPattern::Any));
+                ("TCP", Some(port)) if !self.listeners.contains_key(&(Transport::Tcp, port)) => {
+                    self.listeners.insert(
+                        (Transport::Tcp, port),
+                        GatewayListener::new(name, "TCP", HostPattern::Any),
+                    );
                     status.accepted = true;
                     None
                 }
@@ -703,7 +793,7 @@ impl GatewayTable {
         }
         for (port, port_rules) in rules {
             let names: Vec<String> = port_rules.iter().map(|(n, _)| n.clone()).collect();
-            if let Some(listener) = self.listeners.get_mut(&port) {
+            if let Some(listener) = self.listeners.get_mut(&(Transport::Tcp, port)) {
                 listener.policy = Some(Policy {
                     route: names.first().cloned().unwrap_or_default(),
                     rules: port_rules.into_iter().map(|(_, r)| r).collect(),
@@ -721,6 +811,17 @@ impl GatewayTable {
                 l.attached_routes = distinct.len();
             }
         }
+    }
+}
+
+/// A TCPRoute or UDPRoute (`kind`) as a gateway attaches it.
+fn l4_view<'a>(kind: &'static str, route: &'a Routed<TcpRouteSpec>) -> RouteView<'a> {
+    RouteView {
+        kind,
+        key: route.key(),
+        namespace: &route.namespace,
+        rules: &route.spec.rules,
+        hostnames: None,
     }
 }
 
@@ -766,6 +867,7 @@ fn pick_endpoint(
                 backend: backend.name.clone(),
                 pod: endpoint.pod.to_string(),
                 addr: endpoint.addr,
+                tunnel_to: None,
             },
             settings: Some(Arc::clone(&backend.settings)),
         },

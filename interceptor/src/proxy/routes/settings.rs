@@ -133,6 +133,7 @@ pub struct LastValid {
     traffic: HashMap<String, UpstreamTrafficSettingSpec>,
     balancers: HashMap<String, LoadBalancerPolicySpec>,
     health: HashMap<String, HealthCheckPolicySpec>,
+    pub(super) egresses: HashMap<String, crate::model::routing::EgressSpec>,
 }
 
 /// The longest check interval or ejection accepted: a day.
@@ -306,7 +307,7 @@ fn finish(mut status: RouteStatus) -> RouteStatus {
 }
 
 /// The objects oldest first: the first to claim a host or port keeps it.
-fn oldest_first<S>(objects: &BTreeMap<String, Routed<S>>) -> Vec<&Routed<S>> {
+pub(super) fn oldest_first<S>(objects: &BTreeMap<String, Routed<S>>) -> Vec<&Routed<S>> {
     let mut sorted: Vec<_> = objects.values().collect();
     sorted.sort_by(|a, b| a.age_key().cmp(&b.age_key()));
     sorted
@@ -345,7 +346,7 @@ fn per_port<S: Clone, V: Copy>(
 }
 
 /// Validate an object; when it is invalid, fall back to its last valid spec.
-fn judge<S: Clone, V>(
+pub(super) fn judge<S: Clone, V>(
     kind: &'static str,
     object: &Routed<S>,
     memory: &mut HashMap<String, S>,
@@ -386,7 +387,7 @@ fn judge<S: Clone, V>(
 }
 
 /// Why an object is not in force.
-enum Invalid {
+pub(super) enum Invalid {
     /// A value is wrong: the object is rejected.
     Spec(Vec<String>),
     /// What it names is missing (a Service not created yet).

@@ -41,6 +41,12 @@ impl RoutingKind {
                 "TLSRoute",
                 "tlsroutes",
             ),
+            RoutingKind::UdpRoutes => (
+                "gateway.networking.k8s.io",
+                "v1alpha2",
+                "UDPRoute",
+                "udproutes",
+            ),
             RoutingKind::TrafficSplits => (
                 "split.smi-spec.io",
                 "v1alpha4",
@@ -72,6 +78,13 @@ impl RoutingKind {
                 "HealthCheckPolicy",
                 "healthcheckpolicies",
             ),
+            RoutingKind::Egresses => ("policy.flomesh.io", "v1alpha1", "Egress", "egresses"),
+            RoutingKind::EgressGateways => (
+                "policy.flomesh.io",
+                "v1alpha1",
+                "EgressGateway",
+                "egressgateways",
+            ),
         }
     }
 
@@ -95,6 +108,7 @@ impl RoutingKind {
             RoutingKind::Gateways => "/apis/gateway.networking.k8s.io/v1/gateways",
             RoutingKind::TcpRoutes => "/apis/gateway.networking.k8s.io/v1alpha2/tcproutes",
             RoutingKind::TlsRoutes => "/apis/gateway.networking.k8s.io/v1alpha2/tlsroutes",
+            RoutingKind::UdpRoutes => "/apis/gateway.networking.k8s.io/v1alpha2/udproutes",
             RoutingKind::TrafficSplits => "/apis/split.smi-spec.io/v1alpha4/trafficsplits",
             RoutingKind::TrafficTargets => "/apis/access.smi-spec.io/v1alpha3/traffictargets",
             RoutingKind::SmiTcpRoutes => "/apis/specs.smi-spec.io/v1alpha4/tcproutes",
@@ -107,6 +121,8 @@ impl RoutingKind {
             RoutingKind::HealthCheckPolicies => {
                 "/apis/gateway.flomesh.io/v1alpha1/healthcheckpolicies"
             }
+            RoutingKind::Egresses => "/apis/policy.flomesh.io/v1alpha1/egresses",
+            RoutingKind::EgressGateways => "/apis/policy.flomesh.io/v1alpha1/egressgateways",
         }
     }
 
@@ -119,12 +135,15 @@ impl RoutingKind {
             RoutingKind::Gateways => "gateways.gateway.networking.k8s.io",
             RoutingKind::TcpRoutes => "tcproutes.gateway.networking.k8s.io",
             RoutingKind::TlsRoutes => "tlsroutes.gateway.networking.k8s.io",
+            RoutingKind::UdpRoutes => "udproutes.gateway.networking.k8s.io",
             RoutingKind::TrafficSplits => "trafficsplits.split.smi-spec.io",
             RoutingKind::TrafficTargets => "traffictargets.access.smi-spec.io",
             RoutingKind::SmiTcpRoutes => "tcproutes.specs.smi-spec.io",
             RoutingKind::UpstreamTrafficSettings => "upstreamtrafficsettings.policy.flomesh.io",
             RoutingKind::LoadBalancerPolicies => "loadbalancerpolicies.gateway.flomesh.io",
             RoutingKind::HealthCheckPolicies => "healthcheckpolicies.gateway.flomesh.io",
+            RoutingKind::Egresses => "egresses.policy.flomesh.io",
+            RoutingKind::EgressGateways => "egressgateways.policy.flomesh.io",
         }
     }
 }
