@@ -1,7 +1,7 @@
 //! Issue 17's figure (`--part gateway-l4`): TLS passthrough and UDP through `interceptor
 //! gateway` against direct, on one node. A TLS server pod (`tb-pod tls-server`, rustls,
 //! TLS 1.3, a certificate from `openssl req` signed by a CA made for the run) and a UDP
-//! echo pod (`tb-pod udp-sink-echo`, the FSM document's "fortio" on 8078); a client pod
+//! echo pod (`tb-pod udp-echo`, the FSM document's "fortio" on 8078); a client pod
 //! dials them directly, then through a gateway pod running `interceptor gateway`: the
 //! FSM document's TLS Passthrough Gateway (listener 8000, a TLSRoute by hostname, as
 //! e2e_tls) and its UDP Gateway (listener 8000, a UDPRoute to fortio:8078). Every pod is
@@ -555,7 +555,7 @@ fn run_into(rows: &mut [GatewayRow], secs: u64) -> Result<()> {
             &udp_pod,
             &[
                 "--quiet",
-                "udp-sink-echo",
+                "udp-echo",
                 "--listen",
                 &format!("0.0.0.0:{UDP_PORT}"),
             ],
@@ -672,7 +672,7 @@ fn through_udp(bench: &Bench<'_>, row: &mut GatewayRow) -> Result<(Value, Value)
     if let Err(e) = gateway.wait_serving(UDP_ROUTE) {
         row.udp_skipped.push(format!(
             "this build's `interceptor gateway` does not serve the FSM document's UDP \
-             Gateway and UDPRoute (UDP listeners are being built on branch `udp`): {e:#}"
+             Gateway and UDPRoute (a build from before UDP listeners): {e:#}"
         ));
         return Ok((Value::Null, Value::Null));
     }

@@ -242,11 +242,6 @@ enum Cmd {
         #[command(flatten)]
         tls: TlsClientArgs,
     },
-    /// UDP echo server: sends every datagram back to its sender.
-    UdpSinkEcho {
-        #[arg(long)]
-        listen: SocketAddr,
-    },
     /// UDP datagrams per second against an echo server: one socket keeps `window`
     /// datagrams of `size` bytes in flight for `duration_ms`. Prints {"sent", "received",
     /// "lost", "per_second" (echoes received per second), "rtt_p50_us", "rtt_p99_us", ...}.
@@ -373,7 +368,6 @@ fn main() -> ExitCode {
             emit(&tls::handshakes(&tls.args()).to_string());
             Ok(())
         }
-        Cmd::UdpSinkEcho { listen } => udp::sink_echo(listen),
         Cmd::UdpLoad {
             connect,
             size,

@@ -1,6 +1,5 @@
-//! UDP endpoints of `tb-pod`: `udp-sink-echo` sends every datagram back to its sender;
-//! `udp-load` keeps a window of datagrams in flight from one socket and counts the
-//! echoes, with their round trips.
+//! `tb-pod udp-load`: keeps a window of datagrams in flight from one socket to an echo
+//! server (`tb-pod udp-echo`) and counts the echoes, with their round trips.
 
 use std::collections::HashMap;
 use std::io;
@@ -8,18 +7,6 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-
-/// `udp-sink-echo`: binds, announces READY, echoes every datagram to where it came from.
-pub fn sink_echo(listen: SocketAddr) -> io::Result<()> {
-    let sock = UdpSocket::bind(listen)?;
-    crate::emit(&format!("READY {}", sock.local_addr()?));
-    let mut buf = vec![0u8; 65_536];
-    loop {
-        let (n, peer) = sock.recv_from(&mut buf)?;
-        // A send error (the peer's port closed: ICMP) is the peer's business.
-        let _ = sock.send_to(&buf[..n], peer);
-    }
-}
 
 pub struct LoadArgs {
     pub connect: SocketAddr,
