@@ -739,7 +739,8 @@ the bulk figure is bounded by their crypto (AES-256-GCM) well below what the TCP
 carries in the topology table, and handshakes/s by their ECDHE and ECDSA: the ratios \
 show what the gateway adds on top of that, not its own ceiling. UDP: 64-byte \
 datagrams from one socket to an echo; datagrams/s keeps 16 in flight (echoes received \
-per second), the round trip p50 is one at a time. A gateway row counts only when the \
+per second), the round trip p50 is one at a time (on a quiet VM that one is bound by \
+idle vCPUs waking for each datagram, see bench/README.md). A gateway row counts only when the \
 gateway's counters of the route grew by at least what the client did (the result files \
 have every round's counter growth).";
 
