@@ -49,15 +49,18 @@ pub struct Forwarded {
     pub reset: bool,
 }
 
+/// The bytes delivered each way are counted as they go, so a connection that ends in a
+/// reset still reports what it carried before it.
 pub async fn forward(downstream: TcpStream, upstream: TcpStream, mode: CopyMode) -> Forwarded {
+    let (mut up_bytes, mut down_bytes) = (0u64, 0u64);
     let result = match mode {
         CopyMode::Splice => {
             // The pipes live here, outside the two directions, so that when one direction
             // fails (a reset) and the other is dropped, both can still go back to the pool.
             let (mut up_pipe, mut down_pipe) = (None, None);
             let result = {
-                let up = splice_with(&downstream, &upstream, &mut up_pipe);
-                let down = splice_with(&upstream, &downstream, &mut down_pipe);
+                let up = splice_with(&downstream, &upstream, &mut up_pipe, &mut up_bytes);
+                let down = splice_with(&upstream, &downstream, &mut down_pipe, &mut down_bytes);
                 tokio::try_join!(up, down)
             };
             for pipe in [up_pipe, down_pipe].into_iter().flatten() {
@@ -66,25 +69,20 @@ pub async fn forward(downstream: TcpStream, upstream: TcpStream, mode: CopyMode)
             result
         }
         CopyMode::Userspace => {
-            let up = copy_one_way(&downstream, &upstream);
-            let down = copy_one_way(&upstream, &downstream);
+            let up = copy_one_way(&downstream, &upstream, &mut up_bytes);
+            let down = copy_one_way(&upstream, &downstream, &mut down_bytes);
             tokio::try_join!(up, down)
         }
     };
-    match result {
-        Ok((up, down)) => Forwarded {
-            upstream_bytes: up,
-            downstream_bytes: down,
-            reset: false,
-        },
-        Err(_) => {
-            reset_on_close(&downstream);
-            reset_on_close(&upstream);
-            Forwarded {
-                reset: true,
-                ..Forwarded::default()
-            }
-        }
+    let reset = result.is_err();
+    if reset {
+        reset_on_close(&downstream);
+        reset_on_close(&upstream);
+    }
+    Forwarded {
+        upstream_bytes: up_bytes,
+        downstream_bytes: down_bytes,
+        reset,
     }
 }
 
@@ -96,18 +94,22 @@ pub fn reset_on_close(stream: &TcpStream) {
 /// Move bytes from `from` to `to` until `from` reaches EOF, then half-close `to`: small
 /// chunks through a buffer of [`FIRST_BUFFER_BYTES`] allocated per chunk (an idle
 /// connection holds none), then, once a read fills it, by splice through a pipe taken into
-/// `slot`.
-async fn splice_with(from: &TcpStream, to: &TcpStream, slot: &mut Option<Pipe>) -> io::Result<u64> {
-    let mut total = 0u64;
+/// `slot`. `total` counts the bytes written to `to`.
+async fn splice_with(
+    from: &TcpStream,
+    to: &TcpStream,
+    slot: &mut Option<Pipe>,
+    total: &mut u64,
+) -> io::Result<()> {
     while slot.is_none() {
         let mut chunk = Vec::new();
         let filled = read_chunk(from, &mut chunk, FIRST_BUFFER_BYTES).await?;
         if filled == 0 {
             socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)?;
-            return Ok(total);
+            return Ok(());
         }
         write_all(to, &chunk, OnNoMemory::Fail).await?;
-        total += filled as u64;
+        *total += filled as u64;
         if filled >= FIRST_BUFFER_BYTES {
             *slot = Some(Pipe::take()?);
         }
@@ -135,7 +137,7 @@ async fn splice_with(from: &TcpStream, to: &TcpStream, slot: &mut Option<Pipe>) 
         };
         if filled == 0 {
             socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)?;
-            return Ok(total);
+            return Ok(());
         }
         pipe.queued = filled;
         while pipe.queued > 0 {
@@ -158,7 +160,10 @@ async fn splice_with(from: &TcpStream, to: &TcpStream, slot: &mut Option<Pipe>) 
                         "peer took no bytes",
                     ))
                 }
-                Ok(n) => pipe.queued -= n,
+                Ok(n) => {
+                    pipe.queued -= n;
+                    *total += n as u64;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
             }
@@ -166,7 +171,6 @@ async fn splice_with(from: &TcpStream, to: &TcpStream, slot: &mut Option<Pipe>) 
         if filled == pipe.capacity {
             pipe.grow();
         }
-        total += filled as u64;
     }
 }
 
@@ -238,21 +242,22 @@ async fn write_all(to: &TcpStream, mut bytes: &[u8], no_memory: OnNoMemory) -> i
     Ok(())
 }
 
-/// Userspace buffer copy from `from` to `to` until EOF, then half-close `to`.
-async fn copy_one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
+/// Userspace buffer copy from `from` to `to` until EOF, then half-close `to`; `total`
+/// counts the bytes written to `to`.
+async fn copy_one_way(from: &TcpStream, to: &TcpStream, total: &mut u64) -> io::Result<()> {
     // Allocated when bytes arrive, grown while reads fill it (16 KiB up to BUFFER_BYTES),
     // and dropped after a read that drained the socket, so idle and short connections
     // hold none.
     let mut buf: Vec<u8> = Vec::new();
     let mut size = FIRST_BUFFER_BYTES;
-    let mut total = 0u64;
     loop {
         let filled = read_chunk(from, &mut buf, size).await?;
         if filled == 0 {
             socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)?;
-            return Ok(total);
+            return Ok(());
         }
         write_all(to, &buf[..filled], OnNoMemory::Retry).await?;
+        *total += filled as u64;
         if filled < buf.capacity() {
             buf = Vec::new();
             size = FIRST_BUFFER_BYTES;
@@ -260,7 +265,6 @@ async fn copy_one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
             size = (size * 4).min(BUFFER_BYTES);
             buf = Vec::new();
         }
-        total += filled as u64;
     }
 }
 
@@ -371,6 +375,40 @@ mod tests {
                 pool.iter().any(|pipe| pipe.capacity == BUFFER_BYTES),
                 "the bulk direction's pipe did not grow"
             );
+        }
+    }
+
+    /// A connection that ends in a reset still reports the bytes it carried before (the
+    /// access log and the byte metrics read them): both copy paths, bulk and small.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reset_keeps_the_count_of_what_was_carried() {
+        for (mode, bytes) in [
+            (CopyMode::Splice, 2 * 1024 * 1024),
+            (CopyMode::Splice, 100),
+            (CopyMode::Userspace, 2 * 1024 * 1024),
+        ] {
+            let (mut client, downstream) = pair().await;
+            let (upstream, mut server) = pair().await;
+            let forwarding = tokio::spawn(forward(downstream, upstream, mode));
+            let payload = vec![7u8; bytes];
+            client.write_all(&payload).await.expect("write");
+            let mut got = vec![0u8; bytes];
+            server.read_exact(&mut got).await.expect("read");
+            server.write_all(b"answer").await.expect("answer");
+            let mut answer = [0u8; 6];
+            client
+                .read_exact(&mut answer)
+                .await
+                .expect("read the answer");
+            // The server resets instead of closing.
+            socket2::SockRef::from(&server)
+                .set_linger(Some(Duration::ZERO))
+                .expect("linger");
+            drop(server);
+            let forwarded = forwarding.await.expect("forward");
+            assert!(forwarded.reset, "{mode:?} {bytes}");
+            assert_eq!(forwarded.upstream_bytes, bytes as u64, "{mode:?}");
+            assert_eq!(forwarded.downstream_bytes, 6, "{mode:?}");
         }
     }
 }
