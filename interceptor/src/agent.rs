@@ -1473,6 +1473,12 @@ impl Agent {
 
     /// Stop intercepting every pod (graceful shutdown).
     pub fn remove_all(&self) {
+        // Node-wide state first, at once: rewritten per pod it took longer than a stop
+        // may with 1,000 pods. Probes of pods still enrolled meanwhile keep the node's
+        // address, which SMI mode refuses (closed, not open).
+        if let Err(error) = self.datapath.remove_node_wide() {
+            tracing::error!(%error, "removing the node-wide data path");
+        }
         let keys: Vec<PodKey> = {
             let pods = lock(&self.pods);
             pods.keys().cloned().collect()

@@ -203,6 +203,13 @@ pub trait Datapath: Send + Sync {
         let _ = (netns_cookie, ipv6);
         false
     }
+    /// Before every pod is removed at once (`--on-exit remove`): remove what is
+    /// node-wide and would otherwise be rewritten once per pod (the probe SNAT chain,
+    /// one `iptables-restore` per pod: 1,000 pods took longer than a stop may). The
+    /// default: nothing.
+    fn remove_node_wide(&self) -> Result<(), DatapathError> {
+        Ok(())
+    }
     /// The node's probe SNAT (`/config_dump` `node_probes`); `None` when there is none.
     fn node_probes(&self) -> Option<node_probes::NodeProbesStatus> {
         None

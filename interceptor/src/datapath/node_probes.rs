@@ -173,6 +173,8 @@ struct State {
     /// [`WHOLE_EVERY`] of it is written as a difference. Cleared by a failure, which the
     /// next write repairs in full.
     in_step_since: Option<std::time::Instant>,
+    /// The chain was removed for good (every pod is being removed): no more writes.
+    removed: bool,
 }
 
 /// How long differences are written before the chain is checked and written whole again
@@ -241,6 +243,7 @@ impl ProbeSnat {
                 inherited,
                 last_error: None,
                 in_step_since: None,
+                removed: false,
             }),
             writes: Mutex::new(()),
         })
@@ -255,6 +258,9 @@ impl ProbeSnat {
         let _writing = lock(&self.writes);
         let (pods, written, in_step) = {
             let state = lock(&self.state);
+            if state.removed {
+                return;
+            }
             let pods: BTreeSet<Ipv4Addr> = state
                 .pods
                 .values()
@@ -408,6 +414,19 @@ impl Datapath for ProbeSnat {
             pods: state.written.clone(),
             last_error: state.last_error.clone(),
         })
+    }
+
+    fn remove_node_wide(&self) -> Result<(), DatapathError> {
+        let inner = self.inner.remove_node_wide();
+        let ours = {
+            let _writing = lock(&self.writes);
+            *lock(&self.state) = State {
+                removed: true,
+                ..State::default()
+            };
+            remove_with(self.backend).map(drop)
+        };
+        inner.and(ours)
     }
 
     fn teardown(&self) -> Result<(), DatapathError> {
