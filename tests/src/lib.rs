@@ -14,6 +14,7 @@
 
 mod cgroup;
 mod cni;
+pub mod fsm_docs;
 mod http;
 pub mod kube_api;
 mod leftovers;

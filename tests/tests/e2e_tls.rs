@@ -294,24 +294,7 @@ fn backends_yaml(namespace: &str, with_status: Option<(&Pod, &Pod)>) -> String {
 }
 
 /// The FSM document's Gateway, verbatim.
-const GATEWAY: &str = r#"---
-apiVersion: gateway.networking.k8s.io/v1beta1
-kind: Gateway
-metadata:
-  name: simple-fsm-gateway
-  namespace: httpbin
-spec:
-  gatewayClassName: fsm-gateway-cls
-  listeners:
-  - protocol: TLS
-    port: 8000
-    name: foo
-    tls:
-      mode: Passthrough
-    allowedRoutes:
-      namespaces:
-        from: Same
-"#;
+const GATEWAY: &str = interceptor_testbed::fsm_docs::TLS_PASSTHROUGH_GATEWAY;
 
 /// A TLSRoute in the FSM document's shape, on the Gateway's port 8000, created on
 /// 2024-01-0`day`, taking `hostnames` to Service `backend`:443.

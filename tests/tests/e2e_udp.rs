@@ -40,34 +40,7 @@ spec:
 "#;
 
 /// The document's Gateway, and its UDPRoute verbatim.
-const FSM_GATEWAY: &str = r#"
-apiVersion: gateway.networking.k8s.io/v1beta1
-kind: Gateway
-metadata:
-  namespace: server
-  name: simple-fsm-gateway
-spec:
-  gatewayClassName: fsm-gateway-cls
-  listeners:
-    - protocol: UDP
-      port: 8000
-      name: udp
----
-apiVersion: gateway.networking.k8s.io/v1alpha2
-kind: UDPRoute
-metadata:
-  name: udp-route-sample
-  namespace: server
-spec:
-  parentRefs:
-    - name: simple-fsm-gateway
-      namespace: server
-      port: 8000
-  rules:
-  - backendRefs:
-    - name: fortio
-      port: 8078
-"#;
+const FSM_GATEWAY: &str = interceptor_testbed::fsm_docs::UDP_GATEWAY;
 
 /// The echo backends: (pod, `app` label, prefix of its replies; none: a plain echo).
 const BACKENDS: [(&str, &str, Option<&str>); 3] = [

@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use interceptor_testbed::{bin_path, NodeId, Pod, ServerProcess, Testbed};
+use interceptor_testbed::{bin_path, fsm_docs, NodeId, Pod, ServerProcess, Testbed};
 use serde::Serialize;
 use serde_json::{json, Value};
 
@@ -41,25 +41,8 @@ const NAMESPACES: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: defa
 apiVersion: v1\nkind: Namespace\nmetadata: {name: httpbin}\n---\n\
 apiVersion: v1\nkind: Namespace\nmetadata: {name: server}\n";
 
-/// The FSM document's TLS Passthrough Gateway (as e2e_tls) and one TLSRoute by hostname.
-const TLS_GATEWAY: &str = r#"---
-apiVersion: gateway.networking.k8s.io/v1beta1
-kind: Gateway
-metadata:
-  name: simple-fsm-gateway
-  namespace: httpbin
-spec:
-  gatewayClassName: fsm-gateway-cls
-  listeners:
-  - protocol: TLS
-    port: 8000
-    name: foo
-    tls:
-      mode: Passthrough
-    allowedRoutes:
-      namespaces:
-        from: Same
----
+/// One TLSRoute by hostname on the FSM document's TLS Passthrough Gateway (as e2e_tls).
+const TLS_ROUTE_YAML: &str = r#"---
 apiVersion: gateway.networking.k8s.io/v1alpha2
 kind: TLSRoute
 metadata:
@@ -75,37 +58,6 @@ spec:
   - backendRefs:
     - name: tls-server
       port: 443
-"#;
-
-/// The FSM document's UDP Gateway and UDPRoute (7.4.11), verbatim but for the Service's
-/// port protocol, which Kubernetes would otherwise default to TCP.
-const UDP_GATEWAY: &str = r#"---
-apiVersion: gateway.networking.k8s.io/v1beta1
-kind: Gateway
-metadata:
-  namespace: server
-  name: simple-fsm-gateway
-spec:
-  gatewayClassName: fsm-gateway-cls
-  listeners:
-    - protocol: UDP
-      port: 8000
-      name: udp
----
-apiVersion: gateway.networking.k8s.io/v1alpha2
-kind: UDPRoute
-metadata:
-  name: udp-route-sample
-  namespace: server
-spec:
-  parentRefs:
-    - name: simple-fsm-gateway
-      namespace: server
-      port: 8000
-  rules:
-  - backendRefs:
-    - name: fortio
-      port: 8078
 "#;
 
 /// The backends as the gateway learns them: pods with their addresses, and Services.
@@ -573,8 +525,11 @@ fn run_into(rows: &mut [GatewayRow], secs: u64) -> Result<()> {
         )?;
         Ok(dir)
     };
-    manifests("tls-gateway", TLS_GATEWAY)?;
-    manifests("udp-gateway", UDP_GATEWAY)?;
+    manifests(
+        "tls-gateway",
+        &format!("{}{TLS_ROUTE_YAML}", fsm_docs::TLS_PASSTHROUGH_GATEWAY),
+    )?;
+    manifests("udp-gateway", &format!("---\n{}", fsm_docs::UDP_GATEWAY))?;
 
     let bench = Bench {
         tb: &tb,
