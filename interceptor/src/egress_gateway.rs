@@ -21,6 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::proxy::forward::{forward, reset_on_close, CopyMode};
+use crate::proxy::socket::{self, HostSockets};
 use crate::proxy::socks5::{self, Reply};
 
 #[derive(Clone, Debug)]
@@ -148,27 +149,16 @@ async fn handle(
             return;
         }
     };
-    let upstream = match tokio::time::timeout(
-        config.connect_timeout,
-        TcpStream::connect(destination),
-    )
-    .await
-    {
-        Ok(Ok(upstream)) => upstream,
-        Ok(Err(error)) => {
+    // A socket with TCP_NODELAY, given up as timed out (TtlExpired) after the timeout.
+    let upstream = match socket::connect(&HostSockets, destination, config.connect_timeout).await {
+        Ok(upstream) => upstream,
+        Err(error) => {
             tracing::info!(%client, %destination, %error, "connect failed");
             let _ = socks5::reply(&mut stream, Reply::of_connect_error(&error), None).await;
             metrics.count("connect_failed");
             return;
         }
-        Err(_) => {
-            tracing::info!(%client, %destination, timeout = ?config.connect_timeout, "connect timed out");
-            let _ = socks5::reply(&mut stream, Reply::TtlExpired, None).await;
-            metrics.count("connect_failed");
-            return;
-        }
     };
-    let _ = upstream.set_nodelay(true);
     let _ = stream.set_nodelay(true);
     if socks5::reply(&mut stream, Reply::Succeeded, upstream.local_addr().ok())
         .await

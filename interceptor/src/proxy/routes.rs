@@ -542,16 +542,14 @@ impl RouteTable {
             egress::Verdict::NeedsServerName | egress::Verdict::Refused => Target::Refused {
                 service: "egress".into(),
                 route: EGRESS_POLICY.into(),
-                reason: match source.sni {
-                    Some(sni) => format!(
-                        "egress is off (enableEgress: false): {addr} is neither a Service nor \
-                         a mesh pod, and no Egress policy lets this pod reach it as {sni:?}"
-                    ),
-                    None => format!(
-                        "egress is off (enableEgress: false): {addr} is neither a Service nor \
-                         a mesh pod, and no Egress policy lets this pod reach it"
-                    ),
-                },
+                reason: format!(
+                    "egress is off (enableEgress: false): {addr} is neither a Service nor a \
+                     mesh pod, and no Egress policy lets this pod reach it{}",
+                    source
+                        .sni
+                        .map(|sni| format!(" as {sni:?}"))
+                        .unwrap_or_default()
+                ),
             },
         }
     }

@@ -240,17 +240,7 @@ fn validate(spec: &EgressSpec) -> Result<(EgressPolicy, Vec<String>), Invalid> {
     }
     let (mut tcp_ports, mut https_ports) = (HashSet::new(), HashSet::new());
     for (i, port) in spec.ports.iter().enumerate() {
-        let Ok(number) =
-            u16::try_from(port.number).map_err(drop).and_then(
-                |n| {
-                    if n == 0 {
-                        Err(())
-                    } else {
-                        Ok(n)
-                    }
-                },
-            )
-        else {
+        let Some(number) = u16::try_from(port.number).ok().filter(|n| *n != 0) else {
             reasons.push(format!(
                 "ports[{i}].number: {} is not a port (1-65535)",
                 port.number
