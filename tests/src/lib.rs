@@ -1214,6 +1214,26 @@ fn ensure_bpffs() -> Result<()> {
     Ok(())
 }
 
+/// `text` without its ANSI escape sequences (CSI: ESC [ params final-byte), such as the
+/// colours tracing puts around field names and values in a log written to a file.
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ params final-byte
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -297,20 +297,8 @@ fn egress_leaves_through_the_egress_gateway_and_fails_closed_without_it(mode: Mo
         .tb
         .spawn_in_pod(&gateway_pod, cmd)
         .expect("egress gateway");
-    // Without the colours tracing puts around field names and values.
-    let gateway_log = || {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let mut plain = String::with_capacity(text.len());
-        let mut chars = text.chars();
-        while let Some(c) = chars.next() {
-            if c == '\u{1b}' {
-                chars.by_ref().find(|&c| c == 'm');
-            } else {
-                plain.push(c);
-            }
-        }
-        plain
-    };
+    let gateway_log =
+        || interceptor_testbed::strip_ansi(&std::fs::read_to_string(&log).unwrap_or_default());
     wait_for("the egress gateway listening", || {
         gateway_log().contains("egress gateway ready").then_some(())
     });

@@ -155,25 +155,6 @@ fn outbound_records(node: &Node, pod: &str) -> usize {
         .count()
 }
 
-/// `text` without its ANSI colour sequences (the agent's log colours field names).
-fn plain(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            // ESC [ … m
-            for c in chars.by_ref() {
-                if c == 'm' {
-                    break;
-                }
-            }
-            continue;
-        }
-        out.push(c);
-    }
-    out
-}
-
 /// One connection from `pod` to `target` with a few bytes each way, which must succeed.
 fn dial(node: &Node, pod: &Pod, target: &str) {
     let report = node
@@ -310,7 +291,7 @@ fn pods_running_before_the_agent_are_found_and_enrolled(mode: Mode) {
         format!("/proc/{}/ns/net", second.pid()),
         "found again by UID"
     );
-    let log = plain(&node.agent_log());
+    let log = interceptor_testbed::strip_ansi(&node.agent_log());
     assert!(
         log.contains("pods adopted after restart adopted=1 remembered=1"),
         "{log}"

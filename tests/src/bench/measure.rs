@@ -213,30 +213,12 @@ struct SockperfResult {
     summary: Vec<String>,
 }
 
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ params final-byte
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 fn parse_sockperf(text: &str) -> Result<SockperfResult> {
     let mut p50 = None;
     let mut p99 = None;
     let mut observations = None;
     let mut summary = Vec::new();
-    for line in text.lines().map(strip_ansi) {
+    for line in text.lines().map(interceptor_testbed::strip_ansi) {
         let line = line.trim();
         let value = |key: &str| -> Option<f64> {
             let rest = line.split(key).nth(1)?;
