@@ -163,7 +163,7 @@ async fn proxy_one(
     ctx: &ListenerContext,
     record: &mut ConnectionRecord,
 ) -> Result<(), ProxyError> {
-    let original = match original_dst_any(&stream) {
+    let original = match original_dst_any(&stream, record.client) {
         Ok(addr) => addr,
         Err(error) => {
             reset_on_close(&stream);
