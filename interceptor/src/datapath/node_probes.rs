@@ -7,12 +7,15 @@
 //! client that kube-proxy masqueraded to the node's address) keeps its source and its SMI
 //! check. The same rule serves both modes, since it lives outside the pod: eBPF mode's tc
 //! and iptables mode's PREROUTING both steer the SNATed SYN to 15003 as before.
-//! [`ProbeSnat`] wraps either data path and keeps the chain in step with enrollment.
+//! [`ProbeSnat`] wraps either data path and keeps the chain in step with enrollment: a
+//! new pod's rule is written off its CNI ADD's path (a tool run costs milliseconds, the
+//! periodic whole rewrite reads the node's nat table, O(cluster)), a leaving pod's before
+//! the pod leaves the data path.
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use interceptor_common::NODE_PROBE_SOURCE;
 
@@ -191,6 +194,10 @@ pub struct ProbeSnat {
     /// Held while the tools run: each write reads the latest state, so an older rule set
     /// never lands after a newer one.
     writes: Mutex<()>,
+    /// Writes asked for by enrollments, served off their path by one writer thread at a
+    /// time: those asked for during a write are served by the next one.
+    background: crate::sync::Coalesced,
+    me: Weak<ProbeSnat>,
 }
 
 impl ProbeSnat {
@@ -204,6 +211,26 @@ impl ProbeSnat {
             state.inherited.remove(&pod.ipv4);
         }
         self.sync();
+    }
+
+    /// Bring the chain in step on a writer thread: a new pod's rule is not on its ADD's
+    /// path. Until it is written, kubelet's probes of the pod keep the node's address,
+    /// which SMI mode refuses (closed, never open); a pod's containers, and so its
+    /// probes, start after its ADD anyway. Written in place when no thread can start.
+    fn sync_in_background(&self) {
+        if !self.background.request() {
+            return;
+        }
+        let Some(me) = self.me.upgrade() else {
+            return;
+        };
+        let spawned = std::thread::Builder::new()
+            .name("probe-snat".into())
+            .spawn(move || me.background.serve(|| me.sync()));
+        if let Err(error) = spawned {
+            tracing::warn!(%error, "no thread for the probe SNAT write: writing it in place");
+            self.background.serve(|| self.sync());
+        }
     }
 
     /// Wrap `inner`, writing with `backend` (iptables mode's), or in eBPF mode with the
@@ -234,7 +261,7 @@ impl ProbeSnat {
                 BTreeSet::new()
             }
         };
-        Arc::new(ProbeSnat {
+        Arc::new_cyclic(|me| ProbeSnat {
             inner,
             backend,
             state: Mutex::new(State {
@@ -246,6 +273,8 @@ impl ProbeSnat {
                 removed: false,
             }),
             writes: Mutex::new(()),
+            background: crate::sync::Coalesced::default(),
+            me: me.clone(),
         })
     }
 
@@ -327,7 +356,7 @@ impl Datapath for ProbeSnat {
             state.pods.insert(pod.netns_cookie, pod.ipv4);
             state.inherited.remove(&pod.ipv4);
         }
-        self.sync();
+        self.sync_in_background();
         Ok(())
     }
 
@@ -433,7 +462,11 @@ impl Datapath for ProbeSnat {
         let inner = self.inner.teardown();
         let ours = {
             let _writing = lock(&self.writes);
-            *lock(&self.state) = State::default();
+            // Removed for good: a write still asked for finds nothing to do.
+            *lock(&self.state) = State {
+                removed: true,
+                ..State::default()
+            };
             remove_with(self.backend).map(drop)
         };
         inner.and(ours)
