@@ -226,7 +226,9 @@ impl ProbeSnat {
         };
         let spawned = std::thread::Builder::new()
             .name("probe-snat".into())
-            .spawn(move || me.background.serve(|| me.sync()));
+            // Below the CNI path's priority, as the route table's builder: the tool it
+            // runs inherits the thread's nice value, and must not hold up the next ADD.
+            .spawn(move || crate::sync::in_background(|| me.background.serve(|| me.sync())));
         if let Err(error) = spawned {
             tracing::warn!(%error, "no thread for the probe SNAT write: writing it in place");
             self.background.serve(|| self.sync());
