@@ -124,6 +124,9 @@ struct EnrolledPod {
     rule_warnings: Vec<String>,
     /// The IPv6 address intercepted too (eBPF mode, IPv6 on), with its own listeners.
     ipv6: Option<Ipv6Addr>,
+    /// With `--same-node-direct`: the pod's inbound side, served by other pods' outbound
+    /// proxies while this lives.
+    _same_node: Option<listener::SameNodeEntry>,
 }
 
 impl Drop for EnrolledPod {
@@ -201,6 +204,9 @@ pub struct AgentOptions {
     pub discovery: Option<ProcScanner>,
     /// This node's name, when known: only model pods scheduled here are looked for.
     pub node_name: Option<String>,
+    /// `--same-node-direct`: connections between enrolled pods of this node take one
+    /// proxy hop (the client's), which does the destination's inbound checks.
+    pub same_node_direct: bool,
 }
 
 pub struct Agent {
@@ -211,6 +217,8 @@ pub struct Agent {
     log: Arc<ConnectionLog>,
     /// Circuit breakers, rate-limit buckets and endpoint health of every pod's listeners.
     upstreams: Arc<Upstreams>,
+    /// The inbound sides of this node's enrolled pods (`--same-node-direct`).
+    same_node: Option<Arc<listener::SameNodePods>>,
     /// Where the pods handed over by CNI are remembered across restarts.
     pods_file: Option<PathBuf>,
     /// How long an ADD for a pod the model does not have yet waits for it to appear.
@@ -325,6 +333,7 @@ impl Agent {
             pods: Mutex::new(HashMap::new()),
             routes: Arc::new(RwLock::new(Arc::new(RouteTable::default()))),
             upstreams: Arc::new(Upstreams::new(log.metrics().upstream())),
+            same_node: options.same_node_direct.then(Default::default),
             log,
             pods_file: options.pods_file,
             sockmap: options.sockmap,
@@ -859,7 +868,8 @@ impl Agent {
             }
         }
         let leave = watch::Sender::new(false);
-        let serve = |listener, direction, ipv6| {
+        let mut same_node = None;
+        let mut serve = |listener, direction, ipv6| {
             let ctx = ListenerContext {
                 pod: key.clone(),
                 direction,
@@ -875,7 +885,16 @@ impl Agent {
                 pod_ip: ip,
                 preserve_client_ip: self.datapath.preserves_client_ip(cookie, ipv6),
                 routes_published: self.routes_published.subscribe(),
+                same_node: match direction {
+                    Direction::Outbound => self.same_node.clone(),
+                    Direction::Inbound | Direction::Gateway => None,
+                },
             };
+            // The IPv4 inbound side serves same-node connections (the SOCKHASH and the
+            // return routes are IPv4 first too; IPv6 ones take both hops).
+            if let (Some(pods), Direction::Inbound, false) = (&self.same_node, direction, ipv6) {
+                same_node = Some(pods.insert(IpAddr::V4(ip), ctx.clone()));
+            }
             tokio::spawn(listener::serve(listener, ctx))
         };
         let mut listeners = vec![
@@ -894,6 +913,7 @@ impl Agent {
             rules: rules.config,
             rule_warnings: rules.warnings,
             ipv6,
+            _same_node: same_node,
         })
     }
 

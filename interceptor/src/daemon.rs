@@ -99,6 +99,8 @@ pub struct AgentConfig {
     pub drain_timeout: Duration,
     /// How long a client of a port routed by server name has to send its ClientHello.
     pub client_hello_timeout: Duration,
+    /// `--same-node-direct`: one proxy hop between enrolled pods of this node.
+    pub same_node_direct: bool,
     /// Created when ready, removed on exit (an exec readiness probe of this agent alone).
     pub ready_file: Option<PathBuf>,
     /// `--mode`: auto picks eBPF when the kernel has what it needs.
@@ -307,6 +309,7 @@ async fn serve(config: &AgentConfig, predecessor: Option<i32>) -> anyhow::Result
         unknown_pod: config.unknown_pod,
         access_log: config.access_log,
         client_hello_timeout: Some(config.client_hello_timeout),
+        same_node_direct: config.same_node_direct,
         discovery: Some(
             crate::inpod::discover::ProcScanner::host().context("reading the agent's own netns")?,
         ),

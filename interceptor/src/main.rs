@@ -149,6 +149,12 @@ enum Command {
         /// connection is reset (`5s`, `500ms`).
         #[arg(long, default_value = "5s", value_parser = parse_duration)]
         client_hello_timeout: std::time::Duration,
+        /// A connection between two enrolled pods of this node takes one proxy hop
+        /// instead of two: the client's outbound proxy does the destination's inbound
+        /// checks (SMI admission, rate limit) and connects to its application from the
+        /// client's address inside its netns, keeping both pods' records and metrics.
+        #[arg(long)]
+        same_node_direct: bool,
         /// A file created when the agent is ready and removed when it stops: a readiness
         /// check of this agent alone (an exec probe), where the admin port is shared with
         /// the agent it replaces.
@@ -374,6 +380,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             pod_namespace,
             drain_timeout,
             client_hello_timeout,
+            same_node_direct,
             ready_file,
             mode,
             simulate_missing_features,
@@ -445,6 +452,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }),
                 drain_timeout,
                 client_hello_timeout,
+                same_node_direct,
                 ready_file,
                 mode,
                 simulate_missing_features,

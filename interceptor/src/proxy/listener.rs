@@ -5,8 +5,9 @@
 //! limit), connect with a socket from the pod's [`SocketFactory`] (made inside the pod,
 //! with the proxy mark the programs skip; inbound, bound to the client's address unless
 //! the agent was told not to, see [`connect_app`]), and forward.
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
@@ -23,7 +24,7 @@ use super::sni::peek_sni;
 use super::socket::{self, SocketFactory};
 use super::socks5;
 use super::upstream::{self, Upstreams};
-use crate::sync::read;
+use crate::sync::{lock, read, write};
 
 /// How long an egress gateway may take to connect to the destination and say so.
 const EGRESS_GATEWAY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -80,6 +81,53 @@ pub struct ListenerContext {
     /// Bumped whenever a new route table is stored. Tables are built off the CNI ADD
     /// path, so a pod's first connections may come before a table that knows the pod.
     pub routes_published: tokio::sync::watch::Receiver<u64>,
+    /// Outbound, with `--same-node-direct`: this node's enrolled pods' inbound sides, to
+    /// which the outbound proxy hands a connection itself ([`SameNodePods`]).
+    pub same_node: Option<Arc<SameNodePods>>,
+}
+
+/// The inbound listeners' contexts of this node's enrolled pods, by address. With
+/// `--same-node-direct`, an outbound connection whose endpoint is one of them skips that
+/// pod's inbound proxy: the outbound proxy does the inbound proxy's work itself (the SMI
+/// admission of the client, the Service's rate limit, the connect to the application
+/// from the client's address, in the pod's netns, and the pod's inbound record and
+/// metrics), one proxy hop instead of two. Ztunnel does the same for pods of its node.
+#[derive(Default)]
+pub struct SameNodePods {
+    pods: RwLock<HashMap<IpAddr, ListenerContext>>,
+}
+
+impl SameNodePods {
+    /// Serve `ctx`'s pod (an inbound context) directly from now on, until the returned
+    /// guard is dropped.
+    pub fn insert(self: &Arc<Self>, ip: IpAddr, ctx: ListenerContext) -> SameNodeEntry {
+        write(&self.pods).insert(ip, ctx);
+        SameNodeEntry {
+            pods: Arc::clone(self),
+            ip,
+        }
+    }
+
+    /// The inbound side of the pod at `ip`, while it accepts (not leaving the mesh, the
+    /// agent not draining).
+    fn get(&self, ip: IpAddr) -> Option<ListenerContext> {
+        let pods = read(&self.pods);
+        let ctx = pods.get(&ip)?;
+        let accepting = !*ctx.draining.borrow() && !*ctx.leaving.borrow();
+        accepting.then(|| ctx.clone())
+    }
+}
+
+/// One pod's entry in [`SameNodePods`]; dropping it takes the pod out.
+pub struct SameNodeEntry {
+    pods: Arc<SameNodePods>,
+    ip: IpAddr,
+}
+
+impl Drop for SameNodeEntry {
+    fn drop(&mut self) {
+        write(&self.pods.pods).remove(&self.ip);
+    }
 }
 
 /// How long a connection of a just-added pod waits for a route table that knows the pod
@@ -181,6 +229,9 @@ async fn proxy_one(
     // Either family: a dual-stack pod's IPv6 flows go through the same table (IPv6
     // Service VIPs, IPv6 clients' identities) as its IPv4 ones.
     let client_ip = record.client.ip();
+    // The destination pod's inbound record, when the connection went to a pod of this
+    // node directly (`--same-node-direct`).
+    let direct: Mutex<Option<ConnectionRecord>> = Mutex::new(None);
     let (target, opened) = match ctx.direction {
         Direction::Outbound => {
             let sni = match outbound_sni(&stream, ctx, &table, original, record).await {
@@ -195,12 +246,23 @@ async fn proxy_one(
                 gateway: None,
                 sni: sni.as_deref(),
             };
+            let (client, direct, routes) = (record.client, &direct, &*table);
             upstream::open(
                 &ctx.upstreams,
                 &ctx.pod,
                 |pick| table.resolve_with(original, source, pick),
                 Some(client_ip),
-                |addr, timeout| socket::connect(&*ctx.sockets, addr, timeout),
+                |addr, timeout| {
+                    let peer = ctx.same_node.as_ref().and_then(|pods| pods.get(addr.ip()));
+                    async move {
+                        match peer {
+                            Some(peer) => {
+                                connect_same_node(&peer, routes, client, addr, direct).await
+                            }
+                            None => socket::connect(&*ctx.sockets, addr, timeout).await,
+                        }
+                    }
+                },
             )
             .await
         }
@@ -266,7 +328,10 @@ async fn proxy_one(
         // The SOCKHASH is IPv4 only (see interceptor-ebpf's flows.rs).
         matches!(peer, IpAddr::V4(peer) if table.is_local_enrolled(&peer))
     };
-    let mode = if in_sockhash {
+    let direct = direct.into_inner().unwrap_or_else(|p| p.into_inner());
+    // A socket made in the destination pod's netns may be in the SOCKHASH (sock_ops sees
+    // a connection to a local pod): read it the way that always works.
+    let mode = if in_sockhash || (ctx.sockmap && direct.is_some()) {
         CopyMode::Userspace
     } else {
         CopyMode::Splice
@@ -274,7 +339,49 @@ async fn proxy_one(
     record.copy_mode = mode;
     record.bytes = forward(stream, upstream, mode).await;
     leases.served(record.bytes.downstream_bytes > 0);
+    if let Some(mut inbound) = direct {
+        // The same bytes, seen from the destination pod: what came from its client went
+        // up to its application.
+        inbound.copy_mode = mode;
+        inbound.bytes = record.bytes;
+        inbound.finish(Ok(()));
+        ctx.log.push(inbound);
+    }
     Ok(())
+}
+
+/// `--same-node-direct`: the connection to `app`, an endpoint in an enrolled pod of this
+/// node, made by the outbound proxy in that pod's place ([`SameNodePods`]): the pod's
+/// inbound checks, then the connect from `client` (the application's own address) in the
+/// pod's netns. Its inbound record goes into `direct` to be finished with the bytes; a
+/// refusal's is logged now, and the connect fails as a reset (as the pod's inbound proxy
+/// would have reset it): not counted against the endpoint.
+async fn connect_same_node(
+    peer: &ListenerContext,
+    table: &RouteTable,
+    client: SocketAddr,
+    app: SocketAddr,
+    direct: &Mutex<Option<ConnectionRecord>>,
+) -> std::io::Result<TcpStream> {
+    let mut record = ConnectionRecord::start(peer.pod.to_string(), Direction::Inbound, client);
+    record.original_dst = Some(app);
+    let (target, opened) = inbound(peer, table, app, &mut record).await;
+    record.target = Some(target);
+    match opened {
+        Ok((stream, _no_leases)) => {
+            *lock(direct) = Some(record);
+            Ok(stream)
+        }
+        Err(error) => {
+            let reason = error.to_string();
+            record.finish(Err(error));
+            peer.log.push(record);
+            Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                format!("refused by {}'s inbound side: {reason}", peer.pod),
+            ))
+        }
+    }
 }
 
 /// Inbound traffic is for the application in this pod, on the port it was sent to, if

@@ -87,16 +87,19 @@ pub enum Scenario {
     OursClient,
     OursBoth,
     OursSockmap,
+    /// Both enrolled on one node, the agents run with `--same-node-direct`: one hop.
+    OursDirect,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 7] = [
         Scenario::Direct,
         Scenario::Haproxy,
         Scenario::Ztunnel,
         Scenario::OursClient,
         Scenario::OursBoth,
         Scenario::OursSockmap,
+        Scenario::OursDirect,
     ];
 
     pub fn name(self) -> &'static str {
@@ -107,20 +110,24 @@ impl Scenario {
             Scenario::OursClient => "ours (client enrolled)",
             Scenario::OursBoth => "ours (both enrolled)",
             Scenario::OursSockmap => "ours + sockmap (both enrolled)",
+            Scenario::OursDirect => "ours, --same-node-direct (both enrolled)",
         }
     }
 
     pub fn is_ours(self) -> bool {
         matches!(
             self,
-            Scenario::OursClient | Scenario::OursBoth | Scenario::OursSockmap
+            Scenario::OursClient
+                | Scenario::OursBoth
+                | Scenario::OursSockmap
+                | Scenario::OursDirect
         )
     }
 
     /// The issue's p50 target for our rows, as a ratio to direct.
     pub fn p50_target(self) -> Option<f64> {
         match self {
-            Scenario::OursClient | Scenario::OursBoth => Some(1.8),
+            Scenario::OursClient | Scenario::OursBoth | Scenario::OursDirect => Some(1.8),
             Scenario::OursSockmap => Some(1.5),
             _ => None,
         }
@@ -131,7 +138,8 @@ impl Scenario {
     pub fn bulk_target(self) -> Option<f64> {
         match self {
             Scenario::OursClient => Some(0.9),
-            Scenario::OursBoth | Scenario::OursSockmap => Some(0.8),
+            // Both pods enrolled: the issue's two-hop target, however many hops it takes.
+            Scenario::OursBoth | Scenario::OursSockmap | Scenario::OursDirect => Some(0.8),
             _ => None,
         }
     }
@@ -527,11 +535,13 @@ impl Bed {
         let server_node = self.tb.node(self.server_node).name().to_owned();
         let moved = |node: &str, counter: &str| delta[node][counter].as_u64().unwrap_or(0) > 0;
         let mut expect = vec![(client_node.clone(), "redirected")];
-        if scenario != Scenario::OursClient {
-            match self.topology {
-                Topology::SameNode => expect.push((server_node.clone(), "same_node_inbound")),
-                Topology::CrossNode => expect.push((server_node.clone(), "inbound_redirected")),
-            }
+        match (scenario, self.topology) {
+            (Scenario::OursClient, _) => {}
+            // The client's proxy connects to the server's application in its netns: no
+            // packet reaches the server's tc program.
+            (Scenario::OursDirect, Topology::SameNode) => {}
+            (_, Topology::SameNode) => expect.push((server_node.clone(), "same_node_inbound")),
+            (_, Topology::CrossNode) => expect.push((server_node.clone(), "inbound_redirected")),
         }
         if scenario == Scenario::OursSockmap && self.topology == Topology::SameNode {
             expect.push((server_node.clone(), "sockmap_redirected"));
@@ -708,6 +718,7 @@ pub fn run(topology: Topology, opts: Options) -> Vec<Row> {
         Err(e) => {
             return Scenario::ALL
                 .iter()
+                .filter(|s| topology == Topology::SameNode || **s != Scenario::OursDirect)
                 .map(|s| Row::failed(topology, *s, &e))
                 .collect()
         }
@@ -758,9 +769,13 @@ pub fn run(topology: Topology, opts: Options) -> Vec<Row> {
 
     // Ours without sockmap: the enrolled client first against the unenrolled server
     // (one proxy hop, a sidecar on the client only), then against an enrolled server.
-    rows.extend(ours_rows(&mut bed, plain.as_mut(), opts, false));
+    rows.extend(ours_rows(&mut bed, plain.as_mut(), opts, Agents::Default));
     // Ours with sockmap, fresh agents and pods.
-    rows.extend(ours_rows(&mut bed, None, opts, true));
+    rows.extend(ours_rows(&mut bed, None, opts, Agents::Sockmap));
+    // One hop between pods of one node (the flag changes nothing across nodes).
+    if topology == Topology::SameNode {
+        rows.extend(ours_rows(&mut bed, None, opts, Agents::SameNodeDirect));
+    }
     drop(plain);
     rows
 }
@@ -877,17 +892,25 @@ fn ztunnel_row(
 /// The enrolled scenarios of one agent configuration: with `sockmap`, only "both
 /// enrolled" (on fresh pods); without, "client enrolled" against the unenrolled server
 /// (when there is one) and "both enrolled".
+/// How the agents of one batch of our rows run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Agents {
+    Default,
+    Sockmap,
+    SameNodeDirect,
+}
+
 fn ours_rows(
     bed: &mut Bed,
     plain: Option<&mut (Pod, Servers)>,
     opts: Options,
-    sockmap: bool,
+    agents: Agents,
 ) -> Vec<Row> {
     let topology = bed.topology;
-    let (scenarios, args, suffix): (Vec<Scenario>, &[&str], &str) = if sockmap {
-        (vec![Scenario::OursSockmap], &["--sockmap"], "-sm")
-    } else {
-        (vec![Scenario::OursClient, Scenario::OursBoth], &[], "")
+    let (scenarios, args, suffix): (Vec<Scenario>, &[&str], &str) = match agents {
+        Agents::Sockmap => (vec![Scenario::OursSockmap], &["--sockmap"], "-sm"),
+        Agents::SameNodeDirect => (vec![Scenario::OursDirect], &["--same-node-direct"], "-d"),
+        Agents::Default => (vec![Scenario::OursClient, Scenario::OursBoth], &[], ""),
     };
     let mut rows = Vec::new();
     if let Err(e) = bed.start_agents(args) {
@@ -906,7 +929,7 @@ fn ours_rows(
                 .collect();
         }
     };
-    if !sockmap {
+    if agents == Agents::Default {
         match plain {
             Some((_, servers)) => {
                 rows.push(timed(|| {
@@ -920,10 +943,10 @@ fn ours_rows(
             )),
         }
     }
-    let both = if sockmap {
-        Scenario::OursSockmap
-    } else {
-        Scenario::OursBoth
+    let both = match agents {
+        Agents::Sockmap => Scenario::OursSockmap,
+        Agents::SameNodeDirect => Scenario::OursDirect,
+        Agents::Default => Scenario::OursBoth,
     };
     let server = bed
         .pod(bed.server_node, MESH_NS, &format!("server{suffix}"))
