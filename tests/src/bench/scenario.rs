@@ -58,6 +58,16 @@ apiVersion: v1
 kind: Pod
 metadata: {name: server-sm, namespace: bench-mesh}
 spec: {containers: [{name: main, image: bench}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client-d, namespace: bench-mesh}
+spec: {containers: [{name: main, image: bench}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: server-d, namespace: bench-mesh}
+spec: {containers: [{name: main, image: bench}]}
 "#;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
