@@ -562,21 +562,15 @@ impl Agent {
     /// Ask for a new route table without waiting for it: built off the caller's path (a
     /// table costs O(cluster), a CNI ADD must not), and requests that arrive while one is
     /// being built are coalesced into the next build. Outside a tokio runtime it builds
-    /// in place.
+    /// in place. Below the CNI path's priority: on a busy node a table of a large cluster
+    /// must not hold up the next pod's ADD.
     fn request_routes(&self) {
-        if !self.routes_requests.request() {
-            return;
-        }
-        let (Some(agent), Ok(runtime)) = (self.me.upgrade(), tokio::runtime::Handle::try_current())
-        else {
-            self.routes_requests.serve(|| self.rebuild_routes());
-            return;
-        };
-        // Below the CNI path's priority: on a busy node a table of a large cluster must
-        // not hold up the next pod's ADD.
-        runtime.spawn_blocking(move || {
-            crate::sync::in_background(|| agent.routes_requests.serve(|| agent.rebuild_routes()))
-        });
+        crate::sync::request_in_background(
+            self,
+            &self.me,
+            |agent| &agent.routes_requests,
+            Agent::rebuild_routes,
+        );
     }
 
     pub fn pod_statuses(&self) -> Vec<PodStatus> {

@@ -51,6 +51,29 @@ impl Coalesced {
     }
 }
 
+/// Ask `owner` for `work` without waiting for it: the requests of `owner`'s
+/// [`Coalesced`] (`requests`) are served by one build at a time on a pooled blocking
+/// thread of the current tokio runtime, [`in_background`], and requests that arrive
+/// during a build are served by the next one. Outside a runtime (or while `owner` is
+/// being dropped) the build runs in place. The route table's builder and the probe SNAT
+/// writer: work a CNI ADD asks for and must not wait for.
+pub fn request_in_background<T: Send + Sync + 'static>(
+    owner: &T,
+    me: &std::sync::Weak<T>,
+    requests: fn(&T) -> &Coalesced,
+    work: fn(&T),
+) {
+    if !requests(owner).request() {
+        return;
+    }
+    match (me.upgrade(), tokio::runtime::Handle::try_current()) {
+        (Some(me), Ok(runtime)) => {
+            runtime.spawn_blocking(move || in_background(|| requests(&me).serve(|| work(&me))));
+        }
+        _ => requests(owner).serve(|| work(owner)),
+    }
+}
+
 /// How much lower than the agent's other threads background work runs (nice steps):
 /// under contention it gets about a tenth of the CPU a normal thread gets.
 const BACKGROUND_NICE: i32 = 10;

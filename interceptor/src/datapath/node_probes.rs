@@ -213,26 +213,29 @@ impl ProbeSnat {
         self.sync();
     }
 
-    /// Bring the chain in step on a writer thread: a new pod's rule is not on its ADD's
-    /// path. Until it is written, kubelet's probes of the pod keep the node's address,
-    /// which SMI mode refuses (closed, never open); a pod's containers, and so its
-    /// probes, start after its ADD anyway. Written in place when no thread can start.
+    /// Bring the chain in step off the caller's path, as the route table's builder is
+    /// (below the CNI path's priority, which the tool it runs inherits): a new pod's rule
+    /// is not on its ADD's path. Until it is written, kubelet's probes of the pod keep the
+    /// node's address, which SMI mode refuses (closed, never open); a pod's containers,
+    /// and so its probes, start after its ADD anyway. In place outside a tokio runtime.
     fn sync_in_background(&self) {
-        if !self.background.request() {
-            return;
-        }
-        let Some(me) = self.me.upgrade() else {
-            return;
+        crate::sync::request_in_background(
+            self,
+            &self.me,
+            |snat| &snat.background,
+            ProbeSnat::sync,
+        );
+    }
+
+    /// Remove the chain and every jump to it, and write nothing more: every pod is being
+    /// removed, and a write still asked for finds nothing to do.
+    fn remove_for_good(&self) -> Result<(), DatapathError> {
+        let _writing = lock(&self.writes);
+        *lock(&self.state) = State {
+            removed: true,
+            ..State::default()
         };
-        let spawned = std::thread::Builder::new()
-            .name("probe-snat".into())
-            // Below the CNI path's priority, as the route table's builder: the tool it
-            // runs inherits the thread's nice value, and must not hold up the next ADD.
-            .spawn(move || crate::sync::in_background(|| me.background.serve(|| me.sync())));
-        if let Err(error) = spawned {
-            tracing::warn!(%error, "no thread for the probe SNAT write: writing it in place");
-            self.background.serve(|| self.sync());
-        }
+        remove_with(self.backend).map(drop)
     }
 
     /// Wrap `inner`, writing with `backend` (iptables mode's), or in eBPF mode with the
@@ -449,29 +452,12 @@ impl Datapath for ProbeSnat {
 
     fn remove_node_wide(&self) -> Result<(), DatapathError> {
         let inner = self.inner.remove_node_wide();
-        let ours = {
-            let _writing = lock(&self.writes);
-            *lock(&self.state) = State {
-                removed: true,
-                ..State::default()
-            };
-            remove_with(self.backend).map(drop)
-        };
-        inner.and(ours)
+        inner.and(self.remove_for_good())
     }
 
     fn teardown(&self) -> Result<(), DatapathError> {
         let inner = self.inner.teardown();
-        let ours = {
-            let _writing = lock(&self.writes);
-            // Removed for good: a write still asked for finds nothing to do.
-            *lock(&self.state) = State {
-                removed: true,
-                ..State::default()
-            };
-            remove_with(self.backend).map(drop)
-        };
-        inner.and(ours)
+        inner.and(self.remove_for_good())
     }
 }
 
