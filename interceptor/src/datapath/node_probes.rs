@@ -194,7 +194,7 @@ pub struct ProbeSnat {
     /// Held while the tools run: each write reads the latest state, so an older rule set
     /// never lands after a newer one.
     writes: Mutex<()>,
-    /// Writes asked for by enrollments, served off their path by one writer thread at a
+    /// Writes asked for by enrollments, served off their path by one background build at a
     /// time: those asked for during a write are served by the next one.
     background: crate::sync::Coalesced,
     me: Weak<ProbeSnat>,
