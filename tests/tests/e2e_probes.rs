@@ -345,7 +345,10 @@ fn a_kept_chain_passes_to_the_next_agent_and_cleanup_removes_it() {
     let mut node = Node::start("probekeep", &args);
     let server = node.pod("demo", "server");
     let server_rule = format!("-A INTERCEPTOR_PROBES -d {}/32", server.ip);
-    assert!(probe_rules(&node).contains(&server_rule));
+    // Written off the ADD's path: it lands after the ADD has answered.
+    wait_for("the server's probe rule", || {
+        probe_rules(&node).contains(&server_rule).then_some(())
+    });
     let status = node.stop_agent();
     assert!(status.success(), "{status}");
     let rules = probe_rules(&node);
