@@ -11,6 +11,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use rustix::process::{
     pidfd_open, pidfd_send_signal, waitid, Pid, PidfdFlags, Signal, WaitId, WaitIdOptions,
 };
@@ -43,6 +44,24 @@ impl ProcHandle {
 
     pub(crate) fn signal(&self, sig: Signal) {
         let _ = pidfd_send_signal(self.pidfd.as_fd(), sig);
+    }
+
+    /// Blocks until the process exits or `timeout` passes; true if it exited. A pidfd
+    /// turns readable at the exit itself, so the waiter wakes then, not at the end of a
+    /// nap: the scale bench times CNI plugins of a few milliseconds with this.
+    fn wait_exited(&self, timeout: Duration) -> Result<bool> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let left = Timespec::try_from(left).context("wait timeout out of range")?;
+            let mut fds = [PollFd::new(&self.pidfd, PollFlags::IN)];
+            match poll(&mut fds, Some(&left)) {
+                Ok(0) => return Ok(self.exited()),
+                Ok(_) => return Ok(true),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e).with_context(|| format!("poll(pidfd of {})", self.pid)),
+            }
+        }
     }
 
     /// True once the process has exited (zombie or reaped). Does not reap it, so the
@@ -139,20 +158,10 @@ impl Owned {
 
     /// Waits up to `timeout` for the process to exit; `None` if it is still running.
     pub(crate) fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
-        let deadline = Instant::now() + timeout;
-        // Short first naps, so a quick process (a CNI plugin the bench times) is reaped
-        // within a fraction of a millisecond; longer ones once it runs for a while.
-        let mut nap = Duration::from_micros(100);
-        loop {
-            if let Some(status) = self.try_wait()? {
-                return Ok(Some(status));
-            }
-            if Instant::now() >= deadline {
-                return Ok(None);
-            }
-            std::thread::sleep(nap);
-            nap = (nap * 2).min(Duration::from_millis(10));
+        if self.child.is_some() && !self.handle.wait_exited(timeout)? {
+            return Ok(None);
         }
+        self.try_wait()
     }
 
     /// SIGKILL and reap.
@@ -591,4 +600,34 @@ pub fn proc_status(pid: u32) -> Result<ProcStatus> {
         threads: field("Threads:")?,
         rss_kib: field("VmRSS:")?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::Command;
+
+    use super::*;
+
+    fn owned(cmd: &mut Command) -> Owned {
+        let child = cmd.spawn().expect("spawning a coreutils program");
+        Owned::new(child, Arc::new(Tracker::default())).expect("pidfd_open")
+    }
+
+    #[test]
+    fn wait_timeout_returns_the_status_of_a_process_that_exits() {
+        let mut p = owned(Command::new("sh").args(["-c", "exit 3"]));
+        let status = p.wait_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(status.and_then(|s| s.code()), Some(3));
+        // Reaped: a second wait is an error, not a hang.
+        assert!(p.wait_timeout(Duration::from_millis(10)).is_err());
+    }
+
+    #[test]
+    fn wait_timeout_gives_up_on_a_process_still_running() {
+        let mut p = owned(Command::new("sleep").arg("30"));
+        let started = Instant::now();
+        assert!(p.wait_timeout(Duration::from_millis(50)).unwrap().is_none());
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        assert!(p.kill().is_some(), "still running, so kill reaps it");
+    }
 }

@@ -33,12 +33,69 @@ pub const IDLE_CONNECTIONS: usize = 10_000;
 /// The agent's `--tc-attach` values measured: TCX waits for RCU grace periods per pod.
 pub const TC_ATTACH: [&str; 2] = ["netlink", "tcx"];
 
+/// What the part measures. The default is the whole part as issue 14 asks; tb-bench's
+/// `--model-pods`, `--probes`, `--tc-attach`, `--memory-pods` and `--no-idle` narrow it,
+/// so an A/B of two builds can repeat one row many times (the command line is saved with
+/// the results).
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// Model sizes, each a row per `tc_attach`.
+    pub model_pods: Vec<usize>,
+    /// Enrolled pods added through the chain per row.
+    pub probes: usize,
+    /// `--tc-attach` values; the memory row uses the first.
+    pub tc_attach: Vec<&'static str>,
+    /// Enrolled pods of the memory row (none: no memory row).
+    pub memory_pods: Option<usize>,
+    /// Whether to measure memory per idle connection.
+    pub idle: bool,
+}
+
+impl Default for Plan {
+    fn default() -> Self {
+        Self {
+            model_pods: POD_COUNTS.to_vec(),
+            probes: PROBES,
+            tc_attach: TC_ATTACH.to_vec(),
+            memory_pods: Some(MEMORY_PROBES),
+            idle: true,
+        }
+    }
+}
+
+impl Plan {
+    /// The rows, in order, before they are measured.
+    fn rows(&self) -> Vec<PodsRow> {
+        let row = |tc_attach, pods: usize, enrolled, memory| PodsRow {
+            pods,
+            enrolled,
+            memory,
+            tc_attach,
+            services: (pods / 10).max(1),
+            ..PodsRow::default()
+        };
+        let sizes = self.tc_attach.iter().flat_map(|&tc_attach| {
+            self.model_pods
+                .iter()
+                .map(move |&pods| row(tc_attach, pods, self.probes, false))
+        });
+        // Memory per enrolled pod: a small model and many pods enrolled.
+        let memory = self
+            .memory_pods
+            .zip(self.tc_attach.first())
+            .map(|(enrolled, &tc_attach)| row(tc_attach, POD_COUNTS[0], enrolled, true));
+        sizes.chain(memory).collect()
+    }
+}
+
 /// One model size over the rounds.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct PodsRow {
     pub pods: usize,
     /// Enrolled pods added through the chain.
     pub enrolled: usize,
+    /// The memory row: its RSS is held against the per-enrolled-pod target.
+    pub memory: bool,
     /// `--tc-attach` of the agent.
     pub tc_attach: &'static str,
     pub services: usize,
@@ -282,24 +339,12 @@ impl ScalePods {
     }
 }
 
-pub fn run(opts: Options) -> ScalePods {
-    let rows = TC_ATTACH
-        .iter()
-        .flat_map(|&tc_attach| {
-            POD_COUNTS
-                .iter()
-                .map(move |&pods| (tc_attach, pods, PROBES))
-        })
-        // Memory per enrolled pod: a small model and many pods enrolled.
-        .chain([(TC_ATTACH[0], POD_COUNTS[0], MEMORY_PROBES)])
-        .map(|(tc_attach, pods, enrolled)| {
-            let mut row = PodsRow {
-                pods,
-                enrolled,
-                tc_attach,
-                services: (pods / 10).max(1),
-                ..PodsRow::default()
-            };
+pub fn run(opts: Options, plan: &Plan) -> ScalePods {
+    let rows = plan
+        .rows()
+        .into_iter()
+        .map(|mut row| {
+            let (pods, enrolled, tc_attach) = (row.pods, row.enrolled, row.tc_attach);
             eprintln!(
                 "tb-bench: pod start-up with a model of {pods} pods, {enrolled} enrolled, \
                  --tc-attach {tc_attach} (round {}/{})",
@@ -314,7 +359,10 @@ pub fn run(opts: Options) -> ScalePods {
         .collect();
     ScalePods {
         rows,
-        idle: idle_rows(opts),
+        idle: match plan.idle {
+            true => idle_rows(opts),
+            false => Vec::new(),
+        },
     }
 }
 
@@ -657,7 +705,10 @@ pub fn merge(rounds: Vec<ScalePods>) -> ScalePods {
     for round in rounds {
         for row in round.rows {
             match merged.rows.iter_mut().find(|m| {
-                m.pods == row.pods && m.tc_attach == row.tc_attach && m.enrolled == row.enrolled
+                m.pods == row.pods
+                    && m.tc_attach == row.tc_attach
+                    && m.enrolled == row.enrolled
+                    && m.memory == row.memory
             }) {
                 Some(m) => {
                     m.plugin_ms.extend(row.plugin_ms);
@@ -761,7 +812,7 @@ fn mib(kib: Option<f64>) -> String {
     kib.map_or("—".into(), |k| format!("{:.1}", k / 1024.0))
 }
 
-/// The agent memory table against issue 14's targets: RSS with [`MEMORY_PROBES`] pods
+/// The agent memory table against issue 14's targets: RSS with the memory row's pods
 /// enrolled (≤ 50 MB + 50 KB per pod) and per idle proxied connection (≤ 16 KiB).
 pub fn memory_table(part: &ScalePods) -> String {
     let mut out = String::from(
@@ -769,7 +820,7 @@ pub fn memory_table(part: &ScalePods) -> String {
          |---|---|---|---|---|---|---|---|\n",
     );
     let failed = |errors: &[String]| format!("failed: {}", errors.join("; "));
-    if let Some(row) = part.rows.iter().find(|r| r.enrolled == MEMORY_PROBES) {
+    if let Some(row) = part.rows.iter().find(|r| r.memory) {
         let (before, after) = (median(&row.rss_before_kib), median(&row.rss_kib));
         let target = rss_target_kib(row.enrolled);
         let verdict = match after {
@@ -865,10 +916,38 @@ mod tests {
     }
 
     #[test]
+    fn the_default_plan_is_the_whole_part_and_a_narrow_one_keeps_its_rows() {
+        let key = |r: &PodsRow| (r.tc_attach, r.pods, r.enrolled, r.memory, r.services);
+        let rows: Vec<_> = Plan::default().rows().iter().map(key).collect();
+        assert_eq!(
+            rows,
+            [
+                ("netlink", 10, 20, false, 1),
+                ("netlink", 1_000, 20, false, 100),
+                ("netlink", 10_000, 20, false, 1_000),
+                ("tcx", 10, 20, false, 1),
+                ("tcx", 1_000, 20, false, 100),
+                ("tcx", 10_000, 20, false, 1_000),
+                ("netlink", 10, 1_000, true, 1),
+            ]
+        );
+        let narrow = Plan {
+            model_pods: vec![10_000],
+            probes: 60,
+            tc_attach: vec!["netlink"],
+            memory_pods: None,
+            idle: false,
+        };
+        let rows: Vec<_> = narrow.rows().iter().map(key).collect();
+        assert_eq!(rows, [("netlink", 10_000, 60, false, 1_000)]);
+    }
+
+    #[test]
     fn the_memory_table_checks_both_targets() {
         let pods = PodsRow {
             pods: 10,
             enrolled: MEMORY_PROBES,
+            memory: true,
             tc_attach: "netlink",
             services: 1,
             rss_before_kib: vec![17_000.0],

@@ -81,6 +81,61 @@ struct Cli {
     /// Free text saved with the results, e.g. what build was measured.
     #[arg(long)]
     note: Option<String>,
+    /// Pod start-up: the model sizes (pods) measured [default: 10,1000,10000].
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    model_pods: Vec<u64>,
+    /// Pod start-up: enrolled pods added through the chain per model size [default: 20].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=2_000))]
+    probes: Option<u64>,
+    /// Pod start-up: the agent's --tc-attach values measured [default: netlink,tcx].
+    #[arg(long, value_delimiter = ',', value_enum)]
+    tc_attach: Vec<TcAttach>,
+    /// Pod start-up: enrolled pods of the memory row, 0 for none [default: 1000].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=2_000))]
+    memory_pods: Option<u64>,
+    /// Pod start-up: leave out memory per idle connection.
+    #[arg(long)]
+    no_idle: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum TcAttach {
+    Netlink,
+    Tcx,
+}
+
+impl Cli {
+    /// The pod start-up part's plan: the whole part unless narrowed.
+    fn scale_pods_plan(&self) -> Result<bench::scale_pods::Plan> {
+        let mut plan = bench::scale_pods::Plan::default();
+        if !self.model_pods.is_empty() {
+            plan.model_pods = self
+                .model_pods
+                .iter()
+                .map(|&n| usize::try_from(n))
+                .collect::<Result<_, _>>()?;
+        }
+        if let Some(probes) = self.probes {
+            plan.probes = usize::try_from(probes)?;
+        }
+        if !self.tc_attach.is_empty() {
+            plan.tc_attach = self
+                .tc_attach
+                .iter()
+                .map(|t| match t {
+                    TcAttach::Netlink => "netlink",
+                    TcAttach::Tcx => "tcx",
+                })
+                .collect();
+        }
+        match self.memory_pods {
+            Some(0) => plan.memory_pods = None,
+            Some(n) => plan.memory_pods = Some(usize::try_from(n)?),
+            None => {}
+        }
+        plan.idle = !self.no_idle;
+        Ok(plan)
+    }
 }
 
 fn workspace() -> PathBuf {
@@ -96,6 +151,7 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let secs = cli.seconds.unwrap_or(if cli.quick { 2 } else { 5 });
     let rounds = usize::try_from(cli.repeat.unwrap_or(if cli.quick { 1 } else { 3 }))?;
+    let scale_pods_plan = cli.scale_pods_plan()?;
     let topologies: Vec<Topology> = match cli.topology {
         Which::Both => vec![Topology::SameNode, Topology::CrossNode],
         Which::SameNode => vec![Topology::SameNode],
@@ -140,7 +196,7 @@ fn main() -> Result<()> {
             rounds_upstream.push(bench::upstream::run(opts));
         }
         if matches!(cli.part, Part::All | Part::ScalePods) {
-            rounds_scale_pods.push(bench::scale_pods::run(opts));
+            rounds_scale_pods.push(bench::scale_pods::run(opts, &scale_pods_plan));
         }
         if matches!(cli.part, Part::All | Part::Ipv6) {
             rounds_ipv6.push(bench::ipv6::run(opts));
