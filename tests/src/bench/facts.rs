@@ -27,6 +27,8 @@ pub struct Facts {
     /// The workspace's commit, and whether the work tree differed from it.
     pub git_commit: String,
     pub git_dirty: Option<bool>,
+    /// How idle CPUs waited during the run ([`super::cpu_idle::describe`]).
+    pub cpu_idle: String,
 }
 
 fn command_output(program: &str, args: &[&str]) -> Option<String> {
@@ -54,7 +56,7 @@ fn read_trimmed(path: &str) -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-pub fn collect(workspace: &Path) -> Facts {
+pub fn collect(workspace: &Path, cpu_idle: String) -> Facts {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cpu_model = cpuinfo
         .lines()
@@ -108,5 +110,6 @@ pub fn collect(workspace: &Path) -> Facts {
         haproxy: first_line(command_output(super::haproxy::HAPROXY, &["-v"])),
         git_commit,
         git_dirty,
+        cpu_idle,
     }
 }

@@ -3,8 +3,10 @@
 //! they share ([`sidecar`]), the scenarios on each topology ([`scenario`]), the exclusion
 //! scale check ([`scale`]), IPv6 beside IPv4 ([`ipv6`]), TLS passthrough and UDP through the
 //! gateway ([`gateway_l4`]), the cost of the upstream policies ([`upstream`]), machine
-//! facts ([`facts`]) and the table and result files ([`report`]).
+//! facts ([`facts`]), idle CPUs held to polling for the run ([`cpu_idle`]) and the table
+//! and result files ([`report`]).
 
+pub mod cpu_idle;
 pub mod facts;
 pub mod gateway_l4;
 pub mod haproxy;

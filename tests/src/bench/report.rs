@@ -340,6 +340,7 @@ fn machine(f: &Facts, loadavg_at_end: &str) -> String {
     format!(
         "- host: {} · kernel {} · {} × {} · memory {}\n\
          - load average at start: {} · at end: {loadavg_at_end}\n\
+         - CPU idle: {}\n\
          - tools: {} · {} · {}\n\
          - workspace: commit {}{}\n",
         f.hostname,
@@ -348,6 +349,7 @@ fn machine(f: &Facts, loadavg_at_end: &str) -> String {
         f.cpu_model,
         f.memory,
         f.loadavg_at_start,
+        f.cpu_idle,
         f.sockperf,
         f.iperf3,
         f.haproxy,
@@ -449,11 +451,13 @@ pub fn summary(report: &Report<'_>) -> String {
         writeln!(
             s,
             "## Results ({} s per figure, median of {} round{})\n\n{}\n{HOW_TO_READ}\n\n\
+             CPU idle: {}.\n\n\
          ## Targets (ours vs direct, same topology)\n\n{targets_md}",
             report.secs,
             report.rounds,
             if report.rounds == 1 { "" } else { "s" },
-            table(report.rows)
+            table(report.rows),
+            report.facts.cpu_idle
         )
         .unwrap_or(());
     }

@@ -16,7 +16,7 @@ mod bench;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
 
 use bench::report::{self, Report};
@@ -81,6 +81,11 @@ struct Cli {
     /// Free text saved with the results, e.g. what build was measured.
     #[arg(long)]
     note: Option<String>,
+    /// How idle CPUs wait during the run: `poll` holds a 0 µs PM QoS request on
+    /// /dev/cpu_dma_latency (as tuned's latency-performance profile does), so a wake-up
+    /// costs no exit from a halted VM CPU; `system` leaves the machine's idle states.
+    #[arg(long, value_enum, default_value_t = CpuIdle::Poll)]
+    cpu_idle: CpuIdle,
     /// Pod start-up: the model sizes (pods) measured [default: 10,1000,10000].
     #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u64).range(1..=100_000))]
     model_pods: Vec<u64>,
@@ -96,6 +101,12 @@ struct Cli {
     /// Pod start-up: leave out memory per idle connection.
     #[arg(long)]
     no_idle: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum CpuIdle {
+    Poll,
+    System,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -157,15 +168,24 @@ fn main() -> Result<()> {
         Which::SameNode => vec![Topology::SameNode],
         Which::CrossNode => vec![Topology::CrossNode],
     };
-    let facts = bench::facts::collect(&workspace());
+    // Held until main returns; the kernel drops it with the descriptor however we exit.
+    let idle_hold = match cli.cpu_idle {
+        CpuIdle::Poll => Some(
+            bench::cpu_idle::LatencyHold::hold(0)
+                .context("holding idle CPUs to polling (--cpu-idle system measures without)")?,
+        ),
+        CpuIdle::System => None,
+    };
+    let facts = bench::facts::collect(&workspace(), bench::cpu_idle::describe(idle_hold.as_ref()));
     eprintln!(
-        "tb-bench: {} s per figure, {} run(s) each, topologies {:?}; kernel {}, {} CPUs, load {}",
+        "tb-bench: {} s per figure, {} run(s) each, topologies {:?}; kernel {}, {} CPUs, load {}; {}",
         secs,
         rounds,
         topologies.iter().map(|t| t.name()).collect::<Vec<_>>(),
         facts.kernel,
         facts.cpus,
-        facts.loadavg_at_start
+        facts.loadavg_at_start,
+        facts.cpu_idle
     );
     let start = Instant::now();
     // Round-robin: every round measures every scenario once, so load from elsewhere on
