@@ -608,6 +608,7 @@ mod tests {
 
     use super::*;
 
+    /// Only programs of the exec audit's PATH (xtask/src/programs.rs) may run here.
     fn owned(cmd: &mut Command) -> Owned {
         let child = cmd.spawn().expect("spawning a coreutils program");
         Owned::new(child, Arc::new(Tracker::default())).expect("pidfd_open")
@@ -615,9 +616,14 @@ mod tests {
 
     #[test]
     fn wait_timeout_returns_the_status_of_a_process_that_exits() {
-        let mut p = owned(Command::new("sh").args(["-c", "exit 3"]));
+        // cat exits 1 when a file cannot be read.
+        let mut p = owned(
+            Command::new("cat")
+                .arg("/proc/self/no-such-file")
+                .stderr(std::process::Stdio::null()),
+        );
         let status = p.wait_timeout(Duration::from_secs(10)).unwrap();
-        assert_eq!(status.and_then(|s| s.code()), Some(3));
+        assert_eq!(status.and_then(|s| s.code()), Some(1));
         // Reaped: a second wait is an error, not a hang.
         assert!(p.wait_timeout(Duration::from_millis(10)).is_err());
     }
