@@ -158,10 +158,21 @@ impl Owned {
 
     /// Waits up to `timeout` for the process to exit; `None` if it is still running.
     pub(crate) fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
+        let deadline = Instant::now() + timeout;
         if self.child.is_some() && !self.handle.wait_exited(timeout)? {
             return Ok(None);
         }
-        self.try_wait()
+        // Exited, but a traced child (tb-bench under `strace -f`) is reapable only once
+        // its tracer has waited for it.
+        loop {
+            if let Some(status) = self.try_wait()? {
+                return Ok(Some(status));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// SIGKILL and reap.

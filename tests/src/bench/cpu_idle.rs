@@ -3,12 +3,13 @@
 //! On a VM whose idle CPUs halt (the cpuidle `haltpoll` driver with
 //! `guest_halt_poll_ns=0`, as on the machines these sessions run on), waking a sleeping
 //! CPU is an exit to the hypervisor and back. A 64-byte round trip between two pods of
-//! one node measured 68 µs direct and 53 µs through a proxy (a busier path leaves fewer
-//! CPUs halted), so the figures ranked paths by the halts they hit rather than by their
-//! own work. tb-bench therefore holds a PM QoS request of 0 µs on `/dev/cpu_dma_latency`
-//! for the run, as tuned's `latency-performance` profile does (with 3 µs): the cpuidle
-//! governor then polls instead of halting, and the same direct round trip measured
-//! 11 µs. The kernel drops the request when the file is closed, also when tb-bench
+//! one node measured 67.7 µs direct and 51.6 µs through our proxy (a busier path leaves
+//! fewer CPUs halted; bench/results/2026-12-07-vm-system-idle.md), so the figures ranked
+//! paths by the halts they hit rather than by their own work. tb-bench therefore holds a
+//! PM QoS request of 0 µs on `/dev/cpu_dma_latency` for the run, as tuned's
+//! `latency-performance` profile does (with 3 µs): the cpuidle governor then polls
+//! instead of halting, and the same direct round trip measured 11.4 µs
+//! (bench/results/2026-12-07-vm.md). The kernel drops the request when the file is closed, also when tb-bench
 //! dies. `--cpu-idle system` measures with the machine's own idle states instead.
 
 use std::fs::File;
@@ -82,16 +83,13 @@ pub fn describe(hold: Option<&LatencyHold>) -> String {
 mod tests {
     use super::*;
 
-    /// Needs root, as tb-bench does.
+    /// Privileged, like the testbed: it fails without root rather than skip.
     #[test]
     fn the_hold_is_visible_in_the_device_and_gone_with_it() {
-        if !rustix::process::geteuid().is_root() {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "this test needs root under CI"
-            );
-            return;
-        }
+        assert!(
+            rustix::process::geteuid().is_root(),
+            "writing {PM_QOS_DEVICE} needs root"
+        );
         let read = || {
             let bytes = std::fs::read(PM_QOS_DEVICE).expect("reading the PM QoS device");
             i32::from_ne_bytes(bytes[..4].try_into().expect("an s32"))

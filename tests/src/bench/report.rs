@@ -484,13 +484,20 @@ pub fn summary(report: &Report<'_>) -> String {
              The model's Services select their pods by label (no EndpointSlices). RSS and threads: \
              the agent after the probes were enrolled. tc attach: the agent's `--tc-attach`, `netlink` \
              (clsact + cls_bpf, the default) or `tcx` (bpf_link on kernels ≥ 6.6: an RCU grace \
-             period under the rtnl lock per direction).\n\n\
-             ### Agent memory\n\n{}\n\n{}",
+             period under the rtnl lock per direction).",
             super::scale_pods::table(report.scale_pods),
-            super::scale_pods::memory_table(report.scale_pods),
-            super::scale_pods::MEMORY_HOW_TO_READ
         )
         .unwrap_or(());
+        // A narrowed run (`--memory-pods 0 --no-idle`) measured no memory.
+        if super::scale_pods::measured_memory(report.scale_pods) {
+            writeln!(
+                s,
+                "\n### Agent memory\n\n{}\n\n{}",
+                super::scale_pods::memory_table(report.scale_pods),
+                super::scale_pods::MEMORY_HOW_TO_READ
+            )
+            .unwrap_or(());
+        }
     }
     if !report.ipv6.is_empty() {
         writeln!(

@@ -812,6 +812,11 @@ fn mib(kib: Option<f64>) -> String {
     kib.map_or("—".into(), |k| format!("{:.1}", k / 1024.0))
 }
 
+/// Whether the part has a memory row or idle-connection rows to show.
+pub fn measured_memory(part: &ScalePods) -> bool {
+    part.rows.iter().any(|r| r.memory) || !part.idle.is_empty()
+}
+
 /// The agent memory table against issue 14's targets: RSS with the memory row's pods
 /// enrolled (≤ 50 MB + 50 KB per pod) and per idle proxied connection (≤ 16 KiB).
 pub fn memory_table(part: &ScalePods) -> String {
@@ -966,10 +971,35 @@ mod tests {
         idle.open_s.push(4.0);
         let mut exchanged = IdleRow::new(IdleKind::AfterExchange);
         exchanged.errors.push("boom".into());
-        let table = memory_table(&ScalePods {
-            rows: vec![pods],
-            idle: vec![idle, exchanged],
-        });
+        // A start-up row that enrolled as many pods is not the memory row.
+        let start_up = PodsRow {
+            pods: 10,
+            enrolled: MEMORY_PROBES,
+            tc_attach: "netlink",
+            rss_before_kib: vec![1.0],
+            rss_kib: vec![2.0],
+            ..PodsRow::default()
+        };
+        // Two rounds: the memory row's figures merge with each other only.
+        let round = |rss_kib: f64| ScalePods {
+            rows: vec![
+                start_up.clone(),
+                PodsRow {
+                    rss_kib: vec![rss_kib],
+                    ..pods.clone()
+                },
+            ],
+            idle: Vec::new(),
+        };
+        let mut merged = merge(vec![round(37_480.0), round(37_480.0)]);
+        assert_eq!(merged.rows.len(), 2, "{:?}", merged.rows);
+        assert!(measured_memory(&merged));
+        assert!(!measured_memory(&ScalePods {
+            rows: vec![start_up.clone()],
+            idle: Vec::new(),
+        }));
+        merged.idle = vec![idle, exchanged];
+        let table = memory_table(&merged);
         assert!(
             table.contains("| 1000 | 16.6 | 36.6 | 20.5 KiB per pod | RSS ≤ 50 MB + 50 KB × 1000 = 95.4 MiB | met | 31 (enrolling) |"),
             "{table}"

@@ -89,14 +89,15 @@ struct Cli {
     /// Pod start-up: the model sizes (pods) measured [default: 10,1000,10000].
     #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u64).range(1..=100_000))]
     model_pods: Vec<u64>,
-    /// Pod start-up: enrolled pods added through the chain per model size [default: 20].
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=2_000))]
+    /// Pod start-up: enrolled pods added through the chain per model size [default: 20]
+    /// (a node's bridge takes at most 1,023 ports).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000))]
     probes: Option<u64>,
     /// Pod start-up: the agent's --tc-attach values measured [default: netlink,tcx].
     #[arg(long, value_delimiter = ',', value_enum)]
     tc_attach: Vec<TcAttach>,
     /// Pod start-up: enrolled pods of the memory row, 0 for none [default: 1000].
-    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=2_000))]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=1_000))]
     memory_pods: Option<u64>,
     /// Pod start-up: leave out memory per idle connection.
     #[arg(long)]
@@ -116,28 +117,33 @@ enum TcAttach {
 }
 
 impl Cli {
-    /// The pod start-up part's plan: the whole part unless narrowed.
+    /// The pod start-up part's plan: the whole part unless narrowed. A value given twice
+    /// counts once (rows with the same key merge, so it would be measured twice a round).
     fn scale_pods_plan(&self) -> Result<bench::scale_pods::Plan> {
         let mut plan = bench::scale_pods::Plan::default();
         if !self.model_pods.is_empty() {
-            plan.model_pods = self
-                .model_pods
-                .iter()
-                .map(|&n| usize::try_from(n))
-                .collect::<Result<_, _>>()?;
+            plan.model_pods = Vec::new();
+            for &n in &self.model_pods {
+                let n = usize::try_from(n)?;
+                if !plan.model_pods.contains(&n) {
+                    plan.model_pods.push(n);
+                }
+            }
         }
         if let Some(probes) = self.probes {
             plan.probes = usize::try_from(probes)?;
         }
         if !self.tc_attach.is_empty() {
-            plan.tc_attach = self
-                .tc_attach
-                .iter()
-                .map(|t| match t {
+            plan.tc_attach = Vec::new();
+            for t in &self.tc_attach {
+                let name = match t {
                     TcAttach::Netlink => "netlink",
                     TcAttach::Tcx => "tcx",
-                })
-                .collect();
+                };
+                if !plan.tc_attach.contains(&name) {
+                    plan.tc_attach.push(name);
+                }
+            }
         }
         match self.memory_pods {
             Some(0) => plan.memory_pods = None,
@@ -278,4 +284,57 @@ fn main() -> Result<()> {
         println!("Saved {} and {}", md.display(), js.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::Cli;
+    use crate::bench::scale_pods::Plan;
+
+    fn plan(args: &[&str]) -> Plan {
+        let cli = Cli::try_parse_from([&["tb-bench"], args].concat()).expect("valid options");
+        cli.scale_pods_plan().expect("a plan")
+    }
+
+    #[test]
+    fn the_pod_start_up_options_narrow_the_plan() {
+        let whole = plan(&[]);
+        assert_eq!(whole.model_pods, [10, 1_000, 10_000]);
+        assert_eq!(whole.tc_attach, ["netlink", "tcx"]);
+        assert_eq!(whole.memory_pods, Some(1_000));
+        assert!(whole.idle);
+        let narrow = plan(&[
+            "--model-pods",
+            "10000,10,10000",
+            "--probes",
+            "60",
+            "--tc-attach",
+            "tcx,netlink,tcx",
+            "--memory-pods",
+            "0",
+            "--no-idle",
+        ]);
+        assert_eq!(
+            narrow.model_pods,
+            [10_000, 10],
+            "a size given twice counts once"
+        );
+        assert_eq!(narrow.probes, 60);
+        assert_eq!(narrow.tc_attach, ["tcx", "netlink"]);
+        assert_eq!(narrow.memory_pods, None, "0 means no memory row");
+        assert!(!narrow.idle);
+        assert_eq!(plan(&["--memory-pods", "200"]).memory_pods, Some(200));
+        for bad in [
+            ["--probes", "1001"],
+            ["--memory-pods", "1001"],
+            ["--model-pods", "0"],
+        ] {
+            assert!(
+                Cli::try_parse_from([&["tb-bench"], &bad[..]].concat()).is_err(),
+                "{bad:?} must be refused"
+            );
+        }
+    }
 }
