@@ -13,8 +13,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{
-    inbound_records, wait_for, Mode, Node, ECHO_TARGET_PORT, PROXY_MARK, PY_EXCHANGE,
-    TRANSPARENT_MARK,
+    finished_record, inbound_records, wait_for, Mode, Node, ECHO_TARGET_PORT, PROXY_MARK,
+    PY_EXCHANGE, TRANSPARENT_MARK,
 };
 use interceptor_testbed::Pod;
 
@@ -99,9 +99,7 @@ fn the_application_sees_the_clients_address_and_port(mode: Mode) {
     assert_eq!(accepts[0]["mark"], TRANSPARENT_MARK, "{}", accepts[0]);
     // It went through the proxy, which keyed it on the client it accepted.
     let record = wait_for("the inbound record", || {
-        inbound_records(&node.config_dump(), "demo/server", None)
-            .into_iter()
-            .find(|r| r["client"] == local.as_str() && r["outcome"] != "open")
+        finished_record(&node, "inbound", "demo/server", &local)
     });
     assert_eq!(record["client_address"], "preserved", "{record}");
     assert_eq!(record["upstream_bytes"], 100000, "{record}");

@@ -8,7 +8,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{inbound_records, wait_for, MeshConfigFile, Mode, Node, MANIFESTS, TRANSPARENT_MARK};
+use common::{
+    finished_record, inbound_records, wait_for, MeshConfigFile, Mode, Node, MANIFESTS,
+    TRANSPARENT_MARK,
+};
 use interceptor_testbed::{Pod, ServerProcess};
 
 in_both_modes!(
@@ -46,21 +49,6 @@ fn bed(label: &str, mode: Mode, args: &[&str], manifests: &str) -> Bed {
     }
 }
 
-/// The outbound records of `pod` whose client is `local`.
-fn outbound_record(node: &Node, pod: &str, local: &str) -> Option<serde_json::Value> {
-    node.config_dump()["connections"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|r| {
-            r["direction"] == "outbound"
-                && r["pod"] == pod
-                && r["client"] == local
-                && r["outcome"] != "open"
-        })
-        .cloned()
-}
-
 fn one_hop_between_enrolled_pods_of_a_node_the_app_sees_the_client_itself(mode: Mode) {
     if !common::privileged() {
         return;
@@ -94,12 +82,10 @@ fn one_hop_between_enrolled_pods_of_a_node_the_app_sees_the_client_itself(mode: 
 
     // Both pods have their record, with the same bytes.
     let outbound = wait_for("the client's outbound record", || {
-        outbound_record(&node, "demo/client", &local)
+        finished_record(&node, "outbound", "demo/client", &local)
     });
     let inbound = wait_for("the server's inbound record", || {
-        inbound_records(&node.config_dump(), "demo/server", None)
-            .into_iter()
-            .find(|r| r["client"] == local.as_str() && r["outcome"] != "open")
+        finished_record(&node, "inbound", "demo/server", &local)
     });
     for record in [&outbound, &inbound] {
         assert_eq!(record["upstream_bytes"], 100000, "{record}");
@@ -213,7 +199,12 @@ spec:
     // Taken in the client's proxy: the record's client is the application's own socket,
     // which the client's outbound record names too.
     wait_for("the client's outbound record", || {
-        outbound_record(&node, "demo/client", refused["client"].as_str()?)
+        finished_record(
+            &node,
+            "outbound",
+            "demo/client",
+            refused["client"].as_str()?,
+        )
     });
     // The application saw the first connection only.
     let accepts = echo

@@ -358,6 +358,19 @@ pub fn inbound_records(
         .collect()
 }
 
+/// The finished (no longer open) `direction` record of `pod` whose client is `client`
+/// (ip:port), once the proxy has logged it.
+pub fn finished_record(
+    node: &Node,
+    direction: &str,
+    pod: &str,
+    client: &str,
+) -> Option<serde_json::Value> {
+    node.connections_from(client)
+        .into_iter()
+        .find(|r| r["direction"] == direction && r["pod"] == pod && r["outcome"] != "open")
+}
+
 /// `interceptor cleanup` for the testbed's (only) node, as an operator runs it.
 pub fn run_cleanup(tb: &interceptor_testbed::Testbed) -> std::process::Output {
     std::process::Command::new(interceptor_testbed::bin_path("interceptor"))
