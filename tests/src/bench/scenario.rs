@@ -124,6 +124,12 @@ impl Scenario {
         }
     }
 
+    /// Whether the scenario has a row on `topology`: `--same-node-direct` changes nothing
+    /// across nodes, so it has none there.
+    pub fn measured_on(self, topology: Topology) -> bool {
+        self != Scenario::OursDirect || topology == Topology::SameNode
+    }
+
     pub fn is_ours(self) -> bool {
         matches!(
             self,
@@ -728,7 +734,7 @@ pub fn run(topology: Topology, opts: Options) -> Vec<Row> {
         Err(e) => {
             return Scenario::ALL
                 .iter()
-                .filter(|s| topology == Topology::SameNode || **s != Scenario::OursDirect)
+                .filter(|s| s.measured_on(topology))
                 .map(|s| Row::failed(topology, *s, &e))
                 .collect()
         }
@@ -782,8 +788,7 @@ pub fn run(topology: Topology, opts: Options) -> Vec<Row> {
     rows.extend(ours_rows(&mut bed, plain.as_mut(), opts, Agents::Default));
     // Ours with sockmap, fresh agents and pods.
     rows.extend(ours_rows(&mut bed, None, opts, Agents::Sockmap));
-    // One hop between pods of one node (the flag changes nothing across nodes).
-    if topology == Topology::SameNode {
+    if Scenario::OursDirect.measured_on(topology) {
         rows.extend(ours_rows(&mut bed, None, opts, Agents::SameNodeDirect));
     }
     drop(plain);
@@ -899,9 +904,6 @@ fn ztunnel_row(
     row
 }
 
-/// The enrolled scenarios of one agent configuration: with `sockmap`, only "both
-/// enrolled" (on fresh pods); without, "client enrolled" against the unenrolled server
-/// (when there is one) and "both enrolled".
 /// How the agents of one batch of our rows run.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Agents {
@@ -910,6 +912,9 @@ enum Agents {
     SameNodeDirect,
 }
 
+/// The enrolled scenarios of one agent configuration: with the default agents, "client
+/// enrolled" against the unenrolled server (when there is one) and "both enrolled"; with
+/// `--sockmap` or `--same-node-direct`, only "both enrolled" (on fresh pods).
 fn ours_rows(
     bed: &mut Bed,
     plain: Option<&mut (Pod, Servers)>,
@@ -917,10 +922,15 @@ fn ours_rows(
     agents: Agents,
 ) -> Vec<Row> {
     let topology = bed.topology;
-    let (scenarios, args, suffix): (Vec<Scenario>, &[&str], &str) = match agents {
-        Agents::Sockmap => (vec![Scenario::OursSockmap], &["--sockmap"], "-sm"),
-        Agents::SameNodeDirect => (vec![Scenario::OursDirect], &["--same-node-direct"], "-d"),
-        Agents::Default => (vec![Scenario::OursClient, Scenario::OursBoth], &[], ""),
+    let (both, args, suffix): (Scenario, &[&str], &str) = match agents {
+        Agents::Sockmap => (Scenario::OursSockmap, &["--sockmap"], "-sm"),
+        Agents::SameNodeDirect => (Scenario::OursDirect, &["--same-node-direct"], "-d"),
+        Agents::Default => (Scenario::OursBoth, &[], ""),
+    };
+    let client_row = agents == Agents::Default;
+    let scenarios = match client_row {
+        true => vec![Scenario::OursClient, both],
+        false => vec![both],
     };
     let mut rows = Vec::new();
     if let Err(e) = bed.start_agents(args) {
@@ -939,7 +949,7 @@ fn ours_rows(
                 .collect();
         }
     };
-    if agents == Agents::Default {
+    if client_row {
         match plain {
             Some((_, servers)) => {
                 rows.push(timed(|| {
@@ -953,11 +963,6 @@ fn ours_rows(
             )),
         }
     }
-    let both = match agents {
-        Agents::Sockmap => Scenario::OursSockmap,
-        Agents::SameNodeDirect => Scenario::OursDirect,
-        Agents::Default => Scenario::OursBoth,
-    };
     let server = bed
         .pod(bed.server_node, MESH_NS, &format!("server{suffix}"))
         .and_then(|pod| Ok((Servers::start(&bed.tb, &pod, &bed.logs)?, pod)));
