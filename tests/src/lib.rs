@@ -71,10 +71,11 @@ const STANDARD_CNI_DIRS: &[&str] = &["/usr/lib/cni", "/opt/cni/bin"];
 static NEXT_TESTBED: AtomicU32 = AtomicU32::new(0);
 
 /// Finds a workspace binary (`interceptor`, `interceptor-cni`, `tb-pod`):
-/// `$INTERCEPTOR_BIN_DIR/<name>` if that variable is set and the file is there, else the
-/// newer of `<target>/release/<name>` and `<target>/debug/<name>`, where `<target>` is
-/// `$CARGO_TARGET_DIR` or `<workspace>/target`. When none exists, the debug path is
-/// returned so the caller's error names where it looked.
+/// `$INTERCEPTOR_BIN_DIR/<name>` if that variable is set and the file is there, else
+/// `<target>/<profile>/<name>` of the profile this crate was built with, else the other
+/// profile's, where `<target>` is `$CARGO_TARGET_DIR` or `<workspace>/target`. When none
+/// exists, the debug path is returned (whatever the profile) so the caller's error names
+/// where it looked.
 pub fn bin_path(name: &str) -> PathBuf {
     if let Some(dir) = std::env::var_os("INTERCEPTOR_BIN_DIR") {
         let p = PathBuf::from(dir).join(name);
@@ -93,16 +94,20 @@ pub fn bin_path(name: &str) -> PathBuf {
     // The profile this crate was built with, first: `cargo test --release` runs against
     // release binaries even when a newer debug build (say, one made without the eBPF
     // object for clippy) sits beside them.
+    let (debug, release) = (
+        target.join("debug").join(name),
+        target.join("release").join(name),
+    );
     let (own, other) = if cfg!(debug_assertions) {
-        ("debug", "release")
+        (&debug, &release)
     } else {
-        ("release", "debug")
+        (&release, &debug)
     };
-    let own = target.join(own).join(name);
-    if own.is_file() {
-        return own;
-    }
-    target.join(other).join(name)
+    let found = [own, other]
+        .into_iter()
+        .find(|path| path.is_file())
+        .cloned();
+    found.unwrap_or(debug)
 }
 
 /// Options for a [`Testbed`]; start with [`Testbed::builder`].
