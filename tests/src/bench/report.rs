@@ -161,40 +161,95 @@ fn check(r: Option<f64>, target: f64, at_least: bool) -> (String, Option<bool>) 
 }
 
 /// Whether `ours` is ahead of every peer row (HAProxy, ztunnel) measured in the same
-/// topology on `cell` (`lower` is better for latency): `(text, met)`, `met` `None` when no
-/// peer was measured.
+/// topology on `cell` (`lower` is better for latency), by the medians; the text also says
+/// in how many rounds it was ahead of each peer, since a median of a few rounds can rank
+/// two paths whose rounds overlap. `met` is `None` when no peer was measured; `rounds`
+/// is, per peer, the rounds ahead and the rounds compared.
 fn ahead_of_peers(
     rows: &[Row],
     row: &Row,
     cell: impl Fn(&Figures) -> &Cell,
     lower: bool,
-) -> (String, Option<bool>) {
-    let Some(ours) = row.figures().and_then(|f| cell(f).value) else {
-        return (String::new(), None);
+) -> PeerComparison {
+    let mut comparison = PeerComparison::default();
+    let Some(ours) = row.figures().map(&cell) else {
+        return comparison;
     };
+    let Some(our_value) = ours.value else {
+        return comparison;
+    };
+    let better = |a: f64, b: f64| if lower { a < b } else { a > b };
     let mut behind = Vec::new();
     let mut compared = 0;
     for peer in rows
         .iter()
         .filter(|r| r.topology == row.topology && r.scenario.is_peer())
     {
-        let Some(theirs) = peer.figures().and_then(|f| cell(f).value) else {
+        let Some(theirs) = peer.figures().map(&cell) else {
+            continue;
+        };
+        let Some(their_value) = theirs.value else {
             continue;
         };
         compared += 1;
-        let ahead = if lower { ours < theirs } else { ours > theirs };
-        if !ahead {
+        if !better(our_value, their_value) {
             behind.push(peer.scenario.name());
         }
+        if let Some(rounds) = rounds_ahead(ours, theirs, better) {
+            // "haproxy", "ztunnel": the rest of a peer's name says how it intercepts.
+            let short = peer.scenario.name().split(' ').next().unwrap_or_default();
+            comparison.rounds.push((short, rounds));
+        }
     }
-    match (compared, behind.is_empty()) {
+    (comparison.text, comparison.met) = match (compared, behind.is_empty()) {
         (0, _) => (", no peer measured".into(), None),
         (_, true) => (", ahead of every peer".into(), Some(true)),
         (_, false) => (
             format!(", **behind** {}", behind.join(" and ")),
             Some(false),
         ),
+    };
+    if !comparison.rounds.is_empty() {
+        let per_peer: Vec<String> = comparison
+            .rounds
+            .iter()
+            .map(|(peer, (ahead, of))| format!("{peer} {ahead} of {of}"))
+            .collect();
+        write!(comparison.text, " (rounds ahead: {})", per_peer.join(", ")).unwrap_or(());
     }
+    comparison
+}
+
+/// How one of our rows compares with the peers on one figure.
+#[derive(Default)]
+struct PeerComparison {
+    text: String,
+    met: Option<bool>,
+    /// Per peer: (rounds ours was ahead, rounds compared).
+    rounds: Vec<(&'static str, (usize, usize))>,
+}
+
+/// In how many rounds `ours` was `better` than `theirs`, of how many: only when both
+/// have a figure from the same rounds (samples are kept per round, in order, so a failed
+/// run would pair figures of different rounds) and there is more than one.
+fn rounds_ahead(
+    ours: &Cell,
+    theirs: &Cell,
+    better: impl Fn(f64, f64) -> bool,
+) -> Option<(usize, usize)> {
+    let paired = ours.errors.is_empty()
+        && theirs.errors.is_empty()
+        && ours.samples.len() == theirs.samples.len()
+        && ours.samples.len() > 1;
+    paired.then(|| {
+        let ahead = ours
+            .samples
+            .iter()
+            .zip(&theirs.samples)
+            .filter(|(o, t)| better(**o, **t))
+            .count();
+        (ahead, ours.samples.len())
+    })
 }
 
 /// Both parts of a target must hold; a part that could not be judged does not count.
@@ -235,13 +290,22 @@ pub fn targets(rows: &[Row]) -> (Value, String) {
             Some(target) => check(conn, target, true),
             None => ("—".into(), None),
         };
+        let mut rounds_ahead = serde_json::Map::new();
         if row.scenario.races_peers() {
-            let (text, met) = ahead_of_peers(rows, row, |f| &f.p50_us, true);
-            p50_text.push_str(&text);
-            p50_met = both(p50_met, met);
-            let (text, met) = ahead_of_peers(rows, row, |f| &f.conn_per_s, false);
-            conn_text.push_str(&text);
-            conn_met = both(conn_met, met);
+            let p50_peers = ahead_of_peers(rows, row, |f| &f.p50_us, true);
+            p50_text.push_str(&p50_peers.text);
+            p50_met = both(p50_met, p50_peers.met);
+            let conn_peers = ahead_of_peers(rows, row, |f| &f.conn_per_s, false);
+            conn_text.push_str(&conn_peers.text);
+            conn_met = both(conn_met, conn_peers.met);
+            for (figure, comparison) in [("p50", p50_peers), ("conn", conn_peers)] {
+                let per_peer: serde_json::Map<String, Value> = comparison
+                    .rounds
+                    .iter()
+                    .map(|(peer, (ahead, of))| ((*peer).to_owned(), json!([ahead, of])))
+                    .collect();
+                rounds_ahead.insert(figure.to_owned(), Value::Object(per_peer));
+            }
         }
         let (connect_text, connect_met) =
             match (row.scenario.connect_added_target_us(), connect_added) {
@@ -277,6 +341,7 @@ pub fn targets(rows: &[Row]) -> (Value, String) {
             "connect_added_us": connect_added,
             "connect_added_target_us": row.scenario.connect_added_target_us(),
             "connect_added_met": connect_met,
+            "rounds_ahead_of_peers": rounds_ahead,
         }));
     }
     (Value::Array(out), md)
@@ -665,6 +730,71 @@ mod tests {
         assert_eq!(ours["connect_added_us"], 70.0);
         assert_eq!(ours["connect_added_met"], false, "{md}");
         assert_eq!(ours["bulk_target"], 0.9);
+    }
+
+    fn rounds(samples: &[f64]) -> Cell {
+        Cell {
+            value: crate::bench::scenario::median(samples),
+            samples: samples.to_vec(),
+            errors: Vec::new(),
+        }
+    }
+
+    /// The medians rank; the text and the JSON also say in how many rounds ours was
+    /// ahead of each peer, and a failed run (figures no longer paired by round) says
+    /// nothing rather than compare different rounds.
+    #[test]
+    fn the_ranking_says_in_how_many_rounds_ours_was_ahead() {
+        let mut rows = [
+            row(Scenario::Direct, 10.0, 10_000.0, 30.0),
+            row(Scenario::Haproxy, 0.0, 0.0, 60.0),
+            row(Scenario::OursClient, 0.0, 0.0, 70.0),
+        ];
+        let set = |row: &mut Row, p50: &[f64], conn: &[f64]| {
+            if let Outcome::Measured { figures } = &mut row.outcome {
+                figures.p50_us = rounds(p50);
+                figures.conn_per_s = rounds(conn);
+            }
+        };
+        set(
+            &mut rows[1],
+            &[30.0, 32.0, 31.0],
+            &[6_000.0, 6_100.0, 6_200.0],
+        );
+        set(
+            &mut rows[2],
+            &[29.0, 39.0, 30.0],
+            &[6_500.0, 6_050.0, 6_000.0],
+        );
+        let (json, md) = targets(&rows);
+        assert_eq!(json[0]["p50_met"], false, "2.9× of direct: {md}");
+        assert!(
+            md.contains("ahead of every peer (rounds ahead: haproxy 2 of 3)"),
+            "{md}"
+        );
+        assert_eq!(
+            json[0]["rounds_ahead_of_peers"]["p50"]["haproxy"],
+            json!([2, 3])
+        );
+        assert_eq!(
+            json[0]["rounds_ahead_of_peers"]["conn"]["haproxy"],
+            json!([1, 3])
+        );
+        assert!(
+            md.contains("**behind** haproxy (iptables REDIRECT) (rounds ahead: haproxy 1 of 3)"),
+            "{md}"
+        );
+
+        let mut failed = rounds(&[31.0, 30.0]);
+        failed.errors.push("sockperf exited".into());
+        assert_eq!(
+            rounds_ahead(&failed, &rounds(&[32.0, 33.0, 34.0]), |a, b| a < b),
+            None
+        );
+        assert_eq!(
+            rounds_ahead(&rounds(&[31.0]), &rounds(&[32.0]), |a, b| a < b),
+            None
+        );
     }
 
     #[test]
