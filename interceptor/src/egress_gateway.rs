@@ -85,13 +85,7 @@ pub async fn run(config: EgressGatewayConfig) -> anyhow::Result<()> {
             "/metrics",
             get(move || {
                 let registry = Arc::clone(&registry);
-                async move {
-                    let mut text = String::new();
-                    match prometheus_client::encoding::text::encode(&mut text, &registry) {
-                        Ok(()) => text,
-                        Err(error) => format!("# encoding failed: {error}\n"),
-                    }
-                }
+                async move { crate::proxy::metrics::openmetrics_response(&registry) }
             }),
         );
     let admin = tokio::spawn(async move {

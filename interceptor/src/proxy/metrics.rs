@@ -252,23 +252,34 @@ impl ProxyMetrics {
 
     /// `/metrics` as an HTTP response (the agent's and the gateway's admin ports).
     pub fn response(&self) -> impl axum::response::IntoResponse {
-        (
-            [(
-                axum::http::header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            self.encode(),
-        )
+        openmetrics_response(&self.registry)
     }
 
     /// The OpenMetrics text of every metric.
     pub fn encode(&self) -> String {
-        let mut text = String::new();
-        if let Err(error) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
-            tracing::error!(%error, "encoding metrics");
-        }
-        text
+        encode(&self.registry)
     }
+}
+
+/// `registry` as a `/metrics` response: its OpenMetrics text, with the OpenMetrics
+/// content type (every admin port of ours serves metrics through this).
+pub fn openmetrics_response(registry: &Registry) -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        encode(registry),
+    )
+}
+
+/// The OpenMetrics text of `registry`; a failure is logged and leaves what was written.
+fn encode(registry: &Registry) -> String {
+    let mut text = String::new();
+    if let Err(error) = prometheus_client::encoding::text::encode(&mut text, registry) {
+        tracing::error!(%error, "encoding metrics");
+    }
+    text
 }
 
 #[cfg(test)]
@@ -277,6 +288,28 @@ mod tests {
     use crate::proxy::connection::{Direction, ProxyError};
     use crate::proxy::forward::{CopyMode, Forwarded};
     use crate::proxy::routes::Target;
+
+    /// Every admin port's `/metrics` (the agent's, the gateway's, the egress gateway's)
+    /// answers with the OpenMetrics content type and the registry's text.
+    #[tokio::test]
+    async fn a_registry_is_served_as_openmetrics() {
+        use axum::response::IntoResponse;
+        let mut registry = Registry::default();
+        let served: Counter = Counter::default();
+        served.inc();
+        registry.register("served", "Connections served", served);
+        let response = openmetrics_response(&registry).into_response();
+        assert_eq!(
+            response.headers()[axum::http::header::CONTENT_TYPE],
+            "application/openmetrics-text; version=1.0.0; charset=utf-8"
+        );
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        assert!(text.contains("served_total 1"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
 
     #[test]
     fn a_connection_counts_once_with_its_bytes_per_route_and_backend() {
