@@ -654,10 +654,21 @@ pub fn json(report: &Report<'_>, markdown: &str) -> Value {
 }
 
 /// Writes `<dir>/<stem>.md` and `<dir>/<stem>.json`.
+/// Result files are evidence that notes and READMEs quote: a second run of a day never
+/// overwrites the first, it is saved as `<stem>-2`, `<stem>-3`, …
 pub fn save(dir: &Path, stem: &str, markdown: &str, json: &Value) -> Result<(PathBuf, PathBuf)> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let md = dir.join(format!("{stem}.md"));
-    let js = dir.join(format!("{stem}.json"));
+    let files = |stem: &str| {
+        (
+            dir.join(format!("{stem}.md")),
+            dir.join(format!("{stem}.json")),
+        )
+    };
+    let (md, js) = std::iter::once(stem.to_owned())
+        .chain((2..).map(|n| format!("{stem}-{n}")))
+        .map(|stem| files(&stem))
+        .find(|(md, js)| !md.exists() && !js.exists())
+        .context("no free result file name")?;
     std::fs::write(&md, markdown).with_context(|| format!("writing {}", md.display()))?;
     let mut text = serde_json::to_string_pretty(json)?;
     text.push('\n');
@@ -795,6 +806,27 @@ mod tests {
             rounds_ahead(&rounds(&[31.0]), &rounds(&[32.0]), |a, b| a < b),
             None
         );
+    }
+
+    #[test]
+    fn a_second_run_of_the_day_is_saved_beside_the_first() {
+        let dir = std::env::temp_dir().join(format!("tb-bench-save-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let first = save(&dir, "2026-12-07-vm", "first", &json!(1)).unwrap();
+        let second = save(&dir, "2026-12-07-vm", "second", &json!(2)).unwrap();
+        let third = save(&dir, "2026-12-07-vm", "third", &json!(3)).unwrap();
+        assert_eq!(first.0, dir.join("2026-12-07-vm.md"));
+        assert_eq!(
+            second,
+            (
+                dir.join("2026-12-07-vm-2.md"),
+                dir.join("2026-12-07-vm-2.json")
+            )
+        );
+        assert_eq!(third.0, dir.join("2026-12-07-vm-3.md"));
+        assert_eq!(std::fs::read_to_string(&first.0).unwrap(), "first");
+        assert_eq!(std::fs::read_to_string(&second.0).unwrap(), "second");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
