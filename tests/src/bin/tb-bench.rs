@@ -89,7 +89,7 @@ struct Cli {
     /// Pod start-up: the model sizes (pods) measured [default: 10,1000,10000].
     #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u64).range(1..=100_000))]
     model_pods: Vec<u64>,
-    /// Pod start-up: enrolled pods added through the chain per model size [default: 20]
+    /// Pod start-up: enrolled pods added through the chain per model size [default: 100]
     /// (a node's bridge takes at most 1,023 ports).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000))]
     probes: Option<u64>,
