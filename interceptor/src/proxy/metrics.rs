@@ -261,14 +261,14 @@ impl ProxyMetrics {
     }
 }
 
+/// The content type of OpenMetrics' text format, which `prometheus_client` writes.
+const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 /// `registry` as a `/metrics` response: its OpenMetrics text, with the OpenMetrics
 /// content type (every admin port of ours serves metrics through this).
 pub fn openmetrics_response(registry: &Registry) -> impl axum::response::IntoResponse {
     (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
+        [(axum::http::header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)],
         encode(registry),
     )
 }
@@ -289,8 +289,9 @@ mod tests {
     use crate::proxy::forward::{CopyMode, Forwarded};
     use crate::proxy::routes::Target;
 
-    /// Every admin port's `/metrics` (the agent's, the gateway's, the egress gateway's)
-    /// answers with the OpenMetrics content type and the registry's text.
+    /// `openmetrics_response`, which every admin port's `/metrics` (the agent's, the
+    /// gateway's, the egress gateway's) answers with: the OpenMetrics content type and
+    /// the registry's text, ending in `# EOF`.
     #[tokio::test]
     async fn a_registry_is_served_as_openmetrics() {
         use axum::response::IntoResponse;

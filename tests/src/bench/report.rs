@@ -1,6 +1,7 @@
 //! The table (markdown), the targets of the issue, and the result files.
 
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -195,10 +196,10 @@ fn ahead_of_peers(
         if !better(our_value, their_value) {
             behind.push(peer.scenario.name());
         }
-        if let Some(rounds) = rounds_ahead(ours, theirs, better) {
-            // "haproxy", "ztunnel": the rest of a peer's name says how it intercepts.
-            let short = peer.scenario.name().split(' ').next().unwrap_or_default();
-            comparison.rounds.push((short, rounds));
+        if let (Some(key), Some(rounds)) =
+            (peer.scenario.peer_key(), rounds_ahead(ours, theirs, better))
+        {
+            comparison.rounds.push((key, rounds));
         }
     }
     (comparison.text, comparison.met) = match (compared, behind.is_empty()) {
@@ -215,7 +216,7 @@ fn ahead_of_peers(
             .iter()
             .map(|(peer, (ahead, of))| format!("{peer} {ahead} of {of}"))
             .collect();
-        write!(comparison.text, " (rounds ahead: {})", per_peer.join(", ")).unwrap_or(());
+        write!(comparison.text, "; rounds ahead: {}", per_peer.join(", ")).unwrap_or(());
     }
     comparison
 }
@@ -290,8 +291,11 @@ pub fn targets(rows: &[Row]) -> (Value, String) {
             Some(target) => check(conn, target, true),
             None => ("—".into(), None),
         };
-        let mut rounds_ahead = serde_json::Map::new();
+        // Per figure and peer, [rounds ahead, rounds compared]; null for a row that does
+        // not race the peers.
+        let mut rounds_ahead = Value::Null;
         if row.scenario.races_peers() {
+            let mut per_figure = serde_json::Map::new();
             let p50_peers = ahead_of_peers(rows, row, |f| &f.p50_us, true);
             p50_text.push_str(&p50_peers.text);
             p50_met = both(p50_met, p50_peers.met);
@@ -304,8 +308,9 @@ pub fn targets(rows: &[Row]) -> (Value, String) {
                     .iter()
                     .map(|(peer, (ahead, of))| ((*peer).to_owned(), json!([ahead, of])))
                     .collect();
-                rounds_ahead.insert(figure.to_owned(), Value::Object(per_peer));
+                per_figure.insert(figure.to_owned(), Value::Object(per_peer));
             }
+            rounds_ahead = Value::Object(per_figure);
         }
         let (connect_text, connect_met) =
             match (row.scenario.connect_added_target_us(), connect_added) {
@@ -655,25 +660,52 @@ pub fn json(report: &Report<'_>, markdown: &str) -> Value {
 
 /// Writes `<dir>/<stem>.md` and `<dir>/<stem>.json`.
 /// Result files are evidence that notes and READMEs quote: a second run of a day never
-/// overwrites the first, it is saved as `<stem>-2`, `<stem>-3`, …
+/// overwrites the first, it is saved as `<stem>-2`, `<stem>-3`, … Both files are created
+/// exclusively (`O_EXCL`), so two runs saving at once take different names too.
 pub fn save(dir: &Path, stem: &str, markdown: &str, json: &Value) -> Result<(PathBuf, PathBuf)> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let files = |stem: &str| {
-        (
-            dir.join(format!("{stem}.md")),
-            dir.join(format!("{stem}.json")),
-        )
-    };
-    let (md, js) = std::iter::once(stem.to_owned())
-        .chain((2..).map(|n| format!("{stem}-{n}")))
-        .map(|stem| files(&stem))
-        .find(|(md, js)| !md.exists() && !js.exists())
-        .context("no free result file name")?;
-    std::fs::write(&md, markdown).with_context(|| format!("writing {}", md.display()))?;
     let mut text = serde_json::to_string_pretty(json)?;
     text.push('\n');
-    std::fs::write(&js, text).with_context(|| format!("writing {}", js.display()))?;
-    Ok((md, js))
+    let stems = std::iter::once(stem.to_owned()).chain((2..MAX_RUNS_A_DAY).map(|n| format!("{stem}-{n}")));
+    for stem in stems {
+        let (md, js) = (dir.join(format!("{stem}.md")), dir.join(format!("{stem}.json")));
+        let Some(mut md_file) = create_new(&md)? else {
+            continue;
+        };
+        let Some(mut js_file) = create_new(&js)? else {
+            // A JSON file without its markdown: leave it, and the name, alone.
+            drop(md_file);
+            std::fs::remove_file(&md).with_context(|| format!("removing {}", md.display()))?;
+            continue;
+        };
+        md_file
+            .write_all(markdown.as_bytes())
+            .with_context(|| format!("writing {}", md.display()))?;
+        js_file
+            .write_all(text.as_bytes())
+            .with_context(|| format!("writing {}", js.display()))?;
+        return Ok((md, js));
+    }
+    anyhow::bail!(
+        "{stem}: {MAX_RUNS_A_DAY} runs of the day already in {}",
+        dir.display()
+    )
+}
+
+/// How many result files of one kind a day may have (`<stem>` to `<stem>-999`).
+const MAX_RUNS_A_DAY: usize = 1_000;
+
+/// A new file at `path`, or `None` when one is there already.
+fn create_new(path: &Path) -> Result<Option<std::fs::File>> {
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+    {
+        Ok(file) => Ok(Some(file)),
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Ok(None),
+        Err(error) => Err(error).with_context(|| format!("creating {}", path.display())),
+    }
 }
 
 #[cfg(test)]
@@ -778,9 +810,9 @@ mod tests {
             &[6_500.0, 6_050.0, 6_000.0],
         );
         let (json, md) = targets(&rows);
-        assert_eq!(json[0]["p50_met"], false, "2.9× of direct: {md}");
+        assert_eq!(json[0]["p50_met"], false, "3.0× of direct: {md}");
         assert!(
-            md.contains("ahead of every peer (rounds ahead: haproxy 2 of 3)"),
+            md.contains("ahead of every peer; rounds ahead: haproxy 2 of 3 (target"),
             "{md}"
         );
         assert_eq!(
@@ -791,15 +823,24 @@ mod tests {
             json[0]["rounds_ahead_of_peers"]["conn"]["haproxy"],
             json!([1, 3])
         );
+        let (both, _) = targets(&[rows[0].clone(), row(Scenario::OursBoth, 40.0, 5_000.0, 70.0)]);
+        assert_eq!(both[0]["rounds_ahead_of_peers"], Value::Null);
         assert!(
-            md.contains("**behind** haproxy (iptables REDIRECT) (rounds ahead: haproxy 1 of 3)"),
+            md.contains("**behind** haproxy (iptables REDIRECT); rounds ahead: haproxy 1 of 3"),
             "{md}"
         );
 
-        let mut failed = rounds(&[31.0, 30.0]);
-        failed.errors.push("sockperf exited".into());
+        // Both failed once, in different rounds: as many figures each, of different rounds.
+        let mut ours_failed = rounds(&[31.0, 30.0]);
+        ours_failed.errors.push("round 1: sockperf exited".into());
+        let mut theirs_failed = rounds(&[32.0, 33.0]);
+        theirs_failed.errors.push("round 3: sockperf exited".into());
         assert_eq!(
-            rounds_ahead(&failed, &rounds(&[32.0, 33.0, 34.0]), |a, b| a < b),
+            rounds_ahead(&ours_failed, &theirs_failed, |a, b| a < b),
+            None
+        );
+        assert_eq!(
+            rounds_ahead(&ours_failed, &rounds(&[32.0, 33.0, 34.0]), |a, b| a < b),
             None
         );
         assert_eq!(
@@ -826,6 +867,15 @@ mod tests {
         assert_eq!(third.0, dir.join("2026-12-07-vm-3.md"));
         assert_eq!(std::fs::read_to_string(&first.0).unwrap(), "first");
         assert_eq!(std::fs::read_to_string(&second.0).unwrap(), "second");
+        // A JSON file left without its markdown keeps its name: the next run skips it.
+        std::fs::write(dir.join("2026-12-07-vm-4.json"), "left").unwrap();
+        let fifth = save(&dir, "2026-12-07-vm", "fifth", &json!(5)).unwrap();
+        assert_eq!(fifth.0, dir.join("2026-12-07-vm-5.md"));
+        assert!(!dir.join("2026-12-07-vm-4.md").exists());
+        assert_eq!(
+            std::fs::read_to_string(dir.join("2026-12-07-vm-4.json")).unwrap(),
+            "left"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

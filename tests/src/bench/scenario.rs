@@ -178,7 +178,18 @@ impl Scenario {
 
     /// The peers a one-hop row is compared with.
     pub fn is_peer(self) -> bool {
-        matches!(self, Scenario::Haproxy | Scenario::Ztunnel)
+        self.peer_key().is_some()
+    }
+
+    /// A peer's short name ("haproxy", "ztunnel"; [`Scenario::name`] also says how it
+    /// intercepts), the key of the targets' `rounds_ahead_of_peers`; `None` for direct
+    /// and our rows, which are no peers.
+    pub fn peer_key(self) -> Option<&'static str> {
+        match self {
+            Scenario::Haproxy => Some("haproxy"),
+            Scenario::Ztunnel => Some("ztunnel"),
+            _ => None,
+        }
     }
 }
 
