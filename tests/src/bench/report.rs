@@ -666,9 +666,13 @@ pub fn save(dir: &Path, stem: &str, markdown: &str, json: &Value) -> Result<(Pat
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut text = serde_json::to_string_pretty(json)?;
     text.push('\n');
-    let stems = std::iter::once(stem.to_owned()).chain((2..MAX_RUNS_A_DAY).map(|n| format!("{stem}-{n}")));
+    let stems =
+        std::iter::once(stem.to_owned()).chain((2..MAX_RUNS_A_DAY).map(|n| format!("{stem}-{n}")));
     for stem in stems {
-        let (md, js) = (dir.join(format!("{stem}.md")), dir.join(format!("{stem}.json")));
+        let (md, js) = (
+            dir.join(format!("{stem}.md")),
+            dir.join(format!("{stem}.json")),
+        );
         let Some(mut md_file) = create_new(&md)? else {
             continue;
         };
@@ -823,7 +827,10 @@ mod tests {
             json[0]["rounds_ahead_of_peers"]["conn"]["haproxy"],
             json!([1, 3])
         );
-        let (both, _) = targets(&[rows[0].clone(), row(Scenario::OursBoth, 40.0, 5_000.0, 70.0)]);
+        let (both, _) = targets(&[
+            rows[0].clone(),
+            row(Scenario::OursBoth, 40.0, 5_000.0, 70.0),
+        ]);
         assert_eq!(both[0]["rounds_ahead_of_peers"], Value::Null);
         assert!(
             md.contains("**behind** haproxy (iptables REDIRECT); rounds ahead: haproxy 1 of 3"),
