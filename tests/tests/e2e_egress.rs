@@ -7,7 +7,8 @@
 //! policies (`policy.flomesh.io`) open chosen destinations to chosen ServiceAccounts while
 //! egress is off (the `https` ones, by server name, are in `e2e_tls`). FSM's
 //! EgressGateway sends egress through `interceptor egress-gateway` (SOCKS5) in a gateway
-//! pod, and never direct when the gateway is gone.
+//! pod, counted on the gateway's own `/metrics`, and never direct when the gateway is
+//! gone.
 #[macro_use]
 mod common;
 
@@ -343,6 +344,21 @@ fn egress_leaves_through_the_egress_gateway_and_fails_closed_without_it(mode: Mo
     });
     assert!(logged.contains(&client.ip.to_string()), "{logged}");
     assert!(logged.contains("upstream_bytes=10"), "{logged}");
+    // The gateway's own admin port counts it, in OpenMetrics text like every admin port's.
+    let gateway_admin = "127.0.0.1:15000".parse().expect("address");
+    let (status, body) = node
+        .tb
+        .http_get_in_pod(&gateway_pod, gateway_admin, "/metrics")
+        .expect("the gateway's /metrics");
+    assert_eq!(status, 200, "{body}");
+    let forwarded = body
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("interceptor_egress_gateway_connections_total{outcome=\"forwarded\"} ")
+        })
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    assert!(forwarded.is_some_and(|n| n >= 1), "{body}");
+    assert!(body.trim_end().ends_with("# EOF"), "{body}");
     assert!(
         metric(
             &node,
