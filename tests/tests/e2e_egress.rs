@@ -12,7 +12,9 @@
 #[macro_use]
 mod common;
 
-use common::{metric, wait_for, MeshConfigFile, Mode, Node, ECHO_TARGET_PORT, MANIFESTS};
+use common::{
+    metric, metric_in, wait_for, MeshConfigFile, Mode, Node, ECHO_TARGET_PORT, MANIFESTS,
+};
 
 in_both_modes!(
     egress_off_refuses_what_leaves_the_mesh_and_on_lets_it_through,
@@ -351,13 +353,12 @@ fn egress_leaves_through_the_egress_gateway_and_fails_closed_without_it(mode: Mo
         .http_get_in_pod(&gateway_pod, gateway_admin, "/metrics")
         .expect("the gateway's /metrics");
     assert_eq!(status, 200, "{body}");
-    let forwarded = body
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("interceptor_egress_gateway_connections_total{outcome=\"forwarded\"} ")
-        })
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    assert!(forwarded.is_some_and(|n| n >= 1), "{body}");
+    let forwarded = metric_in(
+        &body,
+        "interceptor_egress_gateway_connections_total",
+        &["outcome=\"forwarded\""],
+    );
+    assert!(forwarded >= 1, "{body}");
     assert!(body.trim_end().ends_with("# EOF"), "{body}");
     assert!(
         metric(
